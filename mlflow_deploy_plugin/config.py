@@ -1,0 +1,244 @@
+"""`-C key=value` strings -> a typed, validated :class:`DeploymentConfig`.
+
+`mlflow deployments` hands every `-C` value over as a string; the Python API may hand over real
+ints and bools. Both go through the same converters so the CLI and the API accept the same things
+and reject them with the same message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _invalid(key: str, value: Any, allowed: str) -> MlflowException:
+    return MlflowException(
+        f"Invalid deployment config: {key}={value!r}. Allowed: {allowed}.",
+        error_code=INVALID_PARAMETER_VALUE,
+    )
+
+
+def _to_int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def convert(key: str, value: Any) -> int:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = int(str(value).strip())
+        except ValueError:
+            raise _invalid(key, value, f"an integer from {lo} to {hi}") from None
+        if not lo <= number <= hi:
+            raise _invalid(key, value, f"an integer from {lo} to {hi}")
+        return number
+
+    return convert
+
+
+def _to_float(lo: float, hi: float, lo_open: bool = False) -> Callable[[str, Any], float]:
+    allowed = f"a number {'>' if lo_open else '>='} {lo:g} and <= {hi:g}"
+
+    def convert(key: str, value: Any) -> float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(str(value).strip())
+        except ValueError:
+            raise _invalid(key, value, allowed) from None
+        if number != number or number > hi or number < lo or (lo_open and number == lo):
+            raise _invalid(key, value, allowed)
+        return number
+
+    return convert
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise _invalid(key, value, "true or false")
+
+
+def _to_host(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if text == "localhost":
+        return text
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise _invalid(key, value, "an IP address to bind, such as 127.0.0.1 or 0.0.0.0") from None
+    return text
+
+
+def _to_env_name(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not _ENV_VAR_NAME.match(text):
+        raise _invalid(key, value, "the NAME of an environment variable holding the token")
+    return text
+
+
+def _to_text(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise _invalid(key, value, "a non-empty string")
+    return text
+
+
+def _to_cron(key: str, value: Any) -> str:
+    text = str(value).strip()
+    from croniter import croniter
+
+    if not croniter.is_valid(text):
+        raise _invalid(key, value, 'a cron expression such as "*/30 * * * *"')
+    return text
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    type_name: str
+    default: Any
+    help: str
+    convert: Callable[[str, Any], Any]
+
+
+# One table drives parsing, defaults and `mlflow deployments help -t lifecycle`.
+CONFIG_KEYS: tuple[_Key, ...] = (
+    _Key("port", "int", None, "Port to listen on (default: a free port chosen at create).",
+         _to_int(1, 65535)),
+    _Key("host", "str", "127.0.0.1",
+         "Address to bind. A non-loopback address requires auth_token_env.", _to_host),
+    _Key("workers", "int", 1, "Server worker processes sharing the port.", _to_int(1, 32)),
+    _Key("timeout_s", "float", 60.0, "Per-request prediction timeout in seconds (504 after).",
+         _to_float(0, 3600, lo_open=True)),
+    _Key("max_body_mb", "float", 32.0, "Largest request body accepted, in MiB (413 above).",
+         _to_float(0, 4096, lo_open=True)),
+    _Key("auth_token_env", "str", None,
+         "Name of an environment variable holding a bearer token required on the API "
+         "(/ping and /health stay open).", _to_env_name),
+    _Key("max_batch_rows", "int", 4096,
+         "Concurrent requests are coalesced into one predict call up to this many rows "
+         "(1 disables batching).", _to_int(1, 1_000_000)),
+    _Key("startup_timeout_s", "float", 180.0,
+         "How long create/update wait for the model to load and answer /health.",
+         _to_float(1, 3600)),
+    _Key("max_restarts", "int", 5,
+         "Crashes in a row (without 60 s of healthy uptime between) before the deployment is "
+         "marked failed.", _to_int(0, 1000)),
+    _Key("capture", "bool", True, "Record requests and predictions to Parquet.", _to_bool),
+    _Key("capture_sample_rate", "float", 1.0, "Fraction of requests captured.",
+         _to_float(0, 1, lo_open=True)),
+    _Key("capture_retention_days", "int", None, "Delete captured partitions older than N days.",
+         _to_int(1, 36500)),
+    _Key("capture_uri", "str", None,
+         "Where captured rows go (folder or pyarrow filesystem URI); default: the deployment's "
+         "folder under $MLFLOW_DEPLOY_HOME.", _to_text),
+    _Key("reference_data", "str", None,
+         "Parquet/CSV path or URI of the drift reference data (default: the training dataset "
+         "logged on the model version's run).", _to_text),
+    _Key("drift_min_rows", "int", 200, "Fewer captured rows than this -> drift.status="
+         "insufficient_data.", _to_int(1, 100_000_000)),
+    _Key("drift_methods", "str", None,
+         "Per-column drift tests, e.g. 'age=ks:0.01,city=psi:0.2', or a YAML/JSON file path.",
+         _to_text),
+    _Key("drift_schedule", "str", None, 'Cron expression for automatic drift reports, e.g. '
+         '"*/30 * * * *".', _to_cron),
+    _Key("drift_experiment", "str", None,
+         "MLflow experiment for drift report runs (default: drift/<deployment>).", _to_text),
+)
+_KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """The validated settings of one deployment (see :data:`CONFIG_KEYS` for meanings)."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+    workers: int = 1
+    timeout_s: float = 60.0
+    max_body_mb: float = 32.0
+    auth_token_env: str | None = None
+    max_batch_rows: int = 4096
+    startup_timeout_s: float = 180.0
+    max_restarts: int = 5
+    capture: bool = True
+    capture_sample_rate: float = 1.0
+    capture_retention_days: int | None = None
+    capture_uri: str | None = None
+    reference_data: str | None = None
+    drift_min_rows: int = 200
+    drift_methods: str | None = None
+    drift_schedule: str | None = None
+    drift_experiment: str | None = None
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the bind address only accepts connections from this machine."""
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable form, as kept in the deployment state."""
+        return asdict(self)
+
+    def merged(self, overrides: Mapping[str, Any] | None) -> DeploymentConfig:
+        """A copy with ``overrides`` (raw `-C` values) validated and applied on top."""
+        return parse_config(overrides, base=self)
+
+
+_FIELD_NAMES = {f.name for f in fields(DeploymentConfig)}
+assert set(_KEYS_BY_NAME) == _FIELD_NAMES, "CONFIG_KEYS and DeploymentConfig disagree"
+
+
+def parse_config(
+    raw: Mapping[str, Any] | None, base: DeploymentConfig | None = None
+) -> DeploymentConfig:
+    """Validate raw `-C` values (strings or typed) and return a :class:`DeploymentConfig`.
+
+    Unknown keys and bad values raise an ``MlflowException`` (INVALID_PARAMETER_VALUE) that
+    names the key, the value and what is allowed.
+    """
+    values = (base or DeploymentConfig()).to_dict()
+    for key, value in (raw or {}).items():
+        spec = _KEYS_BY_NAME.get(key)
+        if spec is None:
+            raise MlflowException(
+                f"Unknown deployment config key {key!r}. Known keys: "
+                f"{', '.join(sorted(_KEYS_BY_NAME))}. See `mlflow deployments help -t lifecycle`.",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none"}):
+            values[key] = None if spec.default is None else spec.default
+            continue
+        values[key] = spec.convert(key, value)
+    config = DeploymentConfig(**values)
+    if not config.is_loopback and not config.auth_token_env:
+        raise MlflowException(
+            f"Refusing to bind host={config.host} without authentication: a non-loopback address "
+            "exposes the model to the network. Set -C auth_token_env=<ENV VAR holding a token>, "
+            "or bind 127.0.0.1.",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return config
+
+
+def config_help() -> str:
+    """A table of every `-C` key with its type, default and meaning."""
+    lines = []
+    for key in CONFIG_KEYS:
+        default = "(none)" if key.default is None else str(key.default).lower() if isinstance(
+            key.default, bool) else key.default
+        lines.append(f"  {key.name:<24} {key.type_name:<6} default {default}\n      {key.help}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Engines run deployments: ``local`` (supervised processes on this machine)."""

@@ -1,0 +1,449 @@
+"""The supervisor of one local deployment: owns the port, runs workers, restarts them, swaps them.
+
+It is a small, long-lived process (standard library only, so it holds a few MB, not a copy of
+MLflow) started detached by ``create`` so the service outlives the CLI call. It:
+
+- binds the listening socket once and hands it to every worker, so updates never refuse a
+  connection: new workers accept beside the old ones, then the old ones drain;
+- restarts crashed workers with exponential backoff and gives up (status ``failed``) after
+  ``max_restarts`` crashes in a row;
+- takes requests (update, stop) from the CLI as JSON files in ``requests/`` and answers each
+  with a ``.result.json`` file next to it;
+- is the only writer of ``status.json``.
+
+Run as ``python -m mlflow_deploy_plugin.engines.supervisor DEPLOYMENT_DIR``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow_deploy_plugin.state import (
+    STATUS_FAILED,
+    STATUS_RUNNING,
+    STATUS_STARTING,
+    STATUS_STOPPED,
+    STATUS_UNHEALTHY,
+    DeploymentPaths,
+    StateStore,
+    read_json,
+    write_json_atomic,
+)
+
+_logger = logging.getLogger("mlflow_deploy_plugin.supervisor")
+TICK_S = 0.05
+HEALTHY_RESET_S = 60.0  # uptime after which a worker's crash no longer counts as "in a row"
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class Worker:
+    popen: subprocess.Popen
+    generation: int
+    index: int
+    ready_fd: int
+    log_path: Path
+    started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    error: str | None = None
+    draining: bool = False
+    _buffer: bytes = b""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def read_pipe(self) -> None:
+        """Pick up what the worker said on its ready pipe (non-blocking)."""
+        try:
+            while chunk := os.read(self.ready_fd, 4096):
+                self._buffer += chunk
+        except (BlockingIOError, OSError):
+            pass
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            text = line.decode(errors="replace").strip()
+            if text == "ready" and self.ready_at is None:
+                self.ready_at = time.time()
+            elif text.startswith("error "):
+                self.error = text[len("error "):]
+
+
+@dataclass
+class Generation:
+    """One spec (model version + config) and the socket its workers serve on."""
+
+    number: int
+    spec: dict[str, Any]
+    sock: socket.socket
+    spec_file: Path
+
+
+@dataclass
+class PendingUpdate:
+    request_id: str
+    generation: Generation
+    deadline: float
+    reason: str
+
+
+def _log_tail(path: Path, max_bytes: int = 4000, lines: int = 6) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [line for line in tail.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def bind_socket(host: str, port: int | None) -> socket.socket:
+    """Bind the deployment's listening socket (port 0 = a free port chosen by the kernel)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port or 0))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    """Runs and watches the workers of one deployment until asked to stop."""
+
+    def __init__(self, paths: DeploymentPaths) -> None:
+        self.paths = paths
+        self.store = StateStore(paths.root.parent.parent)
+        self.workers: dict[int, Worker] = {}
+        self.current: Generation | None = None
+        self.pending: PendingUpdate | None = None
+        self.restarts = 0
+        self.crashes_in_row = 0
+        self.respawn_at: dict[int, float] = {}  # worker index -> when to start it again
+        self.state = STATUS_STARTING
+        self.last_error: str | None = None
+        self.started_at = time.time()
+        self.stop_requested: str | None = None  # the request id (or "signal") asking us to stop
+        self.ever_ready = False
+        self._last_status: dict[str, Any] | None = None
+        self._handled: set[str] = set()
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _spawn(self, generation: Generation, index: int) -> Worker:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.paths.logs / f"worker-{generation.number}-{index}.log"
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics), PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker",
+                 "--spec", str(generation.spec_file), "--fd", str(generation.sock.fileno()),
+                 "--ready-fd", str(write_fd)],
+                pass_fds=(generation.sock.fileno(), write_fd), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, env=env,
+            )
+        os.close(write_fd)
+        worker = Worker(popen, generation.number, index, read_fd, log_path)
+        self.workers[popen.pid] = worker
+        _logger.info("Started worker %d (generation %d, pid %d)", index, generation.number, popen.pid)
+        return worker
+
+    def _new_generation(self, spec: dict[str, Any], number: int) -> Generation:
+        config = spec["config"]
+        same_address = self.current is not None and (
+            self.current.spec["config"].get("host"), self.current.spec["config"].get("port")
+        ) == (config.get("host"), config.get("port"))
+        sock = self.current.sock if same_address and self.current else bind_socket(
+            config.get("host") or "127.0.0.1", config.get("port"))
+        spec_file = self.paths.root / "run" / f"generation-{number}.json"
+        worker_spec = dict(spec, models_dir=str(self.paths.models))
+        write_json_atomic(spec_file, worker_spec)
+        return Generation(number, spec, sock, spec_file)
+
+    def _workers_of(self, generation: Generation | None) -> list[Worker]:
+        if generation is None:
+            return []
+        return [w for w in self.workers.values() if w.generation == generation.number and not w.draining]
+
+    def _drain(self, workers: list[Worker]) -> None:
+        for worker in workers:
+            worker.draining = True
+            with contextlib.suppress(ProcessLookupError):
+                worker.popen.send_signal(signal.SIGTERM)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        spec = read_json(self.paths.spec)
+        if spec is None:
+            _logger.error("No deployment spec at %s", self.paths.spec)
+            return 2
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.paths.requests.mkdir(parents=True, exist_ok=True)
+        self.paths.metrics.mkdir(parents=True, exist_ok=True)
+        for stale in self.paths.metrics.glob("*.db"):
+            stale.unlink()
+        try:
+            self.current = self._new_generation(spec, int(spec.get("generation", 1)))
+        except OSError as exc:
+            self.last_error = f"Cannot bind {spec['config'].get('host')}:{spec['config'].get('port')}: {exc}"
+            self.state = STATUS_FAILED
+            self._write_status()
+            return 1
+        for index in range(int(spec["config"].get("workers") or 1)):
+            self._spawn(self.current, index)
+        self._write_status()
+        while True:
+            self._tick()
+            if self.stop_requested is not None or self.state == STATUS_FAILED:
+                break
+            time.sleep(TICK_S)
+        return self._shutdown()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop_requested is None:
+            self.stop_requested = "signal"
+
+    def _tick(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.read_pipe()
+        self._reap()
+        self._respawn_due()
+        self._advance_update()
+        self._handle_requests()
+        self._refresh_state()
+        self._write_status()
+
+    def _reap(self) -> None:
+        for pid, worker in list(self.workers.items()):
+            code = worker.popen.poll()
+            if code is None:
+                continue
+            worker.read_pipe()
+            os.close(worker.ready_fd)
+            del self.workers[pid]
+            with contextlib.suppress(Exception):
+                from mlflow_deploy_plugin.serving.metrics import mark_worker_dead
+
+                mark_worker_dead(pid)
+            if worker.draining:
+                continue
+            reason = worker.error or f"worker {_exit_description(code)}: {_log_tail(worker.log_path)}"
+            if self.pending and worker.generation == self.pending.generation.number:
+                self._fail_update(reason)
+            elif self.current and worker.generation == self.current.number:
+                self._on_crash(worker, reason)
+
+    def _on_crash(self, worker: Worker, reason: str) -> None:
+        self.last_error = reason
+        if not self.ever_ready:
+            # A model that never came up will not come up on retry: fail create with the reason.
+            _logger.error("Worker failed before becoming ready: %s", reason)
+            self.state = STATUS_FAILED
+            return
+        if worker.ready_at and time.time() - worker.ready_at > HEALTHY_RESET_S:
+            self.crashes_in_row = 0
+        self.crashes_in_row += 1
+        max_restarts = int(self.current.spec["config"].get("max_restarts", 5))
+        self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
+        if self.crashes_in_row > max_restarts:
+            _logger.error("Worker crashed %d times in a row; giving up: %s", self.crashes_in_row, reason)
+            self.state = STATUS_FAILED
+            self.store.append_history(self.paths.name, "failed", error=reason)
+            return
+        delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (self.crashes_in_row - 1))
+        self.restarts += 1
+        _logger.warning("Worker %d crashed (%s); restart %d in %.1fs", worker.index, reason, self.restarts, delay)
+        self.respawn_at[worker.index] = time.monotonic() + delay
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self.respawn_at.items()):
+            if when <= now and self.current is not None:
+                del self.respawn_at[index]
+                self._spawn(self.current, index)
+
+    # -- updates -------------------------------------------------------------------------------
+
+    def _handle_requests(self) -> None:
+        for path in sorted(self.paths.requests.glob("*.request.json")):
+            request_id = path.name.removesuffix(".request.json")
+            if request_id in self._handled:
+                continue
+            self._handled.add(request_id)
+            request = read_json(path) or {}
+            op = request.get("op")
+            if op == "stop":
+                self.stop_requested = request_id
+            elif op == "update":
+                self._start_update(request_id, request["spec"], request.get("reason", "update"))
+            else:
+                self._answer(request_id, ok=False, error=f"unknown request {op!r}")
+
+    def _start_update(self, request_id: str, spec: dict[str, Any], reason: str) -> None:
+        if self.pending is not None:
+            self._answer(request_id, ok=False, error="another update is in progress; retry when it ends")
+            return
+        number = (self.current.number if self.current else 0) + 1
+        try:
+            generation = self._new_generation(spec, number)
+        except OSError as exc:
+            self._answer(request_id, ok=False, error=f"cannot bind the new address: {exc}")
+            return
+        timeout = float(spec["config"].get("startup_timeout_s") or 180)
+        self.pending = PendingUpdate(request_id, generation, time.monotonic() + timeout, reason)
+        for index in range(int(spec["config"].get("workers") or 1)):
+            self._spawn(generation, index)
+
+    def _advance_update(self) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        new_workers = self._workers_of(pending.generation)
+        if new_workers and all(w.ready_at for w in new_workers):
+            old = self.current
+            self.current = pending.generation
+            self.pending = None
+            self.respawn_at.clear()
+            self.crashes_in_row = 0
+            self.ever_ready = True
+            spec = dict(pending.generation.spec, generation=pending.generation.number)
+            self.store.write_spec(self.paths.name, spec)
+            if old is not None:
+                self._drain(self._workers_of(old))
+                if old.sock is not self.current.sock:
+                    old.sock.close()
+            self.state = STATUS_RUNNING
+            self._write_status()
+            self._answer(pending.request_id, ok=True)
+        elif time.monotonic() > pending.deadline:
+            self._fail_update(f"new version not ready within startup_timeout_s "
+                              f"({pending.generation.spec['config'].get('startup_timeout_s')}s)")
+
+    def _fail_update(self, reason: str) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        self.pending = None
+        self._drain(self._workers_of(pending.generation))
+        for worker in self._workers_of(pending.generation):
+            with contextlib.suppress(ProcessLookupError):
+                worker.popen.kill()
+        if self.current is None or pending.generation.sock is not self.current.sock:
+            pending.generation.sock.close()
+        _logger.warning("Update failed, the current version keeps serving: %s", reason)
+        self._answer(pending.request_id, ok=False, error=reason)
+
+    def _answer(self, request_id: str, ok: bool, error: str | None = None) -> None:
+        write_json_atomic(self.paths.requests / f"{request_id}.result.json",
+                          {"ok": ok, "error": error, "status": self._status()})
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _refresh_state(self) -> None:
+        if self.state == STATUS_FAILED:
+            return
+        workers = self._workers_of(self.current)
+        wanted = int(self.current.spec["config"].get("workers") or 1) if self.current else 1
+        ready = [w for w in workers if w.ready_at]
+        if len(ready) == wanted:
+            self.ever_ready = True
+            self.state = STATUS_RUNNING
+        elif self.ever_ready:
+            self.state = STATUS_UNHEALTHY
+        else:
+            self.state = STATUS_STARTING
+
+    def _status(self) -> dict[str, Any]:
+        spec = self.current.spec if self.current else {}
+        config = spec.get("config", {})
+        host, port = (self.current.sock.getsockname()[:2] if self.current and self.current.sock.fileno() >= 0
+                      else (config.get("host"), config.get("port")))
+        url_host = f"[{host}]" if ":" in str(host) else host
+        if host in ("0.0.0.0", "::"):
+            url_host = "127.0.0.1"
+        current_workers = self._workers_of(self.current)
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "worker_pids": sorted(w.pid for w in current_workers),
+            "host": host,
+            "port": port,
+            "url": f"http://{url_host}:{port}",
+            "model_version": spec.get("model", {}).get("model_version"),
+            "generation": self.current.number if self.current else None,
+            "restarts": self.restarts,
+            "started_at": self.started_at,
+            "last_error": self.last_error,
+            "updating": self.pending is not None,
+        }
+
+    def _write_status(self) -> None:
+        status = self._status()
+        if status != self._last_status:
+            self._last_status = status
+            write_json_atomic(self.paths.status, dict(status, updated_at=time.time()))
+
+    def _shutdown(self) -> int:
+        failed = self.state == STATUS_FAILED
+        if self.pending is not None:
+            self._fail_update("deployment is stopping")
+        everyone = list(self.workers.values())
+        self._drain(everyone)
+        grace = float((self.current.spec["config"].get("timeout_s") if self.current else 60) or 60) + 10
+        deadline = time.monotonic() + grace
+        while any(w.popen.poll() is None for w in everyone) and time.monotonic() < deadline:
+            time.sleep(TICK_S)
+        for worker in everyone:
+            if worker.popen.poll() is None:
+                _logger.warning("Worker %d did not drain in %.0fs; killing it", worker.pid, grace)
+                worker.popen.kill()
+                worker.popen.wait()
+        self.workers.clear()
+        if not failed:
+            self.state = STATUS_STOPPED
+        self._write_status()
+        if self.stop_requested and self.stop_requested != "signal":
+            self._answer(self.stop_requested, ok=True)
+        return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m mlflow_deploy_plugin.engines.supervisor DEPLOYMENT_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [supervisor %(process)d] %(message)s")
+    return Supervisor(DeploymentPaths(Path(args[0]).resolve())).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Model registry access: resolve `models:/` URIs to concrete versions, and tag what is served."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_and_version
+
+_logger = logging.getLogger(__name__)
+
+SERVING_TAG_PREFIX = "lifecycle.deployment."
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registry URI pinned to the version it meant at resolution time."""
+
+    requested_uri: str  # what the user asked for, e.g. models:/churn@champion
+    model_name: str
+    model_version: str
+    run_id: str | None
+    source: str  # the version's artifact source, e.g. models:/m-abc or runs:/.../model
+
+    @property
+    def version_uri(self) -> str:
+        """The URI of exactly this version: what workers load, so restarts never drift."""
+        return f"models:/{self.model_name}/{self.model_version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> ResolvedModel:
+    """Resolve ``models:/name/3``, ``/Stage``, ``/latest`` or ``@alias`` to one model version.
+
+    Raises MlflowException with INVALID_PARAMETER_VALUE for URIs that are not registry URIs and
+    RESOURCE_DOES_NOT_EXIST when the model, version, stage or alias is not there.
+    """
+    if not isinstance(model_uri, str) or not model_uri.startswith("models:/"):
+        raise MlflowException(
+            f"Model URI {model_uri!r} is not a registry URI. The lifecycle target serves registered "
+            "models: use models:/<name>/<version>, models:/<name>/<stage>, models:/<name>/latest "
+            "or models:/<name>@<alias>.",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    try:
+        parsed = _parse_model_uri(model_uri)
+    except MlflowException as exc:
+        raise MlflowException(str(exc.message), error_code=INVALID_PARAMETER_VALUE) from None
+    if parsed.model_id is not None:
+        raise MlflowException(
+            f"{model_uri} names a logged model, not a registered model version. Register it first "
+            "(mlflow.register_model) and deploy models:/<name>/<version>.",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    client = client or MlflowClient()
+    try:
+        name, version = get_model_name_and_version(client, model_uri)
+        mv = client.get_model_version(name, str(version))
+    except (MlflowException, RestException) as exc:
+        what = (
+            f"alias {parsed.alias!r}" if parsed.alias else f"stage {parsed.stage!r}" if parsed.stage
+            else f"version {parsed.version!r}" if parsed.version else "latest version"
+        )
+        raise MlflowException(
+            f"Cannot resolve {model_uri}: registered model {parsed.name!r} has no {what} "
+            f"({exc.message if isinstance(exc, MlflowException) else exc}).",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        ) from None
+    return ResolvedModel(
+        requested_uri=model_uri,
+        model_name=mv.name,
+        model_version=str(mv.version),
+        run_id=mv.run_id or None,
+        source=mv.source,
+    )
+
+
+def is_floating_uri(model_uri: str) -> bool:
+    """Whether the URI can point at another version later (alias, stage, latest)."""
+    parsed = _parse_model_uri(model_uri)
+    return parsed.version is None
+
+
+def set_serving_tag(client: MlflowClient, resolved: ResolvedModel, deployment: str, url: str) -> None:
+    """Mark the version as served by ``deployment`` so the MLflow UI shows where it runs."""
+    try:
+        client.set_model_version_tag(
+            resolved.model_name, resolved.model_version, SERVING_TAG_PREFIX + deployment, url
+        )
+    except Exception as exc:  # visibility only: never fail a running deployment over a tag
+        _logger.warning("Could not tag %s v%s as served by %s: %s",
+                        resolved.model_name, resolved.model_version, deployment, exc)
+
+
+def clear_serving_tag(client: MlflowClient, model_name: str, model_version: str, deployment: str) -> None:
+    """Remove the serving tag once ``deployment`` no longer serves the version."""
+    try:
+        client.delete_model_version_tag(model_name, model_version, SERVING_TAG_PREFIX + deployment)
+    except Exception as exc:
+        _logger.debug("Serving tag of %s v%s for %s not removed: %s",
+                      model_name, model_version, deployment, exc)

@@ -1,0 +1,251 @@
+"""The serving app (ASGI): the MLflow scoring protocol plus health, version and metrics.
+
+The same app runs under the local engine's uvicorn workers and, later, as a Ray Serve ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlflow_deploy_plugin import __version__
+from mlflow_deploy_plugin.serving.batching import BatchingPredictor
+from mlflow_deploy_plugin.serving.metrics import ServingMetrics
+from mlflow_deploy_plugin.serving.model_slot import ModelSlot
+from mlflow_deploy_plugin.serving.protocol import (
+    ServingError,
+    parse_request,
+    prediction_error,
+    predictions_body,
+)
+
+JSON = "application/json"
+OPEN_PATHS = frozenset({"/ping", "/health"})
+# Bodies above this are parsed off the event loop so one large request cannot stall the others.
+_INLINE_PARSE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the app needs to know about its deployment."""
+
+    deployment: str
+    max_body_bytes: int
+    timeout_s: float
+    auth_token: str | None = None
+    max_batch_rows: int = 4096
+
+
+@dataclass
+class Answer:
+    """What one `/invocations` request got, handed to the capture hook."""
+
+    request_id: str
+    timestamp: float
+    model_version: str
+    status: int
+    latency_ms: float
+    inputs: Any
+    predictions: Any
+
+
+class ServiceState:
+    """Mutable state shared by the routes and the worker process (draining on shutdown)."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+
+
+def _error(status: int, error_code: str, message: str) -> Response:
+    return Response(ServingError(status, error_code, message).body(), status_code=status, media_type=JSON)
+
+
+class GuardMiddleware:
+    """Bearer-token auth and connection draining, as plain ASGI so it costs microseconds."""
+
+    def __init__(self, app: ASGIApp, token: str | None, state: ServiceState) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            supplied = b""
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    supplied = value
+                    break
+            scheme, _, credential = supplied.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), self.token):
+                response = _error(401, "UNAUTHENTICATED",
+                                  "Missing or invalid bearer token: send 'Authorization: Bearer <token>'.")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        if not self.state.draining:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Message) -> None:
+            # Tell keep-alive clients to reconnect, so they reach a worker that stays.
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ServingError(400, "BAD_REQUEST", f"Invalid Content-Length header {declared!r}.") from None
+        if size > limit:
+            raise ServingError(413, "REQUEST_LIMIT_EXCEEDED",
+                               f"Request body of {size} bytes exceeds max_body_mb ({limit} bytes).")
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise ServingError(413, "REQUEST_LIMIT_EXCEEDED",
+                               f"Request body exceeds max_body_mb ({limit} bytes).")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _row_count(data: Any) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return 1
+
+
+def build_app(
+    settings: AppSettings,
+    slot: ModelSlot,
+    *,
+    state: ServiceState | None = None,
+    metrics: ServingMetrics | None = None,
+    on_answer: Callable[[Answer], None] | None = None,
+) -> ASGIApp:
+    """Build the ASGI app serving ``slot``. ``on_answer`` sees every /invocations answer."""
+    state = state or ServiceState()
+    metrics = metrics or ServingMetrics()
+    identity = slot.identity
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+    parse_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
+    predictor = BatchingPredictor(slot, executor, settings.max_batch_rows)
+    deployment = settings.deployment
+    version = identity.model_version
+    metrics.model_info.labels(deployment, identity.model_name, version, identity.model_uri).set(1)
+    in_flight = metrics.in_flight.labels(deployment)
+    latency = metrics.latency.labels(deployment, version)
+    rows_predicted = metrics.rows.labels(deployment, version)
+    version_body = json.dumps({
+        "deployment": deployment,
+        "model_name": identity.model_name,
+        "model_version": version,
+        "model_uri": identity.model_uri,
+        "requested_uri": identity.requested_uri,
+        "run_id": identity.run_id,
+        "plugin_version": __version__,
+        "mlflow_version": mlflow.__version__,
+    }).encode()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        executor.shutdown(wait=True)
+        parse_executor.shutdown(wait=True)
+
+    app = FastAPI(title=f"mlflow-deploy: {deployment}", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.service = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "ENDPOINT_NOT_FOUND", 405: "BAD_REQUEST"}.get(exc.status_code, "BAD_REQUEST")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return Response(b"\n", media_type=JSON)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready and not state.draining:
+            return Response(json.dumps({"status": "ok", "model_version": version}).encode(), media_type=JSON)
+        return _error(503, "TEMPORARILY_UNAVAILABLE", "draining" if state.draining else "model not ready")
+
+    @app.get("/version")
+    async def version_info() -> Response:
+        return Response(version_body, media_type=JSON)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        started = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        in_flight.inc()
+        data = predictions = None
+        try:
+            body = await _read_body(request, settings.max_body_bytes)
+            content_type = request.headers.get("content-type")
+            if len(body) <= _INLINE_PARSE_BYTES:
+                parsed = parse_request(body, content_type, slot.metadata, slot.input_schema)
+            else:
+                parsed = await asyncio.get_running_loop().run_in_executor(
+                    parse_executor, parse_request, body, content_type, slot.metadata, slot.input_schema)
+            data = parsed.data
+            try:
+                predictions = await asyncio.wait_for(predictor.predict(data, parsed.params), settings.timeout_s)
+            except TimeoutError:
+                raise ServingError(504, "DEADLINE_EXCEEDED",
+                                   f"Prediction took longer than timeout_s={settings.timeout_s:g}s.") from None
+            except ServingError:
+                raise
+            except Exception as exc:
+                raise prediction_error(exc, data) from None
+            response = Response(predictions_body(predictions, parsed.unwrapped_output), media_type=JSON)
+            rows_predicted.inc(_row_count(data))
+        except ServingError as exc:
+            response = Response(exc.body(), status_code=exc.status, media_type=JSON)
+            predictions = None
+        finally:
+            in_flight.dec()
+        elapsed = time.perf_counter() - started
+        latency.observe(elapsed)
+        metrics.requests.labels(deployment, version, str(response.status_code)).inc()
+        response.headers["x-request-id"] = request_id
+        response.headers["x-model-version"] = version
+        if on_answer is not None:
+            on_answer(Answer(request_id, time.time(), version, response.status_code, elapsed * 1000.0,
+                             data, predictions))
+        return response
+
+    return GuardMiddleware(app, settings.auth_token, state)

@@ -1,0 +1,71 @@
+"""Prometheus metrics of the serving app.
+
+Workers run in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` is set by the supervisor) so
+/metrics sums every worker of the deployment, and counters keep counting across an update's
+worker swap instead of starting again from zero.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServingMetrics:
+    """The metric families one worker records into."""
+
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # Outside multiprocess mode use a private registry so building several apps in one
+        # process (tests, run-local) never collides on metric names.
+        registry = None if self.multiprocess else CollectorRegistry()
+        self._registry = registry
+        kwargs = {"registry": registry} if registry is not None else {}
+        self.requests = Counter(
+            "mlflow_deploy_requests", "Requests answered by /invocations.",
+            ["deployment", "model_version", "status"], **kwargs)
+        self.latency = Histogram(
+            "mlflow_deploy_request_latency_seconds", "Time to answer /invocations.",
+            ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, **kwargs)
+        self.rows = Counter(
+            "mlflow_deploy_rows_predicted", "Input rows predicted.",
+            ["deployment", "model_version"], **kwargs)
+        self.in_flight = Gauge(
+            "mlflow_deploy_in_flight_requests", "Requests being answered now.",
+            ["deployment"], multiprocess_mode="livesum", **kwargs)
+        self.model_info = Gauge(
+            "mlflow_deploy_model_version_info", "1 for each model version this deployment serves.",
+            ["deployment", "model_name", "model_version", "model_uri"], multiprocess_mode="livemax",
+            **kwargs)
+        self.batch_rows = Histogram(
+            "mlflow_deploy_predict_batch_rows", "Rows per predict call after coalescing requests.",
+            ["deployment"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), **kwargs)
+        self.capture_dropped = Counter(
+            "mlflow_deploy_capture_dropped_requests", "Requests not captured (buffer full or write error).",
+            ["deployment"], **kwargs)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every worker of this deployment."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prometheus_multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self._registry
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (called by the supervisor when it reaps a worker)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        prometheus_multiprocess.mark_process_dead(pid)

@@ -1,0 +1,141 @@
+"""A serving worker process: load one model version, then serve it on a socket it inherited.
+
+The supervisor owns the listening socket and passes it to every worker, so a new worker can
+start accepting on the same port before the old one stops: that is how updates swap versions
+without refusing a single connection. On SIGTERM a worker drains: it stops accepting, answers
+what it has (telling keep-alive clients to reconnect), then exits.
+
+Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``.
+It reports on the ready pipe one line: ``ready`` or ``error <message>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+_logger = logging.getLogger("mlflow_deploy_plugin.worker")
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM drains instead of dropping keep-alive connections."""
+
+    def __init__(self, config: uvicorn.Config, service_state: Any, drain_grace_s: float,
+                 on_started: Any) -> None:
+        super().__init__(config)
+        self.service_state = service_state
+        self.drain_grace_s = drain_grace_s
+        self.on_started = on_started
+        self._drain_deadline: float | None = None
+        self._parent = os.getppid()
+        self._announced = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):
+            self.begin_drain()
+            return
+        super().handle_exit(sig, frame)
+
+    def begin_drain(self) -> None:
+        self.service_state.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_grace_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.started and not self._announced:
+            self._announced = True
+            self.on_started()
+        if self._drain_deadline is None and os.getppid() != self._parent:
+            _logger.warning("Supervisor is gone; draining and exiting.")
+            self.begin_drain()
+        if self._drain_deadline is not None and not self.should_exit:
+            for server in self.servers:
+                server.close()  # stop accepting; the shared socket stays open for the others
+            # Exit once keep-alive clients have taken the hint (Connection: close) or at the deadline.
+            if not self.server_state.connections or time.monotonic() > self._drain_deadline:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _report(fd: int, line: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlflow_deploy_plugin.serving.worker")
+    parser.add_argument("--spec", required=True, help="JSON file describing what to serve")
+    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    parser.add_argument("--ready-fd", type=int, required=True, help="pipe to report readiness on")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
+    spec = json.loads(Path(args.spec).read_text())
+    try:
+        server = _prepare(spec, args.fd, args.ready_fd)
+    except Exception as exc:  # anything that stops the model from serving is reported, not raised
+        _logger.error("Worker could not start: %s", exc)
+        _report(args.ready_fd, f"error {exc}")
+        return 3
+    sock = socket.socket(fileno=args.fd)
+    server.run(sockets=[sock])
+    return 0
+
+
+def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> DrainingServer:
+    # Heavy imports here, after argument parsing, so a bad invocation fails fast.
+    from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
+    from mlflow_deploy_plugin.serving.metrics import ServingMetrics
+    from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
+
+    config = parse_config(spec["config"])
+    token = None
+    if config.auth_token_env:
+        token = os.environ.get(config.auth_token_env)
+        if not token:
+            raise RuntimeError(f"auth_token_env={config.auth_token_env} but that environment variable "
+                               "is empty or unset in the deployment's environment.")
+    model = spec["model"]
+    identity = ModelIdentity(model["model_name"], model["model_version"], model["version_uri"],
+                             model["requested_uri"], model.get("run_id"))
+    slot = ModelSlot.load(identity, Path(spec["models_dir"]) / identity.model_version)
+    _logger.info("Loaded %s; smoke test: %s", identity.model_uri, slot.smoke_test())
+
+    state = ServiceState()
+    metrics = ServingMetrics()
+    settings = AppSettings(
+        deployment=spec["name"],
+        max_body_bytes=int(config.max_body_mb * 1024 * 1024),
+        timeout_s=config.timeout_s,
+        auth_token=token,
+        max_batch_rows=config.max_batch_rows,
+    )
+    app = build_app(settings, slot, state=state, metrics=metrics)
+    uv_config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on",
+        timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,
+        # The body limit is enforced by the app; this caps headers and pipelined junk.
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+
+    def started() -> None:
+        state.ready = True
+        _report(ready_fd, "ready")
+
+    return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

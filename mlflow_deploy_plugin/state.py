@@ -1,0 +1,231 @@
+"""Where deployments, their status and history are kept: ``$MLFLOW_DEPLOY_HOME``.
+
+Layout (one folder per deployment, so deleting one never touches another)::
+
+    $MLFLOW_DEPLOY_HOME/
+      .lock                          # serialises create/delete across CLI processes
+      deployments/<name>/
+        deployment.json              # what should run (written by the CLI / supervisor)
+        status.json                  # what runs (written by the supervisor only)
+        history.jsonl                # append-only events, oldest first
+        requests/                    # CLI -> supervisor requests and their answers
+        logs/                        # supervisor and worker logs
+        models/<version>/            # local copy of each served model version
+        capture/                     # captured traffic (Parquet)
+      archive/<name>-<utc time>/     # deleted deployments: captured data and history are kept
+
+This module is imported by the supervisor process, so it must stay free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEPLOY_HOME_ENV = "MLFLOW_DEPLOY_HOME"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+STATUS_STARTING = "starting"
+STATUS_RUNNING = "running"
+STATUS_UNHEALTHY = "unhealthy"
+STATUS_FAILED = "failed"
+STATUS_STOPPED = "stopped"
+
+
+def deploy_home() -> Path:
+    """The root folder of all deployment state (``$MLFLOW_DEPLOY_HOME``, default ~/.mlflow-deploy)."""
+    return Path(os.environ.get(DEPLOY_HOME_ENV) or Path.home() / ".mlflow-deploy").expanduser()
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid deployment name, else raise ValueError saying why."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"Invalid deployment name {name!r}: use 1-63 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see either the old or the new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed JSON at ``path``, or None when it does not exist."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float = 120.0) -> Iterator[None]:
+    """An exclusive advisory lock shared by every process on this machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"Timed out after {timeout_s:.0f}s waiting for lock {path}; another "
+                        "mlflow-deploy command may be stuck holding it."
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@dataclass(frozen=True)
+class DeploymentPaths:
+    """The files of one deployment."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "deployment.json"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
+
+    @property
+    def requests(self) -> Path:
+        return self.root / "requests"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def capture(self) -> Path:
+        return self.root / "capture"
+
+    @property
+    def metrics(self) -> Path:
+        """Prometheus multiprocess files shared by the workers."""
+        return self.root / "run" / "prometheus"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+class StateStore:
+    """Reads and writes deployment state under one home folder."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = Path(home) if home else deploy_home()
+
+    @property
+    def deployments_dir(self) -> Path:
+        return self.home / "deployments"
+
+    def paths(self, name: str) -> DeploymentPaths:
+        return DeploymentPaths(self.deployments_dir / validate_name(name))
+
+    def global_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Serialises name-space changes (create, delete) across processes."""
+        return file_lock(self.home / ".lock")
+
+    def exists(self, name: str) -> bool:
+        return self.paths(name).spec.exists()
+
+    def names(self) -> list[str]:
+        if not self.deployments_dir.exists():
+            return []
+        return sorted(p.name for p in self.deployments_dir.iterdir() if (p / "deployment.json").exists())
+
+    def read_spec(self, name: str) -> dict[str, Any] | None:
+        return read_json(self.paths(name).spec)
+
+    def write_spec(self, name: str, spec: dict[str, Any]) -> None:
+        write_json_atomic(self.paths(name).spec, spec)
+
+    def read_status(self, name: str) -> dict[str, Any] | None:
+        return read_json(self.paths(name).status)
+
+    def append_history(self, name: str, event: str, **details: Any) -> None:
+        """Record one event (an O_APPEND write of one line is atomic between processes)."""
+        paths = self.paths(name)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n"
+        with open(paths.history, "a") as handle:
+            handle.write(line)
+
+    def read_history(self, name: str) -> list[dict[str, Any]]:
+        path = self.paths(name).history
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def archive(self, name: str) -> Path:
+        """Move a deployment's folder aside, keeping its captured data and history."""
+        paths = self.paths(name)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.home / "archive" / f"{name}-{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{name}-{stamp}-{suffix}")
+        os.replace(paths.root, target)
+        return target

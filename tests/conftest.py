@@ -1,0 +1,189 @@
+"""Shared, real set-up: one MLflow tracking store with registered example models, one deployment
+reused by the tests that only read from it, and helpers to run the real `mlflow deployments` CLI.
+
+The store is a SQLite file in a temp folder; set MLFLOW_TEST_TRACKING_URI (e.g. a PostgreSQL
+URI) to run the same tests against another backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+from train import load_data, train  # noqa: E402
+
+MODEL = "breast_cancer"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:  # the thing polled may not exist yet
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval_s)
+    raise AssertionError(f"Timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+class Env:
+    """Paths and environment of the test session."""
+
+    def __init__(self, root: Path, tracking_uri: str) -> None:
+        self.root = root
+        self.tracking_uri = tracking_uri
+        self.home = root / "deploy-home"
+        self.vars = {
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_DEPLOY_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, **self.vars, **extra}
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 240, env: dict | None = None,
+            ) -> subprocess.CompletedProcess:
+        """Run the real `mlflow deployments ...` CLI in a subprocess."""
+        mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+        proc = subprocess.run([mlflow_bin, "deployments", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env or self.environ(), cwd=self.root)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mlflow deployments {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def status(self, name: str) -> dict:
+        return json.loads((self.home / "deployments" / name / "status.json").read_text())
+
+
+def _kill_everything_under(home: Path) -> None:
+    """Stop every supervisor and worker a test left behind (tests must not leak processes)."""
+    for status_file in list(home.glob("deployments/*/status.json")) + list(home.glob("archive/*/status.json")):
+        try:
+            status = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            continue
+        for pid in [status.get("pid"), *(status.get("worker_pids") or [])]:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("session")
+    tracking_uri = os.environ.get("MLFLOW_TEST_TRACKING_URI") or f"sqlite:///{root}/mlflow.db"
+    session_env = Env(root, tracking_uri)
+    saved = {key: os.environ.get(key) for key in session_env.vars}
+    os.environ.update(session_env.vars)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    # Client-side stores put artifacts under the working directory: keep them in the temp folder.
+    previous_cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        yield session_env
+    finally:
+        _kill_everything_under(session_env.home)
+        os.chdir(previous_cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Registry:
+    """The registered models every test may use."""
+
+    def __init__(self, model: str, broken_model: str, failing_model: str) -> None:
+        self.model = model
+        self.broken_model = broken_model
+        self.failing_model = failing_model
+        self.features, self.target = load_data()
+
+
+@pytest.fixture(scope="session")
+def registry(env: Env) -> Registry:
+    import mlflow
+
+    suffix = str(int(time.time() * 1000))[-8:]  # unique names on a shared PostgreSQL store
+    model = f"{MODEL}_{suffix}"
+    train(model, c=1.0, alias="champion", experiment=f"tests-{suffix}")
+    train(model, c=0.05, experiment=f"tests-{suffix}")
+
+    # A version whose artifacts are damaged: it must never take over a deployment.
+    broken = f"broken_{suffix}"
+    features, _ = load_data()
+    with mlflow.start_run():
+        from sklearn.linear_model import LogisticRegression
+
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(features, features.index % 2), name="model",
+                                        registered_model_name=broken)
+    location = mlflow.get_logged_model(info.model_id).artifact_location
+    artifacts = Path(location.removeprefix("file://"))
+    assert (artifacts / "MLmodel").exists(), f"unexpected artifact layout at {artifacts}"
+    for item in artifacts.iterdir():
+        if item.name != "MLmodel":
+            (shutil.rmtree if item.is_dir() else os.unlink)(item)
+
+    # A version that loads but cannot predict its own input example: the smoke test must stop it.
+    failing = f"failing_{suffix}"
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="model", python_model=str(REPO / "tests/assets/failing_model.py"),
+                                input_example=features.head(2), registered_model_name=failing)
+    return Registry(model, broken, failing)
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(env: Env, registry: Registry) -> Iterator[dict]:
+    """One running deployment of version 1 for tests that only read from it."""
+    name = "shared"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
+            "-C", "max_body_mb=1")
+    status = env.status(name)
+    yield {"name": name, "url": status["url"], **status}
+    env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+
+
+def post_json(url: str, payload, timeout: float = 30, **headers: str) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=json.dumps(payload) if not isinstance(payload, bytes | str)
+                         else payload, headers={"Content-Type": "application/json", **headers}, timeout=timeout)
+
+
+def split_payload(frame: pd.DataFrame) -> dict:
+    return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+
+
+free_port = _free_port
