@@ -10,7 +10,7 @@ Layout (one folder per deployment, so deleting one never touches another)::
         history.jsonl                # append-only events, oldest first
         requests/                    # CLI -> supervisor requests and their answers
         logs/                        # supervisor and worker logs
-        models/<version>/            # local copy of each served model version
+        models/<model>/<version>/    # local copy of each served model version
         capture/                     # captured traffic (Parquet)
       archive/<name>-<utc time>/     # deleted deployments: captured data and history are kept
 

@@ -3,13 +3,143 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import mlflow
 import requests
-from conftest import Env, Registry, wait_for
+from conftest import Env, Registry, free_port, wait_for
 
 
-def test_shared_deployment_serves(env: Env, shared_deployment: dict, registry: Registry) -> None:
+def test_help_lists_every_config_key(env: Env) -> None:
+    out = env.cli("help", "-t", "lifecycle").stdout
+    from mlflow_deploy_plugin.config import CONFIG_KEYS
+
+    for key in CONFIG_KEYS:
+        assert key.name in out, f"help does not mention -C {key.name}"
+    assert "models:/<name>@<alias>" in out
+
+
+def test_get_and_list_show_the_shared_deployment(env: Env, shared_deployment: dict, registry: Registry) -> None:
     out = env.cli("get", "-t", "lifecycle", "--name", shared_deployment["name"]).stdout
-    assert "status: running" in out
-    assert "model_version: 1" in out
-    assert requests.get(f"{shared_deployment['url']}/health", timeout=5).status_code == 200
+    for expected in ("status: running", "model_version: 1", f"url: {shared_deployment['url']}",
+                     f"pid: {shared_deployment['pid']}", "restarts: 0", "started_at: 20"):
+        assert expected in out, f"{expected!r} missing from get output:\n{out}"
+    listed = env.cli("list", "-t", "lifecycle").stdout
+    assert "'name': 'shared'" in listed and "'status': 'running'" in listed
+    version = mlflow.MlflowClient().get_model_version(registry.model, "1")
+    assert version.tags.get("lifecycle.deployment.shared") == shared_deployment["url"]
+
+
+def test_predict_through_the_cli(env: Env, shared_deployment: dict, registry: Registry) -> None:
+    rows = registry.features.iloc[10:13]
+    input_path = env.root / "predict-input.json"
+    rows.to_json(input_path, orient="records")
+    output_path = env.root / "predict-output.json"
+    env.cli("predict", "-t", "lifecycle", "--name", "shared", "-I", str(input_path), "-O", str(output_path))
+    expected = mlflow.pyfunc.load_model(f"models:/{registry.model}/1").predict(rows).tolist()
+    assert json.loads(output_path.read_text())["predictions"] == expected
+
+
+def test_errors_are_clear(env: Env, shared_deployment: dict, registry: Registry) -> None:
+    input_path = env.root / "explain-input.json"
+    registry.features.head(1).to_json(input_path, orient="records")
+    cases = [
+        (("create", "-t", "lifecycle", "--name", "shared", "-m", f"models:/{registry.model}/1"),
+         "already exists"),
+        (("get", "-t", "lifecycle", "--name", "nope"), "No deployment named 'nope'"),
+        (("update", "-t", "lifecycle", "--name", "nope", "-m", f"models:/{registry.model}/1"),
+         "No deployment named 'nope'"),
+        (("create", "-t", "lifecycle", "--name", "x1", "-m", f"models:/{registry.model}/1", "-C", "bogus=1"),
+         "Unknown deployment config key 'bogus'"),
+        (("create", "-t", "lifecycle", "--name", "x2", "-m", f"models:/{registry.model}/1", "-C", "workers=zero"),
+         "workers='zero'"),
+        (("create", "-t", "lifecycle", "--name", "x3", "-m", f"models:/{registry.model}/1", "-C", "host=0.0.0.0"),
+         "without authentication"),
+        (("create", "-t", "lifecycle", "--name", "x4", "-m", f"models:/{registry.model}/99"),
+         "has no version '99'"),
+        (("create", "-t", "lifecycle", "--name", "x5", "-m", f"models:/{registry.model}@nobody"),
+         "has no alias 'nobody'"),
+        (("create", "-t", "lifecycle", "--name", "x6", "-m", "runs:/abc/model"), "not a registry URI"),
+        (("create", "-t", "lifecycle", "--name", "bad name!", "-m", f"models:/{registry.model}/1"),
+         "Invalid deployment name"),
+        (("explain", "-t", "lifecycle", "--name", "shared", "-I", str(input_path)), "does not support `explain`"),
+    ]
+    for args, message in cases:
+        proc = env.cli(*args, check=False)
+        assert proc.returncode != 0, f"{args} should fail"
+        assert message in proc.stderr + proc.stdout, f"{args}: expected {message!r} in:\n{proc.stderr[-2000:]}"
+    names = env.cli("list", "-t", "lifecycle").stdout
+    assert "x1" not in names and "x4" not in names
+
+
+def test_create_resolves_stage_alias_latest(env: Env, registry: Registry) -> None:
+    from mlflow_deploy_plugin.registry import resolve_model_uri
+
+    client = mlflow.MlflowClient()
+    client.transition_model_version_stage(registry.model, "2", "Staging")
+    assert resolve_model_uri(f"models:/{registry.model}/staging").model_version == "2"
+    assert resolve_model_uri(f"models:/{registry.model}/latest").model_version == "2"
+    assert resolve_model_uri(f"models:/{registry.model}@champion").model_version == "1"
+    assert resolve_model_uri(f"models:/{registry.model}/1").model_version == "1"
+
+
+def test_broken_versions_fail_create_and_leave_nothing_running(env: Env, registry: Registry) -> None:
+    for name, model, message in (("broken", registry.broken_model, "Could not load"),
+                                 ("failing", registry.failing_model, "Smoke test failed")):
+        proc = env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}/1", check=False)
+        assert proc.returncode != 0
+        assert message in proc.stderr, proc.stderr[-2000:]
+        assert "INVALID_STATE" in proc.stderr
+        assert env.cli("get", "-t", "lifecycle", "--name", name, check=False).returncode != 0
+
+
+def test_create_alias_then_delete_is_graceful_and_idempotent(env: Env, registry: Registry) -> None:
+    port = free_port()
+    out = env.cli("create", "-t", "lifecycle", "--name", "lifecycle-verbs", "-m",
+                  f"models:/{registry.model}@champion", "-C", f"port={port}").stdout
+    assert "lifecycle-verbs is created" in out
+    status = env.status("lifecycle-verbs")
+    assert status["port"] == port and status["model_version"] == "1"
+    spec = json.loads((env.home / "deployments/lifecycle-verbs/deployment.json").read_text())
+    assert spec["model"]["requested_uri"] == f"models:/{registry.model}@champion"
+    assert spec["model"]["version_uri"] == f"models:/{registry.model}/1"
+
+    env.cli("delete", "-t", "lifecycle", "--name", "lifecycle-verbs")
+    for pid in [status["pid"], *status["worker_pids"]]:
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or
+                 Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z",
+                 10, f"process {pid} to exit after delete")
+    assert env.cli("get", "-t", "lifecycle", "--name", "lifecycle-verbs", check=False).returncode != 0
+    env.cli("delete", "-t", "lifecycle", "--name", "lifecycle-verbs")  # idempotent
+    archived = list((env.home / "archive").glob("lifecycle-verbs-*"))
+    assert archived and (archived[0] / "history.jsonl").exists()
+    tags = mlflow.MlflowClient().get_model_version(registry.model, "1").tags
+    assert "lifecycle.deployment.lifecycle-verbs" not in tags
+
+
+def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen(
+        [mlflow_bin, "deployments", "run-local", "-t", "lifecycle", "--name", "fg", "-m",
+         f"models:/{registry.model}/1", "-C", f"port={port}"],
+        env=env.environ(), cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
+                 120, "run-local to serve")
+        assert requests.get(f"http://127.0.0.1:{port}/version", timeout=5).json()["model_version"] == "1"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert f"at http://127.0.0.1:{port}" in output
+        assert "fg" not in env.cli("list", "-t", "lifecycle").stdout
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -110,7 +110,7 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> DrainingServer:
     model = spec["model"]
     identity = ModelIdentity(model["model_name"], model["model_version"], model["version_uri"],
                              model["requested_uri"], model.get("run_id"))
-    slot = ModelSlot.load(identity, Path(spec["models_dir"]) / identity.model_version)
+    slot = ModelSlot.load(identity, Path(spec["models_dir"]) / identity.model_name / identity.model_version)
     _logger.info("Loaded %s; smoke test: %s", identity.model_uri, slot.smoke_test())
 
     state = ServiceState()

@@ -1,0 +1,332 @@
+"""Inference capture: real Parquet files in a temp folder, real threads, bounded waits."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlflow_deploy_plugin.serving.capture import (
+    META_COLUMNS,
+    CapturedRequest,
+    CaptureWriter,
+    parse_since,
+    prune_capture,
+    read_capture,
+)
+
+NOW = time.time()
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"Timed out after {timeout_s}s waiting for {what}")
+
+
+def request(rid: str, rows: int = 2, *, ts: float = NOW, version: str = "1", status: int = 200,
+            inputs: pd.DataFrame | None = None, predictions: object = "default") -> CapturedRequest:
+    if inputs is None and rows:
+        inputs = pd.DataFrame({"x": np.arange(rows, dtype=np.float64), "name": [f"n{i}" for i in range(rows)]})
+    if isinstance(predictions, str) and predictions == "default":
+        predictions = None if inputs is None else np.arange(len(inputs)) * 10
+    return CapturedRequest(rid, ts, version, status, 1.5, inputs, predictions)
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "<opaque>"
+
+
+def parquet_files(root: Path) -> list[Path]:
+    return sorted(root.glob("date=*/*.parquet"))
+
+
+class SlowWriter(CaptureWriter):
+    """A writer whose file writes block until released: stands in for a stalled disk or network."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.release = threading.Event()
+        self.writing = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _write_part(self, part):
+        self.writing.set()
+        self.release.wait(10)
+        return super()._write_part(part)
+
+
+def test_concurrent_record_then_close_keeps_every_accepted_row(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    writer = CaptureWriter(str(root), "dep", flush_rows=700, flush_interval_s=0.2)
+    expected: dict[str, int] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker(t: int) -> None:
+        rng = np.random.default_rng(t)
+        start.wait(5)
+        for i in range(500):
+            rows = int(rng.integers(1, 6))
+            rid = f"t{t}-{i}"
+            assert writer.record(request(rid, rows))
+            with lock:
+                expected[rid] = rows
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    writer.close()
+
+    assert writer.dropped_requests == 0
+    assert writer.accepted_requests == writer.written_requests == 4000
+    frame = read_capture(str(root))
+    assert list(frame.columns[:7]) == list(META_COLUMNS)
+    assert len(frame) == sum(expected.values())
+    counts = frame.groupby("_request_id").size().to_dict()
+    assert counts == expected
+    assert not frame.duplicated(["_request_id", "_row"]).any()
+    # Rows keep their position in the request and their own prediction.
+    assert (frame["_prediction"] == frame["_row"] * 10).all()
+    assert (frame["x"] == frame["_row"]).all()
+    assert not list(root.glob("date=*/.*")), "temp files left behind"
+
+
+def test_row_layout_and_types(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    with CaptureWriter(str(root), "dep", flush_interval_s=60) as writer:
+        writer.record(request("a", 3))
+        writer.record(request("df", inputs=pd.DataFrame({"x": [1.0, 2.0]}),
+                              predictions=pd.DataFrame({"p": [0.1, 0.2], "label": ["u", "v"]})))
+        writer.record(request("2d", inputs=pd.DataFrame({"x": [1.0, 2.0]}),
+                              predictions=np.array([[0.1, 0.9], [0.8, 0.2]])))
+        writer.record(request("bad", rows=0, status=400))
+        writer.record(request("odd", inputs=pd.DataFrame({"x": [1.0, 2.0, 3.0], "obj": [1, "a", Opaque()]}),
+                              predictions=[1, 2, 3]))
+    schema = pq.read_schema(parquet_files(root)[0])
+    assert schema.field("_timestamp").type == pa.timestamp("us", tz="UTC")
+    assert [schema.field(c).type for c in ("_status", "_latency_ms", "_row")] == [pa.int16(), pa.float32(),
+                                                                                   pa.int32()]
+    assert schema.field("_request_id").type == pa.string()
+    frame = read_capture(str(root)).set_index(["_request_id", "_row"])
+    assert frame.loc[("df", 1), "_prediction_label"] == "v"
+    assert frame.loc[("2d", 0), "_prediction_1"] == pytest.approx(0.9)
+    bad = frame.loc[("bad", 0)]
+    assert bad["_status"] == 400 and pd.isna(bad["x"]) and pd.isna(bad["_prediction"])
+    # Mixed or foreign objects have no Arrow type: stored as text rather than failing the flush.
+    assert list(frame.loc["odd", "obj"]) == ["1", "a", "<opaque>"]
+    assert list(frame.loc["odd", "_prediction"]) == [1, 2, 3]
+    assert (frame["_deployment"] == "dep").all()
+
+
+def test_time_based_flush_without_close(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    writer = CaptureWriter(str(root), "dep", flush_rows=1_000_000, flush_interval_s=0.3)
+    try:
+        assert writer.record(request("r1", 2))
+        wait_until(lambda: parquet_files(root), 10, "a file written by the time-based flush")
+        assert len(read_capture(str(root))) == 2
+        assert not writer.closed
+    finally:
+        writer.close()
+
+
+def test_unwritable_root_drops_and_never_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    drops: list[tuple[int, str]] = []
+    writer = CaptureWriter(str(blocker / "capture"), "dep", flush_rows=5, flush_interval_s=0.05,
+                           on_drop=lambda n, reason: drops.append((n, reason)))
+    try:
+        slowest = 0.0
+        for i in range(200):
+            began = time.perf_counter()
+            writer.record(request(f"r{i}", 1))
+            slowest = max(slowest, time.perf_counter() - began)
+        assert slowest < 1.0  # loose for loaded CI: record never waits on the failing writes
+        wait_until(lambda: writer.dropped_requests >= 200, 10, "every request counted as dropped")
+        assert sum(n for n, _ in drops) == writer.dropped_requests
+        assert {reason for _, reason in drops} <= {"write_error", "buffer_full"}
+        assert "write_error" in {reason for _, reason in drops}
+    finally:
+        writer.close(timeout_s=5)
+    assert writer.written_requests == 0
+    assert not writer._pending, "failed writes must not pile up"
+
+
+def test_buffer_full_drops_without_blocking(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    drops: list[tuple[int, str]] = []
+    writer = SlowWriter(str(root), "dep", max_buffer_requests=5, flush_rows=1, flush_interval_s=0.05,
+                        on_drop=lambda n, reason: drops.append((n, reason)))
+    try:
+        assert writer.record(request("first", 1))
+        assert writer.writing.wait(10), "the writer thread never started writing"
+        accepted = 0
+        slowest = 0.0
+        for i in range(100):
+            began = time.perf_counter()
+            accepted += writer.record(request(f"r{i}", 1))
+            slowest = max(slowest, time.perf_counter() - began)
+        assert accepted == 5
+        assert writer.dropped_requests == 95
+        assert drops == [(1, "buffer_full")] * 95
+        assert slowest < 1.0  # generous for loaded CI; a blocked call would take 10 s
+    finally:
+        writer.release.set()
+        writer.close(timeout_s=10)
+    assert writer.written_requests == 6
+    assert set(read_capture(str(root))["_request_id"]) == {"first", "r0", "r1", "r2", "r3", "r4"}
+    assert not writer.record(request("late", 1)), "a closed writer accepts nothing"
+
+
+def test_sampling_rate_is_respected(tmp_path: Path) -> None:
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", sample_rate=0.1, rng_seed=1234,
+                           max_buffer_requests=10_000, flush_interval_s=60)
+    try:
+        accepted = sum(writer.record(request(f"r{i}", 1)) for i in range(5000))
+    finally:
+        writer.close()
+    # Binomial(5000, 0.1): sd ~21; +-100 is almost 5 sd.
+    assert 400 <= accepted <= 600
+    assert writer.dropped_requests == 0
+    assert writer.written_requests == accepted
+
+
+def test_invalid_settings_are_refused(tmp_path: Path) -> None:
+    for kwargs in ({"sample_rate": 0}, {"sample_rate": 1.5}, {"flush_rows": 0}, {"retention_days": 0}):
+        with pytest.raises(ValueError):
+            CaptureWriter(str(tmp_path), "dep", **kwargs)
+
+
+def _partition(root: Path, day: str) -> Path:
+    folder = root / f"date={day}"
+    folder.mkdir(parents=True)
+    (folder / "part-x.parquet").write_bytes(b"")
+    return folder
+
+
+def test_retention_prunes_old_partitions(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    now = datetime(2024, 5, 10, 12, tzinfo=UTC)
+    for day in ("2024-05-01", "2024-05-02", "2024-05-03", "2024-05-09", "2024-05-10"):
+        _partition(root, day)
+    (root / "not-a-partition").mkdir()
+    removed = prune_capture(str(root), "dep", 7, now=now)
+    assert removed == [f"{root}/date=2024-05-01", f"{root}/date=2024-05-02"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "date=2024-05-03", "date=2024-05-09", "date=2024-05-10", "not-a-partition"]
+    assert prune_capture(str(tmp_path / "missing"), None, 7, now=now) == []
+
+
+def test_writer_prunes_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    old = _partition(root, "2000-01-01")
+    today = _partition(root, datetime.now(UTC).date().isoformat())
+    writer = CaptureWriter(str(root), "dep", retention_days=3, flush_interval_s=60)
+    try:
+        wait_until(lambda: not old.exists(), 10, "the old partition to be pruned")
+        assert today.exists()
+    finally:
+        writer.close()
+
+
+def test_read_capture_window_and_mixed_schemas(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    base = datetime(2024, 3, 1, 23, 0, tzinfo=UTC).timestamp()
+    with CaptureWriter(str(root), "dep", flush_interval_s=60) as writer:
+        writer.record(request("v1-early", 1, ts=base, version="1",
+                              inputs=pd.DataFrame({"x": [1.0], "code": [7]})))
+        writer.record(request("v1-late", 1, ts=base + 7200, version="1",
+                              inputs=pd.DataFrame({"x": [2.0], "code": [8]})))
+        writer.flush()
+        # A later model version: a new column, and "code" now text.
+        writer.record(request("v2", 1, ts=base + 3600, version="2",
+                              inputs=pd.DataFrame({"x": [3.0], "code": ["z"], "extra": [True]})))
+    assert [p.parent.name for p in parquet_files(root)].count("date=2024-03-02") == 2
+    assert [p.parent.name for p in parquet_files(root)].count("date=2024-03-01") == 1
+
+    everything = read_capture(str(root))
+    assert list(everything["_request_id"]) == ["v1-early", "v2", "v1-late"]
+    assert list(everything["code"]) == ["7", "z", "8"]
+    assert everything["extra"].isna().sum() == 2
+
+    start = datetime(2024, 3, 2, 0, 0, tzinfo=UTC)
+    window = read_capture(str(root), since=start, until=start + timedelta(hours=1))
+    assert list(window["_request_id"]) == ["v2"]  # since inclusive ...
+    window = read_capture(str(root), since=start.replace(tzinfo=None), until=start + timedelta(hours=1, seconds=1))
+    assert list(window["_request_id"]) == ["v2", "v1-late"]  # ... until exclusive, naive = UTC
+    assert read_capture(str(root), until=start).shape[0] == 1
+
+    picked = read_capture(str(root), since=start, columns=["_request_id", "x", "nope"])
+    assert list(picked.columns) == ["_request_id", "x", "nope"]
+    assert picked["nope"].isna().all()
+
+    empty = read_capture(str(root), since=datetime(2030, 1, 1))
+    assert empty.empty and list(empty.columns) == list(META_COLUMNS)
+    assert read_capture(str(tmp_path / "missing")).empty
+    # A URI root reads the same data.
+    assert len(read_capture(root.as_uri())) == 3
+
+
+def test_uri_root_is_written(tmp_path: Path) -> None:
+    root = tmp_path / "by-uri"
+    with CaptureWriter(root.as_uri(), "dep", flush_interval_s=60) as writer:
+        writer.record(request("u", 2))
+    assert len(read_capture(str(root))) == 2
+
+
+def test_parse_since() -> None:
+    now = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
+    assert parse_since("30m", now=now) == now - timedelta(minutes=30)
+    assert parse_since("1h", now=now) == now - timedelta(hours=1)
+    assert parse_since("24h", now=now) == now - timedelta(hours=24)
+    assert parse_since("7d", now=now) == now - timedelta(days=7)
+    assert parse_since("90s", now=now) == now - timedelta(seconds=90)
+    assert parse_since("2024-05-01T12:00:00", now=now) == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_since("2024-05-01T14:00:00+02:00") == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_since("2024-05-01T12:00:00Z") == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    for bad in ("", "yesterday", "5 weeks", "-1h", "1y"):
+        with pytest.raises(ValueError, match="30m") as info:
+            parse_since(bad, now=now)
+        assert repr(bad) in str(info.value)
+
+
+def test_writer_inherited_through_fork_works_in_the_child(tmp_path: Path) -> None:
+    root = tmp_path / "capture"
+    writer = CaptureWriter(str(root), "dep", flush_interval_s=60)
+    try:
+        writer.record(request("parent", 1))
+        pid = os.fork()
+        if pid == 0:  # child: must not run pytest's teardown, so always leave through _exit
+            code = 1
+            try:
+                ok = writer.record(request("child", 1))
+                writer.close(timeout_s=5)
+                code = 0 if ok and writer.written_requests == 1 else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 15
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "forked child did not finish"
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        writer.close()
+    frame = read_capture(str(root))
+    assert sorted(frame["_request_id"]) == ["child", "parent"]

@@ -1,0 +1,153 @@
+"""Processes: zero-downtime update under load, failed updates, crash restarts, auth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import mlflow
+import requests
+from conftest import Env, Registry, post_json, split_payload, wait_for
+
+
+class RequestLoop:
+    """Steady single-row traffic from a few keep-alive clients; bounded in time by itself."""
+
+    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 180) -> None:
+        self.url, self.payload = url, payload
+        self.stop_event = threading.Event()
+        self.failures: list[str] = []
+        self.versions: list[str] = []
+        self.count = 0
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            try:
+                response = session.post(f"{self.url}/invocations", json=self.payload, timeout=30)
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
+                else:
+                    self.versions.append(response.headers["x-model-version"])
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+            self.count += 1
+
+    def __enter__(self) -> RequestLoop:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, registry: Registry) -> None:
+    name = "upd"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}@champion")
+    url = env.status(name)["url"]
+    payload = split_payload(registry.features.iloc[[5]])
+    try:
+        with RequestLoop(url, payload) as loop:
+            wait_for(lambda: loop.count > 20, 30, "the request loop to get going")
+            out = env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/2").stdout
+            assert "updated" in out
+            seen_after = len(loop.versions)
+            wait_for(lambda: len(loop.versions) > seen_after + 20, 30, "requests after the update")
+
+            # Versions that cannot load or fail their smoke test never take over.
+            for model, reason in ((registry.broken_model, "Could not load"),
+                                  (registry.failing_model, "Smoke test failed")):
+                proc = env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}/1", check=False)
+                assert proc.returncode != 0
+                assert reason in proc.stderr and "version 2 keeps serving" in proc.stderr, proc.stderr[-1500:]
+            settled = len(loop.versions)
+            wait_for(lambda: len(loop.versions) > settled + 20, 30, "requests after the failed updates")
+        assert loop.failures == [], f"{len(loop.failures)} failed requests during update: {loop.failures[:5]}"
+        assert loop.versions[0] == "1" and loop.versions[-1] == "2"
+        # Once a client saw version 2 it never went back to 1 (the swap is atomic per connection).
+        assert "1" not in loop.versions[loop.versions.index("2") + 50:]
+        assert requests.get(f"{url}/version", timeout=5).json()["model_version"] == "2"
+        assert env.status(name)["url"] == url
+
+        info = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        assert "model_version: 2" in info and "status: running" in info
+        client = mlflow.MlflowClient()
+        assert f"lifecycle.deployment.{name}" in client.get_model_version(registry.model, "2").tags
+        assert f"lifecycle.deployment.{name}" not in client.get_model_version(registry.model, "1").tags
+        events = [event["event"] for event in env_history(env, name)]
+        assert events == ["created", "updated", "update_failed", "update_failed"]
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+
+
+def env_history(env: Env, name: str) -> list[dict]:
+    from mlflow_deploy_plugin.state import StateStore
+
+    return StateStore(env.home).read_history(name)
+
+
+def test_crashed_worker_is_restarted_then_marked_failed(env: Env, registry: Registry) -> None:
+    name = "crashy"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1", "-C", "max_restarts=1")
+    try:
+        first = env.status(name)
+        os.kill(first["worker_pids"][0], signal.SIGKILL)
+        restarted = wait_for(lambda: (s := env.status(name))["restarts"] == 1 and s["state"] == "running" and s,
+                             120, "the worker to be restarted")
+        assert restarted["worker_pids"] != first["worker_pids"]
+        assert "SIGKILL" in restarted["last_error"]
+        assert requests.get(f"{first['url']}/health", timeout=5).status_code == 200
+        out = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        assert "restarts: 1" in out and "status: running" in out
+
+        os.kill(restarted["worker_pids"][0], signal.SIGKILL)  # a second crash in a row: give up
+        wait_for(lambda: env.status(name)["state"] == "failed", 60, "the deployment to be marked failed")
+        out = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        assert "status: failed" in out and "SIGKILL" in out
+        proc = env.cli("predict", "-t", "lifecycle", "--name", name, "-I", str(_records_file(env, registry)),
+                       check=False)
+        assert proc.returncode != 0 and "is failed" in proc.stderr
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+
+
+def _records_file(env: Env, registry: Registry):
+    path = env.root / "records.json"
+    registry.features.head(2).to_json(path, orient="records")
+    return path
+
+
+def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry) -> None:
+    name = "secured"
+    token = "t0ken-for-tests"
+    cli_env = env.environ(SERVE_TOKEN=token)
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
+            "-C", "auth_token_env=SERVE_TOKEN", env=cli_env)
+    try:
+        url = env.status(name)["url"]
+        payload = split_payload(registry.features.head(1))
+        assert requests.get(f"{url}/ping", timeout=5).status_code == 200
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"}):
+            response = post_json(url, payload, **headers)
+            assert response.status_code == 401 and response.json()["error_code"] == "UNAUTHENTICATED"
+        assert requests.get(f"{url}/metrics", timeout=5).status_code == 401
+        assert post_json(url, payload, Authorization=f"Bearer {token}").status_code == 200
+        output = env.root / "secured-out.json"
+        env.cli("predict", "-t", "lifecycle", "--name", name, "-I", str(_records_file(env, registry)),
+                "-O", str(output), env=cli_env)
+        assert "predictions" in output.read_text()
+        logs = "".join(p.read_text() for p in (env.home / "deployments" / name / "logs").iterdir())
+        assert token not in logs
+        proc = env.cli("create", "-t", "lifecycle", "--name", "nosecret", "-m", f"models:/{registry.model}/1",
+                       "-C", "auth_token_env=UNSET_TOKEN_VAR", check=False)
+        assert proc.returncode != 0 and "UNSET_TOKEN_VAR" in proc.stderr
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
