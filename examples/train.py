@@ -8,6 +8,7 @@ drift job can find the reference data of every version registered from it.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def train(model_name: str, c: float = 1.0, max_iter: int = 200, alias: str | Non
     """Fit, log and register one version; returns the new version number."""
     features, target = load_data()
     x_train, x_test, y_train, y_test = train_test_split(features, target, test_size=0.25, random_state=0)
-    mlflow.set_experiment(experiment)
+    if "MLFLOW_RUN_ID" not in os.environ:  # under `mlflow run` the project already chose the run
+        mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"{model_name}-C{c}") as run:
         model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
         model.fit(x_train, y_train)

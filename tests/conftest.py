@@ -7,6 +7,7 @@ URI) to run the same tests against another backend.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,10 +94,8 @@ def _kill_everything_under(home: Path) -> None:
             continue
         for pid in [status.get("pid"), *(status.get("worker_pids") or [])]:
             if pid:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
 
 
 @pytest.fixture(scope="session")

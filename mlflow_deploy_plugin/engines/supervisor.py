@@ -182,7 +182,7 @@ class Supervisor:
         sock = self.current.sock if same_address and self.current else bind_socket(
             config.get("host") or "127.0.0.1", config.get("port"))
         spec_file = self.paths.root / "run" / f"generation-{number}.json"
-        worker_spec = dict(spec, models_dir=str(self.paths.models))
+        worker_spec = dict(spec, models_dir=str(self.paths.models), capture_dir=str(self.paths.capture))
         write_json_atomic(spec_file, worker_spec)
         return Generation(number, spec, sock, spec_file)
 

@@ -404,7 +404,7 @@ def _ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
     return d, p
 
 
-def _chi2_homogeneity(ref_counts: np.ndarray, cur_counts: np.ndarray) -> tuple[float, float, dict[str, Any]]:
+def chi2_homogeneity(ref_counts: np.ndarray, cur_counts: np.ndarray) -> tuple[float, float, dict[str, Any]]:
     """Chi-square test of homogeneity on the 2 x k table (reference, current) x categories.
 
     Both samples are random, so this is the right test; Evidently's ``chisquare`` instead treats the
@@ -573,7 +573,7 @@ def _test_column(name: str, ref: pd.Series, cur: pd.Series, requested: ColumnMet
     else:
         details.update(_new_categories(ref_counts, cur_counts, keys))
         if method.method == "chi2":
-            statistic, score, chi_details = _chi2_homogeneity(ref_counts, cur_counts)
+            statistic, score, chi_details = chi2_homogeneity(ref_counts, cur_counts)
             details.update(chi_details)
         else:
             ref_p, cur_p = ref_counts / n_ref, cur_counts / n_cur

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import mlflow
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlflow_deploy_plugin import __version__
@@ -32,6 +34,8 @@ from mlflow_deploy_plugin.serving.protocol import (
     prediction_error,
     predictions_body,
 )
+
+_logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 OPEN_PATHS = frozenset({"/ping", "/health"})
@@ -125,12 +129,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ServingError(413, "REQUEST_LIMIT_EXCEEDED",
                                f"Request body of {size} bytes exceeds max_body_mb ({limit} bytes).")
     chunks, received = [], 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise ServingError(413, "REQUEST_LIMIT_EXCEEDED",
-                               f"Request body exceeds max_body_mb ({limit} bytes).")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise ServingError(413, "REQUEST_LIMIT_EXCEEDED",
+                                   f"Request body exceeds max_body_mb ({limit} bytes).")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Not a server error: no traceback in the log, counted under 499 like nginx does.
+        raise ServingError(499, "CLIENT_CLOSED_REQUEST",
+                           f"Client disconnected after sending {received} bytes of the body.") from None
     return b"".join(chunks)
 
 
@@ -235,6 +244,11 @@ def build_app(
             rows_predicted.inc(_row_count(data))
         except ServingError as exc:
             response = Response(exc.body(), status_code=exc.status, media_type=JSON)
+            predictions = None
+        except Exception as exc:
+            # Never a bare "Internal Server Error": a short JSON error, counted in the metrics.
+            _logger.exception("Unexpected error answering request %s", request_id)
+            response = _error(500, "INTERNAL_ERROR", f"Unexpected error: {type(exc).__name__}: {exc}")
             predictions = None
         finally:
             in_flight.dec()

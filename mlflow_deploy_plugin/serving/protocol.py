@@ -96,6 +96,9 @@ def parse_request(body: bytes, content_type: str | None, metadata: Any, input_sc
             return ParsedRequest(mlflow_scoring.parse_parquet_input(BytesIO(body)), None, False)
     except MlflowException as exc:
         raise _input_error(exc) from None
+    except RecursionError:
+        # json.loads raises RecursionError (not JSONDecodeError) on deeply nested input: MLflow answers 500.
+        raise ServingError(400, "BAD_REQUEST", "Invalid input. The JSON body is nested too deeply.") from None
     raise ServingError(
         415, "BAD_REQUEST",
         f"Unsupported Content-Type {content_type!r}. Supported: {', '.join(SUPPORTED_CONTENT_TYPES)}.",

@@ -83,17 +83,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     spec = json.loads(Path(args.spec).read_text())
     try:
-        server = _prepare(spec, args.fd, args.ready_fd)
+        server, capture = _prepare(spec, args.fd, args.ready_fd)
     except Exception as exc:  # anything that stops the model from serving is reported, not raised
         _logger.error("Worker could not start: %s", exc)
         _report(args.ready_fd, f"error {exc}")
         return 3
     sock = socket.socket(fileno=args.fd)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if capture is not None:
+            capture.close(timeout_s=30.0)  # graceful stop: everything accepted reaches disk
     return 0
 
 
-def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> DrainingServer:
+def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
     from mlflow_deploy_plugin.config import parse_config
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
@@ -122,7 +126,18 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> DrainingServer:
         auth_token=token,
         max_batch_rows=config.max_batch_rows,
     )
-    app = build_app(settings, slot, state=state, metrics=metrics)
+    capture = None
+    if config.capture:
+        from mlflow_deploy_plugin.serving.capture import CaptureWriter
+
+        dropped = metrics.capture_dropped.labels(spec["name"])
+        capture = CaptureWriter(
+            capture_root(spec["name"], config.capture_uri, spec["capture_dir"]), spec["name"],
+            sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
+            on_drop=lambda count, _reason: dropped.inc(count),
+        )
+    app = build_app(settings, slot, state=state, metrics=metrics,
+                    on_answer=capture.record if capture is not None else None)
     uv_config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on",
         timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,
@@ -134,7 +149,14 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> DrainingServer:
         state.ready = True
         _report(ready_fd, "ready")
 
-    return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started)
+    return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started), capture
+
+
+def capture_root(deployment: str, capture_uri: str | None, default_dir: str) -> str:
+    """Where a deployment's captured traffic lives: its own folder, or ``capture_uri/<name>``."""
+    if capture_uri:
+        return f"{capture_uri.rstrip('/')}/{deployment}"
+    return default_dir
 
 
 if __name__ == "__main__":
