@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import UTC, datetime
 
 import click
 
-from mlflow_deploy_plugin.state import StateStore
+from mlflow_deploy_plugin.state import StateStore, capture_root
 
 
 def _spec_or_exit(store: StateStore, name: str) -> dict:
@@ -54,7 +55,6 @@ def capture() -> None:
 def capture_show(name: str, since: str, until: str | None, limit: int, output_format: str) -> None:
     """Print the rows NAME captured in a time window."""
     from mlflow_deploy_plugin.serving.capture import read_capture
-    from mlflow_deploy_plugin.serving.worker import capture_root
 
     store = StateStore()
     spec = _spec_or_exit(store, name)
@@ -74,6 +74,79 @@ def capture_show(name: str, since: str, until: str | None, limit: int, output_fo
 
         with pd.option_context("display.max_columns", 12, "display.width", 160):
             click.echo(shown.to_string(index=False))
+
+
+@cli.group()
+def drift() -> None:
+    """Evidently drift reports of captured traffic, logged to MLflow."""
+
+
+@drift.command("report")
+@click.argument("name")
+@click.option("--since", default="24h", show_default=True, help="Start of the window: 30m, 24h, 7d or ISO time.")
+@click.option("--until", default=None, help="End of the window (default: now).")
+def drift_report(name: str, since: str, until: str | None) -> None:
+    """Compare NAME's captured inputs and predictions in a window with its version's reference data.
+
+    Logs an MLflow run (HTML report, JSON summary, per-column scores) and tags the served model
+    version with the verdict.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
+
+    store = StateStore()
+    _spec_or_exit(store, name)
+    start = _when(since, None, "--since")
+    end = _when(until, None, "--until")
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
+
+    try:
+        outcome = run_deployment_drift(name, start, end, store=store, progress=progress)
+    except MlflowException as exc:
+        raise click.ClickException(exc.message) from None
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(outcome.run_id)
+    click.echo(f"drift.status={outcome.status} rows={outcome.rows_current} "
+               f"drift_share={run.data.metrics.get('drift_share', float('nan')):.3f}")
+    click.echo(f"run: {outcome.run_id} (experiment {outcome.experiment_id}); artifacts: "
+               f"{run.info.artifact_uri}/drift_report.html")
+
+
+@drift.command("schedule")
+@click.option("--name", "names", multiple=True, help="Only these deployments (default: every scheduled one).")
+@click.option("--once", is_flag=True, help="Run what is due now, wait for it, and exit.")
+def drift_schedule(names: tuple[str, ...], once: bool) -> None:
+    """Run every deployment's scheduled drift reports (-C drift_schedule) in this foreground process.
+
+    For systemd, cron or Kubernetes users who prefer one scheduler process. Runs never overlap
+    with the deployments' own agents: both take the same per-deployment lock.
+    """
+    import logging
+    import signal
+    import threading
+
+    from mlflow_deploy_plugin.monitoring.schedule import DriftScheduler, wait_for_runs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    scheduler = DriftScheduler(StateStore(), list(names) or None)
+    scheduled = scheduler.scheduled()
+    if not scheduled:
+        raise click.ClickException("No deployment has -C drift_schedule set.")
+    for name, cron in scheduled.items():
+        click.echo(f"{name}: {cron}", err=True)
+    if once:
+        scheduler.tick()
+        wait_for_runs(scheduler, timeout_s=3600)
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    scheduler.run_forever(stop)
 
 
 @cli.command("history")

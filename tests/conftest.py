@@ -92,7 +92,7 @@ def _kill_everything_under(home: Path) -> None:
             status = json.loads(status_file.read_text())
         except (OSError, ValueError):
             continue
-        for pid in [status.get("pid"), *(status.get("worker_pids") or [])]:
+        for pid in [status.get("pid"), status.get("agent_pid"), *(status.get("worker_pids") or [])]:
             if pid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)

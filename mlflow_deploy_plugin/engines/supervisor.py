@@ -151,6 +151,8 @@ class Supervisor:
         self.ever_ready = False
         self._last_status: dict[str, Any] | None = None
         self._handled: set[str] = set()
+        self.agent: subprocess.Popen | None = None
+        self.agent_restart_at = 0.0
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -185,6 +187,24 @@ class Supervisor:
         worker_spec = dict(spec, models_dir=str(self.paths.models), capture_dir=str(self.paths.capture))
         write_json_atomic(spec_file, worker_spec)
         return Generation(number, spec, sock, spec_file)
+
+    def _keep_agent(self) -> None:
+        """Run the background agent while the current spec needs one; restart it if it dies."""
+        from mlflow_deploy_plugin.agent import needs_agent
+
+        wanted = self.current is not None and needs_agent(self.current.spec)
+        alive = self.agent is not None and self.agent.poll() is None
+        if alive and not wanted:
+            self.agent.terminate()
+            self.agent = None
+        elif wanted and not alive and time.monotonic() >= self.agent_restart_at:
+            if self.agent is not None:
+                _logger.warning("Agent exited with %s; restarting it", self.agent.returncode)
+            self.agent_restart_at = time.monotonic() + 5.0
+            with open(self.paths.logs / "agent.log", "ab") as log:
+                self.agent = subprocess.Popen(
+                    [sys.executable, "-m", "mlflow_deploy_plugin.agent", str(self.paths.root)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def _workers_of(self, generation: Generation | None) -> list[Worker]:
         if generation is None:
@@ -239,6 +259,8 @@ class Supervisor:
         self._advance_update()
         self._handle_requests()
         self._refresh_state()
+        if self.ever_ready:
+            self._keep_agent()
         self._write_status()
 
     def _reap(self) -> None:
@@ -403,6 +425,7 @@ class Supervisor:
             "started_at": self.started_at,
             "last_error": self.last_error,
             "updating": self.pending is not None,
+            "agent_pid": self.agent.pid if self.agent is not None and self.agent.poll() is None else None,
         }
 
     def _write_status(self) -> None:
@@ -417,6 +440,8 @@ class Supervisor:
             self._fail_update("deployment is stopping")
         everyone = list(self.workers.values())
         self._drain(everyone)
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.terminate()
         grace = float((self.current.spec["config"].get("timeout_s") if self.current else 60) or 60) + 10
         deadline = time.monotonic() + grace
         while any(w.popen.poll() is None for w in everyone) and time.monotonic() < deadline:
@@ -427,6 +452,12 @@ class Supervisor:
                 worker.popen.kill()
                 worker.popen.wait()
         self.workers.clear()
+        if self.agent is not None:
+            try:
+                self.agent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
         if not failed:
             self.state = STATUS_STOPPED
         self._write_status()

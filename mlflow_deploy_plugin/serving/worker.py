@@ -129,6 +129,7 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
     capture = None
     if config.capture:
         from mlflow_deploy_plugin.serving.capture import CaptureWriter
+        from mlflow_deploy_plugin.state import capture_root
 
         dropped = metrics.capture_dropped.labels(spec["name"])
         capture = CaptureWriter(
@@ -151,12 +152,6 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
 
     return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started), capture
 
-
-def capture_root(deployment: str, capture_uri: str | None, default_dir: str) -> str:
-    """Where a deployment's captured traffic lives: its own folder, or ``capture_uri/<name>``."""
-    if capture_uri:
-        return f"{capture_uri.rstrip('/')}/{deployment}"
-    return default_dir
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The lifecycle path: follow the registry, policies, webhooks, transitions."""

@@ -1,0 +1,389 @@
+"""The drift job: one window of captured traffic vs the reference data -> an MLflow run + version tags.
+
+Steps (each announced through ``progress``): select the captured rows to judge, compute exact
+verdicts on all of them (:func:`.drift_stats.compute_drift`), render the Evidently HTML from a
+sample (:func:`.evidently_report.render_evidently_report`), log the run and tag the model version.
+
+The run (experiment ``drift/<deployment>`` by default) holds:
+
+* params ``deployment, model_name, model_version, window_start, window_end, rows_current,
+  rows_reference, reference_source, methods`` (+ ``alpha, drift_share_threshold, min_rows,
+  evidently_sample_rows``);
+* metrics ``drift_share``, ``drifted_columns``, ``dataset_drifted`` (0/1), ``rows_current``,
+  ``rows_reference``, one ``drift_score.<column>`` per tested column (its p-value or distance) and
+  ``prediction_drift_score`` when prediction drift was checked, all stamped with the window end so
+  charts over runs follow the data's time;
+* artifacts ``drift_report.html`` (Evidently) and ``drift_summary.json``;
+* tags ``drift.status`` and, if it failed, ``drift.error``.
+
+The model version gets ``drift.status`` (``ok``, ``drifted``, ``insufficient_data``), ``drift.share``
+(removed when there was no verdict, so a stale share never survives), ``drift.report_run_id`` and
+``drift.checked_at`` (ISO 8601 UTC). A failing job ends its run FAILED and leaves the version tags
+untouched: an error is not a verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from .drift_stats import ColumnMethod, DriftResult, compute_drift, methods_to_spec, parse_methods
+from .evidently_report import DEFAULT_SAMPLE_ROWS, render_evidently_report, render_fallback_html
+
+_log = logging.getLogger(__name__)
+
+# Mirrors serving.capture.META_COLUMNS / PREDICTION_PREFIX (the capture layout shared with serving).
+META_COLUMNS: tuple[str, ...] = (
+    "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row",
+)
+PREDICTION_PREFIX = "_prediction"
+HTML_ARTIFACT = "drift_report.html"
+SUMMARY_ARTIFACT = "drift_summary.json"
+
+DriftStatus = Literal["ok", "drifted", "insufficient_data"]
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """How a deployment's drift is judged.
+
+    ``min_rows`` defaults to 200: below that the tests have little power (KS at n=200 only detects
+    ECDF gaps above ~0.1; a chi-square cell needs a category share of >= 2.5 % to expect 5 rows), so
+    a verdict would be mostly noise: the job reports ``insufficient_data`` instead of a false alarm
+    or a false all-clear. ``evidently_sample_rows`` bounds what Evidently sees (20k rows keep it at a
+    few seconds and ~200 MB; its cost is linear in rows).
+    """
+
+    min_rows: int = 200
+    methods: Mapping[str, ColumnMethod] = field(default_factory=dict)
+    num_method: str = "ks"
+    cat_method: str = "chi2"
+    alpha: float = 0.05
+    drift_share_threshold: float = 0.5
+    evidently_sample_rows: int = DEFAULT_SAMPLE_ROWS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {self.min_rows!r}.")
+        if self.evidently_sample_rows < 1:
+            raise ValueError(f"evidently_sample_rows must be >= 1, got {self.evidently_sample_rows!r}.")
+        # Validate eagerly so a bad -C value fails at configuration time, not in a scheduled job.
+        object.__setattr__(self, "methods", parse_methods(dict(self.methods)))
+        parse_methods({"<numeric default>": self.num_method, "<categorical default>": self.cat_method})
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> DriftSettings:
+        """Settings from a deployment config (``drift_min_rows``, ``drift_methods``; absent keys keep
+        their defaults) with keyword overrides."""
+        values: dict[str, Any] = {}
+        if getattr(config, "drift_min_rows", None) is not None:
+            values["min_rows"] = int(config.drift_min_rows)
+        if getattr(config, "drift_methods", None):
+            values["methods"] = parse_methods(config.drift_methods)
+        values.update(overrides)
+        return cls(**values)
+
+    def methods_description(self) -> str:
+        """Compact text of the methods in force, e.g. ``num=ks,cat=chi2,alpha=0.05; age=psi:0.2``."""
+        text = f"num={self.num_method},cat={self.cat_method},alpha={self.alpha:g}"
+        if self.methods:
+            text += "; " + methods_to_spec(self.methods)
+        return text
+
+
+@dataclass
+class DriftOutcome:
+    """What one drift job found and where it logged it."""
+
+    status: DriftStatus
+    run_id: str
+    experiment_id: str
+    rows_current: int
+    rows_reference: int
+    checked_at: datetime
+    result: DriftResult | None
+    prediction_drift: DriftResult | None
+    summary: dict[str, Any]
+
+
+def _iso(moment: datetime) -> str:
+    return _utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_.\- ]")
+
+
+def metric_names(columns: list[str], prefix: str = "drift_score.") -> dict[str, str]:
+    """Column -> metric name made of MLflow-safe characters (others become ``_``), unique."""
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for column in columns:
+        base = (prefix + _BAD_METRIC_CHARS.sub("_", column))[:240].rstrip() or prefix.rstrip(".")
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names[column] = name
+    return names
+
+
+def _ensure_experiment(client: mlflow.MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:  # created concurrently by another job
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise exc from None
+        return experiment.experiment_id
+
+
+def select_current(captured: pd.DataFrame, model_version: str, window_start: datetime | None = None,
+                   window_end: datetime | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Captured rows to judge: ``_status == 200``, served by ``model_version``, inside the window.
+
+    Returns the rows and counts of what was excluded and why.
+    """
+    counts = {"captured": len(captured)}
+    keep = np.ones(len(captured), dtype=bool)
+    if "_status" in captured.columns:
+        ok = (pd.to_numeric(captured["_status"], errors="coerce") == 200).to_numpy()
+        counts["excluded_status"] = int((keep & ~ok).sum())
+        keep &= ok
+    if "_model_version" in captured.columns:
+        same = (captured["_model_version"].astype(str) == str(model_version)).to_numpy()
+        counts["excluded_other_versions"] = int((keep & ~same).sum())
+        keep &= same
+    if "_timestamp" in captured.columns and (window_start is not None or window_end is not None):
+        stamps = pd.to_datetime(captured["_timestamp"], utc=True)
+        inside = np.ones(len(captured), dtype=bool)
+        if window_start is not None:
+            inside &= (stamps >= pd.Timestamp(_utc(window_start))).to_numpy()
+        if window_end is not None:
+            inside &= (stamps < pd.Timestamp(_utc(window_end))).to_numpy()
+        counts["excluded_outside_window"] = int((keep & ~inside).sum())
+        keep &= inside
+    current = captured[keep] if not keep.all() else captured
+    counts["current"] = len(current)
+    return current.reset_index(drop=True), counts
+
+
+def _prediction_drift(current: pd.DataFrame, reference_predictions: pd.Series | pd.DataFrame | None,
+                      settings: DriftSettings) -> tuple[DriftResult | None, dict[str, Any]]:
+    if reference_predictions is None:
+        return None, {"skipped": "no reference predictions given (the model's predictions on the "
+                                 "reference data are needed to compare outputs)"}
+    if isinstance(reference_predictions, pd.Series):
+        pairs = {"prediction": ("_prediction", reference_predictions)}
+    else:
+        pairs = {str(col): (f"{PREDICTION_PREFIX}_{col}", reference_predictions[col])
+                 for col in reference_predictions.columns}
+    missing = [cap for cap, _ in pairs.values() if cap not in current.columns]
+    if missing:
+        return None, {"skipped": f"captured rows have no {missing} column(s) to compare"}
+    ref = pd.DataFrame({name: series.reset_index(drop=True) for name, (_, series) in pairs.items()})
+    cur = pd.DataFrame({name: current[cap].reset_index(drop=True) for name, (cap, _) in pairs.items()})
+    result = compute_drift(ref, cur, num_method=settings.num_method, cat_method=settings.cat_method,
+                           alpha=settings.alpha, drift_share_threshold=settings.drift_share_threshold)
+    return result, result.to_dict()
+
+
+def run_drift_report(
+    *,
+    deployment: str,
+    model_name: str,
+    model_version: str,
+    captured: pd.DataFrame,
+    reference: pd.DataFrame,
+    reference_source: str,
+    window_start: datetime,
+    window_end: datetime,
+    settings: DriftSettings | None = None,
+    client: mlflow.MlflowClient | None = None,
+    experiment_name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    reference_predictions: pd.Series | pd.DataFrame | None = None,
+) -> DriftOutcome:
+    """Judge one window of captured traffic against the reference data and log the result.
+
+    Args:
+        deployment: Deployment name (names the default experiment ``drift/<deployment>``).
+        model_name: Registered model name; its version ``model_version`` is tagged.
+        model_version: The served version; captured rows of other versions are ignored.
+        captured: Capture table read back from Parquet (meta columns, inputs, ``_prediction*``).
+        reference: Reference features (see :func:`.reference.resolve_reference_data`); its columns
+            are the ones compared.
+        reference_source: Where the reference came from (logged as a param).
+        window_start: Start of the captured window (inclusive; naive means UTC).
+        window_end: End of the window (exclusive).
+        settings: Methods, thresholds, minimum rows, Evidently sample size.
+        client: Tracking/registry client (default: ``MlflowClient()``).
+        experiment_name: Experiment of the run (created if missing).
+        progress: Called with a short message at each step.
+        reference_predictions: The model's predictions on ``reference`` (Series for ``_prediction``,
+            DataFrame for ``_prediction_<col>``); without them prediction drift is skipped.
+
+    Raises:
+        Whatever failed; the run is then ended FAILED with a ``drift.error`` tag.
+    """
+    settings = settings or DriftSettings()
+    client = client or mlflow.MlflowClient()
+    say = progress or (lambda _msg: None)
+    model_version = str(model_version)
+    checked_at = datetime.now(UTC)
+    window = {"start": _iso(window_start), "end": _iso(window_end)}
+
+    say(f"reading {len(captured):,} captured rows of deployment {deployment!r}")
+    current, row_counts = select_current(captured, model_version, window_start, window_end)
+    feature_columns = [c for c in reference.columns if c in current.columns]
+    rows_current, rows_reference = len(current), len(reference)
+
+    experiment_id = _ensure_experiment(client, experiment_name or f"drift/{deployment}")
+    run_name = f"drift-{deployment}-v{model_version}-{_utc(window_end):%Y%m%dT%H%M%SZ}"
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        "drift.deployment": deployment, "drift.model_name": model_name, "drift.model_version": model_version,
+    })
+    run_id = run.info.run_id
+    try:
+        params = {
+            "deployment": deployment, "model_name": model_name, "model_version": model_version,
+            "window_start": window["start"], "window_end": window["end"],
+            "rows_current": str(rows_current), "rows_reference": str(rows_reference),
+            "reference_source": reference_source, "methods": settings.methods_description(),
+            "alpha": f"{settings.alpha:g}", "drift_share_threshold": f"{settings.drift_share_threshold:g}",
+            "min_rows": str(settings.min_rows), "evidently_sample_rows": str(settings.evidently_sample_rows),
+        }
+        client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()])
+        stamp = int(_utc(window_end).timestamp() * 1000)
+        summary: dict[str, Any] = {
+            "deployment": deployment, "model_name": model_name, "model_version": model_version,
+            "window": window, "checked_at": _iso(checked_at), "reference_source": reference_source,
+            "rows": {**row_counts, "reference": rows_reference, "compared_columns": len(feature_columns)},
+            "settings": {"min_rows": settings.min_rows, "alpha": settings.alpha,
+                         "drift_share_threshold": settings.drift_share_threshold,
+                         "num_method": settings.num_method, "cat_method": settings.cat_method,
+                         "methods": {c: str(m) for c, m in settings.methods.items()},
+                         "evidently_sample_rows": settings.evidently_sample_rows},
+        }
+
+        result: DriftResult | None = None
+        prediction: DriftResult | None = None
+        with tempfile.TemporaryDirectory(prefix="mlflow-deploy-drift-") as tmp:
+            if rows_current < settings.min_rows:
+                status: DriftStatus = "insufficient_data"
+                say(f"only {rows_current:,} usable rows (< min_rows={settings.min_rows}): no verdict")
+                summary.update(status=status, reason=f"{rows_current} rows < min_rows {settings.min_rows}")
+                metrics = {"rows_current": rows_current, "rows_reference": rows_reference}
+            else:
+                say(f"computing drift on {rows_current:,} current x {rows_reference:,} reference rows, "
+                    f"{len(feature_columns)} columns")
+                started = time.perf_counter()
+                result = compute_drift(
+                    reference, current[feature_columns], methods=settings.methods,
+                    num_method=settings.num_method, cat_method=settings.cat_method, alpha=settings.alpha,
+                    drift_share_threshold=settings.drift_share_threshold,
+                )
+                compute_s = time.perf_counter() - started
+                prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings)
+                status = "drifted" if result.dataset_drifted else "ok"
+                summary.update(status=status, dataset={
+                    "drift_share": result.drift_share, "n_drifted": result.n_drifted,
+                    "n_tested": result.n_tested, "dataset_drifted": result.dataset_drifted,
+                    "drifted_columns": result.drifted_columns,
+                    "missing_in_current": result.missing_in_current,
+                    "rows_compared": {"reference": rows_reference, "current": rows_current},
+                    "compute_seconds": round(compute_s, 3),
+                }, columns=result.to_dict()["columns"], prediction_drift=prediction_summary)
+
+                html_path = Path(tmp) / HTML_ARTIFACT
+                rows_seen = min(settings.evidently_sample_rows, max(rows_current, rows_reference))
+                say(f"rendering the Evidently report from up to {rows_seen:,} rows per dataset")
+                try:
+                    evidently_info = render_evidently_report(
+                        reference, current[feature_columns], result, str(html_path),
+                        sample_rows=settings.evidently_sample_rows, seed=settings.seed)
+                except Exception as exc:
+                    # The verdicts are exact and independent of Evidently: keep them, say what broke.
+                    _log.exception("Evidently failed to render the drift report")
+                    render_fallback_html(result, html_path, f"{type(exc).__name__}: {exc}")
+                    evidently_info = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    client.set_tag(run_id, "drift.report_error", evidently_info["error"][:MAX_TAG_VAL_LENGTH])
+                summary["evidently"] = evidently_info
+                names = metric_names([c.name for c in result.columns if c.score is not None])
+                metrics = {
+                    "drift_share": result.drift_share, "drifted_columns": result.n_drifted,
+                    "dataset_drifted": int(result.dataset_drifted),
+                    "rows_current": rows_current, "rows_reference": rows_reference,
+                    **{names[c.name]: c.score for c in result.columns if c.score is not None},
+                }
+                if prediction is not None:
+                    pred_names = metric_names([c.name for c in prediction.columns if c.score is not None],
+                                              prefix="prediction_drift_score.")
+                    for col in prediction.columns:
+                        if col.score is not None:
+                            key = ("prediction_drift_score" if col.name == "prediction"
+                                   else pred_names[col.name])
+                            metrics[key] = col.score
+
+            say("logging the drift report to MLflow")
+            entries = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+            for i in range(0, len(entries), MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=entries[i:i + MAX_METRICS_PER_BATCH])
+            summary_path = Path(tmp) / SUMMARY_ARTIFACT
+            summary_path.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
+            client.log_artifact(run_id, str(summary_path))
+            if result is not None:
+                client.log_artifact(run_id, str(Path(tmp) / HTML_ARTIFACT))
+
+        client.set_tag(run_id, "drift.status", status)
+        _tag_version(client, model_name, model_version, status, result, run_id, checked_at)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        try:
+            client.set_tag(run_id, "drift.error", f"{type(exc).__name__}: {exc}"[:MAX_TAG_VAL_LENGTH])
+            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception:  # never hide the original error behind a logging failure
+            _log.exception("Could not mark drift run %s as failed", run_id)
+        raise
+    say(f"done: {status} (run {run_id})")
+    return DriftOutcome(status=status, run_id=run_id, experiment_id=experiment_id, rows_current=rows_current,
+                        rows_reference=rows_reference, checked_at=checked_at, result=result,
+                        prediction_drift=prediction, summary=summary)
+
+
+def _tag_version(client: mlflow.MlflowClient, model_name: str, model_version: str, status: DriftStatus,
+                 result: DriftResult | None, run_id: str, checked_at: datetime) -> None:
+    client.set_model_version_tag(model_name, model_version, "drift.status", status)
+    if result is not None:
+        client.set_model_version_tag(model_name, model_version, "drift.share", f"{result.drift_share:.4f}")
+    else:
+        # No verdict: a share from an earlier check must not pass for this one.
+        with contextlib.suppress(MlflowException):
+            client.delete_model_version_tag(model_name, model_version, "drift.share")
+    client.set_model_version_tag(model_name, model_version, "drift.report_run_id", run_id)
+    client.set_model_version_tag(model_name, model_version, "drift.checked_at", _iso(checked_at))

@@ -1,0 +1,161 @@
+"""Scheduled drift reports (``-C drift_schedule="*/30 * * * *"``; a sixth field adds seconds).
+
+Each deployment keeps ``drift_schedule.json`` in its folder: the end of the last window judged.
+A run covers [last end, now), so after downtime a single catch-up run covers everything missed
+instead of one run per missed tick. A per-deployment file lock keeps runs from overlapping, also
+between the deployment's own agent and a separate `mlflow-deploy drift schedule` process. A failed
+run is recorded in MLflow (status FAILED, with the error) and leaves the window start where it
+was, so the next tick covers that data again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from croniter import croniter
+
+from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
+
+_logger = logging.getLogger(__name__)
+DriftJob = Callable[[str, datetime, datetime], Any]
+
+
+def next_tick(cron: str, after: datetime) -> datetime:
+    """The first time strictly after ``after`` that ``cron`` fires (UTC)."""
+    return croniter(cron, after).get_next(datetime).astimezone(UTC)
+
+
+def previous_tick(cron: str, before: datetime) -> datetime:
+    """The last time at or before ``before`` that ``cron`` fired (UTC)."""
+    return croniter(cron, before + timedelta(microseconds=1)).get_prev(datetime).astimezone(UTC)
+
+
+def _record_failed_run(name: str, experiment: str | None, since: datetime, until: datetime, error: str) -> None:
+    """Make a failure visible in MLflow even when it happened before the job opened its run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_name = experiment or f"drift/{name}"
+    found = client.get_experiment_by_name(experiment_name)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name=f"drift {name} (failed)",
+                            tags={"deployment": name, "drift.error": error[:4000]})
+    client.log_param(run.info.run_id, "window_start", since.isoformat())
+    client.log_param(run.info.run_id, "window_end", until.isoformat())
+    client.set_terminated(run.info.run_id, status="FAILED")
+
+
+class DriftScheduler:
+    """Runs due drift reports for a set of deployments (all scheduled ones when ``names`` is None)."""
+
+    def __init__(self, store: StateStore, names: Iterable[str] | None = None, job: DriftJob | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.store = store
+        self.names = list(names) if names is not None else None
+        self.job = job or self._default_job
+        self.clock = clock
+        self._running: dict[str, threading.Thread] = {}
+        self.completed: list[tuple[str, str]] = []  # (deployment, "ok"|"failed: ...") for tests and logs
+
+    def _default_job(self, name: str, since: datetime, until: datetime) -> Any:
+        from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
+
+        return run_deployment_drift(name, since, until, store=self.store,
+                                    progress=lambda message: _logger.info("[%s] %s", name, message))
+
+    def scheduled(self) -> dict[str, str]:
+        """Deployment name -> cron expression, for the deployments this scheduler covers."""
+        result = {}
+        for name in self.names if self.names is not None else self.store.names():
+            spec = self.store.read_spec(name) or {}
+            cron = (spec.get("config") or {}).get("drift_schedule")
+            if cron:
+                result[name] = cron
+        return result
+
+    def _state(self, name: str) -> dict[str, Any]:
+        return read_json(self.store.paths(name).root / "drift_schedule.json") or {}
+
+    def due(self, name: str, cron: str, now: datetime) -> bool:
+        """Whether a tick of ``cron`` has passed since the last window ended (or since creation)."""
+        state = self._state(name)
+        anchor = state.get("last_end") or state.get("first_seen")
+        if anchor is None:
+            # First sight: start counting from now; the first run covers one schedule interval.
+            write_json_atomic(self.store.paths(name).root / "drift_schedule.json", {"first_seen": now.isoformat()})
+            return False
+        return next_tick(cron, datetime.fromisoformat(anchor)) <= now
+
+    def tick(self) -> list[str]:
+        """Start the runs that are due; returns the names started."""
+        started = []
+        now = self.clock()
+        for name, thread in list(self._running.items()):
+            if not thread.is_alive():
+                del self._running[name]
+        for name, cron in self.scheduled().items():
+            if name in self._running or not self.due(name, cron, now):
+                continue
+            thread = threading.Thread(target=self._run, args=(name, cron), name=f"drift-{name}", daemon=True)
+            self._running[name] = thread
+            thread.start()
+            started.append(name)
+        return started
+
+    def _run(self, name: str, cron: str) -> None:
+        paths = self.store.paths(name)
+        with open(paths.root / "drift.lock", "a") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process is running this deployment's report right now
+            state = self._state(name)
+            until = self.clock()
+            anchor = state.get("last_end") or state.get("first_seen")
+            since = datetime.fromisoformat(anchor) if anchor else previous_tick(cron, until)
+            spec = self.store.read_spec(name) or {}
+            try:
+                outcome = self.job(name, since, until)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                _logger.error("Scheduled drift report of %s failed: %s\n%s", name, error, traceback.format_exc())
+                try:
+                    if not getattr(exc, "run_recorded", False):
+                        _record_failed_run(name, (spec.get("config") or {}).get("drift_experiment"), since, until,
+                                           error)
+                except Exception as record_error:
+                    _logger.error("Could not record the failed run in MLflow: %s", record_error)
+                write_json_atomic(paths.root / "drift_schedule.json",
+                                  dict(state, last_error=error, last_attempt=until.isoformat()))
+                self.completed.append((name, f"failed: {error}"))
+                return
+            write_json_atomic(paths.root / "drift_schedule.json", {
+                "last_end": until.isoformat(), "last_run_id": getattr(outcome, "run_id", None),
+                "last_status": getattr(outcome, "status", None), "last_attempt": until.isoformat(),
+            })
+            self.completed.append((name, "ok"))
+
+    def run_forever(self, stop: threading.Event, interval_s: float = 0.5) -> None:
+        """Tick until ``stop`` is set; then wait for runs in progress to end."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # a broken spec must not stop the other deployments' reports
+                _logger.error("Drift scheduler tick failed: %s", exc)
+            stop.wait(interval_s)
+        for thread in list(self._running.values()):
+            thread.join(timeout=600)
+
+
+def wait_for_runs(scheduler: DriftScheduler, timeout_s: float) -> None:
+    """Block until no run is in progress (used by tests and graceful shutdown)."""
+    deadline = time.monotonic() + timeout_s
+    while any(t.is_alive() for t in scheduler._running.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
