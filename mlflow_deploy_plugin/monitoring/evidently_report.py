@@ -74,10 +74,13 @@ def _register_chi2_homogeneity() -> None:
     _registered = True
 
 
-def _sample(frame: pd.DataFrame, rows: int, seed: int) -> tuple[pd.DataFrame, bool]:
+def _sample(frame: pd.DataFrame, names: list[str], rows: int, seed: int) -> tuple[pd.DataFrame, bool]:
+    """``rows`` random rows of ``frame[names]`` (all if fewer), drawn before selecting columns so a
+    1M-row frame is never copied whole."""
     if len(frame) <= rows:
-        return frame, False
-    return frame.sample(n=rows, random_state=seed), True
+        return frame[names], False
+    positions = np.sort(np.random.default_rng(seed).choice(len(frame), size=rows, replace=False))
+    return frame.iloc[positions][names].reset_index(drop=True), True
 
 
 def _verdict_markdown(result: DriftResult) -> str:
@@ -113,8 +116,8 @@ def render_evidently_report(
     if not tested:
         raise ValueError("no tested column to render: every column was skipped.")
     names = [col.name for col in tested]
-    ref_sample, ref_sampled = _sample(reference[names], sample_rows, seed)
-    cur_sample, cur_sampled = _sample(current[names], sample_rows, seed + 1)
+    ref_sample, ref_sampled = _sample(reference, names, sample_rows, seed)
+    cur_sample, cur_sampled = _sample(current, names, sample_rows, seed + 1)
     sampled = ref_sampled or cur_sampled
     if sampled:
         note = ("verdicts computed exactly on all rows by mlflow-deploy-plugin; the Evidently HTML is "

@@ -16,6 +16,9 @@ The run (experiment ``drift/<deployment>`` by default) holds:
 * artifacts ``drift_report.html`` (Evidently) and ``drift_summary.json``;
 * tags ``drift.status`` and, if it failed, ``drift.error``.
 
+``insufficient_data`` means no verdict: fewer usable rows than ``min_rows``, or no column could be
+tested (e.g. all compared inputs null); such runs carry only row counts and the JSON summary.
+
 The model version gets ``drift.status`` (``ok``, ``drifted``, ``insufficient_data``), ``drift.share``
 (removed when there was no verdict, so a stale share never survives), ``drift.report_run_id`` and
 ``drift.checked_at`` (ISO 8601 UTC). A failing job ends its run FAILED and leaves the version tags
@@ -63,6 +66,8 @@ DriftStatus = Literal["ok", "drifted", "insufficient_data"]
 class DriftSettings:
     """How a deployment's drift is judged.
 
+    ``methods`` accepts whatever :func:`.drift_stats.parse_methods` does (spec string such as
+    ``"age=ks:0.01,city=psi:0.2"``, a YAML/JSON file path, or a mapping) and is stored parsed.
     ``min_rows`` defaults to 200: below that the tests have little power (KS at n=200 only detects
     ECDF gaps above ~0.1; a chi-square cell needs a category share of >= 2.5 % to expect 5 rows), so
     a verdict would be mostly noise: the job reports ``insufficient_data`` instead of a false alarm
@@ -71,7 +76,7 @@ class DriftSettings:
     """
 
     min_rows: int = 200
-    methods: Mapping[str, ColumnMethod] = field(default_factory=dict)
+    methods: Mapping[str, ColumnMethod | str] | str = field(default_factory=dict)
     num_method: str = "ks"
     cat_method: str = "chi2"
     alpha: float = 0.05
@@ -85,7 +90,8 @@ class DriftSettings:
         if self.evidently_sample_rows < 1:
             raise ValueError(f"evidently_sample_rows must be >= 1, got {self.evidently_sample_rows!r}.")
         # Validate eagerly so a bad -C value fails at configuration time, not in a scheduled job.
-        object.__setattr__(self, "methods", parse_methods(dict(self.methods)))
+        methods = self.methods if isinstance(self.methods, str) else dict(self.methods)
+        object.__setattr__(self, "methods", parse_methods(methods))
         parse_methods({"<numeric default>": self.num_method, "<categorical default>": self.cat_method})
 
     @classmethod
@@ -96,7 +102,7 @@ class DriftSettings:
         if getattr(config, "drift_min_rows", None) is not None:
             values["min_rows"] = int(config.drift_min_rows)
         if getattr(config, "drift_methods", None):
-            values["methods"] = parse_methods(config.drift_methods)
+            values["methods"] = config.drift_methods  # spec string, YAML/JSON path or mapping
         values.update(overrides)
         return cls(**values)
 
@@ -188,9 +194,11 @@ def select_current(captured: pd.DataFrame, model_version: str, window_start: dat
             inside &= (stamps < pd.Timestamp(_utc(window_end))).to_numpy()
         counts["excluded_outside_window"] = int((keep & ~inside).sum())
         keep &= inside
-    current = captured[keep] if not keep.all() else captured
+    # No copy when every row qualifies (1M rows x 25 columns is ~200 MB); columns are not selected
+    # here for the same reason: compute_drift only reads the reference's columns from it.
+    current = captured if keep.all() else captured[keep]
     counts["current"] = len(current)
-    return current.reset_index(drop=True), counts
+    return current, counts
 
 
 def _prediction_drift(current: pd.DataFrame, reference_predictions: pd.Series | pd.DataFrame | None,
@@ -300,17 +308,26 @@ def run_drift_report(
                 summary.update(status=status, reason=f"{rows_current} rows < min_rows {settings.min_rows}")
                 metrics = {"rows_current": rows_current, "rows_reference": rows_reference}
             else:
+                if not feature_columns:
+                    raise ValueError(
+                        f"the captured rows have none of the reference columns "
+                        f"{[str(c) for c in reference.columns][:20]}; captured columns: "
+                        f"{[str(c) for c in current.columns if c not in META_COLUMNS][:20]}")
                 say(f"computing drift on {rows_current:,} current x {rows_reference:,} reference rows, "
                     f"{len(feature_columns)} columns")
                 started = time.perf_counter()
-                result = compute_drift(
-                    reference, current[feature_columns], methods=settings.methods,
+                result = compute_drift(  # reads the reference's columns of `current`, no copy
+                    reference, current, methods=settings.methods,
                     num_method=settings.num_method, cat_method=settings.cat_method, alpha=settings.alpha,
                     drift_share_threshold=settings.drift_share_threshold,
                 )
                 compute_s = time.perf_counter() - started
                 prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings)
                 status = "drifted" if result.dataset_drifted else "ok"
+                if result.n_tested == 0:  # e.g. every compared input is null in this window
+                    status = "insufficient_data"
+                    summary["reason"] = "no column could be tested: " + "; ".join(
+                        f"{c.name}: {c.skipped_reason}" for c in result.columns)[:2000]
                 summary.update(status=status, dataset={
                     "drift_share": result.drift_share, "n_drifted": result.n_drifted,
                     "n_tested": result.n_tested, "dataset_drifted": result.dataset_drifted,
@@ -321,26 +338,32 @@ def run_drift_report(
                 }, columns=result.to_dict()["columns"], prediction_drift=prediction_summary)
 
                 html_path = Path(tmp) / HTML_ARTIFACT
-                rows_seen = min(settings.evidently_sample_rows, max(rows_current, rows_reference))
-                say(f"rendering the Evidently report from up to {rows_seen:,} rows per dataset")
-                try:
-                    evidently_info = render_evidently_report(
-                        reference, current[feature_columns], result, str(html_path),
-                        sample_rows=settings.evidently_sample_rows, seed=settings.seed)
-                except Exception as exc:
-                    # The verdicts are exact and independent of Evidently: keep them, say what broke.
-                    _log.exception("Evidently failed to render the drift report")
-                    render_fallback_html(result, html_path, f"{type(exc).__name__}: {exc}")
-                    evidently_info = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-                    client.set_tag(run_id, "drift.report_error", evidently_info["error"][:MAX_TAG_VAL_LENGTH])
+                if result.n_tested == 0:
+                    render_fallback_html(result, html_path, "no column could be tested")
+                    evidently_info: dict[str, Any] = {"skipped": "no column could be tested"}
+                else:
+                    rows_seen = min(settings.evidently_sample_rows, max(rows_current, rows_reference))
+                    say(f"rendering the Evidently report from up to {rows_seen:,} rows per dataset")
+                    try:
+                        evidently_info = render_evidently_report(
+                            reference, current, result, str(html_path),
+                            sample_rows=settings.evidently_sample_rows, seed=settings.seed)
+                    except Exception as exc:
+                        # The verdicts are exact and independent of Evidently: keep them, say what broke.
+                        _log.exception("Evidently failed to render the drift report")
+                        error = f"{type(exc).__name__}: {exc}"
+                        render_fallback_html(result, html_path, error)
+                        evidently_info = {"error": error[:2000]}
+                        client.set_tag(run_id, "drift.report_error", error[:MAX_TAG_VAL_LENGTH])
                 summary["evidently"] = evidently_info
-                names = metric_names([c.name for c in result.columns if c.score is not None])
-                metrics = {
-                    "drift_share": result.drift_share, "drifted_columns": result.n_drifted,
-                    "dataset_drifted": int(result.dataset_drifted),
-                    "rows_current": rows_current, "rows_reference": rows_reference,
-                    **{names[c.name]: c.score for c in result.columns if c.score is not None},
-                }
+                metrics = {"rows_current": rows_current, "rows_reference": rows_reference}
+                if result.n_tested:  # no verdict, no drift figures (a 0 share would read as "no drift")
+                    names = metric_names([c.name for c in result.columns if c.score is not None])
+                    metrics.update({
+                        "drift_share": result.drift_share, "drifted_columns": result.n_drifted,
+                        "dataset_drifted": int(result.dataset_drifted),
+                        **{names[c.name]: c.score for c in result.columns if c.score is not None},
+                    })
                 if prediction is not None:
                     pred_names = metric_names([c.name for c in prediction.columns if c.score is not None],
                                               prefix="prediction_drift_score.")
@@ -361,7 +384,8 @@ def run_drift_report(
                 client.log_artifact(run_id, str(Path(tmp) / HTML_ARTIFACT))
 
         client.set_tag(run_id, "drift.status", status)
-        _tag_version(client, model_name, model_version, status, result, run_id, checked_at)
+        share = result.drift_share if result is not None and status != "insufficient_data" else None
+        _tag_version(client, model_name, model_version, status, share, run_id, checked_at)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         try:
@@ -377,10 +401,10 @@ def run_drift_report(
 
 
 def _tag_version(client: mlflow.MlflowClient, model_name: str, model_version: str, status: DriftStatus,
-                 result: DriftResult | None, run_id: str, checked_at: datetime) -> None:
+                 share: float | None, run_id: str, checked_at: datetime) -> None:
     client.set_model_version_tag(model_name, model_version, "drift.status", status)
-    if result is not None:
-        client.set_model_version_tag(model_name, model_version, "drift.share", f"{result.drift_share:.4f}")
+    if share is not None:
+        client.set_model_version_tag(model_name, model_version, "drift.share", f"{share:.4f}")
     else:
         # No verdict: a share from an earlier check must not pass for this one.
         with contextlib.suppress(MlflowException):

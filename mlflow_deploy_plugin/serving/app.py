@@ -6,10 +6,12 @@ The same app runs under the local engine's uvicorn workers and, later, as a Ray 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hmac
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +32,7 @@ from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.protocol import (
     ServingError,
+    fast_path_columns,
     parse_request,
     prediction_error,
     predictions_body,
@@ -150,37 +153,86 @@ def _row_count(data: Any) -> int:
         return 1
 
 
+@dataclass
+class _Route:
+    """One served version: its slot, predictor, share of traffic and metric children."""
+
+    slot: ModelSlot
+    weight: float
+    predictor: BatchingPredictor
+    fast_columns: frozenset[str] | None
+    latency: Any
+    rows: Any
+
+
 def build_app(
     settings: AppSettings,
-    slot: ModelSlot,
+    slots: ModelSlot | list[tuple[ModelSlot, float]],
     *,
     state: ServiceState | None = None,
     metrics: ServingMetrics | None = None,
     on_answer: Callable[[Answer], None] | None = None,
+    rng: random.Random | None = None,
 ) -> ASGIApp:
-    """Build the ASGI app serving ``slot``. ``on_answer`` sees every /invocations answer."""
+    """Build the ASGI app serving one slot, or several with weights (a canary split).
+
+    Each request goes to a slot drawn by weight, or to the version named in an
+    ``X-Model-Version`` request header. ``on_answer`` sees every /invocations answer.
+    """
     state = state or ServiceState()
     metrics = metrics or ServingMetrics()
-    identity = slot.identity
+    weighted = [(slots, 100.0)] if isinstance(slots, ModelSlot) else list(slots)
+    if not weighted or any(weight < 0 for _, weight in weighted) or sum(w for _, w in weighted) <= 0:
+        raise ValueError("build_app needs at least one slot and positive weights")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
     parse_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
-    predictor = BatchingPredictor(slot, executor, settings.max_batch_rows)
     deployment = settings.deployment
-    version = identity.model_version
-    metrics.model_info.labels(deployment, identity.model_name, version, identity.model_uri).set(1)
+    batch_rows = metrics.batch_rows.labels(deployment)
+    routes = []
+    for slot, weight in weighted:
+        identity = slot.identity
+        version = identity.model_version
+        metrics.model_info.labels(deployment, identity.model_name, version, identity.model_uri).set(1)
+        predictor = BatchingPredictor(slot, executor, settings.max_batch_rows, on_batch=batch_rows.observe)
+        routes.append(_Route(slot, weight, predictor, fast_path_columns(slot.input_schema),
+                             metrics.latency.labels(deployment, version), metrics.rows.labels(deployment, version)))
+    by_version = {route.slot.identity.model_version: route for route in routes}
+    primary = max(routes, key=lambda route: route.weight)
+    total_weight = sum(route.weight for route in routes)
+    cumulative, running = [], 0.0
+    for route in routes:
+        running += route.weight
+        cumulative.append(running)
+    draw = (rng or random.Random()).random
     in_flight = metrics.in_flight.labels(deployment)
-    latency = metrics.latency.labels(deployment, version)
-    rows_predicted = metrics.rows.labels(deployment, version)
+    identity = primary.slot.identity
     version_body = json.dumps({
         "deployment": deployment,
         "model_name": identity.model_name,
-        "model_version": version,
+        "model_version": identity.model_version,
         "model_uri": identity.model_uri,
         "requested_uri": identity.requested_uri,
         "run_id": identity.run_id,
+        "traffic": [{"model_name": r.slot.identity.model_name, "model_version": r.slot.identity.model_version,
+                     "percent": round(100.0 * r.weight / total_weight, 3)} for r in routes],
         "plugin_version": __version__,
         "mlflow_version": mlflow.__version__,
     }).encode()
+    health_body = json.dumps({"status": "ok", "model_version": identity.model_version}).encode()
+
+    def choose(request: Request) -> _Route:
+        wanted = request.headers.get("x-model-version")
+        if wanted is not None:
+            route = by_version.get(wanted)
+            if route is None:
+                raise ServingError(400, "INVALID_PARAMETER_VALUE",
+                                   f"X-Model-Version {wanted!r} is not served here; served: "
+                                   f"{', '.join(by_version)}.")
+            return route
+        if len(routes) == 1:
+            return primary
+        point = draw() * total_weight
+        return routes[bisect.bisect_right(cumulative, point) if point < total_weight else -1]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -204,7 +256,7 @@ def build_app(
     @app.get("/health")
     async def health() -> Response:
         if state.ready and not state.draining:
-            return Response(json.dumps({"status": "ok", "model_version": version}).encode(), media_type=JSON)
+            return Response(health_body, media_type=JSON)
         return _error(503, "TEMPORARILY_UNAVAILABLE", "draining" if state.draining else "model not ready")
 
     @app.get("/version")
@@ -222,17 +274,22 @@ def build_app(
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         in_flight.inc()
         data = predictions = None
+        route = primary
         try:
+            route = choose(request)
+            slot = route.slot
             body = await _read_body(request, settings.max_body_bytes)
             content_type = request.headers.get("content-type")
             if len(body) <= _INLINE_PARSE_BYTES:
-                parsed = parse_request(body, content_type, slot.metadata, slot.input_schema)
+                parsed = parse_request(body, content_type, slot.metadata, slot.input_schema, route.fast_columns)
             else:
                 parsed = await asyncio.get_running_loop().run_in_executor(
-                    parse_executor, parse_request, body, content_type, slot.metadata, slot.input_schema)
+                    parse_executor, parse_request, body, content_type, slot.metadata, slot.input_schema,
+                    route.fast_columns)
             data = parsed.data
             try:
-                predictions = await asyncio.wait_for(predictor.predict(data, parsed.params), settings.timeout_s)
+                predictions = await asyncio.wait_for(route.predictor.predict(data, parsed.params),
+                                                     settings.timeout_s)
             except TimeoutError:
                 raise ServingError(504, "DEADLINE_EXCEEDED",
                                    f"Prediction took longer than timeout_s={settings.timeout_s:g}s.") from None
@@ -241,7 +298,7 @@ def build_app(
             except Exception as exc:
                 raise prediction_error(exc, data) from None
             response = Response(predictions_body(predictions, parsed.unwrapped_output), media_type=JSON)
-            rows_predicted.inc(_row_count(data))
+            route.rows.inc(_row_count(data))
         except ServingError as exc:
             response = Response(exc.body(), status_code=exc.status, media_type=JSON)
             predictions = None
@@ -253,7 +310,8 @@ def build_app(
         finally:
             in_flight.dec()
         elapsed = time.perf_counter() - started
-        latency.observe(elapsed)
+        version = route.slot.identity.model_version
+        route.latency.observe(elapsed)
         metrics.requests.labels(deployment, version, str(response.status_code)).inc()
         response.headers["x-request-id"] = request_id
         response.headers["x-model-version"] = version

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +22,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlflow_deploy_plugin.serving.frames import stack_frames
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 
 _logger = logging.getLogger(__name__)
+
+
+def _rows(data: Any) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return 1
 
 
 @dataclass
@@ -51,8 +60,10 @@ def _split_output(output: Any, sizes: list[int]) -> list[Any] | None:
 class BatchingPredictor:
     """Predicts for one model slot, batching DataFrame requests that arrive together."""
 
-    def __init__(self, slot: ModelSlot, executor: ThreadPoolExecutor, max_batch_rows: int) -> None:
+    def __init__(self, slot: ModelSlot, executor: ThreadPoolExecutor, max_batch_rows: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.slot = slot
+        self._on_batch = on_batch
         self._executor = executor
         self._max_rows = max_batch_rows
         self._queue: list[_Pending] = []
@@ -62,7 +73,8 @@ class BatchingPredictor:
     async def predict(self, data: Any, params: dict[str, Any] | None) -> Any:
         """Predict ``data``; DataFrames without params may share a call with other requests."""
         loop = asyncio.get_running_loop()
-        if self._max_rows <= 1 or params or not isinstance(data, pd.DataFrame) or len(data) >= self._max_rows:
+        if (self._max_rows <= 1 or params or not isinstance(data, pd.DataFrame) or len(data) == 0
+                or len(data) >= self._max_rows):
             return await self._run_alone(data, params)
         future = loop.create_future()
         self._queue.append(_Pending(data, future))
@@ -73,6 +85,8 @@ class BatchingPredictor:
 
     async def _run_alone(self, data: Any, params: dict[str, Any] | None) -> Any:
         loop = asyncio.get_running_loop()
+        if self._on_batch is not None:
+            self._on_batch(_rows(data))
         return await loop.run_in_executor(self._executor, self.slot.predict, data, params)
 
     async def _drain(self) -> None:
@@ -102,9 +116,11 @@ class BatchingPredictor:
     def _predict_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         """Runs on the predict thread: one call for the batch, one per request as fallback."""
         self.last_batch_sizes = [len(item.frame) for item in batch]
+        if self._on_batch is not None:
+            self._on_batch(sum(self.last_batch_sizes))
         if len(batch) > 1 and len({tuple(item.frame.columns) for item in batch}) == 1:
             try:
-                frame = pd.concat([item.frame for item in batch], ignore_index=True)
+                frame = stack_frames([item.frame for item in batch])
                 pieces = _split_output(self.slot.predict(frame), self.last_batch_sizes)
                 if pieces is not None:
                     return [(True, piece) for piece in pieces]

@@ -38,6 +38,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mlflow_deploy_plugin.serving.frames import stack_frames
+
 _log = logging.getLogger(__name__)
 
 META_COLUMNS: tuple[str, ...] = (
@@ -537,7 +539,7 @@ class CaptureWriter:
         names = list(META_COLUMNS)
         frames = [f for f in group.frames if f is not None]
         if frames:
-            inputs = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+            inputs = stack_frames(frames)
             for i, name in enumerate(inputs.columns):
                 names.append(name)
                 arrays.append(_to_arrow(inputs.iloc[:, i]))

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from io import BytesIO, StringIO
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server as mlflow_scoring
+from mlflow.types import DataType
 from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
 
 MAX_MESSAGE_CHARS = 500
@@ -61,8 +64,67 @@ class ParsedRequest:
     unwrapped_output: bool  # unified LLM inputs are answered without the "predictions" wrapper
 
 
-def parse_request(body: bytes, content_type: str | None, metadata: Any, input_schema: Any) -> ParsedRequest:
-    """Decode a request body the way `mlflow models serve` does, raising :class:`ServingError`."""
+def fast_path_columns(input_schema: Any) -> frozenset[str] | None:
+    """The input names when every model input is a required ``double`` column, else None.
+
+    For such models a `dataframe_split`/`dataframe_records` body of plain numbers becomes the
+    same float64 DataFrame MLflow's parser would build, ~20x cheaper: MLflow casts column by
+    column, which costs more than predicting. Anything else takes MLflow's own path.
+    """
+    try:
+        if input_schema is None or input_schema.is_tensor_spec():
+            return None
+        inputs = input_schema.inputs
+        if not inputs or any(spec.name is None or not spec.required or spec.type != DataType.double
+                             for spec in inputs):
+            return None
+        return frozenset(spec.name for spec in inputs)
+    except Exception:
+        return None
+
+
+def _fast_frame(decoded: dict[str, Any], names: frozenset[str]) -> pd.DataFrame | None:
+    if len(decoded) != 1:
+        return None
+    key, payload = next(iter(decoded.items()))
+    if key == "dataframe_split":
+        if not isinstance(payload, dict) or set(payload) != {"columns", "data"}:
+            return None
+        columns, rows = payload["columns"], payload["data"]
+    elif key == "dataframe_records":
+        if not isinstance(payload, list) or not payload or not isinstance(payload[0], dict):
+            return None
+        columns = list(payload[0])
+        try:
+            rows = [[record[name] for name in columns] for record in payload
+                    if len(record) == len(columns)]
+        except (KeyError, TypeError):
+            return None
+        if len(rows) != len(payload):
+            return None
+    else:
+        return None
+    if not isinstance(columns, list) or len(columns) != len(names) or set(columns) != names:
+        return None
+    if not isinstance(rows, list) or not rows:
+        return None
+    width = len(columns)
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            return None
+        for value in row:
+            # bool is an int subclass but MLflow rejects it for doubles: only plain numbers here.
+            if type(value) is not float and type(value) is not int:
+                return None
+    return pd.DataFrame(np.array(rows, dtype=np.float64), columns=columns)
+
+
+def parse_request(body: bytes, content_type: str | None, metadata: Any, input_schema: Any,
+                  fast_columns: frozenset[str] | None = None) -> ParsedRequest:
+    """Decode a request body the way `mlflow models serve` does, raising :class:`ServingError`.
+
+    ``fast_columns`` (from :func:`fast_path_columns`) enables the numeric fast path.
+    """
     if not content_type:
         raise ServingError(
             415, "BAD_REQUEST",
@@ -84,7 +146,18 @@ def parse_request(body: bytes, content_type: str | None, metadata: Any, input_sc
         raise ServingError(400, "BAD_REQUEST", "Empty request body: send the input data to predict on.")
     try:
         if mime_type == CONTENT_TYPE_JSON:
-            parsed = mlflow_scoring._parse_json_data(body, metadata, input_schema)
+            decoded: Any = body
+            if fast_columns is not None:
+                try:
+                    decoded = json.loads(body)
+                except (ValueError, UnicodeDecodeError):
+                    decoded = body  # MLflow's parser below words the error
+                else:
+                    if not isinstance(decoded, dict):
+                        decoded = body  # MLflow words the "not an object" error
+                    elif (frame := _fast_frame(decoded, fast_columns)) is not None:
+                        return ParsedRequest(frame, None, False)
+            parsed = mlflow_scoring._parse_json_data(decoded, metadata, input_schema)
             return ParsedRequest(parsed.data, parsed.params, parsed.is_unified_llm_input)
         if mime_type == CONTENT_TYPE_CSV:
             try:

@@ -1,0 +1,652 @@
+"""Serving benchmark: our `lifecycle` deployment vs the peer `mlflow models serve`.
+
+Self-contained. It makes a throw-away folder (SQLite tracking store, artifacts and
+$MLFLOW_DEPLOY_HOME), trains and registers a 20-feature LogisticRegression, starts both servers
+as real subprocesses of the venv's `mlflow`, measures their cold start, checks they predict the
+same, and drives both with the same closed-loop load for every (rows, concurrency) pair:
+
+    .venv/bin/python benchmarks/serving.py [--workers 1] [--duration 5] \\
+        [--concurrency 1,8,32] [--rows 1,100] [--client-procs 1] [--out results.json]
+
+The load generator is a minimal HTTP/1.1 client on raw asyncio streams (persistent keep-alive
+connections, request bytes prepared in advance) running in separate processes (this script
+re-run with ``--_client``), so it is cheap enough not to be the bottleneck on a small machine
+that also runs the servers; the CPU it uses is measured and printed next to the servers' own.
+
+Traffic goes to 127.0.0.1 only and every step is bounded in time. Everything started is stopped
+on exit, Ctrl-C or error (peer: its process group; ours: `mlflow deployments delete`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+MODEL_NAME = "bench-logreg"
+DEPLOYMENT = "bench"
+N_FEATURES = 20
+SEED = 42
+BODIES_PER_SHAPE = 64  # distinct request bodies per row count, cycled by the load generator
+WARMUP_S = 1.0
+STARTUP_DEADLINE_S = 180.0
+REQUEST_GRACE_S = 15.0  # how long after the window an in-flight request may still take
+
+# ------------------------------------------------------------------------------------------------
+# Load generator (runs in its own process: `serving.py --_client SPEC_JSON`)
+# ------------------------------------------------------------------------------------------------
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length, chunked, close = 0, False, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            close = b"close" in value.lower()
+    if not chunked:
+        return status, await reader.readexactly(length), close
+    parts = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return status, b"".join(parts), close
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+async def _client_main(spec: dict[str, Any]) -> dict[str, Any]:
+    host, port = spec["host"], spec["port"]
+    requests = [
+        (f"POST /invocations HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+         f"Content-Length: {len(body.encode())}\r\n\r\n").encode() + body.encode()
+        for body in spec["bodies"]
+    ]
+    t_start, t_window, t_end = spec["t_start"], spec["t_window"], spec["t_end"]
+    latencies: list[float] = []
+    completions: list[float] = []  # completion times inside the window (for per-second buckets)
+    statuses: dict[str, int] = {}
+    errors: dict[str, Any] = {"non_200": 0, "transport": 0, "reconnects": 0, "first": None}
+    cpu: dict[str, float] = {}
+
+    def mark(key: str) -> None:
+        times = os.times()
+        cpu[key] = times.user + times.system
+
+    loop = asyncio.get_running_loop()
+    now_mono = time.monotonic()
+    loop.call_later(max(0.0, t_window - now_mono), mark, "window")
+    loop.call_later(max(0.0, t_end - now_mono), mark, "end")
+
+    async def connection(index: int) -> None:
+        reader = writer = None
+        n = index
+        while True:
+            now = time.monotonic()
+            if now >= t_end:
+                break
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            payload = requests[n % len(requests)]
+            n += spec["concurrency"]
+            sent = time.monotonic()
+            try:
+                writer.write(payload)
+                await writer.drain()
+                status, body, close = await _read_response(reader)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                done = time.monotonic()
+                if t_window <= done <= t_end:
+                    errors["transport"] += 1
+                    errors["first"] = errors["first"] or f"{type(exc).__name__}: {exc}"
+                writer.close()
+                reader = writer = None
+                errors["reconnects"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            done = time.monotonic()
+            if t_window <= sent and done <= t_end:
+                latencies.append(done - sent)
+                completions.append(done)
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+                if status != 200:
+                    errors["non_200"] += 1
+                    errors["first"] = errors["first"] or f"HTTP {status}: {body[:300]!r}"
+            if close:
+                writer.close()
+                reader = writer = None
+                errors["reconnects"] += 1
+        if writer is not None:
+            writer.close()
+
+    await asyncio.sleep(max(0.0, t_start - time.monotonic()))
+    tasks = [asyncio.create_task(connection(i)) for i in range(spec["concurrency"])]
+    _done, pending = await asyncio.wait(tasks, timeout=t_end - time.monotonic() + REQUEST_GRACE_S)
+    for task in pending:
+        task.cancel()
+    for task in _done:
+        if task.exception() is not None:
+            errors["transport"] += 1
+            errors["first"] = errors["first"] or f"{type(task.exception()).__name__}: {task.exception()}"
+    if "end" not in cpu:
+        mark("end")
+    return {
+        "latencies": [round(x, 6) for x in latencies],
+        "completions": [round(x - t_window, 4) for x in completions],
+        "statuses": statuses,
+        "errors": errors,
+        "stuck": len(pending),
+        "cpu_s": cpu["end"] - cpu.get("window", cpu["end"]),
+    }
+
+
+def client_process(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = asyncio.run(_client_main(spec))
+    sys.stdout.write(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Process bookkeeping and cleanup
+# ------------------------------------------------------------------------------------------------
+
+
+class Cleanup:
+    """Stops what we started, once, whatever the way out (finally, atexit, SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.peer: subprocess.Popen | None = None
+        self.ours_created = False
+        self.clients: list[subprocess.Popen] = []
+        self.workdir: Path | None = None
+        self.keep = False
+        self.done = False
+
+    def run(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for client in self.clients:
+            if client.poll() is None:
+                client.kill()
+        if self.ours_created:
+            try:
+                subprocess.run([mlflow_bin(), "deployments", "delete", "-t", "lifecycle", "--name", DEPLOYMENT],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120, check=True)
+                print("stopped ours (mlflow deployments delete)", file=sys.stderr)
+            except (subprocess.SubprocessError, OSError) as exc:
+                print(f"WARNING: `mlflow deployments delete` failed ({exc}); killing its process group",
+                      file=sys.stderr)
+                _kill_ours_by_status()
+        if self.peer is not None and self.peer.poll() is None:
+            stop_group(self.peer)
+            print("stopped peer (process group)", file=sys.stderr)
+        if self.workdir is not None and not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self.workdir is not None:
+            print(f"kept {self.workdir}", file=sys.stderr)
+
+
+CLEANUP = Cleanup()
+
+
+def mlflow_bin() -> str:
+    return str(Path(sys.executable).with_name("mlflow"))
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    # The group may still hold uvicorn workers after the CLI parent exited.
+    with contextlib.suppress(ProcessLookupError):
+        deadline = time.monotonic() + grace_s
+        while group_pids(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def _kill_ours_by_status() -> None:
+    status = read_status()
+    pid = status.get("pid")
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def read_status() -> dict[str, Any]:
+    path = Path(os.environ["MLFLOW_DEPLOY_HOME"]) / "deployments" / DEPLOYMENT / "status.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def group_cpu_s(pgid: int) -> dict[int, float]:
+    """User+system CPU seconds of each live process in a process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = {}
+    for pid in group_pids(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return cpu
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent not idle (all cores) since boot."""
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def group_rss_mb(pgid: int) -> float:
+    total = 0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ping(url_of: Any, t0: float, process: subprocess.Popen | None, what: str) -> float:
+    """Poll /ping until 200; returns seconds since ``t0``. ``url_of()`` may return None (not yet known)."""
+    deadline = t0 + STARTUP_DEADLINE_S
+    while time.monotonic() < deadline:
+        url = url_of()
+        if url:
+            try:
+                status, _ = http("GET", f"{url}/ping", timeout=2.0)
+                if status == 200:
+                    return time.monotonic() - t0
+            except (OSError, urllib.error.URLError):
+                pass
+        if process is not None and process.poll() is not None and process.returncode != 0:
+            raise RuntimeError(f"{what} exited with code {process.returncode} before answering /ping")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not answer /ping within {STARTUP_DEADLINE_S:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup: model, servers
+# ------------------------------------------------------------------------------------------------
+
+
+def train_and_register() -> Any:
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = make_classification(n_samples=5000, n_features=N_FEATURES, n_informative=8,
+                                           random_state=SEED)
+    frame = pd.DataFrame(features, columns=[f"f{i}" for i in range(N_FEATURES)])
+    model = LogisticRegression(max_iter=1000).fit(frame, labels)
+    mlflow.set_experiment("serving-benchmark")
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(model, name="model", signature=infer_signature(frame, model.predict(frame)),
+                                 input_example=frame.head(5), registered_model_name=MODEL_NAME)
+    return frame
+
+
+def make_bodies(frame: Any, rows: int) -> list[str]:
+    bodies = []
+    for i in range(BODIES_PER_SHAPE):
+        start = (i * rows) % (len(frame) - rows)
+        part = frame.iloc[start:start + rows]
+        bodies.append(json.dumps({"dataframe_split": {"columns": list(part.columns),
+                                                      "data": part.to_numpy().tolist()}}))
+    return bodies
+
+
+def start_peer(workers: int) -> dict[str, Any]:
+    port = free_port()
+    log = open(Path.cwd() / "peer.log", "wb")  # noqa: SIM115 - lives as long as the peer
+    t0 = time.monotonic()
+    CLEANUP.peer = subprocess.Popen(
+        [mlflow_bin(), "models", "serve", "-m", f"models:/{MODEL_NAME}/1", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    cold = wait_ping(lambda: url, t0, CLEANUP.peer, "mlflow models serve")
+    return {"name": "peer", "url": url, "port": port, "pgid": CLEANUP.peer.pid, "cold_start_s": cold}
+
+
+def start_ours(workers: int, extra_config: list[str]) -> dict[str, Any]:
+    config = ["-C", f"workers={workers}"]
+    for item in extra_config:
+        config += ["-C", item]
+    log = open(Path.cwd() / "ours-create.log", "wb")  # noqa: SIM115
+    t0 = time.monotonic()
+    CLEANUP.ours_created = True  # delete is harmless if create fails
+    create = subprocess.Popen(
+        [mlflow_bin(), "deployments", "create", "-t", "lifecycle", "--name", DEPLOYMENT,
+         "-m", f"models:/{MODEL_NAME}/1", *config],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        cold = wait_ping(lambda: read_status().get("url"), t0, create, "mlflow deployments create")
+        create.wait(timeout=STARTUP_DEADLINE_S)
+    except BaseException:
+        stop_group(create, grace_s=3)
+        raise
+    cli_done = time.monotonic() - t0
+    if create.returncode != 0:
+        raise RuntimeError(f"mlflow deployments create failed: {(Path.cwd() / 'ours-create.log').read_text()[-2000:]}")
+    got = subprocess.run([mlflow_bin(), "deployments", "get", "-t", "lifecycle", "--name", DEPLOYMENT],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    status = read_status()
+    url = status["url"]
+    if url not in got:
+        print(f"WARNING: `mlflow deployments get` does not show {url}:\n{got}", file=sys.stderr)
+    return {"name": "ours", "url": url, "port": status["port"], "pgid": status["pid"], "cold_start_s": cold,
+            "create_cli_s": cli_done}
+
+
+def compare_predictions(frame: Any, servers: list[dict[str, Any]]) -> dict[str, Any]:
+    sample = frame.iloc[:100]
+    body = json.dumps({"dataframe_split": {"columns": list(sample.columns),
+                                           "data": sample.to_numpy().tolist()}}).encode()
+    answers = {}
+    for server in servers:
+        status, text = http("POST", f"{server['url']}/invocations", body)
+        if status != 200:
+            raise RuntimeError(f"{server['name']} answered {status} to the comparison sample: {text[:300]!r}")
+        answers[server["name"]] = json.loads(text)
+    names = list(answers)
+    equal = all(answers[n] == answers[names[0]] for n in names)
+    if not equal:
+        print(f"WARNING: predictions differ: { {n: str(a)[:200] for n, a in answers.items()} }", file=sys.stderr)
+    return {"equal": equal, "rows": len(sample), "sample": str(answers[names[0]])[:120]}
+
+
+# ------------------------------------------------------------------------------------------------
+# One measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duration: float,
+            client_procs: int, spec_dir: Path) -> dict[str, Any]:
+    procs = max(1, min(client_procs, concurrency))
+    t_start = time.monotonic() + 0.5  # time for the clients to start (they import only stdlib)
+    t_window = t_start + WARMUP_S
+    t_end = t_window + duration
+    clients = []
+    for i in range(procs):
+        share = concurrency // procs + (1 if i < concurrency % procs else 0)
+        spec_path = spec_dir / f"client-{i}.json"
+        spec_path.write_text(json.dumps({
+            "host": "127.0.0.1", "port": server["port"], "bodies": bodies[i::procs] or bodies,
+            "concurrency": share, "t_start": t_start, "t_window": t_window, "t_end": t_end}))
+        client = subprocess.Popen([sys.executable, __file__, "--_client", str(spec_path)],
+                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        clients.append(client)
+        CLEANUP.clients.append(client)
+    time.sleep(max(0.0, t_window - time.monotonic()))
+    server_cpu0, busy0 = group_cpu_s(server["pgid"]), machine_busy_s()
+    time.sleep(max(0.0, t_end - time.monotonic()))
+    server_cpu1, busy1 = group_cpu_s(server["pgid"]), machine_busy_s()
+    # Per process (CLI parent, supervisor, each worker): shows how evenly workers share the load.
+    per_process = sorted((100 * (t - server_cpu0.get(pid, 0.0)) / duration for pid, t in server_cpu1.items()),
+                         reverse=True)
+    server_cpu0, server_cpu1 = sum(server_cpu0.values()), sum(server_cpu1.values())
+    results = []
+    for client in clients:
+        out, _ = client.communicate(timeout=REQUEST_GRACE_S + 30)
+        CLEANUP.clients.remove(client)
+        if client.returncode != 0:
+            raise RuntimeError(f"load generator exited with {client.returncode}")
+        results.append(json.loads(out))
+    latencies = sorted(x for r in results for x in r["latencies"])
+    completions = [x for r in results for x in r["completions"]]
+    buckets = [0] * max(1, int(duration))
+    for c in completions:
+        buckets[min(len(buckets) - 1, int(c))] += 1
+    statuses: dict[str, int] = {}
+    for r in results:
+        for code, n in r["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+    client_cpu = sum(r["cpu_s"] for r in results)
+    busy = busy1 - busy0
+    return {
+        "server": server["name"], "rows": len(json.loads(bodies[0])["dataframe_split"]["data"]),
+        "concurrency": concurrency, "client_procs": procs, "duration_s": duration,
+        "requests": len(latencies), "rps": len(latencies) / duration,
+        "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
+        "max_ms": (latencies[-1] * 1000) if latencies else float("nan"),
+        "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
+        "rps_per_second_min": min(buckets), "rps_per_second_max": max(buckets),
+        "errors": sum(r["errors"]["non_200"] + r["errors"]["transport"] for r in results),
+        "non_200": sum(r["errors"]["non_200"] for r in results),
+        "transport_errors": sum(r["errors"]["transport"] for r in results),
+        "reconnects": sum(r["errors"]["reconnects"] for r in results),
+        "stuck_connections": sum(r["stuck"] for r in results),
+        "first_error": next((r["errors"]["first"] for r in results if r["errors"]["first"]), None),
+        "statuses": statuses,
+        "client_cpu_core_pct": 100 * client_cpu / duration,
+        "server_cpu_core_pct": 100 * (server_cpu1 - server_cpu0) / duration,
+        "server_cpu_per_process_pct": [round(x, 1) for x in per_process],
+        # Requests per CPU-second of the server: robust to other jobs stealing the CPU.
+        "req_per_server_cpu_s": len(latencies) / (server_cpu1 - server_cpu0) if server_cpu1 > server_cpu0
+        else float("nan"),
+        "machine_busy_pct": 100 * busy / duration / (os.cpu_count() or 1),
+        "client_share_of_busy_pct": 100 * client_cpu / busy if busy > 0 else float("nan"),
+        # CPU used by neither the server nor the load generator (other jobs on the machine).
+        "other_cpu_core_pct": 100 * (busy - client_cpu - (server_cpu1 - server_cpu0)) / duration,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print()
+    print(f"Servers: workers={report['workers']}, machine: {os.cpu_count()} cores; "
+          f"load: closed loop, {report['duration_s']:g} s per cell after {WARMUP_S:g} s warm-up")
+    for server in report["servers"]:
+        extra = f", `create` returned after {server['create_cli_s']:.2f} s" if "create_cli_s" in server else ""
+        print(f"  {server['name']:<5} {server['url']}  cold start (launch -> first 200 /ping): "
+              f"{server['cold_start_s']:.2f} s{extra}; RSS after run {server.get('rss_mb', 0):.0f} MB")
+    cmp = report["predictions"]
+    print(f"  predictions equal on {cmp['rows']} rows: {cmp['equal']}")
+    print()
+    header = (f"{'rows':>4} {'conc':>4} {'server':<6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+              f"{'err':>4} {'rps/s min-max':>14} {'req/cpu-s':>9} {'srv cpu%':>8} {'cli cpu%':>8} {'cli/busy':>8} {'oth cpu%':>8}  srv cpu% per process")
+    print(header)
+    print("-" * len(header))
+    for cell in report["results"]:
+        print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<6} {cell['rps']:>8.1f} "
+              f"{cell['p50_ms']:>8.2f} {cell['p99_ms']:>8.2f} {cell['max_ms']:>8.1f} {cell['errors']:>4} "
+              f"{cell['rps_per_second_min']:>6}-{cell['rps_per_second_max']:<7} "
+              f"{cell['req_per_server_cpu_s']:>9.0f} {cell['server_cpu_core_pct']:>8.0f} {cell['client_cpu_core_pct']:>8.0f} "
+              f"{cell['client_share_of_busy_pct']:>7.0f}% {cell['other_cpu_core_pct']:>8.0f}  "
+              f"{'/'.join(f'{x:.0f}' for x in cell['server_cpu_per_process_pct'] if x >= 0.5) or '0'}")
+    print()
+    print("Ratios (throughput ours/theirs; p99 theirs/ours; > 1 means ours is better):")
+    for ratio in report["ratios"]:
+        print(f"  rows={ratio['rows']:>3} conc={ratio['concurrency']:>2}: throughput x{ratio['throughput_ours_over_theirs']:.2f}"
+              f"   p99 x{ratio['p99_theirs_over_ours']:.2f}   req per server CPU-s x{ratio['cpu_efficiency_ours_over_theirs']:.2f}")
+    for cell in report["results"]:
+        if cell["errors"] or cell["stuck_connections"]:
+            print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: {cell['errors']} errors "
+                  f"{cell['statuses']}, {cell['stuck_connections']} stuck; first: {cell['first_error']}")
+    print("req/cpu-s = requests per CPU-second of the server's processes (robust to CPU stolen by other jobs).")
+    print("cpu% columns are % of ONE core during the measured window; cli/busy = load generator's share of "
+          "all CPU the machine used then; oth = CPU of other jobs on the machine (noise).")
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cells: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for cell in results:
+        cells.setdefault((cell["rows"], cell["concurrency"]), {})[cell["server"]] = cell
+    out = []
+    for (rows, conc), pair in cells.items():
+        if "ours" in pair and "peer" in pair:
+            ours, peer = pair["ours"], pair["peer"]
+            out.append({"rows": rows, "concurrency": conc,
+                        "throughput_ours_over_theirs": ours["rps"] / peer["rps"] if peer["rps"] else float("inf"),
+                        "p99_theirs_over_ours": peer["p99_ms"] / ours["p99_ms"] if ours["p99_ms"] else float("nan"),
+                        "cpu_efficiency_ours_over_theirs": ours["req_per_server_cpu_s"] / peer["req_per_server_cpu_s"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of each server (default 1)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
+    parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="default 1,8,32")
+    parser.add_argument("--rows", type=int_list, default=[1, 100], help="rows per request (default 1,100)")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="load generator processes per cell, connections split among them (default 1)")
+    parser.add_argument("--ours-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra -C for our deployment (repeatable), e.g. capture=false")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) after the run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_path = Path(args.out).resolve() if args.out else None
+    workdir = Path(tempfile.mkdtemp(prefix="mlflow-serving-bench-"))
+    CLEANUP.workdir, CLEANUP.keep = workdir, args.keep
+    atexit.register(CLEANUP.run)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_DEPLOY_HOME"] = str(workdir / "deploy-home")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH (as if activated).
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.chdir(workdir)
+    try:
+        t0 = time.monotonic()
+        print(f"workdir {workdir}; training and registering {MODEL_NAME} ...", file=sys.stderr)
+        frame = train_and_register()
+        print(f"  done in {time.monotonic() - t0:.1f} s; starting peer (mlflow models serve) ...", file=sys.stderr)
+        peer = start_peer(args.workers)
+        print(f"  peer up in {peer['cold_start_s']:.2f} s; starting ours (mlflow deployments create) ...",
+              file=sys.stderr)
+        ours = start_ours(args.workers, args.ours_config)
+        print(f"  ours up in {ours['cold_start_s']:.2f} s", file=sys.stderr)
+        servers = [peer, ours]
+        predictions = compare_predictions(frame, servers)
+        results = []
+        spec_dir = workdir / "client-specs"
+        spec_dir.mkdir()
+        for rows in args.rows:
+            bodies = make_bodies(frame, rows)
+            for conc in args.concurrency:
+                for server in servers:
+                    cell = measure(server, bodies, conc, args.duration, args.client_procs, spec_dir)
+                    results.append(cell)
+                    print(f"  {server['name']:<5} rows={rows:<4} conc={conc:<3} {cell['rps']:8.1f} req/s  "
+                          f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
+                          file=sys.stderr)
+        for server in servers:
+            server["rss_mb"] = group_rss_mb(server["pgid"])
+        report = {"workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
+                  "servers": servers, "predictions": predictions, "results": results,
+                  "ratios": ratios(results), "total_s": time.monotonic() - t0,
+                  "ours_config": args.ours_config, "commit": _commit()}
+        if args.keep:
+            report["workdir"] = str(workdir)
+        print_report(report)
+        if out_path:
+            out_path.write_text(json.dumps(report, indent=2))
+            print(f"wrote {out_path}")
+        return 0 if predictions["equal"] else 1
+    finally:
+        CLEANUP.run()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_client":
+        sys.exit(client_process(sys.argv[2]))
+    sys.exit(main())
