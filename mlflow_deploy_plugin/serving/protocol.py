@@ -19,6 +19,8 @@ from mlflow.pyfunc import scoring_server as mlflow_scoring
 from mlflow.types import DataType
 from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
 
+from mlflow_deploy_plugin.serving.frames import mark_float64
+
 MAX_MESSAGE_CHARS = 500
 
 CONTENT_TYPE_JSON = mlflow_scoring.CONTENT_TYPE_JSON
@@ -116,7 +118,7 @@ def _fast_frame(decoded: dict[str, Any], names: frozenset[str]) -> pd.DataFrame 
             # bool is an int subclass but MLflow rejects it for doubles: only plain numbers here.
             if type(value) is not float and type(value) is not int:
                 return None
-    return pd.DataFrame(np.array(rows, dtype=np.float64), columns=columns)
+    return mark_float64(pd.DataFrame(np.array(rows, dtype=np.float64), columns=columns))
 
 
 def parse_request(body: bytes, content_type: str | None, metadata: Any, input_schema: Any,
