@@ -213,7 +213,10 @@ def main() -> None:
         print(f"(a) ours: {ours['seconds']:.1f} s total {ours['steps']}, peak RSS {ours['peak_mb']:.0f} MB "
               f"(+{ours['peak_mb'] - ours['base_mb']:.0f} MB over data+imports), HTML {ours['html_mb']:.1f} MB, "
               f"Evidently import {ours['import_evidently_s']:.1f} s (not counted)")
-        print(f"    verdict: {ours['status']}, drifted columns {ours['drifted']} (injected: {SHIFTED})")
+        false_flags = sorted(set(ours["drifted"]) - set(SHIFTED))
+        print(f"    verdict: {ours['status']}, drifted columns {ours['drifted']} (injected: {SHIFTED}; "
+              f"missed: {sorted(set(SHIFTED) - set(ours['drifted'])) or 'none'}; chance flags {false_flags or 'none'}, "
+              f"~{22 * 0.05:.1f} expected from 22 unshifted columns at alpha 0.05)")
         print(f"    vs scipy ks_2samp/chi2_contingency on all rows: {check['columns']} columns, verdict "
               f"mismatches {check['verdict_mismatches'] or 'none'}, max relative diff {check['max_rel_diff']:.1e}")
         failed |= bool(check["verdict_mismatches"]) or check["max_rel_diff"] > 1e-6

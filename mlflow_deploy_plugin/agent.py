@@ -1,8 +1,10 @@
 """The background agent of one deployment: what runs beside the service, on its own schedule.
 
 Started (and restarted if it dies) by the deployment's supervisor when the deployment needs it:
-today for scheduled drift reports (``-C drift_schedule``). It imports MLflow and Evidently, so
-it lives in its own process: the supervisor stays small and the workers never pause for it.
+scheduled drift reports (``-C drift_schedule``), following an alias, stage or ``latest`` URI
+(polled every ``poll_interval_s``, at once when `mlflow-deploy watch` touches the deployment's
+poke file after a webhook), and policies (``-C policy``). It imports MLflow and Evidently, so it
+lives in its own process: the supervisor stays small and the workers never pause for it.
 
 Run as ``python -m mlflow_deploy_plugin.agent DEPLOYMENT_DIR``.
 """
@@ -14,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,39 @@ _logger = logging.getLogger("mlflow_deploy_plugin.agent")
 
 def needs_agent(spec: dict[str, Any]) -> bool:
     """Whether a deployment with this spec has background work to do."""
-    return bool((spec.get("config") or {}).get("drift_schedule"))
+    config = spec.get("config") or {}
+    if config.get("drift_schedule") or config.get("policy"):
+        return True
+    requested = (spec.get("model") or {}).get("requested_uri", "")
+    # models:/name/<digits> is pinned; aliases, stages and latest can move.
+    return "@" in requested or not requested.rstrip("/").rsplit("/", 1)[-1].isdigit()
+
+
+def poke_path(root: Path) -> Path:
+    """Touching this file makes the agent look at the registry at once (webhook receivers do)."""
+    return root / "run" / "poke"
+
+
+def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None:
+    from mlflow_deploy_plugin.lifecycle.engine import LifecycleEngine
+
+    engine = LifecycleEngine(store, name)
+    poke = poke_path(store.paths(name).root)
+    last_poke = poke.stat().st_mtime if poke.exists() else 0.0
+    next_poll = 0.0
+    while not stop.is_set():
+        spec = store.read_spec(name) or {}
+        interval = float((spec.get("config") or {}).get("poll_interval_s") or 10.0)
+        poked = poke.exists() and poke.stat().st_mtime != last_poke
+        if poked or time.monotonic() >= next_poll:
+            if poked:
+                last_poke = poke.stat().st_mtime
+            try:
+                engine.cycle(actor="webhook" if poked else "registry-poll")
+            except Exception as exc:  # an unreachable registry must not kill the agent: retry next time
+                _logger.warning("Lifecycle cycle of %s failed: %s", name, exc)
+            next_poll = time.monotonic() + interval
+        stop.wait(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow_deploy_plugin.monitoring.schedule import DriftScheduler
 
     _logger.info("Agent of %s started", name)
-    DriftScheduler(store, [name]).run_forever(stop)
+    drift = threading.Thread(target=DriftScheduler(store, [name]).run_forever, args=(stop,), daemon=True)
+    drift.start()
+    _lifecycle_loop(store, name, stop)
+    drift.join(timeout=600)
     return 0
 
 

@@ -149,6 +149,157 @@ def drift_schedule(names: tuple[str, ...], once: bool) -> None:
     scheduler.run_forever(stop)
 
 
+def _engine_for(name: str, *, dry_run: bool, policy_path: str | None = None, follow: bool = True,
+                state_name: str = "lifecycle_state.json"):
+    from mlflow_deploy_plugin.lifecycle.engine import LifecycleEngine
+    from mlflow_deploy_plugin.lifecycle.policy import PolicyError, load_policy
+
+    policy = None
+    if policy_path:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as exc:
+            raise click.ClickException(str(exc)) from None
+    return LifecycleEngine(StateStore(), name, policy=policy, dry_run=dry_run, follow=follow,
+                           state_name=state_name, say=lambda message: click.echo(message, err=True))
+
+
+@cli.command("rollback")
+@click.argument("name")
+@click.option("--to", "to_version", default=None, help="Version to return to (default: the previous good one).")
+@click.option("--reason", default="manual rollback", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print what would be done and change nothing.")
+def rollback(name: str, to_version: str | None, reason: str, dry_run: bool) -> None:
+    """Return deployment NAME to its previous version (zero downtime), recorded like any transition.
+
+    A deployment that follows an alias or stage gets the reference moved back as well, so the
+    registry and the service agree.
+    """
+    import getpass
+
+    from mlflow.exceptions import MlflowException
+
+    store = StateStore()
+    _spec_or_exit(store, name)
+    engine = _engine_for(name, dry_run=dry_run)
+    try:
+        target = engine.rollback(reason=reason, actor=f"cli ({getpass.getuser()})", to_version=to_version)
+    except MlflowException as exc:
+        raise click.ClickException(exc.message) from None
+    if target is None:
+        raise click.ClickException("Nothing to roll back to.")
+    click.echo(f"{'Would roll' if dry_run else 'Rolled'} {name} back to v{target}")
+
+
+@cli.group()
+def webhook() -> None:
+    """MLflow webhooks that make lifecycle changes immediate."""
+
+
+@webhook.command("register")
+@click.option("--url", required=True, help="Where `mlflow-deploy watch` listens, e.g. http://127.0.0.1:8765/webhooks/mlflow")
+@click.option("--secret-env", default="MLFLOW_DEPLOY_WEBHOOK_SECRET", show_default=True,
+              help="Environment variable holding the shared secret (never passed on the command line).")
+@click.option("--name", default="mlflow-deploy", show_default=True)
+def webhook_register(url: str, secret_env: str, name: str) -> None:
+    """Create (or update) the MLflow webhook for the registry events the lifecycle uses."""
+    import os
+
+    from mlflow_deploy_plugin.lifecycle.webhooks import register_webhook
+
+    secret = os.environ.get(secret_env)
+    if not secret:
+        raise click.ClickException(f"Set {secret_env} to the webhook secret first (it is never logged).")
+    click.echo(json.dumps(register_webhook(url, secret, name=name), indent=2, default=str))
+
+
+@cli.command("watch")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the webhook receiver binds.")
+@click.option("--port", default=8765, show_default=True)
+@click.option("--secret-env", default="MLFLOW_DEPLOY_WEBHOOK_SECRET", show_default=True,
+              help="Environment variable holding the webhook secret.")
+@click.option("--policy", "policies", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Policy files to apply to the deployments serving their model (repeatable).")
+@click.option("--poll-interval", default=10.0, show_default=True, help="Seconds between policy passes.")
+@click.option("--dry-run", is_flag=True, help="Print what the policies would do and change nothing.")
+@click.option("--once", is_flag=True, help="One policy pass, then exit (no receiver).")
+def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll_interval: float,
+          dry_run: bool, once: bool) -> None:
+    """Receive MLflow webhooks and trigger the affected deployments at once; apply policies.
+
+    Verified deliveries (HMAC signature, fresh timestamp, new delivery id) for a registered model
+    make every deployment serving it look at the registry immediately, instead of at its next poll.
+    """
+    import os
+    import queue
+    import threading
+
+    from mlflow_deploy_plugin.agent import poke_path
+    from mlflow_deploy_plugin.lifecycle.policy import load_policy
+
+    store = StateStore()
+    engines = []
+    for path in policies:
+        policy = load_policy(path)
+        serving = [n for n in store.names() if (store.read_spec(n) or {}).get("model", {}).get("model_name")
+                   == policy.model and not (store.read_spec(n) or {}).get("config", {}).get("policy")]
+        if not serving:
+            raise click.ClickException(f"No deployment without its own -C policy serves model {policy.model!r}.")
+        engines += [(policy.model, _engine_for(n, dry_run=dry_run, policy_path=path, follow=False,
+                                               state_name="lifecycle_state.watch.json")) for n in serving]
+
+    def run_engines(model: str | None, actor: str) -> None:
+        for engine_model, engine in engines:
+            if model is None or model == engine_model:
+                try:
+                    engine.cycle(actor=actor)
+                except Exception as exc:
+                    click.echo(f"policy pass for {engine.name} failed: {exc}", err=True)
+
+    if once:
+        run_engines(None, "cli")
+        if dry_run:
+            click.echo(f"dry run: {sum(len(e.planned) for _, e in engines)} change(s) planned, none made")
+        return
+    secret = os.environ.get(secret_env)
+    if not secret:
+        raise click.ClickException(f"Set {secret_env} to the webhook secret (the same one given to "
+                                   "`mlflow-deploy webhook register`).")
+    events: queue.Queue = queue.Queue(maxsize=10_000)
+    stop = threading.Event()
+
+    def handle() -> None:
+        next_pass = 0.0
+        while not stop.is_set():
+            try:
+                event = events.get(timeout=0.2)
+            except queue.Empty:
+                event = None
+            if event is not None:
+                for name in store.names():
+                    spec = store.read_spec(name) or {}
+                    if spec.get("model", {}).get("model_name") == event.model_name:
+                        poke = poke_path(store.paths(name).root)
+                        poke.parent.mkdir(parents=True, exist_ok=True)
+                        poke.touch()
+                        click.echo(f"{event.event} for {event.model_name}: triggered {name}", err=True)
+                run_engines(event.model_name, f"webhook {event.event}")
+            elif engines and time.monotonic() >= next_pass:
+                run_engines(None, "registry-poll")
+                next_pass = time.monotonic() + poll_interval
+
+    worker = threading.Thread(target=handle, daemon=True)
+    worker.start()
+    from mlflow_deploy_plugin.lifecycle.webhooks import run_receiver
+
+    click.echo(f"Listening for MLflow webhooks on http://{host}:{port}/webhooks/mlflow", err=True)
+    try:
+        run_receiver(host, port, secret, events.put_nowait, log_level="warning")
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+
+
 @cli.command("history")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print raw JSON events.")

@@ -96,6 +96,21 @@ def _to_text(key: str, value: Any) -> str:
     return text
 
 
+def _to_policy_path(key: str, value: Any) -> str:
+    from pathlib import Path
+
+    from mlflow_deploy_plugin.lifecycle.policy import PolicyError, load_policy
+
+    path = Path(str(value).strip()).expanduser().resolve()
+    try:
+        load_policy(path)
+    except PolicyError as exc:
+        raise _invalid(key, value, f"a valid policy file ({exc})") from None
+    except OSError as exc:
+        raise _invalid(key, value, f"a readable policy YAML file ({exc.strerror})") from None
+    return str(path)
+
+
 def _to_cron(key: str, value: Any) -> str:
     text = str(value).strip()
     from croniter import croniter
@@ -137,6 +152,15 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("max_restarts", "int", 5,
          "Crashes in a row (without 60 s of healthy uptime between) before the deployment is "
          "marked failed.", _to_int(0, 1000)),
+    _Key("warm_standby", "bool", True,
+         "Keep one spare worker process with imports done, so updates and crash restarts take "
+         "about a model load instead of a cold start (costs one idle process).", _to_bool),
+    _Key("poll_interval_s", "float", 10.0,
+         "How often a deployment of an alias, stage or latest URI re-resolves it and follows the "
+         "registry (webhooks via `mlflow-deploy watch` make it immediate).", _to_float(0.2, 86400)),
+    _Key("policy", "str", None,
+         "Path of a lifecycle policy YAML (promotion gates, canary, drift actions) for the served "
+         "model.", _to_policy_path),
     _Key("capture", "bool", True, "Record requests and predictions to Parquet.", _to_bool),
     _Key("capture_sample_rate", "float", 1.0, "Fraction of requests captured.",
          _to_float(0, 1, lo_open=True)),
@@ -174,6 +198,9 @@ class DeploymentConfig:
     max_batch_rows: int = 4096
     startup_timeout_s: float = 180.0
     max_restarts: int = 5
+    warm_standby: bool = True
+    poll_interval_s: float = 10.0
+    policy: str | None = None
     capture: bool = True
     capture_sample_rate: float = 1.0
     capture_retention_days: int | None = None

@@ -96,6 +96,24 @@ def _model_record(resolved: ResolvedModel) -> dict[str, Any]:
     return dict(resolved.to_dict(), version_uri=resolved.version_uri)
 
 
+def _traffic_summary(split: list[dict[str, Any]]) -> str | None:
+    if not split:
+        return None
+    return ", ".join(f"v{e['model']['model_version']} {e['percent']:g}%" for e in split)
+
+
+def _check_policy_fits(policy_path: str, model_uri: str, resolved: ResolvedModel) -> None:
+    """A policy moves the champion role: the deployment must follow that role of that model."""
+    from mlflow_deploy_plugin.lifecycle.policy import load_policy
+
+    policy = load_policy(policy_path)
+    expected = policy.role_uri("champion")
+    if policy.model != resolved.model_name or model_uri.lower() != expected.lower():
+        raise MlflowException(
+            f"Policy {policy_path} manages {policy.model}'s champion; a deployment it drives must serve "
+            f"-m {expected} (got -m {model_uri}).", error_code=INVALID_PARAMETER_VALUE)
+
+
 def _token_for(config: DeploymentConfig) -> str | None:
     if not config.auth_token_env:
         return None
@@ -150,11 +168,20 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
             "host": status.get("host"),
             "restarts": status.get("restarts", 0),
             "started_at": _iso(status.get("started_at")),
-            "last_error": status.get("last_error"),
+            "last_error": status.get("last_error") or self._follow_error(spec["name"]),
             "created_at": _iso(spec.get("created_at")),
             "updated_at": _iso(spec.get("updated_at")),
+            "traffic": _traffic_summary(spec.get("traffic") or []) or f"v{model['model_version']} 100%",
             "config": spec.get("config"),
         }
+
+    def _follow_error(self, name: str) -> str | None:
+        """Why the deployment is not serving what its alias/stage points at, if it is not."""
+        from mlflow_deploy_plugin.state import read_json
+
+        state = read_json(self.store.paths(name).root / "lifecycle_state.json") or {}
+        error = state.get("follow_error")
+        return f"not following the registry: {error}" if error else None
 
     # -- verbs ---------------------------------------------------------------------------------
 
@@ -166,6 +193,8 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
         _token_for(parsed)
         client = MlflowClient()
         resolved = resolve_model_uri(model_uri, client)
+        if parsed.policy:
+            _check_policy_fits(parsed.policy, model_uri, resolved)
         now = time.time()
         spec = {
             "name": name, "flavor": FLAVOR, "engine": self.engine.name, "generation": 1,
@@ -193,15 +222,37 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
         """Swap to a new model URI and/or config with zero downtime; the old version keeps
         serving if the new one cannot load or fails its smoke test."""
         _check_flavor(flavor)
+        reason = "update" if model_uri or config else "redeploy"
+        return self.transition(name, model_uri=model_uri, config=config, reason=reason, actor="cli")
+
+    def transition(self, name: str, *, model_uri: str | None = None, config: dict | None = None,
+                   traffic: list[tuple[str, float]] | None = None, reason: str, actor: str,
+                   evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Move deployment ``name`` to a model URI and/or a traffic split, recording why.
+
+        ``model_uri`` defaults to the URI the deployment follows (re-resolved: an alias or stage
+        that moved is followed). ``traffic`` is a list of (model URI, percent) served side by side
+        (a canary); None serves the one resolved version. Zero downtime; if a version cannot load
+        or fails its smoke test, what serves keeps serving and MlflowException(INVALID_STATE) says why.
+        """
         with file_lock(self.store.paths(_check_name(name)).lock):
             spec = self._spec(name)
             old_model = spec["model"]
+            old_traffic = spec.get("traffic")
             parsed = parse_config(config, base=parse_config(spec["config"]))
             _token_for(parsed)
             client = MlflowClient()
-            resolved = resolve_model_uri(model_uri or old_model["requested_uri"], client)
+            requested = model_uri or old_model["requested_uri"]
+            resolved = resolve_model_uri(requested, client)
             new_spec = dict(spec, model=_model_record(resolved), config=parsed.to_dict(), updated_at=time.time())
-            reason = "update" if model_uri or config else "redeploy"
+            new_spec.pop("traffic", None)
+            split = []
+            if traffic:
+                for uri, percent in traffic:
+                    record = _model_record(resolve_model_uri(uri, client))
+                    record["requested_uri"] = requested
+                    split.append({"model": record, "percent": float(percent)})
+                new_spec["traffic"] = split
             status = self.engine.status(name)
             try:
                 if status.get("state") in ("failed", "stopped"):
@@ -211,16 +262,28 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
                 else:
                     status = self.engine.update(name, new_spec, reason, parsed.startup_timeout_s)
             except EngineError as exc:
-                self.store.append_history(name, "update_failed", model=resolved.to_dict(), error=str(exc))
+                self.store.append_history(name, "update_failed", model=resolved.to_dict(), reason=reason,
+                                          actor=actor, error=str(exc), traffic=_traffic_summary(split))
                 raise MlflowException(
-                    f"Update of {name!r} to {resolved.version_uri} failed; version "
+                    f"Update of {name!r} to {_traffic_summary(split) or resolved.version_uri} failed; version "
                     f"{old_model['model_version']} keeps serving. Reason: {exc}",
                     error_code=INVALID_STATE) from None
-        self.store.append_history(name, "updated", model=resolved.to_dict(), reason=reason,
-                                  from_version=old_model["model_version"], url=status["url"])
-        if old_model["model_version"] != resolved.model_version or old_model["model_name"] != resolved.model_name:
-            clear_serving_tag(client, old_model["model_name"], old_model["model_version"], name)
+        self.store.append_history(name, "updated", model=resolved.to_dict(), reason=reason, actor=actor,
+                                  from_version=old_model["model_version"], url=status["url"],
+                                  traffic=_traffic_summary(split), evidence=evidence)
+        served_before = {(e["model"]["model_name"], e["model"]["model_version"]) for e in old_traffic or []}
+        served_before.add((old_model["model_name"], old_model["model_version"]))
+        served_now = {(e["model"]["model_name"], e["model"]["model_version"]) for e in split}
+        served_now.add((resolved.model_name, resolved.model_version))
+        for model_name, version in served_before - served_now:
+            clear_serving_tag(client, model_name, version, name)
         set_serving_tag(client, resolved, name, status["url"])
+        for entry in split:
+            model = entry["model"]
+            if (model["model_name"], model["model_version"]) != (resolved.model_name, resolved.model_version):
+                client_tag = ResolvedModel(model["requested_uri"], model["model_name"], model["model_version"],
+                                           model.get("run_id"), model.get("source", ""))
+                set_serving_tag(client, client_tag, name, f"{status['url']} ({entry['percent']:g}% canary)")
         return self._describe(self._spec(name), status)
 
     def delete_deployment(self, name, config=None, endpoint=None):

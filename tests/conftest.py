@@ -92,7 +92,7 @@ def _kill_everything_under(home: Path) -> None:
             status = json.loads(status_file.read_text())
         except (OSError, ValueError):
             continue
-        for pid in [status.get("pid"), status.get("agent_pid"), *(status.get("worker_pids") or [])]:
+        for pid in [status.get("pid"), status.get("agent_pid"), status.get("standby_pid"), *(status.get("worker_pids") or [])]:
             if pid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
@@ -186,3 +186,63 @@ def split_payload(frame: pd.DataFrame) -> dict:
 
 
 free_port = _free_port
+
+
+class MlflowServer:
+    """`mlflow server` on SQLite in its own process group, so every process it starts is stopped."""
+
+    def __init__(self, root: Path) -> None:
+        from cryptography.fernet import Fernet
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "mlflow-server.log"
+        env = {
+            **os.environ,
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",  # our receiver is plain http ...
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",  # ... on loopback
+            # The store encrypts webhook secrets with this Fernet key (a random one per process if unset).
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+            # The job runner is a second full MLflow process; not needed here and it doubles start-up.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited:\n{self.log_path.read_text()[-3000:]}")
+            return requests.get(f"{self.url}/health", timeout=2).status_code == 200
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if up():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"mlflow server not up after {timeout_s}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        # Workers of the group may outlive the CLI parent for a moment: make sure none is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+
+

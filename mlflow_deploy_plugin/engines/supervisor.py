@@ -57,6 +57,7 @@ class Worker:
     ready_at: float | None = None
     error: str | None = None
     draining: bool = False
+    standby_ready: bool = False  # a warm standby that finished its imports
     _buffer: bytes = b""
 
     @property
@@ -75,6 +76,8 @@ class Worker:
             text = line.decode(errors="replace").strip()
             if text == "ready" and self.ready_at is None:
                 self.ready_at = time.time()
+            elif text == "standby":
+                self.standby_ready = True
             elif text.startswith("error "):
                 self.error = text[len("error "):]
 
@@ -153,27 +156,73 @@ class Supervisor:
         self._handled: set[str] = set()
         self.agent: subprocess.Popen | None = None
         self.agent_restart_at = 0.0
+        self.standby: Worker | None = None
+        self.standby_sock: socket.socket | None = None
 
     # -- workers -------------------------------------------------------------------------------
 
     def _spawn(self, generation: Generation, index: int) -> Worker:
+        standby = self.standby
+        if (standby is not None and standby.standby_ready and self.standby_sock is generation.sock
+                and standby.popen.poll() is None):
+            # A warm process (imports done) takes the work: the swap costs only the model load.
+            self.standby = None
+            try:
+                standby.popen.stdin.write(f"{generation.spec_file}\n".encode())
+                standby.popen.stdin.close()
+            except OSError:
+                pass
+            else:
+                standby.generation, standby.index, standby.started_at = generation.number, index, time.time()
+                _logger.info("Standby pid %d takes worker %d of generation %d", standby.pid, index,
+                             generation.number)
+                return standby
+        return self._start_process(generation, index)
+
+    def _keep_standby(self) -> None:
+        """Keep one warm process ready for the next swap or restart (``-C warm_standby``)."""
+        current = self.current
+        if current is None or not current.spec["config"].get("warm_standby", True) or self.pending is not None:
+            return
+        if self.standby is not None and (self.standby.popen.poll() is not None or self.standby_sock is not current.sock):
+            self._release_standby()
+        if self.standby is None and all(w.ready_at for w in self._workers_of(current)):
+            self.standby_sock = current.sock
+            self.standby = self._start_process(current, -1, standby=True)
+
+    def _release_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is None:
+            return
+        with contextlib.suppress(OSError):
+            standby.popen.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            standby.popen.terminate()
+        standby.draining = True  # reaped without crash accounting
+
+    def _start_process(self, generation: Generation, index: int, standby: bool = False) -> Worker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         self.paths.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.paths.logs / f"worker-{generation.number}-{index}.log"
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics), PYTHONUNBUFFERED="1")
+        self._standby_count = getattr(self, "_standby_count", 0) + int(standby)
+        name = f"standby-{self._standby_count}" if standby else f"{generation.number}-{index}"
+        log_path = self.paths.logs / f"worker-{name}.log"
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics), PYTHONUNBUFFERED="1",
+                   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+        what = ["--standby", str(generation.spec_file)] if standby else ["--spec", str(generation.spec_file)]
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker",
-                 "--spec", str(generation.spec_file), "--fd", str(generation.sock.fileno()),
-                 "--ready-fd", str(write_fd)],
-                pass_fds=(generation.sock.fileno(), write_fd), stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker", *what,
+                 "--fd", str(generation.sock.fileno()), "--ready-fd", str(write_fd)],
+                pass_fds=(generation.sock.fileno(), write_fd),
+                stdin=subprocess.PIPE if standby else subprocess.DEVNULL,
                 stdout=log, stderr=log, env=env,
             )
         os.close(write_fd)
-        worker = Worker(popen, generation.number, index, read_fd, log_path)
+        worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path)
         self.workers[popen.pid] = worker
-        _logger.info("Started worker %d (generation %d, pid %d)", index, generation.number, popen.pid)
+        _logger.info("Started %s (pid %d)", "warm standby" if standby else
+                     f"worker {index} of generation {generation.number}", popen.pid)
         return worker
 
     def _new_generation(self, spec: dict[str, Any], number: int) -> Generation:
@@ -261,6 +310,7 @@ class Supervisor:
         self._refresh_state()
         if self.ever_ready:
             self._keep_agent()
+            self._keep_standby()
         self._write_status()
 
     def _reap(self) -> None:
@@ -275,7 +325,9 @@ class Supervisor:
                 from mlflow_deploy_plugin.serving.metrics import mark_worker_dead
 
                 mark_worker_dead(pid)
-            if worker.draining:
+            if worker.draining or worker.generation == -1:
+                if worker is self.standby:
+                    self.standby = None
                 continue
             reason = worker.error or f"worker {_exit_description(code)}: {_log_tail(worker.log_path)}"
             if self.pending and worker.generation == self.pending.generation.number:
@@ -425,6 +477,7 @@ class Supervisor:
             "started_at": self.started_at,
             "last_error": self.last_error,
             "updating": self.pending is not None,
+            "standby_pid": self.standby.pid if self.standby is not None else None,
             "agent_pid": self.agent.pid if self.agent is not None and self.agent.poll() is None else None,
         }
 
@@ -438,6 +491,7 @@ class Supervisor:
         failed = self.state == STATUS_FAILED
         if self.pending is not None:
             self._fail_update("deployment is stopping")
+        self._release_standby()
         everyone = list(self.workers.values())
         self._drain(everyone)
         if self.agent is not None and self.agent.poll() is None:

@@ -83,15 +83,17 @@ class DriftScheduler:
     def _state(self, name: str) -> dict[str, Any]:
         return read_json(self.store.paths(name).root / "drift_schedule.json") or {}
 
+    def _anchor(self, name: str, state: dict[str, Any]) -> datetime | None:
+        """Where the next window starts: the end of the last one, or the deployment's creation."""
+        if state.get("last_end"):
+            return datetime.fromisoformat(state["last_end"])
+        created = (self.store.read_spec(name) or {}).get("created_at")
+        return datetime.fromtimestamp(float(created), tz=UTC) if created else None
+
     def due(self, name: str, cron: str, now: datetime) -> bool:
         """Whether a tick of ``cron`` has passed since the last window ended (or since creation)."""
-        state = self._state(name)
-        anchor = state.get("last_end") or state.get("first_seen")
-        if anchor is None:
-            # First sight: start counting from now; the first run covers one schedule interval.
-            write_json_atomic(self.store.paths(name).root / "drift_schedule.json", {"first_seen": now.isoformat()})
-            return False
-        return next_tick(cron, datetime.fromisoformat(anchor)) <= now
+        anchor = self._anchor(name, self._state(name))
+        return anchor is not None and next_tick(cron, anchor) <= now
 
     def tick(self) -> list[str]:
         """Start the runs that are due; returns the names started."""
@@ -118,8 +120,7 @@ class DriftScheduler:
                 return  # another process is running this deployment's report right now
             state = self._state(name)
             until = self.clock()
-            anchor = state.get("last_end") or state.get("first_seen")
-            since = datetime.fromisoformat(anchor) if anchor else previous_tick(cron, until)
+            since = self._anchor(name, state) or previous_tick(cron, until)
             spec = self.store.read_spec(name) or {}
             try:
                 outcome = self.job(name, since, until)

@@ -27,6 +27,8 @@ from typing import Any
 import uvicorn
 
 _logger = logging.getLogger("mlflow_deploy_plugin.worker")
+# Warm standbys load the live model once to import what it needs, when it is at most this big.
+_WARM_LOAD_MAX_BYTES = 256 * 1024 * 1024
 
 
 class DrainingServer(uvicorn.Server):
@@ -75,13 +77,25 @@ def _report(fd: int, line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlflow_deploy_plugin.serving.worker")
-    parser.add_argument("--spec", required=True, help="JSON file describing what to serve")
+    parser.add_argument("--spec", help="JSON file describing what to serve")
+    parser.add_argument("--standby", metavar="HINT_SPEC",
+                        help="warm standby: import everything (and the flavors HINT_SPEC's models use), "
+                             "then read the spec path to serve from stdin")
     parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     parser.add_argument("--ready-fd", type=int, required=True, help="pipe to report readiness on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
-    spec = json.loads(Path(args.spec).read_text())
+    spec_path = args.spec
+    if args.standby:
+        _warm_up(Path(args.standby))
+        _report(args.ready_fd, "standby")
+        spec_path = sys.stdin.readline().strip()
+        if not spec_path:
+            return 0  # released without work (the supervisor is stopping)
+    if not spec_path:
+        parser.error("--spec or --standby is required")
+    spec = json.loads(Path(spec_path).read_text())
     try:
         server, capture = _prepare(spec, args.fd, args.ready_fd)
     except Exception as exc:  # anything that stops the model from serving is reported, not raised
@@ -95,6 +109,47 @@ def main(argv: list[str] | None = None) -> int:
         if capture is not None:
             capture.close(timeout_s=30.0)  # graceful stop: everything accepted reaches disk
     return 0
+
+
+def _warm_up(hint_spec: Path) -> None:
+    """Import what serving needs before there is work, so a swap costs only the model load."""
+    import importlib
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    import mlflow_deploy_plugin.serving.app  # noqa: F401
+    import mlflow_deploy_plugin.serving.capture  # noqa: F401
+
+    try:
+        spec = json.loads(hint_spec.read_text())
+    except (OSError, ValueError):
+        return
+    for entry in traffic_of(spec):
+        model = entry["model"]
+        path = Path(spec["models_dir"]) / model["model_name"] / model["model_version"]
+        try:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            if size <= _WARM_LOAD_MAX_BYTES:
+                # Loading the live model once pulls in exactly what its flavor needs (sklearn, skops,
+                # ...: seconds of imports), so the next version of it loads in a fraction of that.
+                mlflow.pyfunc.load_model(str(path))
+                continue
+            flavors = Model.load(str(path)).flavors
+        except Exception as exc:
+            _logger.debug("Warm-up of %s failed: %s", path, exc)
+            continue
+        loader = flavors.get("python_function", {}).get("loader_module")
+        for module in {f"mlflow.{name}" for name in flavors if name != "python_function"} | {loader} - {None}:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:
+                _logger.debug("Warm-up import of %s failed: %s", module, exc)
+
+
+def traffic_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The versions a spec serves with their percentages (one version at 100% by default)."""
+    return spec.get("traffic") or [{"model": spec["model"], "percent": 100.0}]
 
 
 def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
@@ -111,11 +166,15 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
         if not token:
             raise RuntimeError(f"auth_token_env={config.auth_token_env} but that environment variable "
                                "is empty or unset in the deployment's environment.")
-    model = spec["model"]
-    identity = ModelIdentity(model["model_name"], model["model_version"], model["version_uri"],
-                             model["requested_uri"], model.get("run_id"))
-    slot = ModelSlot.load(identity, Path(spec["models_dir"]) / identity.model_name / identity.model_version)
-    _logger.info("Loaded %s; smoke test: %s", identity.model_uri, slot.smoke_test())
+    slots = []
+    for entry in traffic_of(spec):
+        model = entry["model"]
+        identity = ModelIdentity(model["model_name"], model["model_version"], model["version_uri"],
+                                 model["requested_uri"], model.get("run_id"))
+        slot = ModelSlot.load(identity, Path(spec["models_dir"]) / identity.model_name / identity.model_version)
+        _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, entry["percent"],
+                     slot.smoke_test())
+        slots.append((slot, float(entry["percent"])))
 
     state = ServiceState()
     metrics = ServingMetrics()
@@ -137,7 +196,7 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
             sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
             on_drop=lambda count, _reason: dropped.inc(count),
         )
-    app = build_app(settings, slot, state=state, metrics=metrics,
+    app = build_app(settings, slots, state=state, metrics=metrics,
                     on_answer=capture.record if capture is not None else None)
     uv_config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on",
@@ -151,8 +210,6 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
         _report(ready_fd, "ready")
 
     return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started), capture
-
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,367 @@
+"""The decisions of one deployment's lifecycle: follow the registry, promote, roll back.
+
+One :meth:`LifecycleEngine.cycle` looks at the registry and the service once and takes the steps
+that are due:
+
+- **follow**: a deployment of ``models:/m@alias``, ``/Stage`` or ``/latest`` switches (zero
+  downtime) when that reference moves; a version that cannot load is remembered and never
+  retried until the reference moves again, and the old version keeps serving;
+- **promote** (with a policy): a newly registered version is checked against the gates, made
+  challenger, tried on a canary share of live traffic, then made champion, or rejected saying
+  which gate failed and by how much;
+- **drift** (with a policy): when the served version is ``drifted`` in K consecutive reports,
+  tag it, roll back to the previous good version, or archive it.
+
+Every step is recorded (:func:`.transitions.record`). With ``dry_run`` nothing is changed: each
+step that would be taken is reported instead. State that must survive restarts (versions seen,
+the canary in progress, versions that failed to load) lives in ``lifecycle_state.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mlflow_deploy_plugin.lifecycle import traffic_stats
+from mlflow_deploy_plugin.lifecycle.gates import CanaryStats, evaluate_canary, evaluate_gates
+from mlflow_deploy_plugin.lifecycle.policy import Policy, load_policy
+from mlflow_deploy_plugin.lifecycle.transitions import RegistryRoles, record
+from mlflow_deploy_plugin.registry import is_floating_uri, resolve_model_uri
+from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
+
+_logger = logging.getLogger(__name__)
+
+
+class LifecycleEngine:
+    """Lifecycle decisions for deployment ``name`` (see the module docstring)."""
+
+    def __init__(self, store: StateStore, name: str, *, policy: Policy | None = None, dry_run: bool = False,
+                 follow: bool = True, state_name: str = "lifecycle_state.json",
+                 say: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.name = name
+        self.paths = store.paths(name)
+        self.policy_override = policy
+        self.dry_run = dry_run
+        self.say = say or _logger.info
+        self.client = MlflowClient()
+        self.follow = follow  # off where another process (the deployment's agent) follows
+        self.planned: list[str] = []  # what a dry run would have done
+        self._state_path = self.paths.root / state_name
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _deployment_client(self):
+        from mlflow_deploy_plugin.target import LifecycleDeploymentClient
+
+        client = LifecycleDeploymentClient("lifecycle")
+        client.store = self.store
+        client.engine.store = self.store
+        return client
+
+    def _state(self) -> dict[str, Any]:
+        return read_json(self._state_path) or {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        if not self.dry_run:
+            write_json_atomic(self._state_path, state)
+
+    def _act(self, description: str, action: Callable[[], Any]) -> Any:
+        """Run one change, or in a dry run say what it would be."""
+        if self.dry_run:
+            self.planned.append(description)
+            self.say(f"[dry-run] would {description}")
+            return None
+        self.say(description)
+        return action()
+
+    def policy(self, spec: dict[str, Any]) -> Policy | None:
+        if self.policy_override is not None:
+            return self.policy_override
+        path = (spec.get("config") or {}).get("policy")
+        return load_policy(path) if path else None
+
+    # -- one pass ------------------------------------------------------------------------------
+
+    def cycle(self, actor: str = "registry-poll") -> None:
+        """Look once and take the steps that are due."""
+        spec = self.store.read_spec(self.name)
+        if spec is None:
+            return
+        policy = self.policy(spec)
+        state = self._state()
+        if policy is not None:
+            self._canary(spec, policy, state, actor)
+            spec = self.store.read_spec(self.name) or spec
+        if self.follow and not state.get("canary"):
+            self._follow(spec, state, actor)
+            spec = self.store.read_spec(self.name) or spec
+        if policy is not None and policy.promotion.enabled and not state.get("canary"):
+            self._promotions(spec, policy, state, actor)
+        if policy is not None and not state.get("canary"):
+            self._drift(spec, policy, state, actor)
+        self._save(state)
+
+    # -- follow --------------------------------------------------------------------------------
+
+    def _follow(self, spec: dict[str, Any], state: dict[str, Any], actor: str) -> None:
+        requested = spec["model"]["requested_uri"]
+        if not is_floating_uri(requested) or spec.get("traffic"):
+            return
+        try:
+            resolved = resolve_model_uri(requested, self.client)
+        except MlflowException as exc:
+            state["follow_error"] = exc.message
+            return
+        served = spec["model"]["model_version"]
+        if resolved.model_version == served:
+            state.pop("follow_error", None)
+            return
+        failed = state.setdefault("failed_versions", {})
+        if resolved.model_version in failed:
+            return  # known bad: wait for the reference to move again
+        reason = f"followed {requested}: it now points at v{resolved.model_version} (was v{served})"
+        try:
+            self._act(f"switch {self.name} to v{resolved.model_version} ({reason})",
+                      lambda: self._deployment_client().transition(self.name, reason=reason, actor=actor))
+        except MlflowException as exc:
+            failed[resolved.model_version] = exc.message
+            state["follow_error"] = exc.message
+            record(self.store, self.client, self.name, "follow_failed", model_name=resolved.model_name,
+                   version=resolved.model_version, actor=actor,
+                   reason=f"v{resolved.model_version} cannot serve; v{served} keeps serving: {exc.message}",
+                   tags={f"lifecycle.load_error.{self.name}": exc.message})
+
+    # -- promotion -----------------------------------------------------------------------------
+
+    def _promotions(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
+        # Candidates: versions registered after the deployment was created, each considered once.
+        created_ms = float(spec.get("created_at") or 0) * 1000
+        considered = set(state.setdefault("considered", []))
+        served = spec["model"]["model_version"] if spec["model"]["model_name"] == policy.model else None
+        candidates = sorted(
+            (int(mv.version) for mv in self.client.search_model_versions(f"name='{policy.model}'")
+             if mv.creation_timestamp > created_ms and str(mv.version) not in considered
+             and str(mv.version) != served),
+        )
+        for version in candidates:
+            state["considered"].append(str(version))
+            self._consider(str(version), spec, policy, state, actor)
+            if state.get("canary"):
+                break  # one candidate at a time; later ones wait for this canary to end
+
+    def _consider(self, version: str, spec: dict[str, Any], policy: Policy, state: dict[str, Any],
+                  actor: str) -> None:
+        champion = spec["model"]["model_version"] if spec["model"]["model_name"] == policy.model else None
+        self.say(f"Evaluating gates of {policy.model} v{version} (champion v{champion})")
+        report = evaluate_gates(policy, (policy.model, version), client=self.client, champion_version=champion,
+                                cache_dir=self.paths.models)
+        summary = report.summary()
+        self.say(summary)
+        if not report.passed:
+            self._act(f"reject {policy.model} v{version}: {summary.splitlines()[0]}", lambda: record(
+                self.store, self.client, self.name, "gates_failed", model_name=policy.model, version=version,
+                reason=summary.replace("\n", "; "), actor=f"policy {policy.source}",
+                evidence=report.to_dict(), tags={"lifecycle.gates": "failed", "lifecycle.promotion": "rejected"}))
+            return
+        roles = RegistryRoles(self.client, policy)
+        self._act(f"make {policy.model} v{version} {policy.challenger} (gates passed)", lambda: (
+            roles.set_challenger(version),
+            record(self.store, self.client, self.name, "challenger", model_name=policy.model, version=version,
+                   reason=summary.replace("\n", "; "), actor=f"policy {policy.source}",
+                   evidence=report.to_dict(), tags={"lifecycle.gates": "passed"})))
+        canary = policy.promotion.canary
+        if canary is None or champion is None:
+            self._promote(version, spec, policy, state, reason="gates passed (no canary configured)",
+                          evidence=report.to_dict())
+            return
+        reason = f"canary: v{version} gets {canary.percent:g}% of live traffic (gates passed)"
+        baseline = None
+        try:
+            baseline = traffic_stats.scrape(self._status_url(), self._token(spec)).get(version)
+        except Exception as exc:
+            _logger.warning("Could not read the canary baseline: %s", exc)
+        try:
+            self._act(f"send {canary.percent:g}% of {self.name}'s traffic to v{version}",
+                      lambda: self._deployment_client().transition(
+                          self.name, traffic=[(f"models:/{policy.model}/{champion}", 100 - canary.percent),
+                                              (f"models:/{policy.model}/{version}", canary.percent)],
+                          reason=reason, actor=f"policy {policy.source}", evidence=report.to_dict()))
+        except MlflowException as exc:
+            self._reject(version, policy, f"canary could not start: {exc.message}", {})
+            return
+        state["canary"] = {"version": version, "champion": champion, "started_at": time.time(),
+                           "baseline": baseline.to_dict() if baseline else None}
+
+    def _status_url(self) -> str:
+        return (self.store.read_status(self.name) or {}).get("url", "")
+
+    @staticmethod
+    def _token(spec: dict[str, Any]) -> str | None:
+        import os
+
+        env = (spec.get("config") or {}).get("auth_token_env")
+        return os.environ.get(env) if env else None
+
+    def _canary(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
+        canary_state = state.get("canary")
+        if not canary_state or policy.promotion.canary is None:
+            return
+        version = canary_state["version"]
+        now = traffic_stats.scrape(self._status_url(), self._token(spec)).get(version) \
+            or traffic_stats.VersionFigures()
+        baseline = canary_state.get("baseline")
+        figures = traffic_stats.since(now, traffic_stats.VersionFigures.from_dict(baseline) if baseline else None)
+        drift = self.client.get_model_version(policy.model, version).tags.get("drift.status")
+        stats = CanaryStats(requests=int(figures.requests), errors=int(figures.errors),
+                            p99_latency_ms=traffic_stats.p99_ms(figures),
+                            elapsed_s=time.time() - canary_state["started_at"], drift_status=drift)
+        verdict = evaluate_canary(policy.promotion.canary, stats)
+        if verdict.pending:
+            return
+        summary = verdict.summary().replace("\n", "; ")
+        state.pop("canary")
+        if verdict.passed:
+            self._promote(version, spec, policy, state, reason=f"canary passed: {summary}",
+                          evidence=verdict.to_dict())
+        else:
+            self._reject(version, policy, f"canary failed: {summary}", verdict.to_dict())
+
+    def _promote(self, version: str, spec: dict[str, Any], policy: Policy, state: dict[str, Any], *,
+                 reason: str, evidence: dict[str, Any]) -> None:
+        roles = RegistryRoles(self.client, policy)
+        actor = f"policy {policy.source}"
+        self._act(f"promote {policy.model} v{version} to {policy.champion}", lambda: roles.promote(version))
+        requested = spec["model"]["requested_uri"]
+        target_uri = requested if is_floating_uri(requested) else f"models:/{policy.model}/{version}"
+        self._act(f"serve v{version} with 100% of {self.name}'s traffic", lambda: self._deployment_client()
+                  .transition(self.name, model_uri=target_uri, reason=f"promoted v{version}: {reason}",
+                              actor=actor, evidence=evidence))
+        self._act(f"record the promotion of v{version}", lambda: record(
+            self.store, self.client, self.name, "promoted", model_name=policy.model, version=version,
+            reason=reason, actor=actor, evidence=evidence, tags={"lifecycle.promotion": "champion"}))
+
+    def _reject(self, version: str, policy: Policy, reason: str, evidence: dict[str, Any]) -> None:
+        roles = RegistryRoles(self.client, policy)
+        actor = f"policy {policy.source}"
+        self._act(f"remove {policy.model} v{version} from {policy.challenger}", lambda: roles.clear_challenger(version))
+        self._act(f"serve only the champion on {self.name}", lambda: self._deployment_client()
+                  .transition(self.name, reason=f"rejected v{version}: {reason}", actor=actor, evidence=evidence))
+        self._act(f"record the rejection of v{version}", lambda: record(
+            self.store, self.client, self.name, "rejected", model_name=policy.model, version=version,
+            reason=reason, actor=actor, evidence=evidence, tags={"lifecycle.promotion": "rejected"}))
+
+    # -- drift ---------------------------------------------------------------------------------
+
+    def _drift(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
+        model = spec["model"]
+        if model["model_name"] != policy.model:
+            return
+        version = model["model_version"]
+        experiment_name = (spec.get("config") or {}).get("drift_experiment") or f"drift/{self.name}"
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return
+        k = policy.drift.consecutive_reports
+        runs = self.client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"params.model_version = '{version}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=k)
+        if len(runs) < k or any(run.data.tags.get("drift.status") != "drifted" for run in runs):
+            return
+        latest = runs[0].info.run_id
+        if state.get("drift_handled_run") == latest:
+            return
+        state["drift_handled_run"] = latest
+        run_ids = [run.info.run_id for run in runs]
+        reason = f"v{version} drifted in {k} consecutive reports (runs {', '.join(run_ids)})"
+        evidence = {"report_run_ids": run_ids, "drift_shares": [run.data.metrics.get("drift_share") for run in runs]}
+        action = policy.drift.action
+        if action == "tag":
+            self._act(f"flag {policy.model} v{version}: {reason}", lambda: record(
+                self.store, self.client, self.name, "drift_alert", model_name=policy.model, version=version,
+                reason=reason, actor=f"policy {policy.source}", evidence=evidence,
+                tags={"lifecycle.drift_alert": reason}))
+            return
+        self.rollback(reason=reason, actor=f"policy {policy.source}", evidence=evidence, policy=policy,
+                      archive=action == "archive")
+
+    # -- rollback ------------------------------------------------------------------------------
+
+    def previous_good_version(self, spec: dict[str, Any]) -> str | None:
+        """The version served before the current one that was never rejected or rolled back."""
+        current = spec["model"]["model_version"]
+        bad = {current}
+        served: list[str] = []
+        for event in self.store.read_history(self.name):
+            version = (event.get("model") or {}).get("model_version")
+            if version is None:
+                continue
+            if event["event"] in ("created", "updated") and not event.get("traffic"):
+                served.append(str(version))
+            if event["event"] in ("rejected", "rolled_back", "follow_failed", "update_failed", "gates_failed"):
+                bad.add(str(version))
+        for version in reversed(served):
+            if version not in bad:
+                return version
+        return None
+
+    def rollback(self, *, reason: str, actor: str, evidence: dict[str, Any] | None = None,
+                 policy: Policy | None = None, to_version: str | None = None, archive: bool = False) -> str | None:
+        """Return the deployment to the previous good version (or ``to_version``); returns it.
+
+        A deployment that follows an alias or stage gets the reference moved back too, otherwise
+        following would undo the rollback at the next poll.
+        """
+        spec = self._spec()
+        model = spec["model"]
+        current = model["model_version"]
+        target = to_version or self.previous_good_version(spec)
+        if target is None:
+            self.say(f"No previous good version of {model['model_name']} to roll back to; v{current} keeps serving.")
+            record(self.store, self.client, self.name, "rollback_impossible", model_name=model["model_name"],
+                   version=current, reason=f"{reason}; no previous good version", actor=actor, evidence=evidence)
+            return None
+        requested = model["requested_uri"]
+        if policy is None and is_floating_uri(requested):
+            policy = _policy_for_reference(requested)
+        if policy is not None and is_floating_uri(requested):
+            roles = RegistryRoles(self.client, policy)
+            self._act(f"move {policy.role_uri('champion')} back to v{target}",
+                      lambda: roles.demote(current, target, archive))
+            uri = requested
+        else:
+            uri = f"models:/{model['model_name']}/{target}"
+        why = f"rolled back from v{current} to v{target}: {reason}"
+        self._act(f"serve v{target} on {self.name}", lambda: self._deployment_client().transition(
+            self.name, model_uri=uri, reason=why, actor=actor, evidence=evidence))
+        self._act(f"record the rollback of v{current}", lambda: record(
+            self.store, self.client, self.name, "rolled_back", model_name=model["model_name"], version=current,
+            reason=why, actor=actor, evidence=evidence,
+            tags={"lifecycle.rolled_back": f"to v{target}", **({"lifecycle.archived": "true"} if archive else {})}))
+        return target
+
+    def _spec(self) -> dict[str, Any]:
+        spec = self.store.read_spec(self.name)
+        if spec is None:
+            raise MlflowException(f"No deployment named {self.name!r}.")
+        return spec
+
+
+def _policy_for_reference(requested_uri: str) -> Policy | None:
+    """A minimal policy naming the alias or stage a deployment follows (for manual rollbacks)."""
+    from mlflow.store.artifact.utils.models import _parse_model_uri
+
+    parsed = _parse_model_uri(requested_uri)
+    if parsed.alias:
+        return Policy(model=parsed.name, registry="alias", champion=parsed.alias, challenger=f"{parsed.alias}-prev")
+    if parsed.stage and parsed.stage.lower() in ("production", "staging"):
+        stage = parsed.stage.capitalize()
+        return Policy(model=parsed.name, registry="stage", champion=stage,
+                      challenger="Staging" if stage == "Production" else "Production")
+    return None  # latest: nothing to move back

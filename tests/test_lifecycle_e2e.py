@@ -1,0 +1,267 @@
+"""Decide path end to end: a real `mlflow server`, changes made the way the UI makes them (REST,
+including the ajax-api route for stage transitions), deployments that follow, promote and roll back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from conftest import Env, MlflowServer, free_port, split_payload, wait_for
+from test_update_and_supervision import RequestLoop
+from train import load_data, train
+
+from mlflow_deploy_plugin.serving.capture import read_capture
+
+SECRET = "webhook-secret-for-tests"
+
+
+@pytest.fixture(scope="module")
+def server(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    from mlflow_deploy_plugin.lifecycle.webhooks import register_webhook
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    mlflow_server = MlflowServer(root)
+    try:
+        mlflow_server.wait_ready(90)
+        # Subscribe before any registry event fires: the server caches each event's webhook list
+        # for 60 s, so a webhook created after an event type fired misses it for a minute.
+        mlflow_server.watch_port = free_port()
+        register_webhook(f"http://127.0.0.1:{mlflow_server.watch_port}/webhooks/mlflow", SECRET,
+                         client=mlflow.MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url))
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(mlflow_server.url)
+        try:
+            train("lc", c=1.0, experiment="lifecycle-e2e")
+            train("lc", c=0.1, experiment="lifecycle-e2e")
+            train("lcp", c=1.0, alias="champion", experiment="lifecycle-e2e")
+        finally:
+            mlflow.set_tracking_uri(previous)
+        yield mlflow_server
+    finally:
+        mlflow_server.stop()
+
+
+def _cli_env(env: Env, server: MlflowServer, **extra: str) -> dict[str, str]:
+    return env.environ(MLFLOW_TRACKING_URI=server.url, MLFLOW_DEPLOY_WEBHOOK_SECRET=SECRET, **extra)
+
+
+def _mlflow_deploy(env: Env, server: MlflowServer, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-deploy"), *args], capture_output=True,
+                          text=True, timeout=300, env=_cli_env(env, server), cwd=env.root)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _version(url: str) -> str:
+    return requests.get(f"{url}/version", timeout=5).json()["model_version"]
+
+
+def _rest(server: MlflowServer, route: str, payload: dict) -> None:
+    response = requests.post(f"{server.url}/{route}", json=payload, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+@contextlib.contextmanager
+def _watcher(env: Env, server: MlflowServer, port: int) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow-deploy"), "watch", "--port", str(port)],
+                            env=_cli_env(env, server), cwd=env.root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok, 60, "the watcher")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _seconds_until(predicate, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    wait_for(predicate, timeout_s, what, interval_s=0.02)
+    return time.monotonic() - started
+
+
+def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, server: MlflowServer) -> None:
+    cli_env = _cli_env(env, server)
+    client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    client.set_registered_model_alias("lc", "champion", "1")
+    _rest(server, "ajax-api/2.0/mlflow/model-versions/transition-stage",
+          {"name": "lc", "version": "1", "stage": "Production", "archive_existing_versions": True})
+    port = server.watch_port
+    poll_s = 2.0
+    with _watcher(env, server, port):
+        # Registering again through the CLI updates the same webhook instead of adding one.
+        out = _mlflow_deploy(env, server, "webhook", "register", "--url", f"http://127.0.0.1:{port}/webhooks/mlflow")
+        assert SECRET not in out.stdout and len(client.list_webhooks()) == 1
+        # Long poll interval: only the webhook can make this one fast.
+        env.cli("create", "-t", "lifecycle", "--name", "by-alias", "-m", "models:/lc@champion",
+                "-C", "poll_interval_s=300", env=cli_env)
+        env.cli("create", "-t", "lifecycle", "--name", "by-stage", "-m", "models:/lc/Production",
+                "-C", f"poll_interval_s={poll_s}", env=cli_env)
+        env.cli("create", "-t", "lifecycle", "--name", "pinned", "-m", "models:/lc/1", env=cli_env)
+        alias_url, stage_url, pinned_url = (env.status(n)["url"] for n in ("by-alias", "by-stage", "pinned"))
+        payload = split_payload(load_data()[0].iloc[[3]])
+        try:
+            with RequestLoop(alias_url, payload, clients=2) as alias_loop, \
+                    RequestLoop(stage_url, payload, clients=2) as stage_loop:
+                wait_for(lambda: alias_loop.count > 20 and stage_loop.count > 20, 30, "traffic")
+                # What the UI does when a person moves the alias: one REST call.
+                _rest(server, "api/2.0/mlflow/registered-models/alias",
+                      {"name": "lc", "alias": "champion", "version": "2"})
+                alias_s = _seconds_until(lambda: _version(alias_url) == "2", 10, "the alias deployment to switch")
+                # Stage transition through the UI's ajax-api route: no webhook fires, polling sees it.
+                _rest(server, "ajax-api/2.0/mlflow/model-versions/transition-stage",
+                      {"name": "lc", "version": "2", "stage": "Production", "archive_existing_versions": True})
+                stage_s = _seconds_until(lambda: _version(stage_url) == "2", 30, "the stage deployment to switch")
+
+                # A version that cannot load never takes over.
+                run = client.get_run(client.get_model_version("lc", "2").run_id)
+                client.create_model_version("lc", f"{run.info.artifact_uri}/no-model-here", run.info.run_id)
+                _rest(server, "api/2.0/mlflow/registered-models/alias",
+                      {"name": "lc", "alias": "champion", "version": "3"})
+                wait_for(lambda: "lifecycle.load_error.by-alias" in client.get_model_version("lc", "3").tags,
+                         30, "the failing version to be tagged")
+                served_after = len(alias_loop.versions)
+                wait_for(lambda: len(alias_loop.versions) > served_after + 20, 30, "traffic after the bad move")
+            assert alias_loop.failures == [] and stage_loop.failures == [], (alias_loop.failures[:3],
+                                                                            stage_loop.failures[:3])
+            assert set(alias_loop.versions[-20:]) == {"2"}
+            print(f"\nalias move -> served (webhook): {alias_s:.2f}s; stage -> served (poll {poll_s}s): {stage_s:.2f}s")
+            assert alias_s <= 2.0, f"webhook-driven switch took {alias_s:.2f}s"
+            assert stage_s <= poll_s + 1.5, f"poll-driven switch took {stage_s:.2f}s"
+            info = env.cli("get", "-t", "lifecycle", "--name", "by-alias", env=cli_env).stdout
+            assert "model_version: 2" in info and "not following the registry" in info
+            assert _version(pinned_url) == "1"  # pinned: never moves
+
+            history = _mlflow_deploy(env, server, "history", "by-alias").stdout
+            assert "followed models:/lc@champion: it now points at v2" in history
+            assert "follow_failed" in history
+            events = [json.loads(line) for line in _mlflow_deploy(env, server, "history", "by-alias", "--json")
+                      .stdout.splitlines()]
+            assert next(e for e in events if e["event"] == "updated")["actor"] == "webhook"
+        finally:
+            for name in ("by-alias", "by-stage", "pinned"):
+                env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+
+
+POLICY = """\
+model: lcp
+registry: alias
+promotion:
+  gates:
+    metrics: ["accuracy >= 0.9"]
+    max_regression: {accuracy: 0.05}
+  canary:
+    percent: 30
+    min_requests: 80
+    max_minutes: 5
+    max_error_rate: 0.01
+    max_p99_latency_ms: 5000
+drift:
+  consecutive_reports: 2
+  action: rollback
+"""
+
+
+def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: Env, server: MlflowServer) -> None:
+    cli_env = _cli_env(env, server)
+    client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    policy = env.root / "lcp-policy.yaml"
+    policy.write_text(POLICY)
+    env.cli("create", "-t", "lifecycle", "--name", "guarded", "-m", "models:/lcp@champion", "-C", f"policy={policy}",
+            "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50", env=cli_env)
+    url = env.status("guarded")["url"]
+    features = load_data()[0]
+    previous = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(server.url)
+        with RequestLoop(url, split_payload(features.iloc[[7]]), clients=3) as loop:
+            wait_for(lambda: loop.count > 10, 30, "traffic")
+            train("lcp", c=0.1, experiment="lifecycle-e2e")  # v2: good enough to pass the gates
+            wait_for(lambda: client.get_model_version_by_alias("lcp", "challenger").version == "2", 60,
+                     "v2 to pass the gates and become challenger")
+            canary_start = len(loop.versions)
+            wait_for(lambda: client.get_model_version_by_alias("lcp", "champion").version == "2", 120,
+                     "the canary to pass and v2 to be promoted")
+            wait_for(lambda: _version(url) == "2" and "traffic" not in (json.loads(
+                (env.home / "deployments/guarded/deployment.json").read_text())), 60, "v2 to serve alone")
+            canary_versions = loop.versions[canary_start:]
+            train("lcp", c=1e-4, experiment="lifecycle-e2e")  # v3: too regularised, fails its gates
+            wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.gates") == "failed", 60,
+                     "v3 to fail its gates")
+        assert loop.failures == [], loop.failures[:3]
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    # The canary split was honoured: 30% of requests within 4 standard deviations.
+    during = [v for v in canary_versions if v in ("1", "2")]
+    share = during.count("2") / len(during)
+    sigma = math.sqrt(0.3 * 0.7 / len(during))
+    assert abs(share - 0.3) <= 4 * sigma, f"challenger got {share:.3f} of {len(during)} requests"
+
+    v3 = client.get_model_version("lcp", "3")
+    assert "short by" in v3.tags["lifecycle.last_event"] and "accuracy" in v3.tags["lifecycle.last_event"]
+    assert v3.tags["lifecycle.promotion"] == "rejected"
+    assert "promoted" in client.get_model_version("lcp", "2").description
+
+    # Dry runs change nothing.
+    before = (client.get_model_version_by_alias("lcp", "champion").version, _version(url),
+              (env.home / "deployments/guarded/history.jsonl").read_text())
+    out = _mlflow_deploy(env, server, "rollback", "guarded", "--dry-run")
+    assert "[dry-run] would" in out.stderr and "Would roll guarded back to v1" in out.stdout
+    assert before == (client.get_model_version_by_alias("lcp", "champion").version, _version(url),
+                      (env.home / "deployments/guarded/history.jsonl").read_text())
+
+    # Drift: v2 sees shifted traffic in two consecutive reports -> the policy rolls back to v1.
+    for _ in range(2):
+        since = datetime.now(UTC)
+        time.sleep(0.01)
+        shifted = features.sample(200, replace=True, random_state=5).copy()
+        for column in [c for c in shifted.columns if c.startswith(("mean_", "worst_"))]:  # 20 of 30 columns
+            shifted[column] = shifted[column] * 2.0
+        for start in range(0, 200, 10):
+            response = requests.post(f"{url}/invocations", json=split_payload(shifted.iloc[start:start + 10]),
+                                     timeout=30)
+            assert response.status_code == 200
+        capture_dir = str(env.home / "deployments/guarded/capture")
+        wait_for(lambda d=capture_dir, s=since: len(read_capture(d, since=s)) >= 200, 30, "the capture on disk")
+        report = _mlflow_deploy(env, server, "drift", "report", "guarded", "--since", since.isoformat())
+        assert "drift.status=drifted" in report.stdout, report.stdout + report.stderr[-2000:]
+    wait_for(lambda: _version(url) == "1", 60, "the drift policy to roll back to v1")
+    assert client.get_model_version_by_alias("lcp", "champion").version == "1"
+    story = _mlflow_deploy(env, server, "history", "guarded").stdout
+    for expected in ("rolled_back", "drifted in 2 consecutive reports", "promoted", "canary passed",
+                     "gates_failed", "challenger", "created"):
+        assert expected in story, f"{expected!r} missing from history:\n{story}"
+    env.cli("delete", "-t", "lifecycle", "--name", "guarded", env=cli_env)
+
+
+def test_policy_must_fit_the_deployment(env: Env, server: MlflowServer) -> None:
+    policy = env.root / "lcp-policy-fit.yaml"
+    policy.write_text(POLICY)
+    proc = env.cli("create", "-t", "lifecycle", "--name", "misfit", "-m", "models:/lcp/1", "-C", f"policy={policy}",
+                   check=False, env=_cli_env(env, server))
+    assert proc.returncode != 0 and "must serve -m models:/lcp@champion" in proc.stderr
+    bad = env.root / "bad-policy.yaml"
+    bad.write_text("model: lcp\npromotion:\n  gates:\n    metrics: ['accuracy => 0.9']\n")
+    proc = env.cli("create", "-t", "lifecycle", "--name", "misfit", "-m", "models:/lcp@champion",
+                   "-C", f"policy={bad}", check=False, env=_cli_env(env, server))
+    assert proc.returncode != 0 and ":4:" in proc.stderr and "promotion.gates.metrics[0]" in proc.stderr
