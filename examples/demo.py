@@ -1,10 +1,11 @@
-"""End-to-end demo on embedded defaults (what `make demo` runs).
+"""End-to-end demo on embedded defaults (what `make demo` runs): serve, watch, decide.
 
 Everything lives in ./demo-output: a SQLite tracking store, its artifacts and the deployment
-state. It trains and registers a model through the MLproject, deploys it with the real
-`mlflow deployments create -t lifecycle`, sends predictions, moves the `champion` alias to a
-second version and updates the deployment with zero downtime, then prints what to look at.
-It stops what it started unless run with --keep.
+state. It trains and registers a model through the MLproject, deploys `@champion` with the real
+`mlflow deployments create -t lifecycle` and a lifecycle policy, sends predictions, updates the
+deployment with zero downtime, registers a second version that the policy promotes through its
+gates and a canary, then sends drifted traffic whose drift reports make the policy roll back,
+and prints the story and what to look at. It stops what it started unless run with --keep.
 """
 
 from __future__ import annotations
@@ -63,42 +64,62 @@ def main() -> None:
     run(str(BIN / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
         "-P", f"model_name={MODEL}", "-P", "C=1.0", "-P", "alias=champion")
 
-    step("Deploy models:/breast_cancer@champion with the lifecycle target")
-    deployments("create", "--name", NAME, "-m", f"models:/{MODEL}@champion")
-    info = json.loads((OUT / "deploy-home/deployments" / NAME / "status.json").read_text())
-    url = info["url"]
+    policy = OUT / "policy.yaml"
+    policy.write_text(POLICY)
+    step(f"Deploy models:/{MODEL}@champion with the lifecycle target, driven by {policy.name}")
+    print(POLICY)
+    deployments("create", "--name", NAME, "-m", f"models:/{MODEL}@champion", "-C", f"policy={policy}",
+                "-C", "poll_interval_s=1", "-C", "drift_min_rows=100")
+    url = json.loads((OUT / "deploy-home/deployments" / NAME / "status.json").read_text())["url"]
 
     step(f"Send predictions to {url}/invocations")
     features, _ = load_data()
     rows = features.sample(5, random_state=1)
-    payload = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
-    answer = requests.post(f"{url}/invocations", json=payload, timeout=30)
+    answer = requests.post(f"{url}/invocations", json=_payload(rows), timeout=30)
     print(f"HTTP {answer.status_code}: {answer.text}  (served by version {answer.headers['x-model-version']})")
-    for _ in range(200):
-        requests.post(f"{url}/invocations", json=payload, timeout=30)
 
-    step("Train version 2, move the champion alias to it, update the deployment (zero downtime)")
-    run(str(BIN / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
-        "-P", f"model_name={MODEL}", "-P", "C=0.1", "-P", "alias=champion")
-    started = time.monotonic()
-    deployments("update", "--name", NAME, "-m", f"models:/{MODEL}@champion")
-    print(f"update took {time.monotonic() - started:.1f}s; /version now says:")
-    print(requests.get(f"{url}/version", timeout=5).text)
+    step("Update the deployment's config with zero downtime (mlflow deployments update -C workers=2)")
+    deployments("update", "--name", NAME, "-C", "workers=2")
 
+    traffic = Traffic(url, features)
+    traffic.start()
+    try:
+        step("Register version 2 (no alias): the policy checks its gates, makes it challenger, "
+             "sends it 20% of live traffic, then promotes it")
+        run(str(BIN / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
+            "-P", f"model_name={MODEL}", "-P", "C=0.1")
+        _wait(lambda: _served(url) == ["2"], 180, "version 2 to be promoted and serve alone", url)
+    finally:
+        traffic.stop()
+    print(f"{traffic.sent} requests sent during the promotion, {traffic.failed} failed")
+
+    step("Send drifted traffic (20 of 30 columns doubled) and run two drift reports")
+    for _ in range(2):
+        since = time.time()
+        drifted = features.sample(300, replace=True, random_state=int(since) % 1000).copy()
+        for column in [c for c in drifted.columns if c.startswith(("mean_", "worst_"))]:
+            drifted[column] *= 2.0
+        for start in range(0, 300, 10):
+            requests.post(f"{url}/invocations", json=_payload(drifted.iloc[start:start + 10]), timeout=30)
+        time.sleep(2.5)  # captured rows reach disk every 2 s
+        run(str(BIN / "mlflow-deploy"), "drift", "report", NAME, "--since",
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since - 1)))
+    step("The drift policy rolls the deployment back to version 1")
+    _wait(lambda: _served(url) == ["1"], 120, "the drift policy to roll back", url)
+
+    step("History: what happened and why")
+    run(str(BIN / "mlflow-deploy"), "history", NAME)
     step("Deployment status")
     deployments("get", "--name", NAME)
-    metrics = requests.get(f"{url}/metrics", timeout=5).text
-    print("\n".join(line for line in metrics.splitlines() if line.startswith("mlflow_deploy_requests_total")))
-
-    step("History")
-    run(str(BIN / "mlflow-deploy"), "history", NAME)
 
     print(f"""
 What to look at:
   - the MLflow UI:  {BIN}/mlflow ui --backend-store-uri sqlite:///{OUT}/mlflow.db
-      Models > {MODEL}: version 2 carries the tag lifecycle.deployment.{NAME} = {url}
+      Models > {MODEL}: aliases champion/challenger, tags lifecycle.* and drift.*, and each
+        version's description, which lists every lifecycle step taken on it.
+      Experiments > drift/{NAME}: one run per drift report, metric drift_share charted over
+        time, artifact drift_report.html (Evidently) and drift_summary.json.
   - the service:    curl {url}/version ; curl {url}/metrics
-  - the deployment: MLFLOW_DEPLOY_HOME={OUT}/deploy-home {BIN}/mlflow deployments get -t lifecycle --name {NAME}
   - captured traffic: MLFLOW_DEPLOY_HOME={OUT}/deploy-home {BIN}/mlflow-deploy capture show {NAME}
 """)
     if args.keep:
@@ -108,6 +129,89 @@ What to look at:
     else:
         step("Stop the deployment (run with --keep, e.g. `make demo DEMO_ARGS=--keep`, to leave it up)")
         deployments("delete", "--name", NAME)
+
+
+POLICY = f"""\
+model: {MODEL}
+registry: alias
+promotion:
+  gates:
+    metrics: ["accuracy >= 0.9"]
+    max_regression: {{accuracy: 0.02}}
+  canary:
+    percent: 20
+    min_requests: 100
+    max_minutes: 2
+    max_error_rate: 0.01
+    max_p99_latency_ms: 2000
+drift:
+  consecutive_reports: 2
+  action: rollback
+"""
+
+
+def _payload(rows) -> dict:
+    return {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+
+
+def _served(url: str) -> list[str]:
+    import requests
+
+    info = requests.get(f"{url}/version", timeout=5).json()
+    return [entry["model_version"] for entry in info["traffic"]]
+
+
+def _wait(predicate, timeout_s: float, what: str, url: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            now = _served(url)
+        except Exception:
+            now = None
+        if now != last:
+            print(f"  serving: {now}", flush=True)
+            last = now
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class Traffic:
+    """Steady in-distribution traffic in a background thread (bounded: stops itself after 5 min)."""
+
+    def __init__(self, url: str, features) -> None:
+        import threading
+
+        self.url, self.features = url, features
+        self.sent = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import requests
+
+        session = requests.Session()
+        deadline = time.monotonic() + 300
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            rows = self.features.sample(3, random_state=self.sent % 500)
+            try:
+                ok = session.post(f"{self.url}/invocations", json=_payload(rows), timeout=30).status_code == 200
+            except requests.RequestException:
+                ok = False
+            self.sent += 1
+            self.failed += not ok
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
 
 
 if __name__ == "__main__":

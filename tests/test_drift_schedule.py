@@ -1,0 +1,121 @@
+"""Drift schedules: no overlap, one catch-up run after downtime, failures recorded and survived."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import wait_for
+
+from mlflow_deploy_plugin.monitoring.schedule import DriftScheduler, next_tick, previous_tick, wait_for_runs
+from mlflow_deploy_plugin.state import StateStore
+
+T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _store(tmp_path: Path, cron: str = "*/10 * * * *", name: str = "sched") -> StateStore:
+    store = StateStore(tmp_path / "home")
+    store.write_spec(name, {"name": name, "config": {"drift_schedule": cron},
+                            "model": {"model_name": "m", "model_version": "1"}, "created_at": T0.timestamp()})
+    return store
+
+
+def test_cron_helpers() -> None:
+    assert next_tick("*/10 * * * *", T0) == T0 + timedelta(minutes=10)
+    assert previous_tick("*/10 * * * *", T0) == T0
+    assert next_tick("* * * * * */5", T0) == T0 + timedelta(seconds=5)  # sixth field: seconds
+
+
+def test_runs_never_overlap_and_windows_chain(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    clock = Clock(T0 + timedelta(minutes=10))
+    release = threading.Event()
+    calls: list[tuple[datetime, datetime]] = []
+
+    def slow_job(name: str, since: datetime, until: datetime) -> None:
+        calls.append((since, until))
+        release.wait(30)
+
+    scheduler = DriftScheduler(store, job=slow_job, clock=clock)
+    assert scheduler.tick() == ["sched"]
+    wait_for(lambda: calls, 5, "the first run to start")
+    clock.now += timedelta(minutes=30)  # ticks pass while the first run is still going
+    assert scheduler.tick() == []
+    # A second scheduler (another process, e.g. `mlflow-deploy drift schedule`) is kept out by the lock.
+    other = DriftScheduler(store, job=slow_job, clock=clock)
+    other.tick()
+    wait_for_runs(other, 10)
+    assert len(calls) == 1
+    release.set()
+    wait_for_runs(scheduler, 10)
+    # The next run starts where the last window ended: nothing lost, nothing twice.
+    assert scheduler.tick() == ["sched"]
+    wait_for_runs(scheduler, 10)
+    assert calls[0] == (T0, T0 + timedelta(minutes=10))
+    assert calls[1] == (T0 + timedelta(minutes=10), T0 + timedelta(minutes=40))
+
+
+def test_downtime_gives_one_catch_up_run(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    calls = []
+    clock = Clock(T0 + timedelta(hours=5))  # 30 ticks were missed
+    scheduler = DriftScheduler(store, job=lambda n, s, u: calls.append((s, u)), clock=clock)
+    scheduler.tick()
+    wait_for_runs(scheduler, 10)
+    scheduler.tick()  # nothing due any more
+    wait_for_runs(scheduler, 10)
+    assert calls == [(T0, T0 + timedelta(hours=5))]
+
+
+def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env) -> None:
+    store = _store(tmp_path, name="flaky")
+    clock = Clock(T0 + timedelta(minutes=10))
+    outcomes = iter([RuntimeError("reference data unreachable"), None])
+    calls = []
+
+    def job(name: str, since: datetime, until: datetime) -> None:
+        calls.append((since, until))
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+
+    scheduler = DriftScheduler(store, job=job, clock=clock)
+    scheduler.tick()
+    wait_for_runs(scheduler, 30)
+    assert scheduler.completed[-1][1].startswith("failed: RuntimeError")
+    experiment = mlflow.MlflowClient().get_experiment_by_name("drift/flaky")
+    runs = mlflow.MlflowClient().search_runs([experiment.experiment_id])
+    assert runs[0].info.status == "FAILED" and "reference data unreachable" in runs[0].data.tags["drift.error"]
+    clock.now += timedelta(minutes=10)
+    scheduler.tick()
+    wait_for_runs(scheduler, 10)
+    # The failed window is covered again by the next run.
+    assert calls[1] == (T0, T0 + timedelta(minutes=20)) and scheduler.completed[-1] == ("flaky", "ok")
+
+
+@pytest.mark.parametrize("bad", ["every 5 minutes", "61 * * * *"])
+def test_bad_cron_is_rejected_at_config_time(bad: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_deploy_plugin.config import parse_config
+
+    with pytest.raises(MlflowException, match="drift_schedule"):
+        parse_config({"drift_schedule": bad})
+
+
+def test_unscheduled_deployments_are_ignored(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "home")
+    store.write_spec("plain", {"name": "plain", "config": {}, "model": {}, "created_at": time.time()})
+    assert DriftScheduler(store).scheduled() == {}

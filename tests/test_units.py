@@ -1,0 +1,107 @@
+"""Small pure pieces: config parsing, the numeric parsing fast path, agent needs, canary figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.pyfunc import scoring_server
+
+from mlflow_deploy_plugin.agent import needs_agent
+from mlflow_deploy_plugin.config import DeploymentConfig, parse_config
+from mlflow_deploy_plugin.lifecycle.traffic_stats import VersionFigures, p99_ms, since
+from mlflow_deploy_plugin.serving.protocol import fast_path_columns, parse_request
+
+
+def test_config_converts_strings_and_keeps_defaults() -> None:
+    config = parse_config({"port": "5001", "workers": "2", "capture": "false", "timeout_s": "2.5"})
+    assert (config.port, config.workers, config.capture, config.timeout_s) == (5001, 2, False, 2.5)
+    assert config.host == "127.0.0.1" and config.max_body_mb == DeploymentConfig().max_body_mb
+    assert parse_config({"workers": 3}).workers == 3  # the Python API may pass real ints
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"prot": "1"}, "Unknown deployment config key 'prot'"),
+    ({"port": "70000"}, "port='70000'. Allowed: an integer from 1 to 65535"),
+    ({"workers": "1.5"}, "workers='1.5'"),
+    ({"capture": "maybe"}, "capture='maybe'. Allowed: true or false"),
+    ({"capture_sample_rate": "0"}, "capture_sample_rate='0'"),
+    ({"host": "example.com"}, "host='example.com'"),
+    ({"auth_token_env": "not a var"}, "auth_token_env='not a var'"),
+    ({"host": "0.0.0.0"}, "without authentication"),
+    ({"policy": "/nonexistent/policy.yaml"}, "policy='/nonexistent/policy.yaml'"),
+])
+def test_config_errors_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
+    with pytest.raises(MlflowException, match="") as info:
+        parse_config(raw)
+    assert message in info.value.message
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_non_loopback_with_token_is_allowed() -> None:
+    assert not parse_config({"host": "0.0.0.0", "auth_token_env": "TOKEN"}).is_loopback
+
+
+@pytest.fixture(scope="module")
+def numeric_schema():
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [0.5, 1.5]})
+    return infer_signature(frame).inputs
+
+
+@pytest.mark.parametrize("payload", [
+    {"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2.5], [3.25, 4]]}},
+    {"dataframe_split": {"columns": ["b", "a"], "data": [[1, 2.5]]}},
+    {"dataframe_records": [{"a": 1, "b": 2.5}, {"b": 4, "a": 3.25}]},
+])
+def test_fast_path_builds_what_mlflow_builds(numeric_schema, payload: dict) -> None:
+    columns = fast_path_columns(numeric_schema)
+    assert columns == frozenset({"a", "b"})
+    fast = parse_request(json.dumps(payload).encode(), "application/json", None, numeric_schema, columns).data
+    reference = scoring_server.infer_and_parse_data(payload, numeric_schema)
+    pd.testing.assert_frame_equal(fast, reference)
+
+
+@pytest.mark.parametrize("payload", [
+    {"dataframe_split": {"columns": ["a", "b"], "data": [[True, 2.5]]}},
+    {"dataframe_split": {"columns": ["a", "b"], "data": [[None, 2.5]]}},
+    {"dataframe_split": {"columns": ["a", "b"], "data": [["x", 2.5]]}},
+    {"dataframe_split": {"columns": ["a"], "data": [[1.0]]}},
+    {"dataframe_split": {"columns": ["a", "b", "c"], "data": [[1.0, 2.0, 3.0]]}},
+    {"dataframe_records": [{"a": 1.0}]},
+    {"dataframe_split": {"columns": ["a", "b"], "data": [[1.0, 2.0]]}, "params": {"x": 1}},
+])
+def test_anything_unusual_takes_mlflows_own_path(numeric_schema, payload: dict) -> None:
+    columns = fast_path_columns(numeric_schema)
+    from mlflow_deploy_plugin.serving.protocol import _fast_frame
+
+    assert _fast_frame(payload, columns) is None
+
+
+def test_fast_path_only_for_all_double_schemas() -> None:
+    schema = infer_signature(pd.DataFrame({"a": [1.0], "n": [1]})).inputs
+    assert fast_path_columns(schema) is None
+    assert fast_path_columns(None) is None
+
+
+@pytest.mark.parametrize(("uri", "config", "needed"), [
+    ("models:/m/3", {}, False),
+    ("models:/m@champion", {}, True),
+    ("models:/m/Production", {}, True),
+    ("models:/m/latest", {}, True),
+    ("models:/m/3", {"drift_schedule": "*/5 * * * *"}, True),
+])
+def test_agent_runs_only_where_there_is_background_work(uri: str, config: dict, needed: bool) -> None:
+    assert needs_agent({"model": {"requested_uri": uri}, "config": config}) is needed
+
+
+def test_canary_figures_from_histogram() -> None:
+    baseline = VersionFigures(10, 1, {0.01: 5, 0.1: 10, math.inf: 10})
+    now = VersionFigures(110, 2, {0.01: 80, 0.1: 109, math.inf: 110})
+    figures = since(now, baseline)
+    assert (figures.requests, figures.errors) == (100, 1)
+    assert p99_ms(figures) == pytest.approx(100.0)  # 99 of 100 within the 0.1 s bucket
+    assert p99_ms(VersionFigures()) is None
