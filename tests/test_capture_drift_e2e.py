@@ -99,6 +99,9 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         for column in ("mean_radius", "mean_texture", "worst_area"):
             shifted[column] = shifted[column] * 1.8
         _send(url, [shifted.iloc[i:i + 5] for i in range(0, 300, 5)])
+        capture_dir = str(env.home / "deployments" / name / "capture")
+        wait_for(lambda: len(read_capture(capture_dir, since=shifted_since)) >= 300, 30,
+                 "the shifted rows to reach disk (flushed every 2 s)")
         out = _mlflow_deploy(env, "drift", "report", name, "--since", shifted_since.isoformat())
         assert "drift.status=" in out.stdout
         drifted_run = client.get_run(out.stdout.split("run: ")[1].split()[0])
