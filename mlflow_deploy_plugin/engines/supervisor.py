@@ -58,11 +58,22 @@ class Worker:
     error: str | None = None
     draining: bool = False
     standby_ready: bool = False  # a warm standby that finished its imports
+    loaded_at: float | None = None  # model loaded and smoke-tested; waiting for "go" to accept
+    released: bool = False
     _buffer: bytes = b""
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    def release(self) -> None:
+        """Let a loaded worker start accepting connections."""
+        self.released = True
+        try:
+            self.popen.stdin.write(b"go\n")
+            self.popen.stdin.flush()
+        except (OSError, AttributeError):
+            pass  # it died meanwhile: reaped as a crash or a failed update
 
     def read_pipe(self) -> None:
         """Pick up what the worker said on its ready pipe (non-blocking)."""
@@ -78,6 +89,8 @@ class Worker:
                 self.ready_at = time.time()
             elif text == "standby":
                 self.standby_ready = True
+            elif text == "loaded" and self.loaded_at is None:
+                self.loaded_at = time.time()
             elif text.startswith("error "):
                 self.error = text[len("error "):]
 
@@ -169,7 +182,7 @@ class Supervisor:
             self.standby = None
             try:
                 standby.popen.stdin.write(f"{generation.spec_file}\n".encode())
-                standby.popen.stdin.close()
+                standby.popen.stdin.flush()
             except OSError:
                 pass
             else:
@@ -215,7 +228,7 @@ class Supervisor:
                 [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker", *what,
                  "--fd", str(generation.sock.fileno()), "--ready-fd", str(write_fd)],
                 pass_fds=(generation.sock.fileno(), write_fd),
-                stdin=subprocess.PIPE if standby else subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=log, stderr=log, env=env,
             )
         os.close(write_fd)
@@ -303,6 +316,7 @@ class Supervisor:
     def _tick(self) -> None:
         for worker in list(self.workers.values()):
             worker.read_pipe()
+        self._release_loaded()
         self._reap()
         self._respawn_due()
         self._advance_update()
@@ -312,6 +326,20 @@ class Supervisor:
             self._keep_agent()
             self._keep_standby()
         self._write_status()
+
+    def _release_loaded(self) -> None:
+        """Workers accept only once their whole generation has loaded: no mix of old and new
+        versions while a slower new worker is still loading, and nothing new serves if one fails."""
+        for generation in (self.current, self.pending.generation if self.pending else None):
+            workers = self._workers_of(generation)
+            if workers and all(w.loaded_at for w in workers):
+                for worker in workers:
+                    if not worker.released:
+                        worker.release()
+            if generation is self.current:
+                for worker in workers:  # restarts of the serving generation go at once
+                    if worker.loaded_at and not worker.released:
+                        worker.release()
 
     def _reap(self) -> None:
         for pid, worker in list(self.workers.items()):

@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         _logger.error("Worker could not start: %s", exc)
         _report(args.ready_fd, f"error {exc}")
         return 3
+    # Loaded and smoke-tested: wait for the supervisor's "go" (sent once every worker of this
+    # generation has loaded) before accepting, so versions never mix during a swap.
+    _report(args.ready_fd, "loaded")
+    if sys.stdin.readline().strip() != "go":
+        if capture is not None:
+            capture.close(timeout_s=5.0)
+        return 0  # the update was abandoned
     sock = socket.socket(fileno=args.fd)
     try:
         server.run(sockets=[sock])
