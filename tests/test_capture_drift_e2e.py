@@ -117,6 +117,11 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         assert "drift.status=insufficient_data" in out.stdout
         assert client.get_model_version(registry.model, "1").tags["drift.status"] == "insufficient_data"
 
+        shown = _mlflow_deploy(env, "capture", "show", name, "--since", "1h", "--limit", "5", "--output", "json")
+        rows = json.loads(shown.stdout)
+        assert len(rows) == 5 and {"_request_id", "_model_version", "mean_radius", "_prediction"} <= set(rows[0])
+        assert "captured rows" in shown.stderr
+
         # The MLproject entry point, as cron or Airflow would run it.
         proc = subprocess.run(
             [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "drift_report",

@@ -68,8 +68,11 @@ def test_errors_are_clear(env: Env, shared_deployment: dict, registry: Registry)
          "Invalid deployment name"),
         (("explain", "-t", "lifecycle", "--name", "shared", "-I", str(input_path)), "does not support `explain`"),
     ]
-    for args, message in cases:
-        proc = env.cli(*args, check=False)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:  # independent CLI calls: 2-3 s of imports each
+        procs = list(pool.map(lambda case: env.cli(*case[0], check=False), cases))
+    for (args, message), proc in zip(cases, procs, strict=True):
         assert proc.returncode != 0, f"{args} should fail"
         assert message in proc.stderr + proc.stdout, f"{args}: expected {message!r} in:\n{proc.stderr[-2000:]}"
     names = env.cli("list", "-t", "lifecycle").stdout
@@ -143,3 +146,18 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_two_creates_of_one_name_at_once_give_one_deployment(env: Env, registry: Registry) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    args = ("create", "-t", "lifecycle", "--name", "twin", "-m", f"models:/{registry.model}/1")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: env.cli(*args, check=False), range(2)))
+    try:
+        codes = sorted(proc.returncode for proc in results)
+        assert codes[0] == 0 and codes[1] != 0, [p.stderr[-500:] for p in results]
+        assert "already exists" in next(p for p in results if p.returncode).stderr
+        assert env.cli("get", "-t", "lifecycle", "--name", "twin").returncode == 0
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", "twin", check=False)

@@ -11,10 +11,17 @@ import mlflow
 import pytest
 from conftest import wait_for
 
-from mlflow_deploy_plugin.monitoring.schedule import DriftScheduler, next_tick, previous_tick, wait_for_runs
+from mlflow_deploy_plugin.monitoring.schedule import (
+    CAPTURE_SETTLE_S,
+    DriftScheduler,
+    next_tick,
+    previous_tick,
+    wait_for_runs,
+)
 from mlflow_deploy_plugin.state import StateStore
 
 T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
+SETTLE = timedelta(seconds=CAPTURE_SETTLE_S)  # windows end this long before "now"
 
 
 class Clock:
@@ -40,7 +47,7 @@ def test_cron_helpers() -> None:
 
 def test_runs_never_overlap_and_windows_chain(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    clock = Clock(T0 + timedelta(minutes=10))
+    clock = Clock(T0 + timedelta(minutes=10) + SETTLE)
     release = threading.Event()
     calls: list[tuple[datetime, datetime]] = []
 
@@ -64,13 +71,13 @@ def test_runs_never_overlap_and_windows_chain(tmp_path: Path) -> None:
     assert scheduler.tick() == ["sched"]
     wait_for_runs(scheduler, 10)
     assert calls[0] == (T0, T0 + timedelta(minutes=10))
-    assert calls[1] == (T0 + timedelta(minutes=10), T0 + timedelta(minutes=40))
+    assert calls[1] == (T0 + timedelta(minutes=10), T0 + timedelta(minutes=40))  # 30 min later
 
 
 def test_downtime_gives_one_catch_up_run(tmp_path: Path) -> None:
     store = _store(tmp_path)
     calls = []
-    clock = Clock(T0 + timedelta(hours=5))  # 30 ticks were missed
+    clock = Clock(T0 + timedelta(hours=5) + SETTLE)  # 30 ticks were missed
     scheduler = DriftScheduler(store, job=lambda n, s, u: calls.append((s, u)), clock=clock)
     scheduler.tick()
     wait_for_runs(scheduler, 10)
@@ -81,7 +88,7 @@ def test_downtime_gives_one_catch_up_run(tmp_path: Path) -> None:
 
 def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env) -> None:
     store = _store(tmp_path, name="flaky")
-    clock = Clock(T0 + timedelta(minutes=10))
+    clock = Clock(T0 + timedelta(minutes=10) + SETTLE)
     outcomes = iter([RuntimeError("reference data unreachable"), None])
     calls = []
 

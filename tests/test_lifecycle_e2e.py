@@ -265,3 +265,43 @@ def test_policy_must_fit_the_deployment(env: Env, server: MlflowServer) -> None:
     proc = env.cli("create", "-t", "lifecycle", "--name", "misfit", "-m", "models:/lcp@champion",
                    "-C", f"policy={bad}", check=False, env=_cli_env(env, server))
     assert proc.returncode != 0 and ":4:" in proc.stderr and "promotion.gates.metrics[0]" in proc.stderr
+
+
+def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> None:
+    cli_env = _cli_env(env, server)
+    client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    client.set_registered_model_alias("lc", "champion", "1")
+    env.cli("create", "-t", "lifecycle", "--name", "manual", "-m", "models:/lc@champion",
+            "-C", "poll_interval_s=0.5", env=cli_env)
+    url = env.status("manual")["url"]
+    try:
+        client.set_registered_model_alias("lc", "champion", "2")
+        wait_for(lambda: _version(url) == "2", 30, "the deployment to follow the alias to v2")
+
+        # By hand: back to the previous version; the alias moves too, so following does not undo it.
+        out = _mlflow_deploy(env, server, "rollback", "manual")
+        assert "Rolled manual back to v1" in out.stdout
+        assert _version(url) == "1" and client.get_model_version_by_alias("lc", "champion").version == "1"
+        time.sleep(1.5)  # a few poll intervals: still v1
+        assert _version(url) == "1"
+        assert "rolled_back" in _mlflow_deploy(env, server, "history", "manual").stdout
+
+        # A policy given to `watch` in dry-run mode says what it would do and does nothing.
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(server.url)
+        try:
+            new_version = train("lc", c=0.1, experiment="lifecycle-e2e")
+        finally:
+            mlflow.set_tracking_uri(previous)
+        policy = env.root / "lc-policy.yaml"
+        policy.write_text("model: lc\npromotion:\n  gates:\n    metrics: ['accuracy >= 0.9']\n")
+        history_before = (env.home / "deployments/manual/history.jsonl").read_text()
+        out = _mlflow_deploy(env, server, "watch", "--policy", str(policy), "--dry-run", "--once")
+        assert f"[dry-run] would make lc v{new_version} challenger" in out.stderr, out.stderr[-2000:]
+        assert "change(s) planned, none made" in out.stdout
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias("lc", "challenger")
+        assert (env.home / "deployments/manual/history.jsonl").read_text() == history_before
+        assert _version(url) == "1"
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", "manual", check=False, env=cli_env)

@@ -1,7 +1,7 @@
 """Scheduled drift reports (``-C drift_schedule="*/30 * * * *"``; a sixth field adds seconds).
 
 Each deployment keeps ``drift_schedule.json`` in its folder: the end of the last window judged.
-A run covers [last end, now), so after downtime a single catch-up run covers everything missed
+A run covers [last end, now - a few seconds for capture to settle), so after downtime a single catch-up run covers everything missed
 instead of one run per missed tick. A per-deployment file lock keeps runs from overlapping, also
 between the deployment's own agent and a separate `mlflow-deploy drift schedule` process. A failed
 run is recorded in MLflow (status FAILED, with the error) and leaves the window start where it
@@ -24,6 +24,9 @@ from croniter import croniter
 from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
 
 _logger = logging.getLogger(__name__)
+# Scheduled windows end this long before "now": captured rows reach disk up to a flush interval
+# (2 s) after their request, and a row flushed after its window was judged would be in no window.
+CAPTURE_SETTLE_S = 5.0
 DriftJob = Callable[[str, datetime, datetime], Any]
 
 
@@ -93,7 +96,7 @@ class DriftScheduler:
     def due(self, name: str, cron: str, now: datetime) -> bool:
         """Whether a tick of ``cron`` has passed since the last window ended (or since creation)."""
         anchor = self._anchor(name, self._state(name))
-        return anchor is not None and next_tick(cron, anchor) <= now
+        return anchor is not None and next_tick(cron, anchor) <= now - timedelta(seconds=CAPTURE_SETTLE_S)
 
     def tick(self) -> list[str]:
         """Start the runs that are due; returns the names started."""
@@ -119,7 +122,7 @@ class DriftScheduler:
             except BlockingIOError:
                 return  # another process is running this deployment's report right now
             state = self._state(name)
-            until = self.clock()
+            until = self.clock() - timedelta(seconds=CAPTURE_SETTLE_S)
             since = self._anchor(name, state) or previous_tick(cron, until)
             spec = self.store.read_spec(name) or {}
             try:
