@@ -33,5 +33,15 @@ def stack_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
     if len(frames) == 1:
         return first
     if all(is_float64(f) and f.columns.equals(first.columns) for f in frames):
-        return mark_float64(pd.DataFrame(np.vstack([f.to_numpy() for f in frames]), columns=first.columns))
+        # Fill a column-major array frame by frame: each copy is short, so other threads (the
+        # event loop) get the GIL between them, and every column ends up contiguous, which makes
+        # the later Arrow conversion of captured rows zero-copy.
+        total = sum(len(f) for f in frames)
+        out = np.empty((len(first.columns), total), dtype=np.float64)
+        start = 0
+        for frame in frames:
+            rows = len(frame)
+            out[:, start:start + rows] = frame.to_numpy().T
+            start += rows
+        return mark_float64(pd.DataFrame(out.T, columns=first.columns, copy=False))
     return pd.concat(frames, ignore_index=True)
