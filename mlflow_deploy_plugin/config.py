@@ -220,6 +220,15 @@ class DeploymentConfig:
         """Plain JSON-serialisable form, as kept in the deployment state."""
         return asdict(self)
 
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> DeploymentConfig:
+        """A config as kept in deployment state: validated when it was given, not again.
+
+        Re-validating would make a running deployment depend on things that may change later
+        (a policy file moved or edited must not stop its workers from restarting).
+        """
+        return cls(**{key: value for key, value in stored.items() if key in _FIELD_NAMES})
+
     def merged(self, overrides: Mapping[str, Any] | None) -> DeploymentConfig:
         """A copy with ``overrides`` (raw `-C` values) validated and applied on top."""
         return parse_config(overrides, base=self)

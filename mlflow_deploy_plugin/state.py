@@ -43,7 +43,7 @@ STATUS_STOPPED = "stopped"
 
 def deploy_home() -> Path:
     """The root folder of all deployment state (``$MLFLOW_DEPLOY_HOME``, default ~/.mlflow-deploy)."""
-    return Path(os.environ.get(DEPLOY_HOME_ENV) or Path.home() / ".mlflow-deploy").expanduser()
+    return Path(os.environ.get(DEPLOY_HOME_ENV) or Path.home() / ".mlflow-deploy").expanduser().resolve()
 
 
 def validate_name(name: str) -> str:

@@ -25,6 +25,7 @@ from mlflow.protos.databricks_pb2 import (
     INVALID_STATE,
     RESOURCE_ALREADY_EXISTS,
     RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
 )
 
 from mlflow_deploy_plugin.config import DeploymentConfig, config_help, parse_config
@@ -70,6 +71,14 @@ Examples:
   MY_TOKEN=s3cret mlflow deployments create -t lifecycle --name churn -m models:/churn/3 \\
       -C host=0.0.0.0 -C auth_token_env=MY_TOKEN
 """
+
+
+def _error_code(name: str | None) -> int:
+    """The protobuf error code named by a service error body (MlflowException wants the number)."""
+    try:
+        return ErrorCode.Value(name) if name else INVALID_PARAMETER_VALUE
+    except ValueError:
+        return INVALID_PARAMETER_VALUE
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -206,6 +215,8 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
                 raise MlflowException(
                     f"Deployment {name!r} already exists. Use `mlflow deployments update` to change it "
                     "or delete it first.", error_code=RESOURCE_ALREADY_EXISTS)
+            if self.store.paths(name).root.exists():
+                self.store.archive(name)  # leftovers of a deleted one (late writes): start clean
             self.store.write_spec(name, spec)
         try:
             status = self.engine.start(name, parsed.startup_timeout_s)
@@ -239,7 +250,15 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
             spec = self._spec(name)
             old_model = spec["model"]
             old_traffic = spec.get("traffic")
-            parsed = parse_config(config, base=parse_config(spec["config"]))
+            stored = DeploymentConfig.from_stored(spec["config"])
+            parsed = parse_config(config, base=stored)
+            if parsed.auth_token_env != stored.auth_token_env:
+                # Workers read the token from the supervisor's environment, fixed at create.
+                raise MlflowException(
+                    f"auth_token_env cannot change on update ({stored.auth_token_env} -> {parsed.auth_token_env}): "
+                    "the service reads its token from the environment it was created in. Delete and "
+                    "create the deployment again to change or rotate the token.",
+                    error_code=INVALID_PARAMETER_VALUE)
             _token_for(parsed)
             client = MlflowClient()
             requested = model_uri or old_model["requested_uri"]
@@ -292,7 +311,7 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
         Deleting a deployment that does not exist is not an error.
         """
         _check_name(name)
-        with self.store.global_lock():
+        with self.store.global_lock(), file_lock(self.store.paths(name).lock):
             spec = self.store.read_spec(name)
             if spec is None:
                 return
@@ -338,7 +357,7 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
             raise MlflowException(f"Unsupported inputs type {type(inputs).__name__}: pass a DataFrame, "
                                   "a dict payload or a JSON string.", error_code=INVALID_PARAMETER_VALUE)
         headers = {"Content-Type": "application/json"}
-        token = _token_for(parse_config(spec["config"]))
+        token = _token_for(DeploymentConfig.from_stored(spec["config"]))
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
@@ -354,7 +373,7 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
                 error = {"message": response.text[:500]}
             raise MlflowException(
                 f"Deployment {deployment_name!r} answered {response.status_code}: {error.get('message')}",
-                error_code=error.get("error_code") or INVALID_PARAMETER_VALUE)
+                error_code=_error_code(error.get("error_code")))
         return PredictionsResponse.from_json(response.text)
 
     def explain(self, deployment_name=None, df=None, endpoint=None):

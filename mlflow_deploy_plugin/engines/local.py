@@ -27,6 +27,22 @@ class EngineError(RuntimeError):
     """The engine could not do what was asked; the message says why."""
 
 
+def is_supervisor(pid: int | None, root: Path) -> bool:
+    """Whether ``pid`` is alive AND is the supervisor of the deployment at ``root``.
+
+    After a reboot ``status.json`` may name a pid that now belongs to an unrelated process: it must
+    never be reported as running, let alone signalled.
+    """
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return b"mlflow_deploy_plugin.engines.supervisor" in argv and str(root).encode() in argv
+
+
 class LocalEngine:
     """Starts, updates, stops and inspects supervisor processes (see ``supervisor.py``)."""
 
@@ -74,7 +90,7 @@ class LocalEngine:
         """Stop gracefully (in-flight requests finish); kill after ``timeout_s``."""
         status = self.store.read_status(name) or {}
         pid = status.get("pid")
-        if not pid_alive(pid):
+        if not is_supervisor(pid, self.store.paths(name).root):
             return
         with contextlib.suppress(EngineError):
             self._request(name, {"op": "stop"}, timeout_s)
@@ -83,7 +99,8 @@ class LocalEngine:
     def status(self, name: str) -> dict[str, Any]:
         """The supervisor's last word, corrected if the supervisor itself has died."""
         status = dict(self.store.read_status(name) or {"state": STATUS_STOPPED})
-        if status.get("state") not in (STATUS_STOPPED, STATUS_FAILED) and not pid_alive(status.get("pid")):
+        alive = is_supervisor(status.get("pid"), self.store.paths(name).root)
+        if status.get("state") not in (STATUS_STOPPED, STATUS_FAILED) and not alive:
             status["state"] = STATUS_FAILED
             status["last_error"] = (status.get("last_error") or "") + \
                 " [the supervisor process is gone; delete and re-create the deployment]"
@@ -104,7 +121,7 @@ class LocalEngine:
                 answer = read_json(result_path)
                 if answer is not None:
                     return answer
-                if not pid_alive(status.get("pid")):
+                if not is_supervisor(status.get("pid"), paths.root):
                     raise EngineError(f"Deployment {name!r}: supervisor exited before answering.")
                 time.sleep(0.05)
             raise EngineError(f"Deployment {name!r} did not answer {request['op']!r} within {timeout_s:.0f}s.")

@@ -454,8 +454,11 @@ class Supervisor:
         if pending is None:
             return
         self.pending = None
-        self._drain(self._workers_of(pending.generation))
-        for worker in self._workers_of(pending.generation):
+        abandoned = self._workers_of(pending.generation)
+        # Never released, they hold no connection: no drain needed, and SIGKILL also stops model
+        # code that ignores SIGTERM.
+        for worker in abandoned:
+            worker.draining = True
             with contextlib.suppress(ProcessLookupError):
                 worker.popen.kill()
         if self.current is None or pending.generation.sock is not self.current.sock:

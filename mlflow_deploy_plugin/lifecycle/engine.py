@@ -95,6 +95,8 @@ class LifecycleEngine:
             return
         policy = self.policy(spec)
         state = self._state()
+        if state.get("canary") and (policy is None or policy.promotion.canary is None):
+            self._end_orphan_canary(state, actor)
         if policy is not None:
             self._canary(spec, policy, state, actor)
             spec = self.store.read_spec(self.name) or spec
@@ -104,7 +106,7 @@ class LifecycleEngine:
         if policy is not None and policy.promotion.enabled and not state.get("canary"):
             self._promotions(spec, policy, state, actor)
         if policy is not None and not state.get("canary"):
-            self._drift(spec, policy, state, actor)
+            self._drift(self.store.read_spec(self.name) or spec, policy, state, actor)
         self._save(state)
 
     # -- follow --------------------------------------------------------------------------------
@@ -121,10 +123,12 @@ class LifecycleEngine:
         served = spec["model"]["model_version"]
         if resolved.model_version == served:
             state.pop("follow_error", None)
+            state.pop("failed_versions", None)
             return
         failed = state.setdefault("failed_versions", {})
         if resolved.model_version in failed:
             return  # known bad: wait for the reference to move again
+        failed.clear()  # the reference moved: a version that failed before may be tried again later
         reason = f"followed {requested}: it now points at v{resolved.model_version} (was v{served})"
         try:
             self._act(f"switch {self.name} to v{resolved.model_version} ({reason})",
@@ -142,8 +146,11 @@ class LifecycleEngine:
     def _promotions(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
         # Candidates: versions registered after the deployment was created, each considered once.
         created_ms = float(spec.get("created_at") or 0) * 1000
-        considered = set(state.setdefault("considered", []))
         served = spec["model"]["model_version"] if spec["model"]["model_name"] == policy.model else None
+        considered = state.setdefault("considered", [])
+        if served is not None and served not in considered:
+            considered.append(served)  # whatever served once (even by a person's alias move) is not new
+        considered = set(considered) | self._versions_with(("rolled_back", "rejected", "gates_failed"))
         candidates = sorted(
             (int(mv.version) for mv in self.client.search_model_versions(f"name='{policy.model}'")
              if mv.creation_timestamp > created_ms and str(mv.version) not in considered
@@ -197,6 +204,13 @@ class LifecycleEngine:
             return
         state["canary"] = {"version": version, "champion": champion, "started_at": time.time(),
                            "baseline": baseline.to_dict() if baseline else None}
+
+    def _end_orphan_canary(self, state: dict[str, Any], actor: str) -> None:
+        """The policy (or its canary section) went away mid-canary: serve the champion alone."""
+        canary = state.pop("canary")
+        reason = f"canary of v{canary['version']} ended: the policy no longer configures a canary"
+        self._act(f"serve only the champion on {self.name} ({reason})", lambda: self._deployment_client()
+                  .transition(self.name, reason=reason, actor=actor))
 
     def _status_url(self) -> str:
         return (self.store.read_status(self.name) or {}).get("url", "")
@@ -291,6 +305,10 @@ class LifecycleEngine:
         self.rollback(reason=reason, actor=f"policy {policy.source}", evidence=evidence, policy=policy,
                       archive=action == "archive")
 
+    def _versions_with(self, events: tuple[str, ...]) -> set[str]:
+        return {str((event.get("model") or {}).get("model_version")) for event in self.store.read_history(self.name)
+                if event["event"] in events}
+
     # -- rollback ------------------------------------------------------------------------------
 
     def previous_good_version(self, spec: dict[str, Any]) -> str | None:
@@ -304,6 +322,8 @@ class LifecycleEngine:
                 continue
             if event["event"] in ("created", "updated") and not event.get("traffic"):
                 served.append(str(version))
+            if event.get("traffic"):
+                continue  # a canary split: its record names the champion, which did not fail
             if event["event"] in ("rejected", "rolled_back", "follow_failed", "update_failed", "gates_failed"):
                 bad.add(str(version))
         for version in reversed(served):
@@ -324,8 +344,9 @@ class LifecycleEngine:
         target = to_version or self.previous_good_version(spec)
         if target is None:
             self.say(f"No previous good version of {model['model_name']} to roll back to; v{current} keeps serving.")
-            record(self.store, self.client, self.name, "rollback_impossible", model_name=model["model_name"],
-                   version=current, reason=f"{reason}; no previous good version", actor=actor, evidence=evidence)
+            self._act(f"record that v{current} has no version to roll back to", lambda: record(
+                self.store, self.client, self.name, "rollback_impossible", model_name=model["model_name"],
+                version=current, reason=f"{reason}; no previous good version", actor=actor, evidence=evidence))
             return None
         requested = model["requested_uri"]
         if policy is None and is_floating_uri(requested):

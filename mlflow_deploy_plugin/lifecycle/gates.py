@@ -93,7 +93,7 @@ class CanaryStats:
     """What the serving side measured for the challenger since the canary started."""
 
     requests: int
-    errors: int  # 5xx answers and 4xx answers caused by the model (not by malformed requests)
+    errors: int  # 5xx answers (client mistakes, 4xx, are not the challenger's fault)
     p99_latency_ms: float | None
     elapsed_s: float
     drift_status: str | None = None  # the challenger's latest ``drift.status`` tag, if any

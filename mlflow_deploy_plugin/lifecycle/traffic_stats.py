@@ -31,8 +31,9 @@ class VersionFigures:
 
 
 def _is_error(status: str) -> bool:
-    # 5xx, and 400s (the model rejected the input); 401/404/413/415/499 are not the model's fault.
-    return status.startswith("5") or status == "400"
+    # Only 5xx: a 4xx is the client's mistake (bad JSON, wrong columns) and would let a few bad
+    # clients fail a healthy challenger. Input incompatibility is the signature gate's job.
+    return status.startswith("5")
 
 
 def scrape(url: str, token: str | None = None, timeout_s: float = 5.0) -> dict[str, VersionFigures]:

@@ -11,7 +11,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from mlflow_deploy_plugin.config import parse_config
+from mlflow_deploy_plugin.config import DeploymentConfig
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
 from mlflow_deploy_plugin.serving.capture import read_capture
@@ -55,7 +55,7 @@ def run_deployment_drift(
     spec = store.read_spec(name)
     if spec is None:
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
-    config = parse_config(spec["config"])
+    config = DeploymentConfig.from_stored(spec["config"])
     model = spec["model"]
     until = until or datetime.now(UTC)
     since = since or until - timedelta(hours=24)

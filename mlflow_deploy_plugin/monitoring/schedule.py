@@ -95,8 +95,15 @@ class DriftScheduler:
 
     def due(self, name: str, cron: str, now: datetime) -> bool:
         """Whether a tick of ``cron`` has passed since the last window ended (or since creation)."""
-        anchor = self._anchor(name, self._state(name))
-        return anchor is not None and next_tick(cron, anchor) <= now - timedelta(seconds=CAPTURE_SETTLE_S)
+        state = self._state(name)
+        anchor = self._anchor(name, state)
+        if anchor is None:
+            return False
+        if state.get("last_attempt"):
+            # After a failure wait for the next tick too: no retry storm, the window still starts
+            # at the last successful end.
+            anchor = max(anchor, datetime.fromisoformat(state["last_attempt"]))
+        return next_tick(cron, anchor) <= now - timedelta(seconds=CAPTURE_SETTLE_S)
 
     def tick(self) -> list[str]:
         """Start the runs that are due; returns the names started."""

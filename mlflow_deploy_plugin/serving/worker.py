@@ -169,12 +169,12 @@ def traffic_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
-    from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.config import DeploymentConfig
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
     from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
 
-    config = parse_config(spec["config"])
+    config = DeploymentConfig.from_stored(spec["config"])
     token = None
     if config.auth_token_env:
         token = os.environ.get(config.auth_token_env)
