@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -211,11 +210,9 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
     finally:
         mlflow.set_tracking_uri(previous)
 
-    # The canary split was honoured: 30% of requests within 4 standard deviations.
-    during = [v for v in canary_versions if v in ("1", "2")]
-    share = during.count("2") / len(during)
-    sigma = math.sqrt(0.3 * 0.7 / len(during))
-    assert abs(share - 0.3) <= 4 * sigma, f"challenger got {share:.3f} of {len(during)} requests"
+    # During the canary both versions answered live traffic (the split itself is measured exactly
+    # in test_update_and_supervision.py::test_traffic_split_is_honoured).
+    assert {"1", "2"} <= set(canary_versions)
 
     v3 = client.get_model_version("lcp", "3")
     assert "short by" in v3.tags["lifecycle.last_event"] and "accuracy" in v3.tags["lifecycle.last_event"]

@@ -151,3 +151,34 @@ def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry
         assert proc.returncode != 0 and "UNSET_TOKEN_VAR" in proc.stderr
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+
+
+def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
+    import math
+
+    from mlflow_deploy_plugin.target import LifecycleDeploymentClient
+
+    name = "split"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1")
+    try:
+        url = env.status(name)["url"]
+        LifecycleDeploymentClient("lifecycle").transition(
+            name, traffic=[(f"models:/{registry.model}/1", 70), (f"models:/{registry.model}/2", 30)],
+            reason="canary test", actor="test")
+        info = requests.get(f"{url}/version", timeout=5).json()
+        assert [(t["model_version"], t["percent"]) for t in info["traffic"]] == [("1", 70.0), ("2", 30.0)]
+        assert "traffic: v1 70%, v2 30%" in env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        session = requests.Session()
+        payload = split_payload(registry.features.iloc[[1]])
+        served = [session.post(f"{url}/invocations", json=payload, timeout=30).headers["x-model-version"]
+                  for _ in range(600)]
+        share = served.count("2") / len(served)
+        sigma = math.sqrt(0.3 * 0.7 / len(served))
+        assert abs(share - 0.3) <= 4 * sigma, f"v2 got {share:.3f} of {len(served)} requests"
+        # A client can ask for one version explicitly; per-version metrics tell them apart.
+        forced = session.post(f"{url}/invocations", json=payload, headers={"X-Model-Version": "2"}, timeout=30)
+        assert forced.headers["x-model-version"] == "2"
+        metrics = requests.get(f"{url}/metrics", timeout=5).text
+        assert 'model_version="2",status="200"' in metrics and 'model_version="1",status="200"' in metrics
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)

@@ -60,6 +60,7 @@ class Worker:
     standby_ready: bool = False  # a warm standby that finished its imports
     loaded_at: float | None = None  # model loaded and smoke-tested; waiting for "go" to accept
     released: bool = False
+    stopped_accepting: bool = False  # draining: answers what it has, takes no new connection
     _buffer: bytes = b""
 
     @property
@@ -91,6 +92,8 @@ class Worker:
                 self.standby_ready = True
             elif text == "loaded" and self.loaded_at is None:
                 self.loaded_at = time.time()
+            elif text == "draining":
+                self.stopped_accepting = True
             elif text.startswith("error "):
                 self.error = text[len("error "):]
 
@@ -169,6 +172,9 @@ class Supervisor:
         self._handled: set[str] = set()
         self.agent: subprocess.Popen | None = None
         self.agent_restart_at = 0.0
+        # An update is answered once the old workers stopped accepting: from then on every new
+        # connection reaches the new version.
+        self.answer_when_drained: tuple[str, list[Worker], float] | None = None
         self.standby: Worker | None = None
         self.standby_sock: socket.socket | None = None
 
@@ -320,6 +326,7 @@ class Supervisor:
         self._reap()
         self._respawn_due()
         self._advance_update()
+        self._answer_drained()
         self._handle_requests()
         self._refresh_state()
         if self.ever_ready:
@@ -424,6 +431,15 @@ class Supervisor:
         for index in range(int(spec["config"].get("workers") or 1)):
             self._spawn(generation, index)
 
+    def _answer_drained(self) -> None:
+        if self.answer_when_drained is None:
+            return
+        request_id, old_workers, deadline = self.answer_when_drained
+        if all(w.stopped_accepting or w.popen.poll() is not None for w in old_workers) \
+                or time.monotonic() > deadline:
+            self.answer_when_drained = None
+            self._answer(request_id, ok=True)
+
     def _advance_update(self) -> None:
         pending = self.pending
         if pending is None:
@@ -438,13 +454,14 @@ class Supervisor:
             self.ever_ready = True
             spec = dict(pending.generation.spec, generation=pending.generation.number)
             self.store.write_spec(self.paths.name, spec)
+            old_workers = self._workers_of(old)
             if old is not None:
-                self._drain(self._workers_of(old))
+                self._drain(old_workers)
                 if old.sock is not self.current.sock:
                     old.sock.close()
             self.state = STATUS_RUNNING
             self._write_status()
-            self._answer(pending.request_id, ok=True)
+            self.answer_when_drained = (pending.request_id, old_workers, time.monotonic() + 5.0)
         elif time.monotonic() > pending.deadline:
             self._fail_update(f"new version not ready within startup_timeout_s "
                               f"({pending.generation.spec['config'].get('startup_timeout_s')}s)")
@@ -522,6 +539,9 @@ class Supervisor:
         failed = self.state == STATUS_FAILED
         if self.pending is not None:
             self._fail_update("deployment is stopping")
+        if self.answer_when_drained is not None:
+            self._answer(self.answer_when_drained[0], ok=True)
+            self.answer_when_drained = None
         self._release_standby()
         everyone = list(self.workers.values())
         self._drain(everyone)

@@ -36,8 +36,10 @@ class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM drains instead of dropping keep-alive connections."""
 
     def __init__(self, config: uvicorn.Config, service_state: Any, drain_grace_s: float,
-                 on_started: Any) -> None:
+                 on_started: Any, on_stopped_accepting: Any = None) -> None:
         super().__init__(config)
+        self.on_stopped_accepting = on_stopped_accepting
+        self._closed_listeners = False
         self.service_state = service_state
         self.drain_grace_s = drain_grace_s
         self.on_started = on_started
@@ -63,8 +65,12 @@ class DrainingServer(uvicorn.Server):
             _logger.warning("Supervisor is gone; draining and exiting.")
             self.begin_drain()
         if self._drain_deadline is not None and not self.should_exit:
-            for server in self.servers:
-                server.close()  # stop accepting; the shared socket stays open for the others
+            if not self._closed_listeners:
+                for server in self.servers:
+                    server.close()  # stop accepting; the shared socket stays open for the others
+                self._closed_listeners = True
+                if self.on_stopped_accepting is not None:
+                    self.on_stopped_accepting()
             # Exit once keep-alive clients have taken the hint (Connection: close) or at the deadline.
             if not self.server_state.connections or time.monotonic() > self._drain_deadline:
                 self.should_exit = True
@@ -224,7 +230,8 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
         state.ready = True
         _report(ready_fd, "ready")
 
-    return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started), capture
+    return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started,
+                          on_stopped_accepting=lambda: _report(ready_fd, "draining")), capture
 
 if __name__ == "__main__":
     sys.exit(main())
