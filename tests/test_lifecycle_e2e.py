@@ -244,6 +244,9 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
         assert "drift.status=drifted" in report.stdout, report.stdout + report.stderr[-2000:]
     wait_for(lambda: _version(url) == "1", 60, "the drift policy to roll back to v1")
     assert client.get_model_version_by_alias("lcp", "champion").version == "1"
+    # The audit record is written right after the switch it describes.
+    wait_for(lambda: "rolled_back" in (env.home / "deployments/guarded/history.jsonl").read_text(), 30,
+             "the rollback to be recorded")
     story = _mlflow_deploy(env, server, "history", "guarded").stdout
     for expected in ("rolled_back", "drifted in 2 consecutive reports", "promoted", "canary passed",
                      "gates_failed", "challenger", "created"):
