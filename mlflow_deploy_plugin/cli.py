@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import click
 
-from mlflow_deploy_plugin.state import StateStore, capture_root
+from mlflow_deploy_plugin.state import StateStore, capture_root, read_history_file
 
 
 def _spec_or_exit(store: StateStore, name: str) -> dict:
@@ -310,7 +310,7 @@ def history(name: str, as_json: bool) -> None:
     if not events:
         archived = sorted((store.home / "archive").glob(f"{name}-*"))
         if archived:
-            events = _archived_history(archived[-1])
+            events = read_history_file(archived[-1] / "history.jsonl")
     if not events:
         raise click.ClickException(f"No history for deployment {name!r}.")
     for event in reversed(events):
@@ -327,12 +327,6 @@ def history(name: str, as_json: bool) -> None:
             detail = f"{detail} error: {event['error']}"
         click.echo(f"{when}  {event['event']:<14} {version:<28} {detail}".rstrip())
 
-
-def _archived_history(folder) -> list[dict]:
-    path = folder / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

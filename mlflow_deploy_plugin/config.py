@@ -229,9 +229,6 @@ class DeploymentConfig:
         """
         return cls(**{key: value for key, value in stored.items() if key in _FIELD_NAMES})
 
-    def merged(self, overrides: Mapping[str, Any] | None) -> DeploymentConfig:
-        """A copy with ``overrides`` (raw `-C` values) validated and applied on top."""
-        return parse_config(overrides, base=self)
 
 
 _FIELD_NAMES = {f.name for f in fields(DeploymentConfig)}

@@ -81,6 +81,13 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def read_history_file(path: Path) -> list[dict[str, Any]]:
+    """The events of a ``history.jsonl`` (a live or an archived deployment's), oldest first."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, timeout_s: float = 120.0) -> Iterator[None]:
     """An exclusive advisory lock shared by every process on this machine."""
@@ -219,10 +226,7 @@ class StateStore:
             handle.write(line)
 
     def read_history(self, name: str) -> list[dict[str, Any]]:
-        path = self.paths(name).history
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_history_file(self.paths(name).history)
 
     def archive(self, name: str) -> Path:
         """Move a deployment's folder aside, keeping its captured data and history."""

@@ -144,7 +144,3 @@ class LocalEngine:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
-
-def logs_dir(store: StateStore, name: str) -> Path:
-    """Where a deployment's supervisor and worker logs are."""
-    return store.paths(name).logs

@@ -205,6 +205,7 @@ def build_app(
         cumulative.append(running)
     draw = (rng or random.Random()).random
     in_flight = metrics.in_flight.labels(deployment)
+    request_counters: dict[tuple[str, int], Any] = {}
     identity = primary.slot.identity
     version_body = json.dumps({
         "deployment": deployment,
@@ -312,7 +313,11 @@ def build_app(
         elapsed = time.perf_counter() - started
         version = route.slot.identity.model_version
         route.latency.observe(elapsed)
-        metrics.requests.labels(deployment, version, str(response.status_code)).inc()
+        key = (version, response.status_code)
+        counter = request_counters.get(key)
+        if counter is None:  # labels() takes a lock and builds a tuple key: once per pair, not per request
+            counter = request_counters[key] = metrics.requests.labels(deployment, version, str(key[1]))
+        counter.inc()
         response.headers["x-request-id"] = request_id
         response.headers["x-model-version"] = version
         if on_answer is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class BatchingPredictor:
         self._on_batch = on_batch
         self._executor = executor
         self._max_rows = max_batch_rows
-        self._queue: list[_Pending] = []
+        self._queue: deque[_Pending] = deque()
         self._running = False
         self.last_batch_sizes: list[int] = []
 
@@ -95,7 +96,7 @@ class BatchingPredictor:
             while self._queue:
                 batch, rows = [], 0
                 while self._queue and (not batch or rows + len(self._queue[0].frame) <= self._max_rows):
-                    item = self._queue.pop(0)
+                    item = self._queue.popleft()
                     if item.future.cancelled():
                         continue
                     batch.append(item)
