@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-serving bench-drift clean
+.PHONY: demo test test-fast lint typecheck bench-serving bench-drift bench-follow clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mlflow_deploy_plugin tests examples benchmarks
+	$(BIN)/mypy mlflow_deploy_plugin
+
+typecheck: lint
+
+# In-process tests only (app, batcher, spec, CLI, import graph): seconds, no processes started.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -18,21 +18,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger("mlflow_deploy_plugin.agent")
-
-
-def needs_agent(spec: dict[str, Any]) -> bool:
-    """Whether a deployment with this spec has background work to do."""
-    config = spec.get("config") or {}
-    if config.get("drift_schedule") or config.get("policy"):
-        return True
-    requested = (spec.get("model") or {}).get("requested_uri", "")
-    # models:/name/<digits> is pinned; aliases, stages and latest can move.
-    return "@" in requested or not requested.rstrip("/").rsplit("/", 1)[-1].isdigit()
 
 
 def poke_path(root: Path) -> Path:
@@ -48,8 +37,8 @@ def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None
     last_poke = poke.stat().st_mtime if poke.exists() else 0.0
     next_poll = 0.0
     while not stop.is_set():
-        spec = store.read_spec(name) or {}
-        interval = float((spec.get("config") or {}).get("poll_interval_s") or 10.0)
+        spec = store.read_spec(name)
+        interval = spec.config.poll_interval_s if spec else 10.0
         poked = poke.exists() and poke.stat().st_mtime != last_poke
         if poked or time.monotonic() >= next_poll:
             if poked:

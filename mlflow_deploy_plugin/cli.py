@@ -1,4 +1,9 @@
-"""`mlflow-deploy`: what `mlflow deployments` has no verb for (captured traffic, drift, history)."""
+"""`mlflow-deploy`: what `mlflow deployments` has no verb for (captured traffic, drift, history).
+
+The group builds one :class:`StateStore` per call (``--home`` or ``$MLFLOW_DEPLOY_HOME``) and hands
+it to every command through ``ctx.obj``, so a command never reads state from another home than the
+one it was told, and click's ``CliRunner`` can test each command in process.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,41 @@ import json
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
-from mlflow_deploy_plugin.state import StateStore, capture_root, read_history_file
+from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
+from mlflow_deploy_plugin.state import StateStore, capture_root, read_history_file, validate_name
+
+pass_store = click.make_pass_decorator(StateStore)
 
 
-def _spec_or_exit(store: StateStore, name: str) -> dict:
+def _spec_or_exit(store: StateStore, name: str) -> DeploymentSpec:
     try:
-        spec = store.read_spec(name)
+        spec = store.read_spec(validate_name(name))
     except ValueError as exc:
+        if isinstance(exc, SpecError):
+            raise click.ClickException(f"Deployment {name!r} has an unreadable spec: {exc}") from None
         raise click.BadParameter(str(exc), param_hint="NAME") from None
     if spec is None:
         raise click.ClickException(
             f"No deployment named {name!r}. `mlflow deployments list -t lifecycle` shows the deployments there are.")
     return spec
+
+
+def _specs(store: StateStore) -> list[DeploymentSpec]:
+    """Every readable deployment spec (an unreadable one is reported, not fatal)."""
+    specs = []
+    for name in store.names():
+        try:
+            spec = store.read_spec(name)
+        except SpecError as exc:
+            click.echo(f"skipping {name}: {exc}", err=True)
+            continue
+        if spec is not None:
+            specs.append(spec)
+    return specs
 
 
 def _when(text: str | None, default: datetime | None, option: str) -> datetime | None:
@@ -36,8 +61,12 @@ def _when(text: str | None, default: datetime | None, option: str) -> datetime |
 
 @click.group()
 @click.version_option(package_name="mlflow-deploy-plugin")
-def cli() -> None:
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="MLFLOW_DEPLOY_HOME",
+              default=None, help="Deployment state folder (default: $MLFLOW_DEPLOY_HOME or ~/.mlflow-deploy).")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
     """Serve, watch and promote MLflow registry models deployed with `-t lifecycle`."""
+    ctx.obj = StateStore(home.expanduser().resolve() if home else None)
 
 
 @cli.group()
@@ -52,15 +81,16 @@ def capture() -> None:
 @click.option("--limit", default=20, show_default=True, help="Rows to print (0 = all).")
 @click.option("--output", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-def capture_show(name: str, since: str, until: str | None, limit: int, output_format: str) -> None:
+@pass_store
+def capture_show(store: StateStore, name: str, since: str, until: str | None, limit: int,
+                 output_format: str) -> None:
     """Print the rows NAME captured in a time window."""
     from mlflow_deploy_plugin.serving.capture import read_capture
 
-    store = StateStore()
     spec = _spec_or_exit(store, name)
     start = _when(since, None, "--since")
     end = _when(until, None, "--until")
-    root = capture_root(name, spec["config"].get("capture_uri"), str(store.paths(name).capture))
+    root = capture_root(name, spec.config.capture_uri, str(store.paths(name).capture))
     frame = read_capture(root, since=start, until=end)
     click.echo(f"{len(frame)} captured rows for {name!r} from {start:%Y-%m-%d %H:%M:%S} UTC"
                f" to {'now' if end is None else f'{end:%Y-%m-%d %H:%M:%S} UTC'} ({root})", err=True)
@@ -85,7 +115,8 @@ def drift() -> None:
 @click.argument("name")
 @click.option("--since", default="24h", show_default=True, help="Start of the window: 30m, 24h, 7d or ISO time.")
 @click.option("--until", default=None, help="End of the window (default: now).")
-def drift_report(name: str, since: str, until: str | None) -> None:
+@pass_store
+def drift_report(store: StateStore, name: str, since: str, until: str | None) -> None:
     """Compare NAME's captured inputs and predictions in a window with its version's reference data.
 
     Logs an MLflow run (HTML report, JSON summary, per-column scores) and tags the served model
@@ -95,7 +126,6 @@ def drift_report(name: str, since: str, until: str | None) -> None:
 
     from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
 
-    store = StateStore()
     _spec_or_exit(store, name)
     start = _when(since, None, "--since")
     end = _when(until, None, "--until")
@@ -120,7 +150,8 @@ def drift_report(name: str, since: str, until: str | None) -> None:
 @drift.command("schedule")
 @click.option("--name", "names", multiple=True, help="Only these deployments (default: every scheduled one).")
 @click.option("--once", is_flag=True, help="Run what is due now, wait for it, and exit.")
-def drift_schedule(names: tuple[str, ...], once: bool) -> None:
+@pass_store
+def drift_schedule(store: StateStore, names: tuple[str, ...], once: bool) -> None:
     """Run every deployment's scheduled drift reports (-C drift_schedule) in this foreground process.
 
     For systemd, cron or Kubernetes users who prefer one scheduler process. Runs never overlap
@@ -133,7 +164,7 @@ def drift_schedule(names: tuple[str, ...], once: bool) -> None:
     from mlflow_deploy_plugin.monitoring.schedule import DriftScheduler, wait_for_runs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    scheduler = DriftScheduler(StateStore(), list(names) or None)
+    scheduler = DriftScheduler(store, list(names) or None)
     scheduled = scheduler.scheduled()
     if not scheduled:
         raise click.ClickException("No deployment has -C drift_schedule set.")
@@ -149,8 +180,8 @@ def drift_schedule(names: tuple[str, ...], once: bool) -> None:
     scheduler.run_forever(stop)
 
 
-def _engine_for(name: str, *, dry_run: bool, policy_path: str | None = None, follow: bool = True,
-                state_name: str = "lifecycle_state.json"):
+def _engine_for(store: StateStore, name: str, *, dry_run: bool, policy_path: str | None = None,
+                follow: bool = True, state_name: str = "lifecycle_state.json"):
     from mlflow_deploy_plugin.lifecycle.engine import LifecycleEngine
     from mlflow_deploy_plugin.lifecycle.policy import PolicyError, load_policy
 
@@ -160,7 +191,7 @@ def _engine_for(name: str, *, dry_run: bool, policy_path: str | None = None, fol
             policy = load_policy(policy_path)
         except PolicyError as exc:
             raise click.ClickException(str(exc)) from None
-    return LifecycleEngine(StateStore(), name, policy=policy, dry_run=dry_run, follow=follow,
+    return LifecycleEngine(store, name, policy=policy, dry_run=dry_run, follow=follow,
                            state_name=state_name, say=lambda message: click.echo(message, err=True))
 
 
@@ -169,7 +200,8 @@ def _engine_for(name: str, *, dry_run: bool, policy_path: str | None = None, fol
 @click.option("--to", "to_version", default=None, help="Version to return to (default: the previous good one).")
 @click.option("--reason", default="manual rollback", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print what would be done and change nothing.")
-def rollback(name: str, to_version: str | None, reason: str, dry_run: bool) -> None:
+@pass_store
+def rollback(store: StateStore, name: str, to_version: str | None, reason: str, dry_run: bool) -> None:
     """Return deployment NAME to its previous version (zero downtime), recorded like any transition.
 
     A deployment that follows an alias or stage gets the reference moved back as well, so the
@@ -179,12 +211,13 @@ def rollback(name: str, to_version: str | None, reason: str, dry_run: bool) -> N
 
     from mlflow.exceptions import MlflowException
 
-    store = StateStore()
+    from mlflow_deploy_plugin.errors import DeploymentError
+
     _spec_or_exit(store, name)
-    engine = _engine_for(name, dry_run=dry_run)
+    engine = _engine_for(store, name, dry_run=dry_run)
     try:
         target = engine.rollback(reason=reason, actor=f"cli ({getpass.getuser()})", to_version=to_version)
-    except MlflowException as exc:
+    except (MlflowException, DeploymentError) as exc:
         raise click.ClickException(exc.message) from None
     if target is None:
         raise click.ClickException("Nothing to roll back to.")
@@ -223,8 +256,9 @@ def webhook_register(url: str, secret_env: str, name: str) -> None:
 @click.option("--poll-interval", default=10.0, show_default=True, help="Seconds between policy passes.")
 @click.option("--dry-run", is_flag=True, help="Print what the policies would do and change nothing.")
 @click.option("--once", is_flag=True, help="One policy pass, then exit (no receiver).")
-def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll_interval: float,
-          dry_run: bool, once: bool) -> None:
+@pass_store
+def watch(store: StateStore, host: str, port: int, secret_env: str, policies: tuple[str, ...],
+          poll_interval: float, dry_run: bool, once: bool) -> None:
     """Receive MLflow webhooks and trigger the affected deployments at once; apply policies.
 
     Verified deliveries (HMAC signature, fresh timestamp, new delivery id) for a registered model
@@ -237,15 +271,14 @@ def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll
     from mlflow_deploy_plugin.agent import poke_path
     from mlflow_deploy_plugin.lifecycle.policy import load_policy
 
-    store = StateStore()
     engines = []
     for path in policies:
         policy = load_policy(path)
-        serving = [n for n in store.names() if (store.read_spec(n) or {}).get("model", {}).get("model_name")
-                   == policy.model and not (store.read_spec(n) or {}).get("config", {}).get("policy")]
+        serving = [spec.name for spec in _specs(store)
+                   if spec.model.model_name == policy.model and not spec.config.policy]
         if not serving:
             raise click.ClickException(f"No deployment without its own -C policy serves model {policy.model!r}.")
-        engines += [(policy.model, _engine_for(n, dry_run=dry_run, policy_path=path, follow=False,
+        engines += [(policy.model, _engine_for(store, n, dry_run=dry_run, policy_path=path, follow=False,
                                                state_name="lifecycle_state.watch.json")) for n in serving]
 
     def run_engines(model: str | None, actor: str) -> None:
@@ -276,9 +309,9 @@ def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll
             except queue.Empty:
                 event = None
             if event is not None:
-                for name in store.names():
-                    spec = store.read_spec(name) or {}
-                    if spec.get("model", {}).get("model_name") == event.model_name:
+                for spec in _specs(store):
+                    name = spec.name
+                    if spec.model.model_name == event.model_name:
                         poke = poke_path(store.paths(name).root)
                         poke.parent.mkdir(parents=True, exist_ok=True)
                         poke.touch()
@@ -303,9 +336,9 @@ def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll
 @cli.command("history")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print raw JSON events.")
-def history(name: str, as_json: bool) -> None:
+@pass_store
+def history(store: StateStore, name: str, as_json: bool) -> None:
     """What happened to deployment NAME, newest first (also works for deleted deployments)."""
-    store = StateStore()
     events = store.read_history(name) if store.exists(name) else []
     if not events:
         archived = sorted((store.home / "archive").glob(f"{name}-*"))

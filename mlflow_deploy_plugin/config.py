@@ -10,22 +10,21 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.spec import DeploymentConfig
+
+__all__ = ["CONFIG_KEYS", "DeploymentConfig", "config_help", "parse_config"]
 
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _invalid(key: str, value: Any, allowed: str) -> MlflowException:
-    return MlflowException(
-        f"Invalid deployment config: {key}={value!r}. Allowed: {allowed}.",
-        error_code=INVALID_PARAMETER_VALUE,
-    )
+def _invalid(key: str, value: Any, allowed: str) -> InvalidRequest:
+    return InvalidRequest(f"Invalid deployment config: {key}={value!r}. Allowed: {allowed}.")
 
 
 def _to_int(lo: int, hi: int) -> Callable[[str, Any], int]:
@@ -185,54 +184,10 @@ CONFIG_KEYS: tuple[_Key, ...] = (
 _KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 
 
-@dataclass(frozen=True)
-class DeploymentConfig:
-    """The validated settings of one deployment (see :data:`CONFIG_KEYS` for meanings)."""
-
-    port: int | None = None
-    host: str = "127.0.0.1"
-    workers: int = 1
-    timeout_s: float = 60.0
-    max_body_mb: float = 32.0
-    auth_token_env: str | None = None
-    max_batch_rows: int = 4096
-    startup_timeout_s: float = 180.0
-    max_restarts: int = 5
-    warm_standby: bool = True
-    poll_interval_s: float = 10.0
-    policy: str | None = None
-    capture: bool = True
-    capture_sample_rate: float = 1.0
-    capture_retention_days: int | None = None
-    capture_uri: str | None = None
-    reference_data: str | None = None
-    drift_min_rows: int = 200
-    drift_methods: str | None = None
-    drift_schedule: str | None = None
-    drift_experiment: str | None = None
-
-    @property
-    def is_loopback(self) -> bool:
-        """Whether the bind address only accepts connections from this machine."""
-        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable form, as kept in the deployment state."""
-        return asdict(self)
-
-    @classmethod
-    def from_stored(cls, stored: Mapping[str, Any]) -> DeploymentConfig:
-        """A config as kept in deployment state: validated when it was given, not again.
-
-        Re-validating would make a running deployment depend on things that may change later
-        (a policy file moved or edited must not stop its workers from restarting).
-        """
-        return cls(**{key: value for key, value in stored.items() if key in _FIELD_NAMES})
-
-
-
 _FIELD_NAMES = {f.name for f in fields(DeploymentConfig)}
 assert set(_KEYS_BY_NAME) == _FIELD_NAMES, "CONFIG_KEYS and DeploymentConfig disagree"
+assert all(getattr(DeploymentConfig(), key.name) == key.default for key in CONFIG_KEYS), \
+    "CONFIG_KEYS and DeploymentConfig disagree on a default"
 
 
 def parse_config(
@@ -240,30 +195,26 @@ def parse_config(
 ) -> DeploymentConfig:
     """Validate raw `-C` values (strings or typed) and return a :class:`DeploymentConfig`.
 
-    Unknown keys and bad values raise an ``MlflowException`` (INVALID_PARAMETER_VALUE) that
-    names the key, the value and what is allowed.
+    Unknown keys and bad values raise :class:`InvalidRequest` naming the key, the value and what
+    is allowed.
     """
     values = (base or DeploymentConfig()).to_dict()
     for key, value in (raw or {}).items():
         spec = _KEYS_BY_NAME.get(key)
         if spec is None:
-            raise MlflowException(
+            raise InvalidRequest(
                 f"Unknown deployment config key {key!r}. Known keys: "
-                f"{', '.join(sorted(_KEYS_BY_NAME))}. See `mlflow deployments help -t lifecycle`.",
-                error_code=INVALID_PARAMETER_VALUE,
-            )
+                f"{', '.join(sorted(_KEYS_BY_NAME))}. See `mlflow deployments help -t lifecycle`.")
         if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none"}):
             values[key] = None if spec.default is None else spec.default
             continue
         values[key] = spec.convert(key, value)
     config = DeploymentConfig(**values)
     if not config.is_loopback and not config.auth_token_env:
-        raise MlflowException(
+        raise InvalidRequest(
             f"Refusing to bind host={config.host} without authentication: a non-loopback address "
             "exposes the model to the network. Set -C auth_token_env=<ENV VAR holding a token>, "
-            "or bind 127.0.0.1.",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
+            "or bind 127.0.0.1.")
     return config
 
 

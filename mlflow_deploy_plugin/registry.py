@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_and_version
 
+from mlflow_deploy_plugin.spec import ModelRef
+
 _logger = logging.getLogger(__name__)
 
 SERVING_TAG_PREFIX = "lifecycle.deployment."
 
 
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A registry URI pinned to the version it meant at resolution time."""
-
-    requested_uri: str  # what the user asked for, e.g. models:/churn@champion
-    model_name: str
-    model_version: str
-    run_id: str | None
-    source: str  # the version's artifact source, e.g. models:/m-abc or runs:/.../model
-
-    @property
-    def version_uri(self) -> str:
-        """The URI of exactly this version: what workers load, so restarts never drift."""
-        return f"models:/{self.model_name}/{self.model_version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> ResolvedModel:
+def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
     """Resolve ``models:/name/3``, ``/Stage``, ``/latest`` or ``@alias`` to one model version.
 
     Raises MlflowException with INVALID_PARAMETER_VALUE for URIs that are not registry URIs and
@@ -72,7 +53,7 @@ def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> Res
             f"({exc.message if isinstance(exc, MlflowException) else exc}).",
             error_code=RESOURCE_DOES_NOT_EXIST,
         ) from None
-    return ResolvedModel(
+    return ModelRef(
         requested_uri=model_uri,
         model_name=mv.name,
         model_version=str(mv.version),
@@ -81,13 +62,7 @@ def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> Res
     )
 
 
-def is_floating_uri(model_uri: str) -> bool:
-    """Whether the URI can point at another version later (alias, stage, latest)."""
-    parsed = _parse_model_uri(model_uri)
-    return parsed.version is None
-
-
-def set_serving_tag(client: MlflowClient, resolved: ResolvedModel, deployment: str, url: str) -> None:
+def set_serving_tag(client: MlflowClient, resolved: ModelRef, deployment: str, url: str) -> None:
     """Mark the version as served by ``deployment`` so the MLflow UI shows where it runs."""
     try:
         client.set_model_version_tag(
@@ -98,10 +73,21 @@ def set_serving_tag(client: MlflowClient, resolved: ResolvedModel, deployment: s
                         resolved.model_name, resolved.model_version, deployment, exc)
 
 
-def clear_serving_tag(client: MlflowClient, model_name: str, model_version: str, deployment: str) -> None:
-    """Remove the serving tag once ``deployment`` no longer serves the version."""
+def clear_serving_tag(client: MlflowClient, model_name: str, model_version: str, deployment: str) -> str | None:
+    """Remove the serving tag once ``deployment`` no longer serves the version.
+
+    Returns why it could not be removed (logged as a warning too), or None. A tag or version that
+    is already gone is not an error.
+    """
     try:
         client.delete_model_version_tag(model_name, model_version, SERVING_TAG_PREFIX + deployment)
-    except Exception as exc:
-        _logger.debug("Serving tag of %s v%s for %s not removed: %s",
-                      model_name, model_version, deployment, exc)
+    except (MlflowException, RestException) as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        _logger.warning("Serving tag of %s v%s for %s not removed: %s", model_name, model_version, deployment,
+                        exc.message)
+        return str(exc.message)
+    except Exception as exc:  # an unreachable tracking server: say so, never fail the caller
+        _logger.warning("Serving tag of %s v%s for %s not removed: %s", model_name, model_version, deployment, exc)
+        return str(exc)
+    return None

@@ -14,7 +14,8 @@ Layout (one folder per deployment, so deleting one never touches another)::
         capture/                     # captured traffic (Parquet)
       archive/<name>-<utc time>/     # deleted deployments: captured data and history are kept
 
-This module is imported by the supervisor process, so it must stay free of heavy imports.
+This module is imported by the supervisor process, so it must stay free of heavy imports
+(standard library and ``spec`` only).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mlflow_deploy_plugin.spec import DeploymentSpec, load_spec
 
 DEPLOY_HOME_ENV = "MLFLOW_DEPLOY_HOME"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -208,11 +211,12 @@ class StateStore:
             return []
         return sorted(p.name for p in self.deployments_dir.iterdir() if (p / "deployment.json").exists())
 
-    def read_spec(self, name: str) -> dict[str, Any] | None:
-        return read_json(self.paths(name).spec)
+    def read_spec(self, name: str) -> DeploymentSpec | None:
+        """The stored spec of ``name`` (None if there is none; SpecError if it is unreadable)."""
+        return load_spec(self.paths(name).spec)
 
-    def write_spec(self, name: str, spec: dict[str, Any]) -> None:
-        write_json_atomic(self.paths(name).spec, spec)
+    def write_spec(self, spec: DeploymentSpec) -> None:
+        write_json_atomic(self.paths(spec.name).spec, spec.to_dict())
 
     def read_status(self, name: str) -> dict[str, Any] | None:
         return read_json(self.paths(name).status)

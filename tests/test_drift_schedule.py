@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from mlflow_deploy_plugin.monitoring.schedule import (
     previous_tick,
     wait_for_runs,
 )
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 from mlflow_deploy_plugin.state import StateStore
 
 T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
@@ -34,8 +34,8 @@ class Clock:
 
 def _store(tmp_path: Path, cron: str = "*/10 * * * *", name: str = "sched") -> StateStore:
     store = StateStore(tmp_path / "home")
-    store.write_spec(name, {"name": name, "config": {"drift_schedule": cron},
-                            "model": {"model_name": "m", "model_version": "1"}, "created_at": T0.timestamp()})
+    store.write_spec(DeploymentSpec(name, ModelRef("models:/m/1", "m", "1"), DeploymentConfig(drift_schedule=cron),
+                                    created_at=T0.timestamp()))
     return store
 
 
@@ -115,15 +115,14 @@ def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env
 
 @pytest.mark.parametrize("bad", ["every 5 minutes", "61 * * * *"])
 def test_bad_cron_is_rejected_at_config_time(bad: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.errors import InvalidRequest
 
-    with pytest.raises(MlflowException, match="drift_schedule"):
+    with pytest.raises(InvalidRequest, match="drift_schedule"):
         parse_config({"drift_schedule": bad})
 
 
 def test_unscheduled_deployments_are_ignored(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "home")
-    store.write_spec("plain", {"name": "plain", "config": {}, "model": {}, "created_at": time.time()})
+    store.write_spec(DeploymentSpec("plain", ModelRef("models:/m/1", "m", "1")))
     assert DriftScheduler(store).scheduled() == {}

@@ -11,10 +11,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import scoring_server
 
-from mlflow_deploy_plugin.agent import needs_agent
 from mlflow_deploy_plugin.config import DeploymentConfig, parse_config
+from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.lifecycle.traffic_stats import VersionFigures, p99_ms, since
 from mlflow_deploy_plugin.serving.protocol import fast_path_columns, parse_request
+from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 
 
 def test_config_converts_strings_and_keeps_defaults() -> None:
@@ -36,10 +37,17 @@ def test_config_converts_strings_and_keeps_defaults() -> None:
     ({"policy": "/nonexistent/policy.yaml"}, "policy='/nonexistent/policy.yaml'"),
 ])
 def test_config_errors_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
-    with pytest.raises(MlflowException) as info:
+    with pytest.raises(InvalidRequest) as info:
         parse_config(raw)
     assert message in info.value.message
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+    # What `mlflow deployments` users get: the same message as an MlflowException with that code.
+    from mlflow_deploy_plugin.target import _as_mlflow_errors
+
+    with pytest.raises(MlflowException) as translated, _as_mlflow_errors():
+        parse_config(raw)
+    assert message in translated.value.message
+    assert translated.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_non_loopback_with_token_is_allowed() -> None:
@@ -95,7 +103,8 @@ def test_fast_path_only_for_all_double_schemas() -> None:
     ("models:/m/3", {"drift_schedule": "*/5 * * * *"}, True),
 ])
 def test_agent_runs_only_where_there_is_background_work(uri: str, config: dict, needed: bool) -> None:
-    assert needs_agent({"model": {"requested_uri": uri}, "config": config}) is needed
+    spec = DeploymentSpec("d", ModelRef(uri, "m", "3"), DeploymentConfig(**config))
+    assert spec.needs_agent is needed
 
 
 def test_canary_figures_from_histogram() -> None:

@@ -156,13 +156,13 @@ def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry
 def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
     import math
 
-    from mlflow_deploy_plugin.target import LifecycleDeploymentClient
+    from mlflow_deploy_plugin.deployments import Deployments
 
     name = "split"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1")
     try:
         url = env.status(name)["url"]
-        LifecycleDeploymentClient("lifecycle").transition(
+        Deployments("lifecycle").transition(
             name, traffic=[(f"models:/{registry.model}/1", 70), (f"models:/{registry.model}/2", 30)],
             reason="canary test", actor="test")
         info = requests.get(f"{url}/version", timeout=5).json()

@@ -27,11 +27,14 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mlflow_deploy_plugin.deployments import Deployments
+from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.lifecycle import traffic_stats
 from mlflow_deploy_plugin.lifecycle.gates import CanaryStats, evaluate_canary, evaluate_gates
 from mlflow_deploy_plugin.lifecycle.policy import Policy, load_policy
 from mlflow_deploy_plugin.lifecycle.transitions import RegistryRoles, record
-from mlflow_deploy_plugin.registry import is_floating_uri, resolve_model_uri
+from mlflow_deploy_plugin.registry import resolve_model_uri
+from mlflow_deploy_plugin.spec import DeploymentSpec
 from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
 
 _logger = logging.getLogger(__name__)
@@ -53,16 +56,17 @@ class LifecycleEngine:
         self.follow = follow  # off where another process (the deployment's agent) follows
         self.planned: list[str] = []  # what a dry run would have done
         self._state_path = self.paths.root / state_name
+        self._deployments: Deployments | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _deployment_client(self):
-        from mlflow_deploy_plugin.target import LifecycleDeploymentClient
-
-        client = LifecycleDeploymentClient("lifecycle")
-        client.store = self.store
-        client.engine.store = self.store
-        return client
+    @property
+    def deployments(self) -> Deployments:
+        """The deployment core for this deployment's engine (never the MLflow-facing client)."""
+        if self._deployments is None:
+            spec = self.store.read_spec(self.name)
+            self._deployments = Deployments(f"lifecycle:/{spec.engine if spec else 'local'}", store=self.store)
+        return self._deployments
 
     def _state(self) -> dict[str, Any]:
         return read_json(self._state_path) or {}
@@ -80,10 +84,10 @@ class LifecycleEngine:
         self.say(description)
         return action()
 
-    def policy(self, spec: dict[str, Any]) -> Policy | None:
+    def policy(self, spec: DeploymentSpec) -> Policy | None:
         if self.policy_override is not None:
             return self.policy_override
-        path = (spec.get("config") or {}).get("policy")
+        path = spec.config.policy
         return load_policy(path) if path else None
 
     # -- one pass ------------------------------------------------------------------------------
@@ -111,16 +115,16 @@ class LifecycleEngine:
 
     # -- follow --------------------------------------------------------------------------------
 
-    def _follow(self, spec: dict[str, Any], state: dict[str, Any], actor: str) -> None:
-        requested = spec["model"]["requested_uri"]
-        if not is_floating_uri(requested) or spec.get("traffic"):
+    def _follow(self, spec: DeploymentSpec, state: dict[str, Any], actor: str) -> None:
+        requested = spec.model.requested_uri
+        if not spec.model.is_floating or spec.traffic:
             return
         try:
             resolved = resolve_model_uri(requested, self.client)
         except MlflowException as exc:
             state["follow_error"] = exc.message
             return
-        served = spec["model"]["model_version"]
+        served = spec.model.model_version
         if resolved.model_version == served:
             state.pop("follow_error", None)
             state.pop("failed_versions", None)
@@ -132,8 +136,8 @@ class LifecycleEngine:
         reason = f"followed {requested}: it now points at v{resolved.model_version} (was v{served})"
         try:
             self._act(f"switch {self.name} to v{resolved.model_version} ({reason})",
-                      lambda: self._deployment_client().transition(self.name, reason=reason, actor=actor))
-        except MlflowException as exc:
+                      lambda: self.deployments.transition(self.name, reason=reason, actor=actor))
+        except DeploymentError as exc:
             failed[resolved.model_version] = exc.message
             state["follow_error"] = exc.message
             record(self.store, self.client, self.name, "follow_failed", model_name=resolved.model_name,
@@ -143,10 +147,10 @@ class LifecycleEngine:
 
     # -- promotion -----------------------------------------------------------------------------
 
-    def _promotions(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
+    def _promotions(self, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], actor: str) -> None:
         # Candidates: versions registered after the deployment was created, each considered once.
-        created_ms = float(spec.get("created_at") or 0) * 1000
-        served = spec["model"]["model_version"] if spec["model"]["model_name"] == policy.model else None
+        created_ms = spec.created_at * 1000
+        served = spec.model.model_version if spec.model.model_name == policy.model else None
         considered = state.setdefault("considered", [])
         if served is not None and served not in considered:
             considered.append(served)  # whatever served once (even by a person's alias move) is not new
@@ -162,9 +166,9 @@ class LifecycleEngine:
             if state.get("canary"):
                 break  # one candidate at a time; later ones wait for this canary to end
 
-    def _consider(self, version: str, spec: dict[str, Any], policy: Policy, state: dict[str, Any],
+    def _consider(self, version: str, spec: DeploymentSpec, policy: Policy, state: dict[str, Any],
                   actor: str) -> None:
-        champion = spec["model"]["model_version"] if spec["model"]["model_name"] == policy.model else None
+        champion = spec.model.model_version if spec.model.model_name == policy.model else None
         self.say(f"Evaluating gates of {policy.model} v{version} (champion v{champion})")
         report = evaluate_gates(policy, (policy.model, version), client=self.client, champion_version=champion,
                                 cache_dir=self.paths.models)
@@ -195,11 +199,11 @@ class LifecycleEngine:
             _logger.warning("Could not read the canary baseline: %s", exc)
         try:
             self._act(f"send {canary.percent:g}% of {self.name}'s traffic to v{version}",
-                      lambda: self._deployment_client().transition(
+                      lambda: self.deployments.transition(
                           self.name, traffic=[(f"models:/{policy.model}/{champion}", 100 - canary.percent),
                                               (f"models:/{policy.model}/{version}", canary.percent)],
                           reason=reason, actor=f"policy {policy.source}", evidence=report.to_dict()))
-        except MlflowException as exc:
+        except DeploymentError as exc:
             self._reject(version, policy, f"canary could not start: {exc.message}", {})
             return
         state["canary"] = {"version": version, "champion": champion, "started_at": time.time(),
@@ -209,20 +213,20 @@ class LifecycleEngine:
         """The policy (or its canary section) went away mid-canary: serve the champion alone."""
         canary = state.pop("canary")
         reason = f"canary of v{canary['version']} ended: the policy no longer configures a canary"
-        self._act(f"serve only the champion on {self.name} ({reason})", lambda: self._deployment_client()
+        self._act(f"serve only the champion on {self.name} ({reason})", lambda: self.deployments
                   .transition(self.name, reason=reason, actor=actor))
 
     def _status_url(self) -> str:
-        return (self.store.read_status(self.name) or {}).get("url", "")
+        return self.deployments.engine.status(self.name).url or ""
 
     @staticmethod
-    def _token(spec: dict[str, Any]) -> str | None:
+    def _token(spec: DeploymentSpec) -> str | None:
         import os
 
-        env = (spec.get("config") or {}).get("auth_token_env")
+        env = spec.config.auth_token_env
         return os.environ.get(env) if env else None
 
-    def _canary(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
+    def _canary(self, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], actor: str) -> None:
         canary_state = state.get("canary")
         if not canary_state or policy.promotion.canary is None:
             return
@@ -246,14 +250,14 @@ class LifecycleEngine:
         else:
             self._reject(version, policy, f"canary failed: {summary}", verdict.to_dict())
 
-    def _promote(self, version: str, spec: dict[str, Any], policy: Policy, state: dict[str, Any], *,
+    def _promote(self, version: str, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], *,
                  reason: str, evidence: dict[str, Any]) -> None:
         roles = RegistryRoles(self.client, policy)
         actor = f"policy {policy.source}"
         self._act(f"promote {policy.model} v{version} to {policy.champion}", lambda: roles.promote(version))
-        requested = spec["model"]["requested_uri"]
-        target_uri = requested if is_floating_uri(requested) else f"models:/{policy.model}/{version}"
-        self._act(f"serve v{version} with 100% of {self.name}'s traffic", lambda: self._deployment_client()
+        requested = spec.model.requested_uri
+        target_uri = requested if spec.model.is_floating else f"models:/{policy.model}/{version}"
+        self._act(f"serve v{version} with 100% of {self.name}'s traffic", lambda: self.deployments
                   .transition(self.name, model_uri=target_uri, reason=f"promoted v{version}: {reason}",
                               actor=actor, evidence=evidence))
         self._act(f"record the promotion of v{version}", lambda: record(
@@ -264,7 +268,7 @@ class LifecycleEngine:
         roles = RegistryRoles(self.client, policy)
         actor = f"policy {policy.source}"
         self._act(f"remove {policy.model} v{version} from {policy.challenger}", lambda: roles.clear_challenger(version))
-        self._act(f"serve only the champion on {self.name}", lambda: self._deployment_client()
+        self._act(f"serve only the champion on {self.name}", lambda: self.deployments
                   .transition(self.name, reason=f"rejected v{version}: {reason}", actor=actor, evidence=evidence))
         self._act(f"record the rejection of v{version}", lambda: record(
             self.store, self.client, self.name, "rejected", model_name=policy.model, version=version,
@@ -272,12 +276,11 @@ class LifecycleEngine:
 
     # -- drift ---------------------------------------------------------------------------------
 
-    def _drift(self, spec: dict[str, Any], policy: Policy, state: dict[str, Any], actor: str) -> None:
-        model = spec["model"]
-        if model["model_name"] != policy.model:
+    def _drift(self, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], actor: str) -> None:
+        if spec.model.model_name != policy.model:
             return
-        version = model["model_version"]
-        experiment_name = (spec.get("config") or {}).get("drift_experiment") or f"drift/{self.name}"
+        version = spec.model.model_version
+        experiment_name = spec.config.drift_experiment or f"drift/{self.name}"
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             return
@@ -311,26 +314,6 @@ class LifecycleEngine:
 
     # -- rollback ------------------------------------------------------------------------------
 
-    def previous_good_version(self, spec: dict[str, Any]) -> str | None:
-        """The version served before the current one that was never rejected or rolled back."""
-        current = spec["model"]["model_version"]
-        bad = {current}
-        served: list[str] = []
-        for event in self.store.read_history(self.name):
-            version = (event.get("model") or {}).get("model_version")
-            if version is None:
-                continue
-            if event["event"] in ("created", "updated") and not event.get("traffic"):
-                served.append(str(version))
-            if event.get("traffic"):
-                continue  # a canary split: its record names the champion, which did not fail
-            if event["event"] in ("rejected", "rolled_back", "follow_failed", "update_failed", "gates_failed"):
-                bad.add(str(version))
-        for version in reversed(served):
-            if version not in bad:
-                return version
-        return None
-
     def rollback(self, *, reason: str, actor: str, evidence: dict[str, Any] | None = None,
                  policy: Policy | None = None, to_version: str | None = None, archive: bool = False) -> str | None:
         """Return the deployment to the previous good version (or ``to_version``); returns it.
@@ -338,40 +321,32 @@ class LifecycleEngine:
         A deployment that follows an alias or stage gets the reference moved back too, otherwise
         following would undo the rollback at the next poll.
         """
-        spec = self._spec()
-        model = spec["model"]
-        current = model["model_version"]
-        target = to_version or self.previous_good_version(spec)
+        spec = self.deployments.spec(self.name)
+        model = spec.model
+        current = model.model_version
+        target = to_version or self.deployments.previous_good_version(self.name)
         if target is None:
-            self.say(f"No previous good version of {model['model_name']} to roll back to; v{current} keeps serving.")
+            self.say(f"No previous good version of {model.model_name} to roll back to; v{current} keeps serving.")
             self._act(f"record that v{current} has no version to roll back to", lambda: record(
-                self.store, self.client, self.name, "rollback_impossible", model_name=model["model_name"],
+                self.store, self.client, self.name, "rollback_impossible", model_name=model.model_name,
                 version=current, reason=f"{reason}; no previous good version", actor=actor, evidence=evidence))
             return None
-        requested = model["requested_uri"]
-        if policy is None and is_floating_uri(requested):
-            policy = _policy_for_reference(requested)
-        if policy is not None and is_floating_uri(requested):
+        if policy is None and model.is_floating:
+            policy = _policy_for_reference(model.requested_uri)
+        keep_reference = policy is not None and model.is_floating
+        if keep_reference:
             roles = RegistryRoles(self.client, policy)
             self._act(f"move {policy.role_uri('champion')} back to v{target}",
                       lambda: roles.demote(current, target, archive))
-            uri = requested
-        else:
-            uri = f"models:/{model['model_name']}/{target}"
         why = f"rolled back from v{current} to v{target}: {reason}"
-        self._act(f"serve v{target} on {self.name}", lambda: self._deployment_client().transition(
-            self.name, model_uri=uri, reason=why, actor=actor, evidence=evidence))
+        self._act(f"serve v{target} on {self.name}", lambda: self.deployments.rollback(
+            self.name, to_version=target, reason=reason, actor=actor, evidence=evidence,
+            keep_reference=keep_reference))
         self._act(f"record the rollback of v{current}", lambda: record(
-            self.store, self.client, self.name, "rolled_back", model_name=model["model_name"], version=current,
+            self.store, self.client, self.name, "rolled_back", model_name=model.model_name, version=current,
             reason=why, actor=actor, evidence=evidence,
             tags={"lifecycle.rolled_back": f"to v{target}", **({"lifecycle.archived": "true"} if archive else {})}))
         return target
-
-    def _spec(self) -> dict[str, Any]:
-        spec = self.store.read_spec(self.name)
-        if spec is None:
-            raise MlflowException(f"No deployment named {self.name!r}.")
-        return spec
 
 
 def _policy_for_reference(requested_uri: str) -> Policy | None:

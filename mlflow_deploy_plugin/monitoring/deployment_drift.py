@@ -11,7 +11,6 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from mlflow_deploy_plugin.config import DeploymentConfig
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
 from mlflow_deploy_plugin.serving.capture import read_capture
@@ -55,8 +54,8 @@ def run_deployment_drift(
     spec = store.read_spec(name)
     if spec is None:
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
-    config = DeploymentConfig.from_stored(spec["config"])
-    model = spec["model"]
+    config = spec.config
+    model = spec.model
     until = until or datetime.now(UTC)
     since = since or until - timedelta(hours=24)
     say = progress or (lambda _message: None)
@@ -65,13 +64,13 @@ def run_deployment_drift(
     say(f"Reading captured traffic of {name!r} from {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
     paths = store.paths(name)
     captured = read_capture(capture_root(name, config.capture_uri, str(paths.capture)), since=since, until=until)
-    say(f"Resolving reference data of {model['model_name']} v{model['model_version']}")
-    reference, source = resolve_reference_data(client, model["model_name"], model["model_version"],
+    say(f"Resolving reference data of {model.model_name} v{model.model_version}")
+    reference, source = resolve_reference_data(client, model.model_name, model.model_version,
                                                override=config.reference_data)
-    predictions = _reference_predictions(paths.models, model["model_name"], model["model_version"], reference)
+    predictions = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
     try:
         return run_drift_report(
-            deployment=name, model_name=model["model_name"], model_version=model["model_version"],
+            deployment=name, model_name=model.model_name, model_version=model.model_version,
             captured=captured, reference=reference, reference_source=source,
             window_start=since, window_end=until, settings=DriftSettings.from_config(config),
             client=client, experiment_name=config.drift_experiment, progress=progress,

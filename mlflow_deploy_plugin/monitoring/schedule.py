@@ -77,8 +77,8 @@ class DriftScheduler:
         """Deployment name -> cron expression, for the deployments this scheduler covers."""
         result = {}
         for name in self.names if self.names is not None else self.store.names():
-            spec = self.store.read_spec(name) or {}
-            cron = (spec.get("config") or {}).get("drift_schedule")
+            spec = self.store.read_spec(name)
+            cron = spec.config.drift_schedule if spec else None
             if cron:
                 result[name] = cron
         return result
@@ -90,8 +90,8 @@ class DriftScheduler:
         """Where the next window starts: the end of the last one, or the deployment's creation."""
         if state.get("last_end"):
             return datetime.fromisoformat(state["last_end"])
-        created = (self.store.read_spec(name) or {}).get("created_at")
-        return datetime.fromtimestamp(float(created), tz=UTC) if created else None
+        spec = self.store.read_spec(name)
+        return datetime.fromtimestamp(spec.created_at, tz=UTC) if spec else None
 
     def due(self, name: str, cron: str, now: datetime) -> bool:
         """Whether a tick of ``cron`` has passed since the last window ended (or since creation)."""
@@ -131,7 +131,7 @@ class DriftScheduler:
             state = self._state(name)
             until = self.clock() - timedelta(seconds=CAPTURE_SETTLE_S)
             since = self._anchor(name, state) or previous_tick(cron, until)
-            spec = self.store.read_spec(name) or {}
+            spec = self.store.read_spec(name)
             try:
                 outcome = self.job(name, since, until)
             except Exception as exc:
@@ -139,7 +139,7 @@ class DriftScheduler:
                 _logger.error("Scheduled drift report of %s failed: %s\n%s", name, error, traceback.format_exc())
                 try:
                     if not getattr(exc, "run_recorded", False):
-                        _record_failed_run(name, (spec.get("config") or {}).get("drift_experiment"), since, until,
+                        _record_failed_run(name, spec.config.drift_experiment if spec else None, since, until,
                                            error)
                 except Exception as record_error:
                     _logger.error("Could not record the failed run in MLflow: %s", record_error)

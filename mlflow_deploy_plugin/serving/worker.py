@@ -6,13 +6,12 @@ without refusing a single connection. On SIGTERM a worker drains: it stops accep
 what it has (telling keep-alive clients to reconnect), then exits.
 
 Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``.
-It reports on the ready pipe one line: ``ready`` or ``error <message>``.
+It reports on the ready pipe in the words of ``engines/local/worker_protocol.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import logging
@@ -21,11 +20,15 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
+
+from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 
 _logger = logging.getLogger("mlflow_deploy_plugin.worker")
 # Warm standbys load the live model once to import what it needs, when it is at most this big.
@@ -77,9 +80,21 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _report(fd: int, line: str) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A generation file: the deployment spec plus where this engine keeps models and capture."""
+
+    spec: DeploymentSpec
+    models_dir: Path
+    capture_dir: str
+
+    @classmethod
+    def read(cls, path: Path) -> WorkerSpec:
+        raw = json.loads(Path(path).read_text())
+        return cls(DeploymentSpec.from_dict(raw), Path(raw["models_dir"]), str(raw["capture_dir"]))
+
+    def model_dir(self, model: ModelRef) -> Path:
+        return self.models_dir / model.model_name / model.model_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,23 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     spec_path = args.spec
     if args.standby:
         _warm_up(Path(args.standby))
-        _report(args.ready_fd, "standby")
+        protocol.report(args.ready_fd, protocol.STANDBY)
         spec_path = sys.stdin.readline().strip()
         if not spec_path:
             return 0  # released without work (the supervisor is stopping)
     if not spec_path:
         parser.error("--spec or --standby is required")
-    spec = json.loads(Path(spec_path).read_text())
     try:
-        server, capture = _prepare(spec, args.fd, args.ready_fd)
+        server, capture = _prepare(WorkerSpec.read(Path(spec_path)), args.fd, args.ready_fd)
     except Exception as exc:  # anything that stops the model from serving is reported, not raised
         _logger.error("Worker could not start: %s", exc)
-        _report(args.ready_fd, f"error {exc}")
+        protocol.report(args.ready_fd, protocol.ERROR, str(exc))
         return 3
     # Loaded and smoke-tested: wait for the supervisor's "go" (sent once every worker of this
     # generation has loaded) before accepting, so versions never mix during a swap.
-    _report(args.ready_fd, "loaded")
-    if sys.stdin.readline().strip() != "go":
+    protocol.report(args.ready_fd, protocol.LOADED)
+    if sys.stdin.readline().strip() != protocol.GO:
         if capture is not None:
             capture.close(timeout_s=5.0)
         return 0  # the update was abandoned
@@ -143,12 +157,11 @@ def _warm_up(hint_spec: Path) -> None:
     import mlflow_deploy_plugin.serving.capture  # noqa: F401
 
     try:
-        spec = json.loads(hint_spec.read_text())
-    except (OSError, ValueError):
+        hint = WorkerSpec.read(hint_spec)
+    except (OSError, ValueError, KeyError):
         return
-    for entry in traffic_of(spec):
-        model = entry["model"]
-        path = Path(spec["models_dir"]) / model["model_name"] / model["model_version"]
+    for share in hint.spec.shares():
+        path = hint.model_dir(share.model)
         try:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             if size <= _WARM_LOAD_MAX_BYTES:
@@ -168,19 +181,14 @@ def _warm_up(hint_spec: Path) -> None:
                 _logger.debug("Warm-up import of %s failed: %s", module, exc)
 
 
-def traffic_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The versions a spec serves with their percentages (one version at 100% by default)."""
-    return spec.get("traffic") or [{"model": spec["model"], "percent": 100.0}]
-
-
-def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
+def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
-    from mlflow_deploy_plugin.config import DeploymentConfig
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
     from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
 
-    config = DeploymentConfig.from_stored(spec["config"])
+    spec = worker_spec.spec
+    config = spec.config
     token = None
     if config.auth_token_env:
         token = os.environ.get(config.auth_token_env)
@@ -188,20 +196,20 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
             raise RuntimeError(f"auth_token_env={config.auth_token_env} but that environment variable "
                                "is empty or unset in the deployment's environment.")
     slots = []
-    for entry in traffic_of(spec):
-        model = entry["model"]
-        identity = ModelIdentity(model["model_name"], model["model_version"], model["version_uri"],
-                                 model["requested_uri"], model.get("run_id"))
-        slot = ModelSlot.load(identity, Path(spec["models_dir"]) / identity.model_name / identity.model_version)
-        _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, entry["percent"],
+    for share in spec.shares():
+        model = share.model
+        identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
+                                 model.run_id)
+        slot = ModelSlot.load(identity, worker_spec.model_dir(model))
+        _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
                      slot.smoke_test())
-        slots.append((slot, float(entry["percent"])))
+        slots.append((slot, share.percent))
 
     state = ServiceState()
     metrics = ServingMetrics()
     settings = AppSettings(
-        deployment=spec["name"],
-        max_body_bytes=int(config.max_body_mb * 1024 * 1024),
+        deployment=spec.name,
+        max_body_bytes=config.max_body_bytes,
         timeout_s=config.timeout_s,
         auth_token=token,
         max_batch_rows=config.max_batch_rows,
@@ -211,9 +219,9 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
         from mlflow_deploy_plugin.serving.capture import CaptureWriter
         from mlflow_deploy_plugin.state import capture_root
 
-        dropped = metrics.capture_dropped.labels(spec["name"])
+        dropped = metrics.capture_dropped.labels(spec.name)
         capture = CaptureWriter(
-            capture_root(spec["name"], config.capture_uri, spec["capture_dir"]), spec["name"],
+            capture_root(spec.name, config.capture_uri, worker_spec.capture_dir), spec.name,
             sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
             on_drop=lambda count, _reason: dropped.inc(count),
         )
@@ -228,10 +236,10 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
 
     def started() -> None:
         state.ready = True
-        _report(ready_fd, "ready")
+        protocol.report(ready_fd, protocol.READY)
 
     return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started,
-                          on_stopped_accepting=lambda: _report(ready_fd, "draining")), capture
+                          on_stopped_accepting=lambda: protocol.report(ready_fd, protocol.DRAINING)), capture
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,11 +7,14 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
   connection: new workers accept beside the old ones, then the old ones drain;
 - restarts crashed workers with exponential backoff and gives up (status ``failed``) after
   ``max_restarts`` crashes in a row;
-- takes requests (update, stop) from the CLI as JSON files in ``requests/`` and answers each
-  with a ``.result.json`` file next to it;
+- takes requests (update, stop) from the CLI through its mailbox (``mailbox.py``);
+- keeps the deployment's background agent running while the spec needs one;
 - is the only writer of ``status.json``.
 
-Run as ``python -m mlflow_deploy_plugin.engines.supervisor DEPLOYMENT_DIR``.
+It imports only the standard library and the spec/state modules (and its own mailbox and worker
+protocol): a test reads its import graph to keep it that way.
+
+Run as ``python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
+from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
+from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError, load_spec, spec_to_json
 from mlflow_deploy_plugin.state import (
     STATUS_FAILED,
     STATUS_RUNNING,
@@ -36,7 +42,6 @@ from mlflow_deploy_plugin.state import (
     STATUS_UNHEALTHY,
     DeploymentPaths,
     StateStore,
-    read_json,
     write_json_atomic,
 )
 
@@ -71,7 +76,7 @@ class Worker:
         """Let a loaded worker start accepting connections."""
         self.released = True
         try:
-            self.popen.stdin.write(b"go\n")
+            self.popen.stdin.write(f"{protocol.GO}\n".encode())
             self.popen.stdin.flush()
         except (OSError, AttributeError):
             pass  # it died meanwhile: reaped as a crash or a failed update
@@ -85,17 +90,17 @@ class Worker:
             pass
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
-            text = line.decode(errors="replace").strip()
-            if text == "ready" and self.ready_at is None:
+            event, detail = protocol.parse(line.decode(errors="replace"))
+            if event == protocol.READY and self.ready_at is None:
                 self.ready_at = time.time()
-            elif text == "standby":
+            elif event == protocol.STANDBY:
                 self.standby_ready = True
-            elif text == "loaded" and self.loaded_at is None:
+            elif event == protocol.LOADED and self.loaded_at is None:
                 self.loaded_at = time.time()
-            elif text == "draining":
+            elif event == protocol.DRAINING:
                 self.stopped_accepting = True
-            elif text.startswith("error "):
-                self.error = text[len("error "):]
+            elif event == protocol.ERROR:
+                self.error = detail or "unknown error"
 
 
 @dataclass
@@ -103,7 +108,7 @@ class Generation:
     """One spec (model version + config) and the socket its workers serve on."""
 
     number: int
-    spec: dict[str, Any]
+    spec: DeploymentSpec
     sock: socket.socket
     spec_file: Path
 
@@ -140,6 +145,16 @@ def _exit_description(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def forget_worker_metrics(metrics_dir: Path, pid: int) -> None:
+    """Drop a dead worker's live gauges from the Prometheus multiprocess folder.
+
+    What ``prometheus_client.multiprocess.mark_process_dead`` does, without importing it here.
+    """
+    for path in metrics_dir.glob(f"gauge_live*_{pid}.db"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def bind_socket(host: str, port: int | None) -> socket.socket:
     """Bind the deployment's listening socket (port 0 = a free port chosen by the kernel)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -169,7 +184,7 @@ class Supervisor:
         self.stop_requested: str | None = None  # the request id (or "signal") asking us to stop
         self.ever_ready = False
         self._last_status: dict[str, Any] | None = None
-        self._handled: set[str] = set()
+        self.mailbox = Mailbox(paths.requests)
         self.agent: subprocess.Popen | None = None
         self.agent_restart_at = 0.0
         # An update is answered once the old workers stopped accepting: from then on every new
@@ -201,7 +216,7 @@ class Supervisor:
     def _keep_standby(self) -> None:
         """Keep one warm process ready for the next swap or restart (``-C warm_standby``)."""
         current = self.current
-        if current is None or not current.spec["config"].get("warm_standby", True) or self.pending is not None:
+        if current is None or not current.spec.config.warm_standby or self.pending is not None:
             return
         if self.standby is not None and (self.standby.popen.poll() is not None or self.standby_sock is not current.sock):
             self._release_standby()
@@ -244,23 +259,19 @@ class Supervisor:
                      f"worker {index} of generation {generation.number}", popen.pid)
         return worker
 
-    def _new_generation(self, spec: dict[str, Any], number: int) -> Generation:
-        config = spec["config"]
+    def _new_generation(self, spec: DeploymentSpec, number: int) -> Generation:
+        config = spec.config
         same_address = self.current is not None and (
-            self.current.spec["config"].get("host"), self.current.spec["config"].get("port")
-        ) == (config.get("host"), config.get("port"))
-        sock = self.current.sock if same_address and self.current else bind_socket(
-            config.get("host") or "127.0.0.1", config.get("port"))
+            self.current.spec.config.host, self.current.spec.config.port) == (config.host, config.port)
+        sock = self.current.sock if same_address and self.current else bind_socket(config.host, config.port)
         spec_file = self.paths.root / "run" / f"generation-{number}.json"
-        worker_spec = dict(spec, models_dir=str(self.paths.models), capture_dir=str(self.paths.capture))
-        write_json_atomic(spec_file, worker_spec)
+        write_json_atomic(spec_file, spec_to_json(spec, models_dir=str(self.paths.models),
+                                                  capture_dir=str(self.paths.capture)))
         return Generation(number, spec, sock, spec_file)
 
     def _keep_agent(self) -> None:
         """Run the background agent while the current spec needs one; restart it if it dies."""
-        from mlflow_deploy_plugin.agent import needs_agent
-
-        wanted = self.current is not None and needs_agent(self.current.spec)
+        wanted = self.current is not None and self.current.spec.needs_agent
         alive = self.agent is not None and self.agent.poll() is None
         if alive and not wanted:
             self.agent.terminate()
@@ -288,7 +299,11 @@ class Supervisor:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        spec = read_json(self.paths.spec)
+        try:
+            spec = load_spec(self.paths.spec)
+        except SpecError as exc:
+            _logger.error("Unusable deployment spec: %s", exc)
+            return 2
         if spec is None:
             _logger.error("No deployment spec at %s", self.paths.spec)
             return 2
@@ -299,13 +314,13 @@ class Supervisor:
         for stale in self.paths.metrics.glob("*.db"):
             stale.unlink()
         try:
-            self.current = self._new_generation(spec, int(spec.get("generation", 1)))
+            self.current = self._new_generation(spec, spec.generation)
         except OSError as exc:
-            self.last_error = f"Cannot bind {spec['config'].get('host')}:{spec['config'].get('port')}: {exc}"
+            self.last_error = f"Cannot bind {spec.config.host}:{spec.config.port}: {exc}"
             self.state = STATUS_FAILED
             self._write_status()
             return 1
-        for index in range(int(spec["config"].get("workers") or 1)):
+        for index in range(spec.config.workers):
             self._spawn(self.current, index)
         self._write_status()
         while True:
@@ -356,10 +371,7 @@ class Supervisor:
             worker.read_pipe()
             os.close(worker.ready_fd)
             del self.workers[pid]
-            with contextlib.suppress(Exception):
-                from mlflow_deploy_plugin.serving.metrics import mark_worker_dead
-
-                mark_worker_dead(pid)
+            forget_worker_metrics(self.paths.metrics, pid)
             if worker.draining or worker.generation == -1:
                 if worker is self.standby:
                     self.standby = None
@@ -380,7 +392,7 @@ class Supervisor:
         if worker.ready_at and time.time() - worker.ready_at > HEALTHY_RESET_S:
             self.crashes_in_row = 0
         self.crashes_in_row += 1
-        max_restarts = int(self.current.spec["config"].get("max_restarts", 5))
+        max_restarts = self.current.spec.config.max_restarts
         self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
         if self.crashes_in_row > max_restarts:
             _logger.error("Worker crashed %d times in a row; giving up: %s", self.crashes_in_row, reason)
@@ -402,21 +414,21 @@ class Supervisor:
     # -- updates -------------------------------------------------------------------------------
 
     def _handle_requests(self) -> None:
-        for path in sorted(self.paths.requests.glob("*.request.json")):
-            request_id = path.name.removesuffix(".request.json")
-            if request_id in self._handled:
-                continue
-            self._handled.add(request_id)
-            request = read_json(path) or {}
+        for request_id, request in self.mailbox.new_requests():
             op = request.get("op")
             if op == "stop":
                 self.stop_requested = request_id
             elif op == "update":
-                self._start_update(request_id, request["spec"], request.get("reason", "update"))
+                try:
+                    spec = DeploymentSpec.from_dict(request.get("spec"))
+                except SpecError as exc:
+                    self._answer(request_id, ok=False, error=f"unusable spec: {exc}")
+                    continue
+                self._start_update(request_id, spec, request.get("reason", "update"))
             else:
                 self._answer(request_id, ok=False, error=f"unknown request {op!r}")
 
-    def _start_update(self, request_id: str, spec: dict[str, Any], reason: str) -> None:
+    def _start_update(self, request_id: str, spec: DeploymentSpec, reason: str) -> None:
         if self.pending is not None:
             self._answer(request_id, ok=False, error="another update is in progress; retry when it ends")
             return
@@ -426,9 +438,9 @@ class Supervisor:
         except OSError as exc:
             self._answer(request_id, ok=False, error=f"cannot bind the new address: {exc}")
             return
-        timeout = float(spec["config"].get("startup_timeout_s") or 180)
+        timeout = spec.config.startup_timeout_s
         self.pending = PendingUpdate(request_id, generation, time.monotonic() + timeout, reason)
-        for index in range(int(spec["config"].get("workers") or 1)):
+        for index in range(spec.config.workers):
             self._spawn(generation, index)
 
     def _answer_drained(self) -> None:
@@ -452,8 +464,7 @@ class Supervisor:
             self.respawn_at.clear()
             self.crashes_in_row = 0
             self.ever_ready = True
-            spec = dict(pending.generation.spec, generation=pending.generation.number)
-            self.store.write_spec(self.paths.name, spec)
+            self.store.write_spec(pending.generation.spec.replace(generation=pending.generation.number))
             old_workers = self._workers_of(old)
             if old is not None:
                 self._drain(old_workers)
@@ -464,7 +475,7 @@ class Supervisor:
             self.answer_when_drained = (pending.request_id, old_workers, time.monotonic() + 5.0)
         elif time.monotonic() > pending.deadline:
             self._fail_update(f"new version not ready within startup_timeout_s "
-                              f"({pending.generation.spec['config'].get('startup_timeout_s')}s)")
+                              f"({pending.generation.spec.config.startup_timeout_s:g}s)")
 
     def _fail_update(self, reason: str) -> None:
         pending = self.pending
@@ -484,8 +495,7 @@ class Supervisor:
         self._answer(pending.request_id, ok=False, error=reason)
 
     def _answer(self, request_id: str, ok: bool, error: str | None = None) -> None:
-        write_json_atomic(self.paths.requests / f"{request_id}.result.json",
-                          {"ok": ok, "error": error, "status": self._status()})
+        self.mailbox.answer(request_id, {"ok": ok, "error": error, "status": self._status()})
 
     # -- status --------------------------------------------------------------------------------
 
@@ -493,7 +503,7 @@ class Supervisor:
         if self.state == STATUS_FAILED:
             return
         workers = self._workers_of(self.current)
-        wanted = int(self.current.spec["config"].get("workers") or 1) if self.current else 1
+        wanted = self.current.spec.config.workers if self.current else 1
         ready = [w for w in workers if w.ready_at]
         if len(ready) == wanted:
             self.ever_ready = True
@@ -504,10 +514,9 @@ class Supervisor:
             self.state = STATUS_STARTING
 
     def _status(self) -> dict[str, Any]:
-        spec = self.current.spec if self.current else {}
-        config = spec.get("config", {})
+        spec = self.current.spec if self.current else None
         host, port = (self.current.sock.getsockname()[:2] if self.current and self.current.sock.fileno() >= 0
-                      else (config.get("host"), config.get("port")))
+                      else (spec.config.host, spec.config.port) if spec else (None, None))
         url_host = f"[{host}]" if ":" in str(host) else host
         if host in ("0.0.0.0", "::"):
             url_host = "127.0.0.1"
@@ -519,7 +528,8 @@ class Supervisor:
             "host": host,
             "port": port,
             "url": f"http://{url_host}:{port}",
-            "model_version": spec.get("model", {}).get("model_version"),
+            "model_version": spec.model.model_version if spec else None,
+            "traffic": [[share.model.model_version, share.percent] for share in spec.shares()] if spec else [],
             "generation": self.current.number if self.current else None,
             "restarts": self.restarts,
             "started_at": self.started_at,
@@ -547,7 +557,7 @@ class Supervisor:
         self._drain(everyone)
         if self.agent is not None and self.agent.poll() is None:
             self.agent.terminate()
-        grace = float((self.current.spec["config"].get("timeout_s") if self.current else 60) or 60) + 10
+        grace = (self.current.spec.config.timeout_s if self.current else 60.0) + 10
         deadline = time.monotonic() + grace
         while any(w.popen.poll() is None for w in everyone) and time.monotonic() < deadline:
             time.sleep(TICK_S)
@@ -574,7 +584,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
-        print("usage: python -m mlflow_deploy_plugin.engines.supervisor DEPLOYMENT_DIR", file=sys.stderr)
+        print("usage: python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor %(process)d] %(message)s")

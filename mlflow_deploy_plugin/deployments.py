@@ -1,0 +1,387 @@
+"""The deployment core: create, update, transition, delete and roll back, whatever the engine.
+
+Every way a deployment changes goes through :class:`Deployments`: the ``mlflow deployments``
+target (``target.py``, which only translates to MLflow's exceptions and return shapes), the
+``mlflow-deploy`` CLI and the lifecycle engine (which moves deployments on its own). So each change
+is validated, resolved against the registry, run by the engine, recorded in the history and
+reflected in the registry's serving tags in exactly one way.
+
+Errors are the domain errors of ``errors.py``; nothing here knows about click or HTTP status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from mlflow_deploy_plugin.config import parse_config
+from mlflow_deploy_plugin.engines.base import FAILED, STOPPED, Engine, EngineError, EngineStatus, get_engine
+from mlflow_deploy_plugin.errors import AlreadyExists, DeploymentError, InvalidRequest, InvalidState, NotFound
+from mlflow_deploy_plugin.spec import (
+    FLAVOR,
+    DeploymentConfig,
+    DeploymentSpec,
+    ModelRef,
+    SpecError,
+    TrafficShare,
+)
+from mlflow_deploy_plugin.state import StateStore, file_lock, read_json, validate_name
+
+_logger = logging.getLogger(__name__)
+_ACCEPTED_FLAVORS = {None, "", FLAVOR, "pyfunc"}
+# History events whose version must never be served again by an automatic rollback.
+BAD_EVENTS = ("rejected", "rolled_back", "follow_failed", "update_failed", "gates_failed")
+
+
+def check_name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def check_flavor(flavor: str | None) -> None:
+    if flavor not in _ACCEPTED_FLAVORS:
+        raise InvalidRequest(f"Flavor {flavor!r} is not supported by the lifecycle target: it serves the "
+                             f"{FLAVOR} flavor (omit --flavor).")
+
+
+def token_for(config: DeploymentConfig) -> str | None:
+    """The bearer token the service requires, read from the environment variable the config names."""
+    if not config.auth_token_env:
+        return None
+    token = os.environ.get(config.auth_token_env)
+    if not token:
+        raise InvalidRequest(
+            f"auth_token_env={config.auth_token_env} names an environment variable that is unset or "
+            "empty here: export it (the service and `predict` both read the token from it).")
+    return token
+
+
+def traffic_summary(spec: DeploymentSpec) -> str:
+    """``v1 90%, v2 10%``: what serves, in the words `get` and the history use."""
+    return ", ".join(f"v{share.model.model_version} {share.percent:g}%" for share in spec.shares())
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+
+
+def _resolve(model_uri: str) -> ModelRef:
+    """A registry URI pinned to a version; registry failures become domain errors."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_deploy_plugin.registry import resolve_model_uri
+
+    try:
+        return resolve_model_uri(model_uri)
+    except MlflowException as exc:
+        kind = NotFound if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else InvalidRequest
+        raise kind(exc.message) from None
+
+
+def _check_policy_fits(policy_path: str, model_uri: str, model: ModelRef) -> None:
+    """A policy moves the champion role: the deployment must follow that role of that model."""
+    from mlflow_deploy_plugin.lifecycle.policy import load_policy
+
+    policy = load_policy(policy_path)
+    expected = policy.role_uri("champion")
+    if policy.model != model.model_name or model_uri.lower() != expected.lower():
+        raise InvalidRequest(
+            f"Policy {policy_path} manages {policy.model}'s champion; a deployment it drives must serve "
+            f"-m {expected} (got -m {model_uri}).")
+
+
+class Deployments:
+    """The deployments of one engine under one state home."""
+
+    def __init__(self, target_uri: str = "lifecycle", store: StateStore | None = None,
+                 engine: Engine | None = None) -> None:
+        self.store = store or StateStore()
+        self.engine = engine or get_engine(target_uri, self.store)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def spec(self, name: str) -> DeploymentSpec:
+        """The stored spec of ``name``; NotFound when there is no such deployment."""
+        check_name(name)
+        try:
+            spec = self.store.read_spec(name)
+        except SpecError as exc:
+            raise InvalidState(f"Deployment {name!r} has an unreadable spec ({exc}); delete and re-create it.") \
+                from None
+        if spec is None:
+            raise NotFound(f"No deployment named {name!r} (target lifecycle). `mlflow deployments list -t "
+                           "lifecycle` shows the deployments there are.")
+        return spec
+
+    def describe(self, spec: DeploymentSpec, status: EngineStatus | None = None) -> dict[str, Any]:
+        """What `get` and `list` show for one deployment."""
+        status = status if status is not None else self.engine.status(spec.name)
+        details = status.details
+        return {
+            "name": spec.name,
+            "flavor": spec.flavor,
+            "engine": self.engine.name,
+            "model_uri": spec.model.requested_uri,
+            "model_name": spec.model.model_name,
+            "model_version": status.model_version or spec.model.model_version,
+            "status": status.state,
+            "url": status.url,
+            "pid": details.get("pid"),
+            "worker_pids": details.get("worker_pids"),
+            "port": details.get("port"),
+            "host": details.get("host"),
+            "restarts": status.restarts,
+            "started_at": _iso(status.started_at),
+            "last_error": status.last_error or self._follow_error(spec.name),
+            "created_at": _iso(spec.created_at),
+            "updated_at": _iso(spec.updated_at),
+            "traffic": traffic_summary(spec),
+            "config": spec.config.to_dict(),
+        }
+
+    def _follow_error(self, name: str) -> str | None:
+        """Why the deployment is not serving what its alias/stage points at, if it is not."""
+        state = read_json(self.store.paths(name).root / "lifecycle_state.json") or {}
+        error = state.get("follow_error")
+        return f"not following the registry: {error}" if error else None
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.describe(self.spec(name))
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        views = []
+        for name in self.store.names():
+            try:
+                views.append(self.describe(self.spec(name)))
+            except NotFound:
+                continue  # deleted meanwhile
+        return views
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        return self.store.read_history(check_name(name))
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def new_spec(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
+                 flavor: str | None = None) -> DeploymentSpec:
+        """Validate and resolve what ``create`` or ``run-local`` would run (changes nothing)."""
+        check_name(name)
+        check_flavor(flavor)
+        parsed = parse_config(config)
+        token_for(parsed)
+        model = _resolve(model_uri)
+        if parsed.policy:
+            _check_policy_fits(parsed.policy, model_uri, model)
+        import mlflow
+
+        return DeploymentSpec(name=name, model=model, config=parsed, engine=self.engine.name,
+                              tracking_uri=mlflow.get_tracking_uri())
+
+    def create(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
+               flavor: str | None = None) -> dict[str, Any]:
+        """Resolve ``model_uri`` to a version, start its service and wait until it is healthy."""
+        spec = self.new_spec(name, model_uri, config, flavor)
+        with self.store.global_lock():
+            if self.store.exists(name):
+                raise AlreadyExists(f"Deployment {name!r} already exists. Use `mlflow deployments update` to "
+                                    "change it or delete it first.")
+            if self.store.paths(name).root.exists():
+                self.store.archive(name)  # leftovers of a deleted one (late writes): start clean
+            self.store.write_spec(spec)
+        try:
+            status = self.engine.start(spec, spec.config.startup_timeout_s)
+        except EngineError as exc:
+            with self.store.global_lock():
+                self.store.append_history(name, "create_failed", model=spec.model.to_dict(), error=str(exc))
+                self.store.archive(name)
+            raise InvalidState(str(exc)) from None
+        self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url)
+        self._tag_served(spec, None, status)
+        return self.describe(spec, status)
+
+    def update(self, name: str, model_uri: str | None = None, config: Mapping[str, Any] | None = None,
+               flavor: str | None = None, actor: str = "cli") -> dict[str, Any]:
+        """Swap to a new model URI and/or config with zero downtime (see :meth:`transition`)."""
+        check_flavor(flavor)
+        reason = "update" if model_uri or config else "redeploy"
+        return self.transition(name, model_uri=model_uri, config=config, reason=reason, actor=actor)
+
+    def transition(self, name: str, *, model_uri: str | None = None, config: Mapping[str, Any] | None = None,
+                   traffic: list[tuple[str, float]] | None = None, reason: str, actor: str,
+                   evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Move deployment ``name`` to a model URI and/or a traffic split, recording why.
+
+        ``model_uri`` defaults to the URI the deployment follows (re-resolved: an alias or stage
+        that moved is followed). ``traffic`` is a list of (model URI, percent) served side by side
+        (a canary); None serves the one resolved version. Zero downtime; if a version cannot load
+        or fails its smoke test, what serves keeps serving and InvalidState says why.
+        """
+        with file_lock(self.store.paths(check_name(name)).lock):
+            old = self.spec(name)
+            parsed = parse_config(config, base=old.config)
+            if parsed.auth_token_env != old.config.auth_token_env:
+                # Workers read the token from the supervisor's environment, fixed at create.
+                raise InvalidRequest(
+                    f"auth_token_env cannot change on update ({old.config.auth_token_env} -> "
+                    f"{parsed.auth_token_env}): the service reads its token from the environment it was "
+                    "created in. Delete and create the deployment again to change or rotate the token.")
+            token_for(parsed)
+            requested = model_uri or old.model.requested_uri
+            model = _resolve(requested)
+            shares = []
+            for uri, percent in traffic or []:
+                share_model = _resolve(uri)
+                # Each share remembers what the deployment follows, so a canary ends on that URI.
+                shares.append(TrafficShare(ModelRef(requested, share_model.model_name, share_model.model_version,
+                                                    share_model.run_id, share_model.source), float(percent)))
+            new = old.replace(model=model, config=parsed, traffic=tuple(shares), updated_at=time.time())
+            split = traffic_summary(new) if shares else None
+            try:
+                if self.engine.status(name).state in (FAILED, STOPPED):
+                    self.store.write_spec(new)  # nothing is serving: start afresh with the new spec
+                    status = self.engine.start(new, parsed.startup_timeout_s)
+                else:
+                    status = self.engine.update(new, reason, parsed.startup_timeout_s)
+            except EngineError as exc:
+                self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
+                                          actor=actor, error=str(exc), traffic=split)
+                raise InvalidState(
+                    f"Update of {name!r} to {split or model.version_uri} failed; version "
+                    f"{old.model.model_version} keeps serving. Reason: {exc}") from None
+        self.store.append_history(name, "updated", model=model.to_dict(), reason=reason, actor=actor,
+                                  from_version=old.model.model_version, url=status.url, traffic=split,
+                                  evidence=evidence)
+        self._tag_served(new, old, status)
+        return self.describe(self.spec(name), status)
+
+    def delete(self, name: str) -> bool:
+        """Stop the service gracefully and forget the deployment (captured data and history are
+        archived). Returns False when there was no such deployment, which is not an error."""
+        check_name(name)
+        with self.store.global_lock(), file_lock(self.store.paths(name).lock):
+            if not self.store.exists(name):
+                return False
+            try:
+                spec = self.store.read_spec(name)
+            except SpecError:
+                spec = None  # unreadable: still stop what runs and archive the folder
+            timeout = (spec.config.timeout_s if spec else 60.0) + 15
+            self.engine.stop(name, timeout)
+            self.store.append_history(name, "deleted", model=spec.model.to_dict() if spec else None,
+                                      reason="delete")
+            archive = self.store.archive(name)
+        if spec is not None:
+            untagged = self._untag(name, spec.served_versions())
+            if untagged:
+                # Said where a user looks later: the archived history (`mlflow-deploy history`).
+                with open(archive / "history.jsonl", "a") as handle:
+                    handle.write(json.dumps({"time": time.time(), "event": "untag_failed", "reason": untagged}) + "\n")
+        return True
+
+    def previous_good_version(self, name: str) -> str | None:
+        """The version served before the current one that was never rejected or rolled back."""
+        spec = self.spec(name)
+        bad = {spec.model.model_version}
+        served: list[str] = []
+        for event in self.store.read_history(name):
+            version = (event.get("model") or {}).get("model_version")
+            if version is None:
+                continue
+            if event["event"] in ("created", "updated") and not event.get("traffic"):
+                served.append(str(version))
+            if event.get("traffic"):
+                continue  # a canary split: its record names the champion, which did not fail
+            if event["event"] in BAD_EVENTS:
+                bad.add(str(version))
+        for version in reversed(served):
+            if version not in bad:
+                return version
+        return None
+
+    def rollback(self, name: str, *, to_version: str, reason: str, actor: str,
+                 evidence: dict[str, Any] | None = None, keep_reference: bool = False) -> dict[str, Any]:
+        """Serve ``to_version`` again. With ``keep_reference`` the deployment keeps following its
+        alias or stage (which the caller has moved back already); otherwise it is pinned."""
+        spec = self.spec(name)
+        uri = spec.model.requested_uri if keep_reference else f"models:/{spec.model.model_name}/{to_version}"
+        why = f"rolled back from v{spec.model.model_version} to v{to_version}: {reason}"
+        return self.transition(name, model_uri=uri, reason=why, actor=actor, evidence=evidence)
+
+    def predict(self, name: str, body: str, timeout_s: float | None = None) -> str:
+        """POST a JSON ``body`` to the deployment's ``/invocations``; the answer's text."""
+        import requests
+
+        spec = self.spec(name)
+        status = self.engine.status(name)
+        if not status.serving:
+            raise InvalidState(f"Deployment {name!r} is {status.state}; it cannot predict. "
+                               f"Last error: {status.last_error}")
+        headers = {"Content-Type": "application/json"}
+        token = token_for(spec.config)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = requests.post(f"{status.url}/invocations", data=body, headers=headers,
+                                     timeout=timeout_s or spec.config.timeout_s + 10)
+        except requests.RequestException as exc:
+            raise InvalidState(f"Deployment {name!r} at {status.url} did not answer: {exc}") from None
+        if response.status_code != 200:
+            try:
+                error = response.json()
+            except ValueError:
+                error = {"message": response.text[:500]}
+            raise DeploymentError(f"Deployment {name!r} answered {response.status_code}: {error.get('message')}",
+                                  error_code=error.get("error_code") or InvalidRequest.error_code)
+        return response.text
+
+    def run_local(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
+                  flavor: str | None = None, say: Callable[[str], None] = print) -> None:
+        """Serve ``model_uri`` in the foreground (supervised like a deployment) until interrupted."""
+        spec = self.new_spec(name, model_uri, config, flavor)
+        code = self.engine.run_foreground(spec, lambda status: say(
+            f"Serving {spec.model.version_uri} (from {model_uri}) at {status.url} - press Ctrl-C to stop."))
+        if code != 0:
+            last = getattr(self.engine, "last_foreground_status", None)
+            raise InvalidState(f"run-local of {model_uri} failed: {last.last_error if last else code}")
+
+    # -- registry tags -------------------------------------------------------------------------
+
+    def _tag_served(self, new: DeploymentSpec, old: DeploymentSpec | None, status: EngineStatus) -> None:
+        """Tag every served version with where it serves; untag what no longer serves."""
+        from mlflow import MlflowClient
+
+        from mlflow_deploy_plugin.registry import set_serving_tag
+
+        if old is not None:
+            gone = old.served_versions() - new.served_versions()
+            if gone:
+                self._untag(new.name, gone)
+        client = MlflowClient()
+        for share in new.shares():
+            where = status.url or ""
+            if share.model.key != new.model.key:
+                where = f"{where} ({share.percent:g}% canary)"
+            set_serving_tag(client, share.model, new.name, where)
+
+    def _untag(self, name: str, versions: set[tuple[str, str]]) -> str | None:
+        """Clear the serving tags of ``versions``; a summary of what could not be cleared, if any."""
+        from mlflow import MlflowClient
+
+        from mlflow_deploy_plugin.registry import clear_serving_tag
+
+        failures = []
+        client = MlflowClient()
+        for model_name, version in sorted(versions):
+            error = clear_serving_tag(client, model_name, version, name)
+            if error:
+                failures.append(f"{model_name} v{version}: {error}")
+        return "; ".join(failures) or None

@@ -1,0 +1,116 @@
+"""The engine contract: what runs a deployment, behind one interface.
+
+The deployment core (``deployments.py``) decides *what* should serve (a resolved, validated
+:class:`~mlflow_deploy_plugin.spec.DeploymentSpec`) and records why; an engine decides *how* it runs:
+processes on this machine (``local``), or later a Ray Serve application (``ray``). Everything an
+engine must do is below, so a new engine is one class, picked from the target URI in one place
+(:func:`get_engine`), and tested by the same contract suite as the others
+(``tests/unit/test_engine_contract.py``).
+
+Engines keep their own state under the deployment's folder; the spec and history are the core's.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.spec import DeploymentSpec
+from mlflow_deploy_plugin.state import STATUS_FAILED as FAILED
+from mlflow_deploy_plugin.state import STATUS_RUNNING as RUNNING
+from mlflow_deploy_plugin.state import STATUS_STARTING as STARTING
+from mlflow_deploy_plugin.state import STATUS_STOPPED as STOPPED
+from mlflow_deploy_plugin.state import STATUS_UNHEALTHY as UNHEALTHY
+from mlflow_deploy_plugin.state import StateStore
+
+# The states every engine reports (one vocabulary, defined beside the status files in state.py).
+STATES = (STARTING, RUNNING, UNHEALTHY, FAILED, STOPPED)
+SERVING_STATES = (RUNNING, UNHEALTHY)  # the service answers requests (maybe with fewer workers)
+
+
+class EngineError(RuntimeError):
+    """The engine could not do what was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What an engine says about one deployment: common fields, plus its own in ``details``."""
+
+    state: str  # starting | running | unhealthy | failed | stopped
+    url: str | None = None
+    model_version: str | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    traffic: tuple[tuple[str, float], ...] = ()  # (version, percent) actually served
+    healthy: bool = False
+    started_at: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # engine-specific: pids, ports, replicas
+
+    @property
+    def serving(self) -> bool:
+        return self.state in SERVING_STATES and bool(self.url)
+
+
+class Engine(abc.ABC):
+    """Runs deployments. Every method takes names or specs, never MLflow objects."""
+
+    name: str
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    @abc.abstractmethod
+    def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
+        """Start ``spec`` (already written to the store) and wait until it serves; EngineError if not."""
+
+    @abc.abstractmethod
+    def update(self, spec: DeploymentSpec, reason: str, timeout_s: float) -> EngineStatus:
+        """Swap a running deployment to ``spec`` with zero downtime; on EngineError the old keeps serving."""
+
+    @abc.abstractmethod
+    def stop(self, name: str, timeout_s: float) -> None:
+        """Stop gracefully (in-flight requests finish), forcefully after ``timeout_s``. Idempotent."""
+
+    @abc.abstractmethod
+    def status(self, name: str) -> EngineStatus:
+        """What runs now (``stopped`` for a deployment the engine knows nothing of)."""
+
+    @abc.abstractmethod
+    def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> int:
+        """Serve ``spec`` in this process's foreground until interrupted (``run-local``); exit code."""
+
+    @abc.abstractmethod
+    def agent_handle(self, name: str) -> str | None:
+        """Where the deployment's background agent runs (it is hosted by the engine, restarted if
+        it dies, and exists only while the spec needs one), or None when none runs."""
+
+
+ENGINES = ("local", "ray")
+
+
+def engine_name(target_uri: str) -> str:
+    """The engine a target URI names: ``lifecycle`` and ``lifecycle:/local`` -> local, ..."""
+    scheme, _, rest = (target_uri or "").partition(":")
+    name = rest.strip("/") or "local"
+    if scheme != "lifecycle" or name not in ENGINES:
+        raise InvalidRequest(
+            f"Unsupported target URI {target_uri!r}. Engines of the lifecycle target: "
+            "`lifecycle` or `lifecycle:/local` (supervised processes on this machine), "
+            "`lifecycle:/ray` (Ray Serve).")
+    return name
+
+
+def get_engine(target_uri: str, store: StateStore) -> Engine:
+    """The engine for ``target_uri``: the one place a target URI becomes an engine."""
+    name = engine_name(target_uri)
+    if name == "ray":
+        raise InvalidRequest(
+            "The Ray Serve engine (lifecycle:/ray) needs the [ray] extra: "
+            "pip install 'mlflow-deploy-plugin[ray]' (it is not part of this release yet; "
+            "use `lifecycle` for supervised local processes).")
+    from mlflow_deploy_plugin.engines.local import LocalEngine
+
+    return LocalEngine(store)

@@ -1,0 +1,40 @@
+"""The few words a local worker and its supervisor exchange (standard library only).
+
+A worker reports on an inherited pipe, one line per event; the supervisor answers on the worker's
+stdin. Kept in one module so the two sides cannot drift apart.
+
+Worker -> supervisor (ready pipe):
+  ``standby``      a warm standby finished its imports; it reads a spec path from stdin to serve
+  ``loaded``       model loaded and smoke-tested; waiting for ``go`` before accepting connections
+  ``ready``        accepting connections
+  ``draining``     stopped accepting; finishing what it has
+  ``error <why>``  could not start (the reason is shown by ``get``)
+Supervisor -> worker (stdin):
+  ``<spec path>``  (standby only) serve this generation
+  ``go``           the whole generation has loaded: start accepting
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+STANDBY = "standby"
+LOADED = "loaded"
+READY = "ready"
+DRAINING = "draining"
+ERROR = "error"
+GO = "go"
+
+
+def report(fd: int, event: str, detail: str | None = None) -> None:
+    """Worker side: tell the supervisor ``event`` (one line; newlines in ``detail`` are flattened)."""
+    line = f"{event} {detail}" if detail is not None else event
+    with contextlib.suppress(OSError):
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+
+
+def parse(line: str) -> tuple[str, str | None]:
+    """Supervisor side: ``(event, detail)`` of one reported line."""
+    event, _, detail = line.strip().partition(" ")
+    return event, (detail or None)

@@ -1,0 +1,56 @@
+"""The target URI picks the engine in one place; the MLflow-facing client reports bad URIs clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from mlflow_deploy_plugin.engines.base import engine_name, get_engine
+from mlflow_deploy_plugin.engines.local import LocalEngine
+from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.state import StateStore
+
+
+@pytest.mark.parametrize("uri", ["lifecycle", "lifecycle:/local", "lifecycle:local", "lifecycle:/local/"])
+def test_local_engine_uris(uri: str, tmp_path: Path) -> None:
+    assert engine_name(uri) == "local"
+    engine = get_engine(uri, StateStore(tmp_path))
+    assert isinstance(engine, LocalEngine) and engine.store.home == tmp_path
+
+
+def test_ray_says_which_extra_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match=r"\[ray\] extra"):
+        get_engine("lifecycle:/ray", StateStore(tmp_path))
+
+
+@pytest.mark.parametrize("uri", ["lifecycle:/k8s", "sagemaker", "lifecycle:/", "other:/local"])
+def test_unknown_engines_list_the_known_ones(uri: str) -> None:
+    if uri == "lifecycle:/":
+        assert engine_name(uri) == "local"
+        return
+    with pytest.raises(InvalidRequest) as info:
+        engine_name(uri)
+    assert "lifecycle:/local" in info.value.message and "lifecycle:/ray" in info.value.message
+
+
+def test_the_deployment_client_raises_mlflow_exceptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DEPLOY_HOME", str(tmp_path))
+    from mlflow_deploy_plugin.target import LifecycleDeploymentClient
+
+    with pytest.raises(MlflowException) as info:
+        LifecycleDeploymentClient("lifecycle:/ray")
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE" and "[ray]" in info.value.message
+    client = LifecycleDeploymentClient("lifecycle:/local")
+    assert client.list_deployments() == []
+    with pytest.raises(MlflowException) as missing:
+        client.get_deployment("nope")
+    assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    with pytest.raises(MlflowException) as bad_name:
+        client.get_deployment("../etc")
+    assert bad_name.value.error_code == "INVALID_PARAMETER_VALUE"
+    client.delete_deployment("nope")  # deleting what does not exist is not an error, as MLflow's own targets
+    with pytest.raises(MlflowException) as bad_flavor:
+        client.create_deployment("x", "models:/m/1", flavor="onnx")
+    assert bad_flavor.value.error_code == "INVALID_PARAMETER_VALUE"
