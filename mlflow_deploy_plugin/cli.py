@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import click
 
-from mlflow_deploy_plugin.state import StateStore, capture_root, read_history_file
+from mlflow_deploy_plugin.state import StateStore, read_history_file
 
 
 def _spec_or_exit(store: StateStore, name: str) -> dict:
@@ -24,7 +24,7 @@ def _spec_or_exit(store: StateStore, name: str) -> dict:
 
 
 def _when(text: str | None, default: datetime | None, option: str) -> datetime | None:
-    from mlflow_deploy_plugin.serving.capture import parse_since
+    from mlflow_deploy_plugin.capture import parse_since
 
     if text is None:
         return default
@@ -54,7 +54,7 @@ def capture() -> None:
               show_default=True)
 def capture_show(name: str, since: str, until: str | None, limit: int, output_format: str) -> None:
     """Print the rows NAME captured in a time window."""
-    from mlflow_deploy_plugin.serving.capture import read_capture
+    from mlflow_deploy_plugin.capture import capture_root, read_capture
 
     store = StateStore()
     spec = _spec_or_exit(store, name)

@@ -128,13 +128,6 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
-def capture_root(deployment: str, capture_uri: str | None, default_dir: str) -> str:
-    """Where a deployment's captured traffic lives: its own folder, or ``capture_uri/<name>``."""
-    if capture_uri:
-        return f"{capture_uri.rstrip('/')}/{deployment}"
-    return default_dir
-
-
 @dataclass(frozen=True)
 class DeploymentPaths:
     """The files of one deployment."""

@@ -51,7 +51,7 @@ from .evidently_report import DEFAULT_SAMPLE_ROWS, render_evidently_report, rend
 
 _log = logging.getLogger(__name__)
 
-# Mirrors serving.capture.META_COLUMNS / PREDICTION_PREFIX (the capture layout shared with serving).
+# Mirrors capture.layout.META_COLUMNS / PREDICTION_PREFIX (the capture layout shared with serving).
 META_COLUMNS: tuple[str, ...] = (
     "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row",
 )

@@ -139,8 +139,8 @@ def _warm_up(hint_spec: Path) -> None:
     import mlflow.pyfunc
     from mlflow.models import Model
 
+    import mlflow_deploy_plugin.capture  # noqa: F401
     import mlflow_deploy_plugin.serving.app  # noqa: F401
-    import mlflow_deploy_plugin.serving.capture  # noqa: F401
 
     try:
         spec = json.loads(hint_spec.read_text())
@@ -208,8 +208,7 @@ def _prepare(spec: dict[str, Any], fd: int, ready_fd: int) -> tuple[DrainingServ
     )
     capture = None
     if config.capture:
-        from mlflow_deploy_plugin.serving.capture import CaptureWriter
-        from mlflow_deploy_plugin.state import capture_root
+        from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
 
         dropped = metrics.capture_dropped.labels(spec["name"])
         capture = CaptureWriter(
