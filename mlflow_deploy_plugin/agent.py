@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.state import StateStore
+from mlflow_deploy_plugin.state import DeploymentPaths, StateStore
 
 _logger = logging.getLogger("mlflow_deploy_plugin.agent")
 
@@ -37,7 +37,7 @@ def needs_agent(spec: dict[str, Any]) -> bool:
 
 def poke_path(root: Path) -> Path:
     """Touching this file makes the agent look at the registry at once (webhook receivers do)."""
-    return root / "run" / "poke"
+    return DeploymentPaths(root).poke
 
 
 def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None:

@@ -234,7 +234,6 @@ def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll
     import queue
     import threading
 
-    from mlflow_deploy_plugin.agent import poke_path
     from mlflow_deploy_plugin.lifecycle.policy import load_policy
 
     store = StateStore()
@@ -279,7 +278,7 @@ def watch(host: str, port: int, secret_env: str, policies: tuple[str, ...], poll
                 for name in store.names():
                     spec = store.read_spec(name) or {}
                     if spec.get("model", {}).get("model_name") == event.model_name:
-                        poke = poke_path(store.paths(name).root)
+                        poke = store.paths(name).poke
                         poke.parent.mkdir(parents=True, exist_ok=True)
                         poke.touch()
                         click.echo(f"{event.event} for {event.model_name}: triggered {name}", err=True)

@@ -167,6 +167,11 @@ class DeploymentPaths:
         return self.root / "capture"
 
     @property
+    def poke(self) -> Path:
+        """Touching this file makes the deployment's agent look at the registry at once."""
+        return self.root / "run" / "poke"
+
+    @property
     def metrics(self) -> Path:
         """Prometheus multiprocess files shared by the workers."""
         return self.root / "run" / "prometheus"
