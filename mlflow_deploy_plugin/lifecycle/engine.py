@@ -28,7 +28,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlflow_deploy_plugin.lifecycle import traffic_stats
-from mlflow_deploy_plugin.lifecycle.gates import CanaryStats, evaluate_canary, evaluate_gates
+from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
+from mlflow_deploy_plugin.lifecycle.gates import evaluate_gates
 from mlflow_deploy_plugin.lifecycle.policy import Policy, load_policy
 from mlflow_deploy_plugin.lifecycle.transitions import RegistryRoles, record
 from mlflow_deploy_plugin.registry import is_floating_uri, resolve_model_uri
