@@ -24,16 +24,11 @@ from mlflow_deploy_plugin.state import StateStore
 _logger = logging.getLogger("mlflow_deploy_plugin.agent")
 
 
-def poke_path(root: Path) -> Path:
-    """Touching this file makes the agent look at the registry at once (webhook receivers do)."""
-    return root / "run" / "poke"
-
-
 def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None:
     from mlflow_deploy_plugin.lifecycle.engine import LifecycleEngine
 
     engine = LifecycleEngine(store, name)
-    poke = poke_path(store.paths(name).root)
+    poke = store.paths(name).poke  # `mlflow-deploy watch` touches it after a webhook: look now
     last_poke = poke.stat().st_mtime if poke.exists() else 0.0
     next_poll = 0.0
     while not stop.is_set():

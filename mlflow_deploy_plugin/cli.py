@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
-from mlflow_deploy_plugin.state import StateStore, capture_root, read_history_file, validate_name
+from mlflow_deploy_plugin.state import StateStore, read_history_file, validate_name
 
 pass_store = click.make_pass_decorator(StateStore)
 
@@ -49,7 +49,7 @@ def _specs(store: StateStore) -> list[DeploymentSpec]:
 
 
 def _when(text: str | None, default: datetime | None, option: str) -> datetime | None:
-    from mlflow_deploy_plugin.serving.capture import parse_since
+    from mlflow_deploy_plugin.capture import parse_since
 
     if text is None:
         return default
@@ -85,7 +85,7 @@ def capture() -> None:
 def capture_show(store: StateStore, name: str, since: str, until: str | None, limit: int,
                  output_format: str) -> None:
     """Print the rows NAME captured in a time window."""
-    from mlflow_deploy_plugin.serving.capture import read_capture
+    from mlflow_deploy_plugin.capture import capture_root, read_capture
 
     spec = _spec_or_exit(store, name)
     start = _when(since, None, "--since")
@@ -268,7 +268,6 @@ def watch(store: StateStore, host: str, port: int, secret_env: str, policies: tu
     import queue
     import threading
 
-    from mlflow_deploy_plugin.agent import poke_path
     from mlflow_deploy_plugin.lifecycle.policy import load_policy
 
     engines = []
@@ -312,7 +311,7 @@ def watch(store: StateStore, host: str, port: int, secret_env: str, policies: tu
                 for spec in _specs(store):
                     name = spec.name
                     if spec.model.model_name == event.model_name:
-                        poke = poke_path(store.paths(name).root)
+                        poke = store.paths(name).poke
                         poke.parent.mkdir(parents=True, exist_ok=True)
                         poke.touch()
                         click.echo(f"{event.event} for {event.model_name}: triggered {name}", err=True)

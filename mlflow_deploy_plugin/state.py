@@ -131,13 +131,6 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
-def capture_root(deployment: str, capture_uri: str | None, default_dir: str) -> str:
-    """Where a deployment's captured traffic lives: its own folder, or ``capture_uri/<name>``."""
-    if capture_uri:
-        return f"{capture_uri.rstrip('/')}/{deployment}"
-    return default_dir
-
-
 @dataclass(frozen=True)
 class DeploymentPaths:
     """The files of one deployment."""
@@ -175,6 +168,11 @@ class DeploymentPaths:
     @property
     def capture(self) -> Path:
         return self.root / "capture"
+
+    @property
+    def poke(self) -> Path:
+        """Touching this file makes the deployment's agent look at the registry at once."""
+        return self.root / "run" / "poke"
 
     @property
     def metrics(self) -> Path:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlflow_deploy_plugin.serving.capture import (
+from mlflow_deploy_plugin.capture import (
     META_COLUMNS,
     CapturedRequest,
     CaptureWriter,

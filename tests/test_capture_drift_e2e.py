@@ -17,7 +17,7 @@ import pandas as pd
 import requests
 from conftest import REPO, Env, Registry, split_payload, wait_for
 
-from mlflow_deploy_plugin.serving.capture import read_capture
+from mlflow_deploy_plugin.capture import read_capture
 
 
 def _send(url: str, frames: list[pd.DataFrame], threads: int = 4) -> list[str]:

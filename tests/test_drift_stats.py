@@ -11,13 +11,8 @@ import pytest
 from scipy import stats
 from scipy.spatial import distance
 
-from mlflow_deploy_plugin.monitoring.drift_stats import (
-    ColumnMethod,
-    column_kind,
-    compute_drift,
-    methods_to_spec,
-    parse_methods,
-)
+from mlflow_deploy_plugin.monitoring.drift_methods import ColumnMethod, methods_to_spec, parse_methods
+from mlflow_deploy_plugin.monitoring.drift_stats import column_kind, compute_drift
 
 ALPHA = 0.05
 N_WINDOWS = 400

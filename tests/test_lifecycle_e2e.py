@@ -22,7 +22,7 @@ from conftest import Env, MlflowServer, free_port, split_payload, wait_for
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
-from mlflow_deploy_plugin.serving.capture import read_capture
+from mlflow_deploy_plugin.capture import read_capture
 
 SECRET = "webhook-secret-for-tests"
 

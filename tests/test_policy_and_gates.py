@@ -24,13 +24,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mlflow_deploy_plugin.lifecycle.gates import (
-    CanaryStats,
-    compare_input_schemas,
-    evaluate_canary,
-    evaluate_gates,
-    role_version,
-)
+from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
+from mlflow_deploy_plugin.lifecycle.gates import evaluate_gates, role_version
 from mlflow_deploy_plugin.lifecycle.policy import (
     CanaryPolicy,
     DriftPolicy,
@@ -42,6 +37,7 @@ from mlflow_deploy_plugin.lifecycle.policy import (
     load_policy,
     parse_policy,
 )
+from mlflow_deploy_plugin.lifecycle.schema_compat import compare_input_schemas
 
 MODEL = "churn"
 FAILING_MODEL_CODE = Path(__file__).parent / "assets" / "failing_model.py"

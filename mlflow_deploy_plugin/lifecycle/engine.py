@@ -30,7 +30,8 @@ from mlflow.exceptions import MlflowException
 from mlflow_deploy_plugin.deployments import Deployments
 from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.lifecycle import traffic_stats
-from mlflow_deploy_plugin.lifecycle.gates import CanaryStats, evaluate_canary, evaluate_gates
+from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
+from mlflow_deploy_plugin.lifecycle.gates import evaluate_gates
 from mlflow_deploy_plugin.lifecycle.policy import Policy, load_policy
 from mlflow_deploy_plugin.lifecycle.transitions import RegistryRoles, record
 from mlflow_deploy_plugin.registry import resolve_model_uri

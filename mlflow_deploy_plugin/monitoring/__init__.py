@@ -1,18 +1,10 @@
-"""Drift monitoring: reference data, exact drift statistics, the Evidently report and the drift job.
+"""Drift monitoring: reference data, drift methods and exact statistics, the Evidently report, the drift job.
 
 Importing this package is cheap: Evidently (~5 s to import) is only loaded when a report is rendered.
 """
 
-from .drift_stats import (
-    METHODS,
-    ColumnDrift,
-    ColumnMethod,
-    DriftResult,
-    column_kind,
-    compute_drift,
-    methods_to_spec,
-    parse_methods,
-)
+from .drift_methods import METHODS, ColumnMethod, methods_to_spec, parse_methods
+from .drift_stats import ColumnDrift, DriftResult, column_kind, compute_drift
 from .evidently_report import render_evidently_report
 from .reference import predict_reference, read_table_uri, resolve_reference_data
 from .report_job import DriftOutcome, DriftSettings, run_drift_report, select_current

@@ -11,10 +11,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
+from mlflow_deploy_plugin.capture import capture_root, read_capture
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
-from mlflow_deploy_plugin.serving.capture import read_capture
-from mlflow_deploy_plugin.state import StateStore, capture_root
+from mlflow_deploy_plugin.state import StateStore
 
 
 def _reference_predictions(models_dir: Path, model_name: str, version: str,

@@ -46,12 +46,13 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from .drift_stats import ColumnMethod, DriftResult, compute_drift, methods_to_spec, parse_methods
+from .drift_methods import ColumnMethod, methods_to_spec, parse_methods
+from .drift_stats import DriftResult, compute_drift
 from .evidently_report import DEFAULT_SAMPLE_ROWS, render_evidently_report, render_fallback_html
 
 _log = logging.getLogger(__name__)
 
-# Mirrors serving.capture.META_COLUMNS / PREDICTION_PREFIX (the capture layout shared with serving).
+# Mirrors capture.layout.META_COLUMNS / PREDICTION_PREFIX (the capture layout shared with serving).
 META_COLUMNS: tuple[str, ...] = (
     "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row",
 )
@@ -66,7 +67,7 @@ DriftStatus = Literal["ok", "drifted", "insufficient_data"]
 class DriftSettings:
     """How a deployment's drift is judged.
 
-    ``methods`` accepts whatever :func:`.drift_stats.parse_methods` does (spec string such as
+    ``methods`` accepts whatever :func:`.drift_methods.parse_methods` does (spec string such as
     ``"age=ks:0.01,city=psi:0.2"``, a YAML/JSON file path, or a mapping) and is stored parsed.
     ``min_rows`` defaults to 200: below that the tests have little power (KS at n=200 only detects
     ECDF gaps above ~0.1; a chi-square cell needs a category share of >= 2.5 % to expect 5 rows), so

@@ -1,1 +1,1 @@
-"""The serving path: the ASGI app, model slots, batching, worker processes, capture."""
+"""The serving path: the ASGI app, model slots, batching, worker processes (which start capture)."""

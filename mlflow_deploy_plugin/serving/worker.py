@@ -153,8 +153,8 @@ def _warm_up(hint_spec: Path) -> None:
     import mlflow.pyfunc
     from mlflow.models import Model
 
+    import mlflow_deploy_plugin.capture  # noqa: F401
     import mlflow_deploy_plugin.serving.app  # noqa: F401
-    import mlflow_deploy_plugin.serving.capture  # noqa: F401
 
     try:
         hint = WorkerSpec.read(hint_spec)
@@ -216,8 +216,7 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingS
     )
     capture = None
     if config.capture:
-        from mlflow_deploy_plugin.serving.capture import CaptureWriter
-        from mlflow_deploy_plugin.state import capture_root
+        from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
 
         dropped = metrics.capture_dropped.labels(spec.name)
         capture = CaptureWriter(

@@ -1,0 +1,46 @@
+"""Inference capture: record answered requests and their predictions to Parquet, and read them back.
+
+Serving records, the drift job and ``mlflow-deploy capture show`` read; what they share is the file
+layout. One module per job:
+
+- :mod:`.layout`: where captured traffic lives (``{root}/date=YYYY-MM-DD/part-*.parquet``) and its
+  columns; the contract between writer and readers, keep it stable;
+- :mod:`.writer`: :class:`CaptureWriter`, a bounded buffer drained by a background thread, so the
+  serving hot path never waits for pandas, Arrow or I/O;
+- :mod:`.arrow`: how requests and predictions become Arrow tables (writer thread only);
+- :mod:`.reader`: :func:`read_capture` of a time window, :func:`parse_since`;
+- :mod:`.retention`: :func:`prune_capture` of days older than the retention.
+
+This package may use :mod:`mlflow_deploy_plugin.serving.frames` (a small pure helper) but nothing
+else of serving, and nothing of lifecycle or monitoring: those depend on capture, not the reverse.
+"""
+
+from mlflow_deploy_plugin.capture.arrow import CapturedRequest
+from mlflow_deploy_plugin.capture.layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
+from mlflow_deploy_plugin.capture.reader import parse_since, read_capture
+from mlflow_deploy_plugin.capture.retention import prune_capture
+from mlflow_deploy_plugin.capture.writer import (
+    DROP_BUFFER_FULL,
+    DROP_CLOSED,
+    DROP_CONVERT_ERROR,
+    DROP_INVALID,
+    DROP_WRITE_ERROR,
+    CaptureWriter,
+)
+
+__all__ = [
+    "DROP_BUFFER_FULL",
+    "DROP_CLOSED",
+    "DROP_CONVERT_ERROR",
+    "DROP_INVALID",
+    "DROP_WRITE_ERROR",
+    "META_COLUMNS",
+    "META_SCHEMA",
+    "PREDICTION_PREFIX",
+    "CaptureWriter",
+    "CapturedRequest",
+    "capture_root",
+    "parse_since",
+    "prune_capture",
+    "read_capture",
+]

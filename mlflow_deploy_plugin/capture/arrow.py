@@ -1,0 +1,257 @@
+"""Turning answered requests into Arrow tables of the capture layout.
+
+Kept apart from the writer because it is pure data work (no threads, locks or I/O) and is where
+nearly all of capture's CPU goes: it runs on the writer thread only, never on the serving hot path.
+Requests of one day whose columns and dtypes match are stacked together, so a batch of thousands of
+small requests costs a few vectorised concatenations. Whatever the model received or returned is
+stored: inputs become a DataFrame with names that cannot clash with the meta columns, outputs become
+``_prediction[_<col>]`` columns, and values Arrow cannot represent are kept as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from mlflow_deploy_plugin.capture.layout import META_COLUMNS, PREDICTION_PREFIX
+from mlflow_deploy_plugin.serving.frames import is_float64, stack_frames
+
+_EPOCH = date(1970, 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedRequest:
+    """One answered ``/invocations`` request, as handed to :meth:`CaptureWriter.record`.
+
+    ``inputs`` and ``predictions`` are kept by reference until the next flush: do not mutate them
+    after recording.
+    """
+
+    request_id: str
+    timestamp: float  # epoch seconds
+    model_version: str
+    status: int
+    latency_ms: float
+    inputs: pd.DataFrame | None
+    predictions: Any | None
+
+
+@dataclass(slots=True)
+class _Group:
+    """Requests of one day whose columns and dtypes match, so they concatenate cheaply."""
+
+    frames: list[pd.DataFrame | None] = field(default_factory=list)
+    predictions: list[dict[str, np.ndarray]] = field(default_factory=list)
+    meta: list[tuple[str, float, str, int, float, int]] = field(default_factory=list)
+
+
+def tables_by_day(batch: list[CapturedRequest],
+                  deployment: str) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
+    """One Arrow table per day and column layout, each with the number of requests it holds.
+
+    Also returns how many requests could not be converted (they are in no table).
+    """
+    groups: dict[tuple[int, tuple, tuple], _Group] = {}
+    unconverted = 0
+    for req in batch:
+        try:
+            day = int(float(req.timestamp) // 86400)
+            frame = _as_frame(req.inputs)
+            n = len(frame) if frame is not None else 1
+            # No inputs (e.g. a rejected request): one meta-only row, as the drift job expects.
+            predictions = _prediction_columns(req.predictions, n) if frame is not None else {}
+            key = (
+                day,
+                _frame_signature(frame),
+                tuple((name, _dtype_key(arr.dtype)) for name, arr in predictions.items()),
+            )
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group()
+            group.frames.append(frame)
+            group.predictions.append(predictions)
+            group.meta.append((str(req.request_id), float(req.timestamp), str(req.model_version),
+                               int(req.status), float(req.latency_ms), n))
+        except Exception:
+            unconverted += 1
+    by_day: dict[date, list[tuple[pa.Table, int]]] = {}
+    for (day_number, _, _), group in groups.items():
+        try:
+            table = _group_table(group, deployment)
+        except Exception:
+            unconverted += len(group.meta)
+            continue
+        by_day.setdefault(_EPOCH + timedelta(days=day_number), []).append((table, len(group.meta)))
+    return by_day, unconverted
+
+
+def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int]]:
+    """Tables of one day as one table (one file), or unchanged when their columns cannot unify."""
+    if len(tables) == 1:
+        return tables
+    try:
+        merged = pa.concat_tables([t for t, _ in tables], promote_options="permissive")
+        return [(merged, sum(n for _, n in tables))]
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Same column name, incompatible types (e.g. two model versions): one file each.
+        return tables
+
+
+def _group_table(group: _Group, deployment: str) -> pa.Table:
+    counts = np.fromiter((m[5] for m in group.meta), dtype=np.int64, count=len(group.meta))
+    total = int(counts.sum())
+    micros = np.fromiter((round(m[1] * 1e6) for m in group.meta), dtype=np.int64, count=len(group.meta))
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    arrays: list[pa.Array] = [
+        pa.array(np.repeat(np.array([m[0] for m in group.meta], dtype=object), counts), pa.string()),
+        pa.array(np.repeat(micros, counts), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        pa.array([deployment] * total, pa.string()),
+        pa.array(np.repeat(np.array([m[2] for m in group.meta], dtype=object), counts), pa.string()),
+        pa.array(np.repeat(np.array([m[3] for m in group.meta], dtype=np.int16), counts), pa.int16()),
+        pa.array(np.repeat(np.array([m[4] for m in group.meta], dtype=np.float32), counts), pa.float32()),
+        pa.array((np.arange(total, dtype=np.int64) - starts).astype(np.int32), pa.int32()),
+    ]
+    names = list(META_COLUMNS)
+    frames = [f for f in group.frames if f is not None]
+    if frames:
+        inputs = stack_frames(frames)
+        for i, name in enumerate(inputs.columns):
+            names.append(name)
+            arrays.append(_to_arrow(inputs.iloc[:, i]))
+    for name in group.predictions[0]:
+        column = np.concatenate([p[name] for p in group.predictions])
+        names.append(name)
+        arrays.append(_to_arrow(column))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _as_frame(inputs: Any) -> pd.DataFrame | None:
+    """Inputs as a DataFrame with unique string column names that cannot clash with ours."""
+    if inputs is None:
+        return None
+    if isinstance(inputs, pd.DataFrame):
+        frame = inputs
+    elif isinstance(inputs, pd.Series):
+        frame = inputs.to_frame()
+    elif isinstance(inputs, np.ndarray):
+        frame = pd.DataFrame(inputs.reshape(len(inputs), -1) if inputs.ndim != 1 else inputs)
+    elif isinstance(inputs, dict):
+        try:
+            frame = pd.DataFrame(inputs)
+        except ValueError:
+            frame = pd.DataFrame({"_input": [str(inputs)]})
+    else:
+        frame = pd.DataFrame({"_input": [str(inputs)]})
+    if len(frame) == 0:
+        return None
+    names = [str(c) for c in frame.columns]
+    fixed: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in META_COLUMNS or name.startswith(PREDICTION_PREFIX):
+            name = f"_input{name}"
+        base, k = name, 1
+        while name in seen:
+            name = f"{base}.{k}"
+            k += 1
+        seen.add(name)
+        fixed.append(name)
+    if fixed != list(frame.columns):
+        frame = frame.set_axis(fixed, axis=1)
+    return frame
+
+
+def _frame_signature(frame: pd.DataFrame | None) -> tuple:
+    if frame is None:
+        return ()
+    if is_float64(frame):  # cheap for parser-built frames: no per-request dtypes Series
+        return (tuple(frame.columns), "float64")
+    return tuple(zip(frame.columns, map(str, frame.dtypes), strict=True))
+
+
+def _dtype_key(dtype: np.dtype) -> str:
+    # Strings of different widths concatenate fine; keep them in one group.
+    return dtype.kind if dtype.kind in "USO" else dtype.str
+
+
+def _object_array(values: Iterable[Any]) -> np.ndarray:
+    items = list(values)
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _prediction_columns(predictions: Any, n_rows: int) -> dict[str, np.ndarray]:
+    """Model output as 1-D column arrays of ``n_rows`` each, named ``_prediction[_<col>]``."""
+    if predictions is None:
+        return {}
+    if isinstance(predictions, dict):
+        try:
+            predictions = pd.DataFrame(predictions)
+        except ValueError:
+            return _misaligned(predictions, n_rows)
+    if isinstance(predictions, pd.DataFrame):
+        if len(predictions) != n_rows:
+            return _misaligned(predictions, n_rows)
+        out: dict[str, np.ndarray] = {}
+        for i, col in enumerate(predictions.columns):
+            name = f"{PREDICTION_PREFIX}_{col}"
+            if name in out:
+                name = f"{name}.{i}"
+            out[name] = predictions.iloc[:, i].to_numpy()
+        return out
+    if isinstance(predictions, pd.Series):
+        arr = predictions.to_numpy()
+    elif isinstance(predictions, np.ndarray):
+        arr = predictions
+    elif isinstance(predictions, list | tuple):
+        try:
+            arr = np.asarray(predictions)
+        except ValueError:  # ragged nested lists
+            arr = _object_array(predictions)
+    else:
+        arr = _object_array([predictions])
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if len(arr) != n_rows:
+        return _misaligned(predictions, n_rows)
+    if arr.ndim == 1:
+        return {PREDICTION_PREFIX: arr}
+    if arr.ndim == 2:
+        return {f"{PREDICTION_PREFIX}_{i}": arr[:, i] for i in range(arr.shape[1])}
+    return {PREDICTION_PREFIX: _object_array(row.tolist() for row in arr)}
+
+
+def _misaligned(predictions: Any, n_rows: int) -> dict[str, np.ndarray]:
+    # Output that does not map to input rows is kept whole, as text, on the request's first row.
+    return {PREDICTION_PREFIX: _object_array([str(predictions)] + [None] * (n_rows - 1))}
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        result = pd.isna(value)
+    except (TypeError, ValueError):
+        return False
+    return bool(result) if np.ndim(result) == 0 else False
+
+
+def _to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
+    """One column as Arrow, falling back to text for objects Arrow cannot represent."""
+    try:
+        arr = pa.array(values, from_pandas=True)
+        if pa.types.is_dictionary(arr.type):
+            # Categories would make every file's schema differ; store plain values.
+            arr = arr.cast(arr.type.value_type)
+        if isinstance(arr.type, pa.ExtensionType) or pa.types.is_null(arr.type):
+            raise pa.ArrowTypeError("stored as text")
+        return arr
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return pa.array([None if _is_missing(v) else str(v) for v in values], pa.string())
