@@ -159,6 +159,7 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
     from mlflow_deploy_plugin.deployments import Deployments
 
     name = "split"
+    tag = f"lifecycle.deployment.{name}"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1")
     try:
         url = env.status(name)["url"]
@@ -180,5 +181,12 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
         assert forced.headers["x-model-version"] == "2"
         metrics = requests.get(f"{url}/metrics", timeout=5).text
         assert 'model_version="2",status="200"' in metrics and 'model_version="1",status="200"' in metrics
+        # The registry shows where each version serves, the canary one included ...
+        client = mlflow.MlflowClient()
+        assert client.get_model_version(registry.model, "1").tags.get(tag) == url
+        assert client.get_model_version(registry.model, "2").tags.get(tag) == f"{url} (30% canary)"
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+    # ... and delete clears the tags of every version it served, not just the main one.
+    for version in ("1", "2"):
+        assert tag not in mlflow.MlflowClient().get_model_version(registry.model, version).tags, version
