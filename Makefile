@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-serving bench-drift clean
+.PHONY: demo test test-fast lint bench-serving bench-drift clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# In-process tests only (no deployment, no subprocess): seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/test_units.py $(PYTEST_ARGS)
 
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py
