@@ -285,4 +285,5 @@ def build_app(
                              data, predictions))
         return response
 
-    return AuthMiddleware(DrainMiddleware(app, state), settings.auth_token)
+    # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
+    return DrainMiddleware(AuthMiddleware(app, settings.auth_token), state)

@@ -441,6 +441,18 @@ def test_draining_tells_every_client_to_close_its_connection(served: Served) -> 
     assert health.headers["connection"] == "close"
 
 
+def test_draining_closes_the_connections_of_refused_clients_too(serve: ServeFactory,
+                                                                 classifier_slot: ModelSlot) -> None:
+    """A keep-alive client with a bad token must not keep a draining worker waiting either."""
+    served = serve(classifier_slot, auth_token=TOKEN)
+    served.state.draining = True
+    refused = post(served.client, split_body(ROWS.iloc[:1]))
+    assert_error(refused, 401, "UNAUTHENTICATED")
+    assert refused.headers["connection"] == "close"
+    answered = post(served.client, split_body(ROWS.iloc[:1]), authorization=f"Bearer {TOKEN}")
+    assert answered.status_code == 200 and answered.headers["connection"] == "close"
+
+
 # -- traffic split ------------------------------------------------------------------------------
 
 
