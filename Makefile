@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck bench-serving bench-drift bench-follow clean
+.PHONY: demo test test-fast lint bench-serving bench-drift bench-follow clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check mlflow_deploy_plugin tests examples benchmarks
 	$(BIN)/mypy mlflow_deploy_plugin
 
-typecheck: lint
-
-# In-process tests only (app, batcher, spec, CLI, import graph): seconds, no processes started.
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
-
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# In-process tests only (app, batcher, middlewares, spec, CLI, import graph; no deployment): seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/test_units.py $(PYTEST_ARGS)
 
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import hmac
 import json
 import logging
 import random
@@ -24,11 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from mlflow_deploy_plugin import __version__
 from mlflow_deploy_plugin.serving.batching import BatchingPredictor
 from mlflow_deploy_plugin.serving.metrics import ServingMetrics
+from mlflow_deploy_plugin.serving.middleware import AuthMiddleware, DrainMiddleware
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.protocol import (
     ServingError,
@@ -41,7 +41,6 @@ from mlflow_deploy_plugin.serving.protocol import (
 _logger = logging.getLogger(__name__)
 
 JSON = "application/json"
-OPEN_PATHS = frozenset({"/ping", "/health"})
 # Bodies above this are parsed off the event loop so one large request cannot stall the others.
 _INLINE_PARSE_BYTES = 256 * 1024
 
@@ -80,45 +79,6 @@ class ServiceState:
 
 def _error(status: int, error_code: str, message: str) -> Response:
     return Response(ServingError(status, error_code, message).body(), status_code=status, media_type=JSON)
-
-
-class GuardMiddleware:
-    """Bearer-token auth and connection draining, as plain ASGI so it costs microseconds."""
-
-    def __init__(self, app: ASGIApp, token: str | None, state: ServiceState) -> None:
-        self.app = app
-        self.token = token.encode() if token else None
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.token is not None and scope["path"] not in OPEN_PATHS:
-            supplied = b""
-            for key, value in scope["headers"]:
-                if key == b"authorization":
-                    supplied = value
-                    break
-            scheme, _, credential = supplied.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), self.token):
-                response = _error(401, "UNAUTHENTICATED",
-                                  "Missing or invalid bearer token: send 'Authorization: Bearer <token>'.")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                await response(scope, receive, send)
-                return
-        if not self.state.draining:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_closing(message: Message) -> None:
-            # Tell keep-alive clients to reconnect, so they reach a worker that stays.
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"connection", b"close")]
-            await send(message)
-
-        await self.app(scope, receive, send_closing)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -325,4 +285,5 @@ def build_app(
                              data, predictions))
         return response
 
-    return GuardMiddleware(app, settings.auth_token, state)
+    # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
+    return DrainMiddleware(AuthMiddleware(app, settings.auth_token), state)
