@@ -217,13 +217,17 @@ class Deployments:
 
     def transition(self, name: str, *, model_uri: str | None = None, config: Mapping[str, Any] | None = None,
                    traffic: list[tuple[str, float]] | None = None, reason: str, actor: str,
-                   evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+                   evidence: dict[str, Any] | None = None, only_if_changed: bool = False) -> dict[str, Any]:
         """Move deployment ``name`` to a model URI and/or a traffic split, recording why.
 
         ``model_uri`` defaults to the URI the deployment follows (re-resolved: an alias or stage
         that moved is followed). ``traffic`` is a list of (model URI, percent) served side by side
         (a canary); None serves the one resolved version. Zero downtime; if a version cannot load
         or fails its smoke test, what serves keeps serving and InvalidState says why.
+
+        ``only_if_changed`` (for automatic followers): do nothing when, by the time the lock is
+        held, the deployment already serves exactly this; a decision taken on a spec read before
+        another change landed (a rollback, a person's update) must not redeploy or be recorded.
         """
         with file_lock(self.store.paths(check_name(name)).lock):
             old = self.spec(name)
@@ -244,6 +248,8 @@ class Deployments:
                 shares.append(TrafficShare(ModelRef(requested, share_model.model_name, share_model.model_version,
                                                     share_model.run_id, share_model.source), float(percent)))
             new = old.replace(model=model, config=parsed, traffic=tuple(shares), updated_at=time.time())
+            if only_if_changed and (new.model, new.config, new.traffic) == (old.model, old.config, old.traffic):
+                return self.describe(old)
             split = traffic_summary(new) if shares else None
             try:
                 if self.engine.status(name).state in (FAILED, STOPPED):

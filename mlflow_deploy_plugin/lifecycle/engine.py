@@ -137,7 +137,8 @@ class LifecycleEngine:
         reason = f"followed {requested}: it now points at v{resolved.model_version} (was v{served})"
         try:
             self._act(f"switch {self.name} to v{resolved.model_version} ({reason})",
-                      lambda: self.deployments.transition(self.name, reason=reason, actor=actor))
+                      lambda: self.deployments.transition(self.name, reason=reason, actor=actor,
+                                                          only_if_changed=True))
         except DeploymentError as exc:
             failed[resolved.model_version] = exc.message
             state["follow_error"] = exc.message
