@@ -58,7 +58,7 @@ def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> Mod
         model_name=mv.name,
         model_version=str(mv.version),
         run_id=mv.run_id or None,
-        source=mv.source,
+        source=mv.source or "",  # "" when unknown, as ModelRef.from_dict reads it back
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,31 @@ from mlflow_deploy_plugin.capture.layout import META_COLUMNS, PREDICTION_PREFIX
 from mlflow_deploy_plugin.serving.frames import is_float64, stack_frames
 
 _EPOCH = date(1970, 1, 1)
+
+
+class AnsweredRequest(Protocol):
+    """What capture reads of one answered ``/invocations`` request.
+
+    Serving hands :meth:`CaptureWriter.record` its own answer objects (capture does not import the
+    app), other callers a :class:`CapturedRequest`: anything with these attributes will do.
+    """
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def timestamp(self) -> float: ...  # epoch seconds
+    @property
+    def model_version(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def latency_ms(self) -> float: ...
+    # What the model took and returned, in whatever form it did (DataFrame, arrays, dicts, ...):
+    # made tabular by _as_frame and _prediction_columns.
+    @property
+    def inputs(self) -> Any: ...
+    @property
+    def predictions(self) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +76,7 @@ class _Group:
     meta: list[tuple[str, float, str, int, float, int]] = field(default_factory=list)
 
 
-def tables_by_day(batch: list[CapturedRequest],
+def tables_by_day(batch: list[AnsweredRequest],
                   deployment: str) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
     """One Arrow table per day and column layout, each with the number of requests it holds.
 

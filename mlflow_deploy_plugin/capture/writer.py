@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mlflow_deploy_plugin.capture.arrow import CapturedRequest, merge_tables, tables_by_day
+from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, merge_tables, tables_by_day
 from mlflow_deploy_plugin.capture.layout import join_path, new_part_name, partition_path, resolve_root
 from mlflow_deploy_plugin.capture.retention import prune_capture
 
@@ -148,7 +148,7 @@ class CaptureWriter:
         self._lost_accepted = 0
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
-        self._buffer: list[CapturedRequest] = []
+        self._buffer: list[AnsweredRequest] = []
         self._buffered_rows = 0
         self._first_buffered_at: float | None = None
         self._warned: set[str] = set()
@@ -171,7 +171,7 @@ class CaptureWriter:
 
     # ---- hot path -------------------------------------------------------------------------------
 
-    def record(self, request: CapturedRequest) -> bool:
+    def record(self, request: AnsweredRequest) -> bool:
         """Queue one answered request for capture; never blocks on I/O and never raises.
 
         Returns True if the request was accepted, False if it was sampled out (not counted as a
@@ -297,6 +297,8 @@ class CaptureWriter:
                 time.sleep(min(self.flush_interval_s, 1.0))
 
     def _prune(self) -> None:
+        if self.retention_days is None:  # no retention: _run never schedules a prune
+            return
         try:
             fs, base = self._filesystem()
             prune_capture(self.root, self.deployment, self.retention_days, _fs=(fs, base))
@@ -398,7 +400,7 @@ class CaptureWriter:
 
     # ---- conversion (writer thread only) ---------------------------------------------------------
 
-    def _build_parts(self, batch: list[CapturedRequest]) -> list[_Part]:
+    def _build_parts(self, batch: list[AnsweredRequest]) -> list[_Part]:
         """Turn requests into one Arrow table per day (or per column layout if they cannot unify)."""
         by_day, unconverted = tables_by_day(batch, self.deployment)
         if unconverted:

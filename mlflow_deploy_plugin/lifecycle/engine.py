@@ -183,11 +183,14 @@ class LifecycleEngine:
                 evidence=report.to_dict(), tags={"lifecycle.gates": "failed", "lifecycle.promotion": "rejected"}))
             return
         roles = RegistryRoles(self.client, policy)
-        self._act(f"make {policy.model} v{version} {policy.challenger} (gates passed)", lambda: (
-            roles.set_challenger(version),
+
+        def make_challenger() -> None:
+            roles.set_challenger(version)
             record(self.store, self.client, self.name, "challenger", model_name=policy.model, version=version,
                    reason=summary.replace("\n", "; "), actor=f"policy {policy.source}",
-                   evidence=report.to_dict(), tags={"lifecycle.gates": "passed"})))
+                   evidence=report.to_dict(), tags={"lifecycle.gates": "passed"})
+
+        self._act(f"make {policy.model} v{version} {policy.challenger} (gates passed)", make_challenger)
         canary = policy.promotion.canary
         if canary is None or champion is None:
             self._promote(version, spec, policy, state, reason="gates passed (no canary configured)",
@@ -335,8 +338,9 @@ class LifecycleEngine:
             return None
         if policy is None and model.is_floating:
             policy = _policy_for_reference(model.requested_uri)
-        keep_reference = policy is not None and model.is_floating
-        if keep_reference:
+        keep_reference = False
+        if policy is not None and model.is_floating:
+            keep_reference = True
             roles = RegistryRoles(self.client, policy)
             self._act(f"move {policy.role_uri('champion')} back to v{target}",
                       lambda: roles.demote(current, target, archive))
@@ -356,6 +360,8 @@ def _policy_for_reference(requested_uri: str) -> Policy | None:
     from mlflow.store.artifact.utils.models import _parse_model_uri
 
     parsed = _parse_model_uri(requested_uri)
+    if parsed.name is None:
+        return None  # models:/<model id>: a logged model, no alias or stage to move
     if parsed.alias:
         return Policy(model=parsed.name, registry="alias", champion=parsed.alias, challenger=f"{parsed.alias}-prev")
     if parsed.stage and parsed.stage.lower() in ("production", "staging"):

@@ -232,7 +232,7 @@ def _signature_gate(name: str, version: str, champion_version: str | None) -> Ga
     gate = "signature_compatible"
     if champion_version is None:
         return GateResult(gate, True, "no champion yet: nothing to stay compatible with")
-    schemas: dict[str, Schema | None] = {}
+    schemas: dict[str, Schema] = {}
     for who, ver in (("candidate", version), ("champion", str(champion_version))):
         try:
             signature = mlflow.models.get_model_info(f"models:/{name}/{ver}").signature

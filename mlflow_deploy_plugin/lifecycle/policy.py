@@ -75,6 +75,10 @@ _VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
 _METRIC_EXPR_RE = re.compile(r"^\s*(?P<metric>[\w][\w\-./ ]*?)\s*(?P<op>>=|<=|==|>|<)\s*(?P<value>\S+)\s*$")
 
 
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
 class PolicyError(ValueError):
     """A policy file is invalid. ``str(err)`` reads ``<source>:<line>: <key>: <message>``."""
 
@@ -340,7 +344,7 @@ class _Parser:
             if value not in ("alias", "stage"):
                 hint = "; 'stages' is spelt 'stage'" if value == "stages" else ""
                 raise self.error(f"must be 'alias' or 'stage', got {node.value!r}{hint}", node, "registry")
-            registry = value  # type: ignore[assignment]
+            registry = "alias" if value == "alias" else "stage"
 
         defaults = {"alias": ("champion", "challenger"), "stage": ("Production", "Staging")}[registry]
         roles = {}
@@ -444,12 +448,12 @@ class _Parser:
         limits = []
         for metric, (_, value) in items.items():
             key = f"{path}.{metric}"
-            non_negative = {"check": lambda v: v >= 0, "range_text": ">= 0"}
             if isinstance(value, MappingNode):
                 sub = self.mapping(value, key, _REGRESSION_KEYS)
                 if "margin" not in sub:
                     raise self.error("required key is missing: the allowed regression", value, f"{key}.margin")
-                margin = self.number(sub["margin"][1], f"{key}.margin", **non_negative)
+                margin = self.number(sub["margin"][1], f"{key}.margin", check=_non_negative,
+                                     range_text=">= 0")
                 lower = sub.get("lower_is_better")
                 lower_is_better = False if lower is None else self.boolean(lower[1], f"{key}.lower_is_better")
                 limits.append(RegressionLimit(metric, margin, lower_is_better))
@@ -457,7 +461,8 @@ class _Parser:
                 if not isinstance(value, ScalarNode):
                     raise self.error(f"expected a number or {{margin: <number>, lower_is_better: <bool>}}, "
                                      f"got {self.describe(value)}", value, key)
-                limits.append(RegressionLimit(metric, self.number(value, key, **non_negative)))
+                limits.append(RegressionLimit(metric, self.number(value, key, check=_non_negative,
+                                                                  range_text=">= 0")))
         return tuple(limits)
 
     def canary(self, node: Node) -> CanaryPolicy | None:

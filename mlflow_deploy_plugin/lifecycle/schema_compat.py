@@ -32,6 +32,11 @@ def _accepts(live_type: Any, candidate_type: Any) -> bool:
     return False
 
 
+def _col_specs(schema: Schema) -> list[ColSpec]:
+    """The column specs of a schema that is not a tensor schema (MLflow never mixes the two)."""
+    return [spec for spec in schema.inputs if isinstance(spec, ColSpec)]
+
+
 def _list(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -51,8 +56,8 @@ def compare_input_schemas(candidate: Schema, live: Schema) -> tuple[bool, str, d
             return True, "identical tensor signatures", {}
         return False, "tensor signatures differ (tensor inputs must match exactly)", {
             "candidate": candidate.to_dict(), "live": live.to_dict()}
-    cand_specs: list[ColSpec] = list(candidate.inputs)
-    live_specs: list[ColSpec] = list(live.inputs)
+    cand_specs = _col_specs(candidate)
+    live_specs = _col_specs(live)
     if not candidate.has_input_names() or not live.has_input_names():
         # Unnamed columns are matched by position.
         cand_types = [_type_label(spec.type) for spec in cand_specs]
@@ -63,10 +68,11 @@ def compare_input_schemas(candidate: Schema, live: Schema) -> tuple[bool, str, d
                   f"positional columns differ: live {live_types}, candidate {cand_types}")
         return ok, detail, {"candidate_types": cand_types, "live_types": live_types}
 
-    live_by_name = {spec.name: spec for spec in live_specs}
-    cand_by_name = {spec.name: spec for spec in cand_specs}
-    newly_required = [spec.name for spec in cand_specs
-                      if spec.required and not (spec.name in live_by_name and live_by_name[spec.name].required)]
+    # MLflow never mixes named and unnamed inputs in one schema: here every spec has a name.
+    live_by_name = {spec.name: spec for spec in live_specs if spec.name is not None}
+    cand_by_name = {spec.name: spec for spec in cand_specs if spec.name is not None}
+    newly_required = [spec.name for spec in cand_specs if spec.name is not None and spec.required
+                      and not (spec.name in live_by_name and live_by_name[spec.name].required)]
     mismatches = {name: [_type_label(live_by_name[name].type), _type_label(spec.type)]
                   for name, spec in cand_by_name.items()
                   if name in live_by_name and not _accepts(live_by_name[name].type, spec.type)}

@@ -28,6 +28,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -381,14 +382,16 @@ def _test_column(name: str, ref: pd.Series, cur: pd.Series, requested: ColumnMet
         ref_counts, cur_counts, keys, n_ref_missing, n_cur_missing = _category_counts(ref, cur)
         n_ref, n_cur = int(ref_counts.sum()), int(cur_counts.sum())
 
-    base = dict(name=name, kind=kind, method=method.method, threshold=threshold, score_type=info.score_type,
-                n_ref=n_ref, n_cur=n_cur, n_ref_missing=n_ref_missing, n_cur_missing=n_cur_missing)
+    verdict = partial(ColumnDrift, name=name, kind=kind, method=method.method, threshold=threshold,
+                      score_type=info.score_type, n_ref=n_ref, n_cur=n_cur, n_ref_missing=n_ref_missing,
+                      n_cur_missing=n_cur_missing)
     if n_ref == 0 or n_cur == 0:
         side = "reference" if n_ref == 0 else "current data"
-        return ColumnDrift(**base, statistic=None, score=None, drifted=False,
-                           skipped_reason=f"no non-missing values in the {side}")
+        return verdict(statistic=None, score=None, drifted=False,
+                       skipped_reason=f"no non-missing values in the {side}")
 
     if kind == "numeric":
+        assert ref_sorted is not None and cur_sorted is not None  # numeric kind implies a numeric dtype
         if method.method == "ks":
             statistic, score = _ks(ref_sorted, cur_sorted)
         elif method.method == "wasserstein":
@@ -412,11 +415,10 @@ def _test_column(name: str, ref: pd.Series, cur: pd.Series, requested: ColumnMet
             else:
                 statistic = score = float(distance.jensenshannon(ref_p, cur_p))
     if not math.isfinite(score):
-        return ColumnDrift(**base, statistic=statistic, score=None, drifted=False,
-                           skipped_reason="score is not finite", details=details)
-    drifted = score < threshold if info.score_type == "p_value" else score >= threshold
-    return ColumnDrift(**base, statistic=float(statistic), score=float(score), drifted=bool(drifted),
+        return verdict(statistic=statistic, score=None, drifted=False, skipped_reason="score is not finite",
                        details=details)
+    drifted = score < threshold if info.score_type == "p_value" else score >= threshold
+    return verdict(statistic=float(statistic), score=float(score), drifted=bool(drifted), details=details)
 
 
 def compute_drift(

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import mlflow
 import numpy as np
@@ -107,11 +107,16 @@ class DriftSettings:
         values.update(overrides)
         return cls(**values)
 
+    @property
+    def column_methods(self) -> Mapping[str, ColumnMethod]:
+        """``methods`` as stored: ``__post_init__`` replaces whatever form was given by its parsed form."""
+        return cast("Mapping[str, ColumnMethod]", self.methods)
+
     def methods_description(self) -> str:
         """Compact text of the methods in force, e.g. ``num=ks,cat=chi2,alpha=0.05; age=psi:0.2``."""
         text = f"num={self.num_method},cat={self.cat_method},alpha={self.alpha:g}"
-        if self.methods:
-            text += "; " + methods_to_spec(self.methods)
+        if self.column_methods:
+            text += "; " + methods_to_spec(self.column_methods)
         return text
 
 
@@ -296,7 +301,7 @@ def run_drift_report(
             "settings": {"min_rows": settings.min_rows, "alpha": settings.alpha,
                          "drift_share_threshold": settings.drift_share_threshold,
                          "num_method": settings.num_method, "cat_method": settings.cat_method,
-                         "methods": {c: str(m) for c, m in settings.methods.items()},
+                         "methods": {c: str(m) for c, m in settings.column_methods.items()},
                          "evidently_sample_rows": settings.evidently_sample_rows},
         }
 
@@ -307,7 +312,7 @@ def run_drift_report(
                 status: DriftStatus = "insufficient_data"
                 say(f"only {rows_current:,} usable rows (< min_rows={settings.min_rows}): no verdict")
                 summary.update(status=status, reason=f"{rows_current} rows < min_rows {settings.min_rows}")
-                metrics = {"rows_current": rows_current, "rows_reference": rows_reference}
+                metrics: dict[str, float] = {"rows_current": rows_current, "rows_reference": rows_reference}
             else:
                 if not feature_columns:
                     raise ValueError(
@@ -318,7 +323,7 @@ def run_drift_report(
                     f"{len(feature_columns)} columns")
                 started = time.perf_counter()
                 result = compute_drift(  # reads the reference's columns of `current`, no copy
-                    reference, current, methods=settings.methods,
+                    reference, current, methods=settings.column_methods,
                     num_method=settings.num_method, cat_method=settings.cat_method, alpha=settings.alpha,
                     drift_share_threshold=settings.drift_share_threshold,
                 )

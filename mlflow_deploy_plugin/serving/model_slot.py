@@ -13,6 +13,7 @@ from typing import Any
 
 import mlflow.pyfunc
 from mlflow.models import Model
+from mlflow.pyfunc import PyFuncModel  # by name: to mypy, `mlflow.pyfunc.X` is mlflow's lazy loader
 
 _logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
 class ModelSlot:
     """A pyfunc model ready to predict, with what the service needs to know about it."""
 
-    def __init__(self, identity: ModelIdentity, model: mlflow.pyfunc.PyFuncModel, path: Path) -> None:
+    def __init__(self, identity: ModelIdentity, model: PyFuncModel, path: Path) -> None:
         self.identity = identity
         self.model = model
         self.path = path

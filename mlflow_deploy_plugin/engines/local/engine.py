@@ -96,7 +96,7 @@ class LocalEngine(Engine):
     def stop(self, name: str, timeout_s: float) -> None:
         raw = self.store.read_status(name) or {}
         pid = raw.get("pid")
-        if not is_supervisor(pid, self.store.paths(name).root):
+        if pid is None or not is_supervisor(pid, self.store.paths(name).root):
             return
         with contextlib.suppress(EngineError):  # no answer in time: the signals below end it
             self._ask(name, {"op": "stop"}, timeout_s)

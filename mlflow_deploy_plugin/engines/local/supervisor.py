@@ -53,7 +53,7 @@ MAX_BACKOFF_S = 30.0
 
 @dataclass
 class Worker:
-    popen: subprocess.Popen
+    popen: subprocess.Popen[bytes]
     generation: int
     index: int
     ready_fd: int
@@ -72,14 +72,19 @@ class Worker:
     def pid(self) -> int:
         return self.popen.pid
 
+    def tell(self, line: str) -> None:
+        """Write one line to the worker's stdin; raises OSError if it cannot be delivered."""
+        stdin = self.popen.stdin
+        if stdin is None:  # never: _start_process always opens stdin as a pipe
+            raise OSError(f"worker pid {self.pid} has no stdin pipe")
+        stdin.write(f"{line}\n".encode())
+        stdin.flush()
+
     def release(self) -> None:
         """Let a loaded worker start accepting connections."""
         self.released = True
-        try:
-            self.popen.stdin.write(f"{protocol.GO}\n".encode())
-            self.popen.stdin.flush()
-        except (OSError, AttributeError):
-            pass  # it died meanwhile: reaped as a crash or a failed update
+        with contextlib.suppress(OSError):  # it died meanwhile: reaped as a crash or a failed update
+            self.tell(protocol.GO)
 
     def read_pipe(self) -> None:
         """Pick up what the worker said on its ready pipe (non-blocking)."""
@@ -185,7 +190,7 @@ class Supervisor:
         self.ever_ready = False
         self._last_status: dict[str, Any] | None = None
         self.mailbox = Mailbox(paths.requests)
-        self.agent: subprocess.Popen | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
         self.agent_restart_at = 0.0
         # An update is answered once the old workers stopped accepting: from then on every new
         # connection reaches the new version.
@@ -202,8 +207,7 @@ class Supervisor:
             # A warm process (imports done) takes the work: the swap costs only the model load.
             self.standby = None
             try:
-                standby.popen.stdin.write(f"{generation.spec_file}\n".encode())
-                standby.popen.stdin.flush()
+                standby.tell(str(generation.spec_file))
             except OSError:
                 pass
             else:
@@ -228,8 +232,9 @@ class Supervisor:
         standby, self.standby = self.standby, None
         if standby is None:
             return
-        with contextlib.suppress(OSError):
-            standby.popen.stdin.close()
+        if standby.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                standby.popen.stdin.close()
         with contextlib.suppress(ProcessLookupError):
             standby.popen.terminate()
         standby.draining = True  # reaped without crash accounting
@@ -272,11 +277,12 @@ class Supervisor:
     def _keep_agent(self) -> None:
         """Run the background agent while the current spec needs one; restart it if it dies."""
         wanted = self.current is not None and self.current.spec.needs_agent
-        alive = self.agent is not None and self.agent.poll() is None
-        if alive and not wanted:
-            self.agent.terminate()
-            self.agent = None
-        elif wanted and not alive and time.monotonic() >= self.agent_restart_at:
+        agent = self.agent
+        if agent is not None and agent.poll() is None:  # alive
+            if not wanted:
+                agent.terminate()
+                self.agent = None
+        elif wanted and time.monotonic() >= self.agent_restart_at:
             if self.agent is not None:
                 _logger.warning("Agent exited with %s; restarting it", self.agent.returncode)
             self.agent_restart_at = time.monotonic() + 5.0
@@ -380,9 +386,10 @@ class Supervisor:
             if self.pending and worker.generation == self.pending.generation.number:
                 self._fail_update(reason)
             elif self.current and worker.generation == self.current.number:
-                self._on_crash(worker, reason)
+                self._on_crash(worker, self.current, reason)
 
-    def _on_crash(self, worker: Worker, reason: str) -> None:
+    def _on_crash(self, worker: Worker, current: Generation, reason: str) -> None:
+        """``worker`` of the serving generation ``current`` died: restart it, or give up."""
         self.last_error = reason
         if not self.ever_ready:
             # A model that never came up will not come up on retry: fail create with the reason.
@@ -392,7 +399,7 @@ class Supervisor:
         if worker.ready_at and time.time() - worker.ready_at > HEALTHY_RESET_S:
             self.crashes_in_row = 0
         self.crashes_in_row += 1
-        max_restarts = self.current.spec.config.max_restarts
+        max_restarts = current.spec.config.max_restarts
         self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
         if self.crashes_in_row > max_restarts:
             _logger.error("Worker crashed %d times in a row; giving up: %s", self.crashes_in_row, reason)

@@ -14,10 +14,11 @@ before. Webhooks are a fast path; the watcher must still reconcile by polling.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # mlflow is only needed to talk to a tracking server, not to receive
     from mlflow import MlflowClient
+    from mlflow.entities.webhook import WebhookEvent, WebhookEventStr
 
 # "entity.action" strings, the form `MlflowClient.create_webhook(events=...)` takes
 # (`mlflow.entities.webhook.WebhookEvent.from_str`).
@@ -36,6 +37,15 @@ def _client(client: MlflowClient | None) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient()
+
+
+def _mlflow_events(events: Iterable[str]) -> list[WebhookEventStr | WebhookEvent]:
+    """``events`` as MlflowClient's signatures type them: a Literal of the event names MLflow knows.
+
+    The strings pass unchanged: the client checks them itself (``WebhookEvent.from_str``) and refuses
+    an unknown one by name, so checking them here too would only repeat MLflow's list.
+    """
+    return cast("list[WebhookEventStr | WebhookEvent]", list(events))
 
 
 def _describe(webhook: Any) -> dict[str, Any]:
@@ -76,7 +86,7 @@ def register_webhook(url: str, secret: str, *, name: str = "mlflow-deploy",
     if not secret:
         raise ValueError("a webhook secret is required: unsigned deliveries are refused by the receiver")
     mlflow_client = _client(client)
-    wanted = list(events)
+    wanted = _mlflow_events(events)
     if reuse:
         for webhook in _all_webhooks(mlflow_client):
             if webhook.name == name and webhook.url == url:
@@ -102,5 +112,7 @@ def check_webhook(webhook_id: str, event: str | None = None, *,
                   client: MlflowClient | None = None) -> dict[str, Any]:
     """Ask the server to send a signed example delivery (``MlflowClient.test_webhook``) and report
     ``{"success", "status", "error"}``: a quick end-to-end check of URL, network and secret."""
-    result = _client(client).test_webhook(webhook_id, event)
+    # A str as MLflow checks it (see _mlflow_events); None lets the server pick the webhook's first event.
+    mlflow_event = cast("WebhookEventStr | None", event)
+    result = _client(client).test_webhook(webhook_id, mlflow_event)
     return {"success": result.success, "status": result.response_status, "error": result.error_message}
