@@ -94,7 +94,8 @@ class BatchingPredictor:
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
-                batch, rows = [], 0
+                batch: list[_Pending] = []
+                rows = 0
                 while self._queue and (not batch or rows + len(self._queue[0].frame) <= self._max_rows):
                     item = self._queue.popleft()
                     if item.future.cancelled():

@@ -11,6 +11,7 @@ import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -29,31 +30,30 @@ class ServingMetrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # Outside multiprocess mode use a private registry so building several apps in one
         # process (tests, run-local) never collides on metric names.
-        registry = None if self.multiprocess else CollectorRegistry()
+        registry = REGISTRY if self.multiprocess else CollectorRegistry()
         self._registry = registry
-        kwargs = {"registry": registry} if registry is not None else {}
         self.requests = Counter(
             "mlflow_deploy_requests", "Requests answered by /invocations.",
-            ["deployment", "model_version", "status"], **kwargs)
+            ["deployment", "model_version", "status"], registry=registry)
         self.latency = Histogram(
             "mlflow_deploy_request_latency_seconds", "Time to answer /invocations.",
-            ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, **kwargs)
+            ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.rows = Counter(
             "mlflow_deploy_rows_predicted", "Input rows predicted.",
-            ["deployment", "model_version"], **kwargs)
+            ["deployment", "model_version"], registry=registry)
         self.in_flight = Gauge(
             "mlflow_deploy_in_flight_requests", "Requests being answered now.",
-            ["deployment"], multiprocess_mode="livesum", **kwargs)
+            ["deployment"], multiprocess_mode="livesum", registry=registry)
         self.model_info = Gauge(
             "mlflow_deploy_model_version_info", "1 for each model version this deployment serves.",
             ["deployment", "model_name", "model_version", "model_uri"], multiprocess_mode="livemax",
-            **kwargs)
+            registry=registry)
         self.batch_rows = Histogram(
             "mlflow_deploy_predict_batch_rows", "Rows per predict call after coalescing requests.",
-            ["deployment"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), **kwargs)
+            ["deployment"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=registry)
         self.capture_dropped = Counter(
             "mlflow_deploy_capture_dropped_requests", "Requests not captured (buffer full or write error).",
-            ["deployment"], **kwargs)
+            ["deployment"], registry=registry)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every worker of this deployment."""
@@ -64,8 +64,3 @@ class ServingMetrics:
             registry = self._registry
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
-
-def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (called by the supervisor when it reaps a worker)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        prometheus_multiprocess.mark_process_dead(pid)

@@ -1,0 +1,56 @@
+"""Pieces of the local supervisor that need no process: dead workers' metrics, the mailbox."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from mlflow_deploy_plugin.engines.local.mailbox import Mailbox, MailboxTimeout, SupervisorGone
+from mlflow_deploy_plugin.engines.local.supervisor import forget_worker_metrics
+
+
+def test_a_dead_workers_live_gauges_are_forgotten_and_nothing_else(tmp_path: Path) -> None:
+    names = ["gauge_livesum_123.db", "gauge_livemax_123.db", "gauge_livesum_1234.db", "counter_123.db",
+             "histogram_123.db", "gauge_all_123.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    forget_worker_metrics(tmp_path, 123)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["gauge_livesum_1234.db", "counter_123.db", "histogram_123.db", "gauge_all_123.db"])
+
+
+def test_mailbox_round_trip(tmp_path: Path) -> None:
+    client, supervisor = Mailbox(tmp_path), Mailbox(tmp_path)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.wait(0.01):
+            for request_id, request in supervisor.new_requests():
+                supervisor.answer(request_id, {"ok": True, "echo": request["op"]})
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert client.ask({"op": "update"}, 10, alive=lambda: True) == {"ok": True, "echo": "update"}
+        assert list(tmp_path.iterdir()) == []  # request and answer are cleaned up
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_mailbox_sees_each_request_once(tmp_path: Path) -> None:
+    Mailbox(tmp_path)  # nothing there yet
+    (tmp_path / "1-a.request.json").write_text('{"op": "stop"}')
+    supervisor = Mailbox(tmp_path)
+    assert list(supervisor.new_requests()) == [("1-a", {"op": "stop"})]
+    assert list(supervisor.new_requests()) == []
+
+
+def test_mailbox_gives_up_when_nobody_can_answer(tmp_path: Path) -> None:
+    with pytest.raises(SupervisorGone):
+        Mailbox(tmp_path).ask({"op": "stop"}, 10, alive=lambda: False)
+    with pytest.raises(MailboxTimeout):
+        Mailbox(tmp_path).ask({"op": "stop"}, 0.2, alive=lambda: True)
+    assert list(tmp_path.iterdir()) == []
