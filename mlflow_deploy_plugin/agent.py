@@ -25,9 +25,9 @@ _logger = logging.getLogger("mlflow_deploy_plugin.agent")
 
 
 def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None:
-    from mlflow_deploy_plugin.lifecycle.engine import LifecycleEngine
+    from mlflow_deploy_plugin.lifecycle.controller import LifecycleController
 
-    engine = LifecycleEngine(store, name)
+    controller = LifecycleController(store, name)
     poke = store.paths(name).poke  # `mlflow-deploy watch` touches it after a webhook: look now
     last_poke = poke.stat().st_mtime if poke.exists() else 0.0
     next_poll = 0.0
@@ -39,7 +39,7 @@ def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None
             if poked:
                 last_poke = poke.stat().st_mtime
             try:
-                engine.cycle(actor="webhook" if poked else "registry-poll")
+                controller.cycle(actor="webhook" if poked else "registry-poll")
             except Exception as exc:  # an unreachable registry must not kill the agent: retry next time
                 _logger.warning("Lifecycle cycle of %s failed: %s", name, exc)
             next_poll = time.monotonic() + interval

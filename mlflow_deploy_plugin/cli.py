@@ -180,9 +180,9 @@ def drift_schedule(store: StateStore, names: tuple[str, ...], once: bool) -> Non
     scheduler.run_forever(stop)
 
 
-def _engine_for(store: StateStore, name: str, *, dry_run: bool, policy_path: str | None = None,
+def _controller_for(store: StateStore, name: str, *, dry_run: bool, policy_path: str | None = None,
                 follow: bool = True, state_name: str = "lifecycle_state.json"):
-    from mlflow_deploy_plugin.lifecycle.engine import LifecycleEngine
+    from mlflow_deploy_plugin.lifecycle.controller import LifecycleController
     from mlflow_deploy_plugin.lifecycle.policy import PolicyError, load_policy
 
     policy = None
@@ -191,7 +191,7 @@ def _engine_for(store: StateStore, name: str, *, dry_run: bool, policy_path: str
             policy = load_policy(policy_path)
         except PolicyError as exc:
             raise click.ClickException(str(exc)) from None
-    return LifecycleEngine(store, name, policy=policy, dry_run=dry_run, follow=follow,
+    return LifecycleController(store, name, policy=policy, dry_run=dry_run, follow=follow,
                            state_name=state_name, say=lambda message: click.echo(message, err=True))
 
 
@@ -214,9 +214,9 @@ def rollback(store: StateStore, name: str, to_version: str | None, reason: str, 
     from mlflow_deploy_plugin.errors import DeploymentError
 
     _spec_or_exit(store, name)
-    engine = _engine_for(store, name, dry_run=dry_run)
+    controller = _controller_for(store, name, dry_run=dry_run)
     try:
-        target = engine.rollback(reason=reason, actor=f"cli ({getpass.getuser()})", to_version=to_version)
+        target = controller.rollback(reason=reason, actor=f"cli ({getpass.getuser()})", to_version=to_version)
     except (MlflowException, DeploymentError) as exc:
         raise click.ClickException(exc.message) from None
     if target is None:
@@ -270,28 +270,28 @@ def watch(store: StateStore, host: str, port: int, secret_env: str, policies: tu
 
     from mlflow_deploy_plugin.lifecycle.policy import load_policy
 
-    engines = []
+    controllers = []
     for path in policies:
         policy = load_policy(path)
         serving = [spec.name for spec in _specs(store)
                    if spec.model.model_name == policy.model and not spec.config.policy]
         if not serving:
             raise click.ClickException(f"No deployment without its own -C policy serves model {policy.model!r}.")
-        engines += [(policy.model, _engine_for(store, n, dry_run=dry_run, policy_path=path, follow=False,
+        controllers += [(policy.model, _controller_for(store, n, dry_run=dry_run, policy_path=path, follow=False,
                                                state_name="lifecycle_state.watch.json")) for n in serving]
 
-    def run_engines(model: str | None, actor: str) -> None:
-        for engine_model, engine in engines:
-            if model is None or model == engine_model:
+    def run_controllers(model: str | None, actor: str) -> None:
+        for model_name, controller in controllers:
+            if model is None or model == model_name:
                 try:
-                    engine.cycle(actor=actor)
+                    controller.cycle(actor=actor)
                 except Exception as exc:
-                    click.echo(f"policy pass for {engine.name} failed: {exc}", err=True)
+                    click.echo(f"policy pass for {controller.name} failed: {exc}", err=True)
 
     if once:
-        run_engines(None, "cli")
+        run_controllers(None, "cli")
         if dry_run:
-            click.echo(f"dry run: {sum(len(e.planned) for _, e in engines)} change(s) planned, none made")
+            click.echo(f"dry run: {sum(len(c.planned) for _, c in controllers)} change(s) planned, none made")
         return
     secret = os.environ.get(secret_env)
     if not secret:
@@ -315,9 +315,9 @@ def watch(store: StateStore, host: str, port: int, secret_env: str, policies: tu
                         poke.parent.mkdir(parents=True, exist_ok=True)
                         poke.touch()
                         click.echo(f"{event.event} for {event.model_name}: triggered {name}", err=True)
-                run_engines(event.model_name, f"webhook {event.event}")
-            elif engines and time.monotonic() >= next_pass:
-                run_engines(None, "registry-poll")
+                run_controllers(event.model_name, f"webhook {event.event}")
+            elif controllers and time.monotonic() >= next_pass:
+                run_controllers(None, "registry-poll")
                 next_pass = time.monotonic() + poll_interval
 
     worker = threading.Thread(target=handle, daemon=True)

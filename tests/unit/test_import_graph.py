@@ -126,6 +126,6 @@ def test_nothing_below_target_imports_it() -> None:
 def test_lifecycle_engine_does_not_load_the_mlflow_facing_client() -> None:
     import subprocess
 
-    code = ("import mlflow_deploy_plugin.lifecycle.engine, sys; "
+    code = ("import mlflow_deploy_plugin.lifecycle.controller, sys; "
             "assert 'mlflow_deploy_plugin.target' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

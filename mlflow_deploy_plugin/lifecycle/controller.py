@@ -1,6 +1,6 @@
 """The decisions of one deployment's lifecycle: follow the registry, promote, roll back.
 
-One :meth:`LifecycleEngine.cycle` looks at the registry and the service once and takes the steps
+One :meth:`LifecycleController.cycle` looks at the registry and the service once and takes the steps
 that are due:
 
 - **follow**: a deployment of ``models:/m@alias``, ``/Stage`` or ``/latest`` switches (zero
@@ -15,6 +15,9 @@ that are due:
 Every step is recorded (:func:`.transitions.record`). With ``dry_run`` nothing is changed: each
 step that would be taken is reported instead. State that must survive restarts (versions seen,
 the canary in progress, versions that failed to load) lives in ``lifecycle_state.json``.
+
+A controller, not an "engine": in this package an engine is what runs a deployment
+(``engines/``); the controller decides what should run and asks the deployment core for it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
 _logger = logging.getLogger(__name__)
 
 
-class LifecycleEngine:
+class LifecycleController:
     """Lifecycle decisions for deployment ``name`` (see the module docstring)."""
 
     def __init__(self, store: StateStore, name: str, *, policy: Policy | None = None, dry_run: bool = False,
