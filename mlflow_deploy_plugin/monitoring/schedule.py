@@ -2,21 +2,24 @@
 
 Each deployment keeps ``drift_schedule.json`` in its folder: the end of the last window judged.
 A run covers [last end, now - a few seconds for capture to settle), so after downtime a single catch-up run covers everything missed
-instead of one run per missed tick. A per-deployment file lock keeps runs from overlapping, also
-between the deployment's own agent and a separate `mlflow-deploy drift schedule` process. A failed
+instead of one run per missed tick. A per-deployment file lock (:func:`drift_lock`) keeps reports
+from overlapping: scheduled runs of the deployment's own agent, of a separate `mlflow-deploy drift
+schedule` process, and on-demand `mlflow-deploy drift report` runs (which wait for it). A failed
 run is recorded in MLflow (status FAILED, with the error) and leaves the window start where it
 was, so the next tick covers that data again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from croniter import croniter
@@ -28,6 +31,44 @@ _logger = logging.getLogger(__name__)
 # (2 s) after their request, and a row flushed after its window was judged would be in no window.
 CAPTURE_SETTLE_S = 5.0
 DriftJob = Callable[[str, datetime, datetime], Any]
+DRIFT_LOCK = "drift.lock"
+
+
+@contextlib.contextmanager
+def drift_lock(root: Path, *, wait: bool = True, timeout_s: float = 3600.0,
+               say: Callable[[str], None] | None = None) -> Iterator[bool]:
+    """Hold the drift-report lock of the deployment folder ``root``; yields whether it is held.
+
+    Every drift report of a deployment runs under it, so two reports never judge and tag the same
+    version at once. ``wait=False`` (the scheduler) yields False at once when another report holds
+    it; ``wait=True`` (on-demand reports) waits, telling ``say`` so, and raises TimeoutError after
+    ``timeout_s``.
+    """
+    with open(Path(root) / DRIFT_LOCK, "a") as handle:
+        if not _try_lock(handle.fileno()):
+            if not wait:
+                yield False
+                return
+            if say is not None:
+                say(f"waiting for the drift report of {Path(root).name!r} that is running now (lock {handle.name})")
+            deadline = time.monotonic() + timeout_s
+            while not _try_lock(handle.fileno()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Another drift report of {Path(root).name!r} held {handle.name} for "
+                                       f"more than {timeout_s:.0f}s.")
+                time.sleep(0.1)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def next_tick(cron: str, after: datetime) -> datetime:
@@ -70,7 +111,7 @@ class DriftScheduler:
     def _default_job(self, name: str, since: datetime, until: datetime) -> Any:
         from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
 
-        return run_deployment_drift(name, since, until, store=self.store,
+        return run_deployment_drift(name, since, until, store=self.store, locked=True,
                                     progress=lambda message: _logger.info("[%s] %s", name, message))
 
     def scheduled(self) -> dict[str, str]:
@@ -123,11 +164,9 @@ class DriftScheduler:
 
     def _run(self, name: str, cron: str) -> None:
         paths = self.store.paths(name)
-        with open(paths.root / "drift.lock", "a") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another process is running this deployment's report right now
+        with drift_lock(paths.root, wait=False) as held:
+            if not held:
+                return  # another report of this deployment (scheduled or on demand) is running now
             state = self._state(name)
             until = self.clock() - timedelta(seconds=CAPTURE_SETTLE_S)
             since = self._anchor(name, state) or previous_tick(cron, until)
