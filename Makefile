@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-serving bench-drift clean
+.PHONY: demo test lint bench-serving bench-drift bench-follow clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench-serving: $(STAMP)
 
 bench-drift: $(STAMP)
 	$(BIN)/python benchmarks/drift.py
+
+bench-follow: $(STAMP)
+	$(BIN)/python benchmarks/follow_latency.py
 
 clean:
 	rm -rf $(VENV) demo-output

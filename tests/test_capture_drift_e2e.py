@@ -79,15 +79,16 @@ def _assert_version_tagged_by(client: mlflow.MlflowClient, model: str, run: mlfl
 
 
 def _assert_real_evidently_page(client: mlflow.MlflowClient, run_id: str) -> None:
-    html = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="drift_report.html")).read_text()
+    html = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="drift_report.html")
+                ).read_text()
     assert all(marker in html for marker in EVIDENTLY_MARKERS), "drift_report.html is not Evidently's page"
     assert "Evidently failed to render" not in html  # render_fallback_html's heading
     assert "drift.report_error" not in client.get_run(run_id).data.tags
 
 
 def _summary(run_id: str) -> dict:
-    return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="drift_summary.json"))
-                      .read_text())
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="drift_summary.json")
+    return json.loads(Path(path).read_text())
 
 
 def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Registry) -> None:
@@ -162,7 +163,8 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         summary = _summary(run_id)
         assert summary["status"] == "ok" and summary["rows"]["current"] == calm_rows
         assert len(summary["skipped"]) == 1 and summary["skipped"][0].startswith(reason)
-        assert summary["prediction_drift"]["skipped"] == summary["skipped"][0].removeprefix("prediction drift: ")
+        assert summary["prediction_drift"]["skipped"] == summary["skipped"][0].removeprefix(
+            "prediction drift: ")
 
         # Drifted traffic: 20 of 30 columns doubled; a report over just that window says drifted.
         shifted_since = datetime.now(UTC)

@@ -133,8 +133,8 @@ def test_create_alias_then_delete_is_graceful_and_idempotent(env: Env, registry:
                   f"models:/{registry.model}@champion", "-C", f"port={port}").stdout
     assert "lifecycle-verbs is created" in out
     # An alias deployment runs an agent (to follow the alias) and, by default, a warm standby.
-    status = wait_for(lambda: (s := env.status("lifecycle-verbs"))["agent_pid"] and s["standby_pid"] and s, 60,
-                      "the agent and the warm standby to start")
+    status = wait_for(lambda: (s := env.status("lifecycle-verbs"))["agent_pid"] and s["standby_pid"] and s,
+                      60, "the agent and the warm standby to start")
     assert status["port"] == port and status["model_version"] == "1"
     pids = [status["pid"], status["agent_pid"], status["standby_pid"], *status["worker_pids"]]
     assert all(pid_alive(pid) for pid in pids), pids
@@ -176,7 +176,8 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
         assert requests.get(f"http://127.0.0.1:{port}/version", timeout=5).json()["model_version"] == "1"
         # While it serves, its state lives in a temporary home, not among the deployments.
         (home,) = tmp.glob("mlflow-deploy-run-local-*")
-        wait_for(lambda: json.loads((home / "deployments/fg/status.json").read_text())["state"] == "running", 30,
+        status_file = home / "deployments/fg/status.json"
+        wait_for(lambda: json.loads(status_file.read_text())["state"] == "running", 30,
                  "run-local's supervisor to report running")
         assert not (env.home / "deployments" / "fg").exists()
         assert not _listed(env, "fg")
@@ -232,6 +233,7 @@ def test_create_latest_serves_the_newest_version_and_follows_new_ones(env: Env, 
         assert followed[-1]["model"]["model_version"] == "3" and followed[-1]["reason"].startswith(
             f"followed models:/{name}/latest: it now points at v3")
         spec = json.loads((env.home / "deployments/newest/deployment.json").read_text())
-        assert spec["model"]["requested_uri"] == f"models:/{name}/latest" and spec["model"]["model_version"] == "3"
+        assert spec["model"]["requested_uri"] == f"models:/{name}/latest"
+        assert spec["model"]["model_version"] == "3"
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", "newest", check=False)

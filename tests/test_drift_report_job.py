@@ -193,7 +193,8 @@ def test_unreadable_mlmodel_keeps_every_column_and_says_so(store: Store, tmp_pat
         reference_predictions_skipped="the model's predictions on the reference data failed: test")
     assert outcome.summary["skipped"] == [skipped[0], "prediction drift: the model's predictions on the "
                                                       "reference data failed: test"]
-    assert store.client.get_run(outcome.run_id).data.tags["drift.skipped"] == "; ".join(outcome.summary["skipped"])
+    tags = store.client.get_run(outcome.run_id).data.tags
+    assert tags["drift.skipped"] == "; ".join(outcome.summary["skipped"])
 
 
 def test_reference_predictions_follow_the_capture_layout_or_say_why_not(store: Store, tmp_path: Path,

@@ -375,7 +375,7 @@ def test_concurrent_single_row_requests_each_get_their_own_prediction(url: str, 
     assert not wrong, f"{len(wrong)} of {threads * per_thread} answers were another row's: {wrong[:5]}"
     # Coalesced: fewer model calls than requests, and every row predicted exactly once.
     assert rows == threads * per_thread, rows
-    assert calls < threads * per_thread, f"{calls:.0f} predict calls for {threads * per_thread} concurrent requests"
+    assert calls < threads * per_thread, f"{calls:.0f} predict calls for {threads * per_thread} requests"
     print(f"\n{threads * per_thread} concurrent single-row requests -> {calls:.0f} predict calls")
 
 

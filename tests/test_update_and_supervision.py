@@ -81,7 +81,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         assert loop.versions[0] == "1" and loop.versions[-1] == "2"
         for client, answers in enumerate(loop.per_client):
             versions = [version for _, version in answers]
-            # Once a client saw version 2 it never went back to 1 (a new worker never hands over to an old one).
+            # Once a client saw version 2 it never went back to 1 (a new worker never hands it to an old one).
             assert "1" not in versions[versions.index("2"):], (client, versions)
             # The guarantee of `update`: once it returns, every new connection reaches version 2. A request
             # on the connection already open may still reach the old worker, which answers it with

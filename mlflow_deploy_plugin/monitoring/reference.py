@@ -179,7 +179,8 @@ def resolve_reference_data(
         inputs = None
         unreadable = (f"selecting the model's input columns of the reference data: the MLmodel of "
                       f"models:/{model_name}/{model_version} could not be read ({type(exc).__name__}: "
-                      f"{exc})"[:800] + "; every column is kept, so non-inputs (targets, ids) may be compared too")
+                      f"{exc})"[:800]
+                      + "; every column is kept, so non-inputs (targets, ids) may be compared too")
         _logger.warning("Reference data of %s v%s: %s", model_name, model_version, unreadable)
         if skipped is not None:
             skipped.append(unreadable)

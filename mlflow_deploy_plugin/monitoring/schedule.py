@@ -50,7 +50,8 @@ def drift_lock(root: Path, *, wait: bool = True, timeout_s: float = 3600.0,
                 yield False
                 return
             if say is not None:
-                say(f"waiting for the drift report of {Path(root).name!r} that is running now (lock {handle.name})")
+                say(f"waiting for the drift report of {Path(root).name!r} that is running now "
+                    f"(lock {handle.name})")
             deadline = time.monotonic() + timeout_s
             while not _try_lock(handle.fileno()):
                 if time.monotonic() > deadline:
