@@ -32,5 +32,8 @@ bench-serving: $(STAMP)
 bench-drift: $(STAMP)
 	$(BIN)/python benchmarks/drift.py
 
+bench-follow: $(STAMP)
+	$(BIN)/python benchmarks/follow_latency.py
+
 clean:
 	rm -rf $(VENV) demo-output

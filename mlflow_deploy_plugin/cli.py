@@ -120,7 +120,8 @@ def drift_report(store: StateStore, name: str, since: str, until: str | None) ->
     """Compare NAME's captured inputs and predictions in a window with its version's reference data.
 
     Logs an MLflow run (HTML report, JSON summary, per-column scores) and tags the served model
-    version with the verdict.
+    version with the verdict. Waits for a report of NAME that is running (e.g. a scheduled one) to
+    end first. What could not be checked (e.g. prediction drift) is printed as `skipped: ...`.
     """
     from mlflow.exceptions import MlflowException
 
@@ -138,6 +139,8 @@ def drift_report(store: StateStore, name: str, since: str, until: str | None) ->
         outcome = run_deployment_drift(name, start, end, store=store, progress=progress)
     except MlflowException as exc:
         raise click.ClickException(exc.message) from None
+    except TimeoutError as exc:  # another report of NAME held the drift lock too long
+        raise click.ClickException(str(exc)) from None
     import mlflow
 
     run = mlflow.MlflowClient().get_run(outcome.run_id)
@@ -145,6 +148,8 @@ def drift_report(store: StateStore, name: str, since: str, until: str | None) ->
                f"drift_share={run.data.metrics.get('drift_share', float('nan')):.3f}")
     click.echo(f"run: {outcome.run_id} (experiment {outcome.experiment_id}); artifacts: "
                f"{run.info.artifact_uri}/drift_report.html")
+    for note in outcome.summary.get("skipped") or []:
+        click.echo(f"skipped: {note}")
 
 
 @drift.command("schedule")

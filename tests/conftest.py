@@ -191,7 +191,7 @@ free_port = _free_port
 class MlflowServer:
     """`mlflow server` on SQLite in its own process group, so every process it starts is stopped."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
         from cryptography.fernet import Fernet
 
         self.port = _free_port()
@@ -205,6 +205,7 @@ class MlflowServer:
             "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
             # The job runner is a second full MLflow process; not needed here and it doubles start-up.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(extra_env or {}),
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")

@@ -12,6 +12,30 @@ from pathlib import Path
 import mlflow
 import requests
 from conftest import Env, Registry, free_port, wait_for
+from test_update_and_supervision import env_history
+
+from mlflow_deploy_plugin.state import pid_alive
+
+
+def processes_of(folder: Path) -> list[str]:
+    """Command lines of the live processes started for the deployment folder ``folder`` (supervisor,
+    workers, warm standby, agent: each names the folder or a file in it on its command line)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = [arg.decode(errors="replace") for arg in cmdline.read_bytes().split(b"\0") if arg]
+        except OSError:  # exited meanwhile
+            continue
+        if any(arg == str(folder) or arg.startswith(f"{folder}/") for arg in argv) and pid_alive(
+                int(cmdline.parent.name)):
+            found.append(" ".join(argv))
+    return found
+
+
+def _listed(env: Env, name: str) -> bool:
+    out = env.cli("list", "-t", "lifecycle").stdout
+    assert out.startswith("List of all deployments"), out
+    return f"'name': '{name}'" in out
 
 
 def test_help_lists_every_config_key(env: Env) -> None:
@@ -98,6 +122,9 @@ def test_broken_versions_fail_create_and_leave_nothing_running(env: Env, registr
         assert message in proc.stderr, proc.stderr[-2000:]
         assert "INVALID_STATE" in proc.stderr
         assert env.cli("get", "-t", "lifecycle", "--name", name, check=False).returncode != 0
+        # No supervisor, worker, standby or agent of the failed deployment is left running.
+        folder = env.home / "deployments" / name
+        wait_for(lambda folder=folder: not processes_of(folder), 30, f"every process of {name!r} to exit")
 
 
 def test_create_alias_then_delete_is_graceful_and_idempotent(env: Env, registry: Registry) -> None:
@@ -105,17 +132,22 @@ def test_create_alias_then_delete_is_graceful_and_idempotent(env: Env, registry:
     out = env.cli("create", "-t", "lifecycle", "--name", "lifecycle-verbs", "-m",
                   f"models:/{registry.model}@champion", "-C", f"port={port}").stdout
     assert "lifecycle-verbs is created" in out
-    status = env.status("lifecycle-verbs")
+    # An alias deployment runs an agent (to follow the alias) and, by default, a warm standby.
+    status = wait_for(lambda: (s := env.status("lifecycle-verbs"))["agent_pid"] and s["standby_pid"] and s,
+                      60, "the agent and the warm standby to start")
     assert status["port"] == port and status["model_version"] == "1"
+    pids = [status["pid"], status["agent_pid"], status["standby_pid"], *status["worker_pids"]]
+    assert all(pid_alive(pid) for pid in pids), pids
+    folder = env.home / "deployments" / "lifecycle-verbs"
+    assert len(processes_of(folder)) == len(pids), processes_of(folder)
     spec = json.loads((env.home / "deployments/lifecycle-verbs/deployment.json").read_text())
     assert spec["model"]["requested_uri"] == f"models:/{registry.model}@champion"
     assert spec["model"]["version_uri"] == f"models:/{registry.model}/1"
 
     env.cli("delete", "-t", "lifecycle", "--name", "lifecycle-verbs")
-    for pid in [status["pid"], *status["worker_pids"]]:
-        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or
-                 Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z",
-                 10, f"process {pid} to exit after delete")
+    for pid in pids:  # supervisor, agent, standby and workers
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"process {pid} to exit after delete")
+    assert processes_of(folder) == []
     assert env.cli("get", "-t", "lifecycle", "--name", "lifecycle-verbs", check=False).returncode != 0
     env.cli("delete", "-t", "lifecycle", "--name", "lifecycle-verbs")  # idempotent
     archived = list((env.home / "archive").glob("lifecycle-verbs-*"))
@@ -127,21 +159,36 @@ def test_create_alias_then_delete_is_graceful_and_idempotent(env: Env, registry:
 def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    tmp = env.root / "run-local-tmp"  # where run-local keeps its throw-away state (TMPDIR)
+    tmp.mkdir()
+    # The same MLFLOW_DEPLOY_HOME as every other deployment of the session.
+    run_env = env.environ(TMPDIR=str(tmp))
+    assert run_env["MLFLOW_DEPLOY_HOME"] == str(env.home)
     proc = subprocess.Popen(
         [mlflow_bin, "deployments", "run-local", "-t", "lifecycle", "--name", "fg", "-m",
          f"models:/{registry.model}/1", "-C", f"port={port}"],
-        env=env.environ(), cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=run_env, cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     try:
         wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
                  120, "run-local to serve")
         assert requests.get(f"http://127.0.0.1:{port}/version", timeout=5).json()["model_version"] == "1"
+        # While it serves, its state lives in a temporary home, not among the deployments.
+        (home,) = tmp.glob("mlflow-deploy-run-local-*")
+        status_file = home / "deployments/fg/status.json"
+        wait_for(lambda: json.loads(status_file.read_text())["state"] == "running", 30,
+                 "run-local's supervisor to report running")
+        assert not (env.home / "deployments" / "fg").exists()
+        assert not _listed(env, "fg")
+        assert env.cli("get", "-t", "lifecycle", "--name", "fg", check=False).returncode != 0
+        assert processes_of(home / "deployments" / "fg")  # what serves is run-local's own
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
         assert f"at http://127.0.0.1:{port}" in output
-        assert "fg" not in env.cli("list", "-t", "lifecycle").stdout
+        assert not home.exists(), "run-local left its temporary home behind"
+        wait_for(lambda: not processes_of(home / "deployments" / "fg"), 30, "run-local's workers to exit")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -161,3 +208,32 @@ def test_two_creates_of_one_name_at_once_give_one_deployment(env: Env, registry:
         assert env.cli("get", "-t", "lifecycle", "--name", "twin").returncode == 0
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", "twin", check=False)
+
+
+def test_create_latest_serves_the_newest_version_and_follows_new_ones(env: Env, registry: Registry) -> None:
+    # Its own registered model (the same logged models as the session's): registering a new version
+    # here moves no other test's `latest`.
+    name = f"latest_{registry.model}"
+    client = mlflow.MlflowClient()
+    sources = [client.get_model_version(registry.model, version).source for version in ("1", "2")]
+    mlflow.register_model(sources[0], name)
+    mlflow.register_model(sources[1], name)
+    env.cli("create", "-t", "lifecycle", "--name", "newest", "-m", f"models:/{name}/latest",
+            "-C", "poll_interval_s=0.5")
+    try:
+        url = env.status("newest")["url"]
+        assert requests.get(f"{url}/version", timeout=5).json()["model_version"] == "2"
+        assert "model_version: 2" in env.cli("get", "-t", "lifecycle", "--name", "newest").stdout
+        assert str(mlflow.register_model(sources[0], name).version) == "3"  # a newer version: followed
+        wait_for(lambda: requests.get(f"{url}/version", timeout=5).json()["model_version"] == "3", 60,
+                 "the deployment of models:/.../latest to serve the new version 3")
+        # Recorded once the switch is complete.
+        followed = wait_for(lambda: [e for e in env_history(env, "newest") if e["event"] == "updated"], 30,
+                            "the switch to be recorded")
+        assert followed[-1]["model"]["model_version"] == "3" and followed[-1]["reason"].startswith(
+            f"followed models:/{name}/latest: it now points at v3")
+        spec = json.loads((env.home / "deployments/newest/deployment.json").read_text())
+        assert spec["model"]["requested_uri"] == f"models:/{name}/latest"
+        assert spec["model"]["model_version"] == "3"
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", "newest", check=False)

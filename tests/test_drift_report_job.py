@@ -172,6 +172,49 @@ def test_reference_override_path_and_bad_override(store: Store, tmp_path: Path):
     assert info.value.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def test_unreadable_mlmodel_keeps_every_column_and_says_so(store: Store, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture):
+    name = "churn_bad_mlmodel"
+    store.register(name, dataset_input=True)
+    model_id = store.client.get_model_version(name, "1").source.removeprefix("models:/")
+    location = Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    (location / "MLmodel").write_text("flavors: [this is: not, an MLmodel\n")
+    skipped: list[str] = []
+    with caplog.at_level("WARNING", logger="mlflow_deploy_plugin.monitoring.reference"):
+        frame, source = resolve_reference_data(store.client, name, "1", skipped=skipped)
+    assert "label" in frame.columns  # the signature could not say it is not an input
+    assert "MLmodel unreadable: all columns kept" in source
+    assert len(skipped) == 1 and f"the MLmodel of models:/{name}/1 could not be read" in skipped[0]
+    assert skipped[0] in caplog.text
+    outcome = run_drift_report(
+        deployment="churn-bad-mlmodel", model_name=name, model_version="1",
+        captured=_captured(np.random.default_rng(6), 300, version="1", shifted=False), reference=frame,
+        reference_source=source, window_start=WINDOW_START, window_end=WINDOW_END, skipped=skipped,
+        reference_predictions_skipped="the model's predictions on the reference data failed: test")
+    assert outcome.summary["skipped"] == [skipped[0], "prediction drift: the model's predictions on the "
+                                                      "reference data failed: test"]
+    tags = store.client.get_run(outcome.run_id).data.tags
+    assert tags["drift.skipped"] == "; ".join(outcome.summary["skipped"])
+
+
+def test_reference_predictions_follow_the_capture_layout_or_say_why_not(store: Store, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture):
+    from mlflow_deploy_plugin.monitoring.deployment_drift import _reference_predictions
+
+    name = store.models["dataset"]
+    reference, _ = resolve_reference_data(store.client, name, "1")
+    predictions, why_not = _reference_predictions(tmp_path, name, "1", reference)  # no local copy: registry
+    expected = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(reference)
+    assert why_not is None and isinstance(predictions, pd.Series)  # compared with the captured `_prediction`
+    assert predictions.tolist() == list(expected)
+    gap = reference.copy()
+    gap.loc[gap.index[0], "age"] = np.nan  # the model cannot predict a missing age
+    with caplog.at_level("WARNING", logger="mlflow_deploy_plugin.monitoring.deployment_drift"):
+        predictions, why_not = _reference_predictions(tmp_path, name, "1", gap)
+    assert predictions is None and "NaN" in why_not
+    assert f"Prediction drift of {name} v1 skipped: {why_not}" in caplog.text
+
+
 def test_report_job_end_to_end_on_drifted_window(store: Store, tmp_path: Path):
     name = store.models["dataset"]
     reference, source = resolve_reference_data(store.client, name, "1")

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from conftest import wait_for
 
+from mlflow_deploy_plugin.monitoring.drift_lock import drift_lock
 from mlflow_deploy_plugin.monitoring.schedule import (
     CAPTURE_SETTLE_S,
     DriftScheduler,
@@ -111,6 +112,46 @@ def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env
     wait_for_runs(scheduler, 10)
     # The failed window is covered again by the next run.
     assert calls[1] == (T0, T0 + timedelta(minutes=20)) and scheduler.completed[-1] == ("flaky", "ok")
+
+
+def test_on_demand_report_waits_for_a_running_report_and_keeps_the_scheduler_out(tmp_path: Path, env) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
+
+    store = _store(tmp_path, name="ondemand")  # model "m" is not registered: the report fails once it runs
+    root = store.paths("ondemand").root
+    messages: list[str] = []
+    outcome: list[BaseException] = []
+
+    def on_demand() -> None:
+        try:
+            run_deployment_drift("ondemand", store=store, progress=messages.append)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=on_demand, daemon=True)
+    with drift_lock(root, wait=False) as held:  # a report (e.g. a scheduled one) is running
+        assert held
+        thread.start()
+        wait_for(lambda: messages, 30, "the on-demand report to say it waits")
+        assert messages[0].startswith("waiting for the drift report of 'ondemand'"), messages
+        assert thread.is_alive() and len(messages) == 1  # it read nothing while the lock was held
+    thread.join(60)
+    assert not thread.is_alive()
+    assert messages[1].startswith("Reading captured traffic of 'ondemand'"), messages  # then it went on
+    assert isinstance(outcome[0], MlflowException)  # and failed on the unregistered model, as it should
+
+    # Both kinds of report take the same lock: while an on-demand one holds it, a due scheduled run
+    # does not start.
+    calls: list[tuple[datetime, datetime]] = []
+    scheduler = DriftScheduler(store, job=lambda n, s, u: calls.append((s, u)),
+                               clock=Clock(T0 + timedelta(minutes=10) + SETTLE))
+    with drift_lock(root, wait=True) as held:
+        assert held
+        assert scheduler.tick() == ["ondemand"]
+        wait_for_runs(scheduler, 10)
+    assert calls == [] and scheduler.completed == []
 
 
 @pytest.mark.parametrize("bad", ["every 5 minutes", "61 * * * *"])

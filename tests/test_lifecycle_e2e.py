@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +26,7 @@ from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
 from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.state import read_history_file, read_json
 
 SECRET = "webhook-secret-for-tests"
 
@@ -92,10 +96,68 @@ def _watcher(env: Env, server: MlflowServer, port: int) -> Iterator[subprocess.P
             proc.wait()
 
 
-def _seconds_until(predicate, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    wait_for(predicate, timeout_s, what, interval_s=0.02)
-    return time.monotonic() - started
+class SplitCounter:
+    """Answers per version, counted only while a canary split provably is what serves.
+
+    Every request goes on a new connection: once the canary's update has returned (its ``updated``
+    history record with a traffic split exists), every new connection reaches the split workers. An
+    answer counts only if status.json still shows that generation and no update in progress after
+    it came back: the next generation's workers accept only after the update that starts them is
+    pending, which status.json shows first. The first answer that fails that check ends the count.
+    """
+
+    def __init__(self, url: str, payload: dict, root: Path, threads: int = 4,
+                 max_seconds: float = 240) -> None:
+        self.url, self.payload, self.root = url, payload, root
+        self.counts: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.generation: int | None = None
+        self.ended = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + max_seconds
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _split_generation(self) -> int | None:
+        events = read_history_file(self.root / "history.jsonl")
+        if any(e["event"] == "updated" and e.get("traffic") for e in events):
+            return read_json(self.root / "status.json")["generation"]
+        return None
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() or self.ended.is_set()) and time.monotonic() < self._deadline:
+            if self.generation is None:
+                generation = self._split_generation()
+                if generation is None:
+                    time.sleep(0.02)
+                    continue
+                with self._lock:
+                    self.generation = self.generation or generation
+            try:
+                response = requests.post(f"{self.url}/invocations", json=self.payload, timeout=30,
+                                         headers={"Connection": "close"})
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+                continue
+            status = read_json(self.root / "status.json")
+            if status["generation"] != self.generation or status["updating"]:
+                self.ended.set()  # the split may no longer be what answered
+                return
+            with self._lock:
+                if response.status_code == 200:
+                    self.counts[response.headers["x-model-version"]] += 1
+                else:
+                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
+
+    def __enter__(self) -> SplitCounter:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
 
 
 def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, server: MlflowServer) -> None:
@@ -122,14 +184,16 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
             with RequestLoop(alias_url, payload, clients=2) as alias_loop, \
                     RequestLoop(stage_url, payload, clients=2) as stage_loop:
                 wait_for(lambda: alias_loop.count > 20 and stage_loop.count > 20, 30, "traffic")
-                # What the UI does when a person moves the alias: one REST call.
+                # What the UI does when a person moves the alias: one REST call. The alias deployment
+                # polls every 300 s (after a first look at start): within a minute, only the webhook
+                # can have moved it. (How fast: benchmarks/follow_latency.py.)
                 _rest(server, "api/2.0/mlflow/registered-models/alias",
                       {"name": "lc", "alias": "champion", "version": "2"})
-                alias_s = _seconds_until(lambda: _version(alias_url) == "2", 10, "the alias deployment to switch")
+                wait_for(lambda: _version(alias_url) == "2", 60, "the alias deployment to switch (webhook)")
                 # Stage transition through the UI's ajax-api route: no webhook fires, polling sees it.
                 _rest(server, "ajax-api/2.0/mlflow/model-versions/transition-stage",
                       {"name": "lc", "version": "2", "stage": "Production", "archive_existing_versions": True})
-                stage_s = _seconds_until(lambda: _version(stage_url) == "2", 30, "the stage deployment to switch")
+                wait_for(lambda: _version(stage_url) == "2", 60, "the stage deployment to switch (polling)")
 
                 # A version that cannot load never takes over.
                 run = client.get_run(client.get_model_version("lc", "2").run_id)
@@ -143,9 +207,6 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
             assert alias_loop.failures == [] and stage_loop.failures == [], (alias_loop.failures[:3],
                                                                             stage_loop.failures[:3])
             assert set(alias_loop.versions[-20:]) == {"2"}
-            print(f"\nalias move -> served (webhook): {alias_s:.2f}s; stage -> served (poll {poll_s}s): {stage_s:.2f}s")
-            assert alias_s <= 2.0, f"webhook-driven switch took {alias_s:.2f}s"
-            assert stage_s <= poll_s + 1.5, f"poll-driven switch took {stage_s:.2f}s"
             info = env.cli("get", "-t", "lifecycle", "--name", "by-alias", env=cli_env).stdout
             assert "model_version: 2" in info and "not following the registry" in info
             assert _version(pinned_url) == "1"  # pinned: never moves
@@ -170,7 +231,7 @@ promotion:
     max_regression: {accuracy: 0.05}
   canary:
     percent: 30
-    min_requests: 80
+    min_requests: 100
     max_minutes: 5
     max_error_rate: 0.01
     max_p99_latency_ms: 5000
@@ -189,30 +250,36 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50", env=cli_env)
     url = env.status("guarded")["url"]
     features = load_data()[0]
+    payload = split_payload(features.iloc[[7]])
     previous = mlflow.get_tracking_uri()
     try:
         mlflow.set_tracking_uri(server.url)
-        with RequestLoop(url, split_payload(features.iloc[[7]]), clients=3) as loop:
+        with RequestLoop(url, payload, clients=1) as loop, \
+                SplitCounter(url, payload, env.home / "deployments/guarded") as split:
             wait_for(lambda: loop.count > 10, 30, "traffic")
             train("lcp", c=0.1, experiment="lifecycle-e2e")  # v2: good enough to pass the gates
             wait_for(lambda: client.get_model_version_by_alias("lcp", "challenger").version == "2", 60,
                      "v2 to pass the gates and become challenger")
-            canary_start = len(loop.versions)
             wait_for(lambda: client.get_model_version_by_alias("lcp", "champion").version == "2", 120,
                      "the canary to pass and v2 to be promoted")
             wait_for(lambda: _version(url) == "2" and "traffic" not in (json.loads(
                 (env.home / "deployments/guarded/deployment.json").read_text())), 60, "v2 to serve alone")
-            canary_versions = loop.versions[canary_start:]
+            assert split.ended.is_set(), "the split was still counting after v2 served alone"
             train("lcp", c=1e-4, experiment="lifecycle-e2e")  # v3: too regularised, fails its gates
             wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.gates") == "failed", 60,
                      "v3 to fail its gates")
-        assert loop.failures == [], loop.failures[:3]
+        assert loop.failures == [] and split.failures == [], (loop.failures[:3], split.failures[:3])
     finally:
         mlflow.set_tracking_uri(previous)
 
-    # During the canary both versions answered live traffic (the split itself is measured exactly
-    # in test_update_and_supervision.py::test_traffic_split_is_honoured).
-    assert {"1", "2"} <= set(canary_versions)
+    # While the canary split served, v2 got its configured 30 % of the answers (within 4 sigma).
+    answered = sum(split.counts.values())
+    share = split.counts["2"] / max(answered, 1)
+    print(f"\ncanary split: v2 answered {split.counts['2']} of {answered} requests ({share:.3f}; "
+          "configured 0.30)")
+    assert set(split.counts) == {"1", "2"} and answered >= 60, split.counts
+    assert abs(share - 0.30) <= 4 * math.sqrt(0.30 * 0.70 / answered), \
+        f"v2 got {share:.3f} of {answered} answers during the canary (configured: 30 %)"
 
     v3 = client.get_model_version("lcp", "3")
     assert "short by" in v3.tags["lifecycle.last_event"] and "accuracy" in v3.tags["lifecycle.last_event"]
@@ -242,6 +309,7 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
         wait_for(lambda d=capture_dir, s=since: len(read_capture(d, since=s)) >= 200, 30, "the capture on disk")
         report = _mlflow_deploy(env, server, "drift", "report", "guarded", "--since", since.isoformat())
         assert "drift.status=drifted" in report.stdout, report.stdout + report.stderr[-2000:]
+        assert "skipped:" not in report.stdout, report.stdout  # prediction drift was checked too
     wait_for(lambda: _version(url) == "1", 60, "the drift policy to roll back to v1")
     assert client.get_model_version_by_alias("lcp", "champion").version == "1"
     # The audit record is written right after the switch it describes.
@@ -282,7 +350,12 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         out = _mlflow_deploy(env, server, "rollback", "manual")
         assert "Rolled manual back to v1" in out.stdout
         assert _version(url) == "1" and client.get_model_version_by_alias("lc", "champion").version == "1"
-        time.sleep(1.5)  # a few poll intervals: still v1
+        # The agent looked at the registry again after the rollback (a whole cycle that started after
+        # it) and did not undo it.
+        rolled_back_at = time.time()
+        state_file = env.home / "deployments/manual/lifecycle_state.json"
+        wait_for(lambda: (read_json(state_file) or {}).get("last_cycle_at", 0) > rolled_back_at, 30,
+                 "the agent to complete a cycle that started after the rollback")
         assert _version(url) == "1"
         assert "rolled_back" in _mlflow_deploy(env, server, "history", "manual").stdout
 

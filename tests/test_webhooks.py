@@ -299,10 +299,12 @@ def _save_tiny_model(path: Path) -> Path:
     return path
 
 
-def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path):
     from mlflow import MlflowClient
 
-    server = MlflowServer(tmp_path)
+    # One delivery thread: the server sends deliveries one after the other, in the order of the
+    # changes, so the arrival of a last (sentinel) change proves every earlier delivery has arrived.
+    server = MlflowServer(tmp_path, extra_env={"MLFLOW_WEBHOOK_DELIVERY_MAX_WORKERS": "1"})
     try:
         model_dir = _save_tiny_model(tmp_path / "model")  # overlaps with the server's start-up
         server.wait_ready(45)
@@ -328,15 +330,11 @@ def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path, capsys: 
             client.set_registered_model_alias(name, "champion", "1")
             recorder.wait_for(lambda e: e.event == "model_version_alias.created" and e.version == "1", 5)
 
-            moved_at = time.monotonic()
+            # (How fast deliveries arrive: benchmarks/follow_latency.py.)
             client.set_registered_model_alias(name, "champion", "2")
-            arrived_at, event = recorder.wait_for(
-                lambda e: e.event == "model_version_alias.created" and e.version == "2", 2)
-            latency = arrived_at - moved_at
-            assert latency < 2
+            _, event = recorder.wait_for(
+                lambda e: e.event == "model_version_alias.created" and e.version == "2", 30)
             assert (event.model_name, event.alias) == (name, "champion")
-            with capsys.disabled():
-                print(f"\nwebhook delivery latency (alias move -> on_event): {latency * 1000:.0f} ms")
 
             # The raw delivery, re-verified independently of the app that accepted it.
             headers, body = next((h, b) for h, b in tap.requests
@@ -354,13 +352,15 @@ def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path, capsys: 
             replay = requests.post(url, data=body, headers=headers, timeout=5)
             assert replay.status_code == 200 and replay.json()["status"] == "duplicate"
 
-            # Let stray deliveries land, then check the whole story: the move fired no
-            # alias.deleted for v1 and the stage transition fired nothing.
-            time.sleep(0.5)
-            seen = sorted((e.event, e.version or "", e.alias or "") for _, e in recorder.events)
+            # A last change; once its delivery is in, so is every earlier one. The whole story: the
+            # move fired no alias.deleted for v1 and the stage transition fired nothing.
+            client.set_model_version_tag(name, "1", "sentinel", "last")
+            recorder.wait_for(lambda e: e.event == "model_version_tag.set" and e.tag_key == "sentinel", 30)
+            seen = [(e.event, e.version or "", e.alias or "") for _, e in recorder.events]
             assert seen == [("model_version.created", "1", ""), ("model_version.created", "2", ""),
                             ("model_version_alias.created", "1", "champion"),
-                            ("model_version_alias.created", "2", "champion")]
+                            ("model_version_alias.created", "2", "champion"),
+                            ("model_version_tag.set", "1", "")]
             assert all(e.delivery_id for _, e in recorder.events)
 
             delete_webhook(hook["id"], client=client)

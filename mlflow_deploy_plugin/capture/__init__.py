@@ -15,7 +15,7 @@ This package may use :mod:`mlflow_deploy_plugin.serving.frames` (a small pure he
 else of serving, and nothing of lifecycle or monitoring: those depend on capture, not the reverse.
 """
 
-from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, CapturedRequest
+from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, CapturedRequest, prediction_columns
 from mlflow_deploy_plugin.capture.layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
 from mlflow_deploy_plugin.capture.reader import parse_since, read_capture
 from mlflow_deploy_plugin.capture.retention import prune_capture
@@ -42,6 +42,7 @@ __all__ = [
     "CapturedRequest",
     "capture_root",
     "parse_since",
+    "prediction_columns",
     "prune_capture",
     "read_capture",
 ]

@@ -43,7 +43,7 @@ class AnsweredRequest(Protocol):
     @property
     def latency_ms(self) -> float: ...
     # What the model took and returned, in whatever form it did (DataFrame, arrays, dicts, ...):
-    # made tabular by _as_frame and _prediction_columns.
+    # made tabular by _as_frame and prediction_columns.
     @property
     def inputs(self) -> Any: ...
     @property
@@ -90,7 +90,7 @@ def tables_by_day(batch: list[AnsweredRequest],
             frame = _as_frame(req.inputs)
             n = len(frame) if frame is not None else 1
             # No inputs (e.g. a rejected request): one meta-only row, as the drift job expects.
-            predictions = _prediction_columns(req.predictions, n) if frame is not None else {}
+            predictions = prediction_columns(req.predictions, n) if frame is not None else {}
             key = (
                 day,
                 _frame_signature(frame),
@@ -212,7 +212,7 @@ def _object_array(values: Iterable[Any]) -> np.ndarray:
     return out
 
 
-def _prediction_columns(predictions: Any, n_rows: int) -> dict[str, np.ndarray]:
+def prediction_columns(predictions: Any, n_rows: int) -> dict[str, np.ndarray]:
     """Model output as 1-D column arrays of ``n_rows`` each, named ``_prediction[_<col>]``."""
     if predictions is None:
         return {}

@@ -103,6 +103,7 @@ class LifecycleController:
             return
         policy = self.policy(spec)
         state = self._state()
+        state["last_cycle_at"] = time.time()  # saved at the end: the start of the last complete cycle
         if state.get("canary") and (policy is None or policy.promotion.canary is None):
             self._end_orphan_canary(state, actor)
         if policy is not None:

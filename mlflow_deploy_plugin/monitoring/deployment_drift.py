@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,30 +12,44 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from mlflow_deploy_plugin.capture import capture_root, read_capture
+from mlflow_deploy_plugin.capture import PREDICTION_PREFIX, capture_root, prediction_columns, read_capture
+from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
 from mlflow_deploy_plugin.state import StateStore
 
+_logger = logging.getLogger(__name__)
 
-def _reference_predictions(models_dir: Path, model_name: str, version: str,
-                           reference: pd.DataFrame) -> pd.Series | pd.DataFrame | None:
-    """The served model's predictions on the reference data, for prediction drift.
 
-    Uses the deployment's local copy of the version when there is one (no download).
+def _reference_predictions(models_dir: Path, model_name: str, version: str, reference: pd.DataFrame,
+                           ) -> tuple[pd.Series | pd.DataFrame | None, str | None]:
+    """The served model's predictions on the reference data, for prediction drift, or why not.
+
+    Uses the deployment's local copy of the version when there is one (no download). The output
+    is laid out exactly as the capture lays out live predictions (``_prediction`` for one output,
+    ``_prediction_<col>`` for several), so both sides name the same columns. Returns
+    ``(predictions, None)``, or ``(None, reason)`` when they cannot be had: prediction drift is then
+    skipped (the input verdicts do not depend on it) and the reason is logged and reported.
     """
     local = models_dir / model_name / version
     uri = str(local) if (local / "MLmodel").exists() else f"models:/{model_name}/{version}"
     try:
         output = mlflow.pyfunc.load_model(uri).predict(reference)
-    except Exception:
-        return None  # prediction drift is a bonus: the input verdicts do not depend on it
-    if isinstance(output, pd.DataFrame):
-        return output
-    try:
-        return pd.Series(list(output) if not hasattr(output, "ravel") else output.ravel())
-    except Exception:
-        return None
+        if isinstance(output, dict):
+            output = pd.DataFrame(output)
+        if not hasattr(output, "__len__") or len(output) != len(reference):
+            raise ValueError(f"the output ({type(output).__name__}) does not have one prediction per "
+                             f"reference row ({len(reference)})")
+        columns = prediction_columns(output, len(reference))
+        if set(columns) == {PREDICTION_PREFIX}:
+            return pd.Series(columns[PREDICTION_PREFIX]), None
+        prefix = len(PREDICTION_PREFIX) + 1
+        return pd.DataFrame({name[prefix:]: values for name, values in columns.items()}), None
+    except Exception as exc:
+        reason = (f"the model's predictions on the reference data failed ({uri}): "
+                  f"{type(exc).__name__}: {exc}")[:1000]
+        _logger.warning("Prediction drift of %s v%s skipped: %s", model_name, version, reason)
+        return None, reason
 
 
 def run_deployment_drift(
@@ -44,15 +59,33 @@ def run_deployment_drift(
     *,
     store: StateStore | None = None,
     progress: Callable[[str], None] | None = None,
+    locked: bool = False,
 ) -> DriftOutcome:
     """Judge deployment ``name``'s captured traffic in [since, until) (default: the last 24 h).
+
+    Runs under the deployment's drift lock (:func:`.drift_lock.drift_lock`), waiting for a report in
+    progress (scheduled or on demand) to end first, so two reports never judge and tag the same
+    version at once; ``locked=True`` says the caller (the scheduler) already holds it.
+
+    What could not be done (prediction drift, selecting the model's input columns) is logged as a
+    warning and listed in the outcome's ``summary["skipped"]`` and the run's ``drift.skipped`` tag.
 
     Raises MlflowException (RESOURCE_DOES_NOT_EXIST) for an unknown deployment or when no
     reference data can be found (the message lists what was tried).
     """
     store = store or StateStore()
+    if store.read_spec(name) is None:
+        raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
+    if locked:
+        return _run(name, since, until, store, progress)
+    with drift_lock(store.paths(name).root, wait=True, say=progress):
+        return _run(name, since, until, store, progress)
+
+
+def _run(name: str, since: datetime | None, until: datetime | None, store: StateStore,
+         progress: Callable[[str], None] | None) -> DriftOutcome:
     spec = store.read_spec(name)
-    if spec is None:
+    if spec is None:  # deleted while we waited for the lock
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
     config = spec.config
     model = spec.model
@@ -65,17 +98,18 @@ def run_deployment_drift(
     paths = store.paths(name)
     captured = read_capture(capture_root(name, config.capture_uri, str(paths.capture)), since=since, until=until)
     say(f"Resolving reference data of {model.model_name} v{model.model_version}")
+    skipped: list[str] = []
     reference, source = resolve_reference_data(client, model.model_name, model.model_version,
-                                               override=config.reference_data)
-    predictions = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
+                                               override=config.reference_data, skipped=skipped)
+    predictions, why_not = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
     try:
         return run_drift_report(
             deployment=name, model_name=model.model_name, model_version=model.model_version,
             captured=captured, reference=reference, reference_source=source,
             window_start=since, window_end=until, settings=DriftSettings.from_config(config),
             client=client, experiment_name=config.drift_experiment, progress=progress,
-            reference_predictions=predictions,
+            reference_predictions=predictions, reference_predictions_skipped=why_not, skipped=skipped,
         )
     except Exception as exc:
-        exc.run_recorded = True  # the job already ended its run FAILED: the scheduler must not add one
+        exc.add_note(RUN_RECORDED)  # the job already ended its run FAILED: the scheduler must not add one
         raise

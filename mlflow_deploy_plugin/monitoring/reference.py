@@ -32,11 +32,12 @@ signature when it has a column-based one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import mlflow
@@ -44,6 +45,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
+_logger = logging.getLogger(__name__)
 REFERENCE_ARTIFACT = "reference_data.parquet"
 _MODEL_ARTIFACT_PATHS = (REFERENCE_ARTIFACT, f"artifacts/{REFERENCE_ARTIFACT}")
 
@@ -139,7 +141,8 @@ def _load_dataset_input(dataset_input: Any, tmp: str) -> tuple[pd.DataFrame, str
     dataset = dataset_input.dataset
     source = mlflow.data.get_source(dataset_input)
     # Local sources are read in place; others are downloaded into our temp folder.
-    path = source.load() if dataset.source_type == "local" else source.load(dst_path=tmp)
+    # Remote sources (http, s3, ...) take dst_path; the DatasetSource base class does not declare it.
+    path = source.load() if dataset.source_type == "local" else cast(Any, source).load(dst_path=tmp)
     return read_table(path), path
 
 
@@ -155,11 +158,14 @@ def resolve_reference_data(
     model_name: str,
     model_version: str,
     override: str | None = None,
+    skipped: list[str] | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """The reference data of ``model_name`` version ``model_version`` and where it came from.
 
     See the module docstring for the order of places tried. Non-input columns are dropped using the
-    version's signature.
+    version's signature. When the signature cannot be read (an unreadable MLmodel) every column is
+    kept; that is logged as a warning, said in the returned description and appended to ``skipped``
+    (a list the caller reports, e.g. the drift run's ``drift.skipped`` tag).
 
     Raises:
         MlflowException: ``RESOURCE_DOES_NOT_EXIST`` naming every place tried (and why each failed)
@@ -167,13 +173,23 @@ def resolve_reference_data(
     """
     model_version = str(model_version)
     version = client.get_model_version(model_name, model_version)
+    unreadable: str | None = None
     try:
         inputs = model_input_columns(model_name, model_version)
-    except Exception:  # an unreadable MLmodel must not hide the reference data: keep all columns
+    except Exception as exc:  # an unreadable MLmodel must not hide the reference data: keep all columns
         inputs = None
+        unreadable = (f"selecting the model's input columns of the reference data: the MLmodel of "
+                      f"models:/{model_name}/{model_version} could not be read ({type(exc).__name__}: "
+                      f"{exc})"[:800]
+                      + "; every column is kept, so non-inputs (targets, ids) may be compared too")
+        _logger.warning("Reference data of %s v%s: %s", model_name, model_version, unreadable)
+        if skipped is not None:
+            skipped.append(unreadable)
 
     def finish(frame: pd.DataFrame, description: str) -> tuple[pd.DataFrame, str]:
         selected, note = select_model_inputs(frame, inputs)
+        if unreadable is not None:
+            note = "MLmodel unreadable: all columns kept"
         return selected, f"{description} ({len(selected):,} rows; {note})"
 
     if override:

@@ -14,7 +14,9 @@ The run (experiment ``drift/<deployment>`` by default) holds:
   ``prediction_drift_score`` when prediction drift was checked, all stamped with the window end so
   charts over runs follow the data's time;
 * artifacts ``drift_report.html`` (Evidently) and ``drift_summary.json``;
-* tags ``drift.status`` and, if it failed, ``drift.error``.
+* tags ``drift.status``; ``drift.skipped`` when part of the report could not be done (e.g. prediction
+  drift, when the model's predictions on the reference data failed), saying what and why (also the
+  ``skipped`` list of the JSON summary and the job's progress); if it failed, ``drift.error``.
 
 ``insufficient_data`` means no verdict: fewer usable rows than ``min_rows``, or no column could be
 tested (e.g. all compared inputs null); such runs carry only row counts and the JSON summary.
@@ -33,7 +35,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,10 +210,11 @@ def select_current(captured: pd.DataFrame, model_version: str, window_start: dat
 
 
 def _prediction_drift(current: pd.DataFrame, reference_predictions: pd.Series | pd.DataFrame | None,
-                      settings: DriftSettings) -> tuple[DriftResult | None, dict[str, Any]]:
+                      settings: DriftSettings, why_missing: str | None = None,
+                      ) -> tuple[DriftResult | None, dict[str, Any]]:
     if reference_predictions is None:
-        return None, {"skipped": "no reference predictions given (the model's predictions on the "
-                                 "reference data are needed to compare outputs)"}
+        return None, {"skipped": why_missing or "no reference predictions given (the model's predictions on "
+                                                "the reference data are needed to compare outputs)"}
     if isinstance(reference_predictions, pd.Series):
         pairs = {"prediction": ("_prediction", reference_predictions)}
     else:
@@ -242,6 +245,8 @@ def run_drift_report(
     experiment_name: str | None = None,
     progress: Callable[[str], None] | None = None,
     reference_predictions: pd.Series | pd.DataFrame | None = None,
+    reference_predictions_skipped: str | None = None,
+    skipped: Sequence[str] = (),
 ) -> DriftOutcome:
     """Judge one window of captured traffic against the reference data and log the result.
 
@@ -261,6 +266,10 @@ def run_drift_report(
         progress: Called with a short message at each step.
         reference_predictions: The model's predictions on ``reference`` (Series for ``_prediction``,
             DataFrame for ``_prediction_<col>``); without them prediction drift is skipped.
+        reference_predictions_skipped: Why ``reference_predictions`` is None (reported as the reason
+            prediction drift was skipped).
+        skipped: What the caller could not do before the job (e.g. select the model's input columns
+            of the reference), one "what: why" each; reported with the job's own skips.
 
     Raises:
         Whatever failed; the run is then ended FAILED with a ``drift.error`` tag.
@@ -271,6 +280,7 @@ def run_drift_report(
     model_version = str(model_version)
     checked_at = datetime.now(UTC)
     window = {"start": _iso(window_start), "end": _iso(window_end)}
+    skipped_notes = list(skipped)
 
     say(f"reading {len(captured):,} captured rows of deployment {deployment!r}")
     current, row_counts = select_current(captured, model_version, window_start, window_end)
@@ -313,6 +323,8 @@ def run_drift_report(
                 say(f"only {rows_current:,} usable rows (< min_rows={settings.min_rows}): no verdict")
                 summary.update(status=status, reason=f"{rows_current} rows < min_rows {settings.min_rows}")
                 metrics: dict[str, float] = {"rows_current": rows_current, "rows_reference": rows_reference}
+                if reference_predictions_skipped:
+                    skipped_notes.append(f"prediction drift: {reference_predictions_skipped}")
             else:
                 if not feature_columns:
                     raise ValueError(
@@ -328,7 +340,10 @@ def run_drift_report(
                     drift_share_threshold=settings.drift_share_threshold,
                 )
                 compute_s = time.perf_counter() - started
-                prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings)
+                prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings,
+                                                                   reference_predictions_skipped)
+                if prediction is None:
+                    skipped_notes.append(f"prediction drift: {prediction_summary['skipped']}")
                 status = "drifted" if result.dataset_drifted else "ok"
                 if result.n_tested == 0:  # e.g. every compared input is null in this window
                     status = "insufficient_data"
@@ -379,6 +394,9 @@ def run_drift_report(
                                    else pred_names[col.name])
                             metrics[key] = col.score
 
+            for note in skipped_notes:
+                say(f"skipped {note}")
+            summary["skipped"] = skipped_notes
             say("logging the drift report to MLflow")
             entries = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
             for i in range(0, len(entries), MAX_METRICS_PER_BATCH):
@@ -389,6 +407,8 @@ def run_drift_report(
             if result is not None:
                 client.log_artifact(run_id, str(Path(tmp) / HTML_ARTIFACT))
 
+        if skipped_notes:
+            client.set_tag(run_id, "drift.skipped", "; ".join(skipped_notes)[:MAX_TAG_VAL_LENGTH])
         client.set_tag(run_id, "drift.status", status)
         share = result.drift_share if result is not None and status != "insufficient_data" else None
         _tag_version(client, model_name, model_version, status, share, run_id, checked_at)

@@ -2,15 +2,15 @@
 
 Each deployment keeps ``drift_schedule.json`` in its folder: the end of the last window judged.
 A run covers [last end, now - a few seconds for capture to settle), so after downtime a single catch-up run covers everything missed
-instead of one run per missed tick. A per-deployment file lock keeps runs from overlapping, also
-between the deployment's own agent and a separate `mlflow-deploy drift schedule` process. A failed
+instead of one run per missed tick. A per-deployment file lock (:func:`drift_lock`) keeps reports
+from overlapping: scheduled runs of the deployment's own agent, of a separate `mlflow-deploy drift
+schedule` process, and on-demand `mlflow-deploy drift report` runs (which wait for it). A failed
 run is recorded in MLflow (status FAILED, with the error) and leaves the window start where it
 was, so the next tick covers that data again.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 import time
@@ -21,6 +21,7 @@ from typing import Any
 
 from croniter import croniter
 
+from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
 from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
 
 _logger = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ _logger = logging.getLogger(__name__)
 # (2 s) after their request, and a row flushed after its window was judged would be in no window.
 CAPTURE_SETTLE_S = 5.0
 DriftJob = Callable[[str, datetime, datetime], Any]
-
-
 def next_tick(cron: str, after: datetime) -> datetime:
     """The first time strictly after ``after`` that ``cron`` fires (UTC)."""
     return croniter(cron, after).get_next(datetime).astimezone(UTC)
@@ -70,7 +69,7 @@ class DriftScheduler:
     def _default_job(self, name: str, since: datetime, until: datetime) -> Any:
         from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
 
-        return run_deployment_drift(name, since, until, store=self.store,
+        return run_deployment_drift(name, since, until, store=self.store, locked=True,
                                     progress=lambda message: _logger.info("[%s] %s", name, message))
 
     def scheduled(self) -> dict[str, str]:
@@ -123,11 +122,9 @@ class DriftScheduler:
 
     def _run(self, name: str, cron: str) -> None:
         paths = self.store.paths(name)
-        with open(paths.root / "drift.lock", "a") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another process is running this deployment's report right now
+        with drift_lock(paths.root, wait=False) as held:
+            if not held:
+                return  # another report of this deployment (scheduled or on demand) is running now
             state = self._state(name)
             until = self.clock() - timedelta(seconds=CAPTURE_SETTLE_S)
             since = self._anchor(name, state) or previous_tick(cron, until)
@@ -138,7 +135,7 @@ class DriftScheduler:
                 error = f"{type(exc).__name__}: {exc}"
                 _logger.error("Scheduled drift report of %s failed: %s\n%s", name, error, traceback.format_exc())
                 try:
-                    if not getattr(exc, "run_recorded", False):
+                    if RUN_RECORDED not in getattr(exc, "__notes__", ()):
                         _record_failed_run(name, spec.config.drift_experiment if spec else None, since, until,
                                            error)
                 except Exception as record_error:

@@ -86,9 +86,13 @@ class BatchingPredictor:
 
     async def _run_alone(self, data: Any, params: dict[str, Any] | None) -> Any:
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._predict, data, params)
+
+    def _predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        """One ``predict`` call of the model, reported to ``on_batch`` with its row count."""
         if self._on_batch is not None:
             self._on_batch(_rows(data))
-        return await loop.run_in_executor(self._executor, self.slot.predict, data, params)
+        return self.slot.predict(data, params)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,12 +122,10 @@ class BatchingPredictor:
     def _predict_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         """Runs on the predict thread: one call for the batch, one per request as fallback."""
         self.last_batch_sizes = [len(item.frame) for item in batch]
-        if self._on_batch is not None:
-            self._on_batch(sum(self.last_batch_sizes))
         if len(batch) > 1 and len({tuple(item.frame.columns) for item in batch}) == 1:
             try:
                 frame = stack_frames([item.frame for item in batch])
-                pieces = _split_output(self.slot.predict(frame), self.last_batch_sizes)
+                pieces = _split_output(self._predict(frame), self.last_batch_sizes)
                 if pieces is not None:
                     return [(True, piece) for piece in pieces]
             except Exception as exc:
@@ -132,7 +134,7 @@ class BatchingPredictor:
         results = []
         for item in batch:
             try:
-                results.append((True, self.slot.predict(item.frame)))
+                results.append((True, self._predict(item.frame)))
             except Exception as exc:
                 results.append((False, exc))
         return results

@@ -49,7 +49,9 @@ class ServingMetrics:
             ["deployment", "model_name", "model_version", "model_uri"], multiprocess_mode="livemax",
             registry=registry)
         self.batch_rows = Histogram(
-            "mlflow_deploy_predict_batch_rows", "Rows per predict call after coalescing requests.",
+            "mlflow_deploy_predict_batch_rows",
+            "Rows per model predict call: concurrent requests coalesced into one call count once (_count is "
+            "the number of calls); a batch that failed and was retried request by request counts each retry.",
             ["deployment"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=registry)
         self.capture_dropped = Counter(
             "mlflow_deploy_capture_dropped_requests", "Requests not captured (buffer full or write error).",
