@@ -2,7 +2,7 @@
 
 Every way a deployment changes goes through :class:`Deployments`: the ``mlflow deployments``
 target (``target.py``, which only translates to MLflow's exceptions and return shapes), the
-``mlflow-deploy`` CLI and the lifecycle engine (which moves deployments on its own). So each change
+``mlflow-deploy`` CLI and the lifecycle controller (which moves deployments on its own). So each change
 is validated, resolved against the registry, run by the engine, recorded in the history and
 reflected in the registry's serving tags in exactly one way.
 
@@ -158,12 +158,15 @@ class Deployments:
         return self.describe(self.spec(name))
 
     def describe_all(self) -> list[dict[str, Any]]:
-        views = []
+        views: list[dict[str, Any]] = []
         for name in self.store.names():
             try:
                 views.append(self.describe(self.spec(name)))
             except NotFound:
                 continue  # deleted meanwhile
+            except InvalidState as exc:  # one unreadable spec must not hide the others
+                _logger.warning("%s", exc.message)
+                views.append({"name": name, "status": "unreadable", "last_error": exc.message})
         return views
 
     def history(self, name: str) -> list[dict[str, Any]]:
@@ -314,12 +317,14 @@ class Deployments:
         return None
 
     def rollback(self, name: str, *, to_version: str, reason: str, actor: str,
-                 evidence: dict[str, Any] | None = None, keep_reference: bool = False) -> dict[str, Any]:
+                 evidence: dict[str, Any] | None = None, keep_reference: bool = False,
+                 from_version: str | None = None) -> dict[str, Any]:
         """Serve ``to_version`` again. With ``keep_reference`` the deployment keeps following its
-        alias or stage (which the caller has moved back already); otherwise it is pinned."""
+        alias or stage (which the caller has moved back already); otherwise it is pinned.
+        ``from_version`` is what the caller decided to leave (default: what serves now)."""
         spec = self.spec(name)
         uri = spec.model.requested_uri if keep_reference else f"models:/{spec.model.model_name}/{to_version}"
-        why = f"rolled back from v{spec.model.model_version} to v{to_version}: {reason}"
+        why = f"rolled back from v{from_version or spec.model.model_version} to v{to_version}: {reason}"
         return self.transition(name, model_uri=uri, reason=why, actor=actor, evidence=evidence)
 
     def predict(self, name: str, body: str, timeout_s: float | None = None) -> str:
@@ -353,11 +358,10 @@ class Deployments:
                   flavor: str | None = None, say: Callable[[str], None] = print) -> None:
         """Serve ``model_uri`` in the foreground (supervised like a deployment) until interrupted."""
         spec = self.new_spec(name, model_uri, config, flavor)
-        code = self.engine.run_foreground(spec, lambda status: say(
+        final = self.engine.run_foreground(spec, lambda status: say(
             f"Serving {spec.model.version_uri} (from {model_uri}) at {status.url} - press Ctrl-C to stop."))
-        if code != 0:
-            last = getattr(self.engine, "last_foreground_status", None)
-            raise InvalidState(f"run-local of {model_uri} failed: {last.last_error if last else code}")
+        if final.state == FAILED:
+            raise InvalidState(f"run-local of {model_uri} failed: {final.last_error}")
 
     # -- registry tags -------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ The deployment core (``deployments.py``) decides *what* should serve (a resolved
 processes on this machine (``local``), or later a Ray Serve application (``ray``). Everything an
 engine must do is below, so a new engine is one class, picked from the target URI in one place
 (:func:`get_engine`), and tested by the same contract suite as the others
-(``tests/unit/test_engine_contract.py``).
+(``tests/test_engine_contract.py``).
 
 Engines keep their own state under the deployment's folder; the spec and history are the core's.
 """
@@ -79,8 +79,9 @@ class Engine(abc.ABC):
         """What runs now (``stopped`` for a deployment the engine knows nothing of)."""
 
     @abc.abstractmethod
-    def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> int:
-        """Serve ``spec`` in this process's foreground until interrupted (``run-local``); exit code."""
+    def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
+        """Serve ``spec`` in this process's foreground until interrupted (``run-local``), calling
+        ``on_ready`` once it serves; the final status (``failed`` with ``last_error`` if it could not)."""
 
     @abc.abstractmethod
     def agent_handle(self, name: str) -> str | None:
@@ -108,9 +109,9 @@ def get_engine(target_uri: str, store: StateStore) -> Engine:
     name = engine_name(target_uri)
     if name == "ray":
         raise InvalidRequest(
-            "The Ray Serve engine (lifecycle:/ray) needs the [ray] extra: "
-            "pip install 'mlflow-deploy-plugin[ray]' (it is not part of this release yet; "
-            "use `lifecycle` for supervised local processes).")
+            "The Ray Serve engine (lifecycle:/ray) is not in this release; once it lands it needs the "
+            "[ray] extra (pip install 'mlflow-deploy-plugin[ray]'). Use `lifecycle` (supervised "
+            "processes on this machine) meanwhile.")
     from mlflow_deploy_plugin.engines.local import LocalEngine
 
     return LocalEngine(store)

@@ -351,7 +351,7 @@ class LifecycleController:
         why = f"rolled back from v{current} to v{target}: {reason}"
         self._act(f"serve v{target} on {self.name}", lambda: self.deployments.rollback(
             self.name, to_version=target, reason=reason, actor=actor, evidence=evidence,
-            keep_reference=keep_reference))
+            keep_reference=keep_reference, from_version=current))
         self._act(f"record the rollback of v{current}", lambda: record(
             self.store, self.client, self.name, "rolled_back", model_name=model.model_name, version=current,
             reason=why, actor=actor, evidence=evidence,

@@ -22,6 +22,7 @@ from typing import Any
 from croniter import croniter
 
 from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
+from mlflow_deploy_plugin.spec import SpecError
 from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +77,11 @@ class DriftScheduler:
         """Deployment name -> cron expression, for the deployments this scheduler covers."""
         result = {}
         for name in self.names if self.names is not None else self.store.names():
-            spec = self.store.read_spec(name)
+            try:
+                spec = self.store.read_spec(name)
+            except SpecError as exc:  # one unreadable spec must not stop the others' reports
+                _logger.error("Skipping %s: %s", name, exc)
+                continue
             cron = spec.config.drift_schedule if spec else None
             if cron:
                 result[name] = cron

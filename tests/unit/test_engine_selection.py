@@ -54,3 +54,16 @@ def test_the_deployment_client_raises_mlflow_exceptions(tmp_path: Path, monkeypa
     with pytest.raises(MlflowException) as bad_flavor:
         client.create_deployment("x", "models:/m/1", flavor="onnx")
     assert bad_flavor.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_one_unreadable_spec_does_not_hide_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow_deploy_plugin.deployments import Deployments
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+
+    store = StateStore(tmp_path)
+    store.write_spec(DeploymentSpec("good", ModelRef("models:/m/1", "m", "1")))
+    store.write_spec(DeploymentSpec("bad", ModelRef("models:/m/1", "m", "1")))
+    store.paths("bad").spec.write_text('{"schema_version": 99, "name": "bad"}')
+    views = {view["name"]: view for view in Deployments(store=store).describe_all()}
+    assert views["good"]["status"] == "stopped"
+    assert views["bad"]["status"] == "unreadable" and "schema_version=99" in views["bad"]["last_error"]

@@ -110,12 +110,15 @@ def test_supervisor_process_loads_no_third_party_module() -> None:
     import subprocess
 
     code = ("import sys, mlflow_deploy_plugin.engines.local.supervisor; "
-            "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))")
+            "print('\\n'.join(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
     loaded = set(out.stdout.split())
-    third_party = sorted(m for m in loaded if m not in sys.stdlib_module_names and m != PACKAGE
-                         and not m.startswith("_"))
+    third_party = sorted({m.split(".")[0] for m in loaded} - set(sys.stdlib_module_names) - {PACKAGE}
+                         - {m for m in loaded if m.startswith("_")})
     assert third_party == [], f"the supervisor process imports {third_party}"
+    own = sorted(m for m in loaded if m.startswith(PACKAGE + ".") and not _is_package_init(m))
+    assert own == [f"{PACKAGE}.engines.local.mailbox", f"{PACKAGE}.engines.local.supervisor",
+                   f"{PACKAGE}.engines.local.worker_protocol", f"{PACKAGE}.spec", f"{PACKAGE}.state"], own
 
 
 def test_nothing_below_target_imports_it() -> None:

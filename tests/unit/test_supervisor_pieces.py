@@ -54,3 +54,27 @@ def test_mailbox_gives_up_when_nobody_can_answer(tmp_path: Path) -> None:
     with pytest.raises(MailboxTimeout):
         Mailbox(tmp_path).ask({"op": "stop"}, 0.2, alive=lambda: True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    ("mlflow_deploy_plugin.engines.local.supervisor", True),
+    ("mlflow_deploy_plugin.engines.supervisor", True),  # started before the engines/local/ layout
+    ("some.other.module", False),
+])
+def test_a_supervisor_is_recognised_by_its_command_line(tmp_path: Path, module: str, expected: bool) -> None:
+    import subprocess
+    import sys
+
+    from mlflow_deploy_plugin.engines.local.engine import is_supervisor
+
+    root = tmp_path / "deployments" / "churn"
+    # A stand-in process whose command line is what a supervisor's would be (it only sleeps).
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()",
+                             module, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"  # exec'd: its cmdline is final
+        assert is_supervisor(proc.pid, root) is expected
+        assert is_supervisor(proc.pid, tmp_path / "deployments" / "other") is False
+    finally:
+        proc.communicate(timeout=10)
+    assert is_supervisor(proc.pid, root) is False  # gone

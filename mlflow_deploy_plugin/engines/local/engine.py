@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,6 +21,9 @@ from mlflow_deploy_plugin.spec import DeploymentSpec
 from mlflow_deploy_plugin.state import StateStore, pid_alive, read_json
 
 SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
+# Supervisors started before the engines/local/ layout run under their old module name; they speak
+# the same mailbox and status files, so they must still be recognised after an upgrade.
+_SUPERVISOR_MODULES = (SUPERVISOR_MODULE.encode(), b"mlflow_deploy_plugin.engines.supervisor")
 
 
 def is_supervisor(pid: int | None, root: Path) -> bool:
@@ -35,7 +39,7 @@ def is_supervisor(pid: int | None, root: Path) -> bool:
             argv = handle.read().split(b"\0")
     except OSError:
         return False
-    return SUPERVISOR_MODULE.encode() in argv and str(root).encode() in argv
+    return any(module in argv for module in _SUPERVISOR_MODULES) and str(root).encode() in argv
 
 
 def _to_status(raw: dict[str, Any]) -> EngineStatus:
@@ -117,7 +121,7 @@ class LocalEngine(Engine):
         pid = status.details.get("agent_pid")
         return f"pid {pid}" if status.serving and pid_alive(pid) else None
 
-    def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> int:
+    def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
         """Run a supervisor in this process on a throw-away home: ``run-local`` leaves no state."""
         from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
 
@@ -136,13 +140,15 @@ class LocalEngine(Engine):
                         return
 
             threading.Thread(target=announce, daemon=True).start()
-            self.last_foreground_status: EngineStatus | None = None
             try:
                 code = Supervisor(store.paths(spec.name)).run()
             finally:
                 done.set()
-                self.last_foreground_status = _to_status(store.read_status(spec.name) or {})
-            return code
+            final = _to_status(store.read_status(spec.name) or {})
+            if code != 0 and final.state != FAILED:
+                final = dataclasses.replace(final, state=FAILED,
+                                            last_error=final.last_error or f"supervisor exited with code {code}")
+            return final
 
     # -- plumbing ------------------------------------------------------------------------------
 
