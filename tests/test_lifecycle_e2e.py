@@ -266,8 +266,9 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
                 (env.home / "deployments/guarded/deployment.json").read_text())), 60, "v2 to serve alone")
             assert split.ended.is_set(), "the split was still counting after v2 served alone"
             train("lcp", c=1e-4, experiment="lifecycle-e2e")  # v3: too regularised, fails its gates
-            wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.gates") == "failed", 60,
-                     "v3 to fail its gates")
+            # The audit trail writes its tags one by one: wait for the last of them.
+            wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.promotion") == "rejected",
+                     60, "v3 to fail its gates and be rejected")
         assert loop.failures == [] and split.failures == [], (loop.failures[:3], split.failures[:3])
     finally:
         mlflow.set_tracking_uri(previous)
