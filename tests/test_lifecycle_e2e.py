@@ -265,6 +265,9 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             wait_for(lambda: _version(url) == "2" and "traffic" not in (json.loads(
                 (env.home / "deployments/guarded/deployment.json").read_text())), 60, "v2 to serve alone")
             assert split.ended.is_set(), "the split was still counting after v2 served alone"
+            # The promotion's audit record is written right after the switch (description last).
+            wait_for(lambda: "promoted" in (client.get_model_version("lcp", "2").description or ""), 30,
+                     "the promotion of v2 to be recorded")
             train("lcp", c=1e-4, experiment="lifecycle-e2e")  # v3: too regularised, fails its gates
             # The audit trail writes its tags one by one: wait for the last of them.
             wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.promotion") == "rejected",
