@@ -6,6 +6,7 @@ versions of one model differ in accuracy, input columns and in whether they can 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 from collections.abc import Iterator
@@ -216,6 +217,8 @@ BAD_POLICIES = [
      "expected an integer"),
     ("model: churn\npromotion:\n  canary:\n    max_error_rate: 5\n", 4, "promotion.canary.max_error_rate",
      "between 0 and 1"),
+    ("model: churn\npromotion:\n  canary:\n    insufficient_evidence: wait\n", 4,
+     "promotion.canary.insufficient_evidence", "must be one of reject, extend"),
     ("model: churn\npromotion:\n  enabled: 'sometimes'\n", 3, "promotion.enabled", "expected true or false"),
     ("model: churn\nregistry: stage\nchampion: Prod\n", 3, "champion", "is not a stage name"),
     ("model: churn\nregistry: stage\nchallenger: archived\n", 3, "challenger", "not served"),
@@ -394,10 +397,43 @@ def test_canary_passes() -> None:
     assert [r.gate for r in verdict.results] == ["canary.evidence", "canary.error_rate", "canary.p99_latency",
                                                  "canary.drift"]
     assert verdict.figures["error_rate"] == pytest.approx(0.01)
-    # Timed out with little traffic: judge what there is.
-    verdict = evaluate_canary(CANARY, CanaryStats(requests=20, errors=0, p99_latency_ms=80, elapsed_s=1800))
+
+
+def test_canary_with_too_little_evidence_is_never_promoted() -> None:
+    # max_minutes with 3 requests: not enough evidence, rejected (the default) ...
+    verdict = evaluate_canary(CANARY, CanaryStats(requests=3, errors=0, p99_latency_ms=80, elapsed_s=1800))
+    assert verdict.status == "fail"
+    assert verdict.results[0].detail == "not enough evidence: 3 of 200 requests after 30 minutes"
+    # ... or, as the policy says, the canary goes on until min_requests arrive.
+    extend = dataclasses.replace(CANARY, insufficient_evidence="extend")
+    verdict = evaluate_canary(extend, CanaryStats(requests=3, errors=0, p99_latency_ms=80, elapsed_s=1800))
+    assert verdict.status == "pending" and "extended until min_requests" in verdict.results[0].detail
+    verdict = evaluate_canary(extend, CanaryStats(requests=200, errors=0, p99_latency_ms=80, elapsed_s=5400))
     assert verdict.status == "pass"
-    assert "max_minutes reached with only 20 of 200 requests" in verdict.results[0].detail
+    assert parse_policy("model: m\npromotion:\n  canary: {insufficient_evidence: Extend}\n"
+                        ).promotion.canary.insufficient_evidence == "extend"
+
+
+def test_canary_errors_are_judged_against_the_champion_over_the_same_window() -> None:
+    # Both versions refuse the same bad requests (5%): not the challenger's fault.
+    verdict = evaluate_canary(CANARY, CanaryStats(requests=200, errors=11, p99_latency_ms=100, elapsed_s=600,
+                                                  champion_requests=1800, champion_errors=90))
+    assert verdict.status == "pass", verdict.summary()
+    assert verdict.results[1].detail == ("error rate 5.5% (11 of 200) vs the champion's 5% (90 of 1800): "
+                                         "within 1 points")
+    # A challenger that refuses what the champion accepts (say, a changed input schema) is worse.
+    verdict = evaluate_canary(CANARY, CanaryStats(requests=200, errors=80, p99_latency_ms=100, elapsed_s=600,
+                                                  champion_requests=1800, champion_errors=9))
+    assert verdict.status == "fail"
+    assert [r.gate for r in verdict.results if not r.passed] == ["canary.error_rate"]
+    assert "worse by 39.5 points > 1 allowed" in verdict.results[1].detail
+    # Early: errors beyond what the champion's rate explains already exceed the window's budget.
+    verdict = evaluate_canary(CANARY, CanaryStats(requests=40, errors=15, p99_latency_ms=100, elapsed_s=60,
+                                                  champion_requests=360, champion_errors=18))
+    assert verdict.status == "fail" and "failing early" in verdict.results[0].detail
+    verdict = evaluate_canary(CANARY, CanaryStats(requests=40, errors=3, p99_latency_ms=100, elapsed_s=60,
+                                                  champion_requests=360, champion_errors=18))
+    assert verdict.status == "pending"  # 3 errors are what a 5% champion rate gives: no verdict yet
 
 
 def test_canary_fails_with_figures() -> None:
@@ -405,7 +441,8 @@ def test_canary_fails_with_figures() -> None:
     assert verdict.status == "fail"
     failed = {r.gate: r.detail for r in verdict.results if not r.passed}
     assert failed == {
-        "canary.error_rate": "error rate 2.5% (10 of 400) > 1% allowed (over by 1.5 points)",
+        "canary.error_rate": "error rate 2.5% (10 of 400) > 1% allowed (over by 1.5 points; no champion "
+                             "traffic to compare with)",
         "canary.p99_latency": "p99 latency 310 ms > 250 ms allowed (over by 60 ms)",
     }
     assert verdict.summary().splitlines()[0] == "canary fail: canary.error_rate, canary.p99_latency"
@@ -421,7 +458,7 @@ def test_canary_fails_early_when_the_outcome_is_certain() -> None:
     # 3 errors already exceed 1% of the 200-request window, whatever the next requests do.
     verdict = evaluate_canary(CANARY, CanaryStats(requests=40, errors=3, p99_latency_ms=100, elapsed_s=60))
     assert verdict.status == "fail" and verdict.results[0].gate == "canary.error_rate"
-    assert "exceed the error budget" in verdict.results[0].detail
+    assert "already exceed what the 200-request window allows" in verdict.results[0].detail
     # Reported drifted while the policy requires no drift.
     verdict = evaluate_canary(CANARY, CanaryStats(requests=10, errors=0, p99_latency_ms=100, elapsed_s=60,
                                                   drift_status="drifted"))

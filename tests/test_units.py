@@ -114,3 +114,39 @@ def test_canary_figures_from_histogram() -> None:
     assert (figures.requests, figures.errors) == (100, 1)
     assert p99_ms(figures) == pytest.approx(100.0)  # 99 of 100 within the 0.1 s bucket
     assert p99_ms(VersionFigures()) is None
+
+
+def test_canary_figures_count_every_non_2xx_and_time_only_successes() -> None:
+    from mlflow_deploy_plugin.lifecycle.traffic_stats import parse
+
+    text = "\n".join([
+        '# TYPE mlflow_deploy_requests_total counter',
+        'mlflow_deploy_requests_total{deployment="d",model_version="2",status="200"} 90.0',
+        'mlflow_deploy_requests_total{deployment="d",model_version="2",status="400"} 8.0',  # model raised
+        'mlflow_deploy_requests_total{deployment="d",model_version="2",status="503"} 2.0',
+        '# TYPE mlflow_deploy_success_latency_seconds histogram',
+        'mlflow_deploy_success_latency_seconds_bucket{deployment="d",le="0.1",model_version="2"} 80.0',
+        'mlflow_deploy_success_latency_seconds_bucket{deployment="d",le="0.25",model_version="2"} 90.0',
+        'mlflow_deploy_success_latency_seconds_bucket{deployment="d",le="+Inf",model_version="2"} 90.0',
+        '# TYPE mlflow_deploy_request_latency_seconds histogram',  # fast failures would flatter the p99
+        'mlflow_deploy_request_latency_seconds_bucket{deployment="d",le="0.001",model_version="2"} 10.0',
+        'mlflow_deploy_request_latency_seconds_bucket{deployment="d",le="0.1",model_version="2"} 90.0',
+        'mlflow_deploy_request_latency_seconds_bucket{deployment="d",le="0.25",model_version="2"} 100.0',
+        'mlflow_deploy_request_latency_seconds_bucket{deployment="d",le="+Inf",model_version="2"} 100.0',
+        'mlflow_deploy_request_latency_seconds_bucket{deployment="d",le="0.25",model_version="1"} 5.0',
+        'mlflow_deploy_request_latency_seconds_bucket{deployment="d",le="+Inf",model_version="1"} 5.0',
+        'mlflow_deploy_requests_total{deployment="d",model_version="1",status="200"} 5.0',
+        "",
+    ])
+    figures = parse(text)
+    assert (figures["2"].requests, figures["2"].errors) == (100, 10)
+    assert figures["2"].buckets == {0.1: 80.0, 0.25: 90.0, math.inf: 90.0}
+    assert figures["1"].buckets == {0.25: 5.0, math.inf: 5.0}  # no success histogram: all answers
+
+
+def test_p99_is_interpolated_within_its_bucket() -> None:
+    # 100 answers, all between 0.1 s and 0.25 s: p99 is 99% of the way through that bucket, not 250 ms.
+    assert p99_ms(VersionFigures(100, 0, {0.1: 0, 0.25: 100, math.inf: 100})) == pytest.approx(248.5)
+    assert p99_ms(VersionFigures(100, 0, {0.1: 50, 0.25: 100, math.inf: 100})) == pytest.approx(247.0)
+    # In the +Inf bucket the largest finite bound is all that is known.
+    assert p99_ms(VersionFigures(100, 0, {0.1: 50, 0.25: 90, math.inf: 100})) == pytest.approx(250.0)

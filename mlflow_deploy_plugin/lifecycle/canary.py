@@ -8,6 +8,19 @@ reports and audit records read the same.
 
 Canary checks in reports: ``canary.evidence``, ``canary.error_rate``, ``canary.p99_latency`` and
 ``canary.drift``.
+
+How a canary is judged (what an on-call engineer signs off on):
+
+- **Errors** are every answer that is not 2xx, model exceptions included. Requests that any
+  version would refuse (malformed JSON) are not the challenger's fault, so its error share is
+  compared with the champion's over the same window: it fails when it is higher by more than
+  ``max_error_rate``. A challenger whose new input schema refuses requests the champion accepts
+  is worse, and fails. With no champion traffic in the window, the challenger's own share is
+  judged against ``max_error_rate``.
+- **Latency** is the p99 of successful answers, interpolated within its histogram bucket.
+- **Evidence**: judged at ``min_requests``; at ``max_minutes`` with fewer, there is not enough
+  evidence: the challenger is rejected, or (``insufficient_evidence: extend``) the canary goes on
+  until ``min_requests`` arrive. A challenger is never promoted on a handful of requests.
 """
 
 from __future__ import annotations
@@ -24,10 +37,16 @@ class CanaryStats:
     """What the serving side measured for the challenger since the canary started."""
 
     requests: int
-    errors: int  # 5xx answers (client mistakes, 4xx, are not the challenger's fault)
-    p99_latency_ms: float | None
+    errors: int  # answers that were not 2xx
+    p99_latency_ms: float | None  # of successful answers
     elapsed_s: float
     drift_status: str | None = None  # the challenger's latest ``drift.status`` tag, if any
+    champion_requests: int = 0  # the champion's answers over the same window
+    champion_errors: int = 0
+
+    @property
+    def champion_error_rate(self) -> float | None:
+        return self.champion_errors / self.champion_requests if self.champion_requests else None
 
 
 @dataclass(frozen=True)
@@ -62,15 +81,17 @@ class CanaryVerdict:
 
 
 def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
-    """Judge a running canary: ``pending`` until ``min_requests`` or ``max_minutes`` is reached, then
-    ``pass`` or ``fail``.
+    """Judge a running canary: ``pending`` until ``min_requests`` is reached, then ``pass`` or
+    ``fail`` (see the module docstring for how).
 
     Fails early, before the judging point, only when the outcome is already certain: the errors
-    seen exceed the error budget of the ``min_requests`` window (``max_error_rate * min_requests``),
-    or the challenger is reported drifted while ``require_no_drift`` is on. At ``max_minutes`` with
-    fewer than ``min_requests`` requests, what there is gets judged; no traffic at all fails.
+    seen beyond the champion's rate exceed the error budget of the ``min_requests`` window
+    (``max_error_rate * min_requests``), or the challenger is reported drifted while
+    ``require_no_drift`` is on. At ``max_minutes`` with fewer than ``min_requests`` requests there is
+    not enough evidence: ``fail``, or ``pending`` with ``insufficient_evidence: extend``.
     """
-    if stats.requests < 0 or stats.errors < 0 or stats.errors > stats.requests or stats.elapsed_s < 0:
+    if stats.requests < 0 or stats.errors < 0 or stats.errors > stats.requests or stats.elapsed_s < 0 \
+            or stats.champion_errors < 0 or stats.champion_errors > stats.champion_requests:
         raise ValueError(f"inconsistent canary stats: {stats}")
     limit_s = canary.max_minutes * 60
     minutes = stats.elapsed_s / 60
@@ -78,40 +99,42 @@ def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
     figures: dict[str, Any] = {"requests": stats.requests, "errors": stats.errors, "error_rate": error_rate,
                                "p99_latency_ms": stats.p99_latency_ms, "elapsed_s": stats.elapsed_s,
                                "drift_status": stats.drift_status, "min_requests": canary.min_requests,
-                               "max_minutes": canary.max_minutes}
+                               "max_minutes": canary.max_minutes, "champion_requests": stats.champion_requests,
+                               "champion_errors": stats.champion_errors,
+                               "champion_error_rate": stats.champion_error_rate}
     progress = (f"{stats.requests} of {canary.min_requests} requests, {_fmt(minutes)} of "
                 f"{_fmt(canary.max_minutes)} minutes")
     enough = stats.requests >= canary.min_requests
     timed_out = stats.elapsed_s >= limit_s
 
     drift = _canary_drift(canary, stats)
-    if not (enough or timed_out):
+    if not enough:
         certain = [result for result in (drift, _early_error_check(canary, stats)) if result and not result.passed]
         if certain:
             return CanaryVerdict("fail", certain, figures)
-        waiting = GateResult("canary.evidence", False, f"waiting for evidence: {progress}",
-                             {"requests": stats.requests, "elapsed_s": stats.elapsed_s})
-        return CanaryVerdict("pending", [waiting], figures)
-
-    if stats.requests == 0:
-        results = [GateResult("canary.evidence", False, f"no request reached the challenger in "
-                                                        f"{_fmt(minutes)} minutes", {"requests": 0})]
+        if not timed_out:
+            waiting = GateResult("canary.evidence", False, f"waiting for evidence: {progress}",
+                                 {"requests": stats.requests, "elapsed_s": stats.elapsed_s})
+            return CanaryVerdict("pending", [waiting], figures)
+        if stats.requests and canary.insufficient_evidence == "extend":
+            waiting = GateResult("canary.evidence", False, f"max_minutes passed, extended until min_requests "
+                                                           f"(insufficient_evidence: extend): {progress}",
+                                 {"requests": stats.requests, "elapsed_s": stats.elapsed_s})
+            return CanaryVerdict("pending", [waiting], figures)
+        what = (f"no request reached the challenger in {_fmt(minutes)} minutes" if stats.requests == 0 else
+                f"not enough evidence: {stats.requests} of {canary.min_requests} requests after "
+                f"{_fmt(minutes)} minutes")
+        results = [GateResult("canary.evidence", False, what,
+                              {"requests": stats.requests, "min_requests": canary.min_requests,
+                               "elapsed_s": stats.elapsed_s})]
         return CanaryVerdict("fail", results + ([drift] if drift else []), figures)
 
-    why = "min_requests reached" if enough else (
-        f"max_minutes reached with only {stats.requests} of {canary.min_requests} requests")
     results = [GateResult("canary.evidence", True, f"judged on {stats.requests} requests after "
-                                                   f"{_fmt(minutes)} minutes ({why})",
+                                                   f"{_fmt(minutes)} minutes (min_requests reached)",
                           {"requests": stats.requests, "elapsed_s": stats.elapsed_s})]
     if canary.max_error_rate is not None:
         assert error_rate is not None
-        over = error_rate - canary.max_error_rate
-        text = (f"error rate {_pct(error_rate)} ({stats.errors} of {stats.requests})")
-        results.append(GateResult(
-            "canary.error_rate", over <= _EPS,
-            f"{text} > {_pct(canary.max_error_rate)} allowed (over by {_fmt(over * 100)} points)" if over > _EPS
-            else f"{text} <= {_pct(canary.max_error_rate)} allowed",
-            {"error_rate": error_rate, "max_error_rate": canary.max_error_rate}))
+        results.append(_error_rate_check(canary.max_error_rate, stats, error_rate))
     if canary.max_p99_latency_ms is not None:
         p99 = stats.p99_latency_ms
         if p99 is None:
@@ -135,6 +158,27 @@ def _pct(share: float) -> str:
     return f"{_fmt(share * 100)}%"
 
 
+def _error_rate_check(max_error_rate: float, stats: CanaryStats, error_rate: float) -> GateResult:
+    """The challenger's share of non-2xx answers against the champion's over the same window."""
+    text = f"error rate {_pct(error_rate)} ({stats.errors} of {stats.requests})"
+    champion = stats.champion_error_rate
+    evidence = {"error_rate": error_rate, "champion_error_rate": champion, "max_error_rate": max_error_rate}
+    if champion is None:
+        over = error_rate - max_error_rate
+        return GateResult(
+            "canary.error_rate", over <= _EPS,
+            f"{text} > {_pct(max_error_rate)} allowed (over by {_fmt(over * 100)} points; no champion "
+            "traffic to compare with)" if over > _EPS
+            else f"{text} <= {_pct(max_error_rate)} allowed (no champion traffic to compare with)", evidence)
+    worse = error_rate - champion
+    over = worse - max_error_rate
+    versus = f"{text} vs the champion's {_pct(champion)} ({stats.champion_errors} of {stats.champion_requests})"
+    return GateResult(
+        "canary.error_rate", over <= _EPS,
+        f"{versus}: worse by {_fmt(worse * 100)} points > {_fmt(max_error_rate * 100)} allowed" if over > _EPS
+        else f"{versus}: within {_fmt(max_error_rate * 100)} points", evidence)
+
+
 def _canary_drift(canary: CanaryPolicy, stats: CanaryStats) -> GateResult | None:
     if not canary.require_no_drift:
         return None
@@ -149,10 +193,14 @@ def _early_error_check(canary: CanaryPolicy, stats: CanaryStats) -> GateResult |
     if canary.max_error_rate is None:
         return None
     budget = canary.max_error_rate * canary.min_requests
-    if stats.errors <= budget + _EPS:
+    # Errors the champion's own rate would explain are not held against the challenger.
+    expected = (stats.champion_error_rate or 0.0) * canary.min_requests
+    if stats.errors <= expected + budget + _EPS:
         return None
     return GateResult(
         "canary.error_rate", False,
-        f"{stats.errors} errors in {stats.requests} requests already exceed the error budget of the "
-        f"{canary.min_requests}-request window ({_fmt(budget)} = {_pct(canary.max_error_rate)}): failing early",
-        {"errors": stats.errors, "budget": budget, "max_error_rate": canary.max_error_rate})
+        f"{stats.errors} errors in {stats.requests} requests already exceed what the "
+        f"{canary.min_requests}-request window allows ({_fmt(expected)} at the champion's rate + a budget "
+        f"of {_fmt(budget)} = {_pct(canary.max_error_rate)}): failing early",
+        {"errors": stats.errors, "budget": budget, "champion_expected": expected,
+         "max_error_rate": canary.max_error_rate})

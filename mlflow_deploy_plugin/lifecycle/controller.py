@@ -201,11 +201,6 @@ class LifecycleController:
                           evidence=report.to_dict())
             return
         reason = f"canary: v{version} gets {canary.percent:g}% of live traffic (gates passed)"
-        baseline = None
-        try:
-            baseline = traffic_stats.scrape(self._status_url(), self._token(spec)).get(version)
-        except Exception as exc:
-            _logger.warning("Could not read the canary baseline: %s", exc)
         try:
             self._act(f"send {canary.percent:g}% of {self.name}'s traffic to v{version}",
                       lambda: self.deployments.transition(
@@ -215,8 +210,15 @@ class LifecycleController:
         except DeploymentError as exc:
             self._reject(version, policy, f"canary could not start: {exc.message}", {})
             return
+        # The window starts once the split serves: both versions' counters from here on are compared.
+        baselines = {}
+        try:
+            scraped = traffic_stats.scrape(self._status_url(), self._token(spec))
+            baselines = {v: scraped[v].to_dict() for v in (version, champion) if v in scraped}
+        except Exception as exc:
+            _logger.warning("Could not read the canary baseline: %s", exc)
         state["canary"] = {"version": version, "champion": champion, "started_at": time.time(),
-                           "baseline": baseline.to_dict() if baseline else None}
+                           "baselines": baselines}
 
     def _end_orphan_canary(self, state: dict[str, Any], actor: str) -> None:
         """The policy (or its canary section) went away mid-canary: serve the champion alone."""
@@ -239,15 +241,22 @@ class LifecycleController:
         canary_state = state.get("canary")
         if not canary_state or policy.promotion.canary is None:
             return
-        version = canary_state["version"]
-        now = traffic_stats.scrape(self._status_url(), self._token(spec)).get(version) \
-            or traffic_stats.VersionFigures()
-        baseline = canary_state.get("baseline")
-        figures = traffic_stats.since(now, traffic_stats.VersionFigures.from_dict(baseline) if baseline else None)
+        version, champion = canary_state["version"], canary_state.get("champion")
+        scraped = traffic_stats.scrape(self._status_url(), self._token(spec))
+        baselines = canary_state.get("baselines") or {version: canary_state.get("baseline")}  # older state
+
+        def window(of: str | None) -> traffic_stats.VersionFigures:
+            baseline = baselines.get(of) if of else None
+            return traffic_stats.since(scraped.get(of or "") or traffic_stats.VersionFigures(),
+                                       traffic_stats.VersionFigures.from_dict(baseline) if baseline else None)
+
+        figures, champion_figures = window(version), window(champion)
         drift = self.client.get_model_version(policy.model, version).tags.get("drift.status")
         stats = CanaryStats(requests=int(figures.requests), errors=int(figures.errors),
                             p99_latency_ms=traffic_stats.p99_ms(figures),
-                            elapsed_s=time.time() - canary_state["started_at"], drift_status=drift)
+                            elapsed_s=time.time() - canary_state["started_at"], drift_status=drift,
+                            champion_requests=int(champion_figures.requests),
+                            champion_errors=int(champion_figures.errors))
         verdict = evaluate_canary(policy.promotion.canary, stats)
         if verdict.pending:
             return

@@ -29,9 +29,11 @@ silently ignored is a gate that never runs.
       canary:
         percent: 10               # share of live traffic sent to the challenger, 0 < p < 100
         min_requests: 200         # judge once the challenger has answered this many requests ...
-        max_minutes: 30           # ... or once this long has passed, whichever comes first
-        max_error_rate: 0.01      # errors / requests of the challenger, 0..1; null = not checked
-        max_p99_latency_ms: 250   # p99 latency of the challenger; null = not checked
+        max_minutes: 30           # ... or, at this point, say there is not enough evidence:
+        insufficient_evidence: reject   # reject | extend (keep waiting for min_requests)
+        max_error_rate: 0.01      # how much higher the challenger's share of non-2xx answers may be
+                                  # than the champion's over the same window, 0..1; null = not checked
+        max_p99_latency_ms: 250   # p99 latency of the challenger's successful answers; null = not checked
         require_no_drift: false   # the challenger's latest drift.status must not be "drifted"
     drift:
       consecutive_reports: 3      # act when the served version is "drifted" in K reports in a row
@@ -134,6 +136,7 @@ class CanaryPolicy:
     max_error_rate: float | None = 0.01
     max_p99_latency_ms: float | None = 250.0
     require_no_drift: bool = False
+    insufficient_evidence: Literal["reject", "extend"] = "reject"
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,9 @@ _TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift"
 _PROMOTION_KEYS = ("enabled", "gates", "canary")
 _GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test")
 _REGRESSION_KEYS = ("margin", "lower_is_better")
-_CANARY_KEYS = ("percent", "min_requests", "max_minutes", "max_error_rate", "max_p99_latency_ms",
-                "require_no_drift")
+_CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence", "max_error_rate",
+                "max_p99_latency_ms", "require_no_drift")
+INSUFFICIENT_EVIDENCE = ("reject", "extend")
 _DRIFT_KEYS = ("consecutive_reports", "action")
 _MISSING = object()
 
@@ -488,6 +492,9 @@ class _Parser:
                 kwargs[key] = self.number(sub, f"{path}.{key}", **spec)
         if (sub := self.get(items, "require_no_drift")) is not None:
             kwargs["require_no_drift"] = self.boolean(sub, f"{path}.require_no_drift")
+        if (sub := self.get(items, "insufficient_evidence")) is not None:
+            kwargs["insufficient_evidence"] = self.choice(sub, f"{path}.insufficient_evidence",
+                                                          INSUFFICIENT_EVIDENCE)
         return CanaryPolicy(**kwargs)
 
     def drift(self, node: Node) -> DriftPolicy:
@@ -497,11 +504,14 @@ class _Parser:
             kwargs["consecutive_reports"] = self.number(sub, "drift.consecutive_reports", integer=True,
                                                         check=lambda v: v >= 1, range_text=">= 1")
         if (sub := self.get(items, "action")) is not None:
-            action = self.string(sub, "drift.action").lower()
-            if action not in DRIFT_ACTIONS:
-                close = difflib.get_close_matches(action, DRIFT_ACTIONS, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.error(f"must be one of {', '.join(DRIFT_ACTIONS)}, got {sub.value!r}{hint}", sub,
-                                 "drift.action")
-            kwargs["action"] = action
+            kwargs["action"] = self.choice(sub, "drift.action", DRIFT_ACTIONS)
         return DriftPolicy(**kwargs)
+
+    def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
+        """One of ``allowed`` (case-insensitive), or an error with a "did you mean"."""
+        value = self.string(node, key).lower()
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise self.error(f"must be one of {', '.join(allowed)}, got {node.value!r}{hint}", node, key)
+        return value

@@ -122,6 +122,7 @@ class _Route:
     predictor: BatchingPredictor
     fast_columns: frozenset[str] | None
     latency: Any
+    success_latency: Any
     rows: Any
 
 
@@ -155,7 +156,9 @@ def build_app(
         metrics.model_info.labels(deployment, identity.model_name, version, identity.model_uri).set(1)
         predictor = BatchingPredictor(slot, executor, settings.max_batch_rows, on_batch=batch_rows.observe)
         routes.append(_Route(slot, weight, predictor, fast_path_columns(slot.input_schema),
-                             metrics.latency.labels(deployment, version), metrics.rows.labels(deployment, version)))
+                             metrics.latency.labels(deployment, version),
+                             metrics.success_latency.labels(deployment, version),
+                             metrics.rows.labels(deployment, version)))
     by_version = {route.slot.identity.model_version: route for route in routes}
     primary = max(routes, key=lambda route: route.weight)
     total_weight = sum(route.weight for route in routes)
@@ -273,6 +276,8 @@ def build_app(
         elapsed = time.perf_counter() - started
         version = route.slot.identity.model_version
         route.latency.observe(elapsed)
+        if 200 <= response.status_code < 300:
+            route.success_latency.observe(elapsed)
         key = (version, response.status_code)
         counter = request_counters.get(key)
         if counter is None:  # labels() takes a lock and builds a tuple key: once per pair, not per request

@@ -38,6 +38,11 @@ class ServingMetrics:
         self.latency = Histogram(
             "mlflow_deploy_request_latency_seconds", "Time to answer /invocations.",
             ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.success_latency = Histogram(
+            "mlflow_deploy_success_latency_seconds",
+            "Time to answer /invocations with a 2xx: what a canary's p99 is judged on (fast failures "
+            "must not flatter it).",
+            ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.rows = Counter(
             "mlflow_deploy_rows_predicted", "Input rows predicted.",
             ["deployment", "model_version"], registry=registry)

@@ -396,6 +396,8 @@ def test_metrics_count_requests_rows_latency_and_batches(served: Served) -> None
     assert metric(text, "mlflow_deploy_request_latency_seconds_count", **labels) == 4
     assert metric(text, "mlflow_deploy_request_latency_seconds_bucket", le="+Inf", **labels) == 4
     assert metric(text, "mlflow_deploy_request_latency_seconds_sum", **labels) > 0
+    # The canary's p99 is judged on successful answers only: the 400 is not in this histogram.
+    assert metric(text, "mlflow_deploy_success_latency_seconds_count", **labels) == 3
     assert metric(text, "mlflow_deploy_in_flight_requests", deployment=DEPLOYMENT) == 0
     assert metric(text, "mlflow_deploy_model_version_info", model_name="iris", model_uri="models:/iris/1",
                   **labels) == 1
