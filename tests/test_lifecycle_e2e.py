@@ -382,3 +382,81 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         assert _version(url) == "1"
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", "manual", check=False, env=cli_env)
+
+
+FAILING_CHALLENGER_POLICY = """\
+model: lcf
+registry: alias
+promotion:
+  gates:
+    metrics: ["accuracy >= 0.9"]
+  canary: {percent: 50, min_requests: 40, max_minutes: 5, max_error_rate: 0.05, max_p99_latency_ms: 5000}
+"""
+
+
+def test_a_challenger_that_fails_part_of_real_traffic_is_rejected(env: Env, server: MlflowServer) -> None:
+    """Its gates pass and its smoke test passes; only live traffic shows it raises on large tumours.
+    MLflow's scoring protocol answers a model exception with 400: the canary still counts it."""
+    from mlflow.models import infer_signature
+
+    cli_env = _cli_env(env, server)
+    client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    features = load_data()[0]
+    good, bad = features[features["mean_radius"] < 13].iloc[:5], features[features["mean_radius"] > 18].iloc[:5]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.url)
+    try:
+        train("lcf", c=1.0, alias="champion", experiment="lifecycle-e2e")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    policy = env.root / "lcf-policy.yaml"
+    policy.write_text(FAILING_CHALLENGER_POLICY)
+    env.cli("create", "-t", "lifecycle", "--name", "lcf", "-m", "models:/lcf@champion", "-C", f"policy={policy}",
+            "-C", "poll_interval_s=0.5", env=cli_env)
+    url = env.status("lcf")["url"]
+    answers: Counter[tuple[str, int]] = Counter()  # (version, status) of every answer
+    stop = threading.Event()
+
+    def traffic() -> None:  # half the requests hold a large tumour; bounded in time by itself
+        session, deadline, i = requests.Session(), time.monotonic() + 240, 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            rows = (good if i % 2 else bad).iloc[[i % 5]]
+            response = session.post(f"{url}/invocations", json=split_payload(rows), timeout=30)
+            answers[(response.headers.get("x-model-version", "?"), response.status_code)] += 1
+            i += 1
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        mlflow.set_tracking_uri(server.url)
+        try:
+            mlflow.set_experiment("lifecycle-e2e")
+            with mlflow.start_run():
+                mlflow.log_metric("accuracy", 0.97)  # passes the metric gate
+                mlflow.pyfunc.log_model(
+                    name="model", python_model=str(Path(__file__).parent / "assets/partly_failing_model.py"),
+                    input_example=good.head(2), signature=infer_signature(good, [0] * len(good)),
+                    registered_model_name="lcf")
+        finally:
+            mlflow.set_tracking_uri(previous)
+        wait_for(lambda: client.get_model_version("lcf", "2").tags.get("lifecycle.promotion") == "rejected", 180,
+                 "the partly failing challenger to be rejected by its canary")
+        wait_for(lambda: "traffic" not in json.loads((env.home / "deployments/lcf/deployment.json").read_text()),
+                 60, "v1 to serve alone again")
+    finally:
+        stop.set()
+        thread.join(60)
+    try:
+        assert client.get_model_version("lcf", "2").tags.get("lifecycle.gates") == "passed"  # gates saw nothing
+        assert client.get_model_version_by_alias("lcf", "champion").version == "1"
+        assert answers[("1", 200)] > 0 and answers[("2", 400)] > 0, answers  # what users experienced
+        assert answers[("1", 400)] == 0, answers  # the champion answers the same requests
+        rejected = [e for e in read_history_file(env.home / "deployments/lcf/history.jsonl")
+                    if e["event"] == "rejected"]
+        assert len(rejected) == 1, rejected
+        assert "canary failed" in rejected[0]["reason"] and "canary.error_rate" in rejected[0]["reason"]
+        figures = rejected[0]["evidence"]["figures"]
+        assert figures["error_rate"] > 0.05 and figures["champion_error_rate"] == 0, figures
+        assert _version(url) == "1"
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", "lcf", check=False, env=cli_env)
