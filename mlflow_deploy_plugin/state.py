@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -34,6 +35,7 @@ from typing import Any
 
 from mlflow_deploy_plugin.spec import DeploymentSpec, load_spec
 
+_logger = logging.getLogger(__name__)
 DEPLOY_HOME_ENV = "MLFLOW_DEPLOY_HOME"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -85,10 +87,27 @@ def read_json(path: Path) -> Any | None:
 
 
 def read_history_file(path: Path) -> list[dict[str, Any]]:
-    """The events of a ``history.jsonl`` (a live or an archived deployment's), oldest first."""
+    """The events of a ``history.jsonl`` (a live or an archived deployment's), oldest first.
+
+    A line torn by a crash mid-write is skipped with a warning: it must never break `history`,
+    `rollback` or the lifecycle controller, which all read this file.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            _logger.warning("Skipping unreadable line %d of %s (torn by a crash?): %.80s", number, path, line)
+            continue
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+        else:
+            _logger.warning("Skipping line %d of %s: not a history event", number, path)
+    return events
 
 
 @contextlib.contextmanager
@@ -223,9 +242,16 @@ class StateStore:
         """Record one event (an O_APPEND write of one line is atomic between processes)."""
         paths = self.paths(name)
         paths.root.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n"
-        with open(paths.history, "a") as handle:
-            handle.write(line)
+        line = (json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n").encode()
+        fd = os.open(paths.history, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # the last write was torn: never glue this event onto it
+            os.write(fd, line)  # one write with O_APPEND: lines of concurrent writers never interleave
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read_history(self, name: str) -> list[dict[str, Any]]:
         return read_history_file(self.paths(name).history)

@@ -238,6 +238,8 @@ def test_report_job_end_to_end_on_drifted_window(store: Store, tmp_path: Path):
     client = store.client
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
+    # Filed with model training in MLflow 3's UI, not under GenAI "Evaluation runs".
+    assert client.get_experiment(outcome.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert client.get_experiment(run.info.experiment_id).name == "drift/churn-e2e"
     params = run.data.params
     assert {k: params[k] for k in ["deployment", "model_name", "model_version", "rows_current", "rows_reference"]} \
@@ -374,3 +376,15 @@ def test_settings_validate_methods_early():
     settings = DriftSettings.from_config(Config(), evidently_sample_rows=5000)
     assert settings.min_rows == 50 and str(settings.methods["age"]) == "psi:0.3"
     assert settings.evidently_sample_rows == 5000
+
+
+def test_an_existing_drift_experiment_gets_the_kind_tag_but_a_chosen_kind_is_kept(store: Store):
+    from mlflow_deploy_plugin.monitoring.report_job import _ensure_experiment
+
+    client = store.client
+    untagged = client.create_experiment("drift/made-by-an-older-version")
+    assert _ensure_experiment(client, "drift/made-by-an-older-version") == untagged
+    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("drift/chosen", tags={"mlflow.experimentKind": "genai_development"})
+    _ensure_experiment(client, "drift/chosen")
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"

@@ -162,14 +162,22 @@ def metric_names(columns: list[str], prefix: str = "drift_score.") -> dict[str, 
     return names
 
 
+# MLflow 3's UI files an experiment without this tag under GenAI "Evaluation runs"; drift reports
+# belong with model training (runs, metric charts, artifacts).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _ensure_experiment(client: mlflow.MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose is theirs to keep
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:  # created concurrently by another job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -121,3 +121,16 @@ def test_unknown_config_keys_from_a_newer_version_are_ignored() -> None:
 ])
 def test_floating_references(uri: str, floating: bool) -> None:
     assert ModelRef(uri, "m", "3").is_floating is floating
+
+
+def test_a_torn_history_line_is_skipped_and_never_glued_to_the_next_event(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    store = StateStore(tmp_path)
+    store.append_history("churn", "created", reason="create")
+    with open(store.paths("churn").history, "a") as handle:
+        handle.write('{"time": 1, "event": "upda')  # a crash mid-write
+    store.append_history("churn", "updated", reason="after the crash")
+    with caplog.at_level("WARNING"):
+        events = store.read_history("churn")
+    assert [e["event"] for e in events] == ["created", "updated"]
+    assert "Skipping unreadable line 2" in caplog.text
