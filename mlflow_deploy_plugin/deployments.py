@@ -216,11 +216,13 @@ class Deployments:
         """Swap to a new model URI and/or config with zero downtime (see :meth:`transition`)."""
         check_flavor(flavor)
         reason = "update" if model_uri or config else "redeploy"
-        return self.transition(name, model_uri=model_uri, config=config, reason=reason, actor=actor)
+        return self.transition(name, model_uri=model_uri, config=config, reason=reason, actor=actor,
+                               check_policy=True)
 
     def transition(self, name: str, *, model_uri: str | None = None, config: Mapping[str, Any] | None = None,
                    traffic: list[tuple[str, float]] | None = None, reason: str, actor: str,
-                   evidence: dict[str, Any] | None = None, only_if_changed: bool = False) -> dict[str, Any]:
+                   evidence: dict[str, Any] | None = None, only_if_changed: bool = False,
+                   check_policy: bool = False) -> dict[str, Any]:
         """Move deployment ``name`` to a model URI and/or a traffic split, recording why.
 
         ``model_uri`` defaults to the URI the deployment follows (re-resolved: an alias or stage
@@ -231,6 +233,7 @@ class Deployments:
         ``only_if_changed`` (for automatic followers): do nothing when, by the time the lock is
         held, the deployment already serves exactly this; a decision taken on a spec read before
         another change landed (a rollback, a person's update) must not redeploy or be recorded.
+        ``check_policy`` (a person's update): the policy must fit the result, exactly as on create.
         """
         with file_lock(self.store.paths(check_name(name)).lock):
             old = self.spec(name)
@@ -244,6 +247,8 @@ class Deployments:
             token_for(parsed)
             requested = model_uri or old.model.requested_uri
             model = _resolve(requested)
+            if check_policy and parsed.policy:
+                _check_policy_fits(parsed.policy, requested, model)
             shares = []
             for uri, percent in traffic or []:
                 share_model = _resolve(uri)

@@ -67,3 +67,26 @@ def test_one_unreadable_spec_does_not_hide_the_others(tmp_path: Path, monkeypatc
     views = {view["name"]: view for view in Deployments(store=store).describe_all()}
     assert views["good"]["status"] == "stopped"
     assert views["bad"]["status"] == "unreadable" and "schema_version=99" in views["bad"]["last_error"]
+
+
+def test_update_checks_the_policy_as_create_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from mlflow_deploy_plugin.deployments import Deployments
+    from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias("m", "champion", "1")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("model: m\npromotion:\n  gates:\n    metrics: ['accuracy >= 0.9']\n")
+    store = StateStore(tmp_path / "home")
+    store.write_spec(DeploymentSpec("d", ModelRef("models:/m@champion", "m", "1"),
+                                    DeploymentConfig(policy=str(policy))))
+    with pytest.raises(InvalidRequest, match="must serve -m models:/m@champion"):
+        Deployments(store=store).update("d", model_uri="models:/m/1")  # would pin what the policy moves
+    assert [e["event"] for e in store.read_history("d")] == []  # refused before anything changed
