@@ -327,6 +327,23 @@ def test_regression_against_the_champion(store: Store, tmp_path: Path) -> None:
     assert report.passed and "no champion yet" in report.results[0].detail
 
 
+def test_regression_fails_closed_when_the_champion_metric_cannot_be_read(store: Store, tmp_path: Path) -> None:
+    # The "failing" version's run logged accuracy only: as champion, its latency_ms cannot be read.
+    gates = "max_regression:\n  latency_ms: {margin: 1, lower_is_better: true}\nsignature_compatible: false\n" \
+            "smoke_test: false\n"
+    report = evaluate_gates(_policy(gates), (MODEL, store.good), client=store.client,
+                            champion_version=store.failing, cache_dir=tmp_path)
+    assert not report.passed
+    detail = report.results[0].detail
+    assert detail.startswith(f"cannot compare: champion v{store.failing} source run") and "'latency_ms'" in detail
+    assert "allow_missing_champion_metrics: true" in detail
+    allowed = _policy(gates + "allow_missing_champion_metrics: true\n")
+    assert allowed.promotion.gates.allow_missing_champion_metrics
+    report = evaluate_gates(allowed, (MODEL, store.good), client=store.client, champion_version=store.failing,
+                            cache_dir=tmp_path)
+    assert report.passed and report.results[0].detail.startswith("not compared:")
+
+
 def test_incompatible_signature_fails(store: Store, tmp_path: Path) -> None:
     policy = _policy("smoke_test: false\n")
     report = evaluate_gates(policy, (MODEL, store.other_columns), client=store.client, champion_version="1",

@@ -123,7 +123,8 @@ def evaluate_gates(policy: Policy, candidate: ModelVersionLike | tuple[str, str 
         champion_mv = client.get_model_version(name, str(champion_version))
         champion_run = runs.of_version(name, str(champion_version), champion_mv.run_id)
     for limit in gates.max_regression:
-        results.append(_regression_gate(limit, version, candidate_run, champion_version, champion_run))
+        results.append(_regression_gate(limit, version, candidate_run, champion_version, champion_run,
+                                        allow_missing=gates.allow_missing_champion_metrics))
 
     if gates.signature_compatible:
         results.append(_signature_gate(name, version, champion_version))
@@ -195,7 +196,8 @@ def _metric_gate(threshold: MetricThreshold, version: str, run: Run | str) -> Ga
 
 
 def _regression_gate(limit: RegressionLimit, version: str, candidate_run: Run | str,
-                     champion_version: str | None, champion_run: Run | str | None) -> GateResult:
+                     champion_version: str | None, champion_run: Run | str | None,
+                     allow_missing: bool = False) -> GateResult:
     gate = f"max_regression[{limit.metric}]"
     direction = "lower is better" if limit.lower_is_better else "higher is better"
     figures: dict[str, Any] = {"metric": limit.metric, "margin": limit.margin,
@@ -208,9 +210,12 @@ def _regression_gate(limit: RegressionLimit, version: str, candidate_run: Run | 
         return GateResult(gate, True, "no champion yet: nothing to regress from", figures)
     champion, why = _metric_value(champion_run, limit.metric, f"champion v{champion_version}")
     if champion is None:
-        # A champion without the metric (e.g. registered by hand) must not block every successor
-        # forever; say plainly that the comparison could not be made.
-        return GateResult(gate, True, f"not compared: {why}", figures)
+        # Fail closed: "no worse than the champion" cannot be vouched for. A champion registered by
+        # hand without the metric would block every successor: the policy can allow that explicitly.
+        if allow_missing:
+            return GateResult(gate, True, f"not compared: {why} (allow_missing_champion_metrics)", figures)
+        return GateResult(gate, False, f"cannot compare: {why}; set promotion.gates."
+                                       "allow_missing_champion_metrics: true to promote without it", figures)
     figures["champion"] = champion
     # Positive = worse than the champion, in the metric's own direction.
     regression = candidate - champion if limit.lower_is_better else champion - candidate

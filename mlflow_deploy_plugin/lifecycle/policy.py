@@ -22,6 +22,8 @@ silently ignored is a gate that never runs.
         max_regression:
           accuracy: 0.01
           latency_ms: {margin: 5, lower_is_better: true}
+        allow_missing_champion_metrics: false  # default false: a champion metric that cannot be
+                                               # read fails its max_regression gate (fail closed)
         signature_compatible: true   # default true: the candidate accepts what the live version accepts
         smoke_test: true             # default true: the candidate predicts its own input example
       # Canary stage after the gates. Omitted or `canary: false` = no canary (promote once the gates
@@ -124,6 +126,8 @@ class GatesPolicy:
     max_regression: tuple[RegressionLimit, ...] = ()
     signature_compatible: bool = True
     smoke_test: bool = True
+    # A regression gate whose champion metric cannot be read fails (closed) unless this is set.
+    allow_missing_champion_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 _TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift")
 _PROMOTION_KEYS = ("enabled", "gates", "canary")
-_GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test")
+_GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test",
+              "allow_missing_champion_metrics")
 _REGRESSION_KEYS = ("margin", "lower_is_better")
 _CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence", "max_error_rate",
                 "max_p99_latency_ms", "require_no_drift")
@@ -414,9 +419,10 @@ class _Parser:
         if (sub := self.get(items, "max_regression")) is not None:
             regressions = self.regressions(sub, "promotion.gates.max_regression")
         flags = {}
-        for key in ("signature_compatible", "smoke_test"):
+        for key, default in (("signature_compatible", True), ("smoke_test", True),
+                             ("allow_missing_champion_metrics", False)):
             sub = self.get(items, key)
-            flags[key] = True if sub is None else self.boolean(sub, f"promotion.gates.{key}")
+            flags[key] = default if sub is None else self.boolean(sub, f"promotion.gates.{key}")
         return GatesPolicy(metrics=metrics, max_regression=regressions, **flags)
 
     def metric_list(self, node: Node, path: str) -> tuple[MetricThreshold, ...]:
