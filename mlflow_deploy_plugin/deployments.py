@@ -302,13 +302,15 @@ class Deployments:
         return True
 
     def previous_good_version(self, name: str) -> str | None:
-        """The version served before the current one that was never rejected or rolled back."""
+        """The version of the served model served before the current one, never rejected or rolled
+        back, that still exists in the registry."""
         spec = self.spec(name)
         bad = {spec.model.model_version}
         served: list[str] = []
         for event in self.store.read_history(name):
-            version = (event.get("model") or {}).get("model_version")
-            if version is None:
+            model = event.get("model") or {}
+            version = model.get("model_version")
+            if version is None or model.get("model_name", spec.model.model_name) != spec.model.model_name:
                 continue
             if event["event"] in ("created", "updated") and not event.get("traffic"):
                 served.append(str(version))
@@ -317,9 +319,27 @@ class Deployments:
             if event["event"] in BAD_EVENTS:
                 bad.add(str(version))
         for version in reversed(served):
-            if version not in bad:
+            if version not in bad and self._exists(spec.model.model_name, version):
                 return version
         return None
+
+    @staticmethod
+    def _exists(model_name: str, version: str) -> bool:
+        """Whether the registry still has the version (deleted ones cannot be rolled back to).
+
+        Only "does not exist" means no: a registry that cannot be reached raises, so a network
+        error is never mistaken for a missing version.
+        """
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            MlflowClient().get_model_version(model_name, version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def rollback(self, name: str, *, to_version: str, reason: str, actor: str,
                  evidence: dict[str, Any] | None = None, keep_reference: bool = False,

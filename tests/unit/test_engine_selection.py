@@ -90,3 +90,28 @@ def test_update_checks_the_policy_as_create_does(tmp_path: Path, monkeypatch: py
     with pytest.raises(InvalidRequest, match="must serve -m models:/m@champion"):
         Deployments(store=store).update("d", model_uri="models:/m/1")  # would pin what the policy moves
     assert [e["event"] for e in store.read_history("d")] == []  # refused before anything changed
+
+
+def test_rollback_target_is_a_version_of_the_same_model_that_still_exists(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from mlflow_deploy_plugin.deployments import Deployments
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for model in ("m", "other"):
+        client.create_registered_model(model)
+        for _ in range(3):
+            client.create_model_version(model, source=str(tmp_path), run_id=None)
+    store = StateStore(tmp_path / "home")
+    store.write_spec(DeploymentSpec("d", ModelRef("models:/m@champion", "m", "3")))
+    for model, version in (("m", "1"), ("m", "2"), ("other", "2"), ("m", "3")):
+        store.append_history("d", "updated", model={"model_name": model, "model_version": version})
+    deployments = Deployments(store=store)
+    assert deployments.previous_good_version("d") == "2"
+    client.delete_model_version("m", "2")  # deleted since it served: not a place to go back to
+    assert deployments.previous_good_version("d") == "1"
