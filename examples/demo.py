@@ -102,7 +102,7 @@ def main() -> None:
         for start in range(0, 300, 10):
             requests.post(f"{url}/invocations", json=_payload(drifted.iloc[start:start + 10]), timeout=30)
         time.sleep(2.5)  # captured rows reach disk every 2 s
-        run(str(BIN / "mlflow-deploy"), "drift", "report", NAME, "--since",
+        run(str(BIN / "mlflow-deploy"), "drift", "report", NAME, "--for-policy", "--since",
             time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since - 1)))
     step("The drift policy rolls the deployment back to version 1")
     _wait(lambda: _served(url) == ["1"], 120, "the drift policy to roll back", url)

@@ -115,13 +115,18 @@ def drift() -> None:
 @click.argument("name")
 @click.option("--since", default="24h", show_default=True, help="Start of the window: 30m, 24h, 7d or ISO time.")
 @click.option("--until", default=None, help="End of the window (default: now).")
+@click.option("--for-policy", is_flag=True,
+              help="Count this report towards the policy's drift streak (by default only scheduled reports do).")
 @pass_store
-def drift_report(store: StateStore, name: str, since: str, until: str | None) -> None:
+def drift_report(store: StateStore, name: str, since: str, until: str | None, for_policy: bool) -> None:
     """Compare NAME's captured inputs and predictions in a window with its version's reference data.
 
     Logs an MLflow run (HTML report, JSON summary, per-column scores) and tags the served model
     version with the verdict. Waits for a report of NAME that is running (e.g. a scheduled one) to
     end first. What could not be checked (e.g. prediction drift) is printed as `skipped: ...`.
+
+    A report run by hand is marked manual and does not count towards a policy's drift streak
+    (which acts on scheduled reports), unless --for-policy says it should.
     """
     from mlflow.exceptions import MlflowException
 
@@ -136,7 +141,8 @@ def drift_report(store: StateStore, name: str, since: str, until: str | None) ->
         click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
 
     try:
-        outcome = run_deployment_drift(name, start, end, store=store, progress=progress)
+        outcome = run_deployment_drift(name, start, end, store=store, progress=progress,
+                                       trigger="manual-for-policy" if for_policy else "manual")
     except MlflowException as exc:
         raise click.ClickException(exc.message) from None
     except TimeoutError as exc:  # another report of NAME held the drift lock too long

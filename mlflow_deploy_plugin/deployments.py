@@ -323,6 +323,20 @@ class Deployments:
                 return version
         return None
 
+    def serving_since(self, name: str) -> float | None:
+        """When the version serving now started its current stint (it may have served before, been
+        replaced and come back: earlier stints are other evidence)."""
+        spec = self.spec(name)
+        since, serving = None, None
+        for event in self.store.read_history(name):
+            model = event.get("model") or {}
+            if event.get("event") not in ("created", "updated") or event.get("traffic") or not model:
+                continue
+            key = (model.get("model_name"), str(model.get("model_version")))
+            if key != serving:
+                serving, since = key, float(event.get("time") or 0)
+        return since if serving == spec.model.key else None
+
     @staticmethod
     def _exists(model_name: str, version: str) -> bool:
         """Whether the registry still has the version (deleted ones cannot be rolled back to).

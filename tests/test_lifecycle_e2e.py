@@ -298,8 +298,12 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
     assert before == (client.get_model_version_by_alias("lcp", "champion").version, _version(url),
                       (env.home / "deployments/guarded/history.jsonl").read_text())
 
-    # Drift: v2 sees shifted traffic in two consecutive reports -> the policy rolls back to v1.
-    for _ in range(2):
+    # Drift: v2 sees shifted traffic. A report run by hand is a look, not evidence for the policy:
+    # a drifted manual report then a drifted --for-policy one (which counts, as scheduled ones do)
+    # are not two in a row for the policy: after an agent cycle v2 still serves. A second report
+    # that counts makes the policy roll back to v1.
+    state_file = env.home / "deployments/guarded/lifecycle_state.json"
+    for index, for_policy in enumerate((False, True, True)):
         since = datetime.now(UTC)
         time.sleep(0.01)
         shifted = features.sample(200, replace=True, random_state=5).copy()
@@ -311,9 +315,15 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             assert response.status_code == 200
         capture_dir = str(env.home / "deployments/guarded/capture")
         wait_for(lambda d=capture_dir, s=since: len(read_capture(d, since=s)) >= 200, 30, "the capture on disk")
-        report = _mlflow_deploy(env, server, "drift", "report", "guarded", "--since", since.isoformat())
+        report = _mlflow_deploy(env, server, "drift", "report", "guarded", "--since", since.isoformat(),
+                                *(["--for-policy"] if for_policy else []))
         assert "drift.status=drifted" in report.stdout, report.stdout + report.stderr[-2000:]
         assert "skipped:" not in report.stdout, report.stdout  # prediction drift was checked too
+        if index == 1:
+            reported_at = time.time()
+            wait_for(lambda t=reported_at: (read_json(state_file) or {}).get("last_cycle_at", 0) > t, 30,
+                     "an agent cycle after the reports")
+            assert _version(url) == "2", "a manual drift report counted towards the policy's streak"
     wait_for(lambda: _version(url) == "1", 60, "the drift policy to roll back to v1")
     assert client.get_model_version_by_alias("lcp", "champion").version == "1"
     # The audit record is written right after the switch it describes.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from mlflow import MlflowClient
@@ -303,10 +304,14 @@ class LifecycleController:
         if experiment is None:
             return
         k = policy.drift.consecutive_reports
-        runs = self.client.search_runs(
+        stint = self.deployments.serving_since(self.name)
+        candidates = self.client.search_runs(
             [experiment.experiment_id],
             filter_string=f"params.model_version = '{version}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=k)
+            order_by=["attributes.start_time DESC"], max_results=max(50, 4 * k))
+        # The streak: the latest k reports that judged this version in its current stint and were
+        # scheduled (or asked to count with --for-policy). A manual look never triggers an action.
+        runs = [run for run in candidates if _counts_for_policy(run, stint)][:k]
         if len(runs) < k or any(run.data.tags.get("drift.status") != "drifted" for run in runs):
             return
         latest = runs[0].info.run_id
@@ -366,6 +371,22 @@ class LifecycleController:
             reason=why, actor=actor, evidence=evidence,
             tags={"lifecycle.rolled_back": f"to v{target}", **({"lifecycle.archived": "true"} if archive else {})}))
         return target
+
+
+def _counts_for_policy(run: Any, stint_start: float | None) -> bool:
+    """Whether a drift report run belongs to the served version's current streak."""
+    from mlflow_deploy_plugin.monitoring.report_job import TRIGGER_TAG
+
+    if run.data.tags.get(TRIGGER_TAG) == "manual":
+        return False  # runs from before the tag existed have none and count, as they did
+    window_start = run.data.params.get("window_start")
+    if stint_start is None or not window_start:
+        return True
+    try:
+        started = datetime.fromisoformat(window_start).timestamp()
+    except ValueError:
+        return True
+    return started >= stint_start - 1.0  # windows of an earlier stint are other evidence
 
 
 def _policy_for_reference(requested_uri: str) -> Policy | None:

@@ -60,6 +60,7 @@ def run_deployment_drift(
     store: StateStore | None = None,
     progress: Callable[[str], None] | None = None,
     locked: bool = False,
+    trigger: str = "manual",
 ) -> DriftOutcome:
     """Judge deployment ``name``'s captured traffic in [since, until) (default: the last 24 h).
 
@@ -77,13 +78,13 @@ def run_deployment_drift(
     if store.read_spec(name) is None:
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
     if locked:
-        return _run(name, since, until, store, progress)
+        return _run(name, since, until, store, progress, trigger)
     with drift_lock(store.paths(name).root, wait=True, say=progress):
-        return _run(name, since, until, store, progress)
+        return _run(name, since, until, store, progress, trigger)
 
 
 def _run(name: str, since: datetime | None, until: datetime | None, store: StateStore,
-         progress: Callable[[str], None] | None) -> DriftOutcome:
+         progress: Callable[[str], None] | None, trigger: str) -> DriftOutcome:
     spec = store.read_spec(name)
     if spec is None:  # deleted while we waited for the lock
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
@@ -109,6 +110,7 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
             window_start=since, window_end=until, settings=DriftSettings.from_config(config),
             client=client, experiment_name=config.drift_experiment, progress=progress,
             reference_predictions=predictions, reference_predictions_skipped=why_not, skipped=skipped,
+            trigger=trigger,
         )
     except Exception as exc:
         exc.add_note(RUN_RECORDED)  # the job already ended its run FAILED: the scheduler must not add one

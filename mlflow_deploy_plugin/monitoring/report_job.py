@@ -162,6 +162,11 @@ def metric_names(columns: list[str], prefix: str = "drift_score.") -> dict[str, 
     return names
 
 
+# Who asked for a report: "scheduled" (the deployment's schedule), "manual" (a person; never counts
+# towards a policy's drift streak) or "manual-for-policy" (a person who wants it to count).
+TRIGGER_TAG = "drift.trigger"
+TRIGGERS = ("scheduled", "manual", "manual-for-policy")
+
 # MLflow 3's UI files an experiment without this tag under GenAI "Evaluation runs"; drift reports
 # belong with model training (runs, metric charts, artifacts).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -255,6 +260,7 @@ def run_drift_report(
     reference_predictions: pd.Series | pd.DataFrame | None = None,
     reference_predictions_skipped: str | None = None,
     skipped: Sequence[str] = (),
+    trigger: str = "manual",
 ) -> DriftOutcome:
     """Judge one window of captured traffic against the reference data and log the result.
 
@@ -299,6 +305,7 @@ def run_drift_report(
     run_name = f"drift-{deployment}-v{model_version}-{_utc(window_end):%Y%m%dT%H%M%SZ}"
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "drift.deployment": deployment, "drift.model_name": model_name, "drift.model_version": model_version,
+        TRIGGER_TAG: trigger,
     })
     run_id = run.info.run_id
     try:

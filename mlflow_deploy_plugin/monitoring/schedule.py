@@ -70,7 +70,7 @@ class DriftScheduler:
     def _default_job(self, name: str, since: datetime, until: datetime) -> Any:
         from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
 
-        return run_deployment_drift(name, since, until, store=self.store, locked=True,
+        return run_deployment_drift(name, since, until, store=self.store, locked=True, trigger="scheduled",
                                     progress=lambda message: _logger.info("[%s] %s", name, message))
 
     def scheduled(self) -> dict[str, str]:
