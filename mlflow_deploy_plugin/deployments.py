@@ -141,18 +141,23 @@ class Deployments:
             "host": details.get("host"),
             "restarts": status.restarts,
             "started_at": _iso(status.started_at),
-            "last_error": status.last_error or self._follow_error(spec.name),
+            "last_error": status.last_error or self._lifecycle_error(spec.name),
             "created_at": _iso(spec.created_at),
             "updated_at": _iso(spec.updated_at),
             "traffic": traffic_summary(spec),
             "config": spec.config.to_dict(),
         }
 
-    def _follow_error(self, name: str) -> str | None:
-        """Why the deployment is not serving what its alias/stage points at, if it is not."""
+    def _lifecycle_error(self, name: str) -> str | None:
+        """What keeps the lifecycle controller from doing its job: not following the registry, or a
+        policy file that cannot be used (the last valid policy stays in force meanwhile)."""
         state = read_json(self.store.paths(name).root / "lifecycle_state.json") or {}
-        error = state.get("follow_error")
-        return f"not following the registry: {error}" if error else None
+        errors = []
+        if state.get("follow_error"):
+            errors.append(f"not following the registry: {state['follow_error']}")
+        if state.get("policy_error"):
+            errors.append(f"policy file unusable, the last valid policy stays in force: {state['policy_error']}")
+        return "; ".join(errors) or None
 
     def get(self, name: str) -> dict[str, Any]:
         return self.describe(self.spec(name))

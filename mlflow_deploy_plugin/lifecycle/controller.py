@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -36,7 +37,7 @@ from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.lifecycle import traffic_stats
 from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
 from mlflow_deploy_plugin.lifecycle.gates import evaluate_gates
-from mlflow_deploy_plugin.lifecycle.policy import Policy, load_policy
+from mlflow_deploy_plugin.lifecycle.policy import Policy, PolicyError, parse_policy
 from mlflow_deploy_plugin.lifecycle.transitions import RegistryRoles, record
 from mlflow_deploy_plugin.registry import resolve_model_uri
 from mlflow_deploy_plugin.spec import DeploymentSpec
@@ -89,11 +90,32 @@ class LifecycleController:
         self.say(description)
         return action()
 
-    def policy(self, spec: DeploymentSpec) -> Policy | None:
+    def policy(self, spec: DeploymentSpec, state: dict[str, Any] | None = None) -> Policy | None:
+        """The deployment's policy. A bad edit of the file keeps the last valid policy in force:
+        the error is recorded once (history, ``get``) and following never stops because of it."""
         if self.policy_override is not None:
             return self.policy_override
         path = spec.config.policy
-        return load_policy(path) if path else None
+        if not path:
+            return None
+        state = state if state is not None else {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            policy = parse_policy(text, source=path)
+        except (OSError, PolicyError) as exc:
+            error = str(exc) if isinstance(exc, PolicyError) else f"cannot read {path}: {exc.strerror or exc}"
+            if state.get("policy_error") != error:
+                state["policy_error"] = error
+                self._act(f"record that the policy file is unusable ({error})", lambda: self.store.append_history(
+                    self.name, "policy_invalid", reason=f"{error}; the last valid policy stays in force",
+                    actor="policy"))
+            last = state.get("policy_last_valid")
+            return parse_policy(last, source=f"{path} (last valid)") if last else None
+        if state.pop("policy_error", None) is not None:
+            self._act("record that the policy file is usable again", lambda: self.store.append_history(
+                self.name, "policy_valid", reason=f"{path} is valid again", actor="policy"))
+        state["policy_last_valid"] = text
+        return policy
 
     # -- one pass ------------------------------------------------------------------------------
 
@@ -102,9 +124,9 @@ class LifecycleController:
         spec = self.store.read_spec(self.name)
         if spec is None:
             return
-        policy = self.policy(spec)
         state = self._state()
         state["last_cycle_at"] = time.time()  # saved at the end: the start of the last complete cycle
+        policy = self.policy(spec, state)
         if state.get("canary") and (policy is None or policy.promotion.canary is None):
             self._end_orphan_canary(state, actor)
         if policy is not None:
