@@ -32,7 +32,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_deploy_plugin.deployments import Deployments
+from mlflow_deploy_plugin.deployments import Deployments, traffic_summary
 from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.lifecycle import traffic_stats
 from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
@@ -265,6 +265,22 @@ class LifecycleController:
         if not canary_state or policy.promotion.canary is None:
             return
         version, champion = canary_state["version"], canary_state.get("champion")
+        split = {share.model.model_version for share in spec.traffic}
+        if spec.model.model_name != policy.model or not {version, champion} <= split:
+            # Someone changed the deployment by hand mid-canary: their change stands. The canary
+            # ends, recorded, and nothing is switched back.
+            state.pop("canary")
+            roles = RegistryRoles(self.client, policy)
+            reason = (f"the deployment was changed by hand while v{version} was in canary (it now serves "
+                      f"{traffic_summary(spec)}); the canary ends and that change stands")
+
+            def end_canary() -> None:
+                roles.clear_challenger(version)
+                record(self.store, self.client, self.name, "canary_ended", model_name=policy.model,
+                       version=version, reason=reason, actor=actor, tags={"lifecycle.promotion": "canary_ended"})
+
+            self._act(f"end the canary of v{version}: {reason}", end_canary)
+            return
         scraped = traffic_stats.scrape(self._status_url(), self._token(spec))
         baselines = canary_state.get("baselines") or {version: canary_state.get("baseline")}  # older state
 
