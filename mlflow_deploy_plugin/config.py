@@ -110,6 +110,17 @@ def _to_policy_path(key: str, value: Any) -> str:
     return str(path)
 
 
+def _to_duration(key: str, value: Any) -> str:
+    from mlflow_deploy_plugin.spec import duration_s
+
+    text = str(value).strip().lower()
+    try:
+        duration_s(text)
+    except ValueError:
+        raise _invalid(key, value, "a duration such as 30m, 24h or 7d") from None
+    return text
+
+
 def _to_cron(key: str, value: Any) -> str:
     text = str(value).strip()
     from croniter import croniter
@@ -178,6 +189,9 @@ CONFIG_KEYS: tuple[_Key, ...] = (
          _to_text),
     _Key("drift_schedule", "str", None, 'Cron expression for automatic drift reports, e.g. '
          '"*/30 * * * *".', _to_cron),
+    _Key("drift_max_window", "str", "24h",
+         "Longest window a scheduled report covers: after downtime the catch-up run covers at most "
+         "this much (the gap before it is recorded as skipped). 30m, 24h, 7d.", _to_duration),
     _Key("drift_experiment", "str", None,
          "MLflow experiment for drift report runs (default: drift/<deployment>).", _to_text),
 )

@@ -31,6 +31,20 @@ class SpecError(ValueError):
     """A spec (or a part of it) that cannot be used; the message names the key and the file."""
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """Seconds in a duration such as "30m", "24h", "7d" or "90s"; ValueError if it is not one."""
+    value = str(text).strip().lower()
+    if len(value) < 2 or value[-1] not in _DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a duration such as 30m, 24h or 7d")
+    number = float(value[:-1])
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"{text!r} is not a positive duration")
+    return number * _DURATION_UNITS[value[-1]]
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     """The validated settings of one deployment (``config.CONFIG_KEYS`` documents each key)."""
@@ -55,12 +69,18 @@ class DeploymentConfig:
     drift_min_rows: int = 200
     drift_methods: str | None = None
     drift_schedule: str | None = None
+    drift_max_window: str = "24h"
     drift_experiment: str | None = None
 
     @property
     def is_loopback(self) -> bool:
         """Whether the bind address only accepts connections from this machine."""
         return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def drift_max_window_s(self) -> float:
+        """``drift_max_window`` ("24h", "90m", "7d", "3600s") in seconds."""
+        return duration_s(self.drift_max_window)
 
     @property
     def max_body_bytes(self) -> int:

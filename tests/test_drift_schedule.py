@@ -167,3 +167,39 @@ def test_unscheduled_deployments_are_ignored(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "home")
     store.write_spec(DeploymentSpec("plain", ModelRef("models:/m/1", "m", "1")))
     assert DriftScheduler(store).scheduled() == {}
+
+
+def test_catch_up_covers_at_most_drift_max_window_and_says_what_was_skipped(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    calls = []
+    clock = Clock(T0 + timedelta(hours=30) + SETTLE)  # down for 30 h; drift_max_window defaults to 24h
+    scheduler = DriftScheduler(store, job=lambda n, s, u: calls.append((s, u)), clock=clock)
+    scheduler.tick()
+    wait_for_runs(scheduler, 10)
+    assert calls == [(T0 + timedelta(hours=6), T0 + timedelta(hours=30))]
+    skipped = [e for e in store.read_history("sched") if e["event"] == "drift_window_skipped"]
+    assert len(skipped) == 1 and skipped[0]["window"] == {"start": T0.isoformat(),
+                                                         "end": (T0 + timedelta(hours=6)).isoformat()}
+    assert "drift_max_window=24h" in skipped[0]["reason"]
+
+
+def test_a_window_with_too_few_rows_is_carried_forward(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    store = _store(tmp_path)
+    calls: list[tuple[datetime, datetime]] = []
+    statuses = iter(["insufficient_data", "ok", "ok"])
+
+    def job(name: str, since: datetime, until: datetime) -> SimpleNamespace:
+        calls.append((since, until))
+        return SimpleNamespace(status=next(statuses), run_id=f"run-{len(calls)}")
+
+    clock = Clock(T0 + timedelta(minutes=10) + SETTLE)
+    scheduler = DriftScheduler(store, job=job, clock=clock)
+    for _ in range(3):
+        scheduler.tick()
+        wait_for_runs(scheduler, 10)
+        clock.now += timedelta(minutes=10)
+    # The first window had too few rows: the second starts where the first did, the third chains on.
+    assert calls == [(T0, T0 + timedelta(minutes=10)), (T0, T0 + timedelta(minutes=20)),
+                     (T0 + timedelta(minutes=20), T0 + timedelta(minutes=30))]

@@ -134,6 +134,22 @@ class DriftScheduler:
             until = self.clock() - timedelta(seconds=CAPTURE_SETTLE_S)
             since = self._anchor(name, state) or previous_tick(cron, until)
             spec = self.store.read_spec(name)
+            max_window = timedelta(seconds=spec.config.drift_max_window_s if spec else 86400.0)
+            if until - since > max_window:
+                # After long downtime one catch-up run covers at most drift_max_window; the gap
+                # before it is recorded, never silently dropped.
+                skipped_until = until - max_window
+                reason = (f"catch-up window {since.isoformat()} .. {skipped_until.isoformat()} not judged: "
+                          f"longer than drift_max_window={spec.config.drift_max_window if spec else '24h'}")
+                if state.get("carried_from"):
+                    # A quiet deployment whose windows kept being carried forward: the oldest part
+                    # slides out of the window at every tick; logged, not a history event each time.
+                    _logger.info("Drift report of %s: %s", name, reason)
+                else:
+                    _logger.warning("Drift report of %s: %s", name, reason)
+                    self.store.append_history(name, "drift_window_skipped", reason=reason, actor="drift-schedule",
+                                              window={"start": since.isoformat(), "end": skipped_until.isoformat()})
+                since = skipped_until
             try:
                 outcome = self.job(name, since, until)
             except Exception as exc:
@@ -149,9 +165,14 @@ class DriftScheduler:
                                   dict(state, last_error=error, last_attempt=until.isoformat()))
                 self.completed.append((name, f"failed: {error}"))
                 return
+            status = getattr(outcome, "status", None)
+            # Too few rows for a verdict: the window is carried forward into the next one (which
+            # starts where this one started) instead of being skipped.
+            carried = status == "insufficient_data"
             write_json_atomic(paths.root / "drift_schedule.json", {
-                "last_end": until.isoformat(), "last_run_id": getattr(outcome, "run_id", None),
-                "last_status": getattr(outcome, "status", None), "last_attempt": until.isoformat(),
+                "last_end": (since if carried else until).isoformat(), "last_run_id": getattr(outcome, "run_id", None),
+                "last_status": status, "last_attempt": until.isoformat(),
+                **({"carried_from": since.isoformat()} if carried else {}),
             })
             self.completed.append((name, "ok"))
 
