@@ -328,19 +328,23 @@ class Deployments:
                 return version
         return None
 
-    def serving_since(self, name: str) -> float | None:
-        """When the version serving now started its current stint (it may have served before, been
-        replaced and come back: earlier stints are other evidence)."""
+    def previous_stint_end(self, name: str) -> float | None:
+        """When the version serving now last stopped serving before its current stint, or None if
+        this is its first. A version may serve, be replaced and come back: rows it answered before
+        that time belong to an earlier stint and are other evidence."""
         spec = self.spec(name)
-        since, serving = None, None
+        serving: tuple[str, str] | None = None
+        ended: float | None = None
         for event in self.store.read_history(name):
             model = event.get("model") or {}
             if event.get("event") not in ("created", "updated") or event.get("traffic") or not model:
                 continue
-            key = (model.get("model_name"), str(model.get("model_version")))
+            key = (str(model.get("model_name")), str(model.get("model_version")))
             if key != serving:
-                serving, since = key, float(event.get("time") or 0)
-        return since if serving == spec.model.key else None
+                if serving == spec.model.key:
+                    ended = float(event.get("time") or 0)
+                serving = key
+        return ended if serving == spec.model.key else None
 
     @staticmethod
     def _exists(model_name: str, version: str) -> bool:

@@ -342,14 +342,14 @@ class LifecycleController:
         if experiment is None:
             return
         k = policy.drift.consecutive_reports
-        stint = self.deployments.serving_since(self.name)
+        earlier_stint_end = self.deployments.previous_stint_end(self.name)
         candidates = self.client.search_runs(
             [experiment.experiment_id],
             filter_string=f"params.model_version = '{version}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"], max_results=max(50, 4 * k))
         # The streak: the latest k reports that judged this version in its current stint and were
         # scheduled (or asked to count with --for-policy). A manual look never triggers an action.
-        runs = [run for run in candidates if _counts_for_policy(run, stint)][:k]
+        runs = [run for run in candidates if _counts_for_policy(run, earlier_stint_end)][:k]
         if len(runs) < k or any(run.data.tags.get("drift.status") != "drifted" for run in runs):
             return
         latest = runs[0].info.run_id
@@ -411,20 +411,21 @@ class LifecycleController:
         return target
 
 
-def _counts_for_policy(run: Any, stint_start: float | None) -> bool:
-    """Whether a drift report run belongs to the served version's current streak."""
+def _counts_for_policy(run: Any, earlier_stint_end: float | None) -> bool:
+    """Whether a drift report run belongs to the served version's current streak: not manual, and
+    its window holds no row the version answered in an earlier stint."""
     from mlflow_deploy_plugin.monitoring.report_job import TRIGGER_TAG
 
     if run.data.tags.get(TRIGGER_TAG) == "manual":
         return False  # runs from before the tag existed have none and count, as they did
     window_start = run.data.params.get("window_start")
-    if stint_start is None or not window_start:
+    if earlier_stint_end is None or not window_start:
         return True
     try:
         started = datetime.fromisoformat(window_start).timestamp()
     except ValueError:
         return True
-    return started >= stint_start - 1.0  # windows of an earlier stint are other evidence
+    return started >= earlier_stint_end
 
 
 def _policy_for_reference(requested_uri: str) -> Policy | None:

@@ -28,12 +28,13 @@ def test_manual_reports_never_count_scheduled_and_for_policy_ones_do() -> None:
     assert _counts_for_policy(_run(None, inside), STINT)  # written before the tag existed
 
 
-def test_reports_of_an_earlier_stint_do_not_count() -> None:
+def test_reports_reaching_into_an_earlier_stint_do_not_count() -> None:
+    # STINT: when the version last stopped serving before its current stint.
     assert not _counts_for_policy(_run("scheduled", "2026-11-27T11:00:00+00:00"), STINT)
-    assert _counts_for_policy(_run("scheduled", "2026-11-27T11:00:00+00:00"), None)  # no history: as before
+    assert _counts_for_policy(_run("scheduled", "2026-11-27T11:00:00+00:00"), None)  # first stint: all count
 
 
-def test_serving_since_is_the_start_of_the_current_stint(tmp_path: Path) -> None:
+def test_previous_stint_end_is_when_the_version_last_stopped_serving(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.write_spec(DeploymentSpec("d", ModelRef("models:/m@champion", "m", "2")))
     history = tmp_path / "deployments" / "d" / "history.jsonl"
@@ -44,4 +45,7 @@ def test_serving_since_is_the_start_of_the_current_stint(tmp_path: Path) -> None
 
     history.write_text("".join(json.dumps({"time": t, "event": e, "model": {"model_name": "m", "model_version": v},
                                            "traffic": split}) + "\n" for t, e, v, split in events))
-    assert Deployments(store=store).serving_since("d") == 500.0
+    assert Deployments(store=store).previous_stint_end("d") == 300.0  # v2 served 200..300, back at 500
+    history.write_text("".join(json.dumps({"time": t, "event": e, "model": {"model_name": "m", "model_version": v},
+                                           "traffic": split}) + "\n" for t, e, v, split in events[:2]))
+    assert Deployments(store=store).previous_stint_end("d") is None  # its first stint
