@@ -115,9 +115,11 @@ def _to_duration(key: str, value: Any) -> str:
 
     text = str(value).strip().lower()
     try:
-        duration_s(text)
+        seconds = duration_s(text)
     except ValueError:
-        raise _invalid(key, value, "a duration such as 30m, 24h or 7d") from None
+        seconds = 0.0
+    if seconds <= 0:
+        raise _invalid(key, value, "a positive duration such as 30m, 24h or 7d")
     return text
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,18 +32,19 @@ class SpecError(ValueError):
     """A spec (or a part of it) that cannot be used; the message names the key and the file."""
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def duration_s(text: str) -> float:
-    """Seconds in a duration such as "30m", "24h", "7d" or "90s"; ValueError if it is not one."""
-    value = str(text).strip().lower()
-    if len(value) < 2 or value[-1] not in _DURATION_UNITS:
-        raise ValueError(f"{text!r} is not a duration such as 30m, 24h or 7d")
-    number = float(value[:-1])
-    if not number > 0 or number != number or number == float("inf"):
-        raise ValueError(f"{text!r} is not a positive duration")
-    return number * _DURATION_UNITS[value[-1]]
+    """Seconds in a duration such as "90s", "30m", "24h" or "7d"; ValueError if it is not one.
+
+    The one parser of durations: `-C drift_max_window` and the CLI's ``--since 24h`` both use it.
+    """
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 30m, 24h or 7d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
 
 
 @dataclass(frozen=True)

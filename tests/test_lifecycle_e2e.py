@@ -22,7 +22,7 @@ import mlflow
 import pytest
 import requests
 from conftest import Env, MlflowServer, free_port, split_payload, wait_for
-from test_update_and_supervision import RequestLoop
+from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
 from mlflow_deploy_plugin.capture import read_capture
@@ -96,7 +96,7 @@ def _watcher(env: Env, server: MlflowServer, port: int) -> Iterator[subprocess.P
             proc.wait()
 
 
-class SplitCounter:
+class SplitCounter(TrafficThreads):
     """Answers per version, counted only while a canary split provably is what serves.
 
     Every request goes on a new connection: once the canary's update has returned (its ``updated``
@@ -113,10 +113,10 @@ class SplitCounter:
         self.failures: list[str] = []
         self.generation: int | None = None
         self.ended = threading.Event()
-        self._stop = threading.Event()
+        self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._deadline = time.monotonic() + max_seconds
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _split_generation(self) -> int | None:
         events = read_history_file(self.root / "history.jsonl")
@@ -125,7 +125,7 @@ class SplitCounter:
         return None
 
     def _run(self) -> None:
-        while not (self._stop.is_set() or self.ended.is_set()) and time.monotonic() < self._deadline:
+        while not (self.stop_event.is_set() or self.ended.is_set()) and time.monotonic() < self._deadline:
             if self.generation is None:
                 generation = self._split_generation()
                 if generation is None:
@@ -148,16 +148,6 @@ class SplitCounter:
                     self.counts[response.headers["x-model-version"]] += 1
                 else:
                     self.failures.append(f"{response.status_code}: {response.text[:200]}")
-
-    def __enter__(self) -> SplitCounter:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
 
 
 def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, server: MlflowServer) -> None:

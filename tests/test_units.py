@@ -35,6 +35,8 @@ def test_config_converts_strings_and_keeps_defaults() -> None:
     ({"auth_token_env": "not a var"}, "auth_token_env='not a var'"),
     ({"host": "0.0.0.0"}, "without authentication"),
     ({"policy": "/nonexistent/policy.yaml"}, "policy='/nonexistent/policy.yaml'"),
+    ({"drift_max_window": "forever"}, "drift_max_window='forever'. Allowed: a positive duration"),
+    ({"drift_max_window": "0h"}, "drift_max_window='0h'"),
 ])
 def test_config_errors_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
     with pytest.raises(InvalidRequest) as info:

@@ -12,7 +12,25 @@ import requests
 from conftest import Env, Registry, post_json, split_payload, wait_for
 
 
-class RequestLoop:
+class TrafficThreads:
+    """Client threads started on enter and stopped (joined, bounded) on exit; each loop checks
+    ``stop_event`` and its own deadline so it ends by itself."""
+
+    threads: list[threading.Thread]
+    stop_event: threading.Event
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+class RequestLoop(TrafficThreads):
     """Steady single-row traffic from a few keep-alive clients; bounded in time by itself.
 
     ``versions`` has every client's answers in arrival order; ``per_client[i]`` has client i's own
@@ -43,16 +61,6 @@ class RequestLoop:
             except requests.RequestException as exc:
                 self.failures.append(repr(exc))
             self.count += 1
-
-    def __enter__(self) -> RequestLoop:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
 
 def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, registry: Registry) -> None:

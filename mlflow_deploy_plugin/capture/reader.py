@@ -9,7 +9,6 @@ types that cannot be promoted are read as text).
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -25,6 +24,7 @@ from mlflow_deploy_plugin.capture.layout import (
     list_partitions,
     resolve_root,
 )
+from mlflow_deploy_plugin.spec import duration_s
 
 
 def _unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
@@ -107,8 +107,6 @@ def read_capture(
     return frame
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -119,10 +117,12 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"Invalid time {text!r}: expected a duration such as 90s, 30m, 1h, 24h or 7d, "
                          "or an ISO-8601 timestamp such as 2024-05-01T12:00:00Z.")
-    match = _DURATION.match(text)
-    if match:
+    try:
+        seconds = duration_s(text)
+    except ValueError:
+        pass
+    else:
         current = as_utc(now) if now is not None else datetime.now(UTC)
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
         return current - timedelta(seconds=seconds)
     try:
         return as_utc(datetime.fromisoformat(text.strip()))

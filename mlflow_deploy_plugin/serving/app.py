@@ -132,7 +132,7 @@ def build_app(
     *,
     state: ServiceState | None = None,
     metrics: ServingMetrics | None = None,
-    on_answer: Callable[[Answer], None] | None = None,
+    on_answer: Callable[[Answer], object] | None = None,  # its return value is ignored
     rng: random.Random | None = None,
 ) -> ASGIApp:
     """Build the ASGI app serving one slot, or several with weights (a canary split).

@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -32,8 +31,7 @@ from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 
 if TYPE_CHECKING:  # imported where used, after argument parsing (see _prepare)
-    from mlflow_deploy_plugin.capture import CaptureWriter
-    from mlflow_deploy_plugin.serving.app import Answer
+    pass
 
 _logger = logging.getLogger("mlflow_deploy_plugin.worker")
 # Warm standbys load the live model once to import what it needs, when it is at most this big.
@@ -186,17 +184,6 @@ def _warm_up(hint_spec: Path) -> None:
                 _logger.debug("Warm-up import of %s failed: %s", module, exc)
 
 
-def _capture_hook(capture: CaptureWriter) -> Callable[[Answer], None]:
-    """The app's answer hook: record each answer. What the writer samples out or drops it counts
-    itself, so its True/False is of no use to the app."""
-    record = capture.record
-
-    def on_answer(answer: Answer) -> None:
-        record(answer)
-
-    return on_answer
-
-
 def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
@@ -241,7 +228,7 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingS
             on_drop=lambda count, _reason: dropped.inc(count),
         )
     app = build_app(settings, slots, state=state, metrics=metrics,
-                    on_answer=_capture_hook(capture) if capture is not None else None)
+                    on_answer=capture.record if capture is not None else None)
     uv_config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on",
         timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,
