@@ -11,7 +11,6 @@ Errors are the domain errors of ``errors.py``; nothing here knows about click or
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ from mlflow_deploy_plugin.spec import (
     SpecError,
     TrafficShare,
 )
-from mlflow_deploy_plugin.state import StateStore, file_lock, read_json, validate_name
+from mlflow_deploy_plugin.state import StateStore, append_history_file, file_lock, read_json, validate_name
 
 _logger = logging.getLogger(__name__)
 _ACCEPTED_FLAVORS = {None, "", FLAVOR, "pyfunc"}
@@ -302,8 +301,7 @@ class Deployments:
             untagged = self._untag(name, spec.served_versions())
             if untagged:
                 # Said where a user looks later: the archived history (`mlflow-deploy history`).
-                with open(archive / "history.jsonl", "a") as handle:
-                    handle.write(json.dumps({"time": time.time(), "event": "untag_failed", "reason": untagged}) + "\n")
+                append_history_file(archive / "history.jsonl", "untag_failed", reason=untagged)
         return True
 
     def previous_good_version(self, name: str) -> str | None:

@@ -110,6 +110,20 @@ def read_history_file(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def append_history_file(path: Path, event: str, **details: Any) -> None:
+    """Append one event to a ``history.jsonl`` (a live or an archived deployment's), durably."""
+    line = (json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # the last write was torn: never glue this event onto it
+        os.write(fd, line)  # one write with O_APPEND: lines of concurrent writers never interleave
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, timeout_s: float = 120.0) -> Iterator[None]:
     """An exclusive advisory lock shared by every process on this machine."""
@@ -239,19 +253,10 @@ class StateStore:
         return read_json(self.paths(name).status)
 
     def append_history(self, name: str, event: str, **details: Any) -> None:
-        """Record one event (an O_APPEND write of one line is atomic between processes)."""
+        """Record one event of a live deployment."""
         paths = self.paths(name)
         paths.root.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n").encode()
-        fd = os.open(paths.history, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # the last write was torn: never glue this event onto it
-            os.write(fd, line)  # one write with O_APPEND: lines of concurrent writers never interleave
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_history_file(paths.history, event, **details)
 
     def read_history(self, name: str) -> list[dict[str, Any]]:
         return read_history_file(self.paths(name).history)
