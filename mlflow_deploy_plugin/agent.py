@@ -1,6 +1,8 @@
 """The background agent of one deployment: what runs beside the service, on its own schedule.
 
-Started (and restarted if it dies) by the deployment's supervisor when the deployment needs it:
+Started (and restarted if it dies) by the deployment's supervisor when the deployment needs it
+(if the supervisor itself dies, the agent makes sure a new one is on its way, then stops: the new
+supervisor starts a new agent):
 scheduled drift reports (``-C drift_schedule``), following an alias, stage or ``latest`` URI
 (polled every ``poll_interval_s``, at once when `mlflow-deploy watch` touches the deployment's
 poke file after a webhook), and policies (``-C policy``). It imports MLflow and Evidently, so it
@@ -46,6 +48,23 @@ def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None
         stop.wait(0.1)
 
 
+def _make_sure_a_supervisor_comes(store: StateStore, name: str, wait_s: float = 3.0) -> None:
+    """The workers normally start the new supervisor (they hand it their socket); if none did
+    within ``wait_s`` (no worker was alive), start one ourselves."""
+    from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, supervisor_lock_held
+
+    paths = store.paths(name)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if supervisor_lock_held(paths):
+            return
+        time.sleep(0.2)
+    try:
+        spawn_supervisor(paths, respawn=True)
+    except OSError as exc:
+        _logger.error("Could not start a new supervisor for %s: %s", name, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
@@ -64,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     def watch_parent() -> None:
         while not stop.wait(1.0):
             if os.getppid() != parent:
-                _logger.warning("Supervisor is gone; stopping.")
+                _logger.warning("Supervisor is gone; stopping (a new supervisor starts a new agent).")
+                _make_sure_a_supervisor_comes(store, name)
                 stop.set()
 
     threading.Thread(target=watch_parent, daemon=True).start()

@@ -11,16 +11,24 @@ Errors are the domain errors of ``errors.py``; nothing here knows about click or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from mlflow_deploy_plugin.config import parse_config
 from mlflow_deploy_plugin.engines.base import FAILED, STOPPED, Engine, EngineError, EngineStatus, get_engine
-from mlflow_deploy_plugin.errors import AlreadyExists, DeploymentError, InvalidRequest, InvalidState, NotFound
+from mlflow_deploy_plugin.errors import (
+    AlreadyExists,
+    Busy,
+    DeploymentError,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+)
 from mlflow_deploy_plugin.spec import (
     FLAVOR,
     DeploymentConfig,
@@ -33,6 +41,8 @@ from mlflow_deploy_plugin.state import StateStore, append_history_file, file_loc
 
 _logger = logging.getLogger(__name__)
 _ACCEPTED_FLAVORS = {None, "", FLAVOR, "pyfunc"}
+LOCK_TIMEOUT_S = 120.0  # how long a change waits for another command on the same deployment
+UP_LOCK_TIMEOUT_S = 5.0  # `up` skips a deployment another command is busy with (the next run retries)
 # History events whose version must never be served again by an automatic rollback.
 BAD_EVENTS = ("rejected", "rolled_back", "follow_failed", "update_failed", "gates_failed")
 
@@ -105,6 +115,16 @@ class Deployments:
                  engine: Engine | None = None) -> None:
         self.store = store or StateStore()
         self.engine = engine or get_engine(target_uri, self.store)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """The deployment's own lock: one create, change, delete or `up` of it at a time."""
+        try:
+            with file_lock(self.store.paths(check_name(name)).lock, timeout_s):
+                yield
+        except TimeoutError:
+            raise Busy(f"Deployment {name!r} is being changed by another command (its lock was held for more "
+                       f"than {timeout_s:.0f}s); retry when that command has finished.") from None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -197,20 +217,29 @@ class Deployments:
                flavor: str | None = None) -> dict[str, Any]:
         """Resolve ``model_uri`` to a version, start its service and wait until it is healthy."""
         spec = self.new_spec(name, model_uri, config, flavor)
-        with self.store.global_lock():
-            if self.store.exists(name):
-                raise AlreadyExists(f"Deployment {name!r} already exists. Use `mlflow deployments update` to "
-                                    "change it or delete it first.")
-            if self.store.paths(name).root.exists():
-                self.store.archive(name)  # leftovers of a deleted one (late writes): start clean
-            self.store.write_spec(spec)
-        try:
-            status = self.engine.start(spec, spec.config.startup_timeout_s)
-        except EngineError as exc:
-            with self.store.global_lock():
+        with contextlib.ExitStack() as held:
+            try:
+                with self.store.global_lock():
+                    if self.store.exists(name):
+                        raise AlreadyExists(f"Deployment {name!r} already exists. Use `mlflow deployments update` "
+                                            "to change it or delete it first.")
+                    if self.store.paths(name).root.exists():
+                        self.store.archive(name)  # leftovers of a deleted one (late writes): start clean
+                    # Held until the supervisor is up: `mlflow-deploy up` (cron, boot) never starts a
+                    # second one of a deployment being created.
+                    held.enter_context(self._locked(name, UP_LOCK_TIMEOUT_S))
+                    self.store.write_spec(spec)
+            except TimeoutError:
+                raise Busy("Deployments are being created or deleted by another command (the global lock was "
+                           "held too long); retry when it has finished.") from None
+            try:
+                status = self.engine.start(spec, spec.config.startup_timeout_s)
+            except EngineError as exc:
                 self.store.append_history(name, "create_failed", model=spec.model.to_dict(), error=str(exc))
-                self.store.archive(name)
-            raise InvalidState(str(exc)) from None
+                held.close()
+                with self.store.global_lock():
+                    self.store.archive(name)
+                raise InvalidState(str(exc)) from None
         self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url)
         self._tag_served(spec, None, status)
         return self.describe(spec, status)
@@ -239,7 +268,7 @@ class Deployments:
         another change landed (a rollback, a person's update) must not redeploy or be recorded.
         ``check_policy`` (a person's update): the policy must fit the result, exactly as on create.
         """
-        with file_lock(self.store.paths(check_name(name)).lock):
+        with self._locked(name):
             old = self.spec(name)
             parsed = parse_config(config, base=old.config)
             if parsed.auth_token_env != old.config.auth_token_env:
@@ -285,7 +314,7 @@ class Deployments:
         """Stop the service gracefully and forget the deployment (captured data and history are
         archived). Returns False when there was no such deployment, which is not an error."""
         check_name(name)
-        with self.store.global_lock(), file_lock(self.store.paths(name).lock):
+        with self.store.global_lock(), self._locked(name):
             if not self.store.exists(name):
                 return False
             try:
@@ -303,6 +332,45 @@ class Deployments:
                 # Said where a user looks later: the archived history (`mlflow-deploy history`).
                 append_history_file(archive / "history.jsonl", "untag_failed", reason=untagged)
         return True
+
+    def up(self, retry_failed: bool = False) -> list[dict[str, Any]]:
+        """Bring every deployment back to running (after a reboot, after everything was killed).
+
+        Idempotent and safe to run at any time, from cron or at boot: a deployment that runs is
+        left alone, one another command is busy with is skipped (the next run retries), and the
+        supervisor lock guarantees a deployment never gets two supervisors. A deployment that
+        ``failed`` (its version could not stay up) is started again only with ``retry_failed``.
+        Returns one ``{"name", "action", "detail"}`` per deployment; action is one of
+        ``running``, ``started``, ``skipped``, ``failed``.
+        """
+        results = []
+        for name in self.store.names():
+            try:
+                results.append({"name": name, **self._up_one(name, retry_failed)})
+            except DeploymentError as exc:
+                skipped = isinstance(exc, Busy | InvalidRequest)  # busy now, or a token missing here
+                results.append({"name": name, "action": "skipped" if skipped else "failed",
+                                "detail": exc.message})
+        return results
+
+    def _up_one(self, name: str, retry_failed: bool) -> dict[str, str]:
+        with self._locked(name, UP_LOCK_TIMEOUT_S):
+            spec = self.spec(name)
+            status = self.engine.status(name)
+            if status.details.get("supervisor_alive", status.serving):
+                return {"action": "running", "detail": f"{status.state} at {status.url}"}
+            if status.state == FAILED and not retry_failed:
+                return {"action": "skipped", "detail": f"failed: {status.last_error} (--retry-failed starts it)"}
+            token_for(spec.config)  # a token the service needs must be in this environment
+            try:
+                started = self.engine.start(spec, spec.config.startup_timeout_s)
+            except EngineError as exc:
+                self.store.append_history(name, "restart_failed", model=spec.model.to_dict(), reason="up",
+                                          error=str(exc))
+                raise InvalidState(str(exc)) from None
+            self.store.append_history(name, "restarted", model=spec.model.to_dict(), reason="up", url=started.url,
+                                      was=status.state)
+            return {"action": "started", "detail": f"{started.state} at {started.url}"}
 
     def previous_good_version(self, name: str) -> str | None:
         """The version of the served model served before the current one, never rejected or rolled

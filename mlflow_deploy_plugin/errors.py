@@ -45,3 +45,9 @@ class InvalidState(DeploymentError):
     """The deployment exists but cannot do this now (failed, stopped, a version would not load)."""
 
     error_code = "INVALID_STATE"
+
+
+class Busy(DeploymentError):
+    """Another command holds the deployment's lock (it is being created, changed or deleted)."""
+
+    error_code = "TEMPORARILY_UNAVAILABLE"

@@ -86,16 +86,42 @@ class Env:
 
 
 def _kill_everything_under(home: Path) -> None:
-    """Stop every supervisor and worker a test left behind (tests must not leak processes)."""
+    """Stop every supervisor and worker a test left behind (tests must not leak processes).
+
+    Besides the pids ``status.json`` lists (draining, pending and a dead supervisor's orphaned
+    workers included), any process whose command line names a folder under ``home``: a supervisor
+    an orphaned worker started, or one that lost the race for the lock, is found that way too.
+    """
+    pids: set[int] = set()
     for status_file in list(home.glob("deployments/*/status.json")) + list(home.glob("archive/*/status.json")):
         try:
             status = json.loads(status_file.read_text())
         except (OSError, ValueError):
             continue
-        for pid in [status.get("pid"), status.get("agent_pid"), status.get("standby_pid"), *(status.get("worker_pids") or [])]:
-            if pid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        for key in ("pid", "agent_pid", "standby_pid", "worker_pids", "other_pids", "serving_pids"):
+            value = status.get(key)
+            pids.update(pid for pid in (value if isinstance(value, list) else [value]) if isinstance(pid, int))
+    pids.update(processes_under(home))
+    for pid in pids:
+        if pid and pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes_under(home: Path) -> list[int]:
+    """Pids of the processes whose command line names ``home`` or a path below it."""
+    marker = str(home).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg == marker or arg.startswith(marker + b"/") for arg in argv):
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture(scope="session")

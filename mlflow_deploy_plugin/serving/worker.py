@@ -5,6 +5,16 @@ start accepting on the same port before the old one stops: that is how updates s
 without refusing a single connection. On SIGTERM a worker drains: it stops accepting, answers
 what it has (telling keep-alive clients to reconnect), then exits.
 
+If its supervisor dies (``kill -9``, OOM killer), a worker started with ``--on-orphan serve`` keeps
+serving on the socket it holds and starts a new supervisor, handing it that very socket: the new
+supervisor starts a fresh generation beside it and then tells it to drain (see
+``engines/local/supervisor.py``). The port never closes. ``run-local`` workers (``--on-orphan
+exit``) drain and exit instead: nothing of a foreground run may outlive it.
+
+Liveness (``serving/watchdog.py``, ``engines/local/liveness.py``): the event loop beats a heartbeat
+and every model call is timed; a call that does not return within ``timeout_s`` plus a grace makes
+the worker answer 503 to everything waiting on it, stop accepting and exit.
+
 Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``.
 It reports on the ready pipe in the words of ``engines/local/worker_protocol.py``.
 """
@@ -12,12 +22,15 @@ It reports on the ready pipe in the words of ``engines/local/worker_protocol.py`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
+import random
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +41,15 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+from mlflow_deploy_plugin.engines.local.liveness import (
+    HEARTBEAT_S,
+    HUNG_GRACE_S,
+    LivenessWriter,
+    liveness_dir,
+)
+from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, supervisor_lock_held
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+from mlflow_deploy_plugin.state import DeploymentPaths
 
 if TYPE_CHECKING:  # imported where used, after argument parsing (see _prepare)
     pass
@@ -36,13 +57,30 @@ if TYPE_CHECKING:  # imported where used, after argument parsing (see _prepare)
 _logger = logging.getLogger("mlflow_deploy_plugin.worker")
 # Warm standbys load the live model once to import what it needs, when it is at most this big.
 _WARM_LOAD_MAX_BYTES = 256 * 1024 * 1024
+# An orphaned worker looks for a supervisor this often (jittered, so orphans do not stampede).
+_ORPHAN_CHECK_S = 2.0
+EXIT_HUNG = 75  # the worker exited because its model call hung
+
+
+@dataclass
+class Supervision:
+    """What a worker does about its supervisor and its own liveness (see the module docstring)."""
+
+    deployment: DeploymentPaths | None = None
+    on_orphan: str = "exit"  # "serve": keep serving and start a new supervisor; "exit": drain
+    listen_fd: int | None = None
+    liveness: LivenessWriter | None = None
+    watch: Any = None  # serving.watchdog.PredictWatch, once the model is loaded
+    guard: Any = None  # serving.watchdog.HungGuard
+    on_hung_exit: Any = None  # flushes capture before the worker leaves
 
 
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM drains instead of dropping keep-alive connections."""
 
     def __init__(self, config: uvicorn.Config, service_state: Any, drain_grace_s: float,
-                 on_started: Any, on_stopped_accepting: Any = None) -> None:
+                 on_started: Any, on_stopped_accepting: Any = None, supervision: Supervision | None = None,
+                 ready_fd: int | None = None) -> None:
         super().__init__(config)
         self.on_stopped_accepting = on_stopped_accepting
         self._closed_listeners = False
@@ -52,6 +90,12 @@ class DrainingServer(uvicorn.Server):
         self._drain_deadline: float | None = None
         self._parent = os.getppid()
         self._announced = False
+        self.supervision = supervision or Supervision()
+        self.ready_fd = ready_fd
+        self.hung = False
+        self._next_beat = 0.0
+        self._next_orphan_check = 0.0
+        self._candidates: list[subprocess.Popen[bytes]] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,9 +111,15 @@ class DrainingServer(uvicorn.Server):
         if self.started and not self._announced:
             self._announced = True
             self.on_started()
-        if self._drain_deadline is None and os.getppid() != self._parent:
-            _logger.warning("Supervisor is gone; draining and exiting.")
-            self.begin_drain()
+        now = time.monotonic()
+        supervision = self.supervision
+        if supervision.liveness is not None and now >= self._next_beat:
+            supervision.liveness.beat()
+            self._next_beat = now + HEARTBEAT_S
+        if not self.hung and supervision.watch is not None and supervision.watch.hung:
+            self._declare_hung()
+        if os.getppid() != self._parent:
+            self._orphaned(now)
         if self._drain_deadline is not None and not self.should_exit:
             if not self._closed_listeners:
                 for server in self.servers:
@@ -79,8 +129,46 @@ class DrainingServer(uvicorn.Server):
                     self.on_stopped_accepting()
             # Exit once keep-alive clients have taken the hint (Connection: close) or at the deadline.
             if not self.server_state.connections or time.monotonic() > self._drain_deadline:
+                if self.hung:
+                    # uvicorn's shutdown would wait for the hung predict thread forever.
+                    if supervision.on_hung_exit is not None:
+                        supervision.on_hung_exit()
+                    os._exit(EXIT_HUNG)
                 self.should_exit = True
         return await super().on_tick(counter)
+
+    def _declare_hung(self) -> None:
+        """The model call has not returned within timeout_s + grace: 503 what waits, leave."""
+        self.hung = True
+        supervision = self.supervision
+        busy = supervision.liveness.busy_for() if supervision.liveness is not None else 0.0
+        _logger.error("Model call running for %.0fs (timeout_s + %.0fs grace): answering 503 to waiting "
+                      "requests and exiting so the supervisor replaces this worker.", busy, HUNG_GRACE_S)
+        if supervision.guard is not None:
+            supervision.guard.declare_hung()
+        if self.ready_fd is not None:
+            protocol.report(self.ready_fd, protocol.HUNG, f"model call running for {busy:.0f}s")
+        if self._drain_deadline is None:
+            self.begin_drain()
+
+    def _orphaned(self, now: float) -> None:
+        """Our supervisor is gone: keep serving and get a new one started (or drain, for run-local)."""
+        supervision = self.supervision
+        if supervision.on_orphan != "serve" or supervision.deployment is None:
+            if self._drain_deadline is None:
+                _logger.warning("Supervisor is gone; draining and exiting.")
+                self.begin_drain()
+            return
+        if self._drain_deadline is not None or now < self._next_orphan_check:
+            return  # draining: our socket is closed, and the new supervisor is the one who asked
+        self._next_orphan_check = now + _ORPHAN_CHECK_S * random.uniform(0.5, 1.5)
+        self._candidates = [c for c in self._candidates if c.poll() is None]
+        if self._candidates or supervisor_lock_held(supervision.deployment):
+            return
+        _logger.warning("Supervisor is gone; still serving, and starting a new supervisor.")
+        with contextlib.suppress(OSError):
+            self._candidates.append(spawn_supervisor(supervision.deployment, respawn=True,
+                                                     fd=supervision.listen_fd))
 
 
 @dataclass(frozen=True)
@@ -108,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                              "then read the spec path to serve from stdin")
     parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     parser.add_argument("--ready-fd", type=int, required=True, help="pipe to report readiness on")
+    parser.add_argument("--deployment", type=Path, help="the deployment's folder (liveness file, new supervisor)")
+    parser.add_argument("--on-orphan", choices=("serve", "exit"), default="exit",
+                        help="when the supervisor dies: keep serving and start a new one, or drain and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
@@ -120,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # released without work (the supervisor is stopping)
     if not spec_path:
         parser.error("--spec or --standby is required")
+    supervision = Supervision(on_orphan=args.on_orphan, listen_fd=args.fd)
+    if args.deployment is not None:
+        supervision.deployment = DeploymentPaths(args.deployment)
+        supervision.liveness = LivenessWriter(liveness_dir(args.deployment / "run") / str(os.getpid()))
     try:
-        server, capture = _prepare(WorkerSpec.read(Path(spec_path)), args.fd, args.ready_fd)
+        server, capture = _prepare(WorkerSpec.read(Path(spec_path)), args.fd, args.ready_fd, supervision)
     except Exception as exc:  # anything that stops the model from serving is reported, not raised
         _logger.error("Worker could not start: %s", exc)
         protocol.report(args.ready_fd, protocol.ERROR, str(exc))
@@ -184,7 +279,8 @@ def _warm_up(hint_spec: Path) -> None:
                 _logger.debug("Warm-up import of %s failed: %s", module, exc)
 
 
-def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingServer, Any]:
+def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
+             supervision: Supervision | None = None) -> tuple[DrainingServer, Any]:
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
@@ -229,6 +325,18 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingS
         )
     app = build_app(settings, slots, state=state, metrics=metrics,
                     on_answer=capture.record if capture is not None else None)
+    supervision = supervision or Supervision()
+    if supervision.liveness is not None:
+        from mlflow_deploy_plugin.serving.watchdog import HungGuard, PredictWatch
+
+        watch = PredictWatch(supervision.liveness, config.timeout_s + HUNG_GRACE_S)
+        for slot, _ in slots:
+            setattr(slot, "predict", watch.wrap(slot.predict))  # noqa: B010 (mypy: no method assignment)
+        app = supervision.guard = HungGuard(app)
+        supervision.watch = watch
+        if capture is not None:
+            writer = capture
+            supervision.on_hung_exit = lambda: writer.close(timeout_s=5.0)
     uv_config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on",
         timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,
@@ -241,7 +349,8 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingS
         protocol.report(ready_fd, protocol.READY)
 
     return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started,
-                          on_stopped_accepting=lambda: protocol.report(ready_fd, protocol.DRAINING)), capture
+                          on_stopped_accepting=lambda: protocol.report(ready_fd, protocol.DRAINING),
+                          supervision=supervision, ready_fd=ready_fd), capture
 
 if __name__ == "__main__":
     sys.exit(main())

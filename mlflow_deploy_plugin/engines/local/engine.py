@@ -1,4 +1,9 @@
-"""The local engine on the CLI side: start, ask and inspect each deployment's supervisor process."""
+"""The local engine on the CLI side: start, ask and inspect each deployment's supervisor process.
+
+What ``status`` reports is checked against the processes themselves (``processes.py``), never
+taken from ``status.json`` on trust: after a reboot or a ``kill -9`` the file still says
+``running``, and `get` must say instead that nothing runs and what brings it back.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -15,31 +18,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.engines.base import FAILED, RUNNING, STOPPED, Engine, EngineError, EngineStatus
+from mlflow_deploy_plugin.engines.base import (
+    FAILED,
+    RUNNING,
+    STOPPED,
+    UNHEALTHY,
+    Engine,
+    EngineError,
+    EngineStatus,
+)
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox, MailboxTimeout, SupervisorGone
+from mlflow_deploy_plugin.engines.local.processes import (
+    SUPERVISOR_MODULE,
+    is_supervisor,
+    is_worker,
+    live_workers,
+    signal_pid,
+    spawn_supervisor,
+    take_supervisor_lock,
+)
 from mlflow_deploy_plugin.spec import DeploymentSpec
-from mlflow_deploy_plugin.state import StateStore, pid_alive, read_json
+from mlflow_deploy_plugin.state import StateStore, pid_alive, read_json, write_json_atomic
 
-SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
-# Supervisors started before the engines/local/ layout run under their old module name; they speak
-# the same mailbox and status files, so they must still be recognised after an upgrade.
-_SUPERVISOR_MODULES = (SUPERVISOR_MODULE.encode(), b"mlflow_deploy_plugin.engines.supervisor")
-
-
-def is_supervisor(pid: int | None, root: Path) -> bool:
-    """Whether ``pid`` is alive AND is the supervisor of the deployment at ``root``.
-
-    After a reboot ``status.json`` may name a pid that now belongs to an unrelated process: it must
-    never be reported as running, let alone signalled.
-    """
-    if not pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
-        return False
-    return any(module in argv for module in _SUPERVISOR_MODULES) and str(root).encode() in argv
+__all__ = ["SUPERVISOR_MODULE", "LocalEngine", "is_supervisor"]
+UP_HINT = "`mlflow-deploy up` starts it again"
+# A supervisor lost to kill -9 is replaced by its own workers within seconds: commands wait that long.
+TAKEOVER_WAIT_S = 15.0
 
 
 def _to_status(raw: dict[str, Any]) -> EngineStatus:
@@ -64,19 +68,25 @@ class LocalEngine(Engine):
     name = "local"
 
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
+        """Start a supervisor and wait until the deployment serves.
+
+        If another supervisor wins the deployment's lock meanwhile (one that orphaned workers
+        started), that one is the deployment's supervisor: wait for it instead.
+        """
         paths = self.store.paths(spec.name)
         paths.logs.mkdir(parents=True, exist_ok=True)
-        with open(paths.logs / "supervisor.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", SUPERVISOR_MODULE, str(paths.root)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-            )
+        process = spawn_supervisor(paths, respawn=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             raw = read_json(paths.status) or {}
-            if raw.get("pid") == process.pid and raw.get("state") in (RUNNING, FAILED):
+            pid = raw.get("pid")
+            ours = pid == process.pid
+            exited = process.poll() is not None
+            if (ours or is_supervisor(pid, paths.root)) and raw.get("state") == RUNNING:
                 break
-            if process.poll() is not None:
+            if ours and raw.get("state") == FAILED:
+                break
+            if exited and not is_supervisor(pid, paths.root):
                 break
             time.sleep(0.05)
         else:
@@ -98,22 +108,59 @@ class LocalEngine(Engine):
         return _to_status(answer["status"])
 
     def stop(self, name: str, timeout_s: float) -> None:
+        """Stop the supervisor (it drains every worker, a predecessor's included); then, holding
+        the supervisor lock so no orphan can start a new one, end whatever is left."""
+        paths = self.store.paths(name)
         raw = self.store.read_status(name) or {}
         pid = raw.get("pid")
-        if pid is None or not is_supervisor(pid, self.store.paths(name).root):
+        if isinstance(pid, int) and is_supervisor(pid, paths.root):
+            with contextlib.suppress(EngineError):  # no answer in time: the signals below end it
+                self._ask(name, {"op": "stop"}, timeout_s)
+            self._terminate(pid, 5.0)
+        if not paths.root.exists():
             return
-        with contextlib.suppress(EngineError):  # no answer in time: the signals below end it
-            self._ask(name, {"op": "stop"}, timeout_s)
-        self._terminate(pid, 5.0)
+        lock = take_supervisor_lock(paths, wait_s=10.0)
+        try:
+            raw = self.store.read_status(name) or {}
+            left = live_workers(raw, paths.root)
+            for worker in left:
+                signal_pid(worker, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while any(is_worker(worker, paths.root) for worker in left) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for worker in left:
+                if is_worker(worker, paths.root):
+                    signal_pid(worker, signal.SIGKILL)
+            if lock is not None and raw and raw.get("state") != STOPPED:
+                # Nobody else will say it: a late orphan's supervisor reads this and stays away.
+                write_json_atomic(paths.status, dict(raw, state=STOPPED, worker_pids=[], other_pids=[],
+                                                     updated_at=time.time()))
+        finally:
+            if lock is not None:
+                os.close(lock)
 
     def status(self, name: str) -> EngineStatus:
-        """The supervisor's last word, corrected if the supervisor itself has died."""
+        """The supervisor's last word, corrected by what actually runs."""
+        paths = self.store.paths(name)
         raw = dict(self.store.read_status(name) or {"state": STOPPED})
-        alive = is_supervisor(raw.get("pid"), self.store.paths(name).root)
-        if raw.get("state") not in (STOPPED, FAILED) and not alive:
-            raw["state"] = FAILED
-            raw["last_error"] = (raw.get("last_error") or "") + \
-                " [the supervisor process is gone; delete and re-create the deployment]"
+        alive = is_supervisor(raw.get("pid"), paths.root)
+        raw["supervisor_alive"] = alive
+        if alive:
+            return _to_status(raw)
+        state = raw.get("state")
+        serving = live_workers(raw, paths.root)
+        if state == FAILED:
+            raw["last_error"] = (f"{raw.get('last_error') or 'failed'} [nothing runs: update it to a version "
+                                 f"that stays up, or fix the cause and run `mlflow-deploy up --retry-failed`]")
+        elif serving and state in (RUNNING, UNHEALTHY):
+            raw["last_error"] = (f"{raw.get('last_error') or ''} [the supervisor is gone; its workers "
+                                 f"{serving} keep serving and start a new one within seconds; {UP_HINT} too]").strip()
+            raw["worker_pids"] = serving
+        elif raw.get("pid") is not None and paths.spec.exists():
+            was = "was stopped" if state == STOPPED else "processes are gone (machine restarted, or killed)"
+            raw["state"] = STOPPED
+            raw["last_error"] = f"not running: its {was}; {UP_HINT}"
+            raw["worker_pids"] = []
         return _to_status(raw)
 
     def agent_handle(self, name: str) -> str | None:
@@ -141,7 +188,7 @@ class LocalEngine(Engine):
 
             threading.Thread(target=announce, daemon=True).start()
             try:
-                code = Supervisor(store.paths(spec.name)).run()
+                code = Supervisor(store.paths(spec.name), heal=False).run()
             finally:
                 done.set()
             final = _to_status(store.read_status(spec.name) or {})
@@ -153,14 +200,30 @@ class LocalEngine(Engine):
     # -- plumbing ------------------------------------------------------------------------------
 
     def _ask(self, name: str, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        status = self.status(name)
-        if status.state in (STOPPED, FAILED):
-            raise EngineError(f"Deployment {name!r} is {status.state}: {status.last_error or ''}".strip())
         root = self.store.paths(name).root
-        pid = status.details.get("pid")
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while True:  # a supervisor being replaced after kill -9 answers in a few seconds
+            status = self.status(name)
+            if status.state in (STOPPED, FAILED):
+                raise EngineError(f"Deployment {name!r} is {status.state}: {status.last_error or ''}".strip())
+            if status.details.get("supervisor_alive") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+
+        last_seen = time.monotonic()
+
+        def someone_can_answer() -> bool:
+            # Whoever supervises now answers: the supervisor, or the successor of one that died
+            # (its orphaned workers start it within seconds, and it reads the waiting request).
+            nonlocal last_seen
+            raw = read_json(self.store.paths(name).status) or {}
+            if is_supervisor(raw.get("pid"), root):
+                last_seen = time.monotonic()
+                return True
+            return time.monotonic() - last_seen < TAKEOVER_WAIT_S and bool(live_workers(raw, root))
+
         try:
-            return Mailbox(self.store.paths(name).requests).ask(
-                request, timeout_s, alive=lambda: is_supervisor(pid, root))
+            return Mailbox(self.store.paths(name).requests).ask(request, timeout_s, alive=someone_can_answer)
         except (MailboxTimeout, SupervisorGone) as exc:
             raise EngineError(f"Deployment {name!r}: {exc}.") from None
 

@@ -3,7 +3,10 @@
 The CLI writes ``requests/<id>.request.json`` atomically; the supervisor picks it up on its next
 tick and answers with ``<id>.result.json``. Files rather than a socket because the supervisor must
 stay reachable by any process on the machine with access to the deployment's folder (file
-permissions are the access control), and a request survives a slow supervisor tick.
+permissions are the access control), and a request survives a slow supervisor tick, even the
+replacement of a supervisor that died: its successor answers what is waiting. A request whose
+client has died meanwhile (it carries the client's pid) is dropped unanswered, so a successor never
+acts on a stale ``stop``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.state import read_json, write_json_atomic
+from mlflow_deploy_plugin.state import pid_alive, read_json, write_json_atomic
 
 
 class MailboxTimeout(TimeoutError):
@@ -41,7 +44,7 @@ class Mailbox:
         request_id = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         request_path = self.folder / f"{request_id}.request.json"
         result_path = self.folder / f"{request_id}.result.json"
-        write_json_atomic(request_path, request)
+        write_json_atomic(request_path, dict(request, client_pid=os.getpid()))
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -66,7 +69,16 @@ class Mailbox:
             if request_id in self._seen:
                 continue
             self._seen.add(request_id)
-            yield request_id, read_json(path) or {}
+            try:
+                request = read_json(path) or {}
+            except ValueError:
+                request = {}
+            client = request.get("client_pid")
+            if isinstance(client, int) and not pid_alive(client):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # nobody waits for this answer any more
+                continue
+            yield request_id, request
 
     def answer(self, request_id: str, answer: dict[str, Any]) -> None:
         write_json_atomic(self.folder / f"{request_id}.result.json", answer)

@@ -5,23 +5,43 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
 
 - binds the listening socket once and hands it to every worker, so updates never refuse a
   connection: new workers accept beside the old ones, then the old ones drain;
-- restarts crashed workers with exponential backoff and gives up (status ``failed``) after
-  ``max_restarts`` crashes in a row;
+- restarts crashed workers. A crash is judged by what the worker was doing (its liveness file,
+  ``liveness.py``): dying inside a model call means a request killed it (recorded as a bad request,
+  restarted at once, never held against the version); dying after it has served is restarted at
+  once; dying before it served anything is the version failing to stay up, restarted with
+  exponential backoff, and after ``max_restarts`` such crashes in a row that worker is given up.
+  The deployment is ``failed`` only when no worker is left: healthy workers are never stopped;
+- replaces a worker whose model call has not returned within ``timeout_s`` + a grace, or whose
+  event loop went silent (liveness, separate from readiness), and kills a draining worker that has
+  not exited ``timeout_s`` + 5 s after being asked: an update never leaves an old worker behind;
 - takes requests (update, stop) from the CLI through its mailbox (``mailbox.py``);
 - keeps the deployment's background agent running while the spec needs one;
+- rotates the logs of the deployment (size-bounded) and removes dead workers' live metrics;
 - is the only writer of ``status.json``.
 
-It imports only the standard library and the spec/state modules (and its own mailbox and worker
-protocol): a test reads its import graph to keep it that way.
+Losing the supervisor loses no request (gunicorn's re-exec pattern, without the exec): it holds
+the deployment's supervisor lock (``processes.py``) for its whole life; workers that find their
+parent gone keep serving on the socket they hold and start a new supervisor with that socket
+(``--respawn --fd N``). Whoever takes the lock first becomes the supervisor; the others step
+aside. The new one reads the old workers' pids from ``status.json`` (verified by command line),
+starts a fresh generation on the same socket and, once it is ready, tells the old ones to drain.
+With no socket to inherit (started by the agent or by `mlflow-deploy up` while old workers still
+serve) it binds the same port beside them: every socket is bound with ``SO_REUSEPORT`` for that
+reason, after a probe that keeps two deployments from ever sharing a port.
 
-Run as ``python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR``.
+It imports only the standard library and the spec/state modules (and its own mailbox, worker
+protocol, liveness and process helpers): a test reads its import graph to keep it that way.
+
+Run as ``python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR [--respawn] [--fd N]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +52,17 @@ from pathlib import Path
 from typing import Any
 
 import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
+from mlflow_deploy_plugin.engines.local.liveness import HUNG_GRACE_S, Liveness, liveness_dir, read_liveness
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
+from mlflow_deploy_plugin.engines.local.processes import (
+    is_agent,
+    is_supervisor,
+    is_worker,
+    live_workers,
+    signal_pid,
+    status_pids,
+    take_supervisor_lock,
+)
 from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError, load_spec, spec_to_json
 from mlflow_deploy_plugin.state import (
     STATUS_FAILED,
@@ -42,6 +72,7 @@ from mlflow_deploy_plugin.state import (
     STATUS_UNHEALTHY,
     DeploymentPaths,
     StateStore,
+    read_json,
     write_json_atomic,
 )
 
@@ -49,6 +80,13 @@ _logger = logging.getLogger("mlflow_deploy_plugin.supervisor")
 TICK_S = 0.05
 HEALTHY_RESET_S = 60.0  # uptime after which a worker's crash no longer counts as "in a row"
 MAX_BACKOFF_S = 30.0
+DRAIN_MARGIN_S = 5.0  # a draining worker gets timeout_s plus this to exit before it is killed
+HUNG_KILL_S = 5.0  # a hung worker has answered 503 to what waited on it by then
+LIVENESS_CHECK_S = 0.25
+LOG_MAX_BYTES = int(os.environ.get("MLFLOW_DEPLOY_LOG_MAX_BYTES") or 10 * 1024 * 1024)
+LOG_BACKUPS = 2
+LOG_CHECK_S = 10.0
+KEEP_WORKER_LOGS = 40  # logs of past workers kept (newest first)
 
 
 @dataclass
@@ -66,6 +104,8 @@ class Worker:
     loaded_at: float | None = None  # model loaded and smoke-tested; waiting for "go" to accept
     released: bool = False
     stopped_accepting: bool = False  # draining: answers what it has, takes no new connection
+    kill_at: float | None = None  # monotonic time after which a draining worker is killed
+    hung: str | None = None  # why it was declared hung (its own word, or the supervisor's)
     _buffer: bytes = b""
 
     @property
@@ -106,6 +146,8 @@ class Worker:
                 self.stopped_accepting = True
             elif event == protocol.ERROR:
                 self.error = detail or "unknown error"
+            elif event == protocol.HUNG and self.hung is None:
+                self.hung = detail or "model call hung"
 
 
 @dataclass
@@ -160,22 +202,102 @@ def forget_worker_metrics(metrics_dir: Path, pid: int) -> None:
             path.unlink()
 
 
-def bind_socket(host: str, port: int | None) -> socket.socket:
-    """Bind the deployment's listening socket (port 0 = a free port chosen by the kernel)."""
+def bind_socket(host: str, port: int | None, beside_orphans: bool = False) -> socket.socket:
+    """Bind the deployment's listening socket (port 0 or None = a free port chosen by the kernel).
+
+    ``SO_REUSEPORT`` lets a successor supervisor bind the same port while orphaned workers still
+    accept on this socket. It would also let a second deployment bind a port in use, so unless we
+    are binding beside our own orphans a plain probe bind must succeed first.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not port or not beside_orphans:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port or 0))  # EADDRINUSE if anyone listens there
+            port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port or 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
+def adopt_socket(fd: int, host: str, port: int | None) -> socket.socket | None:
+    """The listening socket an orphaned worker handed us, if it is one and serves this address."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        bound_host, bound_port = sock.getsockname()[:2]
+    except OSError:
+        listening, bound_host, bound_port = 0, None, None
+    if not listening or (port and bound_port != port) or (bound_host != host and host != "localhost"):
+        with contextlib.suppress(OSError):
+            sock.close()
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
+def rotate_logs(logs_dir: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS,
+                keep: int = KEEP_WORKER_LOGS) -> None:
+    """Keep the deployment's logs bounded: each at most ``max_bytes`` (+ ``backups`` older parts),
+    and the logs of at most ``keep`` past workers.
+
+    Copy-then-truncate, because the writers hold the file open: they write with O_APPEND, so after
+    the truncation they continue at the start of the emptied file.
+    """
+    try:
+        logs = [p for p in logs_dir.glob("*.log") if p.is_file()]
+    except OSError:
+        return
+    for path in logs:
+        try:
+            if path.stat().st_size <= max_bytes:
+                continue
+            for number in range(backups, 1, -1):
+                older = path.with_name(f"{path.name}.{number - 1}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{path.name}.{number}"))
+            if backups:
+                shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+            os.truncate(path, 0)
+        except OSError as exc:
+            _logger.warning("Could not rotate %s: %s", path, exc)
+    workers = sorted((p for p in logs if p.name.startswith("worker-")), key=lambda p: p.stat().st_mtime
+                     if p.exists() else 0.0, reverse=True)
+    for path in workers[keep:]:
+        for old in [path, *path.parent.glob(f"{path.name}.*")]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
 class Supervisor:
     """Runs and watches the workers of one deployment until asked to stop."""
 
-    def __init__(self, paths: DeploymentPaths) -> None:
+    def __init__(self, paths: DeploymentPaths, *, heal: bool = True, respawn: bool = False,
+                 inherited_fd: int | None = None) -> None:
+        """``heal``: workers outlive this process and start its successor (False for run-local).
+        ``respawn``: started by an orphaned worker or agent (do nothing for a stopped deployment).
+        ``inherited_fd``: the listening socket the orphaned workers serve on."""
         self.paths = paths
+        self.heal = heal
+        self.respawn = respawn
+        self.inherited_fd = inherited_fd
+        self.lock_fd: int | None = None
+        # Workers of a previous supervisor: pid -> when to kill it (None until asked to drain).
+        self.orphans: dict[int, float | None] = {}
+        self.orphans_told = False
+        self.bad_requests = 0
+        self.hung_replaced = 0
+        self.takeovers = 0
+        self.given_up: set[int] = set()  # worker indexes no longer restarted (crash budget spent)
+        self._next_liveness = 0.0
+        self._next_log_check = 0.0
         self.store = StateStore(paths.root.parent.parent)
         self.workers: dict[int, Worker] = {}
         self.current: Generation | None = None
@@ -246,13 +368,14 @@ class Supervisor:
         self._standby_count = getattr(self, "_standby_count", 0) + int(standby)
         name = f"standby-{self._standby_count}" if standby else f"{generation.number}-{index}"
         log_path = self.paths.logs / f"worker-{name}.log"
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics), PYTHONUNBUFFERED="1",
+        env = dict(self._child_env(generation.spec), PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics),
                    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
         what = ["--standby", str(generation.spec_file)] if standby else ["--spec", str(generation.spec_file)]
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker", *what,
-                 "--fd", str(generation.sock.fileno()), "--ready-fd", str(write_fd)],
+                 "--fd", str(generation.sock.fileno()), "--ready-fd", str(write_fd),
+                 "--deployment", str(self.paths.root), "--on-orphan", "serve" if self.heal else "exit"],
                 pass_fds=(generation.sock.fileno(), write_fd),
                 stdin=subprocess.PIPE,
                 stdout=log, stderr=log, env=env,
@@ -264,11 +387,20 @@ class Supervisor:
                      f"worker {index} of generation {generation.number}", popen.pid)
         return worker
 
-    def _new_generation(self, spec: DeploymentSpec, number: int) -> Generation:
+    def _child_env(self, spec: DeploymentSpec | None) -> dict[str, str]:
+        """The environment of workers and the agent: ours, plus the store the spec was created
+        against (`mlflow-deploy up` may run from cron or systemd, without MLFLOW_TRACKING_URI)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if spec is not None and spec.tracking_uri and not env.get("MLFLOW_TRACKING_URI"):
+            env["MLFLOW_TRACKING_URI"] = spec.tracking_uri
+        return env
+
+    def _new_generation(self, spec: DeploymentSpec, number: int, sock: socket.socket | None = None) -> Generation:
         config = spec.config
         same_address = self.current is not None and (
             self.current.spec.config.host, self.current.spec.config.port) == (config.host, config.port)
-        sock = self.current.sock if same_address and self.current else bind_socket(config.host, config.port)
+        if sock is None:
+            sock = self.current.sock if same_address and self.current else bind_socket(config.host, config.port)
         spec_file = self.paths.root / "run" / f"generation-{number}.json"
         write_json_atomic(spec_file, spec_to_json(spec, models_dir=str(self.paths.models),
                                                   capture_dir=str(self.paths.capture)))
@@ -289,18 +421,104 @@ class Supervisor:
             with open(self.paths.logs / "agent.log", "ab") as log:
                 self.agent = subprocess.Popen(
                     [sys.executable, "-m", "mlflow_deploy_plugin.agent", str(self.paths.root)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=self._child_env(self.current.spec if self.current else None))
 
     def _workers_of(self, generation: Generation | None) -> list[Worker]:
         if generation is None:
             return []
         return [w for w in self.workers.values() if w.generation == generation.number and not w.draining]
 
+    def _drain_deadline(self) -> float:
+        timeout = self.current.spec.config.timeout_s if self.current else 60.0
+        return time.monotonic() + timeout + DRAIN_MARGIN_S
+
     def _drain(self, workers: list[Worker]) -> None:
         for worker in workers:
             worker.draining = True
+            if worker.kill_at is None:
+                worker.kill_at = self._drain_deadline()
             with contextlib.suppress(ProcessLookupError):
                 worker.popen.send_signal(signal.SIGTERM)
+
+    def _kill_overdue(self) -> None:
+        """A draining worker that has not exited in time is killed: none is ever left behind."""
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.kill_at is not None and now > worker.kill_at and worker.popen.poll() is None:
+                _logger.warning("Worker %d did not exit in time after being asked to; killing it", worker.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    worker.popen.kill()
+                worker.kill_at = None
+        for pid, kill_at in list(self.orphans.items()):
+            if kill_at is not None and now > kill_at:
+                _logger.warning("Orphaned worker %d did not drain in time; killing it", pid)
+                signal_pid(pid, signal.SIGKILL)
+                self.orphans[pid] = None
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def _live_path(self, pid: int) -> Path:
+        return liveness_dir(self.paths.root / "run") / str(pid)
+
+    def _check_liveness(self) -> None:
+        """Replace a serving worker whose model call or event loop is stuck (readiness is not
+        enough: a hung worker still looks ready, and keeps accepting connections it cannot answer)."""
+        now = time.monotonic()
+        if now < self._next_liveness:
+            return
+        self._next_liveness = now + LIVENESS_CHECK_S
+        for worker in list(self.workers.values()):
+            if worker.draining or not worker.ready_at or worker.generation == -1 or self.current is None:
+                continue
+            limit = self.current.spec.config.timeout_s + HUNG_GRACE_S
+            why = worker.hung
+            live = read_liveness(self._live_path(worker.pid))
+            if why is None and live is not None:
+                if live.busy_for(now) > limit + 1.0:  # the worker says so itself at `limit`
+                    why = f"model call running for {live.busy_for(now):.0f}s"
+                elif live.silent_for(now) > limit:
+                    why = f"event loop silent for {live.silent_for(now):.0f}s"
+            if why is not None:
+                self._replace_hung(worker, why)
+
+    def _replace_hung(self, worker: Worker, why: str) -> None:
+        self.hung_replaced += 1
+        reason = f"worker {worker.index} (pid {worker.pid}) hung: {why}; replaced"
+        _logger.error("%s", reason)
+        self.last_error = reason
+        self.store.append_history(self.paths.name, "worker_hung", error=reason)
+        worker.draining = True
+        worker.kill_at = time.monotonic() + HUNG_KILL_S
+        with contextlib.suppress(ProcessLookupError):
+            worker.popen.send_signal(signal.SIGTERM)
+        if self.current is not None and worker.generation == self.current.number:
+            self.respawn_at[worker.index] = time.monotonic()
+
+    # -- a predecessor's workers ---------------------------------------------------------------
+
+    def _tend_orphans(self) -> None:
+        """Drain the previous supervisor's workers once our own generation serves."""
+        for pid in list(self.orphans):
+            if not is_worker(pid, self.paths.root):
+                del self.orphans[pid]
+                forget_worker_metrics(self.paths.metrics, pid)
+                with contextlib.suppress(OSError):
+                    self._live_path(pid).unlink()
+        if not self.orphans or self.orphans_told or self.current is None:
+            return
+        ready = [w for w in self._workers_of(self.current) if w.ready_at]
+        if len(ready) < self.current.spec.config.workers - len(self.given_up):
+            return
+        self.orphans_told = True
+        _logger.info("Generation %d serves; asking the previous supervisor's workers %s to drain",
+                     self.current.number, sorted(self.orphans))
+        deadline = self._drain_deadline()
+        for pid in self.orphans:
+            signal_pid(pid, signal.SIGTERM)
+            self.orphans[pid] = deadline
+        self.store.append_history(self.paths.name, "taken_over", generation=self.current.number,
+                                  replaced_pids=sorted(self.orphans))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -315,12 +533,39 @@ class Supervisor:
             return 2
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if not self.respawn:  # a respawned one never recreates the folders of a deleted deployment
+            (self.paths.root / "run").mkdir(parents=True, exist_ok=True)
+        self.lock_fd = take_supervisor_lock(self.paths, wait_s=2.0)
+        if self.lock_fd is None:
+            _logger.info("Another supervisor of %s is running; leaving it be.", self.paths.name)
+            return 0
+        previous: dict[str, Any] = read_json(self.paths.status) or {}
+        if previous.get("pid") != os.getpid() and is_supervisor(previous.get("pid"), self.paths.root):
+            _logger.info("Supervisor %s of %s (started before supervisor locks) is running; leaving it be.",
+                         previous.get("pid"), self.paths.name)
+            return 0
+        if self.respawn and previous.get("state") in (STATUS_STOPPED, STATUS_FAILED):
+            _logger.info("%s was %s meanwhile; not starting it again.", self.paths.name, previous.get("state"))
+            return 0
+        self._adopt(previous)
         self.paths.requests.mkdir(parents=True, exist_ok=True)
         self.paths.metrics.mkdir(parents=True, exist_ok=True)
-        for stale in self.paths.metrics.glob("*.db"):
-            stale.unlink()
+        self._forget_dead_metrics()
+        number = max(spec.generation, int(previous.get("generation") or 0) + 1) if previous else spec.generation
         try:
-            self.current = self._new_generation(spec, spec.generation)
+            sock = None
+            if self.inherited_fd is not None:
+                sock = adopt_socket(self.inherited_fd, spec.config.host, spec.config.port or previous.get("port"))
+            if sock is None:
+                # Keep the port a deployment without a fixed one had: its URL is in the registry's tags.
+                port = spec.config.port or previous.get("port")
+                try:
+                    sock = bind_socket(spec.config.host, port, beside_orphans=bool(self.orphans))
+                except OSError:
+                    if spec.config.port or not port:
+                        raise
+                    sock = bind_socket(spec.config.host, None)
+            self.current = self._new_generation(spec, number, sock)
         except OSError as exc:
             self.last_error = f"Cannot bind {spec.config.host}:{spec.config.port}: {exc}"
             self.state = STATUS_FAILED
@@ -329,12 +574,46 @@ class Supervisor:
         for index in range(spec.config.workers):
             self._spawn(self.current, index)
         self._write_status()
+        if self.orphans:
+            self.store.append_history(self.paths.name, "supervisor_replaced", serving_pids=sorted(self.orphans),
+                                      generation=number)
         while True:
             self._tick()
             if self.stop_requested is not None or self.state == STATUS_FAILED:
                 break
             time.sleep(TICK_S)
         return self._shutdown()
+
+    def _adopt(self, previous: dict[str, Any]) -> None:
+        """Take over from a previous supervisor that died: its serving workers become orphans we
+        drain once our generation serves; its agent goes now (we start our own)."""
+        root = self.paths.root
+        self.orphans = {pid: None for pid in live_workers(previous, root)}
+        for pid in status_pids(previous, "agent_pid"):
+            if is_agent(pid, root):
+                signal_pid(pid, signal.SIGTERM)
+        if not previous:
+            return
+        self.restarts = int(previous.get("restarts") or 0)
+        self.bad_requests = int(previous.get("bad_requests") or 0)
+        self.hung_replaced = int(previous.get("hung_replaced") or 0)
+        if previous.get("state") not in (STATUS_STOPPED, STATUS_FAILED):
+            self.takeovers = int(previous.get("takeovers") or 0) + 1
+        if self.orphans:
+            _logger.warning("Taking over %s: workers %s of the previous supervisor keep serving until ours are "
+                            "ready", self.paths.name, sorted(self.orphans))
+            self.ever_ready = True  # the service is up: a crash of ours is a crash, not a failed create
+
+    def _forget_dead_metrics(self) -> None:
+        """Live gauges of processes that are gone are dropped; counters stay, so totals keep counting."""
+        if not self.orphans:
+            for stale in self.paths.metrics.glob("*.db"):
+                stale.unlink()
+            return
+        for path in self.paths.metrics.glob("*.db"):
+            pid = path.stem.rpartition("_")[2]
+            if pid.isdigit() and int(pid) not in self.orphans:
+                forget_worker_metrics(self.paths.metrics, int(pid))
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_requested is None:
@@ -345,14 +624,20 @@ class Supervisor:
             worker.read_pipe()
         self._release_loaded()
         self._reap()
+        self._check_liveness()
         self._respawn_due()
         self._advance_update()
         self._answer_drained()
         self._handle_requests()
+        self._tend_orphans()
+        self._kill_overdue()
         self._refresh_state()
         if self.ever_ready:
             self._keep_agent()
             self._keep_standby()
+        if time.monotonic() >= self._next_log_check:
+            self._next_log_check = time.monotonic() + LOG_CHECK_S
+            rotate_logs(self.paths.logs)
         self._write_status()
 
     def _release_loaded(self) -> None:
@@ -378,6 +663,9 @@ class Supervisor:
             os.close(worker.ready_fd)
             del self.workers[pid]
             forget_worker_metrics(self.paths.metrics, pid)
+            live = read_liveness(self._live_path(pid))
+            with contextlib.suppress(OSError):
+                self._live_path(pid).unlink()
             if worker.draining or worker.generation == -1:
                 if worker is self.standby:
                     self.standby = None
@@ -386,23 +674,53 @@ class Supervisor:
             if self.pending and worker.generation == self.pending.generation.number:
                 self._fail_update(reason)
             elif self.current and worker.generation == self.current.number:
-                self._on_crash(worker, self.current, reason)
+                self._on_crash(worker, self.current, reason, live)
 
-    def _on_crash(self, worker: Worker, current: Generation, reason: str) -> None:
-        """``worker`` of the serving generation ``current`` died: restart it, or give up."""
+    def _on_crash(self, worker: Worker, current: Generation, reason: str, live: Liveness | None = None) -> None:
+        """``worker`` of the serving generation ``current`` died: restart it, or give up on it."""
         self.last_error = reason
         if not self.ever_ready:
             # A model that never came up will not come up on retry: fail create with the reason.
             _logger.error("Worker failed before becoming ready: %s", reason)
             self.state = STATUS_FAILED
             return
-        if worker.ready_at and time.time() - worker.ready_at > HEALTHY_RESET_S:
+        if worker.ready_at and live is not None and live.busy_since:
+            # It died inside a model call: a request killed it (a segfaulting native model, memory
+            # blown by one input). The client's fault, not the version's: count it, restart at once.
+            self.bad_requests += 1
+            self.restarts += 1
+            self.last_error = (f"a request of {live.busy_rows} row(s) killed worker {worker.index} while it was "
+                               f"predicting ({self.bad_requests} such request(s) so far): {reason}")
+            _logger.warning("%s", self.last_error)
+            self.store.append_history(self.paths.name, "bad_request", error=reason, rows=live.busy_rows,
+                                      model_version=current.spec.model.model_version)
+            self.respawn_at[worker.index] = time.monotonic()
+            return
+        served = live is not None and live.predicts > 0
+        if worker.ready_at and (served or time.time() - worker.ready_at > HEALTHY_RESET_S):
+            # It had served: the version stays up. Something outside killed it (kill -9, the OOM killer).
             self.crashes_in_row = 0
+            self.restarts += 1
+            _logger.warning("Worker %d died after serving (%s); restarting it", worker.index, reason)
+            self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
+            self.respawn_at[worker.index] = time.monotonic()
+            return
+        # It died before serving anything: the version may not be able to stay up. That is what
+        # the crash budget is for.
         self.crashes_in_row += 1
         max_restarts = current.spec.config.max_restarts
         self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
         if self.crashes_in_row > max_restarts:
-            _logger.error("Worker crashed %d times in a row; giving up: %s", self.crashes_in_row, reason)
+            others = [w for w in self._workers_of(current) if w.ready_at and w is not worker]
+            message = f"worker {worker.index} crashed {self.crashes_in_row} times in a row before serving"
+            if others or self.orphans:
+                # Healthy workers are never stopped for it: serve with fewer until the next update.
+                _logger.error("%s; no longer restarting it: %s", message, reason)
+                self.given_up.add(worker.index)
+                self.last_error = f"{message}; no longer restarted (an update starts it again): {reason}"
+                self.store.append_history(self.paths.name, "worker_given_up", error=reason, index=worker.index)
+                return
+            _logger.error("%s; giving up: %s", message, reason)
             self.state = STATUS_FAILED
             self.store.append_history(self.paths.name, "failed", error=reason)
             return
@@ -469,6 +787,7 @@ class Supervisor:
             self.current = pending.generation
             self.pending = None
             self.respawn_at.clear()
+            self.given_up.clear()
             self.crashes_in_row = 0
             self.ever_ready = True
             self.store.write_spec(pending.generation.spec.replace(generation=pending.generation.number))
@@ -515,6 +834,8 @@ class Supervisor:
         if len(ready) == wanted:
             self.ever_ready = True
             self.state = STATUS_RUNNING
+        elif self.orphans and not self.orphans_told:
+            self.state = STATUS_RUNNING  # the previous supervisor's workers serve while ours start
         elif self.ever_ready:
             self.state = STATUS_UNHEALTHY
         else:
@@ -528,6 +849,8 @@ class Supervisor:
         if host in ("0.0.0.0", "::"):
             url_host = "127.0.0.1"
         current_workers = self._workers_of(self.current)
+        others = sorted({w.pid for w in self.workers.values() if w not in current_workers
+                         and w is not self.standby} | set(self.orphans))
         return {
             "state": self.state,
             "pid": os.getpid(),
@@ -544,6 +867,15 @@ class Supervisor:
             "updating": self.pending is not None,
             "standby_pid": self.standby.pid if self.standby is not None else None,
             "agent_pid": self.agent.pid if self.agent is not None and self.agent.poll() is None else None,
+            # Pending, draining and hung workers, and a previous supervisor's: every process a
+            # successor (or a test's clean-up) must find.
+            "other_pids": others,
+            "serving_pids": sorted({w.pid for w in current_workers if w.ready_at}
+                                   | {pid for pid, told in self.orphans.items() if told is None}),
+            "bad_requests": self.bad_requests,
+            "hung_replaced": self.hung_replaced,
+            "takeovers": self.takeovers,
+            "given_up_workers": sorted(self.given_up),
         }
 
     def _write_status(self) -> None:
@@ -562,17 +894,29 @@ class Supervisor:
         self._release_standby()
         everyone = list(self.workers.values())
         self._drain(everyone)
+        for pid in self.orphans:
+            signal_pid(pid, signal.SIGTERM)
         if self.agent is not None and self.agent.poll() is None:
             self.agent.terminate()
-        grace = (self.current.spec.config.timeout_s if self.current else 60.0) + 10
+        grace = (self.current.spec.config.timeout_s if self.current else 60.0) + DRAIN_MARGIN_S
         deadline = time.monotonic() + grace
-        while any(w.popen.poll() is None for w in everyone) and time.monotonic() < deadline:
+
+        def anyone_left() -> bool:
+            return (any(w.popen.poll() is None for w in everyone)
+                    or any(is_worker(pid, self.paths.root) for pid in self.orphans))
+
+        while anyone_left() and time.monotonic() < deadline:
             time.sleep(TICK_S)
         for worker in everyone:
             if worker.popen.poll() is None:
                 _logger.warning("Worker %d did not drain in %.0fs; killing it", worker.pid, grace)
                 worker.popen.kill()
                 worker.popen.wait()
+        for pid in self.orphans:
+            if is_worker(pid, self.paths.root):
+                signal_pid(pid, signal.SIGKILL)
+            forget_worker_metrics(self.paths.metrics, pid)
+        self.orphans.clear()
         self.workers.clear()
         if self.agent is not None:
             try:
@@ -589,13 +933,16 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m mlflow_deploy_plugin.engines.local.supervisor")
+    parser.add_argument("deployment_dir", type=Path)
+    parser.add_argument("--respawn", action="store_true",
+                        help="started by an orphaned worker or agent: do nothing for a stopped deployment")
+    parser.add_argument("--fd", type=int, default=None, help="inherited listening socket to serve on")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor %(process)d] %(message)s")
-    return Supervisor(DeploymentPaths(Path(args[0]).resolve())).run()
+    return Supervisor(DeploymentPaths(args.deployment_dir.resolve()), respawn=args.respawn,
+                      inherited_fd=args.fd).run()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Worker -> supervisor (ready pipe):
   ``ready``        accepting connections
   ``draining``     stopped accepting; finishing what it has
   ``error <why>``  could not start (the reason is shown by ``get``)
+  ``hung <why>``   its model call has not returned within timeout_s + grace: it answers 503 to
+                   what waits on it, takes nothing new and exits; replace it now
 Supervisor -> worker (stdin):
   ``<spec path>``  (standby only) serve this generation
   ``go``           the whole generation has loaded: start accepting
@@ -24,6 +26,7 @@ LOADED = "loaded"
 READY = "ready"
 DRAINING = "draining"
 ERROR = "error"
+HUNG = "hung"
 GO = "go"
 
 

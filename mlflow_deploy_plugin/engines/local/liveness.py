@@ -1,0 +1,93 @@
+"""A worker's liveness record: a 32-byte file its supervisor reads (standard library only).
+
+Readiness (``/health``, the ``ready`` line on the pipe) says a worker *can* serve; liveness says it
+still *does*. Each worker keeps ``run/live/<pid>`` up to date with ``os.pwrite`` (microseconds, no
+lock, no pipe that could fill and block the predict thread):
+
+- ``heartbeat``: written by the event loop every ``HEARTBEAT_S``; stale means the loop is stuck;
+- ``busy_since`` / ``busy_rows``: written by the predict thread around every model call; a call
+  older than ``timeout_s + HUNG_GRACE_S`` is hung (no request may wait that long anyway);
+- ``predicts``: calls completed, so a crash can be told apart: before serving anything (the
+  version cannot stay up) or while predicting (a request killed it).
+
+The file survives the worker's death (it is plain page cache), which is what lets the supervisor
+tell a poison request from a broken version after the fact. Times are ``time.monotonic()``:
+CLOCK_MONOTONIC is the same clock in every process of the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HEARTBEAT_S = 0.5
+HUNG_GRACE_S = 2.0  # beyond timeout_s: every request waiting on the call has had its answer by then
+_LAYOUT = struct.Struct("<ddqq")  # heartbeat, busy_since, busy_rows, predicts
+_BUSY = struct.Struct("<dq")
+
+
+def liveness_dir(run_dir: Path) -> Path:
+    return run_dir / "live"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    heartbeat: float
+    busy_since: float  # 0.0 when no predict runs
+    busy_rows: int
+    predicts: int
+
+    def busy_for(self, now: float | None = None) -> float:
+        return ((now or time.monotonic()) - self.busy_since) if self.busy_since else 0.0
+
+    def silent_for(self, now: float | None = None) -> float:
+        return (now or time.monotonic()) - self.heartbeat
+
+
+class LivenessWriter:
+    """The worker's side: one file, written in place."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._predicts = 0
+        self._busy_since = 0.0
+        os.pwrite(self._fd, _LAYOUT.pack(time.monotonic(), 0.0, 0, 0), 0)
+
+    def beat(self) -> None:
+        """Event loop: still turning."""
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, struct.pack("<d", time.monotonic()), 0)
+
+    def predict_started(self, rows: int) -> None:
+        self._busy_since = time.monotonic()
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, _BUSY.pack(self._busy_since, rows), 8)
+
+    def predict_ended(self) -> None:
+        self._busy_since = 0.0
+        self._predicts += 1
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, _BUSY.pack(0.0, 0) + struct.pack("<q", self._predicts), 8)
+
+    def busy_for(self) -> float:
+        """How long the current model call has run (0 when none runs)."""
+        since = self._busy_since
+        return time.monotonic() - since if since else 0.0
+
+
+def read_liveness(path: Path) -> Liveness | None:
+    """The supervisor's side: the worker's last record, or None before it wrote one."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_LAYOUT.size)
+    except OSError:
+        return None
+    if len(raw) < _LAYOUT.size:
+        return None
+    return Liveness(*_LAYOUT.unpack(raw))

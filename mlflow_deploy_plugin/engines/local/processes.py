@@ -1,0 +1,163 @@
+"""Which processes belong to a local deployment, and who may supervise it (standard library only).
+
+Every process of a deployment is recognised by its command line, never by pid alone: after a
+reboot ``status.json`` may name pids that now belong to unrelated processes, which must never be
+reported as running, let alone signalled.
+
+Exactly one supervisor runs per deployment: it holds an exclusive ``flock`` on
+``run/supervisor.lock`` for its whole life. The kernel drops the lock when the process dies, however
+it dies, so whoever takes it next (a new supervisor started by an orphaned worker, by the agent, by
+`mlflow-deploy up` or by `create`) knows the previous one is gone, and two can never run at once.
+
+Imported by the supervisor, the workers and the agent: keep it free of anything but the stdlib
+and ``state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow_deploy_plugin.state import DeploymentPaths, pid_alive
+
+SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
+WORKER_MODULE = "mlflow_deploy_plugin.serving.worker"
+AGENT_MODULE = "mlflow_deploy_plugin.agent"
+# Supervisors started before the engines/local/ layout run under their old module name; they speak
+# the same mailbox and status files, so they must still be recognised after an upgrade.
+_SUPERVISOR_MODULES = (SUPERVISOR_MODULE.encode(), b"mlflow_deploy_plugin.engines.supervisor")
+
+
+def supervisor_lock_path(paths: DeploymentPaths) -> Path:
+    return paths.root / "run" / "supervisor.lock"
+
+
+def _cmdline(pid: int | None) -> list[bytes]:
+    if not pid_alive(pid):
+        return []
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def is_supervisor(pid: int | None, root: Path) -> bool:
+    """Whether ``pid`` is alive AND is the supervisor of the deployment at ``root``."""
+    argv = _cmdline(pid)
+    return any(module in argv for module in _SUPERVISOR_MODULES) and str(root).encode() in argv
+
+
+def is_worker(pid: int | None, root: Path) -> bool:
+    """Whether ``pid`` is alive AND is a serving worker (or warm standby) of the deployment at ``root``.
+
+    A worker's command line names its generation file, which lives under the deployment's folder.
+    """
+    argv = _cmdline(pid)
+    prefix = str(root).encode() + b"/"
+    return WORKER_MODULE.encode() in argv and any(arg.startswith(prefix) for arg in argv)
+
+
+def is_agent(pid: int | None, root: Path) -> bool:
+    """Whether ``pid`` is alive AND is the background agent of the deployment at ``root``."""
+    argv = _cmdline(pid)
+    return AGENT_MODULE.encode() in argv and str(root).encode() in argv
+
+
+def status_pids(status: dict[str, Any], *keys: str) -> list[int]:
+    """The pids ``status.json`` lists under ``keys`` (single pids or lists), in order, no repeats."""
+    found: list[int] = []
+    for key in keys:
+        value = status.get(key)
+        for pid in value if isinstance(value, list) else [value]:
+            if isinstance(pid, int) and pid > 0 and pid not in found:
+                found.append(pid)
+    return found
+
+
+WORKER_KEYS = ("worker_pids", "other_pids", "standby_pid")
+
+
+def live_workers(status: dict[str, Any], root: Path) -> list[int]:
+    """Workers ``status.json`` names that still run (verified by command line)."""
+    return [pid for pid in status_pids(status, *WORKER_KEYS) if is_worker(pid, root)]
+
+
+def take_supervisor_lock(paths: DeploymentPaths, wait_s: float = 0.0) -> int | None:
+    """The fd holding the deployment's supervisor lock, or None if another process holds it.
+
+    Never creates the deployment's folders: a deployment deleted (archived) meanwhile has no
+    ``run/`` folder any more, and must not be brought back by a late supervisor.
+    """
+    try:
+        fd = os.open(supervisor_lock_path(paths), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
+def supervisor_lock_held(paths: DeploymentPaths) -> bool:
+    """Whether a supervisor holds the deployment's lock now (a probe that takes it for an instant)."""
+    try:
+        fd = os.open(supervisor_lock_path(paths), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we got
+    return False
+
+
+def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = None) -> subprocess.Popen[bytes]:
+    """Start a detached supervisor for the deployment at ``paths`` (its own session, logs appended).
+
+    ``respawn``: started by an orphaned worker or agent, not by a person: it does nothing if the
+    deployment was stopped or deleted meanwhile. ``fd``: a listening socket to serve on (the one
+    the orphaned workers serve on), so the port is never closed, not even for an instant.
+    """
+    argv = [sys.executable, "-m", SUPERVISOR_MODULE, str(paths.root)]
+    if respawn:
+        argv.append("--respawn")
+    if fd is not None:
+        argv += ["--fd", str(fd)]
+    with open(paths.logs / "supervisor.log", "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                pass_fds=(fd,) if fd is not None else ())
+
+
+def signal_pid(pid: int, signum: int) -> bool:
+    """Send ``signum`` to ``pid``; False if it is gone."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def reap_quietly(process: subprocess.Popen[bytes] | None) -> bool:
+    """Whether ``process`` has ended (reaping it, so no zombie lingers)."""
+    if process is None:
+        return True
+    with contextlib.suppress(OSError):
+        return process.poll() is not None
+    return True
