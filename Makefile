@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-serving bench-drift bench-follow clean
+.PHONY: demo test test-fast lint bench-serving bench-drift bench-follow bench-chaos clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench-drift: $(STAMP)
 
 bench-follow: $(STAMP)
 	$(BIN)/python benchmarks/follow_latency.py
+
+# kill -9 of each process kind, everything + `mlflow-deploy up`, a hung model, a poison request.
+bench-chaos: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output

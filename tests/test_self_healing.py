@@ -1,0 +1,345 @@
+"""Self-healing on real processes: kill -9 of each process kind under steady traffic, `up` after
+everything was killed, a hung model, a poison request, an update over a hung worker.
+
+Every fault runs under a steady request loop and the test counts what failed against the bound
+the README promises ("Failure behaviour"); how fast things recover is measured by
+``benchmarks/chaos.py``, not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from conftest import REPO, Env, Registry, _kill_everything_under, processes_under, split_payload, wait_for
+
+from mlflow_deploy_plugin.engines.local.processes import is_supervisor, is_worker
+
+HANG, CRASH = -1.0, -2.0  # tests/assets/poison_model.py
+
+
+class SteadyLoop:
+    """A few keep-alive clients posting one row each in a loop until stopped (bounded by itself)."""
+
+    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 600) -> None:
+        self.url, self.payload = url, payload
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.outcomes: list[tuple[float, str]] = []  # (monotonic time answered, "200" / "503" / error)
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> SteadyLoop:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            try:
+                response = session.post(f"{self.url}/invocations", json=self.payload, timeout=60)
+                outcome = str(response.status_code)
+            except requests.RequestException as exc:
+                outcome = type(exc).__name__
+                session = requests.Session()
+            with self.lock:
+                self.outcomes.append((time.monotonic(), outcome))
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.outcomes)
+
+    def since(self, mark: int) -> Counter[str]:
+        with self.lock:
+            return Counter(outcome for _, outcome in self.outcomes[mark:])
+
+    def failed_since(self, mark: int) -> int:
+        return sum(n for outcome, n in self.since(mark).items() if outcome != "200")
+
+    def wait_answers(self, count: int, what: str) -> None:
+        start = self.mark()
+        wait_for(lambda: self.since(start)["200"] >= count, 60, what)
+
+
+def _status(home: Path, name: str) -> dict:
+    return json.loads((home / "deployments" / name / "status.json").read_text())
+
+
+def _alive(pid: int | None) -> bool:
+    from mlflow_deploy_plugin.state import pid_alive
+
+    return pid_alive(pid)
+
+
+def _freeze_and_kill(pids: list[int]) -> None:
+    """kill -9 a set of processes as one fault: stopped first, so none reacts to another's death."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _live_metric_pids(home: Path, name: str) -> set[int]:
+    folder = home / "deployments" / name / "run" / "prometheus"
+    return {int(path.stem.rpartition("_")[2]) for path in folder.glob("gauge_live*.db")}
+
+
+@pytest.fixture(scope="module")
+def poison_model(env: Env, registry: Registry) -> str:
+    name = f"poison_{registry.model.rpartition('_')[2]}"
+    with mlflow.start_run():
+        for _ in range(2):  # two versions: an update has somewhere to go
+            mlflow.pyfunc.log_model(name="model", python_model=str(REPO / "tests/assets/poison_model.py"),
+                                    input_example=registry.features.head(2), registered_model_name=name)
+    return name
+
+
+def _row(registry: Registry, radius: float | None = None) -> dict:
+    frame = registry.features.iloc[[3]].copy()
+    if radius is not None:
+        frame["mean_radius"] = radius
+    return split_payload(frame)
+
+
+# Several cold worker starts, each up to a minute on a busy 2-core machine.
+@pytest.mark.timeout(900)
+def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry: Registry) -> None:
+    name = "heal-kinds"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}@champion",
+            "-C", "workers=2", "-C", "poll_interval_s=60")
+    root = env.home / "deployments" / name
+    try:
+        first = wait_for(lambda: (s := env.status(name))["standby_pid"] and s["agent_pid"] and s, 120,
+                         "the warm standby and the agent")
+        url = first["url"]
+        failures: dict[str, Counter[str]] = {}
+        with SteadyLoop(url, _row(registry)) as loop:
+            loop.wait_answers(20, "the request loop to get going")
+
+            # A worker: the requests in flight on it (at most one per client) may fail, nothing else.
+            victim = first["worker_pids"][0]
+            mark = loop.mark()
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: (s := env.status(name))["state"] == "running" and victim not in s["worker_pids"]
+                     and len(s["worker_pids"]) == 2, 120, "the killed worker to be replaced")
+            loop.wait_answers(20, "answers after the worker was replaced")
+            failures["worker"] = loop.since(mark)
+            assert loop.failed_since(mark) <= len(loop.threads), failures
+            after = env.status(name)
+            # Killed mid-predict it counts as a (suspected) bad request, else as a crash: never against
+            # the crash budget either way.
+            assert after["restarts"] == 1 and after["given_up_workers"] == [], after
+
+            # The warm standby and the agent: nothing the clients can notice.
+            for kind in ("standby_pid", "agent_pid"):
+                victim = wait_for(lambda k=kind: env.status(name)[k], 120, f"a {kind}")
+                mark = loop.mark()
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda k=kind, v=victim: (p := env.status(name)[k]) and p != v and _alive(p), 60,
+                         f"a new {kind}")
+                loop.wait_answers(20, f"answers after the {kind} was replaced")
+                failures[kind] = loop.since(mark)
+                assert loop.failed_since(mark) == 0, failures
+
+            # The supervisor: its workers keep serving, start a successor, and drain once its own
+            # generation serves. Not one request fails.
+            before = wait_for(lambda: (s := env.status(name))["standby_pid"] and s, 120, "the standby again")
+            old_processes = [before["pid"], *before["worker_pids"], before["standby_pid"], before["agent_pid"]]
+            mark = loop.mark()
+            os.kill(before["pid"], signal.SIGKILL)
+            taken_over = wait_for(
+                lambda: (s := env.status(name))["pid"] != before["pid"] and is_supervisor(s["pid"], root)
+                and s["state"] == "running" and s["takeovers"] == 1 and len(s["worker_pids"]) == 2
+                and not any(_alive(pid) for pid in old_processes) and s, 120,
+                "a new supervisor to take over and the old processes to be gone")
+            loop.wait_answers(20, "answers after the takeover")
+            failures["supervisor"] = loop.since(mark)
+            assert loop.failed_since(mark) == 0, failures
+        assert set(taken_over["worker_pids"]).isdisjoint(before["worker_pids"])
+        assert taken_over["url"] == url and taken_over["restarts"] == 1  # counts survive the takeover
+        wait_for(lambda: env.status(name)["agent_pid"], 60, "the new supervisor's agent")
+        # /metrics holds only live workers: the dead ones' live gauges are gone.
+        live = {pid for pid in _live_metric_pids(env.home, name) if is_worker(pid, root)}
+        assert _live_metric_pids(env.home, name) == live and live <= set(env.status(name)["worker_pids"]) | {
+            env.status(name)["standby_pid"]}
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        assert 'mlflow_deploy_in_flight_requests{deployment="heal-kinds"} 0.0' in metrics
+        info = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        assert "status: running" in info, info
+        events = [event["event"] for event in env_history(env, name)]
+        assert "supervisor_replaced" in events and "taken_over" in events
+        print(f"failures per fault: {failures}")
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+    assert not processes_under(root), "a process of the deleted deployment is left"
+
+
+def env_history(env: Env, name: str) -> list[dict]:
+    from mlflow_deploy_plugin.state import StateStore
+
+    return StateStore(env.home).read_history(name)
+
+
+def _mlflow_deploy(home: Path, env: Env, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "mlflow-deploy")
+    return subprocess.run([exe, "--home", str(home), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env.environ(MLFLOW_DEPLOY_HOME=str(home)), cwd=env.root)
+
+
+# Several cold worker starts, each up to a minute on a busy 2-core machine.
+@pytest.mark.timeout(900)
+def test_up_brings_back_a_deployment_whose_processes_were_all_killed(env: Env, registry: Registry,
+                                                                     tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    name = "revive"
+    cli_env = env.environ(MLFLOW_DEPLOY_HOME=str(home))
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1", env=cli_env)
+    root = home / "deployments" / name
+    try:
+        url = _status(home, name)["url"]
+        # Everything at once, as a reboot or an OOM massacre would: nothing is left to heal it.
+        while pids := processes_under(root):
+            _freeze_and_kill(pids)
+        wait_for(lambda: not processes_under(root), 30, "every process to be gone")
+        info = env.cli("get", "-t", "lifecycle", "--name", name, env=cli_env).stdout
+        assert "status: stopped" in info and "mlflow-deploy up" in info, info
+        listed = env.cli("list", "-t", "lifecycle", env=cli_env).stdout
+        assert name in listed
+
+        # Two `up` at once (cron and boot): one supervisor, never two.
+        runs = [threading.Thread(target=lambda: outputs.append(_mlflow_deploy(home, env, "up")))
+                for _ in range(2)]
+        outputs: list[subprocess.CompletedProcess] = []
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join(timeout=400)
+        assert all(out.returncode == 0 for out in outputs), [out.stderr[-2000:] for out in outputs]
+        said = sorted(out.stdout.split(":")[1].split()[0] for out in outputs)
+        assert said in (["running", "started"], ["started", "started"]), [out.stdout for out in outputs]
+        status = _status(home, name)
+        assert status["state"] == "running" and status["url"] == url  # the same port: the registry tag holds
+        supervisors = [pid for pid in processes_under(root) if is_supervisor(pid, root)]
+        assert supervisors == [status["pid"]], supervisors
+        response = requests.post(f"{url}/invocations", json=_row(registry), timeout=30)
+        assert response.status_code == 200, response.text
+
+        again = _mlflow_deploy(home, env, "up")
+        assert again.returncode == 0 and f"{name}: running" in again.stdout, again.stdout + again.stderr
+        assert _status(home, name)["pid"] == status["pid"]
+        assert "restarted" in [event["event"] for event in _history(home, name)]
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+        _kill_everything_under(home)
+
+
+def _history(home: Path, name: str) -> list[dict]:
+    from mlflow_deploy_plugin.state import StateStore
+
+    return StateStore(home).read_history(name)
+
+
+# Several cold worker starts, each up to a minute on a busy 2-core machine.
+@pytest.mark.timeout(900)
+def test_a_hung_model_call_is_replaced_while_the_other_worker_serves(env: Env, registry: Registry,
+                                                                     poison_model: str) -> None:
+    name = "hung"
+    timeout_s = 3.0
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/1",
+            "-C", "workers=2", "-C", f"timeout_s={timeout_s:g}")
+    root = env.home / "deployments" / name
+    try:
+        first = wait_for(lambda: (s := env.status(name))["standby_pid"] and s, 120, "the warm standby")
+        url = first["url"]
+        hung_answer: list[requests.Response] = []
+        with SteadyLoop(url, _row(registry), clients=2) as loop:
+            loop.wait_answers(10, "the request loop to get going")
+            mark = loop.mark()
+            sent = time.monotonic()
+            hanger = threading.Thread(target=lambda: hung_answer.append(
+                requests.post(f"{url}/invocations", json=_row(registry, HANG), timeout=60)))
+            hanger.start()
+            # Fresh connections meanwhile: some reach the hung worker and wait on it.
+            probes: list[requests.Response] = []
+            while time.monotonic() - sent < timeout_s + 3:
+                probes.append(requests.post(f"{url}/invocations", json=_row(registry), timeout=60))
+            hanger.join(timeout=60)
+            # Healthy again: the hung worker replaced, every worker answering (a poll with a deadline).
+            healthy = wait_for(
+                lambda: (s := env.status(name))["state"] == "running" and s["hung_replaced"] == 1
+                and len(s["worker_pids"]) == 2 and set(s["worker_pids"]) != set(first["worker_pids"]) and s,
+                timeout_s + 10, "the hung worker to be replaced", interval_s=0.1)
+            print(f"healthy again {time.monotonic() - sent:.1f}s after the hanging request was sent")
+            loop.wait_answers(20, "answers after the replacement")
+            during = loop.since(mark)
+        assert hung_answer and hung_answer[0].status_code in (503, 504), hung_answer
+        # The other worker kept answering; what waited on the hung one got 504 (its own timeout) or 503.
+        assert during["200"] > 0 and set(during) <= {"200", "503", "504"}, during
+        statuses = Counter(probe.status_code for probe in probes)
+        assert statuses[200] > 0 and set(statuses) <= {200, 503, 504}, statuses
+        for probe in probes:
+            if probe.status_code == 503:
+                assert probe.headers["retry-after"] and probe.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        hung_pids = set(first["worker_pids"]) - set(healthy["worker_pids"])
+        wait_for(lambda: not any(is_worker(pid, root) for pid in hung_pids), 30, "the hung worker to exit")
+        assert "worker_hung" in [event["event"] for event in env_history(env, name)]
+        assert "hung" in env.cli("get", "-t", "lifecycle", "--name", name).stdout
+
+        # An update over a hung worker never leaves it behind.
+        threading.Thread(target=lambda: requests.post(f"{url}/invocations", json=_row(registry, HANG), timeout=60),
+                         daemon=True).start()
+        wait_for(lambda: any((root / "run" / "live").glob("*")), 10, "liveness files")
+        before = set(env.status(name)["worker_pids"])
+        env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/2")
+        wait_for(lambda: not any(is_worker(pid, root) for pid in before), timeout_s + 30,
+                 "every worker of the old generation to be gone")
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+    assert not processes_under(root)
+
+
+# Several cold worker starts, each up to a minute on a busy 2-core machine.
+@pytest.mark.timeout(900)
+def test_a_request_that_kills_its_worker_is_counted_and_never_fails_the_deployment(
+        env: Env, registry: Registry, poison_model: str) -> None:
+    name = "poisoned"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/1",
+            "-C", "workers=2", "-C", "max_restarts=1")
+    try:
+        url = env.status(name)["url"]
+        with SteadyLoop(url, _row(registry), clients=2) as loop:
+            loop.wait_answers(10, "the request loop to get going")
+            mark = loop.mark()
+            for count in range(1, 4):  # more poison than the crash budget allows crashes
+                wait_for(lambda: env.status(name)["state"] == "running", 120, "both workers serving")
+                with pytest.raises(requests.ConnectionError):
+                    requests.post(f"{url}/invocations", json=_row(registry, CRASH), timeout=60)
+                wait_for(lambda c=count: env.status(name)["bad_requests"] == c, 60, f"bad request {count} counted")
+            status = wait_for(lambda: (s := env.status(name))["state"] == "running" and s, 120, "recovery")
+            loop.wait_answers(10, "answers after the poison")
+            during = loop.since(mark)
+        assert status["bad_requests"] == 3 and status["given_up_workers"] == [], status
+        # Only requests in flight on a dying worker fail (at most one per client per poison).
+        assert during["200"] > 0 and sum(n for k, n in during.items() if k != "200") <= 3 * 2, during
+        assert "SIGSEGV" in status["last_error"]
+        events = [event for event in env_history(env, name) if event["event"] == "bad_request"]
+        assert len(events) == 3 and all(event["rows"] >= 1 for event in events)
+        assert "failed" not in [event["event"] for event in env_history(env, name)]
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
