@@ -253,6 +253,7 @@ def main() -> int:
     unknown = set(faults) - set(FAULTS)
     if unknown:
         parser.error(f"unknown faults {sorted(unknown)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill too, as on Ctrl-C
     root = Path(tempfile.mkdtemp(prefix="mlflow-deploy-chaos-"))
     bench = Bench(root, args)
     results = []

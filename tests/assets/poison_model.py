@@ -2,11 +2,12 @@
 
 A row with ``mean_radius == -1`` makes ``predict`` block forever (a hung model: a deadlock, a
 remote call without a timeout); ``mean_radius == -2`` makes the process die of SIGSEGV (a native
-library crashing on one input). Every other input is answered at once.
+library crashing on one input: a real null-pointer read, in the predicting thread itself, not a
+signal sent to the process, which another thread might take while predict carries on). Every other
+input is answered at once.
 """
 
-import os
-import signal
+import ctypes
 import threading
 
 import mlflow
@@ -20,7 +21,7 @@ class PoisonModel(PythonModel):
     def predict(self, context, model_input, params=None):
         radius = model_input["mean_radius"]
         if (radius == CRASH).any():
-            os.kill(os.getpid(), signal.SIGSEGV)
+            ctypes.string_at(0)  # reads address 0: SIGSEGV
         if (radius == HANG).any():
             threading.Event().wait()  # never set
         return np.zeros(len(model_input), dtype=np.int64)

@@ -111,15 +111,19 @@ class LocalEngine(Engine):
         """Stop the supervisor (it drains every worker, a predecessor's included); then, holding
         the supervisor lock so no orphan can start a new one, end whatever is left."""
         paths = self.store.paths(name)
-        raw = self.store.read_status(name) or {}
-        pid = raw.get("pid")
-        if isinstance(pid, int) and is_supervisor(pid, paths.root):
-            with contextlib.suppress(EngineError):  # no answer in time: the signals below end it
-                self._ask(name, {"op": "stop"}, timeout_s)
-            self._terminate(pid, 5.0)
         if not paths.root.exists():
             return
-        lock = take_supervisor_lock(paths, wait_s=10.0)
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while True:
+            pid = (self.store.read_status(name) or {}).get("pid")
+            if isinstance(pid, int) and is_supervisor(pid, paths.root):
+                with contextlib.suppress(EngineError):  # no answer in time: the signals below end it
+                    self._ask(name, {"op": "stop"}, timeout_s)
+                self._terminate(pid, 5.0)
+            # A successor an orphaned worker just started may hold the lock: stop that one too.
+            lock = take_supervisor_lock(paths, wait_s=1.0)
+            if lock is not None or time.monotonic() > deadline:
+                break
         try:
             raw = self.store.read_status(name) or {}
             left = live_workers(raw, paths.root)
