@@ -98,6 +98,8 @@ class DrainingServer(uvicorn.Server):
         self._candidates: list[subprocess.Popen[bytes]] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.hung and sig == signal.SIGTERM:
+            return  # leaving on our own (capture flushed); uvicorn's shutdown would wait on the hung call
         if self._drain_deadline is None and sig in (signal.SIGTERM, signal.SIGINT):
             self.begin_drain()
             return
