@@ -14,7 +14,9 @@ and ``--settle`` more seconds have passed. Printed per fault:
 
 - requests sent, and failed (anything but 200: connection errors, 503, 504);
 - seconds to recover: from the fault to the deployment's status being healthy again with the
-  faulty process replaced (polled every 50 ms); for the hung model, from the hanging request;
+  faulty process replaced (polled every 50 ms); for the hung model, from the hanging request; for
+  the supervisor, until the old workers are gone too (a fresh generation has started and they
+  drained), and, separately, until a new supervisor runs;
 - rows answered (200s) vs rows captured (those request ids found in the captured Parquet once the
   writers have flushed): what a killed worker had buffered but not written is the difference.
 
@@ -170,6 +172,7 @@ class Bench:
         started = time.monotonic()
         window_start = time.time()
         replaced: set[int] = set()
+        supervisor_back: float | None = None
         extra: Callable[[dict], bool] = lambda s: True  # noqa: E731
         if fault == "worker":
             replaced = {status["worker_pids"][0]}
@@ -179,9 +182,14 @@ class Bench:
             os.kill(victim, signal.SIGKILL)
             extra = lambda s: s.get(f"{fault}_pid") not in (None, victim)  # noqa: E731
         elif fault == "supervisor":
+            from mlflow_deploy_plugin.engines.local.processes import is_supervisor
+
             replaced = set(status["worker_pids"])
             os.kill(status["pid"], signal.SIGKILL)
             extra = lambda s: s.get("pid") != status["pid"]  # noqa: E731
+            self.until(lambda: (s := self.status(name)).get("pid") != status["pid"]
+                       and is_supervisor(s.get("pid"), root), "a new supervisor")
+            supervisor_back = time.monotonic() - started
         elif fault == "everything":
             replaced = set(status["worker_pids"])
             pids = [pid for pid in _processes_under(root)]
@@ -216,7 +224,8 @@ class Bench:
         failed = [outcome for _, outcome in loop.outcomes if outcome != "200"]
         return {"fault": fault, "sent": len(loop.outcomes), "failed": len(failed),
                 "failures": dict(sorted({o: failed.count(o) for o in set(failed)}.items())),
-                "recover_s": round(recovered, 2), "answered": len(answered), "captured": captured}
+                "recover_s": round(recovered, 2), "answered": len(answered), "captured": captured,
+                "supervisor_back_s": None if supervisor_back is None else round(supervisor_back, 2)}
 
     def captured(self, name: str, since: float, answered: set[str]) -> int:
         from datetime import UTC, datetime
@@ -277,8 +286,9 @@ def main() -> int:
             print(f"kept {root}", file=sys.stderr)
     print(f"{'fault':<11} {'sent':>6} {'failed':>6} {'recover_s':>9} {'answered':>8} {'captured':>8}  failures")
     for r in results:
+        back = f" (a new supervisor after {r['supervisor_back_s']:.2f}s)" if r["supervisor_back_s"] is not None else ""
         print(f"{r['fault']:<11} {r['sent']:>6} {r['failed']:>6} {r['recover_s']:>9.2f} {r['answered']:>8} "
-              f"{r['captured']:>8}  {r['failures'] or ''}")
+              f"{r['captured']:>8}  {r['failures'] or ''}{back}")
     return 0
 
 
