@@ -110,6 +110,18 @@ def _to_policy_path(key: str, value: Any) -> str:
     return str(path)
 
 
+def _to_drift_floors(key: str, value: Any) -> str:
+    from mlflow_deploy_plugin.monitoring.drift_methods import parse_floors
+
+    text = str(value).strip()
+    try:
+        parse_floors(text)
+    except ValueError as exc:
+        raise _invalid(key, value, f"one floor for both kinds, e.g. 0.1, or 'numeric=0.1,categorical=0.1,"
+                                   f"missing=0.05' ({exc})") from None
+    return text
+
+
 def _to_duration(key: str, value: Any) -> str:
     from mlflow_deploy_plugin.spec import duration_s
 
@@ -187,8 +199,12 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("drift_min_rows", "int", 200, "Fewer captured rows than this -> drift.status="
          "insufficient_data.", _to_int(1, 100_000_000)),
     _Key("drift_methods", "str", None,
-         "Per-column drift tests, e.g. 'age=ks:0.01,city=psi:0.2', or a YAML/JSON file path.",
-         _to_text),
+         "Per-column drift tests and floors, e.g. 'age=ks:0.01+wasserstein:0.2,city=psi:0.2+missing:0.1', "
+         "or a YAML/JSON file path.", _to_text),
+    _Key("drift_effect_floor", "str", None,
+         "Smallest effect that counts as drift (default 0.1: Wasserstein/std for numeric, Jensen-Shannon "
+         "for categorical columns; missing-rate change 0.05): '0.2' or "
+         "'numeric=0.2,categorical=0.15,missing=0.1'; 0 lets the test alone decide.", _to_drift_floors),
     _Key("drift_schedule", "str", None, 'Cron expression for automatic drift reports, e.g. '
          '"*/30 * * * *".', _to_cron),
     _Key("drift_max_window", "str", "24h",

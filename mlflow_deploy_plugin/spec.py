@@ -70,6 +70,7 @@ class DeploymentConfig:
     reference_data: str | None = None
     drift_min_rows: int = 200
     drift_methods: str | None = None
+    drift_effect_floor: str | None = None
     drift_schedule: str | None = None
     drift_max_window: str = "24h"
     drift_experiment: str | None = None
