@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-serving bench-drift bench-follow clean
+.PHONY: demo test test-fast lint bench-serving bench-drift bench-drift-quality bench-follow clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench-serving: $(STAMP)
 
 bench-drift: $(STAMP)
 	$(BIN)/python benchmarks/drift.py
+
+# Verdict quality on synthetic data with a known truth (false alarms, detection, tiny shifts, nulls).
+bench-drift-quality: $(STAMP)
+	$(BIN)/python benchmarks/drift_quality.py $(BENCH_ARGS)
 
 bench-follow: $(STAMP)
 	$(BIN)/python benchmarks/follow_latency.py
