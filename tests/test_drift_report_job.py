@@ -23,6 +23,7 @@ from mlflow_deploy_plugin.monitoring import (
     resolve_reference_data,
     run_drift_report,
 )
+from mlflow_deploy_plugin.monitoring.drift_methods import ColumnMethod
 from mlflow_deploy_plugin.monitoring.report_job import metric_names
 
 FEATURES = ["age", "income($)", "plan", "region"]
@@ -367,6 +368,7 @@ def test_vanished_feature_and_missing_rate_change_are_flagged_end_to_end(store: 
     captured.loc[window, "region"] = None  # upstream stopped sending it
     captured.loc[captured.index[window][:400], "income($)"] = np.nan  # 0 % -> ~20 % missing
     captured["new_feature"] = 1.0  # only the current data has it: shown, not judged
+    captured["age"] = captured["age"].astype(str)  # numbers that arrived as text: judged and drawn as numbers
     outcome = run_drift_report(
         deployment="churn-missing", model_name=name, model_version="1", captured=captured, reference=reference,
         reference_source=source, window_start=WINDOW_START, window_end=WINDOW_END,
@@ -524,6 +526,19 @@ def test_settings_validate_methods_early():
     settings = DriftSettings.from_config(Config(), evidently_sample_rows=5000)
     assert settings.min_rows == 50 and str(settings.methods["age"]) == "psi:0.3"
     assert settings.evidently_sample_rows == 5000
+    assert str(settings.floors) == "numeric=0.1,categorical=0.1,missing=0.05"  # the defaults
+
+    # -C drift_effect_floor: checked when the deployment is configured, applied by the job.
+    from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.errors import InvalidRequest
+
+    config = parse_config({"drift_effect_floor": "numeric=0.2,missing=0.1",
+                           "drift_methods": "age=ks:0.01+wasserstein:0.3"})
+    settings = DriftSettings.from_config(config)
+    assert str(settings.floors) == "numeric=0.2,categorical=0.1,missing=0.1"
+    assert settings.column_methods["age"] == ColumnMethod("ks", 0.01, "wasserstein", 0.3)
+    with pytest.raises(InvalidRequest, match=r"drift_effect_floor='speed=1'.*expected 'numeric=<floor>'"):
+        parse_config({"drift_effect_floor": "speed=1"})
 
 
 def test_an_existing_drift_experiment_gets_the_kind_tag_but_a_chosen_kind_is_kept(store: Store):

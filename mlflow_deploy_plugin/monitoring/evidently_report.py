@@ -57,6 +57,15 @@ def _sample(frame: pd.DataFrame, names: list[str], rows: int, seed: int) -> tupl
     return frame.iloc[positions][names].reset_index(drop=True), True
 
 
+def _as_judged(sample: pd.DataFrame, columns: list[ColumnDrift]) -> pd.DataFrame:
+    """Numeric columns that arrived as text (e.g. captured JSON) as numbers, as the verdicts read them
+    (unparsable values become missing); Evidently refuses non-numeric values in a numerical column."""
+    convert = {col.name: pd.to_numeric(sample[col.name], errors="coerce") for col in columns
+               if col.kind == "numeric" and not pd.api.types.is_numeric_dtype(sample[col.name].dtype)
+               and not pd.api.types.is_datetime64_any_dtype(sample[col.name].dtype)}
+    return sample.assign(**convert) if convert else sample
+
+
 def _plottable(sample: pd.Series) -> bool:
     """Whether Evidently can draw the column: it refuses a column without any finite value."""
     if pd.api.types.is_numeric_dtype(sample.dtype) and not pd.api.types.is_bool_dtype(sample.dtype):
@@ -123,6 +132,7 @@ def render_evidently_report(
     ref_sample, ref_sampled = _sample(reference, names, sample_rows, seed)
     cur_sample, cur_sampled = _sample(current, names, sample_rows, seed + 1)
     sampled = ref_sampled or cur_sampled
+    ref_sample, cur_sample = _as_judged(ref_sample, candidates), _as_judged(cur_sample, candidates)
     plotted = [col for col in candidates if _plottable(ref_sample[col.name]) and _plottable(cur_sample[col.name])]
     if sampled:
         sample_text = (f"a random sample of {len(ref_sample):,} reference rows (of {len(reference):,}) and "
