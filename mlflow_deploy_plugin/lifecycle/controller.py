@@ -23,7 +23,8 @@ named steps (registry move, traffic switch, audit record), each idempotent. The 
 written to the state file before its first step, and each step is marked done as soon as it is.
 After a crash the next controller goes on from the first step not done; while an operation is in
 progress nothing else moves. A step that fails is recorded once in the history (``step_failed``),
-retried with exponential backoff (``poll_interval_s`` × 2^n, at most :data:`BACKOFF_CAP_S`) and,
+retried with exponential backoff (``poll_interval_s`` × 2^n, at most :data:`BACKOFF_CAP_S`; a
+webhook delivery, which proves the registry answers, cuts the wait short) and,
 when it finally succeeds, recorded once more (``step_recovered``); `get` shows the wait meanwhile.
 A transient error (:func:`..registry.is_transient`: the registry or network did not answer) is
 retried until it passes: it is never a verdict. Any other error is tried :data:`MAX_ATTEMPTS`
@@ -116,6 +117,7 @@ class LifecycleController:
         self._state_path = self.paths.root / state_name
         self._deployments: Deployments | None = None
         self._drift_checks = CanaryDriftCheck(store, name)
+        self._look_now = False  # this pass was asked for by a webhook: no backoff wait
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -184,8 +186,10 @@ class LifecycleController:
             return
         state = self._state()
         started = time.time()
+        # A webhook delivery means the registry answers again: it cuts any backoff short.
+        self._look_now = actor.startswith("webhook")
         paused = state.get("cycle_failure_info")
-        if paused and started < paused["next_at"]:
+        if paused and started < paused["next_at"] and not self._look_now:
             return  # backing off after a failed pass
         try:
             self._pass(spec, state, actor)
@@ -265,7 +269,7 @@ class LifecycleController:
         """Go on with the operation in progress from its first step not done; True once none is left."""
         while (op := state.get("op")) is not None:
             failure = op.get("failure")
-            if failure and time.time() < failure["next_at"]:
+            if failure and time.time() < failure["next_at"] and not self._look_now:
                 return False
             try:
                 for step, what, action in self._steps(op, state):

@@ -18,6 +18,7 @@ scheduler started it goes on following, promoting and rolling back. The running 
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import threading
 import time
@@ -73,6 +74,7 @@ class DriftScheduler:
         self.clock = clock
         self._running: dict[str, threading.Thread] = {}
         self._processes: dict[str, subprocess.Popen[bytes]] = {}  # report processes running now
+        self._stopping = threading.Event()  # set by run_forever's stop: a report cut short is no failure
         self.completed: list[tuple[str, str]] = []  # (deployment, "ok"|"failed: ...") for tests and logs
 
     def _default_job(self, name: str, since: datetime, until: datetime) -> Any:
@@ -169,6 +171,10 @@ class DriftScheduler:
                 outcome = self.job(name, since, until)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                if self._stopping.is_set():
+                    # Interrupted by a stop (its run ended KILLED): the window is judged after the restart.
+                    _logger.info("Scheduled drift report of %s interrupted by the stop: %s", name, error)
+                    return
                 _logger.error("Scheduled drift report of %s failed: %s\n%s", name, error, traceback.format_exc())
                 if not state.get("last_error"):  # the first failure of a streak, not every tick
                     try:
@@ -206,8 +212,9 @@ class DriftScheduler:
             except Exception as exc:  # a broken spec must not stop the other deployments' reports
                 _logger.error("Drift scheduler tick failed: %s", exc)
             stop.wait(interval_s)
-        for proc in list(self._processes.values()):  # stopping: reports in progress end with us
-            proc.terminate()
+        self._stopping.set()
+        for proc in list(self._processes.values()):  # stopping: reports in progress end with us,
+            proc.send_signal(signal.SIGINT)  # as KeyboardInterrupt: the report ends its run KILLED
         for thread in list(self._running.values()):
             thread.join(timeout=600)
 
