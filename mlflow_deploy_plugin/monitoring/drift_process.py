@@ -84,8 +84,10 @@ def failure_of(returncode: int, result: dict[str, Any] | None) -> str | None:
     if result is not None and result.get("error"):
         return str(result["error"])
     if returncode < 0:
-        signame = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else \
-            str(-returncode)
+        try:
+            signame = signal.Signals(-returncode).name
+        except ValueError:
+            signame = f"signal {-returncode}"
         hint = " (the out-of-memory killer sends SIGKILL)" if -returncode == signal.SIGKILL else ""
         return f"the drift report process was killed by {signame}{hint}"
     return f"the drift report process exited with status {returncode} without a result"
