@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.monitoring import drift_process
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger(__name__)
@@ -46,6 +45,10 @@ class CanaryDriftCheck:
         ``status`` in the result: None while no verdict is known, else ``ok``, ``drifted``,
         ``insufficient_data`` or ``failed`` (with ``error``).
         """
+        # Imported here: the monitoring package loads pandas and scipy, which the CLI verbs that build
+        # a controller (rollback, watch) do not need.
+        from mlflow_deploy_plugin.monitoring import drift_process
+
         check: dict[str, Any] = canary.setdefault("drift_check", {"status": None})
         pid = check.get("pid")
         if pid:
@@ -82,6 +85,8 @@ class CanaryDriftCheck:
         return self.store.paths(self.name).root / "run" / f"canary-drift-v{canary['version']}.json"
 
     def _start(self, canary: dict[str, Any], check: dict[str, Any]) -> None:
+        from mlflow_deploy_plugin.monitoring import drift_process
+
         since = datetime.fromtimestamp(canary["started_at"], tz=UTC)
         until = datetime.now(UTC)
         result = self._result_path(canary)
