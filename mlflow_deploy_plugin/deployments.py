@@ -20,7 +20,14 @@ from typing import Any
 
 from mlflow_deploy_plugin.config import parse_config
 from mlflow_deploy_plugin.engines.base import FAILED, STOPPED, Engine, EngineError, EngineStatus, get_engine
-from mlflow_deploy_plugin.errors import AlreadyExists, DeploymentError, InvalidRequest, InvalidState, NotFound
+from mlflow_deploy_plugin.errors import (
+    AlreadyExists,
+    DeploymentError,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    Unavailable,
+)
 from mlflow_deploy_plugin.spec import (
     FLAVOR,
     DeploymentConfig,
@@ -74,7 +81,8 @@ def _iso(epoch: float | None) -> str | None:
 
 
 def _resolve(model_uri: str) -> ModelRef:
-    """A registry URI pinned to a version; registry failures become domain errors."""
+    """A registry URI pinned to a version; registry failures become domain errors (an unreachable
+    registry is Unavailable, never NotFound)."""
     from mlflow.exceptions import MlflowException
 
     from mlflow_deploy_plugin.registry import resolve_model_uri
@@ -82,7 +90,8 @@ def _resolve(model_uri: str) -> ModelRef:
     try:
         return resolve_model_uri(model_uri)
     except MlflowException as exc:
-        kind = NotFound if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else InvalidRequest
+        kind = {"RESOURCE_DOES_NOT_EXIST": NotFound, "TEMPORARILY_UNAVAILABLE": Unavailable}.get(
+            str(exc.error_code), InvalidRequest)
         raise kind(exc.message) from None
 
 
@@ -156,6 +165,9 @@ class Deployments:
             errors.append(f"not following the registry: {state['follow_error']}")
         if state.get("policy_error"):
             errors.append(f"policy file unusable, the last valid policy stays in force: {state['policy_error']}")
+        for key in ("cycle_failure", "op_failure"):  # see lifecycle/controller.py: retried with backoff
+            if state.get(key):
+                errors.append(str(state[key]))
         return "; ".join(errors) or None
 
     def get(self, name: str) -> dict[str, Any]:
@@ -226,7 +238,7 @@ class Deployments:
     def transition(self, name: str, *, model_uri: str | None = None, config: Mapping[str, Any] | None = None,
                    traffic: list[tuple[str, float]] | None = None, reason: str, actor: str,
                    evidence: dict[str, Any] | None = None, only_if_changed: bool = False,
-                   check_policy: bool = False) -> dict[str, Any]:
+                   check_policy: bool = False, record_failure: bool = True) -> dict[str, Any]:
         """Move deployment ``name`` to a model URI and/or a traffic split, recording why.
 
         ``model_uri`` defaults to the URI the deployment follows (re-resolved: an alias or stage
@@ -238,6 +250,8 @@ class Deployments:
         held, the deployment already serves exactly this; a decision taken on a spec read before
         another change landed (a rollback, a person's update) must not redeploy or be recorded.
         ``check_policy`` (a person's update): the policy must fit the result, exactly as on create.
+        ``record_failure=False`` (the lifecycle controller, which records a failed step once and
+        retries it): a failed engine update is not written to the history here.
         """
         with file_lock(self.store.paths(check_name(name)).lock):
             old = self.spec(name)
@@ -270,8 +284,9 @@ class Deployments:
                 else:
                     status = self.engine.update(new, reason, parsed.startup_timeout_s)
             except EngineError as exc:
-                self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
-                                          actor=actor, error=str(exc), traffic=split)
+                if record_failure:
+                    self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
+                                              actor=actor, error=str(exc), traffic=split)
                 raise InvalidState(
                     f"Update of {name!r} to {split or model.version_uri} failed; version "
                     f"{old.model.model_version} keeps serving. Reason: {exc}") from None

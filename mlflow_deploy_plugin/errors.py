@@ -45,3 +45,9 @@ class InvalidState(DeploymentError):
     """The deployment exists but cannot do this now (failed, stopped, a version would not load)."""
 
     error_code = "INVALID_STATE"
+
+
+class Unavailable(DeploymentError):
+    """The model registry (or another service a change needs) did not answer: try again later."""
+
+    error_code = "TEMPORARILY_UNAVAILABLE"

@@ -209,12 +209,21 @@ class MlflowServer:
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+        self._command = [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                         "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port",
+                         str(self.port), "--workers", "1"]
+        self._env, self._root = env, root
+        self._start("wb")
+
+    def _start(self, mode: str) -> None:
+        self._log = self.log_path.open(mode)
+        self.proc = subprocess.Popen(self._command, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=self._root)
+
+    def restart(self, timeout_s: float = 90) -> None:
+        """Start the stopped server again on the same port and store (an outage that ends)."""
+        self._start("ab")
+        self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         def up() -> bool:

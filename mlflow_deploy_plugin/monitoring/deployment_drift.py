@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -61,8 +62,12 @@ def run_deployment_drift(
     progress: Callable[[str], None] | None = None,
     locked: bool = False,
     trigger: str = "manual",
+    version: str | None = None,
 ) -> DriftOutcome:
     """Judge deployment ``name``'s captured traffic in [since, until) (default: the last 24 h).
+
+    ``version``: judge the rows another version of the served model answered, against that
+    version's reference (a canary's challenger); default the version the deployment serves.
 
     Runs under the deployment's drift lock (:func:`.drift_lock.drift_lock`), waiting for a report in
     progress (scheduled or on demand) to end first, so two reports never judge and tag the same
@@ -78,18 +83,18 @@ def run_deployment_drift(
     if store.read_spec(name) is None:
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
     if locked:
-        return _run(name, since, until, store, progress, trigger)
+        return _run(name, since, until, store, progress, trigger, version)
     with drift_lock(store.paths(name).root, wait=True, say=progress):
-        return _run(name, since, until, store, progress, trigger)
+        return _run(name, since, until, store, progress, trigger, version)
 
 
 def _run(name: str, since: datetime | None, until: datetime | None, store: StateStore,
-         progress: Callable[[str], None] | None, trigger: str) -> DriftOutcome:
+         progress: Callable[[str], None] | None, trigger: str, version: str | None = None) -> DriftOutcome:
     spec = store.read_spec(name)
     if spec is None:  # deleted while we waited for the lock
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
     config = spec.config
-    model = spec.model
+    model = spec.model if version is None else dataclasses.replace(spec.model, model_version=str(version))
     until = until or datetime.now(UTC)
     since = since or until - timedelta(hours=24)
     say = progress or (lambda _message: None)
