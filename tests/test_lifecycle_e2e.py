@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import Env, MlflowServer, free_port, split_payload, wait_for
+from conftest import Env, MlflowServer, Stores, free_port, split_payload, wait_for
 from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
@@ -32,11 +32,11 @@ SECRET = "webhook-secret-for-tests"
 
 
 @pytest.fixture(scope="module")
-def server(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     from mlflow_deploy_plugin.lifecycle.webhooks import register_webhook
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    mlflow_server = MlflowServer(root)
+    mlflow_server = MlflowServer(root, store_uri=stores.new_uri(root, "lifecycle"))
     try:
         mlflow_server.wait_ready(90)
         # Subscribe before any registry event fires: the server caches each event's webhook list
@@ -150,6 +150,9 @@ class SplitCounter(TrafficThreads):
                     self.failures.append(f"{response.status_code}: {response.text[:200]}")
 
 
+# On PostgreSQL too (`make test`): webhooks exist only on SQL stores. The canary and rollback tests
+# below judge served traffic, the same on any store; their stage-world twins run on both.
+@pytest.mark.store
 def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, server: MlflowServer) -> None:
     cli_env = _cli_env(env, server)
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)

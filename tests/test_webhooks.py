@@ -1,7 +1,7 @@
 """The MLflow webhook receiver: signature checks, dedupe, parsing, and a real MLflow server end to end.
 
 Everything runs on loopback: the receiver is a real uvicorn server in a thread, the tracking server a
-real `mlflow server` subprocess (SQLite) that signs and sends the deliveries itself.
+real `mlflow server` subprocess (SQLite or PostgreSQL) that signs and sends the deliveries itself.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import uvicorn
-from conftest import MlflowServer, free_port, wait_for
+from conftest import MlflowServer, Stores, free_port, wait_for
 
 from mlflow_deploy_plugin.lifecycle.webhooks import (
     DEFAULT_EVENTS,
@@ -299,12 +299,14 @@ def _save_tiny_model(path: Path) -> Path:
     return path
 
 
-def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path):
+@pytest.mark.store  # webhooks exist only on SQL backends: run on SQLite and PostgreSQL
+def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path, stores: Stores):
     from mlflow import MlflowClient
 
     # One delivery thread: the server sends deliveries one after the other, in the order of the
     # changes, so the arrival of a last (sentinel) change proves every earlier delivery has arrived.
-    server = MlflowServer(tmp_path, extra_env={"MLFLOW_WEBHOOK_DELIVERY_MAX_WORKERS": "1"})
+    server = MlflowServer(tmp_path, extra_env={"MLFLOW_WEBHOOK_DELIVERY_MAX_WORKERS": "1"},
+                          store_uri=stores.new_uri(tmp_path, "webhooks"))
     try:
         model_dir = _save_tiny_model(tmp_path / "model")  # overlaps with the server's start-up
         server.wait_ready(45)
