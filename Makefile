@@ -20,9 +20,9 @@ lint: $(STAMP)
 	$(BIN)/mypy mlflow_deploy_plugin
 
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
-# The tests marked `store` (lifecycle, webhooks, drift jobs: what depends on the MLflow backend) once
-# more on a throwaway PostgreSQL server the fixtures start; skipped, saying how to get PostgreSQL,
-# when its binaries are missing, except under CI=true. Exit status 5 = PYTEST_ARGS selected none.
+# The tests marked `store` (webhooks, drift jobs, the stage-world lifecycle: what the MLflow backend
+# changes) once more on a throwaway PostgreSQL server the fixtures start; skipped, saying how to get
+# PostgreSQL, when its binaries are missing, except under CI=true. Exit status 5 = PYTEST_ARGS selected none.
 PG_PASS = $(PYTEST) --store postgresql -m store $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test: lint
