@@ -73,7 +73,6 @@ class Stores:
 
     def __init__(self, postgres: PostgresServer | None) -> None:
         self.postgres = postgres
-        self.kind = "postgresql" if postgres else "sqlite"
 
     def new_uri(self, root: Path, name: str) -> str:
         """The URI of a new, empty store named ``name`` (a file in ``root`` on SQLite)."""

@@ -201,7 +201,11 @@ class Recorder:
 
 
 class Tap:
-    """ASGI wrapper that keeps every raw request (headers, body) so tests can re-verify and replay them."""
+    """ASGI wrapper that keeps every raw request (headers, body) so tests can re-verify and replay them.
+
+    A request is kept as soon as its body has been read, before the app handles it: a test that
+    saw the event the app passed on then finds its request here (no race with the app's answer).
+    """
 
     def __init__(self, app) -> None:
         self.app = app
@@ -210,17 +214,18 @@ class Tap:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
         chunks: list[bytes] = []
 
         async def tapped_receive():
             message = await receive()
             if message["type"] == "http.request":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.requests.append((headers, b"".join(chunks)))
             return message
 
         await self.app(scope, tapped_receive, send)
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        self.requests.append((headers, b"".join(chunks)))
 
 
 @contextlib.contextmanager
