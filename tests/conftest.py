@@ -1,8 +1,10 @@
 """Shared, real set-up: one MLflow tracking store with registered example models, one deployment
 reused by the tests that only read from it, and helpers to run the real `mlflow deployments` CLI.
 
-The store is a SQLite file in a temp folder; set MLFLOW_TEST_TRACKING_URI (e.g. a PostgreSQL
-URI) to run the same tests against another backend.
+The store is a SQLite file in a temp folder. With ``--store postgresql`` every store (the session's,
+each `mlflow server`'s, each module's own) is instead a fresh database on a throwaway PostgreSQL server
+the session starts (tests/pg_server.py); `make test` runs the tests marked ``store`` that way too.
+MLFLOW_TEST_TRACKING_URI (e.g. a PostgreSQL URI) points the session store at an existing server.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
+from pg_server import INSTALL_HINT, PostgresServer, find_bindir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -52,6 +55,48 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, inter
                 return last
         time.sleep(interval_s)
     raise AssertionError(f"Timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store", choices=("sqlite", "postgresql"), default=os.environ.get("MLFLOW_TEST_STORE", "sqlite"),
+                     help="backend of the MLflow stores the tests create (default: sqlite; "
+                          "postgresql starts a throwaway server, skipped without its binaries unless CI=true)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "store: depends on the MLflow tracking/registry backend; "
+                                       "`make test` runs these again with --store postgresql")
+
+
+class Stores:
+    """Fresh MLflow backend stores: a SQLite file, or a new database on the session's PostgreSQL."""
+
+    def __init__(self, postgres: PostgresServer | None) -> None:
+        self.postgres = postgres
+
+    def new_uri(self, root: Path, name: str) -> str:
+        """The URI of a new, empty store named ``name`` (a file in ``root`` on SQLite)."""
+        if self.postgres is None:
+            return f"sqlite:///{root}/{name}.db"
+        return self.postgres.create_database(name)
+
+
+@pytest.fixture(scope="session")
+def stores(request: pytest.FixtureRequest) -> Iterator[Stores]:
+    if request.config.getoption("--store") == "sqlite":
+        yield Stores(None)
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI=true and --store postgresql, but {INSTALL_HINT}", pytrace=False)
+        pytest.skip(INSTALL_HINT)
+    server = PostgresServer(bindir, _free_port())
+    try:
+        server.start()
+        yield Stores(server)
+    finally:
+        server.stop()
 
 
 class Env:
@@ -99,9 +144,9 @@ def _kill_everything_under(home: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, stores: Stores) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("session")
-    tracking_uri = os.environ.get("MLFLOW_TEST_TRACKING_URI") or f"sqlite:///{root}/mlflow.db"
+    tracking_uri = os.environ.get("MLFLOW_TEST_TRACKING_URI") or stores.new_uri(root, "mlflow")
     session_env = Env(root, tracking_uri)
     saved = {key: os.environ.get(key) for key in session_env.vars}
     os.environ.update(session_env.vars)
@@ -189,9 +234,10 @@ free_port = _free_port
 
 
 class MlflowServer:
-    """`mlflow server` on SQLite in its own process group, so every process it starts is stopped."""
+    """`mlflow server` in its own process group, so every process it starts is stopped. Its backend
+    store is ``store_uri`` (from the ``stores`` fixture), by default a SQLite file in ``root``."""
 
-    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, extra_env: dict[str, str] | None = None, store_uri: str | None = None) -> None:
         from cryptography.fernet import Fernet
 
         self.port = _free_port()
@@ -209,7 +255,7 @@ class MlflowServer:
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-        self._command = [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        self._command = [mlflow_bin, "server", "--backend-store-uri", store_uri or f"sqlite:///{root}/mlflow.db",
                          "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port",
                          str(self.port), "--workers", "1"]
         self._env, self._root = env, root

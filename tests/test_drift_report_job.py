@@ -1,4 +1,4 @@
-"""The drift job end to end on a real MLflow store (SQLite in a temp folder) with real Evidently:
+"""The drift job end to end on a real MLflow store (SQLite in a temp folder, or PostgreSQL) with real Evidently:
 reference resolution, the logged run (params, metrics, artifacts), model version tags, too few rows,
 no reference, and a failure mid-way."""
 
@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import Stores
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -29,6 +30,7 @@ from mlflow_deploy_plugin.monitoring.report_job import metric_names
 FEATURES = ["age", "income($)", "plan", "region"]
 WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW_END = WINDOW_START + timedelta(hours=1)
+pytestmark = pytest.mark.store  # `make test` runs these on SQLite and on PostgreSQL
 
 
 def _features(rng: np.random.Generator, n: int, shifted: bool = False) -> pd.DataFrame:
@@ -87,13 +89,13 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(tmp_path_factory: pytest.TempPathFactory, stores: Stores) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("drift-store")
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # client-side stores put default artifact roots under the working directory
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        mlflow.set_tracking_uri(stores.new_uri(root, "drift"))
         mlflow.set_experiment("drift-tests")
         store = Store(root)
         store.models["dataset"] = "churn_dataset"

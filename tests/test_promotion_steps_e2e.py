@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import mlflow
 import pytest
 import requests
-from conftest import Env, MlflowServer, split_payload, wait_for
+from conftest import Env, MlflowServer, Stores, split_payload, wait_for
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
@@ -24,9 +24,10 @@ from mlflow_deploy_plugin.state import read_history_file, read_json
 
 
 @pytest.fixture(scope="module")
-def server(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A tracking server of this module's own: its tests stop and restart it."""
-    mlflow_server = MlflowServer(tmp_path_factory.mktemp("mlflow-server-steps"))
+    root = tmp_path_factory.mktemp("mlflow-server-steps")
+    mlflow_server = MlflowServer(root, store_uri=stores.new_uri(root, "promotion_steps"))
     try:
         mlflow_server.wait_ready(90)
         yield mlflow_server
