@@ -319,6 +319,11 @@ def ray_cluster(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 raise AssertionError(f"ray start not up after 120s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
         os.environ["RAY_ADDRESS"] = address
+        # Serve's HTTP proxy on a free loopback port (its default, 8000, may be taken here).
+        serve_bin = str(Path(sys.executable).parent / "serve")
+        subprocess.run([serve_bin, "start", "--address", address, "--http-host", "127.0.0.1",
+                        "--http-port", str(_free_port())], check=True, capture_output=True, timeout=180,
+                       env=env.environ())
         yield address
     finally:
         import ray
@@ -328,16 +333,16 @@ def ray_cluster(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         # Actor workers (Serve's controller, proxy and replicas) run in sessions of their own: find
         # every process the cluster started by parentage, not by process group.
         family = _descendants(proc.pid)
-        for pid in [proc.pid, *family]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not any(_alive(pid) for pid in family) and proc.poll() is not None, 30,
-                     "the Ray cluster's processes to stop")
-        for pid in [proc.pid, *family]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # whatever did not stop on the first signal
-        proc.wait(10)
+        proc.terminate()  # `ray start --block` stops what it started (GCS, raylet and so its workers)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        for pid in family:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # whatever outlived its raylet
         wait_for(lambda: not any(_alive(pid) for pid in family), 10, "the Ray cluster's processes to be gone")
         log.close()
         shutil.rmtree(temp, ignore_errors=True)

@@ -108,7 +108,6 @@ class Engine(abc.ABC):
 ENGINES = ("local", "ray")
 # `-C` keys that only one engine understands (the others refuse them in check_config).
 ENGINE_ONLY_KEYS = {
-    "local": frozenset({"workers"}),  # Ray Serve scales with num_replicas / min/max_replicas
     "ray": frozenset({"ray_address", "num_replicas", "min_replicas", "max_replicas",
                       "target_ongoing_requests", "num_cpus"}),
 }
@@ -131,7 +130,7 @@ def get_engine(target_uri: str, store: StateStore) -> Engine:
     name = engine_name(target_uri)
     if name == "ray":
         try:
-            from mlflow_deploy_plugin.engines.ray.engine import RayEngine
+            from mlflow_deploy_plugin.engines.ray import RayEngine
         except ImportError as exc:
             if not (exc.name or "").startswith("ray"):
                 raise
