@@ -212,6 +212,23 @@ CONFIG_KEYS: tuple[_Key, ...] = (
          "this much (the gap before it is recorded as skipped). 30m, 24h, 7d.", _to_duration),
     _Key("drift_experiment", "str", None,
          "MLflow experiment for drift report runs (default: drift/<deployment>).", _to_text),
+    # Ray Serve engine (lifecycle:/ray): the other engines refuse these (Engine.check_config).
+    _Key("ray_address", "str", None,
+         "[ray] Address of the Ray cluster (host:port of its GCS), default $RAY_ADDRESS, else the "
+         "cluster `ray start --head` started on this machine.", _to_text),
+    _Key("num_replicas", "int", None, "[ray] Fixed number of Serve replicas (default 1).",
+         _to_int(1, 1000)),
+    _Key("min_replicas", "int", None,
+         "[ray] Autoscaling lower bound (setting min/max_replicas turns Serve's autoscaling on).",
+         _to_int(0, 1000)),
+    _Key("max_replicas", "int", None, "[ray] Autoscaling upper bound.", _to_int(1, 1000)),
+    _Key("target_ongoing_requests", "float", None,
+         "[ray] Autoscaling target of in-flight requests per replica (Serve's default 2).",
+         _to_float(0, 100000, lo_open=True)),
+    _Key("num_cpus", "float", None,
+         "[ray] CPUs reserved per replica (Serve's default 1). An update starts the new replicas "
+         "beside the old ones, so the cluster needs room for twice the replicas meanwhile.",
+         _to_float(0, 1024)),
 )
 _KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 

@@ -128,6 +128,10 @@ class Deployments:
         if spec is None:
             raise NotFound(f"No deployment named {name!r} (target lifecycle). `mlflow deployments list -t "
                            "lifecycle` shows the deployments there are.")
+        if spec.engine != self.engine.name:
+            # Another engine's status files mean nothing here: never read or stop it through this one.
+            raise InvalidRequest(f"Deployment {name!r} runs on the {spec.engine} engine: use "
+                                 f"-t lifecycle:/{spec.engine}.")
         return spec
 
     def describe(self, spec: DeploymentSpec, status: EngineStatus | None = None) -> dict[str, Any]:
@@ -180,6 +184,8 @@ class Deployments:
                 views.append(self.describe(self.spec(name)))
             except NotFound:
                 continue  # deleted meanwhile
+            except InvalidRequest:
+                continue  # another engine's deployment: its own target lists it
             except InvalidState as exc:  # one unreadable spec must not hide the others
                 _logger.warning("%s", exc.message)
                 views.append({"name": name, "status": "unreadable", "last_error": exc.message})
@@ -196,6 +202,7 @@ class Deployments:
         check_name(name)
         check_flavor(flavor)
         parsed = parse_config(config)
+        self.engine.check_config(parsed)
         token_for(parsed)
         model = _resolve(model_uri)
         if parsed.policy:
@@ -262,6 +269,7 @@ class Deployments:
                     f"auth_token_env cannot change on update ({old.config.auth_token_env} -> "
                     f"{parsed.auth_token_env}): the service reads its token from the environment it was "
                     "created in. Delete and create the deployment again to change or rotate the token.")
+            self.engine.check_config(parsed)
             token_for(parsed)
             requested = model_uri or old.model.requested_uri
             model = _resolve(requested)
@@ -307,6 +315,9 @@ class Deployments:
                 spec = self.store.read_spec(name)
             except SpecError:
                 spec = None  # unreadable: still stop what runs and archive the folder
+            if spec is not None and spec.engine != self.engine.name:
+                raise InvalidRequest(f"Deployment {name!r} runs on the {spec.engine} engine: use "
+                                     f"-t lifecycle:/{spec.engine}.")
             timeout = (spec.config.timeout_s if spec else 60.0) + 15
             self.engine.stop(name, timeout)
             self.store.append_history(name, "deleted", model=spec.model.to_dict() if spec else None,

@@ -74,6 +74,13 @@ class DeploymentConfig:
     drift_schedule: str | None = None
     drift_max_window: str = "24h"
     drift_experiment: str | None = None
+    # Ray Serve engine (lifecycle:/ray) only; see config.CONFIG_KEYS.
+    ray_address: str | None = None
+    num_replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    num_cpus: float | None = None
 
     @property
     def is_loopback(self) -> bool:

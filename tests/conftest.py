@@ -302,3 +302,106 @@ class MlflowServer:
         self._log.close()
 
 
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (children first found through /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local Ray cluster (2 CPUs, no dashboard), started once per session and stopped at the end.
+
+    Its address goes to RAY_ADDRESS, so the `mlflow deployments -t lifecycle:/ray` subprocesses and
+    the in-process engine find it. Skipped when ray[serve] is not installed, except in CI, where
+    `make test` installs it and a skip would hide the Ray engine.
+    """
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ray[serve] is not installed in CI: `make test` installs the dev extra, which has it")
+        pytest.skip("ray[serve] is not installed (pip install -e '.[ray]'): the Ray engine tests need it")
+    import tempfile
+
+    # Ray puts unix sockets under its temp dir: keep the path short (the socket path limit is 107).
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("ray-log") / "ray-start.log"
+    log = log_path.open("wb")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # --block keeps `ray start` in the foreground, in its own process group with everything it starts,
+    # so the whole cluster is stopped by signalling that group (never `ray stop`, which would stop
+    # every Ray cluster on the machine, a developer's own included).
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
+         "--include-dashboard=false", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+         "--temp-dir", str(temp)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env.environ())
+    address = f"127.0.0.1:{port}"
+    saved = os.environ.get("RAY_ADDRESS")
+    try:
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"ray start exited:\n{log_path.read_text()[-3000:]}")
+            return b"Ray runtime started" in log_path.read_bytes()
+
+        deadline = time.monotonic() + 120
+        while not started():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ray start not up after 120s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        os.environ["RAY_ADDRESS"] = address
+        # Serve's HTTP proxy on a free loopback port (its default, 8000, may be taken here).
+        serve_bin = str(Path(sys.executable).parent / "serve")
+        subprocess.run([serve_bin, "start", "--address", address, "--http-host", "127.0.0.1",
+                        "--http-port", str(_free_port())], check=True, capture_output=True, timeout=180,
+                       env=env.environ())
+        yield address
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # this process joined as a driver (in-process engine tests)
+        # Actor workers (Serve's controller, proxy and replicas) run in sessions of their own: find
+        # every process the cluster started by parentage, not by process group.
+        family = _descendants(proc.pid)
+        proc.terminate()  # `ray start --block` stops what it started (GCS, raylet and so its workers)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        for pid in family:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # whatever outlived its raylet
+        wait_for(lambda: not any(_alive(pid) for pid in family), 10, "the Ray cluster's processes to be gone")
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
