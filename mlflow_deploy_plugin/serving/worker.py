@@ -216,6 +216,10 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingS
         timeout_s=config.timeout_s,
         auth_token=token,
         max_batch_rows=config.max_batch_rows,
+        max_rows=config.max_rows,
+        max_cells=config.max_cells,
+        max_queue=config.max_queue,
+        batching=config.batching,
     )
     capture = None
     if config.capture:
@@ -234,6 +238,8 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int) -> tuple[DrainingS
         timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,
         # The body limit is enforced by the app; this caps headers and pipelined junk.
         h11_max_incomplete_event_size=64 * 1024,
+        # HTTPS when configured (validated at create: both files, matching): tokens never in clear.
+        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
     )
 
     def started() -> None:
