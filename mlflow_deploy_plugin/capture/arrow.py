@@ -10,7 +10,7 @@ stored: inputs become a DataFrame with names that cannot clash with the meta col
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Protocol
@@ -76,11 +76,13 @@ class _Group:
     meta: list[tuple[str, float, str, int, float, int]] = field(default_factory=list)
 
 
-def tables_by_day(batch: list[AnsweredRequest],
-                  deployment: str) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
+def tables_by_day(batch: list[AnsweredRequest], deployment: str,
+                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+                  ) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
     """One Arrow table per day and column layout, each with the number of requests it holds.
 
-    Also returns how many requests could not be converted (they are in no table).
+    ``redact`` (see :mod:`.redaction`) is applied to the input columns of each table before they
+    become Arrow. Also returns how many requests could not be converted (they are in no table).
     """
     groups: dict[tuple[int, tuple, tuple], _Group] = {}
     unconverted = 0
@@ -108,7 +110,7 @@ def tables_by_day(batch: list[AnsweredRequest],
     by_day: dict[date, list[tuple[pa.Table, int]]] = {}
     for (day_number, _, _), group in groups.items():
         try:
-            table = _group_table(group, deployment)
+            table = _group_table(group, deployment, redact)
         except Exception:
             unconverted += len(group.meta)
             continue
@@ -128,7 +130,8 @@ def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int
         return tables
 
 
-def _group_table(group: _Group, deployment: str) -> pa.Table:
+def _group_table(group: _Group, deployment: str,
+                 redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
     counts = np.fromiter((m[5] for m in group.meta), dtype=np.int64, count=len(group.meta))
     total = int(counts.sum())
     micros = np.fromiter((round(m[1] * 1e6) for m in group.meta), dtype=np.int64, count=len(group.meta))
@@ -146,6 +149,8 @@ def _group_table(group: _Group, deployment: str) -> pa.Table:
     frames = [f for f in group.frames if f is not None]
     if frames:
         inputs = stack_frames(frames)
+        if redact is not None:
+            inputs = redact(inputs)
         for i, name in enumerate(inputs.columns):
             names.append(name)
             arrays.append(_to_arrow(inputs.iloc[:, i]))
