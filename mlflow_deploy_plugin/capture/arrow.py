@@ -273,6 +273,24 @@ def _is_missing(value: Any) -> bool:
     return bool(result) if np.ndim(result) == 0 else False
 
 
+# Deeper types are stored as text: Parquet writes a schema of nested lists and structs 70 levels
+# deep, but its Arrow schema then fails to read back ("Invalid flatbuffers message"), and one such
+# file would break reading the whole capture window (seen with fuzzed input).
+_MAX_NESTING = 8
+
+
+def _nesting(arrow_type: pa.DataType) -> int:
+    """How many levels of lists, maps and structs ``arrow_type`` has (0 for a flat type)."""
+    depth, level = 0, [arrow_type]
+    while level:
+        level = [t.field(i).type for t in level for i in range(t.num_fields)]
+        if level:
+            depth += 1
+        if depth > _MAX_NESTING:
+            break  # deep enough to be refused: no need to walk the rest
+    return depth
+
+
 def _to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
     """One column as Arrow, falling back to text for objects Arrow cannot represent."""
     try:
@@ -280,7 +298,8 @@ def _to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
         if pa.types.is_dictionary(arr.type):
             # Categories would make every file's schema differ; store plain values.
             arr = arr.cast(arr.type.value_type)
-        if isinstance(arr.type, pa.ExtensionType) or pa.types.is_null(arr.type):
+        if (isinstance(arr.type, pa.ExtensionType) or pa.types.is_null(arr.type)
+                or _nesting(arr.type) > _MAX_NESTING):
             raise pa.ArrowTypeError("stored as text")
         return arr
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
