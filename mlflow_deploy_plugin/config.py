@@ -205,7 +205,8 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("port", "int", None, "Port to listen on (default: a free port chosen at create).",
          _to_int(1, 65535)),
     _Key("host", "str", "127.0.0.1",
-         "Address to bind. A non-loopback address requires auth_token_env.", _to_host),
+         "Address to bind. A non-loopback address requires auth_token_env, and should serve TLS "
+         "(tls_cert, tls_key) so the token never travels in clear.", _to_host),
     _Key("workers", "int", 1, "Server worker processes sharing the port.", _to_int(1, 32)),
     _Key("timeout_s", "float", 60.0, "Per-request prediction timeout in seconds (504 after).",
          _to_float(0, 3600, lo_open=True)),
