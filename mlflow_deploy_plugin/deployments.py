@@ -413,8 +413,10 @@ class Deployments:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
+            # Over TLS, trust the deployment's own certificate (often self-signed) rather than none.
             response = requests.post(f"{status.url}/invocations", data=body, headers=headers,
-                                     timeout=timeout_s or spec.config.timeout_s + 10)
+                                     timeout=timeout_s or spec.config.timeout_s + 10,
+                                     verify=spec.config.tls_cert or True)
         except requests.RequestException as exc:
             raise InvalidState(f"Deployment {name!r} at {status.url} did not answer: {exc}") from None
         if response.status_code != 200:

@@ -17,6 +17,7 @@ from mlflow_deploy_plugin.capture import PREDICTION_PREFIX, capture_root, predic
 from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
+from mlflow_deploy_plugin.spec import DeploymentConfig
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger(__name__)
@@ -51,6 +52,18 @@ def _reference_predictions(models_dir: Path, model_name: str, version: str, refe
                   f"{type(exc).__name__}: {exc}")[:1000]
         _logger.warning("Prediction drift of %s v%s skipped: %s", model_name, version, reason)
         return None, reason
+
+
+def _as_captured(reference: pd.DataFrame, config: DeploymentConfig, key_path: Path) -> pd.DataFrame:
+    """The reference as capture stores inputs: -C capture_exclude columns dropped, capture_hash ones hashed
+    with the deployment's key, so hashed categoricals compare like for like."""
+    if not (config.capture_exclude_columns or config.capture_hash_columns):
+        return reference
+    from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
+    from mlflow_deploy_plugin.state import read_or_create_secret
+
+    key = read_or_create_secret(key_path) if config.capture_hash_columns else None
+    return CaptureRedaction(config.capture_exclude_columns, config.capture_hash_columns, key).apply(reference)
 
 
 def run_deployment_drift(
@@ -108,6 +121,7 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
     reference, source = resolve_reference_data(client, model.model_name, model.model_version,
                                                override=config.reference_data, skipped=skipped)
     predictions, why_not = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
+    reference = _as_captured(reference, config, paths.capture_key)
     try:
         return run_drift_report(
             deployment=name, model_name=model.model_name, model_version=model.model_version,

@@ -18,7 +18,7 @@ from typing import Any
 from mlflow_deploy_plugin.engines.base import FAILED, RUNNING, STOPPED, Engine, EngineError, EngineStatus
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox, MailboxTimeout, SupervisorGone
 from mlflow_deploy_plugin.spec import DeploymentSpec
-from mlflow_deploy_plugin.state import StateStore, pid_alive, read_json
+from mlflow_deploy_plugin.state import PRIVATE_FILE_MODE, StateStore, make_private_dirs, pid_alive, read_json
 
 SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
 # Supervisors started before the engines/local/ layout run under their old module name; they speak
@@ -65,11 +65,15 @@ class LocalEngine(Engine):
 
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
         paths = self.store.paths(spec.name)
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        with open(paths.logs / "supervisor.log", "ab") as log:
+        make_private_dirs(paths.logs)
+        log_fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+        with open(log_fd, "ab") as log:
+            # umask 077: everything the supervisor, its workers and its agent create (logs, captured
+            # inputs, model copies, metrics files) is readable by the deployment's owner only.
             process = subprocess.Popen(
                 [sys.executable, "-m", SUPERVISOR_MODULE, str(paths.root)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                umask=0o077,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
