@@ -2,7 +2,9 @@
 
 Data: 25 columns (20 numeric of assorted shapes, 5 categorical object columns of 3-30 levels),
 reference and current of N rows each, with a shift injected in 3 columns (``num_03`` mean +0.05 sd,
-``num_11`` scale x1.05, ``cat_2`` proportions).
+``num_11`` scale x1.05, ``cat_2`` proportions). These shifts are small on purpose (a speed benchmark):
+at volume the tests find them, but they stay under the default effect-size floors, so they are not
+drift verdicts; ``benchmarks/drift_quality.py`` measures verdict quality.
 
 (a) ours: the full drift job, ``run_drift_report`` — exact verdicts on all rows (``compute_drift``),
     the Evidently HTML from a random sample (``--sample-rows``, default 20,000 per frame), and MLflow
@@ -124,7 +126,7 @@ def child_ours(rows: int, sample_rows: int) -> dict:
         for (name, at), (_, nxt) in zip(marks, marks[1:], strict=False):
             steps[name] = round(nxt - at, 2)
         html_mb = Path(client.download_artifacts(outcome.run_id, "drift_report.html", tmp)).stat().st_size / 2**20
-        verdicts = {c.name: [c.kind, c.method, c.statistic, c.score, c.drifted] for c in outcome.result.columns}
+        verdicts = {c.name: [c.kind, c.method, c.statistic, c.score, c.significant] for c in outcome.result.columns}
         check = verify(reference, current, verdicts)
     return {"seconds": total, "steps": steps, "peak_mb": peak, "base_mb": base, "import_evidently_s": import_s,
             "drifted": outcome.result.drifted_columns, "status": outcome.status, "html_mb": html_mb,
@@ -132,11 +134,12 @@ def child_ours(rows: int, sample_rows: int) -> dict:
 
 
 def verify(reference: pd.DataFrame, current: pd.DataFrame, verdicts: dict) -> dict:
-    """Our verdicts vs scipy on all rows, column by column."""
+    """Our tests vs scipy on all rows, column by column (statistic, p-value, significant at 0.05; the
+    verdict also needs the effect-size floor, see ``benchmarks/drift_quality.py``)."""
     from scipy import stats
 
     mismatches, max_rel = [], 0.0
-    for name, (kind, method, statistic, score, drifted) in verdicts.items():
+    for name, (kind, method, statistic, score, significant) in verdicts.items():
         if method != ("ks" if kind == "numeric" else "chi2"):
             mismatches.append(f"{name} (method {method})")
         if kind == "numeric":
@@ -147,7 +150,7 @@ def verify(reference: pd.DataFrame, current: pd.DataFrame, verdicts: dict) -> di
             table = pd.crosstab(labels, np.r_[reference[name].to_numpy(), current[name].to_numpy()])
             res = stats.chi2_contingency(table.to_numpy(), correction=False)
             expected_stat, expected_p = res.statistic, res.pvalue
-        if (expected_p < 0.05) != drifted:
+        if (expected_p < 0.05) != significant:
             mismatches.append(name)
         for ours, theirs in ((statistic, expected_stat), (score, expected_p)):
             if theirs > 1e-250:  # relative error of p-values underflowing to ~0 is meaningless
@@ -214,9 +217,8 @@ def main() -> None:
               f"(+{ours['peak_mb'] - ours['base_mb']:.0f} MB over data+imports), HTML {ours['html_mb']:.1f} MB, "
               f"Evidently import {ours['import_evidently_s']:.1f} s (not counted)")
         false_flags = sorted(set(ours["drifted"]) - set(SHIFTED))
-        print(f"    verdict: {ours['status']}, drifted columns {ours['drifted']} (injected: {SHIFTED}; "
-              f"missed: {sorted(set(SHIFTED) - set(ours['drifted'])) or 'none'}; chance flags {false_flags or 'none'}, "
-              f"~{22 * 0.05:.1f} expected from 22 unshifted columns at alpha 0.05)")
+        print(f"    verdict: {ours['status']}, drifted columns {ours['drifted']} (injected, small, under the "
+              f"effect floors: {SHIFTED}; flagged beyond them: {false_flags or 'none'})")
         print(f"    vs scipy ks_2samp/chi2_contingency on all rows: {check['columns']} columns, verdict "
               f"mismatches {check['verdict_mismatches'] or 'none'}, max relative diff {check['max_rel_diff']:.1e}")
         failed |= bool(check["verdict_mismatches"]) or check["max_rel_diff"] > 1e-6

@@ -6,7 +6,10 @@ supervisor starts a new agent):
 scheduled drift reports (``-C drift_schedule``), following an alias, stage or ``latest`` URI
 (polled every ``poll_interval_s``, at once when `mlflow-deploy watch` touches the deployment's
 poke file after a webhook), and policies (``-C policy``). It imports MLflow and Evidently, so it
-lives in its own process: the supervisor stays small and the workers never pause for it.
+lives in its own process: the supervisor stays small and the workers never pause for it. Each drift
+report runs in a child process of the agent (:mod:`.monitoring.drift_process`): a report that
+crashes or is killed by the out-of-memory killer is recorded as a failed report and tried again at
+the next scheduled time, while the agent goes on following, promoting and rolling back.
 
 Run as ``python -m mlflow_deploy_plugin.agent DEPLOYMENT_DIR``.
 """

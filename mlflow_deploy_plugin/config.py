@@ -95,6 +95,65 @@ def _to_text(key: str, value: Any) -> str:
     return text
 
 
+def _to_choice(*choices: str) -> Callable[[str, Any], str]:
+    def convert(key: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise _invalid(key, value, " or ".join(choices))
+        return text
+
+    return convert
+
+
+def _to_batching(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return "true"
+    if text in _FALSE:
+        return "false"
+    return _to_choice("auto", "true", "false")(key, value)
+
+
+def _to_columns(key: str, value: Any) -> str:
+    from mlflow_deploy_plugin.spec import split_names
+
+    names = split_names(str(value))
+    if not names or len(set(names)) != len(names):
+        raise _invalid(key, value, "comma-separated column names, each once, such as ssn,email")
+    return ",".join(names)
+
+
+def _to_pem_file(key: str, value: Any) -> str:
+    from pathlib import Path
+
+    path = Path(str(value).strip()).expanduser().resolve()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _invalid(key, value, f"a readable PEM file ({getattr(exc, 'strerror', None) or exc})") from None
+    if "-----BEGIN " not in text:
+        raise _invalid(key, value, "a PEM file (-----BEGIN ...)")
+    return str(path)
+
+
+def _check_tls(cert: str | None, key: str | None) -> None:
+    """Both or neither, and a key that matches the certificate (what uvicorn will load)."""
+    if bool(cert) != bool(key):
+        raise InvalidRequest("Invalid deployment config: tls_cert and tls_key go together: set both (PEM "
+                             "certificate chain and its private key) or neither.")
+    if cert and key:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidRequest(f"Invalid deployment config: tls_cert={cert!r} and tls_key={key!r} could not "
+                                 f"be loaded together ({exc}). Allowed: a PEM certificate and its unencrypted "
+                                 "private key.") from None
+
+
 def _to_policy_path(key: str, value: Any) -> str:
     from pathlib import Path
 
@@ -108,6 +167,18 @@ def _to_policy_path(key: str, value: Any) -> str:
     except OSError as exc:
         raise _invalid(key, value, f"a readable policy YAML file ({exc.strerror})") from None
     return str(path)
+
+
+def _to_drift_floors(key: str, value: Any) -> str:
+    from mlflow_deploy_plugin.monitoring.drift_methods import parse_floors
+
+    text = str(value).strip()
+    try:
+        parse_floors(text)
+    except ValueError as exc:
+        raise _invalid(key, value, f"one floor for both kinds, e.g. 0.1, or 'numeric=0.1,categorical=0.1,"
+                                   f"missing=0.05' ({exc})") from None
+    return text
 
 
 def _to_duration(key: str, value: Any) -> str:
@@ -146,7 +217,8 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("port", "int", None, "Port to listen on (default: a free port chosen at create).",
          _to_int(1, 65535)),
     _Key("host", "str", "127.0.0.1",
-         "Address to bind. A non-loopback address requires auth_token_env.", _to_host),
+         "Address to bind. A non-loopback address requires auth_token_env, and should serve TLS "
+         "(tls_cert, tls_key) so the token never travels in clear.", _to_host),
     _Key("workers", "int", 1, "Server worker processes sharing the port.", _to_int(1, 32)),
     _Key("timeout_s", "float", 60.0, "Per-request prediction timeout in seconds (504 after).",
          _to_float(0, 3600, lo_open=True)),
@@ -158,6 +230,19 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("max_batch_rows", "int", 4096,
          "Concurrent requests are coalesced into one predict call up to this many rows "
          "(1 disables batching).", _to_int(1, 1_000_000)),
+    _Key("batching", "str", "auto",
+         "Coalesce concurrent requests into one predict call: auto (on for row-wise flavors: sklearn, "
+         "xgboost, lightgbm, catboost, h2o, spark; off for custom python_function models), true or "
+         "false. Only for models whose answer for a row does not depend on the other rows.", _to_batching),
+    _Key("max_rows", "int", 100_000,
+         "Most rows one request may decode to (413 above); checked before decoding (Parquet metadata, "
+         "JSON structure, CSV rows).", _to_int(1, 1_000_000_000)),
+    _Key("max_cells", "int", 10_000_000,
+         "Most cells (rows x columns; JSON values) one request may decode to (413 above).",
+         _to_int(1, 10_000_000_000)),
+    _Key("max_queue", "int", 256,
+         "Requests that may wait for the model per worker and version; when full, requests get 503 "
+         "with Retry-After at once (load shedding).", _to_int(1, 1_000_000)),
     _Key("startup_timeout_s", "float", 180.0,
          "How long create/update wait for the model to load and answer /health.",
          _to_float(1, 3600)),
@@ -181,14 +266,30 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("capture_uri", "str", None,
          "Where captured rows go (folder or pyarrow filesystem URI); default: the deployment's "
          "folder under $MLFLOW_DEPLOY_HOME.", _to_text),
+    _Key("capture_buffer_mb", "float", 64.0,
+         "Memory a worker may hold for captured requests waiting to be written, in MiB; requests "
+         "beyond it are dropped from capture (counted), never delayed.", _to_float(0, 65536, lo_open=True)),
+    _Key("capture_exclude", "str", None,
+         "Comma-separated input columns never written to captured data, e.g. ssn,email.", _to_columns),
+    _Key("capture_hash", "str", None,
+         "Comma-separated input columns captured as a keyed hash (the key is a secret in the "
+         "deployment's folder): drift on them still works as on categories.", _to_columns),
+    _Key("tls_cert", "str", None,
+         "PEM certificate (chain) to serve HTTPS with; needs tls_key. Use it whenever host is not "
+         "loopback and a token is sent.", _to_pem_file),
+    _Key("tls_key", "str", None, "PEM private key of tls_cert.", _to_pem_file),
     _Key("reference_data", "str", None,
          "Parquet/CSV path or URI of the drift reference data (default: the training dataset "
          "logged on the model version's run).", _to_text),
     _Key("drift_min_rows", "int", 200, "Fewer captured rows than this -> drift.status="
          "insufficient_data.", _to_int(1, 100_000_000)),
     _Key("drift_methods", "str", None,
-         "Per-column drift tests, e.g. 'age=ks:0.01,city=psi:0.2', or a YAML/JSON file path.",
-         _to_text),
+         "Per-column drift tests and floors, e.g. 'age=ks:0.01+wasserstein:0.2,city=psi:0.2+missing:0.1', "
+         "or a YAML/JSON file path.", _to_text),
+    _Key("drift_effect_floor", "str", None,
+         "Smallest effect that counts as drift (default 0.1: Wasserstein/std for numeric, Jensen-Shannon "
+         "for categorical columns; missing-rate change 0.05): '0.2' or "
+         "'numeric=0.2,categorical=0.15,missing=0.1'; 0 lets the test alone decide.", _to_drift_floors),
     _Key("drift_schedule", "str", None, 'Cron expression for automatic drift reports, e.g. '
          '"*/30 * * * *".', _to_cron),
     _Key("drift_max_window", "str", "24h",
@@ -196,6 +297,23 @@ CONFIG_KEYS: tuple[_Key, ...] = (
          "this much (the gap before it is recorded as skipped). 30m, 24h, 7d.", _to_duration),
     _Key("drift_experiment", "str", None,
          "MLflow experiment for drift report runs (default: drift/<deployment>).", _to_text),
+    # Ray Serve engine (lifecycle:/ray): the other engines refuse these (Engine.check_config).
+    _Key("ray_address", "str", None,
+         "[ray] Address of the Ray cluster (host:port of its GCS), default $RAY_ADDRESS, else the "
+         "cluster `ray start --head` started on this machine.", _to_text),
+    _Key("num_replicas", "int", None, "[ray] Fixed number of Serve replicas (default 1).",
+         _to_int(1, 1000)),
+    _Key("min_replicas", "int", None,
+         "[ray] Autoscaling lower bound (setting min/max_replicas turns Serve's autoscaling on).",
+         _to_int(0, 1000)),
+    _Key("max_replicas", "int", None, "[ray] Autoscaling upper bound.", _to_int(1, 1000)),
+    _Key("target_ongoing_requests", "float", None,
+         "[ray] Autoscaling target of in-flight requests per replica (Serve's default 2).",
+         _to_float(0, 100000, lo_open=True)),
+    _Key("num_cpus", "float", None,
+         "[ray] CPUs reserved per replica (Serve's default 1). An update starts the new replicas "
+         "beside the old ones, so the cluster needs room for twice the replicas meanwhile.",
+         _to_float(0, 1024)),
 )
 _KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 
@@ -226,6 +344,11 @@ def parse_config(
             continue
         values[key] = spec.convert(key, value)
     config = DeploymentConfig(**values)
+    overlap = set(config.capture_exclude_columns) & set(config.capture_hash_columns)
+    if overlap:
+        raise InvalidRequest(f"Invalid deployment config: {', '.join(sorted(overlap))} is in both capture_exclude "
+                             "and capture_hash; a column is either left out of capture or hashed.")
+    _check_tls(config.tls_cert, config.tls_key)
     if not config.is_loopback and not config.auth_token_env:
         raise InvalidRequest(
             f"Refusing to bind host={config.host} without authentication: a non-loopback address "

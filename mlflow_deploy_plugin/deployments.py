@@ -28,6 +28,7 @@ from mlflow_deploy_plugin.errors import (
     InvalidRequest,
     InvalidState,
     NotFound,
+    Unavailable,
 )
 from mlflow_deploy_plugin.spec import (
     FLAVOR,
@@ -84,7 +85,8 @@ def _iso(epoch: float | None) -> str | None:
 
 
 def _resolve(model_uri: str) -> ModelRef:
-    """A registry URI pinned to a version; registry failures become domain errors."""
+    """A registry URI pinned to a version; registry failures become domain errors (an unreachable
+    registry is Unavailable, never NotFound)."""
     from mlflow.exceptions import MlflowException
 
     from mlflow_deploy_plugin.registry import resolve_model_uri
@@ -92,7 +94,8 @@ def _resolve(model_uri: str) -> ModelRef:
     try:
         return resolve_model_uri(model_uri)
     except MlflowException as exc:
-        kind = NotFound if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else InvalidRequest
+        kind = {"RESOURCE_DOES_NOT_EXIST": NotFound, "TEMPORARILY_UNAVAILABLE": Unavailable}.get(
+            str(exc.error_code), InvalidRequest)
         raise kind(exc.message) from None
 
 
@@ -139,6 +142,10 @@ class Deployments:
         if spec is None:
             raise NotFound(f"No deployment named {name!r} (target lifecycle). `mlflow deployments list -t "
                            "lifecycle` shows the deployments there are.")
+        if spec.engine != self.engine.name:
+            # Another engine's status files mean nothing here: never read or stop it through this one.
+            raise InvalidRequest(f"Deployment {name!r} runs on the {spec.engine} engine: use "
+                                 f"-t lifecycle:/{spec.engine}.")
         return spec
 
     def describe(self, spec: DeploymentSpec, status: EngineStatus | None = None) -> dict[str, Any]:
@@ -176,6 +183,9 @@ class Deployments:
             errors.append(f"not following the registry: {state['follow_error']}")
         if state.get("policy_error"):
             errors.append(f"policy file unusable, the last valid policy stays in force: {state['policy_error']}")
+        for key in ("cycle_failure", "op_failure"):  # see lifecycle/controller.py: retried with backoff
+            if state.get(key):
+                errors.append(str(state[key]))
         return "; ".join(errors) or None
 
     def get(self, name: str) -> dict[str, Any]:
@@ -188,6 +198,8 @@ class Deployments:
                 views.append(self.describe(self.spec(name)))
             except NotFound:
                 continue  # deleted meanwhile
+            except InvalidRequest:
+                continue  # another engine's deployment: its own target lists it
             except InvalidState as exc:  # one unreadable spec must not hide the others
                 _logger.warning("%s", exc.message)
                 views.append({"name": name, "status": "unreadable", "last_error": exc.message})
@@ -204,6 +216,7 @@ class Deployments:
         check_name(name)
         check_flavor(flavor)
         parsed = parse_config(config)
+        self.engine.check_config(parsed)
         token_for(parsed)
         model = _resolve(model_uri)
         if parsed.policy:
@@ -255,7 +268,7 @@ class Deployments:
     def transition(self, name: str, *, model_uri: str | None = None, config: Mapping[str, Any] | None = None,
                    traffic: list[tuple[str, float]] | None = None, reason: str, actor: str,
                    evidence: dict[str, Any] | None = None, only_if_changed: bool = False,
-                   check_policy: bool = False) -> dict[str, Any]:
+                   check_policy: bool = False, record_failure: bool = True) -> dict[str, Any]:
         """Move deployment ``name`` to a model URI and/or a traffic split, recording why.
 
         ``model_uri`` defaults to the URI the deployment follows (re-resolved: an alias or stage
@@ -267,6 +280,8 @@ class Deployments:
         held, the deployment already serves exactly this; a decision taken on a spec read before
         another change landed (a rollback, a person's update) must not redeploy or be recorded.
         ``check_policy`` (a person's update): the policy must fit the result, exactly as on create.
+        ``record_failure=False`` (the lifecycle controller, which records a failed step once and
+        retries it): a failed engine update is not written to the history here.
         """
         with self._locked(name):
             old = self.spec(name)
@@ -277,6 +292,7 @@ class Deployments:
                     f"auth_token_env cannot change on update ({old.config.auth_token_env} -> "
                     f"{parsed.auth_token_env}): the service reads its token from the environment it was "
                     "created in. Delete and create the deployment again to change or rotate the token.")
+            self.engine.check_config(parsed)
             token_for(parsed)
             requested = model_uri or old.model.requested_uri
             model = _resolve(requested)
@@ -299,8 +315,9 @@ class Deployments:
                 else:
                     status = self.engine.update(new, reason, parsed.startup_timeout_s)
             except EngineError as exc:
-                self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
-                                          actor=actor, error=str(exc), traffic=split)
+                if record_failure:
+                    self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
+                                              actor=actor, error=str(exc), traffic=split)
                 raise InvalidState(
                     f"Update of {name!r} to {split or model.version_uri} failed; version "
                     f"{old.model.model_version} keeps serving. Reason: {exc}") from None
@@ -321,6 +338,9 @@ class Deployments:
                 spec = self.store.read_spec(name)
             except SpecError:
                 spec = None  # unreadable: still stop what runs and archive the folder
+            if spec is not None and spec.engine != self.engine.name:
+                raise InvalidRequest(f"Deployment {name!r} runs on the {spec.engine} engine: use "
+                                     f"-t lifecycle:/{spec.engine}.")
             timeout = (spec.config.timeout_s if spec else 60.0) + 15
             self.engine.stop(name, timeout)
             self.store.append_history(name, "deleted", model=spec.model.to_dict() if spec else None,
@@ -455,8 +475,10 @@ class Deployments:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
+            # Over TLS, trust the deployment's own certificate (often self-signed) rather than none.
             response = requests.post(f"{status.url}/invocations", data=body, headers=headers,
-                                     timeout=timeout_s or spec.config.timeout_s + 10)
+                                     timeout=timeout_s or spec.config.timeout_s + 10,
+                                     verify=spec.config.tls_cert or True)
         except requests.RequestException as exc:
             raise InvalidState(f"Deployment {name!r} at {status.url} did not answer: {exc}") from None
         if response.status_code != 200:

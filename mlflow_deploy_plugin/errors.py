@@ -47,6 +47,12 @@ class InvalidState(DeploymentError):
     error_code = "INVALID_STATE"
 
 
+class Unavailable(DeploymentError):
+    """The model registry (or another service a change needs) did not answer: try again later."""
+
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
 class Busy(DeploymentError):
     """Another command holds the deployment's lock (it is being created, changed or deleted)."""
 

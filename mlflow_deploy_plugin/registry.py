@@ -1,4 +1,5 @@
-"""Model registry access: resolve `models:/` URIs to concrete versions, and tag what is served."""
+"""Model registry access: resolve `models:/` URIs to concrete versions, tag what is served, and tell
+a registry that is briefly unreachable from one that said no (:func:`is_transient`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import logging
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+)
 from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_and_version
 
 from mlflow_deploy_plugin.spec import ModelRef
@@ -15,12 +20,51 @@ _logger = logging.getLogger(__name__)
 
 SERVING_TAG_PREFIX = "lifecycle.deployment."
 
+# Error codes that say "not now" rather than "no": an overloaded or restarting tracking server,
+# a database that is locked or unreachable (MLflow's SQL stores raise TEMPORARILY_UNAVAILABLE then).
+TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",
+                                   "RESOURCE_EXHAUSTED", "SERVICE_UNDER_MAINTENANCE"})
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a registry or network failure that may pass by itself.
+
+    Transient: connection refused or reset, timeouts, a 5xx from the tracking server (after MLflow's
+    own HTTP retries), a locked or unreachable database, and the domain error ``Unavailable`` made
+    from them. Not transient: anything the registry answered on purpose (does not exist, invalid,
+    permission denied). Decisions must never read a transient error as an answer: it is retried.
+    """
+    import requests
+
+    from mlflow_deploy_plugin.errors import DeploymentError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)):
+            return True
+        if isinstance(exc, MlflowException):
+            code = exc.error_code
+            if code in TRANSIENT_ERROR_CODES:
+                return True
+            # INTERNAL_ERROR is also MLflow's default code for local errors: transient only when it
+            # came over HTTP (a 5xx answer, or a request that never got one).
+            if code == "INTERNAL_ERROR" and (isinstance(exc, RestException)
+                                             or str(exc.message).startswith("API request to")):
+                return True
+        if isinstance(exc, DeploymentError) and exc.error_code == "TEMPORARILY_UNAVAILABLE":
+            return True
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False
+
 
 def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> ModelRef:
     """Resolve ``models:/name/3``, ``/Stage``, ``/latest`` or ``@alias`` to one model version.
 
     Raises MlflowException with INVALID_PARAMETER_VALUE for URIs that are not registry URIs and
-    RESOURCE_DOES_NOT_EXIST when the model, version, stage or alias is not there.
+    RESOURCE_DOES_NOT_EXIST when the model, version, stage or alias is not there, and
+    TEMPORARILY_UNAVAILABLE when the registry could not be asked (:func:`is_transient`): an
+    unreachable registry is never reported as a missing version.
     """
     if not isinstance(model_uri, str) or not model_uri.startswith("models:/"):
         raise MlflowException(
@@ -44,6 +88,12 @@ def resolve_model_uri(model_uri: str, client: MlflowClient | None = None) -> Mod
         name, version = get_model_name_and_version(client, model_uri)
         mv = client.get_model_version(name, str(version))
     except (MlflowException, RestException) as exc:
+        if is_transient(exc):
+            raise MlflowException(
+                f"Cannot resolve {model_uri} now: the model registry did not answer ({exc.message}). "
+                "This is temporary; it is tried again.",
+                error_code=TEMPORARILY_UNAVAILABLE,
+            ) from exc
         what = (
             f"alias {parsed.alias!r}" if parsed.alias else f"stage {parsed.stage!r}" if parsed.stage
             else f"version {parsed.version!r}" if parsed.version else "latest version"

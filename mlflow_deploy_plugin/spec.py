@@ -47,6 +47,11 @@ def duration_s(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
 
 
+def split_names(text: str | None) -> tuple[str, ...]:
+    """Column names of a comma-separated list such as ``-C capture_exclude=ssn,email``."""
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     """The validated settings of one deployment (``config.CONFIG_KEYS`` documents each key)."""
@@ -58,6 +63,10 @@ class DeploymentConfig:
     max_body_mb: float = 32.0
     auth_token_env: str | None = None
     max_batch_rows: int = 4096
+    max_rows: int = 100_000
+    max_cells: int = 10_000_000
+    max_queue: int = 256
+    batching: str = "auto"
     startup_timeout_s: float = 180.0
     max_restarts: int = 5
     warm_standby: bool = True
@@ -67,12 +76,25 @@ class DeploymentConfig:
     capture_sample_rate: float = 1.0
     capture_retention_days: int | None = None
     capture_uri: str | None = None
+    capture_buffer_mb: float = 64.0
+    capture_exclude: str | None = None
+    capture_hash: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     reference_data: str | None = None
     drift_min_rows: int = 200
     drift_methods: str | None = None
+    drift_effect_floor: str | None = None
     drift_schedule: str | None = None
     drift_max_window: str = "24h"
     drift_experiment: str | None = None
+    # Ray Serve engine (lifecycle:/ray) only; see config.CONFIG_KEYS.
+    ray_address: str | None = None
+    num_replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    num_cpus: float | None = None
 
     @property
     def is_loopback(self) -> bool:
@@ -87,6 +109,25 @@ class DeploymentConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def capture_buffer_bytes(self) -> int:
+        return int(self.capture_buffer_mb * 1024 * 1024)
+
+    @property
+    def capture_exclude_columns(self) -> tuple[str, ...]:
+        """``capture_exclude`` as column names (empty if unset)."""
+        return split_names(self.capture_exclude)
+
+    @property
+    def capture_hash_columns(self) -> tuple[str, ...]:
+        """``capture_hash`` as column names (empty if unset)."""
+        return split_names(self.capture_hash)
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the deployment serves TLS, else ``http``."""
+        return "https" if self.tls_cert else "http"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form, as kept in ``deployment.json``."""

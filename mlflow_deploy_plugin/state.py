@@ -12,7 +12,11 @@ Layout (one folder per deployment, so deleting one never touches another)::
         logs/                        # supervisor and worker logs
         models/<model>/<version>/    # local copy of each served model version
         capture/                     # captured traffic (Parquet)
+        capture.key                  # secret of -C capture_hash (created when first needed)
       archive/<name>-<utc time>/     # deleted deployments: captured data and history are kept
+
+Captured inputs, logs and history are user data: folders this module creates are 0700 and files
+0600 whatever the caller's umask (the supervisor and its workers run with umask 077 as well).
 
 This module is imported by the supervisor process, so it must stay free of heavy imports
 (standard library and ``spec`` only).
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,7 +42,9 @@ from mlflow_deploy_plugin.spec import DeploymentSpec, load_spec
 
 _logger = logging.getLogger(__name__)
 DEPLOY_HOME_ENV = "MLFLOW_DEPLOY_HOME"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # used with fullmatch: "$" would admit "name\n"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 STATUS_STARTING = "starting"
 STATUS_RUNNING = "running"
@@ -53,7 +60,7 @@ def deploy_home() -> Path:
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid deployment name, else raise ValueError saying why."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"Invalid deployment name {name!r}: use 1-63 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit."
@@ -61,9 +68,50 @@ def validate_name(name: str) -> str:
     return name
 
 
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders are 0700 (existing ones are left as they are)."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by another process
+        os.chmod(folder, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
+
+
+def read_or_create_secret(path: Path) -> str:
+    """The secret kept in ``path`` (0600), created on first use; safe when processes race to create it.
+
+    The secret is written to a private temp file and hard-linked into place, so a reader never sees
+    a half-written key and two creators agree on one.
+    """
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        if text := path.read_text().strip():
+            return text
+    make_private_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see either the old or the new file, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -113,7 +161,7 @@ def read_history_file(path: Path) -> list[dict[str, Any]]:
 def append_history_file(path: Path, event: str, **details: Any) -> None:
     """Append one event to a ``history.jsonl`` (a live or an archived deployment's), durably."""
     line = (json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -127,8 +175,8 @@ def append_history_file(path: Path, event: str, **details: Any) -> None:
 @contextlib.contextmanager
 def file_lock(path: Path, timeout_s: float = 120.0) -> Iterator[None]:
     """An exclusive advisory lock shared by every process on this machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    make_private_dirs(path.parent)
+    with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE), "a") as handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -216,6 +264,11 @@ class DeploymentPaths:
     def lock(self) -> Path:
         return self.root / ".lock"
 
+    @property
+    def capture_key(self) -> Path:
+        """The secret keying ``-C capture_hash`` (0600, created when first needed)."""
+        return self.root / "capture.key"
+
 
 class StateStore:
     """Reads and writes deployment state under one home folder."""
@@ -247,7 +300,10 @@ class StateStore:
         return load_spec(self.paths(name).spec)
 
     def write_spec(self, spec: DeploymentSpec) -> None:
-        write_json_atomic(self.paths(spec.name).spec, spec.to_dict())
+        paths = self.paths(spec.name)
+        write_json_atomic(paths.spec, spec.to_dict())
+        # Captured inputs are user data: also a folder made by an older version becomes private.
+        os.chmod(paths.root, PRIVATE_DIR_MODE)
 
     def read_status(self, name: str) -> dict[str, Any] | None:
         return read_json(self.paths(name).status)
@@ -255,7 +311,7 @@ class StateStore:
     def append_history(self, name: str, event: str, **details: Any) -> None:
         """Record one event of a live deployment."""
         paths = self.paths(name)
-        paths.root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(paths.root)
         append_history_file(paths.history, event, **details)
 
     def read_history(self, name: str) -> list[dict[str, Any]]:
@@ -266,7 +322,7 @@ class StateStore:
         paths = self.paths(name)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.home / "archive" / f"{name}-{stamp}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target.parent)
         suffix = 0
         while target.exists():
             suffix += 1

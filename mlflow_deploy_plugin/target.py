@@ -31,7 +31,9 @@ and Prometheus /metrics. Each deployment resolves its model URI to a concrete ve
 recorded), survives the CLI call that started it, is restarted if it crashes, and is updated
 with zero downtime (the new version is loaded and smoke-tested beside the old one first).
 
-Target URI: `lifecycle` (same as `lifecycle:/local`: processes on this machine).
+Target URI: `lifecycle` (same as `lifecycle:/local`: processes on this machine), or
+            `lifecycle:/ray` (a Ray Serve application on the cluster at -C ray_address or
+            $RAY_ADDRESS; needs the [ray] extra; the keys marked [ray] below are its own).
 Model URIs: models:/<name>/<version>, models:/<name>/<stage>, models:/<name>/latest,
             models:/<name>@<alias>.  Flavor: python_function (the default).
 State: $MLFLOW_DEPLOY_HOME (default ~/.mlflow-deploy); logs under deployments/<name>/logs.
@@ -48,6 +50,7 @@ Examples:
   mlflow deployments list -t lifecycle
   mlflow deployments delete -t lifecycle --name churn
   mlflow deployments run-local -t lifecycle --name churn -m models:/churn/3 -C port=5001
+  mlflow deployments create -t lifecycle:/ray --name churn -m models:/churn@champion -C num_replicas=2
   MY_TOKEN=s3cret mlflow deployments create -t lifecycle --name churn -m models:/churn/3 \\
       -C host=0.0.0.0 -C auth_token_env=MY_TOKEN
 """

@@ -1,8 +1,10 @@
 """Shared, real set-up: one MLflow tracking store with registered example models, one deployment
 reused by the tests that only read from it, and helpers to run the real `mlflow deployments` CLI.
 
-The store is a SQLite file in a temp folder; set MLFLOW_TEST_TRACKING_URI (e.g. a PostgreSQL
-URI) to run the same tests against another backend.
+The store is a SQLite file in a temp folder. With ``--store postgresql`` every store (the session's,
+each `mlflow server`'s, each module's own) is instead a fresh database on a throwaway PostgreSQL server
+the session starts (tests/pg_server.py); `make test` runs the tests marked ``store`` that way too.
+MLFLOW_TEST_TRACKING_URI (e.g. a PostgreSQL URI) points the session store at an existing server.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
+from pg_server import INSTALL_HINT, PostgresServer, find_bindir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -52,6 +55,48 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, inter
                 return last
         time.sleep(interval_s)
     raise AssertionError(f"Timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store", choices=("sqlite", "postgresql"), default=os.environ.get("MLFLOW_TEST_STORE", "sqlite"),
+                     help="backend of the MLflow stores the tests create (default: sqlite; "
+                          "postgresql starts a throwaway server, skipped without its binaries unless CI=true)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "store: depends on the MLflow tracking/registry backend; "
+                                       "`make test` runs these again with --store postgresql")
+
+
+class Stores:
+    """Fresh MLflow backend stores: a SQLite file, or a new database on the session's PostgreSQL."""
+
+    def __init__(self, postgres: PostgresServer | None) -> None:
+        self.postgres = postgres
+
+    def new_uri(self, root: Path, name: str) -> str:
+        """The URI of a new, empty store named ``name`` (a file in ``root`` on SQLite)."""
+        if self.postgres is None:
+            return f"sqlite:///{root}/{name}.db"
+        return self.postgres.create_database(name)
+
+
+@pytest.fixture(scope="session")
+def stores(request: pytest.FixtureRequest) -> Iterator[Stores]:
+    if request.config.getoption("--store") == "sqlite":
+        yield Stores(None)
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI=true and --store postgresql, but {INSTALL_HINT}", pytrace=False)
+        pytest.skip(INSTALL_HINT)
+    server = PostgresServer(bindir, _free_port())
+    try:
+        server.start()
+        yield Stores(server)
+    finally:
+        server.stop()
 
 
 class Env:
@@ -125,9 +170,9 @@ def processes_under(home: Path) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, stores: Stores) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("session")
-    tracking_uri = os.environ.get("MLFLOW_TEST_TRACKING_URI") or f"sqlite:///{root}/mlflow.db"
+    tracking_uri = os.environ.get("MLFLOW_TEST_TRACKING_URI") or stores.new_uri(root, "mlflow")
     session_env = Env(root, tracking_uri)
     saved = {key: os.environ.get(key) for key in session_env.vars}
     os.environ.update(session_env.vars)
@@ -215,9 +260,10 @@ free_port = _free_port
 
 
 class MlflowServer:
-    """`mlflow server` on SQLite in its own process group, so every process it starts is stopped."""
+    """`mlflow server` in its own process group, so every process it starts is stopped. Its backend
+    store is ``store_uri`` (from the ``stores`` fixture), by default a SQLite file in ``root``."""
 
-    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, extra_env: dict[str, str] | None = None, store_uri: str | None = None) -> None:
         from cryptography.fernet import Fernet
 
         self.port = _free_port()
@@ -235,12 +281,21 @@ class MlflowServer:
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+        self._command = [mlflow_bin, "server", "--backend-store-uri", store_uri or f"sqlite:///{root}/mlflow.db",
+                         "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port",
+                         str(self.port), "--workers", "1"]
+        self._env, self._root = env, root
+        self._start("wb")
+
+    def _start(self, mode: str) -> None:
+        self._log = self.log_path.open(mode)
+        self.proc = subprocess.Popen(self._command, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=self._root)
+
+    def restart(self, timeout_s: float = 90) -> None:
+        """Start the stopped server again on the same port and store (an outage that ends)."""
+        self._start("ab")
+        self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         def up() -> bool:
@@ -273,3 +328,106 @@ class MlflowServer:
         self._log.close()
 
 
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (children first found through /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local Ray cluster (2 CPUs, no dashboard), started once per session and stopped at the end.
+
+    Its address goes to RAY_ADDRESS, so the `mlflow deployments -t lifecycle:/ray` subprocesses and
+    the in-process engine find it. Skipped when ray[serve] is not installed, except in CI, where
+    `make test` installs it and a skip would hide the Ray engine.
+    """
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ray[serve] is not installed in CI: `make test` installs the dev extra, which has it")
+        pytest.skip("ray[serve] is not installed (pip install -e '.[ray]'): the Ray engine tests need it")
+    import tempfile
+
+    # Ray puts unix sockets under its temp dir: keep the path short (the socket path limit is 107).
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("ray-log") / "ray-start.log"
+    log = log_path.open("wb")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # --block keeps `ray start` in the foreground, in its own process group with everything it starts,
+    # so the whole cluster is stopped by signalling that group (never `ray stop`, which would stop
+    # every Ray cluster on the machine, a developer's own included).
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
+         "--include-dashboard=false", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+         "--temp-dir", str(temp)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env.environ())
+    address = f"127.0.0.1:{port}"
+    saved = os.environ.get("RAY_ADDRESS")
+    try:
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"ray start exited:\n{log_path.read_text()[-3000:]}")
+            return b"Ray runtime started" in log_path.read_bytes()
+
+        deadline = time.monotonic() + 120
+        while not started():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ray start not up after 120s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        os.environ["RAY_ADDRESS"] = address
+        # Serve's HTTP proxy on a free loopback port (its default, 8000, may be taken here).
+        serve_bin = str(Path(sys.executable).parent / "serve")
+        subprocess.run([serve_bin, "start", "--address", address, "--http-host", "127.0.0.1",
+                        "--http-port", str(_free_port())], check=True, capture_output=True, timeout=180,
+                       env=env.environ())
+        yield address
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # this process joined as a driver (in-process engine tests)
+        # Actor workers (Serve's controller, proxy and replicas) run in sessions of their own: find
+        # every process the cluster started by parentage, not by process group.
+        family = _descendants(proc.pid)
+        proc.terminate()  # `ray start --block` stops what it started (GCS, raylet and so its workers)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        for pid in family:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # whatever outlived its raylet
+        wait_for(lambda: not any(_alive(pid) for pid in family), 10, "the Ray cluster's processes to be gone")
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved

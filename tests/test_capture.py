@@ -330,3 +330,18 @@ def test_writer_inherited_through_fork_works_in_the_child(tmp_path: Path) -> Non
         writer.close()
     frame = read_capture(str(root))
     assert sorted(frame["_request_id"]) == ["child", "parent"]
+
+
+def test_deeply_nested_inputs_are_kept_as_text_and_every_file_reads_back(tmp_path: Path) -> None:
+    """Arrow writes a 70-level list/struct schema to Parquet but cannot read it back: one such file
+    would break reading every captured row of its window (found by tests/test_fuzz_http.py)."""
+    deep: object = 1
+    for _ in range(70):
+        deep = {"k": [deep]}
+    root = tmp_path / "capture"
+    with CaptureWriter(str(root), "dep") as writer:
+        assert writer.record(request("deep", inputs=pd.DataFrame({"x": [deep]}, dtype=object)))
+        assert writer.record(request("plain", 2))
+    captured = read_capture(str(root))
+    assert set(captured["_request_id"]) == {"deep", "plain"}
+    assert captured.loc[captured["_request_id"] == "deep", "x"].iloc[0].startswith("{'k': [{'k'")

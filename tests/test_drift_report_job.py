@@ -1,4 +1,4 @@
-"""The drift job end to end on a real MLflow store (SQLite in a temp folder) with real Evidently:
+"""The drift job end to end on a real MLflow store (SQLite in a temp folder, or PostgreSQL) with real Evidently:
 reference resolution, the logged run (params, metrics, artifacts), model version tags, too few rows,
 no reference, and a failure mid-way."""
 
@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import Stores
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -23,11 +24,13 @@ from mlflow_deploy_plugin.monitoring import (
     resolve_reference_data,
     run_drift_report,
 )
+from mlflow_deploy_plugin.monitoring.drift_methods import ColumnMethod
 from mlflow_deploy_plugin.monitoring.report_job import metric_names
 
 FEATURES = ["age", "income($)", "plan", "region"]
 WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW_END = WINDOW_START + timedelta(hours=1)
+pytestmark = pytest.mark.store  # `make test` runs these on SQLite and on PostgreSQL
 
 
 def _features(rng: np.random.Generator, n: int, shifted: bool = False) -> pd.DataFrame:
@@ -86,13 +89,13 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(tmp_path_factory: pytest.TempPathFactory, stores: Stores) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("drift-store")
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # client-side stores put default artifact roots under the working directory
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        mlflow.set_tracking_uri(stores.new_uri(root, "drift"))
         mlflow.set_experiment("drift-tests")
         store = Store(root)
         store.models["dataset"] = "churn_dataset"
@@ -247,19 +250,27 @@ def test_report_job_end_to_end_on_drifted_window(store: Store, tmp_path: Path):
             "rows_reference": "3000"}
     assert params["window_start"] == "2026-01-01T00:00:00Z" and params["window_end"] == "2026-01-01T01:00:00Z"
     assert params["reference_source"] == source
-    assert params["methods"] == "num=ks,cat=chi2,alpha=0.05; income($)=wasserstein:0.1"
+    assert params["methods"] == ("num=ks,cat=chi2,alpha=0.05,floors=numeric=0.1,categorical=0.1,missing=0.05; "
+                                 "income($)=wasserstein:0.1")
     metrics = run.data.metrics
     assert metrics["drift_share"] == 0.75 and metrics["drifted_columns"] == 3
     assert set(metrics) >= {"drift_score.age", "drift_score.income___", "drift_score.plan", "drift_score.region",
-                            "prediction_drift_score", "rows_current", "rows_reference", "dataset_drifted"}
-    assert metrics["drift_score.income___"] == pytest.approx(outcome.result.column("income($)").score)
+                            "drift_effect.age", "drift_effect.region", "missing_rate.age", "drifted.age",
+                            "prediction_drift_score", "prediction_drift_effect", "prediction_drifted",
+                            "rows_current", "rows_reference", "dataset_drifted"}
+    # Both figures per column: the test's p-value and the effect size that must reach the floor.
+    income = outcome.result.column("income($)")
+    assert metrics["drift_score.income___"] == pytest.approx(income.score)
+    assert metrics["drift_effect.income___"] == pytest.approx(income.effect_size) and income.effect_size >= 0.1
+    assert metrics["drifted.age"] == 1 and metrics["drifted.plan"] == 0 and metrics["missing_rate.age"] == 0
     assert run.data.tags["drift.status"] == "drifted"
 
     assert {a.path for a in client.list_artifacts(outcome.run_id)} == {"drift_report.html", "drift_summary.json"}
     html = _download(client, outcome.run_id, "drift_report.html", tmp_path).read_text()
-    assert "evidently" in html.lower() and "chi-square homogeneity p_value" in html  # Evidently rendered it
+    assert "evidently" in html.lower() and "window.drawDashboard" in html  # Evidently rendered it
     assert len(html) > 100_000  # a self-contained Evidently page, not a fallback
     assert "the Evidently HTML is rendered from a random sample of 1,000 reference rows (of 3,000)" in html
+    _assert_page_shows_our_verdicts(html, outcome.result)
     summary = json.loads(_download(client, outcome.run_id, "drift_summary.json", tmp_path).read_text())
     assert summary["status"] == "drifted"
     assert summary["window"] == {"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T01:00:00Z"}
@@ -268,10 +279,13 @@ def test_report_job_end_to_end_on_drifted_window(store: Store, tmp_path: Path):
                                "compared_columns": 4}
     assert summary["dataset"]["drift_share"] == 0.75 and summary["dataset"]["n_drifted"] == 3
     assert summary["dataset"]["rows_compared"] == {"reference": 3000, "current": 1500}
-    assert summary["columns"]["income($)"]["method"] == "wasserstein"
+    assert summary["columns"]["income($)"]["method"] == "ks"  # the test; the method named is its effect
+    assert summary["columns"]["income($)"]["effect_method"] == "wasserstein"
     assert summary["columns"]["plan"]["method"] == "chi2" and summary["columns"]["plan"]["kind"] == "categorical"
     for column in summary["columns"].values():
-        assert {"method", "threshold", "score", "drifted"} <= set(column)
+        assert {"method", "threshold", "score", "drifted", "effect_method", "effect_floor", "effect_size",
+                "missing_rate_ref", "missing_rate_cur", "missing_p_value", "reason"} <= set(column)
+    assert summary["settings"]["floors"] == {"numeric": 0.1, "categorical": 0.1, "missing": 0.05}
     assert summary["evidently"]["rendered_from_sample"] is True
     assert summary["evidently"]["sample_rows_reference"] == 1000
     assert "verdicts computed exactly on all rows" in summary["evidently"]["note"]
@@ -323,7 +337,9 @@ def test_insufficient_rows_log_a_run_without_a_verdict(store: Store, tmp_path: P
     assert tags["drift.report_run_id"] == outcome.run_id
 
 
-def test_window_whose_inputs_are_all_null_has_no_verdict(store: Store):
+def test_window_whose_inputs_are_all_null_is_drifted_and_says_why(store: Store, tmp_path: Path):
+    # Upstream stopped sending every feature: each one vanished, which is drift (it used to be
+    # "insufficient_data", a silent no-verdict), with the reason per column.
     name = store.models["none"]
     captured = _captured(np.random.default_rng(5), 300, version="1", shifted=False)
     captured[FEATURES] = None
@@ -332,11 +348,147 @@ def test_window_whose_inputs_are_all_null_has_no_verdict(store: Store):
         reference=store.train[FEATURES], reference_source="test", window_start=WINDOW_START,
         window_end=WINDOW_END,
     )
-    assert outcome.status == "insufficient_data" and outcome.result is not None and outcome.result.n_tested == 0
-    assert outcome.summary["reason"].startswith("no column could be tested: age: no non-missing values")
+    assert outcome.status == "drifted" and outcome.result is not None and outcome.result.n_tested == 4
+    assert outcome.result.drifted_columns == FEATURES
+    assert outcome.summary["columns"]["age"]["reason"] == ("drifted: all 300 values missing in the current "
+                                                           "data (reference: 0.0% missing)")
     run = store.client.get_run(outcome.run_id)
-    assert "drift_share" not in run.data.metrics and run.data.tags["drift.status"] == "insufficient_data"
-    assert store.client.get_model_version(name, "1").tags["drift.status"] == "insufficient_data"
+    assert run.data.metrics["drift_share"] == 1 and run.data.tags["drift.status"] == "drifted"
+    assert run.data.metrics["missing_rate.age"] == 1 and run.data.metrics["drifted.age"] == 1
+    assert store.client.get_model_version(name, "1").tags["drift.status"] == "drifted"
+    # Nothing to plot: the page is our verdict table, saying why.
+    html = _download(store.client, outcome.run_id, "drift_report.html", tmp_path).read_text()
+    assert "no column has values on both sides to plot" in html and "all 300 values missing" in html
+    assert outcome.summary["evidently"]["plotted_columns"] == []
+
+
+def test_vanished_feature_and_missing_rate_change_are_flagged_end_to_end(store: Store, tmp_path: Path):
+    name = store.models["artifact"]
+    reference, source = resolve_reference_data(store.client, name, "1")
+    captured = _captured(np.random.default_rng(8), 2000, version="1", shifted=False)
+    window = captured["_model_version"] == "1"
+    captured.loc[window, "region"] = None  # upstream stopped sending it
+    captured.loc[captured.index[window][:400], "income($)"] = np.nan  # 0 % -> ~20 % missing
+    captured["new_feature"] = 1.0  # only the current data has it: shown, not judged
+    captured["age"] = captured["age"].astype(str)  # numbers that arrived as text: judged and drawn as numbers
+    outcome = run_drift_report(
+        deployment="churn-missing", model_name=name, model_version="1", captured=captured, reference=reference,
+        reference_source=source, window_start=WINDOW_START, window_end=WINDOW_END,
+        settings=DriftSettings(evidently_sample_rows=1000),
+    )
+    result = outcome.result
+    assert result is not None and result.drifted_columns == ["income($)", "region"]
+    assert outcome.status == "drifted"  # 2 of 4 columns >= 0.5
+    income, region = result.column("income($)"), result.column("region")
+    assert income.missing_drifted and not income.values_drifted and income.missing_rate_ref == 0.0
+    assert income.missing_rate_cur == pytest.approx(400 / 2000)
+    assert region.vanished and region.reason.startswith("drifted: all 2,000 values missing in the current data")
+    summary = outcome.summary
+    assert summary["dataset"]["new_in_current"] == ["new_feature"]
+    assert summary["columns"]["income($)"]["reason"].startswith("drifted: missing 0.0% -> 20.0% (z-test p=")
+    metrics = store.client.get_run(outcome.run_id).data.metrics
+    assert metrics["missing_rate.income___"] == pytest.approx(0.2) and metrics["drifted.income___"] == 1
+    assert metrics["drifted.region"] == 1 and metrics["drift_share"] == 0.5
+    html = _download(store.client, outcome.run_id, "drift_report.html", tmp_path).read_text()
+    _assert_page_shows_our_verdicts(html, result)
+    assert "only in the current data (not in the reference)" in html  # new_feature, in our verdict table
+    assert summary["evidently"]["plotted_columns"] == ["age", "income($)", "plan"]  # region cannot be drawn
+
+
+def test_a_tiny_shift_on_large_samples_is_no_alarm_while_a_real_shift_is(store: Store):
+    # The issue's case: 200k reference and 200k current rows, every feature shifted by 0.03 sd (KS and
+    # chi-square call that significant) must not be drift; a 0.5-sd shift must.
+    name = store.models["none"]
+    rng = np.random.default_rng(9)
+    n = 200_000
+    sd = {"age": 10.0, "income($)": 0.5}
+
+    def frame(shift_sd: float) -> pd.DataFrame:
+        region_p = np.array([0.5, 0.3, 0.2]) + np.array([-1, 0.5, 0.5]) * shift_sd * 0.5
+        return pd.DataFrame({
+            "age": rng.normal(40 + shift_sd * sd["age"], sd["age"], n),
+            "income($)": rng.lognormal(10 + shift_sd * sd["income($)"], sd["income($)"], n),
+            "plan": rng.integers(0, 4, n),
+            "region": pd.Series(rng.choice(np.array(["north", "south", "east"], dtype=object), n, p=region_p)),
+        })
+
+    reference = frame(0.0)
+    meta = pd.DataFrame({"_timestamp": pd.Timestamp(WINDOW_START) + pd.to_timedelta(np.arange(n) % 3600, "s"),
+                         "_model_version": "1", "_status": np.int16(200)})
+    settings = DriftSettings(evidently_sample_rows=2000)
+    outcomes = {}
+    for label, shift in (("tiny", 0.03), ("real", 0.5)):
+        captured = pd.concat([meta, frame(shift)], axis=1)
+        outcomes[label] = run_drift_report(
+            deployment=f"churn-{label}", model_name=name, model_version="1", captured=captured,
+            reference=reference, reference_source="test", window_start=WINDOW_START, window_end=WINDOW_END,
+            settings=settings)
+    tiny, real = outcomes["tiny"], outcomes["real"]
+    assert tiny.result is not None and real.result is not None
+    for column in ("age", "income($)", "region"):
+        col = tiny.result.column(column)
+        assert col.significant and not col.drifted, col.reason  # real but small: no alarm
+    assert tiny.status == "ok" and tiny.result.n_drifted == 0
+    assert real.status == "drifted" and real.result.drifted_columns == ["age", "income($)", "region"]
+    tags = store.client.get_model_version(name, "1").tags  # the last report's verdict
+    assert tags["drift.status"] == "drifted" and tags["drift.report_run_id"] == real.run_id
+    tiny_run = store.client.get_run(tiny.run_id)
+    assert tiny_run.data.tags["drift.status"] == "ok" and tiny_run.data.metrics["drift_share"] == 0
+    assert tiny_run.data.metrics["drift_score.age"] < 0.05 and tiny_run.data.metrics["drift_effect.age"] < 0.1
+
+
+class TwoOutputs(mlflow.pyfunc.PythonModel):
+    """A model with two outputs per row (a 2-D array): capture writes ``_prediction_0``/``_prediction_1``."""
+
+    def predict(self, context, model_input, params=None):
+        return np.column_stack([model_input["age"].to_numpy() / 100.0, model_input["plan"].to_numpy() * 1.0])
+
+
+def test_prediction_drift_of_a_model_with_several_outputs(store: Store, tmp_path: Path):
+    from mlflow_deploy_plugin.capture import prediction_columns
+    from mlflow_deploy_plugin.monitoring.deployment_drift import _reference_predictions
+
+    name = "churn_two_outputs"
+    x = store.train[FEATURES]
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="model", python_model=TwoOutputs(), registered_model_name=name,
+                                input_example=x.head(3), pip_requirements=["numpy"])
+    model = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    captured = _captured(np.random.default_rng(10), 1500, version="1", shifted=True)
+    for column, values in prediction_columns(model.predict(captured[FEATURES]), len(captured)).items():
+        captured[column] = values  # exactly as the capture lays the outputs out
+    predictions, why_not = _reference_predictions(tmp_path, name, "1", x)
+    assert why_not is None and list(predictions.columns) == ["0", "1"]
+    outcome = run_drift_report(
+        deployment="churn-two", model_name=name, model_version="1", captured=captured, reference=x,
+        reference_source="test", window_start=WINDOW_START, window_end=WINDOW_END,
+        reference_predictions=predictions, settings=DriftSettings(evidently_sample_rows=500))
+    prediction = outcome.prediction_drift
+    assert prediction is not None and [c.name for c in prediction.columns] == ["0", "1"]
+    assert prediction.drifted_columns == ["0"]  # age shifted by 0.5 sd; plan did not move
+    assert outcome.summary["prediction_drift"]["captured_columns"] == {"0": "_prediction_0", "1": "_prediction_1"}
+    metrics = store.client.get_run(outcome.run_id).data.metrics
+    assert metrics["prediction_drifted.0"] == 1 and metrics["prediction_drifted.1"] == 0
+    assert metrics["prediction_drift_effect.0"] == pytest.approx(prediction.column("0").effect_size)
+    assert metrics["prediction_drift_score.1"] == pytest.approx(prediction.column("1").score)
+    assert "prediction_drift_score" not in metrics  # that name is for single-output models
+    # An output the capture lacks while another is there: the output changed shape, which is drift.
+    outcome = run_drift_report(
+        deployment="churn-two", model_name=name, model_version="1", captured=captured.drop(columns="_prediction_1"),
+        reference=x, reference_source="test", window_start=WINDOW_START, window_end=WINDOW_END,
+        reference_predictions=predictions, settings=DriftSettings(evidently_sample_rows=500))
+    assert outcome.prediction_drift is not None and outcome.prediction_drift.column("1").vanished
+
+
+def _assert_page_shows_our_verdicts(html: str, result) -> None:
+    """The Evidently page's headline and tables carry our verdicts, not Evidently's own."""
+    headline = "Dataset drift is DETECTED" if result.dataset_drifted else "Dataset drift is NOT detected"
+    assert headline in html
+    assert f"{result.n_drifted} of {result.n_tested} judged columns overall" in html
+    for col in result.columns:
+        if col.effect_size is not None:  # plotted: the table's verdict cell is ours, in words
+            assert json.dumps(col.reason.split(": ", 1)[1])[1:-1] in html, col.reason
+    assert "K-S p_value" not in html and "chi-square p_value" not in html  # no Evidently verdicts
 
 
 def test_failure_mid_way_ends_the_run_failed_and_keeps_version_tags(store: Store):
@@ -376,6 +528,19 @@ def test_settings_validate_methods_early():
     settings = DriftSettings.from_config(Config(), evidently_sample_rows=5000)
     assert settings.min_rows == 50 and str(settings.methods["age"]) == "psi:0.3"
     assert settings.evidently_sample_rows == 5000
+    assert str(settings.floors) == "numeric=0.1,categorical=0.1,missing=0.05"  # the defaults
+
+    # -C drift_effect_floor: checked when the deployment is configured, applied by the job.
+    from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.errors import InvalidRequest
+
+    config = parse_config({"drift_effect_floor": "numeric=0.2,missing=0.1",
+                           "drift_methods": "age=ks:0.01+wasserstein:0.3"})
+    settings = DriftSettings.from_config(config)
+    assert str(settings.floors) == "numeric=0.2,categorical=0.1,missing=0.1"
+    assert settings.column_methods["age"] == ColumnMethod("ks", 0.01, "wasserstein", 0.3)
+    with pytest.raises(InvalidRequest, match=r"drift_effect_floor='speed=1'.*expected 'numeric=<floor>'"):
+        parse_config({"drift_effect_floor": "speed=1"})
 
 
 def test_an_existing_drift_experiment_gets_the_kind_tag_but_a_chosen_kind_is_kept(store: Store):

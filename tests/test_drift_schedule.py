@@ -87,6 +87,7 @@ def test_downtime_gives_one_catch_up_run(tmp_path: Path) -> None:
     assert calls == [(T0, T0 + timedelta(hours=5))]
 
 
+@pytest.mark.store
 def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env) -> None:
     store = _store(tmp_path, name="flaky")
     clock = Clock(T0 + timedelta(minutes=10) + SETTLE)
@@ -114,6 +115,7 @@ def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env
     assert calls[1] == (T0, T0 + timedelta(minutes=20)) and scheduler.completed[-1] == ("flaky", "ok")
 
 
+@pytest.mark.store
 def test_on_demand_report_waits_for_a_running_report_and_keeps_the_scheduler_out(tmp_path: Path, env) -> None:
     from mlflow.exceptions import MlflowException
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import Env, MlflowServer, free_port, split_payload, wait_for
+from conftest import Env, MlflowServer, Stores, free_port, split_payload, wait_for
 from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
@@ -32,11 +32,11 @@ SECRET = "webhook-secret-for-tests"
 
 
 @pytest.fixture(scope="module")
-def server(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     from mlflow_deploy_plugin.lifecycle.webhooks import register_webhook
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    mlflow_server = MlflowServer(root)
+    mlflow_server = MlflowServer(root, store_uri=stores.new_uri(root, "lifecycle"))
     try:
         mlflow_server.wait_ready(90)
         # Subscribe before any registry event fires: the server caches each event's webhook list
@@ -191,7 +191,7 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
                 _rest(server, "api/2.0/mlflow/registered-models/alias",
                       {"name": "lc", "alias": "champion", "version": "3"})
                 wait_for(lambda: "lifecycle.load_error.by-alias" in client.get_model_version("lc", "3").tags,
-                         30, "the failing version to be tagged")
+                         60, "the failing version to be tagged")  # a worker starts, then fails to load
                 served_after = len(alias_loop.versions)
                 wait_for(lambda: len(alias_loop.versions) > served_after + 20, 30, "traffic after the bad move")
             assert alias_loop.failures == [] and stage_loop.failures == [], (alias_loop.failures[:3],

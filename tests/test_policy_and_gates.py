@@ -425,7 +425,8 @@ def test_canary_with_too_little_evidence_is_never_promoted() -> None:
     extend = dataclasses.replace(CANARY, insufficient_evidence="extend")
     verdict = evaluate_canary(extend, CanaryStats(requests=3, errors=0, p99_latency_ms=80, elapsed_s=1800))
     assert verdict.status == "pending" and "extended until min_requests" in verdict.results[0].detail
-    verdict = evaluate_canary(extend, CanaryStats(requests=200, errors=0, p99_latency_ms=80, elapsed_s=5400))
+    verdict = evaluate_canary(extend, CanaryStats(requests=200, errors=0, p99_latency_ms=80, elapsed_s=5400,
+                                                  drift_status="ok"))
     assert verdict.status == "pass"
     assert parse_policy("model: m\npromotion:\n  canary: {insufficient_evidence: Extend}\n"
                         ).promotion.canary.insufficient_evidence == "extend"
@@ -434,7 +435,7 @@ def test_canary_with_too_little_evidence_is_never_promoted() -> None:
 def test_canary_errors_are_judged_against_the_champion_over_the_same_window() -> None:
     # Both versions refuse the same bad requests (5%): not the challenger's fault.
     verdict = evaluate_canary(CANARY, CanaryStats(requests=200, errors=11, p99_latency_ms=100, elapsed_s=600,
-                                                  champion_requests=1800, champion_errors=90))
+                                                  champion_requests=1800, champion_errors=90, drift_status="ok"))
     assert verdict.status == "pass", verdict.summary()
     assert verdict.results[1].detail == ("error rate 5.5% (11 of 200) vs the champion's 5% (90 of 1800): "
                                          "within 1 points")
@@ -482,3 +483,31 @@ def test_canary_fails_early_when_the_outcome_is_certain() -> None:
     assert verdict.status == "fail" and verdict.results[0].gate == "canary.drift"
     with pytest.raises(ValueError, match="inconsistent"):
         evaluate_canary(CANARY, CanaryStats(requests=1, errors=2, p99_latency_ms=1, elapsed_s=1))
+
+
+def test_canary_drift_is_judged_on_the_challengers_own_rows_before_any_promotion() -> None:
+    enough = {"requests": 200, "errors": 0, "p99_latency_ms": 80.0}
+    # Enough traffic, but no drift verdict on the challenger's rows yet: wait, never promote.
+    verdict = evaluate_canary(CANARY, CanaryStats(**enough, elapsed_s=600))
+    assert verdict.status == "pending"
+    assert verdict.results[-1].line("WAIT") == "WAIT canary.drift: no drift verdict on the challenger's traffic yet"
+    # Too few of its rows for a verdict: the same, until max_minutes; then not enough evidence ...
+    few = CanaryStats(**enough, elapsed_s=600, drift_status="insufficient_data", drift_detail="120 rows")
+    assert evaluate_canary(CANARY, few).status == "pending"
+    late = dataclasses.replace(few, elapsed_s=1800)
+    verdict = evaluate_canary(CANARY, late)
+    assert verdict.status == "fail"
+    assert verdict.results[-1].detail == ("not enough evidence: too few rows of the challenger's traffic for a drift "
+                                          "verdict (120 rows) after 30 minutes")
+    # ... or, with insufficient_evidence: extend, more waiting.
+    assert evaluate_canary(dataclasses.replace(CANARY, insufficient_evidence="extend"), late).status == "pending"
+    # Its own rows drifted: rejected, saying on what.
+    verdict = evaluate_canary(CANARY, dataclasses.replace(few, drift_status="drifted", drift_detail="400 rows, run r1"))
+    assert verdict.status == "fail"
+    assert verdict.results[-1].line() == "FAIL canary.drift: the challenger's own traffic drifted (400 rows, run r1)"
+    # A failed latency check fails at once: no need to wait for the drift check.
+    slow = CanaryStats(requests=200, errors=0, p99_latency_ms=900, elapsed_s=600)
+    assert evaluate_canary(CANARY, slow).status == "fail"
+    # Without require_no_drift nothing waits for drift.
+    assert evaluate_canary(dataclasses.replace(CANARY, require_no_drift=False),
+                           CanaryStats(**enough, elapsed_s=600)).status == "pass"

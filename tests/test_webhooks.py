@@ -1,7 +1,7 @@
 """The MLflow webhook receiver: signature checks, dedupe, parsing, and a real MLflow server end to end.
 
 Everything runs on loopback: the receiver is a real uvicorn server in a thread, the tracking server a
-real `mlflow server` subprocess (SQLite) that signs and sends the deliveries itself.
+real `mlflow server` subprocess (SQLite or PostgreSQL) that signs and sends the deliveries itself.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import uvicorn
-from conftest import MlflowServer, free_port, wait_for
+from conftest import MlflowServer, Stores, free_port, wait_for
 
 from mlflow_deploy_plugin.lifecycle.webhooks import (
     DEFAULT_EVENTS,
@@ -201,7 +201,11 @@ class Recorder:
 
 
 class Tap:
-    """ASGI wrapper that keeps every raw request (headers, body) so tests can re-verify and replay them."""
+    """ASGI wrapper that keeps every raw request (headers, body) so tests can re-verify and replay them.
+
+    A request is kept as soon as its body has been read, before the app handles it: a test that
+    saw the event the app passed on then finds its request here (no race with the app's answer).
+    """
 
     def __init__(self, app) -> None:
         self.app = app
@@ -210,17 +214,18 @@ class Tap:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
         chunks: list[bytes] = []
 
         async def tapped_receive():
             message = await receive()
             if message["type"] == "http.request":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.requests.append((headers, b"".join(chunks)))
             return message
 
         await self.app(scope, tapped_receive, send)
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        self.requests.append((headers, b"".join(chunks)))
 
 
 @contextlib.contextmanager
@@ -299,12 +304,14 @@ def _save_tiny_model(path: Path) -> Path:
     return path
 
 
-def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path):
+@pytest.mark.store  # webhooks exist only on SQL backends: run on SQLite and PostgreSQL
+def test_real_mlflow_server_delivers_signed_alias_moves(tmp_path: Path, stores: Stores):
     from mlflow import MlflowClient
 
     # One delivery thread: the server sends deliveries one after the other, in the order of the
     # changes, so the arrival of a last (sentinel) change proves every earlier delivery has arrived.
-    server = MlflowServer(tmp_path, extra_env={"MLFLOW_WEBHOOK_DELIVERY_MAX_WORKERS": "1"})
+    server = MlflowServer(tmp_path, extra_env={"MLFLOW_WEBHOOK_DELIVERY_MAX_WORKERS": "1"},
+                          store_uri=stores.new_uri(tmp_path, "webhooks"))
     try:
         model_dir = _save_tiny_model(tmp_path / "model")  # overlaps with the server's start-up
         server.wait_ready(45)

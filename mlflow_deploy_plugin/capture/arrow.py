@@ -10,7 +10,7 @@ stored: inputs become a DataFrame with names that cannot clash with the meta col
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Protocol
@@ -76,11 +76,13 @@ class _Group:
     meta: list[tuple[str, float, str, int, float, int]] = field(default_factory=list)
 
 
-def tables_by_day(batch: list[AnsweredRequest],
-                  deployment: str) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
+def tables_by_day(batch: list[AnsweredRequest], deployment: str,
+                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+                  ) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
     """One Arrow table per day and column layout, each with the number of requests it holds.
 
-    Also returns how many requests could not be converted (they are in no table).
+    ``redact`` (see :mod:`.redaction`) is applied to the input columns of each table before they
+    become Arrow. Also returns how many requests could not be converted (they are in no table).
     """
     groups: dict[tuple[int, tuple, tuple], _Group] = {}
     unconverted = 0
@@ -108,7 +110,7 @@ def tables_by_day(batch: list[AnsweredRequest],
     by_day: dict[date, list[tuple[pa.Table, int]]] = {}
     for (day_number, _, _), group in groups.items():
         try:
-            table = _group_table(group, deployment)
+            table = _group_table(group, deployment, redact)
         except Exception:
             unconverted += len(group.meta)
             continue
@@ -128,7 +130,8 @@ def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int
         return tables
 
 
-def _group_table(group: _Group, deployment: str) -> pa.Table:
+def _group_table(group: _Group, deployment: str,
+                 redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
     counts = np.fromiter((m[5] for m in group.meta), dtype=np.int64, count=len(group.meta))
     total = int(counts.sum())
     micros = np.fromiter((round(m[1] * 1e6) for m in group.meta), dtype=np.int64, count=len(group.meta))
@@ -146,6 +149,8 @@ def _group_table(group: _Group, deployment: str) -> pa.Table:
     frames = [f for f in group.frames if f is not None]
     if frames:
         inputs = stack_frames(frames)
+        if redact is not None:
+            inputs = redact(inputs)
         for i, name in enumerate(inputs.columns):
             names.append(name)
             arrays.append(_to_arrow(inputs.iloc[:, i]))
@@ -268,6 +273,24 @@ def _is_missing(value: Any) -> bool:
     return bool(result) if np.ndim(result) == 0 else False
 
 
+# Deeper types are stored as text: Parquet writes a schema of nested lists and structs 70 levels
+# deep, but its Arrow schema then fails to read back ("Invalid flatbuffers message"), and one such
+# file would break reading the whole capture window (seen with fuzzed input).
+_MAX_NESTING = 8
+
+
+def _nesting(arrow_type: pa.DataType) -> int:
+    """How many levels of lists, maps and structs ``arrow_type`` has (0 for a flat type)."""
+    depth, level = 0, [arrow_type]
+    while level:
+        level = [t.field(i).type for t in level for i in range(t.num_fields)]
+        if level:
+            depth += 1
+        if depth > _MAX_NESTING:
+            break  # deep enough to be refused: no need to walk the rest
+    return depth
+
+
 def _to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
     """One column as Arrow, falling back to text for objects Arrow cannot represent."""
     try:
@@ -275,7 +298,8 @@ def _to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
         if pa.types.is_dictionary(arr.type):
             # Categories would make every file's schema differ; store plain values.
             arr = arr.cast(arr.type.value_type)
-        if isinstance(arr.type, pa.ExtensionType) or pa.types.is_null(arr.type):
+        if (isinstance(arr.type, pa.ExtensionType) or pa.types.is_null(arr.type)
+                or _nesting(arr.type) > _MAX_NESTING):
             raise pa.ArrowTypeError("stored as text")
         return arr
     except (pa.ArrowException, TypeError, ValueError, OverflowError):

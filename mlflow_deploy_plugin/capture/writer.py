@@ -1,7 +1,7 @@
 """The capture writer: a bounded in-memory buffer drained to Parquet by one background thread.
 
-The serving hot path only calls :meth:`CaptureWriter.record`, which appends to a bounded in-memory
-buffer; all pandas/arrow work and I/O happen on one background thread per writer. Kept apart from
+The serving hot path only calls :meth:`CaptureWriter.record`, which appends to an in-memory buffer
+bounded both in requests and in bytes (what the requests' inputs and predictions hold); all pandas/arrow work and I/O happen on one background thread per writer. Kept apart from
 the conversion (:mod:`.arrow`) and the file layout (:mod:`.layout`) so that what matters here is
 easy to check on its own: the request path never blocks or raises, memory stays bounded, and every
 request accepted is either written or counted as dropped (with a reason).
@@ -15,13 +15,17 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -29,6 +33,7 @@ import pyarrow.parquet as pq
 from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, merge_tables, tables_by_day
 from mlflow_deploy_plugin.capture.layout import join_path, new_part_name, partition_path, resolve_root
 from mlflow_deploy_plugin.capture.retention import prune_capture
+from mlflow_deploy_plugin.serving.frames import is_float64
 
 _log = logging.getLogger(__name__)
 
@@ -53,6 +58,29 @@ DROP_WRITE_ERROR = "write_error"
 DROP_CONVERT_ERROR = "convert_error"
 DROP_CLOSED = "closed"
 DROP_INVALID = "invalid"
+DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+
+
+def approx_nbytes(value: Any) -> int:
+    """About how much memory ``value`` (a request's inputs or predictions) holds; cheap on the hot path.
+
+    Float frames built by the parser cost O(1); other frames count their strings (pandas does it in C).
+    """
+    if value is None:
+        return 0
+    if isinstance(value, pd.DataFrame):
+        if is_float64(value):
+            return value.shape[0] * value.shape[1] * 8
+        return int(value.memory_usage(index=False, deep=True).sum())
+    if isinstance(value, pd.Series):
+        return int(value.memory_usage(index=False, deep=True))
+    if isinstance(value, np.ndarray):
+        return value.nbytes if value.dtype != object else value.size * 64
+    if isinstance(value, dict):
+        return sum(approx_nbytes(v) for v in value.values()) + 64 * len(value)
+    if isinstance(value, list | tuple):
+        return 64 * len(value)
+    return sys.getsizeof(value)
 
 
 @dataclass(slots=True)
@@ -79,11 +107,13 @@ class CaptureWriter:
         *,
         sample_rate: float = 1.0,
         max_buffer_requests: int = 10_000,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         flush_rows: int = 5_000,
         flush_interval_s: float = 2.0,
         retention_days: int | None = None,
         on_drop: Callable[[int, str], None] | None = None,
         rng_seed: int | None = None,
+        redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
     ) -> None:
         """Start the writer thread.
 
@@ -94,6 +124,8 @@ class CaptureWriter:
             deployment: Stored in the ``_deployment`` column.
             sample_rate: Fraction of requests recorded, in (0, 1].
             max_buffer_requests: Requests buffered before new ones are dropped.
+            max_buffer_bytes: Bytes (inputs and predictions, estimated) buffered before new requests
+                are dropped; a single request larger than this is dropped too.
             flush_rows: Buffered input rows that trigger a write.
             flush_interval_s: Longest time a recorded request waits before being written.
             retention_days: If set, delete ``date=`` partitions older than this many days.
@@ -103,11 +135,15 @@ class CaptureWriter:
                 (``buffer_full``, ``closed``, ``invalid``) or the writer thread, so it must be cheap
                 and thread-safe (a Prometheus ``inc`` is).
             rng_seed: Seed of the sampling RNG, for reproducible tests.
+            redact: Applied to the input columns before they are written (see :mod:`.redaction`):
+                ``-C capture_exclude`` / ``-C capture_hash``. Runs on the writer thread.
         """
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
         if max_buffer_requests < 1:
             raise ValueError(f"max_buffer_requests must be >= 1, got {max_buffer_requests!r}.")
+        if max_buffer_bytes < 1:
+            raise ValueError(f"max_buffer_bytes must be >= 1, got {max_buffer_bytes!r}.")
         if flush_rows < 1:
             raise ValueError(f"flush_rows must be >= 1, got {flush_rows!r}.")
         if not flush_interval_s > 0:
@@ -118,6 +154,8 @@ class CaptureWriter:
         self.deployment = deployment
         self.sample_rate = float(sample_rate)
         self.max_buffer_requests = int(max_buffer_requests)
+        self.max_buffer_bytes = int(max_buffer_bytes)
+        self.redact = redact
         self.flush_rows = int(flush_rows)
         self.flush_interval_s = float(flush_interval_s)
         self.retention_days = retention_days
@@ -150,6 +188,7 @@ class CaptureWriter:
         self._wakeup = threading.Condition(self._lock)
         self._buffer: list[AnsweredRequest] = []
         self._buffered_rows = 0
+        self._buffered_bytes = 0
         self._first_buffered_at: float | None = None
         self._warned: set[str] = set()
         # Serialises writes between the thread and explicit flush() calls.
@@ -187,14 +226,17 @@ class CaptureWriter:
                     rows = max(len(inputs), 1)
                 except TypeError:
                     rows = 1
+            size = approx_nbytes(inputs) + approx_nbytes(request.predictions)
             reason = None
             with self._lock:
                 if self._closed:
                     reason = DROP_CLOSED
-                elif len(self._buffer) >= self.max_buffer_requests:
+                elif (len(self._buffer) >= self.max_buffer_requests
+                      or self._buffered_bytes + size > self.max_buffer_bytes):
                     reason = DROP_BUFFER_FULL
                 else:
                     self._buffer.append(request)
+                    self._buffered_bytes += size
                     before = self._buffered_rows
                     self._buffered_rows = before + rows
                     self.accepted_requests += 1
@@ -257,6 +299,11 @@ class CaptureWriter:
         """Requests waiting in memory to be written."""
         return len(self._buffer)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Estimated bytes of the requests waiting in memory to be written."""
+        return self._buffered_bytes
+
     def __enter__(self) -> CaptureWriter:
         return self
 
@@ -317,6 +364,7 @@ class CaptureWriter:
             with self._lock:
                 batch, self._buffer = self._buffer, []
                 self._buffered_rows = 0
+                self._buffered_bytes = 0
                 self._first_buffered_at = None
                 self._warned.discard(DROP_BUFFER_FULL)
             parts = self._pending
@@ -402,7 +450,7 @@ class CaptureWriter:
 
     def _build_parts(self, batch: list[AnsweredRequest]) -> list[_Part]:
         """Turn requests into one Arrow table per day (or per column layout if they cannot unify)."""
-        by_day, unconverted = tables_by_day(batch, self.deployment)
+        by_day, unconverted = tables_by_day(batch, self.deployment, self.redact)
         if unconverted:
             with self._lock:
                 first_of_burst = DROP_CONVERT_ERROR not in self._warned

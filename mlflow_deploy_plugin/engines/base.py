@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlflow_deploy_plugin.errors import InvalidRequest
-from mlflow_deploy_plugin.spec import DeploymentSpec
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec
 from mlflow_deploy_plugin.state import STATUS_FAILED as FAILED
 from mlflow_deploy_plugin.state import STATUS_RUNNING as RUNNING
 from mlflow_deploy_plugin.state import STATUS_STARTING as STARTING
@@ -88,8 +88,29 @@ class Engine(abc.ABC):
         """Where the deployment's background agent runs (it is hosted by the engine, restarted if
         it dies, and exists only while the spec needs one), or None when none runs."""
 
+    def check_config(self, config: DeploymentConfig) -> None:
+        """Refuse (InvalidRequest) settings this engine cannot honour, before anything changes.
+
+        By default: the `-C` keys that belong to another engine only, so a key is never silently
+        ignored (``-C num_replicas=2`` on the local engine would otherwise do nothing).
+        """
+        defaults = DeploymentConfig()
+        for engine, keys in ENGINE_ONLY_KEYS.items():
+            if engine == self.name:
+                continue
+            for key in sorted(keys):
+                if getattr(config, key) != getattr(defaults, key):
+                    raise InvalidRequest(
+                        f"-C {key} applies to the {engine} engine only (target lifecycle:/{engine}); "
+                        f"this deployment runs on lifecycle:/{self.name}.")
+
 
 ENGINES = ("local", "ray")
+# `-C` keys that only one engine understands (the others refuse them in check_config).
+ENGINE_ONLY_KEYS = {
+    "ray": frozenset({"ray_address", "num_replicas", "min_replicas", "max_replicas",
+                      "target_ongoing_requests", "num_cpus"}),
+}
 
 
 def engine_name(target_uri: str) -> str:
@@ -108,10 +129,15 @@ def get_engine(target_uri: str, store: StateStore) -> Engine:
     """The engine for ``target_uri``: the one place a target URI becomes an engine."""
     name = engine_name(target_uri)
     if name == "ray":
-        raise InvalidRequest(
-            "The Ray Serve engine (lifecycle:/ray) is not in this release; once it lands it needs the "
-            "[ray] extra (pip install 'mlflow-deploy-plugin[ray]'). Use `lifecycle` (supervised "
-            "processes on this machine) meanwhile.")
+        try:
+            from mlflow_deploy_plugin.engines.ray import RayEngine
+        except ImportError as exc:
+            if not (exc.name or "").startswith("ray"):
+                raise
+            raise InvalidRequest(
+                "The Ray Serve engine (lifecycle:/ray) needs the [ray] extra: "
+                f"pip install 'mlflow-deploy-plugin[ray]' (it installs ray[serve]; {exc}).") from None
+        return RayEngine(store)
     from mlflow_deploy_plugin.engines.local import LocalEngine
 
     return LocalEngine(store)

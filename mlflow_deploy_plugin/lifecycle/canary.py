@@ -21,6 +21,11 @@ How a canary is judged (what an on-call engineer signs off on):
 - **Evidence**: judged at ``min_requests``; at ``max_minutes`` with fewer, there is not enough
   evidence: the challenger is rejected, or (``insufficient_evidence: extend``) the canary goes on
   until ``min_requests`` arrive. A challenger is never promoted on a handful of requests.
+- **Drift** (``require_no_drift``): the rows the challenger itself served since the canary
+  started are judged against its own reference data (:mod:`.canary_drift`). ``drifted`` fails it
+  at once; ``ok`` passes; no verdict yet (the check runs, or found fewer than the deployment's
+  ``drift_min_rows`` rows) keeps the canary waiting, and at ``max_minutes`` is not enough evidence,
+  handled as above. A challenger is never promoted without that verdict.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ class CanaryStats:
     errors: int  # answers that were not 2xx
     p99_latency_ms: float | None  # of successful answers
     elapsed_s: float
-    drift_status: str | None = None  # the challenger's latest ``drift.status`` tag, if any
+    # The drift check of the challenger's own rows (require_no_drift): None while there is no result,
+    # else ok | drifted | insufficient_data | failed; ``drift_detail`` says on what it was judged.
+    drift_status: str | None = None
+    drift_detail: str | None = None
     champion_requests: int = 0  # the champion's answers over the same window
     champion_errors: int = 0
 
@@ -108,8 +116,10 @@ def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
     timed_out = stats.elapsed_s >= limit_s
 
     drift = _canary_drift(canary, stats)
+    drift_waiting = drift is not None and stats.drift_status not in ("ok", "drifted")
     if not enough:
-        certain = [result for result in (drift, _early_error_check(canary, stats)) if result and not result.passed]
+        drifted = drift if stats.drift_status == "drifted" else None  # certain already; waiting is not
+        certain = [result for result in (drifted, _early_error_check(canary, stats)) if result and not result.passed]
         if certain:
             return CanaryVerdict("fail", certain, figures)
         if not timed_out:
@@ -148,7 +158,13 @@ def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
                 f"{_fmt(over)} ms)" if over > _EPS
                 else f"p99 latency {_fmt(p99)} ms <= {_fmt(canary.max_p99_latency_ms)} ms allowed",
                 {"p99_latency_ms": p99, "max_p99_latency_ms": canary.max_p99_latency_ms}))
-    if drift:
+    if drift_waiting and all(result.passed for result in results):
+        assert drift is not None
+        if not timed_out or canary.insufficient_evidence == "extend":
+            return CanaryVerdict("pending", [*results, drift], figures)
+        results.append(GateResult("canary.drift", False, f"not enough evidence: {drift.detail} after "
+                                                          f"{_fmt(minutes)} minutes", drift.figures))
+    elif drift and not drift_waiting:  # a check that did not conclude is no reason for a failure
         results.append(drift)
     status: Literal["pass", "fail"] = "pass" if all(result.passed for result in results) else "fail"
     return CanaryVerdict(status, results, figures)
@@ -180,13 +196,21 @@ def _error_rate_check(max_error_rate: float, stats: CanaryStats, error_rate: flo
 
 
 def _canary_drift(canary: CanaryPolicy, stats: CanaryStats) -> GateResult | None:
+    """The drift line: passed only for ``ok``, failed for ``drifted``; anything else is no verdict
+    yet (a failed line that keeps the canary waiting, see :func:`evaluate_canary`)."""
     if not canary.require_no_drift:
         return None
-    if stats.drift_status is None:
-        return GateResult("canary.drift", True, "no drift report for the challenger yet", {"drift_status": None})
-    drifted = stats.drift_status.lower() == "drifted"
-    return GateResult("canary.drift", not drifted, f"challenger drift status is {stats.drift_status!r}",
-                      {"drift_status": stats.drift_status})
+    status = stats.drift_status
+    on = f" ({stats.drift_detail})" if stats.drift_detail else ""
+    figures = {"drift_status": status, "drift_detail": stats.drift_detail}
+    if status == "ok":
+        return GateResult("canary.drift", True, f"the challenger's own traffic did not drift{on}", figures)
+    if status == "drifted":
+        return GateResult("canary.drift", False, f"the challenger's own traffic drifted{on}", figures)
+    waiting = {None: "no drift verdict on the challenger's traffic yet",
+               "insufficient_data": "too few rows of the challenger's traffic for a drift verdict",
+               "failed": "the drift check of the challenger's traffic failed"}.get(status, f"drift status {status!r}")
+    return GateResult("canary.drift", False, f"{waiting}{on}", figures)
 
 
 def _early_error_check(canary: CanaryPolicy, stats: CanaryStats) -> GateResult | None:

@@ -14,7 +14,31 @@ that are due:
 
 Every step is recorded (:func:`.transitions.record`). With ``dry_run`` nothing is changed: each
 step that would be taken is reported instead. State that must survive restarts (versions seen,
-the canary in progress, versions that failed to load) lives in ``lifecycle_state.json``.
+the canary in progress, versions that failed to load, the operation in progress) lives in
+``lifecycle_state.json``.
+
+**Operations, persisted step by step.** What changes the deployment or the registry on the
+policy's behalf (start a canary, promote, reject, roll back) is an *operation*: a short list of
+named steps (registry move, traffic switch, audit record), each idempotent. The operation is
+written to the state file before its first step, and each step is marked done as soon as it is.
+After a crash the next controller goes on from the first step not done; while an operation is in
+progress nothing else moves. A step that fails is recorded once in the history (``step_failed``),
+retried with exponential backoff (``poll_interval_s`` × 2^n, at most :data:`BACKOFF_CAP_S`; a
+webhook delivery, which proves the registry answers, cuts the wait short) and,
+when it finally succeeds, recorded once more (``step_recovered``); `get` shows the wait meanwhile.
+A transient error (:func:`..registry.is_transient`: the registry or network did not answer) is
+retried until it passes: it is never a verdict. Any other error is tried :data:`MAX_ATTEMPTS`
+times; then the operation is undone by its compensating operation (a canary that cannot start or a
+promotion that cannot finish becomes a rejection that gives the champion role and all traffic back
+to the champion; a rollback that cannot finish gives the role back to the version that serves).
+Someone who changes the deployment while an operation waits wins: the operation is abandoned,
+recorded (``op_abandoned``), and nothing is switched back.
+
+**A failed pass.** Anything else that fails a whole pass (a registry search while the tracking
+server is down) is recorded once (``registry_unavailable``, or ``lifecycle_error`` for an error
+that is not transient), shown by `get`, retried with the same backoff, and its end recorded once
+(``lifecycle_resumed``). A transient error never marks a candidate as considered, never fails its
+gates and never marks a version as unable to serve.
 
 A controller, not an "engine": in this package an engine is what runs a deployment
 (``engines/``); the controller decides what should run and asks the deployment core for it.
@@ -22,10 +46,12 @@ A controller, not an "engine": in this package an engine is what runs a deployme
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +62,41 @@ from mlflow_deploy_plugin.deployments import Deployments, traffic_summary
 from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.lifecycle import traffic_stats
 from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
+from mlflow_deploy_plugin.lifecycle.canary_drift import CanaryDriftCheck
 from mlflow_deploy_plugin.lifecycle.gates import evaluate_gates
 from mlflow_deploy_plugin.lifecycle.policy import Policy, PolicyError, parse_policy
 from mlflow_deploy_plugin.lifecycle.transitions import RegistryRoles, record
-from mlflow_deploy_plugin.registry import resolve_model_uri
+from mlflow_deploy_plugin.registry import is_transient, resolve_model_uri
 from mlflow_deploy_plugin.spec import DeploymentSpec
 from mlflow_deploy_plugin.state import StateStore, read_json, write_json_atomic
 
 _logger = logging.getLogger(__name__)
+
+# Backoff after a failed step or pass: poll_interval_s * 2^(attempts - 1), at most this.
+BACKOFF_CAP_S = 120.0
+# A step failing for a reason that is not transient is tried this many times, then undone.
+MAX_ATTEMPTS = 6
+# Steps whose failure, once MAX_ATTEMPTS is reached, undoes their operation (a failing audit
+# record never undoes what it describes: it is retried).
+_UNDOABLE_STEPS = ("challenger", "registry", "traffic")
+
+
+def backoff_s(attempts: int, base_s: float) -> float:
+    """Seconds to wait after the ``attempts``-th failure in a row."""
+    return min(BACKOFF_CAP_S, max(base_s, 1.0) * 2 ** max(0, attempts - 1))
+
+
+def _error_text(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    return str(message if isinstance(message, str) and message else f"{type(exc).__name__}: {exc}")[:2000]
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+
+
+class _ChangedByHand(Exception):
+    """The deployment was changed by someone else while an operation was in progress."""
 
 
 class LifecycleController:
@@ -63,6 +116,8 @@ class LifecycleController:
         self.planned: list[str] = []  # what a dry run would have done
         self._state_path = self.paths.root / state_name
         self._deployments: Deployments | None = None
+        self._drift_checks = CanaryDriftCheck(store, name)
+        self._look_now = False  # this pass was asked for by a webhook: no backoff wait
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -80,6 +135,10 @@ class LifecycleController:
     def _save(self, state: dict[str, Any]) -> None:
         if not self.dry_run:
             write_json_atomic(self._state_path, state)
+
+    def _history(self, event: str, **details: Any) -> None:
+        if not self.dry_run:
+            self.store.append_history(self.name, event, **details)
 
     def _act(self, description: str, action: Callable[[], Any]) -> Any:
         """Run one change, or in a dry run say what it would be."""
@@ -120,26 +179,287 @@ class LifecycleController:
     # -- one pass ------------------------------------------------------------------------------
 
     def cycle(self, actor: str = "registry-poll") -> None:
-        """Look once and take the steps that are due."""
+        """Look once and take the steps that are due. Never raises for a failed pass: the failure
+        is recorded once, shown by `get` and the pass retried with backoff (module docstring)."""
         spec = self.store.read_spec(self.name)
         if spec is None:
             return
         state = self._state()
-        state["last_cycle_at"] = time.time()  # saved at the end: the start of the last complete cycle
+        started = time.time()
+        # A webhook delivery means the registry answers again: it cuts any backoff short.
+        self._look_now = actor.startswith("webhook")
+        paused = state.get("cycle_failure_info")
+        if paused and started < paused["next_at"] and not self._look_now:
+            return  # backing off after a failed pass
+        try:
+            self._pass(spec, state, actor)
+        except Exception as exc:
+            self._pass_failed(spec, state, exc)
+            self._save(state)
+            return
+        if paused:
+            state.pop("cycle_failure_info")
+            state.pop("cycle_failure", None)
+            self._history("lifecycle_resumed", actor=actor, reason=(
+                f"the lifecycle pass works again after {paused['attempts']} failed attempt(s) since "
+                f"{_iso(paused['since'])} (last error: {paused['error']})"))
+        state["last_cycle_at"] = started  # the start of the last complete pass
+        self._save(state)
+
+    def _pass(self, spec: DeploymentSpec, state: dict[str, Any], actor: str) -> None:
         policy = self.policy(spec, state)
+        if state.get("op") and not self._run_op(state):
+            return  # an operation is in progress: nothing else moves until it is done
+        spec = self.store.read_spec(self.name) or spec
         if state.get("canary") and (policy is None or policy.promotion.canary is None):
             self._end_orphan_canary(state, actor)
         if policy is not None:
             self._canary(spec, policy, state, actor)
+            if state.get("op"):
+                return
             spec = self.store.read_spec(self.name) or spec
         if self.follow and not state.get("canary"):
             self._follow(spec, state, actor)
             spec = self.store.read_spec(self.name) or spec
         if policy is not None and policy.promotion.enabled and not state.get("canary"):
             self._promotions(spec, policy, state, actor)
-        if policy is not None and not state.get("canary"):
+        if policy is not None and not state.get("canary") and not state.get("op"):
             self._drift(self.store.read_spec(self.name) or spec, policy, state, actor)
+
+    def _pass_failed(self, spec: DeploymentSpec, state: dict[str, Any], exc: Exception) -> None:
+        now = time.time()
+        transient = is_transient(exc)
+        error = _error_text(exc)
+        info = state.get("cycle_failure_info")
+        if info is None:
+            info = state["cycle_failure_info"] = {"since": now, "attempts": 0}
+            if transient:
+                _logger.warning("Lifecycle pass of %s failed (transient): %s", self.name, error)
+            else:
+                _logger.exception("Lifecycle pass of %s failed", self.name, exc_info=exc)
+            self._history("registry_unavailable" if transient else "lifecycle_error", actor="lifecycle", reason=(
+                f"{'the model registry did not answer' if transient else 'the lifecycle pass failed'}: {error}; "
+                "nothing is decided on it: the pass is retried with backoff"), transient=transient)
+        info["attempts"] += 1
+        delay = backoff_s(info["attempts"], spec.config.poll_interval_s)
+        info.update(error=error, transient=transient, next_at=now + delay)
+        what = "the model registry does not answer" if transient else "the lifecycle pass fails"
+        state["cycle_failure"] = (f"{what} since {_iso(info['since'])} ({info['attempts']} attempt(s)): {error}; "
+                                  f"next try in {delay:.0f}s")
+        self.say(f"Lifecycle pass of {self.name} failed: {error} (next try in {delay:.0f}s)")
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def _start_op(self, state: dict[str, Any], policy: Policy, kind: str, version: str, *, actor: str,
+                  reason: str, evidence: dict[str, Any] | None = None, **details: Any) -> bool:
+        """Persist a new operation, then run it; True once it is done."""
+        spec = self.store.read_spec(self.name)
+        state["op"] = {
+            "id": uuid.uuid4().hex[:12], "kind": kind, "version": str(version), "actor": actor, "reason": reason,
+            "evidence": evidence, "created_at": time.time(), "done": [],
+            "spec_updated_at": spec.updated_at if spec else None,
+            "roles": {"model": policy.model, "registry": policy.registry, "champion": policy.champion,
+                      "challenger": policy.challenger, "source": policy.source},
+            **details,
+        }
         self._save(state)
+        return self._run_op(state)
+
+    def _run_op(self, state: dict[str, Any]) -> bool:
+        """Go on with the operation in progress from its first step not done; True once none is left."""
+        while (op := state.get("op")) is not None:
+            failure = op.get("failure")
+            if failure and time.time() < failure["next_at"] and not self._look_now:
+                return False
+            try:
+                for step, what, action in self._steps(op, state):
+                    if step in op["done"]:
+                        continue
+                    self._check_unchanged(op)
+                    try:
+                        self._act(what, action)
+                    except _ChangedByHand:
+                        raise
+                    except Exception as exc:
+                        if self._step_failed(state, op, step, what, exc):
+                            break  # undone: the compensating operation runs next
+                        return False
+                    op["done"].append(step)
+                    self._step_succeeded(state, op, step, what)
+                    self._save(state)
+                else:
+                    state.pop("op")
+                    state.pop("op_failure", None)
+                    self._save(state)
+            except _ChangedByHand as change:
+                state.pop("op")
+                state.pop("op_failure", None)
+                self._history("op_abandoned", actor=op["actor"], op=op["id"], reason=(
+                    f"{self._title(op)} abandoned after step(s) {', '.join(op['done']) or 'none'}: {change}; "
+                    "that change stands"), model={"model_name": op["roles"]["model"], "model_version": op["version"]})
+                self._save(state)
+        return True
+
+    def _title(self, op: dict[str, Any]) -> str:
+        version, kind = op["version"], op["kind"]
+        return {"canary": f"the canary start of v{version}", "promote": f"the promotion of v{version}",
+                "reject": f"the rejection of v{version}",
+                "rollback": f"the rollback of v{version} to v{op.get('target')}",
+                "undo_promote": f"undoing the promotion of v{version}",
+                "undo_rollback": f"undoing the rollback of v{version}"}.get(kind, f"{kind} of v{version}")
+
+    def _steps(self, op: dict[str, Any], state: dict[str, Any]) -> list[tuple[str, str, Callable[[], Any]]]:
+        """The steps of an operation, in order: (name, what it does, the action). Each is idempotent."""
+        roles_policy = Policy(**op["roles"])
+        roles = RegistryRoles(self.client, roles_policy)
+        model, version, champion, kind = roles_policy.model, op["version"], op.get("champion"), op["kind"]
+
+        def audit(event: str, reason: str, tags: dict[str, str], evidence: Any = None) -> Callable[[], None]:
+            return lambda: self._record_once(op, event, reason, tags, op.get("evidence") if evidence is None
+                                             else evidence)
+
+        def switch(reason: str, **kwargs: Any) -> Callable[[], None]:
+            return lambda: self._switch(op, reason, **kwargs)
+
+        steps: list[tuple[str, str, Callable[[], Any]]] = []
+        if op.get("with_challenger"):
+            steps += [
+                ("challenger", f"make {model} v{version} {roles_policy.challenger} (gates passed)",
+                 lambda: roles.set_challenger(version)),
+                ("record_challenger", f"record that {model} v{version} passed its gates",
+                 audit("challenger", op["gates_summary"], {"lifecycle.gates": "passed"}, op["gates_evidence"])),
+            ]
+        if kind == "canary":
+            percent = float(op["percent"])
+            steps += [
+                ("traffic", f"send {percent:g}% of {self.name}'s traffic to v{version}", switch(
+                    op["reason"], traffic=[(f"models:/{model}/{champion}", 100 - percent),
+                                           (f"models:/{model}/{version}", percent)])),
+                ("canary", f"start the canary clock of v{version}", lambda: self._begin_canary(op, state)),
+            ]
+        elif kind == "promote":
+            steps += [
+                ("registry", f"promote {model} v{version} to {roles_policy.champion}", lambda: roles.promote(version)),
+                ("traffic", f"serve v{version} with 100% of {self.name}'s traffic",
+                 switch(f"promoted v{version}: {op['reason']}", model_uri=op["target_uri"])),
+                ("record", f"record the promotion of v{version}",
+                 audit("promoted", op["reason"], {"lifecycle.promotion": "champion"})),
+            ]
+        elif kind in ("reject", "undo_promote"):
+            if kind == "reject":
+                steps.append(("registry", f"remove {model} v{version} from {roles_policy.challenger}",
+                              lambda: roles.clear_challenger(version)))
+            elif champion:
+                steps.append(("registry", f"give {roles_policy.champion} back to v{champion}",
+                              lambda: roles.demote(version, champion, False)))
+            steps += [
+                ("traffic", f"serve only the champion on {self.name}",
+                 switch(f"rejected v{version}: {op['reason']}", model_uri=op.get("undo_uri"))),
+                ("record", f"record the rejection of v{version}",
+                 audit("rejected", op["reason"], {"lifecycle.promotion": "rejected"})),
+            ]
+        elif kind == "rollback":
+            target = op["target"]
+            if op.get("keep_reference"):
+                steps.append(("registry", f"move {roles_policy.role_uri('champion')} back to v{target}",
+                              lambda: roles.demote(version, target, bool(op.get("archive")))))
+            tags = {"lifecycle.rolled_back": f"to v{target}", **({"lifecycle.archived": "true"}
+                                                                 if op.get("archive") else {})}
+            steps += [
+                ("traffic", f"serve v{target} on {self.name}", switch(op["why"], model_uri=op["uri"])),
+                ("record", f"record the rollback of v{version}", audit("rolled_back", op["why"], tags)),
+            ]
+        elif kind == "undo_rollback":
+            target = op["target"]
+            if op.get("keep_reference"):
+                steps.append(("registry", f"give {roles_policy.role_uri('champion')} back to v{version}",
+                              lambda: roles.demote(target, version, False)))
+            steps.append(("record", f"record that the rollback of v{version} was undone",
+                          audit("rollback_failed", op["reason"], {"lifecycle.rollback_failed": op["reason"]})))
+        return steps
+
+    def _check_unchanged(self, op: dict[str, Any]) -> None:
+        """Raise _ChangedByHand when someone else changed the deployment since the operation last did."""
+        spec = self.deployments.spec(self.name)
+        if op.get("spec_updated_at") in (None, spec.updated_at):
+            return
+        last = next((e for e in reversed(self.store.read_history(self.name)) if e["event"] == "updated"), None)
+        if last is not None and (last.get("evidence") or {}).get("op") == op["id"]:
+            op["spec_updated_at"] = spec.updated_at  # our own switch; the crash came before it was marked done
+            return
+        raise _ChangedByHand(f"the deployment was changed meanwhile (it now serves {traffic_summary(spec)})")
+
+    def _switch(self, op: dict[str, Any], reason: str, **kwargs: Any) -> None:
+        """The traffic step: a transition that does nothing when it is already what serves."""
+        evidence = {**(op.get("evidence") or {}), "op": op["id"]}
+        # A failed switch is recorded once by the operation (step_failed), not at every retry; a
+        # person's rollback (``manual``) is not retried, so the deployment core records it.
+        self.deployments.transition(self.name, reason=reason, actor=op["actor"], evidence=evidence,
+                                    only_if_changed=True, record_failure=bool(op.get("manual")), **kwargs)
+        op["spec_updated_at"] = self.deployments.spec(self.name).updated_at
+
+    def _record_once(self, op: dict[str, Any], event: str, reason: str, tags: dict[str, str],
+                     evidence: dict[str, Any] | None) -> None:
+        """The audit step: its history event is written once per operation, even when resumed."""
+        written = any(e.get("op") == op["id"] and e["event"] == event for e in self.store.read_history(self.name))
+        record(None if written else self.store, self.client, self.name, event, model_name=op["roles"]["model"],
+               version=op["version"], reason=reason, actor=op["actor"], evidence=evidence, tags=tags, op=op["id"])
+
+    def _step_failed(self, state: dict[str, Any], op: dict[str, Any], step: str, what: str,
+                     exc: Exception) -> bool:
+        """Record a failed step (once), schedule its retry; True when the operation was undone."""
+        now = time.time()
+        transient = is_transient(exc)
+        error = _error_text(exc)
+        failure = op.get("failure")
+        if not failure or failure.get("step") != step:
+            failure = op["failure"] = {"step": step, "attempts": 0, "since": now}
+            how = ("a transient error: retried with backoff until it passes" if transient else
+                   f"retried with backoff; after {MAX_ATTEMPTS} attempts {self._title(op)} is undone"
+                   if op["kind"] in ("canary", "promote", "rollback") and step in _UNDOABLE_STEPS else
+                   "retried with backoff until it passes")
+            _logger.warning("%s: could not %s: %s", self._title(op), what, error)
+            self._history("step_failed", actor=op["actor"], op=op["id"], step=step, transient=transient,
+                          model={"model_name": op["roles"]["model"], "model_version": op["version"]},
+                          reason=f"{self._title(op)}: could not {what}: {error}; {how}")
+        failure["attempts"] += 1
+        spec = self.store.read_spec(self.name)
+        delay = backoff_s(failure["attempts"], spec.config.poll_interval_s if spec else 10.0)
+        failure.update(error=error, transient=transient, next_at=now + delay)
+        state["op_failure"] = (f"{self._title(op)} waits: could not {what} ({failure['attempts']} attempt(s) since "
+                               f"{_iso(failure['since'])}): {error}; next try in {delay:.0f}s")
+        undone = (not transient and failure["attempts"] >= MAX_ATTEMPTS and step in _UNDOABLE_STEPS
+                  and op["kind"] in ("canary", "promote", "rollback"))
+        if undone:
+            self._undo(state, op, f"could not {what} after {failure['attempts']} attempts: {error}")
+        self._save(state)
+        return undone
+
+    def _step_succeeded(self, state: dict[str, Any], op: dict[str, Any], step: str, what: str) -> None:
+        failure = op.pop("failure", None)
+        state.pop("op_failure", None)
+        if failure and failure.get("step") == step:
+            self._history("step_recovered", actor=op["actor"], op=op["id"], step=step,
+                          model={"model_name": op["roles"]["model"], "model_version": op["version"]},
+                          reason=f"{self._title(op)}: {what} done after {failure['attempts']} failed attempt(s) "
+                                 f"since {_iso(failure['since'])} (last error: {failure['error']})")
+
+    def _undo(self, state: dict[str, Any], op: dict[str, Any], why: str) -> None:
+        """Replace an operation that cannot finish by the one that undoes it."""
+        common = {"evidence": op.get("evidence"), "actor": op["actor"], "version": op["version"],
+                  "id": uuid.uuid4().hex[:12], "created_at": time.time(), "done": [], "roles": op["roles"],
+                  "spec_updated_at": op.get("spec_updated_at"), "undo_of": op["id"]}
+        if op["kind"] == "canary":
+            state["op"] = {**common, "kind": "reject", "reason": f"the canary could not start: {why}"}
+        elif op["kind"] == "promote":
+            state["op"] = {**common, "kind": "undo_promote", "champion": op.get("champion"),
+                           "undo_uri": op.get("undo_uri"),
+                           "reason": f"the promotion was undone: {why}; v{op.get('champion')} stays champion"}
+        else:
+            state["op"] = {**common, "kind": "undo_rollback", "target": op["target"],
+                           "keep_reference": op.get("keep_reference"),
+                           "reason": f"the rollback to v{op['target']} was undone: {why}; v{op['version']} keeps serving"}
+        state.pop("op_failure", None)
 
     # -- follow --------------------------------------------------------------------------------
 
@@ -150,6 +470,8 @@ class LifecycleController:
         try:
             resolved = resolve_model_uri(requested, self.client)
         except MlflowException as exc:
+            if is_transient(exc):
+                raise  # the pass fails, recorded once and retried: not an answer about the reference
             state["follow_error"] = exc.message
             return
         served = spec.model.model_version
@@ -167,6 +489,8 @@ class LifecycleController:
                       lambda: self.deployments.transition(self.name, reason=reason, actor=actor,
                                                           only_if_changed=True))
         except DeploymentError as exc:
+            if is_transient(exc):
+                raise  # the registry did not answer: the version is not to blame
             failed[resolved.model_version] = exc.message
             state["follow_error"] = exc.message
             record(self.store, self.client, self.name, "follow_failed", model_name=resolved.model_name,
@@ -183,59 +507,72 @@ class LifecycleController:
         considered = state.setdefault("considered", [])
         if served is not None and served not in considered:
             considered.append(served)  # whatever served once (even by a person's alias move) is not new
-        considered = set(considered) | self._versions_with(("rolled_back", "rejected", "gates_failed"))
+        seen = set(considered) | self._versions_with(("rolled_back", "rejected", "gates_failed"))
         candidates = sorted(
             (int(mv.version) for mv in self.client.search_model_versions(f"name='{policy.model}'")
-             if mv.creation_timestamp > created_ms and str(mv.version) not in considered
+             if mv.creation_timestamp > created_ms and str(mv.version) not in seen
              and str(mv.version) != served),
         )
         for version in candidates:
-            state["considered"].append(str(version))
-            self._consider(str(version), spec, policy, state, actor)
-            if state.get("canary"):
-                break  # one candidate at a time; later ones wait for this canary to end
+            try:
+                self._consider(str(version), spec, policy, state)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # not considered: its gates are evaluated again once the registry answers
+                # The candidate itself cannot be evaluated (say, deleted meanwhile): said once.
+                state["considered"].append(str(version))
+                why = f"the gates could not be evaluated: {_error_text(exc)}"
+                self._act(f"reject {policy.model} v{version}: {why}", functools.partial(
+                    record, self.store, self.client, self.name, "gates_failed", model_name=policy.model,
+                    version=str(version), actor=f"policy {policy.source}", reason=why))
+                self._save(state)
+            if state.get("canary") or state.get("op"):
+                break  # one candidate at a time; later ones wait for this one
 
-    def _consider(self, version: str, spec: DeploymentSpec, policy: Policy, state: dict[str, Any],
-                  actor: str) -> None:
+    def _consider(self, version: str, spec: DeploymentSpec, policy: Policy, state: dict[str, Any]) -> None:
         champion = spec.model.model_version if spec.model.model_name == policy.model else None
         self.say(f"Evaluating gates of {policy.model} v{version} (champion v{champion})")
         report = evaluate_gates(policy, (policy.model, version), client=self.client, champion_version=champion,
                                 cache_dir=self.paths.models)
         summary = report.summary()
         self.say(summary)
+        state["considered"].append(version)  # judged: from here on each step is persisted
         if not report.passed:
             self._act(f"reject {policy.model} v{version}: {summary.splitlines()[0]}", lambda: record(
                 self.store, self.client, self.name, "gates_failed", model_name=policy.model, version=version,
                 reason=summary.replace("\n", "; "), actor=f"policy {policy.source}",
                 evidence=report.to_dict(), tags={"lifecycle.gates": "failed", "lifecycle.promotion": "rejected"}))
+            self._save(state)
             return
-        roles = RegistryRoles(self.client, policy)
-
-        def make_challenger() -> None:
-            roles.set_challenger(version)
-            record(self.store, self.client, self.name, "challenger", model_name=policy.model, version=version,
-                   reason=summary.replace("\n", "; "), actor=f"policy {policy.source}",
-                   evidence=report.to_dict(), tags={"lifecycle.gates": "passed"})
-
-        self._act(f"make {policy.model} v{version} {policy.challenger} (gates passed)", make_challenger)
+        gates = {"with_challenger": True, "gates_summary": summary.replace("\n", "; "),
+                 "gates_evidence": report.to_dict()}
         canary = policy.promotion.canary
+        actor = f"policy {policy.source}"
         if canary is None or champion is None:
-            self._promote(version, spec, policy, state, reason="gates passed (no canary configured)",
-                          evidence=report.to_dict())
+            self._start_promotion(state, spec, policy, version, champion, reason="gates passed (no canary configured)",
+                                  evidence=report.to_dict(), **gates)
             return
-        reason = f"canary: v{version} gets {canary.percent:g}% of live traffic (gates passed)"
-        try:
-            self._act(f"send {canary.percent:g}% of {self.name}'s traffic to v{version}",
-                      lambda: self.deployments.transition(
-                          self.name, traffic=[(f"models:/{policy.model}/{champion}", 100 - canary.percent),
-                                              (f"models:/{policy.model}/{version}", canary.percent)],
-                          reason=reason, actor=f"policy {policy.source}", evidence=report.to_dict()))
-        except DeploymentError as exc:
-            self._reject(version, policy, f"canary could not start: {exc.message}", {})
-            return
-        # The window starts once the split serves: both versions' counters from here on are compared.
+        self._start_op(state, policy, "canary", version, actor=actor, champion=champion, percent=canary.percent,
+                       reason=f"canary: v{version} gets {canary.percent:g}% of live traffic (gates passed)",
+                       evidence=report.to_dict(), **gates)
+
+    def _start_promotion(self, state: dict[str, Any], spec: DeploymentSpec, policy: Policy, version: str,
+                         champion: str | None, *, reason: str, evidence: dict[str, Any], **details: Any) -> None:
+        requested = spec.model.requested_uri
+        floating = spec.model.is_floating
+        self._start_op(state, policy, "promote", version, actor=f"policy {policy.source}", reason=reason,
+                       evidence=evidence, champion=champion,
+                       target_uri=requested if floating else f"models:/{policy.model}/{version}",
+                       undo_uri=requested if floating or not champion else f"models:/{policy.model}/{champion}",
+                       **details)
+
+    def _begin_canary(self, op: dict[str, Any], state: dict[str, Any]) -> None:
+        """The last step of a canary start: the window starts once the split serves, so both versions'
+        counters are compared from here on."""
+        version, champion = op["version"], op["champion"]
         baselines = {}
         try:
+            spec = self.deployments.spec(self.name)
             scraped = traffic_stats.scrape(self._status_url(), self._token(spec))
             baselines = {v: scraped[v].to_dict() for v in (version, champion) if v in scraped}
         except Exception as exc:
@@ -246,6 +583,7 @@ class LifecycleController:
     def _end_orphan_canary(self, state: dict[str, Any], actor: str) -> None:
         """The policy (or its canary section) went away mid-canary: serve the champion alone."""
         canary = state.pop("canary")
+        self._drift_checks.stop(canary)
         reason = f"canary of v{canary['version']} ended: the policy no longer configures a canary"
         self._act(f"serve only the champion on {self.name} ({reason})", lambda: self.deployments
                   .transition(self.name, reason=reason, actor=actor))
@@ -270,6 +608,7 @@ class LifecycleController:
             # Someone changed the deployment by hand mid-canary: their change stands. The canary
             # ends, recorded, and nothing is switched back.
             state.pop("canary")
+            self._drift_checks.stop(canary_state)
             roles = RegistryRoles(self.client, policy)
             reason = (f"the deployment was changed by hand while v{version} was in canary (it now serves "
                       f"{traffic_summary(spec)}); the canary ends and that change stands")
@@ -290,46 +629,41 @@ class LifecycleController:
                                        traffic_stats.VersionFigures.from_dict(baseline) if baseline else None)
 
         figures, champion_figures = window(version), window(champion)
-        drift = self.client.get_model_version(policy.model, version).tags.get("drift.status")
+        canary_policy = policy.promotion.canary
+        elapsed = time.time() - canary_state["started_at"]
+        drift_status, drift_detail = self._canary_drift(canary_state, canary_policy.require_no_drift, due=(
+            figures.requests >= canary_policy.min_requests or elapsed >= canary_policy.max_minutes * 60))
         stats = CanaryStats(requests=int(figures.requests), errors=int(figures.errors),
-                            p99_latency_ms=traffic_stats.p99_ms(figures),
-                            elapsed_s=time.time() - canary_state["started_at"], drift_status=drift,
+                            p99_latency_ms=traffic_stats.p99_ms(figures), elapsed_s=elapsed,
+                            drift_status=drift_status, drift_detail=drift_detail,
                             champion_requests=int(champion_figures.requests),
                             champion_errors=int(champion_figures.errors))
-        verdict = evaluate_canary(policy.promotion.canary, stats)
+        verdict = evaluate_canary(canary_policy, stats)
         if verdict.pending:
             return
         summary = verdict.summary().replace("\n", "; ")
         state.pop("canary")
+        self._drift_checks.stop(canary_state)
         if verdict.passed:
-            self._promote(version, spec, policy, state, reason=f"canary passed: {summary}",
-                          evidence=verdict.to_dict())
+            self._start_promotion(state, spec, policy, version, champion, reason=f"canary passed: {summary}",
+                                  evidence=verdict.to_dict())
         else:
-            self._reject(version, policy, f"canary failed: {summary}", verdict.to_dict())
+            self._start_op(state, policy, "reject", version, actor=f"policy {policy.source}",
+                           reason=f"canary failed: {summary}", evidence=verdict.to_dict())
 
-    def _promote(self, version: str, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], *,
-                 reason: str, evidence: dict[str, Any]) -> None:
-        roles = RegistryRoles(self.client, policy)
-        actor = f"policy {policy.source}"
-        self._act(f"promote {policy.model} v{version} to {policy.champion}", lambda: roles.promote(version))
-        requested = spec.model.requested_uri
-        target_uri = requested if spec.model.is_floating else f"models:/{policy.model}/{version}"
-        self._act(f"serve v{version} with 100% of {self.name}'s traffic", lambda: self.deployments
-                  .transition(self.name, model_uri=target_uri, reason=f"promoted v{version}: {reason}",
-                              actor=actor, evidence=evidence))
-        self._act(f"record the promotion of v{version}", lambda: record(
-            self.store, self.client, self.name, "promoted", model_name=policy.model, version=version,
-            reason=reason, actor=actor, evidence=evidence, tags={"lifecycle.promotion": "champion"}))
-
-    def _reject(self, version: str, policy: Policy, reason: str, evidence: dict[str, Any]) -> None:
-        roles = RegistryRoles(self.client, policy)
-        actor = f"policy {policy.source}"
-        self._act(f"remove {policy.model} v{version} from {policy.challenger}", lambda: roles.clear_challenger(version))
-        self._act(f"serve only the champion on {self.name}", lambda: self.deployments
-                  .transition(self.name, reason=f"rejected v{version}: {reason}", actor=actor, evidence=evidence))
-        self._act(f"record the rejection of v{version}", lambda: record(
-            self.store, self.client, self.name, "rejected", model_name=policy.model, version=version,
-            reason=reason, actor=actor, evidence=evidence, tags={"lifecycle.promotion": "rejected"}))
+    def _canary_drift(self, canary_state: dict[str, Any], required: bool, *, due: bool,
+                      ) -> tuple[str | None, str | None]:
+        """The drift verdict on the challenger's own rows (require_no_drift), and what it rests on."""
+        if not required or self.dry_run:
+            return None, None
+        check = self._drift_checks.status(canary_state, due=due)
+        status = check.get("status")
+        if status == "failed":
+            return status, f"{check.get('error')}; tried again shortly"
+        if status is None:
+            return None, "the check runs" if check.get("pid") else None
+        detail = f"{check.get('rows')} rows the challenger answered since the canary started, run {check.get('run_id')}"
+        return status, detail
 
     # -- drift ---------------------------------------------------------------------------------
 
@@ -355,19 +689,24 @@ class LifecycleController:
         latest = runs[0].info.run_id
         if state.get("drift_handled_run") == latest:
             return
-        state["drift_handled_run"] = latest
         run_ids = [run.info.run_id for run in runs]
         reason = f"v{version} drifted in {k} consecutive reports (runs {', '.join(run_ids)})"
         evidence = {"report_run_ids": run_ids, "drift_shares": [run.data.metrics.get("drift_share") for run in runs]}
         action = policy.drift.action
         if action == "tag":
+            state["drift_handled_run"] = latest
             self._act(f"flag {policy.model} v{version}: {reason}", lambda: record(
                 self.store, self.client, self.name, "drift_alert", model_name=policy.model, version=version,
                 reason=reason, actor=f"policy {policy.source}", evidence=evidence,
                 tags={"lifecycle.drift_alert": reason}))
             return
-        self.rollback(reason=reason, actor=f"policy {policy.source}", evidence=evidence, policy=policy,
-                      archive=action == "archive")
+        plan = self._rollback_plan(spec, reason=reason, policy=policy, archive=action == "archive")
+        state["drift_handled_run"] = latest  # decided (the plan may read the registry, which may fail)
+        if plan is None:
+            self._record_no_rollback(spec, reason, f"policy {policy.source}", evidence)
+            return
+        self._start_op(state, plan.pop("policy"), "rollback", version, actor=f"policy {policy.source}",
+                       reason=reason, evidence=evidence, **plan)
 
     def _versions_with(self, events: tuple[str, ...]) -> set[str]:
         return {str((event.get("model") or {}).get("model_version")) for event in self.store.read_history(self.name)
@@ -375,40 +714,54 @@ class LifecycleController:
 
     # -- rollback ------------------------------------------------------------------------------
 
-    def rollback(self, *, reason: str, actor: str, evidence: dict[str, Any] | None = None,
-                 policy: Policy | None = None, to_version: str | None = None, archive: bool = False) -> str | None:
-        """Return the deployment to the previous good version (or ``to_version``); returns it.
-
-        A deployment that follows an alias or stage gets the reference moved back too, otherwise
-        following would undo the rollback at the next poll.
-        """
-        spec = self.deployments.spec(self.name)
+    def _rollback_plan(self, spec: DeploymentSpec, *, reason: str, policy: Policy | None,
+                       to_version: str | None = None, archive: bool = False) -> dict[str, Any] | None:
+        """Where a rollback goes and how (None when there is no previous good version)."""
         model = spec.model
         current = model.model_version
         target = to_version or self.deployments.previous_good_version(self.name)
         if target is None:
-            self.say(f"No previous good version of {model.model_name} to roll back to; v{current} keeps serving.")
-            self._act(f"record that v{current} has no version to roll back to", lambda: record(
-                self.store, self.client, self.name, "rollback_impossible", model_name=model.model_name,
-                version=current, reason=f"{reason}; no previous good version", actor=actor, evidence=evidence))
             return None
         if policy is None and model.is_floating:
             policy = _policy_for_reference(model.requested_uri)
-        keep_reference = False
-        if policy is not None and model.is_floating:
-            keep_reference = True
-            roles = RegistryRoles(self.client, policy)
-            self._act(f"move {policy.role_uri('champion')} back to v{target}",
-                      lambda: roles.demote(current, target, archive))
-        why = f"rolled back from v{current} to v{target}: {reason}"
-        self._act(f"serve v{target} on {self.name}", lambda: self.deployments.rollback(
-            self.name, to_version=target, reason=reason, actor=actor, evidence=evidence,
-            keep_reference=keep_reference, from_version=current))
-        self._act(f"record the rollback of v{current}", lambda: record(
-            self.store, self.client, self.name, "rolled_back", model_name=model.model_name, version=current,
-            reason=why, actor=actor, evidence=evidence,
-            tags={"lifecycle.rolled_back": f"to v{target}", **({"lifecycle.archived": "true"} if archive else {})}))
-        return target
+        # A deployment that follows an alias or stage gets the reference moved back too, otherwise
+        # following would undo the rollback at the next poll.
+        keep_reference = policy is not None and model.is_floating
+        uri = model.requested_uri if keep_reference else f"models:/{model.model_name}/{target}"
+        return {"target": target, "archive": archive, "keep_reference": keep_reference, "uri": uri,
+                "why": f"rolled back from v{current} to v{target}: {reason}",
+                "policy": policy or Policy(model=model.model_name)}
+
+    def _record_no_rollback(self, spec: DeploymentSpec, reason: str, actor: str,
+                            evidence: dict[str, Any] | None) -> None:
+        current = spec.model.model_version
+        self.say(f"No previous good version of {spec.model.model_name} to roll back to; v{current} keeps serving.")
+        self._act(f"record that v{current} has no version to roll back to", lambda: record(
+            self.store, self.client, self.name, "rollback_impossible", model_name=spec.model.model_name,
+            version=current, reason=f"{reason}; no previous good version", actor=actor, evidence=evidence))
+
+    def rollback(self, *, reason: str, actor: str, evidence: dict[str, Any] | None = None,
+                 policy: Policy | None = None, to_version: str | None = None, archive: bool = False) -> str | None:
+        """Return the deployment to the previous good version (or ``to_version``) now; returns it.
+
+        For a person (`mlflow-deploy rollback`): the same steps as the policy's rollback operation,
+        run at once, and an error is raised to the caller rather than retried. A deployment that
+        follows an alias or stage gets the reference moved back too.
+        """
+        spec = self.deployments.spec(self.name)
+        plan = self._rollback_plan(spec, reason=reason, policy=policy, to_version=to_version, archive=archive)
+        if plan is None:
+            self._record_no_rollback(spec, reason, actor, evidence)
+            return None
+        roles_policy = plan.pop("policy")
+        op = {"id": uuid.uuid4().hex[:12], "kind": "rollback", "version": spec.model.model_version, "actor": actor,
+              "reason": reason, "evidence": evidence, "done": [], "spec_updated_at": None, "manual": True,
+              "roles": {"model": roles_policy.model, "registry": roles_policy.registry,
+                        "champion": roles_policy.champion, "challenger": roles_policy.challenger,
+                        "source": roles_policy.source}, **plan}
+        for _step, what, action in self._steps(op, {}):
+            self._act(what, action)
+        return str(plan["target"])
 
 
 def _counts_for_policy(run: Any, earlier_stint_end: float | None) -> bool:
@@ -416,8 +769,10 @@ def _counts_for_policy(run: Any, earlier_stint_end: float | None) -> bool:
     its window holds no row the version answered in an earlier stint."""
     from mlflow_deploy_plugin.monitoring.report_job import TRIGGER_TAG
 
-    if run.data.tags.get(TRIGGER_TAG) == "manual":
-        return False  # runs from before the tag existed have none and count, as they did
+    if run.data.tags.get(TRIGGER_TAG) in ("manual", "canary"):
+        # A look by hand, or a canary's check of a challenger's rows (judged before it served alone).
+        # Runs from before the tag existed have none and count, as they did.
+        return False
     window_start = run.data.params.get("window_start")
     if earlier_stint_end is None or not window_start:
         return True

@@ -26,6 +26,7 @@ from mlflow.types.schema import Schema
 
 from mlflow_deploy_plugin.lifecycle.policy import MetricThreshold, Policy, RegressionLimit
 from mlflow_deploy_plugin.lifecycle.schema_compat import compare_input_schemas
+from mlflow_deploy_plugin.registry import is_transient
 from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
 
 # Floating-point slack when comparing figures read back from the store (0.9 - 0.89 is not 0.01).
@@ -103,7 +104,9 @@ def evaluate_gates(policy: Policy, candidate: ModelVersionLike | tuple[str, str 
     MLflow's global tracking/registry URI, which must be the store ``client`` talks to.
 
     Gates never raise for a bad candidate: they fail with a detail. Errors reading the registry
-    itself (the candidate version does not exist) propagate.
+    itself (the candidate version does not exist) propagate, and so does any transient registry or
+    network error (:func:`..registry.is_transient`) met by any gate: a registry that did not answer
+    says nothing about the candidate, so it must never fail (and block) it.
     """
     name, version = (candidate if isinstance(candidate, tuple) else (candidate.name, candidate.version))
     version = str(version)
@@ -153,6 +156,8 @@ class _RunCache:
             try:
                 self.runs[run_id] = self.client.get_run(run_id)
             except MlflowException as exc:
+                if is_transient(exc):
+                    raise
                 self.runs[run_id] = f"source run {run_id} of v{version} could not be read: {exc.message}"
         return self.runs[run_id]
 
@@ -242,6 +247,8 @@ def _signature_gate(name: str, version: str, champion_version: str | None) -> Ga
         try:
             signature = mlflow.models.get_model_info(f"models:/{name}/{ver}").signature
         except Exception as exc:  # any failure to read the MLmodel is a failed gate, not a crash
+            if is_transient(exc):
+                raise
             return GateResult(gate, False, f"could not read the signature of {who} v{ver}: "
                                            f"{type(exc).__name__}: {exc}", {"champion_version": champion_version})
         if signature is None or signature.inputs is None:
@@ -262,6 +269,8 @@ def _smoke_gate(name: str, version: str, run_id: str | None, cache_dir: Path) ->
         slot = ModelSlot.load(identity, Path(cache_dir) / name / version)
         checked = slot.smoke_test()
     except Exception as exc:  # ModelLoadError or anything the model's own code raises
+        if is_transient(exc):  # the download did not get through: no verdict on the model
+            raise
         return GateResult("smoke_test", False, str(exc), {"error": type(exc).__name__})
     return GateResult("smoke_test", True, f"v{version}: {checked}")
 

@@ -73,12 +73,18 @@ class RegistryRoles:
 
 def record(store: StateStore | None, client: MlflowClient, deployment: str | None, event: str, *,
            model_name: str, version: str, reason: str, actor: str,
-           evidence: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
-    """Leave the audit trail of one lifecycle step (history, version tag, version description)."""
+           evidence: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+           op: str | None = None) -> None:
+    """Leave the audit trail of one lifecycle step (history, version tag, version description).
+
+    ``op`` names the controller's operation the step belongs to (kept in the history event, so a
+    step resumed after a crash can tell that its record is written already). ``store`` None writes
+    no history event (the tags and description only).
+    """
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     if store is not None and deployment is not None:
         store.append_history(deployment, event, model={"model_name": model_name, "model_version": version},
-                             reason=reason, actor=actor, evidence=evidence)
+                             reason=reason, actor=actor, evidence=evidence, **({"op": op} if op else {}))
     line = f"{stamp} {event}: {reason} (by {actor}{f', deployment {deployment}' if deployment else ''})"
     try:
         client.set_model_version_tag(model_name, version, "lifecycle.last_event", line[:5000])

@@ -3,7 +3,7 @@
 Importing this package is cheap: Evidently (~5 s to import) is only loaded when a report is rendered.
 """
 
-from .drift_methods import METHODS, ColumnMethod, methods_to_spec, parse_methods
+from .drift_methods import METHODS, ColumnMethod, Floors, methods_to_spec, parse_floors, parse_methods
 from .drift_stats import ColumnDrift, DriftResult, column_kind, compute_drift
 from .evidently_report import render_evidently_report
 from .reference import predict_reference, read_table_uri, resolve_reference_data
@@ -16,9 +16,11 @@ __all__ = [
     "DriftOutcome",
     "DriftResult",
     "DriftSettings",
+    "Floors",
     "column_kind",
     "compute_drift",
     "methods_to_spec",
+    "parse_floors",
     "parse_methods",
     "predict_reference",
     "read_table_uri",

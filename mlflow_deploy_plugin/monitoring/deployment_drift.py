@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from mlflow_deploy_plugin.capture import PREDICTION_PREFIX, capture_root, predic
 from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
+from mlflow_deploy_plugin.spec import DeploymentConfig
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger(__name__)
@@ -52,6 +54,18 @@ def _reference_predictions(models_dir: Path, model_name: str, version: str, refe
         return None, reason
 
 
+def _as_captured(reference: pd.DataFrame, config: DeploymentConfig, key_path: Path) -> pd.DataFrame:
+    """The reference as capture stores inputs: -C capture_exclude columns dropped, capture_hash ones hashed
+    with the deployment's key, so hashed categoricals compare like for like."""
+    if not (config.capture_exclude_columns or config.capture_hash_columns):
+        return reference
+    from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
+    from mlflow_deploy_plugin.state import read_or_create_secret
+
+    key = read_or_create_secret(key_path) if config.capture_hash_columns else None
+    return CaptureRedaction(config.capture_exclude_columns, config.capture_hash_columns, key).apply(reference)
+
+
 def run_deployment_drift(
     name: str,
     since: datetime | None = None,
@@ -61,8 +75,12 @@ def run_deployment_drift(
     progress: Callable[[str], None] | None = None,
     locked: bool = False,
     trigger: str = "manual",
+    version: str | None = None,
 ) -> DriftOutcome:
     """Judge deployment ``name``'s captured traffic in [since, until) (default: the last 24 h).
+
+    ``version``: judge the rows another version of the served model answered, against that
+    version's reference (a canary's challenger); default the version the deployment serves.
 
     Runs under the deployment's drift lock (:func:`.drift_lock.drift_lock`), waiting for a report in
     progress (scheduled or on demand) to end first, so two reports never judge and tag the same
@@ -78,18 +96,18 @@ def run_deployment_drift(
     if store.read_spec(name) is None:
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
     if locked:
-        return _run(name, since, until, store, progress, trigger)
+        return _run(name, since, until, store, progress, trigger, version)
     with drift_lock(store.paths(name).root, wait=True, say=progress):
-        return _run(name, since, until, store, progress, trigger)
+        return _run(name, since, until, store, progress, trigger, version)
 
 
 def _run(name: str, since: datetime | None, until: datetime | None, store: StateStore,
-         progress: Callable[[str], None] | None, trigger: str) -> DriftOutcome:
+         progress: Callable[[str], None] | None, trigger: str, version: str | None = None) -> DriftOutcome:
     spec = store.read_spec(name)
     if spec is None:  # deleted while we waited for the lock
         raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
     config = spec.config
-    model = spec.model
+    model = spec.model if version is None else dataclasses.replace(spec.model, model_version=str(version))
     until = until or datetime.now(UTC)
     since = since or until - timedelta(hours=24)
     say = progress or (lambda _message: None)
@@ -103,6 +121,7 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
     reference, source = resolve_reference_data(client, model.model_name, model.model_version,
                                                override=config.reference_data, skipped=skipped)
     predictions, why_not = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
+    reference = _as_captured(reference, config, paths.capture_key)
     try:
         return run_drift_report(
             deployment=name, model_name=model.model_name, model_version=model.model_version,

@@ -10,9 +10,12 @@ The run (experiment ``drift/<deployment>`` by default) holds:
   rows_reference, reference_source, methods`` (+ ``alpha, drift_share_threshold, min_rows,
   evidently_sample_rows``);
 * metrics ``drift_share``, ``drifted_columns``, ``dataset_drifted`` (0/1), ``rows_current``,
-  ``rows_reference``, one ``drift_score.<column>`` per tested column (its p-value or distance) and
-  ``prediction_drift_score`` when prediction drift was checked, all stamped with the window end so
-  charts over runs follow the data's time;
+  ``rows_reference``; per judged column ``drift_score.<column>`` (its test's p-value),
+  ``drift_effect.<column>`` (its effect size), ``missing_rate.<column>`` (share of current rows
+  without a value) and ``drifted.<column>`` (0/1); ``prediction_drift_score`` (one output) or
+  ``prediction_drift_score.<output>`` and ``prediction_drift_effect[.<output>]`` (several outputs,
+  as capture names them ``_prediction_<output>``) when prediction drift was checked; all stamped
+  with the window end so charts over runs follow the data's time;
 * artifacts ``drift_report.html`` (Evidently) and ``drift_summary.json``;
 * tags ``drift.status``; ``drift.skipped`` when part of the report could not be done (e.g. prediction
   drift, when the model's predictions on the reference data failed), saying what and why (also the
@@ -48,7 +51,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from .drift_methods import ColumnMethod, methods_to_spec, parse_methods
+from .drift_methods import ColumnMethod, Floors, methods_to_spec, parse_floors, parse_methods
 from .drift_stats import DriftResult, compute_drift
 from .evidently_report import DEFAULT_SAMPLE_ROWS, render_evidently_report, render_fallback_html
 
@@ -75,7 +78,9 @@ class DriftSettings:
     ECDF gaps above ~0.1; a chi-square cell needs a category share of >= 2.5 % to expect 5 rows), so
     a verdict would be mostly noise: the job reports ``insufficient_data`` instead of a false alarm
     or a false all-clear. ``evidently_sample_rows`` bounds what Evidently sees (20k rows keep it at a
-    few seconds and ~200 MB; its cost is linear in rows).
+    few seconds and ~200 MB; its cost is linear in rows). ``floors`` are the global floors
+    (:func:`.drift_methods.parse_floors`: effect size of numeric/categorical columns, missing-rate
+    change), stored parsed.
     """
 
     min_rows: int = 200
@@ -86,6 +91,7 @@ class DriftSettings:
     drift_share_threshold: float = 0.5
     evidently_sample_rows: int = DEFAULT_SAMPLE_ROWS
     seed: int = 0
+    floors: Floors | str | float | None = None
 
     def __post_init__(self) -> None:
         if self.min_rows < 1:
@@ -96,16 +102,19 @@ class DriftSettings:
         methods = self.methods if isinstance(self.methods, str) else dict(self.methods)
         object.__setattr__(self, "methods", parse_methods(methods))
         parse_methods({"<numeric default>": self.num_method, "<categorical default>": self.cat_method})
+        object.__setattr__(self, "floors", parse_floors(self.floors))
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> DriftSettings:
-        """Settings from a deployment config (``drift_min_rows``, ``drift_methods``; absent keys keep
-        their defaults) with keyword overrides."""
+        """Settings from a deployment config (``drift_min_rows``, ``drift_methods``,
+        ``drift_effect_floor``; absent keys keep their defaults) with keyword overrides."""
         values: dict[str, Any] = {}
         if getattr(config, "drift_min_rows", None) is not None:
             values["min_rows"] = int(config.drift_min_rows)
         if getattr(config, "drift_methods", None):
             values["methods"] = config.drift_methods  # spec string, YAML/JSON path or mapping
+        if getattr(config, "drift_effect_floor", None):
+            values["floors"] = config.drift_effect_floor
         values.update(overrides)
         return cls(**values)
 
@@ -114,9 +123,15 @@ class DriftSettings:
         """``methods`` as stored: ``__post_init__`` replaces whatever form was given by its parsed form."""
         return cast("Mapping[str, ColumnMethod]", self.methods)
 
+    @property
+    def resolved_floors(self) -> Floors:
+        """``floors`` as stored: ``__post_init__`` replaces whatever form was given by its parsed form."""
+        return cast(Floors, self.floors)
+
     def methods_description(self) -> str:
-        """Compact text of the methods in force, e.g. ``num=ks,cat=chi2,alpha=0.05; age=psi:0.2``."""
-        text = f"num={self.num_method},cat={self.cat_method},alpha={self.alpha:g}"
+        """Compact text of the methods in force, e.g.
+        ``num=ks,cat=chi2,alpha=0.05,floors=numeric=0.1,categorical=0.1,missing=0.05; age=psi:0.2``."""
+        text = f"num={self.num_method},cat={self.cat_method},alpha={self.alpha:g},floors={self.resolved_floors}"
         if self.column_methods:
             text += "; " + methods_to_spec(self.column_methods)
         return text
@@ -225,22 +240,48 @@ def select_current(captured: pd.DataFrame, model_version: str, window_start: dat
 def _prediction_drift(current: pd.DataFrame, reference_predictions: pd.Series | pd.DataFrame | None,
                       settings: DriftSettings, why_missing: str | None = None,
                       ) -> tuple[DriftResult | None, dict[str, Any]]:
+    """Drift of the model's outputs: the captured ``_prediction`` (one output) or
+    ``_prediction_<output>`` columns (several: named columns, or ``_prediction_0``, ``_prediction_1``...
+    for a 2-D array, as :func:`mlflow_deploy_plugin.capture.prediction_columns` writes them) against
+    the model's predictions on the reference data, judged like inputs. An output the capture lacks
+    while others are there is drifted (the model's output changed shape)."""
     if reference_predictions is None:
         return None, {"skipped": why_missing or "no reference predictions given (the model's predictions on "
                                                 "the reference data are needed to compare outputs)"}
     if isinstance(reference_predictions, pd.Series):
-        pairs = {"prediction": ("_prediction", reference_predictions)}
+        pairs = {"prediction": (PREDICTION_PREFIX, reference_predictions)}
     else:
         pairs = {str(col): (f"{PREDICTION_PREFIX}_{col}", reference_predictions[col])
                  for col in reference_predictions.columns}
-    missing = [cap for cap, _ in pairs.values() if cap not in current.columns]
-    if missing:
-        return None, {"skipped": f"captured rows have no {missing} column(s) to compare"}
+    if not any(cap in current.columns for cap, _ in pairs.values()):
+        captured = [c for c in current.columns if str(c).startswith(PREDICTION_PREFIX)]
+        return None, {"skipped": f"captured rows have no {[cap for cap, _ in pairs.values()]} column(s) to "
+                                 f"compare (captured outputs: {captured})"}
     ref = pd.DataFrame({name: series.reset_index(drop=True) for name, (_, series) in pairs.items()})
-    cur = pd.DataFrame({name: current[cap].reset_index(drop=True) for name, (cap, _) in pairs.items()})
+    cur = pd.DataFrame({name: current[cap].reset_index(drop=True) for name, (cap, _) in pairs.items()
+                        if cap in current.columns}, index=pd.RangeIndex(len(current)))
     result = compute_drift(ref, cur, num_method=settings.num_method, cat_method=settings.cat_method,
-                           alpha=settings.alpha, drift_share_threshold=settings.drift_share_threshold)
-    return result, result.to_dict()
+                           alpha=settings.alpha, drift_share_threshold=settings.drift_share_threshold,
+                           floors=settings.resolved_floors)
+    return result, {**result.to_dict(), "captured_columns": {name: cap for name, (cap, _) in pairs.items()}}
+
+
+def _column_metrics(result: DriftResult, score: str, effect: str, *, missing: str | None = None,
+                    drifted: str | None = None, single: str | None = None) -> dict[str, float]:
+    """Per-column figures as metrics: ``<prefix>.<column>`` with MLflow-safe names (one column named
+    ``single`` drops the suffix: ``prediction_drift_score``)."""
+    judged = [c for c in result.columns if c.skipped_reason is None]
+    metrics: dict[str, float] = {}
+    prefixes = [(score, "score"), (effect, "effect_size"), (missing, "missing_rate_cur"), (drifted, "drifted")]
+    for prefix, attr in prefixes:
+        if prefix is None:
+            continue
+        names = metric_names([c.name for c in judged], prefix=f"{prefix}.")
+        for col in judged:
+            value = getattr(col, attr)
+            if value is not None:
+                metrics[prefix if col.name == single else names[col.name]] = float(value)
+    return metrics
 
 
 def run_drift_report(
@@ -327,6 +368,9 @@ def run_drift_report(
                          "drift_share_threshold": settings.drift_share_threshold,
                          "num_method": settings.num_method, "cat_method": settings.cat_method,
                          "methods": {c: str(m) for c, m in settings.column_methods.items()},
+                         "floors": {"numeric": settings.resolved_floors.numeric,
+                                    "categorical": settings.resolved_floors.categorical,
+                                    "missing": settings.resolved_floors.missing},
                          "evidently_sample_rows": settings.evidently_sample_rows},
         }
 
@@ -352,7 +396,9 @@ def run_drift_report(
                 result = compute_drift(  # reads the reference's columns of `current`, no copy
                     reference, current, methods=settings.column_methods,
                     num_method=settings.num_method, cat_method=settings.cat_method, alpha=settings.alpha,
-                    drift_share_threshold=settings.drift_share_threshold,
+                    drift_share_threshold=settings.drift_share_threshold, floors=settings.resolved_floors,
+                    ignore_columns=[c for c in current.columns
+                                    if c in META_COLUMNS or str(c).startswith(PREDICTION_PREFIX)],
                 )
                 compute_s = time.perf_counter() - started
                 prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings,
@@ -360,7 +406,7 @@ def run_drift_report(
                 if prediction is None:
                     skipped_notes.append(f"prediction drift: {prediction_summary['skipped']}")
                 status = "drifted" if result.dataset_drifted else "ok"
-                if result.n_tested == 0:  # e.g. every compared input is null in this window
+                if result.n_tested == 0:  # e.g. every compared input is null on both sides
                     status = "insufficient_data"
                     summary["reason"] = "no column could be tested: " + "; ".join(
                         f"{c.name}: {c.skipped_reason}" for c in result.columns)[:2000]
@@ -369,6 +415,7 @@ def run_drift_report(
                     "n_tested": result.n_tested, "dataset_drifted": result.dataset_drifted,
                     "drifted_columns": result.drifted_columns,
                     "missing_in_current": result.missing_in_current,
+                    "new_in_current": result.new_in_current,
                     "rows_compared": {"reference": rows_reference, "current": rows_current},
                     "compute_seconds": round(compute_s, 3),
                 }, columns=result.to_dict()["columns"], prediction_drift=prediction_summary)
@@ -388,26 +435,21 @@ def run_drift_report(
                         # The verdicts are exact and independent of Evidently: keep them, say what broke.
                         _log.exception("Evidently failed to render the drift report")
                         error = f"{type(exc).__name__}: {exc}"
-                        render_fallback_html(result, html_path, error)
+                        render_fallback_html(result, html_path, f"Evidently failed to render: {error}")
                         evidently_info = {"error": error[:2000]}
                         client.set_tag(run_id, "drift.report_error", error[:MAX_TAG_VAL_LENGTH])
                 summary["evidently"] = evidently_info
                 metrics = {"rows_current": rows_current, "rows_reference": rows_reference}
                 if result.n_tested:  # no verdict, no drift figures (a 0 share would read as "no drift")
-                    names = metric_names([c.name for c in result.columns if c.score is not None])
                     metrics.update({
                         "drift_share": result.drift_share, "drifted_columns": result.n_drifted,
                         "dataset_drifted": int(result.dataset_drifted),
-                        **{names[c.name]: c.score for c in result.columns if c.score is not None},
+                        **_column_metrics(result, "drift_score", "drift_effect", missing="missing_rate",
+                                          drifted="drifted"),
                     })
                 if prediction is not None:
-                    pred_names = metric_names([c.name for c in prediction.columns if c.score is not None],
-                                              prefix="prediction_drift_score.")
-                    for col in prediction.columns:
-                        if col.score is not None:
-                            key = ("prediction_drift_score" if col.name == "prediction"
-                                   else pred_names[col.name])
-                            metrics[key] = col.score
+                    metrics.update(_column_metrics(prediction, "prediction_drift_score", "prediction_drift_effect",
+                                                   drifted="prediction_drifted", single="prediction"))
 
             for note in skipped_notes:
                 say(f"skipped {note}")

@@ -6,12 +6,20 @@ instead of one run per missed tick. A per-deployment file lock (:func:`drift_loc
 from overlapping: scheduled runs of the deployment's own agent, of a separate `mlflow-deploy drift
 schedule` process, and on-demand `mlflow-deploy drift report` runs (which wait for it). A failed
 run is recorded in MLflow (status FAILED, with the error) and leaves the window start where it
-was, so the next tick covers that data again.
+was, so the next tick covers that data again; the first failure of a streak is also written to the
+deployment's history (``drift_report_failed``), once.
+
+Each report runs in a child process of its own (:mod:`.drift_process`): a report that crashes or
+is killed (say by the out-of-memory killer) is a failed report like any other, and the agent whose
+scheduler started it goes on following, promoting and rolling back. The running report's pid is in
+``drift_schedule.json`` (``running_pid``) while it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
 import threading
 import time
 import traceback
@@ -65,13 +73,22 @@ class DriftScheduler:
         self.job = job or self._default_job
         self.clock = clock
         self._running: dict[str, threading.Thread] = {}
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}  # report processes running now
+        self._stopping = threading.Event()  # set by run_forever's stop: a report cut short is no failure
         self.completed: list[tuple[str, str]] = []  # (deployment, "ok"|"failed: ...") for tests and logs
 
     def _default_job(self, name: str, since: datetime, until: datetime) -> Any:
-        from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
+        from mlflow_deploy_plugin.monitoring import drift_process
 
-        return run_deployment_drift(name, since, until, store=self.store, locked=True, trigger="scheduled",
-                                    progress=lambda message: _logger.info("[%s] %s", name, message))
+        def started(proc: subprocess.Popen[bytes]) -> None:
+            self._processes[name] = proc
+            path = self.store.paths(name).root / "drift_schedule.json"
+            write_json_atomic(path, dict(self._state(name), running_pid=proc.pid))
+
+        try:
+            return drift_process.run(self.store, name, since, until, trigger="scheduled", on_start=started)
+        finally:
+            self._processes.pop(name, None)
 
     def scheduled(self) -> dict[str, str]:
         """Deployment name -> cron expression, for the deployments this scheduler covers."""
@@ -154,7 +171,18 @@ class DriftScheduler:
                 outcome = self.job(name, since, until)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                if self._stopping.is_set():
+                    # Interrupted by a stop (its run ended KILLED): the window is judged after the restart.
+                    _logger.info("Scheduled drift report of %s interrupted by the stop: %s", name, error)
+                    return
                 _logger.error("Scheduled drift report of %s failed: %s\n%s", name, error, traceback.format_exc())
+                if not state.get("last_error"):  # the first failure of a streak, not every tick
+                    try:
+                        self.store.append_history(name, "drift_report_failed", actor="drift-schedule", reason=(
+                            f"{error}; window {since.isoformat()} .. {until.isoformat()} is judged again at "
+                            "the next scheduled time"))
+                    except OSError as history_error:  # deleted meanwhile
+                        _logger.warning("Could not record the failed report of %s: %s", name, history_error)
                 try:
                     if RUN_RECORDED not in getattr(exc, "__notes__", ()):
                         _record_failed_run(name, spec.config.drift_experiment if spec else None, since, until,
@@ -184,6 +212,9 @@ class DriftScheduler:
             except Exception as exc:  # a broken spec must not stop the other deployments' reports
                 _logger.error("Drift scheduler tick failed: %s", exc)
             stop.wait(interval_s)
+        self._stopping.set()
+        for proc in list(self._processes.values()):  # stopping: reports in progress end with us,
+            proc.send_signal(signal.SIGINT)  # as KeyboardInterrupt: the report ends its run KILLED
         for thread in list(self._running.values()):
             thread.join(timeout=600)
 

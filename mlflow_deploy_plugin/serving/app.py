@@ -26,7 +26,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 
 from mlflow_deploy_plugin import __version__
-from mlflow_deploy_plugin.serving.batching import BatchingPredictor
+from mlflow_deploy_plugin.serving.batching import (
+    DEFAULT_MAX_QUEUE,
+    BatchingPredictor,
+    QueueFull,
+    UnsplittableOutput,
+    batching_default,
+)
+from mlflow_deploy_plugin.serving.decode_limits import DEFAULT_MAX_CELLS, DEFAULT_MAX_ROWS, DecodeLimits
 from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.serving.middleware import AuthMiddleware, DrainMiddleware
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
@@ -43,6 +50,7 @@ _logger = logging.getLogger(__name__)
 JSON = "application/json"
 # Bodies above this are parsed off the event loop so one large request cannot stall the others.
 _INLINE_PARSE_BYTES = 256 * 1024
+_MAX_REQUEST_ID = 128
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class AppSettings:
     timeout_s: float
     auth_token: str | None = None
     max_batch_rows: int = 4096
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_cells: int = DEFAULT_MAX_CELLS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    batching: str = "auto"  # "auto": on for row-wise flavors only; "true"; "false"
 
 
 @dataclass
@@ -79,6 +91,14 @@ class ServiceState:
 
 def _error(status: int, error_code: str, message: str) -> Response:
     return Response(ServingError(status, error_code, message).body(), status_code=status, media_type=JSON)
+
+
+def _queue_full(max_queue: int) -> ServingError:
+    # Retry-After: the queue drains within a few predict calls once load drops.
+    return ServingError(503, "TEMPORARILY_UNAVAILABLE",
+                        f"The model's queue is full (max_queue={max_queue} requests waiting): retry after "
+                        "the delay in Retry-After, send fewer concurrent requests, add workers or raise "
+                        "-C max_queue.", headers={"Retry-After": "1"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -154,7 +174,11 @@ def build_app(
         identity = slot.identity
         version = identity.model_version
         metrics.model_info.labels(deployment, identity.model_name, version, identity.model_uri).set(1)
-        predictor = BatchingPredictor(slot, executor, settings.max_batch_rows, on_batch=batch_rows.observe)
+        batching = settings.batching == "true" or (
+            settings.batching == "auto" and batching_default(slot.metadata.flavors))
+        predictor = BatchingPredictor(slot, executor, settings.max_batch_rows, on_batch=batch_rows.observe,
+                                      max_queue=settings.max_queue, batching=batching,
+                                      queue_gauge=metrics.queued.labels(deployment))
         routes.append(_Route(slot, weight, predictor, fast_path_columns(slot.input_schema),
                              metrics.latency.labels(deployment, version),
                              metrics.success_latency.labels(deployment, version),
@@ -167,6 +191,7 @@ def build_app(
         running += route.weight
         cumulative.append(running)
     draw = (rng or random.Random()).random
+    limits = DecodeLimits(settings.max_rows, settings.max_cells)
     in_flight = metrics.in_flight.labels(deployment)
     request_counters: dict[tuple[str, int], Any] = {}
     identity = primary.slot.identity
@@ -235,21 +260,26 @@ def build_app(
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
         started = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # A client's id is kept (labels join on it) but bounded: it is echoed and captured with every row.
+        request_id = (request.headers.get("x-request-id") or "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
         in_flight.inc()
         data = predictions = None
         route = primary
         try:
             route = choose(request)
             slot = route.slot
+            if route.predictor.full:  # shed load before reading the body: memory stays flat
+                raise _queue_full(settings.max_queue)
             body = await _read_body(request, settings.max_body_bytes)
             content_type = request.headers.get("content-type")
             if len(body) <= _INLINE_PARSE_BYTES:
-                parsed = parse_request(body, content_type, slot.metadata, slot.input_schema, route.fast_columns)
+                parsed = parse_request(body, content_type, slot.metadata, slot.input_schema, route.fast_columns,
+                                       limits)
             else:
                 parsed = await asyncio.get_running_loop().run_in_executor(
                     parse_executor, parse_request, body, content_type, slot.metadata, slot.input_schema,
-                    route.fast_columns)
+                    route.fast_columns, limits)
+            del body  # the decoded data is what waits in the queue, not the bytes as well
             data = parsed.data
             try:
                 predictions = await asyncio.wait_for(route.predictor.predict(data, parsed.params),
@@ -257,6 +287,10 @@ def build_app(
             except TimeoutError:
                 raise ServingError(504, "DEADLINE_EXCEEDED",
                                    f"Prediction took longer than timeout_s={settings.timeout_s:g}s.") from None
+            except QueueFull:
+                raise _queue_full(settings.max_queue) from None
+            except UnsplittableOutput as exc:
+                raise ServingError(500, "INTERNAL_ERROR", str(exc)) from None
             except ServingError:
                 raise
             except Exception as exc:
@@ -264,12 +298,14 @@ def build_app(
             response = Response(predictions_body(predictions, parsed.unwrapped_output), media_type=JSON)
             route.rows.inc(_row_count(data))
         except ServingError as exc:
-            response = Response(exc.body(), status_code=exc.status, media_type=JSON)
+            response = Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
             predictions = None
-        except Exception as exc:
-            # Never a bare "Internal Server Error": a short JSON error, counted in the metrics.
+        except Exception:
+            # Never a bare "Internal Server Error", never the exception's text (it may quote the
+            # input): a short JSON error, the details in the worker log under the request id.
             _logger.exception("Unexpected error answering request %s", request_id)
-            response = _error(500, "INTERNAL_ERROR", f"Unexpected error: {type(exc).__name__}: {exc}")
+            response = _error(500, "INTERNAL_ERROR",
+                              f"Unexpected error answering request {request_id[:64]}; the worker log has the details.")
             predictions = None
         finally:
             in_flight.dec()

@@ -1,10 +1,20 @@
-"""Coalesce concurrent requests into one ``predict`` call.
+"""Coalesce concurrent requests into one ``predict`` call, behind a bounded queue.
 
 ``pyfunc.predict`` has ~1 ms of fixed cost per call (schema enforcement rebuilds the frame, the
 estimator validates it again) while the estimator itself predicts 10k rows about as fast as one.
 Requests that arrive while a prediction runs are therefore queued and predicted together next,
 concatenated into one DataFrame. Nothing waits for a batch to fill: a lone request is predicted
 at once, so latency at low load is unchanged.
+
+Coalescing is right only for models whose answer for a row does not depend on the other rows:
+it is on by default for flavors known to be row-wise (:data:`ROW_WISE_FLAVORS`), off for custom
+``python_function`` models unless the deployment says ``-C batching=true``. A batched output that
+cannot be cut back into one answer per request is never predicted again: those requests fail, and
+batching stops for that model.
+
+Every request waits in one queue (``max_queue`` long): when it is full the next request is
+refused at once (:class:`QueueFull`, a 503 with ``Retry-After``) rather than piling up memory, and
+a request whose caller gave up (a timeout cancels it) leaves the queue at once.
 
 All predictions of a worker run on one thread: threads fighting for the GIL is what makes
 `mlflow models serve` slower as concurrency rises.
@@ -13,6 +23,7 @@ All predictions of a worker run on one thread: threads fighting for the GIL is w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +39,27 @@ from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 
 _logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_QUEUE = 256
+# MLmodel flavors whose predict answers each row on its own (estimators scoring samples one by
+# one), so a batch of requests can be predicted together and cut back apart.
+ROW_WISE_FLAVORS = frozenset({"sklearn", "xgboost", "lightgbm", "catboost", "h2o", "spark"})
+
+
+def batching_default(flavors: Any) -> bool:
+    """Whether a model with these MLmodel ``flavors`` may be batched when the deployment does not say."""
+    try:
+        return bool(ROW_WISE_FLAVORS.intersection(flavors or ()))
+    except TypeError:
+        return False
+
+
+class QueueFull(Exception):
+    """The queue in front of the model is full: the request is refused without waiting."""
+
+
+class UnsplittableOutput(Exception):
+    """A batched prediction's output is not one answer per row, so it cannot be shared out."""
+
 
 def _rows(data: Any) -> int:
     try:
@@ -36,9 +68,11 @@ def _rows(data: Any) -> int:
         return 1
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a queued request is removed from the deque by itself
 class _Pending:
-    frame: pd.DataFrame
+    data: Any
+    params: dict[str, Any] | None
+    solo: bool  # predicted in a call of its own
     future: asyncio.Future = field(repr=False)
 
 
@@ -59,34 +93,63 @@ def _split_output(output: Any, sizes: list[int]) -> list[Any] | None:
 
 
 class BatchingPredictor:
-    """Predicts for one model slot, batching DataFrame requests that arrive together."""
+    """Predicts for one model slot: a bounded queue, batching DataFrame requests that arrive together."""
 
     def __init__(self, slot: ModelSlot, executor: ThreadPoolExecutor, max_batch_rows: int,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
+                 batching: bool = True, queue_gauge: Any = None) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
         self.slot = slot
         self._on_batch = on_batch
         self._executor = executor
         self._max_rows = max_batch_rows
+        self.max_queue = max_queue
+        self.batching = batching and max_batch_rows > 1
         self._queue: deque[_Pending] = deque()
+        self._gauge = queue_gauge  # a Prometheus gauge child (inc/dec) following len(self._queue)
         self._running = False
         self.last_batch_sizes: list[int] = []
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the model (not counting the call running now)."""
+        return len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        """Whether a new request would be refused now."""
+        return len(self._queue) >= self.max_queue
+
     async def predict(self, data: Any, params: dict[str, Any] | None) -> Any:
-        """Predict ``data``; DataFrames without params may share a call with other requests."""
+        """Predict ``data``; DataFrames without params may share a call with other requests.
+
+        Raises :class:`QueueFull` at once when ``max_queue`` requests are already waiting.
+        """
+        if self.full:
+            raise QueueFull(f"{len(self._queue)} requests are already waiting for the model "
+                            f"(max_queue={self.max_queue})")
         loop = asyncio.get_running_loop()
-        if (self._max_rows <= 1 or params or not isinstance(data, pd.DataFrame) or len(data) == 0
-                or len(data) >= self._max_rows):
-            return await self._run_alone(data, params)
-        future = loop.create_future()
-        self._queue.append(_Pending(data, future))
+        solo = (not self.batching or bool(params) or not isinstance(data, pd.DataFrame) or len(data) == 0
+                or len(data) >= self._max_rows)
+        item = _Pending(data, params, solo, loop.create_future())
+        self._queue.append(item)
+        if self._gauge is not None:
+            self._gauge.inc()
         if not self._running:
             self._running = True
             loop.create_task(self._drain())
-        return await future
-
-    async def _run_alone(self, data: Any, params: dict[str, Any] | None) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._predict, data, params)
+        try:
+            return await item.future
+        finally:
+            if not item.future.done():
+                item.future.cancel()
+            if item.future.cancelled():
+                # The caller gave up (timeout, disconnect): free its place and its data now.
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(item)
+                    if self._gauge is not None:
+                        self._gauge.dec()
 
     def _predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
         """One ``predict`` call of the model, reported to ``on_batch`` with its row count."""
@@ -94,21 +157,39 @@ class BatchingPredictor:
             self._on_batch(_rows(data))
         return self.slot.predict(data, params)
 
+    def _pop(self) -> _Pending:
+        item = self._queue.popleft()
+        if self._gauge is not None:
+            self._gauge.dec()
+        return item
+
+    def _take_batch(self) -> list[_Pending]:
+        """The next requests to predict together: the first waiting one, and those that may join it."""
+        while self._queue:
+            first = self._pop()
+            if first.future.done():
+                continue
+            batch, rows = [first], _rows(first.data)
+            if first.solo or not self.batching:
+                return batch
+            while self._queue and not self._queue[0].solo and rows + len(self._queue[0].data) <= self._max_rows:
+                item = self._pop()
+                if item.future.done():
+                    continue
+                batch.append(item)
+                rows += len(item.data)
+            return batch
+        return []
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._queue:
-                batch: list[_Pending] = []
-                rows = 0
-                while self._queue and (not batch or rows + len(self._queue[0].frame) <= self._max_rows):
-                    item = self._queue.popleft()
-                    if item.future.cancelled():
-                        continue
-                    batch.append(item)
-                    rows += len(item.frame)
-                if not batch:
-                    continue
-                results = await loop.run_in_executor(self._executor, self._predict_batch, batch)
+            while batch := self._take_batch():
+                try:
+                    results = await loop.run_in_executor(self._executor, self._predict_batch, batch)
+                except Exception as exc:  # never leave a caller waiting for an answer that won't come
+                    _logger.exception("Predicting a batch of %d requests failed unexpectedly", len(batch))
+                    results = [(False, exc)] * len(batch)
                 for item, (ok, value) in zip(batch, results, strict=True):
                     if item.future.done():
                         continue
@@ -120,21 +201,35 @@ class BatchingPredictor:
             self._running = False
 
     def _predict_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
-        """Runs on the predict thread: one call for the batch, one per request as fallback."""
-        self.last_batch_sizes = [len(item.frame) for item in batch]
-        if len(batch) > 1 and len({tuple(item.frame.columns) for item in batch}) == 1:
+        """Runs on the predict thread: one call for the batch, one per request if the batch failed."""
+        self.last_batch_sizes = [_rows(item.data) for item in batch]
+        if len(batch) > 1 and len({tuple(item.data.columns) for item in batch}) == 1:
             try:
-                frame = stack_frames([item.frame for item in batch])
-                pieces = _split_output(self._predict(frame), self.last_batch_sizes)
+                frame = stack_frames([item.data for item in batch])
+                output = self._predict(frame)
+            except Exception as exc:
+                # One bad request must not fail its neighbours: retry each alone below (the batch
+                # produced no answer, so no row is answered twice).
+                _logger.debug("Batched predict failed (%s); predicting requests one by one", exc)
+            else:
+                pieces = _split_output(output, self.last_batch_sizes)
                 if pieces is not None:
                     return [(True, piece) for piece in pieces]
-            except Exception as exc:
-                # One bad request must not fail its neighbours: retry each alone below.
-                _logger.debug("Batched predict failed (%s); predicting requests one by one", exc)
+                # Predicting these rows again could repeat side effects or answer differently: fail
+                # them, and predict this model one request at a time from now on.
+                self.batching = False
+                _logger.warning("Model %s returned %s for a batch of %d requests, not one answer per row: "
+                                "batching is now off for it (set -C batching=false).",
+                                self.slot.identity.model_uri, type(output).__name__, len(batch))
+                error = UnsplittableOutput(
+                    "The model's output for a batch of requests could not be split into one answer per "
+                    "request; batching is now off for this model version, so a retry is predicted alone. "
+                    "Set -C batching=false for models that are not row-wise.")
+                return [(False, error)] * len(batch)
         results = []
         for item in batch:
             try:
-                results.append((True, self._predict(item.frame)))
+                results.append((True, self._predict(item.data, item.params)))
             except Exception as exc:
                 results.append((False, exc))
         return results

@@ -49,6 +49,10 @@ class ServingMetrics:
         self.in_flight = Gauge(
             "mlflow_deploy_in_flight_requests", "Requests being answered now.",
             ["deployment"], multiprocess_mode="livesum", registry=registry)
+        self.queued = Gauge(
+            "mlflow_deploy_queued_requests",
+            "Requests waiting for the model (at most max_queue per worker and version; more get 503).",
+            ["deployment"], multiprocess_mode="livesum", registry=registry)
         self.model_info = Gauge(
             "mlflow_deploy_model_version_info", "1 for each model version this deployment serves.",
             ["deployment", "model_name", "model_version", "model_uri"], multiprocess_mode="livemax",

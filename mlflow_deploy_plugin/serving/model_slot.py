@@ -45,6 +45,7 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}."))
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging))
+        _make_private(staging)
         try:
             os.rename(staging, cache_dir)
         except OSError:
@@ -55,6 +56,16 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return cache_dir
+
+
+def _make_private(root: Path) -> None:
+    """Folders 0700, files 0600: copies keep their source's mode bits, whatever the umask."""
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o700)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 class ModelSlot:

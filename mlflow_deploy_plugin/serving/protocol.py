@@ -8,6 +8,7 @@ cut to a short snippet (MLflow echoes the whole request back) and never carry a 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from io import BytesIO, StringIO
 from typing import Any
@@ -19,37 +20,29 @@ from mlflow.pyfunc import scoring_server as mlflow_scoring
 from mlflow.types import DataType
 from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
 
+from mlflow_deploy_plugin.serving.decode_limits import (
+    DecodeLimits,
+    csv_columns_bound,
+    csv_rows_cap,
+    decode_json,
+    decoded_shape,
+    json_shape,
+    json_values_bound,
+    parquet_shape,
+)
+from mlflow_deploy_plugin.serving.errors import MAX_MESSAGE_CHARS, ServingError, shorten
 from mlflow_deploy_plugin.serving.frames import mark_float64
 
-MAX_MESSAGE_CHARS = 500
+_logger = logging.getLogger(__name__)
+
+__all__ = ["MAX_MESSAGE_CHARS", "DecodeLimits", "ParsedRequest", "ServingError", "fast_path_columns",
+           "parse_request", "prediction_error", "predictions_body", "shorten"]
 
 CONTENT_TYPE_JSON = mlflow_scoring.CONTENT_TYPE_JSON
 CONTENT_TYPE_CSV = mlflow_scoring.CONTENT_TYPE_CSV
 CONTENT_TYPE_PARQUET = mlflow_scoring.CONTENT_TYPE_PARQUET
 SUPPORTED_CONTENT_TYPES = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
-
-
-class ServingError(Exception):
-    """An error answered to the client as ``{"error_code", "message"}`` with an HTTP status."""
-
-    def __init__(self, status: int, error_code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_code = error_code
-        self.message = shorten(message)
-
-    def body(self) -> bytes:
-        return json.dumps({"error_code": self.error_code, "message": self.message}).encode()
-
-
-def shorten(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """Keep error messages short: a snippet of what was wrong, never the whole request."""
-    message = str(message)
-    if len(message) <= limit:
-        return message
-    # MLflow puts the input first and the reason (e.g. missing columns) last: keep both ends.
-    head, tail = limit * 2 // 5, limit * 3 // 5
-    return f"{message[:head]} ...[{len(message) - head - tail} characters cut]... {message[-tail:]}"
+_NO_LIMITS = DecodeLimits(max_rows=2**62, max_cells=2**62)
 
 
 def from_mlflow_exception(exc: MlflowException) -> ServingError:
@@ -122,11 +115,14 @@ def _fast_frame(decoded: dict[str, Any], names: frozenset[str]) -> pd.DataFrame 
 
 
 def parse_request(body: bytes, content_type: str | None, metadata: Any, input_schema: Any,
-                  fast_columns: frozenset[str] | None = None) -> ParsedRequest:
+                  fast_columns: frozenset[str] | None = None,
+                  limits: DecodeLimits | None = None) -> ParsedRequest:
     """Decode a request body the way `mlflow models serve` does, raising :class:`ServingError`.
 
-    ``fast_columns`` (from :func:`fast_path_columns`) enables the numeric fast path.
+    ``fast_columns`` (from :func:`fast_path_columns`) enables the numeric fast path. ``limits``
+    bound what the body may decode to (413 beyond), checked before the costly step of each format.
     """
+    limits = limits or _NO_LIMITS
     if not content_type:
         raise ServingError(
             415, "BAD_REQUEST",
@@ -148,43 +144,85 @@ def parse_request(body: bytes, content_type: str | None, metadata: Any, input_sc
         raise ServingError(400, "BAD_REQUEST", "Empty request body: send the input data to predict on.")
     try:
         if mime_type == CONTENT_TYPE_JSON:
-            decoded: Any = body
-            if fast_columns is not None:
-                try:
-                    decoded = json.loads(body)
-                except (ValueError, UnicodeDecodeError):
-                    decoded = body  # MLflow's parser below words the error
-                else:
-                    if not isinstance(decoded, dict):
-                        decoded = body  # MLflow words the "not an object" error
-                    elif (frame := _fast_frame(decoded, fast_columns)) is not None:
-                        return ParsedRequest(frame, None, False)
-            parsed = mlflow_scoring._parse_json_data(decoded, metadata, input_schema)
-            return ParsedRequest(parsed.data, parsed.params, parsed.is_unified_llm_input)
-        if mime_type == CONTENT_TYPE_CSV:
+            parsed = _parse_json(body, metadata, input_schema, fast_columns, limits)
+        elif mime_type == CONTENT_TYPE_CSV:
+            parsed = ParsedRequest(_parse_csv(body, input_schema, limits), None, False)
+        elif mime_type == CONTENT_TYPE_PARQUET:
             try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ServingError(400, "BAD_REQUEST", f"CSV body is not valid UTF-8: {exc}") from None
-            return ParsedRequest(mlflow_scoring.parse_csv_input(StringIO(text), schema=input_schema), None, False)
-        if mime_type == CONTENT_TYPE_PARQUET:
-            return ParsedRequest(mlflow_scoring.parse_parquet_input(BytesIO(body)), None, False)
+                rows, columns = parquet_shape(BytesIO(body))
+            except Exception:
+                pass  # not Parquet: MLflow's parser below words the error
+            else:
+                limits.check(rows, columns, "The Parquet body")
+            parsed = ParsedRequest(mlflow_scoring.parse_parquet_input(BytesIO(body)), None, False)
+        else:
+            raise ServingError(
+                415, "BAD_REQUEST",
+                f"Unsupported Content-Type {content_type!r}. Supported: {', '.join(SUPPORTED_CONTENT_TYPES)}.",
+            )
     except MlflowException as exc:
         raise _input_error(exc) from None
     except RecursionError:
         # json.loads raises RecursionError (not JSONDecodeError) on deeply nested input: MLflow answers 500.
         raise ServingError(400, "BAD_REQUEST", "Invalid input. The JSON body is nested too deeply.") from None
-    raise ServingError(
-        415, "BAD_REQUEST",
-        f"Unsupported Content-Type {content_type!r}. Supported: {', '.join(SUPPORTED_CONTENT_TYPES)}.",
-    )
+    except (OverflowError, ValueError, TypeError) as exc:
+        # MLflow's parsers raise these unwrapped on some inputs (e.g. a tensor it cannot shape);
+        # they are the client's input, never a server error.
+        _logger.debug("Input rejected by the parser: %s: %s", type(exc).__name__, exc)
+        raise ServingError(400, "BAD_REQUEST", f"Invalid input. {type(exc).__name__}: {exc}") from None
+    rows, columns = decoded_shape(parsed.data)  # a last guard, whatever path the body took
+    limits.check(rows, columns, "The request")
+    return parsed
+
+
+def _parse_json(body: bytes, metadata: Any, input_schema: Any, fast_columns: frozenset[str] | None,
+                limits: DecodeLimits) -> ParsedRequest:
+    limits.check_values(json_values_bound(body, limits.max_values), "The JSON body")
+    try:
+        decoded = decode_json(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        # MLflow's words (and status), without the input it appends.
+        raise ServingError(400, "BAD_REQUEST",
+                           f"Invalid input. Ensure that input is a valid JSON formatted string. Error: '{exc!r}'",
+                           ) from None
+    if not isinstance(decoded, dict):
+        kind = "a list" if isinstance(decoded, list) else f"unexpected input type '{type(decoded).__name__}'"
+        raise ServingError(400, "BAD_REQUEST", f"Invalid input. {mlflow_scoring.REQUIRED_INPUT_FORMAT}. Received {kind}.")
+    rows, columns = json_shape(decoded)
+    limits.check(rows, columns, "The request")
+    if fast_columns is not None and (frame := _fast_frame(decoded, fast_columns)) is not None:
+        return ParsedRequest(frame, None, False)
+    parsed = mlflow_scoring._parse_json_data(decoded, metadata, input_schema)
+    return ParsedRequest(parsed.data, parsed.params, parsed.is_unified_llm_input)
+
+
+def _parse_csv(body: bytes, input_schema: Any, limits: DecodeLimits) -> pd.DataFrame:
+    """MLflow's ``parse_csv_input``, reading no more rows than the limits allow."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ServingError(400, "BAD_REQUEST", f"CSV body is not valid UTF-8: {exc}") from None
+    columns = csv_columns_bound(text)
+    limits.check(1, columns, "The CSV header")
+    cap = csv_rows_cap(limits, columns)
+    dtypes = None if input_schema is None else dict(zip(input_schema.input_names(), input_schema.pandas_types(),
+                                                        strict=False))
+    try:
+        # One row more than allowed tells that there are too many, without reading them all.
+        frame = pd.read_csv(StringIO(text), dtype=dtypes, nrows=cap + 1)
+    except Exception as exc:
+        raise ServingError(
+            400, "BAD_REQUEST",
+            "Failed to parse input as a Pandas DataFrame. Ensure that the input is a valid CSV-formatted "
+            f"Pandas DataFrame produced using the `pandas.DataFrame.to_csv()` method. Error: '{exc}'") from None
+    if len(frame) > cap:
+        limits.check(len(frame), frame.shape[1], "The CSV body (counted up to the limit)")
+    return frame
 
 
 def _input_error(exc: MlflowException) -> ServingError:
-    message = exc.message
-    # MLflow appends the whole input to JSON decode errors; keep only what went wrong.
-    message = message.split("\nInput:", 1)[0]
-    return ServingError(exc.get_http_status_code(), exc.error_code, message)
+    # ServingError cleans the message: MLflow appends the whole input to some of its errors.
+    return ServingError(exc.get_http_status_code(), exc.error_code, exc.message)
 
 
 def predictions_body(raw_predictions: Any, unwrapped: bool = False) -> bytes:

@@ -189,6 +189,11 @@ class WorkerSpec:
     def model_dir(self, model: ModelRef) -> Path:
         return self.models_dir / model.model_name / model.model_version
 
+    @property
+    def capture_key(self) -> Path:
+        """The deployment's ``capture.key`` (``state.DeploymentPaths.capture_key``): models_dir is root/models."""
+        return self.models_dir.parent / "capture.key"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlflow_deploy_plugin.serving.worker")
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-orphan", choices=("serve", "exit"), default="exit",
                         help="when the supervisor dies: keep serving and start a new one, or drain and exit")
     args = parser.parse_args(argv)
+    # Captured inputs and model copies are user data, whoever started this worker (see state.py).
+    os.umask(0o077)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     spec_path = args.spec
@@ -314,16 +321,27 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
         timeout_s=config.timeout_s,
         auth_token=token,
         max_batch_rows=config.max_batch_rows,
+        max_rows=config.max_rows,
+        max_cells=config.max_cells,
+        max_queue=config.max_queue,
+        batching=config.batching,
     )
     capture = None
     if config.capture:
         from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
+        from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
+        from mlflow_deploy_plugin.state import read_or_create_secret
 
         dropped = metrics.capture_dropped.labels(spec.name)
+        redaction = CaptureRedaction(
+            config.capture_exclude_columns, config.capture_hash_columns,
+            read_or_create_secret(worker_spec.capture_key) if config.capture_hash_columns else None)
         capture = CaptureWriter(
             capture_root(spec.name, config.capture_uri, worker_spec.capture_dir), spec.name,
             sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
+            max_buffer_bytes=config.capture_buffer_bytes,
             on_drop=lambda count, _reason: dropped.inc(count),
+            redact=redaction.apply if redaction else None,
         )
     app = build_app(settings, slots, state=state, metrics=metrics,
                     on_answer=capture.record if capture is not None else None)
@@ -344,6 +362,8 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
         timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,
         # The body limit is enforced by the app; this caps headers and pipelined junk.
         h11_max_incomplete_event_size=64 * 1024,
+        # HTTPS when configured (validated at create: both files, matching): tokens never in clear.
+        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
     )
 
     def started() -> None:

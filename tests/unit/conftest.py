@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -125,11 +126,11 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServeFactory]:
 
         def start(slots: ModelSlot | list[tuple[ModelSlot, float]], *, auth_token: str | None = None,
                   max_body_bytes: int = MAX_BODY, timeout_s: float = 10.0, max_batch_rows: int = 4096,
-                  rng: random.Random | None = None, ready: bool = True) -> Served:
+                  rng: random.Random | None = None, ready: bool = True, **more_settings: Any) -> Served:
             state = ServiceState()
             metrics = ServingMetrics()
             settings = AppSettings(deployment=DEPLOYMENT, max_body_bytes=max_body_bytes, timeout_s=timeout_s,
-                                   auth_token=auth_token, max_batch_rows=max_batch_rows)
+                                   auth_token=auth_token, max_batch_rows=max_batch_rows, **more_settings)
             answers: list[Answer] = []
             app = build_app(settings, slots, state=state, metrics=metrics, on_answer=answers.append, rng=rng)
             client = stack.enter_context(TestClient(app))

@@ -17,7 +17,12 @@ import pandas as pd
 import pytest
 from unit_helpers import WAIT_S, controlled, gate_closed, id_frame, until, wait_started
 
-from mlflow_deploy_plugin.serving.batching import BatchingPredictor
+from mlflow_deploy_plugin.serving.batching import (
+    BatchingPredictor,
+    QueueFull,
+    UnsplittableOutput,
+    batching_default,
+)
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 
 
@@ -40,10 +45,11 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 class Harness:
     """A predictor over the controlled model, recording what each caller sent and each batch's rows."""
 
-    def __init__(self, slot: ModelSlot, executor: ThreadPoolExecutor, max_batch_rows: int = 4096) -> None:
+    def __init__(self, slot: ModelSlot, executor: ThreadPoolExecutor, max_batch_rows: int = 4096,
+                 **options: Any) -> None:
         self.model = controlled(slot)
         self.batches: list[int] = []
-        self.predictor = BatchingPredictor(slot, executor, max_batch_rows, on_batch=self.batches.append)
+        self.predictor = BatchingPredictor(slot, executor, max_batch_rows, on_batch=self.batches.append, **options)
         self.submitted: list[list[int]] = []
         self._next_id = 0
 
@@ -267,3 +273,101 @@ def test_coalesced_sklearn_predictions_equal_one_by_one(classifier_slot: ModelSl
     assert run(scenario()) == expected
     assert len(batches) < len(requests), batches
     assert sum(batches) == sum(len(frame) for frame in requests)
+
+
+# -- the bounded queue ------------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_at_once_and_recovers_when_it_drains(controlled_slot: ModelSlot,
+                                                                 executor: ThreadPoolExecutor) -> None:
+    harness = Harness(controlled_slot, executor, max_queue=3)
+    waiting = [harness.ids(1) for _ in range(3)]
+    refused = harness.ids(1)
+
+    async def scenario() -> tuple[list[list[int]], BaseException | None]:
+        with gate_closed(harness.model):
+            _, first = await harness.blocked_first()
+            tasks = await harness.behind([(ids, None) for ids in waiting])
+            assert harness.predictor.queued == 3 and harness.predictor.full
+            error = None
+            try:
+                await harness.predictor.predict(id_frame(refused), None)  # refused before any await
+            except QueueFull as exc:
+                error = exc
+        await first
+        return list(await asyncio.gather(*tasks)), error
+
+    answers, error = run(scenario())
+    assert isinstance(error, QueueFull) and "max_queue=3" in str(error), repr(error)
+    assert answers == [doubled(ids) for ids in waiting]
+    assert refused[0] not in [i for call in harness.model.calls for i in call], "a refused request is never predicted"
+    assert harness.predictor.queued == 0 and not harness.predictor.full
+    later = harness.ids(2)
+    assert run(harness.submit(later)) == doubled(later), "the predictor recovers by itself"
+
+
+def test_a_request_that_gives_up_leaves_the_queue_at_once(controlled_slot: ModelSlot,
+                                                         executor: ThreadPoolExecutor) -> None:
+    """What a timeout does: asyncio.wait_for cancels the request; its place (and data) is freed."""
+    harness = Harness(controlled_slot, executor, max_queue=2)
+    kept, timed_out = harness.ids(1), harness.ids(1)
+
+    async def scenario() -> list[int]:
+        with gate_closed(harness.model):
+            _, first = await harness.blocked_first()
+            tasks = await harness.behind([(kept, None)])
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(harness.submit(timed_out), 0.05)
+            assert harness.predictor.queued == 1, "the timed-out request still holds a place"
+            # Its place is free again while the model is still busy: another request is admitted.
+            tasks += await harness.behind([(harness.ids(1), None)])
+            assert harness.predictor.queued == 2
+        await first
+        return [i for task in await asyncio.gather(*tasks) for i in task]
+
+    run(scenario())
+    assert timed_out[0] not in [i for call in harness.model.calls for i in call]
+
+
+def test_batching_off_predicts_each_request_alone(controlled_slot: ModelSlot, executor: ThreadPoolExecutor) -> None:
+    harness = Harness(controlled_slot, executor, batching=False)
+    waiting = [harness.ids(size) for size in (1, 2, 3)]
+
+    async def scenario() -> list[list[int]]:
+        with gate_closed(harness.model):
+            _, first = await harness.blocked_first()
+            tasks = await harness.behind([(ids, None) for ids in waiting])
+        await first
+        return list(await asyncio.gather(*tasks))
+
+    assert run(scenario()) == [doubled(ids) for ids in waiting]
+    assert harness.model.calls[1:] == waiting
+
+
+def test_an_output_that_cannot_be_split_is_never_predicted_twice(controlled_slot: ModelSlot,
+                                                                 executor: ThreadPoolExecutor) -> None:
+    harness = Harness(controlled_slot, executor)
+    harness.model.aggregate = True  # one number per call, whatever the rows
+    waiting = [harness.ids(1), harness.ids(2)]
+
+    async def scenario() -> list[Any]:
+        with gate_closed(harness.model):
+            _, first = await harness.blocked_first()
+            tasks = await harness.behind([(ids, None) for ids in waiting])
+        await first
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    outcomes = run(scenario())
+    assert all(isinstance(outcome, UnsplittableOutput) for outcome in outcomes), outcomes
+    assert harness.model.calls[1:] == [waiting[0] + waiting[1]], "the batch's rows were predicted once, only"
+    assert not harness.predictor.batching, "batching stops for this model"
+    alone = harness.ids(3)
+    assert run(harness.submit(alone)) == [2 * sum(alone)]
+
+
+def test_batching_is_on_by_default_only_for_row_wise_flavors(classifier_slot: ModelSlot,
+                                                             controlled_slot: ModelSlot) -> None:
+    assert batching_default(classifier_slot.metadata.flavors)  # sklearn
+    assert not batching_default(controlled_slot.metadata.flavors)  # a custom python_function model
+    assert batching_default({"python_function": {}, "xgboost": {}})
+    assert not batching_default(None)

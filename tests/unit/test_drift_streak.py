@@ -23,6 +23,7 @@ def _run(trigger: str | None, window_start: str | None) -> SimpleNamespace:
 def test_manual_reports_never_count_scheduled_and_for_policy_ones_do() -> None:
     inside = "2026-11-27T12:30:00+00:00"
     assert not _counts_for_policy(_run("manual", inside), STINT)
+    assert not _counts_for_policy(_run("canary", inside), STINT)  # a challenger's check in its canary
     assert _counts_for_policy(_run("scheduled", inside), STINT)
     assert _counts_for_policy(_run("manual-for-policy", inside), STINT)
     assert _counts_for_policy(_run(None, inside), STINT)  # written before the tag existed

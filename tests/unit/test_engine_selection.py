@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,44 @@ def test_local_engine_uris(uri: str, tmp_path: Path) -> None:
     assert isinstance(engine, LocalEngine) and engine.store.home == tmp_path
 
 
-def test_ray_says_which_extra_it_needs(tmp_path: Path) -> None:
+def _without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as it would be without the [ray] extra: `import ray` fails."""
+    for module in [m for m in sys.modules if m.startswith("mlflow_deploy_plugin.engines.ray.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, "ray", None)
+
+
+def test_ray_says_which_extra_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_ray(monkeypatch)
     with pytest.raises(InvalidRequest, match=r"\[ray\] extra"):
         get_engine("lifecycle:/ray", StateStore(tmp_path))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"num_replicas": "2"}, "num_replicas applies to the ray engine only"),
+    ({"num_cpus": "0.5"}, "num_cpus applies to the ray engine only"),
+    ({"ray_address": "127.0.0.1:6379"}, "ray_address applies to the ray engine only"),
+])
+def test_the_local_engine_refuses_the_ray_keys(tmp_path: Path, config: dict, message: str) -> None:
+    from mlflow_deploy_plugin.deployments import Deployments
+
+    with pytest.raises(InvalidRequest, match=message):
+        Deployments(store=StateStore(tmp_path)).new_spec("d", "models:/m/1", config)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"workers": "2"}, "use -C num_replicas"),
+    ({"num_replicas": "2", "max_replicas": "3"}, "use one or the other"),
+    ({"min_replicas": "2"}, "Autoscaling needs -C max_replicas"),
+    ({"min_replicas": "3", "max_replicas": "2"}, "exceeds -C max_replicas=2"),
+])
+def test_the_ray_engine_refuses_settings_it_cannot_honour(tmp_path: Path, config: dict, message: str) -> None:
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from mlflow_deploy_plugin.config import parse_config
+
+    engine = get_engine("lifecycle:/ray", StateStore(tmp_path))
+    with pytest.raises(InvalidRequest, match=message):
+        engine.check_config(parse_config(config))  # refused before any cluster is contacted
 
 
 @pytest.mark.parametrize("uri", ["lifecycle:/k8s", "sagemaker", "lifecycle:/", "other:/local"])
@@ -39,8 +75,10 @@ def test_the_deployment_client_raises_mlflow_exceptions(tmp_path: Path, monkeypa
     monkeypatch.setenv("MLFLOW_DEPLOY_HOME", str(tmp_path))
     from mlflow_deploy_plugin.target import LifecycleDeploymentClient
 
-    with pytest.raises(MlflowException) as info:
-        LifecycleDeploymentClient("lifecycle:/ray")
+    with monkeypatch.context() as without_ray:
+        _without_ray(without_ray)
+        with pytest.raises(MlflowException) as info:
+            LifecycleDeploymentClient("lifecycle:/ray")
     assert info.value.error_code == "INVALID_PARAMETER_VALUE" and "[ray]" in info.value.message
     client = LifecycleDeploymentClient("lifecycle:/local")
     assert client.list_deployments() == []

@@ -38,7 +38,7 @@ from mlflow_deploy_plugin.engines.local.processes import (
     take_supervisor_lock,
 )
 from mlflow_deploy_plugin.spec import DeploymentSpec
-from mlflow_deploy_plugin.state import StateStore, pid_alive, read_json, write_json_atomic
+from mlflow_deploy_plugin.state import StateStore, make_private_dirs, pid_alive, read_json, write_json_atomic
 
 __all__ = ["SUPERVISOR_MODULE", "LocalEngine", "is_supervisor"]
 UP_HINT = "`mlflow-deploy up` starts it again"
@@ -74,7 +74,7 @@ class LocalEngine(Engine):
         started), that one is the deployment's supervisor: wait for it instead.
         """
         paths = self.store.paths(spec.name)
-        paths.logs.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(paths.logs)
         process = spawn_supervisor(paths, respawn=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

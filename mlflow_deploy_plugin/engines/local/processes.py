@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.state import DeploymentPaths, pid_alive
+from mlflow_deploy_plugin.state import PRIVATE_FILE_MODE, DeploymentPaths, pid_alive
 
 SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
 WORKER_MODULE = "mlflow_deploy_plugin.serving.worker"
@@ -138,9 +138,12 @@ def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = 
         argv.append("--respawn")
     if fd is not None:
         argv += ["--fd", str(fd)]
-    with open(paths.logs / "supervisor.log", "ab") as log:
+    log_fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+    with open(log_fd, "ab") as log:
+        # umask 077: everything the supervisor, its workers and its agent create (logs, captured
+        # inputs, model copies, metrics files) is readable by the deployment's owner only.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                pass_fds=(fd,) if fd is not None else ())
+                                pass_fds=(fd,) if fd is not None else (), umask=0o077)
 
 
 def signal_pid(pid: int, signum: int) -> bool:

@@ -857,7 +857,7 @@ class Supervisor:
             "worker_pids": sorted(w.pid for w in current_workers),
             "host": host,
             "port": port,
-            "url": f"http://{url_host}:{port}",
+            "url": f"{spec.config.scheme if spec else 'http'}://{url_host}:{port}",  # https with -C tls_cert
             "model_version": spec.model.model_version if spec else None,
             "traffic": [[share.model.model_version, share.percent] for share in spec.shares()] if spec else [],
             "generation": self.current.number if self.current else None,

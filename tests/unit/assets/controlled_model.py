@@ -3,8 +3,8 @@
 It answers ``id * factor`` for every row (``factor`` is a param, 2 by default), so each answer
 shows which row it belongs to. Through the loaded instance (``PyFuncModel.unwrap_python_model()``)
 a test can close ``gate`` to hold ``predict`` until released, read ``calls`` (the rows of every
-call, in order) and ``started`` (released once per call), and name ``poison`` ids that make a
-call raise.
+call, in order) and ``started`` (released once per call), name ``poison`` ids that make a
+call raise, and set ``aggregate`` to answer one number per call (the sum), not one per row.
 """
 
 import threading
@@ -25,6 +25,7 @@ class ControlledModel(PythonModel):
         self.gate = threading.Event()
         self.gate.set()
         self.poison: frozenset[int] = frozenset()
+        self.aggregate = False
 
     # A DataFrame hint: MLflow then enforces the saved signature (no type-hint validation).
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None,
@@ -37,6 +38,8 @@ class ControlledModel(PythonModel):
         if bad := sorted(self.poison.intersection(ids)):
             raise ValueError(f"poisoned ids {bad}")
         factor = int((params or {}).get("factor", 2))
+        if self.aggregate:
+            return np.asarray([sum(ids) * factor], dtype=np.int64)
         return np.asarray(ids, dtype=np.int64) * factor
 
 

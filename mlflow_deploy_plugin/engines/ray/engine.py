@@ -1,0 +1,441 @@
+"""The Ray Serve engine on the CLI side: one Serve application per deployment.
+
+- **Which cluster**: ``-C ray_address``, else ``$RAY_ADDRESS``, else the cluster ``ray start --head``
+  recorded on this machine. With none, the engine refuses and says how to start one: it never starts
+  a throw-away cluster that would vanish with the CLI process.
+- **Where it answers**: Serve's HTTP proxy, one per cluster (``-C host``/``-C port`` set it when the
+  plugin is the first to start Serve; default 127.0.0.1:8000). Each deployment is the application
+  named after it with route prefix ``/<name>``, so its URL is ``http://host:port/<name>`` and the
+  usual ``/invocations``, ``/ping``, ``/health``, ``/version`` and ``/metrics`` hang below it.
+- **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
+  ``target_ongoing_requests``), ``-C num_cpus`` per replica.
+- **Updates**: ``serve.run`` of the new application version with ``max_surge_percent=100``: the new
+  replicas start beside the old ones and take over once all are up, so no request meets an empty
+  deployment. A version that cannot load fails its replicas' constructor (Serve keeps the old
+  replicas of a failed surge rollout); the engine then deploys the old spec again, which surges
+  fresh replicas of it beside the survivors, and reports the error.
+- **State**: the spec of what runs is the Serve deployment's ``user_config``, so ``status`` reads
+  everything (state, version, split, replicas) from the cluster itself: any machine connected to
+  the cluster sees the same. The deployment folder (``$MLFLOW_DEPLOY_HOME``) keeps what the core
+  keeps for every engine: the spec, history, model copies and captured traffic.
+- **Agent**: a detached actor per deployment (``agent_host.py``) while the spec needs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from mlflow_deploy_plugin.engines.base import (
+    FAILED,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    UNHEALTHY,
+    Engine,
+    EngineError,
+    EngineStatus,
+)
+from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
+from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError
+from mlflow_deploy_plugin.state import StateStore
+
+_logger = logging.getLogger(__name__)
+NAMESPACE = "mlflow-deploy"  # our own actors (agents); Serve keeps its own in "serve"
+DEFAULT_HTTP_PORT = 8000  # Serve's own default
+DEFAULT_NUM_CPUS = 1.0  # Serve's own default per replica
+_CONSTRUCTOR_RETRIES = 2  # a version that cannot load fails fast instead of being retried 20 times
+NO_CLUSTER = (
+    "No Ray cluster to deploy to: set RAY_ADDRESS or -C ray_address=<host:port>, or start one on this "
+    "machine with `ray start --head` (add --num-cpus N to cap what it uses). The lifecycle:/ray target "
+    "never starts a throw-away cluster that would stop with this command.")
+
+
+def resolve_address(configured: str | None) -> str:
+    """The cluster to talk to; InvalidRequest (saying how to start one) when there is none."""
+    address = configured or os.environ.get("RAY_ADDRESS")
+    if not address:
+        try:  # the cluster `ray start --head` last started on this machine, as `ray status` finds it
+            from ray._private.services import find_bootstrap_address
+
+            address = find_bootstrap_address(None)
+        except Exception:
+            address = None
+    if not address:
+        raise InvalidRequest(NO_CLUSTER)
+    if not address.startswith("ray://"):
+        # ray.init retries a dead address for a minute: say it at once instead.
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+                pass
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(f"No Ray cluster answers at {address} ({exc}). {NO_CLUSTER}") from None
+    return address
+
+
+def _short(message: str, limit: int = 600) -> str:
+    """The informative end of a Serve error (its messages carry whole replica tracebacks)."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[:limit]
+    return (lines[-1] if lines else message or "")[:limit]
+
+
+class RayEngine(Engine):
+    """Each deployment is a Ray Serve application on the cluster this process connects to."""
+
+    name = "ray"
+
+    def __init__(self, store: StateStore) -> None:
+        super().__init__(store)
+        self._address: str | None = None
+
+    # -- the contract --------------------------------------------------------------------------
+
+    def check_config(self, config: DeploymentConfig) -> None:
+        super().check_config(config)
+        if config.workers != 1:
+            raise InvalidRequest("-C workers is the local engine's: on lifecycle:/ray use -C num_replicas, "
+                                 "or -C min_replicas/max_replicas for autoscaling.")
+        autoscaling = (config.min_replicas, config.max_replicas, config.target_ongoing_requests) != (None,) * 3
+        if autoscaling and config.num_replicas is not None:
+            raise InvalidRequest("-C num_replicas fixes the replica count; -C min_replicas/max_replicas/"
+                                 "target_ongoing_requests turn on autoscaling: use one or the other.")
+        if autoscaling and config.max_replicas is None:
+            raise InvalidRequest("Autoscaling needs -C max_replicas (and optionally -C min_replicas, "
+                                 "default 1, and -C target_ongoing_requests, default 2).")
+        if config.max_replicas is not None and (config.min_replicas or 1) > config.max_replicas:
+            raise InvalidRequest(f"-C min_replicas={config.min_replicas} exceeds -C max_replicas="
+                                 f"{config.max_replicas}.")
+        self._connect(config.ray_address)
+        http = self._http_options()
+        if http is not None and config.port is not None and int(http["port"]) != config.port:
+            raise InvalidRequest(
+                f"Serve on this Ray cluster already listens on port {http['port']} (one HTTP proxy per "
+                f"cluster, shared by every application); drop -C port or use -C port={http['port']}.")
+
+    def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
+        self._connect(spec.config.ray_address)
+        self._ensure_serve(spec.config)
+        running = self._cluster_spec(spec.name)
+        if self._app(spec.name) is not None and (running is None or running.created_at != spec.created_at):
+            raise EngineError(f"The Ray cluster already runs an application named {spec.name!r} that is not "
+                              "this deployment; delete it there (`serve shutdown` or the other machine's "
+                              "`mlflow deployments delete`) or choose another name.")
+        paths = self.store.paths(spec.name)
+        try:
+            status = self._deploy(spec, paths.models, str(paths.capture), timeout_s)
+        except EngineError as exc:
+            self._delete(spec.name, timeout_s)
+            raise EngineError(f"Deployment {spec.name!r} failed to start: {exc}") from None
+        self._keep_agent(spec)
+        return status
+
+    def update(self, spec: DeploymentSpec, reason: str, timeout_s: float) -> EngineStatus:
+        self._connect(spec.config.ray_address)
+        old = self._cluster_spec(spec.name)
+        paths = self.store.paths(spec.name)
+        try:
+            status = self._deploy(spec, paths.models, str(paths.capture), timeout_s)
+        except EngineError as exc:
+            if old is not None:
+                # The old replicas survive a failed surge rollout and keep serving; deploying the old
+                # spec again makes it the target once more (Serve gives every serve.run a new code
+                # version, so it surges fresh replicas of it before retiring the survivors).
+                try:
+                    self._deploy(old, paths.models, str(paths.capture), timeout_s)
+                except EngineError as restore:
+                    raise EngineError(f"{exc}; restoring the previous version failed too: {restore}") from None
+            raise
+        self._keep_agent(spec)
+        return status
+
+    def stop(self, name: str, timeout_s: float) -> None:
+        address = self._known_address(name)
+        if address is None:
+            return  # no cluster named anywhere: nothing of ours can run
+        try:
+            self._connect(address)
+        except InvalidRequest:
+            return  # the cluster is gone, and its applications with it
+        self._stop_agent(name)
+        self._delete(name, timeout_s)
+
+    def status(self, name: str) -> EngineStatus:
+        address = self._known_address(name)
+        if address is None:
+            return EngineStatus(STOPPED)
+        try:
+            self._connect(address)
+        except InvalidRequest as exc:
+            if self._stored_spec(name) is None:
+                return EngineStatus(STOPPED)
+            return EngineStatus(FAILED, last_error=f"the Ray cluster is unreachable: {exc.message}")
+        app = self._app(name)
+        if app is None:
+            return EngineStatus(STOPPED)
+        return self._to_status(name, app)
+
+    def agent_handle(self, name: str) -> str | None:
+        if self._known_address(name) is None:
+            return None
+        try:
+            self._connect(self._known_address(name))
+        except InvalidRequest:
+            return None
+        actor = self._agent_actor(name)
+        if actor is None:
+            return None
+        try:
+            pid = ray.get(actor.pid.remote(), timeout=30)
+        except Exception:  # restarting (Ray brings it back) or gone
+            return None
+        return f"ray actor {_agent_name(name)} (agent pid {pid})" if pid else None
+
+    def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
+        """Run ``spec`` on the cluster until Ctrl-C, then delete it: ``run-local`` leaves no state."""
+        self._connect(spec.config.ray_address)
+        self._ensure_serve(spec.config)
+        if self._app(spec.name) is not None:
+            return EngineStatus(FAILED, last_error=f"the Ray cluster already runs an application named "
+                                                   f"{spec.name!r}; choose another --name")
+        with tempfile.TemporaryDirectory(prefix="mlflow-deploy-run-local-") as scratch:
+            try:
+                status = self._deploy(spec, Path(scratch) / "models", str(Path(scratch) / "capture"),
+                                      spec.config.startup_timeout_s)
+            except EngineError as exc:
+                self._delete(spec.name, 60)
+                return EngineStatus(FAILED, last_error=str(exc))
+            try:
+                on_ready(status)
+                threading.Event().wait()  # until KeyboardInterrupt
+            except KeyboardInterrupt:
+                pass
+            finally:
+                self._delete(spec.name, spec.config.timeout_s + 15)
+        return EngineStatus(STOPPED)
+
+    # -- cluster plumbing ----------------------------------------------------------------------
+
+    def _stored_spec(self, name: str) -> DeploymentSpec | None:
+        try:
+            return self.store.read_spec(name)
+        except SpecError:
+            return None
+
+    def _known_address(self, name: str) -> str | None:
+        """The cluster a deployment lives on, as far as this machine knows; None when none is named."""
+        spec = self._stored_spec(name)
+        address = (spec.config.ray_address if spec else None) or self._address or os.environ.get("RAY_ADDRESS")
+        if address:
+            return address
+        try:
+            from ray._private.services import find_bootstrap_address
+
+            return find_bootstrap_address(None)
+        except Exception:
+            return None
+
+    def _connect(self, configured: str | None) -> None:
+        """Join the cluster as a driver (once per process; a process talks to one cluster)."""
+        if ray.is_initialized():
+            if configured and self._address and configured != self._address:
+                raise InvalidRequest(f"This process is connected to the Ray cluster at {self._address}; "
+                                     f"-C ray_address={configured} names another (one cluster per command).")
+            return
+        address = resolve_address(configured)
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        self._address = address
+
+    @staticmethod
+    def _client() -> Any:
+        # Serve's controller client: the one place that reads cluster-wide Serve state (http options,
+        # applications, deployment configs, replicas). Private to Serve; pinned by ray>=2.60.
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client()
+
+    def _serve_running(self) -> bool:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return False
+        return True
+
+    def _http_options(self) -> dict[str, Any] | None:
+        if not self._serve_running():
+            return None
+        return dict(self._client().get_serve_details().get("http_options") or {})
+
+    def _ensure_serve(self, config: DeploymentConfig) -> None:
+        if not self._serve_running():
+            serve.start(http_options={"host": config.host, "port": config.port or DEFAULT_HTTP_PORT})
+
+    def _details(self) -> dict[str, Any]:
+        if not self._serve_running():
+            return {}
+        return dict(self._client().get_serve_details())
+
+    def _app(self, name: str) -> dict[str, Any] | None:
+        app = (self._details().get("applications") or {}).get(name)
+        return app if app and app.get("status") != "DELETING" else None
+
+    def _cluster_spec(self, name: str) -> DeploymentSpec | None:
+        app = self._app(name)
+        return _spec_of(app) if app else None
+
+    def _application(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> Any:
+        config = spec.config
+        actor_options: dict[str, Any] = {"num_cpus": DEFAULT_NUM_CPUS if config.num_cpus is None else config.num_cpus}
+        if config.auth_token_env:
+            # The replicas read the token from their environment, as local workers do.
+            actor_options["runtime_env"] = {"env_vars": {config.auth_token_env: os.environ.get(config.auth_token_env, "")}}
+        options: dict[str, Any] = {
+            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict()},
+            "ray_actor_options": actor_options, "max_surge_percent": 100,
+            "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
+            "graceful_shutdown_timeout_s": config.timeout_s + 5,
+        }
+        if config.max_replicas is not None:
+            options["autoscaling_config"] = {
+                "min_replicas": 1 if config.min_replicas is None else config.min_replicas,
+                "max_replicas": config.max_replicas,
+                "target_ongoing_requests": config.target_ongoing_requests or 2.0,
+            }
+        else:
+            options["num_replicas"] = config.num_replicas or 1
+        deployment: Any = serve.deployment(LifecycleIngress)  # Serve's overloads confuse mypy
+        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir)
+
+    def _deploy(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, timeout_s: float) -> EngineStatus:
+        """Make ``spec`` the application's target and wait until every replica runs it."""
+        serve._run(self._application(spec, models_dir, capture_dir), _blocking=False, name=spec.name,
+                   route_prefix=f"/{spec.name}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            app = self._app(spec.name)
+            if app is not None and _spec_of(app) == spec:  # Serve marks it DEPLOYING as it takes it
+                if app.get("status") == "RUNNING":
+                    return self._to_status(spec.name, app)
+                if app.get("status") == "DEPLOY_FAILED":
+                    raise EngineError(_short(_app_message(app)))
+            time.sleep(0.2)
+        raise EngineError(f"Deployment {spec.name!r} did not become ready within startup_timeout_s="
+                          f"{timeout_s:g}s on the Ray cluster (not enough CPUs for its replicas? `ray status` "
+                          "shows what is free; an update needs room for the new replicas beside the old).")
+
+    def _delete(self, name: str, timeout_s: float) -> None:
+        if self._app(name) is None:
+            return
+        serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + timeout_s + 30
+        while self._app_or_deleting(name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _app_or_deleting(self, name: str) -> bool:
+        return name in (self._details().get("applications") or {})
+
+    def _to_status(self, name: str, app: dict[str, Any]) -> EngineStatus:
+        spec = _spec_of(app)
+        deployment = _ingress(app)
+        replicas = [{"replica_id": r.get("replica_id"), "state": r.get("state"), "pid": r.get("pid"),
+                     "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
+        serving = [r for r in replicas if r["state"] == "RUNNING"]
+        serve_status = app.get("status")
+        if serve_status == "RUNNING":
+            state = RUNNING
+        elif serve_status in ("DEPLOYING", "UNHEALTHY", "DEPLOY_FAILED"):
+            state = (RUNNING if serve_status == "DEPLOYING" else UNHEALTHY) if serving else (
+                STARTING if serve_status == "DEPLOYING" else FAILED)
+        else:
+            state = STOPPED
+        http = self._details().get("http_options") or {}
+        host = http.get("host") or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            host = serving[0]["node_ip"] if serving and serving[0]["node_ip"] else "127.0.0.1"
+        url = f"http://{host}:{http.get('port', DEFAULT_HTTP_PORT)}{app.get('route_prefix') or '/' + name}"
+        return EngineStatus(
+            state=state,
+            url=url,
+            model_version=spec.model.model_version if spec else None,
+            restarts=len(deployment.get("recent_dead_replicas") or []),
+            last_error=_short(_app_message(app)) or None,
+            traffic=tuple((share.model.model_version, share.percent) for share in spec.traffic) if spec else (),
+            healthy=state == RUNNING and deployment.get("status") == "HEALTHY",
+            started_at=app.get("last_deployed_time_s"),
+            details={"engine": "ray", "ray_address": self._address, "serve_status": serve_status,
+                     "replicas": replicas, "worker_pids": [r["pid"] for r in serving],
+                     "target_replicas": deployment.get("target_num_replicas"),
+                     "host": http.get("host"), "port": http.get("port")},
+        )
+
+    # -- the agent actor -----------------------------------------------------------------------
+
+    def _agent_actor(self, name: str) -> Any | None:
+        try:
+            return ray.get_actor(_agent_name(name), namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    def _keep_agent(self, spec: DeploymentSpec) -> None:
+        """Run the agent actor while the spec needs one (follow, schedule, policy), none otherwise."""
+        if not spec.needs_agent:
+            self._stop_agent(spec.name)
+            return
+        if self._agent_actor(spec.name) is not None:
+            return
+        from mlflow_deploy_plugin.engines.ray.agent_host import AgentHost
+
+        env = {"MLFLOW_DEPLOY_HOME": str(self.store.home), "RAY_ADDRESS": self._address or ""}
+        if spec.tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = spec.tracking_uri
+        host: Any = AgentHost  # a Ray actor class (ray.remote), typed by Ray as the plain class
+        actor = host.options(name=_agent_name(spec.name), namespace=NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(str(self.store.paths(spec.name).root), env)
+        ray.get(actor.pid.remote(), timeout=120)  # constructed: the agent process runs
+
+    def _stop_agent(self, name: str) -> None:
+        actor = self._agent_actor(name)
+        if actor is None:
+            return
+        with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
+            ray.get(actor.stop.remote(), timeout=40)
+        ray.kill(actor, no_restart=True)
+
+
+def _agent_name(name: str) -> str:
+    return f"agent:{name}"
+
+
+def _ingress(app: dict[str, Any]) -> dict[str, Any]:
+    return (app.get("deployments") or {}).get(INGRESS_NAME) or {}
+
+
+def _spec_of(app: dict[str, Any]) -> DeploymentSpec | None:
+    """The spec the application was deployed with (its user_config), or None if it is not ours."""
+    user_config = (_ingress(app).get("deployment_config") or {}).get("user_config") or {}
+    try:
+        return DeploymentSpec.from_dict(user_config["spec"])
+    except (KeyError, SpecError):
+        return None
+
+
+def _app_message(app: dict[str, Any]) -> str:
+    return str(app.get("message") or _ingress(app).get("message") or "")

@@ -1,0 +1,91 @@
+"""Load shedding and batching defaults of the app, in process (real app, real models, TestClient).
+
+The controlled model holds its predict calls on a gate, so which requests wait in the queue is
+known exactly; the queue's depth is read from the app's own /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from unit_helpers import (
+    WAIT_S,
+    ServeFactory,
+    assert_error,
+    controlled,
+    gate_closed,
+    id_frame,
+    metric,
+    split_body,
+    wait_started,
+)
+
+from mlflow_deploy_plugin.serving.model_slot import ModelSlot
+
+
+def post(client: Any, ids: list[int]) -> Any:
+    return client.post("/invocations", content=json.dumps(split_body(id_frame(ids))),
+                       headers={"content-type": "application/json"})
+
+
+def wait_queued(client: Any, depth: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while metric(client.get("/metrics").text, "mlflow_deploy_queued_requests") != depth:
+        assert time.monotonic() < deadline, f"the queue never reached {depth} requests"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once_and_recovers(serve: ServeFactory,
+                                                                       controlled_slot: ModelSlot) -> None:
+    model = controlled(controlled_slot)
+    served = serve(controlled_slot, max_queue=2)
+    with ThreadPoolExecutor(max_workers=3) as pool, gate_closed(model):
+        first = pool.submit(post, served.client, [1])
+        wait_started(model)
+        queued = [pool.submit(post, served.client, [i]) for i in (2, 3)]
+        wait_queued(served.client, 2)
+        refused = post(served.client, [4])  # answered while the model is still held
+        assert_error(refused, 503, "TEMPORARILY_UNAVAILABLE", "max_queue=2")
+        assert refused.headers["retry-after"] == "1"
+    assert [future.result().json() for future in (first, *queued)] == [
+        {"predictions": [2]}, {"predictions": [4]}, {"predictions": [6]}]
+    assert 4 not in [i for call in model.calls for i in call], "a shed request never reaches the model"
+    assert post(served.client, [5]).json() == {"predictions": [10]}, "recovered once the queue drained"
+    text = served.client.get("/metrics").text
+    assert metric(text, "mlflow_deploy_requests_total", status="503") == 1
+    assert metric(text, "mlflow_deploy_queued_requests") == 0
+
+
+def test_a_timed_out_request_frees_its_place_in_the_queue(serve: ServeFactory, controlled_slot: ModelSlot) -> None:
+    model = controlled(controlled_slot)
+    served = serve(controlled_slot, max_queue=1, timeout_s=1.0)
+    with ThreadPoolExecutor(max_workers=2) as pool, gate_closed(model):
+        first = pool.submit(post, served.client, [1])
+        wait_started(model)
+        assert_error(post(served.client, [2]), 504, "DEADLINE_EXCEEDED")  # queued, then timed out
+        assert metric(served.client.get("/metrics").text, "mlflow_deploy_queued_requests") == 0
+        later = pool.submit(post, served.client, [3])  # admitted (not a 503): the place is free again
+        wait_queued(served.client, 1)
+    assert first.result().status_code == 504  # held past timeout_s by the gate
+    # `later` may itself time out on a busy machine before the gate opens; either way it was admitted.
+    assert later.result().status_code in (200, 504), later.text
+    assert [1] in model.calls and [2] not in model.calls, "the timed-out queued request was never predicted"
+
+
+def test_custom_pyfunc_models_are_not_batched_unless_asked(serve: ServeFactory, controlled_slot: ModelSlot) -> None:
+    model = controlled(controlled_slot)
+    for batching, expected in (("auto", [[1], [2], [3]]), ("true", [[1], [2, 3]]), ("false", [[1], [2], [3]])):
+        model.calls.clear()
+        served = serve(controlled_slot, batching=batching)
+        with ThreadPoolExecutor(max_workers=3) as pool, gate_closed(model):
+            first = pool.submit(post, served.client, [1])
+            wait_started(model)
+            rest = [pool.submit(post, served.client, [i]) for i in (2, 3)]
+            wait_queued(served.client, 2)
+        assert [f.result().json()["predictions"] for f in (first, *rest)] == [[2], [4], [6]]
+        assert sorted(model.calls) == expected, (batching, model.calls)
+        while model.started.acquire(blocking=False):
+            pass
