@@ -20,13 +20,15 @@ lint: $(STAMP)
 	$(BIN)/mypy mlflow_deploy_plugin
 
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
+# Two workers: most tests wait on processes they start; one file (or all Ray tests) per worker.
+XDIST ?= -n 2 --dist loadgroup
 # The tests marked `store` (webhooks, drift jobs, the stage-world lifecycle: what the MLflow backend
 # changes) once more on a throwaway PostgreSQL server the fixtures start; skipped, saying how to get
 # PostgreSQL, when its binaries are missing, except under CI=true. Exit status 5 = PYTEST_ARGS selected none.
-PG_PASS = $(PYTEST) --store postgresql -m store $(PYTEST_ARGS) || [ $$? -eq 5 ]
+PG_PASS = $(PYTEST) $(XDIST) --store postgresql -m store $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test: lint
-	$(PYTEST) $(PYTEST_ARGS)
+	$(PYTEST) $(XDIST) $(PYTEST_ARGS)
 	$(PG_PASS)
 
 test-pg: $(STAMP)

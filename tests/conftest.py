@@ -68,6 +68,18 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "`make test` runs these again with --store postgresql")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), keep each file on one worker so
+    its module fixtures (tracking servers, deployments) are built once, and every Ray test on one
+    worker so the session starts one Ray cluster, not one per worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        uses_ray = "ray_cluster" in getattr(item, "fixturenames", ()) or "lifecycle:/ray" in item.nodeid
+        group = "ray" if uses_ray else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 class Stores:
     """Fresh MLflow backend stores: a SQLite file, or a new database on the session's PostgreSQL."""
 
