@@ -573,7 +573,7 @@ class LifecycleController:
         baselines = {}
         try:
             spec = self.deployments.spec(self.name)
-            scraped = traffic_stats.scrape(self._status_url(), self._token(spec))
+            scraped = traffic_stats.scrape(self._status_url(), self._token(spec), tls_cert=spec.config.tls_cert)
             baselines = {v: scraped[v].to_dict() for v in (version, champion) if v in scraped}
         except Exception as exc:
             _logger.warning("Could not read the canary baseline: %s", exc)
@@ -620,7 +620,7 @@ class LifecycleController:
 
             self._act(f"end the canary of v{version}: {reason}", end_canary)
             return
-        scraped = traffic_stats.scrape(self._status_url(), self._token(spec))
+        scraped = traffic_stats.scrape(self._status_url(), self._token(spec), tls_cert=spec.config.tls_cert)
         baselines = canary_state.get("baselines") or {version: canary_state.get("baseline")}  # older state
 
         def window(of: str | None) -> traffic_stats.VersionFigures:
