@@ -16,6 +16,7 @@ Run as ``python -m mlflow_deploy_plugin.agent DEPLOYMENT_DIR``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -68,6 +69,26 @@ def _make_sure_a_supervisor_comes(store: StateStore, name: str, wait_s: float = 
         _logger.error("Could not start a new supervisor for %s: %s", name, exc)
 
 
+def _take_agent_lock(path: Path, stop: threading.Event) -> int | None:
+    """The fd holding the deployment's agent lock, waiting while another agent holds it; None if
+    asked to stop first, or if the deployment's folder is gone."""
+    try:
+        if path.parent.parent.is_dir():  # the deployment exists (engines without run/ files: Ray)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        _logger.warning("No agent lock at %s (%s): not starting.", path, exc)
+        return None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if stop.wait(0.2):
+                os.close(fd)
+                return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
@@ -93,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=watch_parent, daemon=True).start()
     from mlflow_deploy_plugin.monitoring.schedule import DriftScheduler
 
+    # One lifecycle controller per deployment at a time: after a supervisor takeover the new agent
+    # starts while the old one may still be mid-pass on the same persisted operation. The kernel
+    # drops this lock however the holder dies, so waiting for it is waiting for the old agent.
+    lock_fd = _take_agent_lock(store.paths(name).root / "run" / "agent.lock", stop)
+    if lock_fd is None:
+        return 0
     _logger.info("Agent of %s started", name)
     drift = threading.Thread(target=DriftScheduler(store, [name]).run_forever, args=(stop,), daemon=True)
     drift.start()

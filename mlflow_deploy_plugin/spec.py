@@ -52,6 +52,16 @@ def split_names(text: str | None) -> tuple[str, ...]:
     return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether an address to bind or listen on only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: may resolve anywhere
+        return False
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     """The validated settings of one deployment (``config.CONFIG_KEYS`` documents each key)."""
@@ -99,7 +109,7 @@ class DeploymentConfig:
     @property
     def is_loopback(self) -> bool:
         """Whether the bind address only accepts connections from this machine."""
-        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        return is_loopback_host(self.host)
 
     @property
     def drift_max_window_s(self) -> float:

@@ -187,11 +187,20 @@ def json_shape(decoded: Any) -> tuple[int, int]:
             rows = len(data) if isinstance(data, list) else 1
             if isinstance(columns, list):
                 return rows, len(columns)
-            first = data[0] if isinstance(data, list) and data else None
-            return rows, len(first) if isinstance(first, list) else 1
+            # pandas pads ragged rows to the longest one: the widest row sets the width.
+            widths = [len(row) for row in data if isinstance(row, list)] if isinstance(data, list) else []
+            return rows, max(widths, default=1)
         if isinstance(payload, list):
-            first = payload[0] if payload else None
-            return len(payload), len(first) if isinstance(first, dict | list) else 1
+            # Records: pandas builds the union of every record's keys, so a width read off the
+            # first record would let disjoint keys through. The values are already capped, so this
+            # walk is bounded.
+            if payload and all(isinstance(record, dict) for record in payload):
+                keys: set[Any] = set()
+                for record in payload:
+                    keys.update(record)
+                return len(payload), len(keys)
+            widths = [len(row) for row in payload if isinstance(row, list)]
+            return len(payload), max(widths, default=1)
         if isinstance(payload, dict):  # columnar: {"col": [values], ...}
             lengths = [len(v) if isinstance(v, list) else 1 for v in payload.values()]
             return max(lengths, default=0), len(payload)

@@ -291,60 +291,12 @@ def _warm_up(hint_spec: Path) -> None:
 def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
              supervision: Supervision | None = None) -> tuple[DrainingServer, Any]:
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
-    from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
-    from mlflow_deploy_plugin.serving.metrics import ServingMetrics
-    from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
+    from mlflow_deploy_plugin.serving.service import build_service
 
     spec = worker_spec.spec
     config = spec.config
-    token = None
-    if config.auth_token_env:
-        token = os.environ.get(config.auth_token_env)
-        if not token:
-            raise RuntimeError(f"auth_token_env={config.auth_token_env} but that environment variable "
-                               "is empty or unset in the deployment's environment.")
-    slots = []
-    for share in spec.shares():
-        model = share.model
-        identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
-                                 model.run_id)
-        slot = ModelSlot.load(identity, worker_spec.model_dir(model))
-        _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
-                     slot.smoke_test())
-        slots.append((slot, share.percent))
-
-    state = ServiceState()
-    metrics = ServingMetrics()
-    settings = AppSettings(
-        deployment=spec.name,
-        max_body_bytes=config.max_body_bytes,
-        timeout_s=config.timeout_s,
-        auth_token=token,
-        max_batch_rows=config.max_batch_rows,
-        max_rows=config.max_rows,
-        max_cells=config.max_cells,
-        max_queue=config.max_queue,
-        batching=config.batching,
-    )
-    capture = None
-    if config.capture:
-        from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
-        from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
-        from mlflow_deploy_plugin.state import read_or_create_secret
-
-        dropped = metrics.capture_dropped.labels(spec.name)
-        redaction = CaptureRedaction(
-            config.capture_exclude_columns, config.capture_hash_columns,
-            read_or_create_secret(worker_spec.capture_key) if config.capture_hash_columns else None)
-        capture = CaptureWriter(
-            capture_root(spec.name, config.capture_uri, worker_spec.capture_dir), spec.name,
-            sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
-            max_buffer_bytes=config.capture_buffer_bytes,
-            on_drop=lambda count, _reason: dropped.inc(count),
-            redact=redaction.apply if redaction else None,
-        )
-    app = build_app(settings, slots, state=state, metrics=metrics,
-                    on_answer=capture.record if capture is not None else None)
+    service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key)
+    app, state, slots, capture = service.app, service.state, service.slots, service.capture
     supervision = supervision or Supervision()
     if supervision.liveness is not None:
         from mlflow_deploy_plugin.serving.watchdog import HungGuard, PredictWatch

@@ -51,6 +51,9 @@ def test_the_local_engine_refuses_the_ray_keys(tmp_path: Path, config: dict, mes
     ({"num_replicas": "2", "max_replicas": "3"}, "use one or the other"),
     ({"min_replicas": "2"}, "Autoscaling needs -C max_replicas"),
     ({"min_replicas": "3", "max_replicas": "2"}, "exceeds -C max_replicas=2"),
+    # Refused, never silently ignored: a token would be readable in Serve's actor options.
+    ({"auth_token_env": "TOKEN"}, "auth_token_env is not supported on lifecycle:/ray"),
+    ({"host": "0.0.0.0", "auth_token_env": "TOKEN"}, "auth_token_env is not supported"),
 ])
 def test_the_ray_engine_refuses_settings_it_cannot_honour(tmp_path: Path, config: dict, message: str) -> None:
     pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")

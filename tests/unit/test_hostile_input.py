@@ -221,3 +221,15 @@ def test_a_model_failure_names_the_error_but_not_the_input(serve: ServeFactory,
     client = serve(controlled_slot).client
     error = assert_error(post(client, json.dumps(split_body(id_frame([3])))), 400, "BAD_REQUEST", "poisoned ids")
     assert "Traceback" not in error["message"]
+
+
+def test_json_width_counts_every_record_key_and_the_widest_split_row() -> None:
+    from mlflow_deploy_plugin.serving.decode_limits import json_shape
+
+    # pandas builds the union of all record keys and pads ragged rows: so must the estimate.
+    records = [{f"k{i}_{j}": 1 for j in range(5)} for i in range(20)]
+    assert json_shape({"dataframe_records": records}) == (20, 100)
+    assert pd.DataFrame(records).shape == (20, 100)
+    ragged = {"data": [[1]] * 9 + [[1] * 50]}
+    assert json_shape({"dataframe_split": ragged}) == (10, 50)
+    assert json_shape({"instances": [[1, 2], [1, 2, 3, 4]]}) == (2, 4)

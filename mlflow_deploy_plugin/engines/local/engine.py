@@ -90,8 +90,9 @@ class LocalEngine(Engine):
                 break
             time.sleep(0.05)
         else:
-            self._terminate(process.pid, 10.0)
-            process.wait(timeout=30)
+            if process.poll() is None:  # once reaped, its pid may already be another process's
+                self._terminate(process.pid, 10.0)
+                process.wait(timeout=30)
             raise EngineError(f"Deployment {spec.name!r} did not become ready within "
                               f"startup_timeout_s={timeout_s:g}s; see {paths.logs}.")
         raw = read_json(paths.status) or {}

@@ -49,7 +49,7 @@ from mlflow_deploy_plugin.engines.base import (
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
 from mlflow_deploy_plugin.errors import InvalidRequest
-from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError, is_loopback_host
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger(__name__)
@@ -121,8 +121,21 @@ class RayEngine(Engine):
         if config.max_replicas is not None and (config.min_replicas or 1) > config.max_replicas:
             raise InvalidRequest(f"-C min_replicas={config.min_replicas} exceeds -C max_replicas="
                                  f"{config.max_replicas}.")
+        # Not yet on Ray, and refused rather than ignored: a token handed to replicas through Serve's
+        # runtime_env is readable by anyone who can list the cluster's actors or read Serve's
+        # details, and Serve's proxy is plain HTTP here. Without auth, stay on loopback.
+        for key in ("auth_token_env", "tls_cert", "tls_key"):
+            if getattr(config, key):
+                raise InvalidRequest(f"-C {key} is not supported on lifecycle:/ray yet; use the local engine "
+                                     "(`-t lifecycle`) for token auth or HTTPS.")
+        if not config.is_loopback:
+            raise InvalidRequest(f"-C host={config.host} would expose the deployment without auth: on "
+                                 "lifecycle:/ray, Serve's proxy binds loopback only until token auth lands.")
         self._connect(config.ray_address)
         http = self._http_options()
+        if http is not None and not is_loopback_host(str(http.get("host") or "127.0.0.1")):
+            raise InvalidRequest(f"Serve on this Ray cluster listens on {http.get('host')} (not loopback), "
+                                 "where a lifecycle:/ray deployment would be served without auth.")
         if http is not None and config.port is not None and int(http["port"]) != config.port:
             raise InvalidRequest(
                 f"Serve on this Ray cluster already listens on port {http['port']} (one HTTP proxy per "

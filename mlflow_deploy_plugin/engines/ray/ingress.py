@@ -14,7 +14,6 @@ unique per writer), so the drift reports read one place whatever the replica cou
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,47 +46,15 @@ class StripRoutePrefix:
 def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> tuple[ASGIApp, Any]:
     """Load the spec's versions and build the serving app; returns (app, capture writer or None).
 
-    The same steps as a local worker's start (``serving/worker.py``), minus the socket handling:
-    a version that cannot load or fails its smoke test raises, so Serve marks the replica failed.
+    The same build as a local worker's (``serving/service.py``), minus the socket handling: a
+    version that cannot load or fails its smoke test raises, so Serve marks the replica failed.
     """
-    from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
-    from mlflow_deploy_plugin.serving.metrics import ServingMetrics
-    from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
+    from mlflow_deploy_plugin.serving.service import build_service as build
 
-    config = spec.config
-    token = None
-    if config.auth_token_env:
-        token = os.environ.get(config.auth_token_env)
-        if not token:
-            raise RuntimeError(f"auth_token_env={config.auth_token_env} is empty or unset in the replica's "
-                               "environment.")
-    slots = []
-    for share in spec.shares():
-        model = share.model
-        identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
-                                 model.run_id)
-        slot = ModelSlot.load(identity, models_dir / model.model_name / model.model_version)
-        _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
-                     slot.smoke_test())
-        slots.append((slot, share.percent))
-    state = ServiceState()
-    metrics = ServingMetrics()
-    capture = None
-    if config.capture:
-        from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
-
-        dropped = metrics.capture_dropped.labels(spec.name)
-        capture = CaptureWriter(
-            capture_root(spec.name, config.capture_uri, capture_dir), spec.name,
-            sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
-            on_drop=lambda count, _reason: dropped.inc(count),
-        )
-    settings = AppSettings(deployment=spec.name, max_body_bytes=config.max_body_bytes, timeout_s=config.timeout_s,
-                           auth_token=token, max_batch_rows=config.max_batch_rows)
-    app = build_app(settings, slots, state=state, metrics=metrics,
-                    on_answer=capture.record if capture is not None else None)
-    state.ready = True  # Serve routes to a replica only once its constructor has returned
-    return StripRoutePrefix(app), capture
+    service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
+                    models_dir.parent / "capture.key")
+    service.state.ready = True  # Serve routes to a replica only once its constructor has returned
+    return StripRoutePrefix(service.app), service.capture
 
 
 @serve.ingress()
