@@ -319,6 +319,10 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
     )
 
     def started() -> None:
+        # A fresh heartbeat before READY: a load longer than the liveness deadline must not read
+        # as a silent event loop in the moment before the first tick beats.
+        if supervision.liveness is not None:
+            supervision.liveness.beat()
         state.ready = True
         protocol.report(ready_fd, protocol.READY)
 
