@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 # Two workers: most tests wait on processes they start; one file (or all Ray tests) per worker.
-XDIST ?= -n 2 --dist loadgroup
+XDIST ?= -n 2 --dist loadgroup --durations=20
 # The tests marked `store` (webhooks, drift jobs, the stage-world lifecycle: what the MLflow backend
 # changes) once more on a throwaway PostgreSQL server the fixtures start; skipped, saying how to get
 # PostgreSQL, when its binaries are missing, except under CI=true. Exit status 5 = PYTEST_ARGS selected none.
