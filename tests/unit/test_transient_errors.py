@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.tracking._model_registry import utils as mlflow_registry_utils
+from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
 
 from mlflow_deploy_plugin.deployments import _resolve
 from mlflow_deploy_plugin.errors import NotFound, Unavailable
@@ -71,6 +73,10 @@ def test_a_refused_connection_is_transient_and_never_reads_as_missing(monkeypatc
         resolve_model_uri("models:/m@champion", client)
     assert resolved.value.error_code == "TEMPORARILY_UNAVAILABLE" and "did not answer" in resolved.value.message
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # A URI set in process (mlflow.set_tracking_uri, as the e2e session fixture does when it ran
+    # earlier in this worker) wins over the environment: clear it for this test only.
+    monkeypatch.setattr(mlflow_tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow_registry_utils, "_registry_uri", None)
     with pytest.raises(Unavailable) as core:  # the deployment core: never NotFound, never InvalidRequest
         _resolve("models:/m/1")
     assert is_transient(core.value)
