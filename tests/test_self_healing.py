@@ -22,13 +22,14 @@ import mlflow
 import pytest
 import requests
 from conftest import REPO, Env, Registry, _kill_everything_under, processes_under, split_payload, wait_for
+from test_update_and_supervision import TrafficThreads
 
 from mlflow_deploy_plugin.engines.local.processes import is_supervisor, is_worker
 
 HANG, CRASH = -1.0, -2.0  # tests/assets/poison_model.py
 
 
-class SteadyLoop:
+class SteadyLoop(TrafficThreads):
     """A few keep-alive clients posting one row each in a loop until stopped (bounded by itself)."""
 
     def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 600) -> None:
@@ -38,16 +39,6 @@ class SteadyLoop:
         self.outcomes: list[tuple[float, str]] = []  # (monotonic time answered, "200" / "503" / error)
         self.deadline = time.monotonic() + max_seconds
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> SteadyLoop:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
     def _run(self) -> None:
         session = requests.Session()
