@@ -57,6 +57,25 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, inter
     raise AssertionError(f"Timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test that ran deployments shows the tail of every deployment log written during it
+    (supervisor, workers, agent): on CI that is the only trace of what the processes saw."""
+    report = yield
+    env = getattr(item, "funcargs", {}).get("env")
+    if report.failed and call.when == "call" and env is not None:
+        home = Path(env.home)
+        for log in sorted([*home.glob("deployments/*/logs/*.log"), *home.glob("archive/*/logs/*.log")]):
+            try:
+                if log.stat().st_mtime < call.start:
+                    continue
+                tail = log.read_text(errors="replace").splitlines()[-60:]
+            except OSError:
+                continue
+            report.sections.append((f"deployment log {log.relative_to(home)}", "\n".join(tail)))
+    return report
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--store", choices=("sqlite", "postgresql"), default=os.environ.get("MLFLOW_TEST_STORE", "sqlite"),
                      help="backend of the MLflow stores the tests create (default: sqlite; "
