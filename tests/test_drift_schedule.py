@@ -116,6 +116,37 @@ def test_a_failed_run_is_recorded_and_the_next_tick_proceeds(tmp_path: Path, env
 
 
 @pytest.mark.store
+def test_runs_left_running_by_a_killed_scheduler_are_ended_by_the_next_one(tmp_path: Path, env) -> None:
+    import time
+
+    from mlflow_deploy_plugin.state import read_json, write_json_atomic
+
+    name = f"orphan-{int(time.time() * 1000) % 10**8}"
+    store = _store(tmp_path, name=name)
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment(f"drift/{name}")
+    since_ms = int(time.time() * 1000)
+    orphan = client.create_run(experiment_id, tags={"drift.deployment": name}).info.run_id
+    other = client.create_run(experiment_id, tags={"drift.deployment": "someone-else"}).info.run_id
+    state_path = store.paths(name).root / "drift_schedule.json"
+    # The report process of a scheduler that was killed (the pid need not exist any more).
+    write_json_atomic(state_path, {"last_end": T0.isoformat(), "running_pid": 2**22 + 1,
+                                   "running_since_ms": since_ms})
+    scheduler = DriftScheduler(store, job=lambda *_: None)
+    # While another scheduler's report holds the drift lock, that report is alive: nothing is ended.
+    with drift_lock(store.paths(name).root):
+        assert scheduler.sweep_orphans() == 0
+    assert client.get_run(orphan).info.status == "RUNNING"
+    assert scheduler.sweep_orphans() == 1
+    run = client.get_run(orphan)
+    assert run.info.status == "FAILED" and "stopped without ending it" in run.data.tags["drift.error"]
+    assert client.get_run(other).info.status == "RUNNING"  # another deployment's run is not ours to end
+    state = read_json(state_path)
+    assert "running_pid" not in state and state["last_end"] == T0.isoformat()  # the window is kept
+    assert scheduler.sweep_orphans() == 0
+
+
+@pytest.mark.store
 def test_on_demand_report_waits_for_a_running_report_and_keeps_the_scheduler_out(tmp_path: Path, env) -> None:
     from mlflow.exceptions import MlflowException
 

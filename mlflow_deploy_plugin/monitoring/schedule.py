@@ -12,7 +12,10 @@ deployment's history (``drift_report_failed``), once.
 Each report runs in a child process of its own (:mod:`.drift_process`): a report that crashes or
 is killed (say by the out-of-memory killer) is a failed report like any other, and the agent whose
 scheduler started it goes on following, promoting and rolling back. The running report's pid is in
-``drift_schedule.json`` (``running_pid``) while it runs.
+``drift_schedule.json`` (``running_pid``, ``running_since_ms``) while it runs. When the scheduler
+that started it dies too (the agent killed with ``kill -9``), the report process follows it and its
+MLflow run would stay RUNNING for ever: the next scheduler of that deployment finds the stale
+``running_pid`` and ends those runs FAILED before its first tick (:meth:`DriftScheduler.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -83,12 +86,43 @@ class DriftScheduler:
         def started(proc: subprocess.Popen[bytes]) -> None:
             self._processes[name] = proc
             path = self.store.paths(name).root / "drift_schedule.json"
-            write_json_atomic(path, dict(self._state(name), running_pid=proc.pid))
+            write_json_atomic(path, dict(self._state(name), running_pid=proc.pid, running_since_ms=started_ms))
+
+        started_ms = int(time.time() * 1000)
 
         try:
             return drift_process.run(self.store, name, since, until, trigger="scheduled", on_start=started)
         finally:
             self._processes.pop(name, None)
+
+    def sweep_orphans(self) -> int:
+        """End FAILED the drift runs that a report left RUNNING when its scheduler died with it.
+
+        A report recorded as running (``running_pid``) while no report holds the deployment's drift
+        lock is one whose scheduler is gone: the kernel dropped the lock with it. Returns how many
+        runs were ended. Called once before the first tick."""
+        from mlflow_deploy_plugin.monitoring.drift_process import fail_orphaned_runs
+
+        ended = 0
+        for name in self.scheduled():
+            state = self._state(name)
+            if not state.get("running_pid"):
+                continue
+            paths = self.store.paths(name)
+            with drift_lock(paths.root, wait=False) as held:
+                if not held:
+                    continue  # a report of another scheduler runs now: that one is alive
+                error = (f"the scheduler that ran this report (process {state['running_pid']}'s parent) stopped "
+                         "without ending it (killed?); the window is judged again at the next scheduled time")
+                count = fail_orphaned_runs(self.store, name, int(state.get("running_since_ms") or 0), error)
+                if count:
+                    _logger.warning("Ended %d drift run(s) of %s left RUNNING by a stopped scheduler", count, name)
+                ended += count
+                fresh = self._state(name)
+                fresh.pop("running_pid", None)
+                fresh.pop("running_since_ms", None)
+                write_json_atomic(paths.root / "drift_schedule.json", fresh)
+        return ended
 
     def scheduled(self) -> dict[str, str]:
         """Deployment name -> cron expression, for the deployments this scheduler covers."""
@@ -206,6 +240,10 @@ class DriftScheduler:
 
     def run_forever(self, stop: threading.Event, interval_s: float = 0.5) -> None:
         """Tick until ``stop`` is set; then wait for runs in progress to end."""
+        try:
+            self.sweep_orphans()
+        except Exception as exc:  # best effort: never keeps the schedule from running
+            _logger.warning("Could not end the drift runs a stopped scheduler left RUNNING: %s", exc)
         while not stop.is_set():
             try:
                 self.tick()
