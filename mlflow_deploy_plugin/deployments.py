@@ -394,7 +394,7 @@ class Deployments:
 
     def previous_good_version(self, name: str) -> str | None:
         """The version of the served model served before the current one, never rejected or rolled
-        back, that still exists in the registry."""
+        back (nor a rollback target that could not serve), that still exists in the registry."""
         spec = self.spec(name)
         bad = {spec.model.model_version}
         served: list[str] = []
@@ -409,6 +409,9 @@ class Deployments:
                 continue  # a canary split: its record names the champion, which did not fail
             if event["event"] in BAD_EVENTS:
                 bad.add(str(version))
+            evidence = event.get("evidence") or {}
+            if event["event"] == "rollback_failed" and evidence.get("target_failed") and evidence.get("target"):
+                bad.add(str(evidence["target"]))  # a rollback could not make it serve
         for version in reversed(served):
             if version not in bad and self._exists(spec.model.model_name, version):
                 return version

@@ -374,8 +374,13 @@ class LifecycleController:
             if op.get("keep_reference"):
                 steps.append(("registry", f"give {roles_policy.role_uri('champion')} back to v{version}",
                               lambda: roles.demote(target, version, False)))
+            # A target that could not serve (the traffic step failed) is remembered as bad, so the
+            # next drifted streak rolls back further or says there is nowhere to go, instead of
+            # trying the same broken version again; a registry failure is not the target's fault.
             steps.append(("record", f"record that the rollback of v{version} was undone",
-                          audit("rollback_failed", op["reason"], {"lifecycle.rollback_failed": op["reason"]})))
+                          audit("rollback_failed", op["reason"], {"lifecycle.rollback_failed": op["reason"]},
+                                {**(op.get("evidence") or {}), "target": target,
+                                 "target_failed": op.get("failed_step") == "traffic"})))
         return steps
 
     def _check_unchanged(self, op: dict[str, Any]) -> None:
@@ -431,7 +436,7 @@ class LifecycleController:
         undone = (not transient and failure["attempts"] >= MAX_ATTEMPTS and step in _UNDOABLE_STEPS
                   and op["kind"] in ("canary", "promote", "rollback"))
         if undone:
-            self._undo(state, op, f"could not {what} after {failure['attempts']} attempts: {error}")
+            self._undo(state, op, f"could not {what} after {failure['attempts']} attempts: {error}", step)
         self._save(state)
         return undone
 
@@ -444,8 +449,8 @@ class LifecycleController:
                           reason=f"{self._title(op)}: {what} done after {failure['attempts']} failed attempt(s) "
                                  f"since {_iso(failure['since'])} (last error: {failure['error']})")
 
-    def _undo(self, state: dict[str, Any], op: dict[str, Any], why: str) -> None:
-        """Replace an operation that cannot finish by the one that undoes it."""
+    def _undo(self, state: dict[str, Any], op: dict[str, Any], why: str, step: str) -> None:
+        """Replace an operation that cannot finish (at ``step``) by the one that undoes it."""
         common = {"evidence": op.get("evidence"), "actor": op["actor"], "version": op["version"],
                   "id": uuid.uuid4().hex[:12], "created_at": time.time(), "done": [], "roles": op["roles"],
                   "spec_updated_at": op.get("spec_updated_at"), "undo_of": op["id"]}
@@ -457,7 +462,7 @@ class LifecycleController:
                            "reason": f"the promotion was undone: {why}; v{op.get('champion')} stays champion"}
         else:
             state["op"] = {**common, "kind": "undo_rollback", "target": op["target"],
-                           "keep_reference": op.get("keep_reference"),
+                           "keep_reference": op.get("keep_reference"), "failed_step": step,
                            "reason": f"the rollback to v{op['target']} was undone: {why}; v{op['version']} keeps serving"}
         state.pop("op_failure", None)
 

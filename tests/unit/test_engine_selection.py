@@ -156,3 +156,11 @@ def test_rollback_target_is_a_version_of_the_same_model_that_still_exists(tmp_pa
     assert deployments.previous_good_version("d") == "2"
     client.delete_model_version("m", "2")  # deleted since it served: not a place to go back to
     assert deployments.previous_good_version("d") == "1"
+    # A rollback to v1 that could not make it serve (undone) rules v1 out; one undone for a
+    # registry failure does not blame the target.
+    store.append_history("d", "rollback_failed", model={"model_name": "m", "model_version": "3"},
+                         evidence={"target": "1", "target_failed": False})
+    assert deployments.previous_good_version("d") == "1"
+    store.append_history("d", "rollback_failed", model={"model_name": "m", "model_version": "3"},
+                         evidence={"target": "1", "target_failed": True})
+    assert deployments.previous_good_version("d") is None
