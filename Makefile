@@ -20,8 +20,10 @@ lint: $(STAMP)
 	$(BIN)/mypy mlflow_deploy_plugin
 
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
-# Two workers: most tests wait on processes they start; one file (or all Ray tests) per worker.
-XDIST ?= -n 2 --dist loadgroup --durations=20
+# Two workers: most tests wait on processes they start. Units (a file's tests that share a module
+# fixture, all Ray tests, any other single test) go out in the order tests/conftest.py sets:
+# longest first, so no worker idles at the end while the other runs a long file.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder --durations=30
 # The tests marked `store` (webhooks, drift jobs, the stage-world lifecycle: what the MLflow backend
 # changes) once more on a throwaway PostgreSQL server the fixtures start; skipped, saying how to get
 # PostgreSQL, when its binaries are missing, except under CI=true. Exit status 5 = PYTEST_ARGS selected none.
