@@ -132,7 +132,8 @@ class Bench:
         features, _ = load_data()
         with mlflow.start_run():
             mlflow.pyfunc.log_model(name="model", python_model=str(REPO / "tests/assets/poison_model.py"),
-                                    input_example=features.head(2), registered_model_name="chaos-poison")
+                                    input_example=features.head(2), registered_model_name="chaos-poison",
+                                    pip_requirements=["pandas"])
         row = features.iloc[[3]]
         payload = {"dataframe_split": json.loads(row.to_json(orient="split", index=False))}
         self.rows = {radius: {"dataframe_split": json.loads(row.assign(mean_radius=radius).to_json(

@@ -344,7 +344,8 @@ def train_and_register() -> Any:
     mlflow.set_experiment("serving-benchmark")
     with mlflow.start_run():
         mlflow.sklearn.log_model(model, name="model", signature=infer_signature(frame, model.predict(frame)),
-                                 input_example=frame.head(5), registered_model_name=MODEL_NAME)
+                                 input_example=frame.head(5), registered_model_name=MODEL_NAME,
+                                 pip_requirements=["scikit-learn"])
     return frame
 
 

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import sklearn
 from mlflow.models import infer_signature
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+# Declared rather than inferred: MLflow's inference loads the model again in a subprocess at every
+# log_model (seconds; over a minute on a busy machine). What the model needs is known.
+PIP_REQUIREMENTS = [f"scikit-learn=={sklearn.__version__}"]
 
 
 def load_data() -> tuple[pd.DataFrame, pd.Series]:
@@ -50,7 +55,7 @@ def train(model_name: str, c: float = 1.0, max_iter: int = 200, alias: str | Non
         mlflow.log_input(mlflow.data.from_pandas(x_train, source=source, name="training"), context="training")
         info = mlflow.sklearn.log_model(
             model, name="model", signature=infer_signature(x_train, model.predict(x_train)),
-            input_example=x_train.head(3), registered_model_name=model_name,
+            input_example=x_train.head(3), registered_model_name=model_name, pip_requirements=PIP_REQUIREMENTS,
         )
     version = str(info.registered_model_version)
     if alias:

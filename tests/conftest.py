@@ -28,7 +28,7 @@ from pg_server import INSTALL_HINT, PostgresServer, find_bindir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
-from train import load_data, train  # noqa: E402
+from train import PIP_REQUIREMENTS, load_data, train  # noqa: E402
 
 MODEL = "breast_cancer"
 
@@ -224,6 +224,34 @@ def processes_under(home: Path) -> list[int]:
     return found
 
 
+def _run_root(factory: pytest.TempPathFactory) -> Path:
+    """This test run's temp root: an xdist worker's basetemp is a `popen-gwN` folder inside it."""
+    base = factory.getbasetemp()
+    return base.parent if base.name.startswith("popen-") else base
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The last safety net, run once by the process that started the run (the xdist controller):
+    kill whatever is still running from this run's temp root (deployments, tracking servers,
+    PostgreSQL, the Ray cluster), e.g. after Ctrl-C, when xdist kills its workers before their
+    session fixtures could stop what they started."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if hasattr(session.config, "workerinput") or factory is None or factory._basetemp is None:
+        return
+    root = _run_root(factory)
+    markers = (f"{root}/".encode(), f"/tmp/ray-{root.name}-".encode())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(marker in argv for marker in markers):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def env(tmp_path_factory: pytest.TempPathFactory, stores: Stores) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("session")
@@ -275,7 +303,7 @@ def registry(env: Env) -> Registry:
         from sklearn.linear_model import LogisticRegression
 
         info = mlflow.sklearn.log_model(LogisticRegression().fit(features, features.index % 2), name="model",
-                                        registered_model_name=broken)
+                                        registered_model_name=broken, pip_requirements=PIP_REQUIREMENTS)
     location = mlflow.get_logged_model(info.model_id).artifact_location
     artifacts = Path(location.removeprefix("file://"))
     assert (artifacts / "MLmodel").exists(), f"unexpected artifact layout at {artifacts}"
@@ -287,7 +315,8 @@ def registry(env: Env) -> Registry:
     failing = f"failing_{suffix}"
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="model", python_model=str(REPO / "tests/assets/failing_model.py"),
-                                input_example=features.head(2), registered_model_name=failing)
+                                input_example=features.head(2), registered_model_name=failing,
+                                pip_requirements=["pandas"])
     return Registry(model, broken, failing)
 
 
@@ -427,7 +456,8 @@ def ray_cluster(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     import tempfile
 
     # Ray puts unix sockets under its temp dir: keep the path short (the socket path limit is 107).
-    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    # Named after the run, so the run's last safety net (pytest_sessionfinish) can find the cluster.
+    temp = Path(tempfile.mkdtemp(prefix=f"ray-{_run_root(tmp_path_factory).name}-", dir="/tmp"))
     port = _free_port()
     log_path = tmp_path_factory.mktemp("ray-log") / "ray-start.log"
     log = log_path.open("wb")

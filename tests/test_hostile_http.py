@@ -88,7 +88,8 @@ def gated_model(env: Env, registry: Registry) -> str:
     name = f"gated_{registry.model.rsplit('_', 1)[-1]}"
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="model", python_model=str(REPO / "tests/assets/gated_model.py"),
-                                input_example=pd.DataFrame({"gate": [""], "x": [1.0]}), registered_model_name=name)
+                                input_example=pd.DataFrame({"gate": [""], "x": [1.0]}), registered_model_name=name,
+                                pip_requirements=["pandas"])
     return name
 
 

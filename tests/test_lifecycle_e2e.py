@@ -436,7 +436,7 @@ def test_a_challenger_that_fails_part_of_real_traffic_is_rejected(env: Env, serv
                 mlflow.pyfunc.log_model(
                     name="model", python_model=str(Path(__file__).parent / "assets/partly_failing_model.py"),
                     input_example=good.head(2), signature=infer_signature(good, [0] * len(good)),
-                    registered_model_name="lcf")
+                    registered_model_name="lcf", pip_requirements=["pandas"])
         finally:
             mlflow.set_tracking_uri(previous)
         wait_for(lambda: client.get_model_version("lcf", "2").tags.get("lifecycle.promotion") == "rejected", 180,

@@ -97,7 +97,8 @@ def poison_model(env: Env, registry: Registry) -> str:
     with mlflow.start_run():
         for _ in range(2):  # two versions: an update has somewhere to go
             mlflow.pyfunc.log_model(name="model", python_model=str(REPO / "tests/assets/poison_model.py"),
-                                    input_example=registry.features.head(2), registered_model_name=name)
+                                    input_example=registry.features.head(2), registered_model_name=name,
+                                    pip_requirements=["pandas"])
     return name
 
 
