@@ -41,6 +41,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Bound for a version switch by the agent (follow, promote, roll back): seconds on an idle machine,
+# but a new worker imports MLflow and loads the model, which takes a minute on two busy cores.
+SWITCH_S = 150
+
+
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout_s

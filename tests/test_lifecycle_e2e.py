@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import Env, MlflowServer, Stores, free_port, split_payload, wait_for
+from conftest import SWITCH_S, Env, MlflowServer, Stores, free_port, split_payload, wait_for
 from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
@@ -253,7 +253,7 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             wait_for(lambda: client.get_model_version_by_alias("lcp", "champion").version == "2", 120,
                      "the canary to pass and v2 to be promoted")
             wait_for(lambda: _version(url) == "2" and "traffic" not in (json.loads(
-                (env.home / "deployments/guarded/deployment.json").read_text())), 60, "v2 to serve alone")
+                (env.home / "deployments/guarded/deployment.json").read_text())), SWITCH_S, "v2 to serve alone")
             assert split.ended.is_set(), "the split was still counting after v2 served alone"
             # The promotion's audit record is written right after the switch (description last).
             wait_for(lambda: "promoted" in (client.get_model_version("lcp", "2").description or ""), 30,
@@ -314,7 +314,7 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             wait_for(lambda t=reported_at: (read_json(state_file) or {}).get("last_cycle_at", 0) > t, 30,
                      "an agent cycle after the reports")
             assert _version(url) == "2", "a manual drift report counted towards the policy's streak"
-    wait_for(lambda: _version(url) == "1", 60, "the drift policy to roll back to v1")
+    wait_for(lambda: _version(url) == "1", SWITCH_S, "the drift policy to roll back to v1")
     assert client.get_model_version_by_alias("lcp", "champion").version == "1"
     # The audit record is written right after the switch it describes.
     wait_for(lambda: "rolled_back" in (env.home / "deployments/guarded/history.jsonl").read_text(), 30,
@@ -348,7 +348,7 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
     url = env.status("manual")["url"]
     try:
         client.set_registered_model_alias("lc", "champion", "2")
-        wait_for(lambda: _version(url) == "2", 30, "the deployment to follow the alias to v2")
+        wait_for(lambda: _version(url) == "2", SWITCH_S, "the deployment to follow the alias to v2")
 
         # By hand: back to the previous version; the alias moves too, so following does not undo it.
         out = _mlflow_deploy(env, server, "rollback", "manual")

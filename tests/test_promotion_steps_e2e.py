@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import mlflow
 import pytest
 import requests
-from conftest import Env, MlflowServer, Stores, split_payload, wait_for
+from conftest import SWITCH_S, Env, MlflowServer, Stores, split_payload, wait_for
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
@@ -140,7 +140,7 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
             _poke(env, name)
             wait_for(lambda: _events(env, name, "promoted"), 180, "the promotion to finish")
             wait_for(lambda: _version(url) == "2" and "traffic" not in json.loads(
-                (root / "deployment.json").read_text()), 60, "v2 to serve alone")
+                (root / "deployment.json").read_text()), SWITCH_S, "v2 to serve alone")
         assert loop.failures == [], loop.failures[:3]  # the split served throughout
 
         failed = _events(env, name, "step_failed")
@@ -168,7 +168,7 @@ def test_a_killed_drift_report_never_stops_following(env: Env) -> None:
     train(model, c=1.0, alias="champion", experiment=f"killed-{suffix}")
     v2 = train(model, c=0.1, experiment=f"killed-{suffix}")
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", "poll_interval_s=0.5", "-C", "drift_schedule=* * * * * */2", "-C", "drift_min_rows=10")
+            "-C", "poll_interval_s=0.5", "-C", "drift_schedule=* * * * * */15", "-C", "drift_min_rows=10")
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     try:
@@ -193,7 +193,8 @@ def test_a_killed_drift_report_never_stops_following(env: Env) -> None:
                  "the killed report to be recorded")
         # Following goes on: the alias moves, the deployment follows.
         mlflow.MlflowClient().set_registered_model_alias(model, "champion", v2)
-        wait_for(lambda: _version(url) == str(v2), 60, "the deployment to follow the alias after the kill")
+        wait_for(lambda: _version(url) == str(v2), SWITCH_S,
+                 "the deployment to follow the alias after the kill")
         # The agent tries again at the next scheduled time: a later report process runs.
         wait_for(lambda: (read_json(root / "drift_schedule.json") or {}).get("last_status")
                  or (read_json(root / "drift_schedule.json") or {}).get("running_pid") not in (None, *killed),
@@ -262,7 +263,7 @@ def test_require_no_drift_judges_the_challengers_own_canary_traffic(env: Env, se
         assert int(run.data.params["rows_current"]) >= 50
         assert client.get_model_version_by_alias(model, "champion").version == "1"
         wait_for(lambda: _version(url) == "1" and "traffic" not in json.loads(
-            (root / "deployment.json").read_text()), 60, "v1 to serve alone again")
+            (root / "deployment.json").read_text()), SWITCH_S, "v1 to serve alone again")
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
 

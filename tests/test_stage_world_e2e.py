@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import mlflow
 import pytest
 import requests
-from conftest import Env, MlflowServer, Stores, split_payload, wait_for
+from conftest import SWITCH_S, Env, MlflowServer, Stores, split_payload, wait_for
 from test_lifecycle_e2e import _mlflow_deploy, _rest, _version
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
@@ -102,7 +102,7 @@ def test_stage_policy_promotes_through_staging_and_canary_and_archives_the_old_p
         with RequestLoop(url, split_payload(load_data()[0].iloc[[7]]), clients=2) as loop:
             wait_for(lambda: _stages(client, "lcs") == {"1": "Archived", "2": "Production"}, 120,
                      "the canary to pass: v2 to Production, v1 archived")
-            wait_for(lambda: _version(url) == "2" and "traffic" not in _deployment_json(env, "staged"), 60,
+            wait_for(lambda: _version(url) == "2" and "traffic" not in _deployment_json(env, "staged"), SWITCH_S,
                      "v2 to serve alone")
         assert loop.failures == [], loop.failures[:3]
         assert set(loop.versions) == {"1", "2"}  # both answered during the canary
@@ -148,7 +148,7 @@ def test_stage_deployment_follows_a_ui_transition_then_drift_archives_that_versi
         assert _version(url) == "1"
         # A person moves v2 to Production in the UI: the deployment follows, by polling.
         _to_stage(server, "lcsd", "2", "Production")
-        wait_for(lambda: _version(url) == "2", 60, "the deployment to follow /Production to v2")
+        wait_for(lambda: _version(url) == "2", SWITCH_S, "the deployment to follow /Production to v2")
         assert _stages(client, "lcsd") == {"1": "Archived", "2": "Production"}
 
         # v2 then sees shifted traffic, in a report that counts for the policy: action archive.
@@ -164,7 +164,7 @@ def test_stage_deployment_follows_a_ui_transition_then_drift_archives_that_versi
         wait_for(lambda: len(read_capture(str(root / "capture"), since=since)) >= 200, 30, "the capture on disk")
         report = _mlflow_deploy(env, server, "drift", "report", name, "--since", since.isoformat(), "--for-policy")
         assert "drift.status=drifted" in report.stdout, report.stdout + report.stderr[-2000:]
-        wait_for(lambda: _version(url) == "1", 60, "the drift policy to put v1 back")
+        wait_for(lambda: _version(url) == "1", SWITCH_S, "the drift policy to put v1 back")
         assert _stages(client, "lcsd") == {"1": "Production", "2": "Archived"}
         assert _deployment_json(env, name)["model"]["requested_uri"].lower() == "models:/lcsd/production"
         wait_for(lambda: "rolled_back" in (client.get_model_version("lcsd", "2").description or ""), 30,

@@ -147,7 +147,11 @@ class LifecycleController:
             self.say(f"[dry-run] would {description}")
             return None
         self.say(description)
-        return action()
+        started = time.monotonic()
+        result = action()
+        # The end too: a log that shows only the start of a change that never landed tells nothing.
+        _logger.info("done in %.1fs: %s", time.monotonic() - started, description[:200])
+        return result
 
     def policy(self, spec: DeploymentSpec, state: dict[str, Any] | None = None) -> Policy | None:
         """The deployment's policy. A bad edit of the file keeps the last valid policy in force:

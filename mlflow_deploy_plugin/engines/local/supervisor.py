@@ -764,6 +764,7 @@ class Supervisor:
             self._answer(request_id, ok=False, error=f"cannot bind the new address: {exc}")
             return
         timeout = spec.config.startup_timeout_s
+        _logger.info("Update to generation %d (%s) requested: %s", number, spec.model.version_uri, reason[:200])
         self.pending = PendingUpdate(request_id, generation, time.monotonic() + timeout, reason)
         for index in range(spec.config.workers):
             self._spawn(generation, index)
