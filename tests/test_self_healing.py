@@ -21,7 +21,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import REPO, Env, Registry, _kill_everything_under, processes_under, split_payload, wait_for
+from conftest import (
+    REPO,
+    SWITCH_S,
+    Env,
+    Registry,
+    _kill_everything_under,
+    processes_under,
+    split_payload,
+    wait_for,
+)
 from test_update_and_supervision import TrafficThreads
 
 from mlflow_deploy_plugin.engines.local.processes import is_supervisor, is_worker
@@ -277,7 +286,7 @@ def test_a_hung_model_call_is_replaced_while_the_other_worker_serves(env: Env, r
             healthy = wait_for(
                 lambda: (s := env.status(name))["state"] == "running" and s["hung_replaced"] == 1
                 and len(s["worker_pids"]) == 2 and set(s["worker_pids"]) != set(first["worker_pids"]) and s,
-                timeout_s + 10, "the hung worker to be replaced", interval_s=0.1)
+                timeout_s + SWITCH_S, "the hung worker to be replaced", interval_s=0.1)
             print(f"healthy again {time.monotonic() - sent:.1f}s after the hanging request was sent")
             loop.wait_answers(20, "answers after the replacement")
             during = loop.since(mark)
