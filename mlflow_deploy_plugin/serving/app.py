@@ -1,4 +1,7 @@
-"""The serving app (ASGI): the MLflow scoring protocol plus health, version and metrics.
+"""The serving app (ASGI): the MLflow scoring protocol plus health, deployment info and metrics.
+
+``/ping``, ``/version`` and ``/invocations`` answer exactly as `mlflow models serve` does (a
+drop-in); ``/deployment`` describes what is served (versions, traffic split).
 
 The same app runs under the local engine's uvicorn workers and, later, as a Ray Serve ingress.
 """
@@ -195,7 +198,7 @@ def build_app(
     in_flight = metrics.in_flight.labels(deployment)
     request_counters: dict[tuple[str, int], Any] = {}
     identity = primary.slot.identity
-    version_body = json.dumps({
+    deployment_body = json.dumps({
         "deployment": deployment,
         "model_name": identity.model_name,
         "model_version": identity.model_version,
@@ -249,8 +252,13 @@ def build_app(
         return _error(503, "TEMPORARILY_UNAVAILABLE", "draining" if state.draining else "model not ready")
 
     @app.get("/version")
-    async def version_info() -> Response:
-        return Response(version_body, media_type=JSON)
+    async def mlflow_version() -> Response:
+        # Exactly `mlflow models serve`'s answer (the bare version, labelled JSON): its clients read it so.
+        return Response(mlflow.__version__, media_type=JSON)
+
+    @app.get("/deployment")
+    async def deployment_info() -> Response:
+        return Response(deployment_body, media_type=JSON)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

@@ -346,7 +346,7 @@ def test_with_a_token_only_ping_and_health_are_open(serve: ServeFactory, classif
         assert response.headers["www-authenticate"] == "Bearer"
     ok = post(client, body, authorization=f"Bearer {TOKEN}")
     assert ok.status_code == 200 and ok.json() == {"predictions": expected}
-    for path in ("/version", "/metrics"):
+    for path in ("/version", "/deployment", "/metrics"):
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200, path
     assert client.get("/ping").status_code == 200
@@ -372,7 +372,10 @@ def test_ping_health_and_version(serve: ServeFactory, classifier_slot: ModelSlot
     assert_error(client.get("/health"), 503, "TEMPORARILY_UNAVAILABLE", "model not ready")
     served.state.ready = True
     assert client.get("/health").json() == {"status": "ok", "model_version": "1"}
-    assert client.get("/version").json() == {
+    # /version: exactly `mlflow models serve`'s answer; /deployment: what is served.
+    version = client.get("/version")
+    assert (version.status_code, version.text, version.headers["content-type"]) == (200, mlflow.__version__, JSON)
+    assert client.get("/deployment").json() == {
         "deployment": DEPLOYMENT, "model_name": "iris", "model_version": "1", "model_uri": "models:/iris/1",
         "requested_uri": "models:/iris@champion", "run_id": "run-1",
         "traffic": [{"model_name": "iris", "model_version": "1", "percent": 100.0}],
@@ -436,7 +439,7 @@ def test_draining_tells_every_client_to_close_its_connection(served: Served) -> 
     served.state.draining = True
     answered = post(client, body)
     assert answered.status_code == 200 and answered.headers["connection"] == "close"
-    for path in ("/ping", "/version", "/metrics", "/no/such/path"):
+    for path in ("/ping", "/version", "/deployment", "/metrics", "/no/such/path"):
         assert served.client.get(path).headers["connection"] == "close", path
     health = client.get("/health")
     assert_error(health, 503, "TEMPORARILY_UNAVAILABLE", "draining")
@@ -494,7 +497,7 @@ def test_traffic_split_follows_the_weights_exactly(serve: ServeFactory, classifi
     assert metric(text, "mlflow_deploy_requests_total", model_version="1", status="200") == 90
     assert metric(text, "mlflow_deploy_requests_total", model_version="2", status="200") == 10
     assert metric(text, "mlflow_deploy_model_version_info", model_version="2", model_uri="models:/iris/2") == 1
-    info = served.client.get("/version").json()
+    info = served.client.get("/deployment").json()
     assert info["model_version"] == "1"  # the version with the most traffic
     assert info["traffic"] == [{"model_name": "iris", "model_version": "1", "percent": 90.0},
                                {"model_name": "iris", "model_version": "2", "percent": 10.0}]
