@@ -205,6 +205,31 @@ def test_error_messages_stay_short_and_never_echo_the_input(served: Served) -> N
         assert never is None or never not in error["message"], (case, error["message"])
 
 
+def test_error_classification_matches_mlflow_models_serve(serve: ServeFactory, classifier_slot: ModelSlot) -> None:
+    """error_code, error_class and sqlstate as MLflow's own scoring server answers them."""
+    client = serve(classifier_slot).client
+    wrong_type = ROWS.iloc[:2].astype({"sepal_width": object})
+    wrong_type.loc[wrong_type.index[0], "sepal_width"] = "wide"
+    bodies = {
+        "missing_column": json.dumps(split_body(ROWS.iloc[:2].drop(columns=["petal_width"]))),
+        "wrong_type": json.dumps(split_body(wrong_type)),
+        "malformed": '{"dataframe_split": ',
+        "no_format_key": json.dumps({"rows": []}),
+        "json_list": json.dumps([1, 2]),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, raising=False)
+        with TestClient(scoring_server.init(classifier_slot.model), raise_server_exceptions=False) as theirs:
+            expected = {case: post(theirs, body) for case, body in bodies.items()}
+    keys = ("error_code", "error_class", "sqlstate")
+    for case, body in bodies.items():
+        ours = post(client, body)
+        assert ours.status_code == expected[case].status_code, (case, ours.text[:300])
+        assert {k: ours.json().get(k) for k in keys} == {k: expected[case].json().get(k) for k in keys}, case
+    missing = assert_error(post(client, bodies["missing_column"]), 400, "INVALID_PARAMETER_VALUE")
+    assert (missing["error_class"], missing["sqlstate"]) == ("SCHEMA_ENFORCEMENT_FAILED", "KAM01")
+
+
 def test_unknown_paths_and_methods_get_json_errors(served: Served) -> None:
     assert_error(served.client.get("/no/such/path"), 404, "ENDPOINT_NOT_FOUND")
     assert_error(served.client.post("/predict", json={}), 404, "ENDPOINT_NOT_FOUND")
