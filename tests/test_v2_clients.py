@@ -55,7 +55,7 @@ def test_health_and_metadata(client, registry: Registry, shared_deployment: dict
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_one_2d_input_answers_as_invocations(client, registry: Registry, rows, expected: list, binary: bool) -> None:
     matrix = rows.to_numpy(dtype=np.float64)
-    tensor = tritonhttp.InferInput("input-0", list(matrix.shape), "FP64")
+    tensor = tritonhttp.InferInput("input-1", list(matrix.shape), "FP64")
     tensor.set_data_from_numpy(matrix, binary_data=binary)
     result = client.infer(registry.model, [tensor], model_version="1", request_id="triton-1",
                           outputs=[tritonhttp.InferRequestedOutput(OUTPUT, binary_data=binary)])
@@ -79,7 +79,7 @@ def test_column_per_input_answers_as_invocations(client, registry: Registry, row
 
 def test_errors_reach_the_client_as_v2_errors(client, registry: Registry, rows) -> None:
     matrix = rows.to_numpy(dtype=np.float64)[:, :3]
-    tensor = tritonhttp.InferInput("input-0", list(matrix.shape), "FP64")
+    tensor = tritonhttp.InferInput("input-1", list(matrix.shape), "FP64")
     tensor.set_data_from_numpy(matrix, binary_data=True)
     with pytest.raises(InferenceServerException) as wrong_width:
         client.infer(registry.model, [tensor])
@@ -88,7 +88,7 @@ def test_errors_reach_the_client_as_v2_errors(client, registry: Registry, rows) 
         client.infer("no-such-model", [tensor])
     assert "Unknown model" in unknown.value.message() and unknown.value.status() == "404"
     big = np.zeros((20_000, len(rows.columns)), dtype=np.float64)  # 4.8 MB: over the deployment's 1 MB
-    tensor = tritonhttp.InferInput("input-0", list(big.shape), "FP64")
+    tensor = tritonhttp.InferInput("input-1", list(big.shape), "FP64")
     tensor.set_data_from_numpy(big, binary_data=True)
     with pytest.raises(InferenceServerException) as too_big:
         client.infer(registry.model, [tensor])

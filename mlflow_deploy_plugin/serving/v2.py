@@ -11,6 +11,8 @@ Infer requests are decoded here into what MLflow's pyfunc takes (the codec rules
   single ``[N, k]`` input is a table whose columns are the signature's inputs, in their order.
 Predictions go back as outputs: a DataFrame one output per column (shape ``[N, 1]``), a dict one
 per key, anything else one output named after the signature's single output (else ``output-1``).
+Unnamed signature tensors are ``input-N``/``output-N`` counted from 1 in the metadata: the names
+MLServer's codecs put in requests and answers (its metadata counts from 0, which no answer matches).
 The binary tensor data extension (``Inference-Header-Content-Length``, ``binary_data``,
 ``binary_data_size``) is read and written both ways. Everything else (slots, batching, limits,
 metrics, capture, auth) is the app's shared request path; errors are ``{"error": "..."}``.
@@ -34,7 +36,7 @@ from mlflow.types.schema import ColSpec, TensorSpec
 from starlette.datastructures import Headers
 
 from mlflow_deploy_plugin import __version__
-from mlflow_deploy_plugin.serving.decode_limits import DecodeLimits
+from mlflow_deploy_plugin.serving.decode_limits import DecodeLimits, json_values_bound
 from mlflow_deploy_plugin.serving.errors import ServingError
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.protocol import ParsedRequest
@@ -256,6 +258,8 @@ def decode_infer(body: bytes, headers: Headers, slot: ModelSlot, limits: DecodeL
     if not body:
         raise _bad("Empty request body: send {\"inputs\": [...]}.")
     head, binary = _split_binary(body, headers)
+    # As for /invocations: a body of millions of tiny values is refused before it is decoded.
+    limits.check_values(json_values_bound(head, limits.max_values), "The JSON body")
     try:
         request = json.loads(head)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import random
 import struct
+from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from starlette.datastructures import Headers
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 from starlette.routing import Route
-from unit_helpers import JSON, Served, ServeFactory, TestClient, iris_data, metric, split_body
+from unit_helpers import JSON, Served, ServeFactory, TestClient, iris_data, load_slot, metric, split_body
 
 from mlflow_deploy_plugin.serving import v2
 from mlflow_deploy_plugin.serving.decode_limits import DecodeLimits
@@ -34,7 +37,7 @@ def columns_body(frame: pd.DataFrame, shape_2d: bool = False, **extra: Any) -> d
                        for column in frame.columns], **extra}
 
 
-def matrix_body(frame: pd.DataFrame, name: str = "input-0") -> dict[str, Any]:
+def matrix_body(frame: pd.DataFrame, name: str = "input-1") -> dict[str, Any]:
     """A single [N, k] input."""
     return {"inputs": [{"name": name, "shape": list(frame.shape), "datatype": "FP64", "data": frame.values.tolist()}]}
 
@@ -204,6 +207,10 @@ def test_limits_hold_for_v2(serve: ServeFactory, classifier_slot: ModelSlot) -> 
     client = serve(classifier_slot, max_rows=5, max_body_bytes=4096).client
     assert_v2_error(client.post(INFER, json=matrix_body(ROWS.iloc[:6])), 413, "max_rows=5")
     assert_v2_error(client.post(INFER, content=b"[" * 5000), 413, "max_body_mb")
+    # Many tiny values are refused before they are decoded (max_values from max_rows and max_cells).
+    many = json.dumps({"inputs": [{"name": "x", "shape": [1000], "datatype": "FP64", "data": [0] * 1000}]})
+    tight = serve(classifier_slot, max_rows=5, max_cells=20).client
+    assert_v2_error(tight.post(INFER, content=many), 413, "values")
 
 
 def test_auth_guards_v2_except_its_health_probes(serve: ServeFactory, classifier_slot: ModelSlot) -> None:
@@ -286,17 +293,43 @@ def test_outputs_follow_mlservers_codecs(classifier_slot: ModelSlot) -> None:
     assert v2.datatype_of(np.dtype(">i4")) == "INT32"
 
 
-def test_a_tensor_signature_gets_an_ndarray_or_a_dict(classifier_slot: ModelSlot) -> None:
-    class Tensors:  # what _model_input reads of a slot
-        def __init__(self, names: list[str | None]) -> None:
-            from mlflow.types.schema import Schema, TensorSpec
-            self.input_schema = Schema([TensorSpec(np.dtype(np.float32), (-1, 2), name) for name in names])
+class RowSums(mlflow.pyfunc.PythonModel):
+    """A tensor model: one float32 [N, 2] tensor in, its row sums out (a dict of tensors, by name, sums each)."""
 
-    request = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-    data = v2.decode_infer(json.dumps(request).encode(), Headers({}), Tensors([None]), DecodeLimits()).data
-    assert isinstance(data, np.ndarray) and data.dtype == np.float32 and data.shape == (2, 2)
-    data = v2.decode_infer(json.dumps(request).encode(), Headers({}), Tensors(["x", "y"]), DecodeLimits()).data
-    assert isinstance(data, dict) and data["x"].tolist() == [[1, 2], [3, 4]]
+    def predict(self, context: Any, model_input: Any, params: Any = None) -> Any:
+        if isinstance(model_input, dict):
+            return {name: tensor.sum(axis=1) for name, tensor in model_input.items()}
+        return model_input.sum(axis=1)
+
+
+def _tensor_slot(path: Path, names: list[str | None]) -> ModelSlot:
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 2), name) for name in names])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1,))])
+    example = np.ones((1, 2), dtype=np.float32)
+    mlflow.pyfunc.save_model(str(path), python_model=RowSums(), signature=ModelSignature(inputs, outputs),
+                             input_example=example if names == [None] else dict.fromkeys(names, example),
+                             pip_requirements=["mlflow"])
+    return load_slot(path, "1", name="sums")
+
+
+@pytest.mark.parametrize("names", [[None], ["a", "b"]], ids=["one_tensor", "named_tensors"])
+def test_a_tensor_signature_gets_its_tensors(serve: ServeFactory, tmp_path: Path, names: list[str | None]) -> None:
+    client = serve(_tensor_slot(tmp_path / "sums", names)).client
+    matrix = [[1.0, 2.0], [3.0, 4.5]]
+    tensors = [name or "input-1" for name in names]
+    body = {"inputs": [{"name": name, "shape": [2, 2], "datatype": "FP32", "data": matrix} for name in tensors]}
+    answer = client.post("/v2/models/sums/infer", json=body)
+    assert answer.status_code == 200, answer.text[:300]
+    invocations_body = {"inputs": matrix if names == [None] else {name: matrix for name in tensors}}
+    expected = client.post("/invocations", json=invocations_body).json()["predictions"]
+    outputs = answer.json()["outputs"]
+    if names == [None]:
+        assert outputs == [{"name": "output-1", "datatype": "FP32", "shape": [2, 1], "data": expected}]
+    else:  # a dict of tensors: one output per key, as MLServer's TensorDictCodec answers
+        assert [(o["name"], o["data"]) for o in outputs] == [(name, expected[name]) for name in tensors]
+    metadata = client.get("/v2/models/sums").json()
+    assert metadata["inputs"] == [{"name": name, "datatype": "FP32", "shape": [-1, 2]} for name in tensors]
+    assert metadata["outputs"] == [{"name": "output-1", "datatype": "FP32", "shape": [-1, 1]}]
 
 
 # -- openapi ------------------------------------------------------------------------------------
