@@ -226,7 +226,7 @@ def run(repeat: int, poll_s: float, processes: Processes, workdir: Path,
     print(f"watcher and deployments up ({', '.join(f'{k} {v}' for k, v in urls.items())})", file=sys.stderr)
 
     def serving(name: str) -> str:
-        return _get_json(f"{urls[name]}/version")["model_version"]
+        return _get_json(f"{urls[name]}/deployment")["model_version"]
 
     stage = f"stage follow (poll {poll_s:g} s)"
     figures: dict[str, list[float]] = {"webhook delivery": [], "alias follow (webhook)": [], stage: []}

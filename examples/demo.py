@@ -119,7 +119,7 @@ What to look at:
         version's description, which lists every lifecycle step taken on it.
       Experiments > drift/{NAME}: one run per drift report, metric drift_share charted over
         time, artifact drift_report.html (Evidently) and drift_summary.json.
-  - the service:    curl {url}/version ; curl {url}/metrics
+  - the service:    curl {url}/deployment ; curl {url}/metrics
   - captured traffic: MLFLOW_DEPLOY_HOME={OUT}/deploy-home {BIN}/mlflow-deploy capture show {NAME}
 """)
     if args.keep:
@@ -157,7 +157,7 @@ def _payload(rows) -> dict:
 def _served(url: str) -> list[str]:
     import requests
 
-    info = requests.get(f"{url}/version", timeout=5).json()
+    info = requests.get(f"{url}/deployment", timeout=5).json()
     return [entry["model_version"] for entry in info["traffic"]]
 
 

@@ -26,9 +26,9 @@ def target_help() -> str:
     """What `mlflow deployments help -t lifecycle` prints."""
     return f"""\
 The `lifecycle` target serves MLflow registry models as supervised local HTTP services that
-speak the `mlflow models serve` scoring protocol (/invocations, /ping, /health), plus /version
-and Prometheus /metrics. Each deployment resolves its model URI to a concrete version (both are
-recorded), survives the CLI call that started it, is restarted if it crashes, and is updated
+speak the `mlflow models serve` scoring protocol (/invocations, /ping, /health, /version), plus
+/deployment (what is served), the Open Inference Protocol (/v2/...) and Prometheus /metrics.
+Each deployment resolves its model URI to a concrete version (both are recorded), survives the CLI call that started it, is restarted if it crashes, and is updated
 with zero downtime (the new version is loaded and smoke-tested beside the old one first).
 
 Target URI: `lifecycle` (same as `lifecycle:/local`: processes on this machine), or

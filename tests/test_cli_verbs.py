@@ -173,7 +173,7 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
     try:
         wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
                  120, "run-local to serve")
-        assert requests.get(f"http://127.0.0.1:{port}/version", timeout=5).json()["model_version"] == "1"
+        assert requests.get(f"http://127.0.0.1:{port}/deployment", timeout=5).json()["model_version"] == "1"
         # While it serves, its state lives in a temporary home, not among the deployments.
         (home,) = tmp.glob("mlflow-deploy-run-local-*")
         status_file = home / "deployments/fg/status.json"
@@ -222,10 +222,10 @@ def test_create_latest_serves_the_newest_version_and_follows_new_ones(env: Env, 
             "-C", "poll_interval_s=0.5")
     try:
         url = env.status("newest")["url"]
-        assert requests.get(f"{url}/version", timeout=5).json()["model_version"] == "2"
+        assert requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "2"
         assert "model_version: 2" in env.cli("get", "-t", "lifecycle", "--name", "newest").stdout
         assert str(mlflow.register_model(sources[0], name).version) == "3"  # a newer version: followed
-        wait_for(lambda: requests.get(f"{url}/version", timeout=5).json()["model_version"] == "3", 60,
+        wait_for(lambda: requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "3", 60,
                  "the deployment of models:/.../latest to serve the new version 3")
         # Recorded once the switch is complete.
         followed = wait_for(lambda: [e for e in env_history(env, "newest") if e["event"] == "updated"], 30,

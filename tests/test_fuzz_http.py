@@ -171,7 +171,7 @@ def test_no_input_makes_the_deployment_fail(env: Env, fuzz_target: dict) -> None
         if response.status_code != 200:
             assert len(response.content) < 2048, (response.status_code, len(response.content))
             error = response.json()
-            assert set(error) == {"error_code", "message"} and "Traceback" not in error["message"], error
+            assert set(error) - {"sqlstate", "error_class"} == {"error_code", "message"} and "Traceback" not in error["message"], error
 
     one_request()
     assert sum(seen.values()) >= EXAMPLES and seen.get(200, 0) and len(seen) > 2, seen  # it did reach the model

@@ -70,7 +70,7 @@ def _mlflow_deploy(env: Env, server: MlflowServer, *args: str, check: bool = Tru
 
 
 def _version(url: str) -> str:
-    return requests.get(f"{url}/version", timeout=5).json()["model_version"]
+    return requests.get(f"{url}/deployment", timeout=5).json()["model_version"]
 
 
 def _rest(server: MlflowServer, route: str, payload: dict) -> None:

@@ -62,7 +62,7 @@ def _poke(env: Env, name: str) -> None:
 
 
 def _version(url: str) -> str:
-    return requests.get(f"{url}/version", timeout=5).json()["model_version"]
+    return requests.get(f"{url}/deployment", timeout=5).json()["model_version"]
 
 
 STEPS_POLICY = """\

@@ -96,7 +96,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
             # "Connection: close": at most one answer from version 1 per client, and only the first.
             after = [version for sent, version in answers if sent > updated_at]
             assert after and "1" not in after[1:], (client, after[:5])
-        assert requests.get(f"{url}/version", timeout=5).json()["model_version"] == "2"
+        assert requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "2"
         assert env.status(name)["url"] == url
 
         info = env.cli("get", "-t", "lifecycle", "--name", name).stdout
@@ -189,7 +189,7 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
         Deployments("lifecycle").transition(
             name, traffic=[(f"models:/{registry.model}/1", 70), (f"models:/{registry.model}/2", 30)],
             reason="canary test", actor="test")
-        info = requests.get(f"{url}/version", timeout=5).json()
+        info = requests.get(f"{url}/deployment", timeout=5).json()
         assert [(t["model_version"], t["percent"]) for t in info["traffic"]] == [("1", 70.0), ("2", 30.0)]
         assert "traffic: v1 70%, v2 30%" in env.cli("get", "-t", "lifecycle", "--name", name).stdout
         session = requests.Session()

@@ -1,4 +1,7 @@
-"""The serving app (ASGI): the MLflow scoring protocol plus health, version and metrics.
+"""The serving app (ASGI): the MLflow scoring protocol plus health, deployment info and metrics.
+
+``/ping``, ``/version`` and ``/invocations`` answer exactly as `mlflow models serve` does (a
+drop-in); ``/deployment`` describes what is served (versions, traffic split).
 
 The same app runs under the local engine's uvicorn workers and, later, as a Ray Serve ingress.
 """
@@ -21,11 +24,13 @@ from typing import Any
 import mlflow
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 
 from mlflow_deploy_plugin import __version__
+from mlflow_deploy_plugin.serving import v2
 from mlflow_deploy_plugin.serving.batching import (
     DEFAULT_MAX_QUEUE,
     BatchingPredictor,
@@ -38,6 +43,7 @@ from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.serving.middleware import AuthMiddleware, DrainMiddleware
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.protocol import (
+    ParsedRequest,
     ServingError,
     fast_path_columns,
     parse_request,
@@ -133,6 +139,11 @@ def _row_count(data: Any) -> int:
         return 1
 
 
+# How a protocol turns a body into model input, and predictions into its answer (see `answer` in build_app).
+Decoder = Callable[[bytes, Headers, ModelSlot, "frozenset[str] | None"], ParsedRequest]
+Encoder = Callable[[Any, ParsedRequest, ModelSlot], Response]
+
+
 @dataclass
 class _Route:
     """One served version: its slot, predictor, share of traffic and metric children."""
@@ -195,7 +206,7 @@ def build_app(
     in_flight = metrics.in_flight.labels(deployment)
     request_counters: dict[tuple[str, int], Any] = {}
     identity = primary.slot.identity
-    version_body = json.dumps({
+    deployment_body = json.dumps({
         "deployment": deployment,
         "model_name": identity.model_name,
         "model_version": identity.model_version,
@@ -229,14 +240,16 @@ def build_app(
         executor.shutdown(wait=True)
         parse_executor.shutdown(wait=True)
 
-    app = FastAPI(title=f"mlflow-deploy: {deployment}", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    # /openapi.json and /docs describe every route (V2 included) for schema-driven tools and fuzzers.
+    app = FastAPI(title=f"mlflow-deploy: {deployment}", version=__version__, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json", lifespan=lifespan)
     app.state.service = state
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "ENDPOINT_NOT_FOUND", 405: "BAD_REQUEST"}.get(exc.status_code, "BAD_REQUEST")
-        return _error(exc.status_code, code, str(exc.detail))
+        error = ServingError(exc.status_code, code, str(exc.detail))
+        return v2.error_response(error) if v2.is_v2_path(request.scope["path"]) else mlflow_fail(error)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -249,16 +262,24 @@ def build_app(
         return _error(503, "TEMPORARILY_UNAVAILABLE", "draining" if state.draining else "model not ready")
 
     @app.get("/version")
-    async def version_info() -> Response:
-        return Response(version_body, media_type=JSON)
+    async def mlflow_version() -> Response:
+        # Exactly `mlflow models serve`'s answer (the bare version, labelled JSON): its clients read it so.
+        return Response(mlflow.__version__, media_type=JSON)
+
+    @app.get("/deployment")
+    async def deployment_info() -> Response:
+        return Response(deployment_body, media_type=JSON)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.post("/invocations")
-    async def invocations(request: Request) -> Response:
+    async def answer(request: Request, decode: Decoder, encode: Encoder, fail: Callable[[ServingError], Response],
+                     version: str | None = None) -> Response:
+        """One prediction request, whatever its protocol: ``decode`` the body, predict on the chosen
+        version (``version`` pins it), ``encode`` the predictions or ``fail`` with the error; the same
+        slots, limits, queue, metrics, headers and capture for every protocol."""
         started = time.perf_counter()
         # A client's id is kept (labels join on it) but bounded: it is echoed and captured with every row.
         request_id = (request.headers.get("x-request-id") or "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
@@ -266,19 +287,15 @@ def build_app(
         data = predictions = None
         route = primary
         try:
-            route = choose(request)
-            slot = route.slot
+            route = by_version[version] if version is not None else choose(request)
             if route.predictor.full:  # shed load before reading the body: memory stays flat
                 raise _queue_full(settings.max_queue)
             body = await _read_body(request, settings.max_body_bytes)
-            content_type = request.headers.get("content-type")
             if len(body) <= _INLINE_PARSE_BYTES:
-                parsed = parse_request(body, content_type, slot.metadata, slot.input_schema, route.fast_columns,
-                                       limits)
+                parsed = decode(body, request.headers, route.slot, route.fast_columns)
             else:
                 parsed = await asyncio.get_running_loop().run_in_executor(
-                    parse_executor, parse_request, body, content_type, slot.metadata, slot.input_schema,
-                    route.fast_columns, limits)
+                    parse_executor, decode, body, request.headers, route.slot, route.fast_columns)
             del body  # the decoded data is what waits in the queue, not the bytes as well
             data = parsed.data
             try:
@@ -295,17 +312,18 @@ def build_app(
                 raise
             except Exception as exc:
                 raise prediction_error(exc, data) from None
-            response = Response(predictions_body(predictions, parsed.unwrapped_output), media_type=JSON)
+            response = encode(predictions, parsed, route.slot)
             route.rows.inc(_row_count(data))
         except ServingError as exc:
-            response = Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
+            response = fail(exc)
             predictions = None
         except Exception:
             # Never a bare "Internal Server Error", never the exception's text (it may quote the
             # input): a short JSON error, the details in the worker log under the request id.
             _logger.exception("Unexpected error answering request %s", request_id)
-            response = _error(500, "INTERNAL_ERROR",
-                              f"Unexpected error answering request {request_id[:64]}; the worker log has the details.")
+            response = fail(ServingError(
+                500, "INTERNAL_ERROR",
+                f"Unexpected error answering request {request_id[:64]}; the worker log has the details."))
             predictions = None
         finally:
             in_flight.dec()
@@ -325,6 +343,24 @@ def build_app(
             on_answer(Answer(request_id, time.time(), version, response.status_code, elapsed * 1000.0,
                              data, predictions))
         return response
+
+    def mlflow_decode(body: bytes, headers: Headers, slot: ModelSlot,
+                      fast_columns: frozenset[str] | None) -> ParsedRequest:
+        return parse_request(body, headers.get("content-type"), slot.metadata, slot.input_schema, fast_columns,
+                             limits)
+
+    def mlflow_encode(predictions: Any, parsed: ParsedRequest, _: ModelSlot) -> Response:
+        return Response(predictions_body(predictions, parsed.unwrapped_output), media_type=JSON)
+
+    def mlflow_fail(exc: ServingError) -> Response:
+        return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        return await answer(request, mlflow_decode, mlflow_encode, mlflow_fail)
+
+    v2.add_routes(app, v2.V2Service(deployment, identity.model_name, primary.slot.identity.model_version,
+                                    {v: r.slot for v, r in by_version.items()}, state, limits), answer)
 
     # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
     return DrainMiddleware(AuthMiddleware(app, settings.auth_token), state)

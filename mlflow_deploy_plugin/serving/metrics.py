@@ -33,10 +33,10 @@ class ServingMetrics:
         registry = REGISTRY if self.multiprocess else CollectorRegistry()
         self._registry = registry
         self.requests = Counter(
-            "mlflow_deploy_requests", "Requests answered by /invocations.",
+            "mlflow_deploy_requests", "Requests answered by /invocations and V2 infer.",
             ["deployment", "model_version", "status"], registry=registry)
         self.latency = Histogram(
-            "mlflow_deploy_request_latency_seconds", "Time to answer /invocations.",
+            "mlflow_deploy_request_latency_seconds", "Time to answer /invocations and V2 infer.",
             ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.success_latency = Histogram(
             "mlflow_deploy_success_latency_seconds",

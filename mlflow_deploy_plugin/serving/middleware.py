@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 from typing import Protocol
 
 from fastapi.responses import Response
@@ -10,8 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlflow_deploy_plugin.serving.protocol import ServingError
 
-# Liveness probes stay open: a load balancer checking them has no token.
-OPEN_PATHS = frozenset({"/ping", "/health"})
+# Liveness probes stay open: a load balancer checking them has no token (the V2 ones too).
+OPEN_PATHS = frozenset({"/ping", "/health", "/v2/health/live", "/v2/health/ready"})
 
 
 class AuthMiddleware:
@@ -40,7 +41,9 @@ class AuthMiddleware:
             return
         error = ServingError(401, "UNAUTHENTICATED",
                              "Missing or invalid bearer token: send 'Authorization: Bearer <token>'.")
-        response = Response(error.body(), status_code=401, media_type="application/json",
+        # Open Inference Protocol clients read errors as {"error": "..."}.
+        body = json.dumps({"error": error.message}).encode() if scope["path"].startswith("/v2") else error.body()
+        response = Response(body, status_code=401, media_type="application/json",
                             headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 

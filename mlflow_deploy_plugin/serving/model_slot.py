@@ -24,7 +24,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """Which registry version a slot holds (shown by /version and in metrics)."""
+    """Which registry version a slot holds (shown by /deployment and in metrics)."""
 
     model_name: str
     model_version: str

@@ -47,7 +47,13 @@ _NO_LIMITS = DecodeLimits(max_rows=2**62, max_cells=2**62)
 
 def from_mlflow_exception(exc: MlflowException) -> ServingError:
     """Map an MlflowException to the status and error code `mlflow models serve` would use."""
-    return ServingError(exc.get_http_status_code(), exc.error_code, exc.message)
+    return _mlflow_error(exc, exc.message)
+
+
+def _mlflow_error(exc: MlflowException, message: str) -> ServingError:
+    # What MLflow classified (e.g. SCHEMA_ENFORCEMENT_FAILED/KAM01) is kept, not re-derived from the code.
+    return ServingError(exc.get_http_status_code(), exc.error_code, message,
+                        error_class=getattr(exc, "error_class", None), sqlstate=getattr(exc, "sqlstate", None))
 
 
 @dataclass
@@ -222,7 +228,7 @@ def _parse_csv(body: bytes, input_schema: Any, limits: DecodeLimits) -> pd.DataF
 
 def _input_error(exc: MlflowException) -> ServingError:
     # ServingError cleans the message: MLflow appends the whole input to some of its errors.
-    return ServingError(exc.get_http_status_code(), exc.error_code, exc.message)
+    return _mlflow_error(exc, exc.message)
 
 
 def predictions_body(raw_predictions: Any, unwrapped: bool = False) -> bytes:
@@ -235,8 +241,7 @@ def predictions_body(raw_predictions: Any, unwrapped: bool = False) -> bytes:
 def prediction_error(exc: BaseException, data: Any) -> ServingError:
     """The answer to a failed ``predict``: schema errors are the client's, 400 like MLflow's."""
     if isinstance(exc, MlflowException):
-        return ServingError(exc.get_http_status_code(), exc.error_code,
-                            f"Failed to predict: {exc.message}")
+        return _mlflow_error(exc, f"Failed to predict: {exc.message}")
     return ServingError(
         400, "BAD_REQUEST",
         "Encountered an unexpected error while evaluating the model. Verify that the input is "

@@ -205,6 +205,31 @@ def test_error_messages_stay_short_and_never_echo_the_input(served: Served) -> N
         assert never is None or never not in error["message"], (case, error["message"])
 
 
+def test_error_classification_matches_mlflow_models_serve(serve: ServeFactory, classifier_slot: ModelSlot) -> None:
+    """error_code, error_class and sqlstate as MLflow's own scoring server answers them."""
+    client = serve(classifier_slot).client
+    wrong_type = ROWS.iloc[:2].astype({"sepal_width": object})
+    wrong_type.loc[wrong_type.index[0], "sepal_width"] = "wide"
+    bodies = {
+        "missing_column": json.dumps(split_body(ROWS.iloc[:2].drop(columns=["petal_width"]))),
+        "wrong_type": json.dumps(split_body(wrong_type)),
+        "malformed": '{"dataframe_split": ',
+        "no_format_key": json.dumps({"rows": []}),
+        "json_list": json.dumps([1, 2]),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, raising=False)
+        with TestClient(scoring_server.init(classifier_slot.model), raise_server_exceptions=False) as theirs:
+            expected = {case: post(theirs, body) for case, body in bodies.items()}
+    keys = ("error_code", "error_class", "sqlstate")
+    for case, body in bodies.items():
+        ours = post(client, body)
+        assert ours.status_code == expected[case].status_code, (case, ours.text[:300])
+        assert {k: ours.json().get(k) for k in keys} == {k: expected[case].json().get(k) for k in keys}, case
+    missing = assert_error(post(client, bodies["missing_column"]), 400, "INVALID_PARAMETER_VALUE")
+    assert (missing["error_class"], missing["sqlstate"]) == ("SCHEMA_ENFORCEMENT_FAILED", "KAM01")
+
+
 def test_unknown_paths_and_methods_get_json_errors(served: Served) -> None:
     assert_error(served.client.get("/no/such/path"), 404, "ENDPOINT_NOT_FOUND")
     assert_error(served.client.post("/predict", json={}), 404, "ENDPOINT_NOT_FOUND")
@@ -346,7 +371,7 @@ def test_with_a_token_only_ping_and_health_are_open(serve: ServeFactory, classif
         assert response.headers["www-authenticate"] == "Bearer"
     ok = post(client, body, authorization=f"Bearer {TOKEN}")
     assert ok.status_code == 200 and ok.json() == {"predictions": expected}
-    for path in ("/version", "/metrics"):
+    for path in ("/version", "/deployment", "/metrics"):
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200, path
     assert client.get("/ping").status_code == 200
@@ -372,7 +397,10 @@ def test_ping_health_and_version(serve: ServeFactory, classifier_slot: ModelSlot
     assert_error(client.get("/health"), 503, "TEMPORARILY_UNAVAILABLE", "model not ready")
     served.state.ready = True
     assert client.get("/health").json() == {"status": "ok", "model_version": "1"}
-    assert client.get("/version").json() == {
+    # /version: exactly `mlflow models serve`'s answer; /deployment: what is served.
+    version = client.get("/version")
+    assert (version.status_code, version.text, version.headers["content-type"]) == (200, mlflow.__version__, JSON)
+    assert client.get("/deployment").json() == {
         "deployment": DEPLOYMENT, "model_name": "iris", "model_version": "1", "model_uri": "models:/iris/1",
         "requested_uri": "models:/iris@champion", "run_id": "run-1",
         "traffic": [{"model_name": "iris", "model_version": "1", "percent": 100.0}],
@@ -436,7 +464,7 @@ def test_draining_tells_every_client_to_close_its_connection(served: Served) -> 
     served.state.draining = True
     answered = post(client, body)
     assert answered.status_code == 200 and answered.headers["connection"] == "close"
-    for path in ("/ping", "/version", "/metrics", "/no/such/path"):
+    for path in ("/ping", "/version", "/deployment", "/metrics", "/no/such/path"):
         assert served.client.get(path).headers["connection"] == "close", path
     health = client.get("/health")
     assert_error(health, 503, "TEMPORARILY_UNAVAILABLE", "draining")
@@ -494,7 +522,7 @@ def test_traffic_split_follows_the_weights_exactly(serve: ServeFactory, classifi
     assert metric(text, "mlflow_deploy_requests_total", model_version="1", status="200") == 90
     assert metric(text, "mlflow_deploy_requests_total", model_version="2", status="200") == 10
     assert metric(text, "mlflow_deploy_model_version_info", model_version="2", model_uri="models:/iris/2") == 1
-    info = served.client.get("/version").json()
+    info = served.client.get("/deployment").json()
     assert info["model_version"] == "1"  # the version with the most traffic
     assert info["traffic"] == [{"model_name": "iris", "model_version": "1", "percent": 90.0},
                                {"model_name": "iris", "model_version": "2", "percent": 10.0}]

@@ -6,7 +6,7 @@
 - **Where it answers**: Serve's HTTP proxy, one per cluster (``-C host``/``-C port`` set it when the
   plugin is the first to start Serve; default 127.0.0.1:8000). Each deployment is the application
   named after it with route prefix ``/<name>``, so its URL is ``http://host:port/<name>`` and the
-  usual ``/invocations``, ``/ping``, ``/health``, ``/version`` and ``/metrics`` hang below it.
+  usual ``/invocations``, ``/ping``, ``/health``, ``/version``, ``/deployment`` and ``/metrics`` hang below it.
 - **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
   ``target_ongoing_requests``), ``-C num_cpus`` per replica.
 - **Updates**: ``serve.run`` of the new application version with ``max_surge_percent=100``: the new

@@ -2,8 +2,8 @@
 
 Each replica loads the spec's model versions (the canary split included), builds the same ASGI app
 as a local worker (same ``/invocations`` protocol, ``/ping``, ``/health``, ``/version``,
-``/metrics``) and hands it to Serve as the ingress (``serve.ingress``, late-bound through
-``__serve_build_asgi_app__`` so the app is built after the model has loaded). Serve's HTTP proxy
+``/deployment``, ``/metrics``, ``/v2/...``) and hands it to Serve as the ingress (``serve.ingress``,
+late-bound through ``__serve_build_asgi_app__`` so the app is built after the model has loaded). Serve's HTTP proxy
 routes ``/<deployment>/...`` here; the app sees the path without that prefix, so its own
 path-based rules (the open ``/ping`` and ``/health`` of the auth middleware) hold unchanged.
 
