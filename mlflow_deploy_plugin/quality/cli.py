@@ -73,13 +73,16 @@ def quality() -> None:
 @click.argument("name")
 @click.option("--since", default="24h", show_default=True, help="Start of the window (prediction time): 30m, 24h, 7d or ISO time.")
 @click.option("--until", default=None, help="End of the window (default: now).")
-def quality_report(name: str, since: str, until: str | None) -> None:
+@click.option("--due", is_flag=True, help="Instead of one window: every UTC day of predictions whose labels "
+              "changed since its last report, within -C label_horizon (what the drift schedule runs).")
+def quality_report(name: str, since: str, until: str | None, due: bool) -> None:
     """Join NAME's labels to its predictions in a window and log each version's quality to MLflow.
 
     One run per version that answered in the window (experiment: the deployment's drift experiment),
     each figure with its row count and 95% interval, beside the version's training figure when its
     run logged one; the version is tagged with its latest figures. Below
     -C quality_min_labelled_rows labelled rows a version gets "not_enough_labels", not figures.
+    A window reported before (late labels came in) is logged as a re-run.
     """
     from mlflow.exceptions import MlflowException
 
@@ -99,10 +102,15 @@ def quality_report(name: str, since: str, until: str | None) -> None:
         click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
 
     try:
-        outcomes = run_deployment_quality(name, start, end, store=store, progress=progress)
+        if due:
+            from mlflow_deploy_plugin.quality.due import run_due_quality
+
+            outcomes = run_due_quality(name, store=store, progress=progress, trigger="manual")
+        else:
+            outcomes = run_deployment_quality(name, start, end, store=store, progress=progress)
     except (MlflowException, DeploymentError) as exc:
         raise click.ClickException(getattr(exc, "message", str(exc))) from None
     if not outcomes:
-        click.echo("no version answered in the window")
+        click.echo("no labelled window is due" if due else "no version answered in the window")
     for outcome in outcomes:
         click.echo(outcome.line())
