@@ -541,7 +541,7 @@ def target_for(spec: Any, paths: Any) -> LabelTarget:
     from mlflow_deploy_plugin.spec import duration_s
 
     config = spec.config
-    task, classes = _task_and_classes(paths, spec.model, config.task)
+    task, classes = _task_and_classes(paths, spec)
     return LabelTarget(
         capture_root=capture_root(spec.name, config.capture_uri, str(paths.capture)),
         lock_path=paths.root / "labels.lock",
@@ -575,9 +575,32 @@ def classes_of(pyfunc_model: Any) -> frozenset[str] | None:
     return None
 
 
-def _task_and_classes(paths: Any, model: Any, task: str | None) -> tuple[str | None, frozenset[str] | None]:
-    """The task (the served version's MLmodel signature, unless given) and, for a classifier, its
-    classes, from the deployment's local copy of the version; None for what cannot be told."""
+#: Written by each serving worker (which has the model loaded): what labels are checked against, so the
+#: CLI does not load the model again (seconds of imports) to know it.
+FACTS_FILE = "label_facts.json"
+
+
+def write_label_facts(root: Path, versions: list[str], task: str | None, classes: frozenset[str] | None) -> None:
+    """Record the served versions' task and classes in the deployment folder ``root`` (best effort)."""
+    from mlflow_deploy_plugin.state import write_json_atomic
+
+    with contextlib.suppress(OSError):
+        write_json_atomic(root / FACTS_FILE, {"versions": sorted(versions), "task": task,
+                                              "classes": None if classes is None else sorted(classes)})
+
+
+def _task_and_classes(paths: Any, spec: Any) -> tuple[str | None, frozenset[str] | None]:
+    """The task (``-C task``, else the served version's signature) and, for a classifier, its classes:
+    from what the serving workers recorded, else from the deployment's local copy of the version."""
+    from mlflow_deploy_plugin.state import read_json
+
+    task = spec.config.task
+    with contextlib.suppress(OSError, ValueError):
+        facts = read_json(paths.root / FACTS_FILE)
+        if facts and facts.get("versions") == sorted(s.model.model_version for s in spec.shares()):
+            classes = facts.get("classes")
+            return task or facts.get("task"), None if classes is None else frozenset(classes)
+    model = spec.model
     local = paths.models / model.model_name / model.model_version
     if not (local / "MLmodel").exists():
         return task, None

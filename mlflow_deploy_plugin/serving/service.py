@@ -39,7 +39,12 @@ def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture
     if capture is not None:
         from datetime import timedelta
 
-        from mlflow_deploy_plugin.quality.labels import LabelTarget, classes_of, task_from_signature
+        from mlflow_deploy_plugin.quality.labels import (
+            LabelTarget,
+            classes_of,
+            task_from_signature,
+            write_label_facts,
+        )
         from mlflow_deploy_plugin.spec import duration_s
 
         primary = max(slots, key=lambda pair: pair[1])[0]
@@ -47,9 +52,10 @@ def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture
         known: set[str] = set()
         for slot, _ in slots:  # a canary's versions may know different classes: a label of any is fine
             known |= classes_of(slot.model) or set()
+        classes = frozenset(known) if known and task != "regression" else None
         target = LabelTarget(capture.root, capture_key.parent / "labels.lock", task,
-                             timedelta(seconds=duration_s(spec.config.label_horizon)),
-                             frozenset(known) if known and task != "regression" else None)
+                             timedelta(seconds=duration_s(spec.config.label_horizon)), classes)
+        write_label_facts(capture_key.parent, [slot.identity.model_version for slot, _ in slots], task, classes)
     return lambda app, read_body: add_labels_route(
         app, target, read_body, capture.flush if capture is not None else None)
 
