@@ -4,8 +4,9 @@ Shaped like the drift job (:mod:`mlflow_deploy_plugin.monitoring.report_job`) an
 experiment (``-C drift_experiment``, default ``drift/<deployment>``). For each version that answered
 in the window (by *prediction* time) one run ``quality-<deployment>-v<version>-<window end>`` holds:
 
-* params ``deployment, model_name, model_version, task, window_start, window_end,
-  min_labelled_rows``;
+* params ``deployment, model_name, task, window_start, window_end, min_labelled_rows`` (the version
+  is the tag ``quality.model_version``: a ``model_version`` param would enter the drift policy's
+  streak, which reads this experiment's runs by that param);
 * metrics ``rows_answered``, ``rows_labelled``, ``label_coverage`` (labelled / answered) and, with
   at least ``min_labelled_rows`` labelled rows, one metric per figure of :mod:`.metrics` with its
   interval (``accuracy``, ``accuracy.ci_low``, ``accuracy.ci_high``, ``f1.<class>``...) and the
@@ -201,7 +202,9 @@ def report_version(
                                   **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})})
     run_id = run.info.run_id
     try:
-        params = {"deployment": deployment, "model_name": model_name, "model_version": version, "task": task,
+        # No `model_version` param: the drift policy's streak searches this experiment by that param
+        # (drift runs); the version is in the tag quality.model_version and the run name.
+        params = {"deployment": deployment, "model_name": model_name, "task": task,
                   "window_start": start, "window_end": end, "min_labelled_rows": str(min_labelled_rows)}
         client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()])
         stamp = int(as_utc(window_end).timestamp() * 1000)

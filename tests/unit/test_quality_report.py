@@ -142,3 +142,44 @@ def test_due_days_are_prediction_days_with_labels_newer_than_their_last_report()
     # Nov 1 got a late label after its report; Nov 2 did not; Nov 3 was never reported.
     assert [d.date().isoformat() for d in due_days(labels, reported)] == ["2026-11-01", "2026-11-03"]
     assert due_days(labels.iloc[:0], {}) == []
+
+
+def _window_report(client: mlflow.MlflowClient, day: int, hits: int, n: int, experiment: str) -> str:
+    """A real quality report of v1 over one day window: n labelled rows, ``hits`` of them right."""
+    from mlflow_deploy_plugin.quality.join import Labelled
+    from mlflow_deploy_plugin.quality.report import _ensure_experiment, report_version
+
+    start = datetime(2026, 11, day, tzinfo=UTC)
+    labelled = Labelled("1", n, pd.Series([1] * n), pd.Series(["1"] * hits + ["0"] * (n - hits)), None,
+                        pd.Series([pd.Timestamp(start)] * n))
+    return report_version(deployment="drop", model_name=MODEL, labelled=labelled, task="classification",
+                          window_start=start, window_end=start + timedelta(days=1), min_labelled_rows=50,
+                          client=client, experiment_id=_ensure_experiment(client, experiment)).run_id
+
+
+def test_quality_drop_needs_k_significant_windows_in_a_row(client: mlflow.MlflowClient) -> None:
+    from mlflow_deploy_plugin.lifecycle.policy import parse_policy
+    from mlflow_deploy_plugin.lifecycle.quality_drop import find_quality_drop
+
+    policy = parse_policy("model: m\nquality:\n  max_drop: 0.05\n  consecutive_reports: 2\n  action: rollback\n")
+    assert policy.quality is not None
+    experiment = "quality-drop-unit"
+
+    def drop() -> object:
+        exp = client.get_experiment_by_name(experiment)
+        return find_quality_drop(client, exp.experiment_id, "drop", "1", policy.quality)
+
+    _window_report(client, 1, 180, 300, experiment)  # 0.60, far below training 0.95 - 0.05
+    assert drop() is None  # one window is not a streak
+    _window_report(client, 2, 40, 40, experiment)  # too few labels: no verdict, breaks the streak
+    _window_report(client, 3, 186, 300, experiment)
+    assert drop() is None
+    latest = _window_report(client, 4, 174, 300, experiment)
+    found = drop()
+    assert found is not None and found.latest_run_id == latest
+    assert "fell short in 2 consecutive windows" in found.reason and "below training 0.95 - 0.05" in found.reason
+    assert [w["n"] for w in found.evidence["windows"]] == [300, 300]
+    assert found.evidence["windows"][0]["accuracy"] == pytest.approx(174 / 300)
+    # Late labels re-run day 4 and lift it to 0.88: its CI now reaches 0.90, no longer significant.
+    _window_report(client, 4, 264, 300, experiment)
+    assert drop() is None
