@@ -4,11 +4,13 @@ A classifier is served; requests are sent with and without client request ids, s
 multi-row; labels come in through `mlflow-deploy labels add` (CSV) and `POST /labels` (JSON), some
 after a first report (late: the window is reported again, as a re-run); a bad label file is refused
 with nothing written. The report's accuracy must equal the one computed by hand on the same rows,
-where the test flipped a known share of the true labels.
+where the test flipped a known share of the true labels. Then a quality drop: a version's labelled
+accuracy far below its training figure in two windows makes the policy roll back, with the evidence.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import Env, Registry, split_payload, wait_for
+from conftest import Env, Registry, split_payload, train, wait_for
 
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
@@ -124,3 +126,64 @@ def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> 
     # The labels stay with the deployment's capture in its archive.
     archived = sorted((env.home / "archive").glob(f"{name}-*"))
     assert archived and len(read_labels(labels_root(str(archived[-1] / "capture")))) == len(rows)
+
+
+def _served_version(url: str) -> str:
+    return requests.get(f"{url}/version", timeout=5).json()["model_version"]
+
+
+@pytest.mark.timeout(900)
+def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registry) -> None:
+    """v2 takes over from v1; its labelled accuracy falls far below its training figure in two
+    windows in a row, and the policy (run by the deployment's own agent) rolls back to v1."""
+    name = "quality-drop"
+    model = f"qdrop_{registry.model.rsplit('_', 1)[-1]}"  # its own model: the policy moves its champion alias
+    train(model, c=1.0, alias="champion", experiment="quality-e2e")
+    train(model, c=0.05, experiment="quality-e2e")
+    policy = env.root / "quality-drop-policy.yaml"
+    policy.write_text(f"model: {model}\npromotion:\n  enabled: false\n"
+                      "quality:\n  max_drop: 0.05\n  consecutive_reports: 2\n  action: rollback\n")
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
+            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "quality_min_labelled_rows=50")
+    client = mlflow.MlflowClient()
+    try:
+        client.set_registered_model_alias(model, "champion", "2")
+        # Switched: v2's workers serve and v1's have left (a draining v1 worker would answer too).
+        wait_for(lambda: (lambda s: s["model_version"] == "2" and not s["updating"] and not s["other_pids"])(
+            env.status(name)), 90, "the deployment to follow champion to v2 and v1's workers to leave")
+        url = env.status(name)["url"]
+        assert _served_version(url) == "2"
+        capture_dir = str(env.home / "deployments" / name / "capture")
+        features = registry.features
+        session = requests.Session()
+        windows, answered = [], []
+        for batch in range(2):
+            start = datetime.now(UTC)  # answers are stamped after their request arrives: inside [start, ...)
+            for i in range(batch * 80, batch * 80 + 80):
+                response = session.post(f"{url}/invocations", json=split_payload(features.iloc[[i]]),
+                                        headers={"X-Request-Id": f"drop-{i}"}, timeout=30)
+                assert response.status_code == 200
+                answered.append((f"drop-{i}", response.json()["predictions"][0]))
+            windows.append(start)
+        windows.append(datetime.now(UTC) + timedelta(seconds=1))
+        wait_for(lambda: len(read_capture(capture_dir, since=windows[0])) >= 160, 60, "the capture on disk")
+        # Every other label contradicts the answer: accuracy 0.5 against a training accuracy above 0.9.
+        labels = pd.DataFrame(answered, columns=["request_id", "prediction"])
+        labels["label"] = np.where(np.arange(len(labels)) % 2 == 0, labels["prediction"], 1 - labels["prediction"])
+        path = env.root / "drop-labels.csv"
+        labels[["request_id", "label"]].to_csv(path, index=False)
+        _mlflow_deploy(env, "labels", "add", name, str(path))
+        for start, end in zip(windows[:-1], windows[1:], strict=True):
+            out = _mlflow_deploy(env, "quality", "report", name, "--since", start.isoformat(), "--until", end.isoformat())
+            assert "v2: quality.status=ok labelled=80" in out.stdout and "accuracy 0.5 " in out.stdout, out.stdout
+        wait_for(lambda: _served_version(url) == "1", 120, "the quality policy to roll back to v1")
+        history = env.home / "deployments" / name / "history.jsonl"
+        wait_for(lambda: "rolled_back" in history.read_text(), 30, "the rollback to be recorded")
+        events = [json.loads(line) for line in history.read_text().splitlines()]
+        rolled = next(e for e in events if e["event"] == "rolled_back")
+        assert "labelled accuracy fell short in 2 consecutive windows" in rolled["reason"]
+        assert [w["n"] for w in rolled["evidence"]["windows"]] == [80, 80]
+        assert all(w["accuracy"] == 0.5 and w["ci_high"] < w["training"] - 0.05 for w in rolled["evidence"]["windows"])
+        assert str(client.get_model_version_by_alias(model, "champion").version) == "1"
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
