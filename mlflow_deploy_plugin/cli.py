@@ -450,6 +450,14 @@ def history(store: StateStore, name: str, as_json: bool) -> None:
         click.echo(f"{when}  {event['event']:<14} {version:<28} {detail}".rstrip())
 
 
+def _add_quality_commands() -> None:
+    from mlflow_deploy_plugin.quality.cli import labels, quality
+
+    cli.add_command(labels)
+    cli.add_command(quality)
+
+
+_add_quality_commands()
 
 if __name__ == "__main__":
     cli()

@@ -297,6 +297,16 @@ CONFIG_KEYS: tuple[_Key, ...] = (
          "this much (the gap before it is recorded as skipped). 30m, 24h, 7d.", _to_duration),
     _Key("drift_experiment", "str", None,
          "MLflow experiment for drift report runs (default: drift/<deployment>).", _to_text),
+    _Key("task", "str", None,
+         "classification or regression: how labels are checked and quality is measured (default: read "
+         "from the model's signature, else from the captured predictions).",
+         _to_choice("classification", "regression")),
+    _Key("label_horizon", "str", "30d",
+         "How far back labels may reach: a label joins a prediction made at most this long ago, and "
+         "quality reports re-run the windows it lands in.", _to_duration),
+    _Key("quality_min_labelled_rows", "int", 100,
+         "Fewer labelled rows of a version in a window than this -> quality.status=not_enough_labels "
+         "(no figures, no decision).", _to_int(1, 100_000_000)),
     # Ray Serve engine (lifecycle:/ray): the other engines refuse these (Engine.check_config).
     _Key("ray_address", "str", None,
          "[ray] Address of the Ray cluster (host:port of its GCS), default $RAY_ADDRESS, else the "

@@ -98,6 +98,10 @@ class DeploymentConfig:
     drift_schedule: str | None = None
     drift_max_window: str = "24h"
     drift_experiment: str | None = None
+    # Model quality from ground truth (mlflow_deploy_plugin.quality); see config.CONFIG_KEYS.
+    task: str | None = None
+    label_horizon: str = "30d"
+    quality_min_labelled_rows: int = 100
     # Ray Serve engine (lifecycle:/ray) only; see config.CONFIG_KEYS.
     ray_address: str | None = None
     num_replicas: int | None = None

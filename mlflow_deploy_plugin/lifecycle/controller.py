@@ -229,6 +229,8 @@ class LifecycleController:
             self._promotions(spec, policy, state, actor)
         if policy is not None and not state.get("canary") and not state.get("op"):
             self._drift(self.store.read_spec(self.name) or spec, policy, state, actor)
+        if policy is not None and policy.quality is not None and not state.get("canary") and not state.get("op"):
+            self._quality(self.store.read_spec(self.name) or spec, policy, state, actor)
 
     def _pass_failed(self, spec: DeploymentSpec, state: dict[str, Any], exc: Exception) -> None:
         now = time.time()
@@ -716,6 +718,31 @@ class LifecycleController:
             return
         self._start_op(state, plan.pop("policy"), "rollback", version, actor=f"policy {policy.source}",
                        reason=reason, evidence=evidence, **plan)
+
+    def _quality(self, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], actor: str) -> None:
+        """The policy's quality trigger (lifecycle/quality_drop.py), acted on like drift."""
+        from mlflow_deploy_plugin.lifecycle.quality_drop import find_quality_drop
+
+        experiment = self.client.get_experiment_by_name(spec.config.drift_experiment or f"drift/{self.name}")
+        if spec.model.model_name != policy.model or experiment is None or policy.quality is None:
+            return
+        version = spec.model.model_version
+        drop = find_quality_drop(self.client, experiment.experiment_id, self.name, version, policy.quality)
+        if drop is None or state.get("quality_handled_run") == drop.latest_run_id:
+            return
+        state["quality_handled_run"] = drop.latest_run_id
+        if policy.quality.action == "tag":
+            self._act(f"flag {policy.model} v{version}: {drop.reason}", lambda: record(
+                self.store, self.client, self.name, "quality_alert", model_name=policy.model, version=version,
+                reason=drop.reason, actor=f"policy {policy.source}", evidence=drop.evidence,
+                tags={"lifecycle.quality_alert": drop.reason}))
+            return
+        plan = self._rollback_plan(spec, reason=drop.reason, policy=policy, archive=policy.quality.action == "archive")
+        if plan is None:
+            self._record_no_rollback(spec, drop.reason, f"policy {policy.source}", drop.evidence)
+            return
+        self._start_op(state, plan.pop("policy"), "rollback", version, actor=f"policy {policy.source}",
+                       reason=drop.reason, evidence=drop.evidence, **plan)
 
     def _versions_with(self, events: tuple[str, ...]) -> set[str]:
         return {str((event.get("model") or {}).get("model_version")) for event in self.store.read_history(self.name)

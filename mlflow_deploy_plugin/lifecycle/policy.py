@@ -40,6 +40,14 @@ silently ignored is a gate that never runs.
     drift:
       consecutive_reports: 3      # act when the served version is "drifted" in K reports in a row
       action: tag                 # tag | rollback | archive
+    # Decisions on labelled quality (mlflow-deploy labels / quality report). Omitted = none.
+    quality:
+      figure: accuracy            # a figure of the quality report: accuracy, f1_macro, roc_auc, mae, rmse...
+      floor: 0.85                 # act when the figure is significantly worse than this; null = not checked
+      max_drop: 0.05              # ... or significantly worse than the version's training figure by more
+                                  #   than this; null = not checked (at least one of the two is needed)
+      consecutive_reports: 2      # in K windows in a row (latest report of each window)
+      action: tag                 # tag | rollback | archive
 
 ``registry: stage`` roles must be ``Staging`` or ``Production`` (case-insensitive; stored in
 MLflow's canonical spelling): ``None`` and ``Archived`` are valid stage names but hold versions that
@@ -160,6 +168,29 @@ class DriftPolicy:
     action: DriftAction = "tag"
 
 
+# Quality figures where lower is better; every other figure is higher-is-better.
+LOWER_IS_BETTER_FIGURES = frozenset({"mae", "rmse", "mape", "log_loss"})
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    """What to do when the served version's labelled quality keeps falling short.
+
+    "Significantly worse": the whole 95 % interval of the window's figure lies beyond the limit
+    (a one-sided test at alpha = 0.025), so one unlucky window of few labels does not count.
+    """
+
+    figure: str = "accuracy"
+    floor: float | None = None
+    max_drop: float | None = None
+    consecutive_reports: int = 2
+    action: DriftAction = "tag"
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.figure in LOWER_IS_BETTER_FIGURES
+
+
 @dataclass(frozen=True)
 class Policy:
     """The validated policy of one registered model."""
@@ -171,6 +202,7 @@ class Policy:
     promotion: PromotionPolicy = field(default_factory=PromotionPolicy)
     drift: DriftPolicy = field(default_factory=DriftPolicy)
     source: str = "<string>"  # where it was read from, for messages and audit records
+    quality: QualityPolicy | None = None
 
     def role_uri(self, role: Literal["champion", "challenger"]) -> str:
         """The ``models:/`` URI of a role: ``models:/churn@champion`` or ``models:/churn/Production``."""
@@ -206,7 +238,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 # --- parsing ---------------------------------------------------------------------------------------
 # The YAML is composed into nodes (not loaded into plain dicts) so every value keeps its line.
 
-_TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift")
+_TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift", "quality")
 _PROMOTION_KEYS = ("enabled", "gates", "canary")
 _GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test",
               "allow_missing_champion_metrics")
@@ -215,6 +247,7 @@ _CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence
                 "max_p99_latency_ms", "require_no_drift")
 INSUFFICIENT_EVIDENCE = ("reject", "extend")
 _DRIFT_KEYS = ("consecutive_reports", "action")
+_QUALITY_KEYS = ("figure", "floor", "max_drop", "consecutive_reports", "action")
 _MISSING = object()
 
 
@@ -371,8 +404,12 @@ class _Parser:
         drift = DriftPolicy()
         if (node := self.get(items, "drift")) is not None:
             drift = self.drift(node)
+        quality = None
+        if (node := self.get(items, "quality")) is not None:
+            quality = self.quality(node)
         return Policy(model=model, registry=registry, champion=roles["champion"],
-                      challenger=roles["challenger"], promotion=promotion, drift=drift, source=self.source)
+                      challenger=roles["challenger"], promotion=promotion, drift=drift, source=self.source,
+                      quality=quality)
 
     def role(self, node: Node, key: str, registry: RegistryMode) -> str:
         value = self.string(node, key)
@@ -512,6 +549,24 @@ class _Parser:
         if (sub := self.get(items, "action")) is not None:
             kwargs["action"] = self.choice(sub, "drift.action", DRIFT_ACTIONS)
         return DriftPolicy(**kwargs)
+
+    def quality(self, node: Node) -> QualityPolicy:
+        items = self.mapping(node, "quality", _QUALITY_KEYS)
+        kwargs: dict[str, Any] = {}
+        if (sub := self.get(items, "figure")) is not None:
+            kwargs["figure"] = self.string(sub, "quality.figure")
+        for key in ("floor", "max_drop"):
+            if (sub := self.get(items, key)) is not None:
+                kwargs[key] = self.number(sub, f"quality.{key}", nullable=True)
+        if (sub := self.get(items, "consecutive_reports")) is not None:
+            kwargs["consecutive_reports"] = self.number(sub, "quality.consecutive_reports", integer=True,
+                                                        check=lambda v: v >= 1, range_text=">= 1")
+        if (sub := self.get(items, "action")) is not None:
+            kwargs["action"] = self.choice(sub, "quality.action", DRIFT_ACTIONS)
+        if kwargs.get("floor") is None and kwargs.get("max_drop") is None:
+            raise self.error("needs floor or max_drop (or both): without a limit nothing can fall short of it",
+                             node, "quality")
+        return QualityPolicy(**kwargs)
 
     def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
         """One of ``allowed`` (case-insensitive), or an error with a "did you mean"."""

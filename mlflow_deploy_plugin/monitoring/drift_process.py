@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
 
     result = Path(args.result)
+    if args.trigger == "scheduled" and args.version is None:  # one scheduled run reports quality too
+        from mlflow_deploy_plugin.quality.due import report_after_drift
+
+        report_after_drift(args.home, args.name)
     try:
         # locked=True: the scheduler that started this process holds the deployment's drift lock; a
         # canary check judges the challenger, which no scheduled report judges, so it takes none.

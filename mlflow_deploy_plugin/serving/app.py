@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -165,11 +165,13 @@ def build_app(
     metrics: ServingMetrics | None = None,
     on_answer: Callable[[Answer], object] | None = None,  # its return value is ignored
     rng: random.Random | None = None,
+    add_routes: Callable[[FastAPI, Callable[[Request], Awaitable[bytes]]], object] | None = None,
 ) -> ASGIApp:
     """Build the ASGI app serving one slot, or several with weights (a canary split).
 
     Each request goes to a slot drawn by weight, or to the version named in an
     ``X-Model-Version`` request header. ``on_answer`` sees every /invocations answer.
+    ``add_routes(app, read_body)`` adds more routes (e.g. ``POST /labels``) reading bodies under the same limit.
     """
     state = state or ServiceState()
     metrics = metrics or ServingMetrics()
@@ -362,5 +364,7 @@ def build_app(
     v2.add_routes(app, v2.V2Service(deployment, identity.model_name, primary.slot.identity.model_version,
                                     {v: r.slot for v, r in by_version.items()}, state, limits), answer)
 
+    if add_routes is not None:
+        add_routes(app, lambda request: _read_body(request, settings.max_body_bytes))
     # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
     return DrainMiddleware(AuthMiddleware(app, settings.auth_token), state)

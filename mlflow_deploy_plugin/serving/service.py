@@ -30,6 +30,36 @@ class Service:
     capture: Any | None
 
 
+def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture: Any,
+                   capture_key: Path) -> Callable[..., None]:
+    """What adds ``POST /labels``: labels stored beside this deployment's capture (none without capture)."""
+    from mlflow_deploy_plugin.serving.labels_route import add_labels_route
+
+    target = None
+    if capture is not None:
+        from datetime import timedelta
+
+        from mlflow_deploy_plugin.quality.labels import (
+            LabelTarget,
+            classes_of,
+            task_from_signature,
+            write_label_facts,
+        )
+        from mlflow_deploy_plugin.spec import duration_s
+
+        primary = max(slots, key=lambda pair: pair[1])[0]
+        task = spec.config.task or task_from_signature(primary.metadata.signature)
+        known: set[str] = set()
+        for slot, _ in slots:  # a canary's versions may know different classes: a label of any is fine
+            known |= classes_of(slot.model) or set()
+        classes = frozenset(known) if known and task != "regression" else None
+        target = LabelTarget(capture.root, capture_key.parent / "labels.lock", task,
+                             timedelta(seconds=duration_s(spec.config.label_horizon)), classes)
+        write_label_facts(capture_key.parent, [slot.identity.model_version for slot, _ in slots], task, classes)
+    return lambda app, read_body: add_labels_route(
+        app, target, read_body, capture.flush if capture is not None else None)
+
+
 def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], capture_dir: str,
                   capture_key: Path) -> Service:
     """Load ``spec``'s versions (each from ``model_dir(model)``) and build the app and capture.
@@ -88,5 +118,6 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             redact=redaction.apply if redaction else None,
         )
     app = build_app(settings, slots, state=state, metrics=metrics,
-                    on_answer=capture.record if capture is not None else None)
+                    on_answer=capture.record if capture is not None else None,
+                    add_routes=_labels_routes(spec, slots, capture, capture_key))
     return Service(app=app, state=state, slots=slots, capture=capture)

@@ -1,0 +1,347 @@
+"""The quality job: a window of captured predictions joined to their labels -> per version, MLflow runs + tags.
+
+Shaped like the drift job (:mod:`mlflow_deploy_plugin.monitoring.report_job`) and logged to the same
+experiment (``-C drift_experiment``, default ``drift/<deployment>``). For each version that answered
+in the window (by *prediction* time) one run ``quality-<deployment>-v<version>-<window end>`` holds:
+
+* params ``deployment, model_name, task, window_start, window_end, min_labelled_rows`` (the version
+  is the tag ``quality.model_version``: a ``model_version`` param would enter the drift policy's
+  streak, which reads this experiment's runs by that param);
+* metrics ``rows_answered``, ``rows_labelled``, ``label_coverage`` (labelled / answered) and, with
+  at least ``min_labelled_rows`` labelled rows, one metric per figure of :mod:`.metrics` with its
+  interval (``accuracy``, ``accuracy.ci_low``, ``accuracy.ci_high``, ``f1.<class>``...) and the
+  version's training figure of the same meaning when its run logged one (``training.accuracy``);
+  all stamped with the window end;
+* artifacts ``quality_report.html`` (Evidently's classification/regression page under our figure
+  table) and ``quality_summary.json``;
+* tags ``quality.status`` (``ok`` or ``not_enough_labels``), ``quality.deployment``,
+  ``quality.model_version``, ``quality.trigger``; when the same window was reported before (late
+  labels came in), ``quality.rerun=true`` and ``quality.previous_run_id``.
+
+Besides, every figure is appended to the version's *series* run (``quality-<deployment>-v<version>``,
+one per version, tag ``quality.series``) at step = the window end in epoch minutes, so the MLflow
+UI charts each version's quality over time as one line.
+
+The model version is tagged with its latest window's figures (``quality.status``, ``quality.<figure>``,
+``quality.summary`` such as "training accuracy 0.958 → production 0.81 (n = 4,210, 95% CI
+0.80–0.82)", ``quality.report_run_id``, ``quality.window_end``); a re-run of an older window never
+overwrites a newer one's tags. Below ``min_labelled_rows`` a version gets ``not_enough_labels``:
+counts, no figures, no verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from mlflow_deploy_plugin.capture import capture_root, read_capture
+from mlflow_deploy_plugin.capture.layout import as_utc
+from mlflow_deploy_plugin.quality.join import Labelled, join_labels, prediction_column
+from mlflow_deploy_plugin.quality.labels import labels_root, read_labels, task_from_signature
+from mlflow_deploy_plugin.quality.metrics import Figure, quality_figures
+from mlflow_deploy_plugin.quality.page import figures_table, render_quality_html
+from mlflow_deploy_plugin.state import StateStore
+
+_log = logging.getLogger(__name__)
+
+QualityStatus = Literal["ok", "not_enough_labels"]
+HTML_ARTIFACT = "quality_report.html"
+SUMMARY_ARTIFACT = "quality_summary.json"
+#: The figures a version is tagged with, per task (the first is the headline of quality.summary).
+HEADLINE = {"classification": ("accuracy", "f1_macro", "roc_auc", "log_loss"),
+            "regression": ("mae", "rmse", "r2", "mape")}
+# What a training run may call each figure (mlflow.evaluate and autolog names included), most
+# held-out first: a validation/test figure is the fair comparison, a training one the last resort.
+_TRAINING_NAMES = {
+    "accuracy": ("accuracy_score",), "f1_macro": ("f1_macro", "f1_score_macro"), "roc_auc": ("roc_auc_score",),
+    "log_loss": ("log_loss",), "precision_macro": ("precision_macro",), "recall_macro": ("recall_macro",),
+    "mae": ("mean_absolute_error",), "rmse": ("root_mean_squared_error",), "r2": ("r2_score",),
+    "mape": ("mean_absolute_percentage_error",),
+}
+_SPLITS = ("val_", "validation_", "test_", "eval_", "holdout_", "", "training_", "train_")
+
+
+@dataclass
+class QualityOutcome:
+    """What one version's report found and where it logged it."""
+
+    model_version: str
+    status: QualityStatus
+    run_id: str
+    rows_answered: int
+    rows_labelled: int
+    figures: dict[str, Figure] = field(default_factory=dict)
+    training: dict[str, tuple[str, float]] = field(default_factory=dict)
+    summary: str = ""
+    rerun_of: str | None = None
+
+    @property
+    def coverage(self) -> float:
+        return self.rows_labelled / self.rows_answered if self.rows_answered else 0.0
+
+    def line(self) -> str:
+        """One line for people (the CLI's output)."""
+        text = (f"v{self.model_version}: quality.status={self.status} labelled={self.rows_labelled} "
+                f"answered={self.rows_answered} coverage={self.coverage:.3f}")
+        if self.summary:
+            text += f" | {self.summary}"
+        if self.rerun_of:
+            text += f" | re-run of {self.rerun_of}"
+        return f"{text} (run {self.run_id})"
+
+
+def _iso(moment: datetime) -> str:
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def infer_task(configured: str | None, signature: Any, predictions: pd.Series | None) -> str:
+    """``-C task`` if set, else the signature's output type, else the captured predictions: integral
+    or text -> classification, other numbers -> regression."""
+    if configured:
+        return configured
+    from_signature = task_from_signature(signature)
+    if from_signature:
+        return from_signature
+    if predictions is not None and len(predictions):
+        values = pd.to_numeric(predictions.dropna(), errors="coerce")
+        if values.notna().all() and not np.all(np.mod(values.to_numpy(dtype=float), 1) == 0):
+            return "regression"
+    return "classification"
+
+
+def training_figures(client: mlflow.MlflowClient, model_name: str, version: str) -> dict[str, tuple[str, float]]:
+    """The version's own offline figures from its source run: ``{figure: (metric name, value)}``."""
+    try:
+        run_id = client.get_model_version(model_name, version).run_id
+        if not run_id:
+            return {}
+        metrics = client.get_run(run_id).data.metrics
+    except MlflowException:
+        return {}
+    found = {}
+    for figure, aliases in _TRAINING_NAMES.items():
+        for split in _SPLITS:
+            name = next((f"{split}{n}" for n in (figure, *aliases) if f"{split}{n}" in metrics), None)
+            if name is not None:
+                found[figure] = (name, float(metrics[name]))
+                break
+    return found
+
+
+def _ensure_experiment(client: mlflow.MlflowClient, name: str) -> str:
+    from mlflow_deploy_plugin.monitoring.report_job import _ensure_experiment as ensure
+
+    return ensure(client, name)
+
+
+def _describe(fig: Figure, training: tuple[str, float] | None) -> str:
+    before = f"{training[0].replace('_', ' ')} {training[1]:.3g} → " if training else ""
+    return (f"{before}production {fig.name} {fig.value:.3g} (n = {fig.n:,}, 95% CI "
+            f"{fig.low:.3g}–{fig.high:.3g})")
+
+
+def _previous_run(client: mlflow.MlflowClient, experiment_id: str, deployment: str, version: str,
+                  start: str, end: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`quality.deployment` = '{deployment}' and tags.`quality.model_version` = '{version}' "
+                       f"and params.window_start = '{start}' and params.window_end = '{end}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _series_run(client: mlflow.MlflowClient, experiment_id: str, deployment: str, model_name: str,
+                version: str) -> str:
+    key = f"{deployment}/v{version}"
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`quality.series` = '{key}'", max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"quality-{deployment}-v{version}", tags={
+        "quality.series": key, "quality.deployment": deployment, "quality.model_name": model_name,
+        "quality.model_version": version})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: dict[str, float], stamp: int, step: int) -> None:
+    entries = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
+    for i in range(0, len(entries), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=entries[i:i + MAX_METRICS_PER_BATCH])
+
+
+def report_version(
+    *, deployment: str, model_name: str, labelled: Labelled, task: str, window_start: datetime,
+    window_end: datetime, min_labelled_rows: int, client: mlflow.MlflowClient, experiment_id: str,
+    trigger: str = "manual", progress: Callable[[str], None] | None = None,
+) -> QualityOutcome:
+    """Compute, log and tag one version's quality over one window (see the module docstring)."""
+    say = progress or (lambda _m: None)
+    version = labelled.version
+    start, end = _iso(window_start), _iso(window_end)
+    rerun_of = _previous_run(client, experiment_id, deployment, version, start, end)
+    run = client.create_run(experiment_id, run_name=f"quality-{deployment}-v{version}-{as_utc(window_end):%Y%m%dT%H%M%SZ}",
+                            tags={"quality.deployment": deployment, "quality.model_name": model_name,
+                                  "quality.model_version": version, "quality.trigger": trigger,
+                                  **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})})
+    run_id = run.info.run_id
+    try:
+        # No `model_version` param: the drift policy's streak searches this experiment by that param
+        # (drift runs); the version is in the tag quality.model_version and the run name.
+        params = {"deployment": deployment, "model_name": model_name, "task": task,
+                  "window_start": start, "window_end": end, "min_labelled_rows": str(min_labelled_rows)}
+        client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()])
+        stamp = int(as_utc(window_end).timestamp() * 1000)
+        step = int(as_utc(window_end).timestamp() // 60)
+        metrics: dict[str, float] = {"rows_answered": labelled.answered, "rows_labelled": labelled.n,
+                                     "label_coverage": labelled.coverage}
+        outcome = QualityOutcome(version, "not_enough_labels", run_id, labelled.answered, labelled.n, rerun_of=rerun_of)
+        training = training_figures(client, model_name, version)
+        if labelled.n >= min_labelled_rows:
+            say(f"v{version}: computing {task} quality on {labelled.n:,} labelled rows")
+            figures = quality_figures(task, labelled.prediction, labelled.label, labelled.probabilities)
+            outcome.status = "ok"
+            outcome.figures = {f.name: f for f in figures}
+            outcome.training = {k: v for k, v in training.items() if k in outcome.figures}
+            for fig in figures:
+                metrics[fig.name] = fig.value
+                metrics[f"{fig.name}.ci_low"] = fig.low
+                metrics[f"{fig.name}.ci_high"] = fig.high
+            for name, (_, value) in outcome.training.items():
+                metrics[f"training.{name}"] = value
+            headline = next((outcome.figures[n] for n in HEADLINE[task] if n in outcome.figures), None)
+            if headline is not None:
+                outcome.summary = _describe(headline, outcome.training.get(headline.name))
+        else:
+            say(f"v{version}: {labelled.n} labelled rows < quality_min_labelled_rows={min_labelled_rows}: "
+                "not enough labels")
+            outcome.summary = f"not enough labels ({labelled.n} < {min_labelled_rows})"
+        _log_metrics(client, run_id, metrics, stamp, 0)
+        summary = {
+            "deployment": deployment, "model_name": model_name, "model_version": version, "task": task,
+            "window": {"start": start, "end": end}, "status": outcome.status,
+            "rows": {"answered": labelled.answered, "labelled": labelled.n, "coverage": labelled.coverage},
+            "min_labelled_rows": min_labelled_rows, "rerun_of": rerun_of, "summary": outcome.summary,
+            "figures": {n: dataclasses.asdict(f) for n, f in outcome.figures.items()},
+            "training": {n: {"metric": m, "value": v} for n, (m, v) in outcome.training.items()},
+        }
+        with tempfile.TemporaryDirectory(prefix="mlflow-deploy-quality-") as tmp:
+            (Path(tmp) / SUMMARY_ARTIFACT).write_text(json.dumps(summary, indent=2, default=str))
+            client.log_artifact(run_id, str(Path(tmp) / SUMMARY_ARTIFACT))
+            if outcome.status == "ok":
+                say(f"v{version}: rendering the Evidently {task} report")
+                table = figures_table(f"{deployment} v{version}: quality {start} – {end}",
+                                      list(outcome.figures.values()), outcome.training,
+                                      f"{labelled.n:,} labelled of {labelled.answered:,} answered rows "
+                                      f"(coverage {labelled.coverage:.1%}). {outcome.summary}")
+                problem = render_quality_html(Path(tmp) / HTML_ARTIFACT, task=task, prediction=labelled.prediction,
+                                              label=labelled.label, table=table)
+                if problem:
+                    client.set_tag(run_id, "quality.report_error", problem[:MAX_TAG_VAL_LENGTH])
+                client.log_artifact(run_id, str(Path(tmp) / HTML_ARTIFACT))
+        client.set_tag(run_id, "quality.status", outcome.status)
+        if outcome.summary:
+            client.set_tag(run_id, "quality.summary", outcome.summary[:MAX_TAG_VAL_LENGTH])
+        series_metrics = {k: v for k, v in metrics.items() if not k.startswith("training.")}
+        _log_metrics(client, _series_run(client, experiment_id, deployment, model_name, version),
+                     series_metrics, stamp, step)
+        _tag_version(client, model_name, version, outcome, task, end)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, "quality.error", f"{type(exc).__name__}: {exc}"[:MAX_TAG_VAL_LENGTH])
+            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return outcome
+
+
+def _tag_version(client: mlflow.MlflowClient, model_name: str, version: str, outcome: QualityOutcome,
+                 task: str, window_end: str) -> None:
+    try:
+        tags = client.get_model_version(model_name, version).tags
+    except MlflowException:
+        return  # e.g. the version was deleted meanwhile: the run holds the figures
+    if tags.get("quality.window_end", "") > window_end:
+        return  # a re-run of an older window: the newer window's figures stay
+    client.set_model_version_tag(model_name, version, "quality.status", outcome.status)
+    for name in HEADLINE[task]:
+        fig = outcome.figures.get(name)
+        if fig is not None:
+            client.set_model_version_tag(model_name, version, f"quality.{name}", f"{fig.value:.4f}")
+        else:
+            with contextlib.suppress(MlflowException):  # a stale figure must not pass for this window's
+                client.delete_model_version_tag(model_name, version, f"quality.{name}")
+    client.set_model_version_tag(model_name, version, "quality.summary", outcome.summary[:MAX_TAG_VAL_LENGTH])
+    client.set_model_version_tag(model_name, version, "quality.labelled_rows", str(outcome.rows_labelled))
+    client.set_model_version_tag(model_name, version, "quality.report_run_id", outcome.run_id)
+    client.set_model_version_tag(model_name, version, "quality.window_end", window_end)
+    client.set_model_version_tag(model_name, version, "quality.checked_at", _iso(datetime.now(UTC)))
+
+
+def run_quality_report(
+    *, deployment: str, model_name: str, captured: pd.DataFrame, labels: pd.DataFrame, task: str,
+    window_start: datetime, window_end: datetime, min_labelled_rows: int = 100,
+    client: mlflow.MlflowClient | None = None, experiment_name: str | None = None,
+    progress: Callable[[str], None] | None = None, trigger: str = "manual",
+) -> list[QualityOutcome]:
+    """Report every version that answered in ``captured`` (already cut to the window) against ``labels``."""
+    client = client or mlflow.MlflowClient()
+    joined = join_labels(captured, labels)
+    if not joined:
+        return []
+    experiment_id = _ensure_experiment(client, experiment_name or f"drift/{deployment}")
+    return [report_version(deployment=deployment, model_name=model_name, labelled=one, task=task,
+                           window_start=window_start, window_end=window_end, min_labelled_rows=min_labelled_rows,
+                           client=client, experiment_id=experiment_id, trigger=trigger, progress=progress)
+            for one in joined]
+
+
+def run_deployment_quality(name: str, since: datetime | None = None, until: datetime | None = None, *,
+                           store: StateStore | None = None, progress: Callable[[str], None] | None = None,
+                           trigger: str = "manual") -> list[QualityOutcome]:
+    """Report deployment ``name``'s quality over the predictions made in [since, until) (default: 24 h).
+
+    Raises MlflowException (RESOURCE_DOES_NOT_EXIST) for an unknown deployment.
+    """
+    store = store or StateStore()
+    spec = store.read_spec(name)
+    if spec is None:
+        raise MlflowException(f"No deployment named {name!r}.", error_code=RESOURCE_DOES_NOT_EXIST)
+    config = spec.config
+    until = as_utc(until) if until is not None else datetime.now(UTC)
+    since = as_utc(since) if since is not None else until - timedelta(hours=24)
+    say = progress or (lambda _m: None)
+    paths = store.paths(name)
+    root = capture_root(name, config.capture_uri, str(paths.capture))
+    say(f"Reading captured predictions of {name!r} from {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
+    captured = read_capture(root, since=since, until=until)
+    labels = read_labels(labels_root(root), since, until)
+    say(f"{len(captured):,} captured rows, {len(labels):,} labels in the window")
+    signature = None
+    with contextlib.suppress(Exception):
+        from mlflow.models import Model
+
+        local = paths.models / spec.model.model_name / spec.model.model_version / "MLmodel"
+        signature = Model.load(str(local)).signature if local.exists() else None
+    pred = prediction_column([str(c) for c in captured.columns])
+    task = infer_task(config.task, signature, captured[pred] if pred else None)
+    return run_quality_report(
+        deployment=name, model_name=spec.model.model_name, captured=captured, labels=labels, task=task,
+        window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
+        experiment_name=config.drift_experiment, progress=progress, trigger=trigger)
