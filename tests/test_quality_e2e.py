@@ -129,7 +129,7 @@ def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> 
 
 
 def _served_version(url: str) -> str:
-    return requests.get(f"{url}/version", timeout=5).json()["model_version"]
+    return requests.get(f"{url}/deployment", timeout=5).json()["model_version"]
 
 
 @pytest.mark.timeout(900)
