@@ -2,12 +2,17 @@
 
 The engine contract (start, update, split, failed loads, agent) runs in test_engine_contract.py;
 here: what a user sees from the CLI: no cluster, replicas, predict, an update under load, capture
-from every replica, delete.
+from every replica, delete; token auth with only the token's hash on the cluster; list/get/delete
+from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own state; a replica
+killed with SIGKILL replaced while the deployment keeps answering.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import json
+import os
 import threading
 from pathlib import Path
 
@@ -97,3 +102,67 @@ def _input_file(env: Env, frame) -> str:
     path = env.root / "ray-input.json"
     frame.to_json(path, orient="records")  # what `predict -I` reads (pd.read_json)
     return str(path)
+
+
+def _driver(address: str) -> None:
+    """Join the test cluster from this process (a read-only look at its state)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace="mlflow-deploy-tests", log_to_driver=False)
+
+
+def _cluster_state_bytes(address: str) -> bytes:
+    """What the cluster keeps and reports about Serve: its status and details as a client reads
+    them, every value of Serve's internal KV store (the controller's checkpoints: deployment
+    configs, constructor arguments, replica state) and of the default KV namespace, and every
+    log file of the session (the replicas', the controller's, the proxy's)."""
+    import ray
+    from ray import serve
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+    from ray.serve._private.storage.kv_store import SERVE_INTERNAL_KV_NAMESPACE
+    from ray.serve.context import _get_global_client
+
+    _driver(address)
+    parts = [json.dumps(dataclasses.asdict(serve.status()), default=str).encode(),
+             json.dumps(_get_global_client().get_serve_details(), default=str).encode()]
+    for namespace in (SERVE_INTERNAL_KV_NAMESPACE, None):
+        for key in _internal_kv_list(b"", namespace=namespace):
+            parts.append(key + b"=" + (_internal_kv_get(key, namespace=namespace) or b""))
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    parts.extend(path.read_bytes() for path in logs.rglob("*") if path.is_file())
+    return b"\n".join(parts)
+
+
+def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Registry, ray_cluster: str) -> None:
+    name = "ray-auth"
+    token = f"ray-token-{os.urandom(12).hex()}"
+    with_token = env.environ(RAY_TEST_TOKEN=token)
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1",
+            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", env=with_token)
+    try:
+        url = _get(env, name)["url"]
+        payload = split_payload(registry.features.iloc[:2])
+        refused = requests.post(f"{url}/invocations", json=payload, timeout=30)
+        assert refused.status_code == 401 and refused.json()["error_code"] == "UNAUTHENTICATED"
+        wrong = requests.post(f"{url}/invocations", json=payload, timeout=30,
+                              headers={"Authorization": f"Bearer {token}x"})
+        assert wrong.status_code == 401
+        granted = requests.post(f"{url}/invocations", json=payload, timeout=30,
+                                headers={"Authorization": f"Bearer {token}"})
+        assert granted.status_code == 200, granted.text
+        assert requests.get(f"{url}/ping", timeout=30).status_code == 200  # probes stay open
+        # `predict` sends the token it reads from the same variable; without it, it says so.
+        predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                            _input_file(env, registry.features.iloc[:2]), env=with_token)
+        assert "predictions" in predicted.stdout
+        missing = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                          _input_file(env, registry.features.iloc[:2]), check=False)
+        assert missing.returncode != 0 and "RAY_TEST_TOKEN" in missing.stderr, missing.stderr
+
+        state = _cluster_state_bytes(ray_cluster)
+        assert name.encode() in state and b"RAY_TEST_TOKEN" in state  # the right state was read
+        assert token.encode() not in state, "the token itself sits in Serve's state"
+        assert token.encode()[-12:] not in state
+    finally:
+        env.cli("delete", "-t", RAY, "--name", name, env=with_token)

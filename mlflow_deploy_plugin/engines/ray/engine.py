@@ -7,6 +7,11 @@
   plugin is the first to start Serve; default 127.0.0.1:8000). Each deployment is the application
   named after it with route prefix ``/<name>``, so its URL is ``http://host:port/<name>`` and the
   usual ``/invocations``, ``/ping``, ``/health``, ``/version`` and ``/metrics`` hang below it.
+- **Auth**: with ``-C auth_token_env``, the token is read from that variable on the machine running
+  the command and only its SHA-256 goes to the replicas (a constructor argument), which check each
+  ``Authorization: Bearer`` against it in constant time: no secret in Serve's state or logs. A
+  deployment without a token is refused on a cluster whose Serve proxy listens beyond loopback.
+  No TLS: Serve's proxy speaks plain HTTP (terminate TLS in front of it).
 - **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
   ``target_ongoing_requests``), ``-C num_cpus`` per replica.
 - **Updates**: ``serve.run`` of the new application version with ``max_surge_percent=100``: the new
@@ -24,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -121,21 +127,24 @@ class RayEngine(Engine):
         if config.max_replicas is not None and (config.min_replicas or 1) > config.max_replicas:
             raise InvalidRequest(f"-C min_replicas={config.min_replicas} exceeds -C max_replicas="
                                  f"{config.max_replicas}.")
-        # Not yet on Ray, and refused rather than ignored: a token handed to replicas through Serve's
-        # runtime_env is readable by anyone who can list the cluster's actors or read Serve's
-        # details, and Serve's proxy is plain HTTP here. Without auth, stay on loopback.
-        for key in ("auth_token_env", "tls_cert", "tls_key"):
+        # Serve's proxy speaks plain HTTP: TLS belongs in front of it (a load balancer, an ingress).
+        for key in ("tls_cert", "tls_key"):
             if getattr(config, key):
-                raise InvalidRequest(f"-C {key} is not supported on lifecycle:/ray yet; use the local engine "
-                                     "(`-t lifecycle`) for token auth or HTTPS.")
-        if not config.is_loopback:
-            raise InvalidRequest(f"-C host={config.host} would expose the deployment without auth: on "
-                                 "lifecycle:/ray, Serve's proxy binds loopback only until token auth lands.")
+                raise InvalidRequest(f"-C {key} is not supported on lifecycle:/ray: Serve's HTTP proxy serves "
+                                     "plain HTTP; terminate TLS in front of it (a load balancer or ingress), "
+                                     "or use the local engine (`-t lifecycle`) for HTTPS.")
         self._connect(config.ray_address)
         http = self._http_options()
-        if http is not None and not is_loopback_host(str(http.get("host") or "127.0.0.1")):
-            raise InvalidRequest(f"Serve on this Ray cluster listens on {http.get('host')} (not loopback), "
-                                 "where a lifecycle:/ray deployment would be served without auth.")
+        if http is not None:
+            serve_host = str(http.get("host") or "127.0.0.1")
+            if not config.auth_token_env and not is_loopback_host(serve_host):
+                # One proxy serves every application: without a token this one would be open there.
+                raise InvalidRequest(f"Serve on this Ray cluster listens on {serve_host} (not loopback), where "
+                                     "this deployment would be served without auth: set -C auth_token_env.")
+            if not config.is_loopback and serve_host != config.host:
+                raise InvalidRequest(
+                    f"Serve on this Ray cluster already listens on {serve_host} (one HTTP proxy per cluster, "
+                    f"shared by every application): -C host={config.host} cannot move it; drop -C host.")
         if http is not None and config.port is not None and int(http["port"]) != config.port:
             raise InvalidRequest(
                 f"Serve on this Ray cluster already listens on port {http['port']} (one HTTP proxy per "
@@ -317,11 +326,10 @@ class RayEngine(Engine):
     def _application(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> Any:
         config = spec.config
         actor_options: dict[str, Any] = {"num_cpus": DEFAULT_NUM_CPUS if config.num_cpus is None else config.num_cpus}
-        if config.auth_token_env:
-            # The replicas read the token from their environment, as local workers do.
-            actor_options["runtime_env"] = {"env_vars": {config.auth_token_env: os.environ.get(config.auth_token_env, "")}}
+        # Who created it: another machine's `get` says where its history and capture live.
+        owner = {"host": socket.gethostname(), "home": str(self.store.home)}
         options: dict[str, Any] = {
-            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict()},
+            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict(), "owner": owner},
             "ray_actor_options": actor_options, "max_surge_percent": 100,
             "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
             "graceful_shutdown_timeout_s": config.timeout_s + 5,
@@ -335,7 +343,7 @@ class RayEngine(Engine):
         else:
             options["num_replicas"] = config.num_replicas or 1
         deployment: Any = serve.deployment(LifecycleIngress)  # Serve's overloads confuse mypy
-        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir)
+        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir, token_sha256(config))
 
     def _deploy(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, timeout_s: float) -> EngineStatus:
         """Make ``spec`` the application's target and wait until every replica runs it."""
@@ -431,6 +439,22 @@ class RayEngine(Engine):
         with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
             ray.get(actor.stop.remote(), timeout=40)
         ray.kill(actor, no_restart=True)
+
+
+def token_sha256(config: DeploymentConfig) -> str | None:
+    """The SHA-256 (hex) of the bearer token, read here from the variable ``auth_token_env`` names.
+
+    Only this digest goes to the cluster (a replica's constructor argument): a token handed to
+    replicas through a runtime_env would sit in the cluster's state, readable by anyone who can
+    list its actors or read Serve's details.
+    """
+    if not config.auth_token_env:
+        return None
+    token = os.environ.get(config.auth_token_env)
+    if not token:
+        raise InvalidRequest(f"auth_token_env={config.auth_token_env} names an environment variable that is "
+                             "unset or empty here: export it (replicas check requests against its hash).")
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _agent_name(name: str) -> str:
