@@ -166,3 +166,42 @@ def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Regist
         assert token.encode()[-12:] not in state
     finally:
         env.cli("delete", "-t", RAY, "--name", name, env=with_token)
+
+
+def _view(out: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
+        env: Env, registry: Registry, ray_cluster: str, tmp_path: Path) -> None:
+    # The second machine: same cluster (RAY_ADDRESS) and registry, an empty state home of its own.
+    name = "ray-shared"
+    other = env.environ(MLFLOW_DEPLOY_HOME=str(tmp_path / "other-home"))
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5")
+    try:
+        listed = env.cli("list", "-t", RAY, env=other).stdout
+        assert name in listed and "'status': 'running'" in listed and "'model_version': '1'" in listed, listed
+        mine, theirs = _get(env, name), _view(env.cli("get", "-t", RAY, "--name", name, env=other).stdout)
+        for key in ("status", "url", "model_uri", "model_name", "model_version", "traffic", "created_from"):
+            assert theirs[key] == mine[key], key
+        assert theirs["created_from"].endswith(f":{env.home}")  # where its history and capture live
+        assert len(ast.literal_eval(theirs["replicas"])) == 1
+        predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                            _input_file(env, registry.features.iloc[:2]), env=other)
+        assert "predictions" in predicted.stdout
+        # Changes stay with the machine whose folder keeps the history and capture: said, not done.
+        update = env.cli("update", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/2",
+                         check=False, env=other)
+        assert update.returncode != 0 and "was created from" in update.stderr, update.stderr
+        assert _get(env, name)["model_version"] == "1"
+        assert not (tmp_path / "other-home" / "deployments" / name).exists()  # nothing written there
+
+        # Delete works from either machine; the creating one then shows it stopped until it deletes too.
+        env.cli("delete", "-t", RAY, "--name", name, env=other)
+        assert name not in env.cli("list", "-t", RAY, env=other).stdout
+        assert _get(env, name)["status"] == "stopped"
+        gone = env.cli("get", "-t", RAY, "--name", name, check=False, env=other)
+        assert gone.returncode != 0 and "RESOURCE_DOES_NOT_EXIST" in gone.stderr, gone.stderr
+    finally:
+        env.cli("delete", "-t", RAY, "--name", name)
+    assert name not in env.cli("list", "-t", RAY).stdout

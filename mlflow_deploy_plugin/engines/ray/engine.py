@@ -212,6 +212,20 @@ class RayEngine(Engine):
             return EngineStatus(STOPPED)
         return self._to_status(name, app)
 
+    def discover(self) -> dict[str, DeploymentSpec]:
+        """Every lifecycle deployment on the cluster (the Serve applications deployed with a spec as
+        their user_config), whichever machine created it; none when no cluster answers."""
+        try:
+            self._connect(None)
+        except InvalidRequest:
+            return {}
+        found = {}
+        for name, app in (self._details().get("applications") or {}).items():
+            spec = _spec_of(app) if app.get("status") != "DELETING" else None
+            if spec is not None and spec.name == name:
+                found[name] = spec
+        return found
+
     def agent_handle(self, name: str) -> str | None:
         if self._known_address(name) is None:
             return None
@@ -376,10 +390,12 @@ class RayEngine(Engine):
     def _to_status(self, name: str, app: dict[str, Any]) -> EngineStatus:
         spec = _spec_of(app)
         deployment = _ingress(app)
-        replicas = [{"replica_id": r.get("replica_id"), "state": r.get("state"), "pid": r.get("pid"),
+        # Serve's own view of each replica (RUNNING, STARTING, UPDATING, RECOVERING, STOPPING), as plain
+        # values so `get` prints them readably (Serve's details hold enums).
+        replicas = [{"replica_id": r.get("replica_id"), "state": _plain(r.get("state")), "pid": r.get("pid"),
                      "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
         serving = [r for r in replicas if r["state"] == "RUNNING"]
-        serve_status = app.get("status")
+        serve_status = _plain(app.get("status"))
         if serve_status == "RUNNING":
             state = RUNNING
         elif serve_status in ("DEPLOYING", "UNHEALTHY", "DEPLOY_FAILED"):
@@ -402,6 +418,7 @@ class RayEngine(Engine):
             healthy=state == RUNNING and deployment.get("status") == "HEALTHY",
             started_at=app.get("last_deployed_time_s"),
             details={"engine": "ray", "ray_address": self._address, "serve_status": serve_status,
+                     "created_from": _owner_of(app),
                      "replicas": replicas, "worker_pids": [r["pid"] for r in serving],
                      "target_replicas": deployment.get("target_num_replicas"),
                      "host": http.get("host"), "port": http.get("port")},
@@ -472,6 +489,17 @@ def _spec_of(app: dict[str, Any]) -> DeploymentSpec | None:
         return DeploymentSpec.from_dict(user_config["spec"])
     except (KeyError, SpecError):
         return None
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _owner_of(app: dict[str, Any]) -> str | None:
+    """``host:/state/home`` of the machine whose folder holds the deployment (history, capture)."""
+    user_config = (_ingress(app).get("deployment_config") or {}).get("user_config") or {}
+    owner = user_config.get("owner") or {}
+    return f"{owner.get('host')}:{owner.get('home')}" if owner else None
 
 
 def _app_message(app: dict[str, Any]) -> str:
