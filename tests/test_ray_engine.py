@@ -13,7 +13,9 @@ import ast
 import dataclasses
 import json
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,66 @@ def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
     assert name not in env.cli("list", "-t", RAY).stdout
+
+
+def _replicas(env: Env, name: str) -> tuple[list[dict], int]:
+    """Serve's replicas of the deployment as `get` shows them, and its count of dead replicas."""
+    view = _get(env, name)
+    return ast.literal_eval(view["replicas"]), int(view["restarts"])
+
+
+def test_a_replica_killed_is_replaced_while_the_others_answer(env: Env, registry: Registry, ray_cluster: str) -> None:
+    name = "ray-kill"
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1",
+            "-C", "num_replicas=2", "-C", "num_cpus=0.5")
+    try:
+        replicas, restarts = _replicas(env, name)
+        assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"] and restarts == 0, replicas
+        url = _get(env, name)["url"]
+        payload = split_payload(registry.features.iloc[:2])
+        outcomes: list[tuple[float, int]] = []  # (when sent, status); 0: no answer at all
+        stop = threading.Event()
+        deadline = time.monotonic() + 240  # bounded even if the test body fails to stop it
+
+        def client() -> None:
+            session = requests.Session()
+            while not stop.is_set() and time.monotonic() < deadline:
+                sent = time.monotonic()
+                try:
+                    status = session.post(f"{url}/invocations", json=payload, timeout=30).status_code
+                except requests.RequestException:
+                    status = 0
+                outcomes.append((sent, status))
+
+        clients = [threading.Thread(target=client) for _ in range(2)]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_for(lambda: len(outcomes) > 10, 60, "traffic before the kill")
+            victim = replicas[0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+
+            def replaced() -> bool:
+                now, dead = _replicas(env, name)
+                return dead >= 1 and len(now) == 2 and all(r["state"] == "RUNNING" for r in now) \
+                    and victim not in [r["pid"] for r in now]
+
+            wait_for(replaced, 180, "Serve to replace the killed replica", interval_s=1)
+            recovered_at = time.monotonic()
+            count = len(outcomes)
+            wait_for(lambda: len(outcomes) > count + 10, 60, "traffic after the replacement")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+        during = [status for sent, status in outcomes if killed_at <= sent < recovered_at]
+        after = [status for sent, status in outcomes if sent >= recovered_at]
+        failed = [status for _, status in outcomes if status != 200]
+        print(f"kill: {len(outcomes)} requests, {len(during)} while replaced, failed: {failed}")
+        # Only what was in flight on the killed replica may fail (one request per client); the other
+        # replica answered meanwhile and the replacement serves.
+        assert len(failed) <= len(clients), failed
+        assert during.count(200) >= 1 and after and set(after) == {200}
+    finally:
+        env.cli("delete", "-t", RAY, "--name", name)
