@@ -298,7 +298,8 @@ class Deployments:
                     f"{parsed.auth_token_env}): the service reads its token from the environment it was "
                     "created in. Delete and create the deployment again to change or rotate the token.")
             self.engine.check_config(parsed)
-            token_for(parsed)
+            if not self.engine.keeps_token(name):
+                token_for(parsed)
             requested = model_uri or old.model.requested_uri
             model = _resolve(requested)
             if check_policy and parsed.policy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -137,21 +138,27 @@ def _cluster_state_bytes(address: str) -> bytes:
 
 
 def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Registry, ray_cluster: str) -> None:
-    name = "ray-auth"
+    from mlflow import MlflowClient
+
+    name, alias = "ray-auth", "ray-auth-follow"  # an alias of its own: the shared ones stay put
+    client = MlflowClient(env.tracking_uri)
+    client.set_registered_model_alias(registry.model, alias, "1")
     token = f"ray-token-{os.urandom(12).hex()}"
     with_token = env.environ(RAY_TEST_TOKEN=token)
-    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", env=with_token)
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}@{alias}",
+            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", "-C", "poll_interval_s=1", env=with_token)
     try:
         url = _get(env, name)["url"]
         payload = split_payload(registry.features.iloc[:2])
-        refused = requests.post(f"{url}/invocations", json=payload, timeout=30)
+
+        def post(token: str | None) -> requests.Response:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return requests.post(f"{url}/invocations", json=payload, timeout=30, headers=headers)
+
+        refused = post(None)
         assert refused.status_code == 401 and refused.json()["error_code"] == "UNAUTHENTICATED"
-        wrong = requests.post(f"{url}/invocations", json=payload, timeout=30,
-                              headers={"Authorization": f"Bearer {token}x"})
-        assert wrong.status_code == 401
-        granted = requests.post(f"{url}/invocations", json=payload, timeout=30,
-                                headers={"Authorization": f"Bearer {token}"})
+        assert post(token + "x").status_code == 401
+        granted = post(token)
         assert granted.status_code == 200, granted.text
         assert requests.get(f"{url}/ping", timeout=30).status_code == 200  # probes stay open
         # `predict` sends the token it reads from the same variable; without it, it says so.
@@ -164,10 +171,18 @@ def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Regist
 
         state = _cluster_state_bytes(ray_cluster)
         assert name.encode() in state and b"RAY_TEST_TOKEN" in state  # the right state was read
+        assert hashlib.sha256(token.encode()).hexdigest().encode() in state  # what the replicas check
         assert token.encode() not in state, "the token itself sits in Serve's state"
         assert token.encode()[-12:] not in state
+
+        # The agent (a Ray actor, without the token) follows the alias, and the token still holds.
+        client.set_registered_model_alias(registry.model, alias, "2")
+        wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
+                 "the agent on the cluster to follow the alias to v2")
+        assert post(None).status_code == 401
     finally:
         env.cli("delete", "-t", RAY, "--name", name, env=with_token)
+        client.delete_registered_model_alias(registry.model, alias)
 
 
 def _view(out: str) -> dict[str, str]:

@@ -97,6 +97,13 @@ class Engine(abc.ABC):
         """
         return {}
 
+    def keeps_token(self, name: str) -> bool:
+        """Whether the running deployment ``name`` keeps what checks its bearer token by itself (the
+        Ray engine: the token's hash on the cluster), so a change made where the token is not
+        exported (the agent following an alias, on the cluster) keeps the token it runs with.
+        Default: False, and the core requires the token in the environment of every change."""
+        return False
+
     def check_config(self, config: DeploymentConfig) -> None:
         """Refuse (InvalidRequest) settings this engine cannot honour, before anything changes.
 

@@ -9,7 +9,9 @@
   usual ``/invocations``, ``/ping``, ``/health``, ``/version`` and ``/metrics`` hang below it.
 - **Auth**: with ``-C auth_token_env``, the token is read from that variable on the machine running
   the command and only its SHA-256 goes to the replicas (a constructor argument), which check each
-  ``Authorization: Bearer`` against it in constant time: no secret in Serve's state or logs. A
+  ``Authorization: Bearer`` against it in constant time: no secret in Serve's state or logs. The
+  hash is also the deployment's user_config, so a change from where the token is not exported (the
+  agent on the cluster following an alias) keeps it (``keeps_token``). A
   deployment without a token is refused on a cluster whose Serve proxy listens beyond loopback.
   No TLS: Serve's proxy speaks plain HTTP (terminate TLS in front of it).
 - **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
@@ -159,8 +161,9 @@ class RayEngine(Engine):
                               "this deployment; delete it there (`serve shutdown` or the other machine's "
                               "`mlflow deployments delete`) or choose another name.")
         paths = self.store.paths(spec.name)
+        token = token_sha256(spec.config)
         try:
-            status = self._deploy(spec, paths.models, str(paths.capture), timeout_s)
+            status = self._deploy(spec, paths.models, str(paths.capture), token, timeout_s)
         except EngineError as exc:
             self._delete(spec.name, timeout_s)
             raise EngineError(f"Deployment {spec.name!r} failed to start: {exc}") from None
@@ -171,15 +174,18 @@ class RayEngine(Engine):
         self._connect(spec.config.ray_address)
         old = self._cluster_spec(spec.name)
         paths = self.store.paths(spec.name)
+        # The token as exported here (so an update rotates it), else the hash the replicas check now
+        # (the agent, on the cluster, follows an alias without the token).
+        token = token_sha256(spec.config, current=self._token_hash(spec.name))
         try:
-            status = self._deploy(spec, paths.models, str(paths.capture), timeout_s)
+            status = self._deploy(spec, paths.models, str(paths.capture), token, timeout_s)
         except EngineError as exc:
             if old is not None:
                 # The old replicas survive a failed surge rollout and keep serving; deploying the old
                 # spec again makes it the target once more (Serve gives every serve.run a new code
                 # version, so it surges fresh replicas of it before retiring the survivors).
                 try:
-                    self._deploy(old, paths.models, str(paths.capture), timeout_s)
+                    self._deploy(old, paths.models, str(paths.capture), token, timeout_s)
                 except EngineError as restore:
                     raise EngineError(f"{exc}; restoring the previous version failed too: {restore}") from None
             raise
@@ -252,7 +258,7 @@ class RayEngine(Engine):
         with tempfile.TemporaryDirectory(prefix="mlflow-deploy-run-local-") as scratch:
             try:
                 status = self._deploy(spec, Path(scratch) / "models", str(Path(scratch) / "capture"),
-                                      spec.config.startup_timeout_s)
+                                      token_sha256(spec.config), spec.config.startup_timeout_s)
             except EngineError as exc:
                 self._delete(spec.name, 60)
                 return EngineStatus(FAILED, last_error=str(exc))
@@ -337,13 +343,26 @@ class RayEngine(Engine):
         app = self._app(name)
         return _spec_of(app) if app else None
 
-    def _application(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> Any:
+    def keeps_token(self, name: str) -> bool:
+        return self._known_address(name) is not None and self._token_hash(name) is not None
+
+    def _token_hash(self, name: str) -> str | None:
+        """The hash of the bearer token the running application's replicas check, if any."""
+        try:
+            self._connect(self._known_address(name))
+        except InvalidRequest:
+            return None
+        app = self._app(name)
+        return _user_config(app).get("auth_sha256") if app else None
+
+    def _application(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, token: str | None) -> Any:
         config = spec.config
         actor_options: dict[str, Any] = {"num_cpus": DEFAULT_NUM_CPUS if config.num_cpus is None else config.num_cpus}
         # Who created it: another machine's `get` says where its history and capture live.
         owner = {"host": socket.gethostname(), "home": str(self.store.home)}
         options: dict[str, Any] = {
-            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict(), "owner": owner},
+            # The token's hash is no secret: kept here so a later change can keep it (keeps_token).
+            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict(), "owner": owner, "auth_sha256": token},
             "ray_actor_options": actor_options, "max_surge_percent": 100,
             "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
             "graceful_shutdown_timeout_s": config.timeout_s + 5,
@@ -357,11 +376,13 @@ class RayEngine(Engine):
         else:
             options["num_replicas"] = config.num_replicas or 1
         deployment: Any = serve.deployment(LifecycleIngress)  # Serve's overloads confuse mypy
-        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir, token_sha256(config))
+        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir, token)
 
-    def _deploy(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, timeout_s: float) -> EngineStatus:
-        """Make ``spec`` the application's target and wait until every replica runs it."""
-        serve._run(self._application(spec, models_dir, capture_dir), _blocking=False, name=spec.name,
+    def _deploy(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, token: str | None,
+                timeout_s: float) -> EngineStatus:
+        """Make ``spec`` the application's target (replicas checking the token hash ``token``) and
+        wait until every replica runs it."""
+        serve._run(self._application(spec, models_dir, capture_dir, token), _blocking=False, name=spec.name,
                    route_prefix=f"/{spec.name}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -458,8 +479,9 @@ class RayEngine(Engine):
         ray.kill(actor, no_restart=True)
 
 
-def token_sha256(config: DeploymentConfig) -> str | None:
-    """The SHA-256 (hex) of the bearer token, read here from the variable ``auth_token_env`` names.
+def token_sha256(config: DeploymentConfig, current: str | None = None) -> str | None:
+    """The SHA-256 (hex) of the bearer token, read here from the variable ``auth_token_env`` names,
+    else ``current`` (the hash a running application checks).
 
     Only this digest goes to the cluster (a replica's constructor argument): a token handed to
     replicas through a runtime_env would sit in the cluster's state, readable by anyone who can
@@ -468,6 +490,8 @@ def token_sha256(config: DeploymentConfig) -> str | None:
     if not config.auth_token_env:
         return None
     token = os.environ.get(config.auth_token_env)
+    if not token and current:
+        return current
     if not token:
         raise InvalidRequest(f"auth_token_env={config.auth_token_env} names an environment variable that is "
                              "unset or empty here: export it (replicas check requests against its hash).")
@@ -482,9 +506,13 @@ def _ingress(app: dict[str, Any]) -> dict[str, Any]:
     return (app.get("deployments") or {}).get(INGRESS_NAME) or {}
 
 
+def _user_config(app: dict[str, Any]) -> dict[str, Any]:
+    return dict((_ingress(app).get("deployment_config") or {}).get("user_config") or {})
+
+
 def _spec_of(app: dict[str, Any]) -> DeploymentSpec | None:
     """The spec the application was deployed with (its user_config), or None if it is not ours."""
-    user_config = (_ingress(app).get("deployment_config") or {}).get("user_config") or {}
+    user_config = _user_config(app)
     try:
         return DeploymentSpec.from_dict(user_config["spec"])
     except (KeyError, SpecError):
@@ -497,8 +525,7 @@ def _plain(value: Any) -> Any:
 
 def _owner_of(app: dict[str, Any]) -> str | None:
     """``host:/state/home`` of the machine whose folder holds the deployment (history, capture)."""
-    user_config = (_ingress(app).get("deployment_config") or {}).get("user_config") or {}
-    owner = user_config.get("owner") or {}
+    owner = _user_config(app).get("owner") or {}
     return f"{owner.get('host')}:{owner.get('home')}" if owner else None
 
 
