@@ -7,6 +7,8 @@
   plugin is the first to start Serve; default 127.0.0.1:8000). Each deployment is the application
   named after it with route prefix ``/<name>``, so its URL is ``http://host:port/<name>`` and the
   usual ``/invocations``, ``/ping``, ``/health``, ``/version`` and ``/metrics`` hang below it.
+- **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
+  ``target_ongoing_requests``), ``-C num_cpus`` per replica.
 - **Auth**: with ``-C auth_token_env``, the token is read from that variable on the machine running
   the command and only its SHA-256 goes to the replicas (a constructor argument), which check each
   ``Authorization: Bearer`` against it in constant time: no secret in Serve's state or logs. The
@@ -14,8 +16,6 @@
   agent on the cluster following an alias) keeps it (``keeps_token``). A
   deployment without a token is refused on a cluster whose Serve proxy listens beyond loopback.
   No TLS: Serve's proxy speaks plain HTTP (terminate TLS in front of it).
-- **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
-  ``target_ongoing_requests``), ``-C num_cpus`` per replica.
 - **Updates**: ``serve.run`` of the new application version with ``max_surge_percent=100``: the new
   replicas start beside the old ones and take over once all are up, so no request meets an empty
   deployment. A version that cannot load fails its replicas' constructor (Serve keeps the old
