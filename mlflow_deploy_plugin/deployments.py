@@ -140,6 +140,8 @@ class Deployments:
             raise InvalidState(f"Deployment {name!r} has an unreadable spec ({exc}); delete and re-create it.") \
                 from None
         if spec is None:
+            spec = self.engine.discover().get(name)  # created from another machine, on a shared cluster
+        if spec is None:
             raise NotFound(f"No deployment named {name!r} (target lifecycle). `mlflow deployments list -t "
                            "lifecycle` shows the deployments there are.")
         if spec.engine != self.engine.name:
@@ -172,6 +174,8 @@ class Deployments:
             "updated_at": _iso(spec.updated_at),
             "traffic": traffic_summary(spec),
             "config": spec.config.to_dict(),
+            # Engine-specific, when the engine says: replica health, the machine that created it.
+            **{key: details[key] for key in ("replicas", "created_from") if details.get(key) is not None},
         }
 
     def _lifecycle_error(self, name: str) -> str | None:
@@ -193,7 +197,7 @@ class Deployments:
 
     def describe_all(self) -> list[dict[str, Any]]:
         views: list[dict[str, Any]] = []
-        for name in self.store.names():
+        for name in sorted(set(self.store.names()) | set(self.engine.discover())):
             try:
                 views.append(self.describe(self.spec(name)))
             except NotFound:
@@ -283,6 +287,7 @@ class Deployments:
         ``record_failure=False`` (the lifecycle controller, which records a failed step once and
         retries it): a failed engine update is not written to the history here.
         """
+        self._refuse_foreign(name, "update it")
         with self._locked(name):
             old = self.spec(name)
             parsed = parse_config(config, base=old.config)
@@ -293,7 +298,8 @@ class Deployments:
                     f"{parsed.auth_token_env}): the service reads its token from the environment it was "
                     "created in. Delete and create the deployment again to change or rotate the token.")
             self.engine.check_config(parsed)
-            token_for(parsed)
+            if not self.engine.keeps_token(name):
+                token_for(parsed)
             requested = model_uri or old.model.requested_uri
             model = _resolve(requested)
             if check_policy and parsed.policy:
@@ -327,10 +333,35 @@ class Deployments:
         self._tag_served(new, old, status)
         return self.describe(self.spec(name), status)
 
+    def _foreign(self, name: str) -> DeploymentSpec | None:
+        """The spec of a deployment the engine runs that another machine's state home created (a
+        shared Ray cluster): this machine has no folder for it (history, capture, model copies)."""
+        if self.store.exists(check_name(name)):
+            return None
+        return self.engine.discover().get(name)
+
+    def _refuse_foreign(self, name: str, what: str) -> None:
+        if self._foreign(name) is not None:
+            owner = self.engine.status(name).details.get("created_from") or "another machine"
+            raise InvalidRequest(
+                f"Deployment {name!r} was created from {owner}, whose state home keeps its history, captured "
+                f"traffic and model copies: {what} there. From here: list, get, predict and delete.")
+
     def delete(self, name: str) -> bool:
         """Stop the service gracefully and forget the deployment (captured data and history are
-        archived). Returns False when there was no such deployment, which is not an error."""
+        archived). Returns False when there was no such deployment, which is not an error.
+
+        A deployment another machine created on a shared cluster is stopped from here too (nothing to
+        archive here; that machine's folder keeps its history and shows it stopped)."""
         check_name(name)
+        foreign = self._foreign(name)
+        if foreign is not None:
+            with self.store.global_lock():
+                self.engine.stop(name, foreign.config.timeout_s + 15)
+            untagged = self._untag(name, foreign.served_versions())
+            if untagged:
+                _logger.warning("Deleted %s, but its registry serving tags stay: %s", name, untagged)
+            return True
         with self.store.global_lock(), self._locked(name):
             if not self.store.exists(name):
                 return False

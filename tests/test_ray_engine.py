@@ -2,13 +2,21 @@
 
 The engine contract (start, update, split, failed loads, agent) runs in test_engine_contract.py;
 here: what a user sees from the CLI: no cluster, replicas, predict, an update under load, capture
-from every replica, delete.
+from every replica, delete; token auth with only the token's hash on the cluster; list/get/delete
+from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own state; a replica
+killed with SIGKILL replaced while the deployment keeps answering.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import hashlib
+import json
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +105,183 @@ def _input_file(env: Env, frame) -> str:
     path = env.root / "ray-input.json"
     frame.to_json(path, orient="records")  # what `predict -I` reads (pd.read_json)
     return str(path)
+
+
+def _driver(address: str) -> None:
+    """Join the test cluster from this process (a read-only look at its state)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace="mlflow-deploy-tests", log_to_driver=False)
+
+
+def _cluster_state_bytes(address: str) -> bytes:
+    """What the cluster keeps and reports about Serve: its status and details as a client reads
+    them, every value of Serve's internal KV store (the controller's checkpoints: deployment
+    configs, constructor arguments, replica state) and of the default KV namespace, and every
+    log file of the session (the replicas', the controller's, the proxy's)."""
+    import ray
+    from ray import serve
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+    from ray.serve._private.storage.kv_store import SERVE_INTERNAL_KV_NAMESPACE
+    from ray.serve.context import _get_global_client
+
+    _driver(address)
+    parts = [json.dumps(dataclasses.asdict(serve.status()), default=str).encode(),
+             json.dumps(_get_global_client().get_serve_details(), default=str).encode()]
+    for namespace in (SERVE_INTERNAL_KV_NAMESPACE, None):
+        for key in _internal_kv_list(b"", namespace=namespace):
+            parts.append(key + b"=" + (_internal_kv_get(key, namespace=namespace) or b""))
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    parts.extend(path.read_bytes() for path in logs.rglob("*") if path.is_file())
+    return b"\n".join(parts)
+
+
+def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Registry, ray_cluster: str) -> None:
+    from mlflow import MlflowClient
+
+    name, alias = "ray-auth", "ray-auth-follow"  # an alias of its own: the shared ones stay put
+    client = MlflowClient(env.tracking_uri)
+    client.set_registered_model_alias(registry.model, alias, "1")
+    token = f"ray-token-{os.urandom(12).hex()}"
+    with_token = env.environ(RAY_TEST_TOKEN=token)
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}@{alias}",
+            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", "-C", "poll_interval_s=1", env=with_token)
+    try:
+        url = _get(env, name)["url"]
+        payload = split_payload(registry.features.iloc[:2])
+
+        def post(token: str | None) -> requests.Response:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return requests.post(f"{url}/invocations", json=payload, timeout=30, headers=headers)
+
+        refused = post(None)
+        assert refused.status_code == 401 and refused.json()["error_code"] == "UNAUTHENTICATED"
+        assert post(token + "x").status_code == 401
+        granted = post(token)
+        assert granted.status_code == 200, granted.text
+        assert requests.get(f"{url}/ping", timeout=30).status_code == 200  # probes stay open
+        # `predict` sends the token it reads from the same variable; without it, it says so.
+        predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                            _input_file(env, registry.features.iloc[:2]), env=with_token)
+        assert "predictions" in predicted.stdout
+        missing = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                          _input_file(env, registry.features.iloc[:2]), check=False)
+        assert missing.returncode != 0 and "RAY_TEST_TOKEN" in missing.stderr, missing.stderr
+
+        state = _cluster_state_bytes(ray_cluster)
+        assert name.encode() in state and b"RAY_TEST_TOKEN" in state  # the right state was read
+        assert hashlib.sha256(token.encode()).hexdigest().encode() in state  # what the replicas check
+        assert token.encode() not in state, "the token itself sits in Serve's state"
+        assert token.encode()[-12:] not in state
+
+        # The agent (a Ray actor, without the token) follows the alias, and the token still holds.
+        client.set_registered_model_alias(registry.model, alias, "2")
+        wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
+                 "the agent on the cluster to follow the alias to v2")
+        assert post(None).status_code == 401
+    finally:
+        env.cli("delete", "-t", RAY, "--name", name, env=with_token)
+        client.delete_registered_model_alias(registry.model, alias)
+
+
+def _view(out: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
+        env: Env, registry: Registry, ray_cluster: str, tmp_path: Path) -> None:
+    # The second machine: same cluster (RAY_ADDRESS) and registry, an empty state home of its own.
+    name = "ray-shared"
+    other = env.environ(MLFLOW_DEPLOY_HOME=str(tmp_path / "other-home"))
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5")
+    try:
+        listed = env.cli("list", "-t", RAY, env=other).stdout
+        assert name in listed and "'status': 'running'" in listed and "'model_version': '1'" in listed, listed
+        mine, theirs = _get(env, name), _view(env.cli("get", "-t", RAY, "--name", name, env=other).stdout)
+        for key in ("status", "url", "model_uri", "model_name", "model_version", "traffic", "created_from"):
+            assert theirs[key] == mine[key], key
+        assert theirs["created_from"].endswith(f":{env.home}")  # where its history and capture live
+        assert len(ast.literal_eval(theirs["replicas"])) == 1
+        predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                            _input_file(env, registry.features.iloc[:2]), env=other)
+        assert "predictions" in predicted.stdout
+        # Changes stay with the machine whose folder keeps the history and capture: said, not done.
+        update = env.cli("update", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/2",
+                         check=False, env=other)
+        assert update.returncode != 0 and "was created from" in update.stderr, update.stderr
+        assert _get(env, name)["model_version"] == "1"
+        assert not (tmp_path / "other-home" / "deployments" / name).exists()  # nothing written there
+
+        # Delete works from either machine; the creating one then shows it stopped until it deletes too.
+        env.cli("delete", "-t", RAY, "--name", name, env=other)
+        assert name not in env.cli("list", "-t", RAY, env=other).stdout
+        assert _get(env, name)["status"] == "stopped"
+        gone = env.cli("get", "-t", RAY, "--name", name, check=False, env=other)
+        assert gone.returncode != 0 and "RESOURCE_DOES_NOT_EXIST" in gone.stderr, gone.stderr
+    finally:
+        env.cli("delete", "-t", RAY, "--name", name)
+    assert name not in env.cli("list", "-t", RAY).stdout
+
+
+def _replicas(env: Env, name: str) -> tuple[list[dict], int]:
+    """Serve's replicas of the deployment as `get` shows them, and its count of dead replicas."""
+    view = _get(env, name)
+    return ast.literal_eval(view["replicas"]), int(view["restarts"])
+
+
+def test_a_replica_killed_is_replaced_while_the_others_answer(env: Env, registry: Registry, ray_cluster: str) -> None:
+    name = "ray-kill"
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1",
+            "-C", "num_replicas=2", "-C", "num_cpus=0.5")
+    try:
+        replicas, restarts = _replicas(env, name)
+        assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"] and restarts == 0, replicas
+        url = _get(env, name)["url"]
+        payload = split_payload(registry.features.iloc[:2])
+        outcomes: list[tuple[float, int]] = []  # (when sent, status); 0: no answer at all
+        stop = threading.Event()
+        deadline = time.monotonic() + 240  # bounded even if the test body fails to stop it
+
+        def client() -> None:
+            session = requests.Session()
+            while not stop.is_set() and time.monotonic() < deadline:
+                sent = time.monotonic()
+                try:
+                    status = session.post(f"{url}/invocations", json=payload, timeout=30).status_code
+                except requests.RequestException:
+                    status = 0
+                outcomes.append((sent, status))
+
+        clients = [threading.Thread(target=client) for _ in range(2)]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_for(lambda: len(outcomes) > 10, 60, "traffic before the kill")
+            victim = replicas[0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+
+            def replaced() -> bool:
+                now, dead = _replicas(env, name)
+                return dead >= 1 and len(now) == 2 and all(r["state"] == "RUNNING" for r in now) \
+                    and victim not in [r["pid"] for r in now]
+
+            wait_for(replaced, 180, "Serve to replace the killed replica", interval_s=1)
+            recovered_at = time.monotonic()
+            count = len(outcomes)
+            wait_for(lambda: len(outcomes) > count + 10, 60, "traffic after the replacement")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+        during = [status for sent, status in outcomes if killed_at <= sent < recovered_at]
+        after = [status for sent, status in outcomes if sent >= recovered_at]
+        failed = [status for _, status in outcomes if status != 200]
+        print(f"kill: {len(outcomes)} requests, {len(during)} while replaced, failed: {failed}")
+        # Only what was in flight on the killed replica may fail (one request per client); the other
+        # replica answered meanwhile and the replacement serves.
+        assert len(failed) <= len(clients), failed
+        assert during.count(200) >= 1 and after and set(after) == {200}
+    finally:
+        env.cli("delete", "-t", RAY, "--name", name)

@@ -88,6 +88,22 @@ class Engine(abc.ABC):
         """Where the deployment's background agent runs (it is hosted by the engine, restarted if
         it dies, and exists only while the spec needs one), or None when none runs."""
 
+    def discover(self) -> dict[str, DeploymentSpec]:
+        """The deployments this engine runs, by name, read from the engine's own shared state (a
+        cluster several machines deploy to), whichever machine's state home created them.
+
+        The core lists them beside its own folders, so another machine sees the same deployments.
+        Default: none (the local engine's deployments exist only in this machine's folders).
+        """
+        return {}
+
+    def keeps_token(self, name: str) -> bool:
+        """Whether the running deployment ``name`` keeps what checks its bearer token by itself (the
+        Ray engine: the token's hash on the cluster), so a change made where the token is not
+        exported (the agent following an alias, on the cluster) keeps the token it runs with.
+        Default: False, and the core requires the token in the environment of every change."""
+        return False
+
     def check_config(self, config: DeploymentConfig) -> None:
         """Refuse (InvalidRequest) settings this engine cannot honour, before anything changes.
 

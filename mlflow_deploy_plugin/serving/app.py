@@ -67,6 +67,7 @@ class AppSettings:
     max_body_bytes: int
     timeout_s: float
     auth_token: str | None = None
+    auth_token_sha256: str | None = None  # hex digest: the Ray replicas know only the hash
     max_batch_rows: int = 4096
     max_rows: int = DEFAULT_MAX_ROWS
     max_cells: int = DEFAULT_MAX_CELLS
@@ -367,4 +368,4 @@ def build_app(
     if add_routes is not None:
         add_routes(app, lambda request: _read_body(request, settings.max_body_bytes))
     # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
-    return DrainMiddleware(AuthMiddleware(app, settings.auth_token), state)
+    return DrainMiddleware(AuthMiddleware(app, settings.auth_token, token_sha256=settings.auth_token_sha256), state)

@@ -61,10 +61,13 @@ def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture
 
 
 def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], capture_dir: str,
-                  capture_key: Path) -> Service:
+                  capture_key: Path, token_sha256: str | None = None) -> Service:
     """Load ``spec``'s versions (each from ``model_dir(model)``) and build the app and capture.
 
-    A version that cannot load or fails its smoke test raises: the engine marks the replica failed.
+    The bearer token is read from the environment variable ``auth_token_env`` names (local workers
+    inherit it from the supervisor), or given as its SHA-256 hex digest (``token_sha256``: Ray
+    replicas, which never see the token itself). A version that cannot load or fails its smoke test
+    raises: the engine marks the replica failed.
     """
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
@@ -72,7 +75,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
 
     config = spec.config
     token = None
-    if config.auth_token_env:
+    if config.auth_token_env and not token_sha256:
         token = os.environ.get(config.auth_token_env)
         if not token:
             raise RuntimeError(f"auth_token_env={config.auth_token_env} but that environment variable "
@@ -94,6 +97,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
         max_body_bytes=config.max_body_bytes,
         timeout_s=config.timeout_s,
         auth_token=token,
+        auth_token_sha256=token_sha256 if config.auth_token_env else None,
         max_batch_rows=config.max_batch_rows,
         max_rows=config.max_rows,
         max_cells=config.max_cells,

@@ -51,9 +51,6 @@ def test_the_local_engine_refuses_the_ray_keys(tmp_path: Path, config: dict, mes
     ({"num_replicas": "2", "max_replicas": "3"}, "use one or the other"),
     ({"min_replicas": "2"}, "Autoscaling needs -C max_replicas"),
     ({"min_replicas": "3", "max_replicas": "2"}, "exceeds -C max_replicas=2"),
-    # Refused, never silently ignored: a token would be readable in Serve's actor options.
-    ({"auth_token_env": "TOKEN"}, "auth_token_env is not supported on lifecycle:/ray"),
-    ({"host": "0.0.0.0", "auth_token_env": "TOKEN"}, "auth_token_env is not supported"),
 ])
 def test_the_ray_engine_refuses_settings_it_cannot_honour(tmp_path: Path, config: dict, message: str) -> None:
     pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
@@ -62,6 +59,16 @@ def test_the_ray_engine_refuses_settings_it_cannot_honour(tmp_path: Path, config
     engine = get_engine("lifecycle:/ray", StateStore(tmp_path))
     with pytest.raises(InvalidRequest, match=message):
         engine.check_config(parse_config(config))  # refused before any cluster is contacted
+
+
+def test_the_ray_engine_refuses_tls(tmp_path: Path) -> None:
+    # Refused, never silently ignored: Serve's proxy serves plain HTTP (TLS goes in front of it).
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from mlflow_deploy_plugin.spec import DeploymentConfig
+
+    engine = get_engine("lifecycle:/ray", StateStore(tmp_path))
+    with pytest.raises(InvalidRequest, match="tls_cert is not supported on lifecycle:/ray"):
+        engine.check_config(DeploymentConfig(tls_cert="c.pem", tls_key="k.pem", auth_token_env="TOKEN"))
 
 
 @pytest.mark.parametrize("uri", ["lifecycle:/k8s", "sagemaker", "lifecycle:/", "other:/local"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -34,6 +35,16 @@ def bearer(token: str) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", f"Bearer {token}".encode())]
 
 
+# Both ways a replica knows the token: itself (local workers) or only its SHA-256 (Ray replicas).
+MODES = ("token", "sha256")
+
+
+def guard(inner: Inner, mode: str) -> AuthMiddleware:
+    if mode == "token":
+        return AuthMiddleware(inner, TOKEN)
+    return AuthMiddleware(inner, None, token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())
+
+
 # -- AuthMiddleware ---------------------------------------------------------------------------
 
 
@@ -53,9 +64,10 @@ def test_auth_without_a_token_lets_everything_through() -> None:
     ("no scheme", [(b"authorization", TOKEN.encode())]),
     ("empty bearer", [(b"authorization", b"Bearer ")]),
 ])
-def test_auth_refuses_requests_without_the_right_bearer_token(case: str, headers: list) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_auth_refuses_requests_without_the_right_bearer_token(case: str, headers: list, mode: str) -> None:
     inner = Inner()
-    answer = asgi_call(AuthMiddleware(inner, TOKEN), headers=headers)
+    answer = asgi_call(guard(inner, mode), headers=headers)
     assert answer is not None
     assert answer.status == 401, case
     assert answer.header(b"www-authenticate") == [b"Bearer"]
@@ -72,9 +84,10 @@ def test_auth_refuses_requests_without_the_right_bearer_token(case: str, headers
     f"bearer {TOKEN}".encode(),  # the scheme is case-insensitive (RFC 9110 11.1)
     f"BEARER  {TOKEN} ".encode(),
 ])
-def test_auth_lets_the_right_token_through(header: bytes) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_auth_lets_the_right_token_through(header: bytes, mode: str) -> None:
     inner = Inner()
-    answer = asgi_call(AuthMiddleware(inner, TOKEN), headers=[(b"authorization", header)])
+    answer = asgi_call(guard(inner, mode), headers=[(b"authorization", header)])
     assert answer is not None and (answer.status, answer.body) == (200, b"inner")
     assert len(inner.seen) == 1
 
@@ -88,8 +101,9 @@ def test_auth_leaves_liveness_probes_open(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/version", "/metrics", "/ping/", "/healthz", "/no/such/path"])
-def test_auth_guards_every_other_path(path: str) -> None:
-    answer = asgi_call(AuthMiddleware(Inner(), TOKEN), path=path)
+@pytest.mark.parametrize("mode", MODES)
+def test_auth_guards_every_other_path(path: str, mode: str) -> None:
+    answer = asgi_call(guard(Inner(), mode), path=path)
     assert answer is not None and answer.status == 401
 
 

@@ -9,6 +9,13 @@
   usual ``/invocations``, ``/ping``, ``/health``, ``/version``, ``/deployment`` and ``/metrics`` hang below it.
 - **Scaling**: ``-C num_replicas``, or Serve's autoscaling (``-C min_replicas``/``max_replicas``/
   ``target_ongoing_requests``), ``-C num_cpus`` per replica.
+- **Auth**: with ``-C auth_token_env``, the token is read from that variable on the machine running
+  the command and only its SHA-256 goes to the replicas (a constructor argument), which check each
+  ``Authorization: Bearer`` against it in constant time: no secret in Serve's state or logs. The
+  hash is also the deployment's user_config, so a change from where the token is not exported (the
+  agent on the cluster following an alias) keeps it (``keeps_token``). A
+  deployment without a token is refused on a cluster whose Serve proxy listens beyond loopback.
+  No TLS: Serve's proxy speaks plain HTTP (terminate TLS in front of it).
 - **Updates**: ``serve.run`` of the new application version with ``max_surge_percent=100``: the new
   replicas start beside the old ones and take over once all are up, so no request meets an empty
   deployment. A version that cannot load fails its replicas' constructor (Serve keeps the old
@@ -24,6 +31,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -121,21 +129,24 @@ class RayEngine(Engine):
         if config.max_replicas is not None and (config.min_replicas or 1) > config.max_replicas:
             raise InvalidRequest(f"-C min_replicas={config.min_replicas} exceeds -C max_replicas="
                                  f"{config.max_replicas}.")
-        # Not yet on Ray, and refused rather than ignored: a token handed to replicas through Serve's
-        # runtime_env is readable by anyone who can list the cluster's actors or read Serve's
-        # details, and Serve's proxy is plain HTTP here. Without auth, stay on loopback.
-        for key in ("auth_token_env", "tls_cert", "tls_key"):
+        # Serve's proxy speaks plain HTTP: TLS belongs in front of it (a load balancer, an ingress).
+        for key in ("tls_cert", "tls_key"):
             if getattr(config, key):
-                raise InvalidRequest(f"-C {key} is not supported on lifecycle:/ray yet; use the local engine "
-                                     "(`-t lifecycle`) for token auth or HTTPS.")
-        if not config.is_loopback:
-            raise InvalidRequest(f"-C host={config.host} would expose the deployment without auth: on "
-                                 "lifecycle:/ray, Serve's proxy binds loopback only until token auth lands.")
+                raise InvalidRequest(f"-C {key} is not supported on lifecycle:/ray: Serve's HTTP proxy serves "
+                                     "plain HTTP; terminate TLS in front of it (a load balancer or ingress), "
+                                     "or use the local engine (`-t lifecycle`) for HTTPS.")
         self._connect(config.ray_address)
         http = self._http_options()
-        if http is not None and not is_loopback_host(str(http.get("host") or "127.0.0.1")):
-            raise InvalidRequest(f"Serve on this Ray cluster listens on {http.get('host')} (not loopback), "
-                                 "where a lifecycle:/ray deployment would be served without auth.")
+        if http is not None:
+            serve_host = str(http.get("host") or "127.0.0.1")
+            if not config.auth_token_env and not is_loopback_host(serve_host):
+                # One proxy serves every application: without a token this one would be open there.
+                raise InvalidRequest(f"Serve on this Ray cluster listens on {serve_host} (not loopback), where "
+                                     "this deployment would be served without auth: set -C auth_token_env.")
+            if not config.is_loopback and serve_host != config.host:
+                raise InvalidRequest(
+                    f"Serve on this Ray cluster already listens on {serve_host} (one HTTP proxy per cluster, "
+                    f"shared by every application): -C host={config.host} cannot move it; drop -C host.")
         if http is not None and config.port is not None and int(http["port"]) != config.port:
             raise InvalidRequest(
                 f"Serve on this Ray cluster already listens on port {http['port']} (one HTTP proxy per "
@@ -150,8 +161,9 @@ class RayEngine(Engine):
                               "this deployment; delete it there (`serve shutdown` or the other machine's "
                               "`mlflow deployments delete`) or choose another name.")
         paths = self.store.paths(spec.name)
+        token = token_sha256(spec.config)
         try:
-            status = self._deploy(spec, paths.models, str(paths.capture), timeout_s)
+            status = self._deploy(spec, paths.models, str(paths.capture), token, timeout_s)
         except EngineError as exc:
             self._delete(spec.name, timeout_s)
             raise EngineError(f"Deployment {spec.name!r} failed to start: {exc}") from None
@@ -162,15 +174,18 @@ class RayEngine(Engine):
         self._connect(spec.config.ray_address)
         old = self._cluster_spec(spec.name)
         paths = self.store.paths(spec.name)
+        # The token as exported here (so an update rotates it), else the hash the replicas check now
+        # (the agent, on the cluster, follows an alias without the token).
+        token = token_sha256(spec.config, current=self._token_hash(spec.name))
         try:
-            status = self._deploy(spec, paths.models, str(paths.capture), timeout_s)
+            status = self._deploy(spec, paths.models, str(paths.capture), token, timeout_s)
         except EngineError as exc:
             if old is not None:
                 # The old replicas survive a failed surge rollout and keep serving; deploying the old
                 # spec again makes it the target once more (Serve gives every serve.run a new code
                 # version, so it surges fresh replicas of it before retiring the survivors).
                 try:
-                    self._deploy(old, paths.models, str(paths.capture), timeout_s)
+                    self._deploy(old, paths.models, str(paths.capture), token, timeout_s)
                 except EngineError as restore:
                     raise EngineError(f"{exc}; restoring the previous version failed too: {restore}") from None
             raise
@@ -203,6 +218,20 @@ class RayEngine(Engine):
             return EngineStatus(STOPPED)
         return self._to_status(name, app)
 
+    def discover(self) -> dict[str, DeploymentSpec]:
+        """Every lifecycle deployment on the cluster (the Serve applications deployed with a spec as
+        their user_config), whichever machine created it; none when no cluster answers."""
+        try:
+            self._connect(None)
+        except InvalidRequest:
+            return {}
+        found = {}
+        for name, app in (self._details().get("applications") or {}).items():
+            spec = _spec_of(app) if app.get("status") != "DELETING" else None
+            if spec is not None and spec.name == name:
+                found[name] = spec
+        return found
+
     def agent_handle(self, name: str) -> str | None:
         if self._known_address(name) is None:
             return None
@@ -229,7 +258,7 @@ class RayEngine(Engine):
         with tempfile.TemporaryDirectory(prefix="mlflow-deploy-run-local-") as scratch:
             try:
                 status = self._deploy(spec, Path(scratch) / "models", str(Path(scratch) / "capture"),
-                                      spec.config.startup_timeout_s)
+                                      token_sha256(spec.config), spec.config.startup_timeout_s)
             except EngineError as exc:
                 self._delete(spec.name, 60)
                 return EngineStatus(FAILED, last_error=str(exc))
@@ -314,14 +343,26 @@ class RayEngine(Engine):
         app = self._app(name)
         return _spec_of(app) if app else None
 
-    def _application(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> Any:
+    def keeps_token(self, name: str) -> bool:
+        return self._known_address(name) is not None and self._token_hash(name) is not None
+
+    def _token_hash(self, name: str) -> str | None:
+        """The hash of the bearer token the running application's replicas check, if any."""
+        try:
+            self._connect(self._known_address(name))
+        except InvalidRequest:
+            return None
+        app = self._app(name)
+        return _user_config(app).get("auth_sha256") if app else None
+
+    def _application(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, token: str | None) -> Any:
         config = spec.config
         actor_options: dict[str, Any] = {"num_cpus": DEFAULT_NUM_CPUS if config.num_cpus is None else config.num_cpus}
-        if config.auth_token_env:
-            # The replicas read the token from their environment, as local workers do.
-            actor_options["runtime_env"] = {"env_vars": {config.auth_token_env: os.environ.get(config.auth_token_env, "")}}
+        # Who created it: another machine's `get` says where its history and capture live.
+        owner = {"host": socket.gethostname(), "home": str(self.store.home)}
         options: dict[str, Any] = {
-            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict()},
+            # The token's hash is no secret: kept here so a later change can keep it (keeps_token).
+            "name": INGRESS_NAME, "user_config": {"spec": spec.to_dict(), "owner": owner, "auth_sha256": token},
             "ray_actor_options": actor_options, "max_surge_percent": 100,
             "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
             "graceful_shutdown_timeout_s": config.timeout_s + 5,
@@ -335,11 +376,13 @@ class RayEngine(Engine):
         else:
             options["num_replicas"] = config.num_replicas or 1
         deployment: Any = serve.deployment(LifecycleIngress)  # Serve's overloads confuse mypy
-        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir)
+        return deployment.options(**options).bind(spec.to_dict(), str(models_dir), capture_dir, token)
 
-    def _deploy(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, timeout_s: float) -> EngineStatus:
-        """Make ``spec`` the application's target and wait until every replica runs it."""
-        serve._run(self._application(spec, models_dir, capture_dir), _blocking=False, name=spec.name,
+    def _deploy(self, spec: DeploymentSpec, models_dir: Path, capture_dir: str, token: str | None,
+                timeout_s: float) -> EngineStatus:
+        """Make ``spec`` the application's target (replicas checking the token hash ``token``) and
+        wait until every replica runs it."""
+        serve._run(self._application(spec, models_dir, capture_dir, token), _blocking=False, name=spec.name,
                    route_prefix=f"/{spec.name}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -368,10 +411,12 @@ class RayEngine(Engine):
     def _to_status(self, name: str, app: dict[str, Any]) -> EngineStatus:
         spec = _spec_of(app)
         deployment = _ingress(app)
-        replicas = [{"replica_id": r.get("replica_id"), "state": r.get("state"), "pid": r.get("pid"),
+        # Serve's own view of each replica (RUNNING, STARTING, UPDATING, RECOVERING, STOPPING), as plain
+        # values so `get` prints them readably (Serve's details hold enums).
+        replicas = [{"replica_id": r.get("replica_id"), "state": _plain(r.get("state")), "pid": r.get("pid"),
                      "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
         serving = [r for r in replicas if r["state"] == "RUNNING"]
-        serve_status = app.get("status")
+        serve_status = _plain(app.get("status"))
         if serve_status == "RUNNING":
             state = RUNNING
         elif serve_status in ("DEPLOYING", "UNHEALTHY", "DEPLOY_FAILED"):
@@ -394,6 +439,7 @@ class RayEngine(Engine):
             healthy=state == RUNNING and deployment.get("status") == "HEALTHY",
             started_at=app.get("last_deployed_time_s"),
             details={"engine": "ray", "ray_address": self._address, "serve_status": serve_status,
+                     "created_from": _owner_of(app),
                      "replicas": replicas, "worker_pids": [r["pid"] for r in serving],
                      "target_replicas": deployment.get("target_num_replicas"),
                      "host": http.get("host"), "port": http.get("port")},
@@ -433,6 +479,25 @@ class RayEngine(Engine):
         ray.kill(actor, no_restart=True)
 
 
+def token_sha256(config: DeploymentConfig, current: str | None = None) -> str | None:
+    """The SHA-256 (hex) of the bearer token, read here from the variable ``auth_token_env`` names,
+    else ``current`` (the hash a running application checks).
+
+    Only this digest goes to the cluster (a replica's constructor argument): a token handed to
+    replicas through a runtime_env would sit in the cluster's state, readable by anyone who can
+    list its actors or read Serve's details.
+    """
+    if not config.auth_token_env:
+        return None
+    token = os.environ.get(config.auth_token_env)
+    if not token and current:
+        return current
+    if not token:
+        raise InvalidRequest(f"auth_token_env={config.auth_token_env} names an environment variable that is "
+                             "unset or empty here: export it (replicas check requests against its hash).")
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _agent_name(name: str) -> str:
     return f"agent:{name}"
 
@@ -441,13 +506,27 @@ def _ingress(app: dict[str, Any]) -> dict[str, Any]:
     return (app.get("deployments") or {}).get(INGRESS_NAME) or {}
 
 
+def _user_config(app: dict[str, Any]) -> dict[str, Any]:
+    return dict((_ingress(app).get("deployment_config") or {}).get("user_config") or {})
+
+
 def _spec_of(app: dict[str, Any]) -> DeploymentSpec | None:
     """The spec the application was deployed with (its user_config), or None if it is not ours."""
-    user_config = (_ingress(app).get("deployment_config") or {}).get("user_config") or {}
+    user_config = _user_config(app)
     try:
         return DeploymentSpec.from_dict(user_config["spec"])
     except (KeyError, SpecError):
         return None
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _owner_of(app: dict[str, Any]) -> str | None:
+    """``host:/state/home`` of the machine whose folder holds the deployment (history, capture)."""
+    owner = _user_config(app).get("owner") or {}
+    return f"{owner.get('host')}:{owner.get('home')}" if owner else None
 
 
 def _app_message(app: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ as a local worker (same ``/invocations`` protocol, ``/ping``, ``/health``, ``/ve
 late-bound through ``__serve_build_asgi_app__`` so the app is built after the model has loaded). Serve's HTTP proxy
 routes ``/<deployment>/...`` here; the app sees the path without that prefix, so its own
 path-based rules (the open ``/ping`` and ``/health`` of the auth middleware) hold unchanged.
+With ``-C auth_token_env``, a replica gets only the token's SHA-256 (a constructor argument) and
+checks each ``Authorization: Bearer`` against it: no secret sits in Serve's state or logs.
 
 Every replica captures its own answers into the deployment's capture folder (file names are
 unique per writer), so the drift reports read one place whatever the replica count.
@@ -43,7 +45,8 @@ class StripRoutePrefix:
         await self.app(scope, receive, send)
 
 
-def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> tuple[ASGIApp, Any]:
+def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
+                  token_sha256: str | None = None) -> tuple[ASGIApp, Any]:
     """Load the spec's versions and build the serving app; returns (app, capture writer or None).
 
     The same build as a local worker's (``serving/service.py``), minus the socket handling: a
@@ -52,7 +55,7 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> t
     from mlflow_deploy_plugin.serving.service import build_service as build
 
     service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
-                    models_dir.parent / "capture.key")
+                    models_dir.parent / "capture.key", token_sha256=token_sha256)
     service.state.ready = True  # Serve routes to a replica only once its constructor has returned
     return StripRoutePrefix(service.app), service.capture
 
@@ -61,13 +64,16 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str) -> t
 class LifecycleIngress:
     """One replica of a lifecycle deployment (constructed by Serve from ``RayEngine``'s bind())."""
 
-    def __init__(self, spec: dict[str, Any], models_dir: str, capture_dir: str) -> None:
+    def __init__(self, spec: dict[str, Any], models_dir: str, capture_dir: str,
+                 token_sha256: str | None = None) -> None:
+        """``token_sha256``: the hex SHA-256 of the bearer token (``-C auth_token_env``), read and
+        hashed by the CLI; the token itself never reaches the cluster."""
         import mlflow
 
         self.spec = DeploymentSpec.from_dict(spec)
         if self.spec.tracking_uri:
             mlflow.set_tracking_uri(self.spec.tracking_uri)  # the registry the CLI resolved against
-        self._app, self._capture = build_service(self.spec, Path(models_dir), capture_dir)
+        self._app, self._capture = build_service(self.spec, Path(models_dir), capture_dir, token_sha256)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self._app
