@@ -100,6 +100,9 @@ LONGEST_FIRST = ("ray", "tests/test_lifecycle_e2e.py", "tests/test_stage_world_e
                  "tests/test_update_and_supervision.py", "tests/test_hostile_http.py", "tests/test_cli_verbs.py")
 
 
+# tryfirst: xdist's own hook turns the group markers into node ids; run after it, they would be
+# ignored (every test its own unit: module fixtures and the Ray cluster built on both workers).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup --no-loadscope-reorder`), keep the
     tests of a file that share a module fixture (a tracking server, a deployment) on one worker so it
@@ -114,8 +117,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "ray_cluster" in getattr(item, "fixturenames", ()) or "lifecycle:/ray" in item.nodeid:
             group = "ray"
         else:
-            group = path if shares_module_fixture else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(group))
+            group = path if shares_module_fixture else None  # no mark: a unit of its own
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item: pytest.Item) -> int:
         marker = item.get_closest_marker("xdist_group")
