@@ -6,7 +6,12 @@ as real subprocesses of the venv's `mlflow`, measures their cold start, checks t
 same, and drives both with the same closed-loop load for every (rows, concurrency) pair:
 
     .venv/bin/python benchmarks/serving.py [--workers 1] [--duration 5] \\
-        [--concurrency 1,8,32] [--rows 1,100] [--client-procs 1] [--out results.json]
+        [--concurrency 1,8,32] [--rows 1,100] [--client-procs 1] [--out results.json] \\
+        [--ours-variant nocap:capture=false] [--passes 2] [--no-peer]
+
+``--ours-variant NAME:KEY=VALUE[,KEY=VALUE]`` starts one more deployment of ours with those ``-C``
+(e.g. capture off), measured in the same cells, interleaved with the others; ``--passes`` repeats
+every cell (servers interleaved within each pass) and the table shows medians over passes.
 
 The load generator is a minimal HTTP/1.1 client on raw asyncio streams (persistent keep-alive
 connections, request bytes prepared in advance) running in separate processes (this script
@@ -180,7 +185,7 @@ class Cleanup:
 
     def __init__(self) -> None:
         self.peer: subprocess.Popen | None = None
-        self.ours_created = False
+        self.ours_created: list[str] = []  # deployment names
         self.clients: list[subprocess.Popen] = []
         self.workdir: Path | None = None
         self.keep = False
@@ -193,15 +198,15 @@ class Cleanup:
         for client in self.clients:
             if client.poll() is None:
                 client.kill()
-        if self.ours_created:
+        for name in self.ours_created:
             try:
-                subprocess.run([mlflow_bin(), "deployments", "delete", "-t", "lifecycle", "--name", DEPLOYMENT],
+                subprocess.run([mlflow_bin(), "deployments", "delete", "-t", "lifecycle", "--name", name],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120, check=True)
-                print("stopped ours (mlflow deployments delete)", file=sys.stderr)
+                print(f"stopped {name} (mlflow deployments delete)", file=sys.stderr)
             except (subprocess.SubprocessError, OSError) as exc:
                 print(f"WARNING: `mlflow deployments delete` failed ({exc}); killing its process group",
                       file=sys.stderr)
-                _kill_ours_by_status()
+                _kill_ours_by_status(name)
         if self.peer is not None and self.peer.poll() is None:
             stop_group(self.peer)
             print("stopped peer (process group)", file=sys.stderr)
@@ -233,16 +238,16 @@ def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         process.wait(timeout=5)
 
 
-def _kill_ours_by_status() -> None:
-    status = read_status()
+def _kill_ours_by_status(name: str = DEPLOYMENT) -> None:
+    status = read_status(name)
     pid = status.get("pid")
     if pid:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
 
 
-def read_status() -> dict[str, Any]:
-    path = Path(os.environ["MLFLOW_DEPLOY_HOME"]) / "deployments" / DEPLOYMENT / "status.json"
+def read_status(name: str = DEPLOYMENT) -> dict[str, Any]:
+    path = Path(os.environ["MLFLOW_DEPLOY_HOME"]) / "deployments" / name / "status.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -372,33 +377,36 @@ def start_peer(workers: int) -> dict[str, Any]:
     return {"name": "peer", "url": url, "port": port, "pgid": CLEANUP.peer.pid, "cold_start_s": cold}
 
 
-def start_ours(workers: int, extra_config: list[str]) -> dict[str, Any]:
+def start_ours(workers: int, extra_config: list[str], variant: str | None = None) -> dict[str, Any]:
+    deployment = DEPLOYMENT if variant is None else f"{DEPLOYMENT}-{variant}"
+    label = "ours" if variant is None else f"ours-{variant}"
     config = ["-C", f"workers={workers}"]
     for item in extra_config:
         config += ["-C", item]
-    log = open(Path.cwd() / "ours-create.log", "wb")  # noqa: SIM115
+    log_path = Path.cwd() / f"{label}-create.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     t0 = time.monotonic()
-    CLEANUP.ours_created = True  # delete is harmless if create fails
+    CLEANUP.ours_created.append(deployment)  # delete is harmless if create fails
     create = subprocess.Popen(
-        [mlflow_bin(), "deployments", "create", "-t", "lifecycle", "--name", DEPLOYMENT,
+        [mlflow_bin(), "deployments", "create", "-t", "lifecycle", "--name", deployment,
          "-m", f"models:/{MODEL_NAME}/1", *config],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     try:
-        cold = wait_ping(lambda: read_status().get("url"), t0, create, "mlflow deployments create")
+        cold = wait_ping(lambda: read_status(deployment).get("url"), t0, create, "mlflow deployments create")
         create.wait(timeout=STARTUP_DEADLINE_S)
     except BaseException:
         stop_group(create, grace_s=3)
         raise
     cli_done = time.monotonic() - t0
     if create.returncode != 0:
-        raise RuntimeError(f"mlflow deployments create failed: {(Path.cwd() / 'ours-create.log').read_text()[-2000:]}")
-    got = subprocess.run([mlflow_bin(), "deployments", "get", "-t", "lifecycle", "--name", DEPLOYMENT],
+        raise RuntimeError(f"mlflow deployments create failed: {log_path.read_text()[-2000:]}")
+    got = subprocess.run([mlflow_bin(), "deployments", "get", "-t", "lifecycle", "--name", deployment],
                          capture_output=True, text=True, timeout=120, check=True).stdout
-    status = read_status()
+    status = read_status(deployment)
     url = status["url"]
     if url not in got:
         print(f"WARNING: `mlflow deployments get` does not show {url}:\n{got}", file=sys.stderr)
-    return {"name": "ours", "url": url, "port": status["port"], "pgid": status["pid"], "cold_start_s": cold,
+    return {"name": label, "url": url, "port": status["port"], "pgid": status["pid"], "cold_start_s": cold,
             "create_cli_s": cli_done}
 
 
@@ -518,12 +526,12 @@ def print_report(report: dict[str, Any]) -> None:
     cmp = report["predictions"]
     print(f"  predictions equal on {cmp['rows']} rows: {cmp['equal']}")
     print()
-    header = (f"{'rows':>4} {'conc':>4} {'server':<6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+    header = (f"{'rows':>4} {'conc':>4} {'server':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
               f"{'err':>4} {'rps/s min-max':>14} {'req/cpu-s':>9} {'srv cpu%':>8} {'cli cpu%':>8} {'cli/busy':>8} {'oth cpu%':>8}  srv cpu% per process")
     print(header)
     print("-" * len(header))
     for cell in report["results"]:
-        print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<6} {cell['rps']:>8.1f} "
+        print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<11} {cell['rps']:>8.1f} "
               f"{cell['p50_ms']:>8.2f} {cell['p99_ms']:>8.2f} {cell['max_ms']:>8.1f} {cell['errors']:>4} "
               f"{cell['rps_per_second_min']:>6}-{cell['rps_per_second_max']:<7} "
               f"{cell['req_per_server_cpu_s']:>9.0f} {cell['server_cpu_core_pct']:>8.0f} {cell['client_cpu_core_pct']:>8.0f} "
@@ -534,6 +542,10 @@ def print_report(report: dict[str, Any]) -> None:
     for ratio in report["ratios"]:
         print(f"  rows={ratio['rows']:>3} conc={ratio['concurrency']:>2}: throughput x{ratio['throughput_ours_over_theirs']:.2f}"
               f"   p99 x{ratio['p99_theirs_over_ours']:.2f}   req per server CPU-s x{ratio['cpu_efficiency_ours_over_theirs']:.2f}")
+    for ratio in report.get("variant_ratios", []):
+        print(f"  rows={ratio['rows']:>3} conc={ratio['concurrency']:>2}: ours vs {ratio['variant']}: throughput "
+              f"x{ratio['throughput_ours_over_variant']:.3f}   p99 x{ratio['p99_ours_over_variant']:.2f}   "
+              f"max {ratio['max_ms_ours']:.1f} ms vs {ratio['max_ms_variant']:.1f} ms")
     for cell in report["results"]:
         if cell["errors"] or cell["stuck_connections"]:
             print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: {cell['errors']} errors "
@@ -541,6 +553,36 @@ def print_report(report: dict[str, Any]) -> None:
     print("req/cpu-s = requests per CPU-second of the server's processes (robust to CPU stolen by other jobs).")
     print("cpu% columns are % of ONE core during the measured window; cli/busy = load generator's share of "
           "all CPU the machine used then; oth = CPU of other jobs on the machine (noise).")
+
+
+def median_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's passes as one: the median of each figure (the first pass's for the rest)."""
+    if len(cells) == 1:
+        return cells[0]
+    out = dict(cells[0])
+    for key, value in cells[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("rows", "concurrency"):
+            out[key] = statistics.median(c[key] for c in cells)
+    out["passes"] = [{k: c[k] for k in ("rps", "p99_ms", "max_ms")} for c in cells]
+    return out
+
+
+def variant_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each ``ours-<variant>`` against ``ours`` in the same cell (e.g. what capture costs)."""
+    cells: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for cell in results:
+        cells.setdefault((cell["rows"], cell["concurrency"]), {})[cell["server"]] = cell
+    out = []
+    for (rows, conc), group in cells.items():
+        ours = group.get("ours")
+        for name, other in group.items():
+            if ours is None or not name.startswith("ours-"):
+                continue
+            out.append({"rows": rows, "concurrency": conc, "variant": name,
+                        "throughput_ours_over_variant": ours["rps"] / other["rps"] if other["rps"] else float("nan"),
+                        "p99_ours_over_variant": ours["p99_ms"] / other["p99_ms"] if other["p99_ms"] else float("nan"),
+                        "max_ms_ours": ours["max_ms"], "max_ms_variant": other["max_ms"]})
+    return out
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -588,6 +630,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="load generator processes per cell, connections split among them (default 1)")
     parser.add_argument("--ours-config", action="append", default=[], metavar="KEY=VALUE",
                         help="extra -C for our deployment (repeatable), e.g. capture=false")
+    parser.add_argument("--ours-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="one more deployment of ours with these -C (repeatable), e.g. nocap:capture=false")
+    parser.add_argument("--passes", type=int, default=1, help="measure every cell this many times (median shown)")
+    parser.add_argument("--no-peer", action="store_true", help="do not start `mlflow models serve`")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) after the run")
     return parser.parse_args(argv)
@@ -611,12 +657,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workdir {workdir}; training and registering {MODEL_NAME} ...", file=sys.stderr)
         frame = train_and_register()
         print(f"  done in {time.monotonic() - t0:.1f} s; starting peer (mlflow models serve) ...", file=sys.stderr)
-        peer = start_peer(args.workers)
-        print(f"  peer up in {peer['cold_start_s']:.2f} s; starting ours (mlflow deployments create) ...",
-              file=sys.stderr)
-        ours = start_ours(args.workers, args.ours_config)
-        print(f"  ours up in {ours['cold_start_s']:.2f} s", file=sys.stderr)
-        servers = [peer, ours]
+        servers = []
+        if not args.no_peer:
+            servers.append(start_peer(args.workers))
+            print(f"  peer up in {servers[-1]['cold_start_s']:.2f} s", file=sys.stderr)
+        print("  starting ours (mlflow deployments create) ...", file=sys.stderr)
+        servers.append(start_ours(args.workers, args.ours_config))
+        print(f"  ours up in {servers[-1]['cold_start_s']:.2f} s", file=sys.stderr)
+        for variant in args.ours_variant:
+            name, _, items = variant.partition(":")
+            extra = args.ours_config + [x for x in items.split(",") if x]
+            servers.append(start_ours(args.workers, extra, name))
+            print(f"  {servers[-1]['name']} ({','.join(extra)}) up in {servers[-1]['cold_start_s']:.2f} s",
+                  file=sys.stderr)
         predictions = compare_predictions(frame, servers)
         results = []
         spec_dir = workdir / "client-specs"
@@ -624,17 +677,22 @@ def main(argv: list[str] | None = None) -> int:
         for rows in args.rows:
             bodies = make_bodies(frame, rows)
             for conc in args.concurrency:
-                for server in servers:
-                    cell = measure(server, bodies, conc, args.duration, args.client_procs, spec_dir)
-                    results.append(cell)
-                    print(f"  {server['name']:<5} rows={rows:<4} conc={conc:<3} {cell['rps']:8.1f} req/s  "
-                          f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
-                          file=sys.stderr)
+                passes: dict[str, list[dict[str, Any]]] = {}
+                for n_pass in range(args.passes):
+                    # Interleaved, and in the other order on odd passes: neither side always goes first.
+                    for server in servers if n_pass % 2 == 0 else servers[::-1]:
+                        cell = measure(server, bodies, conc, args.duration, args.client_procs, spec_dir)
+                        passes.setdefault(server["name"], []).append(cell)
+                        print(f"  {server['name']:<5} rows={rows:<4} conc={conc:<3} {cell['rps']:8.1f} req/s  "
+                              f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
+                              f"max {cell['max_ms']:7.1f} ms  errors {cell['errors']}", file=sys.stderr)
+                results.extend(median_cell(passes[server["name"]]) for server in servers)
         for server in servers:
             server["rss_mb"] = group_rss_mb(server["pgid"])
         report = {"workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
                   "servers": servers, "predictions": predictions, "results": results,
-                  "ratios": ratios(results), "total_s": time.monotonic() - t0,
+                  "ratios": ratios(results), "variant_ratios": variant_ratios(results),
+                  "total_s": time.monotonic() - t0,
                   "ours_config": args.ours_config, "commit": _commit()}
         if args.keep:
             report["workdir"] = str(workdir)
