@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -55,18 +59,17 @@ def parquet_files(root: Path) -> list[Path]:
     return sorted(root.glob("date=*/*.parquet"))
 
 
-class SlowWriter(CaptureWriter):
-    """A writer whose file writes block until released: stands in for a stalled disk or network."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.release = threading.Event()
-        self.writing = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    def _write_part(self, part):
-        self.writing.set()
-        self.release.wait(10)
-        return super()._write_part(part)
+@contextlib.contextmanager
+def converter_stopped(writer: CaptureWriter) -> Iterator[None]:
+    """The writer's converter process stopped (SIGSTOP) while inside: stands in for a stalled disk
+    or network; Parquet writing stops, the request path goes on."""
+    pid = wait_until(lambda: writer.converter_pid, 30, "the converter process to start")
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_concurrent_record_then_close_keeps_every_accepted_row(tmp_path: Path) -> None:
@@ -146,12 +149,15 @@ def test_time_based_flush_without_close(tmp_path: Path) -> None:
         writer.close()
 
 
-def test_unwritable_root_drops_and_never_raises(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spool", ["under-the-root", "elsewhere"])
+def test_unwritable_root_drops_and_never_raises(tmp_path: Path, spool: str) -> None:
+    """Spooling fails (the spool is under the root) or the converter's Parquet writes fail."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     drops: list[tuple[int, str]] = []
     writer = CaptureWriter(str(blocker / "capture"), "dep", flush_rows=5, flush_interval_s=0.05,
-                           on_drop=lambda n, reason: drops.append((n, reason)))
+                           on_drop=lambda n, reason: drops.append((n, reason)),
+                           spool_dir=str(tmp_path / "spool") if spool == "elsewhere" else None)
     try:
         slowest = 0.0
         for i in range(200):
@@ -159,24 +165,27 @@ def test_unwritable_root_drops_and_never_raises(tmp_path: Path) -> None:
             writer.record(request(f"r{i}", 1))
             slowest = max(slowest, time.perf_counter() - began)
         assert slowest < 1.0  # loose for loaded CI: record never waits on the failing writes
-        wait_until(lambda: writer.dropped_requests >= 200, 10, "every request counted as dropped")
+        wait_until(lambda: writer.dropped_requests >= 200, 60, "every request counted as dropped")
         assert sum(n for n, _ in drops) == writer.dropped_requests
         assert {reason for _, reason in drops} <= {"write_error", "buffer_full"}
         assert "write_error" in {reason for _, reason in drops}
     finally:
         writer.close(timeout_s=5)
     assert writer.written_requests == 0
-    assert not writer._pending, "failed writes must not pile up"
+    assert writer.buffered_requests == 0, "failed writes must not pile up"
+    assert not list((tmp_path / "spool").glob("*/*")), "the spool is emptied, lost requests counted"
 
 
 def test_buffer_full_drops_without_blocking(tmp_path: Path) -> None:
     root = tmp_path / "capture"
     drops: list[tuple[int, str]] = []
-    writer = SlowWriter(str(root), "dep", max_buffer_requests=5, flush_rows=1, flush_interval_s=0.05,
-                        on_drop=lambda n, reason: drops.append((n, reason)))
+    writer = CaptureWriter(str(root), "dep", max_buffer_requests=5, flush_rows=1, flush_interval_s=0.05,
+                           on_drop=lambda n, reason: drops.append((n, reason)))
+    stopped = contextlib.ExitStack()
     try:
         assert writer.record(request("first", 1))
-        assert writer.writing.wait(10), "the writer thread never started writing"
+        wait_until(lambda: writer.written_requests == 1, 30, "the first request to be written")
+        stopped.enter_context(converter_stopped(writer))
         accepted = 0
         slowest = 0.0
         for i in range(100):
@@ -188,8 +197,8 @@ def test_buffer_full_drops_without_blocking(tmp_path: Path) -> None:
         assert drops == [(1, "buffer_full")] * 95
         assert slowest < 1.0  # generous for loaded CI; a blocked call would take 10 s
     finally:
-        writer.release.set()
-        writer.close(timeout_s=10)
+        stopped.close()
+        writer.close(timeout_s=30)
     assert writer.written_requests == 6
     assert set(read_capture(str(root))["_request_id"]) == {"first", "r0", "r1", "r2", "r3", "r4"}
     assert not writer.record(request("late", 1)), "a closed writer accepts nothing"
@@ -345,3 +354,65 @@ def test_deeply_nested_inputs_are_kept_as_text_and_every_file_reads_back(tmp_pat
     captured = read_capture(str(root))
     assert set(captured["_request_id"]) == {"deep", "plain"}
     assert captured.loc[captured["_request_id"] == "deep", "x"].iloc[0].startswith("{'k': [{'k'")
+
+
+CRASHING_WRITER = """
+import os, sys, time
+from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter
+import numpy as np, pandas as pd
+root, spool = sys.argv[1], sys.argv[2]
+writer = CaptureWriter(root, "dep", flush_interval_s=600, spool_dir=spool)
+for i in range(3):
+    frame = pd.DataFrame({"x": [float(i)], "name": [f"n{i}"]})
+    assert writer.record(CapturedRequest(f"crashed-{i}", time.time(), "1", 200, 1.0, frame, np.array([i])))
+print("recorded", flush=True)
+sys.stdin.read()  # killed by the test while waiting here
+"""
+
+
+def test_a_crashed_writers_spool_is_converted_by_the_next_start(tmp_path: Path) -> None:
+    """A worker killed with requests still in the spool (the last record torn): the converter of
+    the next writer on the same spool converts them, skipping the torn record."""
+    root, spool = tmp_path / "capture", tmp_path / "spool"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    crashed = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(root), str(spool)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert crashed.stdout is not None
+        assert crashed.stdout.readline().strip() == b"recorded"
+        segment = wait_until(lambda: [p for p in spool.glob("*/*.open") if p.stat().st_size > 0], 30,
+                             "the records to reach the spool file")[0]
+        wait_until(lambda: segment.read_bytes().count(b"crashed-") == 3, 30, "all three records spooled")
+    finally:
+        crashed.kill()
+        crashed.wait(30)
+    with segment.open("ab") as file:  # a record cut short by the crash
+        file.write(b"\x40\x00\x00\x00\x01\x02\x03\x04torn")
+    assert not parquet_files(root)
+    with CaptureWriter(str(root), "dep", flush_interval_s=60, spool_dir=str(spool)) as writer:
+        assert writer.record(request("after-restart", 1))
+    captured = read_capture(str(root))
+    assert sorted(set(captured["_request_id"])) == ["after-restart", "crashed-0", "crashed-1", "crashed-2"]
+    assert sorted(captured.loc[captured["_request_id"].str.startswith("crashed"), "name"]) == ["n0", "n1", "n2"]
+    assert not list(spool.iterdir()), "the orphaned spool folder is removed once converted"
+
+
+def test_float_frames_take_the_raw_path_and_read_back_like_any_frame(tmp_path: Path) -> None:
+    """Frames marked float64 by the request parser travel as raw bytes: same columns and values as
+    the pickled path, prediction dtypes kept (float32 stays float32)."""
+    from mlflow_deploy_plugin.serving.frames import mark_float64
+
+    root = tmp_path / "capture"
+    with CaptureWriter(str(root), "dep", flush_interval_s=60) as writer:
+        for i in range(3):
+            fast = mark_float64(pd.DataFrame({"a": [i, i + 0.5], "_status": [1.0, 2.0]}, dtype=np.float64))
+            assert writer.record(request(f"fast{i}", inputs=fast,
+                                         predictions=np.array([[i, 1], [i, 2]], dtype=np.float32)))
+        assert writer.record(request("plain", inputs=pd.DataFrame({"a": [9.0], "_status": [3.0]}),
+                                     predictions=np.array([[7, 8]], dtype=np.float32)))
+    frame = read_capture(str(root)).sort_values(["_request_id", "_row"]).set_index(["_request_id", "_row"])
+    assert list(frame.loc[("fast1", 1), ["a", "_input_status", "_prediction_0", "_prediction_1"]]) == [1.5, 2.0, 1, 2]
+    assert list(frame.loc[("plain", 0), ["a", "_input_status", "_prediction_0", "_prediction_1"]]) == [9.0, 3.0, 7, 8]
+    schema = pq.read_schema(parquet_files(root)[0])
+    assert schema.field("_prediction_0").type == pa.float32()
+    assert writer.written_requests == 4 and writer.written_rows == 7

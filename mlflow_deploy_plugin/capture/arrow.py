@@ -1,7 +1,7 @@
 """Turning answered requests into Arrow tables of the capture layout.
 
 Kept apart from the writer because it is pure data work (no threads, locks or I/O) and is where
-nearly all of capture's CPU goes: it runs on the writer thread only, never on the serving hot path.
+nearly all of capture's CPU goes: it runs in the converter process (:mod:`.converter`), never in the process that serves.
 Requests of one day whose columns and dtypes match are stacked together, so a batch of thousands of
 small requests costs a few vectorised concatenations. Whatever the model received or returned is
 stored: inputs become a DataFrame with names that cannot clash with the meta columns, outputs become
@@ -24,6 +24,11 @@ from mlflow_deploy_plugin.serving.frames import is_float64, stack_frames
 
 _EPOCH = date(1970, 1, 1)
 
+# What capture reads of an answered request besides ``inputs`` and ``predictions``: the spool
+# (:mod:`.spool`) carries exactly these attributes to the converter process, so a new meta column
+# is one more name here (and in ``_group_table``), not a change of the record format.
+REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms")
+
 
 class AnsweredRequest(Protocol):
     """What capture reads of one answered ``/invocations`` request.
@@ -43,7 +48,7 @@ class AnsweredRequest(Protocol):
     @property
     def latency_ms(self) -> float: ...
     # What the model took and returned, in whatever form it did (DataFrame, arrays, dicts, ...):
-    # made tabular by _as_frame and prediction_columns.
+    # made tabular by as_frame and prediction_columns.
     @property
     def inputs(self) -> Any: ...
     @property
@@ -69,11 +74,17 @@ class CapturedRequest:
 
 @dataclass(slots=True)
 class _Group:
-    """Requests of one day whose columns and dtypes match, so they concatenate cheaply."""
+    """Requests of one day whose columns and dtypes match, so they concatenate cheaply.
+
+    ``requests`` are read for their :data:`REQUEST_ATTRS` only (their inputs and predictions are
+    in ``frames`` and ``predictions``); ``counts`` is how many rows each request has. ``frames``
+    and ``predictions`` may also hold the rows of many requests stacked in one (see :mod:`.spool`).
+    """
 
     frames: list[pd.DataFrame | None] = field(default_factory=list)
     predictions: list[dict[str, np.ndarray]] = field(default_factory=list)
-    meta: list[tuple[str, float, str, int, float, int]] = field(default_factory=list)
+    requests: list[AnsweredRequest] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
 
 
 def tables_by_day(batch: list[AnsweredRequest], deployment: str,
@@ -89,7 +100,7 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
     for req in batch:
         try:
             day = int(float(req.timestamp) // 86400)
-            frame = _as_frame(req.inputs)
+            frame = as_frame(req.inputs)
             n = len(frame) if frame is not None else 1
             # No inputs (e.g. a rejected request): one meta-only row, as the drift job expects.
             predictions = prediction_columns(req.predictions, n) if frame is not None else {}
@@ -103,8 +114,8 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
                 group = groups[key] = _Group()
             group.frames.append(frame)
             group.predictions.append(predictions)
-            group.meta.append((str(req.request_id), float(req.timestamp), str(req.model_version),
-                               int(req.status), float(req.latency_ms), n))
+            group.requests.append(req)
+            group.counts.append(n)
         except Exception:
             unconverted += 1
     by_day: dict[date, list[tuple[pa.Table, int]]] = {}
@@ -112,10 +123,24 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
         try:
             table = _group_table(group, deployment, redact)
         except Exception:
-            unconverted += len(group.meta)
+            unconverted += len(group.requests)
             continue
-        by_day.setdefault(_EPOCH + timedelta(days=day_number), []).append((table, len(group.meta)))
+        by_day.setdefault(_EPOCH + timedelta(days=day_number), []).append((table, len(group.requests)))
     return by_day, unconverted
+
+
+def stacked_table(requests: list[Any], counts: list[int], inputs: pd.DataFrame | None,
+                  predictions: dict[str, np.ndarray], deployment: str,
+                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
+    """The table of requests whose rows are already stacked: ``inputs`` (from :func:`as_frame`)
+    and ``predictions`` (from :func:`prediction_columns`) hold ``sum(counts)`` rows, request by
+    request. What :func:`tables_by_day` builds for the same requests one by one."""
+    return _group_table(_Group([inputs], [predictions], requests, counts), deployment, redact)
+
+
+def day_of(timestamp: float) -> date:
+    """The UTC day of an epoch timestamp (the ``date=`` partition its rows go to)."""
+    return _EPOCH + timedelta(days=int(float(timestamp) // 86400))
 
 
 def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int]]:
@@ -132,17 +157,18 @@ def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int
 
 def _group_table(group: _Group, deployment: str,
                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
-    counts = np.fromiter((m[5] for m in group.meta), dtype=np.int64, count=len(group.meta))
+    reqs = group.requests
+    counts = np.array(group.counts, dtype=np.int64)
     total = int(counts.sum())
-    micros = np.fromiter((round(m[1] * 1e6) for m in group.meta), dtype=np.int64, count=len(group.meta))
+    micros = np.fromiter((round(float(r.timestamp) * 1e6) for r in reqs), dtype=np.int64, count=len(reqs))
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     arrays: list[pa.Array] = [
-        pa.array(np.repeat(np.array([m[0] for m in group.meta], dtype=object), counts), pa.string()),
+        pa.array(np.repeat(np.array([str(r.request_id) for r in reqs], dtype=object), counts), pa.string()),
         pa.array(np.repeat(micros, counts), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         pa.array([deployment] * total, pa.string()),
-        pa.array(np.repeat(np.array([m[2] for m in group.meta], dtype=object), counts), pa.string()),
-        pa.array(np.repeat(np.array([m[3] for m in group.meta], dtype=np.int16), counts), pa.int16()),
-        pa.array(np.repeat(np.array([m[4] for m in group.meta], dtype=np.float32), counts), pa.float32()),
+        pa.array(np.repeat(np.array([str(r.model_version) for r in reqs], dtype=object), counts), pa.string()),
+        pa.array(np.repeat(np.array([int(r.status) for r in reqs], dtype=np.int16), counts), pa.int16()),
+        pa.array(np.repeat(np.array([float(r.latency_ms) for r in reqs], dtype=np.float32), counts), pa.float32()),
         pa.array((np.arange(total, dtype=np.int64) - starts).astype(np.int32), pa.int32()),
     ]
     names = list(META_COLUMNS)
@@ -161,7 +187,7 @@ def _group_table(group: _Group, deployment: str,
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def _as_frame(inputs: Any) -> pd.DataFrame | None:
+def as_frame(inputs: Any) -> pd.DataFrame | None:
     """Inputs as a DataFrame with unique string column names that cannot clash with ours."""
     if inputs is None:
         return None

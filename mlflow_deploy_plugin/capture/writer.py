@@ -1,46 +1,63 @@
-"""The capture writer: a bounded in-memory buffer drained to Parquet by one background thread.
+"""The capture writer: the request path appends encoded records to a spool; another process writes Parquet.
 
-The serving hot path only calls :meth:`CaptureWriter.record`, which appends to an in-memory buffer
-bounded both in requests and in bytes (what the requests' inputs and predictions hold); all pandas/arrow work and I/O happen on one background thread per writer. Kept apart from
-the conversion (:mod:`.arrow`) and the file layout (:mod:`.layout`) so that what matters here is
-easy to check on its own: the request path never blocks or raises, memory stays bounded, and every
-request accepted is either written or counted as dropped (with a reason).
+:meth:`CaptureWriter.record` encodes one answered request as a spool record (:mod:`.spool`: raw
+bytes of float frames and numeric predictions, a few microseconds) and appends it to an in-memory
+list. A background thread of the serving process only appends those bytes to a segment file
+(``os.write`` releases the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the
+segment to the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet
+work. So encoding and writing Parquet never hold the GIL of the process that serves.
+
+What stays true, and is easy to check here: the request path never blocks on I/O or raises;
+what waits (in memory or in the spool, not yet in Parquet) is bounded in requests and bytes;
+every request accepted is either written or counted as dropped (with a reason); nothing accepted
+is lost on a graceful :meth:`~CaptureWriter.close`; after a crash, the converter of the next
+start converts what the spool kept (a torn last record is skipped).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
+import json
 import logging
 import math
 import os
+import pickle
 import random
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import date
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, merge_tables, tables_by_day
-from mlflow_deploy_plugin.capture.layout import join_path, new_part_name, partition_path, resolve_root
+from mlflow_deploy_plugin.capture.arrow import AnsweredRequest
 from mlflow_deploy_plugin.capture.retention import prune_capture
-from mlflow_deploy_plugin.serving.frames import is_float64
+from mlflow_deploy_plugin.capture.spool import (
+    LOCK_NAME,
+    OPEN_SUFFIX,
+    SEGMENT_SUFFIX,
+    encode_record,
+    write_config,
+)
 
 _log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 600.0
-# A failed file is written once more on the next flush, then dropped: enough to ride out a blip
-# without letting an outage pile up memory.
-_MAX_WRITE_ATTEMPTS = 2
+# Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
+_WRITE_EVERY_S = 0.25
+_WRITE_BYTES = 1 << 20
+# A converter that exits with segments still to convert is started again, at most this often.
+_RESTART_PAUSE_S = 1.0
 # Writers to restart in a forked child (e.g. uvicorn workers forked after the app was built).
 _LIVE_WRITERS: weakref.WeakSet[CaptureWriter] = weakref.WeakSet()
 
@@ -59,42 +76,43 @@ DROP_CONVERT_ERROR = "convert_error"
 DROP_CLOSED = "closed"
 DROP_INVALID = "invalid"
 DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+_seq = iter(range(1, 1 << 62))
 
 
-def approx_nbytes(value: Any) -> int:
-    """About how much memory ``value`` (a request's inputs or predictions) holds; cheap on the hot path.
-
-    Float frames built by the parser cost O(1); other frames count their strings (pandas does it in C).
-    """
-    if value is None:
-        return 0
-    if isinstance(value, pd.DataFrame):
-        if is_float64(value):
-            return value.shape[0] * value.shape[1] * 8
-        return int(value.memory_usage(index=False, deep=True).sum())
-    if isinstance(value, pd.Series):
-        return int(value.memory_usage(index=False, deep=True))
-    if isinstance(value, np.ndarray):
-        return value.nbytes if value.dtype != object else value.size * 64
-    if isinstance(value, dict):
-        return sum(approx_nbytes(v) for v in value.values()) + 64 * len(value)
-    if isinstance(value, list | tuple):
-        return 64 * len(value)
-    return sys.getsizeof(value)
+def default_spool_dir(root: str, deployment: str) -> str:
+    """Where a writer spools when not told: ``{root}/.spool`` for a local root (readers list only
+    ``date=`` folders), else a folder of the temp dir (the spool must be on a local disk)."""
+    if "://" not in root:
+        return os.path.join(os.path.abspath(os.path.expanduser(root)), ".spool")
+    if root.startswith("file://"):
+        return os.path.join(root.removeprefix("file://"), ".spool")
+    return os.path.join(tempfile.gettempdir(), "mlflow-deploy-capture-spool", deployment)
 
 
-@dataclass(slots=True)
-class _Part:
-    """One Parquet file waiting to be written (kept across one retry when a write fails)."""
+def _rows_of(inputs: Any) -> int:
+    if inputs is None:
+        return 1
+    try:
+        return max(len(inputs), 1)
+    except TypeError:
+        return 1
 
-    day: date
-    table: pa.Table
-    n_requests: int
-    attempts: int = 0
+
+class _Segment:
+    """The segment file being appended to, and what it holds."""
+
+    __slots__ = ("bytes", "name", "requests", "rows")
+
+    def __init__(self) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        self.name = f"seg-{stamp}-{os.getpid()}-{next(_seq):06d}"
+        self.requests = 0
+        self.rows = 0
+        self.bytes = 0
 
 
 class CaptureWriter:
-    """Buffers captured requests in memory and writes them to Parquet from a background thread.
+    """Spools captured requests from the request path; a converter process writes them to Parquet.
 
     Best created in each worker process; a writer inherited through ``fork`` restarts empty in the
     child. Call :meth:`close` on shutdown; an ``atexit`` hook also closes writers left open.
@@ -114,29 +132,33 @@ class CaptureWriter:
         on_drop: Callable[[int, str], None] | None = None,
         rng_seed: int | None = None,
         redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+        spool_dir: str | None = None,
     ) -> None:
-        """Start the writer thread.
+        """Start the writer thread (the converter process starts with the first segment).
 
         Args:
             root: Local folder or pyarrow filesystem URI (``file://``, ``s3://bucket/prefix``...).
-                The filesystem is resolved on the writer thread, so a slow or failing remote store
+                The filesystem is resolved by the converter, so a slow or failing remote store
                 never delays startup; its errors count as dropped writes.
             deployment: Stored in the ``_deployment`` column.
             sample_rate: Fraction of requests recorded, in (0, 1].
-            max_buffer_requests: Requests buffered before new ones are dropped.
-            max_buffer_bytes: Bytes (inputs and predictions, estimated) buffered before new requests
-                are dropped; a single request larger than this is dropped too.
-            flush_rows: Buffered input rows that trigger a write.
-            flush_interval_s: Longest time a recorded request waits before being written.
+            max_buffer_requests: Requests waiting to be written (in memory or in the spool) before
+                new ones are dropped.
+            max_buffer_bytes: Bytes (encoded records) waiting to be written before new requests are
+                dropped; a single request larger than this is dropped too.
+            flush_rows: Spooled input rows that start a conversion.
+            flush_interval_s: Longest time a recorded request waits before its conversion starts.
             retention_days: If set, delete ``date=`` partitions older than this many days.
             on_drop: Called as ``on_drop(n_requests, reason)`` for requests accepted-then-lost or
                 refused; reason is one of ``buffer_full``, ``write_error``, ``convert_error``,
                 ``closed``, ``invalid`` (not a request object). It may run on the caller's thread
-                (``buffer_full``, ``closed``, ``invalid``) or the writer thread, so it must be cheap
-                and thread-safe (a Prometheus ``inc`` is).
+                or a writer thread, so it must be cheap and thread-safe (a Prometheus ``inc`` is).
             rng_seed: Seed of the sampling RNG, for reproducible tests.
             redact: Applied to the input columns before they are written (see :mod:`.redaction`):
-                ``-C capture_exclude`` / ``-C capture_hash``. Runs on the writer thread.
+                ``-C capture_exclude`` / ``-C capture_hash``. Runs in the converter process, so it
+                must pickle (a bound method of a :class:`.redaction.CaptureRedaction` does).
+            spool_dir: Local folder for the spool (each writer uses a folder of its own inside);
+                default :func:`default_spool_dir`.
         """
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
@@ -150,6 +172,10 @@ class CaptureWriter:
             raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}.")
         if retention_days is not None and retention_days < 1:
             raise ValueError(f"retention_days must be >= 1 or None, got {retention_days!r}.")
+        try:
+            pickle.dumps(redact)
+        except Exception as exc:
+            raise ValueError(f"redact must pickle (it runs in the converter process): {exc}") from None
         self.root = root
         self.deployment = deployment
         self.sample_rate = float(sample_rate)
@@ -160,10 +186,12 @@ class CaptureWriter:
         self.flush_interval_s = float(flush_interval_s)
         self.retention_days = retention_days
         self.on_drop = on_drop
+        self.spool_dir = spool_dir or default_spool_dir(root, deployment)
 
         self._rng_seed = rng_seed
         self._rng = random.Random(rng_seed)
         self._closed = False
+        self._lock_fd: int | None = None
         self._start()
         _LIVE_WRITERS.add(self)
         # Daemon threads are killed at interpreter exit; closing first keeps what was accepted.
@@ -186,26 +214,40 @@ class CaptureWriter:
         self._lost_accepted = 0
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
-        self._buffer: list[AnsweredRequest] = []
-        self._buffered_rows = 0
-        self._buffered_bytes = 0
-        self._first_buffered_at: float | None = None
+        # Encoded records not yet in the segment file, and what waits anywhere (memory + spool).
+        self._chunks: list[bytes] = []
+        self._chunk_bytes = 0
+        self._waiting_requests = 0
+        self._waiting_bytes = 0
+        self._segment = _Segment()
+        self._segment_started_at: float | None = None
+        self._segment_fd: int | None = None
+        # Segments handed to the converter, not yet answered: name -> (requests, bytes).
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._flush_asked = 0
+        self._flush_done = 0
         self._warned: set[str] = set()
-        # Serialises writes between the thread and explicit flush() calls.
-        self._write_lock = threading.Lock()
-        self._pending: list[_Part] = []
-        self._retry_at = math.inf
-        self._fs: tuple[pafs.FileSystem, str] | None = None
-        self._made_dirs: set[date] = set()
+        self._folder: Path | None = None
+        self._converter: subprocess.Popen[bytes] | None = None
+        self._converter_started_at = -math.inf
+        self._close_deadline = math.inf
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.deployment}", daemon=True)
         if not self._closed:
             self._thread.start()
 
     def _after_fork_in_child(self) -> None:
-        # The thread does not survive a fork and a lock may have been copied while held. The
-        # parent still owns (and writes) what it had buffered, so the child starts empty.
+        # Threads do not survive a fork and a lock may have been copied while held. The parent
+        # still owns (and converts) what it had spooled, so the child starts empty, with a spool
+        # folder and a converter of its own.
         if self._rng_seed is None:
             self._rng = random.Random()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._segment_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._segment_fd)
         self._start()
 
     # ---- hot path -------------------------------------------------------------------------------
@@ -214,38 +256,43 @@ class CaptureWriter:
         """Queue one answered request for capture; never blocks on I/O and never raises.
 
         Returns True if the request was accepted, False if it was sampled out (not counted as a
-        drop) or dropped (buffer full, writer closed; counted in ``dropped_requests``).
+        drop) or dropped (buffer full, writer closed, not encodable; counted in ``dropped_requests``).
         """
         try:
             if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
                 return False
-            inputs = request.inputs
-            rows = 1
-            if inputs is not None:
-                try:
-                    rows = max(len(inputs), 1)
-                except TypeError:
-                    rows = 1
-            size = approx_nbytes(inputs) + approx_nbytes(request.predictions)
+            try:
+                blob = encode_record(request)
+            except Exception:
+                self._drop(1, DROP_CONVERT_ERROR, accepted=False)
+                return False
+            rows = _rows_of(request.inputs)
+            size = len(blob)
             reason = None
             with self._lock:
                 if self._closed:
                     reason = DROP_CLOSED
-                elif (len(self._buffer) >= self.max_buffer_requests
-                      or self._buffered_bytes + size > self.max_buffer_bytes):
+                elif (self._waiting_requests >= self.max_buffer_requests
+                      or self._waiting_bytes + size > self.max_buffer_bytes):
                     reason = DROP_BUFFER_FULL
                 else:
-                    self._buffer.append(request)
-                    self._buffered_bytes += size
-                    before = self._buffered_rows
-                    self._buffered_rows = before + rows
+                    self._chunks.append(blob)
+                    self._chunk_bytes += size
+                    self._waiting_requests += 1
+                    self._waiting_bytes += size
                     self.accepted_requests += 1
+                    segment = self._segment
+                    before = segment.rows
+                    segment.requests += 1
+                    segment.rows = before + rows
+                    segment.bytes += size
                     if before == 0:
                         # Wake the thread only on the first row (to start the interval clock) and
-                        # when a size flush is due, so most calls do no signalling at all.
-                        self._first_buffered_at = time.monotonic()
+                        # when a write or a conversion is due, so most calls do no signalling.
+                        self._segment_started_at = time.monotonic()
                         self._wakeup.notify()
-                    elif before < self.flush_rows <= self._buffered_rows:
+                    elif before < self.flush_rows <= segment.rows or self._chunk_bytes >= _WRITE_BYTES > (
+                            self._chunk_bytes - size):
                         self._wakeup.notify()
                     return True
                 self.dropped_requests += 1
@@ -264,29 +311,42 @@ class CaptureWriter:
 
     # ---- control --------------------------------------------------------------------------------
 
-    def flush(self) -> int:
-        """Write everything buffered now, on the caller's thread; returns the requests written.
+    def flush(self, timeout_s: float = 60.0) -> int:
+        """Convert everything recorded so far and wait for it; returns the requests written since.
 
         Meant for tests and tools: the service relies on the background thread.
         """
-        return self._flush_once(final=False)
+        with self._lock:
+            written = self.written_requests
+            self._flush_asked += 1
+            target = self._flush_asked
+            self._wakeup.notify_all()
+            deadline = time.monotonic() + timeout_s
+            while (self._flush_done < target or self._sent) and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wakeup.wait(min(left, 0.5))
+            return self.written_requests - written
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop accepting, write everything buffered, and stop the thread. Idempotent.
+        """Stop accepting, convert everything spooled, and stop the thread and converter. Idempotent.
 
-        If writing takes longer than ``timeout_s`` the thread is left to finish on its own (it is a
-        daemon, so it will not hold the process open).
+        If that takes longer than ``timeout_s`` the converter is left to finish on its own (it
+        converts what the spool holds, then exits), and what it writes is no longer counted here.
         """
         with self._lock:
             self._closed = True
+            self._close_deadline = min(self._close_deadline, time.monotonic() + timeout_s)
             self._wakeup.notify_all()
         started = self._thread.ident is not None  # a writer closed before a fork has no thread in the child
         if started and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
+            self._thread.join(timeout_s + 1.0)
+            if self._thread.is_alive() or self._sent:
                 unwritten = self.accepted_requests - self.written_requests - self._lost_accepted
-                _log.warning("Capture for deployment %r did not finish writing within %.1fs; "
-                             "%d accepted requests may be lost.", self.deployment, timeout_s, unwritten)
+                _log.warning("Capture for deployment %r: %d accepted requests were not converted within "
+                             "%.1fs; the converter goes on with them on its own.", self.deployment, unwritten,
+                             timeout_s)
         atexit.unregister(self._atexit)
 
     @property
@@ -296,13 +356,19 @@ class CaptureWriter:
 
     @property
     def buffered_requests(self) -> int:
-        """Requests waiting in memory to be written."""
-        return len(self._buffer)
+        """Requests accepted and not yet written to Parquet (in memory or in the spool)."""
+        return self._waiting_requests
 
     @property
     def buffered_bytes(self) -> int:
-        """Estimated bytes of the requests waiting in memory to be written."""
-        return self._buffered_bytes
+        """Bytes (encoded records) of the requests accepted and not yet written to Parquet."""
+        return self._waiting_bytes
+
+    @property
+    def converter_pid(self) -> int | None:
+        """The converter process's pid while it runs (for tools and tests)."""
+        converter = self._converter
+        return converter.pid if converter is not None and converter.poll() is None else None
 
     def __enter__(self) -> CaptureWriter:
         return self
@@ -310,127 +376,236 @@ class CaptureWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- writer thread --------------------------------------------------------------------------
+    # ---- writer thread: appends to the segment file, hands segments to the converter -------------
 
     def _run(self) -> None:
         next_prune = time.monotonic() if self.retention_days else math.inf
+        next_write = 0.0  # the first records are written at once, then every _WRITE_EVERY_S
         while True:
             try:
                 with self._lock:
                     while True:
                         now = time.monotonic()
-                        if self._closed or self._buffered_rows >= self.flush_rows or now >= next_prune:
+                        if self._closed or self._flush_asked > self._flush_done or now >= next_prune:
                             break
-                        due = math.inf
-                        if self._first_buffered_at is not None:
-                            due = self._first_buffered_at + self.flush_interval_s
-                        if self._pending:
-                            due = min(due, self._retry_at)
+                        if self._segment.rows >= self.flush_rows or self._chunk_bytes >= _WRITE_BYTES:
+                            break
+                        due = next_write if self._chunks else math.inf
+                        if self._segment_started_at is not None:
+                            due = min(due, self._segment_started_at + self.flush_interval_s)
+                        if self._sent and self._converter is None:
+                            due = min(due, self._converter_started_at + _RESTART_PAUSE_S)
                         if now >= due:
                             break
+                        # Nothing to do until record(), flush() or close() signals: sleep without polling.
                         wait = min(due, next_prune) - now
-                        # Nothing to do until record() or close() signals: sleep without polling.
                         self._wakeup.wait(None if wait == math.inf else wait)
                     closing = self._closed
+                    flush_target = self._flush_asked
+                    chunks, self._chunks, self._chunk_bytes = self._chunks, [], 0
+                    roll = (closing or flush_target > self._flush_done or self._segment.rows >= self.flush_rows
+                            or (self._segment_started_at is not None
+                                and time.monotonic() >= self._segment_started_at + self.flush_interval_s))
+                    segment = self._segment
+                    if roll:
+                        self._segment, self._segment_started_at = _Segment(), None
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
-                self._flush_once(final=closing)
+                if chunks:
+                    self._append(segment, chunks)
+                next_write = time.monotonic() + _WRITE_EVERY_S
+                if roll:
+                    self._roll(segment)
+                if self._sent and self._converter is None:
+                    self._start_converter()
+                with self._lock:
+                    if roll:
+                        self._flush_done = max(self._flush_done, flush_target)
+                        self._wakeup.notify_all()
                 if closing:
+                    self._finish()
                     return
             except Exception:  # never let the thread die: capture would silently stop
                 _log.exception("Capture for deployment %r: unexpected error in the writer thread.",
                                self.deployment)
                 time.sleep(min(self.flush_interval_s, 1.0))
 
+    def _ensure_folder(self) -> Path:
+        if self._folder is None:
+            folder = Path(self.spool_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir(parents=True)
+            fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            # Held while this writer lives: a converter finding it free knows the folder is orphaned.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd, self._folder = fd, folder
+        return self._folder
+
+    def _append(self, segment: _Segment, chunks: list[bytes]) -> None:
+        """Append records to the segment's file; on failure they are dropped and counted."""
+        data = b"".join(chunks)
+        try:
+            if self._segment_fd is None:
+                path = self._ensure_folder() / f"{segment.name}{OPEN_SUFFIX}"
+                self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._segment_fd, view):]
+        except OSError as exc:
+            # The records of this append are lost (a partial one is skipped as torn by the reader).
+            with self._lock:
+                segment.requests -= len(chunks)
+                segment.bytes -= len(data)
+                self._waiting_requests -= len(chunks)
+                self._waiting_bytes -= len(data)
+                first_of_burst = DROP_WRITE_ERROR not in self._warned
+                self._warned.add(DROP_WRITE_ERROR)
+            if first_of_burst:
+                _log.warning("Capture for deployment %r: spooling to %s failed (%s: %s); requests are dropped "
+                             "and counted.", self.deployment, self.spool_dir, type(exc).__name__, exc)
+            self._drop(len(chunks), DROP_WRITE_ERROR)
+            if self._segment_fd is not None and segment.requests == 0:
+                self._close_segment_file(segment, keep=False)
+
+    def _close_segment_file(self, segment: _Segment, keep: bool) -> str | None:
+        fd, self._segment_fd = self._segment_fd, None
+        if fd is None or self._folder is None:
+            return None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        open_path = self._folder / f"{segment.name}{OPEN_SUFFIX}"
+        if not keep:
+            with contextlib.suppress(OSError):
+                open_path.unlink()
+            return None
+        done = self._folder / f"{segment.name}{SEGMENT_SUFFIX}"
+        os.replace(open_path, done)
+        return str(done)
+
+    def _roll(self, segment: _Segment) -> None:
+        """Close the segment file and hand it to the converter."""
+        if segment.requests == 0:
+            self._close_segment_file(segment, keep=False)
+            return
+        try:
+            path = self._close_segment_file(segment, keep=True)
+        except OSError as exc:
+            _log.warning("Capture for deployment %r: closing spool segment failed: %s", self.deployment, exc)
+            path = None
+        if path is None:
+            self._lose(segment.requests, segment.bytes, DROP_WRITE_ERROR)
+            return
+        with self._lock:
+            self._sent[os.path.basename(path)] = (segment.requests, segment.bytes)
+        self._send(path)
+
+    def _send(self, path: str) -> None:
+        if self._converter is None:
+            return  # started (and every waiting segment sent) by _start_converter
+        try:
+            assert self._converter.stdin is not None
+            self._converter.stdin.write(f"convert {path}\n".encode())
+            self._converter.stdin.flush()
+        except (OSError, ValueError):
+            pass  # it died: its reader thread sees the end, and the segment is sent again on restart
+
+    def _start_converter(self) -> None:
+        if time.monotonic() < self._converter_started_at + _RESTART_PAUSE_S:
+            return
+        self._converter_started_at = time.monotonic()
+        folder = self._ensure_folder()
+        try:
+            converter = subprocess.Popen(
+                [sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", str(folder)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+            assert converter.stdin is not None
+            write_config(converter.stdin, {"root": self.root, "deployment": self.deployment,
+                                           "redact": self.redact, "flush_interval_s": self.flush_interval_s})
+        except Exception as exc:
+            _log.warning("Capture for deployment %r: cannot start the converter process (%s); spooled "
+                         "requests wait, new ones are dropped once the buffer is full.", self.deployment, exc)
+            return
+        self._converter = converter
+        threading.Thread(target=self._read_answers, args=(converter,), name=f"capture-answers-{self.deployment}",
+                         daemon=True).start()
+        with self._lock:
+            waiting = sorted(self._sent)
+        for name in waiting:
+            self._send(str(folder / name))
+
+    def _read_answers(self, converter: subprocess.Popen[bytes]) -> None:
+        """Count what the converter reports; runs until it exits."""
+        stdout: IO[bytes] | None = converter.stdout
+        assert stdout is not None
+        for line in stdout:
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                requests, size = self._sent.pop(answer.get("segment", ""), (0, 0))
+                if not requests:
+                    continue
+                written = min(int(answer.get("written", 0)), requests)
+                self.written_requests += written
+                self.written_rows += int(answer.get("rows", 0))
+                self._waiting_requests -= requests
+                self._waiting_bytes -= size
+                self._wakeup.notify_all()
+            convert_error = min(int(answer.get("convert_error", 0)), requests - written)
+            write_error = requests - written - convert_error
+            if "error" in answer:
+                convert_error, write_error = requests - written, 0
+            if convert_error:
+                self._drop(convert_error, DROP_CONVERT_ERROR)
+            if write_error:
+                self._drop(write_error, DROP_WRITE_ERROR)
+        converter.wait()
+        with self._lock:
+            if self._converter is converter:
+                self._converter = None
+            self._wakeup.notify_all()
+        if converter.returncode and not self._closed:
+            _log.warning("Capture for deployment %r: the converter process exited with code %s; it is started "
+                         "again for the segments waiting.", self.deployment, converter.returncode)
+
+    def _finish(self) -> None:
+        """On close: let the converter convert every segment and exit, within the close deadline."""
+        converter = self._converter
+        if converter is None and self._sent:
+            self._converter_started_at = -math.inf
+            self._start_converter()
+            converter = self._converter
+        if converter is not None:
+            with contextlib.suppress(OSError, ValueError):
+                assert converter.stdin is not None
+                converter.stdin.close()  # it converts what is left, removes the folder and exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                converter.wait(max(0.0, self._close_deadline - time.monotonic()))
+            with self._lock:
+                while self._converter is converter and time.monotonic() < self._close_deadline:
+                    self._wakeup.wait(0.1)
+        elif self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _prune(self) -> None:
         if self.retention_days is None:  # no retention: _run never schedules a prune
             return
         try:
-            fs, base = self._filesystem()
-            prune_capture(self.root, self.deployment, self.retention_days, _fs=(fs, base))
+            prune_capture(self.root, self.deployment, self.retention_days)
         except Exception as exc:
             _log.warning("Capture for deployment %r: pruning old partitions failed: %s",
                          self.deployment, exc)
 
-    def _filesystem(self) -> tuple[pafs.FileSystem, str]:
-        if self._fs is None:
-            self._fs = resolve_root(self.root)
-        return self._fs
-
-    def _flush_once(self, final: bool) -> int:
-        """Write the buffer (and parts awaiting a retry); with ``final``, retry then drop failures."""
-        with self._write_lock:
-            with self._lock:
-                batch, self._buffer = self._buffer, []
-                self._buffered_rows = 0
-                self._buffered_bytes = 0
-                self._first_buffered_at = None
-                self._warned.discard(DROP_BUFFER_FULL)
-            parts = self._pending
-            self._pending = []
-            if batch:
-                parts.extend(self._build_parts(batch))
-            written = 0
-            attempts_left = _MAX_WRITE_ATTEMPTS if final else 1
-            while parts and attempts_left > 0:
-                attempts_left -= 1
-                failed: list[_Part] = []
-                for part in parts:
-                    if self._write_part(part):
-                        written += part.n_requests
-                    else:
-                        failed.append(part)
-                parts = failed
-            retry = [] if final else [p for p in parts if p.attempts < _MAX_WRITE_ATTEMPTS]
-            lost = sum(p.n_requests for p in parts) - sum(p.n_requests for p in retry)
-            self._pending = retry
-            self._retry_at = time.monotonic() + self.flush_interval_s
-            if lost:
-                self._drop(lost, DROP_WRITE_ERROR)
-            return written
-
-    def _write_part(self, part: _Part) -> bool:
-        part.attempts += 1
-        tmp = None
-        try:
-            fs, base = self._filesystem()
-            folder = partition_path(base, part.day)
-            if part.day not in self._made_dirs:
-                fs.create_dir(folder, recursive=True)
-                self._made_dirs.add(part.day)
-            name = new_part_name()
-            final_path = join_path(folder, name)
-            if isinstance(fs, pafs.LocalFileSystem):
-                # Readers skip dot-files, so a half-written file is never seen; rename is atomic.
-                tmp = join_path(folder, f".{name}.tmp")
-                pq.write_table(part.table, tmp, filesystem=fs, compression="zstd")
-                fs.move(tmp, final_path)
-                tmp = None
-            else:
-                # Object stores publish an object only once its upload completes; a rename there is a copy.
-                pq.write_table(part.table, final_path, filesystem=fs, compression="zstd")
-        except Exception as exc:
-            self._made_dirs.discard(part.day)
-            if tmp is not None:
-                with contextlib.suppress(Exception):
-                    fs.delete_file(tmp)
-            with self._lock:
-                first_of_burst = DROP_WRITE_ERROR not in self._warned
-                self._warned.add(DROP_WRITE_ERROR)
-            if first_of_burst:
-                _log.warning("Capture for deployment %r: writing to %s failed (%s: %s); requests are "
-                             "retried once, then dropped and counted.", self.deployment, self.root,
-                             type(exc).__name__, exc)
-            return False
+    def _lose(self, requests: int, size: int, reason: str) -> None:
         with self._lock:
-            recovered = DROP_WRITE_ERROR in self._warned
-            self._warned.discard(DROP_WRITE_ERROR)
-            self.written_requests += part.n_requests
-            self.written_rows += part.table.num_rows
-        if recovered:
-            _log.warning("Capture for deployment %r: writing works again.", self.deployment)
-        return True
+            self._waiting_requests -= requests
+            self._waiting_bytes -= size
+        self._drop(requests, reason)
 
     def _drop(self, n: int, reason: str, accepted: bool = True) -> None:
         with self._lock:
@@ -445,21 +620,3 @@ class CaptureWriter:
         # A broken metrics hook must not break serving or capture.
         with contextlib.suppress(Exception):
             self.on_drop(n, reason)
-
-    # ---- conversion (writer thread only) ---------------------------------------------------------
-
-    def _build_parts(self, batch: list[AnsweredRequest]) -> list[_Part]:
-        """Turn requests into one Arrow table per day (or per column layout if they cannot unify)."""
-        by_day, unconverted = tables_by_day(batch, self.deployment, self.redact)
-        if unconverted:
-            with self._lock:
-                first_of_burst = DROP_CONVERT_ERROR not in self._warned
-                self._warned.add(DROP_CONVERT_ERROR)
-            if first_of_burst:
-                _log.warning("Capture for deployment %r: %d requests could not be converted to Arrow and "
-                             "were dropped.", self.deployment, unconverted)
-            self._drop(unconverted, DROP_CONVERT_ERROR)
-        else:
-            with self._lock:
-                self._warned.discard(DROP_CONVERT_ERROR)
-        return [_Part(day, table, n) for day, tables in by_day.items() for table, n in merge_tables(tables)]

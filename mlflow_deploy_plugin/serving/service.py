@@ -120,6 +120,8 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             max_buffer_bytes=config.capture_buffer_bytes,
             on_drop=lambda count, _reason: dropped.inc(count),
             redact=redaction.apply if redaction else None,
+            # Local even when capture_uri is remote: the request path appends to it.
+            spool_dir=os.path.join(capture_dir, ".spool"),
         )
     app = build_app(settings, slots, state=state, metrics=metrics,
                     on_answer=capture.record if capture is not None else None,

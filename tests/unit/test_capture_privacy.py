@@ -5,8 +5,11 @@ and file modes, deployment names. Real writers on temp folders, real files.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 
 from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter, read_capture
 from mlflow_deploy_plugin.capture.redaction import CaptureRedaction, keyed_hash
+from mlflow_deploy_plugin.capture.spool import encode_record
 from mlflow_deploy_plugin.config import parse_config
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
@@ -28,6 +32,15 @@ from mlflow_deploy_plugin.state import (
 )
 
 
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"Timed out after {timeout_s}s waiting for {what}")
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -36,38 +49,31 @@ def answered(rid: str, frame: pd.DataFrame) -> CapturedRequest:
     return CapturedRequest(rid, 1.7e9, "1", 200, 1.0, frame, np.zeros(len(frame)))
 
 
-class HeldWriter(CaptureWriter):
-    """A writer whose first file write waits for ``release``: the buffer only fills meanwhile."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.release = threading.Event()
-        self.writing = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    def _write_part(self, part):
-        self.writing.set()
-        self.release.wait(10)
-        return super()._write_part(part)
-
-
 def test_the_capture_buffer_is_bounded_in_bytes_and_drops_are_counted(tmp_path: Path) -> None:
+    """What waits to be written (spooled records) is bounded in bytes; the converter is stopped
+    (SIGSTOP) meanwhile, so nothing leaves the buffer."""
     drops: list[tuple[int, str]] = []
-    row_bytes = 4 * 8
-    writer = HeldWriter(str(tmp_path / "capture"), "dep", max_buffer_bytes=1000 * row_bytes + 10 * 8, flush_rows=1,
-                        flush_interval_s=0.05, on_drop=lambda n, reason: drops.append((n, reason)))
+    # 100 requests of 10 rows x 4 float64 + 10 float64 predictions, spooled as about this many bytes each:
+    size = len(encode_record(answered("r00", pd.DataFrame(np.zeros((10, 4))))))
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", max_buffer_bytes=40 * size, flush_rows=1,
+                           flush_interval_s=0.05, on_drop=lambda n, reason: drops.append((n, reason)))
+    pid = None
     try:
         assert writer.record(answered("first", pd.DataFrame(np.zeros((1, 4)))))
-        assert writer.writing.wait(10), "the writer thread never started writing"
-        # 100 requests of 10 rows x 4 float64 (320 bytes) + 10 float64 predictions (80 bytes) each.
-        accepted = sum(writer.record(answered(f"r{i}", pd.DataFrame(np.zeros((10, 4))))) for i in range(100))
+        wait_until(lambda: writer.written_requests == 1, 30, "the first request to be written")
+        pid = writer.converter_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        accepted = sum(writer.record(answered(f"r{i:02d}", pd.DataFrame(np.zeros((10, 4))))) for i in range(100))
         assert writer.buffered_bytes <= writer.max_buffer_bytes
-        assert accepted == (1000 * row_bytes + 80) // 400, accepted
+        assert accepted == 40, accepted
         assert drops == [(1, "buffer_full")] * (100 - accepted)
         one_too_big = answered("huge", pd.DataFrame(np.zeros((2000, 4))))
         assert not writer.record(one_too_big), "a request larger than the whole buffer is dropped"
     finally:
-        writer.release.set()
-        writer.close(timeout_s=10)
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        writer.close(timeout_s=30)
     assert writer.written_requests == accepted + 1
     assert writer.dropped_requests == 100 - accepted + 1
 
