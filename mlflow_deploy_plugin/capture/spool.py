@@ -107,7 +107,7 @@ def encode_record(request: Any) -> bytes:
         in_part: tuple = (_NONE,)
     elif isinstance(inputs, pd.DataFrame) and is_float64(inputs) and len(inputs) and len(inputs.columns):
         n_rows = len(inputs)
-        in_part = (_RAW_FRAME, tuple(inputs.columns), n_rows, inputs.to_numpy().tobytes())
+        in_part = (_RAW_FRAME, inputs.columns.tolist(), n_rows, inputs.to_numpy().tobytes())
     else:
         in_part = (_PICKLED, inputs)
     if predictions is None:
@@ -187,6 +187,7 @@ def records_to_tables(records: list[SpoolRecord | None], deployment: str,
                 pred_key = pred_part[1:3] if pred_part[0] == _RAW_ARRAY else None
                 if pred_key is not None:
                     pred_key = (pred_key[0], pred_key[1][1:])  # dtype and columns, not the row count
+                columns = tuple(columns)
                 key = (day_of(req.timestamp), columns, pred_key)
                 stack = stacks.get(key)
                 if stack is None:

@@ -124,7 +124,7 @@ class CaptureWriter:
         deployment: str,
         *,
         sample_rate: float = 1.0,
-        max_buffer_requests: int = 10_000,
+        max_buffer_requests: int = 50_000,
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         flush_rows: int = 5_000,
         flush_interval_s: float = 2.0,
@@ -143,7 +143,8 @@ class CaptureWriter:
             deployment: Stored in the ``_deployment`` column.
             sample_rate: Fraction of requests recorded, in (0, 1].
             max_buffer_requests: Requests waiting to be written (in memory or in the spool) before
-                new ones are dropped.
+                new ones are dropped. Waiting requests cost a few hundred bytes of spool each, no
+                Python objects: the bound is there for a converter that cannot keep up.
             max_buffer_bytes: Bytes (encoded records) waiting to be written before new requests are
                 dropped; a single request larger than this is dropped too.
             flush_rows: Spooled input rows that start a conversion.
@@ -414,6 +415,10 @@ class CaptureWriter:
                     self._prune()
                 if chunks:
                     self._append(segment, chunks)
+                    if self._converter is None:
+                        # Started with the first records rather than with the writer: not during
+                        # the worker's own start, but with a head start on the first segment.
+                        self._start_converter()
                 next_write = time.monotonic() + _WRITE_EVERY_S
                 if roll:
                     self._roll(segment)
