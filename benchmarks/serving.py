@@ -10,7 +10,8 @@ same, and drives both with the same closed-loop load for every (rows, concurrenc
         [--ours-variant nocap:capture=false] [--passes 2] [--no-peer]
 
 ``--ours-variant NAME:KEY=VALUE[,KEY=VALUE]`` starts one more deployment of ours with those ``-C``
-(e.g. capture off), measured in the same cells, interleaved with the others; ``--passes`` repeats
+(e.g. capture off; ``env.VAR=VALUE`` sets an environment variable instead, e.g.
+``old:env.PYTHONPATH=/path/to/other/checkout`` to compare two versions of our code), measured in the same cells, interleaved with the others; ``--passes`` repeats
 every cell (servers interleaved within each pass) and the table shows medians over passes.
 
 The load generator is a minimal HTTP/1.1 client on raw asyncio streams (persistent keep-alive
@@ -381,8 +382,13 @@ def start_ours(workers: int, extra_config: list[str], variant: str | None = None
     deployment = DEPLOYMENT if variant is None else f"{DEPLOYMENT}-{variant}"
     label = "ours" if variant is None else f"ours-{variant}"
     config = ["-C", f"workers={workers}"]
+    env = dict(os.environ)
     for item in extra_config:
-        config += ["-C", item]
+        if item.startswith("env."):  # e.g. env.PYTHONPATH=/other/checkout: another version of our code
+            key, _, value = item.removeprefix("env.").partition("=")
+            env[key] = value
+        else:
+            config += ["-C", item]
     log_path = Path.cwd() / f"{label}-create.log"
     log = open(log_path, "wb")  # noqa: SIM115
     t0 = time.monotonic()
@@ -390,7 +396,7 @@ def start_ours(workers: int, extra_config: list[str], variant: str | None = None
     create = subprocess.Popen(
         [mlflow_bin(), "deployments", "create", "-t", "lifecycle", "--name", deployment,
          "-m", f"models:/{MODEL_NAME}/1", *config],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     try:
         cold = wait_ping(lambda: read_status(deployment).get("url"), t0, create, "mlflow deployments create")
         create.wait(timeout=STARTUP_DEADLINE_S)

@@ -267,8 +267,8 @@ CONFIG_KEYS: tuple[_Key, ...] = (
          "Where captured rows go (folder or pyarrow filesystem URI); default: the deployment's "
          "folder under $MLFLOW_DEPLOY_HOME.", _to_text),
     _Key("capture_buffer_mb", "float", 64.0,
-         "Memory a worker may hold for captured requests waiting to be written, in MiB; requests "
-         "beyond it are dropped from capture (counted), never delayed.", _to_float(0, 65536, lo_open=True)),
+         "Captured requests a worker may have waiting to be written (spooled, not yet Parquet), in "
+         "MiB; requests beyond it are dropped from capture (counted), never delayed.", _to_float(0, 65536, lo_open=True)),
     _Key("capture_exclude", "str", None,
          "Comma-separated input columns never written to captured data, e.g. ssn,email.", _to_columns),
     _Key("capture_hash", "str", None,

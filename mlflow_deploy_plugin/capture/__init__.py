@@ -5,9 +5,12 @@ layout. One module per job:
 
 - :mod:`.layout`: where captured traffic lives (``{root}/date=YYYY-MM-DD/part-*.parquet``) and its
   columns; the contract between writer and readers, keep it stable;
-- :mod:`.writer`: :class:`CaptureWriter`, a bounded buffer drained by a background thread, so the
-  serving hot path never waits for pandas, Arrow or I/O;
-- :mod:`.arrow`: how requests and predictions become Arrow tables (writer thread only);
+- :mod:`.writer`: :class:`CaptureWriter`: the request path encodes a record and appends it to a
+  spool, bounded and counted, so serving never waits for (nor shares its GIL with) pandas, Arrow
+  or Parquet;
+- :mod:`.spool`: the spool's record format, and records back into Arrow tables;
+- :mod:`.converter`: the process that turns spool segments into Parquet files;
+- :mod:`.arrow`: how requests and predictions become Arrow tables (converter process only);
 - :mod:`.reader`: :func:`read_capture` of a time window, :func:`parse_since`;
 - :mod:`.retention`: :func:`prune_capture` of days older than the retention.
 
