@@ -371,12 +371,13 @@ sys.stdin.read()  # killed by the test while waiting here
 
 
 def test_a_crashed_writers_spool_is_converted_by_the_next_start(tmp_path: Path) -> None:
-    """A worker killed with requests still in the spool (the last record torn): the converter of
-    the next writer on the same spool converts them, skipping the torn record."""
+    """A worker killed with its converter (SIGKILL to its process group) with requests still in the
+    spool, the last record torn: the converter of the next writer on the same spool converts them,
+    skipping the torn record."""
     root, spool = tmp_path / "capture", tmp_path / "spool"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     crashed = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(root), str(spool)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
     try:
         assert crashed.stdout is not None
         assert crashed.stdout.readline().strip() == b"recorded"
@@ -384,7 +385,7 @@ def test_a_crashed_writers_spool_is_converted_by_the_next_start(tmp_path: Path) 
                              "the records to reach the spool file")[0]
         wait_until(lambda: segment.read_bytes().count(b"crashed-") == 3, 30, "all three records spooled")
     finally:
-        crashed.kill()
+        os.killpg(crashed.pid, signal.SIGKILL)  # the writer and its converter, if it started one
         crashed.wait(30)
     with segment.open("ab") as file:  # a record cut short by the crash
         file.write(b"\x40\x00\x00\x00\x01\x02\x03\x04torn")

@@ -145,7 +145,7 @@ class Converter:
     def adopt_orphans(self, own: Path) -> None:
         """Convert the folders next to ``own`` whose writer died (nobody holds their lock)."""
         for folder in sorted(own.parent.iterdir()):
-            if folder == own or not folder.is_dir():
+            if folder == own or folder.name.startswith(".") or not folder.is_dir():
                 continue
             try:
                 fd = os.open(folder / LOCK_NAME, os.O_RDWR)

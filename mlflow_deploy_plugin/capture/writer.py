@@ -249,6 +249,14 @@ class CaptureWriter:
         if self._segment_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._segment_fd)
+        converter = self._converter
+        if converter is not None:
+            # Our copy of the parent's pipes: kept open, its converter would never see the end of
+            # its input when the parent closes. (Buffers are empty: every write is flushed.)
+            for pipe in (converter.stdin, converter.stdout):
+                with contextlib.suppress(Exception):
+                    if pipe is not None:
+                        pipe.close()
         self._start()
 
     # ---- hot path -------------------------------------------------------------------------------
@@ -438,11 +446,16 @@ class CaptureWriter:
 
     def _ensure_folder(self) -> Path:
         if self._folder is None:
-            folder = Path(self.spool_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            folder.mkdir(parents=True)
-            fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            # Made under a dot-name (converters skip those) and renamed once locked, so no
+            # converter ever sees this folder with its lock free while the writer lives.
+            making = Path(self.spool_dir) / f".{name}"
+            making.mkdir(parents=True)
+            fd = os.open(making / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             # Held while this writer lives: a converter finding it free knows the folder is orphaned.
             fcntl.flock(fd, fcntl.LOCK_EX)
+            folder = making.with_name(name)
+            os.rename(making, folder)
             self._lock_fd, self._folder = fd, folder
         return self._folder
 
