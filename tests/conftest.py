@@ -250,6 +250,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     root = _run_root(factory)
     markers = (f"{root}/".encode(), f"/tmp/ray-{root.name}-".encode())
+    # A `create` still running when the workers were interrupted may start its supervisor after a
+    # first sweep (supervisors start their own session, so Ctrl-C never reaches them): sweep until
+    # two sweeps in a row, a second apart, find nothing (bounded).
+    quiet, deadline = 0, time.monotonic() + 30
+    while quiet < 2 and time.monotonic() < deadline:
+        killed = _kill_matching(markers)
+        quiet = 0 if killed else quiet + 1
+        time.sleep(1.0 if quiet < 2 else 0)
+
+
+def _kill_matching(markers: tuple[bytes, ...]) -> int:
+    """SIGKILL every process whose command line contains one of ``markers``; how many were."""
+    killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -260,6 +273,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if any(marker in argv for marker in markers):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
 
 
 @pytest.fixture(scope="session")
@@ -351,6 +366,19 @@ def split_payload(frame: pd.DataFrame) -> dict:
 
 
 free_port = _free_port
+
+
+@contextlib.contextmanager
+def mlflow_server_for_module(stores: Stores, factory: pytest.TempPathFactory, name: str) -> Iterator[MlflowServer]:
+    """A tracking server of a test module's own (a fresh store named ``name``), up and then stopped:
+    for the tests that restart the server, subscribe it to webhooks or change its stages."""
+    root = factory.mktemp(name)
+    server = MlflowServer(root, store_uri=stores.new_uri(root, name))
+    try:
+        server.wait_ready(90)
+        yield server
+    finally:
+        server.stop()
 
 
 class MlflowServer:
