@@ -499,6 +499,8 @@ class Deployments:
         """POST a JSON ``body`` to the deployment's ``/invocations``; the answer's text."""
         import requests
 
+        from mlflow_deploy_plugin.deployment_http import deployment_session
+
         spec = self.spec(name)
         status = self.engine.status(name)
         if not status.serving:
@@ -510,9 +512,9 @@ class Deployments:
             headers["Authorization"] = f"Bearer {token}"
         try:
             # Over TLS, trust the deployment's own certificate (often self-signed) rather than none.
-            response = requests.post(f"{status.url}/invocations", data=body, headers=headers,
-                                     timeout=timeout_s or spec.config.timeout_s + 10,
-                                     verify=spec.config.tls_cert or True)
+            with deployment_session(status.url, spec.config.tls_cert) as session:
+                response = session.post(f"{status.url}/invocations", data=body, headers=headers,
+                                        timeout=timeout_s or spec.config.timeout_s + 10)
         except requests.RequestException as exc:
             raise InvalidState(f"Deployment {name!r} at {status.url} did not answer: {exc}") from None
         if response.status_code != 200:
