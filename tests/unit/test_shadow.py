@@ -1,0 +1,135 @@
+"""The shadow mirror in process: real models, the real service build, real capture files.
+
+A shadow version sees copies of answered requests after their answers are built; these tests check
+that the pairs join exactly (same request id, roles primary/shadow) and that a shadow that hangs or
+raises changes nothing the client gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from unit_helpers import TestClient, controlled, gate_closed, id_frame, iris_data, split_body
+
+from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.serving.app import AppSettings, build_app
+from mlflow_deploy_plugin.serving.model_slot import ModelSlot
+from mlflow_deploy_plugin.serving.service import build_service
+from mlflow_deploy_plugin.serving.shadow import ShadowAnswer, ShadowMirror
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+
+WAIT_S = 10.0
+
+
+def _wait(predicate, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def no_multiprocess_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+def test_service_mirrors_every_captured_request_and_pairs_join(
+        tmp_path: Path, classifier_path: Path, rotated_classifier_path: Path, rotated_slot: ModelSlot,
+        no_multiprocess_metrics: None) -> None:
+    paths = {"1": classifier_path, "2": rotated_classifier_path}
+    spec = DeploymentSpec(name="unit", model=ModelRef("models:/iris/1", "iris", "1"),
+                          shadow=ModelRef("models:/iris/2", "iris", "2"),
+                          config=DeploymentConfig(shadow="models:/iris/2"))
+    service = build_service(spec, lambda model: paths[model.model_version], str(tmp_path / "capture"),
+                            tmp_path / "capture.key")
+    features, _ = iris_data()
+    ids = [f"req-{i}" for i in range(12)]
+    try:
+        with TestClient(service.app) as client:
+            service.state.ready = True
+            for i, request_id in enumerate(ids):
+                rows = features.iloc[[i * 12, i * 12 + 1]]
+                response = client.post("/invocations", json=split_body(rows),
+                                       headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+                assert response.status_code == 200, response.text
+                assert response.headers["x-model-version"] == "1"  # never the shadow
+            info = client.get("/deployment").json()
+        assert info["shadow"]["model_version"] == "2"
+        _wait(service.shadow.idle, "the shadow to predict every copy")
+    finally:
+        service.capture.close(timeout_s=10)
+    both = read_capture(str(tmp_path / "capture"), shadow=True)
+    primary = both[both["_role"] == "primary"]
+    shadow = both[both["_role"] == "shadow"]
+    assert sorted(set(primary["_request_id"])) == sorted(ids) == sorted(set(shadow["_request_id"]))
+    assert set(shadow["_model_version"]) == {"2"} and set(shadow["_status"]) == {200}
+    pairs = primary.merge(shadow, on=["_request_id", "_row"], suffixes=("", "_shadow"))
+    assert len(pairs) == 2 * len(ids)
+    inputs = pairs[list(features.columns)]
+    np.testing.assert_array_equal(pairs["_prediction_shadow"].to_numpy(), rotated_slot.predict(inputs))
+    # Drift, quality and `capture show` read what clients got: the primary rows only.
+    served = read_capture(str(tmp_path / "capture"))
+    assert len(served) == len(primary) and set(served["_role"]) == {"primary"}
+
+
+@contextlib.contextmanager
+def _mirrored_app(primary: ModelSlot, mirror: ShadowMirror) -> Iterator[TestClient]:
+    settings = AppSettings(deployment="unit", max_body_bytes=1 << 20, timeout_s=10.0)
+    app = build_app(settings, primary, on_answer=mirror.submit)
+    with TestClient(app) as client:
+        yield client
+
+
+def test_hung_shadow_leaves_primary_answers_alone_and_is_counted(
+        classifier_slot: ModelSlot, controlled_slot: ModelSlot) -> None:
+    recorded: list[ShadowAnswer] = []
+    drops: list[str] = []
+    model = controlled(controlled_slot)
+    # The controlled model takes ids: it predicts one per row of the copy (and hangs on its gate).
+    mirror = ShadowMirror(lambda data: controlled_slot.predict(id_frame(range(len(data)))), "7", recorded.append,
+                          max_queue=2, timeout_s=0.2, on_drop=drops.append)
+    features, _ = iris_data()
+    rows = features.iloc[[0, 50, 100]]
+    expected = classifier_slot.predict(rows).tolist()
+    try:
+        with gate_closed(model), _mirrored_app(classifier_slot, mirror) as client:
+            for _ in range(8):
+                response = client.post("/invocations", json=split_body(rows))
+                assert response.status_code == 200 and response.json()["predictions"] == expected
+                assert response.headers["x-model-version"] == "1"
+            _wait(lambda: any(answer.status == 504 for answer in recorded), "the hung shadow call to time out")
+            _wait(mirror.idle, "the mirror to get through its queue")
+    finally:
+        mirror.close(timeout_s=2)
+    assert recorded[0].status == 504 and recorded[0].predictions is None
+    assert mirror.outcomes.get("timeout", 0) >= 1
+    # Every copy is accounted for: predicted (and timed out), or dropped with a reason.
+    assert mirror.submitted + drops.count("queue_full") == 8
+    assert len(recorded) + drops.count("busy") == mirror.submitted
+    assert "busy" in drops or "queue_full" in drops
+
+
+def test_raising_shadow_is_captured_as_an_error(controlled_slot: ModelSlot) -> None:
+    recorded: list[ShadowAnswer] = []
+    controlled(controlled_slot).poison = frozenset({3})
+    mirror = ShadowMirror(controlled_slot.predict, "7", recorded.append, rng=random.Random(0))
+    try:
+        for i, ids in enumerate(([1, 2], [3, 4], [5])):
+            assert mirror.submit(ShadowAnswer(f"r{i}", 1.7e9, "1", 200, 1.0, id_frame(ids), None))
+        _wait(lambda: len(recorded) == 3, "three shadow answers")
+    finally:
+        mirror.close()
+    assert [a.status for a in recorded] == [200, 500, 200]
+    assert [a.request_id for a in recorded] == ["r0", "r1", "r2"]
+    assert recorded[0].predictions.tolist() == [2, 4] and recorded[1].predictions is None
+    assert mirror.outcomes == {"ok": 2, "error": 1}
+    assert json.dumps(sorted(mirror.dropped)) == "[]"
