@@ -67,7 +67,7 @@ class ServingMetrics:
             ["deployment"], registry=registry)
         # The shadow mirror (serving/shadow.py): its calls and the copies it could not predict.
         self.shadow_requests = Counter(
-            "mlflow_deploy_shadow_requests", "Request copies the shadow version predicted, by outcome "
+            "mlflow_deploy_shadow_calls", "Request copies the shadow version predicted, by outcome "
             "(ok, error: it raised, timeout: no answer within timeout_s).",
             ["deployment", "model_version", "outcome"], registry=registry)
         self.shadow_latency = Histogram(

@@ -18,6 +18,7 @@ import pytest
 from unit_helpers import TestClient, controlled, gate_closed, id_frame, iris_data, split_body
 
 from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs, mcnemar_exact
 from mlflow_deploy_plugin.serving.app import AppSettings, build_app
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.service import build_service
@@ -80,6 +81,22 @@ def test_service_mirrors_every_captured_request_and_pairs_join(
     served = read_capture(str(tmp_path / "capture"))
     assert len(served) == len(primary) and set(served["_role"]) == {"primary"}
 
+    # The comparison agrees with the pairs counted by hand, and the labels' paired test sees the
+    # rotated shadow is worse (it is wrong wherever the primary is right).
+    _, target = iris_data()
+    labels = pairs[["_request_id", "_row"]].assign(
+        _label=[int(target.iloc[int(rid.split("-")[1]) * 12 + row]) for rid, row in zip(
+            pairs["_request_id"], pairs["_row"], strict=True)])
+    comparison = compare_pairs(both, labels=labels)
+    by_hand = float((pairs["_prediction"].to_numpy() == pairs["_prediction_shadow"].to_numpy()).mean())
+    assert comparison.task == "classification" and comparison.requests == len(ids)
+    assert comparison.agreement == by_hand < 0.5
+    assert sum(sum(row.values()) for row in comparison.confusion.values()) == len(pairs)
+    assert comparison.primary_error_rate == comparison.shadow_error_rate == 0.0
+    lab = comparison.labelled
+    assert lab is not None and lab.rows == len(pairs) and lab.primary > lab.shadow
+    assert lab.test == "mcnemar_exact" and lab.shadow_worse and lab.p_value < 0.05
+
 
 @contextlib.contextmanager
 def _mirrored_app(primary: ModelSlot, mirror: ShadowMirror) -> Iterator[TestClient]:
@@ -133,3 +150,14 @@ def test_raising_shadow_is_captured_as_an_error(controlled_slot: ModelSlot) -> N
     assert recorded[0].predictions.tolist() == [2, 4] and recorded[1].predictions is None
     assert mirror.outcomes == {"ok": 2, "error": 1}
     assert json.dumps(sorted(mirror.dropped)) == "[]"
+
+
+def test_paired_tests_without_statsmodels_reduce_to_the_exact_binomial(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy.stats import binomtest
+
+    with_statsmodels, name = mcnemar_exact(9, 2)
+    assert name == "mcnemar_exact"
+    monkeypatch.setitem(__import__("sys").modules, "statsmodels.stats.contingency_tables", None)
+    without, fallback = mcnemar_exact(9, 2)
+    assert fallback == "binomial_exact"
+    assert with_statsmodels == pytest.approx(without) == pytest.approx(binomtest(9, 11, 0.5).pvalue)
