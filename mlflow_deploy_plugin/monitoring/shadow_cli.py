@@ -24,9 +24,12 @@ def shadow() -> None:
 @click.argument("name")
 @click.option("--since", default="24h", show_default=True, help="Start of the window: 30m, 24h, 7d or ISO time.")
 @click.option("--until", default=None, help="End of the window (default: now).")
+@click.option("--shadow-version", default=None,
+              help="Compare this shadow version's answers (default: the shadow that answered last in the window).")
 @click.option("--no-mlflow", is_flag=True, help="Print the comparison without logging a run to MLflow.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole comparison as JSON.")
-def shadow_report(name: str, since: str, until: str | None, no_mlflow: bool, as_json: bool) -> None:
+def shadow_report(name: str, since: str, until: str | None, shadow_version: str | None, no_mlflow: bool,
+                  as_json: bool) -> None:
     """Compare NAME's shadow answers with the primary's on the same requests in a window.
 
     Classification: agreement and the confusion table between the versions; regression: the
@@ -53,7 +56,8 @@ def shadow_report(name: str, since: str, until: str | None, no_mlflow: bool, as_
         click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
 
     try:
-        report = run_shadow_report(name, start, end, store=store, log_to_mlflow=not no_mlflow, progress=progress)
+        report = run_shadow_report(name, start, end, store=store, log_to_mlflow=not no_mlflow,
+                                   shadow_version=shadow_version, progress=progress)
     except DeploymentError as exc:
         raise click.ClickException(exc.message) from None
     except MlflowException as exc:

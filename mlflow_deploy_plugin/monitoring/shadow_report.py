@@ -77,7 +77,8 @@ def compare_window(name: str, since: datetime, until: datetime, *, store: StateS
                    shadow_version: str | None = None) -> ShadowComparison:
     """The pairs of deployment ``name`` in [since, until), labels joined (nothing logged).
 
-    ``shadow_version``: only that shadow version's pairs (a window may span a change of shadow).
+    ``shadow_version``: only that shadow version's pairs (a window may span a change of shadow);
+    default: the shadow version that answered last in the window.
     """
     from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
 
@@ -86,17 +87,25 @@ def compare_window(name: str, since: datetime, until: datetime, *, store: StateS
         raise NotFound(f"No deployment named {name!r}.")
     root = capture_root(name, spec.config.capture_uri, str(store.paths(name).capture))
     captured = read_capture(root, since=since, until=until, shadow=True)
-    if shadow_version is not None and "_role" in captured:
-        is_other_shadow = (captured["_role"] == "shadow") & (captured["_model_version"].astype(str) != shadow_version)
-        captured = captured[~is_other_shadow]
+    if "_role" in captured:
+        shadows = captured[captured["_role"] == "shadow"]
+        if shadow_version is None and len(shadows):
+            # The latest shadow of the window: pairs of two shadow versions are never mixed.
+            shadow_version = str(shadows["_model_version"].iloc[shadows["_timestamp"].argmax()])
+        if shadow_version is not None:
+            other = (captured["_role"] == "shadow") & (captured["_model_version"].astype(str) != shadow_version)
+            captured = captured[~other]
     labels = read_labels(labels_root(root), since, until)
     return compare_pairs(captured, task=spec.config.task, labels=labels)
 
 
 def run_shadow_report(name: str, since: datetime | None = None, until: datetime | None = None, *,
                       store: StateStore | None = None, log_to_mlflow: bool = True, actor: str = "shadow-report",
+                      shadow_version: str | None = None,
                       progress: Callable[[str], None] | None = None) -> ShadowReport:
-    """Compare deployment ``name``'s pairs in [since, until) (default: the last 24 h), log and record it."""
+    """Compare deployment ``name``'s pairs in [since, until) (default: the last 24 h), log and record it.
+
+    ``shadow_version``: whose pairs (default: the shadow version that answered last in the window)."""
     store = store or StateStore()
     spec = store.read_spec(name)
     if spec is None:
@@ -104,18 +113,31 @@ def run_shadow_report(name: str, since: datetime | None = None, until: datetime 
     until = as_utc(until) if until is not None else datetime.now(UTC)
     since = as_utc(since) if since is not None else until - timedelta(hours=24)
     say = progress or (lambda _m: None)
-    wanted = spec.shadow.model_version if spec.shadow is not None else None
-    comparison = compare_window(name, since, until, store=store, shadow_version=wanted)
+    comparison = compare_window(name, since, until, store=store, shadow_version=shadow_version)
     if comparison.requests == 0:
         raise InvalidRequest(
             f"Deployment {name!r} has no paired primary/shadow requests from {_iso(since)} to {_iso(until)}"
             + ("" if spec.shadow else " (it has no shadow: -C shadow=models:/NAME/VERSION)") + ".")
     say(comparison.summary())
+    return report_comparison(store, name, comparison, since, until, actor=actor, log_to_mlflow=log_to_mlflow)
+
+
+def report_comparison(store: StateStore, name: str, comparison: ShadowComparison, since: datetime, until: datetime,
+                      *, actor: str, log_to_mlflow: bool = True, verdict: dict[str, Any] | None = None,
+                      ) -> ShadowReport:
+    """Log ``comparison`` (a run, unless not ``log_to_mlflow``) and record it as the shadow verdict;
+    ``verdict`` (the policy's judgement) goes into the record beside the figures."""
+    spec = store.read_spec(name)
+    if spec is None:
+        raise NotFound(f"No deployment named {name!r}.")
+    # Captured rows name the shadow's version, not its model: the current shadow's model when it is that
+    # version, else the served model (a past shadow stage tried a challenger of it).
+    current = spec.shadow is not None and spec.shadow.model_version == comparison.shadow_version
+    model_name = spec.shadow.model_name if current and spec.shadow is not None else spec.model.model_name
     run_id = None
     if log_to_mlflow:
-        run_id = _log_run(name, spec.model.model_name, spec.config.drift_experiment, comparison, since, until)
-    _record(store, name, spec.shadow.model_name if spec.shadow else spec.model.model_name, comparison, run_id,
-            since, until, actor)
+        run_id = _log_run(name, model_name, spec.config.drift_experiment, comparison, since, until)
+    _record(store, name, model_name, comparison, run_id, since, until, actor, verdict)
     return ShadowReport(name, since, until, comparison, run_id)
 
 
@@ -161,13 +183,14 @@ def _log_run(name: str, model_name: str, experiment: str | None, comparison: Sha
 
 
 def _record(store: StateStore, name: str, model_name: str, comparison: ShadowComparison, run_id: str | None,
-            since: datetime, until: datetime, actor: str) -> None:
+            since: datetime, until: datetime, actor: str, verdict: dict[str, Any] | None = None) -> None:
     """The verdict for alerts, gauges and the history (see the module docstring)."""
     version = comparison.shadow_version or "?"
     figures = comparison.figures()
     details = {"agreement": comparison.agreement, "requests": comparison.requests, "figures": figures,
                "summary": comparison.summary(), "run_id": run_id, "window_end": _iso(until),
-               "window_start": _iso(since), "primary_versions": comparison.primary_versions}
+               "window_start": _iso(since), "primary_versions": comparison.primary_versions,
+               **({"verdict": verdict} if verdict else {})}
     paths = store.paths(name)
     try:  # the alerts side's verdict store, where it is installed
         verdicts: Any = importlib.import_module("mlflow_deploy_plugin.monitoring.verdicts")

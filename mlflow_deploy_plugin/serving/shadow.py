@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -91,9 +91,7 @@ class ShadowMirror:
         self._on_result = on_result
         self._rng = rng or random.Random()
         self._queue: queue.Queue[_Copy | None] = queue.Queue(maxsize=max_queue)
-        # One call thread: a call that hangs keeps it, and the dispatcher drops copies meanwhile.
-        self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-predict")
-        self._running: Future[Any] | None = None
+        self._running: Future[Any] | None = None  # the last call: while it runs, copies are dropped
         self._closed = False
         self.submitted = 0
         self.dropped: dict[str, int] = {}
@@ -155,7 +153,7 @@ class ShadowMirror:
             self._drop(DROP_BUSY)  # the last call still hangs: queueing behind it would only pile up
             return
         started = time.perf_counter()
-        self._running = self._calls.submit(self._predict, copy.inputs)
+        self._running = self._call(copy.inputs)
         status, outcome, predictions = 200, OUTCOME_OK, None
         try:
             predictions = self._running.result(timeout=self.timeout_s)
@@ -173,6 +171,22 @@ class ShadowMirror:
             self._on_result(outcome, elapsed)
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
                                   copy.inputs, predictions))
+
+    def _call(self, inputs: Any) -> Future[Any]:
+        """One shadow call on a daemon thread of its own: a call that never returns must not keep the
+        worker process from exiting (an executor's threads are joined at interpreter exit)."""
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._predict(inputs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="shadow-predict", daemon=True).start()
+        return future
 
     def idle(self) -> bool:
         """Whether no copy waits or is being handled (a hung call left behind does not count)."""
@@ -197,4 +211,3 @@ class ShadowMirror:
                     self._drop(DROP_CLOSED)
             except queue.Empty:
                 break
-        self._calls.shutdown(wait=False, cancel_futures=True)
