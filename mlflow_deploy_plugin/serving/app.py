@@ -221,7 +221,7 @@ def build_app(
         "run_id": identity.run_id,
         "traffic": [{"model_name": r.slot.identity.model_name, "model_version": r.slot.identity.model_version,
                      "percent": round(100.0 * r.weight / total_weight, 3)} for r in routes],
-        "shadow": shadow,
+        **({"shadow": shadow} if shadow else {}),  # only with a shadow version: the body's shape stays
         "plugin_version": __version__,
         "mlflow_version": mlflow.__version__,
     }).encode()

@@ -161,3 +161,27 @@ def test_paired_tests_without_statsmodels_reduce_to_the_exact_binomial(monkeypat
     without, fallback = mcnemar_exact(9, 2)
     assert fallback == "binomial_exact"
     assert with_statsmodels == pytest.approx(without) == pytest.approx(binomtest(9, 11, 0.5).pvalue)
+
+
+def test_shadow_stage_waits_for_evidence_then_judges_agreement_and_labels() -> None:
+    from mlflow_deploy_plugin.lifecycle.policy import parse_policy
+    from mlflow_deploy_plugin.lifecycle.shadow_stage import evaluate_shadow
+    from mlflow_deploy_plugin.monitoring.shadow_compare import LabelledComparison, ShadowComparison
+
+    policy = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50, min_agreement: 0.9, "
+                          "min_labelled_rows: 20, max_minutes: 5}\n").promotion.shadow
+    assert policy is not None
+
+    def pairs(requests: int, agreement: float, labelled: LabelledComparison | None = None) -> ShadowComparison:
+        return ShadowComparison(["1"], "2", "classification", requests, requests, requests, 0.0, 0.0, {}, {},
+                                agreement=agreement, labelled=labelled)
+
+    assert evaluate_shadow(policy, pairs(10, 0.5), elapsed_s=60).pending  # too few pairs, time left
+    assert evaluate_shadow(policy, pairs(10, 1.0), elapsed_s=301).status == "fail"  # not enough evidence
+    differing = evaluate_shadow(policy, pairs(60, 0.8), elapsed_s=60)
+    assert differing.status == "fail" and "shadow.agreement" in differing.summary().splitlines()[0]
+    worse = LabelledComparison(30, "accuracy", 0.9, 0.6, "mcnemar_exact", 0.001, shadow_worse=True)
+    assert evaluate_shadow(policy, pairs(60, 0.95, worse), elapsed_s=60).status == "fail"
+    few = LabelledComparison(5, "accuracy", 0.9, 0.6, "mcnemar_exact", 0.2, shadow_worse=False)
+    passed = evaluate_shadow(policy, pairs(60, 0.95, few), elapsed_s=60)
+    assert passed.passed and "not judged on labels" in passed.summary()
