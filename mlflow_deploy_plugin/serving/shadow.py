@@ -3,7 +3,7 @@
 ``-C shadow=models:/churn/5`` loads a second version beside the served one. It answers nobody: after
 the primary's answer is built, the request's already decoded input is handed to
 :meth:`ShadowMirror.submit`, which only appends it to a bounded queue (never blocks, never raises).
-One dispatcher thread predicts the copies one by one and hands each answer, with the *original*
+One dispatcher thread predicts the copies and hands each answer, with the *original*
 request id and role ``shadow``, to capture; the primary's row carries role ``primary``, so the two
 join exactly on ``_request_id`` (see :mod:`mlflow_deploy_plugin.shadow`).
 
@@ -15,6 +15,11 @@ What a shadow may never do is touch the primary:
   never sees the shadow (it watches the served versions only), so a hung shadow never restarts a
   worker;
 - the shadow's failures and drops are counted (Prometheus) and its rows carry their status.
+
+Copies that wait together are predicted in one call (``batching``, for row-wise models as the
+primary's batching decides: ``pyfunc.predict`` costs ~1 ms per call whatever the rows, so this is
+what keeps a shadow's CPU, and the GIL it holds, small beside the primary's); a batch that fails is
+predicted again copy by copy, so one bad request never fails the others.
 
 Only requests whose primary answer capture accepted are mirrored (so every shadow row has its pair),
 and of those ``-C shadow_sample_rate``.
@@ -75,7 +80,7 @@ class ShadowMirror:
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
                  on_drop: Callable[[str], None] | None = None,
                  on_result: Callable[[str, float], None] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096) -> None:
         """``predict(inputs)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`;
         ``on_drop(reason)`` and ``on_result(outcome, seconds)`` feed the metrics (cheap, thread-safe)."""
         if not 0.0 < sample_rate <= 1.0:
@@ -85,6 +90,8 @@ class ShadowMirror:
         self.version = version
         self.sample_rate = sample_rate
         self.timeout_s = timeout_s
+        self.batching = batching and max_batch_rows > 1
+        self.max_batch_rows = max_batch_rows
         self._predict = predict
         self._record = record
         self._on_drop = on_drop
@@ -140,15 +147,80 @@ class ShadowMirror:
         while True:
             copy = self._queue.get()
             if copy is None:
-                return
-            try:
-                self._one(copy)
-            except Exception:  # never let one copy stop the mirror
-                _logger.exception("Shadow prediction of request %s could not be handled", copy.request_id)
-            finally:
                 self._queue.task_done()
+                return
+            batch, stop = self._gather(copy)
+            try:
+                self._many(batch)
+            except Exception:  # never let one batch stop the mirror
+                _logger.exception("Shadow prediction of %d request copies could not be handled", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                self._queue.task_done()
+                return
+
+    def _gather(self, first: _Copy) -> tuple[list[_Copy], bool]:
+        """``first`` and the copies waiting behind it (up to ``max_batch_rows`` rows), and whether the
+        stop sentinel was among them."""
+        batch, rows = [first], _rows(first.inputs)
+        while self.batching and rows < self.max_batch_rows:
+            try:
+                copy = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if copy is None:
+                return batch, True
+            batch.append(copy)
+            rows += _rows(copy.inputs)
+        return batch, False
+
+    def _many(self, batch: list[_Copy]) -> None:
+        if len(batch) == 1 or not _stackable(batch):
+            for copy in batch:
+                self._one(copy)
+            return
+        if self._running is not None and not self._running.done():
+            for _ in batch:
+                self._drop(DROP_BUSY)
+            return
+        from mlflow_deploy_plugin.serving.frames import stack_frames
+
+        sizes = [len(copy.inputs) for copy in batch]
+        started = time.perf_counter()
+        self._running = self._call(stack_frames([copy.inputs for copy in batch]))
+        try:
+            output = self._running.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._finish(batch, [None] * len(batch), 504, OUTCOME_TIMEOUT, started)
+            return
+        except Exception:
+            pieces = None
+        else:
+            from mlflow_deploy_plugin.serving.batching import _split_output
+
+            pieces = _split_output(output, sizes)
+        if pieces is None:  # failed or not row-aligned: each copy on its own, so only a bad one fails
+            for copy in batch:
+                self._one(copy)
+            return
+        self._finish(batch, pieces, 200, OUTCOME_OK, started)
+
+    def _finish(self, batch: list[_Copy], pieces: list[Any], status: int, outcome: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if outcome == OUTCOME_TIMEOUT:
+            _logger.warning("Shadow v%s did not answer %d request copies within timeout_s=%gs; copies are "
+                            "dropped until it returns.", self.version, len(batch), self.timeout_s)
+        for copy, predictions in zip(batch, pieces, strict=True):
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            if self._on_result is not None:
+                self._on_result(outcome, elapsed)
+            self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
+                                      copy.inputs, predictions))
 
     def _one(self, copy: _Copy) -> None:
+        """Predict one copy on its own (a batch of one, or a copy of a batch that failed)."""
         if self._running is not None and not self._running.done():
             self._drop(DROP_BUSY)  # the last call still hangs: queueing behind it would only pile up
             return
@@ -211,3 +283,19 @@ class ShadowMirror:
                     self._drop(DROP_CLOSED)
             except queue.Empty:
                 break
+
+
+def _rows(inputs: Any) -> int:
+    try:
+        return max(len(inputs), 1)
+    except TypeError:
+        return 1
+
+
+def _stackable(batch: list[_Copy]) -> bool:
+    """Whether the copies are DataFrames with the same columns (what one predict call may take)."""
+    import pandas as pd
+
+    first = batch[0].inputs
+    return isinstance(first, pd.DataFrame) and all(
+        isinstance(copy.inputs, pd.DataFrame) and copy.inputs.columns.equals(first.columns) for copy in batch)

@@ -185,3 +185,33 @@ def test_shadow_stage_waits_for_evidence_then_judges_agreement_and_labels() -> N
     few = LabelledComparison(5, "accuracy", 0.9, 0.6, "mcnemar_exact", 0.2, shadow_worse=False)
     passed = evaluate_shadow(policy, pairs(60, 0.95, few), elapsed_s=60)
     assert passed.passed and "not judged on labels" in passed.summary()
+
+
+def test_copies_waiting_together_are_predicted_in_one_call_and_a_bad_one_fails_alone(
+        controlled_slot: ModelSlot) -> None:
+    from unit_helpers import wait_started
+
+    model = controlled(controlled_slot)
+    model.poison = frozenset({13})
+    recorded: list[ShadowAnswer] = []
+    mirror = ShadowMirror(controlled_slot.predict, "7", recorded.append, batching=True)
+    try:
+        with gate_closed(model):
+            mirror.submit(ShadowAnswer("first", 1.7e9, "1", 200, 1.0, id_frame([1]), None))
+            wait_started(model)  # the first copy's call holds the mirror: the next ones wait together
+            for request_id, ids in (("a", [2, 3]), ("b", [4]), ("c", [5, 6])):
+                mirror.submit(ShadowAnswer(request_id, 1.7e9, "1", 200, 1.0, id_frame(ids), None))
+        _wait(lambda: len(recorded) == 4, "four shadow answers")
+        assert model.calls[-1] == [2, 3, 4, 5, 6]  # one call for the three copies that waited
+        with gate_closed(model):
+            mirror.submit(ShadowAnswer("hold", 1.7e9, "1", 200, 1.0, id_frame([7]), None))
+            wait_started(model)
+            mirror.submit(ShadowAnswer("good", 1.7e9, "1", 200, 1.0, id_frame([8]), None))
+            mirror.submit(ShadowAnswer("bad", 1.7e9, "1", 200, 1.0, id_frame([13]), None))
+        _wait(lambda: len(recorded) == 7, "seven shadow answers")
+    finally:
+        mirror.close()
+    by_id = {answer.request_id: answer for answer in recorded}
+    assert by_id["c"].predictions.tolist() == [10, 12] and by_id["a"].predictions.tolist() == [4, 6]
+    assert by_id["bad"].status == 500 and by_id["good"].status == 200  # the failed batch, retried one by one
+    assert by_id["good"].predictions.tolist() == [16]
