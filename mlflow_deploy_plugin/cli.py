@@ -459,5 +459,14 @@ def _add_quality_commands() -> None:
 
 _add_quality_commands()
 
+
+def _add_shadow_commands() -> None:
+    from mlflow_deploy_plugin.monitoring.shadow_cli import shadow
+
+    cli.add_command(shadow)
+
+
+_add_shadow_commands()
+
 if __name__ == "__main__":
     cli()

@@ -78,6 +78,14 @@ def traffic_summary(spec: DeploymentSpec) -> str:
     return ", ".join(f"v{share.model.model_version} {share.percent:g}%" for share in spec.shares())
 
 
+def shadow_summary(spec: DeploymentSpec) -> str | None:
+    """``v5 (models:/churn@challenger), 100% mirrored``: the shadow version `get` shows, or None."""
+    if spec.shadow is None:
+        return None
+    return (f"v{spec.shadow.model_version} ({spec.shadow.requested_uri}), "
+            f"{spec.config.shadow_sample_rate * 100:g}% of captured requests mirrored")
+
+
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -173,6 +181,7 @@ class Deployments:
             "created_at": _iso(spec.created_at),
             "updated_at": _iso(spec.updated_at),
             "traffic": traffic_summary(spec),
+            "shadow": shadow_summary(spec),
             "config": spec.config.to_dict(),
             # Engine-specific, when the engine says: replica health, the machine that created it.
             **{key: details[key] for key in ("replicas", "created_from") if details.get(key) is not None},
@@ -228,6 +237,7 @@ class Deployments:
         import mlflow
 
         return DeploymentSpec(name=name, model=model, config=parsed, engine=self.engine.name,
+                              shadow=_resolve(parsed.shadow) if parsed.shadow else None,
                               tracking_uri=mlflow.get_tracking_uri())
 
     def create(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
@@ -257,7 +267,8 @@ class Deployments:
                 with self.store.global_lock():
                     self.store.archive(name)
                 raise InvalidState(str(exc)) from None
-        self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url)
+        self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url,
+                                  **({"shadow": spec.shadow.to_dict()} if spec.shadow else {}))
         self._tag_served(spec, None, status)
         return self.describe(spec, status)
 
@@ -310,8 +321,12 @@ class Deployments:
                 # Each share remembers what the deployment follows, so a canary ends on that URI.
                 shares.append(TrafficShare(ModelRef(requested, share_model.model_name, share_model.model_version,
                                                     share_model.run_id, share_model.source), float(percent)))
-            new = old.replace(model=model, config=parsed, traffic=tuple(shares), updated_at=time.time())
-            if only_if_changed and (new.model, new.config, new.traffic) == (old.model, old.config, old.traffic):
+            # The shadow is re-resolved like the model: a shadow of models:/churn@challenger follows the alias.
+            shadow = _resolve(parsed.shadow) if parsed.shadow else None
+            new = old.replace(model=model, config=parsed, traffic=tuple(shares), shadow=shadow,
+                              updated_at=time.time())
+            if only_if_changed and (new.model, new.config, new.traffic, new.shadow) == (
+                    old.model, old.config, old.traffic, old.shadow):
                 return self.describe(old)
             split = traffic_summary(new) if shares else None
             try:
@@ -329,7 +344,7 @@ class Deployments:
                     f"{old.model.model_version} keeps serving. Reason: {exc}") from None
         self.store.append_history(name, "updated", model=model.to_dict(), reason=reason, actor=actor,
                                   from_version=old.model.model_version, url=status.url, traffic=split,
-                                  evidence=evidence)
+                                  evidence=evidence, **({"shadow": new.shadow.to_dict()} if new.shadow else {}))
         self._tag_served(new, old, status)
         return self.describe(self.spec(name), status)
 

@@ -109,6 +109,9 @@ class DeploymentConfig:
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None
     num_cpus: float | None = None
+    # Shadow deployment (serving/shadow.py): a version that sees a copy of the traffic, never answers it.
+    shadow: str | None = None
+    shadow_sample_rate: float = 1.0
 
     @property
     def is_loopback(self) -> bool:
@@ -240,6 +243,8 @@ class DeploymentSpec:
     model: ModelRef
     config: DeploymentConfig = field(default_factory=DeploymentConfig)
     traffic: tuple[TrafficShare, ...] = ()  # empty: ``model`` gets 100%
+    # The version ``config.shadow`` resolved to: it predicts a copy of the requests, its answers only captured.
+    shadow: ModelRef | None = None
     flavor: str = FLAVOR
     engine: str = "local"
     generation: int = 1
@@ -271,6 +276,8 @@ class DeploymentSpec:
         }
         if self.traffic:
             data["traffic"] = [share.to_dict() for share in self.traffic]
+        if self.shadow is not None:
+            data["shadow"] = self.shadow.to_dict()
         return data
 
     @classmethod
@@ -302,6 +309,7 @@ class DeploymentSpec:
             model=ModelRef.from_dict(data.get("model")),
             config=DeploymentConfig.from_stored(config),
             traffic=tuple(traffic),
+            shadow=ModelRef.from_dict(data["shadow"], "shadow") if data.get("shadow") else None,
             flavor=str(data.get("flavor") or FLAVOR),
             engine=str(data.get("engine") or "local"),
             generation=_check_type("generation", data.get("generation", 1), (int,)),

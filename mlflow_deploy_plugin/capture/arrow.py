@@ -65,6 +65,7 @@ class CapturedRequest:
     latency_ms: float
     inputs: pd.DataFrame | None
     predictions: Any | None
+    role: str = "primary"  # or "shadow" (layout: ``_role``)
 
 
 @dataclass(slots=True)
@@ -73,7 +74,7 @@ class _Group:
 
     frames: list[pd.DataFrame | None] = field(default_factory=list)
     predictions: list[dict[str, np.ndarray]] = field(default_factory=list)
-    meta: list[tuple[str, float, str, int, float, int]] = field(default_factory=list)
+    meta: list[tuple[str, float, str, int, float, int, str]] = field(default_factory=list)
 
 
 def tables_by_day(batch: list[AnsweredRequest], deployment: str,
@@ -104,7 +105,9 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
             group.frames.append(frame)
             group.predictions.append(predictions)
             group.meta.append((str(req.request_id), float(req.timestamp), str(req.model_version),
-                               int(req.status), float(req.latency_ms), n))
+                               int(req.status), float(req.latency_ms), n,
+                               # primary unless the answer says otherwise (serving/shadow.py's say shadow)
+                               str(getattr(req, "role", None) or "primary")))
         except Exception:
             unconverted += 1
     by_day: dict[date, list[tuple[pa.Table, int]]] = {}
@@ -144,6 +147,7 @@ def _group_table(group: _Group, deployment: str,
         pa.array(np.repeat(np.array([m[3] for m in group.meta], dtype=np.int16), counts), pa.int16()),
         pa.array(np.repeat(np.array([m[4] for m in group.meta], dtype=np.float32), counts), pa.float32()),
         pa.array((np.arange(total, dtype=np.int64) - starts).astype(np.int32), pa.int32()),
+        pa.array(np.repeat(np.array([m[6] for m in group.meta], dtype=object), counts), pa.string()),
     ]
     names = list(META_COLUMNS)
     frames = [f for f in group.frames if f is not None]

@@ -26,6 +26,19 @@ silently ignored is a gate that never runs.
                                                # read fails its max_regression gate (fail closed)
         signature_compatible: true   # default true: the candidate accepts what the live version accepts
         smoke_test: true             # default true: the candidate predicts its own input example
+      # Shadow stage after the gates, before the canary: the challenger answers a copy of the live
+      # requests (-C shadow), nobody receives its answers, and it is judged on the pairs. Omitted or
+      # `shadow: false` = no shadow stage; `shadow: true` or a mapping = the defaults below.
+      shadow:
+        sample_rate: 1.0          # share of captured requests mirrored to the challenger, 0 < r <= 1
+        min_requests: 200         # judge once this many requests were answered by both ...
+        max_minutes: 60           # ... or, at this point, there is not enough evidence:
+        insufficient_evidence: reject   # reject | extend
+        min_agreement: 0.95       # classification: share of rows both answered alike; null = not checked
+        max_mean_abs_difference: null   # regression: mean |shadow - primary|; null = not checked
+        max_error_rate: 0.01      # how much higher the shadow's error share may be than the primary's; null = not checked
+        not_worse_on_labels: true # with >= min_labelled_rows labelled pairs, the challenger must not be
+        min_labelled_rows: 100    #   significantly worse (McNemar / paired Wilcoxon at alpha 0.05)
       # Canary stage after the gates. Omitted or `canary: false` = no canary (promote once the gates
       # pass); `canary: true` or a mapping = canary with the defaults below.
       canary:
@@ -152,12 +165,29 @@ class CanaryPolicy:
 
 
 @dataclass(frozen=True)
+class ShadowPolicy:
+    """How a challenger is tried on a copy of live traffic (its answers returned to nobody)."""
+
+    sample_rate: float = 1.0
+    min_requests: int = 200
+    max_minutes: float = 60.0
+    insufficient_evidence: Literal["reject", "extend"] = "reject"
+    min_agreement: float | None = 0.95
+    max_mean_abs_difference: float | None = None
+    max_error_rate: float | None = 0.01
+    not_worse_on_labels: bool = True
+    min_labelled_rows: int = 100
+
+
+@dataclass(frozen=True)
 class PromotionPolicy:
-    """Whether and how challengers are promoted. ``canary`` None = promote once the gates pass."""
+    """Whether and how challengers are promoted. ``canary`` None = promote once the gates pass;
+    ``shadow`` None = no shadow stage before the canary (or the promotion)."""
 
     enabled: bool = True
     gates: GatesPolicy = field(default_factory=GatesPolicy)
     canary: CanaryPolicy | None = None
+    shadow: ShadowPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +269,9 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 # The YAML is composed into nodes (not loaded into plain dicts) so every value keeps its line.
 
 _TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift", "quality")
-_PROMOTION_KEYS = ("enabled", "gates", "canary")
+_PROMOTION_KEYS = ("enabled", "gates", "canary", "shadow")
+_SHADOW_KEYS = ("sample_rate", "min_requests", "max_minutes", "insufficient_evidence", "min_agreement",
+                "max_mean_abs_difference", "max_error_rate", "not_worse_on_labels", "min_labelled_rows")
 _GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test",
               "allow_missing_champion_metrics")
 _REGRESSION_KEYS = ("margin", "lower_is_better")
@@ -445,7 +477,40 @@ class _Parser:
         canary = None
         if (sub := self.get(items, "canary")) is not None:
             canary = self.canary(sub)
-        return PromotionPolicy(enabled=enabled, gates=gates, canary=canary)
+        shadow = None
+        if (sub := self.get(items, "shadow")) is not None:
+            shadow = self.shadow(sub)
+        return PromotionPolicy(enabled=enabled, gates=gates, canary=canary, shadow=shadow)
+
+    def shadow(self, node: Node) -> ShadowPolicy | None:
+        if isinstance(node, ScalarNode):
+            value = self.scalar(node)
+            if isinstance(value, bool):
+                return ShadowPolicy() if value else None
+            if value is None:
+                return ShadowPolicy()
+        items = self.mapping(node, "promotion.shadow", _SHADOW_KEYS)
+        path = "promotion.shadow"
+        share = {"nullable": True, "check": lambda v: 0 <= v <= 1, "range_text": "between 0 and 1 (a share)"}
+        specs: dict[str, dict[str, Any]] = {
+            "sample_rate": {"check": lambda v: 0 < v <= 1, "range_text": "> 0 and <= 1"},
+            "min_requests": {"integer": True, "check": lambda v: v >= 1, "range_text": ">= 1"},
+            "max_minutes": {"check": lambda v: v > 0, "range_text": "> 0"},
+            "min_agreement": share,
+            "max_error_rate": share,
+            "max_mean_abs_difference": {"nullable": True, "check": _non_negative, "range_text": ">= 0"},
+            "min_labelled_rows": {"integer": True, "check": lambda v: v >= 1, "range_text": ">= 1"},
+        }
+        kwargs: dict[str, Any] = {}
+        for key, spec in specs.items():
+            if (sub := self.get(items, key)) is not None:
+                kwargs[key] = self.number(sub, f"{path}.{key}", **spec)
+        if (sub := self.get(items, "not_worse_on_labels")) is not None:
+            kwargs["not_worse_on_labels"] = self.boolean(sub, f"{path}.not_worse_on_labels")
+        if (sub := self.get(items, "insufficient_evidence")) is not None:
+            kwargs["insufficient_evidence"] = self.choice(sub, f"{path}.insufficient_evidence",
+                                                          INSUFFICIENT_EVIDENCE)
+        return ShadowPolicy(**kwargs)
 
     def gates(self, node: Node) -> GatesPolicy:
         items = self.mapping(node, "promotion.gates", _GATE_KEYS)

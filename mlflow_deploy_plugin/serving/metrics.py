@@ -65,6 +65,18 @@ class ServingMetrics:
         self.capture_dropped = Counter(
             "mlflow_deploy_capture_dropped_requests", "Requests not captured (buffer full or write error).",
             ["deployment"], registry=registry)
+        # The shadow mirror (serving/shadow.py): its calls and the copies it could not predict.
+        self.shadow_requests = Counter(
+            "mlflow_deploy_shadow_calls", "Request copies the shadow version predicted, by outcome "
+            "(ok, error: it raised, timeout: no answer within timeout_s).",
+            ["deployment", "model_version", "outcome"], registry=registry)
+        self.shadow_latency = Histogram(
+            "mlflow_deploy_shadow_latency_seconds", "Time the shadow version took per request copy.",
+            ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.shadow_dropped = Counter(
+            "mlflow_deploy_shadow_dropped_requests", "Request copies not sent to the shadow version "
+            "(queue_full: under pressure; busy: a shadow call still hangs; closed: worker stopping).",
+            ["deployment", "reason"], registry=registry)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every worker of this deployment."""
