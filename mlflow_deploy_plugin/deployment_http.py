@@ -53,11 +53,11 @@ class _DeploymentCertAdapter(HTTPAdapter):
             super().cert_verify(conn, url, False, cert)
 
 
-def deployment_session(url: str, tls_cert: str | None) -> requests.Session:
+def deployment_session(url: str | None, tls_cert: str | None) -> requests.Session:
     """A session for requests to a deployment at ``url``: over https with ``tls_cert`` it trusts that
     file (partial chains included) and skips the host-name check for loopback hosts only."""
     session = requests.Session()
-    parts = urlsplit(url)
+    parts = urlsplit(url or "")
     if parts.scheme == "https" and tls_cert:
         host = parts.hostname or ""
         session.mount(f"https://{parts.netloc}", _DeploymentCertAdapter(tls_cert, not is_loopback_host(host)))
