@@ -91,7 +91,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
         slots.append((slot, share.percent))
 
     state = ServiceState()
-    metrics = ServingMetrics()
+    metrics = ServingMetrics(capture_key.parent)  # the deployment's folder: its verdicts.json
     settings = AppSettings(
         deployment=spec.name,
         max_body_bytes=config.max_body_bytes,
