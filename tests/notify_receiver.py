@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mlflow_deploy_plugin.lifecycle.webhooks.verify import DELIVERY_ID_HEADER, WebhookRejected, verify_delivery
+from mlflow_deploy_plugin.lifecycle.webhooks.verify import (
+    DELIVERY_ID_HEADER,
+    WebhookRejected,
+    verify_delivery,
+)
 
 
 @dataclass
