@@ -457,22 +457,21 @@ def history(store: StateStore, name: str, as_json: bool) -> None:
 @pass_store
 def notifications(store: StateStore, name: str, limit: int, as_json: bool) -> None:
     """Where deployment NAME's events go (-C notify) and every delivery attempt, newest first."""
-    from mlflow_deploy_plugin.lifecycle.notifier import pending, read_deliveries, secret_source, targets_of
+    from mlflow_deploy_plugin.lifecycle.notifier import pending, read_deliveries, receivers, secret_source
 
     spec = _spec_or_exit(store, name)
     paths = store.paths(name)
     attempts = read_deliveries(paths)
     if not as_json:
-        targets = targets_of(spec)
+        targets = receivers(spec)
         if not targets:
-            click.echo(f"{name}: no receivers (-C notify is not set).")
+            click.echo(f"{name}: no receivers (neither -C notify nor the policy's notify: is set).")
         waiting = pending(paths)
-        for target in targets:
-            click.echo(f"receiver {target.shown} ({target.format}): "
+        for target, events in targets.items():
+            click.echo(f"receiver {target.shown} ({target.format}, events {events}): "
                        f"{waiting.get(target.shown, 0)} history event(s) not yet handled")
         if targets:
-            click.echo(f"events: {spec.config.notify_events}; signed with the secret in "
-                       f"{secret_source(spec, paths)}")
+            click.echo(f"signed with the secret in {secret_source(spec, paths)}")
     shown = attempts[-limit:] if limit else attempts
     for attempt in reversed(shown):
         if as_json:

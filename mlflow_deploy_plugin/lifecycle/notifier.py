@@ -14,8 +14,9 @@ capped at 5 min) without end: alerts matter most when things are broken for a wh
 is the receiver refusing the payload: recorded as ``refused`` and the channel moves on.
 
 When a receiver is first configured the channel starts at the first event since the spec changed
-(so adding ``notify`` to an old deployment does not replay its whole past); removing it from the
-config forgets its cursor.
+(so adding ``notify`` to an old deployment does not replay its whole past; a receiver added to the
+policy file while the agent runs starts at that moment); removing it forgets its cursor.
+Receivers come from ``-C notify`` and from the policy file's ``notify:`` section.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,25 @@ def targets_of(spec: DeploymentSpec) -> list[notify.Target]:
     return notify.parse_targets(spec.config.notify, spec.config.notify_format)
 
 
+def receivers(spec: DeploymentSpec, policy_notify: Any = None) -> dict[notify.Target, str]:
+    """Every receiver with its ``notify_events`` filter: ``-C notify``'s, then the policy file's
+    ``notify:`` ones (a URL in both keeps the ``-C`` settings). ``policy_notify``: the policy's
+    :class:`~.policy.NotifyPolicy` if the caller has it, else read from ``spec.config.policy``.
+    """
+    found = {target: spec.config.notify_events for target in targets_of(spec)}
+    if policy_notify is None and spec.config.policy:
+        from mlflow_deploy_plugin.lifecycle.policy import PolicyError, load_policy
+
+        try:
+            policy_notify = load_policy(spec.config.policy).notify
+        except PolicyError as exc:
+            _logger.warning("Notifications: the policy's receivers are unusable (%s)", exc)
+    if policy_notify is not None:
+        for target in notify.parse_targets(policy_notify.urls, policy_notify.format):
+            found.setdefault(target, policy_notify.events)
+    return found
+
+
 def read_new_events(history: Path, offset: int) -> list[tuple[int, int, dict[str, Any] | None]]:
     """Complete lines of ``history`` from byte ``offset``: (start, end, event or None if unreadable).
 
@@ -114,19 +135,24 @@ def start_offset(history: Path, since: float) -> int:
     return position
 
 
+EventFilter = tuple[tuple[str, ...], tuple[str, ...]]
+
+
 @dataclass
 class Settings:
-    """What a channel needs from the spec; replaced as a whole when the spec changes."""
+    """What the channels need from the spec and policy; replaced as a whole when they change."""
 
     spec: DeploymentSpec
-    event_filter: tuple[tuple[str, ...], tuple[str, ...]]
+    filters: dict[notify.Target, EventFilter]
 
 
 class Channel:
     """Delivers the history of one deployment to one receiver, in order, from its own cursor."""
 
     def __init__(self, paths: DeploymentPaths, target: notify.Target, settings: Callable[[], Settings], *,
-                 poll_s: float = 0.5, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0) -> None:
+                 poll_s: float = 0.5, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0,
+                 since: float | None = None) -> None:
+        self.since = since  # without a cursor, start at the first event this recent (default: the spec change)
         self.paths = paths
         self.target = target
         self.settings = settings
@@ -141,7 +167,8 @@ class Channel:
         stored = read_json(self.cursor_path)
         if isinstance(stored, dict) and isinstance(stored.get("offset"), int):
             return int(stored["offset"])
-        offset = start_offset(self.paths.history, self.settings().spec.updated_at - _START_SLACK_S)
+        since = self.since if self.since is not None else self.settings().spec.updated_at
+        offset = start_offset(self.paths.history, since - _START_SLACK_S)
         self.save_cursor(offset)
         return offset
 
@@ -156,7 +183,7 @@ class Channel:
             while not self.stop.is_set():
                 batch = read_new_events(self.paths.history, offset)
                 for start, end, event in batch:
-                    wanted = event is not None and notify.selected(str(event["event"]), self.settings().event_filter)
+                    wanted = event is not None and notify.selected(str(event["event"]), self._filter())
                     if wanted and event is not None and not self.deliver(start, event):
                         return  # stopped mid-delivery: the cursor stays before this event
                     offset = end
@@ -165,6 +192,9 @@ class Channel:
                     self.stop.wait(self.poll_s)
         except Exception:  # the agent goes on following and judging; the next agent resumes here
             _logger.exception("Notifications to %s stopped", self.target.shown)
+
+    def _filter(self) -> EventFilter:
+        return self.settings().filters.get(self.target) or notify.parse_event_filter("all")
 
     def deliver(self, offset: int, event: dict[str, Any]) -> bool:
         """Send one event until it is delivered or refused (True), or the channel is stopped (False)."""
@@ -218,6 +248,29 @@ class Notifier:
         self.channel_options = channel_options
         self.channels: dict[notify.Target, Channel] = {}
         self._settings: Settings | None = None
+        self._policy_cache: tuple[tuple[str, int], Any] | None = None
+        self._first_refresh = True
+
+    def _policy_notify(self, spec: DeploymentSpec) -> Any:
+        """The policy file's ``notify:`` section, re-read when the file changes; the last valid one
+        while it is unusable (as the lifecycle controller keeps the last valid policy)."""
+        path = spec.config.policy
+        if not path:
+            self._policy_cache = None
+            return None
+        try:
+            stamp = (path, os.stat(path).st_mtime_ns)
+        except OSError:
+            return self._policy_cache[1] if self._policy_cache else None
+        if self._policy_cache is None or self._policy_cache[0] != stamp:
+            from mlflow_deploy_plugin.lifecycle.policy import PolicyError, load_policy
+
+            try:
+                self._policy_cache = (stamp, load_policy(path).notify)
+            except PolicyError as exc:
+                _logger.warning("Notifications: policy file unusable, keeping its last receivers (%s)", exc)
+                return self._policy_cache[1] if self._policy_cache else None
+        return self._policy_cache[1]
 
     def current(self) -> Settings:
         assert self._settings is not None
@@ -233,12 +286,13 @@ class Notifier:
         if spec is None:
             return
         try:
-            targets = targets_of(spec)
-            event_filter = notify.parse_event_filter(spec.config.notify_events)
+            wanted = receivers(spec, self._policy_notify(spec))
+            filters = {target: notify.parse_event_filter(events) for target, events in wanted.items()}
         except ValueError as exc:  # validated at create/update; a hand-edited spec may still be wrong
             _logger.warning("Notifications: %s", exc)
             return
-        self._settings = Settings(spec, event_filter)
+        targets = list(wanted)
+        self._settings = Settings(spec, filters)
         for target in list(self.channels):
             if target not in targets:
                 channel = self.channels.pop(target)
@@ -248,9 +302,13 @@ class Notifier:
                     channel.cursor_path.unlink()
         for target in targets:
             if target not in self.channels:
-                channel = Channel(self.paths, target, self.current, **self.channel_options)
+                # A receiver there when the agent starts gets the events since the spec change (the
+                # agent starts after `created`); one added later (a policy edit) those from now on.
+                since = None if self._first_refresh else time.time()
+                channel = Channel(self.paths, target, self.current, since=since, **self.channel_options)
                 self.channels[target] = channel
                 channel.thread.start()
+        self._first_refresh = False
 
     def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
         """Keep the channels in step with the spec until ``stop``; then stop them (cursors are kept)."""

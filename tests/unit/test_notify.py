@@ -244,3 +244,42 @@ def test_capture_watch_announces_dropping_once_then_recovery(tmp_path: Path) -> 
     events = store.read_history("svc")
     assert [(e["event"], e["dropped"]) for e in events] == [
         ("capture_dropping", 4), ("capture_dropping", 11), ("capture_recovered", 0)]
+
+
+def test_policy_file_notify_section_is_validated() -> None:
+    from mlflow_deploy_plugin.lifecycle.policy import PolicyError, parse_policy
+
+    policy = parse_policy("model: churn\nnotify:\n  urls: [http://127.0.0.1:9/a, slack+https://h.example/x]\n"
+                          "  events: [lifecycle, '!rejected']\n")
+    assert policy.notify is not None
+    assert policy.notify.urls == "http://127.0.0.1:9/a,slack+https://h.example/x"
+    assert policy.notify.events == "lifecycle,!rejected" and policy.notify.format == "json"
+    with pytest.raises(PolicyError, match=r":3: notify.urls: expected http"):
+        parse_policy("model: churn\nnotify:\n  urls: ftp://x/y\n")
+    with pytest.raises(PolicyError, match="notify.format.*json, slack"):
+        parse_policy("model: churn\nnotify:\n  urls: http://a.example/\n  format: teams\n")
+    with pytest.raises(PolicyError, match="unknown key 'url'.*did you mean"):
+        parse_policy("model: churn\nnotify:\n  url: http://a.example/\n")
+
+
+def test_receivers_of_the_policy_file_get_their_own_events(deployment, tmp_path: Path) -> None:
+    store, receiver, url = deployment
+    from mlflow_deploy_plugin.state import read_or_create_secret
+
+    # Without notify_secret_env deliveries are signed with the deployment's notify.key (0600).
+    receiver.secret = read_or_create_secret(store.paths("svc").notify_key)
+    assert store.paths("svc").notify_key.stat().st_mode & 0o777 == 0o600
+    receiver.start()
+    policy = tmp_path / "policy.yml"
+    policy.write_text(f"model: m\nnotify:\n  urls: {url}/policy\n  events: lifecycle\n")
+    spec = DeploymentSpec("svc", ModelRef("models:/m/1", "m", "1"), parse_config({"policy": str(policy)}))
+    store.write_spec(spec)
+    store.append_history("svc", "updated", reason="not a lifecycle event")
+    store.append_history("svc", "promoted", model={"model_name": "m", "model_version": "2"}, reason="gates")
+    stop, thread = _run(Notifier(store, "svc", poll_s=0.05))
+    try:
+        wait_for(lambda: receiver.events("/policy") == ["promoted"], 20, "the policy receiver's event")
+        assert receiver.rejected == []
+    finally:
+        stop.set()
+        thread.join(timeout=20)
