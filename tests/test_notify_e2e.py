@@ -17,8 +17,8 @@ import requests
 from conftest import REPO, Env, Registry, split_payload, wait_for
 from notify_receiver import Receiver
 
-from mlflow_deploy_plugin.monitoring.verdicts import record_verdict
 from mlflow_deploy_plugin.state import StateStore, read_history_file
+from mlflow_deploy_plugin.verdicts import record_verdict
 
 NAME = "alerts"
 SECRET = "e2e-notify-secret"

@@ -141,7 +141,7 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
 def _record_verdict(paths: DeploymentPaths, model_name: str, version: str, outcome: DriftOutcome,
                     trigger: str) -> None:
     """The verdict for the Prometheus gauges and the history (so `-C notify` receivers hear of it)."""
-    from mlflow_deploy_plugin.monitoring.verdicts import record_verdict
+    from mlflow_deploy_plugin.verdicts import record_verdict
 
     judged = outcome.result is not None and outcome.status != "insufficient_data"
     try:

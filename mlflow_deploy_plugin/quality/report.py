@@ -352,7 +352,7 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
 def _record_verdicts(paths: Any, model_name: str, outcomes: list[QualityOutcome], window_end: datetime,
                      trigger: str) -> None:
     """The figures for the Prometheus gauges and the history (so `-C notify` receivers hear of them)."""
-    from mlflow_deploy_plugin.monitoring.verdicts import record_verdict
+    from mlflow_deploy_plugin.verdicts import record_verdict
 
     for outcome in outcomes:
         try:

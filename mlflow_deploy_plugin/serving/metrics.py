@@ -6,7 +6,7 @@ worker swap instead of starting again from zero.
 
 The latest drift, quality and shadow verdicts come from other processes (report jobs): they are
 read from the deployment's ``verdicts.json`` on each scrape by :class:`VerdictCollector`
-(``monitoring/verdicts.py`` writes it), so Alertmanager rules can fire on them.
+(``verdicts.py`` writes it), so Alertmanager rules can fire on them.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class VerdictCollector(Collector):
         return []  # names vary with the file; describing nothing keeps registration cheap and safe
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from mlflow_deploy_plugin.monitoring.verdicts import read_verdicts
         from mlflow_deploy_plugin.state import DeploymentPaths
+        from mlflow_deploy_plugin.verdicts import read_verdicts
 
         paths = DeploymentPaths(self.deployment_dir)
         verdicts = read_verdicts(paths)

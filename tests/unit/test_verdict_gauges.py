@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlflow_deploy_plugin.monitoring.verdicts import read_verdicts, record_verdict
 from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.state import StateStore
+from mlflow_deploy_plugin.verdicts import read_verdicts, record_verdict
 
 
 def _samples(metrics: ServingMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
