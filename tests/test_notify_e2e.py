@@ -89,6 +89,9 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
         wanted = ["created", "updated", "drift_verdict", "shadow_verdict"]
         wait_for(lambda: [e for e in receiver.events("/hook") if e in wanted] == wanted
                  and len(receiver.bodies("/slack")) == len(receiver.bodies("/hook")), 60, "every event on both")
+        # The receiver has a body before the notifier has its answer and records the delivery.
+        wait_for(lambda: sum(a["outcome"] == "delivered" for a in read_history_file(paths.notify / "deliveries.jsonl"))
+                 == len(receiver.received), 30, "every delivery recorded")
         metrics = requests.get(f"{url}/metrics", timeout=30).text
         yield {"receiver": receiver, "paths": paths, "drift": outcome, "metrics": metrics, "url": url,
                "registry": registry}

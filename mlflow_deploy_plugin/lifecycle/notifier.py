@@ -301,7 +301,8 @@ class Notifier:
                 with contextlib.suppress(FileNotFoundError):
                     channel.cursor_path.unlink()
         for target in targets:
-            if target not in self.channels:
+            running = self.channels.get(target)
+            if running is None or not running.thread.is_alive():  # new, or died of an unexpected error
                 # A receiver there when the agent starts gets the events since the spec change (the
                 # agent starts after `created`); one added later (a policy edit) those from now on.
                 since = None if self._first_refresh else time.time()

@@ -174,9 +174,12 @@ def test_receiver_down_then_failing_loses_nothing_and_keeps_order(deployment) ->
         assert receiver.answered_503 == 3 and receiver.rejected == []
         assert [b["text"] for b in receiver.bodies("/slack")][-1] == "[svc] promoted · m v2 · gates"
         assert [b["details"]["reason"] for b in receiver.bodies("/hook")[:3]] == ["update 0", "update 1", "update 2"]
+        # The receiver has the body before the notifier has its answer (and records it): wait for that.
+        wait_for(lambda: sum(a["outcome"] == "delivered" for a in read_deliveries(store.paths("svc"))) == 8, 20,
+                 "every delivery recorded")
         attempts = read_deliveries(store.paths("svc"))
         delivered = [a for a in attempts if a["outcome"] == "delivered"]
-        assert len(delivered) == 8 and len({a["delivery_id"] for a in delivered}) == 8
+        assert len({a["delivery_id"] for a in delivered}) == 8
         # A retry reuses its delivery id: every id that was retried was delivered under that same id.
         retried = {a["delivery_id"] for a in attempts if a["outcome"] == "retrying"}
         assert retried and retried <= {a["delivery_id"] for a in delivered}
