@@ -61,6 +61,27 @@ def check_flavor(flavor: str | None) -> None:
                              f"{FLAVOR} flavor (omit --flavor).")
 
 
+def check_notify_secret(config: DeploymentConfig) -> None:
+    """``notify_secret_env`` must name a set variable here: the agent inherits this environment."""
+    if config.notify_secret_env and not os.environ.get(config.notify_secret_env):
+        raise InvalidRequest(
+            f"notify_secret_env={config.notify_secret_env} names an environment variable that is unset or "
+            "empty here: export it (notifications are signed with it), or leave notify_secret_env unset to "
+            "sign with a secret kept in the deployment's notify.key.")
+
+
+def shown_config(config: DeploymentConfig) -> dict[str, Any]:
+    """The config as `get` shows it: notify URLs without their path (Slack's carries its secret)."""
+    shown = config.to_dict()
+    if config.notify:
+        from mlflow_deploy_plugin.lifecycle.notify import parse_targets
+
+        with contextlib.suppress(ValueError):
+            shown["notify"] = ",".join(("slack+" if t.format == "slack" else "") + t.shown
+                                       for t in parse_targets(config.notify))
+    return shown
+
+
 def token_for(config: DeploymentConfig) -> str | None:
     """The bearer token the service requires, read from the environment variable the config names."""
     if not config.auth_token_env:
@@ -182,7 +203,7 @@ class Deployments:
             "updated_at": _iso(spec.updated_at),
             "traffic": traffic_summary(spec),
             "shadow": shadow_summary(spec),
-            "config": spec.config.to_dict(),
+            "config": shown_config(spec.config),
             # Engine-specific, when the engine says: replica health, the machine that created it.
             **{key: details[key] for key in ("replicas", "created_from") if details.get(key) is not None},
         }
@@ -231,6 +252,7 @@ class Deployments:
         parsed = parse_config(config)
         self.engine.check_config(parsed)
         token_for(parsed)
+        check_notify_secret(parsed)
         model = _resolve(model_uri)
         if parsed.policy:
             _check_policy_fits(parsed.policy, model_uri, model)
@@ -308,6 +330,12 @@ class Deployments:
                     f"auth_token_env cannot change on update ({old.config.auth_token_env} -> "
                     f"{parsed.auth_token_env}): the service reads its token from the environment it was "
                     "created in. Delete and create the deployment again to change or rotate the token.")
+            if parsed.notify_secret_env != old.config.notify_secret_env:
+                # Like the token: the agent reads the secret from the environment fixed at create.
+                raise InvalidRequest(
+                    f"notify_secret_env cannot change on update ({old.config.notify_secret_env} -> "
+                    f"{parsed.notify_secret_env}): the agent reads it from the environment the deployment was "
+                    "created in. Delete and create the deployment again to change it.")
             self.engine.check_config(parsed)
             if not self.engine.keeps_token(name):
                 token_for(parsed)

@@ -102,6 +102,11 @@ class DeploymentConfig:
     task: str | None = None
     label_horizon: str = "30d"
     quality_min_labelled_rows: int = 100
+    # Notifications out (lifecycle/notify.py); see config.CONFIG_KEYS.
+    notify: str | None = None
+    notify_format: str = "json"
+    notify_events: str = "all"
+    notify_secret_env: str | None = None
     # Ray Serve engine (lifecycle:/ray) only; see config.CONFIG_KEYS.
     ray_address: str | None = None
     num_replicas: int | None = None
@@ -262,8 +267,10 @@ class DeploymentSpec:
 
     @property
     def needs_agent(self) -> bool:
-        """Whether the deployment has background work: schedules, a policy, or a moving reference."""
-        return bool(self.config.drift_schedule or self.config.policy or self.model.is_floating)
+        """Whether the deployment has background work: schedules, a policy, a moving reference, or
+        notifications to deliver (the agent's notifier thread)."""
+        return bool(self.config.drift_schedule or self.config.policy or self.model.is_floating
+                    or self.config.notify)
 
     def replace(self, **changes: Any) -> DeploymentSpec:
         return dataclasses.replace(self, **changes)

@@ -61,6 +61,11 @@ silently ignored is a gate that never runs.
                                   #   than this; null = not checked (at least one of the two is needed)
       consecutive_reports: 2      # in K windows in a row (latest report of each window)
       action: tag                 # tag | rollback | archive
+    # Receivers of this deployment's events, besides -C notify (same meaning as the -C notify_* keys).
+    notify:
+      urls: [https://alerts.example.com/mlflow, slack+https://hooks.slack.com/services/T/B/X]
+      format: json                # json | slack: shape of the URLs without a slack+ prefix
+      events: all                 # names, kinds or patterns; "!" excludes, e.g. "lifecycle,verdicts"
 
 ``registry: stage`` roles must be ``Staging`` or ``Production`` (case-insensitive; stored in
 MLflow's canonical spelling): ``None`` and ``Archived`` are valid stage names but hold versions that
@@ -222,6 +227,15 @@ class QualityPolicy:
 
 
 @dataclass(frozen=True)
+class NotifyPolicy:
+    """Receivers named in the policy file (``lifecycle/notifier.py`` adds them to ``-C notify``'s)."""
+
+    urls: str  # comma-separated, as -C notify
+    format: str = "json"
+    events: str = "all"
+
+
+@dataclass(frozen=True)
 class Policy:
     """The validated policy of one registered model."""
 
@@ -233,6 +247,7 @@ class Policy:
     drift: DriftPolicy = field(default_factory=DriftPolicy)
     source: str = "<string>"  # where it was read from, for messages and audit records
     quality: QualityPolicy | None = None
+    notify: NotifyPolicy | None = None
 
     def role_uri(self, role: Literal["champion", "challenger"]) -> str:
         """The ``models:/`` URI of a role: ``models:/churn@champion`` or ``models:/churn/Production``."""
@@ -268,7 +283,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 # --- parsing ---------------------------------------------------------------------------------------
 # The YAML is composed into nodes (not loaded into plain dicts) so every value keeps its line.
 
-_TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift", "quality")
+_TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift", "quality", "notify")
 _PROMOTION_KEYS = ("enabled", "gates", "canary", "shadow")
 _SHADOW_KEYS = ("sample_rate", "min_requests", "max_minutes", "insufficient_evidence", "min_agreement",
                 "max_mean_abs_difference", "max_error_rate", "not_worse_on_labels", "min_labelled_rows")
@@ -280,6 +295,7 @@ _CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence
 INSUFFICIENT_EVIDENCE = ("reject", "extend")
 _DRIFT_KEYS = ("consecutive_reports", "action")
 _QUALITY_KEYS = ("figure", "floor", "max_drop", "consecutive_reports", "action")
+_NOTIFY_KEYS = ("urls", "format", "events")
 _MISSING = object()
 
 
@@ -439,9 +455,10 @@ class _Parser:
         quality = None
         if (node := self.get(items, "quality")) is not None:
             quality = self.quality(node)
+        notify = self.notify(node) if (node := self.get(items, "notify")) is not None else None
         return Policy(model=model, registry=registry, champion=roles["champion"],
                       challenger=roles["challenger"], promotion=promotion, drift=drift, source=self.source,
-                      quality=quality)
+                      quality=quality, notify=notify)
 
     def role(self, node: Node, key: str, registry: RegistryMode) -> str:
         value = self.string(node, key)
@@ -632,6 +649,31 @@ class _Parser:
             raise self.error("needs floor or max_drop (or both): without a limit nothing can fall short of it",
                              node, "quality")
         return QualityPolicy(**kwargs)
+
+    def notify(self, node: Node) -> NotifyPolicy:
+        from mlflow_deploy_plugin.lifecycle.notify import FORMATS, parse_event_filter, parse_targets
+
+        items = self.mapping(node, "notify", _NOTIFY_KEYS)
+        if "urls" not in items:
+            raise self.error("required key is missing: the receivers' URLs", node, "notify.urls")
+        urls = self.strings(items["urls"][1], "notify.urls")
+        fmt = self.choice(sub, "notify.format", FORMATS) if (sub := self.get(items, "format")) is not None else "json"
+        events = self.strings(sub, "notify.events") if (sub := self.get(items, "events")) is not None else "all"
+        try:
+            parse_targets(urls, fmt)
+        except ValueError as exc:
+            raise self.error(f"expected http(s) URLs: {exc}", items["urls"][1], "notify.urls") from None
+        try:
+            parse_event_filter(events)
+        except ValueError as exc:
+            raise self.error(str(exc), items["events"][1], "notify.events") from None
+        return NotifyPolicy(urls=urls, format=fmt, events=events)
+
+    def strings(self, node: Node, key: str) -> str:
+        """One string or a list of strings, joined with commas."""
+        if isinstance(node, SequenceNode):
+            return ",".join(self.string(item, f"{key}[{index}]") for index, item in enumerate(node.value))
+        return self.string(node, key)
 
     def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
         """One of ``allowed`` (case-insensitive), or an error with a "did you mean"."""

@@ -16,16 +16,15 @@ deployment's drift experiment (``-C drift_experiment``, default ``drift/<deploym
   comparison) and ``shadow_summary.json``.
 
 The shadow version is tagged ``shadow.agreement`` / ``shadow.summary`` / ``shadow.report_run_id``, and the
-verdict is recorded for alerts and Prometheus: through ``monitoring.verdicts.record_verdict`` when
-that module is there (it writes ``verdicts.json`` and the ``shadow_verdict`` history event), else as a
-``shadow_verdict`` history event plus ``shadow_verdict.json`` in the deployment's folder.
+verdict is recorded for alerts and Prometheus through :func:`mlflow_deploy_plugin.verdicts.record_verdict`
+(``verdicts.json``, read by the ``/metrics`` gauges, and the ``shadow_verdict`` history event, which
+notifications announce).
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
-import importlib
 import json
 import logging
 import tempfile
@@ -44,13 +43,13 @@ from mlflow_deploy_plugin.capture import capture_root, read_capture
 from mlflow_deploy_plugin.capture.layout import as_utc
 from mlflow_deploy_plugin.errors import InvalidRequest, NotFound
 from mlflow_deploy_plugin.monitoring.shadow_compare import ShadowComparison, compare_pairs
-from mlflow_deploy_plugin.state import StateStore, write_json_atomic
+from mlflow_deploy_plugin.state import StateStore
+from mlflow_deploy_plugin.verdicts import record_verdict
 
 _log = logging.getLogger(__name__)
 
 HTML_ARTIFACT = "shadow_report.html"
 SUMMARY_ARTIFACT = "shadow_summary.json"
-VERDICT_FILE = "shadow_verdict.json"
 
 
 @dataclass
@@ -187,23 +186,11 @@ def _record(store: StateStore, name: str, model_name: str, comparison: ShadowCom
     """The verdict for alerts, gauges and the history (see the module docstring)."""
     version = comparison.shadow_version or "?"
     figures = comparison.figures()
-    details = {"agreement": comparison.agreement, "requests": comparison.requests, "figures": figures,
+    details: dict[str, Any] = {"agreement": comparison.agreement, "requests": comparison.requests, "figures": figures,
                "summary": comparison.summary(), "run_id": run_id, "window_end": _iso(until),
                "window_start": _iso(since), "primary_versions": comparison.primary_versions,
                **({"verdict": verdict} if verdict else {})}
-    paths = store.paths(name)
-    try:  # the alerts side's verdict store, where it is installed
-        verdicts: Any = importlib.import_module("mlflow_deploy_plugin.monitoring.verdicts")
-    except ModuleNotFoundError as exc:
-        if exc.name != "mlflow_deploy_plugin.monitoring.verdicts":
-            raise
-        verdicts = None
-    if verdicts is not None:
-        verdicts.record_verdict(paths, "shadow", version, model_name=model_name, **details)
-        return
-    write_json_atomic(paths.root / VERDICT_FILE, {version: {"model_name": model_name, **details}})
-    store.append_history(name, "shadow_verdict", actor=actor,
-                         model={"model_name": model_name, "model_version": version}, **details)
+    record_verdict(store.paths(name), "shadow", version, model_name=model_name, **details)
 
 
 def render_html(name: str, comparison: ShadowComparison, since: datetime, until: datetime) -> str:

@@ -130,7 +130,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
                      model.version_uri, config.shadow_sample_rate * 100, shadow_slot.smoke_test())
 
     state = ServiceState()
-    metrics = ServingMetrics()
+    metrics = ServingMetrics(capture_key.parent)  # the deployment's folder: its verdicts.json
     settings = AppSettings(
         deployment=spec.name,
         max_body_bytes=config.max_body_bytes,
