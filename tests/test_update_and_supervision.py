@@ -37,13 +37,14 @@ class RequestLoop(TrafficThreads):
     answers as (monotonic time the request was sent, version), in order.
     """
 
-    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 180) -> None:
+    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 540) -> None:
         self.url, self.payload = url, payload
         self.stop_event = threading.Event()
         self.failures: list[str] = []
         self.versions: list[str] = []
         self.per_client: list[list[tuple[float, str]]] = [[] for _ in range(clients)]
         self.count = 0
+        self.max_seconds = max_seconds
         self.deadline = time.monotonic() + max_seconds
         self.in_flight_since: list[float | None] = [None] * clients
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -52,8 +53,15 @@ class RequestLoop(TrafficThreads):
         """Wait until ``more`` further successful answers arrive; on timeout say what the clients
         were doing (failures, requests still in flight), so a stall and an error look different."""
         target = len(self.versions) + more
+
+        def arrived() -> bool:
+            if time.monotonic() > self.deadline:
+                raise AssertionError(f"the request loop ended by itself (its bound, {self.max_seconds:.0f} s, "
+                                     f"is shorter than the test)")
+            return len(self.versions) >= target
+
         try:
-            wait_for(lambda: len(self.versions) >= target, timeout_s, what)
+            wait_for(arrived, timeout_s, what)
         except AssertionError as exc:
             now = time.monotonic()
             in_flight = [None if since is None else round(now - since, 1) for since in self.in_flight_since]
