@@ -516,6 +516,57 @@ def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duratio
     }
 
 
+def shadow_cells(ours: dict[str, Any], frame: Any, args: argparse.Namespace, spec_dir: Path) -> dict[str, Any]:
+    """Our primary's latency with a shadow version off, on, then off again, under the same load.
+
+    The shadow (v2, another LogisticRegression) answers a copy of every captured request after the
+    answer is sent (``-C shadow``); what it may cost the primary is what this shows: p99 with the
+    shadow on against the mean of the two shadow-off cells around it (the machine's load drifts).
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+
+    labels = (frame["f0"] + frame["f1"] > 0).astype(int)  # another model, answering differently
+    with mlflow.start_run():
+        model = LogisticRegression(max_iter=1000).fit(frame, labels)
+        mlflow.sklearn.log_model(model, name="model", signature=infer_signature(frame, model.predict(frame)),
+                                 input_example=frame.head(5), registered_model_name=MODEL_NAME,
+                                 pip_requirements=["scikit-learn"])
+    cells = []
+    for rows in args.rows:
+        bodies = make_bodies(frame, rows)
+        for conc in args.concurrency:
+            for state, value in (("off", "none"), ("on", f"models:/{MODEL_NAME}/2"), ("off", "none")):
+                subprocess.run([mlflow_bin(), "deployments", "update", "-t", "lifecycle", "--name", DEPLOYMENT,
+                                "-C", f"shadow={value}"], capture_output=True, text=True, timeout=STARTUP_DEADLINE_S,
+                               check=True)
+                cell = measure(ours, bodies, conc, args.duration, args.client_procs, spec_dir)
+                cell["shadow"] = state
+                if state == "on":
+                    _, text = http("GET", f"{ours['url']}/metrics")
+                    cell["shadow_metrics"] = {line.split(" ")[0]: float(line.split(" ")[1])
+                                              for line in text.decode().splitlines()
+                                              if line.startswith(("mlflow_deploy_shadow_calls_total",
+                                                                  "mlflow_deploy_shadow_dropped_requests_total"))}
+                cells.append(cell)
+                print(f"  ours  rows={rows:<4} conc={conc:<3} shadow {state:<3} {cell['rps']:8.1f} req/s  "
+                      f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
+                      file=sys.stderr)
+    ratios = []
+    for i in range(0, len(cells), 3):
+        before, on, after = cells[i:i + 3]
+        off = (before["p99_ms"] + after["p99_ms"]) / 2
+        ratios.append({"rows": on["rows"], "concurrency": on["concurrency"], "p99_off_ms": off,
+                       "p99_on_ms": on["p99_ms"], "p99_on_over_off": on["p99_ms"] / off if off else float("nan"),
+                       "rps_on_over_off": on["rps"] / ((before["rps"] + after["rps"]) / 2)})
+    for r in ratios:
+        print(f"  shadow cost rows={r['rows']:<4} conc={r['concurrency']:<3} p99 on/off "
+              f"{r['p99_on_over_off']:.2f}x ({r['p99_on_ms']:.2f} vs {r['p99_off_ms']:.2f} ms), req/s on/off "
+              f"{r['rps_on_over_off']:.2f}x", file=sys.stderr)
+    return {"cells": cells, "ratios": ratios}
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
@@ -640,6 +691,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one more deployment of ours with these -C (repeatable), e.g. nocap:capture=false")
     parser.add_argument("--passes", type=int, default=1, help="measure every cell this many times (median shown)")
     parser.add_argument("--no-peer", action="store_true", help="do not start `mlflow models serve`")
+    parser.add_argument("--shadow", action="store_true",
+                        help="also measure our primary's latency with a shadow version off, on, off again "
+                             "(same run, same load; see shadow_cells)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) after the run")
     return parser.parse_args(argv)
@@ -693,9 +747,11 @@ def main(argv: list[str] | None = None) -> int:
                               f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
                               f"max {cell['max_ms']:7.1f} ms  errors {cell['errors']}", file=sys.stderr)
                 results.extend(median_cell(passes[server["name"]]) for server in servers)
+        ours = next(server for server in servers if server["name"] == "ours")
+        shadow = shadow_cells(ours, frame, args, spec_dir) if args.shadow else None
         for server in servers:
             server["rss_mb"] = group_rss_mb(server["pgid"])
-        report = {"workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
+        report = {"shadow": shadow,"workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
                   "servers": servers, "predictions": predictions, "results": results,
                   "ratios": ratios(results), "variant_ratios": variant_ratios(results),
                   "total_s": time.monotonic() - t0,

@@ -5,7 +5,9 @@ Started (and restarted if it dies) by the deployment's supervisor when the deplo
 supervisor starts a new agent):
 scheduled drift reports (``-C drift_schedule``), following an alias, stage or ``latest`` URI
 (polled every ``poll_interval_s``, at once when `mlflow-deploy watch` touches the deployment's
-poke file after a webhook), and policies (``-C policy``). It imports MLflow and Evidently, so it
+poke file after a webhook), policies (``-C policy``), notifications of its history to ``-C notify``
+receivers (:mod:`.lifecycle.notifier`) and a watch on capture dropping rows
+(:mod:`.monitoring.capture_watch`). It imports MLflow and Evidently, so it
 lives in its own process: the supervisor stays small and the workers never pause for it. Each drift
 report runs in a child process of the agent (:mod:`.monitoring.drift_process`): a report that
 crashes or is killed by the out-of-memory killer is recorded as a failed report and tried again at
@@ -123,8 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     _logger.info("Agent of %s started", name)
     drift = threading.Thread(target=DriftScheduler(store, [name]).run_forever, args=(stop,), daemon=True)
     drift.start()
+    # Notifications (-C notify) and the capture-drop watch run in their own threads: a receiver
+    # that is down or slow never delays following, judging or serving.
+    from mlflow_deploy_plugin.lifecycle.notifier import Notifier
+    from mlflow_deploy_plugin.monitoring.capture_watch import CaptureWatch
+
+    notifier = threading.Thread(target=Notifier(store, name).run_forever, args=(stop,), daemon=True)
+    notifier.start()
+    threading.Thread(target=CaptureWatch(store, name).run_forever, args=(stop,), daemon=True).start()
     _lifecycle_loop(store, name, stop)
     drift.join(timeout=600)
+    notifier.join(timeout=20)
     return 0
 
 

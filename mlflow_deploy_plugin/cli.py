@@ -450,6 +450,42 @@ def history(store: StateStore, name: str, as_json: bool) -> None:
         click.echo(f"{when}  {event['event']:<14} {version:<28} {detail}".rstrip())
 
 
+@cli.command("notifications")
+@click.argument("name")
+@click.option("--limit", default=20, show_default=True, help="Attempts to print, newest first (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print raw JSON attempts.")
+@pass_store
+def notifications(store: StateStore, name: str, limit: int, as_json: bool) -> None:
+    """Where deployment NAME's events go (-C notify) and every delivery attempt, newest first."""
+    from mlflow_deploy_plugin.lifecycle.notifier import pending, read_deliveries, receivers, secret_source
+
+    spec = _spec_or_exit(store, name)
+    paths = store.paths(name)
+    attempts = read_deliveries(paths)
+    if not as_json:
+        targets = receivers(spec)
+        if not targets:
+            click.echo(f"{name}: no receivers (neither -C notify nor the policy's notify: is set).")
+        waiting = pending(paths)
+        for target, events in targets.items():
+            click.echo(f"receiver {target.shown} ({target.format}, events {events}): "
+                       f"{waiting.get(target.shown, 0)} history event(s) not yet handled")
+        if targets:
+            click.echo(f"signed with the secret in {secret_source(spec, paths)}")
+    shown = attempts[-limit:] if limit else attempts
+    for attempt in reversed(shown):
+        if as_json:
+            click.echo(json.dumps(attempt, default=str))
+            continue
+        when = datetime.fromtimestamp(attempt["time"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        status = attempt.get("status") or "-"
+        detail = attempt.get("error") or ""
+        if attempt.get("next_try_s") is not None:
+            detail = f"{detail}; next try in {attempt['next_try_s']:.0f}s"
+        click.echo(f"{when}  {attempt['outcome']:<9} {attempt['event']:<18} try {attempt.get('attempt')} "
+                   f"HTTP {status}  {attempt.get('target')}  {attempt.get('delivery_id')}  {detail}".rstrip())
+
+
 def _add_quality_commands() -> None:
     from mlflow_deploy_plugin.quality.cli import labels, quality
 
@@ -458,6 +494,15 @@ def _add_quality_commands() -> None:
 
 
 _add_quality_commands()
+
+
+def _add_shadow_commands() -> None:
+    from mlflow_deploy_plugin.monitoring.shadow_cli import shadow
+
+    cli.add_command(shadow)
+
+
+_add_shadow_commands()
 
 if __name__ == "__main__":
     cli()

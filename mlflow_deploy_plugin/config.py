@@ -194,6 +194,36 @@ def _to_duration(key: str, value: Any) -> str:
     return text
 
 
+def _to_model_uri(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text.startswith("models:/") or len(text) <= len("models:/"):
+        raise _invalid(key, value, "a registry model URI such as models:/churn/5 or models:/churn@challenger")
+    return text
+
+
+def _to_notify_urls(key: str, value: Any) -> str:
+    from mlflow_deploy_plugin.lifecycle.notify import parse_targets
+
+    try:
+        targets = parse_targets(str(value))
+    except ValueError as exc:
+        raise _invalid(key, "…", f"comma-separated http(s) URLs, optionally slack+https://... ({exc})") from None
+    if not targets:
+        raise _invalid(key, value, "comma-separated http(s) URLs")
+    return ",".join(f"slack+{t.url}" if t.format == "slack" else t.url for t in targets)
+
+
+def _to_notify_events(key: str, value: Any) -> str:
+    from mlflow_deploy_plugin.lifecycle.notify import parse_event_filter
+
+    text = str(value).strip()
+    try:
+        parse_event_filter(text)
+    except ValueError as exc:
+        raise _invalid(key, value, f"event names, kinds or patterns, comma-separated ({exc})") from None
+    return text
+
+
 def _to_cron(key: str, value: Any) -> str:
     text = str(value).strip()
     from croniter import croniter
@@ -307,6 +337,29 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("quality_min_labelled_rows", "int", 100,
          "Fewer labelled rows of a version in a window than this -> quality.status=not_enough_labels "
          "(no figures, no decision).", _to_int(1, 100_000_000)),
+    _Key("shadow", "str", None,
+         "Registry URI of a shadow version (models:/churn/5, models:/churn@challenger; resolved to a "
+         "version like the model): a copy of the requests goes to it after the answer is sent, its answers "
+         "are captured (role shadow) and never returned. Needs capture. `mlflow-deploy shadow report` "
+         "compares the pairs; set it to none to stop.", _to_model_uri),
+    _Key("shadow_sample_rate", "float", 1.0,
+         "Fraction of captured requests mirrored to the shadow version (under pressure more are dropped, "
+         "counted in mlflow_deploy_shadow_dropped_requests_total).", _to_float(0, 1, lo_open=True)),
+    _Key("notify", "str", None,
+         "Comma-separated http(s) URLs that receive every lifecycle event as a signed JSON POST (MLflow's "
+         "webhook signature); prefix a URL with slack+ (slack+https://hooks.slack.com/...) for Slack's "
+         "{\"text\"} shape. Retried with backoff, never blocking serving; `mlflow-deploy notifications NAME` "
+         "lists the deliveries.", _to_notify_urls),
+    _Key("notify_format", "str", "json", "Shape of every notify URL without a prefix: json or slack.",
+         _to_choice("json", "slack")),
+    _Key("notify_events", "str", "all",
+         "Which history events are sent: comma-separated names, shell patterns (drift_*) or kinds (deploy, "
+         "lifecycle, verdicts, faults, healed); a leading ! excludes, e.g. 'all,!drift_window_skipped'.",
+         _to_notify_events),
+    _Key("notify_secret_env", "str", None,
+         "Name of an environment variable holding the secret notifications are signed with (read in the "
+         "deployment's environment; default: a random secret kept in the deployment's notify.key, 0600).",
+         _to_env_name),
     # Ray Serve engine (lifecycle:/ray): the other engines refuse these (Engine.check_config).
     _Key("ray_address", "str", None,
          "[ray] Address of the Ray cluster (host:port of its GCS), default $RAY_ADDRESS, else the "
@@ -359,6 +412,9 @@ def parse_config(
         raise InvalidRequest(f"Invalid deployment config: {', '.join(sorted(overlap))} is in both capture_exclude "
                              "and capture_hash; a column is either left out of capture or hashed.")
     _check_tls(config.tls_cert, config.tls_key)
+    if config.shadow and not config.capture:
+        raise InvalidRequest("Invalid deployment config: shadow needs capture=true: a shadow's answers are only "
+                             "captured (never returned), so without capture they would go nowhere.")
     if not config.is_loopback and not config.auth_token_env:
         raise InvalidRequest(
             f"Refusing to bind host={config.host} without authentication: a non-loopback address "

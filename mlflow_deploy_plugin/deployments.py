@@ -61,6 +61,27 @@ def check_flavor(flavor: str | None) -> None:
                              f"{FLAVOR} flavor (omit --flavor).")
 
 
+def check_notify_secret(config: DeploymentConfig) -> None:
+    """``notify_secret_env`` must name a set variable here: the agent inherits this environment."""
+    if config.notify_secret_env and not os.environ.get(config.notify_secret_env):
+        raise InvalidRequest(
+            f"notify_secret_env={config.notify_secret_env} names an environment variable that is unset or "
+            "empty here: export it (notifications are signed with it), or leave notify_secret_env unset to "
+            "sign with a secret kept in the deployment's notify.key.")
+
+
+def shown_config(config: DeploymentConfig) -> dict[str, Any]:
+    """The config as `get` shows it: notify URLs without their path (Slack's carries its secret)."""
+    shown = config.to_dict()
+    if config.notify:
+        from mlflow_deploy_plugin.lifecycle.notify import parse_targets
+
+        with contextlib.suppress(ValueError):
+            shown["notify"] = ",".join(("slack+" if t.format == "slack" else "") + t.shown
+                                       for t in parse_targets(config.notify))
+    return shown
+
+
 def token_for(config: DeploymentConfig) -> str | None:
     """The bearer token the service requires, read from the environment variable the config names."""
     if not config.auth_token_env:
@@ -76,6 +97,14 @@ def token_for(config: DeploymentConfig) -> str | None:
 def traffic_summary(spec: DeploymentSpec) -> str:
     """``v1 90%, v2 10%``: what serves, in the words `get` and the history use."""
     return ", ".join(f"v{share.model.model_version} {share.percent:g}%" for share in spec.shares())
+
+
+def shadow_summary(spec: DeploymentSpec) -> str | None:
+    """``v5 (models:/churn@challenger), 100% mirrored``: the shadow version `get` shows, or None."""
+    if spec.shadow is None:
+        return None
+    return (f"v{spec.shadow.model_version} ({spec.shadow.requested_uri}), "
+            f"{spec.config.shadow_sample_rate * 100:g}% of captured requests mirrored")
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -173,7 +202,8 @@ class Deployments:
             "created_at": _iso(spec.created_at),
             "updated_at": _iso(spec.updated_at),
             "traffic": traffic_summary(spec),
-            "config": spec.config.to_dict(),
+            "shadow": shadow_summary(spec),
+            "config": shown_config(spec.config),
             # Engine-specific, when the engine says: replica health, the machine that created it.
             **{key: details[key] for key in ("replicas", "created_from") if details.get(key) is not None},
         }
@@ -222,12 +252,14 @@ class Deployments:
         parsed = parse_config(config)
         self.engine.check_config(parsed)
         token_for(parsed)
+        check_notify_secret(parsed)
         model = _resolve(model_uri)
         if parsed.policy:
             _check_policy_fits(parsed.policy, model_uri, model)
         import mlflow
 
         return DeploymentSpec(name=name, model=model, config=parsed, engine=self.engine.name,
+                              shadow=_resolve(parsed.shadow) if parsed.shadow else None,
                               tracking_uri=mlflow.get_tracking_uri())
 
     def create(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
@@ -257,7 +289,8 @@ class Deployments:
                 with self.store.global_lock():
                     self.store.archive(name)
                 raise InvalidState(str(exc)) from None
-        self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url)
+        self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url,
+                                  **({"shadow": spec.shadow.to_dict()} if spec.shadow else {}))
         self._tag_served(spec, None, status)
         return self.describe(spec, status)
 
@@ -297,6 +330,12 @@ class Deployments:
                     f"auth_token_env cannot change on update ({old.config.auth_token_env} -> "
                     f"{parsed.auth_token_env}): the service reads its token from the environment it was "
                     "created in. Delete and create the deployment again to change or rotate the token.")
+            if parsed.notify_secret_env != old.config.notify_secret_env:
+                # Like the token: the agent reads the secret from the environment fixed at create.
+                raise InvalidRequest(
+                    f"notify_secret_env cannot change on update ({old.config.notify_secret_env} -> "
+                    f"{parsed.notify_secret_env}): the agent reads it from the environment the deployment was "
+                    "created in. Delete and create the deployment again to change it.")
             self.engine.check_config(parsed)
             if not self.engine.keeps_token(name):
                 token_for(parsed)
@@ -310,8 +349,12 @@ class Deployments:
                 # Each share remembers what the deployment follows, so a canary ends on that URI.
                 shares.append(TrafficShare(ModelRef(requested, share_model.model_name, share_model.model_version,
                                                     share_model.run_id, share_model.source), float(percent)))
-            new = old.replace(model=model, config=parsed, traffic=tuple(shares), updated_at=time.time())
-            if only_if_changed and (new.model, new.config, new.traffic) == (old.model, old.config, old.traffic):
+            # The shadow is re-resolved like the model: a shadow of models:/churn@challenger follows the alias.
+            shadow = _resolve(parsed.shadow) if parsed.shadow else None
+            new = old.replace(model=model, config=parsed, traffic=tuple(shares), shadow=shadow,
+                              updated_at=time.time())
+            if only_if_changed and (new.model, new.config, new.traffic, new.shadow) == (
+                    old.model, old.config, old.traffic, old.shadow):
                 return self.describe(old)
             split = traffic_summary(new) if shares else None
             try:
@@ -329,7 +372,7 @@ class Deployments:
                     f"{old.model.model_version} keeps serving. Reason: {exc}") from None
         self.store.append_history(name, "updated", model=model.to_dict(), reason=reason, actor=actor,
                                   from_version=old.model.model_version, url=status.url, traffic=split,
-                                  evidence=evidence)
+                                  evidence=evidence, **({"shadow": new.shadow.to_dict()} if new.shadow else {}))
         self._tag_served(new, old, status)
         return self.describe(self.spec(name), status)
 
@@ -499,6 +542,8 @@ class Deployments:
         """POST a JSON ``body`` to the deployment's ``/invocations``; the answer's text."""
         import requests
 
+        from mlflow_deploy_plugin.deployment_http import deployment_session
+
         spec = self.spec(name)
         status = self.engine.status(name)
         if not status.serving:
@@ -510,9 +555,9 @@ class Deployments:
             headers["Authorization"] = f"Bearer {token}"
         try:
             # Over TLS, trust the deployment's own certificate (often self-signed) rather than none.
-            response = requests.post(f"{status.url}/invocations", data=body, headers=headers,
-                                     timeout=timeout_s or spec.config.timeout_s + 10,
-                                     verify=spec.config.tls_cert or True)
+            with deployment_session(status.url, spec.config.tls_cert) as session:
+                response = session.post(f"{status.url}/invocations", data=body, headers=headers,
+                                        timeout=timeout_s or spec.config.timeout_s + 10)
         except requests.RequestException as exc:
             raise InvalidState(f"Deployment {name!r} at {status.url} did not answer: {exc}") from None
         if response.status_code != 200:

@@ -102,6 +102,11 @@ class DeploymentConfig:
     task: str | None = None
     label_horizon: str = "30d"
     quality_min_labelled_rows: int = 100
+    # Notifications out (lifecycle/notify.py); see config.CONFIG_KEYS.
+    notify: str | None = None
+    notify_format: str = "json"
+    notify_events: str = "all"
+    notify_secret_env: str | None = None
     # Ray Serve engine (lifecycle:/ray) only; see config.CONFIG_KEYS.
     ray_address: str | None = None
     num_replicas: int | None = None
@@ -109,6 +114,9 @@ class DeploymentConfig:
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None
     num_cpus: float | None = None
+    # Shadow deployment (serving/shadow.py): a version that sees a copy of the traffic, never answers it.
+    shadow: str | None = None
+    shadow_sample_rate: float = 1.0
 
     @property
     def is_loopback(self) -> bool:
@@ -240,6 +248,8 @@ class DeploymentSpec:
     model: ModelRef
     config: DeploymentConfig = field(default_factory=DeploymentConfig)
     traffic: tuple[TrafficShare, ...] = ()  # empty: ``model`` gets 100%
+    # The version ``config.shadow`` resolved to: it predicts a copy of the requests, its answers only captured.
+    shadow: ModelRef | None = None
     flavor: str = FLAVOR
     engine: str = "local"
     generation: int = 1
@@ -257,8 +267,10 @@ class DeploymentSpec:
 
     @property
     def needs_agent(self) -> bool:
-        """Whether the deployment has background work: schedules, a policy, or a moving reference."""
-        return bool(self.config.drift_schedule or self.config.policy or self.model.is_floating)
+        """Whether the deployment has background work: schedules, a policy, a moving reference, or
+        notifications to deliver (the agent's notifier thread)."""
+        return bool(self.config.drift_schedule or self.config.policy or self.model.is_floating
+                    or self.config.notify)
 
     def replace(self, **changes: Any) -> DeploymentSpec:
         return dataclasses.replace(self, **changes)
@@ -271,6 +283,8 @@ class DeploymentSpec:
         }
         if self.traffic:
             data["traffic"] = [share.to_dict() for share in self.traffic]
+        if self.shadow is not None:
+            data["shadow"] = self.shadow.to_dict()
         return data
 
     @classmethod
@@ -302,6 +316,7 @@ class DeploymentSpec:
             model=ModelRef.from_dict(data.get("model")),
             config=DeploymentConfig.from_stored(config),
             traffic=tuple(traffic),
+            shadow=ModelRef.from_dict(data["shadow"], "shadow") if data.get("shadow") else None,
             flavor=str(data.get("flavor") or FLAVOR),
             engine=str(data.get("engine") or "local"),
             generation=_check_type("generation", data.get("generation", 1), (int,)),

@@ -13,6 +13,8 @@ Layout (one folder per deployment, so deleting one never touches another)::
         models/<model>/<version>/    # local copy of each served model version
         capture/                     # captured traffic (Parquet)
         capture.key                  # secret of -C capture_hash (created when first needed)
+        notify.key, notify/          # signing secret, cursors and deliveries of -C notify
+        verdicts.json                # latest drift/quality/shadow figures (Prometheus gauges)
       archive/<name>-<utc time>/     # deleted deployments: captured data and history are kept
 
 Captured inputs, logs and history are user data: folders this module creates are 0700 and files
@@ -268,6 +270,21 @@ class DeploymentPaths:
     def capture_key(self) -> Path:
         """The secret keying ``-C capture_hash`` (0600, created when first needed)."""
         return self.root / "capture.key"
+
+    @property
+    def notify(self) -> Path:
+        """Notifications out (``-C notify``): per-receiver cursors and ``deliveries.jsonl``."""
+        return self.root / "notify"
+
+    @property
+    def notify_key(self) -> Path:
+        """The secret signing notifications when ``-C notify_secret_env`` is not set (0600)."""
+        return self.root / "notify.key"
+
+    @property
+    def verdicts(self) -> Path:
+        """Latest drift / quality / shadow figures per version, read by /metrics on each scrape."""
+        return self.root / "verdicts.json"
 
 
 class StateStore:

@@ -96,8 +96,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # tests): a long unit started last would leave the other worker idle at the end of the run.
 LONGEST_FIRST = ("ray", "tests/test_lifecycle_e2e.py", "tests/test_stage_world_e2e.py",
                  "tests/test_promotion_steps_e2e.py", "tests/test_quality_e2e.py", "tests/test_capture_drift_e2e.py",
-                 "tests/test_self_healing.py", "tests/test_v2_clients.py",
-                 "tests/test_update_and_supervision.py", "tests/test_hostile_http.py", "tests/test_cli_verbs.py")
+                 "tests/test_shadow_e2e.py", "tests/test_self_healing.py", "tests/test_v2_clients.py",
+                 "tests/test_update_and_supervision.py", "tests/test_hostile_http.py", "tests/test_cli_verbs.py",
+                 "tests/test_notify_e2e.py")
 
 
 # tryfirst: xdist's own hook turns the group markers into node ids; run after it, they would be
@@ -250,6 +251,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     root = _run_root(factory)
     markers = (f"{root}/".encode(), f"/tmp/ray-{root.name}-".encode())
+    # A `create` still running when the workers were interrupted may start its supervisor after a
+    # first sweep (supervisors start their own session, so Ctrl-C never reaches them): sweep until
+    # two sweeps in a row, a second apart, find nothing (bounded).
+    quiet, deadline = 0, time.monotonic() + 30
+    while quiet < 2 and time.monotonic() < deadline:
+        killed = _kill_matching(markers)
+        quiet = 0 if killed else quiet + 1
+        time.sleep(1.0 if quiet < 2 else 0)
+
+
+def _kill_matching(markers: tuple[bytes, ...]) -> int:
+    """SIGKILL every process whose command line contains one of ``markers``; how many were."""
+    killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -260,6 +274,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if any(marker in argv for marker in markers):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
 
 
 @pytest.fixture(scope="session")
@@ -351,6 +367,19 @@ def split_payload(frame: pd.DataFrame) -> dict:
 
 
 free_port = _free_port
+
+
+@contextlib.contextmanager
+def mlflow_server_for_module(stores: Stores, factory: pytest.TempPathFactory, name: str) -> Iterator[MlflowServer]:
+    """A tracking server of a test module's own (a fresh store named ``name``), up and then stopped:
+    for the tests that restart the server, subscribe it to webhooks or change its stages."""
+    root = factory.mktemp(name)
+    server = MlflowServer(root, store_uri=stores.new_uri(root, name))
+    try:
+        server.wait_ready(90)
+        yield server
+    finally:
+        server.stop()
 
 
 class MlflowServer:

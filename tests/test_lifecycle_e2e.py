@@ -21,7 +21,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import SWITCH_S, Env, MlflowServer, Stores, free_port, split_payload, wait_for
+from conftest import (
+    SWITCH_S,
+    Env,
+    MlflowServer,
+    Stores,
+    free_port,
+    mlflow_server_for_module,
+    split_payload,
+    wait_for,
+)
 from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
@@ -35,10 +44,7 @@ SECRET = "webhook-secret-for-tests"
 def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     from mlflow_deploy_plugin.lifecycle.webhooks import register_webhook
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    mlflow_server = MlflowServer(root, store_uri=stores.new_uri(root, "lifecycle"))
-    try:
-        mlflow_server.wait_ready(90)
+    with mlflow_server_for_module(stores, tmp_path_factory, "lifecycle") as mlflow_server:
         # Subscribe before any registry event fires: the server caches each event's webhook list
         # for 60 s, so a webhook created after an event type fired misses it for a minute.
         mlflow_server.watch_port = free_port()
@@ -53,8 +59,6 @@ def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -
         finally:
             mlflow.set_tracking_uri(previous)
         yield mlflow_server
-    finally:
-        mlflow_server.stop()
 
 
 def _cli_env(env: Env, server: MlflowServer, **extra: str) -> dict[str, str]:

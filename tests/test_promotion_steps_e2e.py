@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import mlflow
 import pytest
 import requests
-from conftest import SWITCH_S, Env, MlflowServer, Stores, split_payload, wait_for
+from conftest import SWITCH_S, Env, MlflowServer, Stores, mlflow_server_for_module, split_payload, wait_for
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
@@ -26,13 +26,8 @@ from mlflow_deploy_plugin.state import read_history_file, read_json
 @pytest.fixture(scope="module")
 def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A tracking server of this module's own: its tests stop and restart it."""
-    root = tmp_path_factory.mktemp("mlflow-server-steps")
-    mlflow_server = MlflowServer(root, store_uri=stores.new_uri(root, "promotion_steps"))
-    try:
-        mlflow_server.wait_ready(90)
+    with mlflow_server_for_module(stores, tmp_path_factory, "promotion_steps") as mlflow_server:
         yield mlflow_server
-    finally:
-        mlflow_server.stop()
 
 
 @contextlib.contextmanager

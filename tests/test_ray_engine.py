@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import Env, Registry, free_port, split_payload, wait_for
+from mlflow.deployments import get_deploy_client
 
 from mlflow_deploy_plugin.capture import read_capture
 
@@ -262,8 +263,13 @@ def test_a_replica_killed_is_replaced_while_the_others_answer(env: Env, registry
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
 
+            # Polled in process (the plugin's own client, as MLflow loads it): a CLI process per
+            # poll would compete on busy cores with the replica being started.
+            deploy_client = get_deploy_client(RAY)
+
             def replaced() -> bool:
-                now, dead = _replicas(env, name)
+                view = deploy_client.get_deployment(name)
+                now, dead = view["replicas"], int(view["restarts"])
                 return dead >= 1 and len(now) == 2 and all(r["state"] == "RUNNING" for r in now) \
                     and victim not in [r["pid"] for r in now]
 

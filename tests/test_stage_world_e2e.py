@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import mlflow
 import pytest
 import requests
-from conftest import SWITCH_S, Env, MlflowServer, Stores, split_payload, wait_for
+from conftest import SWITCH_S, Env, MlflowServer, Stores, mlflow_server_for_module, split_payload, wait_for
 from test_lifecycle_e2e import _mlflow_deploy, _rest, _version
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
@@ -34,13 +34,8 @@ EXPERIMENT = "stage-world-e2e"
 
 @pytest.fixture(scope="module")
 def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    root = tmp_path_factory.mktemp("stage-server")
-    mlflow_server = MlflowServer(root, store_uri=stores.new_uri(root, "stage_world"))
-    try:
-        mlflow_server.wait_ready(90)
+    with mlflow_server_for_module(stores, tmp_path_factory, "stage_world") as mlflow_server:
         yield mlflow_server
-    finally:
-        mlflow_server.stop()
 
 
 @pytest.fixture()

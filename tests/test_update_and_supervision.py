@@ -37,20 +37,44 @@ class RequestLoop(TrafficThreads):
     answers as (monotonic time the request was sent, version), in order.
     """
 
-    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 180) -> None:
+    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 540) -> None:
         self.url, self.payload = url, payload
         self.stop_event = threading.Event()
         self.failures: list[str] = []
         self.versions: list[str] = []
         self.per_client: list[list[tuple[float, str]]] = [[] for _ in range(clients)]
         self.count = 0
+        self.max_seconds = max_seconds
         self.deadline = time.monotonic() + max_seconds
+        self.in_flight_since: list[float | None] = [None] * clients
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def wait_for_answers(self, more: int, timeout_s: float, what: str) -> None:
+        """Wait until ``more`` further successful answers arrive; on timeout say what the clients
+        were doing (failures, requests still in flight), so a stall and an error look different."""
+        target = len(self.versions) + more
+
+        def arrived() -> bool:
+            if time.monotonic() > self.deadline:
+                raise AssertionError(f"the request loop ended by itself (its bound, {self.max_seconds:.0f} s, "
+                                     f"is shorter than the test)")
+            return len(self.versions) >= target
+
+        try:
+            wait_for(arrived, timeout_s, what)
+        except AssertionError as exc:
+            now = time.monotonic()
+            in_flight = [None if since is None else round(now - since, 1) for since in self.in_flight_since]
+            raise AssertionError(
+                f"{exc}; answers {len(self.versions)}/{target}, attempts {self.count}, "
+                f"failures {len(self.failures)} (last: {self.failures[-3:]}), "
+                f"seconds each client's request has been in flight: {in_flight}") from None
 
     def _run(self, client: int) -> None:
         session = requests.Session()
         while not self.stop_event.is_set() and time.monotonic() < self.deadline:
             sent = time.monotonic()
+            self.in_flight_since[client] = sent
             try:
                 response = session.post(f"{self.url}/invocations", json=self.payload, timeout=30)
                 if response.status_code != 200:
@@ -60,6 +84,7 @@ class RequestLoop(TrafficThreads):
                     self.per_client[client].append((sent, response.headers["x-model-version"]))
             except requests.RequestException as exc:
                 self.failures.append(repr(exc))
+            self.in_flight_since[client] = None
             self.count += 1
 
 
@@ -70,12 +95,11 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
     payload = split_payload(registry.features.iloc[[5]])
     try:
         with RequestLoop(url, payload) as loop:
-            wait_for(lambda: loop.count > 20, 30, "the request loop to get going")
+            loop.wait_for_answers(20, 30, "the request loop to get going")
             out = env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/2").stdout
             updated_at = time.monotonic()  # `update` has returned
             assert "updated" in out
-            seen_after = len(loop.versions)
-            wait_for(lambda: len(loop.versions) > seen_after + 20, 30, "requests after the update")
+            loop.wait_for_answers(20, 30, "requests after the update")
 
             # Versions that cannot load or fail their smoke test never take over.
             for model, reason in ((registry.broken_model, "Could not load"),
@@ -83,8 +107,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
                 proc = env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}/1", check=False)
                 assert proc.returncode != 0
                 assert reason in proc.stderr and "version 2 keeps serving" in proc.stderr, proc.stderr[-1500:]
-            settled = len(loop.versions)
-            wait_for(lambda: len(loop.versions) > settled + 20, 30, "requests after the failed updates")
+            loop.wait_for_answers(20, 30, "requests after the failed updates")
         assert loop.failures == [], f"{len(loop.failures)} failed requests during update: {loop.failures[:5]}"
         assert loop.versions[0] == "1" and loop.versions[-1] == "2"
         for client, answers in enumerate(loop.per_client):

@@ -25,9 +25,10 @@ from mlflow_deploy_plugin.serving.frames import is_float64, stack_frames
 _EPOCH = date(1970, 1, 1)
 
 # What capture reads of an answered request besides ``inputs`` and ``predictions``: the spool
-# (:mod:`.spool`) carries exactly these attributes to the converter process, so a new meta column
-# is one more name here (and in ``_group_table``), not a change of the record format.
-REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms")
+# (:mod:`.spool`) carries exactly these attributes to the converter process (None for one a
+# request lacks), so a new meta column is one more name here (and in ``_group_table``), not a
+# change of the record format.
+REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role")
 
 
 class AnsweredRequest(Protocol):
@@ -70,6 +71,7 @@ class CapturedRequest:
     latency_ms: float
     inputs: pd.DataFrame | None
     predictions: Any | None
+    role: str = "primary"  # or "shadow" (layout: ``_role``)
 
 
 @dataclass(slots=True)
@@ -170,6 +172,9 @@ def _group_table(group: _Group, deployment: str,
         pa.array(np.repeat(np.array([int(r.status) for r in reqs], dtype=np.int16), counts), pa.int16()),
         pa.array(np.repeat(np.array([float(r.latency_ms) for r in reqs], dtype=np.float32), counts), pa.float32()),
         pa.array((np.arange(total, dtype=np.int64) - starts).astype(np.int32), pa.int32()),
+        # primary unless the answer says otherwise (serving/shadow.py's say shadow)
+        pa.array(np.repeat(np.array([str(getattr(r, "role", None) or "primary") for r in reqs], dtype=object),
+                           counts), pa.string()),
     ]
     names = list(META_COLUMNS)
     frames = [f for f in group.frames if f is not None]

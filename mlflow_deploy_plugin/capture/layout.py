@@ -12,8 +12,12 @@ it may be a local folder or a pyarrow filesystem URI. Partitions are UTC days. S
 processes may write to the same root: file names carry the pid and a per-process sequence number.
 
 One row per input row. Meta columns first (``_request_id``, ``_timestamp``, ``_deployment``,
-``_model_version``, ``_status``, ``_latency_ms``, ``_row``), then the input columns under their own
+``_model_version``, ``_status``, ``_latency_ms``, ``_row``, ``_role``), then the input columns under their own
 names, then the predictions (``_prediction`` or ``_prediction_<col>``).
+
+``_role`` is ``primary`` for the answer the client got and ``shadow`` for a shadow version's answer to
+the same request (same ``_request_id``; see ``serving/shadow.py``). Files written before it existed
+have no ``_role``: their rows read as primary.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 META_COLUMNS: tuple[str, ...] = (
-    "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row",
+    "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row", "_role",
 )
 META_SCHEMA = pa.schema([
     ("_request_id", pa.string()),
@@ -37,7 +41,9 @@ META_SCHEMA = pa.schema([
     ("_status", pa.int16()),
     ("_latency_ms", pa.float32()),
     ("_row", pa.int32()),
+    ("_role", pa.string()),
 ])
+ROLE_COLUMN = "_role"
 PREDICTION_PREFIX = "_prediction"
 
 _PARTITION_PREFIX = "date="

@@ -20,6 +20,7 @@ from mlflow_deploy_plugin.capture.layout import (
     META_COLUMNS,
     META_SCHEMA,
     PREDICTION_PREFIX,
+    ROLE_COLUMN,
     as_utc,
     list_partitions,
     resolve_root,
@@ -60,8 +61,12 @@ def read_capture(
     since: datetime | None = None,
     until: datetime | None = None,
     columns: list[str] | None = None,
+    shadow: bool = False,
 ) -> pd.DataFrame:
     """Captured rows with ``since <= _timestamp < until``, oldest first.
+
+    Rows a shadow version answered (``_role`` shadow) are left out unless ``shadow``: drift, quality
+    and ``capture show`` see the answers clients got; the shadow report asks for both.
 
     Only ``date=`` partitions that overlap the window are opened. Files may have different columns
     (e.g. several model versions): missing values are null. Naive datetimes are UTC. With
@@ -94,6 +99,9 @@ def read_capture(
     if until_utc is not None:
         upper = ds.field("_timestamp") < pa.scalar(until_utc, stamp_type)
         condition = upper if condition is None else condition & upper
+    if not shadow and ROLE_COLUMN in schema.names:
+        served = ds.field(ROLE_COLUMN).is_null() | (ds.field(ROLE_COLUMN) != "shadow")
+        condition = served if condition is None else condition & served
     wanted = None if columns is None else [c for c in columns if c in schema.names]
     table = dataset.to_table(columns=wanted, filter=condition)
     if table.num_rows == 0:

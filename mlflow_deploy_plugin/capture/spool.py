@@ -100,7 +100,7 @@ def encode_record(request: Any) -> bytes:
 
     Raises if the request cannot be encoded (e.g. inputs that cannot be pickled).
     """
-    meta = tuple(getattr(request, name) for name in REQUEST_ATTRS)
+    meta = tuple(getattr(request, name, None) for name in REQUEST_ATTRS)
     inputs, predictions = request.inputs, request.predictions
     n_rows = None
     if inputs is None:

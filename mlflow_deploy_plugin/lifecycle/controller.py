@@ -7,8 +7,9 @@ that are due:
   downtime) when that reference moves; a version that cannot load is remembered and never
   retried until the reference moves again, and the old version keeps serving;
 - **promote** (with a policy): a newly registered version is checked against the gates, made
-  challenger, tried on a canary share of live traffic, then made champion, or rejected saying
-  which gate failed and by how much;
+  challenger, tried as a shadow on a copy of live traffic (``promotion.shadow``: nobody receives its
+  answers; judged on the pairs, :mod:`.shadow_stage`), then on a canary share of live traffic, then
+  made champion, or rejected saying which gate failed and by how much;
 - **drift** (with a policy): when the served version is ``drifted`` in K consecutive reports,
   tag it, roll back to the previous good version, or archive it.
 
@@ -217,19 +218,28 @@ class LifecycleController:
         spec = self.store.read_spec(self.name) or spec
         if state.get("canary") and (policy is None or policy.promotion.canary is None):
             self._end_orphan_canary(state, actor)
+        if state.get("shadow") and (policy is None or policy.promotion.shadow is None):
+            self._end_orphan_shadow(state, actor)
+        if policy is not None:
+            self._shadow(spec, policy, state, actor)
+            if state.get("op"):
+                return
+            spec = self.store.read_spec(self.name) or spec
         if policy is not None:
             self._canary(spec, policy, state, actor)
             if state.get("op"):
                 return
             spec = self.store.read_spec(self.name) or spec
-        if self.follow and not state.get("canary"):
+        trying = state.get("canary") or state.get("shadow")  # a challenger on trial: nothing else moves
+        if self.follow and not trying:
             self._follow(spec, state, actor)
             spec = self.store.read_spec(self.name) or spec
-        if policy is not None and policy.promotion.enabled and not state.get("canary"):
+        if policy is not None and policy.promotion.enabled and not trying:
             self._promotions(spec, policy, state, actor)
-        if policy is not None and not state.get("canary") and not state.get("op"):
+        trying = state.get("canary") or state.get("shadow")
+        if policy is not None and not trying and not state.get("op"):
             self._drift(self.store.read_spec(self.name) or spec, policy, state, actor)
-        if policy is not None and policy.quality is not None and not state.get("canary") and not state.get("op"):
+        if policy is not None and policy.quality is not None and not trying and not state.get("op"):
             self._quality(self.store.read_spec(self.name) or spec, policy, state, actor)
 
     def _pass_failed(self, spec: DeploymentSpec, state: dict[str, Any], exc: Exception) -> None:
@@ -309,6 +319,7 @@ class LifecycleController:
     def _title(self, op: dict[str, Any]) -> str:
         version, kind = op["version"], op["kind"]
         return {"canary": f"the canary start of v{version}", "promote": f"the promotion of v{version}",
+                "shadow": f"the shadow start of v{version}",
                 "reject": f"the rejection of v{version}",
                 "rollback": f"the rollback of v{version} to v{op.get('target')}",
                 "undo_promote": f"undoing the promotion of v{version}",
@@ -325,6 +336,8 @@ class LifecycleController:
                                              else evidence)
 
         def switch(reason: str, **kwargs: Any) -> Callable[[], None]:
+            if op.get("end_shadow") and kind in ("canary", "promote", "reject"):
+                kwargs["config"] = {"shadow": None}  # the shadow stage ends in the same swap
             return lambda: self._switch(op, reason, **kwargs)
 
         steps: list[tuple[str, str, Callable[[], Any]]] = []
@@ -334,6 +347,13 @@ class LifecycleController:
                  lambda: roles.set_challenger(version)),
                 ("record_challenger", f"record that {model} v{version} passed its gates",
                  audit("challenger", op["gates_summary"], {"lifecycle.gates": "passed"}, op["gates_evidence"])),
+            ]
+        if kind == "shadow":
+            steps += [
+                ("traffic", f"mirror {self.name}'s requests to v{version} as a shadow", switch(
+                    op["reason"], config={"shadow": f"models:/{model}/{version}",
+                                          "shadow_sample_rate": float(op["sample_rate"])})),
+                ("shadow", f"start the shadow clock of v{version}", lambda: self._begin_shadow(op, state)),
             ]
         if kind == "canary":
             percent = float(op["percent"])
@@ -427,7 +447,7 @@ class LifecycleController:
             failure = op["failure"] = {"step": step, "attempts": 0, "since": now}
             how = ("a transient error: retried with backoff until it passes" if transient else
                    f"retried with backoff; after {MAX_ATTEMPTS} attempts {self._title(op)} is undone"
-                   if op["kind"] in ("canary", "promote", "rollback") and step in _UNDOABLE_STEPS else
+                   if op["kind"] in ("canary", "shadow", "promote", "rollback") and step in _UNDOABLE_STEPS else
                    "retried with backoff until it passes")
             _logger.warning("%s: could not %s: %s", self._title(op), what, error)
             self._history("step_failed", actor=op["actor"], op=op["id"], step=step, transient=transient,
@@ -440,7 +460,7 @@ class LifecycleController:
         state["op_failure"] = (f"{self._title(op)} waits: could not {what} ({failure['attempts']} attempt(s) since "
                                f"{_iso(failure['since'])}): {error}; next try in {delay:.0f}s")
         undone = (not transient and failure["attempts"] >= MAX_ATTEMPTS and step in _UNDOABLE_STEPS
-                  and op["kind"] in ("canary", "promote", "rollback"))
+                  and op["kind"] in ("canary", "shadow", "promote", "rollback"))
         if undone:
             self._undo(state, op, f"could not {what} after {failure['attempts']} attempts: {error}", step)
         self._save(state)
@@ -461,7 +481,11 @@ class LifecycleController:
                   "id": uuid.uuid4().hex[:12], "created_at": time.time(), "done": [], "roles": op["roles"],
                   "spec_updated_at": op.get("spec_updated_at"), "undo_of": op["id"]}
         if op["kind"] == "canary":
-            state["op"] = {**common, "kind": "reject", "reason": f"the canary could not start: {why}"}
+            state["op"] = {**common, "kind": "reject", "reason": f"the canary could not start: {why}",
+                           "end_shadow": op.get("end_shadow")}
+        elif op["kind"] == "shadow":
+            state["op"] = {**common, "kind": "reject", "reason": f"the shadow could not start: {why}",
+                           "end_shadow": True}
         elif op["kind"] == "promote":
             state["op"] = {**common, "kind": "undo_promote", "champion": op.get("champion"),
                            "undo_uri": op.get("undo_uri"),
@@ -557,15 +581,27 @@ class LifecycleController:
             return
         gates = {"with_challenger": True, "gates_summary": summary.replace("\n", "; "),
                  "gates_evidence": report.to_dict()}
-        canary = policy.promotion.canary
-        actor = f"policy {policy.source}"
-        if canary is None or champion is None:
-            self._start_promotion(state, spec, policy, version, champion, reason="gates passed (no canary configured)",
-                                  evidence=report.to_dict(), **gates)
+        shadow = policy.promotion.shadow
+        if shadow is not None and champion is not None:
+            self._start_op(state, policy, "shadow", version, actor=f"policy {policy.source}", champion=champion,
+                           sample_rate=shadow.sample_rate, evidence=report.to_dict(), **gates,
+                           reason=f"shadow: v{version} answers a copy of {shadow.sample_rate * 100:g}% of the "
+                                  "captured requests, returned to nobody (gates passed)")
             return
-        self._start_op(state, policy, "canary", version, actor=actor, champion=champion, percent=canary.percent,
-                       reason=f"canary: v{version} gets {canary.percent:g}% of live traffic (gates passed)",
-                       evidence=report.to_dict(), **gates)
+        self._after_trials(state, spec, policy, version, champion, reason="gates passed", evidence=report.to_dict(),
+                           **gates)
+
+    def _after_trials(self, state: dict[str, Any], spec: DeploymentSpec, policy: Policy, version: str,
+                      champion: str | None, *, reason: str, evidence: dict[str, Any], **details: Any) -> None:
+        """What follows the gates (or a passed shadow stage): the canary, else the promotion."""
+        canary = policy.promotion.canary
+        if canary is None or champion is None:
+            self._start_promotion(state, spec, policy, version, champion, reason=f"{reason} (no canary configured)",
+                                  evidence=evidence, **details)
+            return
+        self._start_op(state, policy, "canary", version, actor=f"policy {policy.source}", champion=champion,
+                       percent=canary.percent, evidence=evidence, **details,
+                       reason=f"canary: v{version} gets {canary.percent:g}% of live traffic ({reason})")
 
     def _start_promotion(self, state: dict[str, Any], spec: DeploymentSpec, policy: Policy, version: str,
                          champion: str | None, *, reason: str, evidence: dict[str, Any], **details: Any) -> None:
@@ -590,6 +626,66 @@ class LifecycleController:
             _logger.warning("Could not read the canary baseline: %s", exc)
         state["canary"] = {"version": version, "champion": champion, "started_at": time.time(),
                            "baselines": baselines}
+
+    def _begin_shadow(self, op: dict[str, Any], state: dict[str, Any]) -> None:
+        """The last step of a shadow start: pairs count from here on."""
+        state["shadow"] = {"version": op["version"], "champion": op["champion"], "started_at": time.time()}
+
+    def _end_orphan_shadow(self, state: dict[str, Any], actor: str) -> None:
+        """The policy (or its shadow section) went away mid-shadow: stop mirroring."""
+        shadow = state.pop("shadow")
+        reason = f"shadow of v{shadow['version']} ended: the policy no longer configures a shadow stage"
+        self._act(f"stop mirroring to v{shadow['version']} on {self.name} ({reason})", lambda: self.deployments
+                  .transition(self.name, config={"shadow": None}, reason=reason, actor=actor))
+
+    def _shadow(self, spec: DeploymentSpec, policy: Policy, state: dict[str, Any], actor: str) -> None:
+        """Judge the shadow stage in progress on its pairs; on a verdict, record it and move on."""
+        from mlflow_deploy_plugin.lifecycle.shadow_stage import evaluate_shadow
+        from mlflow_deploy_plugin.monitoring.shadow_report import compare_window, report_comparison
+
+        shadow_state = state.get("shadow")
+        shadow_policy = policy.promotion.shadow
+        if not shadow_state or shadow_policy is None:
+            return
+        version, champion = shadow_state["version"], shadow_state.get("champion")
+        if spec.shadow is None or spec.shadow.key != (policy.model, version) or spec.model.model_version != champion:
+            # Changed by hand mid-shadow: that change stands; the stage ends, recorded.
+            state.pop("shadow")
+            roles = RegistryRoles(self.client, policy)
+            reason = (f"the deployment was changed by hand while v{version} was in shadow (it now serves "
+                      f"{traffic_summary(spec)}, shadow {spec.shadow.model_version if spec.shadow else 'none'}); "
+                      "the shadow stage ends and that change stands")
+
+            def end_shadow() -> None:
+                roles.clear_challenger(version)
+                record(self.store, self.client, self.name, "shadow_ended", model_name=policy.model,
+                       version=version, reason=reason, actor=actor, tags={"lifecycle.promotion": "shadow_ended"})
+
+            self._act(f"end the shadow stage of v{version}: {reason}", end_shadow)
+            return
+        started = datetime.fromtimestamp(shadow_state["started_at"], tz=UTC)
+        now = datetime.now(UTC)
+        comparison = compare_window(self.name, started, now, store=self.store, shadow_version=version)
+        verdict = evaluate_shadow(shadow_policy, comparison, (now - started).total_seconds())
+        if verdict.pending:
+            return
+        summary = verdict.summary().replace("\n", "; ")
+        evidence = {**verdict.to_dict(), "comparison": comparison.to_dict()}
+        if not self.dry_run:
+            try:  # the figures and the HTML in MLflow, the verdict for alerts; never a reason not to decide
+                report_comparison(self.store, self.name, comparison, started, now, actor=f"policy {policy.source}",
+                                  verdict={"status": verdict.status, "summary": summary})
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # judged again on the next pass, once the registry answers
+                _logger.warning("The shadow report of v%s could not be logged: %s", version, _error_text(exc))
+        state.pop("shadow")
+        if verdict.passed:
+            self._after_trials(state, spec, policy, version, champion, reason=f"shadow passed: {summary}",
+                               evidence=evidence, end_shadow=True)
+        else:
+            self._start_op(state, policy, "reject", version, actor=f"policy {policy.source}",
+                           reason=f"shadow failed: {summary}", evidence=evidence, end_shadow=True)
 
     def _end_orphan_canary(self, state: dict[str, Any], actor: str) -> None:
         """The policy (or its canary section) went away mid-canary: serve the champion alone."""

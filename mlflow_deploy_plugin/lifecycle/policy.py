@@ -26,6 +26,19 @@ silently ignored is a gate that never runs.
                                                # read fails its max_regression gate (fail closed)
         signature_compatible: true   # default true: the candidate accepts what the live version accepts
         smoke_test: true             # default true: the candidate predicts its own input example
+      # Shadow stage after the gates, before the canary: the challenger answers a copy of the live
+      # requests (-C shadow), nobody receives its answers, and it is judged on the pairs. Omitted or
+      # `shadow: false` = no shadow stage; `shadow: true` or a mapping = the defaults below.
+      shadow:
+        sample_rate: 1.0          # share of captured requests mirrored to the challenger, 0 < r <= 1
+        min_requests: 200         # judge once this many requests were answered by both ...
+        max_minutes: 60           # ... or, at this point, there is not enough evidence:
+        insufficient_evidence: reject   # reject | extend
+        min_agreement: 0.95       # classification: share of rows both answered alike; null = not checked
+        max_mean_abs_difference: null   # regression: mean |shadow - primary|; null = not checked
+        max_error_rate: 0.01      # how much higher the shadow's error share may be than the primary's; null = not checked
+        not_worse_on_labels: true # with >= min_labelled_rows labelled pairs, the challenger must not be
+        min_labelled_rows: 100    #   significantly worse (McNemar / paired Wilcoxon at alpha 0.05)
       # Canary stage after the gates. Omitted or `canary: false` = no canary (promote once the gates
       # pass); `canary: true` or a mapping = canary with the defaults below.
       canary:
@@ -48,6 +61,11 @@ silently ignored is a gate that never runs.
                                   #   than this; null = not checked (at least one of the two is needed)
       consecutive_reports: 2      # in K windows in a row (latest report of each window)
       action: tag                 # tag | rollback | archive
+    # Receivers of this deployment's events, besides -C notify (same meaning as the -C notify_* keys).
+    notify:
+      urls: [https://alerts.example.com/mlflow, slack+https://hooks.slack.com/services/T/B/X]
+      format: json                # json | slack: shape of the URLs without a slack+ prefix
+      events: all                 # names, kinds or patterns; "!" excludes, e.g. "lifecycle,verdicts"
 
 ``registry: stage`` roles must be ``Staging`` or ``Production`` (case-insensitive; stored in
 MLflow's canonical spelling): ``None`` and ``Archived`` are valid stage names but hold versions that
@@ -152,12 +170,29 @@ class CanaryPolicy:
 
 
 @dataclass(frozen=True)
+class ShadowPolicy:
+    """How a challenger is tried on a copy of live traffic (its answers returned to nobody)."""
+
+    sample_rate: float = 1.0
+    min_requests: int = 200
+    max_minutes: float = 60.0
+    insufficient_evidence: Literal["reject", "extend"] = "reject"
+    min_agreement: float | None = 0.95
+    max_mean_abs_difference: float | None = None
+    max_error_rate: float | None = 0.01
+    not_worse_on_labels: bool = True
+    min_labelled_rows: int = 100
+
+
+@dataclass(frozen=True)
 class PromotionPolicy:
-    """Whether and how challengers are promoted. ``canary`` None = promote once the gates pass."""
+    """Whether and how challengers are promoted. ``canary`` None = promote once the gates pass;
+    ``shadow`` None = no shadow stage before the canary (or the promotion)."""
 
     enabled: bool = True
     gates: GatesPolicy = field(default_factory=GatesPolicy)
     canary: CanaryPolicy | None = None
+    shadow: ShadowPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +227,15 @@ class QualityPolicy:
 
 
 @dataclass(frozen=True)
+class NotifyPolicy:
+    """Receivers named in the policy file (``lifecycle/notifier.py`` adds them to ``-C notify``'s)."""
+
+    urls: str  # comma-separated, as -C notify
+    format: str = "json"
+    events: str = "all"
+
+
+@dataclass(frozen=True)
 class Policy:
     """The validated policy of one registered model."""
 
@@ -203,6 +247,7 @@ class Policy:
     drift: DriftPolicy = field(default_factory=DriftPolicy)
     source: str = "<string>"  # where it was read from, for messages and audit records
     quality: QualityPolicy | None = None
+    notify: NotifyPolicy | None = None
 
     def role_uri(self, role: Literal["champion", "challenger"]) -> str:
         """The ``models:/`` URI of a role: ``models:/churn@champion`` or ``models:/churn/Production``."""
@@ -238,8 +283,10 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 # --- parsing ---------------------------------------------------------------------------------------
 # The YAML is composed into nodes (not loaded into plain dicts) so every value keeps its line.
 
-_TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift", "quality")
-_PROMOTION_KEYS = ("enabled", "gates", "canary")
+_TOP_KEYS = ("model", "registry", "champion", "challenger", "promotion", "drift", "quality", "notify")
+_PROMOTION_KEYS = ("enabled", "gates", "canary", "shadow")
+_SHADOW_KEYS = ("sample_rate", "min_requests", "max_minutes", "insufficient_evidence", "min_agreement",
+                "max_mean_abs_difference", "max_error_rate", "not_worse_on_labels", "min_labelled_rows")
 _GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test",
               "allow_missing_champion_metrics")
 _REGRESSION_KEYS = ("margin", "lower_is_better")
@@ -248,6 +295,7 @@ _CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence
 INSUFFICIENT_EVIDENCE = ("reject", "extend")
 _DRIFT_KEYS = ("consecutive_reports", "action")
 _QUALITY_KEYS = ("figure", "floor", "max_drop", "consecutive_reports", "action")
+_NOTIFY_KEYS = ("urls", "format", "events")
 _MISSING = object()
 
 
@@ -407,9 +455,10 @@ class _Parser:
         quality = None
         if (node := self.get(items, "quality")) is not None:
             quality = self.quality(node)
+        notify = self.notify(node) if (node := self.get(items, "notify")) is not None else None
         return Policy(model=model, registry=registry, champion=roles["champion"],
                       challenger=roles["challenger"], promotion=promotion, drift=drift, source=self.source,
-                      quality=quality)
+                      quality=quality, notify=notify)
 
     def role(self, node: Node, key: str, registry: RegistryMode) -> str:
         value = self.string(node, key)
@@ -445,7 +494,40 @@ class _Parser:
         canary = None
         if (sub := self.get(items, "canary")) is not None:
             canary = self.canary(sub)
-        return PromotionPolicy(enabled=enabled, gates=gates, canary=canary)
+        shadow = None
+        if (sub := self.get(items, "shadow")) is not None:
+            shadow = self.shadow(sub)
+        return PromotionPolicy(enabled=enabled, gates=gates, canary=canary, shadow=shadow)
+
+    def shadow(self, node: Node) -> ShadowPolicy | None:
+        if isinstance(node, ScalarNode):
+            value = self.scalar(node)
+            if isinstance(value, bool):
+                return ShadowPolicy() if value else None
+            if value is None:
+                return ShadowPolicy()
+        items = self.mapping(node, "promotion.shadow", _SHADOW_KEYS)
+        path = "promotion.shadow"
+        share = {"nullable": True, "check": lambda v: 0 <= v <= 1, "range_text": "between 0 and 1 (a share)"}
+        specs: dict[str, dict[str, Any]] = {
+            "sample_rate": {"check": lambda v: 0 < v <= 1, "range_text": "> 0 and <= 1"},
+            "min_requests": {"integer": True, "check": lambda v: v >= 1, "range_text": ">= 1"},
+            "max_minutes": {"check": lambda v: v > 0, "range_text": "> 0"},
+            "min_agreement": share,
+            "max_error_rate": share,
+            "max_mean_abs_difference": {"nullable": True, "check": _non_negative, "range_text": ">= 0"},
+            "min_labelled_rows": {"integer": True, "check": lambda v: v >= 1, "range_text": ">= 1"},
+        }
+        kwargs: dict[str, Any] = {}
+        for key, spec in specs.items():
+            if (sub := self.get(items, key)) is not None:
+                kwargs[key] = self.number(sub, f"{path}.{key}", **spec)
+        if (sub := self.get(items, "not_worse_on_labels")) is not None:
+            kwargs["not_worse_on_labels"] = self.boolean(sub, f"{path}.not_worse_on_labels")
+        if (sub := self.get(items, "insufficient_evidence")) is not None:
+            kwargs["insufficient_evidence"] = self.choice(sub, f"{path}.insufficient_evidence",
+                                                          INSUFFICIENT_EVIDENCE)
+        return ShadowPolicy(**kwargs)
 
     def gates(self, node: Node) -> GatesPolicy:
         items = self.mapping(node, "promotion.gates", _GATE_KEYS)
@@ -567,6 +649,31 @@ class _Parser:
             raise self.error("needs floor or max_drop (or both): without a limit nothing can fall short of it",
                              node, "quality")
         return QualityPolicy(**kwargs)
+
+    def notify(self, node: Node) -> NotifyPolicy:
+        from mlflow_deploy_plugin.lifecycle.notify import FORMATS, parse_event_filter, parse_targets
+
+        items = self.mapping(node, "notify", _NOTIFY_KEYS)
+        if "urls" not in items:
+            raise self.error("required key is missing: the receivers' URLs", node, "notify.urls")
+        urls = self.strings(items["urls"][1], "notify.urls")
+        fmt = self.choice(sub, "notify.format", FORMATS) if (sub := self.get(items, "format")) is not None else "json"
+        events = self.strings(sub, "notify.events") if (sub := self.get(items, "events")) is not None else "all"
+        try:
+            parse_targets(urls, fmt)
+        except ValueError as exc:
+            raise self.error(f"expected http(s) URLs: {exc}", items["urls"][1], "notify.urls") from None
+        try:
+            parse_event_filter(events)
+        except ValueError as exc:
+            raise self.error(str(exc), items["events"][1], "notify.events") from None
+        return NotifyPolicy(urls=urls, format=fmt, events=events)
+
+    def strings(self, node: Node, key: str) -> str:
+        """One string or a list of strings, joined with commas."""
+        if isinstance(node, SequenceNode):
+            return ",".join(self.string(item, f"{key}[{index}]") for index, item in enumerate(node.value))
+        return self.string(node, key)
 
     def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
         """One of ``allowed`` (case-insensitive), or an error with a "did you mean"."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from mlflow_deploy_plugin.deployment_http import deployment_session
 
 
 @dataclass
@@ -47,7 +48,8 @@ def scrape(url: str, token: str | None = None, timeout_s: float = 5.0,
     """Model version -> cumulative figures, from ``url``/metrics (over TLS, trusting the deployment's
     own certificate, which is often self-signed)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = requests.get(f"{url}/metrics", headers=headers, timeout=timeout_s, verify=tls_cert or True)
+    with deployment_session(url, tls_cert) as session:
+        response = session.get(f"{url}/metrics", headers=headers, timeout=timeout_s)
     response.raise_for_status()
     return parse(response.text)
 

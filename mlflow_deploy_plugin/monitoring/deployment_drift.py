@@ -18,7 +18,7 @@ from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
 from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
 from mlflow_deploy_plugin.spec import DeploymentConfig
-from mlflow_deploy_plugin.state import StateStore
+from mlflow_deploy_plugin.state import DeploymentPaths, StateStore
 
 _logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
     predictions, why_not = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
     reference = _as_captured(reference, config, paths.capture_key)
     try:
-        return run_drift_report(
+        outcome = run_drift_report(
             deployment=name, model_name=model.model_name, model_version=model.model_version,
             captured=captured, reference=reference, reference_source=source,
             window_start=since, window_end=until, settings=DriftSettings.from_config(config),
@@ -134,3 +134,20 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
     except Exception as exc:
         exc.add_note(RUN_RECORDED)  # the job already ended its run FAILED: the scheduler must not add one
         raise
+    _record_verdict(paths, model.model_name, model.model_version, outcome, trigger)
+    return outcome
+
+
+def _record_verdict(paths: DeploymentPaths, model_name: str, version: str, outcome: DriftOutcome,
+                    trigger: str) -> None:
+    """The verdict for the Prometheus gauges and the history (so `-C notify` receivers hear of it)."""
+    from mlflow_deploy_plugin.verdicts import record_verdict
+
+    judged = outcome.result is not None and outcome.status != "insufficient_data"
+    try:
+        record_verdict(paths, "drift", version, model_name=model_name, status=outcome.status,
+                       share=outcome.result.drift_share if judged and outcome.result else None,
+                       drifted_columns=outcome.result.n_drifted if judged and outcome.result else None,
+                       rows_current=outcome.rows_current, run_id=outcome.run_id, trigger=trigger)
+    except (OSError, TimeoutError) as exc:  # the report is logged in MLflow already: never fail it here
+        _logger.warning("Could not record the drift verdict of %s v%s: %s", model_name, version, exc)

@@ -374,7 +374,8 @@ def _captured(capture_root: str, since: datetime, key_column: str, wanted: set[s
     prediction = PREDICTION_PREFIX if PREDICTION_PREFIX in names else None
     if key_column and key_column not in inputs:
         return empty, inputs, set()
-    read = columns + ([key_column] if key_column else []) + ([prediction] if prediction else [])
+    # _role: a shadow version's answer to the same request (serving/shadow.py) is never the labelled one.
+    read = columns + ["_role"] + ([key_column] if key_column else []) + ([prediction] if prediction else [])
     classes: set[str] = set()
     parts = []
     for fragment in dataset.get_fragments():
@@ -385,6 +386,8 @@ def _captured(capture_root: str, since: datetime, key_column: str, wanted: set[s
         table = fragment.to_table(columns=present)
         frame = table.to_pandas()
         frame = frame[frame["_status"].fillna(200).between(200, 299)] if "_status" in frame else frame
+        if "_role" in frame:
+            frame = frame[frame.pop("_role").fillna("primary") != "shadow"]
         if prediction and prediction in frame:
             classes.update(v for v in canonical(frame[prediction].drop_duplicates()) if v is not None)
         frame["_key"] = canonical(frame[key_column]) if key_column else frame["_request_id"].astype(str)

@@ -341,7 +341,24 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
         signature = Model.load(str(local)).signature if local.exists() else None
     pred = prediction_column([str(c) for c in captured.columns])
     task = infer_task(config.task, signature, captured[pred] if pred else None)
-    return run_quality_report(
+    outcomes = run_quality_report(
         deployment=name, model_name=spec.model.model_name, captured=captured, labels=labels, task=task,
         window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
         experiment_name=config.drift_experiment, progress=progress, trigger=trigger)
+    _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)
+    return outcomes
+
+
+def _record_verdicts(paths: Any, model_name: str, outcomes: list[QualityOutcome], window_end: datetime,
+                     trigger: str) -> None:
+    """The figures for the Prometheus gauges and the history (so `-C notify` receivers hear of them)."""
+    from mlflow_deploy_plugin.verdicts import record_verdict
+
+    for outcome in outcomes:
+        try:
+            record_verdict(paths, "quality", outcome.model_version, model_name=model_name, status=outcome.status,
+                           figures={name: figure.value for name, figure in outcome.figures.items()},
+                           labelled_rows=outcome.rows_labelled, window_end=_iso(window_end),
+                           run_id=outcome.run_id, trigger=trigger)
+        except (OSError, TimeoutError) as exc:  # the report is in MLflow already: never fail it here
+            _log.warning("Could not record the quality verdict of v%s: %s", outcome.model_version, exc)

@@ -86,6 +86,7 @@ class Answer:
     latency_ms: float
     inputs: Any
     predictions: Any
+    role: str = "primary"  # capture's _role: the shadow mirror's rows say "shadow" (serving/shadow.py)
 
 
 class ServiceState:
@@ -167,12 +168,14 @@ def build_app(
     on_answer: Callable[[Answer], object] | None = None,  # its return value is ignored
     rng: random.Random | None = None,
     add_routes: Callable[[FastAPI, Callable[[Request], Awaitable[bytes]]], object] | None = None,
+    shadow: dict[str, Any] | None = None,
 ) -> ASGIApp:
     """Build the ASGI app serving one slot, or several with weights (a canary split).
 
     Each request goes to a slot drawn by weight, or to the version named in an
     ``X-Model-Version`` request header. ``on_answer`` sees every /invocations answer.
     ``add_routes(app, read_body)`` adds more routes (e.g. ``POST /labels``) reading bodies under the same limit.
+    ``shadow`` describes the shadow version on /deployment (the mirror itself hangs off ``on_answer``).
     """
     state = state or ServiceState()
     metrics = metrics or ServingMetrics()
@@ -218,6 +221,7 @@ def build_app(
         "run_id": identity.run_id,
         "traffic": [{"model_name": r.slot.identity.model_name, "model_version": r.slot.identity.model_version,
                      "percent": round(100.0 * r.weight / total_weight, 3)} for r in routes],
+        **({"shadow": shadow} if shadow else {}),  # only with a shadow version: the body's shape stays
         "plugin_version": __version__,
         "mlflow_version": mlflow.__version__,
     }).encode()

@@ -3,11 +3,17 @@
 Workers run in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` is set by the supervisor) so
 /metrics sums every worker of the deployment, and counters keep counting across an update's
 worker swap instead of starting again from zero.
+
+The latest drift, quality and shadow verdicts come from other processes (report jobs): they are
+read from the deployment's ``verdicts.json`` on each scrape by :class:`VerdictCollector`
+(``verdicts.py`` writes it), so Alertmanager rules can fire on them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -26,7 +34,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class ServingMetrics:
     """The metric families one worker records into."""
 
-    def __init__(self) -> None:
+    def __init__(self, deployment_dir: Path | None = None) -> None:
+        self.verdicts = VerdictCollector(deployment_dir) if deployment_dir is not None else None
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # Outside multiprocess mode use a private registry so building several apps in one
         # process (tests, run-local) never collides on metric names.
@@ -65,13 +74,111 @@ class ServingMetrics:
         self.capture_dropped = Counter(
             "mlflow_deploy_capture_dropped_requests", "Requests not captured (buffer full or write error).",
             ["deployment"], registry=registry)
+        # The shadow mirror (serving/shadow.py): its calls and the copies it could not predict.
+        self.shadow_requests = Counter(
+            "mlflow_deploy_shadow_calls", "Request copies the shadow version predicted, by outcome "
+            "(ok, error: it raised, timeout: no answer within timeout_s).",
+            ["deployment", "model_version", "outcome"], registry=registry)
+        self.shadow_latency = Histogram(
+            "mlflow_deploy_shadow_latency_seconds", "Time the shadow version took per request copy.",
+            ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.shadow_dropped = Counter(
+            "mlflow_deploy_shadow_dropped_requests", "Request copies not sent to the shadow version "
+            "(queue_full: under pressure; busy: a shadow call still hangs; closed: worker stopping).",
+            ["deployment", "reason"], registry=registry)
+
+        if self.verdicts is not None and not self.multiprocess:
+            registry.register(self.verdicts)
 
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition of every worker of this deployment."""
+        """The Prometheus text exposition of every worker of this deployment, and its verdicts."""
         if self.multiprocess:
             registry = CollectorRegistry()
             prometheus_multiprocess.MultiProcessCollector(registry)
+            if self.verdicts is not None:
+                registry.register(self.verdicts)
         else:
             registry = self._registry
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class VerdictCollector(Collector):
+    """Gauges of the latest drift, quality and shadow verdict per version, from ``verdicts.json``.
+
+    Read on every scrape (a small file): a verdict written by a report job a second ago shows at
+    once, in every worker, without the worker hearing of the job. Gauge names are the contract of
+    ``examples/prometheus/alerts.yml`` and ``examples/grafana/dashboard.json``.
+    """
+
+    def __init__(self, deployment_dir: Path) -> None:
+        self.deployment_dir = Path(deployment_dir)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # names vary with the file; describing nothing keeps registration cheap and safe
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from mlflow_deploy_plugin.state import DeploymentPaths
+        from mlflow_deploy_plugin.verdicts import read_verdicts
+
+        paths = DeploymentPaths(self.deployment_dir)
+        verdicts = read_verdicts(paths)
+        name = paths.name
+        labels = ["deployment", "model_version"]
+        drift_share = GaugeMetricFamily("mlflow_deploy_drift_share",
+                                        "Share of judged columns that drifted in the latest drift report.", labels=labels)
+        drift_detected = GaugeMetricFamily("mlflow_deploy_drift_detected",
+                                           "1 if the latest drift report found the data drifted, else 0.", labels=labels)
+        drift_checked = GaugeMetricFamily("mlflow_deploy_drift_checked_timestamp_seconds",
+                                          "When the latest drift report of this version ended (unix time).", labels=labels)
+        for version, entry in verdicts["drift"].items():
+            share = _number(entry.get("share"))
+            if share is not None:
+                drift_share.add_metric([name, version], share)
+            if entry.get("status") in ("ok", "drifted"):
+                drift_detected.add_metric([name, version], 1.0 if entry.get("status") == "drifted" else 0.0)
+            if (checked := _number(entry.get("checked_at"))) is not None:
+                drift_checked.add_metric([name, version], checked)
+        quality = GaugeMetricFamily("mlflow_deploy_quality",
+                                    "Latest labelled quality figure of this version (accuracy, f1_macro, rmse, ...).",
+                                    labels=[*labels, "figure"])
+        quality_rows = GaugeMetricFamily("mlflow_deploy_quality_labelled_rows",
+                                         "Labelled rows the latest quality figures rest on.", labels=labels)
+        quality_checked = GaugeMetricFamily("mlflow_deploy_quality_checked_timestamp_seconds",
+                                            "When the latest quality report of this version ended (unix time).",
+                                            labels=labels)
+        for version, entry in verdicts["quality"].items():
+            for figure, value in (entry.get("figures") or {}).items():
+                if (number := _number(value)) is not None:
+                    quality.add_metric([name, version, str(figure)], number)
+            if (rows := _number(entry.get("labelled_rows"))) is not None:
+                quality_rows.add_metric([name, version], rows)
+            if (checked := _number(entry.get("checked_at"))) is not None:
+                quality_checked.add_metric([name, version], checked)
+        agreement = GaugeMetricFamily("mlflow_deploy_shadow_agreement",
+                                      "Share of requests on which the shadow version answered like the primary "
+                                      "(latest shadow report; model_version is the shadow's).", labels=labels)
+        shadow_requests = GaugeMetricFamily("mlflow_deploy_shadow_requests",
+                                            "Paired requests the latest shadow report compared.", labels=labels)
+        shadow_figure = GaugeMetricFamily("mlflow_deploy_shadow_figure",
+                                          "Other figures of the latest shadow report (e.g. mean_abs_difference).",
+                                          labels=[*labels, "figure"])
+        shadow_checked = GaugeMetricFamily("mlflow_deploy_shadow_checked_timestamp_seconds",
+                                           "When the latest shadow report of this version ended (unix time).",
+                                           labels=labels)
+        for version, entry in verdicts["shadow"].items():
+            if (value := _number(entry.get("agreement"))) is not None:
+                agreement.add_metric([name, version], value)
+            if (count := _number(entry.get("requests"))) is not None:
+                shadow_requests.add_metric([name, version], count)
+            for figure, raw in (entry.get("figures") or {}).items():
+                if (number := _number(raw)) is not None:
+                    shadow_figure.add_metric([name, version, str(figure)], number)
+            if (checked := _number(entry.get("checked_at"))) is not None:
+                shadow_checked.add_metric([name, version], checked)
+        yield from (drift_share, drift_detected, drift_checked, quality, quality_rows, quality_checked,
+                    agreement, shadow_requests, shadow_figure, shadow_checked)
 

@@ -22,12 +22,43 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class Service:
-    """What one replica serves: the app, its shared state, the loaded slots and its capture writer."""
+    """What one replica serves: the app, its shared state, the loaded slots and its capture writer.
+
+    With a shadow version, ``capture`` is a :class:`ShadowedCapture`: closing or flushing it does
+    the same to the mirror and the shadow's own writer, so every engine's shutdown covers both.
+    """
 
     app: Any
     state: Any
     slots: list[tuple[Any, float]]
     capture: Any | None
+    shadow: Any | None = None  # serving.shadow.ShadowMirror
+
+
+class ShadowedCapture:
+    """The primary's capture writer, plus the shadow mirror and the writer of the shadow's rows.
+
+    The shadow's rows go to a writer of their own (same folder, redaction and buffer size, no
+    sampling): the mirror only copies requests the primary's writer accepted, so sampling them again
+    would break pairs, and a slow shadow cannot fill the buffer the primary's rows need.
+    """
+
+    def __init__(self, primary: Any, mirror: Any, shadow_writer: Any) -> None:
+        self.primary = primary
+        self.mirror = mirror
+        self.shadow_writer = shadow_writer
+
+    def __getattr__(self, name: str) -> Any:  # root, record, counters: the primary writer's
+        return getattr(self.primary, name)
+
+    def flush(self, *args: Any, **kwargs: Any) -> Any:
+        self.shadow_writer.flush(*args, **kwargs)
+        return self.primary.flush(*args, **kwargs)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.mirror.close(timeout_s=min(timeout_s, 5.0))
+        self.shadow_writer.close(timeout_s=timeout_s)
+        self.primary.close(timeout_s=timeout_s)
 
 
 def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture: Any,
@@ -90,8 +121,16 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
                      slot.smoke_test())
         slots.append((slot, share.percent))
 
+    shadow_slot = None
+    if spec.shadow is not None:
+        model = spec.shadow
+        shadow_slot = ModelSlot.load(ModelIdentity(model.model_name, model.model_version, model.version_uri,
+                                                   model.requested_uri, model.run_id), model_dir(model))
+        _logger.info("Loaded shadow %s (%g%% of captured requests mirrored); smoke test: %s",
+                     model.version_uri, config.shadow_sample_rate * 100, shadow_slot.smoke_test())
+
     state = ServiceState()
-    metrics = ServingMetrics()
+    metrics = ServingMetrics(capture_key.parent)  # the deployment's folder: its verdicts.json
     settings = AppSettings(
         deployment=spec.name,
         max_body_bytes=config.max_body_bytes,
@@ -104,7 +143,8 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
         max_queue=config.max_queue,
         batching=config.batching,
     )
-    capture = None
+    capture: Any = None
+    redaction = None
     if config.capture:
         from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
         from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
@@ -123,7 +163,56 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             # Local even when capture_uri is remote: the request path appends to it.
             spool_dir=os.path.join(capture_dir, ".spool"),
         )
-    app = build_app(settings, slots, state=state, metrics=metrics,
-                    on_answer=capture.record if capture is not None else None,
-                    add_routes=_labels_routes(spec, slots, capture, capture_key))
-    return Service(app=app, state=state, slots=slots, capture=capture)
+    on_answer: Callable[[Any], object] | None = capture.record if capture is not None else None
+    mirror = None
+    if shadow_slot is not None and capture is not None:
+        primary_record = capture.record
+        capture, mirror = _shadowed(spec, shadow_slot, capture, metrics, redaction)
+        submit = mirror.submit
+
+        def mirrored(answer: Any) -> None:
+            if primary_record(answer):  # only requests whose primary row is kept: every pair complete
+                submit(answer)
+
+        on_answer = mirrored
+
+    app = build_app(settings, slots, state=state, metrics=metrics, on_answer=on_answer,
+                    add_routes=_labels_routes(spec, slots, capture, capture_key),
+                    shadow=None if spec.shadow is None else {
+                        "model_name": spec.shadow.model_name, "model_version": spec.shadow.model_version,
+                        "requested_uri": spec.shadow.requested_uri,
+                        "sample_rate": config.shadow_sample_rate})
+    return Service(app=app, state=state, slots=slots, capture=capture, shadow=mirror)
+
+
+def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
+              redaction: Any) -> tuple[ShadowedCapture, Any]:
+    """The mirror feeding ``slot`` copies of answered requests, and the capture that holds both roles."""
+    from mlflow_deploy_plugin.capture import CaptureWriter
+    from mlflow_deploy_plugin.serving.shadow import ShadowMirror
+
+    config = spec.config
+    version = slot.identity.model_version
+    dropped = metrics.capture_dropped.labels(spec.name)
+    writer = CaptureWriter(capture.root, spec.name, retention_days=config.capture_retention_days,
+                           max_buffer_bytes=config.capture_buffer_bytes,
+                           on_drop=lambda count, _reason: dropped.inc(count),
+                           redact=redaction.apply if redaction else None)
+    latency = metrics.shadow_latency.labels(spec.name, version)
+    outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
+                for outcome in ("ok", "error", "timeout")}
+    drops = {reason: metrics.shadow_dropped.labels(spec.name, reason) for reason in ("queue_full", "busy", "closed")}
+
+    def on_result(outcome: str, seconds: float) -> None:
+        outcomes[outcome].inc()
+        latency.observe(seconds)
+
+    from mlflow_deploy_plugin.serving.batching import batching_default
+
+    # Copies waiting together are predicted in one call where the primary would batch too.
+    batching = config.batching == "true" or (config.batching == "auto" and batching_default(slot.metadata.flavors))
+    mirror = ShadowMirror(lambda data: slot.predict(data), version, writer.record,
+                          sample_rate=config.shadow_sample_rate, max_queue=config.max_queue,
+                          timeout_s=config.timeout_s, on_drop=lambda reason: drops[reason].inc(),
+                          on_result=on_result, batching=batching, max_batch_rows=config.max_batch_rows)
+    return ShadowedCapture(capture, mirror, writer), mirror

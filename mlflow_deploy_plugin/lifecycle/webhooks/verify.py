@@ -71,11 +71,15 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def _digest(secret: str, delivery_id: str, timestamp: str, body: bytes) -> bytes:
+    """HMAC-SHA256 over ``"{delivery_id}.{timestamp}.{body}"``: the one implementation of the scheme,
+    used to verify deliveries in and to sign notifications out (``lifecycle/notify.py``)."""
+    return hmac.new(secret.encode("utf-8"), f"{delivery_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+
+
 def sign_delivery(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
-    """The ``X-MLflow-Signature`` value MLflow sends for this delivery (used by tests and tools)."""
-    digest = hmac.new(secret.encode("utf-8"), f"{delivery_id}.{timestamp}.".encode() + body,
-                      hashlib.sha256).digest()
-    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode('ascii')}"
+    """The ``X-MLflow-Signature`` value MLflow sends for this delivery (and our notifications carry)."""
+    return f"{SIGNATURE_VERSION},{base64.b64encode(_digest(secret, delivery_id, timestamp, body)).decode('ascii')}"
 
 
 def verify_delivery(secret: str, headers: Mapping[str, str], body: bytes, *, now: float | None = None,
@@ -111,8 +115,7 @@ def verify_delivery(secret: str, headers: Mapping[str, str], body: bytes, *, now
     if -age > max_age_s:
         raise WebhookRejected(401, f"timestamp is {-age:.0f}s in the future (limit {max_age_s:.0f}s)")
 
-    expected = hmac.new(secret.encode("utf-8"), f"{delivery_id}.{timestamp}.".encode() + body,
-                        hashlib.sha256).digest()
+    expected = _digest(secret, delivery_id, timestamp, body)
     well_formed = matched = False
     for candidate in signature.split():
         version, sep, encoded = candidate.partition(",")

@@ -1,0 +1,301 @@
+"""The shadow mirror: a copy of answered requests predicted by a shadow version, off the request path.
+
+``-C shadow=models:/churn/5`` loads a second version beside the served one. It answers nobody: after
+the primary's answer is built, the request's already decoded input is handed to
+:meth:`ShadowMirror.submit`, which only appends it to a bounded queue (never blocks, never raises).
+One dispatcher thread predicts the copies and hands each answer, with the *original*
+request id and role ``shadow``, to capture; the primary's row carries role ``primary``, so the two
+join exactly on ``_request_id`` (see :mod:`mlflow_deploy_plugin.shadow`).
+
+What a shadow may never do is touch the primary:
+- under pressure copies are dropped, not queued without bound (``queue_full``, counted);
+- every shadow call runs on its own thread with the deployment's ``timeout_s``: a call that raises is
+  captured with status 500, one that does not return in time with 504; while a hung call still runs,
+  new copies are dropped (``busy``) rather than piled behind it, and the worker's hung-call watchdog
+  never sees the shadow (it watches the served versions only), so a hung shadow never restarts a
+  worker;
+- the shadow's failures and drops are counted (Prometheus) and its rows carry their status.
+
+Copies that wait together are predicted in one call (``batching``, for row-wise models as the
+primary's batching decides: ``pyfunc.predict`` costs ~1 ms per call whatever the rows, so this is
+what keeps a shadow's CPU, and the GIL it holds, small beside the primary's); a batch that fails is
+predicted again copy by copy, so one bad request never fails the others.
+
+Only requests whose primary answer capture accepted are mirrored (so every shadow row has its pair),
+and of those ``-C shadow_sample_rate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+ROLE_PRIMARY = "primary"
+ROLE_SHADOW = "shadow"
+# Why a copy was not predicted (the reason label of mlflow_deploy_shadow_dropped_requests_total).
+DROP_QUEUE_FULL = "queue_full"
+DROP_BUSY = "busy"  # a previous shadow call still hangs
+DROP_CLOSED = "closed"
+# How one shadow call ended (the outcome label of mlflow_deploy_shadow_requests_total).
+OUTCOME_OK = "ok"
+OUTCOME_ERROR = "error"
+OUTCOME_TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowAnswer:
+    """One shadow prediction, in the shape capture records (``capture.arrow.AnsweredRequest``)."""
+
+    request_id: str  # the primary request's id: the pair's key
+    timestamp: float  # the primary answer's time, so both rows fall in the same report window
+    model_version: str
+    status: int  # 200, 500 (the shadow raised) or 504 (it did not answer within timeout_s)
+    latency_ms: float
+    inputs: Any
+    predictions: Any
+    role: str = ROLE_SHADOW
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    request_id: str
+    timestamp: float
+    inputs: Any
+
+
+class ShadowMirror:
+    """Owns the queue of request copies and the thread that predicts them with the shadow version."""
+
+    def __init__(self, predict: Callable[[Any], Any], version: str, record: Callable[[ShadowAnswer], object], *,
+                 sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
+                 on_drop: Callable[[str], None] | None = None,
+                 on_result: Callable[[str, float], None] | None = None,
+                 rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096) -> None:
+        """``predict(inputs)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`;
+        ``on_drop(reason)`` and ``on_result(outcome, seconds)`` feed the metrics (cheap, thread-safe)."""
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if max_queue < 1 or not timeout_s > 0:
+            raise ValueError("max_queue must be >= 1 and timeout_s > 0")
+        self.version = version
+        self.sample_rate = sample_rate
+        self.timeout_s = timeout_s
+        self.batching = batching and max_batch_rows > 1
+        self.max_batch_rows = max_batch_rows
+        self._predict = predict
+        self._record = record
+        self._on_drop = on_drop
+        self._on_result = on_result
+        self._rng = rng or random.Random()
+        self._queue: queue.Queue[_Copy | None] = queue.Queue(maxsize=max_queue)
+        self._running: Future[Any] | None = None  # the last call: while it runs, copies are dropped
+        self._closed = False
+        self.submitted = 0
+        self.dropped: dict[str, int] = {}
+        self.outcomes: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="shadow-mirror", daemon=True)
+        self._thread.start()
+
+    # ---- request path ------------------------------------------------------------------------
+
+    def submit(self, answer: Any) -> bool:
+        """Queue a copy of an answered request (anything with request_id, timestamp and inputs).
+
+        Never blocks and never raises: returns whether the copy was queued (False when it had no
+        decoded input, was sampled out, or was dropped).
+        """
+        try:
+            inputs = answer.inputs
+            if inputs is None or self._closed:
+                if self._closed:
+                    self._drop(DROP_CLOSED)
+                return False
+            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
+                return False
+            try:
+                self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), inputs))
+            except queue.Full:
+                self._drop(DROP_QUEUE_FULL)
+                return False
+            self.submitted += 1
+            return True
+        except Exception:  # the primary answers whatever happens here
+            _logger.exception("Shadow mirror could not queue a request copy")
+            return False
+
+    # ---- the dispatcher thread ---------------------------------------------------------------
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if self._on_drop is not None:
+            try:
+                self._on_drop(reason)
+            except Exception:
+                _logger.exception("Shadow drop counter failed")
+
+    def _run(self) -> None:
+        while True:
+            copy = self._queue.get()
+            if copy is None:
+                self._queue.task_done()
+                return
+            batch, stop = self._gather(copy)
+            try:
+                self._many(batch)
+            except Exception:  # never let one batch stop the mirror
+                _logger.exception("Shadow prediction of %d request copies could not be handled", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                self._queue.task_done()
+                return
+
+    def _gather(self, first: _Copy) -> tuple[list[_Copy], bool]:
+        """``first`` and the copies waiting behind it (up to ``max_batch_rows`` rows), and whether the
+        stop sentinel was among them."""
+        batch, rows = [first], _rows(first.inputs)
+        while self.batching and rows < self.max_batch_rows:
+            try:
+                copy = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if copy is None:
+                return batch, True
+            batch.append(copy)
+            rows += _rows(copy.inputs)
+        return batch, False
+
+    def _many(self, batch: list[_Copy]) -> None:
+        if len(batch) == 1 or not _stackable(batch):
+            for copy in batch:
+                self._one(copy)
+            return
+        if self._running is not None and not self._running.done():
+            for _ in batch:
+                self._drop(DROP_BUSY)
+            return
+        from mlflow_deploy_plugin.serving.frames import stack_frames
+
+        sizes = [len(copy.inputs) for copy in batch]
+        started = time.perf_counter()
+        self._running = self._call(stack_frames([copy.inputs for copy in batch]))
+        try:
+            output = self._running.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._finish(batch, [None] * len(batch), 504, OUTCOME_TIMEOUT, started)
+            return
+        except Exception:
+            pieces = None
+        else:
+            from mlflow_deploy_plugin.serving.batching import _split_output
+
+            pieces = _split_output(output, sizes)
+        if pieces is None:  # failed or not row-aligned: each copy on its own, so only a bad one fails
+            for copy in batch:
+                self._one(copy)
+            return
+        self._finish(batch, pieces, 200, OUTCOME_OK, started)
+
+    def _finish(self, batch: list[_Copy], pieces: list[Any], status: int, outcome: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if outcome == OUTCOME_TIMEOUT:
+            _logger.warning("Shadow v%s did not answer %d request copies within timeout_s=%gs; copies are "
+                            "dropped until it returns.", self.version, len(batch), self.timeout_s)
+        for copy, predictions in zip(batch, pieces, strict=True):
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            if self._on_result is not None:
+                self._on_result(outcome, elapsed)
+            self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
+                                      copy.inputs, predictions))
+
+    def _one(self, copy: _Copy) -> None:
+        """Predict one copy on its own (a batch of one, or a copy of a batch that failed)."""
+        if self._running is not None and not self._running.done():
+            self._drop(DROP_BUSY)  # the last call still hangs: queueing behind it would only pile up
+            return
+        started = time.perf_counter()
+        self._running = self._call(copy.inputs)
+        status, outcome, predictions = 200, OUTCOME_OK, None
+        try:
+            predictions = self._running.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            status, outcome = 504, OUTCOME_TIMEOUT
+            _logger.warning("Shadow v%s did not answer request %s within timeout_s=%gs; copies are dropped "
+                            "until it returns.", self.version, copy.request_id, self.timeout_s)
+        except Exception as exc:
+            status, outcome = 500, OUTCOME_ERROR
+            _logger.warning("Shadow v%s failed on request %s: %s: %s", self.version, copy.request_id,
+                            type(exc).__name__, str(exc)[:200])
+        elapsed = time.perf_counter() - started
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if self._on_result is not None:
+            self._on_result(outcome, elapsed)
+        self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
+                                  copy.inputs, predictions))
+
+    def _call(self, inputs: Any) -> Future[Any]:
+        """One shadow call on a daemon thread of its own: a call that never returns must not keep the
+        worker process from exiting (an executor's threads are joined at interpreter exit)."""
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._predict(inputs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="shadow-predict", daemon=True).start()
+        return future
+
+    def idle(self) -> bool:
+        """Whether no copy waits or is being handled (a hung call left behind does not count)."""
+        return self._queue.unfinished_tasks == 0
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop taking copies; predict what is queued for up to ``timeout_s``, drop (count) the rest."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except queue.Full:
+                break
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        while True:  # what the thread did not reach in time
+            try:
+                if self._queue.get_nowait() is not None:
+                    self._drop(DROP_CLOSED)
+            except queue.Empty:
+                break
+
+
+def _rows(inputs: Any) -> int:
+    try:
+        return max(len(inputs), 1)
+    except TypeError:
+        return 1
+
+
+def _stackable(batch: list[_Copy]) -> bool:
+    """Whether the copies are DataFrames with the same columns (what one predict call may take)."""
+    import pandas as pd
+
+    first = batch[0].inputs
+    return isinstance(first, pd.DataFrame) and all(
+        isinstance(copy.inputs, pd.DataFrame) and copy.inputs.columns.equals(first.columns) for copy in batch)

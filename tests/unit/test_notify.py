@@ -1,0 +1,288 @@
+"""Notifications out, in process: signing, payloads, filter, backoff, and the notifier's cursor and retries
+against a real HTTP receiver on 127.0.0.1 (no deployment processes)."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+from notify_receiver import Receiver
+
+from mlflow_deploy_plugin.config import parse_config
+from mlflow_deploy_plugin.deployments import shown_config
+from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.lifecycle import notify
+from mlflow_deploy_plugin.lifecycle.notifier import Notifier, read_deliveries, read_new_events
+from mlflow_deploy_plugin.lifecycle.webhooks.verify import WebhookRejected, verify_delivery
+from mlflow_deploy_plugin.monitoring.capture_watch import CaptureWatch
+from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+from mlflow_deploy_plugin.state import StateStore
+
+SECRET = "s3cret-for-tests"
+SECRET_ENV = "MLFLOW_DEPLOY_TEST_NOTIFY_SECRET"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+
+
+def test_signed_headers_verify_with_the_webhook_verifier_and_a_wrong_secret_fails() -> None:
+    body = notify.payload("svc", {"time": 1_700_000_000.5, "event": "promoted", "reason": "gates passed",
+                                  "model": {"model_name": "churn", "model_version": "5"}})
+    headers = notify.signed_headers(SECRET, "d-1", body)
+    verify_delivery(SECRET, headers, body)
+    with pytest.raises(WebhookRejected, match="signature mismatch"):
+        verify_delivery("another", headers, body)
+    with pytest.raises(WebhookRejected, match="signature mismatch"):
+        verify_delivery(SECRET, headers, body.replace(b"promoted", b"rejected"))
+    data = json.loads(body)
+    assert data["deployment"] == "svc" and data["event"] == "promoted"
+    assert data["time"] == "2023-11-14T22:13:20.500000Z" and data["timestamp"] == 1_700_000_000.5
+    assert data["details"] == {"reason": "gates passed", "model": {"model_name": "churn", "model_version": "5"}}
+    assert data["text"] == "[svc] promoted · churn v5 · gates passed"
+
+
+def test_slack_shape_is_text_only() -> None:
+    body = json.loads(notify.payload("svc", {"time": 1.0, "event": "crashed", "error": "exit 9"}, "slack"))
+    assert body == {"text": "[svc] crashed · error: exit 9"}
+
+
+def test_targets_urls_are_checked_and_redacted() -> None:
+    targets = notify.parse_targets("http://127.0.0.1:9/a, slack+https://hooks.slack.com/services/T1/B2/XYZ",
+                                   "json")
+    assert [(t.format, t.url) for t in targets] == [
+        ("json", "http://127.0.0.1:9/a"), ("slack", "https://hooks.slack.com/services/T1/B2/XYZ")]
+    assert targets[1].shown.startswith("https://hooks.slack.com/…#") and "XYZ" not in targets[1].shown
+    assert [t.format for t in notify.parse_targets("http://a.example/x", "slack")] == ["slack"]
+    for bad in ("ftp://example.com/x", "not a url", "http:///nohost"):
+        with pytest.raises(ValueError, match="not an http"):
+            notify.parse_targets(bad)
+
+
+def test_config_validates_the_notify_keys_and_get_hides_url_paths() -> None:
+    config = parse_config({"notify": "http://127.0.0.1:8/x,slack+https://hooks.slack.com/services/T/B/SECRET",
+                           "notify_events": "all,!drift_window_skipped"})
+    assert config.notify_format == "json" and config.notify_secret_env is None
+    shown = shown_config(config)["notify"]
+    assert "SECRET" not in shown and shown.startswith("http://127.0.0.1:8/…#") and ",slack+https://" in shown
+    with pytest.raises(InvalidRequest, match="notify=.*http"):
+        parse_config({"notify": "ftp://x/y"})
+    with pytest.raises(InvalidRequest, match="notify_format=.*json or slack"):
+        parse_config({"notify_format": "teams"})
+    with pytest.raises(InvalidRequest, match="notify_events=.*not an event name"):
+        parse_config({"notify_events": "promoted,drift verdict"})
+    with pytest.raises(InvalidRequest, match="notify_secret_env=.*NAME of an environment variable"):
+        parse_config({"notify_secret_env": "not-a-name"})
+    spec = DeploymentSpec("x", ModelRef("models:/m/1", "m", "1"), config)
+    assert spec.needs_agent
+
+
+def test_event_filter_names_kinds_patterns_and_exclusions() -> None:
+    every = notify.parse_event_filter(None)
+    assert notify.selected("anything", every)
+    picked = notify.parse_event_filter("lifecycle, drift_*, !drift_window_skipped")
+    assert notify.selected("promoted", picked) and notify.selected("drift_verdict", picked)
+    assert not notify.selected("drift_window_skipped", picked) and not notify.selected("updated", picked)
+    healed = notify.parse_event_filter("healed")
+    assert notify.selected("restarted", healed) and not notify.selected("crashed", healed)
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    rng = random.Random(7)
+    waits = [notify.backoff_s(n, base_s=1, cap_s=60, rng=rng) for n in range(1, 10)]
+    for n, wait in enumerate(waits, start=1):
+        nominal = min(60, 2 ** (n - 1))
+        assert 0.9 * nominal <= wait <= 1.1 * nominal
+
+
+def test_delivery_id_is_stable_per_event_and_receiver() -> None:
+    target, other = notify.Target("http://a/x"), notify.Target("http://b/x")
+    event = {"time": 12.5, "event": "updated"}
+    assert notify.delivery_id("svc", target, 100, event) == notify.delivery_id("svc", target, 100, dict(event))
+    assert notify.delivery_id("svc", target, 100, event) != notify.delivery_id("svc", other, 100, event)
+    assert notify.delivery_id("svc", target, 100, event) != notify.delivery_id("svc", target, 160, event)
+
+
+def test_torn_and_unfinished_history_lines(tmp_path: Path) -> None:
+    history = tmp_path / "history.jsonl"
+    history.write_bytes(b'{"time": 1, "event": "a"}\n{"time": 2, "ev\n{"time": 3, "event": "c"}\n{"time": 4')
+    lines = read_new_events(history, 0)
+    assert [e["event"] if e else None for _s, _e, e in lines] == ["a", None, "c"]
+    assert read_new_events(history, lines[-1][1]) == []  # the unfinished line waits for its newline
+
+
+# -- the notifier against a real receiver -----------------------------------------------------------
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[StateStore, Receiver, str]]:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    store = StateStore(tmp_path / "home")
+    port = _free_port()
+    receiver = Receiver(port, SECRET)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield store, receiver, url
+    finally:
+        receiver.stop()
+
+
+def _write_spec(store: StateStore, url: str, **config: str) -> DeploymentSpec:
+    spec = DeploymentSpec("svc", ModelRef("models:/m/1", "m", "1"),
+                          parse_config({"notify": url, "notify_secret_env": SECRET_ENV, **config}))
+    store.paths("svc").root.mkdir(parents=True, exist_ok=True)
+    store.write_spec(spec)
+    return spec
+
+
+def _run(notifier: Notifier) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"interval_s": 0.1}, daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def test_receiver_down_then_failing_loses_nothing_and_keeps_order(deployment) -> None:
+    store, receiver, url = deployment
+    _write_spec(store, f"{url}/hook,slack+{url}/slack", notify_events="all,!restarted")
+    for index in range(3):
+        store.append_history("svc", "updated", reason=f"update {index}")
+    store.append_history("svc", "restarted", reason="filtered out")
+    store.append_history("svc", "promoted", model={"model_name": "m", "model_version": "2"}, reason="gates")
+    notifier = Notifier(store, "svc", base_backoff_s=0.05, max_backoff_s=0.2, poll_s=0.05)
+    stop, thread = _run(notifier)
+    try:
+        # Nobody listens yet: both channels retry with backoff, recording each failed attempt.
+        wait_for(lambda: sum(a["outcome"] == "retrying" for a in read_deliveries(store.paths("svc"))) >= 4, 20,
+                 "failed attempts recorded")
+        receiver.fail_first = 3
+        receiver.start()  # up again, on the same port, answering 503 three times first
+        expected = ["updated", "updated", "updated", "promoted"]
+        wait_for(lambda: receiver.events("/hook") == expected and len(receiver.bodies("/slack")) == 4, 30,
+                 "every event delivered to both receivers")
+        assert receiver.answered_503 == 3 and receiver.rejected == []
+        assert [b["text"] for b in receiver.bodies("/slack")][-1] == "[svc] promoted · m v2 · gates"
+        assert [b["details"]["reason"] for b in receiver.bodies("/hook")[:3]] == ["update 0", "update 1", "update 2"]
+        # The receiver has the body before the notifier has its answer (and records it): wait for that.
+        wait_for(lambda: sum(a["outcome"] == "delivered" for a in read_deliveries(store.paths("svc"))) == 8, 20,
+                 "every delivery recorded")
+        attempts = read_deliveries(store.paths("svc"))
+        delivered = [a for a in attempts if a["outcome"] == "delivered"]
+        assert len({a["delivery_id"] for a in delivered}) == 8
+        # A retry reuses its delivery id: every id that was retried was delivered under that same id.
+        retried = {a["delivery_id"] for a in attempts if a["outcome"] == "retrying"}
+        assert retried and retried <= {a["delivery_id"] for a in delivered}
+        assert all("hook" not in a["target"] and "slack" not in a["target"] for a in attempts)  # paths redacted
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+
+    # A new notifier (an agent restart) resumes at the cursor: old events are not sent again.
+    store.append_history("svc", "rolled_back", reason="drift")
+    stop, thread = _run(Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05))
+    try:
+        wait_for(lambda: receiver.events("/hook")[-1:] == ["rolled_back"], 20, "the new event")
+        wait_for(lambda: len(receiver.bodies("/slack")) == 5, 20, "the new event on slack")
+        assert receiver.events("/hook") == ["updated", "updated", "updated", "promoted", "rolled_back"]
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+
+
+def test_a_refusing_receiver_is_recorded_and_skipped(deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, receiver, url = deployment
+    receiver.secret = "not-what-the-notifier-signs-with"  # every delivery answered 401
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "crashed", error="exit 9")
+    stop, thread = _run(Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05))
+    try:
+        wait_for(lambda: [a["outcome"] for a in read_deliveries(store.paths("svc"))] == ["refused"], 20,
+                 "the refusal recorded")
+        assert receiver.rejected == ["signature mismatch"]
+        assert read_deliveries(store.paths("svc"))[0]["status"] == 401
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+
+
+def test_a_new_receiver_starts_at_the_spec_change_not_at_the_beginning(deployment) -> None:
+    store, receiver, url = deployment
+    receiver.start()
+    store.paths("svc").root.mkdir(parents=True)
+    old = store.paths("svc").history
+    old.write_text(json.dumps({"time": 1.0, "event": "created"}) + "\n")  # long before notify was set
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "updated", reason="notify added")
+    stop, thread = _run(Notifier(store, "svc", poll_s=0.05))
+    try:
+        wait_for(lambda: receiver.events() == ["updated"], 20, "only the event since the change")
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+
+
+def test_capture_watch_announces_dropping_once_then_recovery(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.paths("svc").root.mkdir(parents=True)
+    now = [0.0]
+    watch = CaptureWatch(store, "svc", quiet_s=60, clock=lambda: now[0])
+    readings = [(0, 5.0), (10, 5.0), (20, 9.0), (30, 12.0), (85, 20.0), (150, 20.0), (200, 20.0)]
+    written = []
+    for at, total in readings:
+        now[0] = at
+        written.append(watch.observe(total))
+    assert written == [None, None, "capture_dropping", None, "capture_dropping", "capture_recovered", None]
+    events = store.read_history("svc")
+    assert [(e["event"], e["dropped"]) for e in events] == [
+        ("capture_dropping", 4), ("capture_dropping", 11), ("capture_recovered", 0)]
+
+
+def test_policy_file_notify_section_is_validated() -> None:
+    from mlflow_deploy_plugin.lifecycle.policy import PolicyError, parse_policy
+
+    policy = parse_policy("model: churn\nnotify:\n  urls: [http://127.0.0.1:9/a, slack+https://h.example/x]\n"
+                          "  events: [lifecycle, '!rejected']\n")
+    assert policy.notify is not None
+    assert policy.notify.urls == "http://127.0.0.1:9/a,slack+https://h.example/x"
+    assert policy.notify.events == "lifecycle,!rejected" and policy.notify.format == "json"
+    with pytest.raises(PolicyError, match=r":3: notify.urls: expected http"):
+        parse_policy("model: churn\nnotify:\n  urls: ftp://x/y\n")
+    with pytest.raises(PolicyError, match="notify.format.*json, slack"):
+        parse_policy("model: churn\nnotify:\n  urls: http://a.example/\n  format: teams\n")
+    with pytest.raises(PolicyError, match="unknown key 'url'.*did you mean"):
+        parse_policy("model: churn\nnotify:\n  url: http://a.example/\n")
+
+
+def test_receivers_of_the_policy_file_get_their_own_events(deployment, tmp_path: Path) -> None:
+    store, receiver, url = deployment
+    from mlflow_deploy_plugin.state import read_or_create_secret
+
+    # Without notify_secret_env deliveries are signed with the deployment's notify.key (0600).
+    receiver.secret = read_or_create_secret(store.paths("svc").notify_key)
+    assert store.paths("svc").notify_key.stat().st_mode & 0o777 == 0o600
+    receiver.start()
+    policy = tmp_path / "policy.yml"
+    policy.write_text(f"model: m\nnotify:\n  urls: {url}/policy\n  events: lifecycle\n")
+    spec = DeploymentSpec("svc", ModelRef("models:/m/1", "m", "1"), parse_config({"policy": str(policy)}))
+    store.write_spec(spec)
+    store.append_history("svc", "updated", reason="not a lifecycle event")
+    store.append_history("svc", "promoted", model={"model_name": "m", "model_version": "2"}, reason="gates")
+    stop, thread = _run(Notifier(store, "svc", poll_s=0.05))
+    try:
+        wait_for(lambda: receiver.events("/policy") == ["promoted"], 20, "the policy receiver's event")
+        assert receiver.rejected == []
+    finally:
+        stop.set()
+        thread.join(timeout=20)

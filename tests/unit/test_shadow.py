@@ -1,0 +1,217 @@
+"""The shadow mirror in process: real models, the real service build, real capture files.
+
+A shadow version sees copies of answered requests after their answers are built; these tests check
+that the pairs join exactly (same request id, roles primary/shadow) and that a shadow that hangs or
+raises changes nothing the client gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from unit_helpers import TestClient, controlled, gate_closed, id_frame, iris_data, split_body
+
+from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs, mcnemar_exact
+from mlflow_deploy_plugin.serving.app import AppSettings, build_app
+from mlflow_deploy_plugin.serving.model_slot import ModelSlot
+from mlflow_deploy_plugin.serving.service import build_service
+from mlflow_deploy_plugin.serving.shadow import ShadowAnswer, ShadowMirror
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+
+WAIT_S = 10.0
+
+
+def _wait(predicate, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def no_multiprocess_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+def test_service_mirrors_every_captured_request_and_pairs_join(
+        tmp_path: Path, classifier_path: Path, rotated_classifier_path: Path, rotated_slot: ModelSlot,
+        no_multiprocess_metrics: None) -> None:
+    paths = {"1": classifier_path, "2": rotated_classifier_path}
+    spec = DeploymentSpec(name="unit", model=ModelRef("models:/iris/1", "iris", "1"),
+                          shadow=ModelRef("models:/iris/2", "iris", "2"),
+                          config=DeploymentConfig(shadow="models:/iris/2"))
+    service = build_service(spec, lambda model: paths[model.model_version], str(tmp_path / "capture"),
+                            tmp_path / "capture.key")
+    features, _ = iris_data()
+    ids = [f"req-{i}" for i in range(12)]
+    try:
+        with TestClient(service.app) as client:
+            service.state.ready = True
+            for i, request_id in enumerate(ids):
+                rows = features.iloc[[i * 12, i * 12 + 1]]
+                response = client.post("/invocations", json=split_body(rows),
+                                       headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+                assert response.status_code == 200, response.text
+                assert response.headers["x-model-version"] == "1"  # never the shadow
+            info = client.get("/deployment").json()
+        assert info["shadow"]["model_version"] == "2"
+        _wait(service.shadow.idle, "the shadow to predict every copy")
+    finally:
+        service.capture.close(timeout_s=10)
+    both = read_capture(str(tmp_path / "capture"), shadow=True)
+    primary = both[both["_role"] == "primary"]
+    shadow = both[both["_role"] == "shadow"]
+    assert sorted(set(primary["_request_id"])) == sorted(ids) == sorted(set(shadow["_request_id"]))
+    assert set(shadow["_model_version"]) == {"2"} and set(shadow["_status"]) == {200}
+    pairs = primary.merge(shadow, on=["_request_id", "_row"], suffixes=("", "_shadow"))
+    assert len(pairs) == 2 * len(ids)
+    inputs = pairs[list(features.columns)]
+    np.testing.assert_array_equal(pairs["_prediction_shadow"].to_numpy(), rotated_slot.predict(inputs))
+    # Drift, quality and `capture show` read what clients got: the primary rows only.
+    served = read_capture(str(tmp_path / "capture"))
+    assert len(served) == len(primary) and set(served["_role"]) == {"primary"}
+
+    # The comparison agrees with the pairs counted by hand, and the labels' paired test sees the
+    # rotated shadow is worse (it is wrong wherever the primary is right).
+    _, target = iris_data()
+    labels = pairs[["_request_id", "_row"]].assign(
+        _label=[int(target.iloc[int(rid.split("-")[1]) * 12 + row]) for rid, row in zip(
+            pairs["_request_id"], pairs["_row"], strict=True)])
+    comparison = compare_pairs(both, labels=labels)
+    by_hand = float((pairs["_prediction"].to_numpy() == pairs["_prediction_shadow"].to_numpy()).mean())
+    assert comparison.task == "classification" and comparison.requests == len(ids)
+    assert comparison.agreement == by_hand < 0.5
+    assert sum(sum(row.values()) for row in comparison.confusion.values()) == len(pairs)
+    assert comparison.primary_error_rate == comparison.shadow_error_rate == 0.0
+    lab = comparison.labelled
+    assert lab is not None and lab.rows == len(pairs) and lab.primary > lab.shadow
+    assert lab.test == "mcnemar_exact" and lab.shadow_worse and lab.p_value < 0.05
+
+
+@contextlib.contextmanager
+def _mirrored_app(primary: ModelSlot, mirror: ShadowMirror) -> Iterator[TestClient]:
+    settings = AppSettings(deployment="unit", max_body_bytes=1 << 20, timeout_s=10.0)
+    app = build_app(settings, primary, on_answer=mirror.submit)
+    with TestClient(app) as client:
+        yield client
+
+
+def test_hung_shadow_leaves_primary_answers_alone_and_is_counted(
+        classifier_slot: ModelSlot, controlled_slot: ModelSlot) -> None:
+    recorded: list[ShadowAnswer] = []
+    drops: list[str] = []
+    model = controlled(controlled_slot)
+    # The controlled model takes ids: it predicts one per row of the copy (and hangs on its gate).
+    mirror = ShadowMirror(lambda data: controlled_slot.predict(id_frame(range(len(data)))), "7", recorded.append,
+                          max_queue=2, timeout_s=0.2, on_drop=drops.append)
+    features, _ = iris_data()
+    rows = features.iloc[[0, 50, 100]]
+    expected = classifier_slot.predict(rows).tolist()
+    try:
+        with gate_closed(model), _mirrored_app(classifier_slot, mirror) as client:
+            for _ in range(8):
+                response = client.post("/invocations", json=split_body(rows))
+                assert response.status_code == 200 and response.json()["predictions"] == expected
+                assert response.headers["x-model-version"] == "1"
+            _wait(lambda: any(answer.status == 504 for answer in recorded), "the hung shadow call to time out")
+            _wait(mirror.idle, "the mirror to get through its queue")
+    finally:
+        mirror.close(timeout_s=2)
+    assert recorded[0].status == 504 and recorded[0].predictions is None
+    assert mirror.outcomes.get("timeout", 0) >= 1
+    # Every copy is accounted for: predicted (and timed out), or dropped with a reason.
+    assert mirror.submitted + drops.count("queue_full") == 8
+    assert len(recorded) + drops.count("busy") == mirror.submitted
+    assert "busy" in drops or "queue_full" in drops
+
+
+def test_raising_shadow_is_captured_as_an_error(controlled_slot: ModelSlot) -> None:
+    recorded: list[ShadowAnswer] = []
+    controlled(controlled_slot).poison = frozenset({3})
+    mirror = ShadowMirror(controlled_slot.predict, "7", recorded.append, rng=random.Random(0))
+    try:
+        for i, ids in enumerate(([1, 2], [3, 4], [5])):
+            assert mirror.submit(ShadowAnswer(f"r{i}", 1.7e9, "1", 200, 1.0, id_frame(ids), None))
+        _wait(lambda: len(recorded) == 3, "three shadow answers")
+    finally:
+        mirror.close()
+    assert [a.status for a in recorded] == [200, 500, 200]
+    assert [a.request_id for a in recorded] == ["r0", "r1", "r2"]
+    assert recorded[0].predictions.tolist() == [2, 4] and recorded[1].predictions is None
+    assert mirror.outcomes == {"ok": 2, "error": 1}
+    assert json.dumps(sorted(mirror.dropped)) == "[]"
+
+
+def test_paired_tests_without_statsmodels_reduce_to_the_exact_binomial(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy.stats import binomtest
+
+    with_statsmodels, name = mcnemar_exact(9, 2)
+    assert name == "mcnemar_exact"
+    monkeypatch.setitem(__import__("sys").modules, "statsmodels.stats.contingency_tables", None)
+    without, fallback = mcnemar_exact(9, 2)
+    assert fallback == "binomial_exact"
+    assert with_statsmodels == pytest.approx(without) == pytest.approx(binomtest(9, 11, 0.5).pvalue)
+
+
+def test_shadow_stage_waits_for_evidence_then_judges_agreement_and_labels() -> None:
+    from mlflow_deploy_plugin.lifecycle.policy import parse_policy
+    from mlflow_deploy_plugin.lifecycle.shadow_stage import evaluate_shadow
+    from mlflow_deploy_plugin.monitoring.shadow_compare import LabelledComparison, ShadowComparison
+
+    policy = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50, min_agreement: 0.9, "
+                          "min_labelled_rows: 20, max_minutes: 5}\n").promotion.shadow
+    assert policy is not None
+
+    def pairs(requests: int, agreement: float, labelled: LabelledComparison | None = None) -> ShadowComparison:
+        return ShadowComparison(["1"], "2", "classification", requests, requests, requests, 0.0, 0.0, {}, {},
+                                agreement=agreement, labelled=labelled)
+
+    assert evaluate_shadow(policy, pairs(10, 0.5), elapsed_s=60).pending  # too few pairs, time left
+    assert evaluate_shadow(policy, pairs(10, 1.0), elapsed_s=301).status == "fail"  # not enough evidence
+    differing = evaluate_shadow(policy, pairs(60, 0.8), elapsed_s=60)
+    assert differing.status == "fail" and "shadow.agreement" in differing.summary().splitlines()[0]
+    worse = LabelledComparison(30, "accuracy", 0.9, 0.6, "mcnemar_exact", 0.001, shadow_worse=True)
+    assert evaluate_shadow(policy, pairs(60, 0.95, worse), elapsed_s=60).status == "fail"
+    few = LabelledComparison(5, "accuracy", 0.9, 0.6, "mcnemar_exact", 0.2, shadow_worse=False)
+    passed = evaluate_shadow(policy, pairs(60, 0.95, few), elapsed_s=60)
+    assert passed.passed and "not judged on labels" in passed.summary()
+
+
+def test_copies_waiting_together_are_predicted_in_one_call_and_a_bad_one_fails_alone(
+        controlled_slot: ModelSlot) -> None:
+    from unit_helpers import wait_started
+
+    model = controlled(controlled_slot)
+    model.poison = frozenset({13})
+    recorded: list[ShadowAnswer] = []
+    mirror = ShadowMirror(controlled_slot.predict, "7", recorded.append, batching=True)
+    try:
+        with gate_closed(model):
+            mirror.submit(ShadowAnswer("first", 1.7e9, "1", 200, 1.0, id_frame([1]), None))
+            wait_started(model)  # the first copy's call holds the mirror: the next ones wait together
+            for request_id, ids in (("a", [2, 3]), ("b", [4]), ("c", [5, 6])):
+                mirror.submit(ShadowAnswer(request_id, 1.7e9, "1", 200, 1.0, id_frame(ids), None))
+        _wait(lambda: len(recorded) == 4, "four shadow answers")
+        assert model.calls[-1] == [2, 3, 4, 5, 6]  # one call for the three copies that waited
+        with gate_closed(model):
+            mirror.submit(ShadowAnswer("hold", 1.7e9, "1", 200, 1.0, id_frame([7]), None))
+            wait_started(model)
+            mirror.submit(ShadowAnswer("good", 1.7e9, "1", 200, 1.0, id_frame([8]), None))
+            mirror.submit(ShadowAnswer("bad", 1.7e9, "1", 200, 1.0, id_frame([13]), None))
+        _wait(lambda: len(recorded) == 7, "seven shadow answers")
+    finally:
+        mirror.close()
+    by_id = {answer.request_id: answer for answer in recorded}
+    assert by_id["c"].predictions.tolist() == [10, 12] and by_id["a"].predictions.tolist() == [4, 6]
+    assert by_id["bad"].status == 500 and by_id["good"].status == 200  # the failed batch, retried one by one
+    assert by_id["good"].predictions.tolist() == [16]
