@@ -6,6 +6,8 @@ One module per job:
   resolved to the captured prediction they name, stored beside the capture (idempotent);
 - :mod:`.join`: stored labels joined to a window of captured rows, per version;
 - :mod:`.metrics`: the figures (classification, regression) with counts and 95 % intervals;
+- :mod:`.cbpe`: quality before the labels arrive: accuracy (and ROC AUC) estimated from calibrated
+  probabilities (confidence-based performance estimation);
 - :mod:`.report`: the quality job: per version, figures logged to MLflow beside the training
   run's own, an HTML report, the version tagged;
 - :mod:`.cli`: ``mlflow-deploy labels add`` and ``mlflow-deploy quality report``.

@@ -110,3 +110,24 @@ def join_labels(captured: pd.DataFrame, labels: pd.DataFrame) -> list[Labelled]:
 
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 62, version)
+
+
+def answered_probabilities(captured: pd.DataFrame) -> dict[str, tuple[pd.Series | None, pd.DataFrame]]:
+    """Per version, every answered row's captured prediction and class probabilities, labelled or
+    not (what CBPE estimates on); empty when the capture holds no probability columns."""
+    columns = [str(c) for c in captured.columns]
+    probas = probability_columns(columns)
+    if captured.empty or not probas:
+        return {}
+    answered = captured
+    if "_status" in captured:
+        answered = captured[captured["_status"].fillna(200).between(200, 299)]
+    pred = prediction_column(columns)
+    out: dict[str, tuple[pd.Series | None, pd.DataFrame]] = {}
+    versions = answered["_model_version"].astype(str)
+    for version in sorted(versions[answered["_model_version"].notna()].unique(), key=_version_key):
+        rows = answered[versions == version]
+        probabilities = rows[list(probas.values())].astype(float).reset_index(drop=True)
+        probabilities.columns = list(probas)
+        out[version] = (rows[pred].reset_index(drop=True) if pred is not None else None, probabilities)
+    return out

@@ -20,8 +20,10 @@ _log = logging.getLogger(__name__)
 DEFAULT_SAMPLE_ROWS = 20_000
 
 
-def figures_table(title: str, figures: list[Figure], reference: dict[str, tuple[str, float]], note: str) -> str:
-    """An HTML block: one row per figure with n, 95 % interval and the training run's figure."""
+def figures_table(title: str, figures: list[Figure], reference: dict[str, tuple[str, float]], note: str,
+                  estimate: str = "") -> str:
+    """An HTML block: one row per figure with n, 95 % interval and the training run's figure, and
+    ``estimate``, CBPE's line (quality before labels, :mod:`.cbpe`), under the note when given."""
     rows = []
     for fig in figures:
         ref = reference.get(fig.name)
@@ -32,7 +34,8 @@ def figures_table(title: str, figures: list[Figure], reference: dict[str, tuple[
     return (f'<div id="mlflow-deploy-quality" style="padding:8px 16px;font-family:sans-serif;background:#f5f8ff;'
             f'border-bottom:1px solid #99b">'
             f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>"
-            f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{header}</tr>"
+            + (f'<p id="mlflow-deploy-cbpe"><b>Before labels (CBPE):</b> {html.escape(estimate)}</p>' if estimate else "")
+            + f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{header}</tr>"
             f"{''.join(rows)}</table></div>")
 
 

@@ -18,6 +18,16 @@ in the window (by *prediction* time) one run ``quality-<deployment>-v<version>-<
   ``quality.model_version``, ``quality.trigger``; when the same window was reported before (late
   labels came in), ``quality.rerun=true`` and ``quality.previous_run_id``.
 
+Quality before the labels arrive (:mod:`.cbpe`): for a version whose captured answers hold class
+probabilities, CBPE is calibrated on the version's *labelled captured rows of the* ``label_horizon``
+*before the window* (never the window's own labels, so once they arrive the realised figure checks the
+estimate out of sample) and the run gets ``estimated_accuracy`` (``.ci_low``, ``.ci_high``),
+``estimated_roc_auc`` and ``cbpe.calibration_rows`` beside the realised ``accuracy``, and the tag
+``quality.cbpe`` ("estimated accuracy 0.87 (realised 0.85, n = 4,210; ...)" or "... (no labels yet)").
+When it cannot be calibrated (no earlier labels, too few, one class only) the tag says why instead.
+The version's reference data is not used: it holds the model's inputs without target or
+probabilities (:mod:`mlflow_deploy_plugin.monitoring.reference` drops non-input columns).
+
 Besides, every figure is appended to the version's *series* run (``quality-<deployment>-v<version>``,
 one per version, tag ``quality.series``) at step = the window end in epoch minutes, so the MLflow
 UI charts each version's quality over time as one line.
@@ -52,10 +62,18 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 
 from mlflow_deploy_plugin.capture import capture_root, read_capture
 from mlflow_deploy_plugin.capture.layout import as_utc
-from mlflow_deploy_plugin.quality.join import Labelled, join_labels, prediction_column
+from mlflow_deploy_plugin.quality.cbpe import CBPE, CalibrationError, Estimate
+from mlflow_deploy_plugin.quality.join import (
+    Labelled,
+    answered_probabilities,
+    join_labels,
+    prediction_column,
+    probability_columns,
+)
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels, task_from_signature
 from mlflow_deploy_plugin.quality.metrics import Figure, quality_figures
 from mlflow_deploy_plugin.quality.page import figures_table, render_quality_html
+from mlflow_deploy_plugin.spec import duration_s
 from mlflow_deploy_plugin.state import StateStore
 
 _log = logging.getLogger(__name__)
@@ -75,6 +93,19 @@ _TRAINING_NAMES = {
     "mape": ("mean_absolute_percentage_error",),
 }
 _SPLITS = ("val_", "validation_", "test_", "eval_", "holdout_", "", "training_", "train_")
+#: At most this many of a version's latest labelled rows calibrate CBPE (isotonic maps gain little
+#: past it, and the fit stays well under a second).
+CBPE_MAX_CALIBRATION_ROWS = 200_000
+
+
+@dataclass
+class Estimated:
+    """CBPE's estimates of one version's window (:mod:`.cbpe`), or why there are none (``skipped``)."""
+
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    calibration_rows: int = 0
+    source: str = ""
+    skipped: str = ""
 
 
 @dataclass
@@ -90,6 +121,31 @@ class QualityOutcome:
     training: dict[str, tuple[str, float]] = field(default_factory=dict)
     summary: str = ""
     rerun_of: str | None = None
+    estimated: Estimated | None = None
+
+    def estimate_text(self) -> str:
+        """CBPE's line: "estimated accuracy 0.87 (realised 0.85, n = 4,210; ...)", "... (no labels yet)",
+        or why there is no estimate; empty when the capture holds no probabilities."""
+        est = self.estimated
+        if est is None:
+            return ""
+        accuracy = est.estimates.get("estimated_accuracy")
+        if est.skipped or accuracy is None:
+            return f"no accuracy estimate: {est.skipped or 'no answered rows with probabilities'}"
+        realised = self.figures.get("accuracy")
+        if realised is not None:
+            against = f"realised {realised.value:.3f}, n = {realised.n:,}"
+        elif self.rows_labelled == 0:
+            against = "no labels yet"
+        else:
+            against = f"not enough labels yet, n = {self.rows_labelled:,}"
+        text = (f"estimated accuracy {accuracy.value:.3f} ({against}; 95% CI {accuracy.low:.3f}–{accuracy.high:.3f} "
+                f"over {accuracy.n:,} answered rows, calibrated on {est.calibration_rows:,} labelled rows {est.source})")
+        auc = est.estimates.get("estimated_roc_auc")
+        if auc is not None:
+            real_auc = self.figures.get("roc_auc")
+            text += f"; estimated ROC AUC {auc.value:.3f}" + (f" (realised {real_auc.value:.3f})" if real_auc else "")
+        return text
 
     @property
     def coverage(self) -> float:
@@ -101,6 +157,8 @@ class QualityOutcome:
                 f"answered={self.rows_answered} coverage={self.coverage:.3f}")
         if self.summary:
             text += f" | {self.summary}"
+        if self.estimated is not None:
+            text += f" | {self.estimate_text()}"
         if self.rerun_of:
             text += f" | re-run of {self.rerun_of}"
         return f"{text} (run {self.run_id})"
@@ -189,9 +247,13 @@ def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: dict[str, fl
 def report_version(
     *, deployment: str, model_name: str, labelled: Labelled, task: str, window_start: datetime,
     window_end: datetime, min_labelled_rows: int, client: mlflow.MlflowClient, experiment_id: str,
-    trigger: str = "manual", progress: Callable[[str], None] | None = None,
+    trigger: str = "manual", progress: Callable[[str], None] | None = None, estimated: Estimated | None = None,
 ) -> QualityOutcome:
-    """Compute, log and tag one version's quality over one window (see the module docstring)."""
+    """Compute, log and tag one version's quality over one window (see the module docstring).
+
+    ``estimated``: CBPE's estimates of the window (:func:`estimate_versions`), logged beside the
+    realised figures; None when the capture holds no probabilities.
+    """
     say = progress or (lambda _m: None)
     version = labelled.version
     start, end = _iso(window_start), _iso(window_end)
@@ -211,7 +273,16 @@ def report_version(
         step = int(as_utc(window_end).timestamp() // 60)
         metrics: dict[str, float] = {"rows_answered": labelled.answered, "rows_labelled": labelled.n,
                                      "label_coverage": labelled.coverage}
-        outcome = QualityOutcome(version, "not_enough_labels", run_id, labelled.answered, labelled.n, rerun_of=rerun_of)
+        outcome = QualityOutcome(version, "not_enough_labels", run_id, labelled.answered, labelled.n, rerun_of=rerun_of,
+                                 estimated=estimated)
+        if estimated is not None:
+            for est in estimated.estimates.values():
+                metrics[est.name] = est.value
+                if np.isfinite(est.low):
+                    metrics[f"{est.name}.ci_low"] = est.low
+                    metrics[f"{est.name}.ci_high"] = est.high
+            if estimated.estimates:
+                metrics["cbpe.calibration_rows"] = estimated.calibration_rows
         training = training_figures(client, model_name, version)
         if labelled.n >= min_labelled_rows:
             say(f"v{version}: computing {task} quality on {labelled.n:,} labelled rows")
@@ -240,22 +311,31 @@ def report_version(
             "min_labelled_rows": min_labelled_rows, "rerun_of": rerun_of, "summary": outcome.summary,
             "figures": {n: dataclasses.asdict(f) for n, f in outcome.figures.items()},
             "training": {n: {"metric": m, "value": v} for n, (m, v) in outcome.training.items()},
+            "estimates": None if estimated is None else {
+                "text": outcome.estimate_text(), "skipped": estimated.skipped or None,
+                "calibration_rows": estimated.calibration_rows, "calibration_source": estimated.source,
+                "figures": {n: dataclasses.asdict(e) for n, e in estimated.estimates.items()}},
         }
         with tempfile.TemporaryDirectory(prefix="mlflow-deploy-quality-") as tmp:
             (Path(tmp) / SUMMARY_ARTIFACT).write_text(json.dumps(summary, indent=2, default=str))
             client.log_artifact(run_id, str(Path(tmp) / SUMMARY_ARTIFACT))
-            if outcome.status == "ok":
+            if outcome.status == "ok" or (estimated is not None and estimated.estimates):
                 say(f"v{version}: rendering the Evidently {task} report")
                 table = figures_table(f"{deployment} v{version}: quality {start} – {end}",
                                       list(outcome.figures.values()), outcome.training,
                                       f"{labelled.n:,} labelled of {labelled.answered:,} answered rows "
-                                      f"(coverage {labelled.coverage:.1%}). {outcome.summary}")
-                problem = render_quality_html(Path(tmp) / HTML_ARTIFACT, task=task, prediction=labelled.prediction,
-                                              label=labelled.label, table=table)
-                if problem:
+                                      f"(coverage {labelled.coverage:.1%}). {outcome.summary}",
+                                      estimate=outcome.estimate_text())
+                ok = outcome.status == "ok"
+                problem = render_quality_html(Path(tmp) / HTML_ARTIFACT, task=task,
+                                              prediction=labelled.prediction if ok else labelled.prediction[:0],
+                                              label=labelled.label if ok else labelled.label[:0], table=table)
+                if problem and ok:
                     client.set_tag(run_id, "quality.report_error", problem[:MAX_TAG_VAL_LENGTH])
                 client.log_artifact(run_id, str(Path(tmp) / HTML_ARTIFACT))
         client.set_tag(run_id, "quality.status", outcome.status)
+        if estimated is not None:
+            client.set_tag(run_id, "quality.cbpe", outcome.estimate_text()[:MAX_TAG_VAL_LENGTH])
         if outcome.summary:
             client.set_tag(run_id, "quality.summary", outcome.summary[:MAX_TAG_VAL_LENGTH])
         series_metrics = {k: v for k, v in metrics.items() if not k.startswith("training.")}
@@ -299,17 +379,50 @@ def run_quality_report(
     window_start: datetime, window_end: datetime, min_labelled_rows: int = 100,
     client: mlflow.MlflowClient | None = None, experiment_name: str | None = None,
     progress: Callable[[str], None] | None = None, trigger: str = "manual",
+    calibration: list[Labelled] | None = None, calibration_source: str = "",
 ) -> list[QualityOutcome]:
-    """Report every version that answered in ``captured`` (already cut to the window) against ``labels``."""
+    """Report every version that answered in ``captured`` (already cut to the window) against ``labels``.
+
+    ``calibration``: labelled rows per version from *before* the window (:func:`join_labels` of an
+    earlier capture) to calibrate CBPE on; None leaves the estimate out. ``calibration_source`` says
+    where they come from, for the output.
+    """
     client = client or mlflow.MlflowClient()
     joined = join_labels(captured, labels)
     if not joined:
         return []
+    estimated = ({} if calibration is None or task != "classification"
+                 else estimate_versions(captured, calibration, calibration_source, min_labelled_rows))
     experiment_id = _ensure_experiment(client, experiment_name or f"drift/{deployment}")
     return [report_version(deployment=deployment, model_name=model_name, labelled=one, task=task,
                            window_start=window_start, window_end=window_end, min_labelled_rows=min_labelled_rows,
-                           client=client, experiment_id=experiment_id, trigger=trigger, progress=progress)
+                           client=client, experiment_id=experiment_id, trigger=trigger, progress=progress,
+                           estimated=estimated.get(one.version))
             for one in joined]
+
+
+def estimate_versions(captured: pd.DataFrame, calibration: list[Labelled], source: str,
+                      min_rows: int) -> dict[str, Estimated]:
+    """CBPE per version of ``captured`` whose answers hold probabilities, calibrated on the same
+    version's labelled rows in ``calibration`` (at least ``min_rows``); never raises for data that
+    cannot calibrate: the result says why."""
+    by_version = {one.version: one for one in calibration}
+    out = {}
+    for version, (prediction, probabilities) in answered_probabilities(captured).items():
+        cal = by_version.get(version)
+        where = f"of v{version} {source}".rstrip()
+        if cal is None or cal.n == 0 or cal.probabilities is None:
+            out[version] = Estimated(source=where, skipped=f"no labelled rows {where} to calibrate on")
+            continue
+        cal_probs, cal_label = cal.probabilities.tail(CBPE_MAX_CALIBRATION_ROWS), cal.label.tail(CBPE_MAX_CALIBRATION_ROWS)
+        try:
+            cbpe = CBPE.fit(cal_probs.reset_index(drop=True), cal_label.reset_index(drop=True), min_rows=min_rows)
+            estimates = cbpe.estimate(probabilities, prediction)
+        except CalibrationError as exc:
+            out[version] = Estimated(source=where, skipped=f"cannot calibrate on the labelled rows {where}: {exc}")
+            continue
+        out[version] = Estimated({e.name: e for e in estimates}, cbpe.n_calibration, where)
+    return out
 
 
 def run_deployment_quality(name: str, since: datetime | None = None, until: datetime | None = None, *,
@@ -341,10 +454,24 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
         signature = Model.load(str(local)).signature if local.exists() else None
     pred = prediction_column([str(c) for c in captured.columns])
     task = infer_task(config.task, signature, captured[pred] if pred else None)
+    calibration, source = None, ""
+    probas = probability_columns([str(c) for c in captured.columns])
+    if probas and task == "classification":
+        # CBPE's calibration: the labelled rows of the label horizon before the window (see the docstring).
+        cal_since = since - timedelta(seconds=duration_s(config.label_horizon))
+        source = f"predicted {cal_since:%Y-%m-%d %H:%M} – {since:%Y-%m-%d %H:%M} UTC"
+        cal_labels = read_labels(labels_root(root), cal_since, since)
+        calibration = []
+        if not cal_labels.empty:
+            say(f"Reading the {len(cal_labels):,} labelled predictions before the window to calibrate CBPE")
+            wanted = ["_request_id", "_row", "_timestamp", "_model_version", "_status",
+                      *([pred] if pred else []), *probas.values()]
+            calibration = join_labels(read_capture(root, since=cal_since, until=since, columns=wanted), cal_labels)
     outcomes = run_quality_report(
         deployment=name, model_name=spec.model.model_name, captured=captured, labels=labels, task=task,
         window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
-        experiment_name=config.drift_experiment, progress=progress, trigger=trigger)
+        experiment_name=config.drift_experiment, progress=progress, trigger=trigger,
+        calibration=calibration, calibration_source=source)
     _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)
     return outcomes
 

@@ -10,6 +10,8 @@ again, so 0.03 is about 3.5 combined SDs; the seeds are fixed, so a pass is not 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -149,3 +151,122 @@ def test_expected_auc_of_certain_labels_is_the_realised_auc() -> None:
     score = rng.integers(0, 20, 2_000).astype(float)  # many ties
     y = rng.random(2_000) < score / 20
     assert expected_auc(score, y.astype(float)) == pytest.approx(auc(y, score), abs=1e-12)
+
+
+# --- Wired into the quality report: real capture files, stored labels, a real MLflow store (SQLite). ---
+
+MODEL = "cbpe-unit"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    client.create_experiment("quality-cbpe", artifact_location=str(root / "artifacts"))
+    client.create_registered_model(MODEL)
+    for _ in range(2):
+        client.create_model_version(MODEL, "file:///nowhere/model")
+    return client
+
+
+def test_report_logs_the_estimate_before_and_beside_the_labels(tmp_path, client) -> None:
+    """v1: 600 labelled answers 3 h ago calibrate; its 600 answers of the last hour get an estimate,
+    first with no labels, then beside the realised accuracy. v2 has no earlier labels: told why."""
+    import json
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter, read_capture
+    from mlflow_deploy_plugin.quality.join import join_labels
+    from mlflow_deploy_plugin.quality.labels import LabelTarget, labels_root, read_labels, store_labels
+    from mlflow_deploy_plugin.quality.report import run_quality_report
+
+    rng = np.random.default_rng(8)
+    capture = str(tmp_path / "capture")
+    writer = CaptureWriter(capture, "unit", flush_interval_s=60)
+    now = time.time()
+    rows = []
+    for i in range(1_500):
+        version, moment = ("1", now - 3 * 3600 + i) if i < 600 else ("1", now - 1800 + i) if i < 1_200 \
+            else ("2", now - 1800 + i)
+        p = float(rng.random())
+        answer = pd.DataFrame({"label": [int(p >= 0.5)], "proba_0": [1 - p], "proba_1": [p]})
+        writer.record(CapturedRequest(f"c{i}", moment, version, 200, 1.0, pd.DataFrame({"x": [p]}), answer))
+        rows.append({"request_id": f"c{i}", "label": int(rng.random() < p), "p": p, "version": version})
+    writer.flush()
+    writer.close()
+    truth = pd.DataFrame(rows)
+    target = LabelTarget(capture, tmp_path / "labels.lock", task="classification")
+    store_labels(truth.iloc[:600][["request_id", "label"]], target)  # the calibration period only
+
+    moment = datetime.fromtimestamp(now, UTC)
+    start, end = moment - timedelta(hours=1), moment + timedelta(minutes=1)
+    cal_start = moment - timedelta(hours=4)
+    calibration = join_labels(read_capture(capture, since=cal_start, until=start),
+                              read_labels(labels_root(capture), cal_start, start))
+
+    def report(experiment: str):
+        return run_quality_report(
+            deployment="unit", model_name=MODEL, captured=read_capture(capture, since=start, until=end),
+            labels=read_labels(labels_root(capture), start, end), task="classification", window_start=start,
+            window_end=end, min_labelled_rows=100, client=client, experiment_name=experiment,
+            calibration=calibration, calibration_source="of the 4 h before")
+
+    window = truth.iloc[600:1_200]
+    by_hand = CBPE.fit(pd.DataFrame({"0": 1 - truth.p[:600], "1": truth.p[:600]}),
+                       truth.label[:600].astype(str)).estimate(
+        pd.DataFrame({"0": 1 - window.p, "1": window.p}).reset_index(drop=True),
+        pd.Series((window.p >= 0.5).astype(int).to_numpy()))[0]
+
+    v1, v2 = report("cbpe-before")
+    assert v1.status == "not_enough_labels" and v1.estimated is not None
+    assert v1.estimated.estimates["estimated_accuracy"].value == pytest.approx(by_hand.value)
+    assert v1.estimated.calibration_rows == 600
+    assert f"estimated accuracy {by_hand.value:.3f} (no labels yet;" in v1.line()
+    run = client.get_run(v1.run_id)
+    assert run.data.metrics["estimated_accuracy"] == pytest.approx(by_hand.value)
+    assert run.data.metrics["estimated_accuracy.ci_low"] < by_hand.value < run.data.metrics["estimated_accuracy.ci_high"]
+    assert run.data.metrics["cbpe.calibration_rows"] == 600
+    assert "accuracy" not in run.data.metrics  # still no realised figure on no labels
+    assert run.data.tags["quality.cbpe"].startswith(f"estimated accuracy {by_hand.value:.3f} (no labels yet;")
+    html_file = client.download_artifacts(v1.run_id, "quality_report.html", str(tmp_path))
+    assert "Before labels (CBPE):" in Path(html_file).read_text(encoding="utf-8")
+    # v2 has probabilities but no labelled rows before the window: no estimate, and the reason.
+    assert v2.estimated is not None and not v2.estimated.estimates
+    assert "no accuracy estimate: no labelled rows of v2 of the 4 h before to calibrate on" in v2.line()
+    assert "estimated_accuracy" not in client.get_run(v2.run_id).data.metrics
+
+    # The labels of the window come in: the estimate stands beside the realised accuracy.
+    store_labels(window[["request_id", "label"]], target)
+    v1_after = report("cbpe-after")[0]
+    realised = float(((window.p >= 0.5).astype(int) == window.label).mean())
+    assert v1_after.status == "ok" and v1_after.figures["accuracy"].value == pytest.approx(realised)
+    assert f"estimated accuracy {by_hand.value:.3f} (realised {realised:.3f}, n = 600;" in v1_after.line()
+    # Labels drawn from the probabilities themselves: the estimate is right within its interval.
+    assert by_hand.low <= realised <= by_hand.high
+    summary = json.loads(Path(client.download_artifacts(v1_after.run_id, "quality_summary.json",
+                                                        str(tmp_path))).read_text(encoding="utf-8"))
+    assert summary["estimates"]["figures"]["estimated_accuracy"]["value"] == pytest.approx(by_hand.value)
+
+
+def test_estimate_versions_says_why_it_cannot_calibrate() -> None:
+    from mlflow_deploy_plugin.quality.join import Labelled
+    from mlflow_deploy_plugin.quality.report import estimate_versions
+
+    p = np.linspace(0.01, 0.99, 300)
+    captured = pd.DataFrame({"_request_id": [f"r{i}" for i in range(300)], "_row": 0, "_model_version": "3",
+                             "_status": 200, "_prediction_label": (p >= 0.5).astype(int),
+                             "_prediction_proba_0": 1 - p, "_prediction_proba_1": p})
+    one_class = Labelled("3", 300, pd.Series(["1"] * 300), pd.Series(["1"] * 300),
+                         pd.DataFrame({"0": 1 - p, "1": p}), pd.Series(dtype="datetime64[ns, UTC]"))
+    got = estimate_versions(captured, [one_class], "before the window", 100)["3"]
+    assert not got.estimates
+    assert got.skipped == ("cannot calibrate on the labelled rows of v3 before the window: the calibration "
+                           "labels hold one class only ('1'): no probability can be calibrated against them")
+    few = Labelled("3", 300, pd.Series(["1", "0"] * 20), pd.Series(["1", "0"] * 20),
+                   pd.DataFrame({"0": [0.2, 0.8] * 20, "1": [0.8, 0.2] * 20}), pd.Series(dtype="datetime64[ns, UTC]"))
+    assert "40 labelled rows with probabilities to calibrate on, fewer than 100" in \
+        estimate_versions(captured, [few], "before the window", 100)["3"].skipped
