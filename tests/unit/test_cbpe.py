@@ -158,14 +158,16 @@ def test_expected_auc_of_certain_labels_is_the_realised_auc() -> None:
 MODEL = "cbpe-unit"
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import mlflow
 
-    root = tmp_path_factory.mktemp("mlflow")
-    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # what the report's own MlflowClient() uses
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking)
     client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-    client.create_experiment("quality-cbpe", artifact_location=str(root / "artifacts"))
+    for name in ("cbpe-before", "cbpe-after"):
+        client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
     client.create_registered_model(MODEL)
     for _ in range(2):
         client.create_model_version(MODEL, "file:///nowhere/model")
@@ -174,18 +176,25 @@ def client(tmp_path_factory: pytest.TempPathFactory):
 
 def test_report_logs_the_estimate_before_and_beside_the_labels(tmp_path, client) -> None:
     """v1: 600 labelled answers 3 h ago calibrate; its 600 answers of the last hour get an estimate,
-    first with no labels, then beside the realised accuracy. v2 has no earlier labels: told why."""
+    first with no labels, then beside the realised accuracy. v2 has no earlier labels: told why.
+    Through run_deployment_quality: the calibration rows are found by the report itself."""
+    import dataclasses
     import json
     import time
     from datetime import UTC, datetime, timedelta
 
-    from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter, read_capture
-    from mlflow_deploy_plugin.quality.join import join_labels
-    from mlflow_deploy_plugin.quality.labels import LabelTarget, labels_root, read_labels, store_labels
-    from mlflow_deploy_plugin.quality.report import run_quality_report
+    from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter
+    from mlflow_deploy_plugin.quality.labels import LabelTarget, store_labels
+    from mlflow_deploy_plugin.quality.report import run_deployment_quality
+    from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
 
+    store = StateStore(tmp_path / "home")
+    spec = DeploymentSpec("unit", ModelRef(f"models:/{MODEL}/1", MODEL, "1"),
+                          DeploymentConfig(task="classification", drift_experiment="cbpe-before"))
+    store.write_spec(spec)
     rng = np.random.default_rng(8)
-    capture = str(tmp_path / "capture")
+    capture = str(store.paths("unit").capture)
     writer = CaptureWriter(capture, "unit", flush_interval_s=60)
     now = time.time()
     rows = []
@@ -204,16 +213,10 @@ def test_report_logs_the_estimate_before_and_beside_the_labels(tmp_path, client)
 
     moment = datetime.fromtimestamp(now, UTC)
     start, end = moment - timedelta(hours=1), moment + timedelta(minutes=1)
-    cal_start = moment - timedelta(hours=4)
-    calibration = join_labels(read_capture(capture, since=cal_start, until=start),
-                              read_labels(labels_root(capture), cal_start, start))
 
     def report(experiment: str):
-        return run_quality_report(
-            deployment="unit", model_name=MODEL, captured=read_capture(capture, since=start, until=end),
-            labels=read_labels(labels_root(capture), start, end), task="classification", window_start=start,
-            window_end=end, min_labelled_rows=100, client=client, experiment_name=experiment,
-            calibration=calibration, calibration_source="of the 4 h before")
+        store.write_spec(dataclasses.replace(spec, config=dataclasses.replace(spec.config, drift_experiment=experiment)))
+        return run_deployment_quality("unit", start, end, store=store)
 
     window = truth.iloc[600:1_200]
     by_hand = CBPE.fit(pd.DataFrame({"0": 1 - truth.p[:600], "1": truth.p[:600]}),
@@ -236,7 +239,8 @@ def test_report_logs_the_estimate_before_and_beside_the_labels(tmp_path, client)
     assert "Before labels (CBPE):" in Path(html_file).read_text(encoding="utf-8")
     # v2 has probabilities but no labelled rows before the window: no estimate, and the reason.
     assert v2.estimated is not None and not v2.estimated.estimates
-    assert "no accuracy estimate: no labelled rows of v2 of the 4 h before to calibrate on" in v2.line()
+    assert "no accuracy estimate: no labelled rows of v2 predicted " in v2.line()
+    assert f" – {start:%Y-%m-%d %H:%M} UTC to calibrate on" in v2.line()
     assert "estimated_accuracy" not in client.get_run(v2.run_id).data.metrics
 
     # The labels of the window come in: the estimate stands beside the realised accuracy.
