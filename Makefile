@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-pg lint bench-serving bench-drift bench-drift-quality bench-follow bench-chaos clean
+.PHONY: demo test test-fast test-pg lint bench-serving bench-drift bench-drift-quality bench-quality bench-follow bench-chaos clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-drift: $(STAMP)
 # Verdict quality on synthetic data with a known truth (false alarms, detection, tiny shifts, nulls).
 bench-drift-quality: $(STAMP)
 	$(BIN)/python benchmarks/drift_quality.py $(BENCH_ARGS)
+
+# CBPE's accuracy estimate against the realised accuracy under synthetic shifts.
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py $(BENCH_ARGS)
 
 bench-follow: $(STAMP)
 	$(BIN)/python benchmarks/follow_latency.py
