@@ -30,10 +30,10 @@ How a canary is judged (what an on-call engineer signs off on):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from mlflow_deploy_plugin.lifecycle.gates import _EPS, GateResult, _fmt
+from mlflow_deploy_plugin.lifecycle.gates import _EPS, GateResult, StageVerdict, _fmt
 from mlflow_deploy_plugin.lifecycle.policy import CanaryPolicy
 
 
@@ -57,35 +57,10 @@ class CanaryStats:
         return self.champion_errors / self.champion_requests if self.champion_requests else None
 
 
-@dataclass(frozen=True)
-class CanaryVerdict:
+class CanaryVerdict(StageVerdict):
     """``pending`` (keep waiting), ``pass`` (promote) or ``fail`` (roll the challenger back)."""
 
-    status: Literal["pending", "pass", "fail"]
-    results: list[GateResult]
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        """True only for a final pass."""
-        return self.status == "pass"
-
-    @property
-    def pending(self) -> bool:
-        """True while there is not enough evidence to judge."""
-        return self.status == "pending"
-
-    def summary(self) -> str:
-        """A verdict line, then one line per check."""
-        failed = [result.gate for result in self.results if not result.passed]
-        head = f"canary {self.status}" + (f": {', '.join(failed)}" if self.status == "fail" else "")
-        lines = [result.line("WAIT" if self.pending and not result.passed else None) for result in self.results]
-        return "\n".join([head, *lines])
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form for audit records and tags."""
-        return {"status": self.status, "figures": self.figures,
-                "results": [asdict(result) for result in self.results]}
+    stage = "canary"
 
 
 def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:

@@ -57,6 +57,40 @@ class GateResult:
 
 
 @dataclass(frozen=True)
+class StageVerdict:
+    """The verdict of a stage judged on live evidence (shadow, canary): ``pending`` (keep
+    gathering), ``pass`` (on to the next step) or ``fail`` (reject the challenger)."""
+
+    stage = "stage"  # the name on the verdict line; each stage's subclass sets its own
+
+    status: Literal["pending", "pass", "fail"]
+    results: list[GateResult]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True only for a final pass."""
+        return self.status == "pass"
+
+    @property
+    def pending(self) -> bool:
+        """True while there is not enough evidence to judge."""
+        return self.status == "pending"
+
+    def summary(self) -> str:
+        """A verdict line, then one line per check."""
+        failed = [result.gate for result in self.results if not result.passed]
+        head = f"{self.stage} {self.status}" + (f": {', '.join(failed)}" if self.status == "fail" else "")
+        lines = [result.line("WAIT" if self.pending and not result.passed else None) for result in self.results]
+        return "\n".join([head, *lines])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form for audit records and tags."""
+        return {"status": self.status, "figures": self.figures,
+                "results": [asdict(result) for result in self.results]}
+
+
+@dataclass(frozen=True)
 class GateReport:
     """All gate results of one candidate; ``passed`` only when every gate passed (or was skipped)."""
 

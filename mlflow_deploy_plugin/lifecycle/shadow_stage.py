@@ -23,39 +23,18 @@ Checks (``shadow.*`` lines, :class:`.gates.GateResult` like the gates and the ca
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Literal
 
-from mlflow_deploy_plugin.lifecycle.gates import _EPS, GateResult, _fmt
+from mlflow_deploy_plugin.lifecycle.gates import _EPS, GateResult, StageVerdict, _fmt
 from mlflow_deploy_plugin.lifecycle.policy import ShadowPolicy
 from mlflow_deploy_plugin.monitoring.shadow_compare import ShadowComparison
 
 
-@dataclass(frozen=True)
-class ShadowVerdict:
+class ShadowVerdict(StageVerdict):
     """``pending`` (keep mirroring), ``pass`` (on to the canary or promotion) or ``fail`` (reject)."""
 
-    status: Literal["pending", "pass", "fail"]
-    results: list[GateResult]
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "pass"
-
-    @property
-    def pending(self) -> bool:
-        return self.status == "pending"
-
-    def summary(self) -> str:
-        """A verdict line, then one line per check."""
-        failed = [result.gate for result in self.results if not result.passed]
-        head = f"shadow {self.status}" + (f": {', '.join(failed)}" if self.status == "fail" else "")
-        lines = [result.line("WAIT" if self.pending and not result.passed else None) for result in self.results]
-        return "\n".join([head, *lines])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "figures": self.figures, "results": [asdict(r) for r in self.results]}
+    stage = "shadow"
 
 
 def evaluate_shadow(policy: ShadowPolicy, comparison: ShadowComparison, elapsed_s: float) -> ShadowVerdict:
