@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from mlflow_deploy_plugin.cli_progress import progress_printer
 from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
 from mlflow_deploy_plugin.state import StateStore, read_history_file, validate_name
 
@@ -135,10 +136,7 @@ def drift_report(store: StateStore, name: str, since: str, until: str | None, fo
     _spec_or_exit(store, name)
     start = _when(since, None, "--since")
     end = _when(until, None, "--until")
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
+    progress = progress_printer()
 
     try:
         outcome = run_deployment_drift(name, start, end, store=store, progress=progress,

@@ -7,10 +7,10 @@ Registered on the ``mlflow-deploy`` group by :mod:`mlflow_deploy_plugin.cli`; it
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
+from mlflow_deploy_plugin.cli_progress import progress_printer
 from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.state import StateStore, validate_name
 
@@ -50,10 +50,7 @@ def shadow_report(name: str, since: str, until: str | None, shadow_version: str 
         end = parse_since(until) if until else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
+    progress = progress_printer()
 
     try:
         report = run_shadow_report(name, start, end, store=store, log_to_mlflow=not no_mlflow,

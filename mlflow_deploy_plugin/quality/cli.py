@@ -7,11 +7,11 @@ Registered on the ``mlflow-deploy`` group by :mod:`mlflow_deploy_plugin.cli`; th
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
 
+from mlflow_deploy_plugin.cli_progress import progress_printer
 from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.state import StateStore, validate_name
 
@@ -96,10 +96,7 @@ def quality_report(name: str, since: str, until: str | None, due: bool) -> None:
         end = parse_since(until) if until else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        click.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
+    progress = progress_printer()
 
     try:
         if due:
