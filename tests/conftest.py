@@ -272,8 +272,14 @@ def _kill_matching(markers: tuple[bytes, ...]) -> int:
         except OSError:
             continue
         if any(marker in argv for marker in markers):
+            pid = int(entry.name)
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                # A group leader (`ray start`, a tracking server, PostgreSQL: started in a session of
+                # their own) takes its group along: Ray's agents rename themselves ("ray::...") and
+                # would otherwise be missed.
+                if os.getpgid(pid) == pid and pid != os.getpgrp():
+                    os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 killed += 1
     return killed
 
