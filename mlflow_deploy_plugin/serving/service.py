@@ -197,7 +197,10 @@ def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
     writer = CaptureWriter(capture.root, spec.name, retention_days=config.capture_retention_days,
                            max_buffer_bytes=config.capture_buffer_bytes,
                            on_drop=lambda count, _reason: dropped.inc(count),
-                           redact=redaction.apply if redaction else None)
+                           redact=redaction.apply if redaction else None,
+                           # The primary's spool folder (in the deployment's private folder, local even
+                           # with a remote capture_uri), not the default under the temp dir.
+                           spool_dir=capture.spool_dir)
     latency = metrics.shadow_latency.labels(spec.name, version)
     outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
                 for outcome in ("ok", "error", "timeout")}
