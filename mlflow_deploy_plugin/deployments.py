@@ -401,7 +401,7 @@ class Deployments:
         if foreign is not None:
             with self.store.global_lock():
                 self.engine.stop(name, foreign.config.timeout_s + 15)
-            untagged = self._untag(name, foreign.served_versions())
+            untagged = self._untag(name, foreign.tagged_versions())
             if untagged:
                 _logger.warning("Deleted %s, but its registry serving tags stay: %s", name, untagged)
             return True
@@ -421,7 +421,7 @@ class Deployments:
                                       reason="delete")
             archive = self.store.archive(name)
         if spec is not None:
-            untagged = self._untag(name, spec.served_versions())
+            untagged = self._untag(name, spec.tagged_versions())
             if untagged:
                 # Said where a user looks later: the archived history (`mlflow-deploy history`).
                 append_history_file(archive / "history.jsonl", "untag_failed", reason=untagged)
@@ -581,13 +581,13 @@ class Deployments:
     # -- registry tags -------------------------------------------------------------------------
 
     def _tag_served(self, new: DeploymentSpec, old: DeploymentSpec | None, status: EngineStatus) -> None:
-        """Tag every served version with where it serves; untag what no longer serves."""
+        """Tag every served version (and the shadow) with where it runs; untag what no longer does."""
         from mlflow import MlflowClient
 
         from mlflow_deploy_plugin.registry import set_serving_tag
 
         if old is not None:
-            gone = old.served_versions() - new.served_versions()
+            gone = old.tagged_versions() - new.tagged_versions()
             if gone:
                 self._untag(new.name, gone)
         client = MlflowClient()
@@ -596,6 +596,8 @@ class Deployments:
             if share.model.key != new.model.key:
                 where = f"{where} ({share.percent:g}% canary)"
             set_serving_tag(client, share.model, new.name, where)
+        if new.shadow is not None and new.shadow.key not in new.served_versions():
+            set_serving_tag(client, new.shadow, new.name, f"{status.url or ''} (shadow)")
 
     def _untag(self, name: str, versions: set[tuple[str, str]]) -> str | None:
         """Clear the serving tags of ``versions``; a summary of what could not be cleared, if any."""

@@ -265,6 +265,11 @@ class DeploymentSpec:
         """(model name, version) of everything this spec serves."""
         return {share.model.key for share in self.shares()}
 
+    def tagged_versions(self) -> set[tuple[str, str]]:
+        """(model name, version) of everything that runs for this spec: the served versions and the
+        shadow (whose registry serving tag says where it sees traffic)."""
+        return self.served_versions() | ({self.shadow.key} if self.shadow is not None else set())
+
     @property
     def needs_agent(self) -> bool:
         """Whether the deployment has background work: schedules, a policy, a moving reference, or

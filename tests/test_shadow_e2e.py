@@ -106,11 +106,15 @@ def _shadow_stage_and_hang(env: Env, name: str, root: Path, url: str, rows: list
                      SWITCH_S + 120, "the shadow stage to reject v2")
             wait_for(lambda: "shadow" not in json.loads((root / "deployment.json").read_text()), SWITCH_S,
                      "the shadow to be removed")
+            assert f"lifecycle.deployment.{name}" not in client.get_model_version(model, "2").tags
             mirrored = traffic.count
             # A shadow that hangs on every live request, set by hand.
             env.cli("update", "-t", "lifecycle", "--name", name, "-C", f"shadow=models:/{sleepy(suffix)}/1",
                     env=cli_env)
             after_update = traffic.count
+            # The registry says where the shadow version runs, as it does for served versions.
+            tag = client.get_model_version(f"sleepy_{suffix}", "1").tags.get(f"lifecycle.deployment.{name}", "")
+            assert tag.startswith(url) and tag.endswith("(shadow)"), tag
             wait_for(lambda: _metric(url, "mlflow_deploy_shadow_calls_total", outcome="timeout") >= 1, 60,
                      "a shadow call to time out")
             wait_for(lambda: traffic.count > after_update + 50, 60, "traffic beside the hung shadow")

@@ -87,6 +87,7 @@ class Answer:
     inputs: Any
     predictions: Any
     role: str = "primary"  # capture's _role: the shadow mirror's rows say "shadow" (serving/shadow.py)
+    params: dict[str, Any] | None = None  # the request's params: the shadow predicts with the same ones
 
 
 class ServiceState:
@@ -291,7 +292,7 @@ def build_app(
         # A client's id is kept (labels join on it) but bounded: it is echoed and captured with every row.
         request_id = (request.headers.get("x-request-id") or "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
         in_flight.inc()
-        data = predictions = None
+        data = predictions = params = None
         route = primary
         try:
             route = by_version[version] if version is not None else choose(request)
@@ -304,7 +305,7 @@ def build_app(
                 parsed = await asyncio.get_running_loop().run_in_executor(
                     parse_executor, decode, body, request.headers, route.slot, route.fast_columns)
             del body  # the decoded data is what waits in the queue, not the bytes as well
-            data = parsed.data
+            data, params = parsed.data, parsed.params
             try:
                 predictions = await asyncio.wait_for(route.predictor.predict(data, parsed.params),
                                                      settings.timeout_s)
@@ -348,7 +349,7 @@ def build_app(
         response.headers["x-model-version"] = version
         if on_answer is not None:
             on_answer(Answer(request_id, time.time(), version, response.status_code, elapsed * 1000.0,
-                             data, predictions))
+                             data, predictions, params=params))
         return response
 
     def mlflow_decode(body: bytes, headers: Headers, slot: ModelSlot,

@@ -214,7 +214,7 @@ def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
 
     # Copies waiting together are predicted in one call where the primary would batch too.
     batching = config.batching == "true" or (config.batching == "auto" and batching_default(slot.metadata.flavors))
-    mirror = ShadowMirror(lambda data: slot.predict(data), version, writer.record,
+    mirror = ShadowMirror(slot.predict, version, writer.record,
                           sample_rate=config.shadow_sample_rate, max_queue=config.max_queue,
                           timeout_s=config.timeout_s, on_drop=lambda reason: drops[reason].inc(),
                           on_result=on_result, batching=batching, max_batch_rows=config.max_batch_rows)

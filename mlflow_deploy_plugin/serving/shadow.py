@@ -71,17 +71,18 @@ class _Copy:
     request_id: str
     timestamp: float
     inputs: Any
+    params: dict[str, Any] | None = None  # the primary's params, so both versions answer the same question
 
 
 class ShadowMirror:
     """Owns the queue of request copies and the thread that predicts them with the shadow version."""
 
-    def __init__(self, predict: Callable[[Any], Any], version: str, record: Callable[[ShadowAnswer], object], *,
+    def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
                  on_drop: Callable[[str], None] | None = None,
                  on_result: Callable[[str, float], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096) -> None:
-        """``predict(inputs)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`;
+        """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`;
         ``on_drop(reason)`` and ``on_result(outcome, seconds)`` feed the metrics (cheap, thread-safe)."""
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
@@ -123,7 +124,8 @@ class ShadowMirror:
             if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
                 return False
             try:
-                self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), inputs))
+                self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), inputs,
+                                             getattr(answer, "params", None) or None))
             except queue.Full:
                 self._drop(DROP_QUEUE_FULL)
                 return False
@@ -189,7 +191,7 @@ class ShadowMirror:
 
         sizes = [len(copy.inputs) for copy in batch]
         started = time.perf_counter()
-        self._running = self._call(stack_frames([copy.inputs for copy in batch]))
+        self._running = self._call(stack_frames([copy.inputs for copy in batch]), None)
         try:
             output = self._running.result(timeout=self.timeout_s)
         except FutureTimeout:
@@ -225,7 +227,7 @@ class ShadowMirror:
             self._drop(DROP_BUSY)  # the last call still hangs: queueing behind it would only pile up
             return
         started = time.perf_counter()
-        self._running = self._call(copy.inputs)
+        self._running = self._call(copy.inputs, copy.params)
         status, outcome, predictions = 200, OUTCOME_OK, None
         try:
             predictions = self._running.result(timeout=self.timeout_s)
@@ -244,7 +246,7 @@ class ShadowMirror:
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
                                   copy.inputs, predictions))
 
-    def _call(self, inputs: Any) -> Future[Any]:
+    def _call(self, inputs: Any, params: dict[str, Any] | None) -> Future[Any]:
         """One shadow call on a daemon thread of its own: a call that never returns must not keep the
         worker process from exiting (an executor's threads are joined at interpreter exit)."""
         future: Future[Any] = Future()
@@ -253,7 +255,7 @@ class ShadowMirror:
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(self._predict(inputs))
+                future.set_result(self._predict(inputs, params))
             except BaseException as exc:
                 future.set_exception(exc)
 
@@ -293,9 +295,10 @@ def _rows(inputs: Any) -> int:
 
 
 def _stackable(batch: list[_Copy]) -> bool:
-    """Whether the copies are DataFrames with the same columns (what one predict call may take)."""
+    """Whether the copies are DataFrames with the same columns and no params (what one predict call
+    may take: params apply to a whole call, as the primary's batcher also decides)."""
     import pandas as pd
 
     first = batch[0].inputs
-    return isinstance(first, pd.DataFrame) and all(
+    return isinstance(first, pd.DataFrame) and not any(copy.params for copy in batch) and all(
         isinstance(copy.inputs, pd.DataFrame) and copy.inputs.columns.equals(first.columns) for copy in batch)

@@ -112,7 +112,7 @@ def test_hung_shadow_leaves_primary_answers_alone_and_is_counted(
     drops: list[str] = []
     model = controlled(controlled_slot)
     # The controlled model takes ids: it predicts one per row of the copy (and hangs on its gate).
-    mirror = ShadowMirror(lambda data: controlled_slot.predict(id_frame(range(len(data)))), "7", recorded.append,
+    mirror = ShadowMirror(lambda data, _params: controlled_slot.predict(id_frame(range(len(data)))), "7", recorded.append,
                           max_queue=2, timeout_s=0.2, on_drop=drops.append)
     features, _ = iris_data()
     rows = features.iloc[[0, 50, 100]]
@@ -215,3 +215,26 @@ def test_copies_waiting_together_are_predicted_in_one_call_and_a_bad_one_fails_a
     assert by_id["c"].predictions.tolist() == [10, 12] and by_id["a"].predictions.tolist() == [4, 6]
     assert by_id["bad"].status == 500 and by_id["good"].status == 200  # the failed batch, retried one by one
     assert by_id["good"].predictions.tolist() == [16]
+
+
+def test_the_shadow_predicts_with_the_requests_params_and_never_batches_them(controlled_slot: ModelSlot) -> None:
+    from unit_helpers import wait_started
+
+    from mlflow_deploy_plugin.serving.app import Answer
+
+    model = controlled(controlled_slot)
+    recorded: list[ShadowAnswer] = []
+    mirror = ShadowMirror(controlled_slot.predict, "7", recorded.append, batching=True)
+    try:
+        with gate_closed(model):
+            mirror.submit(Answer("hold", 1.7e9, "1", 200, 1.0, id_frame([1]), None))
+            wait_started(model)  # the next copies wait together behind this call
+            mirror.submit(Answer("tripled", 1.7e9, "1", 200, 1.0, id_frame([2, 3]), None, params={"factor": 3}))
+            mirror.submit(Answer("plain", 1.7e9, "1", 200, 1.0, id_frame([4]), None))
+        _wait(lambda: len(recorded) == 3, "three shadow answers")
+    finally:
+        mirror.close()
+    by_id = {answer.request_id: answer for answer in recorded}
+    assert by_id["tripled"].predictions.tolist() == [6, 9]  # the primary's params, not the default factor 2
+    assert by_id["plain"].predictions.tolist() == [8]
+    assert [2, 3, 4] not in model.calls  # params apply to a whole call: never stacked with another copy
