@@ -166,21 +166,20 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # what the report's own MlflowClient() uses
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking)
     # A URI set in process (the session `env` fixture sets one when it ran first on this xdist worker)
-    # wins over the variables: point it here too, and put it back afterwards.
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    try:
-        client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-        for name in ("cbpe-before", "cbpe-after"):
-            client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
-        client.create_registered_model(MODEL)
-        for _ in range(2):
-            client.create_model_version(MODEL, "file:///nowhere/model")
-        yield client
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    # wins over the variables: point it here too, and put back the raw globals afterwards (restoring
+    # what get_*_uri() resolves would pin a concrete URI that outlives this test and hides the
+    # MLFLOW_TRACKING_URI the later tests set).
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    monkeypatch.setattr(_tracking_service.utils, "_tracking_uri", tracking)
+    monkeypatch.setattr(_model_registry.utils, "_registry_uri", tracking)
+    client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    for name in ("cbpe-before", "cbpe-after"):
+        client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
+    client.create_registered_model(MODEL)
+    for _ in range(2):
+        client.create_model_version(MODEL, "file:///nowhere/model")
+    return client
 
 
 def test_report_logs_the_estimate_before_and_beside_the_labels(tmp_path, client) -> None:
