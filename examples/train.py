@@ -17,6 +17,7 @@ import pandas as pd
 import sklearn
 from mlflow.models import infer_signature
 from sklearn.datasets import load_breast_cancer
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
@@ -35,14 +36,19 @@ def load_data() -> tuple[pd.DataFrame, pd.Series]:
 
 
 def train(model_name: str, c: float = 1.0, max_iter: int = 200, alias: str | None = None,
-          experiment: str = "lifecycle-example") -> str:
-    """Fit, log and register one version; returns the new version number."""
+          experiment: str = "lifecycle-example", impute: bool = False) -> str:
+    """Fit, log and register one version; returns the new version number.
+
+    ``impute``: fill missing inputs with the training means, so the model still answers when
+    upstream stops sending a feature (what the drift job must then flag).
+    """
     features, target = load_data()
     x_train, x_test, y_train, y_test = train_test_split(features, target, test_size=0.25, random_state=0)
     if "MLFLOW_RUN_ID" not in os.environ:  # under `mlflow run` the project already chose the run
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"{model_name}-C{c}") as run:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+        steps = [SimpleImputer(), StandardScaler()] if impute else [StandardScaler()]
+        model = make_pipeline(*steps, LogisticRegression(C=c, max_iter=max_iter))
         model.fit(x_train, y_train)
         accuracy = float(model.score(x_test, y_test))
         mlflow.log_params({"C": c, "max_iter": max_iter})
@@ -56,6 +62,8 @@ def train(model_name: str, c: float = 1.0, max_iter: int = 200, alias: str | Non
         info = mlflow.sklearn.log_model(
             model, name="model", signature=infer_signature(x_train, model.predict(x_train)),
             input_example=x_train.head(3), registered_model_name=model_name, pip_requirements=PIP_REQUIREMENTS,
+            # The imputer keeps a numpy dtype, which skops (the default format) trusts only when told.
+            **({"skops_trusted_types": ["numpy.dtype"]} if impute else {}),
         )
     version = str(info.registered_model_version)
     if alias:

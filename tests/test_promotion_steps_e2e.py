@@ -17,6 +17,7 @@ import mlflow
 import pytest
 import requests
 from conftest import SWITCH_S, Env, MlflowServer, Stores, mlflow_server_for_module, split_payload, wait_for
+from test_lifecycle_e2e import delete_deployments
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
@@ -83,7 +84,7 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
     cli_env = env.environ(MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                           MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", env=cli_env)
+            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "warm_standby=false", env=cli_env)
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     payload = split_payload(load_data()[0].iloc[[5]])
@@ -154,7 +155,7 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
             os.rename(aside, root / "models" / model / "2")
         if server.proc.poll() is not None:
             server.restart()
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+        delete_deployments(env, server.url, name)
 
 
 def test_a_killed_drift_report_never_stops_following(env: Env) -> None:
@@ -163,7 +164,8 @@ def test_a_killed_drift_report_never_stops_following(env: Env) -> None:
     train(model, c=1.0, alias="champion", experiment=f"killed-{suffix}")
     v2 = train(model, c=0.1, experiment=f"killed-{suffix}")
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", "poll_interval_s=0.5", "-C", "drift_schedule=* * * * * */15", "-C", "drift_min_rows=10")
+            "-C", "poll_interval_s=0.5", "-C", "drift_schedule=* * * * * */15", "-C", "drift_min_rows=10",
+            "-C", "warm_standby=false")
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     try:
@@ -203,7 +205,7 @@ def test_a_killed_drift_report_never_stops_following(env: Env) -> None:
                 filter_string=f"attributes.status = 'RUNNING' and attributes.start_time < {int(killed_at * 1000)}")
             assert running == [], [r.info.run_id for r in running]
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        delete_deployments(env, env.tracking_uri, name)
 
 
 DRIFT_POLICY = """\
@@ -225,7 +227,8 @@ def test_require_no_drift_judges_the_challengers_own_canary_traffic(env: Env, se
     policy.write_text(DRIFT_POLICY.format(model=model))
     cli_env = env.environ(MLFLOW_TRACKING_URI=server.url)
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50", env=cli_env)
+            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50",
+            "-C", "warm_standby=false", env=cli_env)
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     features = load_data()[0]
@@ -260,5 +263,5 @@ def test_require_no_drift_judges_the_challengers_own_canary_traffic(env: Env, se
         wait_for(lambda: _version(url) == "1" and "traffic" not in json.loads(
             (root / "deployment.json").read_text()), SWITCH_S, "v1 to serve alone again")
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+        delete_deployments(env, server.url, name)
 

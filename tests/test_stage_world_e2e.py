@@ -20,7 +20,7 @@ import mlflow
 import pytest
 import requests
 from conftest import SWITCH_S, Env, MlflowServer, Stores, mlflow_server_for_module, split_payload, wait_for
-from test_lifecycle_e2e import _mlflow_deploy, _rest, _version
+from test_lifecycle_e2e import _mlflow_deploy, _rest, _version, delete_deployments
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
@@ -82,7 +82,7 @@ def test_stage_policy_promotes_through_staging_and_canary_and_archives_the_old_p
     policy = env.root / "lcs-policy.yaml"
     policy.write_text(PROMOTION_POLICY)
     env.cli("create", "-t", "lifecycle", "--name", "staged", "-m", "models:/lcs/Production",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", env=cli_env)
+            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "warm_standby=false", env=cli_env)
     url = env.status("staged")["url"]
     try:
         assert _version(url) == "1"
@@ -115,7 +115,7 @@ def test_stage_policy_promotes_through_staging_and_canary_and_archives_the_old_p
         assert promoted["reason"].startswith("canary passed") and promoted["evidence"]["figures"]["requests"] >= 60
         assert client.get_model_version("lcs", "2").tags["lifecycle.promotion"] == "champion"
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", "staged", check=False, env=cli_env)
+        delete_deployments(env, server.url, "staged")
 
 
 DRIFT_POLICY = """\
@@ -136,7 +136,8 @@ def test_stage_deployment_follows_a_ui_transition_then_drift_archives_that_versi
     policy.write_text(DRIFT_POLICY)
     name = "staged-drift"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", "models:/lcsd/production",  # any case
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50", env=cli_env)
+            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50",
+            "-C", "warm_standby=false", env=cli_env)
     url = env.status(name)["url"]
     root = env.home / "deployments" / name
     try:
@@ -175,4 +176,4 @@ def test_stage_deployment_follows_a_ui_transition_then_drift_archives_that_versi
                  30, "an agent cycle after the rollback")
         assert _version(url) == "1" and _stages(client, "lcsd") == {"1": "Production", "2": "Archived"}
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+        delete_deployments(env, server.url, name)

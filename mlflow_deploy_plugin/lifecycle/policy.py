@@ -49,7 +49,8 @@ silently ignored is a gate that never runs.
         max_error_rate: 0.01      # how much higher the challenger's share of non-2xx answers may be
                                   # than the champion's over the same window, 0..1; null = not checked
         max_p99_latency_ms: 250   # p99 latency of the challenger's successful answers; null = not checked
-        require_no_drift: false   # the challenger's latest drift.status must not be "drifted"
+        require_no_drift: false   # the rows the challenger answered in its canary must not drift
+                                  #   (judged against its own reference; no verdict yet = wait)
     drift:
       consecutive_reports: 3      # act when the served version is "drifted" in K reports in a row
       action: tag                 # tag | rollback | archive
