@@ -222,7 +222,7 @@ def rollback(store: StateStore, name: str, to_version: str | None, reason: str, 
 
     from mlflow_deploy_plugin.errors import DeploymentError
 
-    _spec_or_exit(store, name)
+    spec = _spec_or_exit(store, name)
     controller = _controller_for(store, name, dry_run=dry_run)
     try:
         target = controller.rollback(reason=reason, actor=f"cli ({getpass.getuser()})", to_version=to_version)
@@ -230,7 +230,10 @@ def rollback(store: StateStore, name: str, to_version: str | None, reason: str, 
         raise click.ClickException(exc.message) from None
     if target is None:
         raise click.ClickException("Nothing to roll back to.")
-    click.echo(f"{'Would roll' if dry_run else 'Rolled'} {name} back to v{target}")
+    # `--to` a newer version than the one served rolls forward (recorded as such, see the controller).
+    forward = to_version is not None and target.isdigit() and spec.model.model_version.isdigit() \
+        and int(target) > int(spec.model.model_version)
+    click.echo(f"{'Would roll' if dry_run else 'Rolled'} {name} {'forward' if forward else 'back'} to v{target}")
 
 
 @cli.group()

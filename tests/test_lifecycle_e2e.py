@@ -420,7 +420,7 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         # Changed one's mind (the alarm was false): forward again to v2, the way the CLI offers it
         # (`rollback --to`). The alias moves with it, so following does not undo this either.
         out = _mlflow_deploy(env, server, "rollback", "manual", "--to", "2", "--reason", "false alarm: v2 is fine")
-        assert "Rolled manual back to v2" in out.stdout
+        assert "Rolled manual forward to v2" in out.stdout
         assert _version(url) == "2" and client.get_model_version_by_alias("lc", "champion").version == "2"
         forward_at = time.time()
         wait_for(lambda: (read_json(state_file) or {}).get("last_cycle_at", 0) > forward_at, 30,
@@ -428,10 +428,14 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         assert _version(url) == "2" and client.get_model_version_by_alias("lc", "champion").version == "2"
         story = _mlflow_deploy(env, server, "history", "manual").stdout
         assert "rolled back from v2 to v1: manual rollback" in story, story
-        assert "rolled back from v1 to v2: false alarm: v2 is fine" in story, story
+        assert "rolled forward from v1 to v2: false alarm: v2 is fine" in story, story
         events = read_history_file(env.home / "deployments/manual/history.jsonl")
-        assert [e["model"]["model_version"] for e in events if e["event"] == "rolled_back"] == ["2", "1"], events
-        assert all(e["actor"].startswith("cli") for e in events if e["event"] == "rolled_back")
+        assert [e["model"]["model_version"] for e in events if e["event"] == "rolled_back"] == ["2"], events
+        assert [e["model"]["model_version"] for e in events if e["event"] == "rolled_forward"] == ["1"], events
+        assert all(e["actor"].startswith("cli") for e in events if e["event"].startswith("rolled_"))
+        # v1 was left on a person's word, not found wanting: it is still where a rollback goes.
+        out = _mlflow_deploy(env, server, "rollback", "manual", "--dry-run")
+        assert "Would roll manual back to v1" in out.stdout, out.stdout + out.stderr
         # Both kept the deployment following the alias (which they moved), rather than pinning it.
         assert json.loads((env.home / "deployments/manual/deployment.json").read_text())["model"][
             "requested_uri"] == "models:/lc@champion"

@@ -389,11 +389,12 @@ class LifecycleController:
             if op.get("keep_reference"):
                 steps.append(("registry", f"move {roles_policy.role_uri('champion')} back to v{target}",
                               lambda: roles.demote(version, target, bool(op.get("archive")))))
-            tags = {"lifecycle.rolled_back": f"to v{target}", **({"lifecycle.archived": "true"}
-                                                                 if op.get("archive") else {})}
+            event = "rolled_forward" if op.get("forward") else "rolled_back"
+            tags = {f"lifecycle.{event}": f"to v{target}", **({"lifecycle.archived": "true"}
+                                                             if op.get("archive") else {})}
             steps += [
                 ("traffic", f"serve v{target} on {self.name}", switch(op["why"], model_uri=op["uri"])),
-                ("record", f"record the rollback of v{version}", audit("rolled_back", op["why"], tags)),
+                ("record", f"record the {event.replace('_', ' ')} of v{version}", audit(event, op["why"], tags)),
             ]
         elif kind == "undo_rollback":
             target = op["target"]
@@ -860,8 +861,13 @@ class LifecycleController:
         # following would undo the rollback at the next poll.
         keep_reference = policy is not None and model.is_floating
         uri = model.requested_uri if keep_reference else f"models:/{model.model_name}/{target}"
+        # A person sending the deployment to a newer version than it serves (`rollback --to`, after a
+        # false alarm) rolls forward: the version left was not found wanting, so it is not recorded
+        # as rolled back (which would keep it from ever being a rollback target again).
+        forward = to_version is not None and _newer(target, current)
         return {"target": target, "archive": archive, "keep_reference": keep_reference, "uri": uri,
-                "why": f"rolled back from v{current} to v{target}: {reason}",
+                "forward": forward,
+                "why": f"rolled {'forward' if forward else 'back'} from v{current} to v{target}: {reason}",
                 "policy": policy or Policy(model=model.model_name)}
 
     def _record_no_rollback(self, spec: DeploymentSpec, reason: str, actor: str,
@@ -894,6 +900,14 @@ class LifecycleController:
         for _step, what, action in self._steps(op, {}):
             self._act(what, action)
         return str(plan["target"])
+
+
+def _newer(version: str, than: str) -> bool:
+    """Whether registry version ``version`` was registered after ``than`` (versions are integers)."""
+    try:
+        return int(version) > int(than)
+    except ValueError:
+        return False
 
 
 def _counts_for_policy(run: Any, earlier_stint_end: float | None) -> bool:

@@ -47,7 +47,7 @@ USER_AGENT = "mlflow-deploy-notifier/1"
 # Events the issue asks to be announced, by kind: the README lists them, `notify_events` can pick.
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "deploy": ("created", "updated", "deleted", "create_failed", "update_failed"),
-    "lifecycle": ("challenger", "promoted", "rejected", "rolled_back", "rollback_failed", "canary_ended",
+    "lifecycle": ("challenger", "promoted", "rejected", "rolled_back", "rolled_forward", "rollback_failed", "canary_ended",
                   "gates_failed", "follow_failed", "op_abandoned", "step_failed", "policy_invalid"),
     "verdicts": ("drift_verdict", "drift_alert", "quality_verdict", "quality_alert", "shadow_verdict",
                  "drift_report_failed", "drift_window_skipped"),
