@@ -241,7 +241,13 @@ class SpoolConverter:
         if converter is None:
             config = _load_config(folder)
             if config is None:
-                _log.warning("Capture spool %s has no %s: its segments cannot be converted.", folder, CONFIG_NAME)
+                # Made by a version of the writer that did not store its settings: set aside under a
+                # dot-name (which every reader skips), never deleted, so its rows are not lost.
+                aside = folder.with_name(f".unconverted-{folder.name}")
+                _log.warning("Capture spool %s has no %s: its segments cannot be converted here; kept as %s.",
+                             folder, CONFIG_NAME, aside)
+                with contextlib.suppress(OSError):
+                    folder.rename(aside)
                 return None
             converter = self._converters[folder.name] = Converter(**config)
         return converter
