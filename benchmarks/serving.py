@@ -425,7 +425,7 @@ def start_ours(workers: int, extra_config: list[str], variant: str | None = None
     if create.returncode != 0:
         raise RuntimeError(f"mlflow deployments create failed: {log_path.read_text()[-2000:]}")
     got = subprocess.run([mlflow_bin(), "deployments", "get", "-t", "lifecycle", "--name", deployment],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+                         capture_output=True, text=True, timeout=STARTUP_DEADLINE_S, check=True).stdout
     status = read_status(deployment)
     url = status["url"]
     if url not in got:

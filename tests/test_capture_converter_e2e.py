@@ -3,6 +3,7 @@ after kill -9 with nothing captured lost, and `delete` converts what a killed st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -55,6 +56,34 @@ def _send(url: str, payload: dict, count: int, clients: int = 3) -> set[str]:
     return ids
 
 
+class Trickle:
+    """One request every 0.25 s in the background: the converter always has work (an idle one exits)."""
+
+    def __init__(self, url: str, payload: dict) -> None:
+        self.url, self.payload = url, payload
+        self.ids: set[str] = set()
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self.stop.wait(0.25):
+            response = session.post(f"{self.url}/invocations", json=self.payload, timeout=60)
+            if response.status_code == 200:
+                self.ids.add(response.headers["x-request-id"])
+            else:
+                self.failures.append(f"{response.status_code} {response.text[:200]}")
+
+    def __enter__(self) -> Trickle:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=120)
+
+
 def _spooled(spool: Path, ids: set[str]) -> bool:
     """Every id's record is in a spool file (the request ids travel as text in the records)."""
     data = b"".join(path.read_bytes() for path in spool.glob("*/*") if path.suffix in (".open", ".seg"))
@@ -77,28 +106,34 @@ def test_one_converter_per_deployment_healed_after_kill_and_delete_converts_the_
         url = env.status(name)["url"]
         first = _send(url, payload, 60)
         wait_for(lambda: _captured(capture) >= first, 120, "the first requests in Parquet")
-        # One converter for the deployment, whatever the number of workers; the workers start none.
-        converter = wait_for(lambda: env.status(name)["converter_pid"], 60, "the converter in status.json")
-        assert _converters(root) == [converter]
-        workers = set(env.status(name)["worker_pids"])
-        assert len(workers) == 2
-        parent = int(Path(f"/proc/{converter}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        assert parent == env.status(name)["pid"], "the converter is the supervisor's child, not a worker's"
+        with Trickle(url, payload) as trickle:
+            # One converter for the deployment, whatever the number of workers; the workers start none.
+            converter = wait_for(lambda: env.status(name)["converter_pid"], 60, "the converter in status.json")
+            assert _converters(root) == [converter]
+            assert len(env.status(name)["worker_pids"]) == 2
+            parent = int(Path(f"/proc/{converter}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert parent == env.status(name)["pid"], "the converter is the supervisor's child, not a worker's"
 
-        # kill -9 of the converter: serving goes on, a new one converts what waited, nothing is lost.
-        os.kill(converter, signal.SIGKILL)
-        second = _send(url, payload, 60)
+            # kill -9 of the converter: serving goes on, a new one converts what waited, nothing is lost.
+            os.kill(converter, signal.SIGKILL)
+            second = _send(url, payload, 60)
+            again = wait_for(lambda: (p := env.status(name)["converter_pid"]) != converter and p, 60,
+                             "a converter again")
+            assert _converters(root) == [again]
+        second |= trickle.ids
+        assert not trickle.failures, trickle.failures[:3]
         wait_for(lambda: _captured(capture) >= first | second, 120, "the requests answered meanwhile in Parquet")
-        again = wait_for(lambda: env.status(name)["converter_pid"], 60, "a converter again")
-        assert again != converter and _converters(root) == [again]
 
         # Everything killed at once with requests still in the spool (the converter stopped before
         # they were sent, so none is converted): no start comes, so `delete` converts them into the
-        # archive.
-        os.kill(again, signal.SIGSTOP)
+        # archive. The supervisor is stopped first, so that it starts no converter meanwhile.
+        stopped = [env.status(name)["pid"], *_converters(root)]
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):  # a converter may just have left, idle
+                os.kill(pid, signal.SIGSTOP)
         third = _send(url, payload, 30)
         wait_for(lambda: _spooled(spool, third), 60, "the last requests to reach the spool files")
-        victims = list(dict.fromkeys([again, *processes_under(root)]))
+        victims = processes_under(root)
         for pid in victims:
             os.kill(pid, signal.SIGSTOP)
         for pid in victims:
