@@ -300,6 +300,9 @@ def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = N
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Started with SIGTERM blocked (by its starter), so one sent during the imports waited for
+    # the handler: it is delivered now, and the last pass still happens.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if drain:
         converter.sweep(wait=True)
         return 0

@@ -121,6 +121,9 @@ class _OwnConverter:
             self.users.add(user)
             if self.popen is not None and self.popen.poll() is None:
                 return True
+            # Started with SIGTERM blocked (inherited through exec; it unblocks once its handler is
+            # in place): stopped while still importing, it still makes its last pass.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             try:
                 self.popen = subprocess.Popen(
                     [sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", self.spool_dir,
@@ -130,6 +133,8 @@ class _OwnConverter:
                 _log.warning("Capture: cannot start the converter process (%s); spooled requests wait, new "
                              "ones are dropped once the buffer is full.", exc)
                 return False
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return True
 
     def release(self, user: int, timeout_s: float) -> None:

@@ -105,6 +105,9 @@ class ConverterKeeper:
 
     def _start(self, env: dict[str, str], options: list[str]) -> None:
         self._started_at = time.monotonic()
+        # SIGTERM blocked through exec until the converter's handler is in place: stopped while
+        # still importing, it makes its last pass all the same.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log:
@@ -113,6 +116,8 @@ class ConverterKeeper:
         except OSError as exc:
             _logger.warning("Cannot start the capture converter: %s", exc)
             self.popen = None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop(self, env: Callable[[], dict[str, str]], timeout_s: float) -> None:
         """The last pass, once the workers are gone: everything left in the spool is converted
