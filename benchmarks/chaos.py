@@ -18,9 +18,11 @@ and ``--settle`` more seconds have passed. Printed per fault:
   the supervisor, until the old workers are gone too (a fresh generation has started and they
   drained), and, separately, until a new supervisor runs;
 - rows answered (200s) vs rows captured (those request ids found in the captured Parquet once the
-  writers have flushed): what a killed worker had buffered but not written is the difference.
+  writers have flushed, waited for up to 60 s): what a killed worker had buffered but not written
+  is the difference.
 
-Faults: ``worker`` / ``standby`` / ``agent`` / ``supervisor`` (``kill -9`` of one process),
+Faults: ``worker`` / ``standby`` / ``agent`` / ``supervisor`` / ``converter`` (``kill -9`` of one
+process; the converter is the deployment's capture converter, recovered once a new one runs),
 ``everything`` (``kill -9`` of every process of the deployment, then `mlflow-deploy up`),
 ``hung`` (a predict that never returns), ``poison`` (a request that segfaults its worker).
 
@@ -53,7 +55,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "examples"))
-FAULTS = ("worker", "standby", "agent", "supervisor", "everything", "hung", "poison")
+FAULTS = ("worker", "standby", "agent", "supervisor", "converter", "everything", "hung", "poison")
 HANG, CRASH = -1.0, -2.0  # tests/assets/poison_model.py
 
 
@@ -178,7 +180,10 @@ class Bench:
         if fault == "worker":
             replaced = {status["worker_pids"][0]}
             os.kill(status["worker_pids"][0], signal.SIGKILL)
-        elif fault in ("standby", "agent"):
+        elif fault in ("standby", "agent", "converter"):
+            if fault == "converter":  # runs while there is capture to convert: under traffic, soon
+                self.until(lambda: self.status(name).get("converter_pid"), "the capture converter")
+                status = self.status(name)
             victim = status[f"{fault}_pid"]
             os.kill(victim, signal.SIGKILL)
             extra = lambda s: s.get(f"{fault}_pid") not in (None, victim)  # noqa: E731
@@ -220,8 +225,11 @@ class Bench:
             thread.join(timeout=120)
         answered = {rid for rid, outcome in loop.outcomes if outcome == "200"}
         self.until(lambda: not any(is_worker(pid, root) for pid in replaced), "replaced workers to exit")
-        time.sleep(3.0)  # capture writers flush every 2 s
-        captured = self.captured(name, window_start - 120, answered)
+        # Capture writers roll a segment every 2 s; the converter writes it soon after.
+        deadline = time.monotonic() + 60
+        while (captured := self.captured(name, window_start - 120, answered)) < len(answered) \
+                and time.monotonic() < deadline:
+            time.sleep(1.0)
         failed = [outcome for _, outcome in loop.outcomes if outcome != "200"]
         return {"fault": fault, "sent": len(loop.outcomes), "failed": len(failed),
                 "failures": dict(sorted({o: failed.count(o) for o in set(failed)}.items())),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -44,6 +46,7 @@ _logger = logging.getLogger(__name__)
 _ACCEPTED_FLAVORS = {None, "", FLAVOR, "pyfunc"}
 LOCK_TIMEOUT_S = 120.0  # how long a change waits for another command on the same deployment
 UP_LOCK_TIMEOUT_S = 5.0  # `up` skips a deployment another command is busy with (the next run retries)
+SPOOL_CONVERT_TIMEOUT_S = 300.0  # delete converts what a stop left in the capture spool, within this
 # History events whose version must never be served again by an automatic rollback.
 BAD_EVENTS = ("rejected", "rolled_back", "follow_failed", "update_failed", "gates_failed")
 
@@ -417,8 +420,9 @@ class Deployments:
                                      f"-t lifecycle:/{spec.engine}.")
             timeout = (spec.config.timeout_s if spec else 60.0) + 15
             self.engine.stop(name, timeout)
+            left = self._convert_spool(name)
             self.store.append_history(name, "deleted", model=spec.model.to_dict() if spec else None,
-                                      reason="delete")
+                                      reason="delete", **({"capture_spool_kept": left} if left else {}))
             archive = self.store.archive(name)
         if spec is not None:
             untagged = self._untag(name, spec.tagged_versions())
@@ -426,6 +430,32 @@ class Deployments:
                 # Said where a user looks later: the archived history (`mlflow-deploy history`).
                 append_history_file(archive / "history.jsonl", "untag_failed", reason=untagged)
         return True
+
+    def _convert_spool(self, name: str) -> str | None:
+        """Convert what a stop left in the capture spool (a stop killed before its last pass): no
+        later start would. Returns why something is left (archived with the capture), if it is."""
+        spool = self.store.paths(name).capture / ".spool"
+        try:
+            waiting = [p.name for p in spool.iterdir() if not p.name.startswith(".")]
+        except OSError:
+            return None
+        if not waiting:
+            return None
+        _logger.info("Converting the capture spool of %s that its stop left (%d writer folders).", name, len(waiting))
+        try:
+            done = subprocess.run([sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", str(spool),
+                                   "--drain"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=SPOOL_CONVERT_TIMEOUT_S, check=False)
+            problem = done.stderr.strip()[-500:] if done.returncode else None
+        except subprocess.TimeoutExpired:
+            problem = f"not converted within {SPOOL_CONVERT_TIMEOUT_S:.0f}s"
+        with contextlib.suppress(OSError):
+            if not any(not p.name.startswith(".") for p in spool.iterdir()):
+                return None
+        reason = (f"capture spool not fully converted ({problem or 'see the converter log'}); it is kept in the "
+                  "archive, under capture/.spool")
+        _logger.warning("Deleting %s: %s", name, reason)
+        return reason
 
     def up(self, retry_failed: bool = False) -> list[dict[str, Any]]:
         """Bring every deployment back to running (after a reboot, after everything was killed).

@@ -417,3 +417,48 @@ def test_float_frames_take_the_raw_path_and_read_back_like_any_frame(tmp_path: P
     schema = pq.read_schema(parquet_files(root)[0])
     assert schema.field("_prediction_0").type == pa.float32()
     assert writer.written_requests == 4 and writer.written_rows == 7
+
+
+def test_one_external_converter_serves_every_writer_of_a_spool_and_its_last_pass_takes_the_rest(
+        tmp_path: Path) -> None:
+    """The local engine's way: writers start no converter (converter="external"); the supervisor's
+    keeper runs one for the whole spool, again after it is killed, and its last pass on stop
+    converts what writers that closed too early (or died) left."""
+    from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
+
+    root, spool = tmp_path / "capture", tmp_path / "spool"
+    keeper = ConverterKeeper(spool, tmp_path / "converter.log", idle_exit_s=60)
+    writers = [CaptureWriter(str(root), "dep", flush_interval_s=0.2, spool_dir=str(spool), converter="external")
+               for _ in range(2)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        for i, writer in enumerate(writers):
+            assert writer.record(request(f"w{i}-a", 1))
+
+        def converted(count: int) -> bool:
+            keeper.tend(lambda: env)
+            return sum(w.written_requests for w in writers) == count
+
+        wait_until(lambda: converted(2), 60, "the keeper's converter to convert both writers' segments")
+        assert [w.converter_pid for w in writers] == [None, None], "the writers start none"
+        first = keeper.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        for i, writer in enumerate(writers):
+            assert writer.record(request(f"w{i}-b", 1))
+        wait_until(lambda: converted(4), 60, "a new converter after the kill")
+        assert keeper.pid not in (None, first) and keeper.restarts == 1
+        os.kill(keeper.pid, signal.SIGSTOP)  # stalled: the writers cannot wait for their last rows
+        for i, writer in enumerate(writers):
+            assert writer.record(request(f"w{i}-c", 1))
+            writer.close(timeout_s=1)
+        os.kill(keeper.pid, signal.SIGCONT)
+        keeper.stop(lambda: env, 60)
+    finally:
+        for writer in writers:
+            writer.close(timeout_s=1)
+        if keeper.pid is not None:
+            keeper.popen.kill()  # type: ignore[union-attr]
+    assert keeper.pid is None
+    assert sorted(read_capture(str(root))["_request_id"]) == ["w0-a", "w0-b", "w0-c", "w1-a", "w1-b", "w1-c"]
+    assert not [p for p in spool.iterdir()], "the spool is empty after the last pass"

@@ -14,6 +14,7 @@ cut short by a crash ends in a torn record: reading stops there (the records bef
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import zlib
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from types import SimpleNamespace
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,24 +44,26 @@ _RAW_FRAME = 1  # float64 frame: (columns, n_rows, bytes)
 _RAW_ARRAY = 2  # numeric ndarray: (dtype str, shape, bytes)
 _PICKLED = 3  # anything else, pickled with the record
 _NONE = 0
-# Where spooled files live (the writer appends, the converter reads): a folder per writer with
-# a lock file the writer holds while it lives, segments being appended to, and complete ones.
+# Where spooled files live (writers append, the converter reads): a folder per writer with its
+# settings and a lock file the writer holds while it lives, segments being appended to, complete
+# ones, and the converter's answers. Also spelled out in engines/local/capture_keeper.py (the
+# supervisor cannot import this module): keep both the same.
 LOCK_NAME = "lock"
+CONFIG_NAME = "config.pickle"
 SEGMENT_SUFFIX = ".seg"
 OPEN_SUFFIX = ".open"  # being appended to; renamed to .seg once complete
+DONE_SUFFIX = ".done"  # the converter's answer for a segment it converted (JSON)
+
+
+def write_config(path: str, config: dict[str, Any]) -> None:
+    """Store a writer's settings for the converter (root, deployment, redaction), private."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
+
 
 # Values of these packages unpickle in the converter; anything else (a class of the model's own
 # code, say) travels as its text, which is also how Arrow would have stored it.
-CONFIG_HEAD = struct.Struct("<I")
-
-
-def write_config(stream: IO[bytes], config: dict[str, Any]) -> None:
-    """Send the converter process its settings (the first thing on its stdin)."""
-    blob = pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(CONFIG_HEAD.pack(len(blob)) + blob)
-    stream.flush()
-
-
 _PORTABLE_PACKAGES = frozenset({
     "builtins", "numpy", "pandas", "pyarrow", "datetime", "decimal", "fractions", "collections", "uuid",
     "zoneinfo", "pytz", "dateutil", "copyreg", "ipaddress", "_codecs",

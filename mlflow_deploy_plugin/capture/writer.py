@@ -7,6 +7,13 @@ list. A background thread of the serving process only appends those bytes to a s
 segment to the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet
 work. So encoding and writing Parquet never hold the GIL of the process that serves.
 
+Writer and converter talk through files only: the writer renames a complete segment ``.seg``; the
+converter writes its Parquet and answers in ``.done``, which the writer reads to count. One
+converter serves every writer of a spool folder: the local engine's supervisor keeps one per
+deployment (``converter="external"``: the workers' writers start none), elsewhere the writers of a
+process share one they start themselves (``converter="own"``), which exits when idle and is
+started again when a segment waits.
+
 What stays true, and is easy to check here: the request path never blocks on I/O or raises;
 what waits (in memory or in the spool, not yet in Parquet) is bounded in requests and bytes;
 every request accepted is either written or counted as dropped (with a reason); nothing accepted
@@ -26,6 +33,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,13 +44,15 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pandas as pd
 
 from mlflow_deploy_plugin.capture.arrow import AnsweredRequest
 from mlflow_deploy_plugin.capture.retention import prune_capture
 from mlflow_deploy_plugin.capture.spool import (
+    CONFIG_NAME,
+    DONE_SUFFIX,
     LOCK_NAME,
     OPEN_SUFFIX,
     SEGMENT_SUFFIX,
@@ -58,17 +68,89 @@ _WRITE_EVERY_S = 0.25
 _WRITE_BYTES = 1 << 20
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
+# How often the writer looks for the converter's answers while segments wait for one.
+_ANSWER_POLL_S = 0.1
+# A converter of our own (converter="own") exits after this long with nothing to convert.
+OWN_CONVERTER_IDLE_EXIT_S = 60.0
 # Writers to restart in a forked child (e.g. uvicorn workers forked after the app was built).
 _LIVE_WRITERS: weakref.WeakSet[CaptureWriter] = weakref.WeakSet()
 
 
 def _restart_writers_after_fork() -> None:
+    _OwnConverter.forget_after_fork()  # first: the writers restart with converters of the child's
     for writer in list(_LIVE_WRITERS):
         with contextlib.suppress(Exception):
             writer._after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_restart_writers_after_fork)
+
+
+class _OwnConverter:
+    """The converter process the writers of this process share for one spool folder (converter="own")."""
+
+    _by_spool: dict[str, _OwnConverter] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, spool_dir: str) -> None:
+        self.spool_dir = spool_dir
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.users: set[int] = set()
+
+    @classmethod
+    def of(cls, spool_dir: str) -> _OwnConverter:
+        with cls._lock:
+            own = cls._by_spool.get(spool_dir)
+            if own is None:
+                own = cls._by_spool[spool_dir] = cls(spool_dir)
+            return own
+
+    @classmethod
+    def forget_after_fork(cls) -> None:
+        cls._by_spool = {}  # the parent's processes: not ours to drive
+        cls._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        popen = self.popen
+        return popen.pid if popen is not None and popen.poll() is None else None
+
+    def ensure(self, user: int) -> bool:
+        """Running (started if not); False if it cannot be started."""
+        with self._lock:
+            self.users.add(user)
+            if self.popen is not None and self.popen.poll() is None:
+                return True
+            # Started with SIGTERM blocked (inherited through exec; it unblocks once its handler is
+            # in place): stopped while still importing, it still makes its last pass.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            try:
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", self.spool_dir,
+                     "--parent", str(os.getpid()), "--idle-exit", str(OWN_CONVERTER_IDLE_EXIT_S)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)
+            except OSError as exc:
+                _log.warning("Capture: cannot start the converter process (%s); spooled requests wait, new "
+                             "ones are dropped once the buffer is full.", exc)
+                return False
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            return True
+
+    def release(self, user: int, timeout_s: float) -> None:
+        """``user`` is done with it: the last one stops it (after its last pass)."""
+        with self._lock:
+            self.users.discard(user)
+            popen = self.popen if not self.users else None
+        if popen is None or popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(max(timeout_s, 0.5))
+        except subprocess.TimeoutExpired:
+            _log.warning("Capture: the converter process %d goes on with its last pass on its own.", popen.pid)
+
 
 DROP_BUFFER_FULL = "buffer_full"
 DROP_WRITE_ERROR = "write_error"
@@ -133,6 +215,7 @@ class CaptureWriter:
         rng_seed: int | None = None,
         redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
         spool_dir: str | None = None,
+        converter: str = "own",
     ) -> None:
         """Start the writer thread (the converter process starts with the first segment).
 
@@ -160,7 +243,12 @@ class CaptureWriter:
                 must pickle (a bound method of a :class:`.redaction.CaptureRedaction` does).
             spool_dir: Local folder for the spool (each writer uses a folder of its own inside);
                 default :func:`default_spool_dir`.
+            converter: ``"own"``: this process runs the spool's converter (started with the first
+                records, again whenever a segment waits and it is not running); ``"external"``:
+                someone else does (the local engine's supervisor, one per deployment).
         """
+        if converter not in ("own", "external"):
+            raise ValueError(f"converter must be 'own' or 'external', got {converter!r}.")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
         if max_buffer_requests < 1:
@@ -188,6 +276,7 @@ class CaptureWriter:
         self.retention_days = retention_days
         self.on_drop = on_drop
         self.spool_dir = spool_dir or default_spool_dir(root, deployment)
+        self.converter = converter
 
         self._rng_seed = rng_seed
         self._rng = random.Random(rng_seed)
@@ -229,7 +318,7 @@ class CaptureWriter:
         self._flush_done = 0
         self._warned: set[str] = set()
         self._folder: Path | None = None
-        self._converter: subprocess.Popen[bytes] | None = None
+        self._own = _OwnConverter.of(self.spool_dir) if self.converter == "own" else None
         self._converter_started_at = -math.inf
         self._close_deadline = math.inf
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.deployment}", daemon=True)
@@ -249,14 +338,6 @@ class CaptureWriter:
         if self._segment_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._segment_fd)
-        converter = self._converter
-        if converter is not None:
-            # Our copy of the parent's pipes: kept open, its converter would never see the end of
-            # its input when the parent closes. (Buffers are empty: every write is flushed.)
-            for pipe in (converter.stdin, converter.stdout):
-                with contextlib.suppress(Exception):
-                    if pipe is not None:
-                        pipe.close()
         self._start()
 
     # ---- hot path -------------------------------------------------------------------------------
@@ -375,9 +456,8 @@ class CaptureWriter:
 
     @property
     def converter_pid(self) -> int | None:
-        """The converter process's pid while it runs (for tools and tests)."""
-        converter = self._converter
-        return converter.pid if converter is not None and converter.poll() is None else None
+        """The pid of the converter this writer started while it runs (for tools and tests)."""
+        return self._own.pid if self._own is not None else None
 
     def __enter__(self) -> CaptureWriter:
         return self
@@ -390,6 +470,7 @@ class CaptureWriter:
     def _run(self) -> None:
         next_prune = time.monotonic() if self.retention_days else math.inf
         next_write = 0.0  # the first records are written at once, then every _WRITE_EVERY_S
+        next_answers = 0.0
         while True:
             try:
                 with self._lock:
@@ -402,8 +483,8 @@ class CaptureWriter:
                         due = next_write if self._chunks else math.inf
                         if self._segment_started_at is not None:
                             due = min(due, self._segment_started_at + self.flush_interval_s)
-                        if self._sent and self._converter is None:
-                            due = min(due, self._converter_started_at + _RESTART_PAUSE_S)
+                        if self._sent:  # answers to pick up
+                            due = min(due, next_answers)
                         if now >= due:
                             break
                         # Nothing to do until record(), flush() or close() signals: sleep without polling.
@@ -423,15 +504,17 @@ class CaptureWriter:
                     self._prune()
                 if chunks:
                     self._append(segment, chunks)
-                    if self._converter is None:
-                        # Started with the first records rather than with the writer: not during
-                        # the worker's own start, but with a head start on the first segment.
-                        self._start_converter()
+                    # Started with the first records rather than with the writer: not during the
+                    # worker's own start, but with a head start on the first segment.
+                    self._ensure_converter()
                 next_write = time.monotonic() + _WRITE_EVERY_S
                 if roll:
                     self._roll(segment)
-                if self._sent and self._converter is None:
-                    self._start_converter()
+                if self._sent and time.monotonic() >= next_answers:
+                    next_answers = time.monotonic() + _ANSWER_POLL_S
+                    self._collect_answers()
+                    if self._sent:
+                        self._ensure_converter()
                 with self._lock:
                     if roll:
                         self._flush_done = max(self._flush_done, flush_target)
@@ -451,6 +534,9 @@ class CaptureWriter:
             # converter ever sees this folder with its lock free while the writer lives.
             making = Path(self.spool_dir) / f".{name}"
             making.mkdir(parents=True)
+            write_config(str(making / CONFIG_NAME), {"root": self.root, "deployment": self.deployment,
+                                                      "redact": self.redact,
+                                                      "flush_interval_s": self.flush_interval_s})
             fd = os.open(making / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             # Held while this writer lives: a converter finding it free knows the folder is orphaned.
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -515,53 +601,40 @@ class CaptureWriter:
             return
         with self._lock:
             self._sent[os.path.basename(path)] = (segment.requests, segment.bytes)
-        self._send(path)
 
-    def _send(self, path: str) -> None:
-        if self._converter is None:
-            return  # started (and every waiting segment sent) by _start_converter
-        try:
-            assert self._converter.stdin is not None
-            self._converter.stdin.write(f"convert {path}\n".encode())
-            self._converter.stdin.flush()
-        except (OSError, ValueError):
-            pass  # it died: its reader thread sees the end, and the segment is sent again on restart
-
-    def _start_converter(self) -> None:
+    def _ensure_converter(self) -> None:
+        """A converter of our own runs while segments wait (none to start with converter="external")."""
+        if self._own is None or self._own.pid is not None:
+            return
         if time.monotonic() < self._converter_started_at + _RESTART_PAUSE_S:
             return
+        if self._converter_started_at > -math.inf and self._sent and not self._closed:
+            _log.warning("Capture for deployment %r: the converter process is not running; started again for "
+                         "the %d segments waiting.", self.deployment, len(self._sent))
         self._converter_started_at = time.monotonic()
-        folder = self._ensure_folder()
-        try:
-            converter = subprocess.Popen(
-                [sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", str(folder)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
-            assert converter.stdin is not None
-            write_config(converter.stdin, {"root": self.root, "deployment": self.deployment,
-                                           "redact": self.redact, "flush_interval_s": self.flush_interval_s})
-        except Exception as exc:
-            _log.warning("Capture for deployment %r: cannot start the converter process (%s); spooled "
-                         "requests wait, new ones are dropped once the buffer is full.", self.deployment, exc)
-            return
-        self._converter = converter
-        threading.Thread(target=self._read_answers, args=(converter,), name=f"capture-answers-{self.deployment}",
-                         daemon=True).start()
-        with self._lock:
-            waiting = sorted(self._sent)
-        for name in waiting:
-            self._send(str(folder / name))
+        self._own.ensure(id(self))
 
-    def _read_answers(self, converter: subprocess.Popen[bytes]) -> None:
-        """Count what the converter reports; runs until it exits."""
-        stdout: IO[bytes] | None = converter.stdout
-        assert stdout is not None
-        for line in stdout:
-            try:
-                answer = json.loads(line)
-            except ValueError:
+    def _collect_answers(self) -> None:
+        """Count what the converter answered (``.done`` files) for the segments handed to it."""
+        folder = self._folder
+        if folder is None:
+            return
+        try:
+            names = set(os.listdir(folder))
+        except OSError:
+            return
+        for segment in list(self._sent):
+            done = segment.rsplit(".", 1)[0] + DONE_SUFFIX
+            if done not in names:
                 continue
+            try:
+                with open(folder / done) as file:
+                    answer = json.load(file)
+                os.unlink(folder / done)
+            except (OSError, ValueError):
+                continue  # read again next time
             with self._lock:
-                requests, size = self._sent.pop(answer.get("segment", ""), (0, 0))
+                requests, size = self._sent.pop(segment, (0, 0))
                 if not requests:
                     continue
                 written = min(int(answer.get("written", 0)), requests)
@@ -578,37 +651,25 @@ class CaptureWriter:
                 self._drop(convert_error, DROP_CONVERT_ERROR)
             if write_error:
                 self._drop(write_error, DROP_WRITE_ERROR)
-        converter.wait()
-        with self._lock:
-            if self._converter is converter:
-                self._converter = None
-            self._wakeup.notify_all()
-        if converter.returncode and not self._closed:
-            _log.warning("Capture for deployment %r: the converter process exited with code %s; it is started "
-                         "again for the segments waiting.", self.deployment, converter.returncode)
 
     def _finish(self) -> None:
-        """On close: let the converter convert every segment and exit, within the close deadline."""
-        converter = self._converter
-        if converter is None and self._sent:
-            self._converter_started_at = -math.inf
-            self._start_converter()
-            converter = self._converter
-        if converter is not None:
-            with contextlib.suppress(OSError, ValueError):
-                assert converter.stdin is not None
-                converter.stdin.close()  # it converts what is left, removes the folder and exits
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                converter.wait(max(0.0, self._close_deadline - time.monotonic()))
-            with self._lock:
-                while self._converter is converter and time.monotonic() < self._close_deadline:
-                    self._wakeup.wait(0.1)
-        elif self._folder is not None:
+        """On close: wait (within the close deadline) for the converter to answer for every segment,
+        then remove the folder; what is still unanswered then is left to the converter, which
+        converts the folder of a writer that is gone (its lock free) and removes it."""
+        while self._sent and time.monotonic() < self._close_deadline:
+            self._ensure_converter()
+            self._collect_answers()
+            if self._sent:
+                time.sleep(_ANSWER_POLL_S)
+        if self._folder is not None and not self._sent:
             shutil.rmtree(self._folder, ignore_errors=True)
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
             self._lock_fd = None
+        if self._own is not None:
+            # The last writer stops it; its last pass takes what is left (this folder, now free).
+            self._own.release(id(self), self._close_deadline - time.monotonic())
 
     def _prune(self) -> None:
         if self.retention_days is None:  # no retention: _run never schedules a prune

@@ -92,13 +92,15 @@ def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture
 
 
 def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], capture_dir: str,
-                  capture_key: Path, token_sha256: str | None = None) -> Service:
+                  capture_key: Path, token_sha256: str | None = None, capture_converter: str = "own") -> Service:
     """Load ``spec``'s versions (each from ``model_dir(model)``) and build the app and capture.
 
     The bearer token is read from the environment variable ``auth_token_env`` names (local workers
     inherit it from the supervisor), or given as its SHA-256 hex digest (``token_sha256``: Ray
     replicas, which never see the token itself). A version that cannot load or fails its smoke test
-    raises: the engine marks the replica failed.
+    raises: the engine marks the replica failed. ``capture_converter``: ``"external"`` when the
+    engine runs the capture converter itself (the local supervisor: one per deployment), else
+    each replica's writers start their own.
     """
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
@@ -162,12 +164,13 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             redact=redaction.apply if redaction else None,
             # Local even when capture_uri is remote: the request path appends to it.
             spool_dir=os.path.join(capture_dir, ".spool"),
+            converter=capture_converter,
         )
     on_answer: Callable[[Any], object] | None = capture.record if capture is not None else None
     mirror = None
     if shadow_slot is not None and capture is not None:
         primary_record = capture.record
-        capture, mirror = _shadowed(spec, shadow_slot, capture, metrics, redaction)
+        capture, mirror = _shadowed(spec, shadow_slot, capture, metrics, redaction, capture_converter)
         submit = mirror.submit
 
         def mirrored(answer: Any) -> None:
@@ -186,7 +189,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
 
 
 def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
-              redaction: Any) -> tuple[ShadowedCapture, Any]:
+              redaction: Any, capture_converter: str = "own") -> tuple[ShadowedCapture, Any]:
     """The mirror feeding ``slot`` copies of answered requests, and the capture that holds both roles."""
     from mlflow_deploy_plugin.capture import CaptureWriter
     from mlflow_deploy_plugin.serving.shadow import ShadowMirror
@@ -200,7 +203,7 @@ def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
                            redact=redaction.apply if redaction else None,
                            # The primary's spool folder (in the deployment's private folder, local even
                            # with a remote capture_uri), not the default under the temp dir.
-                           spool_dir=capture.spool_dir)
+                           spool_dir=capture.spool_dir, converter=capture_converter)
     latency = metrics.shadow_latency.labels(spec.name, version)
     outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
                 for outcome in ("ok", "error", "timeout")}

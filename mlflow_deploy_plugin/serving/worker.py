@@ -319,7 +319,9 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
 
     spec = worker_spec.spec
     config = spec.config
-    service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key)
+    # The supervisor runs the deployment's one capture converter (engines/local/capture_keeper.py).
+    service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key,
+                            capture_converter="external")
     app, state, slots, capture = service.app, service.state, service.slots, service.capture
     supervision = supervision or Supervision()
     if supervision.liveness is not None:

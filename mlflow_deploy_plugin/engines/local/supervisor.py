@@ -15,7 +15,8 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
   event loop went silent (liveness, separate from readiness), and kills a draining worker that has
   not exited ``timeout_s`` + 5 s after being asked: an update never leaves an old worker behind;
 - takes requests (update, stop) from the CLI through its mailbox (``mailbox.py``);
-- keeps the deployment's background agent running while the spec needs one;
+- keeps the deployment's background agent running while the spec needs one, and one capture
+  converter while the capture spool has work (``capture_keeper.py``);
 - rotates the logs of the deployment (size-bounded) and removes dead workers' live metrics;
 - is the only writer of ``status.json``.
 
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
+from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
 from mlflow_deploy_plugin.engines.local.liveness import HUNG_GRACE_S, Liveness, liveness_dir, read_liveness
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
 from mlflow_deploy_plugin.engines.local.processes import (
@@ -319,6 +321,8 @@ class Supervisor:
         self.answer_when_drained: tuple[str, list[Worker], float] | None = None
         self.standby: Worker | None = None
         self.standby_sock: socket.socket | None = None
+        # The workers' capture writers spool (capture/.spool, see serving/service.py); this converts.
+        self.converter = ConverterKeeper(paths.capture / ".spool", paths.logs / "capture-converter.log")
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -632,9 +636,10 @@ class Supervisor:
         self._tend_orphans()
         self._kill_overdue()
         self._refresh_state()
-        if self.ever_ready:
+        if self.ever_ready:  # not before: the converter's imports would slow the cold start
             self._keep_agent()
             self._keep_standby()
+            self.converter.tend(lambda: self._child_env(None))
         if time.monotonic() >= self._next_log_check:
             self._next_log_check = time.monotonic() + LOG_CHECK_S
             rotate_logs(self.paths.logs)
@@ -868,6 +873,7 @@ class Supervisor:
             "updating": self.pending is not None,
             "standby_pid": self.standby.pid if self.standby is not None else None,
             "agent_pid": self.agent.pid if self.agent is not None and self.agent.poll() is None else None,
+            "converter_pid": self.converter.pid,
             # Pending, draining and hung workers, and a previous supervisor's: every process a
             # successor (or a test's clean-up) must find.
             "other_pids": others,
@@ -907,6 +913,7 @@ class Supervisor:
                     or any(is_worker(pid, self.paths.root) for pid in self.orphans))
 
         while anyone_left() and time.monotonic() < deadline:
+            self.converter.tend(lambda: self._child_env(None))  # the writers wait for their last segments
             time.sleep(TICK_S)
         for worker in everyone:
             if worker.popen.poll() is None:
@@ -919,6 +926,8 @@ class Supervisor:
             forget_worker_metrics(self.paths.metrics, pid)
         self.orphans.clear()
         self.workers.clear()
+        # Nothing writes to the spool now: a last pass converts what every writer left.
+        self.converter.stop(lambda: self._child_env(None), grace)
         if self.agent is not None:
             try:
                 self.agent.wait(timeout=30)
