@@ -39,6 +39,7 @@ from mlflow_deploy_plugin.serving.batching import (
     batching_default,
 )
 from mlflow_deploy_plugin.serving.decode_limits import DEFAULT_MAX_CELLS, DEFAULT_MAX_ROWS, DecodeLimits
+from mlflow_deploy_plugin.serving.docs import add_docs
 from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.serving.middleware import AuthMiddleware, DrainMiddleware
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
@@ -247,9 +248,11 @@ def build_app(
         executor.shutdown(wait=True)
         parse_executor.shutdown(wait=True)
 
-    # /openapi.json and /docs describe every route (V2 included) for schema-driven tools and fuzzers.
-    app = FastAPI(title=f"mlflow-deploy: {deployment}", version=__version__, docs_url="/docs", redoc_url=None,
+    # /openapi.json and /docs describe every route (V2 included) for schema-driven tools and fuzzers;
+    # /docs is ours (add_docs): FastAPI's loads Swagger UI from a CDN.
+    app = FastAPI(title=f"mlflow-deploy: {deployment}", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", lifespan=lifespan)
+    add_docs(app)
     app.state.service = state
 
     @app.exception_handler(StarletteHTTPException)
