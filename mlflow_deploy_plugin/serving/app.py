@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 
 from mlflow_deploy_plugin import __version__
-from mlflow_deploy_plugin.serving import v2
+from mlflow_deploy_plugin.serving import openapi_bodies, v2
 from mlflow_deploy_plugin.serving.batching import (
     DEFAULT_MAX_QUEUE,
     BatchingPredictor,
@@ -374,5 +374,6 @@ def build_app(
 
     if add_routes is not None:
         add_routes(app, lambda request: _read_body(request, settings.max_body_bytes))
+    openapi_bodies.describe(app, primary.slot.input_schema)
     # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
     return DrainMiddleware(AuthMiddleware(app, settings.auth_token, token_sha256=settings.auth_token_sha256), state)

@@ -351,6 +351,26 @@ def test_openapi_lists_every_route(served: Served) -> None:
     assert served.client.get("/docs").status_code == 200
 
 
+def test_openapi_describes_prediction_bodies(served: Served) -> None:
+    """The raw-body routes still tell schema-driven tools what to send: every POST has a request body,
+    and the example given for /invocations is one the deployment answers."""
+    spec = served.client.get("/openapi.json").json()
+    posts = {path: methods["post"] for path, methods in spec["paths"].items() if "post" in methods}
+    assert set(posts) == {"/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
+    for path, operation in posts.items():
+        assert operation["requestBody"]["required"] is True and operation["responses"]["400"], path
+    invocations = posts["/invocations"]["requestBody"]["content"]
+    assert set(invocations) == {JSON, "text/csv", "application/vnd.apache.parquet"}
+    assert [f["title"] for f in invocations[JSON]["schema"]["oneOf"]] == [
+        "dataframe_split", "dataframe_records", "instances", "inputs", "LLM-style"]
+    example = invocations[JSON]["example"]
+    assert example["dataframe_split"]["columns"] == list(ROWS.columns)
+    assert served.client.post("/invocations", json=example).status_code == 200
+    infer = posts["/v2/models/{name}/infer"]
+    assert set(infer["requestBody"]["content"]) == {JSON, "application/octet-stream"}
+    assert [p["name"] for p in infer["parameters"] if p["in"] == "header"] == ["Inference-Header-Content-Length"]
+
+
 def test_docs_page_needs_no_other_host(served: Served) -> None:
     """/docs works on a closed network: every file it loads comes from the deployment itself."""
     page = served.client.get("/docs")
