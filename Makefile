@@ -4,13 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-pg lint bench-serving bench-drift bench-drift-quality bench-quality bench-follow bench-chaos clean
+.PHONY: demo test test-fast test-pg kserve-venv lint bench-serving bench-drift bench-drift-quality bench-quality bench-follow bench-chaos clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# The KServe Python SDK, for its V2 REST client test (tests/test_v2_clients.py), in a venv of its own:
+# it pins pandas<3 and protobuf<7 and pulls kubernetes and grpcio, which our venv must not get.
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
+
+$(KSERVE_STAMP): tests/kserve/requirements.txt
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q -r tests/kserve/requirements.txt
+	touch $(KSERVE_STAMP)
+
+kserve-venv: $(KSERVE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)
@@ -29,7 +41,7 @@ XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder --durations=30
 # PostgreSQL, when its binaries are missing, except under CI=true. Exit status 5 = PYTEST_ARGS selected none.
 PG_PASS = $(PYTEST) $(XDIST) --store postgresql -m store $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-test: lint
+test: lint $(KSERVE_STAMP)
 	$(PYTEST) $(XDIST) $(PYTEST_ARGS)
 	$(PG_PASS)
 
@@ -62,4 +74,4 @@ bench-chaos: $(STAMP)
 	$(BIN)/python benchmarks/chaos.py $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) $(KSERVE_VENV) demo-output

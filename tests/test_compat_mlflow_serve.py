@@ -7,9 +7,11 @@ reason, and asserted exactly (both sides), so a change on either side shows up h
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,11 +20,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import requests
 from conftest import Env, Registry, free_port, split_payload
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 from train import load_data
 
 JSON = "application/json"
@@ -159,32 +166,44 @@ def _bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def mlflow_serve(env: Env, registry: Registry) -> Iterator[str]:
-    """The real `mlflow models serve` of the same model version, on its own port."""
+# Bound for a server to come up: seconds when idle, but the kinds' servers start together on two busy cores.
+START_S = 240
+
+
+def _start_serve(env: Env, model_uri: str) -> tuple[subprocess.Popen, str, Path]:
+    """Start the real `mlflow models serve` of ``model_uri`` on a port of its own (not waiting for it)."""
     port = free_port()
     log_path = env.root / f"mlflow-models-serve-{port}.log"
     # `mlflow models serve` execs `uvicorn` from PATH: put the venv's bin first.
     environ = env.environ(PATH=f"{_bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [str(_bin_dir() / "mlflow"), "models", "serve", "-m", f"models:/{registry.model}/1",
+            [str(_bin_dir() / "mlflow"), "models", "serve", "-m", model_uri,
              "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
             env=environ, cwd=env.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log_path
+
+
+def _wait_serve(proc: subprocess.Popen, url: str, log_path: Path, deadline: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"mlflow models serve not up after {START_S}s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def mlflow_serve(env: Env, registry: Registry) -> Iterator[str]:
+    """The real `mlflow models serve` of the same model version, on its own port."""
+    proc, url, log_path = _start_serve(env, f"models:/{registry.model}/1")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow models serve not up after 90s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+        _wait_serve(proc, url, log_path, time.monotonic() + START_S)
         yield url
     finally:
         _stop(proc)
@@ -272,3 +291,243 @@ def test_same_request_same_answer(case_id: str, mlflow_serve: str, shared_deploy
         classification = ("error_code", "error_class", "sqlstate")
         assert ({key: ours.json().get(key) for key in classification}
                 == {key: theirs.json().get(key) for key in classification}), (theirs.text[:300], ours.text[:300])
+
+
+# -- More model kinds, as MLflow's own scoring-server tests use them ---------------------------------
+# Each kind is one registered model (tests/assets/<kind>_model.py), served by `mlflow models serve` and
+# by a deployment, all started together. Answers must be identical: every 200 body byte for byte as
+# JSON, every error with the same status, error_code, error_class and sqlstate. The one intentional
+# difference for these kinds is the error text: MLflow quotes the input ("Failed to predict data
+# '<the whole frame>'"), ours never does (asserted in test_kind_same_request_same_answer).
+
+def _typed_frame() -> pd.DataFrame:
+    """MLflow's all-types test frame (one column of each MLflow type); its string column is `prompt`."""
+    return pd.DataFrame({
+        "boolean": [True, False, True],
+        "integer": np.array([1, 2, 3], np.int32),
+        "long": np.array([1, 2, 3], np.int64),
+        "float": np.array([math.pi, 2 * math.pi, 3 * math.pi], np.float32),
+        "double": [math.pi, 2 * math.pi, 3 * math.pi],
+        "binary": [b"\x01\x02\x03", b"\x04\x05\x06", b"\x07\x08\x09"],
+        "datetime": pd.to_datetime(["2021-01-01 00:00:00", "2021-02-02 00:00:00", "2021-03-03 12:00:00"]),
+        "prompt": ["a", "b", "c"],
+    })
+
+
+TYPED_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(type_, name) for name, type_ in (
+        ("boolean", "boolean"), ("integer", "integer"), ("long", "long"), ("float", "float"), ("double", "double"),
+        ("binary", "binary"), ("datetime", "datetime"), ("prompt", "string"))]),
+    params=ParamSchema([ParamSpec("output", DataType.string, "dtypes"), ParamSpec("scale", DataType.double, 1.0),
+                        ParamSpec("as_of", DataType.datetime, np.datetime64("2023-07-01"))]))
+# MLflow's Keras test model: two named (-1, 2) tensors.
+TENSOR_SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float64"), (-1, 2), "a"),
+                                                 TensorSpec(np.dtype("float64"), (-1, 2), "b")]))
+
+
+def _typed_wire() -> pd.DataFrame:
+    """The frame as JSON clients send it: bytes in base64, datetimes in ISO 8601 (the schema parses both)."""
+    frame = _typed_frame()
+    return frame.assign(binary=[base64.b64encode(value).decode() for value in frame["binary"]],
+                        datetime=[stamp.isoformat() for stamp in frame["datetime"]])
+
+
+def _typed_cases() -> dict[str, Case]:
+    frame, wire = _typed_frame(), _typed_wire()
+    split = {"dataframe_split": {"columns": list(wire.columns), "data": wire.to_numpy().tolist()}}
+    reversed_columns = wire[list(reversed(wire.columns))]
+    records = wire.to_dict(orient="records")
+    parquet = io.BytesIO()
+    frame.to_parquet(parquet, index=False)
+    cases = {
+        # The same frame in every shape: the answer is the dtypes the model received (MLflow's own check).
+        "split": Case(JSON, json.dumps(split)),
+        "split_columns_reordered": Case(JSON, json.dumps({"dataframe_split": {
+            "columns": list(reversed_columns.columns), "data": reversed_columns.to_numpy().tolist()}})),
+        "records": Case(JSON, json.dumps({"dataframe_records": records})),
+        "instances": Case(JSON, json.dumps({"instances": records})),
+        "inputs": Case(JSON, json.dumps({"inputs": wire.to_dict(orient="list")})),
+        "parquet": Case(PARQUET, parquet.getvalue()),
+        "csv_with_datetime": Case(CSV, wire.to_csv(index=False)),  # both: pandas cannot read datetimes so
+        # Params: every output kind a scoring server must serialize, and MLflow's param checks.
+        **{f"output_{kind}": Case(JSON, json.dumps({**split, "params": {"output": kind, "scale": 2.5,
+                                                                         "as_of": "2024-02-29T12:00:00"}}))
+           for kind in ("dtypes", "labels", "series", "dict", "frame", "matrix", "scalar")},
+        "param_not_in_schema": Case(JSON, json.dumps({**split, "params": {"temperature": 0.2, "output": "labels"}})),
+        "param_wrong_type": Case(JSON, json.dumps({**split, "params": {"scale": "big"}})),
+        "param_bad_datetime": Case(JSON, json.dumps({**split, "params": {"as_of": "not a date"}})),
+        "model_raises": Case(JSON, json.dumps({**split, "params": {"output": "no such output"}})),
+        # Schema enforcement.
+        "missing_column": Case(JSON, json.dumps({"dataframe_records": [
+            {key: value for key, value in record.items() if key != "double"} for record in records]})),
+        "wrong_type": Case(JSON, json.dumps({"dataframe_records": [{**record, "long": "many"} for record in records]})),
+        # LLM-style bodies (no format key): MLflow's unified LLM input, not parsed by the schema.
+        "llm_style_columns": Case(JSON, json.dumps({**wire.to_dict(orient="list"), "output": "labels"})),
+        "llm_style_messages": Case(JSON, json.dumps({"messages": [{"role": "user", "content": "hi"}]})),
+    }
+    return cases
+
+
+def _tensor_cases() -> dict[str, Case]:
+    a = [[1.0, 2.0], [3.0, 4.0], [5.5, -1.0]]
+    b = [[0.5, 0.5], [1.0, 2.0], [-2.0, 3.0]]
+    return {
+        "inputs_named": Case(JSON, json.dumps({"inputs": {"a": a, "b": b}})),
+        "instances_named": Case(JSON, json.dumps({"instances": [{"a": x, "b": y} for x, y in zip(a, b, strict=True)]})),
+        "inputs_integers": Case(JSON, json.dumps({"inputs": {"a": [[1, 2], [3, 4]], "b": [[5, 6], [7, 8]]}})),
+        "split_of_tensors": Case(JSON, json.dumps({"dataframe_split": {
+            "columns": ["a", "b"], "data": [[x, y] for x, y in zip(a, b, strict=True)]}})),
+        "params_without_schema": Case(JSON, json.dumps({"inputs": {"a": a, "b": b}, "params": {"k": 1}})),
+        "wrong_shape": Case(JSON, json.dumps({"inputs": {"a": [[1.0, 2.0, 3.0]], "b": [[1.0, 2.0, 3.0]]}})),
+        "missing_tensor": Case(JSON, json.dumps({"inputs": {"a": a}})),
+        "ragged": Case(JSON, json.dumps({"inputs": {"a": [[1.0], [2.0, 3.0]], "b": b[:2]}})),
+        "strings": Case(JSON, json.dumps({"inputs": {"a": [["x", "y"]], "b": [["z", "w"]]}})),
+        "unnamed_tensor": Case(JSON, json.dumps({"inputs": a})),
+        "csv": Case(CSV, "a,b\n1,2\n"),  # no CSV for tensors: a 400 on both (ours was a 500)
+    }
+
+
+def _chat_cases() -> dict[str, Case]:
+    messages = [{"role": "system", "content": "be loud"}, {"role": "user", "content": "hello there general kenobi"}]
+    return {
+        # Unified LLM input: answered without the "predictions" wrapper.
+        "chat": Case(JSON, json.dumps({"messages": messages})),
+        "chat_with_params": Case(JSON, json.dumps({"messages": messages, "max_tokens": 2, "temperature": 0.1})),
+        "chat_beside_format_key": Case(JSON, json.dumps({"messages": messages, "inputs": [1]})),
+        # The scoring formats: wrapped in "predictions".
+        "split": Case(JSON, json.dumps({"dataframe_split": {"columns": ["messages"], "data": [[messages]]}})),
+        "records_with_params": Case(JSON, json.dumps({"dataframe_records": [{"messages": messages, "max_tokens": 3}]})),
+        "inputs_wrong_nesting": Case(JSON, json.dumps({"inputs": {"messages": [messages]}})),
+        "message_without_role": Case(JSON, json.dumps({"messages": [{"content": "no role"}]})),
+        "param_wrong_type": Case(JSON, json.dumps({"messages": messages, "max_tokens": "many"})),
+        "no_messages": Case(JSON, json.dumps({"messages": []})),
+        "completions_style": Case(JSON, json.dumps({"prompt": "hello"})),
+        "embeddings_style": Case(JSON, json.dumps({"input": ["hello"]})),
+    }
+
+
+@dataclass(frozen=True)
+class Kind:
+    source: str  # a models-from-code file in tests/assets
+    signature: ModelSignature | None  # None: the model sets its own (ChatModel)
+    cases: dict[str, Case]
+
+
+KINDS = {
+    "typed": Kind("typed_model.py", TYPED_SIGNATURE, _typed_cases()),
+    "tensor": Kind("tensor_model.py", TENSOR_SIGNATURE, _tensor_cases()),
+    "chat": Kind("chat_model.py", None, _chat_cases()),
+}
+KIND_CASES = [f"{kind}/{case_id}" for kind, spec in KINDS.items() for case_id in spec.cases]
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class Pair:
+    theirs: str
+    ours: str
+    model_uri: str
+
+
+@pytest.fixture(scope="module")
+def kind_servers(env: Env) -> Iterator[dict[str, Pair]]:
+    """Per kind: a registered version, its `mlflow models serve` and a deployment of it, all started at once."""
+    suffix = str(int(time.time() * 1000))[-8:]  # unique names on a shared PostgreSQL store
+    uris = {}
+    for kind, spec in KINDS.items():
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(ASSETS / spec.source), signature=spec.signature,
+                                           registered_model_name=f"compat_{kind}_{suffix}", pip_requirements=["pandas"])
+        uris[kind] = f"models:/compat_{kind}_{suffix}/{info.registered_model_version}"
+    serves: dict[str, tuple[subprocess.Popen, str, Path]] = {}
+    creates: dict[str, tuple[subprocess.Popen, Path]] = {}
+    try:
+        for kind, uri in uris.items():
+            serves[kind] = _start_serve(env, uri)
+            log_path = env.root / f"create-compat-{kind}-{suffix}.log"
+            with open(log_path, "wb") as log:
+                creates[kind] = (subprocess.Popen(
+                    [str(_bin_dir() / "mlflow"), "deployments", "create", "-t", "lifecycle", "--name",
+                     f"compat-{kind}", "-m", uri], env=env.environ(), cwd=env.root, stdout=log,
+                    stderr=subprocess.STDOUT), log_path)
+        deadline = time.monotonic() + START_S
+        for kind, (proc, log_path) in creates.items():
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            assert code == 0, f"create compat-{kind} failed ({code}):\n{log_path.read_text()[-3000:]}"
+        for proc, url, log_path in serves.values():
+            _wait_serve(proc, url, log_path, deadline)
+        yield {kind: Pair(serves[kind][1], env.status(f"compat-{kind}")["url"], uris[kind]) for kind in KINDS}
+    finally:
+        for proc, _, _ in serves.values():
+            _stop(proc)
+        deletes = []
+        for kind, (proc, _) in creates.items():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            deletes.append(subprocess.Popen(  # all at once, as they were created
+                [str(_bin_dir() / "mlflow"), "deployments", "delete", "-t", "lifecycle", "--name", f"compat-{kind}"],
+                env=env.environ(), cwd=env.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for proc in deletes:
+            proc.wait(timeout=START_S)
+
+
+@pytest.mark.parametrize("kind_case", KIND_CASES)
+def test_kind_same_request_same_answer(kind_case: str, kind_servers: dict[str, Pair]) -> None:
+    kind, case_id = kind_case.split("/")
+    case, pair = KINDS[kind].cases[case_id], kind_servers[kind]
+    theirs, ours = _send(pair.theirs, case), _send(pair.ours, case)
+    assert ours.status_code == theirs.status_code, (
+        f"status differs: theirs {theirs.status_code} {theirs.text[:300]!r}, ours {ours.status_code} "
+        f"{ours.text[:300]!r}")
+    assert theirs.headers["content-type"].startswith(JSON) and ours.headers["content-type"].startswith(JSON)
+    if theirs.status_code == 200:
+        assert ours.json() == theirs.json()
+        return
+    _check_our_error_shape(ours)
+    classification = ("error_code", "error_class", "sqlstate")
+    assert ({key: ours.json().get(key) for key in classification}
+            == {key: theirs.json().get(key) for key in classification}), (theirs.text[:300], ours.text[:300])
+    if "Failed to predict data '" in theirs.json()["message"]:  # the intentional difference: no echo
+        assert "Failed to predict data" not in ours.json()["message"], ours.text[:300]
+
+
+def test_kind_answers_are_the_models(kind_servers: dict[str, Pair]) -> None:
+    """The compared answers are real predictions, not two equal errors: a few checked against the model."""
+    typed = json.loads(KINDS["typed"].cases["split"].body or "")
+    answer = requests.post(f"{kind_servers['typed'].ours}/invocations", json=typed, timeout=60).json()
+    # MLflow's own check: the model got every column in its schema's dtype (strings and bytes as object).
+    assert answer == {"predictions": [[name, str(dtype)] for name, dtype in _typed_frame().dtypes.items()]}
+    chat = requests.post(f"{kind_servers['chat'].ours}/invocations", data=KINDS["chat"].cases["chat"].body,
+                         headers={"Content-Type": JSON}, timeout=60).json()
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "HELLO THERE GENERAL KENOBI"}
+    tensor = requests.post(f"{kind_servers['tensor'].ours}/invocations",
+                           data=KINDS["tensor"].cases["inputs_named"].body, headers={"Content-Type": JSON}, timeout=60)
+    assert tensor.json() == {"predictions": [[3.0, 1.5], [7.0, 11.0], [4.5, -14.0]]}
+
+
+def test_mlflow_scoring_client_reads_ours_as_theirs(mlflow_serve: str, shared_deployment: dict,
+                                                    kind_servers: dict[str, Pair]) -> None:
+    """MLflow's own client (`ScoringServerClient`, what MLflow's tests drive `mlflow models serve` with)
+    gets the same answers from a deployment: readiness, version, and predictions with and without params.
+    (Not tensors: its `dump_input_data` cannot send a dict of arrays, to either server.)"""
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    def client(url: str) -> ScoringServerClient:
+        parts = urlparse(url)
+        return ScoringServerClient(parts.hostname, parts.port)
+
+    calls = [
+        (mlflow_serve, shared_deployment["url"], ROWS, None),
+        (kind_servers["typed"].theirs, kind_servers["typed"].ours, _typed_wire(), {"output": "frame", "scale": 2.0}),
+    ]
+    for theirs_url, ours_url, data, params in calls:
+        theirs, ours = client(theirs_url), client(ours_url)
+        ours.wait_server_ready(timeout=30)
+        assert ours.get_version() == theirs.get_version() == mlflow.__version__
+        expected = theirs.invoke(data, params)
+        assert ours.invoke(data, params) == expected and expected["predictions"], (theirs_url, ours_url)

@@ -1,4 +1,5 @@
-"""Real Open Inference Protocol (V2) clients against a real deployment: Triton's `tritonclient.http`.
+"""Real Open Inference Protocol (V2) clients against a real deployment: Triton's `tritonclient.http`,
+and the KServe Python SDK's REST client (in its own venv, .venv-kserve: `make kserve-venv`).
 
 Clients of MLServer, KServe and Triton switch to a deployment by changing the URL: the same calls,
 JSON and binary tensors, get the predictions `/invocations` gives for the same rows.
@@ -6,7 +7,11 @@ JSON and binary tensors, get the predictions `/invocations` gives for the same r
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -17,6 +22,11 @@ tritonhttp = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402  (after the importorskip)
 
 OUTPUT = "output-1"  # the name of a model's single unnamed output, as MLServer names it
+KSERVE_DIR = Path(__file__).parent / "kserve"
+# The KServe SDK pins pandas<3 and protobuf<7 and pulls kubernetes and grpcio: it lives in a venv of
+# its own, which `make kserve-venv` (a prerequisite of `make test`) creates.
+KSERVE_PYTHON = Path(os.environ.get("MLFLOW_TEST_KSERVE_PYTHON")
+                     or Path(__file__).resolve().parents[1] / ".venv-kserve" / "bin" / "python")
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +103,40 @@ def test_errors_reach_the_client_as_v2_errors(client, registry: Registry, rows) 
     with pytest.raises(InferenceServerException) as too_big:
         client.infer(registry.model, [tensor])
     assert too_big.value.status() == "413" and "max_body_mb" in too_big.value.message()
+
+
+@pytest.fixture(scope="session")  # session: asked first, it skips before the deployment is made
+def kserve_python() -> Path:
+    """The python of the KServe SDK's venv; skip without it, except under CI=true (`make test` makes it)."""
+    if KSERVE_PYTHON.exists():
+        return KSERVE_PYTHON
+    message = (f"the KServe SDK's venv is missing ({KSERVE_PYTHON}): `make kserve-venv` creates it "
+               "(or point MLFLOW_TEST_KSERVE_PYTHON at a python that has tests/kserve/requirements.txt)")
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI=true, but {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def test_kserve_rest_client_answers_as_invocations(kserve_python: Path, registry: Registry,
+                                                   shared_deployment: dict, rows, expected: list) -> None:
+    """KServe's `InferenceRESTClient` (health, readiness, infer with JSON, binary and mixed tensors, a
+    pinned version, an error) and its V2 data models (metadata), run by the SDK's own venv."""
+    request = {"url": shared_deployment["url"], "model": registry.model, "columns": list(rows.columns),
+               "rows": rows.to_numpy(dtype=np.float64).tolist()}
+    proc = subprocess.run([str(kserve_python), str(KSERVE_DIR / "client.py")], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"KServe client failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    answers = json.loads(proc.stdout)
+    assert (answers["live"], answers["ready"], answers["model_ready"]) == (True, True, True)
+    assert answers["unknown_model_ready"] is False
+    for call in ("json", "binary_pinned", "columns"):
+        assert answers[call]["predictions"] == expected, call
+        assert (answers[call]["model_name"], answers[call]["shape"]) == (registry.model, [len(rows), 1]), call
+    assert (answers["json"]["id"], answers["json"]["x-model-version"]) == ("kserve-json", "1")
+    assert answers["binary_pinned"]["id"] == "kserve-binary"
+    assert answers["wrong_width"]["status"] == 400 and "the model takes" in answers["wrong_width"]["message"]
+    assert "binary_tensor_data" in answers["server_metadata"]["extensions"]
+    metadata = answers["model_metadata"]
+    assert (metadata["name"], metadata["versions"], metadata["platform"]) == (registry.model, ["1"], "mlflow")
+    assert [i["name"] for i in metadata["inputs"]] == list(rows.columns)
+    assert [o["name"] for o in metadata["outputs"]] == [OUTPUT]

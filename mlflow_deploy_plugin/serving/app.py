@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 
 from mlflow_deploy_plugin import __version__
-from mlflow_deploy_plugin.serving import v2
+from mlflow_deploy_plugin.serving import openapi_bodies, v2
 from mlflow_deploy_plugin.serving.batching import (
     DEFAULT_MAX_QUEUE,
     BatchingPredictor,
@@ -39,6 +39,7 @@ from mlflow_deploy_plugin.serving.batching import (
     batching_default,
 )
 from mlflow_deploy_plugin.serving.decode_limits import DEFAULT_MAX_CELLS, DEFAULT_MAX_ROWS, DecodeLimits
+from mlflow_deploy_plugin.serving.docs import add_docs
 from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.serving.middleware import AuthMiddleware, DrainMiddleware
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
@@ -248,9 +249,11 @@ def build_app(
         executor.shutdown(wait=True)
         parse_executor.shutdown(wait=True)
 
-    # /openapi.json and /docs describe every route (V2 included) for schema-driven tools and fuzzers.
-    app = FastAPI(title=f"mlflow-deploy: {deployment}", version=__version__, docs_url="/docs", redoc_url=None,
+    # /openapi.json and /docs describe every route (V2 included) for schema-driven tools and fuzzers;
+    # /docs is ours (add_docs): FastAPI's loads Swagger UI from a CDN.
+    app = FastAPI(title=f"mlflow-deploy: {deployment}", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", lifespan=lifespan)
+    add_docs(app)
     app.state.service = state
 
     @app.exception_handler(StarletteHTTPException)
@@ -372,5 +375,6 @@ def build_app(
 
     if add_routes is not None:
         add_routes(app, lambda request: _read_body(request, settings.max_body_bytes))
+    openapi_bodies.describe(app, primary.slot.input_schema)
     # Drain outermost: every answer of a draining worker says Connection: close, refusals included.
     return DrainMiddleware(AuthMiddleware(app, settings.auth_token, token_sha256=settings.auth_token_sha256), state)

@@ -211,9 +211,10 @@ def _parse_csv(body: bytes, input_schema: Any, limits: DecodeLimits) -> pd.DataF
     columns = csv_columns_bound(text)
     limits.check(1, columns, "The CSV header")
     cap = csv_rows_cap(limits, columns)
-    dtypes = None if input_schema is None else dict(zip(input_schema.input_names(), input_schema.pandas_types(),
-                                                        strict=False))
     try:
+        # Inside the try, as in MLflow's parser: a tensor signature has no pandas types (a 400, not a 500).
+        dtypes = None if input_schema is None else dict(zip(input_schema.input_names(), input_schema.pandas_types(),
+                                                            strict=False))
         # One row more than allowed tells that there are too many, without reading them all.
         frame = pd.read_csv(StringIO(text), dtype=dtypes, nrows=cap + 1)
     except Exception as exc:

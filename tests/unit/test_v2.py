@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from starlette.routing import Route
 from unit_helpers import JSON, Served, ServeFactory, TestClient, iris_data, load_slot, metric, split_body
 
-from mlflow_deploy_plugin.serving import v2
+from mlflow_deploy_plugin.serving import docs, v2
 from mlflow_deploy_plugin.serving.decode_limits import DecodeLimits
 from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 
@@ -337,7 +338,7 @@ def test_a_tensor_signature_gets_its_tensors(serve: ServeFactory, tmp_path: Path
 
 def test_openapi_lists_every_route(served: Served) -> None:
     spec = served.client.get("/openapi.json").json()
-    documentation = {"/openapi.json", "/docs", "/docs/oauth2-redirect"}
+    documentation = {"/openapi.json", "/docs", *(f"/docs/{asset}" for asset in docs.ASSETS)}
     app = served.app
     while not hasattr(app, "routes"):  # through the middlewares to the FastAPI app
         app = app.app  # type: ignore[attr-defined]
@@ -348,3 +349,38 @@ def test_openapi_lists_every_route(served: Served) -> None:
     assert {"/invocations", "/version", "/deployment", "/v2/models/{name}/versions/{version}/infer"} <= set(
         spec["paths"])
     assert served.client.get("/docs").status_code == 200
+
+
+def test_openapi_describes_prediction_bodies(served: Served) -> None:
+    """The raw-body routes still tell schema-driven tools what to send: every POST has a request body,
+    and the example given for /invocations is one the deployment answers."""
+    spec = served.client.get("/openapi.json").json()
+    posts = {path: methods["post"] for path, methods in spec["paths"].items() if "post" in methods}
+    assert set(posts) == {"/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
+    for path, operation in posts.items():
+        assert operation["requestBody"]["required"] is True and operation["responses"]["400"], path
+    invocations = posts["/invocations"]["requestBody"]["content"]
+    assert set(invocations) == {JSON, "text/csv", "application/vnd.apache.parquet"}
+    assert [f["title"] for f in invocations[JSON]["schema"]["oneOf"]] == [
+        "dataframe_split", "dataframe_records", "instances", "inputs", "LLM-style"]
+    example = invocations[JSON]["example"]
+    assert example["dataframe_split"]["columns"] == list(ROWS.columns)
+    assert served.client.post("/invocations", json=example).status_code == 200
+    infer = posts["/v2/models/{name}/infer"]
+    assert set(infer["requestBody"]["content"]) == {JSON, "application/octet-stream"}
+    assert [p["name"] for p in infer["parameters"] if p["in"] == "header"] == ["Inference-Header-Content-Length"]
+
+
+def test_docs_page_needs_no_other_host(served: Served) -> None:
+    """/docs works on a closed network: every file it loads comes from the deployment itself."""
+    page = served.client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not re.findall(r"(?:https?:)?//[\w.-]+", page.text), "the page names another host"
+    loaded = re.findall(r'(?:href|src)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert sorted(loaded) == sorted(["/openapi.json", *(f"/docs/{asset}" for asset in docs.ASSETS)])
+    for url in loaded:
+        answer = served.client.get(url)
+        assert answer.status_code == 200 and len(answer.content) > 1000, url
+    bundle = served.client.get("/docs/swagger-ui-bundle.js")
+    assert bundle.headers["content-type"].startswith("text/javascript") and b"SwaggerUIBundle" in bundle.content
+    assert '"validatorUrl": null' in page.text  # Swagger UI would otherwise send the schema to swagger.io
