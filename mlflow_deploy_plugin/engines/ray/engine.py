@@ -140,6 +140,7 @@ class RayEngine(Engine):
                                      "plain HTTP; terminate TLS in front of it (a load balancer or ingress), "
                                      "or use the local engine (`-t lifecycle`) for HTTPS.")
         self._connect(config.ray_address)
+        check_capture_location(config, sum(1 for node in ray.nodes() if node.get("Alive")))
         http = self._http_options()
         if http is not None:
             serve_host = str(http.get("host") or "127.0.0.1")
@@ -499,6 +500,21 @@ class RayEngine(Engine):
         with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
             ray.get(actor.stop.remote(), timeout=40)
         ray.kill(actor, no_restart=True)
+
+
+def check_capture_location(config: DeploymentConfig, alive_nodes: int) -> None:
+    """Refuse the node-local capture default on a multi-node cluster (InvalidRequest).
+
+    Replicas capture where they run: with the default, the deployment's folder on this machine's
+    disk, which replicas on other nodes do not see (each would fill its own node's copy of the
+    path, and the drift reports read one of them).
+    """
+    if config.capture and not config.capture_uri and alive_nodes > 1:
+        raise InvalidRequest(
+            f"This Ray cluster has {alive_nodes} nodes: replicas on other nodes cannot write captured traffic "
+            "into the deployment's folder on this machine (the default). Set -C capture_uri to a place every "
+            "node reaches (s3://bucket/prefix, gs://..., hdfs://..., or a path on a mount shared by every "
+            "node), or -C capture=false. See docs/scaling.md.")
 
 
 def token_sha256(config: DeploymentConfig, current: str | None = None) -> str | None:
