@@ -395,3 +395,4 @@ def test_a_replica_killed_is_replaced_while_the_others_answer(env: Env, registry
         assert during.count(200) >= 1 and after and set(after) == {200}
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
+

@@ -169,12 +169,8 @@ def build_app(
     rng: random.Random | None = None,
     add_routes: Callable[[FastAPI, Callable[[Request], Awaitable[bytes]]], object] | None = None,
     shadow: dict[str, Any] | None = None,
-    predictor_class: type[BatchingPredictor] = BatchingPredictor,
 ) -> ASGIApp:
     """Build the ASGI app serving one slot, or several with weights (a canary split).
-
-    ``predictor_class`` predicts for each slot (Ray replicas: one whose coalescing is Serve's
-    ``@serve.batch``, ``engines/ray/batching.py``).
 
     Each request goes to a slot drawn by weight, or to the version named in an
     ``X-Model-Version`` request header. ``on_answer`` sees every /invocations answer.
@@ -197,7 +193,7 @@ def build_app(
         metrics.model_info.labels(deployment, identity.model_name, version, identity.model_uri).set(1)
         batching = settings.batching == "true" or (
             settings.batching == "auto" and batching_default(slot.metadata.flavors))
-        predictor = predictor_class(slot, executor, settings.max_batch_rows, on_batch=batch_rows.observe,
+        predictor = BatchingPredictor(slot, executor, settings.max_batch_rows, on_batch=batch_rows.observe,
                                       max_queue=settings.max_queue, batching=batching,
                                       queue_gauge=metrics.queued.labels(deployment))
         routes.append(_Route(slot, weight, predictor, fast_path_columns(slot.input_schema),

@@ -93,13 +93,13 @@ def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture
 
 
 def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], capture_dir: str,
-                  capture_key: Path, token_sha256: str | None = None, predictor_class: Any = None) -> Service:
+                  capture_key: Path, token_sha256: str | None = None) -> Service:
     """Load ``spec``'s versions (each from ``model_dir(model)``) and build the app and capture.
 
     The bearer token is read from the environment variable ``auth_token_env`` names (local workers
     inherit it from the supervisor), or given as its SHA-256 hex digest (``token_sha256``: Ray
     replicas, which never see the token itself). A version that cannot load or fails its smoke test
-    raises: the engine marks the replica failed. ``predictor_class``: see ``build_app``.
+    raises: the engine marks the replica failed.
     """
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
@@ -182,8 +182,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
                     shadow=None if spec.shadow is None else {
                         "model_name": spec.shadow.model_name, "model_version": spec.shadow.model_version,
                         "requested_uri": spec.shadow.requested_uri,
-                        "sample_rate": config.shadow_sample_rate},
-                    **({"predictor_class": predictor_class} if predictor_class is not None else {}))
+                        "sample_rate": config.shadow_sample_rate})
     return Service(app=app, state=state, slots=slots, capture=capture, shadow=mirror, metrics=metrics)
 
 

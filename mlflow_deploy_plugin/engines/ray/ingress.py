@@ -12,8 +12,15 @@ checks each ``Authorization: Bearer`` against it: no secret sits in Serve's stat
 Every replica captures its own answers into the deployment's capture folder (file names are
 unique per writer), so the drift reports read one place whatever the replica count, and pushes its
 Prometheus figures to the deployment's metrics hub (``metrics_hub.py``), so the agent judges a
-canary on every replica's requests, not on the one the proxy routes a scrape to. Requests that may
-share a predict call are gathered by Serve's own ``@serve.batch`` (``batching.py``).
+canary on every replica's requests, not on the one the proxy routes a scrape to.
+
+Batching is the app's own (``serving/batching.py``), not Serve's ``@serve.batch``. The ASGI shape
+would allow it (it works on any async function in a replica, e.g. the predict call), but Serve
+forms each batch from what arrives within ``batch_wait_timeout_s`` and then starts the next one
+whether or not the model is busy: requests arriving one by one during a prediction are not
+coalesced unless every request waits a window as long as a prediction. Ours predicts a lone
+request at once and batches exactly the backlog, with a bounded queue, withdrawal of abandoned
+requests and a per-request fallback when a batch fails (docs/scaling.md, "Why not @serve.batch").
 """
 
 from __future__ import annotations
@@ -57,12 +64,10 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
     The same build as a local worker's (``serving/service.py``), minus the socket handling: a
     version that cannot load or fails its smoke test raises, so Serve marks the replica failed.
     """
-    from mlflow_deploy_plugin.engines.ray.batching import ServeBatchingPredictor
     from mlflow_deploy_plugin.serving.service import build_service as build
 
     service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
-                    models_dir.parent / "capture.key", token_sha256=token_sha256,
-                    predictor_class=ServeBatchingPredictor)  # Serve's @serve.batch gathers the batches
+                    models_dir.parent / "capture.key", token_sha256=token_sha256)
     service.state.ready = True  # Serve routes to a replica only once its constructor has returned
     return StripRoutePrefix(service.app), service.capture, service.metrics
 
