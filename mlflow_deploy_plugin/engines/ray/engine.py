@@ -195,6 +195,10 @@ class RayEngine(Engine):
                 except EngineError as restore:
                     raise EngineError(f"{exc}; restoring the previous version failed too: {restore}") from None
             raise
+        # What runs now is the deployment's spec (the local supervisor writes it when a generation
+        # takes over): without this the folder kept the created version, and the agent, reading
+        # it, switched to the alias's version again and again.
+        self.store.write_spec(spec)
         self._keep_agent(spec)
         return status
 
