@@ -7,12 +7,15 @@ same, and drives both with the same closed-loop load for every (rows, concurrenc
 
     .venv/bin/python benchmarks/serving.py [--workers 1] [--duration 5] \\
         [--concurrency 1,8,32] [--rows 1,100] [--client-procs 1] [--out results.json] \\
-        [--ours-variant nocap:capture=false] [--passes 2] [--no-peer]
+        [--ours-variant nocap:capture=false] [--passes 2] [--no-peer] [--engine ray]
 
 ``--ours-variant NAME:KEY=VALUE[,KEY=VALUE]`` starts one more deployment of ours with those ``-C``
 (e.g. capture off; ``env.VAR=VALUE`` sets an environment variable instead, e.g.
 ``old:env.PYTHONPATH=/path/to/other/checkout`` to compare two versions of our code), measured in the same cells, interleaved with the others; ``--passes`` repeats
 every cell (servers interleaved within each pass) and the table shows medians over passes.
+``--engine ray`` adds, in the same cells, our deployment on Ray Serve with 1 and 2 replicas and a
+trivial Serve endpoint (the proxy's own ceiling) on a private local Ray cluster: see
+``benchmarks/serving_ray.py``.
 
 The load generator is a minimal HTTP/1.1 client on raw asyncio streams (persistent keep-alive
 connections, request bytes prepared in advance) running in separate processes (this script
@@ -43,6 +46,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import serving_ray  # benchmarks/serving_ray.py: the --engine ray servers
 
 MODEL_NAME = "bench-logreg"
 DEPLOYMENT = "bench"
@@ -85,9 +90,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
 
 
 async def _client_main(spec: dict[str, Any]) -> dict[str, Any]:
-    host, port = spec["host"], spec["port"]
+    host, port, path = spec["host"], spec["port"], spec.get("path", "/invocations")
     requests = [
-        (f"POST /invocations HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
          f"Content-Length: {len(body.encode())}\r\n\r\n").encode() + body.encode()
         for body in spec["bodies"]
     ]
@@ -188,6 +193,8 @@ class Cleanup:
     def __init__(self) -> None:
         self.peer: subprocess.Popen | None = None
         self.ours_created: list[str] = []  # deployment names
+        self.ray_created: list[str] = []  # deployment names on -t lifecycle:/ray
+        self.ray_cluster: Any = None  # serving_ray.Cluster, stopped after its deployments
         self.clients: list[subprocess.Popen] = []
         self.workdir: Path | None = None
         self.keep = False
@@ -209,6 +216,13 @@ class Cleanup:
                 print(f"WARNING: `mlflow deployments delete` failed ({exc}); killing its process group",
                       file=sys.stderr)
                 _kill_ours_by_status(name)
+        for name in self.ray_created:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run([mlflow_bin(), "deployments", "delete", "-t", "lifecycle:/ray", "--name", name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=180, check=True)
+                print(f"stopped {name} (mlflow deployments delete -t lifecycle:/ray)", file=sys.stderr)
+        if self.ray_cluster is not None:
+            self.ray_cluster.stop()
         if self.peer is not None and self.peer.poll() is None:
             stop_group(self.peer)
             print("stopped peer (process group)", file=sys.stderr)
@@ -275,6 +289,27 @@ def group_cpu_s(pgid: int) -> dict[int, float]:
     tick = os.sysconf("SC_CLK_TCK")
     cpu = {}
     for pid in group_pids(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return cpu
+
+
+def server_cpu_s(server: dict[str, Any]) -> dict[int, float]:
+    """CPU seconds of the server's processes: its process group, or a Ray server's whole private cluster."""
+    if server.get("engine") == "ray":
+        if CLEANUP.ray_cluster is None or CLEANUP.ray_cluster.proc is None:
+            return {}
+        return pids_cpu_s(CLEANUP.ray_cluster.pids())
+    return group_cpu_s(server["pgid"])
+
+
+def pids_cpu_s(pids: list[int]) -> dict[int, float]:
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = {}
+    for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -475,16 +510,17 @@ def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duratio
         share = concurrency // procs + (1 if i < concurrency % procs else 0)
         spec_path = spec_dir / f"client-{i}.json"
         spec_path.write_text(json.dumps({
-            "host": "127.0.0.1", "port": server["port"], "bodies": bodies[i::procs] or bodies,
+            "host": "127.0.0.1", "port": server["port"], "path": server.get("path", "/invocations"),
+            "bodies": bodies[i::procs] or bodies,
             "concurrency": share, "t_start": t_start, "t_window": t_window, "t_end": t_end}))
         client = subprocess.Popen([sys.executable, __file__, "--_client", str(spec_path)],
                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         clients.append(client)
         CLEANUP.clients.append(client)
     time.sleep(max(0.0, t_window - time.monotonic()))
-    server_cpu0, busy0 = group_cpu_s(server["pgid"]), machine_busy_s()
+    server_cpu0, busy0 = server_cpu_s(server), machine_busy_s()
     time.sleep(max(0.0, t_end - time.monotonic()))
-    server_cpu1, busy1 = group_cpu_s(server["pgid"]), machine_busy_s()
+    server_cpu1, busy1 = server_cpu_s(server), machine_busy_s()
     # Per process (CLI parent, supervisor, each worker): shows how evenly workers share the load.
     per_process = sorted((100 * (t - server_cpu0.get(pid, 0.0)) / duration for pid, t in server_cpu1.items()),
                          reverse=True)
@@ -629,6 +665,12 @@ def print_report(report: dict[str, Any]) -> None:
         if cell["errors"] or cell["stuck_connections"]:
             print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: {cell['errors']} errors "
                   f"{cell['statuses']}, {cell['stuck_connections']} stuck; first: {cell['first_error']}")
+    serving_ray.print_ray_ratios(report.get("ray_ratios") or [])
+    if report.get("ray_cluster"):
+        info = report["ray_cluster"]
+        origin = f"private, started in {info['start_s']:.1f} s" if info["private"] else "given"
+        print(f"Ray: cluster {info['address']} ({origin}); a Ray server's cpu% is the whole cluster's (GCS, "
+              f"raylet, controller, proxy, replicas); cluster RSS after run {info['rss_mb']:.0f} MB")
     print("req/cpu-s = requests per CPU-second of the server's processes (robust to CPU stolen by other jobs).")
     print("cpu% columns are % of ONE core during the measured window; cli/busy = load generator's share of "
           "all CPU the machine used then; oth = CPU of other jobs on the machine (noise).")
@@ -684,6 +726,35 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
+def start_ray_servers(workdir: Path) -> list[dict[str, Any]]:
+    """``--engine ray``: a private Ray cluster (unless RAY_ADDRESS), Serve's trivial ceiling, and our
+    deployment with 1 and 2 replicas through `mlflow deployments create -t lifecycle:/ray`."""
+    cluster = serving_ray.Cluster()
+    CLEANUP.ray_cluster = cluster
+    print("  starting a Ray cluster (ray start --head --num-cpus 2) ..." if not cluster.address
+          else f"  using the Ray cluster at {cluster.address} ...", file=sys.stderr)
+    cluster.start(Path(sys.executable).parent)
+    servers = [serving_ray.start_trivial()]
+    for replicas in (1, 2):
+        CLEANUP.ray_created.append(f"bench-ray{replicas}")
+        servers.append(serving_ray.start_ray_ours(mlflow_bin(), f"models:/{MODEL_NAME}/1", replicas, workdir))
+    for server in servers:
+        server["engine"] = "ray"
+        print(f"  {server['name']} up in {server['cold_start_s']:.2f} s at {server['url']}", file=sys.stderr)
+    return servers
+
+
+def ray_cluster_info() -> dict[str, Any]:
+    cluster = CLEANUP.ray_cluster
+    pids = cluster.pids()
+    rss = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return {"address": cluster.address, "private": cluster.proc is not None, "start_s": cluster.start_s,
+            "rss_mb": rss * os.sysconf("SC_PAGE_SIZE") / 2**20}
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -718,6 +789,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(same run, same load; see shadow_cells)")
     parser.add_argument("--idle-wait", type=float, default=0.0,
                         help="after the load, wait this long and measure every server's memory again (idle)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: also our deployment on Ray Serve (1 and 2 replicas) and Serve's own ceiling "
+                             "(a trivial endpoint), on a private Ray cluster unless RAY_ADDRESS is set")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) after the run")
     return parser.parse_args(argv)
@@ -754,7 +828,9 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(start_ours(args.workers, extra, name))
             print(f"  {servers[-1]['name']} ({','.join(extra)}) up in {servers[-1]['cold_start_s']:.2f} s",
                   file=sys.stderr)
-        predictions = compare_predictions(frame, servers)
+        if args.engine == "ray":
+            servers += start_ray_servers(workdir)
+        predictions = compare_predictions(frame, [server for server in servers if not server.get("trivial")])
         results = []
         spec_dir = workdir / "client-specs"
         spec_dir.mkdir()
@@ -774,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = next(server for server in servers if server["name"] == "ours")
         shadow = shadow_cells(ours, frame, args, spec_dir) if args.shadow else None
         for server in servers:
+            if server.get("engine") == "ray":
+                continue  # replicas are Ray's actors, not a process group of ours
             server["memory"] = {"after load": memory_of(server["pgid"])}
             server["rss_mb"] = server["memory"]["after load"]["rss_mb"]
         if args.idle_wait:
@@ -781,10 +859,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  idle for {args.idle_wait:g} s before measuring memory again ...", file=sys.stderr)
             time.sleep(args.idle_wait)
             for server in servers:
-                server["memory"][f"idle {args.idle_wait:g} s"] = memory_of(server["pgid"])
+                if server.get("engine") != "ray":
+                    server["memory"][f"idle {args.idle_wait:g} s"] = memory_of(server["pgid"])
         report = {"shadow": shadow,"workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
                   "servers": servers, "predictions": predictions, "results": results,
                   "ratios": ratios(results), "variant_ratios": variant_ratios(results),
+                  "ray_ratios": serving_ray.ray_ratios(results) if args.engine == "ray" else [],
+                  "ray_cluster": ray_cluster_info() if args.engine == "ray" else None,
                   "total_s": time.monotonic() - t0,
                   "ours_config": args.ours_config, "commit": _commit()}
         if args.keep:

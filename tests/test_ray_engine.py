@@ -2,9 +2,14 @@
 
 The engine contract (start, update, split, failed loads, agent) runs in test_engine_contract.py;
 here: what a user sees from the CLI: no cluster, replicas, predict, an update under load, capture
-from every replica, delete; token auth with only the token's hash on the cluster; list/get/delete
-from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own state; a replica
-killed with SIGKILL replaced while the deployment keeps answering.
+and per-version figures from every replica, delete; token auth with only the token's hash on the
+cluster, a V2 client, and the agent on the cluster (following an alias, drift reports on its
+schedule, its actor killed and restarted by Ray); list/get/delete from a second machine (another
+MLFLOW_DEPLOY_HOME) through the cluster's own state; a replica killed with
+SIGKILL replaced while the deployment keeps answering.
+
+Each deployment exercises several features: a Ray deployment costs a minute of replica start-up
+on two busy cores, so features share the deployments instead of getting one each.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from conftest import Env, Registry, free_port, split_payload, wait_for
 from mlflow.deployments import get_deploy_client
 
 from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.engines.base import get_engine
+from mlflow_deploy_plugin.lifecycle import traffic_stats
+from mlflow_deploy_plugin.state import StateStore
 
 RAY = "lifecycle:/ray"
 # The first test to use the cluster pays for starting it (and Serve) in its set-up, which pytest-timeout
@@ -96,6 +104,18 @@ def test_replicas_predict_update_under_load_capture_delete(env: Env, registry: R
         capture = env.home / "deployments" / name / "capture"
         wait_for(lambda: len(read_capture(str(capture))["_request_id"].unique()) >= len(outcomes), 60,
                  "every answered request in the capture folder")
+        # The per-version figures the agent judges a canary on cover every replica, the retired v1
+        # replicas included (their last push as they stopped): each answer counted once, under its
+        # version (the proxy's /metrics would show one replica's).
+        engine = get_engine(RAY, StateStore(env.home))
+        answered = {version: sum(1 for _, v in outcomes if v == version) for version in ("1", "2")}
+        answered["1"] += 1  # the `predict` call
+
+        def counted() -> dict[str, float]:
+            figures = traffic_stats.parse_all(engine.metrics_texts(name) or [])
+            return {version: entry.requests for version, entry in figures.items() if entry.requests}
+
+        wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}")
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
     assert name not in env.cli("list", "-t", RAY).stdout
@@ -138,7 +158,23 @@ def _cluster_state_bytes(address: str) -> bytes:
     return b"\n".join(parts)
 
 
-def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Registry, ray_cluster: str) -> None:
+def _agent_pid(engine, name: str) -> int | None:
+    """The agent process's pid, as the engine reports it (``ray actor agent:NAME (agent pid N)``)."""
+    handle = engine.agent_handle(name)
+    return int(handle.rsplit("agent pid ", 1)[1].rstrip(")")) if handle else None
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+# One deployment for four features (its start-up is the cost); the bound leaves room for the
+# cluster's start or stop, which pytest-timeout counts to the first or last Ray test.
+@pytest.mark.timeout(900)
+def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry, ray_cluster: str) -> None:
+    """One deployment, several features: token auth with only the token's hash on the cluster, a
+    real V2 client, and the agent actor (no token) following an alias, running scheduled drift
+    reports on the captured traffic, and resuming after its actor is killed."""
     from mlflow import MlflowClient
 
     name, alias = "ray-auth", "ray-auth-follow"  # an alias of its own: the shared ones stay put
@@ -147,7 +183,8 @@ def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Regist
     token = f"ray-token-{os.urandom(12).hex()}"
     with_token = env.environ(RAY_TEST_TOKEN=token)
     env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}@{alias}",
-            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", "-C", "poll_interval_s=1", env=with_token)
+            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", "-C", "poll_interval_s=1",
+            "-C", "drift_schedule=* * * * *", "-C", "drift_min_rows=20", env=with_token)
     try:
         url = _get(env, name)["url"]
         payload = split_payload(registry.features.iloc[:2])
@@ -176,14 +213,65 @@ def test_token_auth_with_only_its_hash_on_the_cluster(env: Env, registry: Regist
         assert token.encode() not in state, "the token itself sits in Serve's state"
         assert token.encode()[-12:] not in state
 
+        # A real V2 client through Serve's proxy (the route prefix is the client's base path), with the token.
+        _v2_infer_matches_invocations(url, registry, {"Authorization": f"Bearer {token}"}, post(token))
+
+        # Traffic for the agent's scheduled drift reports: rows of the reference data, 5 per request.
+        session = requests.Session()
+        for start in range(0, 200, 5):
+            answer = session.post(f"{url}/invocations", json=split_payload(registry.features.iloc[start:start + 5]),
+                                  headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert answer.status_code == 200, answer.text
+
         # The agent (a Ray actor, without the token) follows the alias, and the token still holds.
         client.set_registered_model_alias(registry.model, alias, "2")
         wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
                  "the agent on the cluster to follow the alias to v2")
         assert post(None).status_code == 401
+
+        # Meanwhile it ran drift reports on its schedule, reading the replicas' captured traffic.
+        experiment = wait_for(lambda: client.get_experiment_by_name(f"drift/{name}"), 120,
+                              "the agent's drift experiment")
+        reports = wait_for(lambda: [r for r in client.search_runs([experiment.experiment_id])
+                                    if r.info.status == "FINISHED" and "drift_share" in r.data.metrics
+                                    and int(r.data.params.get("rows_current", 0)) >= 20], 180,
+                           "a scheduled drift report on captured rows")
+        assert reports[0].data.tags["drift.status"] in ("ok", "drifted"), reports[0].data.tags
+
+        # The agent's actor killed: Ray restarts it, it starts a new agent, which resumes following.
+        engine = get_engine(RAY, StateStore(env.home))
+        agent = _agent_pid(engine, name)
+        assert agent is not None
+        os.kill(_parent_pid(agent), signal.SIGKILL)  # the actor's worker process, not the agent itself
+        wait_for(lambda: (_agent_pid(engine, name) or agent) != agent, 180,
+                 "Ray to restart the agent's actor and the actor to start a new agent", interval_s=1)
+        client.set_registered_model_alias(registry.model, alias, "1")
+        wait_for(lambda: post(token).headers.get("x-model-version") == "1", 180,
+                 "the restarted agent to follow the alias back to v1")
     finally:
         env.cli("delete", "-t", RAY, "--name", name, env=with_token)
         client.delete_registered_model_alias(registry.model, alias)
+
+
+def _v2_infer_matches_invocations(url: str, registry: Registry, headers: dict[str, str],
+                                  invocations: requests.Response) -> None:
+    """Triton's `tritonclient.http` against the deployment's V2 routes answers what /invocations
+    answered for the same rows (``invocations``: the answer to ``registry.features.iloc[:2]``)."""
+    import numpy as np
+    import tritonclient.http as tritonhttp
+
+    rows = registry.features.iloc[:2].to_numpy(dtype=np.float64)
+    triton = tritonhttp.InferenceServerClient(url=url.split("://", 1)[1], network_timeout=60.0)
+    try:
+        assert triton.is_server_ready(headers=headers)
+        tensor = tritonhttp.InferInput("input-1", list(rows.shape), "FP64")
+        tensor.set_data_from_numpy(rows, binary_data=True)
+        result = triton.infer(registry.model, [tensor], headers=headers,
+                              outputs=[tritonhttp.InferRequestedOutput("output-1", binary_data=True)])
+        assert result.get_response()["model_version"] == invocations.headers["x-model-version"]
+        assert result.as_numpy("output-1").reshape(-1).tolist() == invocations.json()["predictions"]
+    finally:
+        triton.close()
 
 
 def _view(out: str) -> dict[str, str]:
@@ -207,6 +295,7 @@ def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
         predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
                             _input_file(env, registry.features.iloc[:2]), env=other)
         assert "predictions" in predicted.stdout
+
         # Changes stay with the machine whose folder keeps the history and capture: said, not done.
         update = env.cli("update", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/2",
                          check=False, env=other)
@@ -291,3 +380,4 @@ def test_a_replica_killed_is_replaced_while_the_others_answer(env: Env, registry
         assert during.count(200) >= 1 and after and set(after) == {200}
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
+

@@ -97,6 +97,13 @@ class Engine(abc.ABC):
         """
         return {}
 
+    def metrics_texts(self, name: str) -> list[str] | None:
+        """The Prometheus expositions of every replica of ``name`` when the engine collects them
+        itself (Ray: its proxy routes a scrape to one replica only), for the canary's per-version
+        figures. Default None: the deployment's own ``/metrics`` already covers every worker (the
+        local engine's workers share a multiprocess registry), so the caller scrapes that."""
+        return None
+
     def keeps_token(self, name: str) -> bool:
         """Whether the running deployment ``name`` keeps what checks its bearer token by itself (the
         Ray engine: the token's hash on the cluster), so a change made where the token is not

@@ -621,7 +621,7 @@ class LifecycleController:
         baselines = {}
         try:
             spec = self.deployments.spec(self.name)
-            scraped = traffic_stats.scrape(self._status_url(), self._token(spec), tls_cert=spec.config.tls_cert)
+            scraped = self._scrape(spec)
             baselines = {v: scraped[v].to_dict() for v in (version, champion) if v in scraped}
         except Exception as exc:
             _logger.warning("Could not read the canary baseline: %s", exc)
@@ -696,6 +696,14 @@ class LifecycleController:
         self._act(f"serve only the champion on {self.name} ({reason})", lambda: self.deployments
                   .transition(self.name, reason=reason, actor=actor))
 
+    def _scrape(self, spec: DeploymentSpec) -> dict[str, traffic_stats.VersionFigures]:
+        """Per-version figures of every replica: from the engine when it collects them (Ray), else
+        the deployment's own /metrics (with its token)."""
+        texts = self.deployments.engine.metrics_texts(self.name)
+        if texts is not None:
+            return traffic_stats.parse_all(texts)
+        return traffic_stats.scrape(self._status_url(), self._token(spec), tls_cert=spec.config.tls_cert)
+
     def _status_url(self) -> str:
         return self.deployments.engine.status(self.name).url or ""
 
@@ -728,7 +736,7 @@ class LifecycleController:
 
             self._act(f"end the canary of v{version}: {reason}", end_canary)
             return
-        scraped = traffic_stats.scrape(self._status_url(), self._token(spec), tls_cert=spec.config.tls_cert)
+        scraped = self._scrape(spec)
         baselines = canary_state.get("baselines") or {version: canary_state.get("baseline")}  # older state
 
         def window(of: str | None) -> traffic_stats.VersionFigures:

@@ -54,6 +54,19 @@ def scrape(url: str, token: str | None = None, timeout_s: float = 5.0,
     return parse(response.text)
 
 
+def parse_all(texts: list[str]) -> dict[str, VersionFigures]:
+    """Model version -> figures summed over several expositions (one per replica)."""
+    total: dict[str, VersionFigures] = {}
+    for text in texts:
+        for version, figures in parse(text).items():
+            entry = total.setdefault(version, VersionFigures())
+            entry.requests += figures.requests
+            entry.errors += figures.errors
+            for bound, count in figures.buckets.items():
+                entry.buckets[bound] = entry.buckets.get(bound, 0.0) + count
+    return total
+
+
 def parse(text: str) -> dict[str, VersionFigures]:
     """Model version -> cumulative figures, from a Prometheus text exposition."""
     figures: dict[str, VersionFigures] = {}

@@ -33,6 +33,7 @@ class Service:
     slots: list[tuple[Any, float]]
     capture: Any | None
     shadow: Any | None = None  # serving.shadow.ShadowMirror
+    metrics: Any | None = None  # serving.metrics.ServingMetrics (Ray replicas push its exposition)
 
 
 class ShadowedCapture:
@@ -185,7 +186,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
                         "model_name": spec.shadow.model_name, "model_version": spec.shadow.model_version,
                         "requested_uri": spec.shadow.requested_uri,
                         "sample_rate": config.shadow_sample_rate})
-    return Service(app=app, state=state, slots=slots, capture=capture, shadow=mirror)
+    return Service(app=app, state=state, slots=slots, capture=capture, shadow=mirror, metrics=metrics)
 
 
 def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,

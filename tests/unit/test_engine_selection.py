@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_deploy_plugin.engines.base import engine_name, get_engine
 from mlflow_deploy_plugin.engines.local import LocalEngine
 from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.spec import DeploymentConfig
 from mlflow_deploy_plugin.state import StateStore
 
 
@@ -171,3 +172,15 @@ def test_rollback_target_is_a_version_of_the_same_model_that_still_exists(tmp_pa
     store.append_history("d", "rollback_failed", model={"model_name": "m", "model_version": "3"},
                          evidence={"target": "1", "target_failed": True})
     assert deployments.previous_good_version("d") is None
+
+
+def test_the_ray_engine_refuses_node_local_capture_on_a_multi_node_cluster() -> None:
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from mlflow_deploy_plugin.engines.ray.engine import check_capture_location
+
+    default = DeploymentConfig()
+    check_capture_location(default, 1)  # one node: every replica sees the deployment's folder
+    with pytest.raises(InvalidRequest, match=r"3 nodes: .*-C capture_uri"):
+        check_capture_location(default, 3)
+    check_capture_location(DeploymentConfig(capture_uri="s3://bucket/capture"), 3)
+    check_capture_location(DeploymentConfig(capture=False), 3)

@@ -26,6 +26,9 @@
   the cluster sees the same. The deployment folder (``$MLFLOW_DEPLOY_HOME``) keeps what the core
   keeps for every engine: the spec, history, model copies and captured traffic.
 - **Agent**: a detached actor per deployment (``agent_host.py``) while the spec needs one.
+- **Per-version figures**: every replica pushes its Prometheus exposition to a named actor
+  (``metrics_hub.py``); :meth:`RayEngine.metrics_texts` hands the agent all of them, so a canary is
+  judged on every replica's requests, with no token (the agent holds only its hash).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from mlflow_deploy_plugin.engines.base import (
     EngineStatus,
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
+from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError, is_loopback_host
 from mlflow_deploy_plugin.state import StateStore
@@ -136,6 +140,7 @@ class RayEngine(Engine):
                                      "plain HTTP; terminate TLS in front of it (a load balancer or ingress), "
                                      "or use the local engine (`-t lifecycle`) for HTTPS.")
         self._connect(config.ray_address)
+        check_capture_location(config, sum(1 for node in ray.nodes() if node.get("Alive")))
         http = self._http_options()
         if http is not None:
             serve_host = str(http.get("host") or "127.0.0.1")
@@ -162,6 +167,7 @@ class RayEngine(Engine):
                               "`mlflow deployments delete`) or choose another name.")
         paths = self.store.paths(spec.name)
         token = token_sha256(spec.config)
+        self._forget_metrics(spec.name)  # a new deployment's counters start at zero
         try:
             status = self._deploy(spec, paths.models, str(paths.capture), token, timeout_s)
         except EngineError as exc:
@@ -189,6 +195,10 @@ class RayEngine(Engine):
                 except EngineError as restore:
                     raise EngineError(f"{exc}; restoring the previous version failed too: {restore}") from None
             raise
+        # What runs now is the deployment's spec (the local supervisor writes it when a generation
+        # takes over): without this the folder kept the created version, and the agent, reading
+        # it, switched to the alias's version again and again.
+        self.store.write_spec(spec)
         self._keep_agent(spec)
         return status
 
@@ -202,6 +212,7 @@ class RayEngine(Engine):
             return  # the cluster is gone, and its applications with it
         self._stop_agent(name)
         self._delete(name, timeout_s)
+        self._forget_metrics(name)
 
     def status(self, name: str) -> EngineStatus:
         address = self._known_address(name)
@@ -248,6 +259,21 @@ class RayEngine(Engine):
             return None
         return f"ray actor {_agent_name(name)} (agent pid {pid})" if pid else None
 
+    def metrics_texts(self, name: str) -> list[str] | None:
+        """Every replica's latest Prometheus exposition, from the deployment's metrics hub
+        (``metrics_hub.py``): what the proxy's ``/metrics`` (one replica's, whichever it picks)
+        cannot give. Read inside the cluster, so no token is needed."""
+        self._connect(self._known_address(name))
+        hub = find_hub(name)
+        if hub is None:
+            return []
+        return list(ray.get(hub.collect.remote(), timeout=30))
+
+    def _forget_metrics(self, name: str) -> None:
+        hub = find_hub(name)
+        if hub is not None:
+            ray.kill(hub, no_restart=True)
+
     def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
         """Run ``spec`` on the cluster until Ctrl-C, then delete it: ``run-local`` leaves no state."""
         self._connect(spec.config.ray_address)
@@ -269,6 +295,7 @@ class RayEngine(Engine):
                 pass
             finally:
                 self._delete(spec.name, spec.config.timeout_s + 15)
+                self._forget_metrics(spec.name)
         return EngineStatus(STOPPED)
 
     # -- cluster plumbing ----------------------------------------------------------------------
@@ -477,6 +504,21 @@ class RayEngine(Engine):
         with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
             ray.get(actor.stop.remote(), timeout=40)
         ray.kill(actor, no_restart=True)
+
+
+def check_capture_location(config: DeploymentConfig, alive_nodes: int) -> None:
+    """Refuse the node-local capture default on a multi-node cluster (InvalidRequest).
+
+    Replicas capture where they run: with the default, the deployment's folder on this machine's
+    disk, which replicas on other nodes do not see (each would fill its own node's copy of the
+    path, and the drift reports read one of them).
+    """
+    if config.capture and not config.capture_uri and alive_nodes > 1:
+        raise InvalidRequest(
+            f"This Ray cluster has {alive_nodes} nodes: replicas on other nodes cannot write captured traffic "
+            "into the deployment's folder on this machine (the default). Set -C capture_uri to a place every "
+            "node reaches (s3://bucket/prefix, gs://..., hdfs://..., or a path on a mount shared by every "
+            "node), or -C capture=false. See docs/scaling.md.")
 
 
 def token_sha256(config: DeploymentConfig, current: str | None = None) -> str | None:

@@ -10,7 +10,17 @@ With ``-C auth_token_env``, a replica gets only the token's SHA-256 (a construct
 checks each ``Authorization: Bearer`` against it: no secret sits in Serve's state or logs.
 
 Every replica captures its own answers into the deployment's capture folder (file names are
-unique per writer), so the drift reports read one place whatever the replica count.
+unique per writer), so the drift reports read one place whatever the replica count, and pushes its
+Prometheus figures to the deployment's metrics hub (``metrics_hub.py``), so the agent judges a
+canary on every replica's requests, not on the one the proxy routes a scrape to.
+
+Batching is the app's own (``serving/batching.py``), not Serve's ``@serve.batch``. The ASGI shape
+would allow it (it works on any async function in a replica, e.g. the predict call), but Serve
+forms each batch from what arrives within ``batch_wait_timeout_s`` and then starts the next one
+whether or not the model is busy: requests arriving one by one during a prediction are not
+coalesced unless every request waits a window as long as a prediction. Ours predicts a lone
+request at once and batches exactly the backlog, with a bounded queue, withdrawal of abandoned
+requests and a per-request fallback when a batch fails (docs/scaling.md, "Why not @serve.batch").
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from typing import Any
 from ray import serve
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mlflow_deploy_plugin.engines.ray.metrics_hub import Pusher
 from mlflow_deploy_plugin.spec import DeploymentSpec
 
 _logger = logging.getLogger("mlflow_deploy_plugin.ray.replica")
@@ -46,8 +57,9 @@ class StripRoutePrefix:
 
 
 def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
-                  token_sha256: str | None = None) -> tuple[ASGIApp, Any]:
-    """Load the spec's versions and build the serving app; returns (app, capture writer or None).
+                  token_sha256: str | None = None) -> tuple[ASGIApp, Any, Any]:
+    """Load the spec's versions and build the serving app; returns (app, capture writer or None,
+    the app's ServingMetrics).
 
     The same build as a local worker's (``serving/service.py``), minus the socket handling: a
     version that cannot load or fails its smoke test raises, so Serve marks the replica failed.
@@ -57,7 +69,7 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
     service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
                     models_dir.parent / "capture.key", token_sha256=token_sha256)
     service.state.ready = True  # Serve routes to a replica only once its constructor has returned
-    return StripRoutePrefix(service.app), service.capture
+    return StripRoutePrefix(service.app), service.capture, service.metrics
 
 
 @serve.ingress()
@@ -73,7 +85,9 @@ class LifecycleIngress:
         self.spec = DeploymentSpec.from_dict(spec)
         if self.spec.tracking_uri:
             mlflow.set_tracking_uri(self.spec.tracking_uri)  # the registry the CLI resolved against
-        self._app, self._capture = build_service(self.spec, Path(models_dir), capture_dir, token_sha256)
+        self._app, self._capture, metrics = build_service(self.spec, Path(models_dir), capture_dir, token_sha256)
+        self._pusher = Pusher(self.spec.name, serve.get_replica_context().replica_id.unique_id,
+                              lambda: metrics.render()[0].decode())
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self._app
@@ -83,7 +97,11 @@ class LifecycleIngress:
         (``RayEngine.status``); the replica itself was built from its constructor arguments."""
 
     def __del__(self) -> None:
-        # Serve calls this on graceful replica shutdown: everything accepted reaches disk.
+        # Serve calls this on graceful replica shutdown: everything accepted reaches disk, and the
+        # hub gets this replica's last figures.
         capture = getattr(self, "_capture", None)
         if capture is not None:
             capture.close(timeout_s=30.0)
+        pusher = getattr(self, "_pusher", None)
+        if pusher is not None:
+            pusher.close()
