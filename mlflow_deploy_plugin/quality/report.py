@@ -183,6 +183,21 @@ def infer_task(configured: str | None, signature: Any, predictions: pd.Series | 
     return "classification"
 
 
+def deployment_task(spec: Any, paths: Any, captured: pd.DataFrame | None) -> str:
+    """The task of a deployment's served model: ``-C task``, else its signature (the local copy's
+    MLmodel), else what ``captured`` predictions look like (:func:`infer_task`)."""
+    if spec.config.task:
+        return str(spec.config.task)
+    signature = None
+    with contextlib.suppress(Exception):
+        from mlflow.models import Model
+
+        local = paths.models / spec.model.model_name / spec.model.model_version / "MLmodel"
+        signature = Model.load(str(local)).signature if local.exists() else None
+    pred = prediction_column([str(c) for c in captured.columns]) if captured is not None else None
+    return infer_task(None, signature, captured[pred] if captured is not None and pred else None)
+
+
 def training_figures(client: mlflow.MlflowClient, model_name: str, version: str) -> dict[str, tuple[str, float]]:
     """The version's own offline figures from its source run: ``{figure: (metric name, value)}``."""
     try:
@@ -446,14 +461,8 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
     captured = read_capture(root, since=since, until=until)
     labels = read_labels(labels_root(root), since, until)
     say(f"{len(captured):,} captured rows, {len(labels):,} labels in the window")
-    signature = None
-    with contextlib.suppress(Exception):
-        from mlflow.models import Model
-
-        local = paths.models / spec.model.model_name / spec.model.model_version / "MLmodel"
-        signature = Model.load(str(local)).signature if local.exists() else None
     pred = prediction_column([str(c) for c in captured.columns])
-    task = infer_task(config.task, signature, captured[pred] if pred else None)
+    task = deployment_task(spec, paths, captured)
     calibration, source = None, ""
     probas = probability_columns([str(c) for c in captured.columns])
     if probas and task == "classification":
