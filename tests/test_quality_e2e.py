@@ -7,7 +7,7 @@ with nothing written. The report's accuracy must equal the one computed by hand 
 where the test flipped a known share of the true labels. Then a quality drop: a version's labelled
 accuracy far below its training figure in two windows makes the policy roll back, with the evidence;
 on the same deployment, a new version's canary is rejected on its labelled accuracy against the
-champion's over the canary window.
+champion's over the canary window. A regressor likewise: its MAE equals the one computed by hand.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import Env, Registry, split_payload, train, wait_for
+from conftest import Env, Registry, Regressor, split_payload, train, wait_for
 from test_capture_drift_e2e import _mlflow_deploy
 
 from mlflow_deploy_plugin.capture import read_capture
@@ -125,7 +125,8 @@ def _served_version(url: str) -> str:
     return requests.get(f"{url}/deployment", timeout=5).json()["model_version"]
 
 
-@pytest.mark.timeout(900)
+# Two switches, two reports, a canary start and its rejection, each minutes on a busy machine.
+@pytest.mark.timeout(1800)
 def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registry) -> None:
     """v2 takes over from v1; its labelled accuracy falls far below its training figure in two
     windows in a row, and the policy (run by the deployment's own agent) rolls back to v1. Then v3
@@ -207,11 +208,11 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
                 + [{"request_id": rid, "label": p} for rid, p in by_version["1"]])
         response = session.post(f"{url}/labels", json=body, timeout=60)
         assert response.status_code == 200 and response.json()["added"] == len(body), response.text
-        wait_for(lambda: any(e["event"] == "rejected" and e.get("version") == "3"
-                             for e in map(json.loads, history.read_text().splitlines())), 120,
-                 "the canary to reject v3 on labelled quality")
-        rejected = next(e for e in map(json.loads, history.read_text().splitlines())
-                        if e["event"] == "rejected" and e.get("version") == "3")
+        def rejection() -> dict | None:
+            return next((e for e in map(json.loads, history.read_text().splitlines())
+                         if e["event"] == "rejected" and e["model"]["model_version"] == "3"), None)
+
+        rejected = wait_for(rejection, 180, "the canary to reject v3 on labelled quality")
         assert "canary failed" in rejected["reason"] and "canary.quality" in rejected["reason"], rejected["reason"]
         check = next(r for r in rejected["evidence"]["results"] if r["gate"] == "canary.quality")
         assert check["passed"] is False and "Newcombe hybrid score interval" in check["figures"]["test"]
@@ -222,5 +223,52 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
         wait_for(lambda: requests.get(f"{url}/deployment", timeout=5).json()["traffic"][0]["model_version"] == "1"
                  and len(requests.get(f"{url}/deployment", timeout=5).json()["traffic"]) == 1, 60,
                  "v1 to serve alone again")
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+
+
+@pytest.mark.timeout(900)
+def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regressor) -> None:
+    name = "quality-regression"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{regressor.model}/1",
+            "-C", "quality_min_labelled_rows=50")
+    client = mlflow.MlflowClient()
+    try:
+        url = env.status(name)["url"]
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        session = requests.Session()
+        answered = []  # (request id, row, prediction, true target)
+        for i in range(80):  # single-row requests with the client's own id
+            response = session.post(f"{url}/invocations", json=split_payload(regressor.features.iloc[[i]]),
+                                    headers={"X-Request-Id": f"reg-{i}"}, timeout=30)
+            assert response.status_code == 200
+            answered.append((f"reg-{i}", 0, response.json()["predictions"][0], float(regressor.target.iloc[i])))
+        for start in range(80, 110, 3):  # 3-row requests named by the service
+            response = session.post(f"{url}/invocations", json=split_payload(regressor.features.iloc[start:start + 3]),
+                                    timeout=30)
+            assert response.status_code == 200
+            for row, prediction in enumerate(response.json()["predictions"]):
+                answered.append((response.headers["x-request-id"], row, prediction,
+                                 float(regressor.target.iloc[start + row])))
+        rows = pd.DataFrame(answered, columns=["request_id", "row", "prediction", "y"])
+        capture_dir = str(env.home / "deployments" / name / "capture")
+        wait_for(lambda: len(read_capture(capture_dir, since=since)) >= len(rows), 60, "the capture on disk")
+        # The true targets, a known share of them moved by a known amount: the report must find the
+        # same MAE and RMSE as computed here on the same rows.
+        rows["y"] = np.where(np.arange(len(rows)) % 5 == 0, rows["y"] + 40.0, rows["y"])
+        path = env.root / "regression-labels.csv"
+        rows[["request_id", "row", "y"]].to_csv(path, index=False)
+        out = _mlflow_deploy(env, "labels", "add", name, str(path), "--label-column", "y")
+        assert f"{len(rows)} labels: {len(rows)} added" in out.stdout, out.stdout
+        report = _mlflow_deploy(env, "quality", "report", name, "--since", since.isoformat(),
+                                "--until", (since + timedelta(hours=1)).isoformat())
+        run = client.get_run(report.stdout.split("(run ")[1].split(")")[0])
+        errors = rows["prediction"].to_numpy(dtype=float) - rows["y"].to_numpy(dtype=float)
+        assert run.data.params["task"] == "regression"  # read from the signature (a float output)
+        assert run.data.metrics["mae"] == pytest.approx(float(np.mean(np.abs(errors))), rel=1e-12, abs=0)
+        assert run.data.metrics["rmse"] == pytest.approx(float(np.sqrt(np.mean(errors ** 2))), rel=1e-12, abs=0)
+        assert run.data.metrics["rows_labelled"] == len(rows) and run.data.metrics["label_coverage"] == 1.0
+        assert run.data.metrics["mae.ci_low"] < run.data.metrics["mae"] < run.data.metrics["mae.ci_high"]
+        assert "training.mae" in run.data.metrics and "→ production mae" in report.stdout
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", name, check=False)

@@ -41,7 +41,10 @@ def labelled_sides(store: StateStore, name: str, champion: str, challenger: str,
     labels = read_labels(labels_root(root), since, until)
     labels = labels[labels["_model_version"].astype(str).isin([champion, challenger])]
     captured = read_capture(root, since=since, until=until) if len(labels) else None
-    task = deployment_task(spec, paths, captured)
+    from mlflow_deploy_plugin.quality.join import prediction_column
+
+    pred = prediction_column([str(c) for c in captured.columns]) if captured is not None else None
+    task = deployment_task(spec, paths, captured[pred] if captured is not None and pred else None)
     by_version = {one.version: one for one in join_labels(captured, labels)} if captured is not None else {}
 
     def side(version: str) -> LabelledSide:
