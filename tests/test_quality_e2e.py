@@ -28,8 +28,9 @@ from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
 
 
-# Two `quality report` runs each import MLflow and Evidently in a fresh process (~30 s on a busy machine).
-@pytest.mark.timeout(600)
+# Two `quality report` runs each import MLflow and Evidently in a fresh process (~30 s on a busy
+# machine, minutes on a very busy one), besides the session's set-up.
+@pytest.mark.timeout(1200)
 def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> None:
     name = "quality-e2e"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
