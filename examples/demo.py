@@ -72,6 +72,19 @@ def main() -> None:
     deployments("create", "--name", NAME, "-m", f"models:/{MODEL}@champion", "-C", f"policy={policy}",
                 "-C", "poll_interval_s=1", "-C", "drift_min_rows=100", "-C", "quality_min_labelled_rows=30")
     url = json.loads((OUT / "deploy-home/deployments" / NAME / "status.json").read_text())["url"]
+    try:
+        _story(url, args.keep, requests, load_data)
+    except BaseException:
+        # A failed demo stops what it started: a deployment left running would write into the
+        # demo-output folder the next run deletes and recreates.
+        print("The demo failed: stopping its deployment", flush=True)
+        subprocess.run([str(BIN / "mlflow"), "deployments", "delete", "-t", "lifecycle", "--name", NAME],
+                       cwd=OUT, env=os.environ, check=False)
+        raise
+
+
+def _story(url: str, keep: bool, requests, load_data) -> None:
+    """Everything after the deployment exists (stopped by main if it fails)."""
 
     step(f"Send predictions to {url}/invocations")
     features, target = load_data()
@@ -137,7 +150,7 @@ What to look at:
   - the service:    curl {url}/deployment ; curl {url}/metrics
   - captured traffic: MLFLOW_DEPLOY_HOME={OUT}/deploy-home {BIN}/mlflow-deploy capture show {NAME}
 """)
-    if args.keep:
+    if keep:
         print(f"Left running (--keep). Stop it with: MLFLOW_DEPLOY_HOME={OUT}/deploy-home "
               f"MLFLOW_TRACKING_URI=sqlite:///{OUT}/mlflow.db {BIN}/mlflow deployments delete -t lifecycle "
               f"--name {NAME}")
