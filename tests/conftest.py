@@ -353,6 +353,31 @@ def registry(env: Env) -> Registry:
     return Registry(model, broken, failing)
 
 
+class Regressor:
+    """A small registered regressor (scikit-learn's bundled diabetes data): version 1 of ``model``."""
+
+    def __init__(self, model: str, features: pd.DataFrame, target: pd.Series) -> None:
+        self.model, self.features, self.target = model, features, target
+
+
+@pytest.fixture(scope="session")
+def regressor(env: Env) -> Regressor:
+    import mlflow
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import Ridge
+
+    data = load_diabetes(as_frame=True)
+    model = f"diabetes_{str(int(time.time() * 1000))[-8:]}"
+    mlflow.set_experiment(f"tests-{model}")
+    with mlflow.start_run():
+        fitted = Ridge(alpha=0.1).fit(data.data, data.target)
+        mlflow.log_metric("mae", float(abs(fitted.predict(data.data) - data.target).mean()))
+        mlflow.sklearn.log_model(fitted, name="model", registered_model_name=model, pip_requirements=PIP_REQUIREMENTS,
+                                 signature=infer_signature(data.data, fitted.predict(data.data)))
+    return Regressor(model, data.data, data.target)
+
+
 @pytest.fixture(scope="session")
 def shared_deployment(env: Env, registry: Registry) -> Iterator[dict]:
     """One running deployment of version 1 for tests that only read from it."""

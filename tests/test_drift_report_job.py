@@ -392,6 +392,15 @@ def test_vanished_feature_and_missing_rate_change_are_flagged_end_to_end(store: 
     html = _download(store.client, outcome.run_id, "drift_report.html", tmp_path).read_text()
     _assert_page_shows_our_verdicts(html, result)
     assert "only in the current data (not in the reference)" in html  # new_feature, in our verdict table
+    # Data quality on the same rows: the missing values are issues, in the metrics, tags, summary and page.
+    checks = summary["data_quality"]["columns"]
+    assert checks["income($)"]["checks"]["missing"]["value"] == pytest.approx(0.2)
+    assert checks["income($)"]["issue"] and checks["region"]["checks"]["missing"]["value"] == 1.0
+    assert {"income($)", "region"} <= set(summary["data_quality"]["columns_with_issues"])
+    assert metrics["data_quality.missing.income___"] == pytest.approx(0.2) and metrics["data_quality.missing.region"] == 1
+    tags = store.client.get_run(outcome.run_id).data.tags
+    assert tags["data_quality.status"] == "issues" and "income($): missing 20%" in tags["data_quality.issues"]
+    assert 'id="mlflow-deploy-data-quality"' in html
     assert summary["evidently"]["plotted_columns"] == ["age", "income($)", "plan"]  # region cannot be drawn
 
 

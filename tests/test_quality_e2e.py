@@ -5,7 +5,9 @@ multi-row; labels come in through `mlflow-deploy labels add` (CSV) and `POST /la
 after a first report (late: the window is reported again, as a re-run); a bad label file is refused
 with nothing written. The report's accuracy must equal the one computed by hand on the same rows,
 where the test flipped a known share of the true labels. Then a quality drop: a version's labelled
-accuracy far below its training figure in two windows makes the policy roll back, with the evidence.
+accuracy far below its training figure in two windows makes the policy roll back, with the evidence;
+on the same deployment, a new version's canary is rejected on its labelled accuracy against the
+champion's over the canary window. A regressor likewise: its MAE equals the one computed by hand.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import Env, Registry, split_payload, train, wait_for
+from conftest import Env, Registry, Regressor, split_payload, train, wait_for
 from test_capture_drift_e2e import _mlflow_deploy
 
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
 
 
-# Two `quality report` runs each import MLflow and Evidently in a fresh process (~30 s on a busy machine).
-@pytest.mark.timeout(600)
+# Two `quality report` runs each import MLflow and Evidently in a fresh process (~30 s on a busy
+# machine, minutes on a very busy one), besides the session's set-up.
+@pytest.mark.timeout(1200)
 def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> None:
     name = "quality-e2e"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
@@ -123,10 +126,12 @@ def _served_version(url: str) -> str:
     return requests.get(f"{url}/deployment", timeout=5).json()["model_version"]
 
 
-@pytest.mark.timeout(900)
+# Two switches, two reports, a canary start and its rejection, each minutes on a busy machine.
+@pytest.mark.timeout(1800)
 def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registry) -> None:
     """v2 takes over from v1; its labelled accuracy falls far below its training figure in two
-    windows in a row, and the policy (run by the deployment's own agent) rolls back to v1."""
+    windows in a row, and the policy (run by the deployment's own agent) rolls back to v1. Then v3
+    is registered, goes to a canary, and is rejected on labelled quality."""
     name = "quality-drop"
     model = f"qdrop_{registry.model.rsplit('_', 1)[-1]}"  # its own model: the policy moves its champion alias
     train(model, c=1.0, alias="champion", experiment="quality-e2e")
@@ -141,7 +146,7 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
         client.set_registered_model_alias(model, "champion", "2")
         # Switched: v2's workers serve and v1's have left (a draining v1 worker would answer too).
         wait_for(lambda: (lambda s: s["model_version"] == "2" and not s["updating"] and not s["other_pids"])(
-            env.status(name)), 90, "the deployment to follow champion to v2 and v1's workers to leave")
+            env.status(name)), 240, "the deployment to follow champion to v2 and v1's workers to leave")
         url = env.status(name)["url"]
         assert _served_version(url) == "2"
         capture_dir = str(env.home / "deployments" / name / "capture")
@@ -176,5 +181,95 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
         assert [w["n"] for w in rolled["evidence"]["windows"]] == [80, 80]
         assert all(w["accuracy"] == 0.5 and w["ci_high"] < w["training"] - 0.05 for w in rolled["evidence"]["windows"])
         assert str(client.get_model_version_by_alias(model, "champion").version) == "1"
+
+        # A canary rejected on labelled quality. The policy now promotes through a canary that
+        # compares labelled accuracy with v1's over the same window; v3 takes half of the traffic and
+        # the labels contradict every answer it gave (and confirm v1's).
+        policy.write_text(
+            f"model: {model}\npromotion:\n  gates: {{smoke_test: false}}\n"
+            "  canary: {percent: 50, min_requests: 20, max_minutes: 10, max_error_rate: null, "
+            "max_p99_latency_ms: null, insufficient_evidence: extend, quality_margin: 0.05, min_labelled_rows: 20}\n"
+            "quality:\n  max_drop: 0.05\n  consecutive_reports: 2\n  action: rollback\n")
+        train(model, c=0.05, experiment="quality-e2e")  # v3
+        state_file = env.home / "deployments" / name / "lifecycle_state.json"
+        wait_for(lambda: (json.loads(state_file.read_text()).get("canary") or {}).get("version") == "3", 180,
+                 "v3's canary to start")
+        canary_start = datetime.now(UTC)
+        by_version: dict[str, list[tuple[str, int]]] = {"1": [], "3": []}
+        for i in range(400):  # until each side answered 25 (50 % each: about 50 requests)
+            if min(len(rows) for rows in by_version.values()) >= 25:
+                break
+            response = session.post(f"{url}/invocations", json=split_payload(features.iloc[[i]]),
+                                    headers={"X-Request-Id": f"canary-{i}"}, timeout=30)
+            assert response.status_code == 200
+            by_version[response.headers["x-model-version"]].append((f"canary-{i}", response.json()["predictions"][0]))
+        answered_n = sum(len(rows) for rows in by_version.values())
+        wait_for(lambda: len(read_capture(capture_dir, since=canary_start)) >= answered_n, 60, "the canary's capture")
+        body = ([{"request_id": rid, "label": 1 - p} for rid, p in by_version["3"]]
+                + [{"request_id": rid, "label": p} for rid, p in by_version["1"]])
+        response = session.post(f"{url}/labels", json=body, timeout=60)
+        assert response.status_code == 200 and response.json()["added"] == len(body), response.text
+        def rejection() -> dict | None:
+            return next((e for e in map(json.loads, history.read_text().splitlines())
+                         if e["event"] == "rejected" and e["model"]["model_version"] == "3"), None)
+
+        rejected = wait_for(rejection, 180, "the canary to reject v3 on labelled quality")
+        assert "canary failed" in rejected["reason"] and "canary.quality" in rejected["reason"], rejected["reason"]
+        check = next(r for r in rejected["evidence"]["results"] if r["gate"] == "canary.quality")
+        assert check["passed"] is False and "Newcombe hybrid score interval" in check["figures"]["test"]
+        assert check["figures"]["challenger"]["value"] == 0.0 and check["figures"]["champion"]["value"] == 1.0
+        assert check["figures"]["challenger"]["n"] == len(by_version["3"])
+        assert check["figures"]["champion"]["n"] == len(by_version["1"])
+        assert check["figures"]["ci_low"] > 0.05
+        wait_for(lambda: requests.get(f"{url}/deployment", timeout=5).json()["traffic"][0]["model_version"] == "1"
+                 and len(requests.get(f"{url}/deployment", timeout=5).json()["traffic"]) == 1, 60,
+                 "v1 to serve alone again")
+    finally:
+        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+
+
+@pytest.mark.timeout(900)
+def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regressor) -> None:
+    name = "quality-regression"
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{regressor.model}/1",
+            "-C", "quality_min_labelled_rows=50")
+    client = mlflow.MlflowClient()
+    try:
+        url = env.status(name)["url"]
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        session = requests.Session()
+        answered = []  # (request id, row, prediction, true target)
+        for i in range(80):  # single-row requests with the client's own id
+            response = session.post(f"{url}/invocations", json=split_payload(regressor.features.iloc[[i]]),
+                                    headers={"X-Request-Id": f"reg-{i}"}, timeout=30)
+            assert response.status_code == 200
+            answered.append((f"reg-{i}", 0, response.json()["predictions"][0], float(regressor.target.iloc[i])))
+        for start in range(80, 110, 3):  # 3-row requests named by the service
+            response = session.post(f"{url}/invocations", json=split_payload(regressor.features.iloc[start:start + 3]),
+                                    timeout=30)
+            assert response.status_code == 200
+            for row, prediction in enumerate(response.json()["predictions"]):
+                answered.append((response.headers["x-request-id"], row, prediction,
+                                 float(regressor.target.iloc[start + row])))
+        rows = pd.DataFrame(answered, columns=["request_id", "row", "prediction", "y"])
+        capture_dir = str(env.home / "deployments" / name / "capture")
+        wait_for(lambda: len(read_capture(capture_dir, since=since)) >= len(rows), 60, "the capture on disk")
+        # The true targets, a known share of them moved by a known amount: the report must find the
+        # same MAE and RMSE as computed here on the same rows.
+        rows["y"] = np.where(np.arange(len(rows)) % 5 == 0, rows["y"] + 40.0, rows["y"])
+        path = env.root / "regression-labels.csv"
+        rows[["request_id", "row", "y"]].to_csv(path, index=False)
+        out = _mlflow_deploy(env, "labels", "add", name, str(path), "--label-column", "y")
+        assert f"{len(rows)} labels: {len(rows)} added" in out.stdout, out.stdout
+        report = _mlflow_deploy(env, "quality", "report", name, "--since", since.isoformat(),
+                                "--until", (since + timedelta(hours=1)).isoformat())
+        run = client.get_run(report.stdout.split("(run ")[1].split(")")[0])
+        errors = rows["prediction"].to_numpy(dtype=float) - rows["y"].to_numpy(dtype=float)
+        assert run.data.params["task"] == "regression"  # read from the signature (a float output)
+        assert run.data.metrics["mae"] == pytest.approx(float(np.mean(np.abs(errors))), rel=1e-12, abs=0)
+        assert run.data.metrics["rmse"] == pytest.approx(float(np.sqrt(np.mean(errors ** 2))), rel=1e-12, abs=0)
+        assert run.data.metrics["rows_labelled"] == len(rows) and run.data.metrics["label_coverage"] == 1.0
+        assert run.data.metrics["mae.ci_low"] < run.data.metrics["mae"] < run.data.metrics["mae.ci_high"]
+        assert "training.mae" in run.data.metrics and "→ production mae" in report.stdout
     finally:
         env.cli("delete", "-t", "lifecycle", "--name", name, check=False)

@@ -6,8 +6,8 @@ measured while the challenger takes its share (:mod:`.traffic_stats` collects th
 those figures alone: no registry, no model. Its results are :class:`.gates.GateResult` lines, so
 reports and audit records read the same.
 
-Canary checks in reports: ``canary.evidence``, ``canary.error_rate``, ``canary.p99_latency`` and
-``canary.drift``.
+Canary checks in reports: ``canary.evidence``, ``canary.error_rate``, ``canary.p99_latency``,
+``canary.drift`` and ``canary.quality``.
 
 How a canary is judged (what an on-call engineer signs off on):
 
@@ -26,11 +26,20 @@ How a canary is judged (what an on-call engineer signs off on):
   at once; ``ok`` passes; no verdict yet (the check runs, or found fewer than the deployment's
   ``drift_min_rows`` rows) keeps the canary waiting, and at ``max_minutes`` is not enough evidence,
   handled as above. A challenger is never promoted without that verdict.
+- **Quality** (``quality_margin``): the labelled rows each version answered since the canary
+  started (labels joined by :mod:`.canary_quality`) compare the challenger with the champion on the
+  same window: accuracy for classifiers, MAE for regressors. It fails when the challenger is worse
+  by more than ``quality_margin`` *significantly*: the whole 95 % interval of the difference lies
+  beyond the margin (a one-sided test at alpha 0.025), with Newcombe's hybrid score interval for
+  the difference of two accuracies (the versions answered different rows: independent samples)
+  or Welch's t interval on the absolute errors. Below ``min_labelled_rows`` labelled rows on either
+  side there are not enough labels: no verdict, the canary waits, and at ``max_minutes`` that is
+  not enough evidence, handled as above. A challenger is never promoted without that verdict.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from mlflow_deploy_plugin.lifecycle.gates import _EPS, GateResult, StageVerdict, _fmt
@@ -51,10 +60,44 @@ class CanaryStats:
     drift_detail: str | None = None
     champion_requests: int = 0  # the champion's answers over the same window
     champion_errors: int = 0
+    # Both versions' labelled rows since the canary started (quality_margin); None: not looked yet.
+    quality: CanaryQuality | None = None
 
     @property
     def champion_error_rate(self) -> float | None:
         return self.champion_errors / self.champion_requests if self.champion_requests else None
+
+
+@dataclass(frozen=True)
+class LabelledSide:
+    """One version's labelled rows over the canary window, summed up for the comparison."""
+
+    n: int
+    value: float  # accuracy (classification) or MAE (regression)
+    hits: int = 0  # classification: rows answered right
+    sd: float = 0.0  # regression: sample standard deviation of the absolute errors
+
+
+@dataclass(frozen=True)
+class CanaryQuality:
+    """The challenger's and the champion's labelled rows over the same window."""
+
+    task: Literal["classification", "regression"]
+    challenger: LabelledSide
+    champion: LabelledSide
+    detail: str = ""  # on what it rests, for the verdict line (window, labels read)
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.task == "classification" else "mae"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CanaryQuality:
+        return cls(data["task"], LabelledSide(**data["challenger"]), LabelledSide(**data["champion"]),
+                   data.get("detail", ""))
 
 
 class CanaryVerdict(StageVerdict):
@@ -92,6 +135,9 @@ def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
 
     drift = _canary_drift(canary, stats)
     drift_waiting = drift is not None and stats.drift_status not in ("ok", "drifted")
+    quality, quality_waiting = _canary_quality(canary, stats)
+    if quality is not None:
+        figures["quality"] = quality.figures
     if not enough:
         drifted = drift if stats.drift_status == "drifted" else None  # certain already; waiting is not
         certain = [result for result in (drifted, _early_error_check(canary, stats)) if result and not result.passed]
@@ -112,7 +158,7 @@ def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
         results = [GateResult("canary.evidence", False, what,
                               {"requests": stats.requests, "min_requests": canary.min_requests,
                                "elapsed_s": stats.elapsed_s})]
-        return CanaryVerdict("fail", results + ([drift] if drift else []), figures)
+        return CanaryVerdict("fail", results + [check for check in (drift, quality) if check], figures)
 
     results = [GateResult("canary.evidence", True, f"judged on {stats.requests} requests after "
                                                    f"{_fmt(minutes)} minutes (min_requests reached)",
@@ -133,14 +179,17 @@ def evaluate_canary(canary: CanaryPolicy, stats: CanaryStats) -> CanaryVerdict:
                 f"{_fmt(over)} ms)" if over > _EPS
                 else f"p99 latency {_fmt(p99)} ms <= {_fmt(canary.max_p99_latency_ms)} ms allowed",
                 {"p99_latency_ms": p99, "max_p99_latency_ms": canary.max_p99_latency_ms}))
-    if drift_waiting and all(result.passed for result in results):
-        assert drift is not None
+    # The checks on what the challenger served (drift, labels): a check that did not conclude yet is
+    # no reason for a failure, but keeps a canary that passed everything else waiting.
+    live = [(check, waiting) for check, waiting in ((drift, drift_waiting), (quality, quality_waiting)) if check]
+    results.extend(check for check, waiting in live if not waiting)
+    waiting_checks = [check for check, waiting in live if waiting]
+    if waiting_checks and all(result.passed for result in results):
         if not timed_out or canary.insufficient_evidence == "extend":
-            return CanaryVerdict("pending", [*results, drift], figures)
-        results.append(GateResult("canary.drift", False, f"not enough evidence: {drift.detail} after "
-                                                          f"{_fmt(minutes)} minutes", drift.figures))
-    elif drift and not drift_waiting:  # a check that did not conclude is no reason for a failure
-        results.append(drift)
+            return CanaryVerdict("pending", [*results, *waiting_checks], figures)
+        results.extend(GateResult(check.gate, False, f"not enough evidence: {check.detail} after "
+                                                     f"{_fmt(minutes)} minutes", check.figures)
+                       for check in waiting_checks)
     status: Literal["pass", "fail"] = "pass" if all(result.passed for result in results) else "fail"
     return CanaryVerdict(status, results, figures)
 
@@ -203,3 +252,38 @@ def _early_error_check(canary: CanaryPolicy, stats: CanaryStats) -> GateResult |
         f"of {_fmt(budget)} = {_pct(canary.max_error_rate)}): failing early",
         {"errors": stats.errors, "budget": budget, "champion_expected": expected,
          "max_error_rate": canary.max_error_rate})
+
+
+def _canary_quality(canary: CanaryPolicy, stats: CanaryStats) -> tuple[GateResult | None, bool]:
+    """The labelled-quality line (``quality_margin``) and whether it is still waiting for labels."""
+    margin = canary.quality_margin
+    if margin is None:
+        return None, False
+    need = canary.min_labelled_rows
+    q = stats.quality
+    on = f"; {q.detail}" if q is not None and q.detail else ""
+    if q is None or q.challenger.n < need or q.champion.n < need:
+        counts = ("no labels looked at yet" if q is None else
+                  f"{q.challenger.n} labelled rows of the challenger, {q.champion.n} of the champion")
+        figures = {"min_labelled_rows": need, "quality_margin": margin,
+                   **({} if q is None else q.to_dict())}
+        return GateResult("canary.quality", False, f"not enough labels: {counts} (min_labelled_rows={need} "
+                                                   f"each){on}", figures), True
+    # Imported here: numpy/scipy are loaded only where labels are judged (the controller's CLI verbs
+    # do not need them).
+    from mlflow_deploy_plugin.quality.metrics import newcombe_difference, welch_difference
+
+    chal, champ = q.challenger, q.champion
+    if q.task == "classification":
+        diff = newcombe_difference(champ.hits, champ.n, chal.hits, chal.n)  # champion - challenger
+    else:
+        diff = welch_difference(champ.value, champ.sd, champ.n, chal.value, chal.sd, chal.n)  # challenger - champion
+    worse = diff.low > margin + _EPS
+    figures = {**q.to_dict(), "metric": q.metric, "worse_by": diff.value, "ci_low": diff.low, "ci_high": diff.high,
+               "test": diff.test, "quality_margin": margin, "min_labelled_rows": need}
+    text = (f"labelled {q.metric} {_fmt(chal.value)} (n = {chal.n}) vs the champion's {_fmt(champ.value)} "
+            f"(n = {champ.n}): worse by {_fmt(diff.value)} (95% CI {_fmt(diff.low)} to {_fmt(diff.high)}, "
+            f"{diff.test})")
+    verdict = (f"significantly more than the margin {_fmt(margin)}" if worse
+               else f"not significantly more than the margin {_fmt(margin)}")
+    return GateResult("canary.quality", not worse, f"{text}: {verdict}{on}", figures), False

@@ -62,7 +62,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_deploy_plugin.deployments import Deployments, traffic_summary
 from mlflow_deploy_plugin.errors import DeploymentError
 from mlflow_deploy_plugin.lifecycle import traffic_stats
-from mlflow_deploy_plugin.lifecycle.canary import CanaryStats, evaluate_canary
+from mlflow_deploy_plugin.lifecycle.canary import CanaryQuality, CanaryStats, evaluate_canary
 from mlflow_deploy_plugin.lifecycle.canary_drift import CanaryDriftCheck
 from mlflow_deploy_plugin.lifecycle.gates import evaluate_gates
 from mlflow_deploy_plugin.lifecycle.policy import Policy, PolicyError, parse_policy
@@ -747,13 +747,14 @@ class LifecycleController:
         figures, champion_figures = window(version), window(champion)
         canary_policy = policy.promotion.canary
         elapsed = time.time() - canary_state["started_at"]
-        drift_status, drift_detail = self._canary_drift(canary_state, canary_policy.require_no_drift, due=(
-            figures.requests >= canary_policy.min_requests or elapsed >= canary_policy.max_minutes * 60))
+        due = figures.requests >= canary_policy.min_requests or elapsed >= canary_policy.max_minutes * 60
+        drift_status, drift_detail = self._canary_drift(canary_state, canary_policy.require_no_drift, due=due)
+        quality = self._canary_quality(canary_state, due=due) if canary_policy.quality_margin is not None else None
         stats = CanaryStats(requests=int(figures.requests), errors=int(figures.errors),
                             p99_latency_ms=traffic_stats.p99_ms(figures), elapsed_s=elapsed,
                             drift_status=drift_status, drift_detail=drift_detail,
                             champion_requests=int(champion_figures.requests),
-                            champion_errors=int(champion_figures.errors))
+                            champion_errors=int(champion_figures.errors), quality=quality)
         verdict = evaluate_canary(canary_policy, stats)
         if verdict.pending:
             return
@@ -766,6 +767,25 @@ class LifecycleController:
         else:
             self._start_op(state, policy, "reject", version, actor=f"policy {policy.source}",
                            reason=f"canary failed: {summary}", evidence=verdict.to_dict())
+
+    def _canary_quality(self, canary_state: dict[str, Any], *, due: bool) -> CanaryQuality | None:
+        """Both versions' labelled rows since the canary started (quality_margin), read again at most
+        every canary_quality.RECHECK_S; None until first read (or while it cannot be read)."""
+        from mlflow_deploy_plugin.lifecycle import canary_quality
+
+        check: dict[str, Any] = canary_state.setdefault("quality_check", {})
+        now = time.time()
+        if due and now - check.get("checked_at", 0.0) >= canary_quality.RECHECK_S:
+            check["checked_at"] = now
+            try:
+                found = canary_quality.labelled_sides(
+                    self.store, self.name, str(canary_state.get("champion")), str(canary_state["version"]),
+                    datetime.fromtimestamp(canary_state["started_at"], tz=UTC), datetime.now(UTC))
+                check["result"] = found.to_dict()
+            except Exception as exc:  # a file being rewritten, say: no figures this time, never a verdict
+                _logger.warning("Could not read the labelled rows of the canary of v%s: %s",
+                                canary_state["version"], _error_text(exc))
+        return CanaryQuality.from_dict(check["result"]) if check.get("result") else None
 
     def _canary_drift(self, canary_state: dict[str, Any], required: bool, *, due: bool,
                       ) -> tuple[str | None, str | None]:

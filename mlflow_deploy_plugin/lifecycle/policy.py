@@ -51,6 +51,9 @@ silently ignored is a gate that never runs.
         max_p99_latency_ms: 250   # p99 latency of the challenger's successful answers; null = not checked
         require_no_drift: false   # the rows the challenger answered in its canary must not drift
                                   #   (judged against its own reference; no verdict yet = wait)
+        quality_margin: null      # labelled quality (accuracy; MAE for regressors) may be worse than the
+                                  #   champion's on the same window by at most this; null = not checked
+        min_labelled_rows: 100    # ... judged once each side has this many labelled rows (else waits)
     drift:
       consecutive_reports: 3      # act when the served version is "drifted" in K reports in a row
       action: tag                 # tag | rollback | archive
@@ -168,6 +171,10 @@ class CanaryPolicy:
     max_p99_latency_ms: float | None = 250.0
     require_no_drift: bool = False
     insufficient_evidence: Literal["reject", "extend"] = "reject"
+    # The `quality` check (lifecycle/canary.py): labelled accuracy (classifiers) or MAE (regressors)
+    # of the challenger vs the champion over the canary window; None = not checked.
+    quality_margin: float | None = None
+    min_labelled_rows: int = 100
 
 
 @dataclass(frozen=True)
@@ -292,7 +299,7 @@ _GATE_KEYS = ("metrics", "max_regression", "signature_compatible", "smoke_test",
               "allow_missing_champion_metrics")
 _REGRESSION_KEYS = ("margin", "lower_is_better")
 _CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence", "max_error_rate",
-                "max_p99_latency_ms", "require_no_drift")
+                "max_p99_latency_ms", "require_no_drift", "quality_margin", "min_labelled_rows")
 INSUFFICIENT_EVIDENCE = ("reject", "extend")
 _DRIFT_KEYS = ("consecutive_reports", "action")
 _QUALITY_KEYS = ("figure", "floor", "max_drop", "consecutive_reports", "action")
@@ -612,6 +619,8 @@ class _Parser:
             "max_error_rate": {"nullable": True, "check": lambda v: 0 <= v <= 1,
                                "range_text": "between 0 and 1 (a share, not a percentage)"},
             "max_p99_latency_ms": {"nullable": True, "check": lambda v: v > 0, "range_text": "> 0"},
+            "quality_margin": {"nullable": True, "check": _non_negative, "range_text": ">= 0"},
+            "min_labelled_rows": {"integer": True, "check": lambda v: v >= 1, "range_text": ">= 1"},
         }
         for key, spec in specs.items():
             if (sub := self.get(items, key)) is not None:

@@ -16,6 +16,11 @@ The run (experiment ``drift/<deployment>`` by default) holds:
   ``prediction_drift_score.<output>`` and ``prediction_drift_effect[.<output>]`` (several outputs,
   as capture names them ``_prediction_<output>``) when prediction drift was checked; all stamped
   with the window end so charts over runs follow the data's time;
+* data quality (:mod:`.data_quality`): per compared column ``data_quality.missing.<column>``,
+  ``data_quality.out_of_range.<column>`` (numeric) or ``data_quality.new_categories.<column>``
+  (categorical), and ``data_quality.columns_with_issues``; the tag ``data_quality.status`` (``ok`` or
+  ``issues``, with ``data_quality.issues`` saying which), the ``data_quality`` section of the JSON
+  summary and a per-column table at the top of the HTML;
 * artifacts ``drift_report.html`` (Evidently) and ``drift_summary.json``;
 * tags ``drift.status``; ``drift.skipped`` when part of the report could not be done (e.g. prediction
   drift, when the model's predictions on the reference data failed), saying what and why (also the
@@ -51,6 +56,9 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from .data_quality import DataQualityResult, check_data_quality, insert_into_page
+from .data_quality import html_table as data_quality_table
+from .data_quality import metrics as data_quality_metrics
 from .drift_methods import ColumnMethod, Floors, methods_to_spec, parse_floors, parse_methods
 from .drift_stats import DriftResult, compute_drift
 from .evidently_report import DEFAULT_SAMPLE_ROWS, render_evidently_report, render_fallback_html
@@ -376,6 +384,7 @@ def run_drift_report(
 
         result: DriftResult | None = None
         prediction: DriftResult | None = None
+        data_quality: DataQualityResult | None = None
         with tempfile.TemporaryDirectory(prefix="mlflow-deploy-drift-") as tmp:
             if rows_current < settings.min_rows:
                 status: DriftStatus = "insufficient_data"
@@ -439,7 +448,12 @@ def run_drift_report(
                         evidently_info = {"error": error[:2000]}
                         client.set_tag(run_id, "drift.report_error", error[:MAX_TAG_VAL_LENGTH])
                 summary["evidently"] = evidently_info
-                metrics = {"rows_current": rows_current, "rows_reference": rows_reference}
+                data_quality = check_data_quality(reference, current)
+                insert_into_page(str(html_path), data_quality_table(data_quality))
+                summary["data_quality"] = data_quality.to_dict()
+                metrics = {"rows_current": rows_current, "rows_reference": rows_reference,
+                           **data_quality_metrics(data_quality, metric_names(
+                               [c.name for c in data_quality.columns], prefix=""))}
                 if result.n_tested:  # no verdict, no drift figures (a 0 share would read as "no drift")
                     metrics.update({
                         "drift_share": result.drift_share, "drifted_columns": result.n_drifted,
@@ -467,6 +481,11 @@ def run_drift_report(
         if skipped_notes:
             client.set_tag(run_id, "drift.skipped", "; ".join(skipped_notes)[:MAX_TAG_VAL_LENGTH])
         client.set_tag(run_id, "drift.status", status)
+        if data_quality is not None:
+            client.set_tag(run_id, "data_quality.status", data_quality.status)
+            if data_quality.issues:
+                client.set_tag(run_id, "data_quality.issues",
+                               "; ".join(data_quality.issue_lines())[:MAX_TAG_VAL_LENGTH])
         share = result.drift_share if result is not None and status != "insufficient_data" else None
         _tag_version(client, model_name, model_version, status, share, run_id, checked_at)
         client.set_terminated(run_id, "FINISHED")

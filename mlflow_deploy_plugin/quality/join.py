@@ -9,12 +9,19 @@ side, and the class probabilities when the capture holds them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 
+import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pandas.api.types import union_categoricals
 
-from mlflow_deploy_plugin.capture.layout import PREDICTION_PREFIX
-from mlflow_deploy_plugin.quality.labels import LABEL, canonical
+from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.capture.layout import PREDICTION_PREFIX, as_utc, list_partitions, resolve_root
+from mlflow_deploy_plugin.quality.labels import LABEL, canonical, labels_root, read_labels
 
 # Names under which a model's outputs may hold its predicted class (a DataFrame of several outputs).
 _LABEL_OUTPUTS = ("label", "predicted_label", "prediction", "class", "predicted_class")
@@ -131,3 +138,121 @@ def answered_probabilities(captured: pd.DataFrame) -> dict[str, tuple[pd.Series 
         probabilities.columns = list(probas)
         out[version] = (rows[pred].reset_index(drop=True) if pred is not None else None, probabilities)
     return out
+
+
+# --- a window joined partition by partition (what the quality job runs on) ------------------------
+
+
+def text_categorical(values: pd.Series) -> pd.Series:
+    """``values`` as comparable text (:func:`.labels.canonical`) in a categorical Series: the text of
+    each *distinct* value is made once, so ten million rows of a few classes cost a factorisation."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes = values.cat.codes.to_numpy()
+        uniques = pd.Series(values.cat.categories.to_numpy(dtype=object))
+    else:
+        codes, found = pd.factorize(values, use_na_sentinel=True)
+        uniques = pd.Series(np.asarray(found, dtype=object))
+    texts = canonical(uniques)
+    text_codes, text_uniques = pd.factorize(texts, use_na_sentinel=True)  # 1 and 1.0 are one class
+    mapped = np.where(codes >= 0, text_codes[np.maximum(codes, 0)] if len(text_codes) else -1, -1)
+    return pd.Series(pd.Categorical.from_codes(mapped, categories=pd.Index(text_uniques, dtype=object)),
+                     index=values.index)
+
+
+def _concat(parts: list[pd.Series]) -> pd.Series:
+    if parts and all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
+        return pd.Series(union_categoricals([p.array for p in parts], ignore_order=True))
+    return pd.concat(parts, ignore_index=True) if parts else pd.Series(dtype=object)
+
+
+@dataclass
+class JoinedWindow:
+    """A window's labelled rows per version, read and joined one day partition at a time."""
+
+    task: str
+    labelled: list[Labelled]
+    answered: dict[str, tuple[pd.Series | None, pd.DataFrame]]  # CBPE's inputs; empty unless asked
+    rows: int  # captured rows in the window
+    labels: int  # stored labels in the window
+
+
+def window_columns(root: str, since: datetime, until: datetime) -> list[str]:
+    """The captured column names of the day partitions that overlap [since, until) (file footers only)."""
+    fs, base = resolve_root(root)
+    names: dict[str, None] = {}
+    for _day, path in _days(fs, base, since, until):
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False)):
+            if (info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+                    and not info.base_name.startswith((".", "_"))):
+                with fs.open_input_file(info.path) as handle:
+                    names.update(dict.fromkeys(pq.read_schema(handle).names))
+    return list(names)
+
+
+def _days(fs: pafs.FileSystem, base: str, since: datetime, until: datetime) -> list[tuple[date, str]]:
+    since, until = as_utc(since), as_utc(until)
+    return [(day, path) for day, path in list_partitions(fs, base)
+            if since.date() <= day and datetime(day.year, day.month, day.day, tzinfo=UTC) < until]
+
+
+def join_window(root: str, since: datetime, until: datetime, *, task_for: Callable[[pd.Series | None], str],
+                probabilities_of_all: bool = False, progress: Callable[[str], None] | None = None) -> JoinedWindow:
+    """Stored labels joined to the captured predictions of [since, until), one UTC day at a time.
+
+    Only the columns the figures need are read (ids, time, version, status, the prediction and the
+    class probabilities), and of each day only the labelled rows are kept, compactly (classes as
+    categorical text, regression values as floats): memory follows the labelled rows, not the
+    capture. ``task_for`` gets the first day's predictions (None: nothing captured) and returns the
+    task. ``probabilities_of_all``: also keep every answered row's probabilities (CBPE's input).
+    """
+    say = progress or (lambda _m: None)
+    columns = window_columns(root, since, until)
+    pred = prediction_column(columns)
+    probas = probability_columns(columns)
+    wanted = ["_request_id", "_row", "_timestamp", "_model_version", "_status",
+              *([pred] if pred else []), *probas.values()]
+    fs, base = resolve_root(root)
+    labels_folder = labels_root(root)
+    task: str | None = None
+    parts: dict[str, list[Labelled]] = {}
+    answered: dict[str, list[tuple[pd.Series | None, pd.DataFrame]]] = {}
+    rows = labels_n = 0
+    since, until = as_utc(since), as_utc(until)
+    for day, _path in _days(fs, base, since, until):
+        start = max(since, datetime(day.year, day.month, day.day, tzinfo=UTC))
+        end = min(until, datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1))
+        captured = read_capture(root, since=start, until=end, columns=wanted)
+        if captured.empty:
+            continue
+        if task is None:
+            task = task_for(captured[pred] if pred else None)
+        labels = read_labels(labels_folder, start, end)
+        rows, labels_n = rows + len(captured), labels_n + len(labels)
+        say(f"{day}: {len(captured):,} captured rows, {len(labels):,} labels")
+        for one in join_labels(captured, labels):
+            if task == "regression":
+                one.prediction = pd.to_numeric(one.prediction, errors="coerce").astype(float)
+                one.label = pd.to_numeric(one.label, errors="coerce").astype(float)
+            else:
+                one.prediction, one.label = text_categorical(one.prediction), text_categorical(one.label)
+            parts.setdefault(one.version, []).append(one)
+        if probabilities_of_all:
+            for version, found in answered_probabilities(captured).items():
+                answered.setdefault(version, []).append(found)
+        del captured, labels
+    labelled = []
+    for version in sorted(parts, key=_version_key):
+        chunks = parts[version]
+        probabilities = ([c.probabilities for c in chunks] if all(c.probabilities is not None for c in chunks)
+                         else None)
+        labelled.append(Labelled(
+            version=version, answered=sum(c.answered for c in chunks),
+            prediction=_concat([c.prediction for c in chunks]), label=_concat([c.label for c in chunks]),
+            probabilities=None if probabilities is None else pd.concat(probabilities, ignore_index=True),
+            timestamp=pd.concat([c.timestamp for c in chunks], ignore_index=True)))
+    merged: dict[str, tuple[pd.Series | None, pd.DataFrame]] = {}
+    for version, days in answered.items():
+        preds = [p for p, _ in days]
+        merged[version] = (None if any(p is None for p in preds) else pd.concat(preds, ignore_index=True),
+                           pd.concat([f for _, f in days], ignore_index=True))
+    return JoinedWindow(task or task_for(None), labelled, merged, rows, labels_n)

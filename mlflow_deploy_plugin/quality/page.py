@@ -72,15 +72,16 @@ def render_quality_html(path: str | Path, *, task: str, prediction: pd.Series, l
     """Write the page to ``path``; returns None, or why Evidently's part is missing."""
     path = Path(path)
     frame = pd.DataFrame({"target": label.to_numpy(), "prediction": prediction.to_numpy()})
+    if len(frame) > sample_rows:  # sampled first: what follows costs per row
+        frame = frame.sample(sample_rows, random_state=seed)
     if task == "regression":
         frame = frame.apply(pd.to_numeric, errors="coerce").dropna()
     else:
         from mlflow_deploy_plugin.quality.labels import canonical
 
-        frame["prediction"] = canonical(frame["prediction"]).to_numpy()
+        frame["prediction"] = canonical(frame["prediction"].astype(object)).to_numpy()
+        frame["target"] = frame["target"].astype(object)
         frame = frame.dropna().astype(str)
-    if len(frame) > sample_rows:
-        frame = frame.sample(sample_rows, random_state=seed)
     problem = None
     if frame.empty:
         problem = "no labelled rows to plot"

@@ -67,8 +67,10 @@ from mlflow_deploy_plugin.quality.join import (
     Labelled,
     answered_probabilities,
     join_labels,
+    join_window,
     prediction_column,
     probability_columns,
+    window_columns,
 )
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels, task_from_signature
 from mlflow_deploy_plugin.quality.metrics import Figure, quality_figures
@@ -181,6 +183,20 @@ def infer_task(configured: str | None, signature: Any, predictions: pd.Series | 
         if values.notna().all() and not np.all(np.mod(values.to_numpy(dtype=float), 1) == 0):
             return "regression"
     return "classification"
+
+
+def deployment_task(spec: Any, paths: Any, predictions: pd.Series | None) -> str:
+    """The task of a deployment's served model: ``-C task``, else its signature (the local copy's
+    MLmodel), else what the captured ``predictions`` look like (:func:`infer_task`)."""
+    if spec.config.task:
+        return str(spec.config.task)
+    signature = None
+    with contextlib.suppress(Exception):
+        from mlflow.models import Model
+
+        local = paths.models / spec.model.model_name / spec.model.model_version / "MLmodel"
+        signature = Model.load(str(local)).signature if local.exists() else None
+    return infer_task(None, signature, predictions)
 
 
 def training_figures(client: mlflow.MlflowClient, model_name: str, version: str) -> dict[str, tuple[str, float]]:
@@ -375,7 +391,9 @@ def _tag_version(client: mlflow.MlflowClient, model_name: str, version: str, out
 
 
 def run_quality_report(
-    *, deployment: str, model_name: str, captured: pd.DataFrame, labels: pd.DataFrame, task: str,
+    *, deployment: str, model_name: str, captured: pd.DataFrame | None = None, labels: pd.DataFrame | None = None,
+    task: str, joined: list[Labelled] | None = None,
+    answered: dict[str, tuple[pd.Series | None, pd.DataFrame]] | None = None,
     window_start: datetime, window_end: datetime, min_labelled_rows: int = 100,
     client: mlflow.MlflowClient | None = None, experiment_name: str | None = None,
     progress: Callable[[str], None] | None = None, trigger: str = "manual",
@@ -388,11 +406,14 @@ def run_quality_report(
     where they come from, for the output.
     """
     client = client or mlflow.MlflowClient()
-    joined = join_labels(captured, labels)
+    if joined is None:
+        assert captured is not None and labels is not None, "captured and labels, or joined"
+        joined = join_labels(captured, labels)
     if not joined:
         return []
     estimated = ({} if calibration is None or task != "classification"
-                 else estimate_versions(captured, calibration, calibration_source, min_labelled_rows))
+                 else estimate_versions(captured, calibration, calibration_source, min_labelled_rows,
+                                        answered=answered))
     experiment_id = _ensure_experiment(client, experiment_name or f"drift/{deployment}")
     return [report_version(deployment=deployment, model_name=model_name, labelled=one, task=task,
                            window_start=window_start, window_end=window_end, min_labelled_rows=min_labelled_rows,
@@ -401,14 +422,18 @@ def run_quality_report(
             for one in joined]
 
 
-def estimate_versions(captured: pd.DataFrame, calibration: list[Labelled], source: str,
-                      min_rows: int) -> dict[str, Estimated]:
+def estimate_versions(captured: pd.DataFrame | None, calibration: list[Labelled], source: str,
+                      min_rows: int, *, answered: dict[str, tuple[pd.Series | None, pd.DataFrame]] | None = None,
+                      ) -> dict[str, Estimated]:
     """CBPE per version of ``captured`` whose answers hold probabilities, calibrated on the same
     version's labelled rows in ``calibration`` (at least ``min_rows``); never raises for data that
     cannot calibrate: the result says why."""
     by_version = {one.version: one for one in calibration}
     out = {}
-    for version, (prediction, probabilities) in answered_probabilities(captured).items():
+    if answered is None:
+        assert captured is not None, "captured or answered"
+        answered = answered_probabilities(captured)
+    for version, (prediction, probabilities) in answered.items():
         cal = by_version.get(version)
         where = f"of v{version} {source}".rstrip()
         if cal is None or cal.n == 0 or cal.probabilities is None:
@@ -443,20 +468,11 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
     paths = store.paths(name)
     root = capture_root(name, config.capture_uri, str(paths.capture))
     say(f"Reading captured predictions of {name!r} from {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
-    captured = read_capture(root, since=since, until=until)
-    labels = read_labels(labels_root(root), since, until)
-    say(f"{len(captured):,} captured rows, {len(labels):,} labels in the window")
-    signature = None
-    with contextlib.suppress(Exception):
-        from mlflow.models import Model
-
-        local = paths.models / spec.model.model_name / spec.model.model_version / "MLmodel"
-        signature = Model.load(str(local)).signature if local.exists() else None
-    pred = prediction_column([str(c) for c in captured.columns])
-    task = infer_task(config.task, signature, captured[pred] if pred else None)
+    columns = window_columns(root, since, until)
+    pred = prediction_column(columns)
     calibration, source = None, ""
-    probas = probability_columns([str(c) for c in captured.columns])
-    if probas and task == "classification":
+    probas = probability_columns(columns)
+    if probas and (config.task or "classification") == "classification":
         # CBPE's calibration: the labelled rows of the label horizon before the window (see the docstring).
         cal_since = since - timedelta(seconds=duration_s(config.label_horizon))
         source = f"predicted {cal_since:%Y-%m-%d %H:%M} – {since:%Y-%m-%d %H:%M} UTC"
@@ -467,9 +483,13 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
             wanted = ["_request_id", "_row", "_timestamp", "_model_version", "_status",
                       *([pred] if pred else []), *probas.values()]
             calibration = join_labels(read_capture(root, since=cal_since, until=since, columns=wanted), cal_labels)
+    # Joined one day partition at a time, keeping only the labelled rows: memory follows the labels.
+    window = join_window(root, since, until, task_for=lambda predictions: deployment_task(spec, paths, predictions),
+                         probabilities_of_all=bool(calibration), progress=progress)
+    say(f"{window.rows:,} captured rows, {window.labels:,} labels in the window")
     outcomes = run_quality_report(
-        deployment=name, model_name=spec.model.model_name, captured=captured, labels=labels, task=task,
-        window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
+        deployment=name, model_name=spec.model.model_name, joined=window.labelled, answered=window.answered,
+        task=window.task, window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
         experiment_name=config.drift_experiment, progress=progress, trigger=trigger,
         calibration=calibration, calibration_source=source)
     _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)

@@ -1,0 +1,85 @@
+"""Data-quality checks of captured columns against the reference, on data with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlflow_deploy_plugin.monitoring.data_quality import Limits, check_data_quality, html_table, metrics
+
+
+def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    reference = pd.DataFrame({
+        "age": np.arange(18, 118, dtype=float),                  # range [18, 117], no missing value
+        "plan": ["basic", "pro"] * 50,                           # two categories
+        "score": [np.nan] * 10 + list(np.linspace(0, 1, 90)),     # 10 % missing in the reference
+        "rating": [1, 2, 3] * 33 + [1],                          # few integer levels: categorical
+    })
+    current = pd.DataFrame({
+        "age": [10.0] * 3 + [200.0] * 2 + [40.0] * 195,          # 5 of 200 outside [18, 117]
+        "plan": ["basic"] * 150 + ["gold"] * 30 + ["trial"] * 10 + [None] * 10,  # 40 of 190 unseen
+        "score": [np.nan] * 20 + ["oops"] * 10 + [0.5] * 170,   # 30 of 200 missing (text is missing)
+        "rating": [1, 2, 3, 4] * 50,                             # 50 of 200 never seen
+    })
+    return reference, current
+
+
+def test_known_shares_and_verdicts() -> None:
+    reference, current = _frames()
+    result = check_data_quality(reference, current)
+    by = {col.name: col for col in result.columns}
+    age, plan, score, rating = by["age"], by["plan"], by["score"], by["rating"]
+    assert (age.kind, plan.kind, score.kind, rating.kind) == ("numeric", "categorical", "numeric", "categorical")
+
+    assert age.check("out_of_range").value == 5 / 200 and age.check("out_of_range").issue
+    assert age.check("out_of_range").figures == {"below": 3, "above": 2, "reference_min": 18.0,
+                                                  "reference_max": 117.0, "values": 200}
+    assert age.check("missing").value == 0 and not age.check("missing").issue
+    assert age.check("new_categories") is None
+
+    assert plan.check("missing").value == 10 / 200 and not plan.check("missing").issue  # 5 % <= 0 % + 5 %
+    assert plan.check("new_categories").value == 40 / 190 and plan.check("new_categories").issue
+    assert plan.check("new_categories").detail.endswith("never seen in the reference: 'gold' (30), 'trial' (10) "
+                                                        "> 1% allowed")
+
+    # 20 NaN + 10 texts that are not numbers = 15 %, against the reference's 10 % + 5 %: at the limit.
+    assert score.check("missing").value == pytest.approx(0.15) and score.check("missing").limit == pytest.approx(0.15)
+    assert not score.check("missing").issue
+    assert score.check("out_of_range").value == 0
+
+    assert rating.check("new_categories").value == 50 / 200
+    assert result.issues == ["age", "plan", "rating"] and result.status == "issues"
+
+
+def test_a_column_the_capture_lacks_is_missing_everywhere_and_limits_apply() -> None:
+    reference, current = _frames()
+    result = check_data_quality(reference, current.drop(columns=["age"]), Limits(max_out_of_range=0.5,
+                                                                                   max_new_categories=0.5))
+    age = next(col for col in result.columns if col.name == "age")
+    assert age.check("missing").value == 1.0 and age.check("missing").issue and len(age.checks) == 1
+    assert result.issues == ["age"]  # the other shares are within the looser limits
+
+
+def test_clean_data_has_no_issue_and_one_metric_per_check() -> None:
+    reference, _ = _frames()
+    result = check_data_quality(reference, reference.sample(60, random_state=0))
+    assert result.status == "ok" and result.issues == []
+    names = {c: c for c in reference.columns}
+    found = metrics(result, names)
+    assert found == {
+        "data_quality.columns_with_issues": 0.0,
+        "data_quality.missing.age": 0.0, "data_quality.out_of_range.age": 0.0,
+        "data_quality.missing.plan": 0.0, "data_quality.new_categories.plan": 0.0,
+        "data_quality.missing.score": found["data_quality.missing.score"], "data_quality.out_of_range.score": 0.0,
+        "data_quality.missing.rating": 0.0, "data_quality.new_categories.rating": 0.0,
+    }
+
+
+def test_the_html_table_shows_the_same_verdicts() -> None:
+    reference, current = _frames()
+    result = check_data_quality(reference, current)
+    page = html_table(result)
+    assert 'id="mlflow-deploy-data-quality"' in page
+    assert "3 of 4 columns with issues" in page
+    assert page.count("ISSUE ") == 3 and page.count("<td>issue</td>") == 3 and page.count("<td>ok</td>") == 1
