@@ -223,13 +223,8 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
                                   headers={"Authorization": f"Bearer {token}"}, timeout=30)
             assert answer.status_code == 200, answer.text
 
-        # The agent (a Ray actor, without the token) follows the alias, and the token still holds.
-        client.set_registered_model_alias(registry.model, alias, "2")
-        wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
-                 "the agent on the cluster to follow the alias to v2")
-        assert post(None).status_code == 401
-
-        # Meanwhile it ran drift reports on its schedule, reading the replicas' captured traffic.
+        # The agent runs drift reports on its schedule, reading the replicas' captured traffic. Before
+        # the alias moves: a report judges the rows the version serving *now* answered.
         experiment = wait_for(lambda: client.get_experiment_by_name(f"drift/{name}"), 120,
                               "the agent's drift experiment")
         reports = wait_for(lambda: [r for r in client.search_runs([experiment.experiment_id])
@@ -237,6 +232,12 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
                                     and int(r.data.params.get("rows_current", 0)) >= 20], 180,
                            "a scheduled drift report on captured rows")
         assert reports[0].data.tags["drift.status"] in ("ok", "drifted"), reports[0].data.tags
+
+        # The agent (a Ray actor, without the token) follows the alias, and the token still holds.
+        client.set_registered_model_alias(registry.model, alias, "2")
+        wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
+                 "the agent on the cluster to follow the alias to v2")
+        assert post(None).status_code == 401
 
         # The agent's actor killed: Ray restarts it, it starts a new agent, which resumes following.
         engine = get_engine(RAY, StateStore(env.home))
