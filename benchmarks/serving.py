@@ -286,15 +286,7 @@ def group_pids(pgid: int) -> list[int]:
 
 def group_cpu_s(pgid: int) -> dict[int, float]:
     """User+system CPU seconds of each live process in a process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    cpu = {}
-    for pid in group_pids(pgid):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
-    return cpu
+    return pids_cpu_s(group_pids(pgid))
 
 
 def server_cpu_s(server: dict[str, Any]) -> dict[int, float]:

@@ -197,6 +197,19 @@ class Env:
         return json.loads((self.home / "deployments" / name / "status.json").read_text())
 
 
+@contextlib.contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """The test process's MLflow client talks to ``uri`` meanwhile (a module's tracking server)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def _kill_everything_under(home: Path) -> None:
     """Stop every supervisor and worker a test left behind (tests must not leak processes).
 

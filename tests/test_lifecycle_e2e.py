@@ -30,6 +30,7 @@ from conftest import (
     free_port,
     mlflow_server_for_module,
     split_payload,
+    tracking_uri,
     wait_for,
 )
 from test_update_and_supervision import RequestLoop, TrafficThreads
@@ -77,15 +78,6 @@ def _mlflow_deploy(env: Env, server: MlflowServer, *args: str, check: bool = Tru
     return proc
 
 
-@contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """The test process's MLflow client talks to ``uri`` meanwhile."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def delete_deployments(env: Env, tracking_uri: str, *names: str) -> None:
@@ -94,7 +86,7 @@ def delete_deployments(env: Env, tracking_uri: str, *names: str) -> None:
     (A `mlflow deployments delete` subprocess imports MLflow for seconds of CPU: the CLI verb has its
     own tests.)"""
     deployments = Deployments(store=StateStore(env.home))
-    with _tracking(tracking_uri):
+    with tracking_uri(tracking_uri):
         for name in names:
             deployments.delete(name)
 
@@ -348,7 +340,7 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             assert response.status_code == 200, response.text
         capture_dir = str(env.home / "deployments/guarded/capture")
         wait_for(lambda d=capture_dir, s=since: len(read_capture(d, since=s)) >= 200, 30, "the capture on disk")
-        with _tracking(server.url):
+        with tracking_uri(server.url):
             outcome = run_deployment_drift("guarded", since, None, store=StateStore(env.home),
                                            trigger="manual-for-policy" if for_policy else "manual")
         assert outcome.status == "drifted" and outcome.rows_current == 200, outcome.summary

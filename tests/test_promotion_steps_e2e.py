@@ -6,7 +6,6 @@ its own canary traffic.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,7 +15,16 @@ from collections.abc import Iterator
 import mlflow
 import pytest
 import requests
-from conftest import SWITCH_S, Env, MlflowServer, Stores, mlflow_server_for_module, split_payload, wait_for
+from conftest import (
+    SWITCH_S,
+    Env,
+    MlflowServer,
+    Stores,
+    mlflow_server_for_module,
+    split_payload,
+    tracking_uri,
+    wait_for,
+)
 from test_lifecycle_e2e import delete_deployments
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
@@ -31,14 +39,6 @@ def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -
         yield mlflow_server
 
 
-@contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _events(env: Env, name: str, event: str | None = None) -> list[dict]:
@@ -75,7 +75,7 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
         env: Env, server: MlflowServer) -> None:
     model, name = "steps", "steps"
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
-    with _tracking(server.url):
+    with tracking_uri(server.url):
         train(model, c=1.0, alias="champion", experiment="steps-e2e")
     policy = env.root / "steps-policy.yaml"
     policy.write_text(STEPS_POLICY.format(model=model))
@@ -90,7 +90,7 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
     payload = split_payload(load_data()[0].iloc[[5]])
     aside = root / "models" / model / ".2-aside"
     try:
-        with _tracking(server.url):
+        with tracking_uri(server.url):
             train(model, c=0.1, experiment="steps-e2e")  # v2: passes its gates, starts a canary
         wait_for(lambda: (read_json(root / "lifecycle_state.json") or {}).get("canary", {}).get("version") == "2",
                  120, "the canary of v2 to start")
@@ -221,7 +221,7 @@ promotion:
 def test_require_no_drift_judges_the_challengers_own_canary_traffic(env: Env, server: MlflowServer) -> None:
     model, name = "nodrift", "nodrift"
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
-    with _tracking(server.url):
+    with tracking_uri(server.url):
         train(model, c=1.0, alias="champion", experiment="steps-e2e")
     policy = env.root / "nodrift-policy.yaml"
     policy.write_text(DRIFT_POLICY.format(model=model))
@@ -236,7 +236,7 @@ def test_require_no_drift_judges_the_challengers_own_canary_traffic(env: Env, se
     for column in [c for c in shifted.columns if c.startswith(("mean_", "worst_"))]:
         shifted[column] = shifted[column] * 2.0  # upstream changed units: 20 of 30 columns doubled
     try:
-        with _tracking(server.url):
+        with tracking_uri(server.url):
             train(model, c=0.1, experiment="steps-e2e")
         wait_for(lambda: (read_json(root / "lifecycle_state.json") or {}).get("canary", {}).get("version") == "2",
                  120, "the canary of v2 to start")
