@@ -80,13 +80,13 @@ def _mlflow_deploy(env: Env, server: MlflowServer, *args: str, check: bool = Tru
 
 
 
-def delete_deployments(env: Env, tracking_uri: str, *names: str) -> None:
+def delete_deployments(env: Env, uri: str, *names: str) -> None:
     """Clean-up in process, through the deployment core the CLI's `delete` calls: stops every process
-    of each deployment, archives it and clears its registry serving tags in ``tracking_uri``'s store.
+    of each deployment, archives it and clears its registry serving tags in ``uri``'s store.
     (A `mlflow deployments delete` subprocess imports MLflow for seconds of CPU: the CLI verb has its
     own tests.)"""
     deployments = Deployments(store=StateStore(env.home))
-    with tracking_uri(tracking_uri):
+    with tracking_uri(uri):
         for name in names:
             deployments.delete(name)
 
@@ -290,6 +290,17 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             # The audit trail writes its tags one by one: wait for the last of them.
             wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.promotion") == "rejected",
                      60, "v3 to fail its gates and be rejected")
+            # A bad edit of the policy file: the last valid policy stays in force, and `get` says so;
+            # fixed, it is used again.
+            history = env.home / "deployments/guarded/history.jsonl"
+            policy.write_text("model: lcp\npromotion: [not, a, mapping\n")
+            deployments = Deployments(store=StateStore(env.home))
+            wait_for(lambda: "the last valid policy stays in force" in (deployments.get("guarded")["last_error"]
+                                                                        or ""), 30, "`get` to show the bad policy")
+            assert any(e["event"] == "policy_invalid" for e in read_history_file(history))
+            policy.write_text(POLICY)
+            wait_for(lambda: any(e["event"] == "policy_valid" for e in read_history_file(history)), 30,
+                     "the fixed policy to be used again")
         assert loop.failures == [] and split.failures == [], (loop.failures[:3], split.failures[:3])
     finally:
         mlflow.set_tracking_uri(previous)
@@ -397,6 +408,10 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         client.set_registered_model_alias("lc", "champion", "2")
         wait_for(lambda: _version(url) == "2", SWITCH_S, "the deployment to follow the alias to v2")
 
+        # A crash mid-write left a torn last line in the history: it is skipped, and never glued to
+        # the next event; the rollback below still finds its way through the history.
+        with (env.home / "deployments/manual/history.jsonl").open("ab") as history:
+            history.write(b'{"time": 1, "event": "upd')
         # By hand: back to the previous version; the alias moves too, so following does not undo it.
         out = _mlflow_deploy(env, server, "rollback", "manual")
         assert "Rolled manual back to v1" in out.stdout
