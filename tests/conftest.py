@@ -276,13 +276,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def _kill_matching(markers: tuple[bytes, ...]) -> int:
-    """SIGKILL every process whose command line contains one of ``markers``; how many were."""
+    """SIGKILL every process whose command line or environment contains one of ``markers``; how many were."""
     killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes()
+            # The environment too: a peer such as `mlflow models serve` names no temp path in its
+            # arguments, only in the tracking URI and home it was given.
+            argv = (entry / "cmdline").read_bytes() + b"\0" + (entry / "environ").read_bytes()
         except OSError:
             continue
         if any(marker in argv for marker in markers):
