@@ -42,6 +42,9 @@ class RegistryRoles:
             self._stage(version, self.policy.challenger)
 
     def clear_challenger(self, version: str) -> None:
+        """Take the challenger role from ``version``, unless it no longer holds it: a person who
+        meanwhile moved the alias to another version, or this version to another stage (say, to
+        Production in the UI), keeps that change."""
         if self.policy.registry == "alias":
             try:
                 holder = self.client.get_model_version_by_alias(self.policy.model, self.policy.challenger)
@@ -50,7 +53,9 @@ class RegistryRoles:
             if str(holder.version) == str(version):
                 self.client.delete_registered_model_alias(self.policy.model, self.policy.challenger)
         else:
-            self._stage(version, "None")
+            stage = self.client.get_model_version(self.policy.model, version).current_stage or ""
+            if stage.lower() == self.policy.challenger.lower():
+                self._stage(version, "None")
 
     def promote(self, version: str) -> None:
         """Make ``version`` champion; with stages, the previous Production version is archived."""
