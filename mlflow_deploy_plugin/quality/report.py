@@ -60,7 +60,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from mlflow_deploy_plugin.capture import capture_root, read_capture
+from mlflow_deploy_plugin.capture import capture_root
 from mlflow_deploy_plugin.capture.layout import as_utc
 from mlflow_deploy_plugin.quality.cbpe import CBPE, CalibrationError, Estimate
 from mlflow_deploy_plugin.quality.join import (
@@ -68,11 +68,10 @@ from mlflow_deploy_plugin.quality.join import (
     answered_probabilities,
     join_labels,
     join_window,
-    prediction_column,
     probability_columns,
     window_columns,
 )
-from mlflow_deploy_plugin.quality.labels import labels_root, read_labels, task_from_signature
+from mlflow_deploy_plugin.quality.labels import task_from_signature
 from mlflow_deploy_plugin.quality.metrics import Figure, quality_figures
 from mlflow_deploy_plugin.quality.page import figures_table, render_quality_html
 from mlflow_deploy_plugin.spec import duration_s
@@ -469,20 +468,16 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
     root = capture_root(name, config.capture_uri, str(paths.capture))
     say(f"Reading captured predictions of {name!r} from {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
     columns = window_columns(root, since, until)
-    pred = prediction_column(columns)
     calibration, source = None, ""
     probas = probability_columns(columns)
     if probas and (config.task or "classification") == "classification":
         # CBPE's calibration: the labelled rows of the label horizon before the window (see the docstring).
         cal_since = since - timedelta(seconds=duration_s(config.label_horizon))
         source = f"predicted {cal_since:%Y-%m-%d %H:%M} – {since:%Y-%m-%d %H:%M} UTC"
-        cal_labels = read_labels(labels_root(root), cal_since, since)
-        calibration = []
-        if not cal_labels.empty:
-            say(f"Reading the {len(cal_labels):,} labelled predictions before the window to calibrate CBPE")
-            wanted = ["_request_id", "_row", "_timestamp", "_model_version", "_status",
-                      *([pred] if pred else []), *probas.values()]
-            calibration = join_labels(read_capture(root, since=cal_since, until=since, columns=wanted), cal_labels)
+        say("Joining the labelled predictions before the window to calibrate CBPE")
+        # Streamed like the window, keeping each version's latest rows only: the horizon may be long.
+        calibration = join_window(root, cal_since, since, task_for=lambda _p: "classification",
+                                  keep_last=CBPE_MAX_CALIBRATION_ROWS, labelled_days_only=True).labelled
     # Joined one day partition at a time, keeping only the labelled rows: memory follows the labels.
     window = join_window(root, since, until, task_for=lambda predictions: deployment_task(spec, paths, predictions),
                          probabilities_of_all=bool(calibration), progress=progress)
