@@ -80,6 +80,8 @@ from mlflow_deploy_plugin.state import StateStore
 _log = logging.getLogger(__name__)
 
 QualityStatus = Literal["ok", "not_enough_labels"]
+#: The tag of a run made for CBPE's estimate only: a window whose labels have not come yet (quality/due.py).
+ESTIMATE_ONLY_TAG = "quality.estimate_only"
 HTML_ARTIFACT = "quality_report.html"
 SUMMARY_ARTIFACT = "quality_summary.json"
 #: The figures a version is tagged with, per task (the first is the headline of quality.summary).
@@ -263,11 +265,14 @@ def report_version(
     *, deployment: str, model_name: str, labelled: Labelled, task: str, window_start: datetime,
     window_end: datetime, min_labelled_rows: int, client: mlflow.MlflowClient, experiment_id: str,
     trigger: str = "manual", progress: Callable[[str], None] | None = None, estimated: Estimated | None = None,
+    estimate_only: bool = False,
 ) -> QualityOutcome:
     """Compute, log and tag one version's quality over one window (see the module docstring).
 
     ``estimated``: CBPE's estimates of the window (:func:`estimate_versions`), logged beside the
-    realised figures; None when the capture holds no probabilities.
+    realised figures; None when the capture holds no probabilities. ``estimate_only``: a window
+    without labels yet, reported for the estimate (tag ``quality.estimate_only``): the version's
+    measured ``quality.*`` tags are left alone, its ``quality.estimated_*`` tags are set instead.
     """
     say = progress or (lambda _m: None)
     version = labelled.version
@@ -276,6 +281,7 @@ def report_version(
     run = client.create_run(experiment_id, run_name=f"quality-{deployment}-v{version}-{as_utc(window_end):%Y%m%dT%H%M%SZ}",
                             tags={"quality.deployment": deployment, "quality.model_name": model_name,
                                   "quality.model_version": version, "quality.trigger": trigger,
+                                  **({ESTIMATE_ONLY_TAG: "true"} if estimate_only else {}),
                                   **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})})
     run_id = run.info.run_id
     try:
@@ -299,6 +305,11 @@ def report_version(
             if estimated.estimates:
                 metrics["cbpe.calibration_rows"] = estimated.calibration_rows
         training = training_figures(client, model_name, version)
+        if estimated is not None:  # the policy's max_drop compares an estimate with its training figure too
+            for est in estimated.estimates:
+                base = est.removeprefix("estimated_")
+                if base in training:
+                    metrics[f"training.{base}"] = training[base][1]
         if labelled.n >= min_labelled_rows:
             say(f"v{version}: computing {task} quality on {labelled.n:,} labelled rows")
             figures = quality_figures(task, labelled.prediction, labelled.label, labelled.probabilities)
@@ -353,10 +364,14 @@ def report_version(
             client.set_tag(run_id, "quality.cbpe", outcome.estimate_text()[:MAX_TAG_VAL_LENGTH])
         if outcome.summary:
             client.set_tag(run_id, "quality.summary", outcome.summary[:MAX_TAG_VAL_LENGTH])
-        series_metrics = {k: v for k, v in metrics.items() if not k.startswith("training.")}
+        series_metrics = {k: v for k, v in metrics.items() if not k.startswith("training.")
+                          and (not estimate_only or k.startswith(("estimated_", "cbpe.")))}
         _log_metrics(client, _series_run(client, experiment_id, deployment, model_name, version),
                      series_metrics, stamp, step)
-        _tag_version(client, model_name, version, outcome, task, end)
+        if estimate_only:
+            _tag_version_estimate(client, model_name, version, outcome, end)
+        else:
+            _tag_version(client, model_name, version, outcome, task, end)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -389,6 +404,26 @@ def _tag_version(client: mlflow.MlflowClient, model_name: str, version: str, out
     client.set_model_version_tag(model_name, version, "quality.checked_at", _iso(datetime.now(UTC)))
 
 
+def _tag_version_estimate(client: mlflow.MlflowClient, model_name: str, version: str, outcome: QualityOutcome,
+                          window_end: str) -> None:
+    """The version's ``quality.estimated_*`` tags: CBPE's latest estimate of a window without labels."""
+    try:
+        tags = client.get_model_version(model_name, version).tags
+    except MlflowException:
+        return
+    if tags.get("quality.estimate_window_end", "") > window_end:
+        return
+    estimates = outcome.estimated.estimates if outcome.estimated is not None else {}
+    for name in ("estimated_accuracy", "estimated_roc_auc"):
+        if name in estimates:
+            client.set_model_version_tag(model_name, version, f"quality.{name}", f"{estimates[name].value:.4f}")
+        else:
+            with contextlib.suppress(MlflowException):
+                client.delete_model_version_tag(model_name, version, f"quality.{name}")
+    client.set_model_version_tag(model_name, version, "quality.estimate", outcome.estimate_text()[:MAX_TAG_VAL_LENGTH])
+    client.set_model_version_tag(model_name, version, "quality.estimate_window_end", window_end)
+
+
 def run_quality_report(
     *, deployment: str, model_name: str, captured: pd.DataFrame | None = None, labels: pd.DataFrame | None = None,
     task: str, joined: list[Labelled] | None = None,
@@ -396,7 +431,7 @@ def run_quality_report(
     window_start: datetime, window_end: datetime, min_labelled_rows: int = 100,
     client: mlflow.MlflowClient | None = None, experiment_name: str | None = None,
     progress: Callable[[str], None] | None = None, trigger: str = "manual",
-    calibration: list[Labelled] | None = None, calibration_source: str = "",
+    calibration: list[Labelled] | None = None, calibration_source: str = "", estimate_only: bool = False,
 ) -> list[QualityOutcome]:
     """Report every version that answered in ``captured`` (already cut to the window) against ``labels``.
 
@@ -417,7 +452,7 @@ def run_quality_report(
     return [report_version(deployment=deployment, model_name=model_name, labelled=one, task=task,
                            window_start=window_start, window_end=window_end, min_labelled_rows=min_labelled_rows,
                            client=client, experiment_id=experiment_id, trigger=trigger, progress=progress,
-                           estimated=estimated.get(one.version))
+                           estimated=estimated.get(one.version), estimate_only=estimate_only)
             for one in joined]
 
 
@@ -451,8 +486,12 @@ def estimate_versions(captured: pd.DataFrame | None, calibration: list[Labelled]
 
 def run_deployment_quality(name: str, since: datetime | None = None, until: datetime | None = None, *,
                            store: StateStore | None = None, progress: Callable[[str], None] | None = None,
-                           trigger: str = "manual") -> list[QualityOutcome]:
+                           trigger: str = "manual", estimate_only: bool = False) -> list[QualityOutcome]:
     """Report deployment ``name``'s quality over the predictions made in [since, until) (default: 24 h).
+
+    ``estimate_only``: a window without labels yet, reported for CBPE's estimate (see
+    :func:`report_version`); its figures go to the ``quality_estimate`` verdicts (gauges
+    ``mlflow_deploy_quality_estimated``), never to the measured ones.
 
     Raises MlflowException (RESOURCE_DOES_NOT_EXIST) for an unknown deployment.
     """
@@ -486,8 +525,11 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
         deployment=name, model_name=spec.model.model_name, joined=window.labelled, answered=window.answered,
         task=window.task, window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
         experiment_name=config.drift_experiment, progress=progress, trigger=trigger,
-        calibration=calibration, calibration_source=source)
-    _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)
+        calibration=calibration, calibration_source=source, estimate_only=estimate_only)
+    if estimate_only:
+        _record_estimates(paths, spec.model.model_name, outcomes, until, trigger)
+    else:
+        _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)
     return outcomes
 
 
@@ -504,3 +546,28 @@ def _record_verdicts(paths: Any, model_name: str, outcomes: list[QualityOutcome]
                            run_id=outcome.run_id, trigger=trigger)
         except (OSError, TimeoutError) as exc:  # the report is in MLflow already: never fail it here
             _log.warning("Could not record the quality verdict of v%s: %s", outcome.model_version, exc)
+
+
+def _record_estimates(paths: Any, model_name: str, outcomes: list[QualityOutcome], window_end: datetime,
+                      trigger: str) -> None:
+    """CBPE's figures of a window without labels, for the ``mlflow_deploy_quality_estimated`` gauges
+    and the history (``quality_estimate_verdict``); versions without an estimate are left out."""
+    from mlflow_deploy_plugin.verdicts import record_verdict
+
+    for outcome in outcomes:
+        est = outcome.estimated
+        if est is None or not est.estimates:
+            continue
+        figures: dict[str, float] = {}
+        for item in est.estimates.values():
+            figures[item.name] = item.value
+            if np.isfinite(item.low):
+                figures[f"{item.name}.ci_low"], figures[f"{item.name}.ci_high"] = item.low, item.high
+        answered = max(item.n for item in est.estimates.values())
+        try:
+            record_verdict(paths, "quality_estimate", outcome.model_version, model_name=model_name, figures=figures,
+                           answered_rows=answered, calibration_rows=est.calibration_rows,
+                           window_end=_iso(window_end), run_id=outcome.run_id, trigger=trigger,
+                           text=outcome.estimate_text())
+        except (OSError, TimeoutError) as exc:
+            _log.warning("Could not record the quality estimate of v%s: %s", outcome.model_version, exc)
