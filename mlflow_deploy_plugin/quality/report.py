@@ -306,8 +306,8 @@ def report_version(
                 metrics["cbpe.calibration_rows"] = estimated.calibration_rows
         training = training_figures(client, model_name, version)
         if estimated is not None:  # the policy's max_drop compares an estimate with its training figure too
-            for est in estimated.estimates:
-                base = est.removeprefix("estimated_")
+            for estimate_name in estimated.estimates:
+                base = estimate_name.removeprefix("estimated_")
                 if base in training:
                     metrics[f"training.{base}"] = training[base][1]
         if labelled.n >= min_labelled_rows:
