@@ -25,6 +25,10 @@ estimate out of sample) and the run gets ``estimated_accuracy`` (``.ci_low``, ``
 ``estimated_roc_auc`` and ``cbpe.calibration_rows`` beside the realised ``accuracy``, and the tag
 ``quality.cbpe`` ("estimated accuracy 0.87 (realised 0.85, n = 4,210; ...)" or "... (no labels yet)").
 When it cannot be calibrated (no earlier labels, too few, one class only) the tag says why instead.
+A window without labels yet that the schedule reports for the estimate only (:mod:`.due`) is tagged
+``quality.estimate_only=true``; estimated again while it lasts, it keeps its one run (metrics
+stamped with the time of the estimate, so the newest is the run's latest value), and it sets the
+version's ``quality.estimated_*`` tags and the ``quality_estimate`` verdicts, never the measured ones.
 The version's reference data is not used: it holds the model's inputs without target or
 probabilities (:mod:`mlflow_deploy_plugin.monitoring.reference` drops non-input columns).
 
@@ -46,6 +50,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -277,20 +282,35 @@ def report_version(
     say = progress or (lambda _m: None)
     version = labelled.version
     start, end = _iso(window_start), _iso(window_end)
+    # No `model_version` param: the drift policy's streak searches this experiment by that param
+    # (drift runs); the version is in the tag quality.model_version and the run name.
+    params = {"deployment": deployment, "model_name": model_name, "task": task,
+              "window_start": start, "window_end": end, "min_labelled_rows": str(min_labelled_rows)}
+    params = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
     rerun_of = _previous_run(client, experiment_id, deployment, version, start, end)
-    run = client.create_run(experiment_id, run_name=f"quality-{deployment}-v{version}-{as_utc(window_end):%Y%m%dT%H%M%SZ}",
-                            tags={"quality.deployment": deployment, "quality.model_name": model_name,
-                                  "quality.model_version": version, "quality.trigger": trigger,
-                                  **({ESTIMATE_ONLY_TAG: "true"} if estimate_only else {}),
-                                  **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})})
-    run_id = run.info.run_id
+    reused = None
+    if estimate_only and rerun_of is not None:
+        # A window without labels is estimated on every scheduled run while it lasts: one run per
+        # window, updated (its latest metrics are the newest estimate), not a run per tick.
+        previous = client.get_run(rerun_of)
+        if previous.data.tags.get(ESTIMATE_ONLY_TAG) == "true" and previous.data.params == params:
+            reused, rerun_of = rerun_of, None
+            client.set_tag(reused, "quality.trigger", trigger)
+    if reused is None:
+        run_id = client.create_run(
+            experiment_id, run_name=f"quality-{deployment}-v{version}-{as_utc(window_end):%Y%m%dT%H%M%SZ}",
+            tags={"quality.deployment": deployment, "quality.model_name": model_name,
+                  "quality.model_version": version, "quality.trigger": trigger,
+                  **({ESTIMATE_ONLY_TAG: "true"} if estimate_only else {}),
+                  **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})}).info.run_id
+    else:
+        run_id = reused
     try:
-        # No `model_version` param: the drift policy's streak searches this experiment by that param
-        # (drift runs); the version is in the tag quality.model_version and the run name.
-        params = {"deployment": deployment, "model_name": model_name, "task": task,
-                  "window_start": start, "window_end": end, "min_labelled_rows": str(min_labelled_rows)}
-        client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()])
-        stamp = int(as_utc(window_end).timestamp() * 1000)
+        if reused is None:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        # An estimate is stamped with the time it was made (a newer one of the same window must
+        # win as the run's latest value); a measured window with its end.
+        stamp = int(time.time() * 1000) if estimate_only else int(as_utc(window_end).timestamp() * 1000)
         step = int(as_utc(window_end).timestamp() // 60)
         metrics: dict[str, float] = {"rows_answered": labelled.answered, "rows_labelled": labelled.n,
                                      "label_coverage": labelled.coverage}

@@ -386,9 +386,10 @@ def test_scheduled_run_estimates_the_day_without_labels_apart_from_measured_figu
     assert samples[("mlflow_deploy_quality_estimated_rows", None)] == 500
     assert [e["event"] for e in store.read_history("sched")] == ["quality_verdict", "quality_estimate_verdict"]
 
-    # Today is still running: estimated again (a re-run of its window); the labelled day is not due.
+    # Today is still running: estimated again, in the same run (one run per window, not per tick);
+    # the labelled day is not due.
     again = run_due_quality("sched", store=store, now=moment + timedelta(minutes=1))
-    assert [o.rerun_of for o in again] == [estimate.run_id]
+    assert [(o.run_id, o.rerun_of) for o in again] == [(estimate.run_id, None)]
     # After its end: once more, then no more.
     tomorrow = (moment + timedelta(days=1)).replace(hour=0, minute=5, second=0, microsecond=0)
     assert len(run_due_quality("sched", store=store, now=tomorrow)) == 1
