@@ -163,7 +163,9 @@ def text_categorical(values: pd.Series) -> pd.Series:
         uniques = pd.Series(np.asarray(found, dtype=object))
     texts = canonical(uniques)
     text_codes, text_uniques = pd.factorize(texts, use_na_sentinel=True)  # 1 and 1.0 are one class
-    mapped = np.where(codes >= 0, text_codes[np.maximum(codes, 0)] if len(text_codes) else -1, -1)
+    # In the codes' own small type (there are no more texts than values): no row-sized int64 arrays.
+    small = text_codes.astype(codes.dtype) if len(text_codes) else text_codes
+    mapped = np.where(codes >= 0, small[np.maximum(codes, 0)] if len(text_codes) else -1, -1)
     return pd.Series(pd.Categorical.from_codes(mapped, categories=pd.Index(text_uniques, dtype=object)),
                      index=values.index)
 
