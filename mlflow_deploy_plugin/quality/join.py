@@ -211,7 +211,7 @@ def _keys(table: pa.Table) -> pa.ChunkedArray:
         rows = pc.fill_null(pc.cast(table["_row"], pa.int64()), 0)
     else:
         rows = pa.chunked_array([pa.array(np.zeros(table.num_rows, np.int64))])
-    # The row number follows the last separator, so "a\x1f1" row 0 and "a" row ... never collide.
+    # The row (digits only) follows the last separator: no two (id, row) pairs make one key.
     return pc.binary_join_element_wise(pc.cast(table["_request_id"], pa.string()), pc.cast(rows, pa.string()),
                                        "\x1f")
 
@@ -220,7 +220,7 @@ def _keys(table: pa.Table) -> pa.ChunkedArray:
 class _Chunk:
     """One version's labelled rows of one day, as compact arrays (what a window keeps in memory)."""
 
-    prediction: np.ndarray           # int32 class codes, or float64 (regression)
+    prediction: np.ndarray           # class codes (small integers, -1: none), or float64 (regression)
     label: np.ndarray                # same
     probabilities: np.ndarray | None  # float64, one column per class
 
@@ -237,7 +237,6 @@ class JoinedWindow:
     answered: dict[str, tuple[pd.Series | None, pd.DataFrame]]  # CBPE's inputs; empty unless asked
     rows: int  # captured rows in the window
     labels: int  # stored labels in the window
-
 
 
 def window_columns(root: str, since: datetime, until: datetime) -> list[str]:
