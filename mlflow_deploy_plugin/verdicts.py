@@ -11,6 +11,8 @@ deployment's small ``verdicts.json`` (read by the workers' collector on every sc
     {"drift":   {"<version>": {"model_name", "status", "share", "drifted_columns", "checked_at", "run_id"}},
      "quality": {"<version>": {"model_name", "status", "figures": {"accuracy": 0.91, ...}, "labelled_rows",
                                "window_end", "checked_at", "run_id"}},
+     "quality_estimate": {"<version>": {"model_name", "figures": {"estimated_accuracy": 0.88, ...},
+                                        "answered_rows", "calibration_rows", "window_end", "checked_at", "run_id"}},
      "shadow":  {"<version>": {"model_name", "agreement", "requests", "figures": {...}, "checked_at"}}}
 
 A shadow report only has to call ``record_verdict(paths, "shadow", version, model_name=...,
@@ -33,7 +35,9 @@ from mlflow_deploy_plugin.state import (
     write_json_atomic,
 )
 
-KINDS = ("drift", "quality", "shadow")
+# quality_estimate: CBPE's estimate of a window whose labels have not come (quality/due.py), kept apart
+# from the measured figures so an estimate never passes for one.
+KINDS = ("drift", "quality", "shadow", "quality_estimate")
 
 
 def read_verdicts(paths: DeploymentPaths) -> dict[str, dict[str, dict[str, Any]]]:
@@ -51,8 +55,8 @@ def record_verdict(paths: DeploymentPaths, kind: str, version: str, *, announce:
     """Keep ``figures`` as the latest ``kind`` verdict of ``version``, and (``announce``) write the
     ``<kind>_verdict`` history event.
 
-    A quality figure set for an older window than the one kept (``window_end``: a re-run of a past
-    window after late labels) is announced but does not replace the newer one.
+    A quality figure set (or estimate) for an older window than the one kept (``window_end``: a re-run
+    of a past window after late labels) is announced but does not replace the newer one.
     """
     if kind not in KINDS:
         raise ValueError(f"verdict kind {kind!r} is not one of {', '.join(KINDS)}")

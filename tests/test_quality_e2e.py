@@ -30,7 +30,7 @@ from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
 
 # Two `quality report` runs each import MLflow and Evidently in a fresh process (~30 s on a busy
 # machine, minutes on a very busy one), besides the session's set-up.
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(600)
 def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> None:
     name = "quality-e2e"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
@@ -127,7 +127,7 @@ def _served_version(url: str) -> str:
 
 
 # Two switches, two reports, a canary start and its rejection, each minutes on a busy machine.
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(900)
 def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registry) -> None:
     """v2 takes over from v1; its labelled accuracy falls far below its training figure in two
     windows in a row, and the policy (run by the deployment's own agent) rolls back to v1. Then v3
@@ -228,7 +228,7 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
         env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regressor) -> None:
     name = "quality-regression"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{regressor.model}/1",

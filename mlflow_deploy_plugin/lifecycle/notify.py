@@ -50,7 +50,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "lifecycle": ("challenger", "promoted", "rejected", "rolled_back", "rolled_forward", "rollback_failed", "canary_ended",
                   "gates_failed", "follow_failed", "op_abandoned", "step_failed", "policy_invalid"),
     "verdicts": ("drift_verdict", "drift_alert", "quality_verdict", "quality_alert", "shadow_verdict",
-                 "drift_report_failed", "drift_window_skipped"),
+                 "drift_report_failed", "drift_window_skipped", "quality_estimate_verdict"),
     "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "capture_dropping",
                "registry_unavailable", "lifecycle_error"),
     "healed": ("restarted", "taken_over", "supervisor_replaced", "step_recovered", "lifecycle_resumed",

@@ -65,6 +65,8 @@ silently ignored is a gate that never runs.
                                   #   than this; null = not checked (at least one of the two is needed)
       consecutive_reports: 2      # in K windows in a row (latest report of each window)
       action: tag                 # tag | rollback | archive
+      use_estimates: false        # true: a window with no labels yet is judged on CBPE's estimated
+                                  #   accuracy (figure: accuracy only); false: such windows are skipped
     # Receivers of this deployment's events, besides -C notify (same meaning as the -C notify_* keys).
     notify:
       urls: [https://alerts.example.com/mlflow, slack+https://hooks.slack.com/services/T/B/X]
@@ -228,6 +230,8 @@ class QualityPolicy:
     max_drop: float | None = None
     consecutive_reports: int = 2
     action: DriftAction = "tag"
+    #: Judge windows without labels yet on CBPE's estimate (its 95 % interval, as a measured figure's).
+    use_estimates: bool = False
 
     @property
     def lower_is_better(self) -> bool:
@@ -302,7 +306,7 @@ _CANARY_KEYS = ("percent", "min_requests", "max_minutes", "insufficient_evidence
                 "max_p99_latency_ms", "require_no_drift", "quality_margin", "min_labelled_rows")
 INSUFFICIENT_EVIDENCE = ("reject", "extend")
 _DRIFT_KEYS = ("consecutive_reports", "action")
-_QUALITY_KEYS = ("figure", "floor", "max_drop", "consecutive_reports", "action")
+_QUALITY_KEYS = ("figure", "floor", "max_drop", "consecutive_reports", "action", "use_estimates")
 _NOTIFY_KEYS = ("urls", "format", "events")
 _MISSING = object()
 
@@ -658,6 +662,11 @@ class _Parser:
         if kwargs.get("floor") is None and kwargs.get("max_drop") is None:
             raise self.error("needs floor or max_drop (or both): without a limit nothing can fall short of it",
                              node, "quality")
+        if (sub := self.get(items, "use_estimates")) is not None:
+            kwargs["use_estimates"] = self.boolean(sub, "quality.use_estimates")
+            if kwargs["use_estimates"] and kwargs.get("figure", "accuracy") != "accuracy":
+                raise self.error("use_estimates needs figure: accuracy (CBPE estimates accuracy with an interval; "
+                                 "no other figure has one)", sub, "quality.use_estimates")
         return QualityPolicy(**kwargs)
 
     def notify(self, node: Node) -> NotifyPolicy:

@@ -67,6 +67,10 @@ class Estimate:
 def _canonical(values: pd.Series) -> np.ndarray:
     from mlflow_deploy_plugin.quality.labels import canonical
 
+    if isinstance(values.dtype, pd.CategoricalDtype):  # the quality job's classes: text made once per class
+        from mlflow_deploy_plugin.quality.join import text_categorical
+
+        return np.asarray(text_categorical(values).to_numpy(dtype=object), dtype=object)
     return np.asarray(canonical(values).to_numpy(dtype=object), dtype=object)
 
 
@@ -141,6 +145,13 @@ class CBPE:
             fallback = (probs[:, -1] >= 0.5).astype(int)
             if prediction is None:
                 return fallback
+            if isinstance(prediction.dtype, pd.CategoricalDtype):
+                from mlflow_deploy_plugin.quality.join import text_categorical
+
+                texts = text_categorical(prediction)
+                positive = np.array([c == self.classes[-1] for c in texts.cat.categories] + [False])
+                codes = texts.cat.codes.to_numpy()
+                return np.where(codes >= 0, positive[codes].astype(int), fallback)
             predicted = _canonical(prediction)
             known = pd.notna(predicted)
             return np.where(known, (predicted == self.classes[-1]).astype(int), fallback)
@@ -148,6 +159,13 @@ class CBPE:
         if prediction is None:
             return fallback
         codes = {c: i for i, c in enumerate(self.classes)}
+        if isinstance(prediction.dtype, pd.CategoricalDtype):  # the quality job's: one lookup per class
+            from mlflow_deploy_plugin.quality.join import text_categorical
+
+            texts = text_categorical(prediction)
+            lookup = np.array([codes.get(c, -1) for c in texts.cat.categories] + [-1])
+            index = lookup[texts.cat.codes.to_numpy()]  # code -1 (no prediction) reads the trailing -1
+            return np.where(index >= 0, index, fallback)
         return np.array([codes.get(v, f) for v, f in zip(_canonical(prediction), fallback, strict=True)])
 
     def estimate(self, probabilities: pd.DataFrame, prediction: pd.Series | None = None) -> list[Estimate]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, rankdata
+from scipy.stats import norm
 
 Z95 = float(norm.ppf(0.975))
 _EPS = 1e-15
@@ -51,16 +51,18 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 200,
-              max_rows: int = 50_000, seed: int = 0) -> tuple[float, float]:
+              max_rows: int = 50_000, seed: int = 0, full: float | None = None) -> tuple[float, float]:
     """Percentile bootstrap 95 % interval of ``statistic(indices)`` over ``n`` rows.
 
     ``statistic`` takes row indices (with repeats). With ``n > max_rows`` a seeded subsample of
-    ``max_rows`` rows is resampled and the spread around the full-data value scaled by sqrt(m/n).
+    ``max_rows`` rows is resampled and the spread around the full-data value (``full``, computed
+    when not given) scaled by sqrt(m/n).
     """
     if n == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    full = statistic(np.arange(n))
+    if full is None and n > max_rows:
+        full = statistic(np.arange(n))
     base = np.arange(n) if n <= max_rows else rng.choice(n, size=max_rows, replace=False)
     m = len(base)
     values = []
@@ -72,6 +74,7 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *, resamples: in
         return (math.nan, math.nan)
     low, high = np.percentile(values, [2.5, 97.5])
     if m < n:
+        assert full is not None
         centre = statistic(base)
         scale = math.sqrt(m / n)
         low, high = full + (low - centre) * scale, full + (high - centre) * scale
@@ -101,12 +104,12 @@ def classification_figures(prediction: pd.Series, label: pd.Series, probabilitie
         pred_text = pred_text.cat.add_categories([c for c in ["None"] if c not in pred_text.cat.categories])
         pred_text = pred_text.fillna("None")
     classes = sorted(set(true_text.cat.categories) | set(pred_text.cat.categories), key=str)
-    t = true_text.cat.set_categories(classes).cat.codes.to_numpy().astype(np.int64)
-    p = pred_text.cat.set_categories(classes).cat.codes.to_numpy().astype(np.int64)
+    # Codes in the categorical's own small integer type (int8 for up to 127 classes): 5M rows cost 5 MB each.
+    t = true_text.cat.set_categories(classes).cat.codes.to_numpy()
+    p = pred_text.cat.set_categories(classes).cat.codes.to_numpy()
     correct = t == p
     hits = int(correct.sum())
     figures.append(Figure("accuracy", hits / n, *wilson(hits, n), n, "wilson"))
-    y_true = np.asarray(classes, dtype=object)[t]
     k = len(classes)
 
     def macro_f1(idx: np.ndarray) -> float:
@@ -142,20 +145,21 @@ def classification_figures(prediction: pd.Series, label: pd.Series, probabilitie
                 total = np.sum(tt == i) + np.sum(pp == i)
                 return 2 * both / total if total else math.nan
 
-            figures.append(Figure(f"f1.{name}", 2 * tp[i] / (pred_n[i] + true_n[i]),
-                                  *bootstrap(f1_of, n, seed=seed), n, "bootstrap"))
+            f1_i = 2 * tp[i] / (pred_n[i] + true_n[i])
+            figures.append(Figure(f"f1.{name}", f1_i, *bootstrap(f1_of, n, seed=seed, full=f1_i), n, "bootstrap"))
     # Macro averages over the classes present (in the labels for recall/F1, predicted for precision).
     if precisions:
         figures.append(Figure("precision_macro", float(np.mean(precisions)),
-                              *bootstrap(lambda idx: _macro_precision(t[idx], p[idx], k), n, seed=seed),
-                              n, "bootstrap"))
+                              *bootstrap(lambda idx: _macro_precision(t[idx], p[idx], k), n, seed=seed,
+                                         full=float(np.mean(precisions))), n, "bootstrap"))
     if recalls:
         figures.append(Figure("recall_macro", float(np.mean(recalls)),
-                              *bootstrap(lambda idx: _macro_recall(t[idx], p[idx], k), n, seed=seed),
-                              n, "bootstrap"))
-    figures.append(Figure("f1_macro", macro_f1(np.arange(n)), *bootstrap(macro_f1, n, seed=seed), n, "bootstrap"))
+                              *bootstrap(lambda idx: _macro_recall(t[idx], p[idx], k), n, seed=seed,
+                                         full=float(np.mean(recalls))), n, "bootstrap"))
+    f1_value = macro_f1(np.arange(n))
+    figures.append(Figure("f1_macro", f1_value, *bootstrap(macro_f1, n, seed=seed, full=f1_value), n, "bootstrap"))
     if probabilities is not None and len(probabilities.columns):
-        figures.extend(_probability_figures(y_true, probabilities, seed))
+        figures.extend(_probability_figures(t, classes, probabilities, seed))
     return figures
 
 
@@ -172,50 +176,76 @@ def _macro_recall(t: np.ndarray, p: np.ndarray, k: int) -> float:
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC of binary ``y`` (bool) by ``score``: the Mann-Whitney U statistic over n1*n0."""
-    n1 = int(y.sum())
-    n0 = len(y) - n1
+    """ROC AUC of binary ``y`` (bool) by ``score``: the Mann-Whitney U statistic over n1*n0, exact.
+
+    Each positive counts the negatives scored below it, and half of those tied with it (what
+    average ranks give): two binary searches of its score in the sorted negatives' scores. Integer
+    counts summed exactly, one division; the memory is the two sorted score arrays (no index or
+    rank arrays), the searches go a block of positives at a time.
+    """
+    y = np.asarray(y, dtype=bool)
+    positives, negatives = np.sort(score[y]), np.sort(score[~y])
+    n1, n0 = len(positives), len(negatives)
     if n1 == 0 or n0 == 0:
         return math.nan
-    ranks = rankdata(score)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    twice_u = 0  # 2 U: below counts twice, ties once (an integer, exact at any n)
+    for i in range(0, n1, _LOSS_STEP):
+        block = positives[i:i + _LOSS_STEP]
+        twice_u += int(np.searchsorted(negatives, block, side="left").sum())
+        twice_u += int(np.searchsorted(negatives, block, side="right").sum())
+    return float(twice_u / 2 / (n1 * n0))
 
 
-def _probability_figures(y_true: np.ndarray, probabilities: pd.DataFrame, seed: int) -> list[Figure]:
-    classes = [str(c) for c in probabilities.columns]
+#: Rows per step of a full-data log loss (its temporaries are a few arrays of this many rows).
+_LOSS_STEP = 1 << 20
+
+
+def _probability_figures(t: np.ndarray, classes: list[str], probabilities: pd.DataFrame, seed: int) -> list[Figure]:
+    """ROC AUC and log loss of the true classes ``t`` (codes into ``classes``) by ``probabilities``
+    (one column per class, named by its text; one column: the positive class of a binary model)."""
+    names = [str(c) for c in probabilities.columns]
     probs = probabilities.to_numpy(dtype=float)
+    index = {c: i for i, c in enumerate(classes)}
+    column_class = np.array([index.get(c, -1) for c in names], dtype=np.int64)  # -1: a class never seen
     known = np.isfinite(probs).all(axis=1)
-    if len(classes) > 1:
-        known &= np.isin(y_true, classes)  # a label outside the probability columns has no score
-    y, probs = y_true[known], probs[known]
-    n = len(y)
+    if len(names) > 1:
+        known &= np.isin(t, column_class[column_class >= 0])  # a label outside the columns has no score
+    if not known.all():
+        t, probs = t[known], probs[known]
+    n = len(t)
     if n == 0:
         return []
-    onehot = np.stack([y == c for c in classes], axis=1)
-    figures = []
-    if len(classes) == 1:
+    if len(names) == 1:
         # One probability column: that of the positive class of a binary model.
-        score, positive = probs[:, 0], onehot[:, 0]
+        score = probs[:, 0]
         probs = np.stack([1 - score, score], axis=1)
-        onehot = np.stack([~positive, positive], axis=1)
+        onehot = np.stack([t != column_class[0], t == column_class[0]], axis=1)
+    else:
+        onehot = t[:, None] == column_class[None, :]
+    figures = []
+    # A binary model's AUC is that of the positive (last) column; the other is its mirror image.
+    columns = [onehot.shape[1] - 1] if onehot.shape[1] == 2 else list(range(onehot.shape[1]))
 
-    def roc(idx: np.ndarray) -> float:
-        values = [auc(onehot[idx, j], probs[idx, j]) for j in range(onehot.shape[1])]
+    def roc(idx: np.ndarray | None) -> float:
+        values = [auc(onehot[:, j] if idx is None else onehot[idx, j], probs[:, j] if idx is None else probs[idx, j])
+                  for j in columns]
         values = [v for v in values if np.isfinite(v)]
-        if onehot.shape[1] == 2:
-            return values[-1] if values else math.nan
         return float(np.mean(values)) if values else math.nan
 
-    def log_loss(idx: np.ndarray) -> float:
-        p = np.clip(probs[idx], _EPS, 1 - _EPS)
-        p = p / p.sum(axis=1, keepdims=True)
-        return float(-np.mean(np.log(p[onehot[idx]])))
+    def losses(rows: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        p = np.clip(rows, _EPS, 1 - _EPS)
+        return -np.log(p[truth] / p.sum(axis=1))
 
-    value = roc(np.arange(n))
+    def log_loss(idx: np.ndarray) -> float:
+        return float(np.mean(losses(probs[idx], onehot[idx])))
+
+    value = roc(None)
     if np.isfinite(value):
-        figures.append(Figure("roc_auc", value, *bootstrap(roc, n, seed=seed), n, "bootstrap"))
-    if onehot[np.arange(n)].any(axis=1).all():
-        figures.append(Figure("log_loss", log_loss(np.arange(n)), *bootstrap(log_loss, n, seed=seed), n,
+        figures.append(Figure("roc_auc", value, *bootstrap(roc, n, seed=seed, full=value), n, "bootstrap"))
+    if onehot.any(axis=1).all():
+        total = sum(float(np.sum(losses(probs[i:i + _LOSS_STEP], onehot[i:i + _LOSS_STEP])))
+                    for i in range(0, n, _LOSS_STEP))
+        figures.append(Figure("log_loss", total / n, *bootstrap(log_loss, n, seed=seed, full=total / n), n,
                               "bootstrap"))
     return figures
 

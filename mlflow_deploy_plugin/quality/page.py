@@ -12,6 +12,7 @@ import html
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mlflow_deploy_plugin.quality.metrics import Figure
@@ -71,9 +72,10 @@ def render_quality_html(path: str | Path, *, task: str, prediction: pd.Series, l
                         table: str, sample_rows: int = DEFAULT_SAMPLE_ROWS, seed: int = 0) -> str | None:
     """Write the page to ``path``; returns None, or why Evidently's part is missing."""
     path = Path(path)
+    if len(label) > sample_rows:  # sampled first (rows, not a copy of every row): what follows costs per row
+        rows = np.sort(np.random.default_rng(seed).choice(len(label), size=sample_rows, replace=False))
+        label, prediction = label.iloc[rows], prediction.iloc[rows]
     frame = pd.DataFrame({"target": label.to_numpy(), "prediction": prediction.to_numpy()})
-    if len(frame) > sample_rows:  # sampled first: what follows costs per row
-        frame = frame.sample(sample_rows, random_state=seed)
     if task == "regression":
         frame = frame.apply(pd.to_numeric, errors="coerce").dropna()
     else:

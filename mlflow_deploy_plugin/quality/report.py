@@ -25,6 +25,10 @@ estimate out of sample) and the run gets ``estimated_accuracy`` (``.ci_low``, ``
 ``estimated_roc_auc`` and ``cbpe.calibration_rows`` beside the realised ``accuracy``, and the tag
 ``quality.cbpe`` ("estimated accuracy 0.87 (realised 0.85, n = 4,210; ...)" or "... (no labels yet)").
 When it cannot be calibrated (no earlier labels, too few, one class only) the tag says why instead.
+A window without labels yet that the schedule reports for the estimate only (:mod:`.due`) is tagged
+``quality.estimate_only=true``; estimated again while it lasts, it keeps its one run (metrics
+stamped with the time of the estimate, so the newest is the run's latest value), and it sets the
+version's ``quality.estimated_*`` tags and the ``quality_estimate`` verdicts, never the measured ones.
 The version's reference data is not used: it holds the model's inputs without target or
 probabilities (:mod:`mlflow_deploy_plugin.monitoring.reference` drops non-input columns).
 
@@ -46,6 +50,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -60,7 +65,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from mlflow_deploy_plugin.capture import capture_root, read_capture
+from mlflow_deploy_plugin.capture import capture_root
 from mlflow_deploy_plugin.capture.layout import as_utc
 from mlflow_deploy_plugin.quality.cbpe import CBPE, CalibrationError, Estimate
 from mlflow_deploy_plugin.quality.join import (
@@ -68,11 +73,10 @@ from mlflow_deploy_plugin.quality.join import (
     answered_probabilities,
     join_labels,
     join_window,
-    prediction_column,
     probability_columns,
     window_columns,
 )
-from mlflow_deploy_plugin.quality.labels import labels_root, read_labels, task_from_signature
+from mlflow_deploy_plugin.quality.labels import task_from_signature
 from mlflow_deploy_plugin.quality.metrics import Figure, quality_figures
 from mlflow_deploy_plugin.quality.page import figures_table, render_quality_html
 from mlflow_deploy_plugin.spec import duration_s
@@ -81,6 +85,8 @@ from mlflow_deploy_plugin.state import StateStore
 _log = logging.getLogger(__name__)
 
 QualityStatus = Literal["ok", "not_enough_labels"]
+#: The tag of a run made for CBPE's estimate only: a window whose labels have not come yet (quality/due.py).
+ESTIMATE_ONLY_TAG = "quality.estimate_only"
 HTML_ARTIFACT = "quality_report.html"
 SUMMARY_ARTIFACT = "quality_summary.json"
 #: The figures a version is tagged with, per task (the first is the headline of quality.summary).
@@ -264,28 +270,47 @@ def report_version(
     *, deployment: str, model_name: str, labelled: Labelled, task: str, window_start: datetime,
     window_end: datetime, min_labelled_rows: int, client: mlflow.MlflowClient, experiment_id: str,
     trigger: str = "manual", progress: Callable[[str], None] | None = None, estimated: Estimated | None = None,
+    estimate_only: bool = False,
 ) -> QualityOutcome:
     """Compute, log and tag one version's quality over one window (see the module docstring).
 
     ``estimated``: CBPE's estimates of the window (:func:`estimate_versions`), logged beside the
-    realised figures; None when the capture holds no probabilities.
+    realised figures; None when the capture holds no probabilities. ``estimate_only``: a window
+    without labels yet, reported for the estimate (tag ``quality.estimate_only``): the version's
+    measured ``quality.*`` tags are left alone, its ``quality.estimated_*`` tags are set instead.
     """
     say = progress or (lambda _m: None)
     version = labelled.version
     start, end = _iso(window_start), _iso(window_end)
+    # No `model_version` param: the drift policy's streak searches this experiment by that param
+    # (drift runs); the version is in the tag quality.model_version and the run name.
+    params = {"deployment": deployment, "model_name": model_name, "task": task,
+              "window_start": start, "window_end": end, "min_labelled_rows": str(min_labelled_rows)}
+    params = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
     rerun_of = _previous_run(client, experiment_id, deployment, version, start, end)
-    run = client.create_run(experiment_id, run_name=f"quality-{deployment}-v{version}-{as_utc(window_end):%Y%m%dT%H%M%SZ}",
-                            tags={"quality.deployment": deployment, "quality.model_name": model_name,
-                                  "quality.model_version": version, "quality.trigger": trigger,
-                                  **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})})
-    run_id = run.info.run_id
+    reused = None
+    if estimate_only and rerun_of is not None:
+        # A window without labels is estimated on every scheduled run while it lasts: one run per
+        # window, updated (its latest metrics are the newest estimate), not a run per tick.
+        previous = client.get_run(rerun_of)
+        if previous.data.tags.get(ESTIMATE_ONLY_TAG) == "true" and previous.data.params == params:
+            reused, rerun_of = rerun_of, None
+            client.set_tag(reused, "quality.trigger", trigger)
+    if reused is None:
+        run_id = client.create_run(
+            experiment_id, run_name=f"quality-{deployment}-v{version}-{as_utc(window_end):%Y%m%dT%H%M%SZ}",
+            tags={"quality.deployment": deployment, "quality.model_name": model_name,
+                  "quality.model_version": version, "quality.trigger": trigger,
+                  **({ESTIMATE_ONLY_TAG: "true"} if estimate_only else {}),
+                  **({"quality.rerun": "true", "quality.previous_run_id": rerun_of} if rerun_of else {})}).info.run_id
+    else:
+        run_id = reused
     try:
-        # No `model_version` param: the drift policy's streak searches this experiment by that param
-        # (drift runs); the version is in the tag quality.model_version and the run name.
-        params = {"deployment": deployment, "model_name": model_name, "task": task,
-                  "window_start": start, "window_end": end, "min_labelled_rows": str(min_labelled_rows)}
-        client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()])
-        stamp = int(as_utc(window_end).timestamp() * 1000)
+        if reused is None:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        # An estimate is stamped with the time it was made (a newer one of the same window must
+        # win as the run's latest value); a measured window with its end.
+        stamp = int(time.time() * 1000) if estimate_only else int(as_utc(window_end).timestamp() * 1000)
         step = int(as_utc(window_end).timestamp() // 60)
         metrics: dict[str, float] = {"rows_answered": labelled.answered, "rows_labelled": labelled.n,
                                      "label_coverage": labelled.coverage}
@@ -300,6 +325,11 @@ def report_version(
             if estimated.estimates:
                 metrics["cbpe.calibration_rows"] = estimated.calibration_rows
         training = training_figures(client, model_name, version)
+        if estimated is not None:  # the policy's max_drop compares an estimate with its training figure too
+            for estimate_name in estimated.estimates:
+                base = estimate_name.removeprefix("estimated_")
+                if base in training:
+                    metrics[f"training.{base}"] = training[base][1]
         if labelled.n >= min_labelled_rows:
             say(f"v{version}: computing {task} quality on {labelled.n:,} labelled rows")
             figures = quality_figures(task, labelled.prediction, labelled.label, labelled.probabilities)
@@ -354,10 +384,14 @@ def report_version(
             client.set_tag(run_id, "quality.cbpe", outcome.estimate_text()[:MAX_TAG_VAL_LENGTH])
         if outcome.summary:
             client.set_tag(run_id, "quality.summary", outcome.summary[:MAX_TAG_VAL_LENGTH])
-        series_metrics = {k: v for k, v in metrics.items() if not k.startswith("training.")}
+        series_metrics = {k: v for k, v in metrics.items() if not k.startswith("training.")
+                          and (not estimate_only or k.startswith(("estimated_", "cbpe.")))}
         _log_metrics(client, _series_run(client, experiment_id, deployment, model_name, version),
                      series_metrics, stamp, step)
-        _tag_version(client, model_name, version, outcome, task, end)
+        if estimate_only:
+            _tag_version_estimate(client, model_name, version, outcome, end)
+        else:
+            _tag_version(client, model_name, version, outcome, task, end)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -390,6 +424,26 @@ def _tag_version(client: mlflow.MlflowClient, model_name: str, version: str, out
     client.set_model_version_tag(model_name, version, "quality.checked_at", _iso(datetime.now(UTC)))
 
 
+def _tag_version_estimate(client: mlflow.MlflowClient, model_name: str, version: str, outcome: QualityOutcome,
+                          window_end: str) -> None:
+    """The version's ``quality.estimated_*`` tags: CBPE's latest estimate of a window without labels."""
+    try:
+        tags = client.get_model_version(model_name, version).tags
+    except MlflowException:
+        return
+    if tags.get("quality.estimate_window_end", "") > window_end:
+        return
+    estimates = outcome.estimated.estimates if outcome.estimated is not None else {}
+    for name in ("estimated_accuracy", "estimated_roc_auc"):
+        if name in estimates:
+            client.set_model_version_tag(model_name, version, f"quality.{name}", f"{estimates[name].value:.4f}")
+        else:
+            with contextlib.suppress(MlflowException):
+                client.delete_model_version_tag(model_name, version, f"quality.{name}")
+    client.set_model_version_tag(model_name, version, "quality.estimate", outcome.estimate_text()[:MAX_TAG_VAL_LENGTH])
+    client.set_model_version_tag(model_name, version, "quality.estimate_window_end", window_end)
+
+
 def run_quality_report(
     *, deployment: str, model_name: str, captured: pd.DataFrame | None = None, labels: pd.DataFrame | None = None,
     task: str, joined: list[Labelled] | None = None,
@@ -397,7 +451,7 @@ def run_quality_report(
     window_start: datetime, window_end: datetime, min_labelled_rows: int = 100,
     client: mlflow.MlflowClient | None = None, experiment_name: str | None = None,
     progress: Callable[[str], None] | None = None, trigger: str = "manual",
-    calibration: list[Labelled] | None = None, calibration_source: str = "",
+    calibration: list[Labelled] | None = None, calibration_source: str = "", estimate_only: bool = False,
 ) -> list[QualityOutcome]:
     """Report every version that answered in ``captured`` (already cut to the window) against ``labels``.
 
@@ -418,7 +472,7 @@ def run_quality_report(
     return [report_version(deployment=deployment, model_name=model_name, labelled=one, task=task,
                            window_start=window_start, window_end=window_end, min_labelled_rows=min_labelled_rows,
                            client=client, experiment_id=experiment_id, trigger=trigger, progress=progress,
-                           estimated=estimated.get(one.version))
+                           estimated=estimated.get(one.version), estimate_only=estimate_only)
             for one in joined]
 
 
@@ -452,8 +506,12 @@ def estimate_versions(captured: pd.DataFrame | None, calibration: list[Labelled]
 
 def run_deployment_quality(name: str, since: datetime | None = None, until: datetime | None = None, *,
                            store: StateStore | None = None, progress: Callable[[str], None] | None = None,
-                           trigger: str = "manual") -> list[QualityOutcome]:
+                           trigger: str = "manual", estimate_only: bool = False) -> list[QualityOutcome]:
     """Report deployment ``name``'s quality over the predictions made in [since, until) (default: 24 h).
+
+    ``estimate_only``: a window without labels yet, reported for CBPE's estimate (see
+    :func:`report_version`); its figures go to the ``quality_estimate`` verdicts (gauges
+    ``mlflow_deploy_quality_estimated``), never to the measured ones.
 
     Raises MlflowException (RESOURCE_DOES_NOT_EXIST) for an unknown deployment.
     """
@@ -469,20 +527,16 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
     root = capture_root(name, config.capture_uri, str(paths.capture))
     say(f"Reading captured predictions of {name!r} from {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
     columns = window_columns(root, since, until)
-    pred = prediction_column(columns)
     calibration, source = None, ""
     probas = probability_columns(columns)
     if probas and (config.task or "classification") == "classification":
         # CBPE's calibration: the labelled rows of the label horizon before the window (see the docstring).
         cal_since = since - timedelta(seconds=duration_s(config.label_horizon))
         source = f"predicted {cal_since:%Y-%m-%d %H:%M} – {since:%Y-%m-%d %H:%M} UTC"
-        cal_labels = read_labels(labels_root(root), cal_since, since)
-        calibration = []
-        if not cal_labels.empty:
-            say(f"Reading the {len(cal_labels):,} labelled predictions before the window to calibrate CBPE")
-            wanted = ["_request_id", "_row", "_timestamp", "_model_version", "_status",
-                      *([pred] if pred else []), *probas.values()]
-            calibration = join_labels(read_capture(root, since=cal_since, until=since, columns=wanted), cal_labels)
+        say("Joining the labelled predictions before the window to calibrate CBPE")
+        # Streamed like the window, keeping each version's latest rows only: the horizon may be long.
+        calibration = join_window(root, cal_since, since, task_for=lambda _p: "classification",
+                                  keep_last=CBPE_MAX_CALIBRATION_ROWS, labelled_days_only=True).labelled
     # Joined one day partition at a time, keeping only the labelled rows: memory follows the labels.
     window = join_window(root, since, until, task_for=lambda predictions: deployment_task(spec, paths, predictions),
                          probabilities_of_all=bool(calibration), progress=progress)
@@ -491,8 +545,11 @@ def run_deployment_quality(name: str, since: datetime | None = None, until: date
         deployment=name, model_name=spec.model.model_name, joined=window.labelled, answered=window.answered,
         task=window.task, window_start=since, window_end=until, min_labelled_rows=config.quality_min_labelled_rows,
         experiment_name=config.drift_experiment, progress=progress, trigger=trigger,
-        calibration=calibration, calibration_source=source)
-    _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)
+        calibration=calibration, calibration_source=source, estimate_only=estimate_only)
+    if estimate_only:
+        _record_estimates(paths, spec.model.model_name, outcomes, until, trigger)
+    else:
+        _record_verdicts(paths, spec.model.model_name, outcomes, until, trigger)
     return outcomes
 
 
@@ -509,3 +566,28 @@ def _record_verdicts(paths: Any, model_name: str, outcomes: list[QualityOutcome]
                            run_id=outcome.run_id, trigger=trigger)
         except (OSError, TimeoutError) as exc:  # the report is in MLflow already: never fail it here
             _log.warning("Could not record the quality verdict of v%s: %s", outcome.model_version, exc)
+
+
+def _record_estimates(paths: Any, model_name: str, outcomes: list[QualityOutcome], window_end: datetime,
+                      trigger: str) -> None:
+    """CBPE's figures of a window without labels, for the ``mlflow_deploy_quality_estimated`` gauges
+    and the history (``quality_estimate_verdict``); versions without an estimate are left out."""
+    from mlflow_deploy_plugin.verdicts import record_verdict
+
+    for outcome in outcomes:
+        est = outcome.estimated
+        if est is None or not est.estimates:
+            continue
+        figures: dict[str, float] = {}
+        for item in est.estimates.values():
+            figures[item.name] = item.value
+            if np.isfinite(item.low):
+                figures[f"{item.name}.ci_low"], figures[f"{item.name}.ci_high"] = item.low, item.high
+        answered = max(item.n for item in est.estimates.values())
+        try:
+            record_verdict(paths, "quality_estimate", outcome.model_version, model_name=model_name, figures=figures,
+                           answered_rows=answered, calibration_rows=est.calibration_rows,
+                           window_end=_iso(window_end), run_id=outcome.run_id, trigger=trigger,
+                           text=outcome.estimate_text())
+        except (OSError, TimeoutError) as exc:
+            _log.warning("Could not record the quality estimate of v%s: %s", outcome.model_version, exc)

@@ -107,7 +107,8 @@ def _number(value: object) -> float | None:
 
 
 class VerdictCollector(Collector):
-    """Gauges of the latest drift, quality and shadow verdict per version, from ``verdicts.json``.
+    """Gauges of the latest drift, quality (measured and estimated) and shadow verdict per version, from
+    ``verdicts.json``.
 
     Read on every scrape (a small file): a verdict written by a report job a second ago shows at
     once, in every worker, without the worker hearing of the job. Gauge names are the contract of
@@ -158,6 +159,19 @@ class VerdictCollector(Collector):
                 quality_rows.add_metric([name, version], rows)
             if (checked := _number(entry.get("checked_at"))) is not None:
                 quality_checked.add_metric([name, version], checked)
+        # CBPE's estimates of windows without labels yet: their own names, never mistaken for measured figures.
+        estimated = GaugeMetricFamily("mlflow_deploy_quality_estimated",
+                                      "Estimated quality of this version's latest window without labels "
+                                      "(CBPE: estimated_accuracy and its ci_low/ci_high, estimated_roc_auc).",
+                                      labels=[*labels, "figure"])
+        estimated_rows = GaugeMetricFamily("mlflow_deploy_quality_estimated_rows",
+                                           "Answered rows the latest quality estimate rests on.", labels=labels)
+        for version, entry in verdicts["quality_estimate"].items():
+            for figure, value in (entry.get("figures") or {}).items():
+                if (number := _number(value)) is not None:
+                    estimated.add_metric([name, version, str(figure)], number)
+            if (rows := _number(entry.get("answered_rows"))) is not None:
+                estimated_rows.add_metric([name, version], rows)
         agreement = GaugeMetricFamily("mlflow_deploy_shadow_agreement",
                                       "Share of requests on which the shadow version answered like the primary "
                                       "(latest shadow report; model_version is the shadow's).", labels=labels)
@@ -180,5 +194,5 @@ class VerdictCollector(Collector):
             if (checked := _number(entry.get("checked_at"))) is not None:
                 shadow_checked.add_metric([name, version], checked)
         yield from (drift_share, drift_detected, drift_checked, quality, quality_rows, quality_checked,
-                    agreement, shadow_requests, shadow_figure, shadow_checked)
+                    estimated, estimated_rows, agreement, shadow_requests, shadow_figure, shadow_checked)
 

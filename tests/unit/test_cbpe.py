@@ -282,3 +282,115 @@ def test_estimate_versions_says_why_it_cannot_calibrate() -> None:
                    pd.DataFrame({"0": [0.2, 0.8] * 20, "1": [0.8, 0.2] * 20}), pd.Series(dtype="datetime64[ns, UTC]"))
     assert "40 labelled rows with probabilities to calibrate on, fewer than 100" in \
         estimate_versions(captured, [few], "before the window", 100)["3"].skipped
+
+
+# --- Scheduled: days without labels yet get the estimate, apart from the measured figures. ---
+
+
+def test_estimate_days_are_unlabelled_days_until_estimated_after_their_end() -> None:
+    from datetime import UTC, date, datetime
+
+    from mlflow_deploy_plugin.quality.due import estimate_days
+
+    now = datetime(2026, 11, 10, 12, tzinfo=UTC)
+    captured = [date(2026, 10, 1), date(2026, 11, 6), date(2026, 11, 7), date(2026, 11, 8), date(2026, 11, 9),
+                date(2026, 11, 10)]
+    estimated = {"2026-11-08": "2026-11-09T00:05:00+00:00",  # after its end + settle: done
+                 "2026-11-09": "2026-11-09T23:00:00+00:00",  # while it ran: once more
+                 "2026-11-10": "2026-11-10T11:30:00+00:00"}  # today: every run
+    days = estimate_days(captured, {date(2026, 11, 7)}, estimated, now, first=date(2026, 10, 11))
+    assert [d.date().isoformat() for d in days] == ["2026-11-06", "2026-11-09", "2026-11-10"]
+
+
+def _stamps_today(now: float, n: int) -> list[float]:
+    """``n`` times of today (UTC) before ``now``."""
+    from datetime import UTC, datetime
+
+    midnight = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    return [midnight + (now - 1 - midnight) * (i + 0.5) / n for i in range(n)]
+
+
+def test_scheduled_run_estimates_the_day_without_labels_apart_from_measured_figures(tmp_path, client) -> None:
+    """v1 answered 600 rows two days ago (labelled: the measured window, and CBPE's calibration)
+    and 500 today (no label yet). One scheduled run reports the labelled day as measured, and
+    today for the estimate only: own metrics, run tag, version tags, verdicts and gauges; the
+    measured ones stay those of the labelled day. Today is estimated again on the next run while
+    it lasts, once more after it ended, then no more."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter
+    from mlflow_deploy_plugin.quality.due import run_due_quality
+    from mlflow_deploy_plugin.quality.labels import LabelTarget, store_labels
+    from mlflow_deploy_plugin.serving.metrics import ServingMetrics
+    from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+    from mlflow_deploy_plugin.verdicts import read_verdicts
+
+    store = StateStore(tmp_path / "home")
+    spec = DeploymentSpec("sched", ModelRef(f"models:/{MODEL}/1", MODEL, "1"),
+                          DeploymentConfig(task="classification", drift_experiment="cbpe-before",
+                                           quality_min_labelled_rows=100))
+    store.write_spec(spec)
+    paths = store.paths("sched")
+    rng = np.random.default_rng(11)
+    now = time.time()
+    writer = CaptureWriter(str(paths.capture), "sched", flush_interval_s=60)
+    rows = []
+    stamps = [now - 2 * 86400 + i for i in range(600)] + _stamps_today(now, 500)
+    for i, stamp in enumerate(stamps):
+        p = float(rng.random())
+        answer = pd.DataFrame({"label": [int(p >= 0.5)], "proba_0": [1 - p], "proba_1": [p]})
+        writer.record(CapturedRequest(f"s{i}", stamp, "1", 200, 1.0, pd.DataFrame({"x": [p]}), answer))
+        rows.append({"request_id": f"s{i}", "label": int(rng.random() < p), "p": p})
+    writer.flush()
+    writer.close()
+    truth = pd.DataFrame(rows)
+    store_labels(truth.iloc[:600][["request_id", "label"]],
+                 LabelTarget(str(paths.capture), tmp_path / "labels.lock", task="classification"))
+    today = truth.iloc[600:]
+    by_hand = CBPE.fit(pd.DataFrame({"0": 1 - truth.p[:600], "1": truth.p[:600]}), truth.label[:600].astype(str)
+                       ).estimate(pd.DataFrame({"0": 1 - today.p, "1": today.p}).reset_index(drop=True),
+                                  pd.Series((today.p >= 0.5).astype(int).to_numpy()))[0]
+    measured_acc = float(((truth.p[:600] >= 0.5).astype(int) == truth.label[:600]).mean())
+
+    moment = datetime.fromtimestamp(now, UTC)
+    measured, estimate = run_due_quality("sched", store=store, now=moment)
+    assert measured.status == "ok" and measured.figures["accuracy"].value == pytest.approx(measured_acc)
+    assert estimate.status == "not_enough_labels" and estimate.rows_labelled == 0 and estimate.rows_answered == 500
+    assert estimate.estimated is not None
+    assert estimate.estimated.estimates["estimated_accuracy"].value == pytest.approx(by_hand.value)
+    run = client.get_run(estimate.run_id)
+    assert run.data.tags["quality.estimate_only"] == "true" and "quality.estimate_only" not in \
+        client.get_run(measured.run_id).data.tags
+    assert run.data.metrics["estimated_accuracy"] == pytest.approx(by_hand.value) and "accuracy" not in run.data.metrics
+    assert run.data.params["window_end"] == f"{(moment + timedelta(days=1)):%Y-%m-%d}T00:00:00Z"
+    # The version: measured tags from the labelled day, estimate tags from today.
+    tags = client.get_model_version(MODEL, "1").tags
+    assert tags["quality.status"] == "ok" and float(tags["quality.accuracy"]) == pytest.approx(measured_acc, abs=1e-4)
+    assert float(tags["quality.estimated_accuracy"]) == pytest.approx(by_hand.value, abs=1e-4)
+    assert tags["quality.estimate"].startswith(f"estimated accuracy {by_hand.value:.3f} (no labels yet;")
+    # Verdicts and gauges: the estimate beside, not instead of, the measured figure.
+    verdicts = read_verdicts(paths)
+    assert verdicts["quality"]["1"]["figures"]["accuracy"] == pytest.approx(measured_acc)
+    assert verdicts["quality_estimate"]["1"]["figures"]["estimated_accuracy"] == pytest.approx(by_hand.value)
+    body, _ = ServingMetrics(paths.root).render()
+    samples = {(s.name, s.labels.get("figure")): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples
+               if s.labels.get("model_version") == "1"}
+    assert samples[("mlflow_deploy_quality", "accuracy")] == pytest.approx(measured_acc)
+    assert samples[("mlflow_deploy_quality_estimated", "estimated_accuracy")] == pytest.approx(by_hand.value)
+    assert samples[("mlflow_deploy_quality_estimated", "estimated_accuracy.ci_low")] < by_hand.value
+    assert samples[("mlflow_deploy_quality_estimated_rows", None)] == 500
+    assert [e["event"] for e in store.read_history("sched")] == ["quality_verdict", "quality_estimate_verdict"]
+
+    # Today is still running: estimated again, in the same run (one run per window, not per tick);
+    # the labelled day is not due.
+    again = run_due_quality("sched", store=store, now=moment + timedelta(minutes=1))
+    assert [(o.run_id, o.rerun_of) for o in again] == [(estimate.run_id, None)]
+    # After its end: once more, then no more.
+    tomorrow = (moment + timedelta(days=1)).replace(hour=0, minute=5, second=0, microsecond=0)
+    assert len(run_due_quality("sched", store=store, now=tomorrow)) == 1
+    assert run_due_quality("sched", store=store, now=tomorrow + timedelta(minutes=30)) == []

@@ -183,3 +183,51 @@ def test_quality_drop_needs_k_significant_windows_in_a_row(client: mlflow.Mlflow
     # Late labels re-run day 4 and lift it to 0.88: its CI now reaches 0.90, no longer significant.
     _window_report(client, 4, 264, 300, experiment)
     assert drop() is None
+
+
+def _estimate_report(client: mlflow.MlflowClient, day: int, value: float, half: float, experiment: str) -> str:
+    """A real estimate-only report of v1 over one day window (no labels): CBPE's accuracy ``value`` ± ``half``."""
+    from mlflow_deploy_plugin.quality.cbpe import Estimate
+    from mlflow_deploy_plugin.quality.join import Labelled
+    from mlflow_deploy_plugin.quality.report import Estimated, _ensure_experiment, report_version
+
+    start = datetime(2026, 11, day, tzinfo=UTC)
+    estimated = Estimated({"estimated_accuracy": Estimate("estimated_accuracy", value, value - half, value + half, 300)},
+                          1000, "before the window")
+    labelled = Labelled("1", 300, pd.Series([], dtype=object), pd.Series([], dtype=object), None)
+    return report_version(deployment="drop", model_name=MODEL, labelled=labelled, task="classification",
+                          window_start=start, window_end=start + timedelta(days=1), min_labelled_rows=50,
+                          client=client, experiment_id=_ensure_experiment(client, experiment), estimated=estimated,
+                          estimate_only=True).run_id
+
+
+def test_quality_drop_skips_estimates_unless_the_policy_uses_them(client: mlflow.MlflowClient) -> None:
+    from mlflow_deploy_plugin.lifecycle.policy import PolicyError, parse_policy
+    from mlflow_deploy_plugin.lifecycle.quality_drop import find_quality_drop
+
+    text = "model: m\nquality:\n  max_drop: 0.05\n  consecutive_reports: 2\n  action: rollback\n"
+    measured_only = parse_policy(text).quality
+    with_estimates = parse_policy(text + "  use_estimates: true\n").quality
+    assert measured_only is not None and with_estimates is not None and with_estimates.use_estimates
+    with pytest.raises(PolicyError, match="use_estimates needs figure: accuracy"):
+        parse_policy(text + "  use_estimates: true\n  figure: f1_macro\n")
+    experiment = "quality-estimates-unit"
+
+    def drop(policy) -> object:
+        return find_quality_drop(client, client.get_experiment_by_name(experiment).experiment_id, "drop", "1", policy)
+
+    _window_report(client, 11, 180, 300, experiment)  # measured 0.60: short of training 0.95 - 0.05
+    measured = _window_report(client, 12, 180, 300, experiment)
+    latest_estimate = _estimate_report(client, 13, 0.6, 0.03, experiment)  # today: no labels, estimated 0.60
+    found = drop(measured_only)  # the estimate-only window is not one this policy judges
+    assert found is not None and found.latest_run_id == measured
+    assert "labelled accuracy fell short in 2 consecutive windows" in found.reason
+    found = drop(with_estimates)  # judged on the estimate: days 13 (estimated) and 12 (measured)
+    assert found is not None and found.latest_run_id == latest_estimate
+    assert "labelled or estimated accuracy fell short" in found.reason and "estimated_accuracy 0.6 " in found.reason
+    assert [w["estimated"] for w in found.evidence["windows"]] == [True, False]
+    assert found.evidence["windows"][0]["n"] == 300 and found.evidence["windows"][0]["training"] == 0.95
+    # An estimate whose interval reaches the limit is no shortfall: no streak.
+    _estimate_report(client, 14, 0.88, 0.03, experiment)
+    assert drop(with_estimates) is None
+    assert drop(measured_only) is not None

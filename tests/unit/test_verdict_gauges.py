@@ -53,5 +53,5 @@ def test_verdicts_show_as_gauges_and_in_history(tmp_path: Path) -> None:
     assert events[0]["model"] == {"model_name": "m", "model_version": "3"} and events[0]["share"] == 0.6
 
     paths.verdicts.write_text("{not json")  # torn by hand: the scrape still answers, without verdicts
-    assert read_verdicts(paths) == {"drift": {}, "quality": {}, "shadow": {}}
+    assert read_verdicts(paths) == {"drift": {}, "quality": {}, "shadow": {}, "quality_estimate": {}}
     assert ("mlflow_deploy_drift_share", d3) not in _samples(metrics)
