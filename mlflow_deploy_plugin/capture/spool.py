@@ -365,7 +365,9 @@ def _stack_table(stack: _Stack, pred_key: tuple | None, deployment: str,
     total = sum(stack.counts)
     ncols = len(stack.columns)
     values = np.frombuffer(b"".join(stack.inputs), dtype=np.float64)
-    matrix = values.reshape(total, ncols) if ncols else np.empty((total, 0))
+    # Column by column in memory (one transposing copy): each column then becomes Arrow without
+    # a strided gather of its own (~2x faster for 20 columns).
+    matrix = np.ascontiguousarray(values.reshape(total, ncols).T).T if ncols else np.empty((total, 0))
     frame = as_frame(pd.DataFrame(matrix, columns=list(stack.columns), copy=False))
     predictions: dict[str, np.ndarray] = {}
     if pred_key is not None:
