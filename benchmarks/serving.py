@@ -47,6 +47,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import procfs  # benchmarks/procfs.py
 import serving_ray  # benchmarks/serving_ray.py: the --engine ray servers
 
 MODEL_NAME = "bench-logreg"
@@ -271,17 +272,7 @@ def read_status(name: str = DEPLOYMENT) -> dict[str, Any]:
 
 
 def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, fields in procfs.live_processes() if int(fields[2]) == pgid]
 
 
 def group_cpu_s(pgid: int) -> dict[int, float]:
@@ -299,15 +290,7 @@ def server_cpu_s(server: dict[str, Any]) -> dict[int, float]:
 
 
 def pids_cpu_s(pids: list[int]) -> dict[int, float]:
-    tick = os.sysconf("SC_CLK_TCK")
-    cpu = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
-    return cpu
+    return {pid: procfs.cpu_s(fields) for pid in pids if (fields := procfs.stat_fields(pid)) is not None}
 
 
 def machine_busy_s() -> float:

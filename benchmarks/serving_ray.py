@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import procfs  # benchmarks/procfs.py
+
 TARGET = "lifecycle:/ray"
 TRIVIAL_APP = "bench-trivial"
 REPLICA_CPUS = "0.5"
@@ -48,15 +50,8 @@ def descendants(pid: int) -> list[int]:
     """``pid`` and every live process below it (Ray's actor workers run in sessions of their own, so
     the cluster is found by parentage, not by process group)."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
+    for child, fields in procfs.live_processes():
+        children.setdefault(int(fields[1]), []).append(child)
     found, todo = [], [pid]
     while todo:
         current = todo.pop()

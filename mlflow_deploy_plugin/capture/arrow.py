@@ -28,7 +28,8 @@ _EPOCH = date(1970, 1, 1)
 # (:mod:`.spool`) carries exactly these attributes to the converter process (None for one a
 # request lacks), so a new meta column is one more name here (and in ``_group_table``), not a
 # change of the record format.
-REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role")
+REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role",
+                                   "model_name")
 
 
 class AnsweredRequest(Protocol):
@@ -72,6 +73,32 @@ class CapturedRequest:
     inputs: pd.DataFrame | None
     predictions: Any | None
     role: str = "primary"  # or "shadow" (layout: ``_role``)
+    model_name: str | None = None  # the registered model answering (layout: ``_model_name``)
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    """The :data:`REQUEST_ATTRS` of a table's requests, one list per attribute, request by request.
+
+    Built from request objects (:meth:`add`), or directly by a decoder that has the values at hand
+    (:mod:`.spool`'s compact records), so no object per request is needed.
+    """
+
+    request_id: list[Any] = field(default_factory=list)
+    timestamp: list[Any] = field(default_factory=list)
+    model_version: list[Any] = field(default_factory=list)
+    status: list[Any] = field(default_factory=list)
+    latency_ms: list[Any] = field(default_factory=list)
+    role: list[Any] = field(default_factory=list)
+    model_name: list[Any] = field(default_factory=list)
+
+    def add(self, request: Any) -> None:
+        """Append one request's attributes (None for one it lacks)."""
+        for name in REQUEST_ATTRS:
+            getattr(self, name).append(getattr(request, name, None))
+
+    def __len__(self) -> int:
+        return len(self.request_id)
 
 
 @dataclass(slots=True)
@@ -87,6 +114,7 @@ class _Group:
     predictions: list[dict[str, np.ndarray]] = field(default_factory=list)
     requests: list[AnsweredRequest] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+    meta: RequestMeta | None = None  # the requests' attributes, when given as lists instead of ``requests``
 
 
 def tables_by_day(batch: list[AnsweredRequest], deployment: str,
@@ -131,12 +159,15 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
     return by_day, unconverted
 
 
-def stacked_table(requests: list[Any], counts: list[int], inputs: pd.DataFrame | None,
+def stacked_table(requests: list[Any] | RequestMeta, counts: list[int], inputs: pd.DataFrame | None,
                   predictions: dict[str, np.ndarray], deployment: str,
                   redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
     """The table of requests whose rows are already stacked: ``inputs`` (from :func:`as_frame`)
     and ``predictions`` (from :func:`prediction_columns`) hold ``sum(counts)`` rows, request by
-    request. What :func:`tables_by_day` builds for the same requests one by one."""
+    request (``requests``: the request objects, or their attributes as a :class:`RequestMeta`).
+    What :func:`tables_by_day` builds for the same requests one by one."""
+    if isinstance(requests, RequestMeta):
+        return _group_table(_Group([inputs], [predictions], [], counts, requests), deployment, redact)
     return _group_table(_Group([inputs], [predictions], requests, counts), deployment, redact)
 
 
@@ -159,22 +190,34 @@ def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int
 
 def _group_table(group: _Group, deployment: str,
                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
-    reqs = group.requests
+    meta = group.meta
+    if meta is None:
+        meta = RequestMeta()
+        for request in group.requests:
+            meta.add(request)
     counts = np.array(group.counts, dtype=np.int64)
     total = int(counts.sum())
-    micros = np.fromiter((round(float(r.timestamp) * 1e6) for r in reqs), dtype=np.int64, count=len(reqs))
+    micros = np.fromiter((round(float(t) * 1e6) for t in meta.timestamp), dtype=np.int64, count=len(meta))
     starts = np.repeat(np.cumsum(counts) - counts, counts)
+    # Row -> its request: a request's text is converted once and repeated by Arrow, not per row in Python.
+    of_row = None if total == len(meta) else pa.array(np.repeat(np.arange(len(meta), dtype=np.int64), counts))
+
+    def text(values: list[Any]) -> pa.Array:
+        array = pa.array(values, pa.string())
+        return array if of_row is None else array.take(of_row)
+
     arrays: list[pa.Array] = [
-        pa.array(np.repeat(np.array([str(r.request_id) for r in reqs], dtype=object), counts), pa.string()),
+        text([str(x) for x in meta.request_id]),
         pa.array(np.repeat(micros, counts), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-        pa.array([deployment] * total, pa.string()),
-        pa.array(np.repeat(np.array([str(r.model_version) for r in reqs], dtype=object), counts), pa.string()),
-        pa.array(np.repeat(np.array([int(r.status) for r in reqs], dtype=np.int16), counts), pa.int16()),
-        pa.array(np.repeat(np.array([float(r.latency_ms) for r in reqs], dtype=np.float32), counts), pa.float32()),
+        pa.repeat(pa.scalar(deployment, pa.string()), total),
+        text([str(x) for x in meta.model_version]),
+        pa.array(np.repeat(np.array([int(x) for x in meta.status], dtype=np.int16), counts), pa.int16()),
+        pa.array(np.repeat(np.array([float(x) for x in meta.latency_ms], dtype=np.float32), counts), pa.float32()),
         pa.array((np.arange(total, dtype=np.int64) - starts).astype(np.int32), pa.int32()),
         # primary unless the answer says otherwise (serving/shadow.py's say shadow)
-        pa.array(np.repeat(np.array([str(getattr(r, "role", None) or "primary") for r in reqs], dtype=object),
-                           counts), pa.string()),
+        text([str(x or "primary") for x in meta.role]),
+        # null when the answer does not say (requests recorded by other callers, older spools)
+        text([str(x) if x else None for x in meta.model_name]),
     ]
     names = list(META_COLUMNS)
     frames = [f for f in group.frames if f is not None]

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -131,14 +132,20 @@ class Converter:
                     fs.create_dir(folder, recursive=True)
                     self._made_dirs.add(folder)
                 final_path = join_path(folder, name)
+                # Dictionary pages for all but floating-point columns: request ids, versions, roles,
+                # categorical inputs and classes shrink; measured floats are nearly all distinct, and
+                # Parquet's attempt to dictionary-encode them (then falling back) was ~3/4 of the
+                # write's CPU (40k rows x 29 columns: 77 -> 20 ms, and a smaller file).
+                options = {"compression": "zstd", "use_dictionary": [
+                    field.name for field in table.schema if not pa.types.is_floating(field.type)]}
                 if isinstance(fs, pafs.LocalFileSystem):
                     # Readers skip dot-files, so a half-written file is never seen; rename is atomic.
                     tmp = join_path(folder, f".{name}.tmp")
-                    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+                    pq.write_table(table, tmp, filesystem=fs, **options)
                     fs.move(tmp, final_path)
                 else:
                     # Object stores publish an object only once its upload completes.
-                    pq.write_table(table, final_path, filesystem=fs, compression="zstd")
+                    pq.write_table(table, final_path, filesystem=fs, **options)
                 return True
             except Exception as exc:
                 self._made_dirs.clear()

@@ -12,12 +12,14 @@ it may be a local folder or a pyarrow filesystem URI. Partitions are UTC days. S
 processes may write to the same root: file names carry the pid and a per-process sequence number.
 
 One row per input row. Meta columns first (``_request_id``, ``_timestamp``, ``_deployment``,
-``_model_version``, ``_status``, ``_latency_ms``, ``_row``, ``_role``), then the input columns under their own
-names, then the predictions (``_prediction`` or ``_prediction_<col>``).
+``_model_version``, ``_status``, ``_latency_ms``, ``_row``, ``_role``, ``_model_name``), then the input columns
+under their own names, then the predictions (``_prediction`` or ``_prediction_<col>``).
 
 ``_role`` is ``primary`` for the answer the client got and ``shadow`` for a shadow version's answer to
 the same request (same ``_request_id``; see ``serving/shadow.py``). Files written before it existed
-have no ``_role``: their rows read as primary.
+have no ``_role``: their rows read as primary. ``_model_name`` is the registered model that answered (a
+shadow may be another model than the primary; ``_model_version`` alone does not say which); null in
+files written before it existed and for requests recorded without one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pyarrow.fs as pafs
 
 META_COLUMNS: tuple[str, ...] = (
     "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row", "_role",
+    "_model_name",
 )
 META_SCHEMA = pa.schema([
     ("_request_id", pa.string()),
@@ -42,6 +45,7 @@ META_SCHEMA = pa.schema([
     ("_latency_ms", pa.float32()),
     ("_row", pa.int32()),
     ("_role", pa.string()),
+    ("_model_name", pa.string()),
 ])
 ROLE_COLUMN = "_role"
 PREDICTION_PREFIX = "_prediction"

@@ -68,6 +68,7 @@ _log = logging.getLogger(__name__)
 # Mirrors capture.layout.META_COLUMNS / PREDICTION_PREFIX (the capture layout shared with serving).
 META_COLUMNS: tuple[str, ...] = (
     "_request_id", "_timestamp", "_deployment", "_model_version", "_status", "_latency_ms", "_row", "_role",
+    "_model_name",
 )
 PREDICTION_PREFIX = "_prediction"
 HTML_ARTIFACT = "drift_report.html"

@@ -89,6 +89,7 @@ class Answer:
     predictions: Any
     role: str = "primary"  # capture's _role: the shadow mirror's rows say "shadow" (serving/shadow.py)
     params: dict[str, Any] | None = None  # the request's params: the shadow predicts with the same ones
+    model_name: str | None = None  # the registered model that answered (capture's _model_name)
 
 
 class ServiceState:
@@ -339,7 +340,8 @@ def build_app(
         finally:
             in_flight.dec()
         elapsed = time.perf_counter() - started
-        version = route.slot.identity.model_version
+        identity = route.slot.identity
+        version = identity.model_version
         route.latency.observe(elapsed)
         if 200 <= response.status_code < 300:
             route.success_latency.observe(elapsed)
@@ -352,7 +354,7 @@ def build_app(
         response.headers["x-model-version"] = version
         if on_answer is not None:
             on_answer(Answer(request_id, time.time(), version, response.status_code, elapsed * 1000.0,
-                             data, predictions, params=params))
+                             data, predictions, params=params, model_name=identity.model_name))
         return response
 
     def mlflow_decode(body: bytes, headers: Headers, slot: ModelSlot,

@@ -20,7 +20,13 @@ def is_float64(frame: pd.DataFrame) -> bool:
     """Whether every column of ``frame`` is float64 (cheap for frames marked by the parser)."""
     if frame.attrs.get(FLOAT64_ATTR):
         return True
-    return all(dtype == np.float64 for dtype in frame.dtypes)
+    try:
+        # The frame's blocks (~0.3 us; `frame.dtypes` builds a Series: ~20 us, paid per request by
+        # the frames MLflow's own parsers build, e.g. Parquet bodies). Every column is in one block.
+        blocks = frame._mgr.blocks
+    except AttributeError:  # another pandas internals layout: the public (slower) way
+        return all(dtype == np.float64 for dtype in frame.dtypes)
+    return all(block.dtype == np.float64 for block in blocks)
 
 
 def stack_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:

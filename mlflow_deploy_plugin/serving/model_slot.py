@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +12,11 @@ import mlflow.pyfunc
 from mlflow.models import Model
 from mlflow.pyfunc import PyFuncModel  # by name: to mypy, `mlflow.pyfunc.X` is mlflow's lazy loader
 
+from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy
+
+__all__ = ["ModelIdentity", "ModelLoadError", "ModelSlot", "ensure_local_copy"]
+
 _logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """The model version could not be fetched, loaded or smoke-tested."""
 
 
 @dataclass(frozen=True)
@@ -31,41 +28,6 @@ class ModelIdentity:
     model_uri: str  # models:/name/version
     requested_uri: str  # what the deployment follows, e.g. models:/name@champion
     run_id: str | None
-
-
-def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
-    """Download the model's artifacts once; later loads (restarts, workers) read the local copy.
-
-    Several workers may race here: each downloads into its own temp folder and the first rename
-    wins, so a half-written copy is never visible.
-    """
-    if (cache_dir / "MLmodel").exists():
-        return cache_dir
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}."))
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging))
-        _make_private(staging)
-        try:
-            os.rename(staging, cache_dir)
-        except OSError:
-            if not (cache_dir / "MLmodel").exists():
-                raise
-    except Exception as exc:
-        raise ModelLoadError(f"Could not download {model_uri}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return cache_dir
-
-
-def _make_private(root: Path) -> None:
-    """Folders 0700, files 0600: copies keep their source's mode bits, whatever the umask."""
-    for folder, _, files in os.walk(root):
-        os.chmod(folder, 0o700)
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o600)
 
 
 class ModelSlot:

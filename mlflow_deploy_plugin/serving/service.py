@@ -221,5 +221,6 @@ def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
     mirror = ShadowMirror(slot.predict, version, writer.record,
                           sample_rate=config.shadow_sample_rate, max_queue=config.max_queue,
                           timeout_s=config.timeout_s, on_drop=lambda reason: drops[reason].inc(),
-                          on_result=on_result, batching=batching, max_batch_rows=config.max_batch_rows)
+                          on_result=on_result, batching=batching, max_batch_rows=config.max_batch_rows,
+                          model_name=slot.identity.model_name)
     return ShadowedCapture(capture, mirror, writer), mirror

@@ -64,6 +64,7 @@ class ShadowAnswer:
     inputs: Any
     predictions: Any
     role: str = ROLE_SHADOW
+    model_name: str | None = None  # the shadow's registered model (it may differ from the primary's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +82,17 @@ class ShadowMirror:
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
                  on_drop: Callable[[str], None] | None = None,
                  on_result: Callable[[str, float], None] | None = None,
-                 rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096) -> None:
-        """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`;
-        ``on_drop(reason)`` and ``on_result(outcome, seconds)`` feed the metrics (cheap, thread-safe)."""
+                 rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
+                 model_name: str | None = None) -> None:
+        """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`
+        (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds)``
+        feed the metrics (cheap, thread-safe)."""
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if max_queue < 1 or not timeout_s > 0:
             raise ValueError("max_queue must be >= 1 and timeout_s > 0")
         self.version = version
+        self.model_name = model_name
         self.sample_rate = sample_rate
         self.timeout_s = timeout_s
         self.batching = batching and max_batch_rows > 1
@@ -219,7 +223,7 @@ class ShadowMirror:
             if self._on_result is not None:
                 self._on_result(outcome, elapsed)
             self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
-                                      copy.inputs, predictions))
+                                      copy.inputs, predictions, model_name=self.model_name))
 
     def _one(self, copy: _Copy) -> None:
         """Predict one copy on its own (a batch of one, or a copy of a batch that failed)."""
@@ -244,7 +248,7 @@ class ShadowMirror:
         if self._on_result is not None:
             self._on_result(outcome, elapsed)
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
-                                  copy.inputs, predictions))
+                                  copy.inputs, predictions, model_name=self.model_name))
 
     def _call(self, inputs: Any, params: dict[str, Any] | None) -> Future[Any]:
         """One shadow call on a daemon thread of its own: a call that never returns must not keep the

@@ -38,18 +38,21 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
+# Since when this worker runs (after the interpreter's own start): the cold start's phases are logged against it.
+_T0 = time.monotonic()
 
-from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
-from mlflow_deploy_plugin.engines.local.liveness import (
+import uvicorn  # noqa: E402
+
+from mlflow_deploy_plugin.engines.local import worker_protocol as protocol  # noqa: E402
+from mlflow_deploy_plugin.engines.local.liveness import (  # noqa: E402
     HEARTBEAT_S,
     HUNG_GRACE_S,
     LivenessWriter,
     liveness_dir,
 )
-from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, supervisor_lock_held
-from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
-from mlflow_deploy_plugin.state import DeploymentPaths
+from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, supervisor_lock_held  # noqa: E402
+from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef  # noqa: E402
+from mlflow_deploy_plugin.state import DeploymentPaths  # noqa: E402
 
 if TYPE_CHECKING:  # imported where used, after argument parsing (see _prepare)
     pass
@@ -96,6 +99,12 @@ class DrainingServer(uvicorn.Server):
         self._next_beat = 0.0
         self._next_orphan_check = 0.0
         self._candidates: list[subprocess.Popen[bytes]] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and not self._announced:  # ready now, not at the next tick (up to 0.1 s later)
+            self._announced = True
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.hung and sig == signal.SIGTERM:
@@ -233,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     # Loaded and smoke-tested: wait for the supervisor's "go" (sent once every worker of this
     # generation has loaded) before accepting, so versions never mix during a swap.
     protocol.report(args.ready_fd, protocol.LOADED)
+    # Everything imported and loaded so far lives as long as the worker: keep it out of the
+    # cyclic GC, whose full passes over MLflow/sklearn/pandas objects otherwise stall requests.
+    # Done while the supervisor decides on "go", not after it.
+    gc.collect()
+    gc.freeze()
     if sys.stdin.readline().strip() != protocol.GO:
         if capture is not None:
             capture.close(timeout_s=5.0)
         return 0  # the update was abandoned
-    # Everything imported and loaded so far lives as long as the worker: keep it out of the
-    # cyclic GC, whose full passes over MLflow/sklearn/pandas objects otherwise stall requests.
-    gc.collect()
-    gc.freeze()
     # Background threads (capture writer, batched predict) hand the GIL back to the event loop
     # after 1 ms instead of 5 ms: shorter waits for the requests that arrive meanwhile.
     sys.setswitchinterval(0.001)
@@ -311,17 +321,29 @@ def _warm_up(hint_spec: Path) -> None:
                 _logger.debug("Warm-up import of %s failed: %s", module, exc)
 
 
+def _phase(phases: list[tuple[str, float, float]], name: str) -> None:
+    """Note the end of a start phase: wall and CPU seconds since the worker began."""
+    phases.append((name, time.monotonic() - _T0, time.process_time()))
+
+
 def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
              supervision: Supervision | None = None) -> tuple[DrainingServer, Any]:
+    phases: list[tuple[str, float, float]] = [("", 0.0, 0.0)]
+    _phase(phases, "interpreter and uvicorn (a standby's: and its warm-up, and waiting)")
     # Heavy imports here, after argument parsing, so a bad invocation fails fast.
     _import_before_mlflow([worker_spec.model_dir(share.model) for share in worker_spec.spec.shares()])
+    import mlflow.pyfunc  # noqa: F401  (imported by what follows anyway; here to time it apart)
+
+    import mlflow_deploy_plugin.serving.app  # noqa: F401
     from mlflow_deploy_plugin.serving.service import build_service
 
+    _phase(phases, "imports")
     spec = worker_spec.spec
     config = spec.config
     # The supervisor runs the deployment's one capture converter (engines/local/capture_keeper.py).
     service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key,
                             capture_converter="external")
+    _phase(phases, "model fetch+load+smoke test, app")
     app, state, slots, capture = service.app, service.state, service.slots, service.capture
     supervision = supervision or Supervision()
     if supervision.liveness is not None:
@@ -351,6 +373,11 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
             supervision.liveness.beat()
         state.ready = True
         protocol.report(ready_fd, protocol.READY)
+        _phase(phases, "go, serving")
+        # Where the cold start went (wall / CPU seconds since the worker's imports began).
+        _logger.info("Ready after %.2f s (%.2f s CPU): %s", phases[-1][1], phases[-1][2], ", ".join(
+            f"{name} {end - start:.2f} s ({cpu_end - cpu_start:.2f} CPU)"
+            for (_, start, cpu_start), (name, end, cpu_end) in zip(phases, phases[1:], strict=False)))
 
     return DrainingServer(uv_config, state, drain_grace_s=2.0, on_started=started,
                           on_stopped_accepting=lambda: protocol.report(ready_fd, protocol.DRAINING),

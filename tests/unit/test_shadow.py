@@ -48,8 +48,8 @@ def test_service_mirrors_every_captured_request_and_pairs_join(
         no_multiprocess_metrics: None) -> None:
     paths = {"1": classifier_path, "2": rotated_classifier_path}
     spec = DeploymentSpec(name="unit", model=ModelRef("models:/iris/1", "iris", "1"),
-                          shadow=ModelRef("models:/iris/2", "iris", "2"),
-                          config=DeploymentConfig(shadow="models:/iris/2"))
+                          shadow=ModelRef("models:/iris_challenger/2", "iris_challenger", "2"),
+                          config=DeploymentConfig(shadow="models:/iris_challenger/2"))
     service = build_service(spec, lambda model: paths[model.model_version], str(tmp_path / "capture"),
                             tmp_path / "capture.key")
     features, _ = iris_data()
@@ -73,6 +73,8 @@ def test_service_mirrors_every_captured_request_and_pairs_join(
     shadow = both[both["_role"] == "shadow"]
     assert sorted(set(primary["_request_id"])) == sorted(ids) == sorted(set(shadow["_request_id"]))
     assert set(shadow["_model_version"]) == {"2"} and set(shadow["_status"]) == {200}
+    # Each row names the registered model that answered: the shadow may be another model.
+    assert set(primary["_model_name"]) == {"iris"} and set(shadow["_model_name"]) == {"iris_challenger"}
     pairs = primary.merge(shadow, on=["_request_id", "_row"], suffixes=("", "_shadow"))
     assert len(pairs) == 2 * len(ids)
     inputs = pairs[list(features.columns)]

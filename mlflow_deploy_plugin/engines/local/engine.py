@@ -44,6 +44,32 @@ __all__ = ["SUPERVISOR_MODULE", "LocalEngine", "is_supervisor"]
 UP_HINT = "`mlflow-deploy up` starts it again"
 # A supervisor lost to kill -9 is replaced by its own workers within seconds: commands wait that long.
 TAKEOVER_WAIT_S = 15.0
+PREFETCH_JOIN_S = 2.0  # how long a returning start waits for a model fetch still running
+
+
+def _prefetch_models(spec: DeploymentSpec, models_dir: Path) -> threading.Thread:
+    """Fetch the local copies of the versions the first worker loads, while it is still importing.
+
+    On the cold start's critical path a worker spends seconds importing MLflow, then would open the
+    registry itself (SQL store, schema check) to download the model; the CLI has the registry open
+    already and a core to spare meanwhile. The worker finds the copy and loads it at once; if this
+    fails, the worker fetches it itself and reports why it cannot.
+    """
+    models = [share.model for share in spec.shares()] + ([spec.shadow] if spec.shadow is not None else [])
+
+    def fetch() -> None:
+        from mlflow_deploy_plugin.model_copy import ensure_local_copy
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in the CLI's output
+        for model in models:
+            with contextlib.suppress(Exception):
+                folder = models_dir / model.model_name
+                make_private_dirs(folder)  # model copies are user data, whatever the CLI's umask
+                ensure_local_copy(model.version_uri, folder / model.model_version)
+
+    thread = threading.Thread(target=fetch, name="prefetch-models", daemon=True)
+    thread.start()
+    return thread
 
 
 def _to_status(raw: dict[str, Any]) -> EngineStatus:
@@ -76,6 +102,15 @@ class LocalEngine(Engine):
         paths = self.store.paths(spec.name)
         make_private_dirs(paths.logs)
         process = spawn_supervisor(paths, respawn=False)
+        prefetch = _prefetch_models(spec, paths.models)
+        try:
+            return self._wait_started(spec, paths, process, timeout_s)
+        finally:
+            # Done long before the worker is ready, unless it raced the worker's own fetch: not
+            # left copying into a folder a failed create is about to archive.
+            prefetch.join(PREFETCH_JOIN_S)
+
+    def _wait_started(self, spec: DeploymentSpec, paths: Any, process: Any, timeout_s: float) -> EngineStatus:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             raw = read_json(paths.status) or {}

@@ -1,0 +1,123 @@
+"""What capturing one request costs in CPU: on the request path, in the writer thread, in the converter.
+
+Robust to a busy machine: it counts CPU time (``time.process_time``) of tight in-process loops
+over the real functions, not wall-clock throughput. For 1-row and 100-row requests with JSON
+(``dataframe_split``, the parser's fast path) and Parquet bodies (MLflow's parser), each parsed by
+the real :func:`parse_request` and predicted by a real LogisticRegression on 20 features:
+
+- ``encode``: :func:`capture.spool.encode_record` (the request path's share);
+- ``record``: :meth:`CaptureWriter.record` plus the writer thread appending to the spool (all the
+  serving process pays);
+- ``convert``: the converter process's work per request (:class:`capture.converter.Converter` on a
+  segment of that many requests: decode, Arrow, Parquet with zstd).
+
+    .venv/bin/python benchmarks/capture_cost.py [--requests 4000] [--repeat 3]
+
+Run it with PYTHONPATH pointing at two checkouts to compare them (figures are minima over repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+
+from mlflow_deploy_plugin.capture import CaptureWriter
+from mlflow_deploy_plugin.capture.converter import Converter
+from mlflow_deploy_plugin.capture.spool import encode_record
+from mlflow_deploy_plugin.serving.app import Answer
+from mlflow_deploy_plugin.serving.protocol import parse_request
+
+COLUMNS = [f"f{i}" for i in range(20)]
+VARIANTS = 64  # distinct bodies per shape, cycled
+
+
+def answers(kind: str, rows: int, model: Any, frame: pd.DataFrame) -> list[Any]:
+    """Answers as the app hands them to capture: the parsed frame and the model's predictions."""
+    out = []
+    for i in range(VARIANTS):
+        part = frame.iloc[(i * rows) % (len(frame) - rows):][:rows]
+        if kind == "json":
+            body = json.dumps({"dataframe_split": {"columns": COLUMNS, "data": part.to_numpy().tolist()}}).encode()
+            content_type = "application/json"
+        else:
+            buffer = io.BytesIO()
+            part.reset_index(drop=True).to_parquet(buffer)
+            body, content_type = buffer.getvalue(), "application/vnd.apache.parquet"
+        data = parse_request(body, content_type, None, None, frozenset(COLUMNS)).data
+        out.append(Answer(f"{i:032x}", time.time(), "1", 200, 1.25, data, model.predict(data)))
+    return out
+
+
+def cpu_us(fn: Any, n: int, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        fn(n)
+        best = min(best, time.process_time() - start)
+    return best / n * 1e6
+
+
+def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repeat: int) -> dict[str, Any]:
+    batch = answers(kind, rows, model, frame)
+
+    def encode(count: int) -> None:
+        for i in range(count):
+            encode_record(batch[i % VARIANTS])
+
+    def record(count: int) -> None:
+        with tempfile.TemporaryDirectory(prefix="capture-cost-") as tmp:
+            writer = CaptureWriter(str(Path(tmp) / "root"), "bench", flush_rows=1 << 40, flush_interval_s=3600,
+                                   spool_dir=str(Path(tmp) / "spool"), converter="external")
+            for i in range(count):
+                writer.record(batch[i % VARIANTS])
+            time.sleep(0.4)  # the writer thread appends what waits every 0.25 s: its CPU counts too
+            writer.close(timeout_s=0.05)  # nobody converts (external): only what the serving process pays
+
+    segment = b"".join(encode_record(batch[i % VARIANTS]) for i in range(n))
+
+    def convert(count: int) -> None:  # a segment of `count` (= n) requests
+        with tempfile.TemporaryDirectory(prefix="capture-cost-") as tmp:
+            path = Path(tmp) / "seg-bench.seg"
+            path.write_bytes(segment)
+            result = Converter(str(Path(tmp) / "root"), "bench").convert(str(path))
+            assert result["written"] == count, result
+
+    return {"body": kind, "rows": rows, "encode_us": cpu_us(encode, n, repeat),
+            "record_us": cpu_us(record, n, repeat), "convert_us": cpu_us(convert, n, repeat),
+            "spool_bytes": len(segment) // n}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=4000, help="requests per measurement (default 4000)")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats; the minimum is shown (default 3)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the closing writer's "not converted" warning is expected
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(5000, len(COLUMNS))), columns=COLUMNS)
+    model = LogisticRegression(max_iter=500).fit(frame, (frame["f0"] + frame["f1"] > 0).astype(int))
+    results = [measure(kind, rows, model, frame, args.requests if rows == 1 else max(args.requests // 10, 100),
+                       args.repeat) for rows in (1, 100) for kind in ("json", "parquet")]
+    print(f"{'body':<8} {'rows':>4} {'encode us':>10} {'record us':>10} {'convert us':>11} {'total us':>9} "
+          f"{'spool B':>8}   (CPU per request)")
+    for r in results:
+        total = r["record_us"] + r["convert_us"]
+        print(f"{r['body']:<8} {r['rows']:>4} {r['encode_us']:>10.1f} {r['record_us']:>10.1f} "
+              f"{r['convert_us']:>11.1f} {total:>9.1f} {r['spool_bytes']:>8}")
+    print("record = encode + the writer's bookkeeping + its thread's appends (the serving process); "
+          "convert = the converter process.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
