@@ -112,7 +112,7 @@ def test_replicas_predict_update_under_load_capture_delete(env: Env, registry: R
         # Every replica captured into the deployment's one folder: all answers are there.
         capture = env.home / "deployments" / name / "capture"
         wait_for(lambda: len(read_capture(str(capture))["_request_id"].unique()) >= len(outcomes), 60,
-                 "every answered request in the capture folder")
+                 "every answered request in the capture folder", interval_s=0.5)
         # The per-version figures the agent judges a canary on cover every replica, the retired v1
         # replicas included (their last push as they stopped): each answer counted once, under its
         # version (the proxy's /metrics would show one replica's).
@@ -124,7 +124,7 @@ def test_replicas_predict_update_under_load_capture_delete(env: Env, registry: R
             figures = traffic_stats.parse_all(engine.metrics_texts(name) or [])
             return {version: entry.requests for version, entry in figures.items() if entry.requests}
 
-        wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}")
+        wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}", interval_s=0.5)
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
     assert name not in env.cli("list", "-t", RAY).stdout
@@ -238,11 +238,11 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
         # The agent runs drift reports on its schedule, reading the replicas' captured traffic. Before
         # the alias moves: a report judges the rows the version serving *now* answered.
         experiment = wait_for(lambda: client.get_experiment_by_name(f"drift/{name}"), 120,
-                              "the agent's drift experiment")
+                              "the agent's drift experiment", interval_s=1)
         reports = wait_for(lambda: [r for r in client.search_runs([experiment.experiment_id])
                                     if r.info.status == "FINISHED" and "drift_share" in r.data.metrics
                                     and int(r.data.params.get("rows_current", 0)) >= 20], 180,
-                           "a scheduled drift report on captured rows")
+                           "a scheduled drift report on captured rows", interval_s=2)
         assert reports[0].data.tags["drift.status"] in ("ok", "drifted"), reports[0].data.tags
 
         # A registry webhook pokes the agent on the cluster: `mlflow-deploy watch` verifies the
@@ -257,7 +257,8 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
                      "the agent on the cluster to follow the alias to v2 when poked", interval_s=0.5)
         assert post(None).status_code == 401
         followed = wait_for(lambda: [e for e in read_history_file(history) if e["event"] == "updated"
-                                     and e["model"]["model_version"] == "2"], 60, "the follow to v2 recorded")
+                                     and e["model"]["model_version"] == "2"], 60, "the follow to v2 recorded",
+                            interval_s=0.5)
         assert followed[0]["actor"] == "webhook", followed  # the poke, not a poll
 
         # The alias moves back with no webhook: the agent does not look before its next poll. Its
@@ -281,7 +282,8 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
         # registry at v1, so registry and folder agree). The agent started again (as Ray's restart of
         # its actor does) records the switch Serve took, then follows the alias (at v1) back.
         store = StateStore(env.home)
-        wait_for(lambda: store.read_spec(name).model.model_version == "1", 60, "the follow back recorded")
+        wait_for(lambda: store.read_spec(name).model.model_version == "1", 60, "the follow back recorded",
+                 interval_s=0.5)
         engine._stop_agent(name)
         stored = store.read_spec(name)
         v2 = dataclasses.replace(resolve_model_uri(f"models:/{registry.model}/2", client),
@@ -295,7 +297,8 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
                  "the agent to finish the interrupted switch and follow the alias back to v1", interval_s=0.5)
         resumed = [e for e in read_history_file(history) if e.get("resumed")]
         assert [(e["event"], e["model"]["model_version"]) for e in resumed] == [("updated", "2")], resumed
-        wait_for(lambda: engine._cluster_spec(name) == store.read_spec(name), 60, "Serve and the folder to agree")
+        wait_for(lambda: engine._cluster_spec(name) == store.read_spec(name), 60, "Serve and the folder to agree",
+                 interval_s=0.5)
         assert store.read_spec(name).model.model_version == "1"
     finally:
         env.cli("delete", "-t", RAY, "--name", name, env=with_token)
@@ -314,7 +317,7 @@ def _watcher(env: Env) -> Iterator[int]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: proc.poll() is None and requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok, 90,
-                 "the webhook receiver")
+                 "the webhook receiver", interval_s=0.5)
         yield port
     finally:
         with contextlib.suppress(ProcessLookupError):
