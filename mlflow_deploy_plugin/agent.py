@@ -31,6 +31,8 @@ from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger("mlflow_deploy_plugin.agent")
+# How often the agent looks for a change left half done (one read of the engine's state: cheap).
+RESUME_EVERY_S = 10.0
 
 
 def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None:
@@ -39,20 +41,24 @@ def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None
     controller = LifecycleController(store, name)
     poke = store.paths(name).poke  # `mlflow-deploy watch` touches it after a webhook: look now
     last_poke = poke.stat().st_mtime if poke.exists() else 0.0
-    next_poll = 0.0
+    next_poll = next_resume = 0.0
     while not stop.is_set():
         spec = store.read_spec(name)
         interval = spec.config.poll_interval_s if spec else 10.0
         poked = poke.exists() and poke.stat().st_mtime != last_poke
-        if poked or time.monotonic() >= next_poll:
-            if poked:
-                last_poke = poke.stat().st_mtime
+        due = poked or time.monotonic() >= next_poll
+        if due or time.monotonic() >= next_resume:
+            # First (at start, before every pass, and every RESUME_EVERY_S whatever the poll
+            # interval): a change its maker left half done, killed between the engine's switch
+            # and the spec write, is finished, so the pass compares the registry with what runs.
             try:
-                # First: a change its maker left half done (killed between the engine's switch and
-                # the spec write) is finished, so the pass compares the registry with what runs.
                 controller.deployments.resume_interrupted(name)
             except Exception as exc:
                 _logger.warning("Looking for an interrupted change of %s failed: %s", name, exc)
+            next_resume = time.monotonic() + RESUME_EVERY_S
+        if due:
+            if poked:
+                last_poke = poke.stat().st_mtime
             try:
                 controller.cycle(actor="webhook" if poked else "registry-poll")
             except Exception as exc:  # an unreachable registry must not kill the agent: retry next time
