@@ -449,9 +449,12 @@ def test_run_local_on_ray_serves_on_the_cluster_until_interrupted(
     """`mlflow deployments run-local -t lifecycle:/ray` serves on the cluster (Serve's proxy) in the
     foreground, and Ctrl-C deletes the application: nothing is left on the cluster or in the state home."""
     name = "ray-run-local"
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell (a CI
+    # script, `pytest ... &`) inherits SIGINT ignored, so the child puts its default handler back.
+    ctrl_c_works = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "deployments", "run-local", "-t", RAY, "--name", name,
-         "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5"],
+        [sys.executable, "-c", ctrl_c_works, str(Path(sys.executable).parent / "mlflow"), "deployments", "run-local",
+         "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5"],
         env=env.environ(), cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     lines: list[str] = []
