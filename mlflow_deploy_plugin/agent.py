@@ -27,9 +27,12 @@ import threading
 import time
 from pathlib import Path
 
+from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger("mlflow_deploy_plugin.agent")
+# How often the agent looks for a change left half done (one read of the engine's state: cheap).
+RESUME_EVERY_S = 10.0
 
 
 def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None:
@@ -38,12 +41,22 @@ def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None
     controller = LifecycleController(store, name)
     poke = store.paths(name).poke  # `mlflow-deploy watch` touches it after a webhook: look now
     last_poke = poke.stat().st_mtime if poke.exists() else 0.0
-    next_poll = 0.0
+    next_poll = next_resume = 0.0
     while not stop.is_set():
         spec = store.read_spec(name)
         interval = spec.config.poll_interval_s if spec else 10.0
         poked = poke.exists() and poke.stat().st_mtime != last_poke
-        if poked or time.monotonic() >= next_poll:
+        due = poked or time.monotonic() >= next_poll
+        if due or time.monotonic() >= next_resume:
+            # First (at start, before every pass, and every RESUME_EVERY_S whatever the poll
+            # interval): a change its maker left half done, killed between the engine's switch
+            # and the spec write, is finished, so the pass compares the registry with what runs.
+            try:
+                controller.deployments.resume_interrupted(name)
+            except Exception as exc:
+                _logger.warning("Looking for an interrupted change of %s failed: %s", name, exc)
+            next_resume = time.monotonic() + RESUME_EVERY_S
+        if due:
             if poked:
                 last_poke = poke.stat().st_mtime
             try:
@@ -69,6 +82,13 @@ def _make_sure_a_supervisor_comes(store: StateStore, name: str, wait_s: float = 
         spawn_supervisor(paths, respawn=True)
     except OSError as exc:
         _logger.error("Could not start a new supervisor for %s: %s", name, exc)
+
+
+def _spec_or_none(store: StateStore, name: str) -> DeploymentSpec | None:
+    try:
+        return store.read_spec(name)
+    except SpecError:
+        return None
 
 
 def _take_agent_lock(path: Path, stop: threading.Event) -> int | None:
@@ -109,8 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     def watch_parent() -> None:
         while not stop.wait(1.0):
             if os.getppid() != parent:
-                _logger.warning("Supervisor is gone; stopping (a new supervisor starts a new agent).")
-                _make_sure_a_supervisor_comes(store, name)
+                spec = _spec_or_none(store, name)
+                if spec is not None and spec.engine != "local":
+                    # Ray: the parent is the agent's actor, which Ray restarts (and it starts a new
+                    # agent); a local supervisor here would serve the deployment on this machine.
+                    _logger.warning("The %s engine's agent host is gone; stopping (its restart starts a new "
+                                    "agent).", spec.engine)
+                else:
+                    _logger.warning("Supervisor is gone; stopping (a new supervisor starts a new agent).")
+                    _make_sure_a_supervisor_comes(store, name)
                 stop.set()
 
     threading.Thread(target=watch_parent, daemon=True).start()

@@ -22,7 +22,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mlflow_deploy_plugin.config import parse_config
-from mlflow_deploy_plugin.engines.base import FAILED, STOPPED, Engine, EngineError, EngineStatus, get_engine
+from mlflow_deploy_plugin.engines.base import (
+    CHANGE_DONE,
+    CHANGE_FAILED,
+    FAILED,
+    STOPPED,
+    Engine,
+    EngineError,
+    EngineStatus,
+    InterruptedChange,
+    get_engine,
+)
 from mlflow_deploy_plugin.errors import (
     AlreadyExists,
     Busy,
@@ -325,6 +335,7 @@ class Deployments:
         """
         self._refuse_foreign(name, "update it")
         with self._locked(name):
+            self._resume_locked(name, actor)  # a change interrupted before: record it first
             old = self.spec(name)
             parsed = parse_config(config, base=old.config)
             if parsed.auth_token_env != old.config.auth_token_env:
@@ -378,6 +389,72 @@ class Deployments:
                                   evidence=evidence, **({"shadow": new.shadow.to_dict()} if new.shadow else {}))
         self._tag_served(new, old, status)
         return self.describe(self.spec(name), status)
+
+    def resume_interrupted(self, name: str, actor: str = "agent", lock_timeout_s: float = 1.0) -> str | None:
+        """Finish a change of ``name`` that its maker left half done; what was done, or None.
+
+        A change switches the engine first and writes the spec and history after; whoever made it
+        (the agent following an alias, a CLI ``update``) may die in between. The engine then runs
+        (or rolls out) a spec the folder does not record, and the agent, comparing the registry
+        with the folder's stale spec, would never act on it. Here, under the deployment's lock (so
+        no change is in progress): what the engine took is recorded as if its maker had lived
+        (spec, ``updated`` event, serving tags); a change the engine could not run is recorded as
+        ``update_failed`` and the recorded spec is served again; one still rolling out is left
+        for the next look. Skipped (None) while another command holds the lock: it is the one
+        changing the deployment.
+        """
+        if self._interrupted(name) is None:  # the usual answer, without taking the lock
+            return None
+        try:
+            with self._locked(name, lock_timeout_s):
+                return self._resume_locked(name, actor)
+        except Busy:
+            return None
+
+    def _interrupted(self, name: str) -> tuple[DeploymentSpec, InterruptedChange] | None:
+        """The folder's spec and the change the engine took beyond it, when it is done or failed."""
+        try:
+            stored = self.store.read_spec(name)
+        except SpecError:
+            return None
+        if stored is None or stored.engine != self.engine.name:
+            return None
+        change = self.engine.interrupted_change(name, stored)
+        if change is None or change.outcome not in (CHANGE_DONE, CHANGE_FAILED):
+            return None
+        return stored, change
+
+    def _resume_locked(self, name: str, actor: str) -> str | None:
+        found = self._interrupted(name)
+        if found is None:
+            return None
+        stored, change = found
+        running = change.running
+        split = traffic_summary(running) if running.traffic else None
+        if change.outcome == CHANGE_DONE:
+            self.store.write_spec(running)
+            reason = (f"resumed: the change to {split or running.model.version_uri} was interrupted after "
+                      f"the {self.engine.name} engine took it and before it was recorded; recorded now")
+            self.store.append_history(name, "updated", model=running.model.to_dict(), reason=reason, actor=actor,
+                                      from_version=stored.model.model_version, traffic=split, resumed=True,
+                                      **({"shadow": running.shadow.to_dict()} if running.shadow else {}))
+            status = self.engine.status(name)
+            try:
+                self._tag_served(running, stored, status)
+            except Exception as exc:  # the registry down: the spec and history are what must agree
+                _logger.warning("Serving tags of %s not updated after resuming: %s", name, exc)
+            _logger.warning("Deployment %s: %s", name, reason)
+            return reason
+        reason = (f"resumed: the change to {split or running.model.version_uri} was interrupted and then failed "
+                  f"on the {self.engine.name} engine; serving v{stored.model.model_version} again")
+        self.store.append_history(name, "update_failed", model=running.model.to_dict(), reason=reason, actor=actor,
+                                  error=change.error, traffic=split, resumed=True)
+        _logger.warning("Deployment %s: %s (%s)", name, reason, change.error)
+        try:
+            self.engine.update(stored, reason, stored.config.startup_timeout_s)
+        except EngineError as exc:
+            _logger.error("Deployment %s: serving v%s again failed too: %s", name, stored.model.model_version, exc)
+        return reason
 
     def _foreign(self, name: str) -> DeploymentSpec | None:
         """The spec of a deployment the engine runs that another machine's state home created (a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import inspect
 import json
 from collections.abc import Iterator
 
@@ -140,7 +141,29 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
 
 
 def run_local(name, model_uri, flavor=None, config=None):
-    """Serve ``model_uri`` in the foreground (supervised like a deployment) until Ctrl-C."""
+    """Serve ``model_uri`` in the foreground (supervised like a deployment) until Ctrl-C, with the
+    engine the target URI names (``-t lifecycle:/ray``: on the Ray cluster, deleted on Ctrl-C)."""
     with _as_mlflow_errors():
-        Deployments("lifecycle").run_local(name, model_uri, config, flavor,
+        Deployments(_run_local_target()).run_local(name, model_uri, config, flavor,
                                            say=lambda message: print(message, flush=True))
+
+
+def _run_local_target(default: str = "lifecycle") -> str:
+    """The target URI ``run-local`` was called with.
+
+    MLflow passes a plugin's ``run_local`` no target: ``mlflow.deployments.interface.run_local(target,
+    name, ...)`` (behind the CLI's ``run-local`` and the Python API alike) looks the plugin up by the
+    URI's scheme and calls ``run_local(name, model_uri, flavor, config)``. Without the URI,
+    ``-t lifecycle:/ray`` would silently serve on this machine; so it is read from that caller's
+    frame, and without such a caller (called directly) the default engine serves.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "run_local" and frame.f_globals.get("__name__") == "mlflow.deployments.interface":
+                target = frame.f_locals.get("target")
+                return target if isinstance(target, str) and target else default
+            frame = frame.f_back
+    finally:
+        del frame
+    return default

@@ -3,25 +3,33 @@
 The engine contract (start, update, split, failed loads, agent) runs in test_engine_contract.py;
 here: what a user sees from the CLI: no cluster, replicas, predict, an update under load, capture
 and per-version figures from every replica, delete; token auth with only the token's hash on the
-cluster, a V2 client, and the agent on the cluster (following an alias, drift reports on its
-schedule, its actor killed and restarted by Ray); list/get/delete from a second machine (another
-MLFLOW_DEPLOY_HOME) through the cluster's own state; a replica killed with
-SIGKILL replaced while the deployment keeps answering.
+cluster, a V2 client, and the agent on the cluster (drift reports on its schedule, following an
+alias when a webhook pokes it, its actor killed and restarted by Ray, a switch interrupted between
+Serve's change and the spec write finished); a shadow version whose rows pair with the primary's;
+list/get/delete from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own
+state; run-local on the cluster; a replica killed with SIGKILL replaced while the deployment keeps
+answering.
 
-Each deployment exercises several features: a Ray deployment costs a minute of replica start-up
-on two busy cores, so features share the deployments instead of getting one each.
+A Ray deployment costs a minute of replica start-up on two busy cores, so features share
+deployments: the tests that only read share one (the ``shared`` module fixture); those about an
+update, the agent or a kill start their own.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +40,7 @@ from mlflow.deployments import get_deploy_client
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.engines.base import get_engine
 from mlflow_deploy_plugin.lifecycle import traffic_stats
+from mlflow_deploy_plugin.registry import resolve_model_uri
 from mlflow_deploy_plugin.state import StateStore, read_history_file
 
 RAY = "lifecycle:/ray"
@@ -103,7 +112,7 @@ def test_replicas_predict_update_under_load_capture_delete(env: Env, registry: R
         # Every replica captured into the deployment's one folder: all answers are there.
         capture = env.home / "deployments" / name / "capture"
         wait_for(lambda: len(read_capture(str(capture))["_request_id"].unique()) >= len(outcomes), 60,
-                 "every answered request in the capture folder")
+                 "every answered request in the capture folder", interval_s=0.5)
         # The per-version figures the agent judges a canary on cover every replica, the retired v1
         # replicas included (their last push as they stopped): each answer counted once, under its
         # version (the proxy's /metrics would show one replica's).
@@ -115,7 +124,7 @@ def test_replicas_predict_update_under_load_capture_delete(env: Env, registry: R
             figures = traffic_stats.parse_all(engine.metrics_texts(name) or [])
             return {version: entry.requests for version, entry in figures.items() if entry.requests}
 
-        wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}")
+        wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}", interval_s=0.5)
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
     assert name not in env.cli("list", "-t", RAY).stdout
@@ -168,13 +177,14 @@ def _parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-# One deployment for four features (its start-up is the cost); the bound leaves room for the
+# One deployment for several features (its start-up is the cost); the bound leaves room for the
 # cluster's start or stop, which pytest-timeout counts to the first or last Ray test.
 @pytest.mark.timeout(900)
 def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry, ray_cluster: str) -> None:
     """One deployment, several features: token auth with only the token's hash on the cluster, a
-    real V2 client, and the agent actor (no token) following an alias, running scheduled drift
-    reports on the captured traffic, and resuming after its actor is killed."""
+    real V2 client, and the agent actor (no token) running scheduled drift reports on the captured
+    traffic, following an alias when a webhook pokes it, looking again when Ray restarts its actor,
+    and finishing a switch that was interrupted between Serve's change and the spec write."""
     from mlflow import MlflowClient
 
     name, alias = "ray-auth", "ray-auth-follow"  # an alias of its own: the shared ones stay put
@@ -182,8 +192,10 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
     client.set_registered_model_alias(registry.model, alias, "1")
     token = f"ray-token-{os.urandom(12).hex()}"
     with_token = env.environ(RAY_TEST_TOKEN=token)
+    # poll_interval_s=3600: after its first look at start, only a webhook (or a restart) makes the
+    # agent look at the registry within this test.
     env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}@{alias}",
-            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", "-C", "poll_interval_s=1",
+            "-C", "auth_token_env=RAY_TEST_TOKEN", "-C", "num_cpus=0.5", "-C", "poll_interval_s=3600",
             "-C", "drift_schedule=* * * * *", "-C", "drift_min_rows=20", env=with_token)
     try:
         url = _get(env, name)["url"]
@@ -226,37 +238,115 @@ def test_token_auth_v2_and_the_agent_on_the_cluster(env: Env, registry: Registry
         # The agent runs drift reports on its schedule, reading the replicas' captured traffic. Before
         # the alias moves: a report judges the rows the version serving *now* answered.
         experiment = wait_for(lambda: client.get_experiment_by_name(f"drift/{name}"), 120,
-                              "the agent's drift experiment")
+                              "the agent's drift experiment", interval_s=1)
         reports = wait_for(lambda: [r for r in client.search_runs([experiment.experiment_id])
                                     if r.info.status == "FINISHED" and "drift_share" in r.data.metrics
                                     and int(r.data.params.get("rows_current", 0)) >= 20], 180,
-                           "a scheduled drift report on captured rows")
+                           "a scheduled drift report on captured rows", interval_s=2)
         assert reports[0].data.tags["drift.status"] in ("ok", "drifted"), reports[0].data.tags
 
-        # The agent (a Ray actor, without the token) follows the alias, and the token still holds.
+        # A registry webhook pokes the agent on the cluster: `mlflow-deploy watch` verifies the
+        # delivery and pokes the deployments serving the model; the agent (polling hourly) follows
+        # the alias at once, without the token, and the token still holds.
+        folder = env.home / "deployments" / name
+        history = folder / "history.jsonl"
         client.set_registered_model_alias(registry.model, alias, "2")
-        wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
-                 "the agent on the cluster to follow the alias to v2")
+        with _watcher(env) as port:
+            _deliver_alias_webhook(port, registry.model, alias, "2")
+            wait_for(lambda: post(token).headers.get("x-model-version") == "2", 180,
+                     "the agent on the cluster to follow the alias to v2 when poked", interval_s=0.5)
         assert post(None).status_code == 401
-        # The switch is done (spec and history written after Serve's rolling update) before the kill:
-        # an agent killed mid-switch is another story (see the issue note).
-        history = env.home / "deployments" / name / "history.jsonl"
-        wait_for(lambda: any(e["event"] == "updated" and e["model"]["model_version"] == "2"
-                             for e in read_history_file(history)), 120, "the follow to v2 to be recorded")
+        followed = wait_for(lambda: [e for e in read_history_file(history) if e["event"] == "updated"
+                                     and e["model"]["model_version"] == "2"], 60, "the follow to v2 recorded",
+                            interval_s=0.5)
+        assert followed[0]["actor"] == "webhook", followed  # the poke, not a poll
 
-        # The agent's actor killed: Ray restarts it, it starts a new agent, which resumes following.
+        # The alias moves back with no webhook: the agent does not look before its next poll. Its
+        # actor killed (the actor's worker, not the agent), Ray restarts it, the new actor starts a
+        # new agent, whose first look follows the alias back to v1. The old agent stops without
+        # starting a local supervisor (a Ray deployment's agent host is its actor).
+        client.set_registered_model_alias(registry.model, alias, "1")
         engine = get_engine(RAY, StateStore(env.home))
         agent = _agent_pid(engine, name)
         assert agent is not None
-        os.kill(_parent_pid(agent), signal.SIGKILL)  # the actor's worker process, not the agent itself
+        os.kill(_parent_pid(agent), signal.SIGKILL)
         wait_for(lambda: (_agent_pid(engine, name) or agent) != agent, 180,
                  "Ray to restart the agent's actor and the actor to start a new agent", interval_s=1)
-        client.set_registered_model_alias(registry.model, alias, "1")
         wait_for(lambda: post(token).headers.get("x-model-version") == "1", 180,
-                 "the restarted agent to follow the alias back to v1")
+                 "the restarted agent to follow the alias back to v1", interval_s=0.5)
+        assert not (folder / "logs" / "supervisor.log").exists(), "the orphaned agent started a local supervisor"
+
+        # A switch interrupted between Serve's change and the spec write, made deterministic: with
+        # the agent stopped, Serve is switched to v2 the way the agent's update does it, and the
+        # spec write never comes (what a killed agent leaves: Serve at v2, the folder at v1, the
+        # registry at v1, so registry and folder agree). The agent started again (as Ray's restart of
+        # its actor does) records the switch Serve took, then follows the alias (at v1) back.
+        store = StateStore(env.home)
+        wait_for(lambda: store.read_spec(name).model.model_version == "1", 60, "the follow back recorded",
+                 interval_s=0.5)
+        engine._stop_agent(name)
+        stored = store.read_spec(name)
+        v2 = dataclasses.replace(resolve_model_uri(f"models:/{registry.model}/2", client),
+                                 requested_uri=stored.model.requested_uri)
+        paths = store.paths(name)
+        engine._deploy(stored.replace(model=v2, updated_at=time.time()), paths.models, str(paths.capture),
+                       engine._token_hash(name), 300)
+        assert post(token).headers["x-model-version"] == "2" and store.read_spec(name) == stored
+        engine._keep_agent(stored)
+        wait_for(lambda: post(token).headers.get("x-model-version") == "1", 180,
+                 "the agent to finish the interrupted switch and follow the alias back to v1", interval_s=0.5)
+        resumed = [e for e in read_history_file(history) if e.get("resumed")]
+        assert [(e["event"], e["model"]["model_version"]) for e in resumed] == [("updated", "2")], resumed
+        wait_for(lambda: engine._cluster_spec(name) == store.read_spec(name), 60, "Serve and the folder to agree",
+                 interval_s=0.5)
+        assert store.read_spec(name).model.model_version == "1"
     finally:
         env.cli("delete", "-t", RAY, "--name", name, env=with_token)
         client.delete_registered_model_alias(registry.model, alias)
+
+
+WEBHOOK_SECRET = "ray-webhook-secret"
+
+
+@contextlib.contextmanager
+def _watcher(env: Env) -> Iterator[int]:
+    """`mlflow-deploy watch` (the webhook receiver) on a free port, stopped on exit; yields the port."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow-deploy"), "watch", "--port", str(port)],
+                            env=env.environ(MLFLOW_DEPLOY_WEBHOOK_SECRET=WEBHOOK_SECRET), cwd=env.root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok, 90,
+                 "the webhook receiver", interval_s=0.5)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _deliver_alias_webhook(port: int, model: str, alias: str, version: str) -> None:
+    """What the tracking server sends when an alias moves (``model_version_alias.created``), signed
+    the way MLflow signs it (the tracking server's own sending is tested in test_lifecycle_e2e.py)."""
+    from mlflow_deploy_plugin.lifecycle.webhooks import (
+        DELIVERY_ID_HEADER,
+        RECEIVER_PATH,
+        SIGNATURE_HEADER,
+        TIMESTAMP_HEADER,
+        sign_delivery,
+    )
+
+    body = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "2026-01-01T00:00:00Z",
+                       "data": {"name": model, "alias": alias, "version": version}}).encode()
+    delivery, stamp = str(uuid.uuid4()), str(int(time.time()))
+    response = requests.post(f"http://127.0.0.1:{port}{RECEIVER_PATH}", data=body, timeout=30, headers={
+        "Content-Type": "application/json", DELIVERY_ID_HEADER: delivery, TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign_delivery(WEBHOOK_SECRET, delivery, stamp, body)})
+    assert response.status_code == 200, response.text
 
 
 def _v2_infer_matches_invocations(url: str, registry: Registry, headers: dict[str, str],
@@ -284,40 +374,115 @@ def _view(out: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
 
 
-def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
-        env: Env, registry: Registry, ray_cluster: str, tmp_path: Path) -> None:
-    # The second machine: same cluster (RAY_ADDRESS) and registry, an empty state home of its own.
+@pytest.fixture(scope="module")
+def shared(env: Env, registry: Registry, ray_cluster: str) -> Iterator[str]:
+    """One deployment (v1, with v2 as its shadow) for the tests that only read from it: a Ray
+    deployment's start is the cost. The last of them (the second machine's) deletes it; this deletes
+    it too if that one did not run."""
     name = "ray-shared"
-    other = env.environ(MLFLOW_DEPLOY_HOME=str(tmp_path / "other-home"))
-    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5")
+    env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5",
+            "-C", f"shadow=models:/{registry.model}/2")
     try:
-        listed = env.cli("list", "-t", RAY, env=other).stdout
-        assert name in listed and "'status': 'running'" in listed and "'model_version': '1'" in listed, listed
-        mine, theirs = _get(env, name), _view(env.cli("get", "-t", RAY, "--name", name, env=other).stdout)
-        for key in ("status", "url", "model_uri", "model_name", "model_version", "traffic", "created_from"):
-            assert theirs[key] == mine[key], key
-        assert theirs["created_from"].endswith(f":{env.home}")  # where its history and capture live
-        assert len(ast.literal_eval(theirs["replicas"])) == 1
-        predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
-                            _input_file(env, registry.features.iloc[:2]), env=other)
-        assert "predictions" in predicted.stdout
-
-        # Changes stay with the machine whose folder keeps the history and capture: said, not done.
-        update = env.cli("update", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/2",
-                         check=False, env=other)
-        assert update.returncode != 0 and "was created from" in update.stderr, update.stderr
-        assert _get(env, name)["model_version"] == "1"
-        assert not (tmp_path / "other-home" / "deployments" / name).exists()  # nothing written there
-
-        # Delete works from either machine; the creating one then shows it stopped until it deletes too.
-        env.cli("delete", "-t", RAY, "--name", name, env=other)
-        assert name not in env.cli("list", "-t", RAY, env=other).stdout
-        assert _get(env, name)["status"] == "stopped"
-        gone = env.cli("get", "-t", RAY, "--name", name, check=False, env=other)
-        assert gone.returncode != 0 and "RESOURCE_DOES_NOT_EXIST" in gone.stderr, gone.stderr
+        yield name
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
+
+
+def test_a_shadow_on_ray_gets_a_copy_of_each_request_and_answers_nobody(
+        env: Env, registry: Registry, shared: str) -> None:
+    """Every replica mirrors the requests it answered to the shadow version after the answer: the
+    client gets the primary's answer, and both versions' rows are captured under the request's id,
+    the shadow's with role `shadow` (so the pairs join exactly)."""
+    view = _get(env, shared)
+    assert view["shadow"].startswith(f"v2 (models:/{registry.model}/2)"), view["shadow"]
+    rows = registry.features.iloc[10:13]
+    answer = requests.post(f"{view['url']}/invocations", json=split_payload(rows), timeout=30)
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == "1", answer.text
+    request_id, capture = answer.headers["x-request-id"], str(env.home / "deployments" / shared / "capture")
+
+    def captured() -> list[tuple[str, str]]:
+        frame = read_capture(capture, shadow=True)
+        frame = frame[frame["_request_id"] == request_id]
+        return sorted(zip(frame["_role"], frame["_model_version"], strict=True))
+
+    wait_for(lambda: captured() == [("primary", "1")] * 3 + [("shadow", "2")] * 3, 60,
+             "the primary's and the shadow's rows of the request in the capture", interval_s=0.5)
+    served = read_capture(capture)  # what drift and quality read: the answers clients got
+    assert set(served[served["_request_id"] == request_id]["_model_version"]) == {"1"}
+
+
+def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
+        env: Env, registry: Registry, shared: str, tmp_path: Path) -> None:
+    # The second machine: same cluster (RAY_ADDRESS) and registry, an empty state home of its own.
+    name = shared
+    other = env.environ(MLFLOW_DEPLOY_HOME=str(tmp_path / "other-home"))
+    listed = env.cli("list", "-t", RAY, env=other).stdout
+    assert name in listed and "'status': 'running'" in listed and "'model_version': '1'" in listed, listed
+    mine, theirs = _get(env, name), _view(env.cli("get", "-t", RAY, "--name", name, env=other).stdout)
+    for key in ("status", "url", "model_uri", "model_name", "model_version", "traffic", "shadow", "created_from"):
+        assert theirs[key] == mine[key], key
+    assert theirs["created_from"].endswith(f":{env.home}")  # where its history and capture live
+    assert len(ast.literal_eval(theirs["replicas"])) == 1
+    predicted = env.cli("predict", "-t", RAY, "--name", name, "-I",
+                        _input_file(env, registry.features.iloc[:2]), env=other)
+    assert "predictions" in predicted.stdout
+
+    # Changes stay with the machine whose folder keeps the history and capture: said, not done.
+    update = env.cli("update", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/2",
+                     check=False, env=other)
+    assert update.returncode != 0 and "was created from" in update.stderr, update.stderr
+    assert _get(env, name)["model_version"] == "1"
+    assert not (tmp_path / "other-home" / "deployments" / name).exists()  # nothing written there
+
+    # Delete works from either machine; the creating one then shows it stopped until it deletes too.
+    env.cli("delete", "-t", RAY, "--name", name, env=other)
+    assert name not in env.cli("list", "-t", RAY, env=other).stdout
+    assert _get(env, name)["status"] == "stopped"
+    gone = env.cli("get", "-t", RAY, "--name", name, check=False, env=other)
+    assert gone.returncode != 0 and "RESOURCE_DOES_NOT_EXIST" in gone.stderr, gone.stderr
+    env.cli("delete", "-t", RAY, "--name", name)
     assert name not in env.cli("list", "-t", RAY).stdout
+
+
+def test_run_local_on_ray_serves_on_the_cluster_until_interrupted(
+        env: Env, registry: Registry, ray_cluster: str) -> None:
+    """`mlflow deployments run-local -t lifecycle:/ray` serves on the cluster (Serve's proxy) in the
+    foreground, and Ctrl-C deletes the application: nothing is left on the cluster or in the state home."""
+    name = "ray-run-local"
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell (a CI
+    # script, `pytest ... &`) inherits SIGINT ignored, so the child puts its default handler back.
+    ctrl_c_works = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ctrl_c_works, str(Path(sys.executable).parent / "mlflow"), "deployments", "run-local",
+         "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1", "-C", "num_cpus=0.5"],
+        env=env.environ(), cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        ready = wait_for(lambda: [line for line in lines if line.startswith("Serving ")] or proc.poll() is not None,
+                         300, "run-local to serve", interval_s=0.5)
+        assert ready is not True and proc.poll() is None, "".join(lines[-30:])
+        url = ready[0].split(" at ", 1)[1].split(" - ", 1)[0]
+        assert url.endswith(f"/{name}"), url  # Serve's route for it (a local run serves at a port's root)
+        answer = requests.post(f"{url}/invocations", json=split_payload(registry.features.iloc[:2]), timeout=30)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == "1", answer.text
+        assert name in env.cli("list", "-t", RAY).stdout  # on the cluster, like any deployment there
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the application is deleted (its replicas drain), then it exits
+        try:
+            code = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("run-local still runs 300 s after Ctrl-C:\n" + "".join(lines[-30:])) from None
+        assert code == 0, "".join(lines[-30:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+    assert requests.get(f"{url}/ping", timeout=10).status_code == 404  # the route is gone with the app
+    assert name not in env.cli("list", "-t", RAY).stdout
+    assert not (env.home / "deployments" / name).exists()
 
 
 def _replicas(env: Env, name: str) -> tuple[list[dict], int]:

@@ -54,6 +54,26 @@ class EngineStatus:
         return self.state in SERVING_STATES and bool(self.url)
 
 
+# How far the engine got with a change nobody recorded (InterruptedChange.outcome).
+CHANGE_DONE = "done"  # the engine runs it: the record is what is missing
+CHANGE_FAILED = "failed"  # the engine could not run it: what was recorded must serve again
+CHANGE_IN_PROGRESS = "in_progress"  # the engine is still rolling it out: look again later
+
+
+@dataclass(frozen=True)
+class InterruptedChange:
+    """A change the engine took that the deployment's folder does not record.
+
+    Whoever made it (the agent following an alias, a CLI ``update``) died between the engine's
+    switch and the spec write that follows it: ``running`` is the spec the engine runs (or is
+    rolling out), which differs from the folder's.
+    """
+
+    running: DeploymentSpec
+    outcome: str  # CHANGE_DONE | CHANGE_FAILED | CHANGE_IN_PROGRESS
+    error: str | None = None  # why it failed (CHANGE_FAILED)
+
+
 class Engine(abc.ABC):
     """Runs deployments. Every method takes names or specs, never MLflow objects."""
 
@@ -102,6 +122,18 @@ class Engine(abc.ABC):
         itself (Ray: its proxy routes a scrape to one replica only), for the canary's per-version
         figures. Default None: the deployment's own ``/metrics`` already covers every worker (the
         local engine's workers share a multiprocess registry), so the caller scrapes that."""
+        return None
+
+    def interrupted_change(self, name: str, stored: DeploymentSpec) -> InterruptedChange | None:
+        """The change the engine took for ``name`` that the folder's spec ``stored`` does not
+        record (its maker died between the engine's switch and the spec write), if any.
+
+        The core (:meth:`Deployments.resume_interrupted`) then finishes it: records what runs, or
+        serves ``stored`` again if the change failed. Called under the deployment's lock (no change
+        of it is in progress), by its agent on each pass and by every change before it starts.
+        Default None: the local engine's supervisor writes the spec itself as a new generation
+        takes over, so the two cannot differ.
+        """
         return None
 
     def keeps_token(self, name: str) -> bool:

@@ -184,3 +184,73 @@ def test_the_ray_engine_refuses_node_local_capture_on_a_multi_node_cluster() -> 
         check_capture_location(default, 3)
     check_capture_location(DeploymentConfig(capture_uri="s3://bucket/capture"), 3)
     check_capture_location(DeploymentConfig(capture=False), 3)
+
+
+def test_a_serve_application_ahead_of_the_folder_is_an_interrupted_change() -> None:
+    """What a switch killed between Serve's change and the spec write leaves, as the Ray engine
+    reads it from Serve's application details (the spec Serve targets is its user_config)."""
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    import json
+
+    from mlflow_deploy_plugin.engines.base import CHANGE_DONE, CHANGE_FAILED, CHANGE_IN_PROGRESS
+    from mlflow_deploy_plugin.engines.ray.engine import divergence
+    from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+
+    folder = DeploymentSpec(name="d", model=ModelRef("models:/m@champion", "m", "1"), engine="ray",
+                            created_at=1000.0, updated_at=1000.0)
+    switched = folder.replace(model=ModelRef("models:/m@champion", "m", "2"), updated_at=2000.0)
+
+    def app(spec: DeploymentSpec | None, status: str, deployed_at: float = 2000.0, message: str = "") -> dict:
+        user_config = {"spec": json.loads(json.dumps(spec.to_dict()))} if spec else {}
+        return {"status": status, "last_deployed_time_s": deployed_at, "message": message,
+                "deployments": {INGRESS_NAME: {"deployment_config": {"user_config": user_config}}}}
+
+    stored = DeploymentSpec.from_dict(json.loads(json.dumps(folder.to_dict())))  # as read from the file
+    assert divergence(app(folder, "RUNNING"), stored) is None  # Serve runs what the folder says
+    assert divergence(None, stored) is None  # nothing runs: `up` starts it, not this
+    assert divergence(app(None, "RUNNING"), stored) is None  # not a lifecycle deployment
+    other = switched.replace(created_at=1500.0)  # another deployment of that name (deleted, created again)
+    assert divergence(app(other, "RUNNING"), stored) is None
+
+    done = divergence(app(switched, "RUNNING"), stored)
+    assert done is not None and done.outcome == CHANGE_DONE and done.running == switched
+    failed = divergence(app(switched, "DEPLOY_FAILED", message="Traceback...\nValueError: cannot load"), stored)
+    assert failed is not None and failed.outcome == CHANGE_FAILED and failed.error == "ValueError: cannot load"
+    rolling = divergence(app(switched, "DEPLOYING"), stored, now=2000.0 + 10)
+    assert rolling is not None and rolling.outcome == CHANGE_IN_PROGRESS
+    stuck = divergence(app(switched, "DEPLOYING"), stored, now=2000.0 + switched.config.startup_timeout_s + 1)
+    assert stuck is not None and stuck.outcome == CHANGE_FAILED and "startup_timeout_s" in (stuck.error or "")
+
+
+def test_run_local_serves_with_the_engine_its_target_uri_names() -> None:
+    """MLflow hands a plugin's run_local no target URI; the plugin reads the one it was called with
+    (an engine that does not exist is refused by name, before anything runs)."""
+    from mlflow.deployments import run_local
+
+    with pytest.raises(MlflowException, match=r"Unsupported target URI 'lifecycle:/nonesuch'"):
+        run_local(target="lifecycle:/nonesuch", name="x", model_uri="models:/m/1")
+    from mlflow_deploy_plugin.target import _run_local_target
+
+    assert _run_local_target() == "lifecycle"  # called directly: the default engine
+
+
+def test_a_ray_replica_leaves_the_request_id_header_to_serves_proxy() -> None:
+    """Serve's proxy appends ``x-request-id`` (the id it gave the request, which the app used) to
+    every response: the replica's app must not send its own too, or clients read "id, id"."""
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from mlflow_deploy_plugin.engines.ray.ingress import LeaveRequestIdToServe
+
+    def answer(request):
+        return JSONResponse({"id": request.headers["x-request-id"]},
+                            headers={"x-request-id": request.headers["x-request-id"], "x-model-version": "1"})
+
+    client = TestClient(LeaveRequestIdToServe(Starlette(routes=[Route("/invocations", answer, methods=["POST"])])))
+    response = client.post("/invocations", headers={"x-request-id": "serve-made-this"})
+    assert response.status_code == 200 and response.json() == {"id": "serve-made-this"}
+    assert "x-request-id" not in response.headers and response.headers["x-model-version"] == "1"

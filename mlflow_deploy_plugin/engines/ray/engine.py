@@ -49,6 +49,9 @@ import ray
 from ray import serve
 
 from mlflow_deploy_plugin.engines.base import (
+    CHANGE_DONE,
+    CHANGE_FAILED,
+    CHANGE_IN_PROGRESS,
     FAILED,
     RUNNING,
     STARTING,
@@ -57,6 +60,7 @@ from mlflow_deploy_plugin.engines.base import (
     Engine,
     EngineError,
     EngineStatus,
+    InterruptedChange,
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
 from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
@@ -370,6 +374,25 @@ class RayEngine(Engine):
         app = self._app(name)
         return _spec_of(app) if app else None
 
+    def interrupted_change(self, name: str, stored: DeploymentSpec) -> InterruptedChange | None:
+        """The spec Serve runs for ``name`` when it is not the folder's ``stored`` one.
+
+        :meth:`update` makes the new spec Serve's target, waits for the rollout, and only then writes
+        it to the folder: whoever died in between (the agent's process, its actor, a CLI) left Serve
+        at the new spec and the folder at the old. Serve keeps the spec it targets as the
+        application's user_config, so the two compare exactly. One read of Serve's details: cheap
+        enough for every pass of the agent. A rollout still running counts as failed once it has
+        run longer than ``startup_timeout_s`` (what :meth:`update` would have waited).
+        """
+        address = stored.config.ray_address or self._known_address(name)
+        if address is None:
+            return None
+        try:
+            self._connect(address)
+        except InvalidRequest:
+            return None
+        return divergence(self._app(name), stored)
+
     def keeps_token(self, name: str) -> bool:
         return self._known_address(name) is not None and self._token_hash(name) is not None
 
@@ -489,7 +512,10 @@ class RayEngine(Engine):
             return
         from mlflow_deploy_plugin.engines.ray.agent_host import AgentHost
 
-        env = {"MLFLOW_DEPLOY_HOME": str(self.store.home), "RAY_ADDRESS": self._address or ""}
+        # The cluster this process joined, however it joined (a driver that called ray.init itself
+        # left no address here): the agent's engine connects to it by that address.
+        address = self._address or ray.get_runtime_context().gcs_address
+        env = {"MLFLOW_DEPLOY_HOME": str(self.store.home), "RAY_ADDRESS": address or ""}
         if spec.tracking_uri:
             env["MLFLOW_TRACKING_URI"] = spec.tracking_uri
         host: Any = AgentHost  # a Ray actor class (ray.remote), typed by Ray as the plain class
@@ -538,6 +564,26 @@ def token_sha256(config: DeploymentConfig, current: str | None = None) -> str | 
         raise InvalidRequest(f"auth_token_env={config.auth_token_env} names an environment variable that is "
                              "unset or empty here: export it (replicas check requests against its hash).")
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def divergence(app: dict[str, Any] | None, stored: DeploymentSpec,
+               now: float | None = None) -> InterruptedChange | None:
+    """How Serve's application ``app`` (its details) differs from the folder's spec ``stored``:
+    None when it runs ``stored``, is not this deployment (another one's, or none), or is not ours."""
+    running = _spec_of(app) if app else None
+    if app is None or running is None or running == stored or running.created_at != stored.created_at:
+        return None
+    status = _plain(app.get("status"))
+    if status == "RUNNING":
+        return InterruptedChange(running, CHANGE_DONE)
+    if status == "DEPLOY_FAILED":
+        return InterruptedChange(running, CHANGE_FAILED, _short(_app_message(app)) or "Serve: DEPLOY_FAILED")
+    since = app.get("last_deployed_time_s")
+    timeout = running.config.startup_timeout_s
+    if status == "DEPLOYING" and since and (time.time() if now is None else now) - float(since) > timeout:
+        return InterruptedChange(running, CHANGE_FAILED,
+                                 f"the rollout did not finish within startup_timeout_s={timeout:g}s")
+    return InterruptedChange(running, CHANGE_IN_PROGRESS)
 
 
 def _agent_name(name: str) -> str:

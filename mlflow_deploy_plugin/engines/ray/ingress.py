@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlflow_deploy_plugin.engines.ray.metrics_hub import Pusher
 from mlflow_deploy_plugin.spec import DeploymentSpec
@@ -56,6 +56,34 @@ class StripRoutePrefix:
         await self.app(scope, receive, send)
 
 
+class LeaveRequestIdToServe:
+    """Drop the app's own ``x-request-id`` response header: Serve's proxy adds it.
+
+    The proxy gives every request it forwards an ``x-request-id`` (the client's, else one it makes),
+    which the app takes as the request's id (captured as ``_request_id``, the key of labels and of
+    shadow pairs), and appends that id to every response itself. With the app's own header too, a
+    client got the header twice (``requests`` reads it as ``"id, id"``), an id that matched no
+    captured row and no label.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_ours(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(key, value) for key, value in message.get("headers") or []
+                           if key.lower() != b"x-request-id"]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_without_ours)
+
+
 def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
                   token_sha256: str | None = None) -> tuple[ASGIApp, Any, Any]:
     """Load the spec's versions and build the serving app; returns (app, capture writer or None,
@@ -69,7 +97,7 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
     service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
                     models_dir.parent / "capture.key", token_sha256=token_sha256)
     service.state.ready = True  # Serve routes to a replica only once its constructor has returned
-    return StripRoutePrefix(service.app), service.capture, service.metrics
+    return StripRoutePrefix(LeaveRequestIdToServe(service.app)), service.capture, service.metrics
 
 
 @serve.ingress()
