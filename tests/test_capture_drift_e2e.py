@@ -1,4 +1,10 @@
-"""Watch path through real deployments: capture, drift reports (CLI, MLproject, schedule)."""
+"""Watch path through real deployments: capture, drift reports (CLI, MLproject, schedule).
+
+The on-demand reports and `capture show` run the real `mlflow-deploy` commands in process (click's
+CliRunner) on the real store, home and capture: a new interpreter per command would only repeat its
+imports (MLflow, Evidently). The MLproject run at the end starts `mlflow run`, which runs
+`mlflow-deploy drift report` in a subprocess as cron would: the command as a process stays covered.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import requests
+from click.testing import CliRunner, Result
 from conftest import REPO, Env, Registry, split_payload, wait_for
 
 from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.cli import cli
 from mlflow_deploy_plugin.state import pid_alive
 
 
@@ -47,12 +55,13 @@ def _send(url: str, frames: list[pd.DataFrame], threads: int = 4) -> list[str]:
     return ids
 
 
-def _mlflow_deploy(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-deploy"), *args], capture_output=True,
-                          text=True, timeout=300, env=env.environ(), cwd=env.root)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+def _mlflow_deploy(env: Env, *args: str) -> Result:
+    """`mlflow-deploy ARGS` in process, on the session's home; ``stdout`` and ``stderr`` apart, as a shell has them."""
+    result = CliRunner().invoke(cli, ["--home", str(env.home), *args], catch_exceptions=False)
+    if result.exit_code != 0:
+        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed ({result.exit_code}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
 
 
 # 20 of the 30 inputs (sizes: mean_* and worst_*) doubled: more than the 50 % of columns that make
@@ -64,7 +73,7 @@ SHIFTED = [f"{kind}_{what}" for kind in ("mean", "worst") for what in (
 EVIDENTLY_MARKERS = ("window.drawDashboard", "Verdict per column (exact, all rows")
 
 
-def _report(env: Env, name: str, since: datetime) -> tuple[subprocess.CompletedProcess, str]:
+def _report(env: Env, name: str, since: datetime) -> tuple[Result, str]:
     out = _mlflow_deploy(env, "drift", "report", name, "--since", since.isoformat())
     return out, out.stdout.split("run: ")[1].split()[0]
 
