@@ -107,7 +107,7 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
 
     name = "watched"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "drift_schedule=* * * * * */10", "-C", "drift_min_rows=100")
+            "-C", "drift_schedule=* * * * * */10", "-C", "drift_min_rows=100", "-C", "warm_standby=false")
     url = env.status(name)["url"]
     rng = np.random.default_rng(7)
     client = mlflow.MlflowClient()
@@ -223,7 +223,7 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"drift.status=drifted rows={calm_rows + 300 + 10} " in proc.stdout, proc.stdout
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
     # Graceful stop flushed everything: every answered request is in the capture.
     archived = sorted((env.home / "archive").glob(f"{name}-*"))[-1]
@@ -237,7 +237,7 @@ def test_unwritable_capture_folder_keeps_serving(env: Env, registry: Registry) -
     blocker.write_text("a file where the capture folder should be")
     name = "capture-broken"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", f"capture_uri={blocker}/sub")
+            "-C", f"capture_uri={blocker}/sub", "-C", "warm_standby=false")
     try:
         url = env.status(name)["url"]
         _send(url, [registry.features.iloc[[i]] for i in range(50)], threads=2)
@@ -252,4 +252,4 @@ def test_unwritable_capture_folder_keeps_serving(env: Env, registry: Registry) -
         wait_for(lambda: dropped() >= 50, 30, "dropped captures to be counted")
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
