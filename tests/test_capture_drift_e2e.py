@@ -26,7 +26,8 @@ from conftest import REPO, Env, Registry, split_payload, wait_for
 
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.cli import cli
-from mlflow_deploy_plugin.state import pid_alive
+from mlflow_deploy_plugin.deployments import Deployments
+from mlflow_deploy_plugin.state import StateStore, pid_alive
 
 
 def _send(url: str, frames: list[pd.DataFrame], threads: int = 4) -> list[str]:
@@ -147,8 +148,9 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         gap = reference.copy()
         gap.iloc[0, 0] = np.nan
         gap.to_parquet(broken_reference, index=False)
-        env.cli("update", "-t", "lifecycle", "--name", name, "-C", "drift_schedule=none",
-                "-C", f"reference_data={broken_reference}")
+        # In process, through the deployment core the CLI's `update` calls (the verb has its own tests).
+        Deployments(store=StateStore(env.home)).update(
+            name, config={"drift_schedule": "none", "reference_data": str(broken_reference)})
         wait_for(lambda: env.status(name)["agent_pid"] is None and not pid_alive(first_agent), 60,
                  "the agent (and any scheduled report it was running) to end")
 
