@@ -196,6 +196,22 @@ class Env:
     def status(self, name: str) -> dict:
         return json.loads((self.home / "deployments" / name / "status.json").read_text())
 
+    def delete(self, name: str, home: Path | None = None) -> None:
+        """Clean-up in process, through the deployment core the CLI's `delete` calls: stops every
+        process of ``name``, archives its folder, clears its registry serving tags. A `mlflow
+        deployments delete` subprocess costs ~5 s of CPU in imports; the verb has its own tests
+        (tests/test_cli_verbs.py). Like ``cli(..., check=False)``, a failure does not raise (it is
+        warned): what is left running, the session's end kills."""
+        from mlflow_deploy_plugin.deployments import Deployments
+        from mlflow_deploy_plugin.state import StateStore
+
+        try:
+            Deployments(store=StateStore(home or self.home)).delete(name)
+        except Exception as exc:  # in a `finally`: never hide the test's own failure
+            import warnings
+
+            warnings.warn(f"in-process delete of {name!r} failed: {exc!r}", stacklevel=2)
+
 
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
@@ -397,11 +413,12 @@ def regressor(env: Env) -> Regressor:
 def shared_deployment(env: Env, registry: Registry) -> Iterator[dict]:
     """One running deployment of version 1 for tests that only read from it."""
     name = "shared"
+    # No warm standby: nothing swaps or restarts here (a spare worker costs ~5 s of CPU per xdist worker).
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "max_body_mb=1")
+            "-C", "max_body_mb=1", "-C", "warm_standby=false")
     status = env.status(name)
     yield {"name": name, "url": status["url"], **status}
-    env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+    env.delete(name)
 
 
 def post_json(url: str, payload, timeout: float = 30, **headers: str) -> requests.Response:

@@ -1,4 +1,10 @@
-"""Watch path through real deployments: capture, drift reports (CLI, MLproject, schedule)."""
+"""Watch path through real deployments: capture, drift reports (CLI, MLproject, schedule).
+
+The on-demand reports and `capture show` run the real `mlflow-deploy` commands in process (click's
+CliRunner) on the real store, home and capture: a new interpreter per command would only repeat its
+imports (MLflow, Evidently). The MLproject run at the end starts `mlflow run`, which runs
+`mlflow-deploy drift report` in a subprocess as cron would: the command as a process stays covered.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import requests
+from click.testing import CliRunner, Result
 from conftest import REPO, Env, Registry, split_payload, wait_for
 
 from mlflow_deploy_plugin.capture import read_capture
-from mlflow_deploy_plugin.state import pid_alive
+from mlflow_deploy_plugin.cli import cli
+from mlflow_deploy_plugin.deployments import Deployments
+from mlflow_deploy_plugin.state import StateStore, pid_alive
 
 
 def _send(url: str, frames: list[pd.DataFrame], threads: int = 4) -> list[str]:
@@ -47,12 +56,13 @@ def _send(url: str, frames: list[pd.DataFrame], threads: int = 4) -> list[str]:
     return ids
 
 
-def _mlflow_deploy(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-deploy"), *args], capture_output=True,
-                          text=True, timeout=300, env=env.environ(), cwd=env.root)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+def _mlflow_deploy(env: Env, *args: str) -> Result:
+    """`mlflow-deploy ARGS` in process, on the session's home; ``stdout`` and ``stderr`` apart, as a shell has them."""
+    result = CliRunner().invoke(cli, ["--home", str(env.home), *args], catch_exceptions=False)
+    if result.exit_code != 0:
+        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed ({result.exit_code}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
 
 
 # 20 of the 30 inputs (sizes: mean_* and worst_*) doubled: more than the 50 % of columns that make
@@ -64,7 +74,7 @@ SHIFTED = [f"{kind}_{what}" for kind in ("mean", "worst") for what in (
 EVIDENTLY_MARKERS = ("window.drawDashboard", "Verdict per column (exact, all rows")
 
 
-def _report(env: Env, name: str, since: datetime) -> tuple[subprocess.CompletedProcess, str]:
+def _report(env: Env, name: str, since: datetime) -> tuple[Result, str]:
     out = _mlflow_deploy(env, "drift", "report", name, "--since", since.isoformat())
     return out, out.stdout.split("run: ")[1].split()[0]
 
@@ -98,7 +108,7 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
 
     name = "watched"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "drift_schedule=* * * * * */10", "-C", "drift_min_rows=100")
+            "-C", "drift_schedule=* * * * * */10", "-C", "drift_min_rows=100", "-C", "warm_standby=false")
     url = env.status(name)["url"]
     rng = np.random.default_rng(7)
     client = mlflow.MlflowClient()
@@ -138,8 +148,9 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         gap = reference.copy()
         gap.iloc[0, 0] = np.nan
         gap.to_parquet(broken_reference, index=False)
-        env.cli("update", "-t", "lifecycle", "--name", name, "-C", "drift_schedule=none",
-                "-C", f"reference_data={broken_reference}")
+        # In process, through the deployment core the CLI's `update` calls (the verb has its own tests).
+        Deployments(store=StateStore(env.home)).update(
+            name, config={"drift_schedule": "none", "reference_data": str(broken_reference)})
         wait_for(lambda: env.status(name)["agent_pid"] is None and not pid_alive(first_agent), 60,
                  "the agent (and any scheduled report it was running) to end")
 
@@ -214,7 +225,7 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"drift.status=drifted rows={calm_rows + 300 + 10} " in proc.stdout, proc.stdout
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
     # Graceful stop flushed everything: every answered request is in the capture.
     archived = sorted((env.home / "archive").glob(f"{name}-*"))[-1]
@@ -228,7 +239,7 @@ def test_unwritable_capture_folder_keeps_serving(env: Env, registry: Registry) -
     blocker.write_text("a file where the capture folder should be")
     name = "capture-broken"
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", f"capture_uri={blocker}/sub")
+            "-C", f"capture_uri={blocker}/sub", "-C", "warm_standby=false")
     try:
         url = env.status(name)["url"]
         _send(url, [registry.features.iloc[[i]] for i in range(50)], threads=2)
@@ -243,4 +254,4 @@ def test_unwritable_capture_folder_keeps_serving(env: Env, registry: Registry) -
         wait_for(lambda: dropped() >= 50, 30, "dropped captures to be counted")
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)

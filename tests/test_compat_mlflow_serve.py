@@ -184,12 +184,16 @@ def _start_serve(env: Env, model_uri: str) -> tuple[subprocess.Popen, str, Path]
     return proc, f"http://127.0.0.1:{port}", log_path
 
 
-def _wait_serve(proc: subprocess.Popen, url: str, log_path: Path, deadline: float) -> None:
+def _wait_serve(proc: subprocess.Popen, urls: str | list[str], log_path: Path, deadline: float) -> None:
+    """Until every server of ``proc`` at ``urls`` answers /ping."""
+    waiting = [urls] if isinstance(urls, str) else list(urls)
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"mlflow models serve exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+            while waiting and requests.get(f"{waiting[0]}/ping", timeout=2).status_code == 200:
+                waiting.pop(0)
+            if not waiting:
                 return
         except requests.ConnectionError:
             pass
@@ -294,8 +298,9 @@ def test_same_request_same_answer(case_id: str, mlflow_serve: str, shared_deploy
 
 
 # -- More model kinds, as MLflow's own scoring-server tests use them ---------------------------------
-# Each kind is one registered model (tests/assets/<kind>_model.py), served by `mlflow models serve` and
-# by a deployment, all started together. Answers must be identical: every 200 body byte for byte as
+# Each kind is one registered model (tests/assets/<kind>_model.py), served by MLflow's scoring server (the
+# app `mlflow models serve` runs, under uvicorn; the three in one process) and by a deployment, all
+# started together. Answers must be identical: every 200 body byte for byte as
 # JSON, every error with the same status, error_code, error_class and sqlstate. The one intentional
 # difference for these kinds is the error text: MLflow quotes the input ("Failed to predict data
 # '<the whole frame>'"), ours never does (asserted in test_kind_same_request_same_answer).
@@ -429,9 +434,31 @@ class Pair:
     model_uri: str
 
 
+def _start_peers(env: Env, model_uris: dict[str, str]) -> tuple[subprocess.Popen, dict[str, str], Path]:
+    """MLflow's scoring server (the app `mlflow models serve` runs, under uvicorn) for each model, all
+    in one process (tests/mlflow_scoring_peers.py; not waiting for them): one interpreter instead of
+    two per model. The breast-cancer peer above stays a real `mlflow models serve`."""
+    ports = {kind: free_port() for kind in model_uris}
+    log_path = env.root / f"mlflow-scoring-peers-{min(ports.values())}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "mlflow_scoring_peers.py"),
+             *(f"{ports[kind]}={uri}" for kind, uri in model_uris.items())],
+            env=env.environ(), cwd=env.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, {kind: f"http://127.0.0.1:{port}" for kind, port in ports.items()}, log_path
+
+
 @pytest.fixture(scope="module")
 def kind_servers(env: Env) -> Iterator[dict[str, Pair]]:
-    """Per kind: a registered version, its `mlflow models serve` and a deployment of it, all started at once."""
+    """Per kind: a registered version, MLflow's scoring server of it and a deployment of it, all started
+    at once. The deployments are created in process, through the deployment core the CLI's `create`
+    calls (the CLI verb has its own tests; a CLI subprocess costs seconds of CPU in imports), and
+    without a warm standby (nothing swaps here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow_deploy_plugin.deployments import Deployments
+    from mlflow_deploy_plugin.state import StateStore
+
     suffix = str(int(time.time() * 1000))[-8:]  # unique names on a shared PostgreSQL store
     uris = {}
     for kind, spec in KINDS.items():
@@ -439,41 +466,22 @@ def kind_servers(env: Env) -> Iterator[dict[str, Pair]]:
             info = mlflow.pyfunc.log_model(name="model", python_model=str(ASSETS / spec.source), signature=spec.signature,
                                            registered_model_name=f"compat_{kind}_{suffix}", pip_requirements=["pandas"])
         uris[kind] = f"models:/compat_{kind}_{suffix}/{info.registered_model_version}"
-    serves: dict[str, tuple[subprocess.Popen, str, Path]] = {}
-    creates: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def create(kind: str) -> str:
+        deployments = Deployments(store=StateStore(env.home))
+        return deployments.create(f"compat-{kind}", uris[kind], {"warm_standby": "false",
+                                                                   "startup_timeout_s": str(START_S)})["url"]
+
+    proc, theirs, log_path = _start_peers(env, uris)
     try:
-        for kind, uri in uris.items():
-            serves[kind] = _start_serve(env, uri)
-            log_path = env.root / f"create-compat-{kind}-{suffix}.log"
-            with open(log_path, "wb") as log:
-                creates[kind] = (subprocess.Popen(
-                    [str(_bin_dir() / "mlflow"), "deployments", "create", "-t", "lifecycle", "--name",
-                     f"compat-{kind}", "-m", uri], env=env.environ(), cwd=env.root, stdout=log,
-                    stderr=subprocess.STDOUT), log_path)
-        deadline = time.monotonic() + START_S
-        for kind, (proc, log_path) in creates.items():
-            try:
-                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            assert code == 0, f"create compat-{kind} failed ({code}):\n{log_path.read_text()[-3000:]}"
-        for proc, url, log_path in serves.values():
-            _wait_serve(proc, url, log_path, deadline)
-        yield {kind: Pair(serves[kind][1], env.status(f"compat-{kind}")["url"], uris[kind]) for kind in KINDS}
+        with ThreadPoolExecutor(len(uris)) as pool:  # all at once, as the peers start meanwhile
+            ours = dict(zip(uris, pool.map(create, uris), strict=True))
+        _wait_serve(proc, list(theirs.values()), log_path, time.monotonic() + START_S)
+        yield {kind: Pair(theirs[kind], ours[kind], uris[kind]) for kind in KINDS}
     finally:
-        for proc, _, _ in serves.values():
-            _stop(proc)
-        deletes = []
-        for kind, (proc, _) in creates.items():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            deletes.append(subprocess.Popen(  # all at once, as they were created
-                [str(_bin_dir() / "mlflow"), "deployments", "delete", "-t", "lifecycle", "--name", f"compat-{kind}"],
-                env=env.environ(), cwd=env.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for proc in deletes:
-            proc.wait(timeout=START_S)
+        _stop(proc)
+        with ThreadPoolExecutor(len(uris)) as pool:
+            list(pool.map(env.delete, [f"compat-{kind}" for kind in uris]))
 
 
 @pytest.mark.parametrize("kind_case", KIND_CASES)

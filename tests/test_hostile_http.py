@@ -101,7 +101,7 @@ def gated(env: Env, gated_model: str) -> Iterator[dict]:
     try:
         yield {"name": name, **env.status(name)}
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
 
 def _ask(url: str, gate: str, x: float) -> requests.Response:
@@ -198,7 +198,7 @@ def test_tls_and_capture_privacy_on_a_real_deployment(env: Env, registry: Regist
                  if not p.is_symlink() and stat.S_IMODE(p.lstat().st_mode) & 0o077]
         assert not loose, "readable by others:\n" + "\n".join(loose)
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
 
 def _input_file(folder: Path, rows: pd.DataFrame) -> Path:

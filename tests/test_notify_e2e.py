@@ -57,7 +57,7 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
     try:
         env.cli("create", "-t", "lifecycle", "--name", NAME, "-m", f"models:/{registry.model}/1",
                 "-C", f"notify={base}/hook,slack+{base}/slack", "-C", f"notify_secret_env={SECRET_ENV}",
-                "-C", "drift_min_rows=20", env=environ)
+                "-C", "drift_min_rows=20", "-C", "warm_standby=false", env=environ)
         url = env.status(NAME)["url"]
         paths = store.paths(NAME)
         # The receiver is down: the agent's notifier retries, serving does not notice.
@@ -96,7 +96,7 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
         yield {"receiver": receiver, "paths": paths, "drift": outcome, "metrics": metrics, "url": url,
                "registry": registry}
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", NAME, check=False)
+        env.delete(NAME)
         receiver.stop()
 
 

@@ -187,7 +187,7 @@ def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry:
         assert "supervisor_replaced" in events and "taken_over" in events
         print(f"failures per fault: {failures}")
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
     assert not processes_under(root), "a process of the deleted deployment is left"
 
 
@@ -247,7 +247,7 @@ def test_up_brings_back_a_deployment_whose_processes_were_all_killed(env: Env, r
         assert _status(home, name)["pid"] == status["pid"]
         assert "restarted" in [event["event"] for event in _history(home, name)]
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+        env.delete(name, home)
         _kill_everything_under(home)
 
 
@@ -312,7 +312,7 @@ def test_a_hung_model_call_is_replaced_while_the_other_worker_serves(env: Env, r
         wait_for(lambda: not any(is_worker(pid, root) for pid in before), timeout_s + 30,
                  "every worker of the old generation to be gone")
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
     assert not processes_under(root)
 
 
@@ -344,4 +344,4 @@ def test_a_request_that_kills_its_worker_is_counted_and_never_fails_the_deployme
         assert len(events) == 3 and all(event["rows"] >= 1 for event in events)
         assert "failed" not in [event["event"] for event in env_history(env, name)]
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)

@@ -93,7 +93,7 @@ def test_shadow_stage_rejects_a_differing_challenger_and_a_hung_shadow_changes_n
         _shadow_stage_and_hang(env, name, root, url, rows, model, suffix, gate, cli_env, client)
     finally:
         gate.touch()  # ends the hung shadow calls
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False, env=cli_env)
+        env.delete(name)
 
 
 def _shadow_stage_and_hang(env: Env, name: str, root: Path, url: str, rows: list[dict], model: str, suffix: str,

@@ -130,7 +130,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         events = [event["event"] for event in env_history(env, name)]
         assert events == ["created", "updated", "update_failed", "update_failed"]
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
 
 def env_history(env: Env, name: str) -> list[dict]:
@@ -161,7 +161,7 @@ def test_crashed_worker_is_restarted_then_marked_failed(env: Env, registry: Regi
                        check=False)
         assert proc.returncode != 0 and "is failed" in proc.stderr
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
 
 def _records_file(env: Env, registry: Registry):
@@ -175,7 +175,7 @@ def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry
     token = "t0ken-for-tests"
     cli_env = env.environ(SERVE_TOKEN=token)
     env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "auth_token_env=SERVE_TOKEN", env=cli_env)
+            "-C", "auth_token_env=SERVE_TOKEN", "-C", "warm_standby=false", env=cli_env)
     try:
         url = env.status(name)["url"]
         payload = split_payload(registry.features.head(1))
@@ -196,7 +196,7 @@ def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry
                        "-C", "auth_token_env=UNSET_TOKEN_VAR", check=False)
         assert proc.returncode != 0 and "UNSET_TOKEN_VAR" in proc.stderr
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
 
 def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
@@ -206,7 +206,7 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
 
     name = "split"
     tag = f"lifecycle.deployment.{name}"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1")
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1", "-C", "warm_standby=false")
     try:
         url = env.status(name)["url"]
         Deployments("lifecycle").transition(
@@ -232,7 +232,7 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
         assert client.get_model_version(registry.model, "1").tags.get(tag) == url
         assert client.get_model_version(registry.model, "2").tags.get(tag) == f"{url} (30% canary)"
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
     # ... and delete clears the tags of every version it served, not just the main one.
     for version in ("1", "2"):
         assert tag not in mlflow.MlflowClient().get_model_version(registry.model, version).tags, version
