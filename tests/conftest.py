@@ -96,7 +96,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # tests): a long unit started last would leave the other worker idle at the end of the run.
 LONGEST_FIRST = ("ray", "tests/test_lifecycle_e2e.py", "tests/test_stage_world_e2e.py",
                  "tests/test_promotion_steps_e2e.py", "tests/test_quality_e2e.py", "tests/test_capture_drift_e2e.py",
-                 "tests/test_shadow_e2e.py", "tests/test_self_healing.py", "tests/test_compat_mlflow_serve.py",
+                 "tests/test_shadow_e2e.py", "tests/test_drift_volume_e2e.py", "tests/test_self_healing.py",
+                 "tests/test_compat_mlflow_serve.py",
                  "tests/test_v2_clients.py",
                  "tests/test_update_and_supervision.py", "tests/test_hostile_http.py", "tests/test_cli_verbs.py",
                  "tests/test_notify_e2e.py")
