@@ -165,6 +165,9 @@ def append_history_file(path: Path, event: str, **details: Any) -> None:
     line = (json.dumps({"time": time.time(), "event": event, **details}, default=str) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     try:
+        # Writers (supervisor, agent, CLI) take turns: the torn-line check and the write must see
+        # the same end of file. Released when the descriptor closes; never nested, so never a deadlock.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line  # the last write was torn: never glue this event onto it

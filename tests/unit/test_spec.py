@@ -134,3 +134,29 @@ def test_a_torn_history_line_is_skipped_and_never_glued_to_the_next_event(tmp_pa
         events = store.read_history("churn")
     assert [e["event"] for e in events] == ["created", "updated"]
     assert "Skipping unreadable line 2" in caplog.text
+
+
+def test_history_writers_take_turns(tmp_path: Path) -> None:
+    """An append waits while another writer holds the history file (its torn-line check and its write
+    must see the same end of file), and goes through once that writer is done."""
+    import fcntl
+    import os
+    import threading
+
+    store = StateStore(tmp_path)
+    store.append_history("churn", "created", reason="create")
+    path = store.paths("churn").history
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b'{"time": 1, "event": "upda')  # another writer, mid-line
+        writer = threading.Thread(target=store.append_history, args=("churn", "updated"), daemon=True)
+        writer.start()
+        writer.join(timeout=1.0)
+        assert writer.is_alive(), "an append went through while another writer held the history file"
+        os.write(fd, b'ted"}\n')  # that writer finishes its line
+    finally:
+        os.close(fd)  # releases the lock
+    writer.join(timeout=30)
+    assert not writer.is_alive()
+    assert [e["event"] for e in store.read_history("churn")] == ["created", "updated", "updated"]
