@@ -13,6 +13,8 @@ champion's over the canary window. A regressor likewise: its MAE equals the one 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,10 +24,18 @@ import pandas as pd
 import pytest
 import requests
 from conftest import Env, Registry, Regressor, split_payload, train, wait_for
-from test_capture_drift_e2e import _mlflow_deploy
 
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
+
+
+def _mlflow_deploy(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real `mlflow-deploy` CLI in its own process: labels and reports go in the way users send them."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-deploy"), *args], capture_output=True,
+                          text=True, timeout=300, env=env.environ(), cwd=env.root)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 # Two `quality report` runs each import MLflow and Evidently in a fresh process (~30 s on a busy
