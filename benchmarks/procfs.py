@@ -1,4 +1,5 @@
-"""What the benchmarks read of /proc: one place that parses ``/proc/<pid>/stat`` (Linux only)."""
+"""What the benchmarks read of /proc: one place that parses ``/proc/<pid>/stat``, ``statm`` and
+``smaps_rollup`` (Linux only)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,23 @@ def live_processes() -> Iterator[tuple[int, list[str]]]:
 def cpu_s(fields: list[str]) -> float:
     """User + system CPU seconds of a process, from its :func:`stat_fields`."""
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int | str) -> int:
+    """Resident set size of a process (``/proc/<pid>/statm``), 0 if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pss_bytes(pid: int | str) -> int:
+    """Proportional set size of a process (``/proc/<pid>/smaps_rollup``): pages shared with other
+    processes count their share only, so a worker forked after imports costs what it adds. 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0

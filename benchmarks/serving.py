@@ -301,24 +301,13 @@ def machine_busy_s() -> float:
 
 
 def group_rss_mb(pgid: int) -> float:
-    total = 0
-    for pid in group_pids(pgid):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return sum(procfs.rss_bytes(pid) for pid in group_pids(pgid)) / 2**20
 
 
 def group_pss_mb(pgid: int) -> float:
     """Proportional set size of a process group (MiB): shared pages split among their users, so a
     standby forked after imports, or libraries mapped by several processes, count what they cost."""
-    total = 0
-    for pid in group_pids(pgid):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
-    return total / 1024
+    return sum(procfs.pss_bytes(pid) for pid in group_pids(pgid)) / 2**20
 
 
 def memory_of(pgid: int) -> dict[str, float]:
@@ -722,12 +711,8 @@ def start_ray_servers(workdir: Path) -> list[dict[str, Any]]:
 def ray_cluster_info() -> dict[str, Any]:
     cluster = CLEANUP.ray_cluster
     pids = cluster.pids()
-    rss = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     return {"address": cluster.address, "private": cluster.proc is not None, "start_s": cluster.start_s,
-            "rss_mb": rss * os.sysconf("SC_PAGE_SIZE") / 2**20}
+            "rss_mb": sum(procfs.rss_bytes(pid) for pid in pids) / 2**20}
 
 
 def _commit() -> str | None:

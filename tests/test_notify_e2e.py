@@ -86,6 +86,11 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
                        figures={"mean_abs_difference": 0.0})
         record_verdict(paths, "quality", "2", announce=False, model_name=registry.model, status="ok",
                        figures={"accuracy": 0.93}, labelled_rows=120, window_end="2026-01-02T00:00:00Z")
+        # And what the scheduled quality job writes for a day without labels yet (CBPE's estimate).
+        record_verdict(paths, "quality_estimate", "2", announce=False, model_name=registry.model,
+                       figures={"estimated_accuracy": 0.81, "estimated_accuracy.ci_low": 0.78,
+                                "estimated_accuracy.ci_high": 0.84}, answered_rows=600, calibration_rows=120,
+                       window_end="2026-01-03T00:00:00Z")
         wanted = ["created", "updated", "drift_verdict", "shadow_verdict"]
         wait_for(lambda: [e for e in receiver.events("/hook") if e in wanted] == wanted
                  and len(receiver.bodies("/slack")) == len(receiver.bodies("/hook")), 60, "every event on both")
@@ -139,8 +144,11 @@ def test_examples_use_metric_names_a_live_deployment_serves(alerting: dict) -> N
     drift = alerting["drift"]
     assert drift.status in ("ok", "drifted"), drift.status  # a judged report: its share is a gauge
     for gauge in ("mlflow_deploy_drift_share", "mlflow_deploy_drift_detected", "mlflow_deploy_quality",
-                  "mlflow_deploy_shadow_agreement", "mlflow_deploy_shadow_requests"):
+                  "mlflow_deploy_shadow_agreement", "mlflow_deploy_shadow_requests",
+                  "mlflow_deploy_quality_estimated", "mlflow_deploy_quality_estimated_rows"):
         assert gauge in served, gauge
+    assert (f'mlflow_deploy_quality_estimated{{deployment="{NAME}",figure="estimated_accuracy.ci_high",'
+            f'model_version="2"}} 0.84') in alerting["metrics"]
     assert f'mlflow_deploy_shadow_agreement{{deployment="{NAME}",model_version="3"}} 0.9' in alerting["metrics"]
     assert f'mlflow_deploy_quality{{deployment="{NAME}",figure="accuracy",model_version="2"}} 0.93' \
         in alerting["metrics"]
@@ -158,6 +166,11 @@ def test_examples_use_metric_names_a_live_deployment_serves(alerting: dict) -> N
 
             rules = [rule for group in yaml.safe_load(text)["groups"] for rule in group["rules"]]
             text = "\n".join(rule["expr"] for rule in rules)
+            # The gauges' label sets differ (the figures carry `figure`, the row counts do not), and a
+            # PromQL `and` without `on (...)` matches on every label: such a rule could never fire.
+            for rule in rules:
+                assert len(re.findall(r"\band\b", rule["expr"])) == len(re.findall(r"\band on \(", rule["expr"])), \
+                    f"{rule['alert']}: every `and` needs `on (deployment, model_version)`"
         used = set(re.findall(r"\bmlflow_deploy_[a-z0-9_]+", text))
         assert used, path
         assert used <= served, f"{path.name} uses names /metrics does not serve: {sorted(used - served)}"
@@ -165,5 +178,6 @@ def test_examples_use_metric_names_a_live_deployment_serves(alerting: dict) -> N
     everything = "".join(path.read_text() for path in EXAMPLES)
     for needed in ("mlflow_deploy_requests_total", "mlflow_deploy_request_latency_seconds_bucket",
                    "mlflow_deploy_drift_share", "mlflow_deploy_quality", "mlflow_deploy_shadow_agreement",
-                   "mlflow_deploy_capture_dropped_requests_total", 'up{job="mlflow-deploy"}'):
+                   "mlflow_deploy_quality_estimated", "mlflow_deploy_capture_dropped_requests_total",
+                   'up{job="mlflow-deploy"}'):
         assert needed in everything, needed
