@@ -358,8 +358,10 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 30.0
         return exc.code, exc.read()
 
 
-def wait_ping(url_of: Any, t0: float, process: subprocess.Popen | None, what: str, path: str = "/ping") -> float:
-    """Poll ``path`` (/ping) until 200; returns seconds since ``t0``. ``url_of()`` may return None (not yet known)."""
+def wait_ping(url_of: Any, t0: float, process: subprocess.Popen | None, what: str, path: str = "/ping",
+              server_process: bool = False) -> float:
+    """Poll ``path`` (/ping) until 200; returns seconds since ``t0``. ``url_of()`` may return None (not yet
+    known). ``process`` failing stops the wait; if it is the server itself (``server_process``), any exit does."""
     deadline = t0 + STARTUP_DEADLINE_S
     while time.monotonic() < deadline:
         url = url_of()
@@ -370,7 +372,7 @@ def wait_ping(url_of: Any, t0: float, process: subprocess.Popen | None, what: st
                     return time.monotonic() - t0
             except (OSError, urllib.error.URLError):
                 pass
-        if process is not None and process.poll() is not None and process.returncode != 0:
+        if process is not None and process.poll() is not None and (process.returncode != 0 or server_process):
             raise RuntimeError(f"{what} exited with code {process.returncode} before answering {path}")
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not answer {path} within {STARTUP_DEADLINE_S:.0f}s")
@@ -433,6 +435,7 @@ def download_model(workdir: Path) -> Path:
     """The registered model's folder, as MLServer's MLflow runtime loads it (a local copy)."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file on stderr otherwise
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/1",
                                                     dst_path=str(workdir / "mlserver-model")))
 
@@ -453,9 +456,12 @@ def start_mlserver(exe: Path, model_dir: Path, workers: int, batching: bool, wor
     CLEANUP.groups.append((name, process))
     paths = serving_mlserver.paths()
     url = f"http://127.0.0.1:{port}"
-    cold = wait_ping(lambda: url, t0, process, f"mlserver ({name})", paths["ready_path"])
+    try:
+        cold = wait_ping(lambda: url, t0, process, f"mlserver ({name})", paths["ready_path"], server_process=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; its log: {(workdir / f'{name}.log').read_text(errors='replace')[-2000:]}") from None
     return {"name": name, "url": url, "port": port, "pgid": process.pid, "cold_start_s": cold,
-            "path": paths["path"], "protocol": "v2"}
+            "path": paths["path"], "ready_path": paths["ready_path"], "protocol": "v2"}
 
 
 def start_ours(workers: int, extra_config: list[str], variant: str | None = None) -> dict[str, Any]:
@@ -663,7 +669,7 @@ def print_report(report: dict[str, Any]) -> None:
           f"load: closed loop, {report['duration_s']:g} s per cell after {WARMUP_S:g} s warm-up")
     for server in report["servers"]:
         extra = f", `create` returned after {server['create_cli_s']:.2f} s" if "create_cli_s" in server else ""
-        print(f"  {server['name']:<5} {server['url']}  cold start (launch -> first 200 /ping): "
+        print(f"  {server['name']:<5} {server['url']}  cold start (launch -> first 200 {server.get('ready_path', '/ping')}): "
               f"{server['cold_start_s']:.2f} s{extra}")
         for when, memory in server.get("memory", {}).items():
             print(f"        memory {when}: RSS {memory['rss_mb']:.0f} MB, PSS {memory['pss_mb']:.0f} MiB, "
@@ -692,6 +698,9 @@ def print_report(report: dict[str, Any]) -> None:
               f"x{ratio['throughput_ours_over_variant']:.3f}   p99 x{ratio['p99_ours_over_variant']:.2f}   "
               f"max {ratio['max_ms_ours']:.1f} ms vs {ratio['max_ms_variant']:.1f} ms")
     for cell in report["results"]:
+        if not cell["requests"]:
+            print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: no request completed "
+                  "in the window (a stall longer than --duration?); goals reading this cell are not judged")
         if cell["errors"] or cell["stuck_connections"]:
             print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: {cell['errors']} errors "
                   f"{cell['statuses']}, {cell['stuck_connections']} stuck; first: {cell['first_error']}")

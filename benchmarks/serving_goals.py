@@ -91,11 +91,20 @@ def _div(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
-def _goal(goal: str, checks: list[tuple[bool, str]], missing: str = "") -> dict[str, Any]:
-    """One goal: met when every check holds; not judged (None) when there is nothing to check."""
+def _goal(goal: str, checks: list[tuple[bool, str]], missing: str = "", empty: list[str] | None = None) -> dict[str, Any]:
+    """One goal: met when every check holds; not judged (None) when there is nothing to check, or
+    when a cell it reads completed no request in its window (``empty``: a failed measurement)."""
+    if empty:
+        return {"goal": goal, "met": None, "detail": "no request completed in the window of " + ", ".join(empty)}
     if not checks:
         return {"goal": goal, "met": None, "detail": missing or "not measured in this run"}
     return {"goal": goal, "met": all(ok for ok, _ in checks), "detail": "; ".join(text for _, text in checks)}
+
+
+def empty_cells(results: list[dict[str, Any]]) -> list[str]:
+    """Cells in which a server completed no request (a stall longer than the window, or a failure)."""
+    return [f"{cell['server']} {cell['rows']}r c={cell['concurrency']}" for cell in results
+            if not cell["rps"] or math.isnan(cell["p99_ms"])]
 
 
 def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -103,6 +112,14 @@ def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
     cells = _cells(report["results"])
     servers = {server["name"]: server for server in report["servers"]}
     goals = []
+    empty = empty_cells(report["results"])
+
+    def judged(goal: str, checks: list[tuple[bool, str]], missing: str, servers_read: tuple[str, ...],
+               where: Any = lambda rows, conc: True) -> dict[str, Any]:
+        """A goal from the cells ``where`` of ``servers_read``; not judged if one of them is empty."""
+        bad = [f"{name} {rows}r c={conc}" for (rows, conc), group in cells.items() if where(rows, conc)
+               for name in servers_read if name in group and f"{name} {rows}r c={conc}" in empty]
+        return _goal(goal, checks, missing, bad)
 
     def pairs(name: str, where: Any = lambda rows, conc: True) -> list[tuple[int, int, dict, dict]]:
         return [(rows, conc, g["ours"], g[name]) for (rows, conc), g in cells.items()
@@ -111,13 +128,15 @@ def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
     checks = [(1 - ours["rps"] / off["rps"] <= 0.05,
                f"{rows}r c={conc}: {100 * (1 - ours['rps'] / off['rps']):.1f}%")
               for rows, conc, ours, off in pairs("ours-nocap") if off["rps"]]
-    goals.append(_goal("capture costs <= 5% of throughput in every cell", checks, "needs ours-nocap"))
+    goals.append(judged("capture costs <= 5% of throughput in every cell", checks, "needs ours-nocap",
+                        ("ours", "ours-nocap")))
 
     at_c1 = pairs("ours-nocap", lambda rows, conc: conc == 1)
     checks = [(ours["p99_ms"] <= 1.5 * off["p99_ms"],
                f"{rows}r: p99 {ours['p99_ms']:.1f} ms = {_div(ours['p99_ms'], off['p99_ms']):.2f}x capture off "
                f"({off['p99_ms']:.1f} ms)") for rows, _c, ours, off in at_c1]
-    goals.append(_goal("p99 at c=1 with capture <= 1.5x capture off", checks, "needs ours-nocap at c=1"))
+    goals.append(judged("p99 at c=1 with capture <= 1.5x capture off", checks, "needs ours-nocap at c=1",
+                        ("ours", "ours-nocap"), lambda rows, conc: conc == 1))
 
     checks = []
     for (rows, conc), group in cells.items():
@@ -125,24 +144,28 @@ def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
         if conc == 1 and "ours" in group and best is not None:
             checks.append((group["ours"]["p99_ms"] <= best["p99_ms"],
                            f"{rows}r: {group['ours']['p99_ms']:.1f} ms vs {best['server']} {best['p99_ms']:.1f} ms"))
-    goals.append(_goal("p99 at c=1 with capture <= MLServer's", checks, "needs MLServer at c=1"))
+    goals.append(judged("p99 at c=1 with capture <= MLServer's", checks, "needs MLServer at c=1",
+                        ("ours", *MLSERVERS), lambda rows, conc: conc == 1))
 
     checks = [(group["ours"]["max_ms"] <= 20.0, f"{rows}r: max {group['ours']['max_ms']:.1f} ms")
               for (rows, conc), group in cells.items() if conc == 1 and "ours" in group]
-    goals.append(_goal("max latency <= 20 ms at c=1 (capture on)", checks, "needs a c=1 cell"))
+    goals.append(judged("max latency <= 20 ms at c=1 (capture on)", checks, "needs a c=1 cell", ("ours",),
+                        lambda rows, conc: conc == 1))
 
     for name, factor, rows_wanted in (("peer", 10.0, 1), ("mlserver-batch", 2.5, 1), ("mlserver-batch", 2.0, 100)):
         checks = [(ours["rps"] >= factor * other["rps"],
                    f"{ours['rps']:.0f} vs {other['rps']:.0f} req/s = {_div(ours['rps'], other['rps']):.2f}x")
                   for rows, conc, ours, other in pairs(name, lambda r, c, rw=rows_wanted: r == rw and c == 32)]
-        goals.append(_goal(f"{rows_wanted}-row c=32 throughput >= {factor:g}x {LABELS[name]}", checks,
-                           f"needs {name} at {rows_wanted} row(s), c=32"))
+        goals.append(judged(f"{rows_wanted}-row c=32 throughput >= {factor:g}x {LABELS[name]}", checks,
+                            f"needs {name} at {rows_wanted} row(s), c=32", ("ours", name),
+                            lambda r, c, rw=rows_wanted: r == rw and c == 32))
 
     checks = [(ours["p99_ms"] <= other["p99_ms"] / 5,
                f"{rows}r c={conc}: {ours['p99_ms']:.1f} vs {other['p99_ms']:.1f} ms = 1/"
                f"{_div(other['p99_ms'], ours['p99_ms']):.1f}")
               for rows, conc, ours, other in pairs("peer", lambda r, c: c >= 8)]
-    goals.append(_goal("p99 at c>=8 <= 1/5 of mlflow models serve's", checks, "needs the peer at c>=8"))
+    goals.append(judged("p99 at c>=8 <= 1/5 of mlflow models serve's", checks, "needs the peer at c>=8",
+                        ("ours", "peer"), lambda rows, conc: conc >= 8))
 
     checks = []
     for (rows, conc), group in cells.items():
@@ -151,7 +174,8 @@ def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
             checks.append((group["ours"]["p99_ms"] <= best["p99_ms"] / 2,
                            f"{rows}r c={conc}: {group['ours']['p99_ms']:.1f} vs {best['server']} "
                            f"{best['p99_ms']:.1f} ms = 1/{_div(best['p99_ms'], group['ours']['p99_ms']):.1f}"))
-    goals.append(_goal("p99 at c>=8 <= 1/2 of MLServer's", checks, "needs MLServer at c>=8"))
+    goals.append(judged("p99 at c>=8 <= 1/2 of MLServer's", checks, "needs MLServer at c>=8",
+                        ("ours", *MLSERVERS), lambda rows, conc: conc >= 8))
 
     ours_memory = servers.get("ours", {}).get("memory", {}).get(MEMORY_WHEN)
     peer_memory = {name: servers[name]["memory"][MEMORY_WHEN]["pss_mb"] for name in PEERS

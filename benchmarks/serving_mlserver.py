@@ -7,11 +7,11 @@ registered model, in the same cells:
 - ``mlserver-batch``: adaptive batching, ``max_batch_size`` 32 and ``max_batch_time`` 0.002 s in
   ``model-settings.json`` (requests arriving within 2 ms are predicted as one batch).
 
-Its own virtualenv. MLServer pins things (an older uvloop, FastAPI < 0.116) our venv must not
-get, so the benchmark makes ``~/.cache/mlflow-deploy-plugin/bench/mlserver-1.7.1/`` once, with the
-same Python, and installs there MLServer, its MLflow runtime and the MLflow, scikit-learn and
-NumPy versions of the benchmark's own venv (the model is a pickle: the same versions load it the
-same way). A later run reuses it when its pins still match (``.bench-pins`` in the venv).
+Its own virtualenv. MLServer needs things our venv must not get (FastAPI < 0.116; uvloop < 0.22,
+see ``UVLOOP``), so the benchmark makes ``~/.cache/mlflow-deploy-plugin/bench/mlserver-1.7.1/`` once, with the
+same Python, and installs there MLServer, its MLflow runtime and the MLflow, scikit-learn, NumPy
+and pandas versions of the benchmark's own venv (the model is a pickle: the same versions load it
+the same way). A later run reuses it when its pins still match (``.bench-pins`` in the venv).
 
 The model: the MLflow runtime (``mlserver_mlflow.MLflowRuntime``) on the registered model's own
 folder, downloaded from the run's artifact store before MLServer is launched: it loads it with
@@ -50,6 +50,9 @@ MODEL = "bench-logreg"  # the V2 model name (the registered model's name)
 BATCH_SIZE = 32
 BATCH_TIME_S = 0.002
 INSTALL_TIMEOUT_S = 1800.0
+# MLServer's inference workers call asyncio.get_event_loop() before a loop is set, which uvloop
+# 0.22 made an error ("There is no current event loop"): the worker dies and MLServer stops.
+UVLOOP = "uvloop<0.22"
 
 
 def default_venv() -> Path:
@@ -59,13 +62,16 @@ def default_venv() -> Path:
 
 def pins() -> list[str]:
     """What the MLServer venv needs: MLServer and its MLflow runtime, with the MLflow, scikit-learn
-    and NumPy of this venv (the model was pickled by them)."""
+    and NumPy of this venv (the model was pickled by them) and its pandas (the runtime builds a
+    DataFrame per request, as the other servers do: the same pandas keeps that cost the same)."""
     import mlflow
     import numpy
+    import pandas
     import sklearn
 
     return [f"mlserver=={VERSION}", f"mlserver-mlflow=={VERSION}", f"mlflow=={mlflow.__version__}",
-            f"scikit-learn=={sklearn.__version__}", f"numpy=={numpy.__version__}"]
+            f"scikit-learn=={sklearn.__version__}", f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}",
+            UVLOOP]
 
 
 def ensure_venv(venv: Path, requirements: list[str]) -> Path:

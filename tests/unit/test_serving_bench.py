@@ -4,6 +4,7 @@ and defaults of the command line, and issue 10's goal judge on fixed figures (no
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,13 @@ def test_table_has_a_column_per_server_and_the_figures_of_each_cell() -> None:
     assert any(line.startswith("| max latency, 1 row, c=1 |") and "15.0 ms" in line for line in lines)
     assert any("2.5 s (create returns at 2.8 s)" in line for line in lines)
     assert any(line.startswith("| memory (PSS, after load) |") and "300 MiB" in line for line in lines)
+
+
+def test_a_cell_that_completed_nothing_leaves_its_goals_unjudged() -> None:
+    results = [_cell("peer", 1, 32, 200, 340), _cell("mlserver-batch", 1, 32, 0, math.nan),
+               _cell("ours", 1, 32, 2400, 20)]
+    verdicts = _verdicts(_report(results))
+    assert verdicts["1-row c=32 throughput >= 2.5x MLServer 1.7.1, adaptive batching (32, 2 ms)"] is None
+    assert verdicts["p99 at c>=8 <= 1/2 of MLServer's"] is None
+    assert verdicts["1-row c=32 throughput >= 10x mlflow models serve"] is True
+    assert serving_goals.empty_cells(results) == ["mlserver-batch 1r c=32"]
