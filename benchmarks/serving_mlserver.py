@@ -8,10 +8,10 @@ registered model, in the same cells:
   ``model-settings.json`` (requests arriving within 2 ms are predicted as one batch).
 
 Its own virtualenv. MLServer needs things our venv must not get (FastAPI < 0.116; uvloop < 0.22,
-see ``UVLOOP``), so the benchmark makes ``~/.cache/mlflow-deploy-plugin/bench/mlserver-1.7.1/`` once, with the
-same Python, and installs there MLServer, its MLflow runtime and the MLflow, scikit-learn, NumPy
-and pandas versions of the benchmark's own venv (the model is a pickle: the same versions load it
-the same way). A later run reuses it when its pins still match (``.bench-pins`` in the venv).
+see ``UVLOOP``), so the benchmark makes ``~/.cache/mlflow-deploy-plugin/bench/mlserver-1.7.1/``
+once, with the same Python, and installs there MLServer, its MLflow runtime and the MLflow,
+scikit-learn, NumPy and pandas versions of the benchmark's own venv (the model is a serialized
+scikit-learn estimator, ``model.skops`` today: the same versions load it the same way). A later run reuses it when its pins still match (``.bench-pins`` in the venv).
 
 The model: the MLflow runtime (``mlserver_mlflow.MLflowRuntime``) on the registered model's own
 folder, downloaded from the run's artifact store before MLServer is launched: it loads it with
@@ -62,7 +62,7 @@ def default_venv() -> Path:
 
 def pins() -> list[str]:
     """What the MLServer venv needs: MLServer and its MLflow runtime, with the MLflow, scikit-learn
-    and NumPy of this venv (the model was pickled by them) and its pandas (the runtime builds a
+    and NumPy of this venv (the model was serialized by them) and its pandas (the runtime builds a
     DataFrame per request, as the other servers do: the same pandas keeps that cost the same)."""
     import mlflow
     import numpy
