@@ -1,18 +1,39 @@
-"""Serving benchmark: our `lifecycle` deployment vs the peer `mlflow models serve`.
+"""Serving benchmark: our `lifecycle` deployment vs `mlflow models serve` and MLServer (issue 10).
 
 Self-contained. It makes a throw-away folder (SQLite tracking store, artifacts and
-$MLFLOW_DEPLOY_HOME), trains and registers a 20-feature LogisticRegression, starts both servers
-as real subprocesses of the venv's `mlflow`, measures their cold start, checks they predict the
-same, and drives both with the same closed-loop load for every (rows, concurrency) pair:
+$MLFLOW_DEPLOY_HOME), trains and registers a 20-feature LogisticRegression, starts every server on
+that model as real subprocesses, measures their cold start (launch -> first 200), checks they
+predict the same, and drives them with the same closed-loop load, cell by cell, the servers
+interleaved within each cell (reversed on odd passes), medians over passes:
 
-    .venv/bin/python benchmarks/serving.py [--workers 1] [--duration 5] \\
-        [--concurrency 1,8,32] [--rows 1,100] [--client-procs 1] [--out results.json] \\
-        [--ours-variant nocap:capture=false] [--passes 2] [--no-peer] [--engine ray]
+    .venv/bin/python benchmarks/serving.py [--workers 1] [--duration 5] [--passes 2] \\
+        [--cells 1x1,1x8,1x32,1x64,100x32 | --rows 1,100 --concurrency 1,8,32] [--client-procs 1] \\
+        [--out results.json] [--ours-variant NAME:KEY=VALUE] [--no-nocap] [--no-peer] [--no-mlserver] \\
+        [--engine ray] [--shadow]
+
+The servers of the default run (``make bench-serving``), one worker each:
+
+- ``peer``: `mlflow models serve -w 1` (uvicorn);
+- ``mlserver`` and ``mlserver-batch``: MLServer 1.7.1 with MLflow's runtime on the same model
+  folder, plain and with adaptive batching (32, 2 ms), installed by the benchmark into a
+  virtualenv of its own and spoken to in the V2 protocol (see ``benchmarks/serving_mlserver.py``);
+- ``ours``: `mlflow deployments create -t lifecycle` as shipped (capture, schema enforcement,
+  metrics and the warm standby on), on its default ``/invocations`` (the route our users call and
+  `mlflow models serve` shares; ours also speaks V2, but the issue's goals are about the default);
+- ``ours-nocap``: the same with ``-C capture=false``, so capture's cost is a ratio of one run.
+
+The default cells are the issue's: 1 row at c = 1, 8, 32, 64 and 100 rows at c = 32. Access logs
+are off for every server (ours never writes one; `mlflow models serve` gets
+``UVICORN_ACCESS_LOG=false``, MLServer ``debug: false``). Memory is the PSS of each server's
+process group, idle before the load and after it. The report ends with the issue's table, the
+ratios against each peer and a met / NOT met line per goal the run can judge
+(``benchmarks/serving_goals.py``).
 
 ``--ours-variant NAME:KEY=VALUE[,KEY=VALUE]`` starts one more deployment of ours with those ``-C``
 (e.g. capture off; ``env.VAR=VALUE`` sets an environment variable instead, e.g.
-``old:env.PYTHONPATH=/path/to/other/checkout`` to compare two versions of our code), measured in the same cells, interleaved with the others; ``--passes`` repeats
-every cell (servers interleaved within each pass) and the table shows medians over passes.
+``old:env.PYTHONPATH=/path/to/other/checkout`` to compare two versions of our code), measured in
+the same cells, interleaved with the others (``nocap:capture=false`` is one unless ``--no-nocap``).
+``--rows`` and ``--concurrency`` measure every pair of theirs instead of ``--cells``.
 ``--engine ray`` adds, in the same cells, our deployment on Ray Serve with 1 and 2 replicas and a
 trivial Serve endpoint (the proxy's own ceiling) on a private local Ray cluster: see
 ``benchmarks/serving_ray.py``.
@@ -23,7 +44,7 @@ re-run with ``--_client``), so it is cheap enough not to be the bottleneck on a 
 that also runs the servers; the CPU it uses is measured and printed next to the servers' own.
 
 Traffic goes to 127.0.0.1 only and every step is bounded in time. Everything started is stopped
-on exit, Ctrl-C or error (peer: its process group; ours: `mlflow deployments delete`).
+on exit, Ctrl-C or error (peer and MLServer: their process groups; ours: `mlflow deployments delete`).
 """
 
 from __future__ import annotations
@@ -48,6 +69,8 @@ from pathlib import Path
 from typing import Any
 
 import procfs  # benchmarks/procfs.py
+import serving_goals  # benchmarks/serving_goals.py: the issue's table and goals
+import serving_mlserver  # benchmarks/serving_mlserver.py: MLServer's venv, repository and V2 bodies
 import serving_ray  # benchmarks/serving_ray.py: the --engine ray servers
 
 MODEL_NAME = "bench-logreg"
@@ -193,6 +216,7 @@ class Cleanup:
 
     def __init__(self) -> None:
         self.peer: subprocess.Popen | None = None
+        self.groups: list[tuple[str, subprocess.Popen]] = []  # other servers stopped by process group
         self.ours_created: list[str] = []  # deployment names
         self.ray_created: list[str] = []  # deployment names on -t lifecycle:/ray
         self.ray_cluster: Any = None  # serving_ray.Cluster, stopped after its deployments
@@ -227,6 +251,9 @@ class Cleanup:
         if self.peer is not None and self.peer.poll() is None:
             stop_group(self.peer)
             print("stopped peer (process group)", file=sys.stderr)
+        for name, process in self.groups:
+            stop_group(process)  # also when its parent exited: workers may remain in the group
+            print(f"stopped {name} (process group)", file=sys.stderr)
         if self.workdir is not None and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
         elif self.workdir is not None:
@@ -331,22 +358,24 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 30.0
         return exc.code, exc.read()
 
 
-def wait_ping(url_of: Any, t0: float, process: subprocess.Popen | None, what: str) -> float:
-    """Poll /ping until 200; returns seconds since ``t0``. ``url_of()`` may return None (not yet known)."""
+def wait_ping(url_of: Any, t0: float, process: subprocess.Popen | None, what: str, path: str = "/ping",
+              server_process: bool = False) -> float:
+    """Poll ``path`` (/ping) until 200; returns seconds since ``t0``. ``url_of()`` may return None (not yet
+    known). ``process`` failing stops the wait; if it is the server itself (``server_process``), any exit does."""
     deadline = t0 + STARTUP_DEADLINE_S
     while time.monotonic() < deadline:
         url = url_of()
         if url:
             try:
-                status, _ = http("GET", f"{url}/ping", timeout=2.0)
+                status, _ = http("GET", f"{url}{path}", timeout=2.0)
                 if status == 200:
                     return time.monotonic() - t0
             except (OSError, urllib.error.URLError):
                 pass
-        if process is not None and process.poll() is not None and process.returncode != 0:
-            raise RuntimeError(f"{what} exited with code {process.returncode} before answering /ping")
+        if process is not None and process.poll() is not None and (process.returncode != 0 or server_process):
+            raise RuntimeError(f"{what} exited with code {process.returncode} before answering {path}")
         time.sleep(0.05)
-    raise RuntimeError(f"{what} did not answer /ping within {STARTUP_DEADLINE_S:.0f}s")
+    raise RuntimeError(f"{what} did not answer {path} within {STARTUP_DEADLINE_S:.0f}s")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,13 +402,16 @@ def train_and_register() -> Any:
     return frame
 
 
-def make_bodies(frame: Any, rows: int) -> list[str]:
+def make_bodies(frame: Any, rows: int, protocol: str = "mlflow") -> list[str]:
+    """``BODIES_PER_SHAPE`` request bodies of ``rows`` rows each: MLflow's ``dataframe_split`` or, for
+    ``protocol="v2"``, V2 inference requests of the same rows in the same order."""
     bodies = []
     for i in range(BODIES_PER_SHAPE):
         start = (i * rows) % (len(frame) - rows)
         part = frame.iloc[start:start + rows]
-        bodies.append(json.dumps({"dataframe_split": {"columns": list(part.columns),
-                                                      "data": part.to_numpy().tolist()}}))
+        columns, data = list(part.columns), part.to_numpy().tolist()
+        bodies.append(serving_mlserver.v2_body(columns, data) if protocol == "v2"
+                      else json.dumps({"dataframe_split": {"columns": columns, "data": data}}))
     return bodies
 
 
@@ -387,13 +419,49 @@ def start_peer(workers: int) -> dict[str, Any]:
     port = free_port()
     log = open(Path.cwd() / "peer.log", "wb")  # noqa: SIM115 - lives as long as the peer
     t0 = time.monotonic()
+    # No access log, as for the others: `mlflow models serve` runs the `uvicorn` CLI, which reads
+    # UVICORN_* variables for its options (uvicorn's default would log every request).
+    env = {**os.environ, "UVICORN_ACCESS_LOG": "false"}
     CLEANUP.peer = subprocess.Popen(
         [mlflow_bin(), "models", "serve", "-m", f"models:/{MODEL_NAME}/1", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     cold = wait_ping(lambda: url, t0, CLEANUP.peer, "mlflow models serve")
     return {"name": "peer", "url": url, "port": port, "pgid": CLEANUP.peer.pid, "cold_start_s": cold}
+
+
+def download_model(workdir: Path) -> Path:
+    """The registered model's folder, as MLServer's MLflow runtime loads it (a local copy)."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file on stderr otherwise
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/1",
+                                                    dst_path=str(workdir / "mlserver-model")))
+
+
+def start_mlserver(exe: Path, model_dir: Path, workers: int, batching: bool, workdir: Path) -> dict[str, Any]:
+    """MLServer on the model folder (``mlserver start``), plain or with adaptive batching; cold start
+    is launch -> the model's V2 ready endpoint answers 200."""
+    name = "mlserver-batch" if batching else "mlserver"
+    port = free_port()
+    folder = serving_mlserver.write_repository(workdir / name, model_dir, port=port, grpc_port=free_port(),
+                                               metrics_port=free_port(), workers=workers, batching=batching)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its venv only
+    env["PATH"] = f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the server
+    t0 = time.monotonic()
+    process = subprocess.Popen(serving_mlserver.command(exe, folder), cwd=folder, env=env,
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    CLEANUP.groups.append((name, process))
+    paths = serving_mlserver.paths()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        cold = wait_ping(lambda: url, t0, process, f"mlserver ({name})", paths["ready_path"], server_process=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; its log: {(workdir / f'{name}.log').read_text(errors='replace')[-2000:]}") from None
+    return {"name": name, "url": url, "port": port, "pgid": process.pid, "cold_start_s": cold,
+            "path": paths["path"], "ready_path": paths["ready_path"], "protocol": "v2"}
 
 
 def start_ours(workers: int, extra_config: list[str], variant: str | None = None) -> dict[str, Any]:
@@ -436,14 +504,19 @@ def start_ours(workers: int, extra_config: list[str], variant: str | None = None
 
 def compare_predictions(frame: Any, servers: list[dict[str, Any]]) -> dict[str, Any]:
     sample = frame.iloc[:100]
-    body = json.dumps({"dataframe_split": {"columns": list(sample.columns),
-                                           "data": sample.to_numpy().tolist()}}).encode()
+    columns, data = list(sample.columns), sample.to_numpy().tolist()
     answers = {}
     for server in servers:
-        status, text = http("POST", f"{server['url']}/invocations", body)
+        v2 = server.get("protocol") == "v2"
+        body = (serving_mlserver.v2_body(columns, data) if v2
+                else json.dumps({"dataframe_split": {"columns": columns, "data": data}}))
+        url = server["url"] + (server["path"] if v2 else "/invocations")
+        status, text = http("POST", url, body.encode())
         if status != 200:
             raise RuntimeError(f"{server['name']} answered {status} to the comparison sample: {text[:300]!r}")
-        answers[server["name"]] = json.loads(text)
+        answer = json.loads(text)
+        # Compared as lists of predictions: V2's one output tensor, or /invocations' "predictions".
+        answers[server["name"]] = serving_mlserver.v2_predictions(answer) if v2 else answer.get("predictions", answer)
     names = list(answers)
     equal = all(answers[n] == answers[names[0]] for n in names)
     if not equal:
@@ -464,7 +537,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duration: float,
-            client_procs: int, spec_dir: Path) -> dict[str, Any]:
+            client_procs: int, spec_dir: Path, rows: int) -> dict[str, Any]:
     procs = max(1, min(client_procs, concurrency))
     t_start = time.monotonic() + 0.5  # time for the clients to start (they import only stdlib)
     t_window = t_start + WARMUP_S
@@ -508,7 +581,7 @@ def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duratio
     client_cpu = sum(r["cpu_s"] for r in results)
     busy = busy1 - busy0
     return {
-        "server": server["name"], "rows": len(json.loads(bodies[0])["dataframe_split"]["data"]),
+        "server": server["name"], "rows": rows,
         "concurrency": concurrency, "client_procs": procs, "duration_s": duration,
         "requests": len(latencies), "rps": len(latencies) / duration,
         "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
@@ -553,25 +626,24 @@ def shadow_cells(ours: dict[str, Any], frame: Any, args: argparse.Namespace, spe
                                  input_example=frame.head(5), registered_model_name=MODEL_NAME,
                                  pip_requirements=["scikit-learn"])
     cells = []
-    for rows in args.rows:
+    for rows, conc in args.cells:
         bodies = make_bodies(frame, rows)
-        for conc in args.concurrency:
-            for state, value in (("off", "none"), ("on", f"models:/{MODEL_NAME}/2"), ("off", "none")):
-                subprocess.run([mlflow_bin(), "deployments", "update", "-t", "lifecycle", "--name", DEPLOYMENT,
-                                "-C", f"shadow={value}"], capture_output=True, text=True, timeout=STARTUP_DEADLINE_S,
-                               check=True)
-                cell = measure(ours, bodies, conc, args.duration, args.client_procs, spec_dir)
-                cell["shadow"] = state
-                if state == "on":
-                    _, text = http("GET", f"{ours['url']}/metrics")
-                    cell["shadow_metrics"] = {line.split(" ")[0]: float(line.split(" ")[1])
-                                              for line in text.decode().splitlines()
-                                              if line.startswith(("mlflow_deploy_shadow_calls_total",
-                                                                  "mlflow_deploy_shadow_dropped_requests_total"))}
-                cells.append(cell)
-                print(f"  ours  rows={rows:<4} conc={conc:<3} shadow {state:<3} {cell['rps']:8.1f} req/s  "
-                      f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
-                      file=sys.stderr)
+        for state, value in (("off", "none"), ("on", f"models:/{MODEL_NAME}/2"), ("off", "none")):
+            subprocess.run([mlflow_bin(), "deployments", "update", "-t", "lifecycle", "--name", DEPLOYMENT,
+                            "-C", f"shadow={value}"], capture_output=True, text=True, timeout=STARTUP_DEADLINE_S,
+                           check=True)
+            cell = measure(ours, bodies, conc, args.duration, args.client_procs, spec_dir, rows)
+            cell["shadow"] = state
+            if state == "on":
+                _, text = http("GET", f"{ours['url']}/metrics")
+                cell["shadow_metrics"] = {line.split(" ")[0]: float(line.split(" ")[1])
+                                          for line in text.decode().splitlines()
+                                          if line.startswith(("mlflow_deploy_shadow_calls_total",
+                                                              "mlflow_deploy_shadow_dropped_requests_total"))}
+            cells.append(cell)
+            print(f"  ours  rows={rows:<4} conc={conc:<3} shadow {state:<3} {cell['rps']:8.1f} req/s  "
+                  f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
+                  file=sys.stderr)
     ratios = []
     for i in range(0, len(cells), 3):
         before, on, after = cells[i:i + 3]
@@ -597,7 +669,7 @@ def print_report(report: dict[str, Any]) -> None:
           f"load: closed loop, {report['duration_s']:g} s per cell after {WARMUP_S:g} s warm-up")
     for server in report["servers"]:
         extra = f", `create` returned after {server['create_cli_s']:.2f} s" if "create_cli_s" in server else ""
-        print(f"  {server['name']:<5} {server['url']}  cold start (launch -> first 200 /ping): "
+        print(f"  {server['name']:<5} {server['url']}  cold start (launch -> first 200 {server.get('ready_path', '/ping')}): "
               f"{server['cold_start_s']:.2f} s{extra}")
         for when, memory in server.get("memory", {}).items():
             print(f"        memory {when}: RSS {memory['rss_mb']:.0f} MB, PSS {memory['pss_mb']:.0f} MiB, "
@@ -605,12 +677,12 @@ def print_report(report: dict[str, Any]) -> None:
     cmp = report["predictions"]
     print(f"  predictions equal on {cmp['rows']} rows: {cmp['equal']}")
     print()
-    header = (f"{'rows':>4} {'conc':>4} {'server':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+    header = (f"{'rows':>4} {'conc':>4} {'server':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
               f"{'err':>4} {'rps/s min-max':>14} {'req/cpu-s':>9} {'srv cpu%':>8} {'cli cpu%':>8} {'cli/busy':>8} {'oth cpu%':>8}  srv cpu% per process")
     print(header)
     print("-" * len(header))
     for cell in report["results"]:
-        print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<11} {cell['rps']:>8.1f} "
+        print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<14} {cell['rps']:>8.1f} "
               f"{cell['p50_ms']:>8.2f} {cell['p99_ms']:>8.2f} {cell['max_ms']:>8.1f} {cell['errors']:>4} "
               f"{cell['rps_per_second_min']:>6}-{cell['rps_per_second_max']:<7} "
               f"{cell['req_per_server_cpu_s']:>9.0f} {cell['server_cpu_core_pct']:>8.0f} {cell['client_cpu_core_pct']:>8.0f} "
@@ -626,6 +698,9 @@ def print_report(report: dict[str, Any]) -> None:
               f"x{ratio['throughput_ours_over_variant']:.3f}   p99 x{ratio['p99_ours_over_variant']:.2f}   "
               f"max {ratio['max_ms_ours']:.1f} ms vs {ratio['max_ms_variant']:.1f} ms")
     for cell in report["results"]:
+        if not cell["requests"]:
+            print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: no request completed "
+                  "in the window (a stall longer than --duration?); goals reading this cell are not judged")
         if cell["errors"] or cell["stuck_connections"]:
             print(f"  ! {cell['server']} rows={cell['rows']} conc={cell['concurrency']}: {cell['errors']} errors "
                   f"{cell['statuses']}, {cell['stuck_connections']} stuck; first: {cell['first_error']}")
@@ -638,6 +713,26 @@ def print_report(report: dict[str, Any]) -> None:
     print("req/cpu-s = requests per CPU-second of the server's processes (robust to CPU stolen by other jobs).")
     print("cpu% columns are % of ONE core during the measured window; cli/busy = load generator's share of "
           "all CPU the machine used then; oth = CPU of other jobs on the machine (noise).")
+    print_issue_report(report)
+
+
+def print_issue_report(report: dict[str, Any]) -> None:
+    """Issue 10's table (req/s · p99 ms, medians over passes), ours against each peer, the goals."""
+    print()
+    print(f"Issue 10 table ({report.get('passes', 1)} interleaved passes, medians; req/s · p99 ms):")
+    for line in serving_goals.table(report):
+        print(line)
+    rows = report.get("peer_ratios") or []
+    if rows:
+        print()
+        print("Ours against each peer (throughput ours/theirs, p99 theirs/ours; > 1: ours is better):")
+        for ratio in rows:
+            print(f"  rows={ratio['rows']:>3} conc={ratio['concurrency']:>2} vs {ratio['peer']:<14} "
+                  f"throughput x{ratio['throughput']:.2f}   p99 x{ratio['p99']:.2f}")
+    print()
+    print("Goals of issue 10 (figures of this run only):")
+    for line in serving_goals.goal_lines(report.get("goals") or []):
+        print(line)
 
 
 def median_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -730,20 +825,44 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def cell_list(text: str) -> list[tuple[int, int]]:
+    """``1x1,1x8,100x32``: (rows, concurrency) pairs."""
+    try:
+        cells = [(int(rows), int(conc)) for rows, conc in (item.lower().split("x") for item in text.split(",")
+                                                            if item.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of ROWSxCONCURRENCY, e.g. 1x1,100x32") from None
+    if not cells or min(min(cell) for cell in cells) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of ROWSxCONCURRENCY with positive integers")
+    return cells
+
+
+DEFAULT_CELLS = "1x1,1x8,1x32,1x64,100x32"  # issue 10's cells
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=1, help="worker processes of each server (default 1)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
-    parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="default 1,8,32")
-    parser.add_argument("--rows", type=int_list, default=[1, 100], help="rows per request (default 1,100)")
+    parser.add_argument("--cells", type=cell_list, default=cell_list(DEFAULT_CELLS),
+                        help=f"ROWSxCONCURRENCY cells (default {DEFAULT_CELLS}, issue 10's)")
+    parser.add_argument("--concurrency", type=int_list, help="with --rows: every pair instead of --cells "
+                        "(the other defaults to 1,8,32 concurrency or 1,100 rows)")
+    parser.add_argument("--rows", type=int_list, help="rows per request; with --concurrency: every pair instead of --cells")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="load generator processes per cell, connections split among them (default 1)")
     parser.add_argument("--ours-config", action="append", default=[], metavar="KEY=VALUE",
                         help="extra -C for our deployment (repeatable), e.g. capture=false")
     parser.add_argument("--ours-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="one more deployment of ours with these -C (repeatable), e.g. nocap:capture=false")
-    parser.add_argument("--passes", type=int, default=1, help="measure every cell this many times (median shown)")
+    parser.add_argument("--passes", type=int, default=2, help="measure every cell this many times (median shown; "
+                        "default 2)")
+    parser.add_argument("--no-nocap", action="store_true",
+                        help="do not add ours with capture off (nocap:capture=false) to the run")
     parser.add_argument("--no-peer", action="store_true", help="do not start `mlflow models serve`")
+    parser.add_argument("--no-mlserver", action="store_true", help="do not start MLServer (plain and batching)")
+    parser.add_argument("--mlserver-venv", type=Path, default=serving_mlserver.default_venv(),
+                        help="MLServer's own virtualenv, made and installed there when missing (default %(default)s)")
     parser.add_argument("--shadow", action="store_true",
                         help="also measure our primary's latency with a shadow version off, on, off again "
                              "(same run, same load; see shadow_cells)")
@@ -754,7 +873,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(a trivial endpoint), on a private Ray cluster unless RAY_ADDRESS is set")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) after the run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rows or args.concurrency:
+        args.cells = [(rows, conc) for rows in args.rows or [1, 100] for conc in args.concurrency or [1, 8, 32]]
+    if not args.no_nocap and not any(v.partition(":")[0] == "nocap" for v in args.ours_variant):
+        args.ours_variant.append("nocap:capture=false")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -772,13 +896,24 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(workdir)
     try:
         t0 = time.monotonic()
+        # Before anything is timed: a first run installs MLServer (minutes), later runs reuse it.
+        mlserver_exe = (None if args.no_mlserver
+                        else serving_mlserver.ensure_venv(args.mlserver_venv, serving_mlserver.pins()))
         print(f"workdir {workdir}; training and registering {MODEL_NAME} ...", file=sys.stderr)
         frame = train_and_register()
-        print(f"  done in {time.monotonic() - t0:.1f} s; starting peer (mlflow models serve) ...", file=sys.stderr)
+        print(f"  done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         servers = []
         if not args.no_peer:
+            print("  starting peer (mlflow models serve) ...", file=sys.stderr)
             servers.append(start_peer(args.workers))
             print(f"  peer up in {servers[-1]['cold_start_s']:.2f} s", file=sys.stderr)
+        if mlserver_exe is not None:
+            model_dir = download_model(workdir)
+            for batching in (False, True):
+                print(f"  starting MLServer {serving_mlserver.VERSION} ({'adaptive batching' if batching else 'plain'}, "
+                      f"parallel_workers={args.workers}) ...", file=sys.stderr)
+                servers.append(start_mlserver(mlserver_exe, model_dir, args.workers, batching, workdir))
+                print(f"  {servers[-1]['name']} up in {servers[-1]['cold_start_s']:.2f} s", file=sys.stderr)
         print("  starting ours (mlflow deployments create) ...", file=sys.stderr)
         servers.append(start_ours(args.workers, args.ours_config))
         print(f"  ours up in {servers[-1]['cold_start_s']:.2f} s", file=sys.stderr)
@@ -791,28 +926,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "ray":
             servers += start_ray_servers(workdir)
         predictions = compare_predictions(frame, [server for server in servers if not server.get("trivial")])
+        for server in servers:
+            if server.get("engine") != "ray":
+                server["memory"] = {"idle, before load": memory_of(server["pgid"])}
         results = []
         spec_dir = workdir / "client-specs"
         spec_dir.mkdir()
-        for rows in args.rows:
-            bodies = make_bodies(frame, rows)
-            for conc in args.concurrency:
-                passes: dict[str, list[dict[str, Any]]] = {}
-                for n_pass in range(args.passes):
-                    # Interleaved, and in the other order on odd passes: neither side always goes first.
-                    for server in servers if n_pass % 2 == 0 else servers[::-1]:
-                        cell = measure(server, bodies, conc, args.duration, args.client_procs, spec_dir)
-                        passes.setdefault(server["name"], []).append(cell)
-                        print(f"  {server['name']:<5} rows={rows:<4} conc={conc:<3} {cell['rps']:8.1f} req/s  "
-                              f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
-                              f"max {cell['max_ms']:7.1f} ms  errors {cell['errors']}", file=sys.stderr)
-                results.extend(median_cell(passes[server["name"]]) for server in servers)
+        for rows, conc in args.cells:
+            bodies = {protocol: make_bodies(frame, rows, protocol) for protocol in ("mlflow", "v2")}
+            passes: dict[str, list[dict[str, Any]]] = {}
+            for n_pass in range(args.passes):
+                # Interleaved, and in the other order on odd passes: no server always goes first.
+                for server in servers if n_pass % 2 == 0 else servers[::-1]:
+                    cell = measure(server, bodies[server.get("protocol", "mlflow")], conc, args.duration,
+                                   args.client_procs, spec_dir, rows)
+                    passes.setdefault(server["name"], []).append(cell)
+                    print(f"  {server['name']:<14} rows={rows:<4} conc={conc:<3} {cell['rps']:8.1f} req/s  "
+                          f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
+                          f"max {cell['max_ms']:7.1f} ms  errors {cell['errors']}", file=sys.stderr)
+            results.extend(median_cell(passes[server["name"]]) for server in servers)
         ours = next(server for server in servers if server["name"] == "ours")
         shadow = shadow_cells(ours, frame, args, spec_dir) if args.shadow else None
         for server in servers:
             if server.get("engine") == "ray":
                 continue  # replicas are Ray's actors, not a process group of ours
-            server["memory"] = {"after load": memory_of(server["pgid"])}
+            server.setdefault("memory", {})["after load"] = memory_of(server["pgid"])
             server["rss_mb"] = server["memory"]["after load"]["rss_mb"]
         if args.idle_wait:
             # An idle deployment: its capture converter exits after a while with nothing to convert.
@@ -821,13 +959,16 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 if server.get("engine") != "ray":
                     server["memory"][f"idle {args.idle_wait:g} s"] = memory_of(server["pgid"])
-        report = {"shadow": shadow,"workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
+        report = {"shadow": shadow, "workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
+                  "passes": args.passes, "cells": args.cells,
                   "servers": servers, "predictions": predictions, "results": results,
                   "ratios": ratios(results), "variant_ratios": variant_ratios(results),
+                  "peer_ratios": serving_goals.peer_ratios(results),
                   "ray_ratios": serving_ray.ray_ratios(results) if args.engine == "ray" else [],
                   "ray_cluster": ray_cluster_info() if args.engine == "ray" else None,
                   "total_s": time.monotonic() - t0,
                   "ours_config": args.ours_config, "commit": _commit()}
+        report["goals"] = serving_goals.judge(report)
         if args.keep:
             report["workdir"] = str(workdir)
         print_report(report)
