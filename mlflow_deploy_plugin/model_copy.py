@@ -25,6 +25,7 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
     """
     if (cache_dir / "MLmodel").exists():
         return cache_dir
+    _refuse_damaged_copy(model_uri, cache_dir)
     import mlflow.artifacts
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +43,26 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return cache_dir
+
+
+def _refuse_damaged_copy(model_uri: str, cache_dir: Path) -> None:
+    """Raise ModelLoadError at once when something that is not a whole copy holds the copy's place.
+
+    A copy only ever appears whole (the rename above), so a file there, or a folder with entries
+    but no ``MLmodel``, was damaged or put there by someone else. A rename can replace neither, so
+    fetching again would only fail after the whole download: say so now, and how to recover, before
+    the caller (the switch of an update, a worker) spends anything on it.
+    """
+    try:
+        entries = os.listdir(cache_dir)
+    except FileNotFoundError:
+        return  # not fetched yet
+    except OSError as exc:  # NotADirectoryError: a file where the folder belongs
+        raise ModelLoadError(f"The local copy of {model_uri} at {cache_dir} is damaged ({type(exc).__name__}: "
+                             f"{exc}); delete it to fetch the version again") from exc
+    if entries:
+        raise ModelLoadError(f"The local copy of {model_uri} at {cache_dir} is damaged (no MLmodel among its "
+                             f"{len(entries)} entries); delete it to fetch the version again")
 
 
 def _make_private(root: Path) -> None:

@@ -16,7 +16,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -429,6 +431,53 @@ def post_json(url: str, payload, timeout: float = 30, **headers: str) -> request
 
 def split_payload(frame: pd.DataFrame) -> dict:
     return {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+
+
+class TrafficThreads:
+    """Client threads started on enter and stopped (joined, bounded) on exit; each loop checks
+    ``stop_event`` and its own deadline so it ends by itself."""
+
+    threads: list[threading.Thread]
+    stop_event: threading.Event
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+class CountingTraffic(TrafficThreads):
+    """One keep-alive client posting ``payloads`` in turn (cycling), counting the (X-Model-Version,
+    status) of every answer; what never got an answer goes to ``failures``. Bounded in time by itself."""
+
+    def __init__(self, url: str, payloads: list[dict], max_seconds: float = 400) -> None:
+        self.url, self.payloads = url, payloads
+        self.answers: Counter[tuple[str, int]] = Counter()
+        self.failures: list[str] = []
+        self.stop_event = threading.Event()
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self._run, daemon=True)]
+
+    def _run(self) -> None:
+        session, i = requests.Session(), 0
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            try:
+                response = session.post(f"{self.url}/invocations", json=self.payloads[i % len(self.payloads)],
+                                        timeout=30)
+                self.answers[(response.headers.get("x-model-version", "?"), response.status_code)] += 1
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+            i += 1
+
+    @property
+    def count(self) -> int:
+        """Answers so far, whatever their status."""
+        return sum(self.answers.values())
 
 
 free_port = _free_port

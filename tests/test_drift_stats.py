@@ -31,6 +31,10 @@ from mlflow_deploy_plugin.monitoring.drift_stats import (
 
 ALPHA = 0.05
 N_WINDOWS = 400
+# Evidently's one-sample test flags ~30 % of these windows, 6x alpha: the first 100 windows (300
+# tests, standard error ~0.027) put that rate ~6 standard errors above the bound its test checks
+# (0.15), at a quarter of the cost of all 400.
+GOF_WINDOWS = 100
 WINDOW_ROWS = 500
 CATEGORIES = {  # levels and probabilities of the categorical columns of the calibration windows
     "binary": (["yes", "no"], [0.7, 0.3]),
@@ -68,7 +72,7 @@ def calibration() -> dict[str, np.ndarray]:
     from evidently.legacy.calculations.stattests import chi_stat_test
     from evidently.legacy.core import ColumnType
 
-    for _ in range(N_WINDOWS):
+    for window in range(N_WINDOWS):
         ref, cur = _calibration_window(rng, WINDOW_ROWS), _calibration_window(rng, WINDOW_ROWS)
         result = compute_drift(ref, cur, alpha=ALPHA)
         for col in result.columns:
@@ -76,7 +80,7 @@ def calibration() -> dict[str, np.ndarray]:
             # The tests' own calibration: significance alone (the effect floor only lowers the rate).
             (numeric if col.kind == "numeric" else categorical).append(col.significant)
             verdicts.append(col.drifted)
-            if col.name.endswith("_five"):
+            if col.name.endswith("_five") and window < GOF_WINDOWS:
                 # Evidently's default for categorical columns of references <= 1000 rows: a one-sample
                 # goodness-of-fit test taking the reference proportions as exact.
                 gof.append(bool(chi_stat_test(ref[col.name], cur[col.name], ColumnType.Categorical, ALPHA).drifted))
@@ -100,10 +104,10 @@ def test_false_positive_rate_is_nominal_for_numeric_and_categorical(calibration)
 
 
 def test_one_sample_goodness_of_fit_would_fail_the_same_windows(calibration):
-    # Same windows, Evidently's `chisquare`: treating the 500-row reference as the truth roughly
-    # doubles the statistic's variance, so it flags ~30 % of no-drift windows (6x alpha).
+    # Same windows (the first GOF_WINDOWS), Evidently's `chisquare`: treating the 500-row reference as
+    # the truth roughly doubles the statistic's variance, so it flags ~30 % of no-drift windows (6x alpha).
     gof_rate = calibration["gof"].mean()
-    assert len(calibration["gof"]) == N_WINDOWS * 3
+    assert len(calibration["gof"]) == GOF_WINDOWS * 3
     assert gof_rate > 0.15, gof_rate
 
 

@@ -10,14 +10,12 @@ request as before, and the shadow's timeouts are counted and captured.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import mlflow
 import requests
-from conftest import SWITCH_S, Env, split_payload, train, wait_for
+from conftest import SWITCH_S, CountingTraffic, Env, split_payload, train, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_capture_drift_e2e import _mlflow_deploy
 
@@ -25,40 +23,6 @@ from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.state import read_history_file
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Traffic:
-    """Single-row requests cycling through the data, from one keep-alive client; bounded in time."""
-
-    def __init__(self, url: str, rows: list[dict], max_seconds: float = 400) -> None:
-        self.url, self.rows = url, rows
-        self.answers: Counter[tuple[str, int]] = Counter()  # (X-Model-Version, status)
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.deadline = time.monotonic() + max_seconds
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        session, i = requests.Session(), 0
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
-            try:
-                response = session.post(f"{self.url}/invocations", json=self.rows[i % len(self.rows)], timeout=30)
-                self.answers[(response.headers.get("x-model-version", "?"), response.status_code)] += 1
-            except requests.RequestException as exc:
-                self.failures.append(repr(exc))
-            i += 1
-
-    @property
-    def count(self) -> int:
-        return sum(self.answers.values())
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(60)
 
 
 def _metric(url: str, name: str, **labels: str) -> float:
@@ -99,7 +63,7 @@ def test_shadow_stage_rejects_a_differing_challenger_and_a_hung_shadow_changes_n
 def _shadow_stage_and_hang(env: Env, name: str, root: Path, url: str, rows: list[dict], model: str, suffix: str,
                            gate: Path, cli_env: dict[str, str], client: mlflow.MlflowClient) -> None:
     try:
-        with Traffic(url, rows) as traffic:
+        with CountingTraffic(url, rows) as traffic:
             wait_for(lambda: traffic.count > 20, 60, "traffic")
             train(model, c=1e-4, experiment=f"shadow-{suffix}")  # v2: answers differently on ~1/3 of the rows
             wait_for(lambda: any(e["event"] == "rejected" for e in read_history_file(root / "history.jsonl")),

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +26,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import SWITCH_S, Env, MlflowServer, Stores, mlflow_server_for_module, split_payload, wait_for
+from conftest import (
+    SWITCH_S,
+    CountingTraffic,
+    Env,
+    MlflowServer,
+    Stores,
+    mlflow_server_for_module,
+    split_payload,
+    wait_for,
+)
 from test_lifecycle_e2e import _mlflow_deploy, _rest, _version, delete_deployments
 from test_update_and_supervision import RequestLoop
 from train import load_data, train
@@ -112,35 +119,6 @@ def _log_partly_failing_version(server: MlflowServer, model: str, example) -> No
         mlflow.set_tracking_uri(previous)
 
 
-class MixedTraffic:
-    """Requests alternating between two sets of rows, counting (version, status) of every answer;
-    bounded in time by itself."""
-
-    def __init__(self, url: str, first, second, max_seconds: float = 240) -> None:
-        self.url, self.frames = url, (first, second)
-        self.answers: Counter[tuple[str, int]] = Counter()
-        self.stop = threading.Event()
-        self.deadline = time.monotonic() + max_seconds
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        session, i = requests.Session(), 0
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
-            frame = self.frames[i % 2]
-            response = session.post(f"{self.url}/invocations", json=split_payload(frame.iloc[[i // 2 % len(frame)]]),
-                                    timeout=30)
-            self.answers[(response.headers.get("x-model-version", "?"), response.status_code)] += 1
-            i += 1
-
-    def __enter__(self) -> MixedTraffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(60)
-
-
 PROMOTION_POLICY = """\
 model: lcs
 registry: stage
@@ -202,13 +180,17 @@ def test_stage_policy_promotes_rejects_a_partly_failing_challenger_and_undoes_a_
         _log_partly_failing_version(server, "lcs", good)
         wait_for(lambda: _canary_version(root) == "3", 120, "v3 to pass its gates and start its canary")
         assert _stages(client, "lcs") == {"1": "Archived", "2": "Production", "3": "Staging"}
-        with MixedTraffic(url, good, bad) as mixed:
+        # One good row, one bad row, in turn.
+        alternating = [split_payload(frame.iloc[[i % len(frame)]]) for i in range(max(len(good), len(bad)))
+                       for frame in (good, bad)]
+        with CountingTraffic(url, alternating, max_seconds=240) as mixed:
             wait_for(lambda: client.get_model_version("lcs", "3").tags.get("lifecycle.promotion") == "rejected", 180,
                      "the partly failing v3 to be rejected by its canary")
         wait_for(lambda: "traffic" not in _deployment_json(env, "staged"), 60, "v2 to serve alone again")
         assert _stages(client, "lcs") == {"1": "Archived", "2": "Production", "3": "None"}
         assert client.get_model_version("lcs", "3").tags["lifecycle.gates"] == "passed"  # the gates saw nothing
         answers = mixed.answers
+        assert mixed.failures == [], mixed.failures[:3]  # every request was answered, a 400 included
         assert answers[("2", 200)] > 0 and answers[("3", 400)] > 0, answers  # what users experienced
         assert answers[("2", 400)] == 0, answers  # the champion answers the same requests
         rejected = [e for e in _events(root, "rejected") if e["model"]["model_version"] == "3"]
@@ -220,8 +202,9 @@ def test_stage_policy_promotes_rejects_a_partly_failing_challenger_and_undoes_a_
 
         # v4 passes its gates and its canary but cannot serve alone: its local copy is damaged once
         # the canary started (a file where its folder was; the canary's workers hold it loaded), so
-        # every new worker fails to load it. The promotion moves v4 to Production (v2 archived), then
-        # its traffic switch fails: recorded once, retried, and undone after MAX_ATTEMPTS.
+        # every switch to it fails (at once: the local engine checks the copies before it starts a
+        # worker). The promotion moves v4 to Production (v2 archived), then its traffic switch
+        # fails: recorded once, retried, and undone after MAX_ATTEMPTS.
         train("lcs", c=0.1, experiment=EXPERIMENT)
         wait_for(lambda: _canary_version(root) == "4", 120, "v4 to pass its gates and start its canary")
         copy = root / "models/lcs/4"

@@ -9,25 +9,7 @@ import time
 
 import mlflow
 import requests
-from conftest import Env, Registry, post_json, split_payload, wait_for
-
-
-class TrafficThreads:
-    """Client threads started on enter and stopped (joined, bounded) on exit; each loop checks
-    ``stop_event`` and its own deadline so it ends by itself."""
-
-    threads: list[threading.Thread]
-    stop_event: threading.Event
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
+from conftest import Env, Registry, TrafficThreads, post_json, split_payload, wait_for
 
 
 class RequestLoop(TrafficThreads):

@@ -37,7 +37,8 @@ from mlflow_deploy_plugin.engines.local.processes import (
     spawn_supervisor,
     take_supervisor_lock,
 )
-from mlflow_deploy_plugin.spec import DeploymentSpec
+from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy
+from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 from mlflow_deploy_plugin.state import StateStore, make_private_dirs, pid_alive, read_json, write_json_atomic
 
 __all__ = ["SUPERVISOR_MODULE", "LocalEngine", "is_supervisor"]
@@ -45,6 +46,19 @@ UP_HINT = "`mlflow-deploy up` starts it again"
 # A supervisor lost to kill -9 is replaced by its own workers within seconds: commands wait that long.
 TAKEOVER_WAIT_S = 15.0
 PREFETCH_JOIN_S = 2.0  # how long a returning start waits for a model fetch still running
+
+
+def _fetch_copy(model: ModelRef, models_dir: Path) -> None:
+    """The local copy of ``model`` under ``models_dir`` (made if missing); ModelLoadError if it cannot be."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in the CLI's output
+    folder = models_dir / model.model_name
+    make_private_dirs(folder)  # model copies are user data, whatever the CLI's umask
+    ensure_local_copy(model.version_uri, folder / model.model_version)
+
+
+def _served_models(spec: DeploymentSpec) -> list[ModelRef]:
+    """Every version a worker of ``spec`` loads: each traffic share's, and the shadow's."""
+    return [share.model for share in spec.shares()] + ([spec.shadow] if spec.shadow is not None else [])
 
 
 def _prefetch_models(spec: DeploymentSpec, models_dir: Path) -> threading.Thread:
@@ -55,17 +69,12 @@ def _prefetch_models(spec: DeploymentSpec, models_dir: Path) -> threading.Thread
     already and a core to spare meanwhile. The worker finds the copy and loads it at once; if this
     fails, the worker fetches it itself and reports why it cannot.
     """
-    models = [share.model for share in spec.shares()] + ([spec.shadow] if spec.shadow is not None else [])
+    models = _served_models(spec)
 
     def fetch() -> None:
-        from mlflow_deploy_plugin.model_copy import ensure_local_copy
-
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in the CLI's output
         for model in models:
             with contextlib.suppress(Exception):
-                folder = models_dir / model.model_name
-                make_private_dirs(folder)  # model copies are user data, whatever the CLI's umask
-                ensure_local_copy(model.version_uri, folder / model.model_version)
+                _fetch_copy(model, models_dir)
 
     thread = threading.Thread(target=fetch, name="prefetch-models", daemon=True)
     thread.start()
@@ -138,6 +147,19 @@ class LocalEngine(Engine):
         return _to_status(raw)
 
     def update(self, spec: DeploymentSpec, reason: str, timeout_s: float) -> EngineStatus:
+        """Swap to ``spec`` with zero downtime; EngineError says why not, and what serves keeps serving.
+
+        The local copies come first, here: the caller (the CLI, the agent) has the registry open
+        already, and the new workers then find their copies and load at once. A copy that cannot be
+        made (artifacts the registry cannot give, a damaged folder in its place) fails the update now,
+        before any worker spends seconds of CPU importing MLflow only to fail on it; a lifecycle step
+        that retries such a switch would pay that at every attempt.
+        """
+        try:
+            for model in _served_models(spec):
+                _fetch_copy(model, self.store.paths(spec.name).models)
+        except (ModelLoadError, OSError) as exc:  # OSError: the models folder itself cannot be made
+            raise EngineError(str(exc)) from exc
         answer = self._ask(spec.name, {"op": "update", "spec": spec.to_dict(), "reason": reason}, timeout_s + 30)
         if not answer.get("ok"):
             raise EngineError(answer.get("error") or "update failed")
