@@ -278,7 +278,8 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
                 SplitCounter(url, payload, env.home / "deployments/guarded") as split:
             wait_for(lambda: loop.count > 10, 30, "traffic")
             train("lcp", c=0.1, experiment="lifecycle-e2e", impute=True)  # v2: good enough to pass the gates
-            wait_for(lambda: client.get_model_version_by_alias("lcp", "challenger").version == "2", 60,
+            # Gates load and score v2 in the agent: 35 s to the first look and 60 more at load 30 on 2 cores.
+            wait_for(lambda: client.get_model_version_by_alias("lcp", "challenger").version == "2", 180,
                      "v2 to pass the gates and become challenger")
             wait_for(lambda: client.get_model_version_by_alias("lcp", "champion").version == "2", 120,
                      "the canary to pass and v2 to be promoted")
@@ -291,7 +292,7 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
             train("lcp", c=1e-4, experiment="lifecycle-e2e")  # v3: too regularised, fails its gates
             # The audit trail writes its tags one by one: wait for the last of them.
             wait_for(lambda: client.get_model_version("lcp", "3").tags.get("lifecycle.promotion") == "rejected",
-                     60, "v3 to fail its gates and be rejected")
+                     180, "v3 to fail its gates and be rejected")
             # A bad edit of the policy file: the last valid policy stays in force, and `get` says so;
             # fixed, it is used again.
             history = env.home / "deployments/guarded/history.jsonl"
