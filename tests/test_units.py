@@ -86,9 +86,9 @@ def test_fast_path_builds_what_mlflow_builds(numeric_schema, payload: dict) -> N
 ])
 def test_anything_unusual_takes_mlflows_own_path(numeric_schema, payload: dict) -> None:
     columns = fast_path_columns(numeric_schema)
-    from mlflow_deploy_plugin.serving.protocol import _fast_frame
+    from mlflow_deploy_plugin.serving.protocol import _fast_rows
 
-    assert _fast_frame(payload, columns) is None
+    assert _fast_rows(payload, columns) is None
 
 
 def test_fast_path_only_for_all_double_schemas() -> None:

@@ -57,6 +57,7 @@ from mlflow_deploy_plugin.capture.spool import (
     OPEN_SUFFIX,
     SEGMENT_SUFFIX,
     encode_record,
+    rows_of_raw,
     write_config,
 )
 
@@ -356,7 +357,8 @@ class CaptureWriter:
             except Exception:
                 self._drop(1, DROP_CONVERT_ERROR, accepted=False)
                 return False
-            rows = _rows_of(request.inputs)
+            # The parser's raw rows when the request has them: len() of a DataFrame is a pandas call.
+            rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
             size = len(blob)
             reason = None
             with self._lock:

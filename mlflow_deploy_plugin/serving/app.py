@@ -90,6 +90,9 @@ class Answer:
     role: str = "primary"  # capture's _role: the shadow mirror's rows say "shadow" (serving/shadow.py)
     params: dict[str, Any] | None = None  # the request's params: the shadow predicts with the same ones
     model_name: str | None = None  # the registered model that answered (capture's _model_name)
+    # (columns, float64 rows x columns array) ``inputs`` was built on, when the parser's fast path built
+    # it (ParsedRequest.raw): capture encodes it without pandas calls.
+    raw_inputs: Any = None
 
 
 class ServiceState:
@@ -296,7 +299,7 @@ def build_app(
         # A client's id is kept (labels join on it) but bounded: it is echoed and captured with every row.
         request_id = (request.headers.get("x-request-id") or "")[:_MAX_REQUEST_ID] or uuid.uuid4().hex
         in_flight.inc()
-        data = predictions = params = None
+        data = predictions = params = raw = None
         route = primary
         try:
             route = by_version[version] if version is not None else choose(request)
@@ -309,7 +312,7 @@ def build_app(
                 parsed = await asyncio.get_running_loop().run_in_executor(
                     parse_executor, decode, body, request.headers, route.slot, route.fast_columns)
             del body  # the decoded data is what waits in the queue, not the bytes as well
-            data, params = parsed.data, parsed.params
+            data, params, raw = parsed.data, parsed.params, parsed.raw
             try:
                 predictions = await asyncio.wait_for(route.predictor.predict(data, parsed.params),
                                                      settings.timeout_s)
@@ -354,7 +357,7 @@ def build_app(
         response.headers["x-model-version"] = version
         if on_answer is not None:
             on_answer(Answer(request_id, time.time(), version, response.status_code, elapsed * 1000.0,
-                             data, predictions, params=params, model_name=identity.model_name))
+                             data, predictions, params=params, model_name=identity.model_name, raw_inputs=raw))
         return response
 
     def mlflow_decode(body: bytes, headers: Headers, slot: ModelSlot,

@@ -63,6 +63,9 @@ class ParsedRequest:
     data: Any  # usually a pandas DataFrame; a dict/ndarray for tensor inputs
     params: dict[str, Any] | None
     unwrapped_output: bool  # unified LLM inputs are answered without the "predictions" wrapper
+    # The fast path's (column names, rows x columns float64 array) that ``data`` was built on: capture
+    # encodes it as is, without the pandas calls (~10 us per request on a busy event loop).
+    raw: tuple[tuple[str, ...], np.ndarray] | None = None
 
 
 def fast_path_columns(input_schema: Any) -> frozenset[str] | None:
@@ -84,7 +87,7 @@ def fast_path_columns(input_schema: Any) -> frozenset[str] | None:
         return None
 
 
-def _fast_frame(decoded: dict[str, Any], names: frozenset[str]) -> pd.DataFrame | None:
+def _fast_rows(decoded: dict[str, Any], names: frozenset[str]) -> tuple[list[str], np.ndarray] | None:
     if len(decoded) != 1:
         return None
     key, payload = next(iter(decoded.items()))
@@ -117,7 +120,7 @@ def _fast_frame(decoded: dict[str, Any], names: frozenset[str]) -> pd.DataFrame 
             # bool is an int subclass but MLflow rejects it for doubles: only plain numbers here.
             if type(value) is not float and type(value) is not int:
                 return None
-    return mark_float64(pd.DataFrame(np.array(rows, dtype=np.float64), columns=columns))
+    return columns, np.array(rows, dtype=np.float64)
 
 
 def parse_request(body: bytes, content_type: str | None, metadata: Any, input_schema: Any,
@@ -196,8 +199,9 @@ def _parse_json(body: bytes, metadata: Any, input_schema: Any, fast_columns: fro
         raise ServingError(400, "BAD_REQUEST", f"Invalid input. {mlflow_scoring.REQUIRED_INPUT_FORMAT}. Received {kind}.")
     rows, columns = json_shape(decoded)
     limits.check(rows, columns, "The request")
-    if fast_columns is not None and (frame := _fast_frame(decoded, fast_columns)) is not None:
-        return ParsedRequest(frame, None, False)
+    if fast_columns is not None and (fast := _fast_rows(decoded, fast_columns)) is not None:
+        names, values = fast
+        return ParsedRequest(mark_float64(pd.DataFrame(values, columns=names)), None, False, (tuple(names), values))
     parsed = mlflow_scoring._parse_json_data(decoded, metadata, input_schema)
     return ParsedRequest(parsed.data, parsed.params, parsed.is_unified_llm_input)
 

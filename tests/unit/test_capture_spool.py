@@ -72,6 +72,26 @@ def test_compact_records_give_the_same_table_as_the_requests_themselves() -> Non
     assert rows.loc[("rows", 3), "_input_status"] == 11.5 and rows.loc[("rows", 3), "_prediction"] == 3.0
 
 
+def test_the_parsers_raw_rows_give_the_same_record_as_the_frame() -> None:
+    """The app hands capture the (columns, array) its fast path parsed (``Answer.raw_inputs``): the
+    record is byte for byte the one the frame gives; anything else there is ignored (the frame is used)."""
+    from mlflow_deploy_plugin.serving.app import Answer
+    from mlflow_deploy_plugin.serving.protocol import parse_request
+
+    body = b'{"dataframe_split": {"columns": ["b", "a"], "data": [[1.5, 2], [3, 4.25]]}}'
+    parsed = parse_request(body, "application/json", None, None, frozenset({"a", "b"}))
+    assert parsed.raw is not None and parsed.raw[0] == ("b", "a")
+    predictions = np.array([1, 0], dtype=np.int64)
+
+    def answer(raw: object) -> Answer:
+        return Answer("r", T0, "3", 200, 1.5, parsed.data, predictions, model_name="churn", raw_inputs=raw)
+
+    from_frame = encode_record(answer(None))
+    assert encode_record(answer(parsed.raw)) == from_frame
+    for junk in [("b", "a"), (["b", "a"], parsed.raw[1]), (("b",), parsed.raw[1]), (("b", "a"), parsed.raw[1].astype(int))]:
+        assert encode_record(answer(junk)) == from_frame
+
+
 def test_other_requests_are_pickled_and_give_the_same_table() -> None:
     """Requests the compact form does not take (non-float inputs, non-numeric predictions, meta of
     other types) travel pickled, as before, and convert the same."""
