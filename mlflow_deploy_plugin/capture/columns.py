@@ -106,7 +106,8 @@ class ParquetColumns:
             table = table.set_column(0, table.field(0).with_type(pa.dictionary(pa.int32(), data.type)),
                                      data.dictionary_encode())
         del data
-        series = table.to_pandas().iloc[:, 0].rename(name)
+        # self_destruct: each chunk is freed once copied, so a column is not held twice at its peak.
+        series = table.to_pandas(split_blocks=True, self_destruct=True).iloc[:, 0].rename(name)
         del table
         transform = self._transforms.get(name)
         if transform is not None:

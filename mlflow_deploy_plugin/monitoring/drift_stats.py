@@ -298,7 +298,7 @@ def _ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
 
 
 #: Slice length of the large-array steps (KS gaps, Wasserstein grid): bounds their temporaries.
-CHUNK = 1 << 21
+CHUNK = 1 << 20
 #: From this many values on both sides, the two sides' steps of one column run on two threads.
 PARALLEL_MIN_ROWS = 2_000_000
 

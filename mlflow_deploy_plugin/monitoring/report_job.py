@@ -38,10 +38,12 @@ untouched: an error is not a verdict.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -250,6 +252,21 @@ def select_current(captured: Frame, model_version: str, window_start: datetime |
     return current, counts
 
 
+#: From this many rows (both sides), Evidently is imported on a thread while the statistics run.
+PRELOAD_EVIDENTLY_MIN_ROWS = 2_000_000
+
+
+def _import_evidently_in_background() -> None:
+    """Start importing Evidently (~5 s, nearly all of it Python) beside the statistics of a large
+    window, whose sorts and searches release the GIL, rather than after them: the report is that
+    much sooner. A failed import is left for the rendering step to meet and report."""
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module("evidently.presets")
+
+    threading.Thread(target=load, name="import-evidently", daemon=True).start()
+
+
 def _text_equals(series: pd.Series, value: str) -> np.ndarray:
     """``series.astype(str) == value`` as a bool array; a categorical (a column read from disk) is
     compared through its categories, not by turning millions of codes into strings."""
@@ -453,6 +470,8 @@ def run_drift_report(
                 say(f"computing drift on {rows_current:,} current x {rows_reference:,} reference rows, "
                     f"{len(feature_columns)} columns")
                 started = time.perf_counter()
+                if rows_current + rows_reference >= PRELOAD_EVIDENTLY_MIN_ROWS:
+                    _import_evidently_in_background()
                 for side, seed in ((current, settings.seed + 1), (reference, settings.seed)):
                     if isinstance(side, ParquetColumns):  # the Evidently sample is kept as columns stream by
                         side.keep_sample(settings.evidently_sample_rows, seed)
