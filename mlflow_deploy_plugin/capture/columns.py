@@ -95,7 +95,7 @@ class ParquetColumns:
         """Read one column of the table's rows (text as a categorical), with its transform applied."""
         if name not in self._names:
             raise KeyError(name)
-        table = self._dataset.to_table(columns=[name])
+        table = self._read(name)
         if self._mask is not None and len(self._mask) != table.num_rows:
             raise RuntimeError(f"the files changed while being read: {table.num_rows} rows, expected "
                                f"{len(self._mask)}")
@@ -107,7 +107,8 @@ class ParquetColumns:
                                      data.dictionary_encode())
         del data
         # self_destruct: each chunk is freed once copied, so a column is not held twice at its peak.
-        series = table.to_pandas(split_blocks=True, self_destruct=True).iloc[:, 0].rename(name)
+        series = table.to_pandas(split_blocks=True, self_destruct=True).iloc[:, 0]
+        series.name = name  # not rename(): it copies the values
         del table
         transform = self._transforms.get(name)
         if transform is not None:
@@ -120,6 +121,23 @@ class ParquetColumns:
                 kept = kept.astype(object).where(kept.notna(), None)
             self._sampled[name] = kept
         return series
+
+    def _read(self, name: str) -> pa.Table:
+        """Column ``name`` of all the dataset's rows; text straight from Parquet's dictionary pages
+        (no string is materialised: ~6x faster than reading text and encoding it again)."""
+        field = self._dataset.schema.field(name)
+        partitioning = getattr(self._dataset, "partitioning", None)
+        in_files = partitioning is None or name not in partitioning.schema.names  # hive columns are not
+        if _is_text(field.type) and in_files and isinstance(self._dataset, ds.FileSystemDataset):
+            schema = self._dataset.schema
+            schema = schema.set(schema.get_field_index(name), field.with_type(pa.dictionary(pa.int32(), field.type)))
+            options = ds.ParquetReadOptions(dictionary_columns=[name])
+            try:
+                return ds.dataset(self._dataset.files, schema=schema, filesystem=self._dataset.filesystem,
+                                  format=ds.ParquetFileFormat(read_options=options)).to_table(columns=[name])
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                pass  # e.g. a file holds numbers in this column: read it as the schema says
+        return self._dataset.to_table(columns=[name])
 
     def select(self, names: list[str]) -> ParquetColumns:
         """The same rows, only columns ``names`` (which must exist)."""
