@@ -22,6 +22,13 @@ counted: their rate is compared on its own (:func:`missing_rate_test`), and a co
 current data or entirely missing there is drifted. If the current side of a numeric column arrives
 with another dtype (e.g. strings in captured JSON) it is converted with
 ``pd.to_numeric(errors="coerce")``: unconvertible values count as missing.
+
+No figure depends on the order of the rows (numbers are sorted, category counts are put in key
+order) nor on text arriving as objects or as a pandas categorical: so a window read whole (time
+order, objects) and the same window read from disk one column at a time
+(:class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`: file order, categoricals) get the
+same figures, equal to the last bit. The large-array steps work in slices of :data:`CHUNK` values,
+which bounds their temporaries: 10M + 10M rows fit in one column's memory.
 """
 
 from __future__ import annotations
