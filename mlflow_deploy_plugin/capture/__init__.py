@@ -11,7 +11,8 @@ layout. One module per job:
 - :mod:`.spool`: the spool's record format, and records back into Arrow tables;
 - :mod:`.converter`: the process that turns spool segments into Parquet files;
 - :mod:`.arrow`: how requests and predictions become Arrow tables (converter process only);
-- :mod:`.reader`: :func:`read_capture` of a time window, :func:`parse_since`;
+- :mod:`.reader`: :func:`read_capture` of a time window, :func:`open_capture` of the same rows read
+  one column at a time (:mod:`.columns`, for the drift job), :func:`parse_since`;
 - :mod:`.retention`: :func:`prune_capture` of days older than the retention.
 
 This package may use :mod:`mlflow_deploy_plugin.serving.frames` (a small pure helper) but nothing
@@ -20,7 +21,7 @@ else of serving, and nothing of lifecycle or monitoring: those depend on capture
 
 from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, CapturedRequest, prediction_columns
 from mlflow_deploy_plugin.capture.layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
-from mlflow_deploy_plugin.capture.reader import parse_since, read_capture
+from mlflow_deploy_plugin.capture.reader import open_capture, parse_since, read_capture
 from mlflow_deploy_plugin.capture.retention import prune_capture
 from mlflow_deploy_plugin.capture.writer import (
     DROP_BUFFER_FULL,
@@ -44,6 +45,7 @@ __all__ = [
     "CaptureWriter",
     "CapturedRequest",
     "capture_root",
+    "open_capture",
     "parse_since",
     "prediction_columns",
     "prune_capture",

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from mlflow_deploy_plugin.capture.columns import ParquetColumns
 from mlflow_deploy_plugin.capture.layout import (
     META_COLUMNS,
     META_SCHEMA,
@@ -73,6 +75,29 @@ def read_capture(
     ``columns``, only those are returned (unknown ones as all-null). Returns an empty frame with
     the meta columns (or ``columns``) if nothing matches.
     """
+    found = _window_dataset(root, since, until, shadow)
+    if found is None:
+        return _empty_frame(columns)
+    dataset, condition = found
+    wanted = None if columns is None else [c for c in columns if c in dataset.schema.names]
+    table = dataset.to_table(columns=wanted, filter=condition)
+    if table.num_rows == 0:
+        return _empty_frame(columns)
+    sort_keys = [(k, "ascending") for k in ("_timestamp", "_request_id", "_row") if k in table.column_names]
+    if sort_keys:
+        table = table.sort_by(sort_keys)
+    frame = table.to_pandas()
+    if columns is not None:
+        frame = frame.reindex(columns=list(columns))
+    return frame
+
+
+
+
+def _window_dataset(root: str, since: datetime | None, until: datetime | None, shadow: bool,
+                    ) -> tuple[ds.Dataset, ds.Expression | None] | None:
+    """The capture files that may hold rows of the window (unified schema), and the condition a row
+    of the window meets; None when there is no file."""
     fs, base = resolve_root(root)
     since_utc = as_utc(since) if since is not None else None
     until_utc = as_utc(until) if until is not None else None
@@ -88,7 +113,8 @@ def read_capture(
                     and not info.base_name.startswith((".", "_"))):
                 files.append(info.path)
     if not files:
-        return _empty_frame(columns)
+        return None
+    files.sort()  # one fixed order: the column-by-column reader relies on every scan seeing the same rows
     probe = ds.dataset(files, format="parquet", filesystem=fs)
     schema = _unified_schema([fragment.physical_schema for fragment in probe.get_fragments()])
     dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=fs)
@@ -102,19 +128,39 @@ def read_capture(
     if not shadow and ROLE_COLUMN in schema.names:
         served = ds.field(ROLE_COLUMN).is_null() | (ds.field(ROLE_COLUMN) != "shadow")
         condition = served if condition is None else condition & served
-    wanted = None if columns is None else [c for c in columns if c in schema.names]
-    table = dataset.to_table(columns=wanted, filter=condition)
-    if table.num_rows == 0:
-        return _empty_frame(columns)
-    sort_keys = [(k, "ascending") for k in ("_timestamp", "_request_id", "_row") if k in table.column_names]
-    if sort_keys:
-        table = table.sort_by(sort_keys)
-    frame = table.to_pandas()
-    if columns is not None:
-        frame = frame.reindex(columns=list(columns))
-    return frame
+    return dataset, condition
 
 
+def open_capture(root: str, since: datetime | None = None, until: datetime | None = None,
+                 shadow: bool = False) -> ParquetColumns | pd.DataFrame:
+    """The rows :func:`read_capture` returns (same window, same columns, same values), as a
+    :class:`.columns.ParquetColumns` that reads one column at a time: what the drift job uses, so a
+    window of any size costs one column's memory. Rows come in file order, not time order. An empty
+    frame (as ``read_capture``'s) when there is no file.
+
+    Which rows belong to the window is decided once, by evaluating ``read_capture``'s own filter on
+    the columns it needs (``_timestamp``, ``_role``), and kept as a row mask.
+    """
+    found = _window_dataset(root, since, until, shadow)
+    if found is None:
+        return _empty_frame(None)
+    dataset, condition = found
+    table = ParquetColumns(dataset)
+    if condition is None:
+        return table
+    needed = [c for c in ("_timestamp", ROLE_COLUMN) if c in dataset.schema.names]
+    meta = dataset.to_table(columns=needed)
+    rows = meta.num_rows
+    meta = meta.append_column("__position", pa.array(np.arange(rows, dtype=np.int64)))
+    inside = ds.dataset(meta).to_table(columns=["__position"], filter=condition).column(0).to_numpy()
+    del meta
+    if len(inside) == 0:
+        return _empty_frame(None)
+    if len(inside) == rows:
+        return table
+    keep = np.zeros(rows, dtype=bool)
+    keep[inside] = True
+    return table.restrict(keep)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

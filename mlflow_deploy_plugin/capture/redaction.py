@@ -16,9 +16,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # pyarrow.dataset: not imported on the serving side for a type
+    from mlflow_deploy_plugin.capture.columns import ParquetColumns
 
 HASH_CHARS = 16
 # The column capture stores non-tabular inputs in (as text): it could hold anything, so it is
@@ -47,6 +52,17 @@ class CaptureRedaction:
 
     def __bool__(self) -> bool:
         return bool(self.exclude or self.hashed)
+
+    def apply_to_columns(self, table: ParquetColumns) -> ParquetColumns:
+        """:meth:`apply` for a table read one column at a time: the same columns left out, the same
+        hash applied to each read of a hashed column."""
+        if not self:
+            return table
+        names = [str(c) for c in table.columns]
+        drop = [name for name in names if name in self.exclude or name == UNSTRUCTURED_COLUMN]
+        hashed = {name: partial(keyed_hash, key=self._key) for name in names
+                  if name in self.hashed and name not in drop}
+        return table.with_transforms(hashed, drop=drop)
 
     def apply(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``frame`` without the excluded columns and with the hashed ones hashed (a new frame)."""

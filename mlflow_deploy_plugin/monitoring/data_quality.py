@@ -32,6 +32,7 @@ from .drift_stats import _numeric_values, column_kind
 #: How many never-seen categories a column's check lists (the share counts all of them).
 MAX_LISTED = 10
 CHECKS = ("missing", "out_of_range", "new_categories")
+_FIND: Any = object()  # check_column's kind not given: find it
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,12 @@ def _categories(ref: pd.Series, cur: pd.Series) -> tuple[pd.Series, pd.Series]:
     return ref, cur
 
 
-def check_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_current: int, limits: Limits) -> ColumnQuality:
-    """The checks of one column (``cur`` None: the captured rows lack it)."""
-    kind = column_kind(ref)
+def check_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_current: int, limits: Limits,
+                 kind: Any = _FIND) -> ColumnQuality:
+    """The checks of one column (``cur`` None: the captured rows lack it). ``kind``: the column's
+    :func:`.drift_stats.column_kind` when the caller has it already (it sorts a numeric column)."""
+    if kind is _FIND:
+        kind = column_kind(ref)
     ref_missing, cur_missing = _missing(ref, cur, kind, rows_current)
     ref_share = ref_missing / len(ref) if len(ref) else 0.0
     cur_share = cur_missing / rows_current if rows_current else 0.0
@@ -153,7 +157,9 @@ def check_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_current:
         ref_values, cur_values = _categories(ref, cur)
         if len(cur_values):
             unseen = cur_values[~cur_values.isin(pd.unique(ref_values))]
-            top = unseen.astype(str).value_counts().head(MAX_LISTED)
+            # Most frequent first, ties by text: the same list whatever the order of the rows.
+            top = (unseen.astype(str).value_counts().sort_index(kind="stable")
+                   .sort_values(ascending=False, kind="stable").head(MAX_LISTED))
             listed = ", ".join(f"{value!r} ({count})" for value, count in top.items())
             checks.append(_judge("new_categories", len(unseen) / len(cur_values), limits.max_new_categories,
                                  f"of {len(cur_values):,} values never seen in the reference"

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from mlflow_deploy_plugin.capture import PREDICTION_PREFIX, capture_root, prediction_columns, read_capture
+from mlflow_deploy_plugin.capture import PREDICTION_PREFIX, capture_root, open_capture, prediction_columns
+from mlflow_deploy_plugin.capture.columns import ParquetColumns
 from mlflow_deploy_plugin.monitoring.drift_lock import RUN_RECORDED, drift_lock
-from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
+from mlflow_deploy_plugin.monitoring.drift_stats import Frame
+from mlflow_deploy_plugin.monitoring.reference import open_reference_data
 from mlflow_deploy_plugin.monitoring.report_job import DriftOutcome, DriftSettings, run_drift_report
-from mlflow_deploy_plugin.spec import DeploymentConfig
+from mlflow_deploy_plugin.spec import DeploymentConfig, ModelRef
 from mlflow_deploy_plugin.state import DeploymentPaths, StateStore
 
 _logger = logging.getLogger(__name__)
+#: Rows per predict call on a reference read from disk (bounded memory, few calls).
+PREDICT_BATCH_ROWS = 100_000
 
 
-def _reference_predictions(models_dir: Path, model_name: str, version: str, reference: pd.DataFrame,
+def _reference_predictions(models_dir: Path, model_name: str, version: str, reference: Frame,
                            ) -> tuple[pd.Series | pd.DataFrame | None, str | None]:
     """The served model's predictions on the reference data, for prediction drift, or why not.
 
@@ -32,17 +38,27 @@ def _reference_predictions(models_dir: Path, model_name: str, version: str, refe
     ``_prediction_<col>`` for several), so both sides name the same columns. Returns
     ``(predictions, None)``, or ``(None, reason)`` when they cannot be had: prediction drift is then
     skipped (the input verdicts do not depend on it) and the reason is logged and reported.
+
+    A reference read from disk column by column is predicted in batches of
+    :data:`PREDICT_BATCH_ROWS` rows (its whole frame may not fit in memory); only the predictions
+    are kept, one value per row.
     """
     local = models_dir / model_name / version
     uri = str(local) if (local / "MLmodel").exists() else f"models:/{model_name}/{version}"
     try:
-        output = mlflow.pyfunc.load_model(uri).predict(reference)
-        if isinstance(output, dict):
-            output = pd.DataFrame(output)
-        if not hasattr(output, "__len__") or len(output) != len(reference):
-            raise ValueError(f"the output ({type(output).__name__}) does not have one prediction per "
-                             f"reference row ({len(reference)})")
-        columns = prediction_columns(output, len(reference))
+        model = mlflow.pyfunc.load_model(uri)
+        batches = reference.iter_frames(PREDICT_BATCH_ROWS) if isinstance(reference, ParquetColumns) else [reference]
+        parts: list[dict[str, np.ndarray]] = []
+        for frame in batches:
+            output = model.predict(frame)
+            if isinstance(output, dict):
+                output = pd.DataFrame(output)
+            if not hasattr(output, "__len__") or len(output) != len(frame):
+                raise ValueError(f"the output ({type(output).__name__}) does not have one prediction per "
+                                 f"reference row ({len(frame)})")
+            parts.append(prediction_columns(output, len(frame)))
+        columns = parts[0] if len(parts) == 1 else {
+            name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         if set(columns) == {PREDICTION_PREFIX}:
             return pd.Series(columns[PREDICTION_PREFIX]), None
         prefix = len(PREDICTION_PREFIX) + 1
@@ -54,7 +70,7 @@ def _reference_predictions(models_dir: Path, model_name: str, version: str, refe
         return None, reason
 
 
-def _as_captured(reference: pd.DataFrame, config: DeploymentConfig, key_path: Path) -> pd.DataFrame:
+def _as_captured(reference: Frame, config: DeploymentConfig, key_path: Path) -> Frame:
     """The reference as capture stores inputs: -C capture_exclude columns dropped, capture_hash ones hashed
     with the deployment's key, so hashed categoricals compare like for like."""
     if not (config.capture_exclude_columns or config.capture_hash_columns):
@@ -63,7 +79,10 @@ def _as_captured(reference: pd.DataFrame, config: DeploymentConfig, key_path: Pa
     from mlflow_deploy_plugin.state import read_or_create_secret
 
     key = read_or_create_secret(key_path) if config.capture_hash_columns else None
-    return CaptureRedaction(config.capture_exclude_columns, config.capture_hash_columns, key).apply(reference)
+    redaction = CaptureRedaction(config.capture_exclude_columns, config.capture_hash_columns, key)
+    if isinstance(reference, ParquetColumns):
+        return redaction.apply_to_columns(reference)
+    return redaction.apply(reference)
 
 
 def run_deployment_drift(
@@ -115,15 +134,28 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
 
     say(f"Reading captured traffic of {name!r} from {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC")
     paths = store.paths(name)
-    captured = read_capture(capture_root(name, config.capture_uri, str(paths.capture)), since=since, until=until)
+    # Opened, not read: the job reads one column of each side at a time, whatever the window's size.
+    captured = open_capture(capture_root(name, config.capture_uri, str(paths.capture)), since=since, until=until)
     say(f"Resolving reference data of {model.model_name} v{model.model_version}")
     skipped: list[str] = []
-    reference, source = resolve_reference_data(client, model.model_name, model.model_version,
-                                               override=config.reference_data, skipped=skipped)
-    predictions, why_not = _reference_predictions(paths.models, model.model_name, model.model_version, reference)
-    reference = _as_captured(reference, config, paths.capture_key)
+    with tempfile.TemporaryDirectory(prefix="mlflow-deploy-drift-reference-") as workdir:  # downloads live here
+        reference, source = open_reference_data(client, model.model_name, model.model_version, workdir,
+                                                 override=config.reference_data, skipped=skipped)
+        predictions, why_not = _reference_predictions(paths.models, model.model_name, model.model_version,
+                                                      reference)
+        reference = _as_captured(reference, config, paths.capture_key)
+        outcome = _report(name, model, config, captured, reference, source, since, until, client, progress,
+                          predictions, why_not, skipped, trigger)
+    _record_verdict(paths, model.model_name, model.model_version, outcome, trigger)
+    return outcome
+
+
+def _report(name: str, model: ModelRef, config: DeploymentConfig, captured: Frame, reference: Frame, source: str,
+            since: datetime, until: datetime, client: mlflow.MlflowClient, progress: Callable[[str], None] | None,
+            predictions: pd.Series | pd.DataFrame | None, why_not: str | None, skipped: list[str],
+            trigger: str) -> DriftOutcome:
     try:
-        outcome = run_drift_report(
+        return run_drift_report(
             deployment=name, model_name=model.model_name, model_version=model.model_version,
             captured=captured, reference=reference, reference_source=source,
             window_start=since, window_end=until, settings=DriftSettings.from_config(config),
@@ -134,8 +166,6 @@ def _run(name: str, since: datetime | None, until: datetime | None, store: State
     except Exception as exc:
         exc.add_note(RUN_RECORDED)  # the job already ended its run FAILED: the scheduler must not add one
         raise
-    _record_verdict(paths, model.model_name, model.model_version, outcome, trigger)
-    return outcome
 
 
 def _record_verdict(paths: DeploymentPaths, model_name: str, version: str, outcome: DriftOutcome,

@@ -22,22 +22,31 @@ counted: their rate is compared on its own (:func:`missing_rate_test`), and a co
 current data or entirely missing there is drifted. If the current side of a numeric column arrives
 with another dtype (e.g. strings in captured JSON) it is converted with
 ``pd.to_numeric(errors="coerce")``: unconvertible values count as missing.
+
+No figure depends on the order of the rows (numbers are sorted, category counts are put in key
+order) nor on text arriving as objects or as a pandas categorical: so a window read whole (time
+order, objects) and the same window read from disk one column at a time
+(:class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`: file order, categoricals) get the
+same figures, equal to the last bit. The large-array steps work in slices of :data:`CHUNK` values,
+which bounds their temporaries: 10M + 10M rows fit in one column's memory.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 from scipy.spatial import distance
+
+from mlflow_deploy_plugin.capture.columns import ParquetColumns
 
 from .drift_methods import (
     KIND_DEFAULTS,
@@ -53,6 +62,9 @@ from .drift_methods import (
     parse_floors,
     parse_methods,
 )
+
+#: What the drift statistics judge: a DataFrame, or a table read from disk one column at a time.
+Frame: TypeAlias = pd.DataFrame | ParquetColumns
 
 #: Integer-valued numeric columns with at most this many distinct reference values are categorical.
 MAX_INTEGER_LEVELS = 10
@@ -202,18 +214,37 @@ def _is_categorical_dtype(dtype: Any) -> bool:
 
 def _numeric_values(series: pd.Series) -> tuple[np.ndarray, int]:
     """Finite float64 values and the count of missing ones (NaN, inf, unconvertible)."""
+    values, missing, _ = _numeric_values_owned(series)
+    return values, missing
+
+
+def _numeric_values_owned(series: pd.Series) -> tuple[np.ndarray, int, bool]:
+    """:func:`_numeric_values`, and whether the values are a private array (not the Series' own
+    memory), which may then be sorted in place: at 10M rows that spares an 80 MB copy."""
     if pd.api.types.is_datetime64_any_dtype(series.dtype) or pd.api.types.is_timedelta64_dtype(series.dtype):
         mask = series.notna().to_numpy()
         values = series.to_numpy()[mask].astype("int64").astype(np.float64)
-        return values, int(len(series) - len(values))
+        return values, int(len(series) - len(values)), True
     if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        # Only a numpy float64 column can come back as itself; any other dtype is converted.
+        owned = not (isinstance(series.dtype, np.dtype) and series.dtype == np.float64)
     else:
         values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        owned = True  # a new Series of our own
     finite = np.isfinite(values)
     if finite.all():
-        return values, 0
-    return values[finite], int(len(values) - finite.sum())
+        return values, 0, owned
+    return values[finite], int(len(values) - finite.sum()), True
+
+
+def _sorted_values(series: pd.Series) -> tuple[np.ndarray, int]:
+    """The finite values of ``series`` sorted, and the count of missing ones."""
+    values, missing, owned = _numeric_values_owned(series)
+    if owned:
+        values.sort()  # same result as np.sort, without a second copy
+        return values, missing
+    return np.sort(values), missing
 
 
 def _distinct_sorted(sorted_values: np.ndarray) -> int:
@@ -257,26 +288,52 @@ def _ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
     Small samples go to scipy itself (exact p-values, cheap there). Large ones use a vectorised
     evaluation of the two ECDFs at every observed value (``searchsorted`` on the sorted arrays,
     ties counted once at their last position) and scipy's asymptotic ``kstwo`` distribution, as
-    ``ks_2samp(method="auto")`` does above 10,000 rows.
+    ``ks_2samp(method="auto")`` does above 10,000 rows. The two sides are evaluated in slices of
+    :data:`CHUNK` values (a max is exact whatever the slicing; 10M rows would otherwise need ~1 GB
+    of temporaries), on two threads for large inputs (searchsorted releases the GIL).
     """
     n, m = len(ref_sorted), len(cur_sorted)
     if max(n, m) <= KS_EXACT_MAX_N:
         res = stats.ks_2samp(ref_sorted, cur_sorted)
         return float(res.statistic), float(res.pvalue)
-    last_r = np.ones(n, dtype=bool)
-    np.not_equal(ref_sorted[1:], ref_sorted[:-1], out=last_r[:-1])
-    last_c = np.ones(m, dtype=bool)
-    np.not_equal(cur_sorted[1:], cur_sorted[:-1], out=last_c[:-1])
-    idx_r = np.flatnonzero(last_r)
-    idx_c = np.flatnonzero(last_c)
-    # ECDF differences at the reference's and at the current's distinct values.
-    d_at_r = np.abs((idx_r + 1) / n - np.searchsorted(cur_sorted, ref_sorted[idx_r], side="right") / m).max()
-    d_at_c = np.abs(np.searchsorted(ref_sorted, cur_sorted[idx_c], side="right") / n - (idx_c + 1) / m).max()
-    d = float(max(d_at_r, d_at_c))
+    d = float(max(_parallel(partial(_ecdf_gap, ref_sorted, cur_sorted), partial(_ecdf_gap, cur_sorted, ref_sorted),
+                            big=n + m >= PARALLEL_MIN_ROWS)))
     big, small = max(n, m), min(n, m)
     en = big * small / (big + small)
     p = float(np.clip(stats.distributions.kstwo.sf(d, np.round(en)), 0.0, 1.0))
     return d, p
+
+
+#: Slice length of the large-array steps (KS gaps, Wasserstein grid): bounds their temporaries.
+CHUNK = 1 << 20
+#: From this many values on both sides, the two sides' steps of one column run on two threads.
+PARALLEL_MIN_ROWS = 2_000_000
+
+
+def _parallel(*calls: Callable[[], Any], big: bool) -> list[Any]:
+    """The results of ``calls``, on threads when ``big`` (numpy releases the GIL in sorts and
+    searches), in order: the results never depend on the threads."""
+    if not big or len(calls) < 2:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
+def _ecdf_gap(own: np.ndarray, other: np.ndarray) -> float:
+    """max |F_own(x) - F_other(x)| over the distinct values x of ``own`` (both sorted, non-empty)."""
+    n, m = len(own), len(other)
+    gap = 0.0
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        # A value's last position among its ties: where the next value differs (or the end).
+        last = np.ones(stop - start, dtype=bool)
+        k = min(stop + 1, n) - start - 1  # positions of the slice that have a next value
+        np.not_equal(own[start + 1:start + 1 + k], own[start:start + k], out=last[:k])
+        idx = np.flatnonzero(last) + start
+        if len(idx):
+            gap = max(gap, float(np.abs((idx + 1) / n
+                                        - np.searchsorted(other, own[idx], side="right") / m).max()))
+    return gap
 
 
 def chi2_homogeneity(ref_counts: np.ndarray, cur_counts: np.ndarray) -> tuple[float, float, dict[str, Any]]:
@@ -344,14 +401,36 @@ def wasserstein_sorted(a: np.ndarray, b: np.ndarray) -> float:
     W1 is the integral over u in (0, 1] of |Qa(u) - Qb(u)| (the quantile functions). Both are step
     functions with steps at i/n and j/m; on the integer grid i*m, j*n (over n*m) the merged steps are
     one stable sort of two sorted runs (a linear merge), and each interval's quantiles are plain
-    integer divisions: no searchsorted, ~5x faster than scipy on 1M rows.
+    integer divisions: no searchsorted, ~5x faster than scipy on 1M rows. Grids longer than
+    :data:`CHUNK` are cut at values i*m into slices summed in order (10M + 10M rows would need
+    ~1 GB of temporaries at once), the two halves on two threads; up to :data:`CHUNK` it is one slice.
     """
     n, m = len(a), len(b)
-    grid = np.concatenate([np.arange(1, n + 1, dtype=np.int64) * m, np.arange(1, m + 1, dtype=np.int64) * n])
+    slices = max(1, -(-(n + m) // CHUNK))
+    step = -(-n // slices)
+    bounds = [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+    half = (len(bounds) + 1) // 2
+
+    def sums(part: list[tuple[int, int]]) -> list[float]:
+        return [_wasserstein_slice(a, b, i0, i1) for i0, i1 in part]
+
+    parts = _parallel(partial(sums, bounds[:half]), partial(sums, bounds[half:]), big=len(bounds) > 1)
+    total = 0.0
+    for value in parts[0] + parts[1]:
+        total += value
+    return total / (n * m)
+
+
+def _wasserstein_slice(a: np.ndarray, b: np.ndarray, i0: int, i1: int) -> float:
+    """The grid terms of ``wasserstein_sorted`` with values in (i0*m, i1*m]; ``i1 == len(a)`` ends it."""
+    n, m = len(a), len(b)
+    j0, j1 = i0 * m // n, i1 * m // n
+    grid = np.concatenate([np.arange(i0 + 1, i1 + 1, dtype=np.int64) * m,
+                           np.arange(j0 + 1, j1 + 1, dtype=np.int64) * n])
     grid.sort(kind="stable")
-    width = np.diff(grid, prepend=0)
+    width = np.diff(grid, prepend=i0 * m)
     # Multiply-and-sum, not np.dot: a BLAS call stalls on thread hand-offs on a busy machine (~15 ms).
-    return float((width * np.abs(a[(grid + m - 1) // m - 1] - b[(grid + n - 1) // n - 1])).sum()) / (n * m)
+    return float((width * np.abs(a[(grid + m - 1) // m - 1] - b[(grid + n - 1) // n - 1])).sum())
 
 
 def _wasserstein_norm(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
@@ -383,14 +462,34 @@ def _category_counts(ref: pd.Series, cur: pd.Series) -> tuple[np.ndarray, np.nda
         cur_kind = "b" if pd.api.types.is_bool_dtype(cur.dtype) else getattr(cur.dtype, "kind", "O")
         if ref_kind != cur_kind:
             ref, cur = ref.dropna().astype(str), cur.dropna().astype(str)
-    ref_vc = ref.value_counts(dropna=True, sort=False)
-    cur_vc = cur.value_counts(dropna=True, sort=False)
-    keys = ref_vc.index.append(cur_vc.index).unique()  # no sorting: keys may be of mixed types
+    ref_vc, cur_vc = _value_counts(ref), _value_counts(cur)
+    keys = _canonical_order(ref_vc.index.append(cur_vc.index).unique())
     ref_counts = ref_vc.reindex(keys, fill_value=0).to_numpy(dtype=np.float64)
     cur_counts = cur_vc.reindex(keys, fill_value=0).to_numpy(dtype=np.float64)
     # value_counts drops missing values: what it did not count is missing (cheaper than isna()).
     return (ref_counts, cur_counts, keys, n_ref_rows - int(ref_counts.sum()),
             n_cur_rows - int(cur_counts.sum()))
+
+
+def _value_counts(series: pd.Series) -> pd.Series:
+    """Counts of the non-missing values, keyed by the values themselves: a categorical column (how
+    the streamed path reads text) gives the same keys and counts as the same values as objects."""
+    counts = series.value_counts(dropna=True, sort=False)
+    if isinstance(counts.index, pd.CategoricalIndex):
+        counts = counts[counts.to_numpy() > 0]  # categories the rows do not use are not values
+        counts.index = counts.index.astype(object)
+    return counts
+
+
+def _canonical_order(keys: pd.Index) -> pd.Index:
+    """``keys`` sorted, so the figures do not depend on the order of the rows (the streamed path
+    reads them in file order, the in-memory one in time order); keys of mixed types that do not
+    compare are sorted by type name, then text."""
+    try:
+        order = np.argsort(keys.to_numpy(), kind="stable")
+    except TypeError:
+        order = np.array(sorted(range(len(keys)), key=lambda i: (type(keys[i]).__name__, str(keys[i]))), dtype=np.int64)
+    return keys[order]
 
 
 def _new_categories(ref_counts: np.ndarray, cur_counts: np.ndarray, keys: pd.Index) -> dict[str, Any]:
@@ -432,38 +531,46 @@ def _value_figures(kind: ColumnKind, judgement: Judgement, ref_sorted: np.ndarra
 
 def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: int,
                   requested: ColumnMethod | None, num_method: ColumnMethod, cat_method: ColumnMethod,
-                  alpha: float, floors: Floors) -> ColumnDrift:
+                  alpha: float, floors: Floors, kinds: dict[str, ColumnKind | None] | None = None) -> ColumnDrift:
     """The verdict of one column: the one place where values, effect size and missing values are
     weighed (see :mod:`.drift_methods` for the rule). ``cur`` is None when the current data lacks
-    the column (``rows_cur`` rows, none of them with a value)."""
+    the column (``rows_cur`` rows, none of them with a value). ``kinds`` receives
+    ``column_kind(ref)`` under ``name`` (found on the way, without sorting again)."""
     categorical_dtype = _is_categorical_dtype(ref.dtype)
     numeric_dtype = not categorical_dtype and not pd.api.types.is_complex_dtype(ref.dtype) and (
         pd.api.types.is_numeric_dtype(ref.dtype) or pd.api.types.is_datetime64_any_dtype(ref.dtype)
         or pd.api.types.is_timedelta64_dtype(ref.dtype))
     if not numeric_dtype and not categorical_dtype:
         test = (requested.method if requested else None) or KIND_DEFAULTS["categorical"][0]
+        if kinds is not None:
+            kinds[name] = None
         return ColumnDrift(name, None, test, float(alpha), "p_value", None, None, False, 0, 0,
                            skipped_reason=f"unsupported dtype {ref.dtype}", reason=f"unsupported dtype {ref.dtype}")
 
     ref_sorted = cur_sorted = ref_counts = cur_counts = None
     keys: pd.Index | None = None
     column_kind_hint: ColumnKind = "categorical"
-    if numeric_dtype:
-        ref_values, n_ref_missing = _numeric_values(ref)
-        # Sorting is the main cost and serves every numeric method and the kind rule at once.
-        ref_sorted = np.sort(ref_values)
-        column_kind_hint = _numeric_kind(ref_sorted)
-    judgement = method_for_column(name, column_kind_hint, numeric_dtype, ref.dtype, requested,
-                                  num_method, cat_method, alpha, floors)
-    kind = judgement.kind
-
     absent = cur is None
     if cur is None:
         cur = pd.Series(np.full(rows_cur, np.nan), dtype=np.float64 if numeric_dtype else object)
     if numeric_dtype:
-        assert ref_sorted is not None
-        cur_values, n_cur_missing = _numeric_values(cur)
-        cur_sorted = np.sort(cur_values)
+        # Sorting is the main cost and serves every numeric method and the kind rule at once; the
+        # two sides sort on two threads when large.
+        (ref_sorted, n_ref_missing), (cur_sorted, n_cur_missing) = _parallel(
+            partial(_sorted_values, ref), partial(_sorted_values, cur), big=len(ref) + len(cur) >= PARALLEL_MIN_ROWS)
+        column_kind_hint = _numeric_kind(ref_sorted)
+    # The kind column_kind(ref) gives (datetimes are numeric whatever their values), for data quality.
+    quality_kind: ColumnKind = "numeric" if (
+        pd.api.types.is_datetime64_any_dtype(ref.dtype) or pd.api.types.is_timedelta64_dtype(ref.dtype)
+    ) else column_kind_hint
+    if kinds is not None:
+        kinds[name] = quality_kind
+    judgement = method_for_column(name, column_kind_hint, numeric_dtype, ref.dtype, requested,
+                                  num_method, cat_method, alpha, floors)
+    kind = judgement.kind
+
+    if numeric_dtype:
+        assert ref_sorted is not None and cur_sorted is not None
         if kind == "categorical":
             n_ref = len(ref_sorted)
             levels, inverse = np.unique(np.concatenate([ref_sorted, cur_sorted]), return_inverse=True)
@@ -544,8 +651,8 @@ def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: in
 
 
 def compute_drift(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
+    reference: Frame,
+    current: Frame,
     *,
     columns: list[str] | None = None,
     methods: Mapping[str, ColumnMethod | str | Mapping[str, Any]] | str | None = None,
@@ -556,6 +663,7 @@ def compute_drift(
     floors: Floors | str | float | None = None,
     ignore_columns: Iterable[str] = (),
     workers: int | None = None,
+    on_column: Callable[[str, pd.Series, pd.Series | None, ColumnKind | None], None] | None = None,
 ) -> DriftResult:
     """Judge every column of ``reference`` in ``current``, on all rows.
 
@@ -575,7 +683,16 @@ def compute_drift(
         ignore_columns: Columns of ``current`` that are not data (capture metadata, predictions):
             never listed in ``new_in_current``.
         workers: Threads judging columns in parallel (numpy sorts release the GIL); default
-            ``min(4, cpu_count)``.
+            ``min(4, cpu_count)``. Frames read from disk column by column
+            (:class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`) are judged one column
+            at a time (their memory is one column's), with the two sides' sorts and searches of a
+            large column on two threads.
+        on_column: Called with ``(name, reference values, current values or None, column_kind of
+            the reference)`` after each column is judged, while its values are in memory (the
+            streamed job computes data quality there instead of reading every column again).
+
+    ``reference`` and ``current`` are DataFrames or anything with ``columns``, ``len()`` and
+    ``[name] -> Series`` (a :class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`).
 
     Raises:
         ValueError: bad method spec or floors, a method that does not fit a column's kind, unknown columns.
@@ -604,11 +721,17 @@ def compute_drift(
         raise ValueError(f"drift methods given for unknown columns {unknown}; columns: {names}.")
 
     def run(name: str) -> ColumnDrift:
-        return _judge_column(name, reference[name], current[name] if name in current.columns else None,
-                             len(current), per_column.get(name), num_default, cat_default, alpha,
-                             resolved_floors)
+        ref = reference[name]
+        cur = current[name] if name in current.columns else None
+        kinds: dict[str, ColumnKind | None] = {}
+        verdict = _judge_column(name, ref, cur, len(current), per_column.get(name), num_default, cat_default,
+                                alpha, resolved_floors, kinds)
+        if on_column is not None:
+            on_column(name, ref, cur, kinds[name])
+        return verdict
 
-    n_workers = workers or min(4, os.cpu_count() or 1)
+    streamed = not isinstance(reference, pd.DataFrame) or not isinstance(current, pd.DataFrame)
+    n_workers = workers or (1 if streamed else min(4, os.cpu_count() or 1))
     if n_workers > 1 and len(names) > 1 and len(reference) + len(current) > 200_000:
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             results = list(pool.map(run, names))

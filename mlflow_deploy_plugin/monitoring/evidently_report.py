@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlflow_deploy_plugin.capture.columns import ParquetColumns
+
 from .drift_methods import LABELS
-from .drift_stats import ColumnDrift, DriftResult
+from .drift_stats import ColumnDrift, DriftResult, Frame
 
 _log = logging.getLogger(__name__)
 
@@ -48,9 +50,12 @@ STATTEST_PREFIX = "mlflow_deploy_verdict"
 _preset_class: type | None = None
 
 
-def _sample(frame: pd.DataFrame, names: list[str], rows: int, seed: int) -> tuple[pd.DataFrame, bool]:
+def _sample(frame: Frame, names: list[str], rows: int, seed: int) -> tuple[pd.DataFrame, bool]:
     """``rows`` random rows of ``frame[names]`` (all if fewer), drawn before selecting columns so a
-    1M-row frame is never copied whole."""
+    1M-row frame is never copied whole. A table read from disk gives the rows it kept while its
+    columns were read (the same draw: :func:`mlflow_deploy_plugin.capture.columns.sample_positions`)."""
+    if isinstance(frame, ParquetColumns):
+        return frame.sample(names, rows, seed)
     if len(frame) <= rows:
         return frame[names], False
     positions = np.sort(np.random.default_rng(seed).choice(len(frame), size=rows, replace=False))
@@ -105,8 +110,8 @@ def _rule(result: DriftResult) -> str:
 
 
 def render_evidently_report(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
+    reference: Frame,
+    current: Frame,
     result: DriftResult,
     html_path: str | Path,
     *,

@@ -31,19 +31,26 @@ signature when it has a column-based one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlparse
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+from mlflow_deploy_plugin.capture.columns import open_parquet
+
+if TYPE_CHECKING:
+    from .drift_stats import Frame  # scipy: not imported for a type
 
 _logger = logging.getLogger(__name__)
 REFERENCE_ARTIFACT = "reference_data.parquet"
@@ -82,6 +89,24 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_csv(path)
 
 
+def open_table(path: str | Path) -> Frame:
+    """Like :func:`read_table`, but a Parquet file or folder is opened, not read: a
+    :class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns` that reads one column at a time
+    (a reference of any size). CSV is read into memory (it cannot be read by column)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        return read_table(path)
+    try:
+        return open_parquet(str(path))
+    except Exception:
+        if path.is_dir() or name.endswith((".parquet", ".pq")):
+            raise
+        return read_table(path)  # not Parquet: read_table's CSV fallback
+
+
 def read_table_uri(uri: str) -> pd.DataFrame:
     """Read a Parquet/CSV file from a local path or any URI ``mlflow.artifacts`` can download."""
     local = _local_path(uri)
@@ -101,7 +126,7 @@ def model_input_columns(model_name: str, model_version: str) -> list[str] | None
     return [str(name) for name in signature.inputs.input_names()]
 
 
-def select_model_inputs(frame: pd.DataFrame, inputs: list[str] | None) -> tuple[pd.DataFrame, str]:
+def select_model_inputs(frame: Any, inputs: list[str] | None) -> tuple[Any, str]:
     """Keep the model's input columns (in signature order); a note on what was dropped or missing."""
     if inputs is None:
         return frame, "no column signature: all columns kept"
@@ -137,13 +162,14 @@ def _dataset_inputs(run: Any) -> list[Any]:
     return sorted(dataset_inputs, key=lambda di: context(di) != "training")
 
 
-def _load_dataset_input(dataset_input: Any, tmp: str) -> tuple[pd.DataFrame, str]:
+def _load_dataset_input(dataset_input: Any, tmp: str, read: Callable[[str], Frame] = read_table,
+                        ) -> tuple[Frame, str]:
     dataset = dataset_input.dataset
     source = mlflow.data.get_source(dataset_input)
     # Local sources are read in place; others are downloaded into our temp folder.
     # Remote sources (http, s3, ...) take dst_path; the DatasetSource base class does not declare it.
     path = source.load() if dataset.source_type == "local" else cast(Any, source).load(dst_path=tmp)
-    return read_table(path), path
+    return read(path), path
 
 
 def _source_uri(dataset: Any) -> str:
@@ -151,6 +177,21 @@ def _source_uri(dataset: Any) -> str:
         return str(json.loads(dataset.source).get("uri") or dataset.source)
     except (ValueError, AttributeError):
         return str(dataset.source)
+
+
+def open_reference_data(
+    client: mlflow.MlflowClient,
+    model_name: str,
+    model_version: str,
+    workdir: str,
+    override: str | None = None,
+    skipped: list[str] | None = None,
+) -> tuple[Frame, str]:
+    """:func:`resolve_reference_data`, with Parquet opened to be read one column at a time
+    (:func:`open_table`) rather than read whole: what the drift job uses, so a reference of any size
+    costs one column's memory. What must be downloaded goes to ``workdir``, which must outlive the
+    returned table (the caller's temporary folder)."""
+    return _resolve(client, model_name, model_version, override, skipped, workdir)
 
 
 def resolve_reference_data(
@@ -171,6 +212,14 @@ def resolve_reference_data(
         MlflowException: ``RESOURCE_DOES_NOT_EXIST`` naming every place tried (and why each failed)
             and how to provide reference data, when none is found; or the override's error.
     """
+    frame, description = _resolve(client, model_name, model_version, override, skipped, None)
+    return cast(pd.DataFrame, frame), description
+
+
+def _resolve(client: mlflow.MlflowClient, model_name: str, model_version: str, override: str | None,
+             skipped: list[str] | None, workdir: str | None) -> tuple[Frame, str]:
+    """Both resolvers: read whole into memory (``workdir`` None), or opened lazily, downloads in ``workdir``."""
+    read: Callable[[str], Frame] = read_table if workdir is None else open_table
     model_version = str(model_version)
     version = client.get_model_version(model_name, model_version)
     unreadable: str | None = None
@@ -186,7 +235,7 @@ def resolve_reference_data(
         if skipped is not None:
             skipped.append(unreadable)
 
-    def finish(frame: pd.DataFrame, description: str) -> tuple[pd.DataFrame, str]:
+    def finish(frame: Frame, description: str) -> tuple[Frame, str]:
         selected, note = select_model_inputs(frame, inputs)
         if unreadable is not None:
             note = "MLmodel unreadable: all columns kept"
@@ -194,7 +243,11 @@ def resolve_reference_data(
 
     if override:
         try:
-            frame = read_table_uri(override)
+            local = _local_path(override)
+            if workdir is None or local is not None:
+                frame = read_table_uri(override) if workdir is None else read(cast(str, local))
+            else:
+                frame = read(mlflow.artifacts.download_artifacts(artifact_uri=override, dst_path=workdir))
         except Exception as exc:
             raise MlflowException(
                 f"Cannot read the reference data override {override!r} (-C reference_data=...): {exc}",
@@ -204,7 +257,10 @@ def resolve_reference_data(
 
     attempts = [_Attempt("override (-C reference_data=...)", "not given")]
     run_id = version.run_id
-    with tempfile.TemporaryDirectory(prefix="mlflow-deploy-reference-") as tmp:
+    folder: contextlib.AbstractContextManager[str] = (
+        tempfile.TemporaryDirectory(prefix="mlflow-deploy-reference-") if workdir is None
+        else contextlib.nullcontext(workdir))
+    with folder as tmp:
         if run_id:
             try:
                 run = client.get_run(run_id)
@@ -220,7 +276,7 @@ def resolve_reference_data(
                 place = (f"dataset input {dataset.name!r} (source type {dataset.source_type}, "
                          f"{_source_uri(dataset)}) of run {run_id}")
                 try:
-                    frame, _ = _load_dataset_input(di, tmp)
+                    frame, _ = _load_dataset_input(di, tmp, read)
                 except NotImplementedError:
                     attempts.append(_Attempt(place, f"a {dataset.source_type!r} source cannot be loaded"))
                 except Exception as exc:
@@ -237,7 +293,7 @@ def resolve_reference_data(
         for uri in candidates:
             try:
                 path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-                frame = read_table(path)
+                frame = read(path)
             except Exception as exc:
                 reason = "not found" if (isinstance(exc, MlflowException)
                                          and exc.error_code == "RESOURCE_DOES_NOT_EXIST") else f"{exc}"

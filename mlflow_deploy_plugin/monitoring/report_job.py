@@ -38,10 +38,12 @@ untouched: an error is not a verdict.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,11 +58,13 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from .data_quality import DataQualityResult, check_data_quality, insert_into_page
+from mlflow_deploy_plugin.capture.columns import ParquetColumns
+
+from .data_quality import ColumnQuality, DataQualityResult, Limits, check_column, insert_into_page
 from .data_quality import html_table as data_quality_table
 from .data_quality import metrics as data_quality_metrics
 from .drift_methods import ColumnMethod, Floors, methods_to_spec, parse_floors, parse_methods
-from .drift_stats import DriftResult, compute_drift
+from .drift_stats import ColumnKind, DriftResult, Frame, compute_drift
 from .evidently_report import DEFAULT_SAMPLE_ROWS, render_evidently_report, render_fallback_html
 
 _log = logging.getLogger(__name__)
@@ -214,11 +218,13 @@ def _ensure_experiment(client: mlflow.MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
-def select_current(captured: pd.DataFrame, model_version: str, window_start: datetime | None = None,
-                   window_end: datetime | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+def select_current(captured: Frame, model_version: str, window_start: datetime | None = None,
+                   window_end: datetime | None = None) -> tuple[Frame, dict[str, int]]:
     """Captured rows to judge: ``_status == 200``, served by ``model_version``, inside the window.
 
-    Returns the rows and counts of what was excluded and why.
+    ``captured`` is a DataFrame or a :class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`
+    (only the three columns tested are read; the rows are kept as a mask). Returns the rows and
+    counts of what was excluded and why.
     """
     counts = {"captured": len(captured)}
     keep = np.ones(len(captured), dtype=bool)
@@ -227,7 +233,7 @@ def select_current(captured: pd.DataFrame, model_version: str, window_start: dat
         counts["excluded_status"] = int((keep & ~ok).sum())
         keep &= ok
     if "_model_version" in captured.columns:
-        same = (captured["_model_version"].astype(str) == str(model_version)).to_numpy()
+        same = _text_equals(captured["_model_version"], str(model_version))
         counts["excluded_other_versions"] = int((keep & ~same).sum())
         keep &= same
     if "_timestamp" in captured.columns and (window_start is not None or window_end is not None):
@@ -246,7 +252,66 @@ def select_current(captured: pd.DataFrame, model_version: str, window_start: dat
     return current, counts
 
 
-def _prediction_drift(current: pd.DataFrame, reference_predictions: pd.Series | pd.DataFrame | None,
+#: From this many rows (both sides), Evidently is imported on a thread while the statistics run.
+PRELOAD_EVIDENTLY_MIN_ROWS = 2_000_000
+
+
+def _import_evidently_in_background() -> None:
+    """Start importing Evidently (~5 s, nearly all of it Python) beside the statistics of a large
+    window, whose sorts and searches release the GIL, rather than after them: the report is that
+    much sooner. A failed import is left for the rendering step to meet and report."""
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module("evidently.presets")
+
+    threading.Thread(target=load, name="import-evidently", daemon=True).start()
+
+
+def _text_equals(series: pd.Series, value: str) -> np.ndarray:
+    """``series.astype(str) == value`` as a bool array; a categorical (a column read from disk) is
+    compared through its categories, not by turning millions of codes into strings."""
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        # A missing value's text: None in an object column reads as "None".
+        matches = np.append(series.cat.categories.astype(str) == value, value == "None")
+        return matches[series.cat.codes.to_numpy()]  # code -1 (missing) picks the last entry
+    return (series.astype(str) == value).to_numpy()
+
+
+def judge_window(reference: Frame, current: Frame, settings: DriftSettings,
+                 reference_predictions: pd.Series | pd.DataFrame | None = None,
+                 reference_predictions_skipped: str | None = None,
+                 ) -> tuple[DriftResult, DriftResult | None, dict[str, Any], DataQualityResult]:
+    """The exact figures of one window: drift per column, prediction drift and data quality.
+
+    ``reference`` and ``current`` are DataFrames, or tables read from disk one column at a time
+    (:class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`, whatever their size): the figures
+    are the same either way. Data quality is checked on each column while the drift statistics hold
+    it, so a column is read (and, for numbers, sorted) once.
+
+    Returns ``(drift, prediction drift or None, prediction drift summary, data quality)``.
+    """
+    limits = Limits()
+    rows = len(current)
+    quality: dict[str, ColumnQuality] = {}
+
+    def check(name: str, ref: pd.Series, cur: pd.Series | None, kind: ColumnKind | None) -> None:
+        quality[name] = check_column(name, ref, cur, rows, limits, kind=kind)
+
+    result = compute_drift(  # reads the reference's columns of `current`, no copy
+        reference, current, methods=settings.column_methods,
+        num_method=settings.num_method, cat_method=settings.cat_method, alpha=settings.alpha,
+        drift_share_threshold=settings.drift_share_threshold, floors=settings.resolved_floors,
+        ignore_columns=[c for c in current.columns if c in META_COLUMNS or str(c).startswith(PREDICTION_PREFIX)],
+        on_column=check,
+    )
+    data_quality = DataQualityResult(tuple(quality[str(name)] for name in reference.columns), limits, rows,
+                                     len(reference))
+    prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings,
+                                                       reference_predictions_skipped)
+    return result, prediction, prediction_summary, data_quality
+
+
+def _prediction_drift(current: Frame, reference_predictions: pd.Series | pd.DataFrame | None,
                       settings: DriftSettings, why_missing: str | None = None,
                       ) -> tuple[DriftResult | None, dict[str, Any]]:
     """Drift of the model's outputs: the captured ``_prediction`` (one output) or
@@ -298,8 +363,8 @@ def run_drift_report(
     deployment: str,
     model_name: str,
     model_version: str,
-    captured: pd.DataFrame,
-    reference: pd.DataFrame,
+    captured: Frame,
+    reference: Frame,
     reference_source: str,
     window_start: datetime,
     window_end: datetime,
@@ -318,9 +383,11 @@ def run_drift_report(
         deployment: Deployment name (names the default experiment ``drift/<deployment>``).
         model_name: Registered model name; its version ``model_version`` is tagged.
         model_version: The served version; captured rows of other versions are ignored.
-        captured: Capture table read back from Parquet (meta columns, inputs, ``_prediction*``).
-        reference: Reference features (see :func:`.reference.resolve_reference_data`); its columns
-            are the ones compared.
+        captured: Capture table read back from Parquet (meta columns, inputs, ``_prediction*``): a
+            DataFrame, or the window as :func:`mlflow_deploy_plugin.capture.open_capture` opens it
+            (read one column at a time: any size fits in one column's memory).
+        reference: Reference features (see :func:`.reference.resolve_reference_data`), a DataFrame
+            or a table read one column at a time; its columns are the ones compared.
         reference_source: Where the reference came from (logged as a param).
         window_start: Start of the captured window (inclusive; naive means UTC).
         window_end: End of the window (exclusive).
@@ -403,16 +470,14 @@ def run_drift_report(
                 say(f"computing drift on {rows_current:,} current x {rows_reference:,} reference rows, "
                     f"{len(feature_columns)} columns")
                 started = time.perf_counter()
-                result = compute_drift(  # reads the reference's columns of `current`, no copy
-                    reference, current, methods=settings.column_methods,
-                    num_method=settings.num_method, cat_method=settings.cat_method, alpha=settings.alpha,
-                    drift_share_threshold=settings.drift_share_threshold, floors=settings.resolved_floors,
-                    ignore_columns=[c for c in current.columns
-                                    if c in META_COLUMNS or str(c).startswith(PREDICTION_PREFIX)],
-                )
+                if rows_current + rows_reference >= PRELOAD_EVIDENTLY_MIN_ROWS:
+                    _import_evidently_in_background()
+                for side, seed in ((current, settings.seed + 1), (reference, settings.seed)):
+                    if isinstance(side, ParquetColumns):  # the Evidently sample is kept as columns stream by
+                        side.keep_sample(settings.evidently_sample_rows, seed)
+                result, prediction, prediction_summary, data_quality = judge_window(
+                    reference, current, settings, reference_predictions, reference_predictions_skipped)
                 compute_s = time.perf_counter() - started
-                prediction, prediction_summary = _prediction_drift(current, reference_predictions, settings,
-                                                                   reference_predictions_skipped)
                 if prediction is None:
                     skipped_notes.append(f"prediction drift: {prediction_summary['skipped']}")
                 status = "drifted" if result.dataset_drifted else "ok"
@@ -449,7 +514,6 @@ def run_drift_report(
                         evidently_info = {"error": error[:2000]}
                         client.set_tag(run_id, "drift.report_error", error[:MAX_TAG_VAL_LENGTH])
                 summary["evidently"] = evidently_info
-                data_quality = check_data_quality(reference, current)
                 insert_into_page(str(html_path), data_quality_table(data_quality))
                 summary["data_quality"] = data_quality.to_dict()
                 metrics = {"rows_current": rows_current, "rows_reference": rows_reference,
