@@ -197,3 +197,26 @@ def test_a_successor_takes_the_socket_from_the_first_worker_that_hands_it(
         assert "not a listening socket on" in caplog.text and "SO_REUSEPORT" in caplog.text
     finally:
         server.close()
+
+
+def test_a_deleted_deployment_folder_is_never_brought_back(tmp_path: Path, listening: socket.socket) -> None:
+    root = tmp_path / "deployments" / "gone"  # archived meanwhile: no run/ folder any more
+    server = HandoffServer(handoff_path(root / "run", 4242), listening.fileno(), root)
+    with pytest.raises(FileNotFoundError):
+        server.start()
+    server.close()
+    assert not root.exists()
+
+
+def test_only_workers_that_outlive_their_supervisor_offer_their_socket(tmp_path: Path,
+                                                                        listening: socket.socket) -> None:
+    from mlflow_deploy_plugin.serving.worker import Supervision, _offer_handoff
+
+    root = _root(tmp_path)
+    assert _offer_handoff(Supervision(deployment=DeploymentPaths(root), on_orphan="exit"), listening.fileno()) is None
+    offered = _offer_handoff(Supervision(deployment=DeploymentPaths(root), on_orphan="serve"), listening.fileno())
+    assert offered is not None
+    try:
+        assert offered.path == handoff_path(root / "run", os.getpid()) and offered.path.exists()
+    finally:
+        offered.close()

@@ -113,7 +113,8 @@ class HandoffServer:
     def start(self) -> None:
         """Listen on the control socket (owner-only) and answer in a daemon thread."""
         folder = self.path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Not parents=True: a deployment deleted meanwhile (its folder archived) must not come back.
+        folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a dead process's socket with our pid
