@@ -12,7 +12,7 @@ Then, for each fault, ``--clients`` keep-alive clients (``--fresh``: a new conne
 post one row each in a loop (every request carries its own ``X-Request-Id``) while the fault happens, until the deployment is healthy again
 and ``--settle`` more seconds have passed. Printed per fault:
 
-- requests sent, and failed (anything but 200: connection errors, 503, 504);
+- requests sent, and failed (anything but 200: connection errors, 503, 504); the slowest request;
 - seconds to recover: from the fault to the deployment's status being healthy again with the
   faulty process replaced (polled every 50 ms); for the hung model, from the hanging request; for
   the supervisor, until the old workers are gone too (a fresh generation has started and they
@@ -74,6 +74,7 @@ class Loop:
     clients: int
     fresh: bool = False  # a new connection per request (meets the accept queue every time)
     outcomes: list[tuple[str, str]] = field(default_factory=list)  # (request id, "200" or error)
+    slowest_s: float = 0.0  # the longest a request waited for its answer (or its error)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,6 +85,7 @@ class Loop:
             session = requests.Session()
             while not self.stop.is_set() and time.monotonic() < deadline:
                 request_id = uuid.uuid4().hex
+                sent = time.monotonic()
                 if self.fresh:
                     session = requests.Session()
                 try:
@@ -96,6 +98,7 @@ class Loop:
                     session = requests.Session()
                 with self.lock:
                     self.outcomes.append((request_id, outcome))
+                    self.slowest_s = max(self.slowest_s, time.monotonic() - sent)
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(self.clients)]
         for thread in threads:
@@ -250,7 +253,7 @@ class Bench:
         failed = [outcome for _, outcome in loop.outcomes if outcome != "200"]
         return {"fault": fault, "sent": len(loop.outcomes), "failed": len(failed),
                 "failures": dict(sorted({o: failed.count(o) for o in set(failed)}.items())),
-                "recover_s": round(recovered, 2), "answered": len(answered), "captured": captured,
+                "recover_s": round(recovered, 2), "slowest_s": round(loop.slowest_s, 2), "answered": len(answered), "captured": captured,
                 "supervisor_back_s": None if supervisor_back is None else round(supervisor_back, 2),
                 "socket": how}
 
@@ -343,11 +346,12 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"kept {root}", file=sys.stderr)
-    print(f"{'fault':<11} {'sent':>6} {'failed':>6} {'recover_s':>9} {'answered':>8} {'captured':>8}  failures")
+    print(f"{'fault':<11} {'sent':>6} {'failed':>6} {'recover_s':>9} {'slowest_s':>9} {'answered':>8} {'captured':>8}"
+          "  failures")
     for r in results:
         back = f" (a new supervisor after {r['supervisor_back_s']:.2f}s)" if r["supervisor_back_s"] is not None else ""
         back += f" (socket: {r['socket']})" if r["socket"] else ""
-        print(f"{r['fault']:<11} {r['sent']:>6} {r['failed']:>6} {r['recover_s']:>9.2f} {r['answered']:>8} "
+        print(f"{r['fault']:<11} {r['sent']:>6} {r['failed']:>6} {r['recover_s']:>9.2f} {r['slowest_s']:>9.2f} {r['answered']:>8} "
               f"{r['captured']:>8}  {r['failures'] or ''}{back}")
     return 0
 
