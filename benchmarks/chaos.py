@@ -8,11 +8,11 @@ registers the example model (alias ``champion``) and the poison model of the tes
 - ``chaos`` follows ``models:/<model>@champion`` (so it has an agent, and a warm standby);
 - ``chaos-poison`` serves the poison model with ``timeout_s=--timeout`` (hung model, poison request).
 
-Then, for each fault, ``--clients`` keep-alive clients post one row each in a loop (every request
-carries its own ``X-Request-Id``) while the fault happens, until the deployment is healthy again
+Then, for each fault, ``--clients`` keep-alive clients (``--fresh``: a new connection per request)
+post one row each in a loop (every request carries its own ``X-Request-Id``) while the fault happens, until the deployment is healthy again
 and ``--settle`` more seconds have passed. Printed per fault:
 
-- requests sent, and failed (anything but 200: connection errors, 503, 504);
+- requests sent, and failed (anything but 200: connection errors, 503, 504); the slowest request;
 - seconds to recover: from the fault to the deployment's status being healthy again with the
   faulty process replaced (polled every 50 ms); for the hung model, from the hanging request; for
   the supervisor, until the old workers are gone too (a fresh generation has started and they
@@ -24,9 +24,15 @@ and ``--settle`` more seconds have passed. Printed per fault:
 Faults: ``worker`` / ``standby`` / ``agent`` / ``supervisor`` / ``converter`` (``kill -9`` of one
 process; the converter is the deployment's capture converter, recovered once a new one runs),
 ``everything`` (``kill -9`` of every process of the deployment, then `mlflow-deploy up`),
-``hung`` (a predict that never returns), ``poison`` (a request that segfaults its worker).
+``hung`` (a predict that never returns), ``poison`` (a request that segfaults its worker),
+``takeover`` (``kill -9`` of the supervisor, and a successor that inherits no socket: `mlflow-deploy
+up`, or the agent, whichever comes first; the workers, which would start one with their socket
+within a tick, are frozen until it holds the supervisor lock, as on a machine too busy to run them.
+The row says how the successor got its listening socket: ``handoff`` from the old workers, or
+``beside`` them with SO_REUSEPORT, whose closing resets what waits in the old accept queue).
+A fault may be named more than once (``--only takeover,takeover,takeover``).
 
-    .venv/bin/python benchmarks/chaos.py [--clients 3] [--settle 3] [--timeout 3] [--only worker,hung]
+    .venv/bin/python benchmarks/chaos.py [--clients 3] [--settle 3] [--timeout 3] [--only worker,hung] [--fresh]
 
 Every wait is bounded (``--fault-timeout``); traffic goes to 127.0.0.1 only, and everything started
 is stopped on exit, Ctrl-C or error.
@@ -55,7 +61,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "examples"))
-FAULTS = ("worker", "standby", "agent", "supervisor", "converter", "everything", "hung", "poison")
+FAULTS = ("worker", "standby", "agent", "supervisor", "converter", "everything", "hung", "poison", "takeover")
 HANG, CRASH = -1.0, -2.0  # tests/assets/poison_model.py
 
 
@@ -66,7 +72,9 @@ class Loop:
     url: str
     payload: dict
     clients: int
+    fresh: bool = False  # a new connection per request (meets the accept queue every time)
     outcomes: list[tuple[str, str]] = field(default_factory=list)  # (request id, "200" or error)
+    slowest_s: float = 0.0  # the longest a request waited for its answer (or its error)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -77,15 +85,20 @@ class Loop:
             session = requests.Session()
             while not self.stop.is_set() and time.monotonic() < deadline:
                 request_id = uuid.uuid4().hex
+                sent = time.monotonic()
+                if self.fresh:
+                    session = requests.Session()
                 try:
                     response = session.post(f"{self.url}/invocations", json=self.payload, timeout=60,
-                                            headers={"X-Request-Id": request_id})
+                                            headers={"X-Request-Id": request_id,
+                                                     **({"Connection": "close"} if self.fresh else {})})
                     outcome = str(response.status_code)
                 except requests.RequestException as exc:
                     outcome = type(exc).__name__
                     session = requests.Session()
                 with self.lock:
                     self.outcomes.append((request_id, outcome))
+                    self.slowest_s = max(self.slowest_s, time.monotonic() - sent)
 
         threads = [threading.Thread(target=client, daemon=True) for _ in range(self.clients)]
         for thread in threads:
@@ -124,7 +137,7 @@ class Bench:
             time.sleep(0.05)
         raise TimeoutError(f"gave up after {self.args.fault_timeout:.0f}s waiting for {what}")
 
-    def setup(self) -> tuple[str, str, dict, dict]:
+    def setup(self, poison: bool = True) -> tuple[str, str, dict, dict]:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("MLFLOW_", "PYTHON"))})
         os.chdir(self.root)
         import mlflow
@@ -142,8 +155,9 @@ class Bench:
             orient="split", index=False))} for radius in (HANG, CRASH)}
         self.cli("create", "-t", "lifecycle", "--name", "chaos", "-m", "models:/chaos-model@champion",
                  "-C", "workers=2", "-C", "poll_interval_s=60")
-        self.cli("create", "-t", "lifecycle", "--name", "chaos-poison", "-m", "models:/chaos-poison/1",
-                 "-C", "workers=2", "-C", f"timeout_s={self.args.timeout:g}")
+        if poison:  # only for the faults that use it: an idle deployment still costs its start
+            self.cli("create", "-t", "lifecycle", "--name", "chaos-poison", "-m", "models:/chaos-poison/1",
+                     "-C", "workers=2", "-C", f"timeout_s={self.args.timeout:g}")
         return "chaos", "chaos-poison", payload, payload
 
     def healthy(self, name: str, replaced: set[int], extra: Callable[[dict], bool] = lambda s: True) -> bool:
@@ -167,7 +181,7 @@ class Bench:
 
         self.settle(name)
         url = self.status(name)["url"]
-        loop = Loop(url, payload, self.args.clients)
+        loop = Loop(url, payload, self.args.clients, fresh=self.args.fresh)
         threads = loop.run(self.args.fault_timeout + 60)
         self.until(lambda: sum(1 for _, o in loop.outcomes if o == "200") >= 20, "traffic to flow")
         status = self.status(name)
@@ -176,6 +190,7 @@ class Bench:
         window_start = time.time()
         replaced: set[int] = set()
         supervisor_back: float | None = None
+        how: str | None = None
         extra: Callable[[dict], bool] = lambda s: True  # noqa: E731
         if fault == "worker":
             replaced = {status["worker_pids"][0]}
@@ -196,6 +211,11 @@ class Bench:
             self.until(lambda: (s := self.status(name)).get("pid") != status["pid"]
                        and is_supervisor(s.get("pid"), root), "a new supervisor")
             supervisor_back = time.monotonic() - started
+        elif fault == "takeover":
+            how = self.takeover(name, status)
+            supervisor_back = time.monotonic() - started
+            replaced = set(status["worker_pids"])
+            extra = lambda s: s.get("pid") != status["pid"]  # noqa: E731
         elif fault == "everything":
             replaced = set(status["worker_pids"])
             pids = [pid for pid in _processes_under(root)]
@@ -233,8 +253,40 @@ class Bench:
         failed = [outcome for _, outcome in loop.outcomes if outcome != "200"]
         return {"fault": fault, "sent": len(loop.outcomes), "failed": len(failed),
                 "failures": dict(sorted({o: failed.count(o) for o in set(failed)}.items())),
-                "recover_s": round(recovered, 2), "answered": len(answered), "captured": captured,
-                "supervisor_back_s": None if supervisor_back is None else round(supervisor_back, 2)}
+                "recover_s": round(recovered, 2), "slowest_s": round(loop.slowest_s, 2), "answered": len(answered), "captured": captured,
+                "supervisor_back_s": None if supervisor_back is None else round(supervisor_back, 2),
+                "socket": how}
+
+    def takeover(self, name: str, status: dict) -> str:
+        """kill -9 of the supervisor, with a successor that inherits no socket (see the docstring);
+        returns how it got its listening socket, from its history record."""
+        from mlflow_deploy_plugin.engines.local.processes import supervisor_lock_held
+        from mlflow_deploy_plugin.state import DeploymentPaths, StateStore
+
+        paths = DeploymentPaths(self.home / "deployments" / name)
+        frozen = list(status["worker_pids"])
+        up: subprocess.Popen[bytes] | None = None
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            os.kill(status["pid"], signal.SIGKILL)
+            self.until(lambda: not supervisor_lock_held(paths), "the killed supervisor's lock to be free")
+            up = subprocess.Popen([str(BIN / "mlflow-deploy"), "up"], env=self.env, cwd=self.root,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.until(lambda: supervisor_lock_held(paths), "a successor to take the supervisor lock")
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            if up is not None:
+                try:
+                    up.wait(timeout=self.args.fault_timeout)
+                except subprocess.TimeoutExpired:
+                    up.kill()
+                    up.wait()
+        events = [e for e in StateStore(self.home).read_history(name) if e["event"] == "supervisor_replaced"]
+        # Before the handoff existed the record had no "socket": such a successor bound beside them.
+        return str(events[-1].get("socket", "beside")) if events else "?"
 
     def captured(self, name: str, since: float, answered: set[str]) -> int:
         from datetime import UTC, datetime
@@ -266,6 +318,7 @@ def main() -> int:
     parser.add_argument("--fault-timeout", type=float, default=300.0, help="bound of every wait (s)")
     parser.add_argument("--only", default=",".join(FAULTS), help=f"comma-separated subset of {','.join(FAULTS)}")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) afterwards")
+    parser.add_argument("--fresh", action="store_true", help="a new connection per request (no keep-alive)")
     args = parser.parse_args()
     faults = [f for f in args.only.split(",") if f]
     unknown = set(faults) - set(FAULTS)
@@ -276,7 +329,7 @@ def main() -> int:
     bench = Bench(root, args)
     results = []
     try:
-        main_name, poison_name, payload, _ = bench.setup()
+        main_name, poison_name, payload, _ = bench.setup(poison=bool({"hung", "poison"} & set(faults)))
         for fault in faults:
             name = poison_name if fault in ("hung", "poison") else main_name
             print(f"fault {fault} on {name} ...", file=sys.stderr, flush=True)
@@ -293,10 +346,12 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"kept {root}", file=sys.stderr)
-    print(f"{'fault':<11} {'sent':>6} {'failed':>6} {'recover_s':>9} {'answered':>8} {'captured':>8}  failures")
+    print(f"{'fault':<11} {'sent':>6} {'failed':>6} {'recover_s':>9} {'slowest_s':>9} {'answered':>8} {'captured':>8}"
+          "  failures")
     for r in results:
         back = f" (a new supervisor after {r['supervisor_back_s']:.2f}s)" if r["supervisor_back_s"] is not None else ""
-        print(f"{r['fault']:<11} {r['sent']:>6} {r['failed']:>6} {r['recover_s']:>9.2f} {r['answered']:>8} "
+        back += f" (socket: {r['socket']})" if r["socket"] else ""
+        print(f"{r['fault']:<11} {r['sent']:>6} {r['failed']:>6} {r['recover_s']:>9.2f} {r['slowest_s']:>9.2f} {r['answered']:>8} "
               f"{r['captured']:>8}  {r['failures'] or ''}{back}")
     return 0
 

@@ -69,7 +69,8 @@ def _lifecycle_loop(store: StateStore, name: str, stop: threading.Event) -> None
 
 def _make_sure_a_supervisor_comes(store: StateStore, name: str, wait_s: float = 3.0) -> None:
     """The workers normally start the new supervisor (they hand it their socket); if none did
-    within ``wait_s`` (no worker was alive), start one ourselves."""
+    within ``wait_s`` (no worker was alive, or none was scheduled in time), start one ourselves:
+    it asks the workers still serving for their socket (``engines/local/handoff.py``)."""
     from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, supervisor_lock_held
 
     paths = store.paths(name)

@@ -8,8 +8,10 @@ the README promises ("Failure behaviour"); how fast things recover is measured b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -345,3 +347,98 @@ def test_a_request_that_kills_its_worker_is_counted_and_never_fails_the_deployme
         assert "failed" not in [event["event"] for event in env_history(env, name)]
     finally:
         env.delete(name)
+
+
+class FreshConnectionLoop(SteadyLoop):
+    """Like :class:`SteadyLoop`, but every request on a new connection: the clients that meet a
+    listening socket's accept queue, and so would see it reset if it were closed under them."""
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            try:
+                # Longer than the test's bound on the freeze: a connection queued meanwhile is answered late, not lost.
+                response = requests.post(f"{self.url}/invocations", json=self.payload, timeout=150,
+                                         headers={"Connection": "close"})
+                outcome = str(response.status_code)
+            except requests.RequestException as exc:
+                outcome = type(exc).__name__
+            with self.lock:
+                self.outcomes.append((time.monotonic(), outcome))
+
+
+# Two cold generations, each up to a minute on a busy 2-core machine.
+@pytest.mark.timeout(900)
+def test_a_successor_started_by_up_takes_the_very_socket_over_and_resets_nothing(
+        env: Env, registry: Registry, tmp_path: Path) -> None:
+    """kill -9 of the supervisor, then `mlflow-deploy up` starts the successor: it inherits no socket,
+    so it asks the old workers for theirs (engines/local/handoff.py) instead of binding a second one,
+    whose closing would reset what waits in the old one's accept queue.
+
+    The orphaned workers would start a successor of their own (with their socket) within a tick;
+    they are frozen from just before the kill until `up`'s supervisor holds the lock, as on a
+    machine too busy to run them: `up` wins, as it would there. Meanwhile connections wait in the
+    accept queue, none is refused."""
+    from mlflow_deploy_plugin.engines.local.processes import supervisor_lock_held
+    from mlflow_deploy_plugin.state import DeploymentPaths
+
+    home = tmp_path / "home"  # `up` acts on every deployment of its home: only this one here
+    name = "handoff"
+    cli_env = env.environ(MLFLOW_DEPLOY_HOME=str(home))
+    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
+            "-C", "workers=2", "-C", "warm_standby=false", env=cli_env)
+    root = home / "deployments" / name
+    paths = DeploymentPaths(root)
+    frozen: list[int] = []
+    up: subprocess.Popen[str] | None = None
+    try:
+        before = _status(home, name)
+        assert before["agent_pid"] is None, before  # only `up` may start the successor
+        with FreshConnectionLoop(before["url"], _row(registry)) as loop:
+            loop.wait_answers(20, "the request loop to get going")
+            mark = loop.mark()
+            frozen = list(before["worker_pids"])
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(before["pid"], signal.SIGKILL)
+                wait_for(lambda: not supervisor_lock_held(paths), 30, "the killed supervisor's lock to be free")
+                exe = str(Path(sys.executable).parent / "mlflow-deploy")
+                up = subprocess.Popen([exe, "--home", str(home), "up"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=cli_env, cwd=env.root)
+                wait_for(lambda: supervisor_lock_held(paths), 120, "`up`'s supervisor to take the lock")
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            out, err = up.communicate(timeout=300)
+            assert up.returncode == 0 and f"{name}: started" in out, out + err[-2000:]
+            taken_over = wait_for(
+                lambda: (s := _status(home, name))["state"] == "running" and s["takeovers"] == 1
+                and is_supervisor(s["pid"], root) and len(s["worker_pids"]) == 2
+                and set(s["worker_pids"]).isdisjoint(frozen)
+                and not any(is_worker(pid, root) for pid in frozen) and s, 300,
+                "the new generation to serve and the old workers to be gone")
+            loop.wait_answers(20, "answers after the takeover")
+            during = loop.since(mark)
+        # Not one connection refused or reset, not one request failed.
+        assert during["200"] > 0 and set(during) == {"200"}, during
+        assert taken_over["url"] == before["url"]
+        log = (root / "logs" / "supervisor.log").read_text()
+        handed = re.search(r"from worker (\d+) by handoff", log)
+        assert handed and int(handed[1]) in frozen, log[-3000:]
+        assert "SO_REUSEPORT" not in log, log[-3000:]
+        replaced = [e for e in _history(home, name) if e["event"] == "supervisor_replaced"]
+        assert [e["socket"] for e in replaced] == ["handoff"], replaced
+        # Gone with their workers: no control socket is left behind.
+        assert {p.name for p in (root / "run" / "handoff").iterdir()} == {
+            f"{pid}.sock" for pid in taken_over["worker_pids"]}
+        print(f"requests during the takeover: {dict(during)}")
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if up is not None and up.poll() is None:
+            up.kill()
+            up.communicate(timeout=60)
+        env.delete(name, home)
+        _kill_everything_under(home)
+    assert not processes_under(root), "a process of the deleted deployment is left"

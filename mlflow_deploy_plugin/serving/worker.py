@@ -8,7 +8,9 @@ what it has (telling keep-alive clients to reconnect), then exits.
 If its supervisor dies (``kill -9``, OOM killer), a worker started with ``--on-orphan serve`` keeps
 serving on the socket it holds and starts a new supervisor, handing it that very socket: the new
 supervisor starts a fresh generation beside it and then tells it to drain (see
-``engines/local/supervisor.py``). The port never closes. ``run-local`` workers (``--on-orphan
+``engines/local/supervisor.py``). The port never closes. A successor started by someone else (the
+agent, `mlflow-deploy up`) asks for the socket on the worker's control socket
+(``engines/local/handoff.py``), answered until the worker drains. ``run-local`` workers (``--on-orphan
 exit``) drain and exit instead: nothing of a foreground run may outlive it.
 
 Liveness (``serving/watchdog.py``, ``engines/local/liveness.py``): the event loop beats a heartbeat
@@ -44,6 +46,7 @@ _T0 = time.monotonic()
 import uvicorn  # noqa: E402
 
 from mlflow_deploy_plugin.engines.local import worker_protocol as protocol  # noqa: E402
+from mlflow_deploy_plugin.engines.local.handoff import HandoffServer, handoff_path  # noqa: E402
 from mlflow_deploy_plugin.engines.local.liveness import (  # noqa: E402
     HEARTBEAT_S,
     HUNG_GRACE_S,
@@ -76,6 +79,7 @@ class Supervision:
     watch: Any = None  # serving.watchdog.PredictWatch, once the model is loaded
     guard: Any = None  # serving.watchdog.HungGuard
     on_hung_exit: Any = None  # flushes capture before the worker leaves
+    handoff: HandoffServer | None = None  # hands our listening socket to a successor supervisor
 
 
 class DrainingServer(uvicorn.Server):
@@ -135,6 +139,8 @@ class DrainingServer(uvicorn.Server):
             if not self._closed_listeners:
                 for server in self.servers:
                     server.close()  # stop accepting; the shared socket stays open for the others
+                if supervision.handoff is not None:
+                    supervision.handoff.close(wait=False)  # our copy of the socket goes too
                 self._closed_listeners = True
                 if self.on_stopped_accepting is not None:
                     self.on_stopped_accepting()
@@ -255,12 +261,31 @@ def main(argv: list[str] | None = None) -> int:
     # after 1 ms instead of 5 ms: shorter waits for the requests that arrive meanwhile.
     sys.setswitchinterval(0.001)
     sock = socket.socket(fileno=args.fd)
+    supervision.handoff = _offer_handoff(supervision, args.fd)
     try:
         server.run(sockets=[sock])
     finally:
+        if supervision.handoff is not None:
+            supervision.handoff.close()
         if capture is not None:
             capture.close(timeout_s=30.0)  # graceful stop: everything accepted reaches disk
     return 0
+
+
+def _offer_handoff(supervision: Supervision, listen_fd: int) -> HandoffServer | None:
+    """Be ready to hand our listening socket to a successor supervisor that has none
+    (``engines/local/handoff.py``); only workers that outlive their supervisor have successors."""
+    if supervision.on_orphan != "serve" or supervision.deployment is None:
+        return None
+    root = supervision.deployment.root
+    handoff = HandoffServer(handoff_path(root / "run", os.getpid()), listen_fd, root)
+    try:
+        handoff.start()
+    except OSError as exc:  # a successor then binds beside us (SO_REUSEPORT), as before
+        _logger.warning("Cannot offer the listening socket to a successor supervisor: %s", exc)
+        handoff.close()
+        return None
+    return handoff
 
 
 def _import_before_mlflow(model_dirs: list[Path]) -> None:

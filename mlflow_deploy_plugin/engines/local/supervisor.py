@@ -27,11 +27,15 @@ parent gone keep serving on the socket they hold and start a new supervisor with
 aside. The new one reads the old workers' pids from ``status.json`` (verified by command line),
 starts a fresh generation on the same socket and, once it is ready, tells the old ones to drain.
 With no socket to inherit (started by the agent or by `mlflow-deploy up` while old workers still
-serve) it binds the same port beside them: every socket is bound with ``SO_REUSEPORT`` for that
-reason, after a probe that keeps two deployments from ever sharing a port.
+serve) it asks those workers for theirs: each hands a duplicate of the very listening socket over a
+Unix-domain control socket, to a supervisor of this deployment only (``handoff.py``), so there is
+still one socket and nothing queued on it is reset. Only if none answers does it bind the same port
+beside them (every socket is bound with ``SO_REUSEPORT`` for that reason, after a probe that keeps
+two deployments from ever sharing a port); the log says so, since connections still queued on the
+old socket are then reset when its last worker closes it.
 
 It imports only the standard library and the spec/state modules (and its own mailbox, worker
-protocol, liveness and process helpers): a test reads its import graph to keep it that way.
+protocol, liveness, socket handoff and process helpers): a test reads its import graph to keep it that way.
 
 Run as ``python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR [--respawn] [--fd N]``.
 """
@@ -54,6 +58,13 @@ from typing import Any
 
 import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
 from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
+from mlflow_deploy_plugin.engines.local.handoff import (
+    REQUEST_TIMEOUT_S,
+    HandoffRefused,
+    handoff_dir,
+    handoff_path,
+    request_socket,
+)
 from mlflow_deploy_plugin.engines.local.liveness import HUNG_GRACE_S, Liveness, liveness_dir, read_liveness
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
 from mlflow_deploy_plugin.engines.local.processes import (
@@ -89,6 +100,7 @@ LOG_MAX_BYTES = int(os.environ.get("MLFLOW_DEPLOY_LOG_MAX_BYTES") or 10 * 1024 *
 LOG_BACKUPS = 2
 LOG_CHECK_S = 10.0
 KEEP_WORKER_LOGS = 40  # logs of past workers kept (newest first)
+HANDOFF_TOTAL_S = 3 * REQUEST_TIMEOUT_S  # asking a predecessor's workers for their socket, all told
 
 
 @dataclass
@@ -509,6 +521,8 @@ class Supervisor:
                 forget_worker_metrics(self.paths.metrics, pid)
                 with contextlib.suppress(OSError):
                     self._live_path(pid).unlink()
+                with contextlib.suppress(OSError):
+                    handoff_path(self.paths.root / "run", pid).unlink()
         if not self.orphans or self.orphans_told or self.current is None:
             return
         ready = [w for w in self._workers_of(self.current) if w.ready_at]
@@ -555,14 +569,23 @@ class Supervisor:
         self.paths.requests.mkdir(parents=True, exist_ok=True)
         self.paths.metrics.mkdir(parents=True, exist_ok=True)
         self._forget_dead_metrics()
+        self._forget_dead_handoffs()
         number = max(spec.generation, int(previous.get("generation") or 0) + 1) if previous else spec.generation
+        how = "bound"  # how we got the listening socket (told in the history on a takeover)
         try:
             sock = None
+            # Keep the port a deployment without a fixed one had: its URL is in the registry's tags.
+            port = spec.config.port or previous.get("port")
             if self.inherited_fd is not None:
-                sock = adopt_socket(self.inherited_fd, spec.config.host, spec.config.port or previous.get("port"))
+                sock = adopt_socket(self.inherited_fd, spec.config.host, port)
+                if sock is not None:
+                    how = "inherited"
+                    _logger.info("Serving on the listening socket the worker that started us handed down (fd %d)",
+                                 self.inherited_fd)
+            if sock is None and self.orphans:
+                sock = self._socket_from_orphans(spec.config.host, port)
+                how = "handoff" if sock is not None else "beside"
             if sock is None:
-                # Keep the port a deployment without a fixed one had: its URL is in the registry's tags.
-                port = spec.config.port or previous.get("port")
                 try:
                     sock = bind_socket(spec.config.host, port, beside_orphans=bool(self.orphans))
                 except OSError:
@@ -580,7 +603,7 @@ class Supervisor:
         self._write_status()
         if self.orphans:
             self.store.append_history(self.paths.name, "supervisor_replaced", serving_pids=sorted(self.orphans),
-                                      generation=number)
+                                      generation=number, socket=how)
         while True:
             self._tick()
             if self.stop_requested is not None or self.state == STATUS_FAILED:
@@ -607,6 +630,43 @@ class Supervisor:
             _logger.warning("Taking over %s: workers %s of the previous supervisor keep serving until ours are "
                             "ready", self.paths.name, sorted(self.orphans))
             self.ever_ready = True  # the service is up: a crash of ours is a crash, not a failed create
+
+    def _socket_from_orphans(self, host: str, port: int | None) -> socket.socket | None:
+        """The very socket the previous supervisor's workers serve on, handed over by one of them
+        (``handoff.py``); None if none would (then we bind beside them, and say what that costs)."""
+        run_dir = self.paths.root / "run"
+        deadline = time.monotonic() + HANDOFF_TOTAL_S
+        refusals: list[str] = []
+        for pid in self.orphans:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                refusals.append("out of time")
+                break
+            try:
+                fd = request_socket(handoff_path(run_dir, pid), self.paths.root, min(REQUEST_TIMEOUT_S, remaining))
+            except HandoffRefused as exc:
+                refusals.append(f"worker {pid}: {exc}")
+                continue
+            sock = adopt_socket(fd, host, port)
+            if sock is None:  # adopt_socket closed it
+                refusals.append(f"worker {pid}: its socket is not a listening socket on {host}:{port}")
+                continue
+            _logger.info("Took over the listening socket %s:%s from worker %d by handoff: the previous "
+                         "workers and ours share one socket, so nothing queued on it is reset", host,
+                         sock.getsockname()[1], pid)
+            return sock
+        _logger.warning("No worker of the previous supervisor handed over its listening socket (%s); binding "
+                        "beside them with SO_REUSEPORT: connections still queued on their socket are reset "
+                        "when the last of them closes it", "; ".join(refusals) or "none asked")
+        return None
+
+    def _forget_dead_handoffs(self) -> None:
+        """Control sockets of workers that are gone (killed before they could remove them)."""
+        with contextlib.suppress(OSError):
+            for path in handoff_dir(self.paths.root / "run").glob("*.sock"):
+                if not (path.stem.isdigit() and int(path.stem) in self.orphans):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
     def _forget_dead_metrics(self) -> None:
         """Live gauges of processes that are gone are dropped; counters stay, so totals keep counting."""
@@ -671,6 +731,8 @@ class Supervisor:
             live = read_liveness(self._live_path(pid))
             with contextlib.suppress(OSError):
                 self._live_path(pid).unlink()
+            with contextlib.suppress(OSError):
+                handoff_path(self.paths.root / "run", pid).unlink()
             if worker.draining or worker.generation == -1:
                 if worker is self.standby:
                     self.standby = None
