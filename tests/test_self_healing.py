@@ -28,12 +28,12 @@ from conftest import (
     SWITCH_S,
     Env,
     Registry,
+    TrafficThreads,
     _kill_everything_under,
     processes_under,
     split_payload,
     wait_for,
 )
-from test_update_and_supervision import TrafficThreads
 
 from mlflow_deploy_plugin.engines.local.processes import is_supervisor, is_worker
 
