@@ -67,10 +67,9 @@ WINDOW_START = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW_END = WINDOW_START + timedelta(hours=1)
 
 
-def make_frame(n: int, seed: int, shifted: bool) -> pd.DataFrame:
-    """25 columns of one fixed distribution (shifted in SHIFTED when ``shifted``)."""
-    rng = np.random.default_rng(seed)
-    cols: dict[str, object] = {}
+def _numeric_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """The 20 numeric columns of assorted shapes (normal, lognormal, uniform, gamma, Poisson)."""
+    cols: dict[str, np.ndarray] = {}
     for i in range(20):
         shape = i % 5
         if shape == 0:
@@ -84,6 +83,14 @@ def make_frame(n: int, seed: int, shifted: bool) -> pd.DataFrame:
         else:
             values = rng.poisson(40, n).astype(np.int64)  # integers with ties, >10 levels: numeric
         cols[f"num_{i:02d}"] = values
+    return cols
+
+
+def make_frame(n: int, seed: int, shifted: bool) -> pd.DataFrame:
+    """25 columns of one fixed distribution (shifted in SHIFTED when ``shifted``)."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, object] = {}
+    cols.update(_numeric_columns(rng, n))
     if shifted:
         cols["num_03"] = cols["num_03"] + 0.05 * np.std(cols["num_03"])
         num_11 = np.asarray(cols["num_11"], dtype=float)
@@ -222,19 +229,7 @@ def make_chunk(n: int, seed: int, shifted: bool) -> dict[str, object]:
 
     rng = np.random.default_rng(seed)
     cols: dict[str, object] = {}
-    for i in range(20):
-        shape = i % 5
-        if shape == 0:
-            values = rng.normal(50, 10, n)
-        elif shape == 1:
-            values = rng.lognormal(3, 0.7, n)
-        elif shape == 2:
-            values = rng.uniform(0, 100, n)
-        elif shape == 3:
-            values = rng.gamma(2.0, 5.0, n)
-        else:
-            values = rng.poisson(40, n).astype(np.int64)
-        cols[f"num_{i:02d}"] = values
+    cols.update(_numeric_columns(rng, n))
     if shifted:
         cols["num_03"] = np.asarray(cols["num_03"]) + 0.05 * np.sqrt(2.0 * 25.0)  # gamma(2, 5): sd 7.07
         mean = float(np.exp(3 + 0.7 ** 2 / 2))  # lognormal(3, 0.7)
