@@ -94,7 +94,7 @@ def test_concurrent_record_then_close_keeps_every_accepted_row(tmp_path: Path) -
         thread.start()
     for thread in threads:
         thread.join(30)
-    writer.close()
+    writer.close(timeout_s=120)  # a bound for a busy machine: the converter starts within it
 
     assert writer.dropped_requests == 0
     assert writer.accepted_requests == writer.written_requests == 4000
@@ -326,11 +326,12 @@ def test_writer_inherited_through_fork_works_in_the_child(tmp_path: Path) -> Non
             code = 1
             try:
                 ok = writer.record(request("child", 1))
-                writer.close(timeout_s=5)
+                # The child starts a converter of its own: its imports take seconds on a busy machine.
+                writer.close(timeout_s=60)
                 code = 0 if ok and writer.written_requests == 1 else 2
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 90
         while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
             assert time.monotonic() < deadline, "forked child did not finish"
             time.sleep(0.02)
@@ -396,6 +397,48 @@ def test_a_crashed_writers_spool_is_converted_by_the_next_start(tmp_path: Path) 
     assert sorted(set(captured["_request_id"])) == ["after-restart", "crashed-0", "crashed-1", "crashed-2"]
     assert sorted(captured.loc[captured["_request_id"].str.startswith("crashed"), "name"]) == ["n0", "n1", "n2"]
     assert not list(spool.iterdir()), "the orphaned spool folder is removed once converted"
+
+
+KILLED_WRITER = """
+import sys, time
+from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter
+import numpy as np, pandas as pd
+root, spool = sys.argv[1], sys.argv[2]
+writer = CaptureWriter(root, "dep", flush_interval_s=600, spool_dir=spool, converter="external")
+def record(i):
+    frame = pd.DataFrame({"x": [float(i)]})
+    assert writer.record(CapturedRequest(f"answered-{i}", time.time(), "1", 200, 1.0, frame, np.array([i])))
+record(0)
+deadline = time.monotonic() + 60
+while not writer.writes_through:
+    assert time.monotonic() < deadline, "the writer never opened its segment file"
+    time.sleep(0.01)
+for i in range(1, 200):
+    record(i)
+print("recorded", flush=True)
+sys.stdin.read()  # killed by the test while waiting here
+"""
+
+
+def test_what_a_writer_recorded_survives_its_kill_9_at_once(tmp_path: Path) -> None:
+    """record() puts the request in the segment file before it returns: a worker killed with
+    ``kill -9`` right after answering loses none of what it answered; the converter takes the
+    orphaned folder."""
+    root, spool = tmp_path / "capture", tmp_path / "spool"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root), str(spool)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert killed.stdout is not None
+        assert killed.stdout.readline().strip() == b"recorded"
+    finally:
+        killed.kill()  # at once: no time for a writer thread to catch up
+        killed.wait(30)
+    keeper = subprocess.run([sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", str(spool),
+                             "--drain"], env=env, timeout=120, capture_output=True, text=True)
+    assert keeper.returncode == 0, keeper.stderr
+    captured = read_capture(str(root))
+    assert sorted(captured["_request_id"]) == sorted(f"answered-{i}" for i in range(200))
 
 
 def test_float_frames_take_the_raw_path_and_read_back_like_any_frame(tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
 """The capture writer: the request path appends encoded records to a spool; another process writes Parquet.
 
 :meth:`CaptureWriter.record` encodes one answered request as a spool record (:mod:`.spool`: raw
-bytes of float frames and numeric predictions, a few microseconds) and appends it to an in-memory
-list. A background thread of the serving process only appends those bytes to a segment file
-(``os.write`` releases the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the
-segment to the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet
-work. So encoding and writing Parquet never hold the GIL of the process that serves.
+bytes of float frames and numeric predictions, a few microseconds) and appends it to the open
+segment file with one ``os.write`` (a copy into the page cache, which releases the GIL). So what a
+worker answered is on file the moment it answers: a ``kill -9`` of the worker loses none of it
+(the spool's converter converts the folder of a writer that is gone). Only until a segment's file
+is open (its first records) do records wait in memory for the writer thread. That thread opens
+and rolls segments and, every ``flush_interval_s`` or ``flush_rows`` rows, hands a segment to
+the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet work. So
+encoding and writing Parquet never hold the GIL of the process that serves.
 
 Writer and converter talk through files only: the writer renames a complete segment ``.seg``; the
 converter writes its Parquet and answers in ``.done``, which the writer reads to count. One
@@ -14,7 +17,8 @@ deployment (``converter="external"``: the workers' writers start none), elsewher
 process share one they start themselves (``converter="own"``), which exits when idle and is
 started again when a segment waits.
 
-What stays true, and is easy to check here: the request path never blocks on I/O or raises;
+What stays true, and is easy to check here: the request path never waits on a disk (a page-cache
+write; opening, closing and renaming files is the thread's) and never raises;
 what waits (in memory or in the spool, not yet in Parquet) is bounded in requests and bytes;
 every request accepted is either written or counted as dropped (with a reason); nothing accepted
 is lost on a graceful :meth:`~CaptureWriter.close`; after a crash, the converter of the next
@@ -64,9 +68,6 @@ from mlflow_deploy_plugin.capture.spool import (
 _log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 600.0
-# Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
-_WRITE_EVERY_S = 0.25
-_WRITE_BYTES = 1 << 20
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
 # How often the writer looks for the converter's answers while segments wait for one.
@@ -313,6 +314,10 @@ class CaptureWriter:
         self._segment = _Segment()
         self._segment_started_at: float | None = None
         self._segment_fd: int | None = None
+        # The segment file record() appends to itself (None while records wait in _chunks), and
+        # how many such appends run now (outside the lock).
+        self._direct_fd: int | None = None
+        self._direct_writes = 0
         # Segments handed to the converter, not yet answered: name -> (requests, bytes).
         self._sent: dict[str, tuple[int, int]] = {}
         self._flush_asked = 0
@@ -368,8 +373,12 @@ class CaptureWriter:
                       or self._waiting_bytes + size > self.max_buffer_bytes):
                     reason = DROP_BUFFER_FULL
                 else:
-                    self._chunks.append(blob)
-                    self._chunk_bytes += size
+                    fd = self._direct_fd
+                    if fd is None:
+                        self._chunks.append(blob)
+                        self._chunk_bytes += size
+                    else:
+                        self._direct_writes += 1  # the thread closes no file while this is > 0
                     self._waiting_requests += 1
                     self._waiting_bytes += size
                     self.accepted_requests += 1
@@ -379,18 +388,21 @@ class CaptureWriter:
                     segment.rows = before + rows
                     segment.bytes += size
                     if before == 0:
-                        # Wake the thread only on the first row (to start the interval clock) and
-                        # when a write or a conversion is due, so most calls do no signalling.
                         self._segment_started_at = time.monotonic()
+                    # Wake the thread on the first row (to start the interval clock), for records to
+                    # write (only until it has opened the segment file) and when a conversion is
+                    # due: once records go straight to the file, most calls do no signalling.
+                    if before == 0 or fd is None or before < self.flush_rows <= segment.rows:
                         self._wakeup.notify()
-                    elif before < self.flush_rows <= segment.rows or self._chunk_bytes >= _WRITE_BYTES > (
-                            self._chunk_bytes - size):
-                        self._wakeup.notify()
-                    return True
-                self.dropped_requests += 1
-                first_of_burst = reason not in self._warned
-                if first_of_burst:
-                    self._warned.add(reason)
+                if reason is not None:
+                    self.dropped_requests += 1
+                    first_of_burst = reason not in self._warned
+                    if first_of_burst:
+                        self._warned.add(reason)
+            if reason is None:
+                if fd is not None:
+                    self._write_direct(fd, blob)
+                return True
             if first_of_burst:
                 _log.warning("Capture for deployment %r: dropping requests (%s); further drops are counted "
                              "in dropped_requests until it recovers.", self.deployment, reason)
@@ -400,6 +412,32 @@ class CaptureWriter:
             with contextlib.suppress(Exception):
                 self._drop(1, DROP_INVALID, accepted=False)
             return False
+
+    def _write_direct(self, fd: int, blob: bytes) -> None:
+        """Append one accepted record to the open segment file, outside the lock.
+
+        One ``os.write`` to the page cache (it releases the GIL) rather than a list append: what a
+        worker answered is in the file the moment it answers, so a ``kill -9`` of the worker loses
+        none of it (the deployment's converter converts the folder of a writer that is gone).
+        Appends of several threads do not interleave (``O_APPEND``, one write each), and the lock
+        is not held across the write, so threads recording at once never queue behind a syscall.
+        A short or failed write turns direct writes off; the writer thread writes the rest and
+        counts what it cannot write.
+        """
+        try:
+            written = os.write(fd, blob)
+        except OSError:
+            written = 0
+        with self._lock:
+            self._direct_writes -= 1
+            if written < len(blob):
+                if self._direct_fd == fd:
+                    self._direct_fd = None
+                rest = blob[written:]
+                self._chunks.append(rest)
+                self._chunk_bytes += len(rest)
+            if written < len(blob) or not self._direct_writes:
+                self._wakeup.notify_all()
 
     # ---- control --------------------------------------------------------------------------------
 
@@ -447,6 +485,12 @@ class CaptureWriter:
         return self._closed
 
     @property
+    def writes_through(self) -> bool:
+        """True while :meth:`record` appends straight to the segment file (False before its file is
+        open, after a failed write, and once closed): then a recorded request survives a ``kill -9``."""
+        return self._direct_fd is not None
+
+    @property
     def buffered_requests(self) -> int:
         """Requests accepted and not yet written to Parquet (in memory or in the spool)."""
         return self._waiting_requests
@@ -471,7 +515,6 @@ class CaptureWriter:
 
     def _run(self) -> None:
         next_prune = time.monotonic() if self.retention_days else math.inf
-        next_write = 0.0  # the first records are written at once, then every _WRITE_EVERY_S
         next_answers = 0.0
         while True:
             try:
@@ -480,9 +523,9 @@ class CaptureWriter:
                         now = time.monotonic()
                         if self._closed or self._flush_asked > self._flush_done or now >= next_prune:
                             break
-                        if self._segment.rows >= self.flush_rows or self._chunk_bytes >= _WRITE_BYTES:
+                        if self._segment.rows >= self.flush_rows:
                             break
-                        due = next_write if self._chunks else math.inf
+                        due = now if self._chunks else math.inf
                         if self._segment_started_at is not None:
                             due = min(due, self._segment_started_at + self.flush_interval_s)
                         if self._sent:  # answers to pick up
@@ -500,16 +543,18 @@ class CaptureWriter:
                                 and time.monotonic() >= self._segment_started_at + self.flush_interval_s))
                     segment = self._segment
                     if roll:
+                        self._direct_fd = None  # before the thread closes that file
                         self._segment, self._segment_started_at = _Segment(), None
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
                 if chunks:
                     self._append(segment, chunks)
+                if not roll and self._direct_fd is None:
+                    self._go_direct(segment)
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()
-                next_write = time.monotonic() + _WRITE_EVERY_S
                 if roll:
                     self._roll(segment)
                 if self._sent and time.monotonic() >= next_answers:
@@ -573,7 +618,39 @@ class CaptureWriter:
             if self._segment_fd is not None and segment.requests == 0:
                 self._close_segment_file(segment, keep=False)
 
+    def _go_direct(self, segment: _Segment) -> None:
+        """Once ``segment``'s file is open and nothing waits before them, record() appends to it."""
+        with self._lock:
+            if segment is not self._segment or self._segment_fd is None or self._closed:
+                return
+            # Records that arrived while the thread wrote: a few, written here so order is kept.
+            while self._chunks:
+                written = 0
+                with contextlib.suppress(OSError):
+                    written = os.write(self._segment_fd, self._chunks[0])
+                if written < len(self._chunks[0]):
+                    # The thread writes the rest next time (and counts what fails for good).
+                    self._chunks[0] = self._chunks[0][written:]
+                    self._chunk_bytes -= written
+                    self._wakeup.notify()
+                    return
+                self._chunk_bytes -= written
+                self._chunks.pop(0)
+            self._direct_fd = self._segment_fd
+
     def _close_segment_file(self, segment: _Segment, keep: bool) -> str | None:
+        with self._lock:
+            if self._direct_fd == self._segment_fd:
+                self._direct_fd = None
+            # A record() that took this fd may still be writing: closing under it could hand its
+            # number to another file. Page-cache writes end in microseconds.
+            waited = time.monotonic()
+            while self._direct_writes:
+                self._wakeup.wait(1.0)
+                if time.monotonic() - waited > 10.0:
+                    _log.warning("Capture for deployment %r: a spool write has not returned for %.0fs.",
+                                 self.deployment, time.monotonic() - waited)
+                    waited = time.monotonic()
         fd, self._segment_fd = self._segment_fd, None
         if fd is None or self._folder is None:
             return None
