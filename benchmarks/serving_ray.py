@@ -8,7 +8,9 @@ cells by the same load generator:
   trivial app);
 - ``ray-trivial``: a Serve deployment that answers a constant JSON to any request, behind the same
   proxy: the ceiling of Serve's HTTP proxy and request routing on this machine, which no Ray
-  deployment can pass, so the others read against it.
+  deployment can pass, so the others read against it. It gets the ``max_ongoing_requests`` our
+  deployments get by default (2 x max_queue, ``engines/ray/engine.py``): with Serve's own default
+  (5) the router, not the proxy, capped it (~13 req/s at 32 clients), below what ours then reach.
 
 The cluster: ``$RAY_ADDRESS`` if set (its Serve proxy must already listen, e.g. `serve start`), else a
 private one (``ray start --head --block --num-cpus 2`` on free ports and a temp dir, its own proxy on a
@@ -151,7 +153,11 @@ def start_trivial() -> dict[str, Any]:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    @serve.deployment(ray_actor_options={"num_cpus": float(REPLICA_CPUS)})
+    from mlflow_deploy_plugin.engines.ray.engine import max_ongoing_requests
+    from mlflow_deploy_plugin.spec import DeploymentConfig
+
+    @serve.deployment(ray_actor_options={"num_cpus": float(REPLICA_CPUS)},
+                      max_ongoing_requests=max_ongoing_requests(DeploymentConfig()))
     class Trivial:
         async def __call__(self, request: Request) -> Response:
             await request.body()

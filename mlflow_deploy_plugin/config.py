@@ -373,6 +373,11 @@ CONFIG_KEYS: tuple[_Key, ...] = (
     _Key("target_ongoing_requests", "float", None,
          "[ray] Autoscaling target of in-flight requests per replica (Serve's default 2).",
          _to_float(0, 100000, lo_open=True)),
+    _Key("max_ongoing_requests", "int", None,
+         "[ray] Requests Serve hands one replica at a time (default 2 x max_queue: a full queue plus a "
+         "batch of it in predict, so the replica's batcher sees the backlog and sheds what is beyond it "
+         "with 503; Serve's own default of 5 keeps the rest waiting at its router).",
+         _to_int(1, 1_000_000)),
     _Key("num_cpus", "float", None,
          "[ray] CPUs reserved per replica (Serve's default 1). An update starts the new replicas "
          "beside the old ones, so the cluster needs room for twice the replicas meanwhile.",

@@ -113,6 +113,7 @@ class DeploymentConfig:
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None
+    max_ongoing_requests: int | None = None
     num_cpus: float | None = None
     # Shadow deployment (serving/shadow.py): a version that sees a copy of the traffic, never answers it.
     shadow: str | None = None

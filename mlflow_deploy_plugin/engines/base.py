@@ -164,7 +164,7 @@ ENGINES = ("local", "ray")
 # `-C` keys that only one engine understands (the others refuse them in check_config).
 ENGINE_ONLY_KEYS = {
     "ray": frozenset({"ray_address", "num_replicas", "min_replicas", "max_replicas",
-                      "target_ongoing_requests", "num_cpus"}),
+                      "target_ongoing_requests", "max_ongoing_requests", "num_cpus"}),
 }
 
 

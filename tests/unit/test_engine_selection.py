@@ -254,3 +254,26 @@ def test_a_ray_replica_leaves_the_request_id_header_to_serves_proxy() -> None:
     response = client.post("/invocations", headers={"x-request-id": "serve-made-this"})
     assert response.status_code == 200 and response.json() == {"id": "serve-made-this"}
     assert "x-request-id" not in response.headers and response.headers["x-model-version"] == "1"
+
+
+def test_a_ray_replica_takes_its_whole_queue_from_serve(tmp_path: Path) -> None:
+    """Serve hands a replica 2 x max_queue requests at once by default (not Serve's 5, which kept
+    the backlog in its router instead of the replica's batcher); -C max_ongoing_requests sets it,
+    is validated like every key, is the Ray engine's own, and bounds the autoscaling target."""
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.engines.ray.engine import RayEngine, max_ongoing_requests
+
+    assert max_ongoing_requests(parse_config({})) == 512
+    assert max_ongoing_requests(parse_config({"max_queue": "10"})) == 20
+    assert max_ongoing_requests(parse_config({"max_ongoing_requests": "64", "max_queue": "10"})) == 64
+    for bad in ("0", "many", "1.5"):
+        with pytest.raises(InvalidRequest, match="max_ongoing_requests"):
+            parse_config({"max_ongoing_requests": bad})
+    with pytest.raises(InvalidRequest, match=r"-C max_ongoing_requests applies to the ray engine only"):
+        get_engine("lifecycle", StateStore(tmp_path)).check_config(parse_config({"max_ongoing_requests": "64"}))
+    # Refused before any cluster is contacted (none runs for this test).
+    ray_engine = RayEngine(StateStore(tmp_path))
+    with pytest.raises(InvalidRequest, match=r"target_ongoing_requests=100 exceeds the 64 requests"):
+        ray_engine.check_config(parse_config({"max_replicas": "2", "target_ongoing_requests": "100",
+                                              "max_ongoing_requests": "64"}))
