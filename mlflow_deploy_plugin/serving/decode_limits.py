@@ -106,6 +106,10 @@ def json_values_bound(body: bytes, limit: int) -> int:
     def count(text: bytes) -> int:
         return text.count(b",") + 1 + text.count(b"[") + text.count(b"{")
 
+    if len(body) + 1 <= limit:
+        # Each byte is at most one comma or bracket, so no count can exceed this: nothing to count
+        # (three passes over the body, ~50 us for 100 rows of 20 floats, paid by every request).
+        return len(body) + 1
     quick = count(body)
     if quick <= limit:
         return quick
