@@ -128,7 +128,9 @@ class _ColumnsIndex:
     """The columns Index of the last fast-path frame, reused while requests name the same columns.
 
     Building it costs ~2/3 of the frame's construction (pandas infers the names' dtype); each frame
-    gets a shallow copy, so renaming one frame's columns (``frame.columns.name = ...``) touches no other.
+    gets a view of its own, so renaming one frame's columns (``frame.columns.name = ...``) touches no
+    other. ``Index._view`` (~0.6 us) is what ``Index.copy`` (~3 us: it validates the names again) does
+    first; the public copy stays the fallback.
     """
 
     def __init__(self) -> None:
@@ -138,7 +140,9 @@ class _ColumnsIndex:
         last = self._last
         if last is None or last[0] != names:
             last = self._last = (names, pd.Index(names))
-        return last[1].copy()
+        index = last[1]
+        view = getattr(index, "_view", None)
+        return view() if view is not None else index.copy()
 
 
 _columns_index = _ColumnsIndex()
