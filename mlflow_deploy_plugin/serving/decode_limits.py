@@ -35,9 +35,17 @@ LIMIT_ERROR = "REQUEST_LIMIT_EXCEEDED"
 
 # JSON strings, unrolled so the regex engine does not backtrack per character.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-# Literals that may not fit a float64: 300+ digits, or an exponent of three digits. Bodies without
-# any (nearly all) are decoded by json's C fast path; the others with the checking hooks below.
-_SUSPECT_NUMBER = re.compile(rb"\d{300}|[eE]\+?\d{3}")
+# Literals that may not fit a float64: 300+ digits, or an exponent of three digits (what
+# rb"\d{300}|[eE]\+?\d{3}" finds). Bodies without any (nearly all) are decoded by json's C fast
+# path; the others with the checking hooks below. That regex on the body costs more than decoding
+# it (~1 ms for 100 rows of 20 floats: re tries a 300-digit match at every digit), so the body is
+# first mapped byte for byte to its shape (digit -> "0", e/E -> "e", "+" kept, anything else -> " ",
+# ~40 us), in which both patterns start with a literal that re and `in` skip to at C speed.
+_NUMBER_SHAPE = bytes.maketrans(bytes(range(256)), b"".join(
+    b"0" if byte in b"0123456789" else b"e" if byte in b"eE" else b"+" if byte == ord("+") else b" "
+    for byte in range(256)))
+_LONG_DIGITS = b"0" * 300
+_BIG_EXPONENT = re.compile(rb"e\+?000")
 _FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
@@ -98,6 +106,10 @@ def json_values_bound(body: bytes, limit: int) -> int:
     def count(text: bytes) -> int:
         return text.count(b",") + 1 + text.count(b"[") + text.count(b"{")
 
+    if len(body) + 1 <= limit:
+        # Each byte is at most one comma or bracket, so no count can exceed this: nothing to count
+        # (three passes over the body, ~50 us for 100 rows of 20 floats, paid by every request).
+        return len(body) + 1
     quick = count(body)
     if quick <= limit:
         return quick
@@ -120,12 +132,19 @@ def _parse_float(text: str) -> Any:
     return value if math.isfinite(value) else _OutOfRange(text)
 
 
+def suspect_numbers(body: bytes) -> bool:
+    """Whether ``body`` may hold a number literal too big for a float64: 300 digits in a row, or an
+    exponent of three digits (``e308``, ``E+400``); strings that look so only cost the slow path."""
+    shape = body.translate(_NUMBER_SHAPE)
+    return _LONG_DIGITS in shape or _BIG_EXPONENT.search(shape) is not None
+
+
 def decode_json(body: bytes) -> Any:
     """``json.loads(body)``, raising a 400 naming the column of a number that overflows a float64.
 
     Raises ValueError/UnicodeDecodeError/RecursionError like ``json.loads`` for invalid JSON.
     """
-    if not _SUSPECT_NUMBER.search(body):
+    if not suspect_numbers(body):
         return json.loads(body)
     decoded = json.loads(body, parse_int=_parse_int, parse_float=_parse_float)
     found = _find_out_of_range(decoded)

@@ -14,6 +14,7 @@ from io import BytesIO, StringIO
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server as mlflow_scoring
@@ -123,6 +124,42 @@ def _fast_rows(decoded: dict[str, Any], names: frozenset[str]) -> tuple[list[str
     return columns, np.array(rows, dtype=np.float64)
 
 
+class _ColumnsIndex:
+    """The columns Index of the last fast-path frame, reused while requests name the same columns.
+
+    Building it costs ~2/3 of the frame's construction (pandas infers the names' dtype); each frame
+    gets a view of its own, so renaming one frame's columns (``frame.columns.name = ...``) touches no
+    other. ``Index._view`` (~0.6 us) is what ``Index.copy`` (~3 us: it validates the names again) does
+    first; the public copy stays the fallback.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[list[str], pd.Index] | None = None
+
+    def __call__(self, names: list[str]) -> pd.Index:
+        last = self._last
+        if last is None or last[0] != names:
+            last = self._last = (names, pd.Index(names))
+        index = last[1]
+        view = getattr(index, "_view", None)
+        return view() if view is not None else index.copy()
+
+
+_columns_index = _ColumnsIndex()
+
+
+def _fast_parsed(decoded: dict[str, Any], names: frozenset[str], limits: DecodeLimits) -> ParsedRequest | None:
+    """The numeric fast path's frame of a decoded body, or None when it needs MLflow's parser."""
+    rows, columns = json_shape(decoded)
+    limits.check(rows, columns, "The request")
+    fast = _fast_rows(decoded, names)
+    if fast is None:
+        return None
+    columns_list, values = fast
+    frame = pd.DataFrame(values, columns=_columns_index(columns_list), copy=False)
+    return ParsedRequest(mark_float64(frame), None, False, (tuple(columns_list), values))
+
+
 def parse_request(body: bytes, content_type: str | None, metadata: Any, input_schema: Any,
                   fast_columns: frozenset[str] | None = None,
                   limits: DecodeLimits | None = None) -> ParsedRequest:
@@ -187,6 +224,21 @@ def parse_request(body: bytes, content_type: str | None, metadata: Any, input_sc
 def _parse_json(body: bytes, metadata: Any, input_schema: Any, fast_columns: frozenset[str] | None,
                 limits: DecodeLimits) -> ParsedRequest:
     limits.check_values(json_values_bound(body, limits.max_values), "The JSON body")
+    if fast_columns is not None:
+        # orjson decodes ~10x faster than json (100 rows of 20 floats: ~0.07 vs ~0.7 ms, the largest
+        # cost of such a request). What it refuses, json decides below: its errors worded as before,
+        # and what json alone accepts (NaN, Infinity, integers beyond 64 bits, a BOM). orjson refuses
+        # every number a float64 cannot hold, so that check needs no pre-scan here.
+        try:
+            decoded = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(decoded, dict) and (fast := _fast_parsed(decoded, fast_columns, limits)) is not None:
+                return fast
+            # No numeric table: json decodes it again for MLflow's parser (orjson reads integers
+            # beyond 64 bits as floats; MLflow must see them exact). Nor is there one in json's result.
+            fast_columns = None
     try:
         decoded = decode_json(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -197,11 +249,10 @@ def _parse_json(body: bytes, metadata: Any, input_schema: Any, fast_columns: fro
     if not isinstance(decoded, dict):
         kind = "a list" if isinstance(decoded, list) else f"unexpected input type '{type(decoded).__name__}'"
         raise ServingError(400, "BAD_REQUEST", f"Invalid input. {mlflow_scoring.REQUIRED_INPUT_FORMAT}. Received {kind}.")
+    if fast_columns is not None and (fast := _fast_parsed(decoded, fast_columns, limits)) is not None:
+        return fast  # e.g. NaN cells
     rows, columns = json_shape(decoded)
     limits.check(rows, columns, "The request")
-    if fast_columns is not None and (fast := _fast_rows(decoded, fast_columns)) is not None:
-        names, values = fast
-        return ParsedRequest(mark_float64(pd.DataFrame(values, columns=names)), None, False, (tuple(names), values))
     parsed = mlflow_scoring._parse_json_data(decoded, metadata, input_schema)
     return ParsedRequest(parsed.data, parsed.params, parsed.is_unified_llm_input)
 
