@@ -26,14 +26,15 @@ from conftest import (
     SWITCH_S,
     Env,
     MlflowServer,
+    RequestLoop,
     Stores,
+    TrafficThreads,
     free_port,
     mlflow_server_for_module,
     split_payload,
     tracking_uri,
     wait_for,
 )
-from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
 from mlflow_deploy_plugin.capture import read_capture

@@ -19,6 +19,7 @@ from conftest import (
     SWITCH_S,
     Env,
     MlflowServer,
+    RequestLoop,
     Stores,
     mlflow_server_for_module,
     split_payload,
@@ -26,7 +27,6 @@ from conftest import (
     wait_for,
 )
 from test_lifecycle_e2e import delete_deployments
-from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
 from mlflow_deploy_plugin.state import read_history_file, read_json

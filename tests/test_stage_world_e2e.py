@@ -31,13 +31,13 @@ from conftest import (
     CountingTraffic,
     Env,
     MlflowServer,
+    RequestLoop,
     Stores,
     mlflow_server_for_module,
     split_payload,
     wait_for,
 )
 from test_lifecycle_e2e import _mlflow_deploy, _rest, _version, delete_deployments
-from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
 from mlflow_deploy_plugin.capture import read_capture
