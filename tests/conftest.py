@@ -196,6 +196,40 @@ class Env:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def cli_together(self, *commands: tuple[str, ...], timeout: float = 240, env: dict | None = None,
+                     ) -> list[subprocess.CompletedProcess]:
+        """Run several `mlflow deployments ...` commands at once, each a real CLI subprocess as in
+        :meth:`cli` (e.g. the creates of a test's independent deployments: their imports and
+        start-ups overlap instead of adding up). Fails with the output of any that failed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(commands)) as pool:
+            futures = [pool.submit(self.cli, *args, timeout=timeout, env=env) for args in commands]
+        return [future.result() for future in futures]
+
+    def create(self, name: str, model_uri: str, *config: str, tracking: str | None = None,
+               **environ: str) -> dict:
+        """`mlflow deployments create -t lifecycle --name NAME -m MODEL_URI -C KEY=VALUE ...` in process,
+        through MLflow's deployment client (what the CLI calls), against ``tracking`` (default: the
+        session store) with ``environ`` added to the environment the deployment's processes inherit,
+        as a CLI run with that environment would give them. A CLI subprocess would spend seconds of
+        CPU importing MLflow; the verb has real-CLI tests (tests/test_cli_verbs.py and others)."""
+        from mlflow.deployments import get_deploy_client
+
+        settings = dict(item.split("=", 1) for item in config)
+        added = {**({"MLFLOW_TRACKING_URI": tracking} if tracking else {}), **environ}
+        saved = {key: os.environ.get(key) for key in added}
+        os.environ.update(added)
+        try:
+            with tracking_uri(tracking or self.tracking_uri):
+                return get_deploy_client("lifecycle").create_deployment(name, model_uri, config=settings)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
     def status(self, name: str) -> dict:
         return json.loads((self.home / "deployments" / name / "status.json").read_text())
 

@@ -7,15 +7,19 @@ import signal
 import time
 
 import mlflow
+import pytest
 import requests
 from conftest import Env, Registry, RequestLoop, post_json, split_payload, wait_for
+from mlflow.deployments import get_deploy_client
+from mlflow.exceptions import MlflowException
 
 
 def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, registry: Registry) -> None:
     name = "upd"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}@champion")
+    env.create(name, f"models:/{registry.model}@champion")  # in process; `update` below is the real CLI
     url = env.status(name)["url"]
     payload = split_payload(registry.features.iloc[[5]])
+    client = get_deploy_client("lifecycle")
     try:
         with RequestLoop(url, payload) as loop:
             loop.wait_for_answers(20, 30, "the request loop to get going")
@@ -24,12 +28,14 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
             assert "updated" in out
             loop.wait_for_answers(20, 30, "requests after the update")
 
-            # Versions that cannot load or fail their smoke test never take over.
+            # Versions that cannot load or fail their smoke test never take over. (In process, through
+            # the deployment client the CLI calls: the message is what `update` prints.)
             for model, reason in ((registry.broken_model, "Could not load"),
                                   (registry.failing_model, "Smoke test failed")):
-                proc = env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}/1", check=False)
-                assert proc.returncode != 0
-                assert reason in proc.stderr and "version 2 keeps serving" in proc.stderr, proc.stderr[-1500:]
+                with pytest.raises(MlflowException) as failed:
+                    client.update_deployment(name, model_uri=f"models:/{model}/1")
+                message = failed.value.message
+                assert reason in message and "version 2 keeps serving" in message, message[-1500:]
             loop.wait_for_answers(20, 30, "requests after the failed updates")
         assert loop.failures == [], f"{len(loop.failures)} failed requests during update: {loop.failures[:5]}"
         assert loop.versions[0] == "1" and loop.versions[-1] == "2"
@@ -45,11 +51,11 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         assert requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "2"
         assert env.status(name)["url"] == url
 
-        info = env.cli("get", "-t", "lifecycle", "--name", name).stdout
-        assert "model_version: 2" in info and "status: running" in info
-        client = mlflow.MlflowClient()
-        assert f"lifecycle.deployment.{name}" in client.get_model_version(registry.model, "2").tags
-        assert f"lifecycle.deployment.{name}" not in client.get_model_version(registry.model, "1").tags
+        info = client.get_deployment(name)  # what `get` shows (the verb: test_crashed_worker_...)
+        assert info["model_version"] == "2" and info["status"] == "running", info
+        registry_client = mlflow.MlflowClient()
+        assert f"lifecycle.deployment.{name}" in registry_client.get_model_version(registry.model, "2").tags
+        assert f"lifecycle.deployment.{name}" not in registry_client.get_model_version(registry.model, "1").tags
         events = [event["event"] for event in env_history(env, name)]
         assert events == ["created", "updated", "update_failed", "update_failed"]
     finally:
