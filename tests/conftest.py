@@ -196,17 +196,6 @@ class Env:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def cli_together(self, *commands: tuple[str, ...], timeout: float = 240, env: dict | None = None,
-                     ) -> list[subprocess.CompletedProcess]:
-        """Run several `mlflow deployments ...` commands at once, each a real CLI subprocess as in
-        :meth:`cli` (e.g. the creates of a test's independent deployments: their imports and
-        start-ups overlap instead of adding up). Fails with the output of any that failed."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(commands)) as pool:
-            futures = [pool.submit(self.cli, *args, timeout=timeout, env=env) for args in commands]
-        return [future.result() for future in futures]
-
     def create(self, name: str, model_uri: str, *config: str, tracking: str | None = None,
                **environ: str) -> dict:
         """`mlflow deployments create -t lifecycle --name NAME -m MODEL_URI -C KEY=VALUE ...` in process,

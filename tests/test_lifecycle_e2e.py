@@ -221,14 +221,13 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
         assert SECRET not in out.stdout and len(client.list_webhooks()) == 1
         # Long poll interval: only the webhook can make this one fast. The deployments that do not
         # race a poll go without a warm standby (one process fewer each; switch speed is measured
-        # by benchmarks/follow_latency.py, not here). Three real `create`s at once: they overlap.
-        env.cli_together(
-            ("create", "-t", "lifecycle", "--name", "by-alias", "-m", "models:/lc@champion",
-             "-C", "poll_interval_s=300"),
-            ("create", "-t", "lifecycle", "--name", "by-stage", "-m", "models:/lc/Production",
-             "-C", f"poll_interval_s={poll_s}", "-C", "warm_standby=false"),
-            ("create", "-t", "lifecycle", "--name", "pinned", "-m", "models:/lc/1", "-C", "warm_standby=false"),
-            env=cli_env)
+        # by benchmarks/follow_latency.py, not here). One by the real CLI, the others in process
+        # (one after the other: the first one's standby warms up meanwhile).
+        env.cli("create", "-t", "lifecycle", "--name", "by-alias", "-m", "models:/lc@champion",
+                "-C", "poll_interval_s=300", env=cli_env)
+        env.create("by-stage", "models:/lc/Production", f"poll_interval_s={poll_s}", "warm_standby=false",
+                   tracking=server.url)
+        env.create("pinned", "models:/lc/1", "warm_standby=false", tracking=server.url)
         alias_url, stage_url, pinned_url = (env.status(n)["url"] for n in ("by-alias", "by-stage", "pinned"))
         payload = split_payload(load_data()[0].iloc[[3]])
         try:
