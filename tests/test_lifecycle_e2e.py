@@ -234,6 +234,11 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
             with RequestLoop(alias_url, payload, clients=2) as alias_loop, \
                     RequestLoop(stage_url, payload, clients=2) as stage_loop:
                 wait_for(lambda: alias_loop.count > 20 and stage_loop.count > 20, 30, "traffic")
+                # The alias deployment's agent looks at the registry once at start: that look must be
+                # over before the alias moves, or it, not the webhook, may find the move.
+                alias_state = env.home / "deployments/by-alias/lifecycle_state.json"
+                wait_for(lambda: (read_json(alias_state) or {}).get("last_cycle_at"), 120,
+                         "the alias deployment's first look at the registry")
                 # What the UI does when a person moves the alias: one REST call. The alias deployment
                 # polls every 300 s (after a first look at start): within two minutes, only the
                 # webhook can have moved it. (How fast: benchmarks/follow_latency.py.)
