@@ -261,12 +261,9 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
                 served_after = len(alias_loop.versions)
                 wait_for(lambda: len(alias_loop.versions) > served_after + 20, 30, "traffic after the bad move")
                 wait_for(lambda: _version(stage_url) == "2", SWITCH_S, "the stage deployment to switch (polling)")
-                served_after = len(stage_loop.versions)
-                wait_for(lambda: len(stage_loop.versions) > served_after + 20, 30, "traffic after the stage switch")
             assert alias_loop.failures == [] and stage_loop.failures == [], (alias_loop.failures[:3],
                                                                             stage_loop.failures[:3])
             assert set(alias_loop.versions[-20:]) == {"2"}
-            assert set(stage_loop.versions[-20:]) == {"2"}
             # What `mlflow deployments get` shows (the same call, in process: the verb's output has
             # its own tests in tests/test_cli_verbs.py).
             info = Deployments(store=StateStore(env.home)).get("by-alias")
