@@ -19,7 +19,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
     env.create(name, f"models:/{registry.model}@champion")  # in process; `update` below is the real CLI
     url = env.status(name)["url"]
     payload = split_payload(registry.features.iloc[[5]])
-    client = get_deploy_client("lifecycle")
+    deploy_client = get_deploy_client("lifecycle")
     try:
         with RequestLoop(url, payload) as loop:
             loop.wait_for_answers(20, 30, "the request loop to get going")
@@ -33,7 +33,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
             for model, reason in ((registry.broken_model, "Could not load"),
                                   (registry.failing_model, "Smoke test failed")):
                 with pytest.raises(MlflowException) as failed:
-                    client.update_deployment(name, model_uri=f"models:/{model}/1")
+                    deploy_client.update_deployment(name, model_uri=f"models:/{model}/1")
                 message = failed.value.message
                 assert reason in message and "version 2 keeps serving" in message, message[-1500:]
             loop.wait_for_answers(20, 30, "requests after the failed updates")
@@ -51,7 +51,7 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         assert requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "2"
         assert env.status(name)["url"] == url
 
-        info = client.get_deployment(name)  # what `get` shows (the verb: test_crashed_worker_...)
+        info = deploy_client.get_deployment(name)  # what `get` shows (the verb: test_crashed_worker_...)
         assert info["model_version"] == "2" and info["status"] == "running", info
         registry_client = mlflow.MlflowClient()
         assert f"lifecycle.deployment.{name}" in registry_client.get_model_version(registry.model, "2").tags
