@@ -196,6 +196,29 @@ class Env:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def create(self, name: str, model_uri: str, *config: str, tracking: str | None = None,
+               **environ: str) -> dict:
+        """`mlflow deployments create -t lifecycle --name NAME -m MODEL_URI -C KEY=VALUE ...` in process,
+        through MLflow's deployment client (what the CLI calls), against ``tracking`` (default: the
+        session store) with ``environ`` added to the environment the deployment's processes inherit,
+        as a CLI run with that environment would give them. A CLI subprocess would spend seconds of
+        CPU importing MLflow; the verb has real-CLI tests (tests/test_cli_verbs.py and others)."""
+        from mlflow.deployments import get_deploy_client
+
+        settings = dict(item.split("=", 1) for item in config)
+        added = {**({"MLFLOW_TRACKING_URI": tracking} if tracking else {}), **environ}
+        saved = {key: os.environ.get(key) for key in added}
+        os.environ.update(added)
+        try:
+            with tracking_uri(tracking or self.tracking_uri):
+                return get_deploy_client("lifecycle").create_deployment(name, model_uri, config=settings)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
     def status(self, name: str) -> dict:
         return json.loads((self.home / "deployments" / name / "status.json").read_text())
 
@@ -478,6 +501,64 @@ class CountingTraffic(TrafficThreads):
     def count(self) -> int:
         """Answers so far, whatever their status."""
         return sum(self.answers.values())
+
+
+class RequestLoop(TrafficThreads):
+    """Steady single-row traffic from a few keep-alive clients; bounded in time by itself.
+
+    ``versions`` has every client's answers in arrival order; ``per_client[i]`` has client i's own
+    answers as (monotonic time the request was sent, version), in order.
+    """
+
+    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 540) -> None:
+        self.url, self.payload = url, payload
+        self.stop_event = threading.Event()
+        self.failures: list[str] = []
+        self.versions: list[str] = []
+        self.per_client: list[list[tuple[float, str]]] = [[] for _ in range(clients)]
+        self.count = 0
+        self.max_seconds = max_seconds
+        self.deadline = time.monotonic() + max_seconds
+        self.in_flight_since: list[float | None] = [None] * clients
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def wait_for_answers(self, more: int, timeout_s: float, what: str) -> None:
+        """Wait until ``more`` further successful answers arrive; on timeout say what the clients
+        were doing (failures, requests still in flight), so a stall and an error look different."""
+        target = len(self.versions) + more
+
+        def arrived() -> bool:
+            if time.monotonic() > self.deadline:
+                raise AssertionError(f"the request loop ended by itself (its bound, {self.max_seconds:.0f} s, "
+                                     f"is shorter than the test)")
+            return len(self.versions) >= target
+
+        try:
+            wait_for(arrived, timeout_s, what)
+        except AssertionError as exc:
+            now = time.monotonic()
+            in_flight = [None if since is None else round(now - since, 1) for since in self.in_flight_since]
+            raise AssertionError(
+                f"{exc}; answers {len(self.versions)}/{target}, attempts {self.count}, "
+                f"failures {len(self.failures)} (last: {self.failures[-3:]}), "
+                f"seconds each client's request has been in flight: {in_flight}") from None
+
+    def _run(self, client: int) -> None:
+        session = requests.Session()
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            sent = time.monotonic()
+            self.in_flight_since[client] = sent
+            try:
+                response = session.post(f"{self.url}/invocations", json=self.payload, timeout=30)
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
+                else:
+                    self.versions.append(response.headers["x-model-version"])
+                    self.per_client[client].append((sent, response.headers["x-model-version"]))
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+            self.in_flight_since[client] = None
+            self.count += 1
 
 
 free_port = _free_port

@@ -107,8 +107,8 @@ def test_capture_drift_report_schedule_and_graceful_stop(env: Env, registry: Reg
     from mlflow_deploy_plugin.monitoring.reference import resolve_reference_data
 
     name = "watched"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "drift_schedule=* * * * * */10", "-C", "drift_min_rows=100", "-C", "warm_standby=false")
+    env.create(name, f"models:/{registry.model}/1", "drift_schedule=* * * * * */10", "drift_min_rows=100",
+               "warm_standby=false")
     url = env.status(name)["url"]
     rng = np.random.default_rng(7)
     client = mlflow.MlflowClient()
@@ -238,8 +238,7 @@ def test_unwritable_capture_folder_keeps_serving(env: Env, registry: Registry) -
     blocker = env.root / "not-a-folder"
     blocker.write_text("a file where the capture folder should be")
     name = "capture-broken"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", f"capture_uri={blocker}/sub", "-C", "warm_standby=false")
+    env.create(name, f"models:/{registry.model}/1", f"capture_uri={blocker}/sub", "warm_standby=false")
     try:
         url = env.status(name)["url"]
         _send(url, [registry.features.iloc[[i]] for i in range(50)], threads=2)

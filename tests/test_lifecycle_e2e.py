@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,18 +23,20 @@ import mlflow
 import numpy as np
 import pytest
 import requests
+from click.testing import CliRunner, Result
 from conftest import (
     SWITCH_S,
     Env,
     MlflowServer,
+    RequestLoop,
     Stores,
+    TrafficThreads,
     free_port,
     mlflow_server_for_module,
     split_payload,
     tracking_uri,
     wait_for,
 )
-from test_update_and_supervision import RequestLoop, TrafficThreads
 from train import load_data, train
 
 from mlflow_deploy_plugin.capture import read_capture
@@ -53,17 +56,33 @@ def server(env: Env, stores: Stores, tmp_path_factory: pytest.TempPathFactory) -
         mlflow_server.watch_port = free_port()
         register_webhook(f"http://127.0.0.1:{mlflow_server.watch_port}/webhooks/mlflow", SECRET,
                          client=mlflow.MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url))
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(mlflow_server.url)
-        try:
-            train("lc", c=1.0, experiment="lifecycle-e2e")
-            train("lc", c=0.1, experiment="lifecycle-e2e")
-            # lcp imputes missing inputs: it answers when upstream stops sending a feature, so the
-            # drift job sees that on real captured traffic.
-            train("lcp", c=1.0, alias="champion", experiment="lifecycle-e2e", impute=True)
-        finally:
-            mlflow.set_tracking_uri(previous)
         yield mlflow_server
+
+
+# The file's tests fall in two groups that share no registered model: under xdist each group is a
+# unit of its own (its own `server` on the worker that runs it), so the two run side by side
+# rather than one after the other on one worker.
+FOLLOW_GROUP = pytest.mark.xdist_group("tests/test_lifecycle_e2e.py::follow")  # model lc
+POLICY_GROUP = pytest.mark.xdist_group("tests/test_lifecycle_e2e.py::policy")  # models lcp, lcf
+
+
+@pytest.fixture(scope="module")
+def lc(server: MlflowServer) -> str:
+    """Model lc, versions 1 and 2, on ``server`` (the follow tests move its alias and stages)."""
+    with tracking_uri(server.url):
+        train("lc", c=1.0, experiment="lifecycle-e2e")
+        train("lc", c=0.1, experiment="lifecycle-e2e")
+    return "lc"
+
+
+@pytest.fixture(scope="module")
+def lcp(server: MlflowServer) -> str:
+    """Model lcp, version 1 the champion, on ``server`` (the policy tests promote its next ones).
+    lcp imputes missing inputs: it answers when upstream stops sending a feature, so the drift job
+    sees that on real captured traffic."""
+    with tracking_uri(server.url):
+        train("lcp", c=1.0, alias="champion", experiment="lifecycle-e2e", impute=True)
+    return "lcp"
 
 
 def _cli_env(env: Env, server: MlflowServer, **extra: str) -> dict[str, str]:
@@ -78,6 +97,21 @@ def _mlflow_deploy(env: Env, server: MlflowServer, *args: str, check: bool = Tru
     return proc
 
 
+
+
+def _mlflow_deploy_here(env: Env, server: MlflowServer, *args: str) -> Result:
+    """`mlflow-deploy ARGS` in process (click's CliRunner), on the session's home and ``server``'s
+    store, with ``stdout`` and ``stderr`` apart: what a subprocess shows, without a new interpreter
+    importing MLflow for seconds of CPU. Each command this file runs also runs once as a process."""
+    from mlflow_deploy_plugin.cli import cli
+
+    with tracking_uri(server.url):
+        result = CliRunner().invoke(cli, ["--home", str(env.home), *args], catch_exceptions=False,
+                                    env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_DEPLOY_WEBHOOK_SECRET": SECRET})
+    if result.exit_code != 0:
+        raise AssertionError(f"mlflow-deploy {' '.join(args)} failed ({result.exit_code}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
 
 
 def delete_deployments(env: Env, uri: str, *names: str) -> None:
@@ -172,8 +206,9 @@ class SplitCounter(TrafficThreads):
                     self.failures.append(f"{response.status_code}: {response.text[:200]}")
 
 
+@FOLLOW_GROUP
 @pytest.mark.store  # webhooks exist only on SQL backends: `make test` runs this on SQLite and PostgreSQL
-def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, server: MlflowServer) -> None:
+def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, server: MlflowServer, lc: str) -> None:
     cli_env = _cli_env(env, server)
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
     client.set_registered_model_alias("lc", "champion", "1")
@@ -187,29 +222,35 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
         assert SECRET not in out.stdout and len(client.list_webhooks()) == 1
         # Long poll interval: only the webhook can make this one fast. The deployments that do not
         # race a poll go without a warm standby (one process fewer each; switch speed is measured
-        # by benchmarks/follow_latency.py, not here).
+        # by benchmarks/follow_latency.py, not here). One by the real CLI, the others in process
+        # (one after the other: the first one's standby warms up meanwhile).
         env.cli("create", "-t", "lifecycle", "--name", "by-alias", "-m", "models:/lc@champion",
                 "-C", "poll_interval_s=300", env=cli_env)
-        env.cli("create", "-t", "lifecycle", "--name", "by-stage", "-m", "models:/lc/Production",
-                "-C", f"poll_interval_s={poll_s}", "-C", "warm_standby=false", env=cli_env)
-        env.cli("create", "-t", "lifecycle", "--name", "pinned", "-m", "models:/lc/1",
-                "-C", "warm_standby=false", env=cli_env)
+        env.create("by-stage", "models:/lc/Production", f"poll_interval_s={poll_s}", "warm_standby=false",
+                   tracking=server.url)
+        env.create("pinned", "models:/lc/1", "warm_standby=false", tracking=server.url)
         alias_url, stage_url, pinned_url = (env.status(n)["url"] for n in ("by-alias", "by-stage", "pinned"))
         payload = split_payload(load_data()[0].iloc[[3]])
         try:
             with RequestLoop(alias_url, payload, clients=2) as alias_loop, \
                     RequestLoop(stage_url, payload, clients=2) as stage_loop:
                 wait_for(lambda: alias_loop.count > 20 and stage_loop.count > 20, 30, "traffic")
+                # The alias deployment's agent looks at the registry once at start: that look must be
+                # over before the alias moves, or it, not the webhook, may find the move.
+                alias_state = env.home / "deployments/by-alias/lifecycle_state.json"
+                wait_for(lambda: (read_json(alias_state) or {}).get("last_cycle_at"), 120,
+                         "the alias deployment's first look at the registry")
                 # What the UI does when a person moves the alias: one REST call. The alias deployment
                 # polls every 300 s (after a first look at start): within two minutes, only the
                 # webhook can have moved it. (How fast: benchmarks/follow_latency.py.)
                 _rest(server, "api/2.0/mlflow/registered-models/alias",
                       {"name": "lc", "alias": "champion", "version": "2"})
-                wait_for(lambda: _version(alias_url) == "2", 120, "the alias deployment to switch (webhook)")
                 # Stage transition through the UI's ajax-api route: no webhook fires, polling sees it.
+                # Made at once: the stage deployment's switch (a new worker) runs while the alias
+                # deployment's steps below go on; it is awaited after them.
                 _rest(server, "ajax-api/2.0/mlflow/model-versions/transition-stage",
                       {"name": "lc", "version": "2", "stage": "Production", "archive_existing_versions": True})
-                wait_for(lambda: _version(stage_url) == "2", SWITCH_S, "the stage deployment to switch (polling)")
+                wait_for(lambda: _version(alias_url) == "2", 120, "the alias deployment to switch (webhook)")
 
                 # A version that cannot load never takes over.
                 run = client.get_run(client.get_model_version("lc", "2").run_id)
@@ -220,17 +261,20 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
                          60, "the failing version to be tagged")  # a worker starts, then fails to load
                 served_after = len(alias_loop.versions)
                 wait_for(lambda: len(alias_loop.versions) > served_after + 20, 30, "traffic after the bad move")
+                wait_for(lambda: _version(stage_url) == "2", SWITCH_S, "the stage deployment to switch (polling)")
             assert alias_loop.failures == [] and stage_loop.failures == [], (alias_loop.failures[:3],
                                                                             stage_loop.failures[:3])
             assert set(alias_loop.versions[-20:]) == {"2"}
-            info = env.cli("get", "-t", "lifecycle", "--name", "by-alias", env=cli_env).stdout
-            assert "model_version: 2" in info and "not following the registry" in info
+            # What `mlflow deployments get` shows (the same call, in process: the verb's output has
+            # its own tests in tests/test_cli_verbs.py).
+            info = Deployments(store=StateStore(env.home)).get("by-alias")
+            assert info["model_version"] == "2" and "not following the registry" in info["last_error"], info
             assert _version(pinned_url) == "1"  # pinned: never moves
 
-            history = _mlflow_deploy(env, server, "history", "by-alias").stdout
+            history = _mlflow_deploy(env, server, "history", "by-alias").stdout  # the command as a process
             assert "followed models:/lc@champion: it now points at v2" in history
             assert "follow_failed" in history
-            events = [json.loads(line) for line in _mlflow_deploy(env, server, "history", "by-alias", "--json")
+            events = [json.loads(line) for line in _mlflow_deploy_here(env, server, "history", "by-alias", "--json")
                       .stdout.splitlines()]
             assert next(e for e in events if e["event"] == "updated")["actor"] == "webhook"
         finally:
@@ -256,18 +300,19 @@ drift:
 """
 
 
+@POLICY_GROUP
 @pytest.mark.store  # `make test` runs this on SQLite and on PostgreSQL
 # 507 s of its 600 with two suites at once on 2 cores: the ceiling only stops a hung test.
 @pytest.mark.timeout(900)
-def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: Env, server: MlflowServer) -> None:
-    cli_env = _cli_env(env, server)
+def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: Env, server: MlflowServer,
+                                                                            lcp: str) -> None:
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
     policy = env.root / "lcp-policy.yaml"
     policy.write_text(POLICY)
     # No warm standby (here and below): one process fewer per deployment; what it buys, a faster
     # switch, is measured by benchmarks/follow_latency.py; the standby itself is tested in test_self_healing.
-    env.cli("create", "-t", "lifecycle", "--name", "guarded", "-m", "models:/lcp@champion", "-C", f"policy={policy}",
-            "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50", "-C", "warm_standby=false", env=cli_env)
+    env.create("guarded", "models:/lcp@champion", f"policy={policy}", "poll_interval_s=0.5", "drift_min_rows=50",
+               "warm_standby=false", tracking=server.url)
     url = env.status("guarded")["url"]
     features = load_data()[0]
     payload = split_payload(features.iloc[[7]])
@@ -325,7 +370,7 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
     # Dry runs change nothing.
     before = (client.get_model_version_by_alias("lcp", "champion").version, _version(url),
               (env.home / "deployments/guarded/history.jsonl").read_text())
-    out = _mlflow_deploy(env, server, "rollback", "guarded", "--dry-run")
+    out = _mlflow_deploy_here(env, server, "rollback", "guarded", "--dry-run")
     assert "[dry-run] would" in out.stderr and "Would roll guarded back to v1" in out.stdout
     assert before == (client.get_model_version_by_alias("lcp", "champion").version, _version(url),
                       (env.home / "deployments/guarded/history.jsonl").read_text())
@@ -380,19 +425,20 @@ def test_policy_promotes_through_gates_and_canary_then_rolls_back_on_drift(env: 
     # The audit record is written right after the switch it describes.
     wait_for(lambda: "rolled_back" in (env.home / "deployments/guarded/history.jsonl").read_text(), 30,
              "the rollback to be recorded")
-    story = _mlflow_deploy(env, server, "history", "guarded").stdout
+    story = _mlflow_deploy_here(env, server, "history", "guarded").stdout
     for expected in ("rolled_back", "drifted in 2 consecutive reports", "promoted", "canary passed",
                      "gates_failed", "challenger", "created"):
         assert expected in story, f"{expected!r} missing from history:\n{story}"
     delete_deployments(env, server.url, "guarded")
 
 
-def test_policy_must_fit_the_deployment(env: Env, server: MlflowServer) -> None:
+@POLICY_GROUP
+def test_policy_must_fit_the_deployment(env: Env, server: MlflowServer, lcp: str) -> None:
     policy = env.root / "lcp-policy-fit.yaml"
     policy.write_text(POLICY)
-    proc = env.cli("create", "-t", "lifecycle", "--name", "misfit", "-m", "models:/lcp/1", "-C", f"policy={policy}",
-                   check=False, env=_cli_env(env, server))
-    assert proc.returncode != 0 and "must serve -m models:/lcp@champion" in proc.stderr
+    # In process (the deployment client's error is what the CLI prints); the second one by the real CLI.
+    with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape("must serve -m models:/lcp@champion")):
+        env.create("misfit", "models:/lcp/1", f"policy={policy}", tracking=server.url)
     bad = env.root / "bad-policy.yaml"
     bad.write_text("model: lcp\npromotion:\n  gates:\n    metrics: ['accuracy => 0.9']\n")
     proc = env.cli("create", "-t", "lifecycle", "--name", "misfit", "-m", "models:/lcp@champion",
@@ -400,12 +446,11 @@ def test_policy_must_fit_the_deployment(env: Env, server: MlflowServer) -> None:
     assert proc.returncode != 0 and ":4:" in proc.stderr and "promotion.gates.metrics[0]" in proc.stderr
 
 
-def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> None:
-    cli_env = _cli_env(env, server)
+@FOLLOW_GROUP  # after the follow test, on the same model
+def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer, lc: str) -> None:
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
     client.set_registered_model_alias("lc", "champion", "1")
-    env.cli("create", "-t", "lifecycle", "--name", "manual", "-m", "models:/lc@champion",
-            "-C", "poll_interval_s=0.5", "-C", "warm_standby=false", env=cli_env)
+    env.create("manual", "models:/lc@champion", "poll_interval_s=0.5", "warm_standby=false", tracking=server.url)
     url = env.status("manual")["url"]
     try:
         client.set_registered_model_alias("lc", "champion", "2")
@@ -416,7 +461,7 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         with (env.home / "deployments/manual/history.jsonl").open("ab") as history:
             history.write(b'{"time": 1, "event": "upd')
         # By hand: back to the previous version; the alias moves too, so following does not undo it.
-        out = _mlflow_deploy(env, server, "rollback", "manual")
+        out = _mlflow_deploy(env, server, "rollback", "manual")  # the command as a process
         assert "Rolled manual back to v1" in out.stdout
         assert _version(url) == "1" and client.get_model_version_by_alias("lc", "champion").version == "1"
         # The agent looked at the registry again after the rollback (a whole cycle that started after
@@ -429,14 +474,14 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
 
         # Changed one's mind (the alarm was false): forward again to v2, the way the CLI offers it
         # (`rollback --to`). The alias moves with it, so following does not undo this either.
-        out = _mlflow_deploy(env, server, "rollback", "manual", "--to", "2", "--reason", "false alarm: v2 is fine")
+        out = _mlflow_deploy_here(env, server, "rollback", "manual", "--to", "2", "--reason", "false alarm: v2 is fine")
         assert "Rolled manual forward to v2" in out.stdout
         assert _version(url) == "2" and client.get_model_version_by_alias("lc", "champion").version == "2"
         forward_at = time.time()
         wait_for(lambda: (read_json(state_file) or {}).get("last_cycle_at", 0) > forward_at, 30,
                  "the agent to complete a cycle that started after the roll forward")
         assert _version(url) == "2" and client.get_model_version_by_alias("lc", "champion").version == "2"
-        story = _mlflow_deploy(env, server, "history", "manual").stdout
+        story = _mlflow_deploy_here(env, server, "history", "manual").stdout
         assert "rolled back from v2 to v1: manual rollback" in story, story
         assert "rolled forward from v1 to v2: false alarm: v2 is fine" in story, story
         events = read_history_file(env.home / "deployments/manual/history.jsonl")
@@ -444,7 +489,7 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         assert [e["model"]["model_version"] for e in events if e["event"] == "rolled_forward"] == ["1"], events
         assert all(e["actor"].startswith("cli") for e in events if e["event"].startswith("rolled_"))
         # v1 was left on a person's word, not found wanting: it is still where a rollback goes.
-        out = _mlflow_deploy(env, server, "rollback", "manual", "--dry-run")
+        out = _mlflow_deploy_here(env, server, "rollback", "manual", "--dry-run")
         assert "Would roll manual back to v1" in out.stdout, out.stdout + out.stderr
         # Both kept the deployment following the alias (which they moved), rather than pinning it.
         assert json.loads((env.home / "deployments/manual/deployment.json").read_text())["model"][
@@ -460,7 +505,7 @@ def test_manual_rollback_and_policy_dry_run(env: Env, server: MlflowServer) -> N
         policy = env.root / "lc-policy.yaml"
         policy.write_text("model: lc\npromotion:\n  gates:\n    metrics: ['accuracy >= 0.9']\n")
         history_before = (env.home / "deployments/manual/history.jsonl").read_text()
-        out = _mlflow_deploy(env, server, "watch", "--policy", str(policy), "--dry-run", "--once")
+        out = _mlflow_deploy_here(env, server, "watch", "--policy", str(policy), "--dry-run", "--once")
         assert f"[dry-run] would make lc v{new_version} challenger" in out.stderr, out.stderr[-2000:]
         assert "change(s) planned, none made" in out.stdout
         with pytest.raises(mlflow.exceptions.MlflowException):
@@ -481,12 +526,12 @@ promotion:
 """
 
 
+@POLICY_GROUP
 def test_a_challenger_that_fails_part_of_real_traffic_is_rejected(env: Env, server: MlflowServer) -> None:
     """Its gates pass and its smoke test passes; only live traffic shows it raises on large tumours.
     MLflow's scoring protocol answers a model exception with 400: the canary still counts it."""
     from mlflow.models import infer_signature
 
-    cli_env = _cli_env(env, server)
     client = mlflow.MlflowClient(tracking_uri=server.url, registry_uri=server.url)
     features = load_data()[0]
     good, bad = features[features["mean_radius"] < 13].iloc[:5], features[features["mean_radius"] > 18].iloc[:5]
@@ -498,8 +543,8 @@ def test_a_challenger_that_fails_part_of_real_traffic_is_rejected(env: Env, serv
         mlflow.set_tracking_uri(previous)
     policy = env.root / "lcf-policy.yaml"
     policy.write_text(FAILING_CHALLENGER_POLICY)
-    env.cli("create", "-t", "lifecycle", "--name", "lcf", "-m", "models:/lcf@champion", "-C", f"policy={policy}",
-            "-C", "poll_interval_s=0.5", "-C", "warm_standby=false", env=cli_env)
+    env.create("lcf", "models:/lcf@champion", f"policy={policy}", "poll_interval_s=0.5", "warm_standby=false",
+               tracking=server.url)
     url = env.status("lcf")["url"]
     answers: Counter[tuple[str, int]] = Counter()  # (version, status) of every answer
     stop = threading.Event()

@@ -19,6 +19,7 @@ from conftest import (
     SWITCH_S,
     Env,
     MlflowServer,
+    RequestLoop,
     Stores,
     mlflow_server_for_module,
     split_payload,
@@ -26,10 +27,10 @@ from conftest import (
     wait_for,
 )
 from test_lifecycle_e2e import delete_deployments
-from test_update_and_supervision import RequestLoop
 from train import load_data, train
 
-from mlflow_deploy_plugin.state import read_history_file, read_json
+from mlflow_deploy_plugin.deployments import Deployments
+from mlflow_deploy_plugin.state import StateStore, read_history_file, read_json
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +82,9 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
     policy.write_text(STEPS_POLICY.format(model=model))
     # Each registry call of the deployment's agent fails at once while the server is down (MLflow's
     # own HTTP retries would stretch every attempt over minutes).
-    cli_env = env.environ(MLFLOW_TRACKING_URI=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                          MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "warm_standby=false", env=cli_env)
+    env.create(name, f"models:/{model}@champion", f"policy={policy}", "poll_interval_s=0.5", "warm_standby=false",
+               tracking=server.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    deployments = Deployments(store=StateStore(env.home))  # what `mlflow deployments get` shows, in process
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     payload = split_payload(load_data()[0].iloc[[5]])
@@ -105,8 +105,8 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
             assert "promotion of v2" in failed[0]["reason"] and "retried with backoff" in failed[0]["reason"]
             op_id = _op(env, name)["id"]
             wait_for(lambda: _op(env, name).get("failure", {}).get("attempts", 0) >= 2, 60, "a retry")
-            info = env.cli("get", "-t", "lifecycle", "--name", name, env=cli_env).stdout
-            assert "the promotion of v2 waits: could not promote" in info, info
+            info = deployments.get(name)
+            assert "the promotion of v2 waits: could not promote" in info["last_error"], info
 
             # The agent dies mid-promotion; the supervisor starts a new one, which goes on with the
             # same operation from the same step (and records nothing new about the same failure).
@@ -148,7 +148,7 @@ def test_a_failed_promotion_step_is_recorded_once_and_resumed_across_an_outage_a
         # The audit record writes its tags after the history event; then the operation is done.
         wait_for(lambda: _op(env, name) == {}, 60, "the operation to be marked done")
         assert client.get_model_version(model, "2").tags["lifecycle.promotion"] == "champion"
-        assert "waits" not in (env.cli("get", "-t", "lifecycle", "--name", name, env=cli_env).stdout)
+        assert "waits" not in str(deployments.get(name))
     finally:
         if aside.exists() and not (root / "models" / model / "2").is_dir():
             (root / "models" / model / "2").unlink(missing_ok=True)
@@ -163,9 +163,8 @@ def test_a_killed_drift_report_never_stops_following(env: Env) -> None:
     model, name = f"killed_{suffix}", "killed-report"
     train(model, c=1.0, alias="champion", experiment=f"killed-{suffix}")
     v2 = train(model, c=0.1, experiment=f"killed-{suffix}")
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", "poll_interval_s=0.5", "-C", "drift_schedule=* * * * * */15", "-C", "drift_min_rows=10",
-            "-C", "warm_standby=false")
+    env.create(name, f"models:/{model}@champion", "poll_interval_s=0.5", "drift_schedule=* * * * * */15",
+               "drift_min_rows=10", "warm_standby=false")
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     try:
@@ -225,10 +224,8 @@ def test_require_no_drift_judges_the_challengers_own_canary_traffic(env: Env, se
         train(model, c=1.0, alias="champion", experiment="steps-e2e")
     policy = env.root / "nodrift-policy.yaml"
     policy.write_text(DRIFT_POLICY.format(model=model))
-    cli_env = env.environ(MLFLOW_TRACKING_URI=server.url)
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50",
-            "-C", "warm_standby=false", env=cli_env)
+    env.create(name, f"models:/{model}@champion", f"policy={policy}", "poll_interval_s=0.5", "drift_min_rows=50",
+               "warm_standby=false", tracking=server.url)
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     features = load_data()[0]

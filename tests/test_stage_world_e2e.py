@@ -31,13 +31,13 @@ from conftest import (
     CountingTraffic,
     Env,
     MlflowServer,
+    RequestLoop,
     Stores,
     mlflow_server_for_module,
     split_payload,
     wait_for,
 )
-from test_lifecycle_e2e import _mlflow_deploy, _rest, _version, delete_deployments
-from test_update_and_supervision import RequestLoop
+from test_lifecycle_e2e import _mlflow_deploy_here, _rest, _version, delete_deployments
 from train import load_data, train
 
 from mlflow_deploy_plugin.capture import read_capture
@@ -133,13 +133,12 @@ promotion:
 @pytest.mark.timeout(900)  # three canaries, a switch that fails six times, and the switch that undoes it
 def test_stage_policy_promotes_rejects_a_partly_failing_challenger_and_undoes_a_failed_switch(
         env: Env, server: MlflowServer, client: mlflow.MlflowClient) -> None:
-    cli_env = env.environ(MLFLOW_TRACKING_URI=server.url)
     train("lcs", c=1.0, experiment=EXPERIMENT)
     _to_stage(server, "lcs", "1", "Production")
     policy = env.root / "lcs-policy.yaml"
     policy.write_text(PROMOTION_POLICY)
-    env.cli("create", "-t", "lifecycle", "--name", "staged", "-m", "models:/lcs/Production",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "warm_standby=false", env=cli_env)
+    env.create("staged", "models:/lcs/Production", f"policy={policy}", "poll_interval_s=0.5", "warm_standby=false",
+               tracking=server.url)
     url = env.status("staged")["url"]
     try:
         assert _version(url) == "1"
@@ -270,7 +269,6 @@ drift: {{consecutive_reports: {k}, action: {action}}}  # the streak itself: test
 
 def test_stage_deployment_follows_a_ui_transition_through_a_bad_policy_edit_then_drift_archives_that_version(
         env: Env, server: MlflowServer, client: mlflow.MlflowClient) -> None:
-    cli_env = env.environ(MLFLOW_TRACKING_URI=server.url)
     train("lcsd", c=1.0, experiment=EXPERIMENT)
     train("lcsd", c=0.1, experiment=EXPERIMENT)
     _to_stage(server, "lcsd", "1", "Production")
@@ -279,9 +277,9 @@ def test_stage_deployment_follows_a_ui_transition_through_a_bad_policy_edit_then
     # the fix, judged under the fixed file, can archive on a single report.
     policy.write_text(DRIFT_POLICY.format(k=2, action="archive"))
     name = "staged-drift"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", "models:/lcsd/production",  # any case
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "drift_min_rows=50",
-            "-C", "warm_standby=false", env=cli_env)
+    env.create(name, "models:/lcsd/production",  # any case
+               f"policy={policy}", "poll_interval_s=0.5", "drift_min_rows=50", "warm_standby=false",
+               tracking=server.url)
     url = env.status(name)["url"]
     root = env.home / "deployments" / name
     history = root / "history.jsonl"
@@ -327,7 +325,9 @@ def test_stage_deployment_follows_a_ui_transition_through_a_bad_policy_edit_then
                                      timeout=30)
             assert response.status_code == 200, response.text
         wait_for(lambda: len(read_capture(str(root / "capture"), since=since)) >= 200, 30, "the capture on disk")
-        report = _mlflow_deploy(env, server, "drift", "report", name, "--since", since.isoformat(), "--for-policy")
+        # The command in process (as a process: the MLproject run of tests/test_capture_drift_e2e.py).
+        report = _mlflow_deploy_here(env, server, "drift", "report", name, "--since", since.isoformat(),
+                                     "--for-policy")
         assert "drift.status=drifted" in report.stdout, report.stdout + report.stderr[-2000:]
         wait_for(lambda: _version(url) == "1", SWITCH_S, "the drift policy to put v1 back")
         assert _stages(client, "lcsd") == {"1": "Production", "2": "Archived"}

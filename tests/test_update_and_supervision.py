@@ -4,77 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import mlflow
+import pytest
 import requests
-from conftest import Env, Registry, TrafficThreads, post_json, split_payload, wait_for
-
-
-class RequestLoop(TrafficThreads):
-    """Steady single-row traffic from a few keep-alive clients; bounded in time by itself.
-
-    ``versions`` has every client's answers in arrival order; ``per_client[i]`` has client i's own
-    answers as (monotonic time the request was sent, version), in order.
-    """
-
-    def __init__(self, url: str, payload: dict, clients: int = 3, max_seconds: float = 540) -> None:
-        self.url, self.payload = url, payload
-        self.stop_event = threading.Event()
-        self.failures: list[str] = []
-        self.versions: list[str] = []
-        self.per_client: list[list[tuple[float, str]]] = [[] for _ in range(clients)]
-        self.count = 0
-        self.max_seconds = max_seconds
-        self.deadline = time.monotonic() + max_seconds
-        self.in_flight_since: list[float | None] = [None] * clients
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def wait_for_answers(self, more: int, timeout_s: float, what: str) -> None:
-        """Wait until ``more`` further successful answers arrive; on timeout say what the clients
-        were doing (failures, requests still in flight), so a stall and an error look different."""
-        target = len(self.versions) + more
-
-        def arrived() -> bool:
-            if time.monotonic() > self.deadline:
-                raise AssertionError(f"the request loop ended by itself (its bound, {self.max_seconds:.0f} s, "
-                                     f"is shorter than the test)")
-            return len(self.versions) >= target
-
-        try:
-            wait_for(arrived, timeout_s, what)
-        except AssertionError as exc:
-            now = time.monotonic()
-            in_flight = [None if since is None else round(now - since, 1) for since in self.in_flight_since]
-            raise AssertionError(
-                f"{exc}; answers {len(self.versions)}/{target}, attempts {self.count}, "
-                f"failures {len(self.failures)} (last: {self.failures[-3:]}), "
-                f"seconds each client's request has been in flight: {in_flight}") from None
-
-    def _run(self, client: int) -> None:
-        session = requests.Session()
-        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
-            sent = time.monotonic()
-            self.in_flight_since[client] = sent
-            try:
-                response = session.post(f"{self.url}/invocations", json=self.payload, timeout=30)
-                if response.status_code != 200:
-                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
-                else:
-                    self.versions.append(response.headers["x-model-version"])
-                    self.per_client[client].append((sent, response.headers["x-model-version"]))
-            except requests.RequestException as exc:
-                self.failures.append(repr(exc))
-            self.in_flight_since[client] = None
-            self.count += 1
+from conftest import Env, Registry, RequestLoop, post_json, split_payload, wait_for
+from mlflow.deployments import get_deploy_client
+from mlflow.exceptions import MlflowException
 
 
 def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, registry: Registry) -> None:
     name = "upd"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}@champion")
+    env.create(name, f"models:/{registry.model}@champion")  # in process; `update` below is the real CLI
     url = env.status(name)["url"]
     payload = split_payload(registry.features.iloc[[5]])
+    deploy_client = get_deploy_client("lifecycle")
     try:
         with RequestLoop(url, payload) as loop:
             loop.wait_for_answers(20, 30, "the request loop to get going")
@@ -83,12 +28,14 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
             assert "updated" in out
             loop.wait_for_answers(20, 30, "requests after the update")
 
-            # Versions that cannot load or fail their smoke test never take over.
+            # Versions that cannot load or fail their smoke test never take over. (In process, through
+            # the deployment client the CLI calls: the message is what `update` prints.)
             for model, reason in ((registry.broken_model, "Could not load"),
                                   (registry.failing_model, "Smoke test failed")):
-                proc = env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}/1", check=False)
-                assert proc.returncode != 0
-                assert reason in proc.stderr and "version 2 keeps serving" in proc.stderr, proc.stderr[-1500:]
+                with pytest.raises(MlflowException) as failed:
+                    deploy_client.update_deployment(name, model_uri=f"models:/{model}/1")
+                message = failed.value.message
+                assert reason in message and "version 2 keeps serving" in message, message[-1500:]
             loop.wait_for_answers(20, 30, "requests after the failed updates")
         assert loop.failures == [], f"{len(loop.failures)} failed requests during update: {loop.failures[:5]}"
         assert loop.versions[0] == "1" and loop.versions[-1] == "2"
@@ -104,11 +51,11 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         assert requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "2"
         assert env.status(name)["url"] == url
 
-        info = env.cli("get", "-t", "lifecycle", "--name", name).stdout
-        assert "model_version: 2" in info and "status: running" in info
-        client = mlflow.MlflowClient()
-        assert f"lifecycle.deployment.{name}" in client.get_model_version(registry.model, "2").tags
-        assert f"lifecycle.deployment.{name}" not in client.get_model_version(registry.model, "1").tags
+        info = deploy_client.get_deployment(name)  # what `get` shows (the verb: test_crashed_worker_...)
+        assert info["model_version"] == "2" and info["status"] == "running", info
+        registry_client = mlflow.MlflowClient()
+        assert f"lifecycle.deployment.{name}" in registry_client.get_model_version(registry.model, "2").tags
+        assert f"lifecycle.deployment.{name}" not in registry_client.get_model_version(registry.model, "1").tags
         events = [event["event"] for event in env_history(env, name)]
         assert events == ["created", "updated", "update_failed", "update_failed"]
     finally:
