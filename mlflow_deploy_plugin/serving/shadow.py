@@ -23,6 +23,12 @@ predicted again copy by copy, so one bad request never fails the others.
 
 Only requests whose primary answer capture accepted are mirrored (so every shadow row has its pair),
 and of those ``-C shadow_sample_rate``.
+
+Where it runs: on the local engine, in a process of its own beside each worker
+(:mod:`mlflow_deploy_plugin.engines.local.shadow_process`: the worker only hands copies over a
+bounded pipe, so the shadow's predict never holds the serving process's GIL; the same guarantees
+hold, plus ``crashed`` drops for copies a dead or silent shadow process took and never answered).
+On the Ray engine, in the replica's process as described above.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ ROLE_SHADOW = "shadow"
 DROP_QUEUE_FULL = "queue_full"
 DROP_BUSY = "busy"  # a previous shadow call still hangs
 DROP_CLOSED = "closed"
+DROP_CRASHED = "crashed"  # the shadow process died (or was replaced, silent) holding the copy
 # How one shadow call ended (the outcome label of mlflow_deploy_shadow_requests_total).
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"

@@ -168,13 +168,14 @@ class CopyChannel:
         return True
 
     def waiting(self) -> int:
-        """Copies queued and not yet written."""
-        return self._queue.qsize()
+        """Copies queued or being written (neither written nor counted as lost or dropped yet)."""
+        return self._queue.unfinished_tasks
 
     def _run(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
+                self._queue.task_done()
                 return
             batch = [first]
             stop = False
@@ -187,7 +188,11 @@ class CopyChannel:
                     stop = True
                     break
                 batch.append(item)
-            self._send(batch)
+            try:
+                self._send(batch)
+            finally:
+                for _ in range(len(batch) + stop):
+                    self._queue.task_done()
             if stop:
                 return
 
@@ -234,7 +239,9 @@ class CopyChannel:
             self._attached.notify_all()
         while True:
             try:
-                if self._queue.get_nowait() is not None:
-                    self._on_drop("closed")
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            self._queue.task_done()
+            if item is not None:
+                self._on_drop("closed")

@@ -73,6 +73,10 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
     shadow = service.shadow
     assert isinstance(shadow, ShadowProcess) and shadow.pid != os.getpid()
     first_pid = shadow.pid
+    assert first_pid is not None
+    # Below the worker once loaded, in the worker's session (the same scheduler autogroup).
+    assert os.getpriority(os.PRIO_PROCESS, first_pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    assert os.getsid(first_pid) == os.getsid(0)
     assert [slot.identity.model_version for slot, _ in service.slots] == ["1"]  # v2 is not loaded here
     features, _ = iris_data()
     try:
