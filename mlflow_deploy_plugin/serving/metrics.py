@@ -84,7 +84,8 @@ class ServingMetrics:
             ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.shadow_dropped = Counter(
             "mlflow_deploy_shadow_dropped_requests", "Request copies not sent to the shadow version "
-            "(queue_full: under pressure; busy: a shadow call still hangs; closed: worker stopping).",
+            "(queue_full: under pressure; busy: a shadow call still hangs; closed: worker stopping; "
+            "crashed: the shadow process died or was replaced holding them).",
             ["deployment", "reason"], registry=registry)
 
         if self.verdicts is not None and not self.multiprocess:

@@ -41,10 +41,12 @@ class ShadowedCapture:
 
     The shadow's rows go to a writer of their own (same folder, redaction and buffer size, no
     sampling): the mirror only copies requests the primary's writer accepted, so sampling them again
-    would break pairs, and a slow shadow cannot fill the buffer the primary's rows need.
+    would break pairs, and a slow shadow cannot fill the buffer the primary's rows need. When the
+    shadow runs in a process of its own (``shadow_writer`` None), that process owns the writer and
+    the mirror's ``flush`` and ``close`` reach it.
     """
 
-    def __init__(self, primary: Any, mirror: Any, shadow_writer: Any) -> None:
+    def __init__(self, primary: Any, mirror: Any, shadow_writer: Any | None) -> None:
         self.primary = primary
         self.mirror = mirror
         self.shadow_writer = shadow_writer
@@ -53,13 +55,83 @@ class ShadowedCapture:
         return getattr(self.primary, name)
 
     def flush(self, *args: Any, **kwargs: Any) -> Any:
-        self.shadow_writer.flush(*args, **kwargs)
+        (self.shadow_writer or self.mirror).flush(*args, **kwargs)
         return self.primary.flush(*args, **kwargs)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        self.mirror.close(timeout_s=min(timeout_s, 5.0))
-        self.shadow_writer.close(timeout_s=timeout_s)
+        if self.shadow_writer is None:
+            self.mirror.close(timeout_s=min(timeout_s, 15.0))
+        else:
+            self.mirror.close(timeout_s=min(timeout_s, 5.0))
+            self.shadow_writer.close(timeout_s=timeout_s)
         self.primary.close(timeout_s=timeout_s)
+
+
+@dataclass(frozen=True)
+class ShadowHooks:
+    """Where a shadow mirror's events go: the worker's Prometheus metrics (cheap, thread-safe)."""
+
+    on_drop: Callable[[str], None]  # a copy not predicted, by reason
+    on_result: Callable[[str, float], None]  # one copy's outcome and the seconds its call took
+    on_capture_drop: Callable[[int], None]  # shadow rows capture could not keep
+
+
+# What starts a shadow version elsewhere than in the serving process (the local engine's shadow
+# process): (spec, the shadow's model folder, capture_dir, capture_key, converter, hooks) -> a mirror
+# (submit, idle, flush, close) with ``wait_ready()``, called once the served versions are loaded.
+ShadowStarter = Callable[[DeploymentSpec, Path, str, Path, str, ShadowHooks], Any]
+
+
+def capture_redaction(spec: DeploymentSpec, capture_key: Path) -> Any:
+    """The deployment's capture redaction (None without redaction settings)."""
+    from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
+    from mlflow_deploy_plugin.state import read_or_create_secret
+
+    config = spec.config
+    redaction = CaptureRedaction(
+        config.capture_exclude_columns, config.capture_hash_columns,
+        read_or_create_secret(capture_key) if config.capture_hash_columns else None)
+    return redaction if redaction else None
+
+
+def shadow_capture_writer(spec: DeploymentSpec, root: str, spool_dir: str, redaction: Any, converter: str,
+                          on_capture_drop: Callable[[int], None]) -> Any:
+    """The writer of the shadow's rows (see :class:`ShadowedCapture`)."""
+    from mlflow_deploy_plugin.capture import CaptureWriter
+
+    config = spec.config
+    return CaptureWriter(root, spec.name, retention_days=config.capture_retention_days,
+                         max_buffer_bytes=config.capture_buffer_bytes,
+                         on_drop=lambda count, _reason: on_capture_drop(count),
+                         redact=redaction.apply if redaction else None,
+                         # The primary's spool folder (in the deployment's private folder, local even
+                         # with a remote capture_uri), not the default under the temp dir.
+                         spool_dir=spool_dir, converter=converter)
+
+
+def shadow_batching(spec: DeploymentSpec, flavors: dict[str, Any]) -> bool:
+    """Whether the shadow predicts copies that wait together in one call (where the primary would batch)."""
+    from mlflow_deploy_plugin.serving.batching import batching_default
+
+    config = spec.config
+    return config.batching == "true" or (config.batching == "auto" and batching_default(flavors))
+
+
+def shadow_hooks(spec: DeploymentSpec, metrics: Any) -> ShadowHooks:
+    """The hooks that count a shadow mirror's calls, drops and lost rows in ``metrics``."""
+    version = spec.shadow.model_version if spec.shadow is not None else ""
+    latency = metrics.shadow_latency.labels(spec.name, version)
+    outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
+                for outcome in ("ok", "error", "timeout")}
+    drops = {reason: metrics.shadow_dropped.labels(spec.name, reason)
+             for reason in ("queue_full", "busy", "closed", "crashed")}
+    dropped = metrics.capture_dropped.labels(spec.name)
+
+    def on_result(outcome: str, seconds: float) -> None:
+        outcomes[outcome].inc()
+        latency.observe(seconds)
+
+    return ShadowHooks(lambda reason: drops[reason].inc(), on_result, lambda count: dropped.inc(count))
 
 
 def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture: Any,
@@ -93,7 +165,8 @@ def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture
 
 
 def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], capture_dir: str,
-                  capture_key: Path, token_sha256: str | None = None, capture_converter: str = "own") -> Service:
+                  capture_key: Path, token_sha256: str | None = None, capture_converter: str = "own",
+                  shadow_starter: ShadowStarter | None = None) -> Service:
     """Load ``spec``'s versions (each from ``model_dir(model)``) and build the app and capture.
 
     The bearer token is read from the environment variable ``auth_token_env`` names (local workers
@@ -101,7 +174,9 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
     replicas, which never see the token itself). A version that cannot load or fails its smoke test
     raises: the engine marks the replica failed. ``capture_converter``: ``"external"`` when the
     engine runs the capture converter itself (the local supervisor: one per deployment), else
-    each replica's writers start their own.
+    each replica's writers start their own. ``shadow_starter`` runs the shadow version outside this
+    process (the local engine's shadow process; it loads while the served versions do); without
+    it the shadow is loaded here and predicted on a thread of this process.
     """
     from mlflow_deploy_plugin.serving.app import AppSettings, ServiceState, build_app
     from mlflow_deploy_plugin.serving.metrics import ServingMetrics
@@ -114,18 +189,28 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
         if not token:
             raise RuntimeError(f"auth_token_env={config.auth_token_env} but that environment variable "
                                "is empty or unset in the deployment's environment.")
+    metrics = ServingMetrics(capture_key.parent)  # the deployment's folder: its verdicts.json
+    started_shadow = None
+    if spec.shadow is not None and config.capture and shadow_starter is not None:
+        started_shadow = shadow_starter(spec, model_dir(spec.shadow), capture_dir, capture_key, capture_converter,
+                                        shadow_hooks(spec, metrics))
     slots = []
-    for share in spec.shares():
-        model = share.model
-        identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
-                                 model.run_id)
-        slot = ModelSlot.load(identity, model_dir(model))
-        _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
-                     slot.smoke_test())
-        slots.append((slot, share.percent))
+    try:
+        for share in spec.shares():
+            model = share.model
+            identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
+                                     model.run_id)
+            slot = ModelSlot.load(identity, model_dir(model))
+            _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
+                         slot.smoke_test())
+            slots.append((slot, share.percent))
+    except BaseException:
+        if started_shadow is not None:
+            started_shadow.close(timeout_s=2.0)
+        raise
 
     shadow_slot = None
-    if spec.shadow is not None:
+    if spec.shadow is not None and started_shadow is None:
         model = spec.shadow
         shadow_slot = ModelSlot.load(ModelIdentity(model.model_name, model.model_version, model.version_uri,
                                                    model.requested_uri, model.run_id), model_dir(model))
@@ -133,7 +218,6 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
                      model.version_uri, config.shadow_sample_rate * 100, shadow_slot.smoke_test())
 
     state = ServiceState()
-    metrics = ServingMetrics(capture_key.parent)  # the deployment's folder: its verdicts.json
     settings = AppSettings(
         deployment=spec.name,
         max_body_bytes=config.max_body_bytes,
@@ -150,13 +234,9 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
     redaction = None
     if config.capture:
         from mlflow_deploy_plugin.capture import CaptureWriter, capture_root
-        from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
-        from mlflow_deploy_plugin.state import read_or_create_secret
 
         dropped = metrics.capture_dropped.labels(spec.name)
-        redaction = CaptureRedaction(
-            config.capture_exclude_columns, config.capture_hash_columns,
-            read_or_create_secret(capture_key) if config.capture_hash_columns else None)
+        redaction = capture_redaction(spec, capture_key)
         capture = CaptureWriter(
             capture_root(spec.name, config.capture_uri, capture_dir), spec.name,
             sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
@@ -169,9 +249,18 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
         )
     on_answer: Callable[[Any], object] | None = capture.record if capture is not None else None
     mirror = None
-    if shadow_slot is not None and capture is not None:
-        primary_record = capture.record
+    if started_shadow is not None and capture is not None:
+        try:
+            started_shadow.wait_ready()
+        except BaseException:
+            capture.close(timeout_s=5.0)
+            raise
+        mirror = started_shadow
+        capture = ShadowedCapture(capture, mirror, None)
+    elif shadow_slot is not None and capture is not None:
         capture, mirror = _shadowed(spec, shadow_slot, capture, metrics, redaction, capture_converter)
+    if mirror is not None:
+        primary_record = capture.primary.record
         submit = mirror.submit
 
         def mirrored(answer: Any) -> None:
@@ -191,36 +280,18 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
 
 def _shadowed(spec: DeploymentSpec, slot: Any, capture: Any, metrics: Any,
               redaction: Any, capture_converter: str = "own") -> tuple[ShadowedCapture, Any]:
-    """The mirror feeding ``slot`` copies of answered requests, and the capture that holds both roles."""
-    from mlflow_deploy_plugin.capture import CaptureWriter
+    """The mirror feeding ``slot`` copies of answered requests in this process, and the capture that
+    holds both roles."""
     from mlflow_deploy_plugin.serving.shadow import ShadowMirror
 
     config = spec.config
-    version = slot.identity.model_version
-    dropped = metrics.capture_dropped.labels(spec.name)
-    writer = CaptureWriter(capture.root, spec.name, retention_days=config.capture_retention_days,
-                           max_buffer_bytes=config.capture_buffer_bytes,
-                           on_drop=lambda count, _reason: dropped.inc(count),
-                           redact=redaction.apply if redaction else None,
-                           # The primary's spool folder (in the deployment's private folder, local even
-                           # with a remote capture_uri), not the default under the temp dir.
-                           spool_dir=capture.spool_dir, converter=capture_converter)
-    latency = metrics.shadow_latency.labels(spec.name, version)
-    outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
-                for outcome in ("ok", "error", "timeout")}
-    drops = {reason: metrics.shadow_dropped.labels(spec.name, reason) for reason in ("queue_full", "busy", "closed")}
-
-    def on_result(outcome: str, seconds: float) -> None:
-        outcomes[outcome].inc()
-        latency.observe(seconds)
-
-    from mlflow_deploy_plugin.serving.batching import batching_default
-
+    hooks = shadow_hooks(spec, metrics)
+    writer = shadow_capture_writer(spec, capture.root, capture.spool_dir, redaction, capture_converter,
+                                   hooks.on_capture_drop)
     # Copies waiting together are predicted in one call where the primary would batch too.
-    batching = config.batching == "true" or (config.batching == "auto" and batching_default(slot.metadata.flavors))
-    mirror = ShadowMirror(slot.predict, version, writer.record,
+    mirror = ShadowMirror(slot.predict, slot.identity.model_version, writer.record,
                           sample_rate=config.shadow_sample_rate, max_queue=config.max_queue,
-                          timeout_s=config.timeout_s, on_drop=lambda reason: drops[reason].inc(),
-                          on_result=on_result, batching=batching, max_batch_rows=config.max_batch_rows,
-                          model_name=slot.identity.model_name)
+                          timeout_s=config.timeout_s, on_drop=hooks.on_drop,
+                          on_result=hooks.on_result, batching=shadow_batching(spec, slot.metadata.flavors),
+                          max_batch_rows=config.max_batch_rows, model_name=slot.identity.model_name)
     return ShadowedCapture(capture, mirror, writer), mirror

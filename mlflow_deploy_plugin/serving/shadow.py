@@ -23,6 +23,12 @@ predicted again copy by copy, so one bad request never fails the others.
 
 Only requests whose primary answer capture accepted are mirrored (so every shadow row has its pair),
 and of those ``-C shadow_sample_rate``.
+
+Where it runs: on the local engine, in a process of its own beside each worker
+(:mod:`mlflow_deploy_plugin.engines.local.shadow_process`: the worker only hands copies over a
+bounded pipe, so the shadow's predict never holds the serving process's GIL; the same guarantees
+hold, plus ``crashed`` drops for copies a dead or silent shadow process took and never answered).
+On the Ray engine, in the replica's process as described above.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ ROLE_SHADOW = "shadow"
 DROP_QUEUE_FULL = "queue_full"
 DROP_BUSY = "busy"  # a previous shadow call still hangs
 DROP_CLOSED = "closed"
+DROP_CRASHED = "crashed"  # the shadow process died (or was replaced, silent) holding the copy
 # How one shadow call ended (the outcome label of mlflow_deploy_shadow_requests_total).
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"
@@ -65,6 +72,7 @@ class ShadowAnswer:
     predictions: Any
     role: str = ROLE_SHADOW
     model_name: str | None = None  # the shadow's registered model (it may differ from the primary's)
+    raw_inputs: Any = None  # (columns, float64 array) ``inputs`` was built on: capture encodes it as is
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,7 @@ class _Copy:
     timestamp: float
     inputs: Any
     params: dict[str, Any] | None = None  # the primary's params, so both versions answer the same question
+    raw_inputs: Any = None  # the request's (columns, float64 array), when its parser's fast path built one
 
 
 class ShadowMirror:
@@ -83,10 +92,12 @@ class ShadowMirror:
                  on_drop: Callable[[str], None] | None = None,
                  on_result: Callable[[str, float], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, batch_wait_s: float = 0.0) -> None:
         """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`
         (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds)``
-        feed the metrics (cheap, thread-safe)."""
+        feed the metrics (cheap, thread-safe). With ``batching``, ``batch_wait_s`` is how long the
+        dispatcher waits for more copies to join a batch (0: only the ones already waiting; the
+        shadow process, which answers nobody, waits a little to make fewer calls)."""
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if max_queue < 1 or not timeout_s > 0:
@@ -97,6 +108,7 @@ class ShadowMirror:
         self.timeout_s = timeout_s
         self.batching = batching and max_batch_rows > 1
         self.max_batch_rows = max_batch_rows
+        self.batch_wait_s = max(0.0, batch_wait_s)
         self._predict = predict
         self._record = record
         self._on_drop = on_drop
@@ -129,7 +141,8 @@ class ShadowMirror:
                 return False
             try:
                 self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), inputs,
-                                             getattr(answer, "params", None) or None))
+                                             getattr(answer, "params", None) or None,
+                                             getattr(answer, "raw_inputs", None)))
             except queue.Full:
                 self._drop(DROP_QUEUE_FULL)
                 return False
@@ -171,9 +184,11 @@ class ShadowMirror:
         """``first`` and the copies waiting behind it (up to ``max_batch_rows`` rows), and whether the
         stop sentinel was among them."""
         batch, rows = [first], _rows(first.inputs)
+        deadline = time.monotonic() + self.batch_wait_s
         while self.batching and rows < self.max_batch_rows:
             try:
-                copy = self._queue.get_nowait()
+                wait = deadline - time.monotonic()
+                copy = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if copy is None:
@@ -223,7 +238,8 @@ class ShadowMirror:
             if self._on_result is not None:
                 self._on_result(outcome, elapsed)
             self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
-                                      copy.inputs, predictions, model_name=self.model_name))
+                                      copy.inputs, predictions, model_name=self.model_name,
+                                      raw_inputs=copy.raw_inputs))
 
     def _one(self, copy: _Copy) -> None:
         """Predict one copy on its own (a batch of one, or a copy of a batch that failed)."""
@@ -248,7 +264,7 @@ class ShadowMirror:
         if self._on_result is not None:
             self._on_result(outcome, elapsed)
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
-                                  copy.inputs, predictions, model_name=self.model_name))
+                                  copy.inputs, predictions, model_name=self.model_name, raw_inputs=copy.raw_inputs))
 
     def _call(self, inputs: Any, params: dict[str, Any] | None) -> Future[Any]:
         """One shadow call on a daemon thread of its own: a call that never returns must not keep the

@@ -365,9 +365,12 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
     _phase(phases, "imports")
     spec = worker_spec.spec
     config = spec.config
-    # The supervisor runs the deployment's one capture converter (engines/local/capture_keeper.py).
+    from mlflow_deploy_plugin.engines.local.shadow_process import start_shadow_process
+
+    # The supervisor runs the deployment's one capture converter (engines/local/capture_keeper.py). A
+    # shadow version runs in a process of its own (engines/local/shadow_process.py): never on our GIL.
     service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key,
-                            capture_converter="external")
+                            capture_converter="external", shadow_starter=start_shadow_process)
     _phase(phases, "model fetch+load+smoke test, app")
     app, state, slots, capture = service.app, service.state, service.slots, service.capture
     supervision = supervision or Supervision()

@@ -1,0 +1,505 @@
+"""The shadow process: a local worker's shadow version, predicted in a process of its own.
+
+Predicting the shadow in the serving worker cost the primary ~2x its p99 even with every copy
+predicted after the answer was sent: each copy is one ``pyfunc.predict`` (~1 ms of fixed cost, holding
+the GIL) under the GIL the event loop needs. So each worker with a shadow version starts one child,
+``python -m mlflow_deploy_plugin.engines.local.shadow_process``, which lowers its CPU priority once
+loaded (``os.nice``: on a busy machine the primary wins the CPU; see :func:`_lower_priority`), and
+only hands it copies:
+
+- worker side, :class:`ShadowProcess`: the request path appends a copy to a bounded queue
+  (:class:`~mlflow_deploy_plugin.serving.shadow_channel.CopyChannel`; full: dropped as
+  ``queue_full``, counted); a thread writes what waits to the child's pipe; another reads the
+  child's events (calls, drops, lost capture rows) into the worker's Prometheus metrics, so the metric
+  names and labels are the in-process mirror's;
+- child side, :func:`main`: loads the shadow version once, smoke-tests it, and runs the same
+  :class:`~mlflow_deploy_plugin.serving.shadow.ShadowMirror` as in process (timeouts captured as
+  504 rows, raising calls as 500, copies dropped as ``busy`` behind a hung call, batches of copies that
+  waited together, ``batch_wait_s`` to gather some), whose rows its own capture writer spools with
+  the original request id and role ``shadow``: ``mlflow-deploy shadow report`` reads them as before.
+
+Supervision, by the worker: a child that dies is started again (backoff 1 s doubling to 30 s); one
+that sends nothing, not even its heartbeat, for ``timeout_s`` + :data:`HANG_GRACE_S` (a call that
+holds its GIL: its mirror's own timeout cannot fire) is killed and started again. The copies it had
+taken and not answered are counted as dropped (``crashed``). None of this touches the request path.
+The child leaves when its pipe from the worker ends (the worker exited, even by ``kill -9``) after
+closing its mirror and writer, so it never outlives its worker by more than that.
+
+Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
+worker -> child ``("start", settings)``, ``("copies", [copy, ...])``, ``("flush", seq, timeout_s)``,
+``("close", timeout_s)``; child -> worker ``("ready", smoke_test)``, ``("error", text)``,
+``("events", [("result", outcome, seconds) | ("drop", reason) | ("capture_drop", n), ...])`` (also
+empty: the heartbeat), ``("flushed", seq)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow_deploy_plugin.serving.shadow_channel import (
+    CopyChannel,
+    FrameReader,
+    copy_of,
+    encode_frame,
+    write_all,
+)
+from mlflow_deploy_plugin.spec import DeploymentSpec
+
+_logger = logging.getLogger(__name__)
+
+NICE = 10  # the child's CPU priority below the worker's
+HANG_GRACE_S = 10.0  # beyond timeout_s, how long a silent child may take before it is replaced
+HEARTBEAT_S = 1.0  # the child says it is alive at least this often
+EVENTS_EVERY_S = 0.05  # the child sends its events in batches this often
+# The child's mirror waits this long for more copies to join a batch: nobody waits for a shadow's
+# answer, and each pyfunc.predict costs ~1 ms whatever its rows, so fewer, larger calls keep its CPU
+# small (at 300 req/s ~15 copies a call instead of one).
+BATCH_WAIT_S = 0.05
+START_DEADLINE_S = 600.0  # a child that has not loaded its version by then is a failed start
+RESTART_BACKOFF_S = (1.0, 30.0)
+
+
+class ShadowStartError(RuntimeError):
+    """The shadow process could not load or smoke-test its version."""
+
+
+class ShadowProcess:
+    """The worker's handle on its shadow process: the mirror the service feeds (submit, idle, flush, close)."""
+
+    def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
+                 converter: str, on_drop: Callable[[str], None], on_result: Callable[[str, float], None],
+                 on_capture_drop: Callable[[int], None], *, nice: int = NICE,
+                 hang_grace_s: float = HANG_GRACE_S, rng: Any = None) -> None:
+        """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it."""
+        import random
+
+        config = spec.config
+        assert spec.shadow is not None
+        self.version = spec.shadow.model_version
+        self.model_name = spec.shadow.model_name
+        self.sample_rate = config.shadow_sample_rate
+        self.timeout_s = config.timeout_s
+        self._settings = {"spec": spec.to_dict(), "model_dir": str(model_dir), "capture_dir": capture_dir,
+                          "capture_key": str(capture_key), "converter": converter, "nice": nice}
+        self._on_drop = on_drop
+        self._on_result = on_result
+        self._on_capture_drop = on_capture_drop
+        self._hang_after_s = self.timeout_s + hang_grace_s
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.submitted = 0
+        self.dropped: dict[str, int] = {}
+        self.outcomes: dict[str, int] = {}
+        self.restarts = 0
+        self._settled = 0  # copies of the current child answered or dropped by it
+        self._flushes: dict[int, threading.Event] = {}
+        self._next_flush = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: str | None = None
+        self._last_heard = time.monotonic()
+        self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
+        self._spawn()
+        self._supervisor: threading.Thread | None = None
+
+    # ---- request path ------------------------------------------------------------------------
+
+    def submit(self, answer: Any) -> bool:
+        """Hand a copy of an answered request to the shadow process; never blocks, never raises."""
+        try:
+            if self._closed:
+                self._drop("closed")
+                return False
+            if answer.inputs is None:
+                return False
+            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
+                return False
+            if not self.channel.put(copy_of(answer)):
+                return False
+            self.submitted += 1
+            return True
+        except Exception:  # the primary answers whatever happens here
+            _logger.exception("Shadow mirror could not queue a request copy")
+            return False
+
+    # ---- the child ---------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        """Start a child and the thread reading its events; its pipe is attached once it is ready."""
+        to_child, to_child_w = os.pipe()
+        from_child_r, from_child = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow_deploy_plugin.engines.local.shadow_process",
+                 "--in-fd", str(to_child), "--out-fd", str(from_child)],
+                pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            os.close(to_child)  # the child's ends: only the child may hold them, so its death ends both pipes
+            os.close(from_child)
+        self._to_child = to_child_w
+        self._ready.clear()
+        self._start_error = None
+        self._settled = 0
+        self._last_heard = time.monotonic()
+        write_all(to_child_w, encode_frame(("start", self._settings)))
+        self._reader = threading.Thread(target=self._read, args=(from_child_r, self._proc), name="shadow-events",
+                                        daemon=True)
+        self._reader.start()
+
+    def wait_ready(self, timeout_s: float = START_DEADLINE_S) -> None:
+        """Wait until the child has loaded and smoke-tested the shadow version; raise if it could not."""
+        if not self._ready.wait(timeout_s) or self._start_error is not None:
+            error = self._start_error or f"the shadow process did not load within {timeout_s:g}s"
+            self._kill()
+            raise ShadowStartError(f"Shadow version {self.model_name} v{self.version}: {error}")
+        self.channel.attach(self._to_child)
+        self._supervisor = threading.Thread(target=self._supervise, name="shadow-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _read(self, fd: int, proc: subprocess.Popen[bytes]) -> None:
+        reader = FrameReader(fd)
+        try:
+            while True:
+                try:
+                    message = reader.read()
+                except Exception as exc:  # a garbled pipe: treat the child as gone
+                    _logger.error("Shadow process sent an unreadable message: %s", exc)
+                    message = None
+                if message is None:
+                    break
+                self._last_heard = time.monotonic()
+                self._handle(message)
+        finally:
+            os.close(fd)
+            if not self._ready.is_set():  # died while loading
+                self._start_error = self._start_error or f"the shadow process exited (code {proc.wait()})"
+                self._ready.set()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "events":
+            for event in message[1]:
+                if event[0] == "result":
+                    self._settled += 1
+                    self.outcomes[event[1]] = self.outcomes.get(event[1], 0) + 1
+                    self._on_result(event[1], event[2])
+                elif event[0] == "drop":
+                    self._settled += 1
+                    self._drop(event[1])
+                elif event[0] == "capture_drop":
+                    self._on_capture_drop(event[1])
+        elif kind == "flushed":
+            flushed = self._flushes.get(message[1])
+            if flushed is not None:
+                flushed.set()
+        elif kind == "ready":
+            _logger.info("Shadow process %d loaded %s v%s; smoke test: %s", self._proc.pid if self._proc else 0,
+                         self.model_name, self.version, message[1])
+            self._ready.set()
+        elif kind == "error":
+            self._start_error = message[1]
+            self._ready.set()
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        with self._lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+        for _ in range(count):
+            try:
+                self._on_drop(reason)
+            except Exception:
+                _logger.exception("Shadow drop counter failed")
+
+    def _supervise(self) -> None:
+        """Replace a child that died or went silent; never returns while the mirror is open."""
+        backoff = RESTART_BACKOFF_S[0]
+        while not self._closed:
+            proc = self._proc
+            assert proc is not None
+            silent_s = time.monotonic() - self._last_heard
+            if proc.poll() is None and silent_s <= self._hang_after_s:
+                time.sleep(0.2)
+                continue
+            if self._closed:
+                return
+            if proc.poll() is None:
+                _logger.error("Shadow process %d said nothing for %.0fs (timeout_s + %.0fs grace): replacing it.",
+                              proc.pid, silent_s, self._hang_after_s - self.timeout_s)
+            else:
+                _logger.error("Shadow process %d exited with code %s: starting another in %.0fs.", proc.pid,
+                              proc.returncode, backoff)
+            self._retire(proc, reason="crashed")
+            up_since = time.monotonic()
+            while not self._closed and not self._respawn():
+                self._sleep(backoff)
+                backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+            if time.monotonic() - up_since > 60:
+                backoff = RESTART_BACKOFF_S[0]
+            self.restarts += 1
+
+    def _retire(self, proc: subprocess.Popen[bytes], reason: str) -> None:
+        """Make sure ``proc`` is gone and count the copies it took and never answered."""
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if self._reader is not None:
+            self._reader.join(5.0)  # its last events count before what is lost is reckoned
+        sent = self.channel.detach()
+        lost = sent - self._settled
+        if lost > 0:
+            self._drop(reason, lost)
+
+    def _respawn(self) -> bool:
+        try:
+            self._spawn()
+        except OSError as exc:
+            _logger.error("Could not start the shadow process: %s", exc)
+            return False
+        deadline = time.monotonic() + START_DEADLINE_S
+        while not self._ready.wait(0.2):
+            if self._closed or time.monotonic() > deadline:
+                break
+        if self._ready.is_set() and self._start_error is None and not self._closed:
+            self.channel.attach(self._to_child)
+            return True
+        _logger.error("Shadow process could not start again: %s", self._start_error or "no answer")
+        assert self._proc is not None
+        self._retire(self._proc, reason="crashed")
+        return False
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._closed and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.channel.detach()
+
+    # ---- the mirror's other verbs ------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def ready(self) -> bool:
+        """Whether a child has loaded its version and takes copies."""
+        return self._ready.is_set() and self._start_error is None
+
+    def idle(self) -> bool:
+        """Whether every copy handed over has been answered or dropped (none waits, travels or runs)."""
+        return self.channel.waiting() == 0 and self.channel.sent == self._settled
+
+    def flush(self, timeout_s: float = 60.0) -> int:
+        """Have the child write the shadow rows it holds (waiting up to ``timeout_s``)."""
+        with self._lock:
+            self._next_flush += 1
+            seq = self._next_flush
+            done = self._flushes[seq] = threading.Event()
+        try:
+            if self.channel.send_control(("flush", seq, timeout_s)):
+                done.wait(timeout_s)
+        finally:
+            self._flushes.pop(seq, None)
+        return 0
+
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Stop taking copies; the child predicts what it has, writes its rows and exits (killed at the deadline)."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout_s
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.join(2.0)  # it stops replacing children (a restart under way is retired)
+        self.channel.close(timeout_s=min(2.0, timeout_s / 4))
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None and self.channel.send_control(("close", max(0.5, (deadline - time.monotonic()) / 2))):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _logger.warning("Shadow process %d did not stop within %.0fs: killing it.", proc.pid, timeout_s)
+        self._retire(proc, reason="closed")
+
+
+def start_shadow_process(spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
+                         converter: str, hooks: Any) -> ShadowProcess:
+    """The local worker's ``shadow_starter`` for ``serving.service.build_service``."""
+    return ShadowProcess(spec, model_dir, capture_dir, capture_key, converter, hooks.on_drop, hooks.on_result,
+                         hooks.on_capture_drop)
+
+
+# ---- the child ---------------------------------------------------------------------------------
+
+class _Events:
+    """The child's events, sent to the worker in batches (and as a heartbeat when there are none)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._pending: list[tuple] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shadow-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, event: tuple) -> None:
+        with self._lock:
+            self._pending.append(event)
+
+    def send(self, message: tuple) -> None:
+        data = encode_frame(message)
+        with self._lock:
+            write_all(self.fd, data)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            write_all(self.fd, encode_frame(("events", pending)))
+
+    def _run(self) -> None:
+        last = 0.0
+        while not self._stopped.wait(EVENTS_EVERY_S):
+            if self._pending or time.monotonic() - last >= HEARTBEAT_S:
+                try:
+                    self.flush()
+                except OSError:
+                    return  # the worker is gone: the main loop sees its pipe end
+                last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(2.0)
+        with contextlib.suppress(OSError):
+            self.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlflow_deploy_plugin.engines.local.shadow_process")
+    parser.add_argument("--in-fd", type=int, required=True, help="pipe the worker writes copies to")
+    parser.add_argument("--out-fd", type=int, required=True, help="pipe this process writes events to")
+    args = parser.parse_args(argv)
+    os.umask(0o077)  # captured inputs are user data (see state.py)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [shadow %(process)d] %(name)s: %(message)s")
+    reader = FrameReader(args.in_fd)
+    events = _Events(args.out_fd)
+    start = reader.read()
+    if start is None or start[0] != "start":
+        return 2
+    settings = start[1]
+    try:
+        mirror, writer, smoke = _load(settings, events)
+    except Exception as exc:  # reported to the worker, which fails its start as an in-process load would
+        _logger.error("Shadow process could not start: %s", exc)
+        events.send(("error", f"{type(exc).__name__}: {exc}"[:2000]))
+        return 3
+    _lower_priority(int(settings.get("nice", NICE)))
+    events.send(("ready", smoke))
+    events.start()
+    closing = 5.0
+    try:
+        while True:
+            message = reader.read()
+            if message is None:
+                break  # the worker is gone (or closed its end): finish what we have and leave
+            kind = message[0]
+            if kind == "copies":
+                from mlflow_deploy_plugin.serving.shadow_channel import Copy
+
+                for copy in message[1]:
+                    try:
+                        rebuilt = Copy(*copy)
+                    except Exception:  # not one of ours: counted, and the others still go through
+                        _logger.exception("A request copy could not be read")
+                        events.add(("drop", "crashed"))
+                        continue
+                    mirror.submit(rebuilt)  # a copy it cannot take it counts as dropped itself
+            elif kind == "flush":
+                threading.Thread(target=_flush, args=(mirror, writer, events, message[1], message[2]),
+                                 daemon=True).start()
+            elif kind == "close":
+                closing = float(message[1])
+                break
+    finally:
+        mirror.close(timeout_s=min(5.0, closing / 2))
+        writer.close(timeout_s=max(1.0, closing / 2))
+        events.stop()
+    return 0
+
+
+def _lower_priority(nice: int) -> None:
+    """Run below the serving worker, once loaded: the primary wins the CPU whenever both want it.
+
+    The child stays in the worker's session. With Linux's scheduler autogroups (on by default) CPU is
+    shared between sessions first and nice only weighs inside one: in the worker's session the child
+    takes at most a niced share of what the deployment gets and adds no share of its own beside the
+    other sessions; in a session of its own with a lowered autogroup nice (tried) it starved on a busy
+    machine, loading included. The load itself runs at normal priority: it is paid once, and the
+    worker waits for it before it serves.
+    """
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+
+
+def _flush(mirror: Any, writer: Any, events: _Events, seq: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not mirror.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the copies handed over before the flush are predicted and recorded first
+    try:
+        writer.flush(timeout_s=max(0.1, deadline - time.monotonic()))
+    finally:
+        with contextlib.suppress(OSError):
+            events.send(("flushed", seq))
+
+
+def _load(settings: dict[str, Any], events: _Events) -> tuple[Any, Any, str]:
+    """Load and smoke-test the shadow version, and build its mirror and capture writer."""
+    from mlflow_deploy_plugin.capture import capture_root
+    from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
+    from mlflow_deploy_plugin.serving.service import capture_redaction, shadow_batching, shadow_capture_writer
+    from mlflow_deploy_plugin.serving.shadow import ShadowMirror
+
+    spec = DeploymentSpec.from_dict(settings["spec"])
+    model = spec.shadow
+    assert model is not None
+    config = spec.config
+    slot = ModelSlot.load(ModelIdentity(model.model_name, model.model_version, model.version_uri,
+                                        model.requested_uri, model.run_id), Path(settings["model_dir"]))
+    smoke = slot.smoke_test()
+    capture_dir = settings["capture_dir"]
+    writer = shadow_capture_writer(spec, capture_root(spec.name, config.capture_uri, capture_dir),
+                                   os.path.join(capture_dir, ".spool"),
+                                   capture_redaction(spec, Path(settings["capture_key"])), settings["converter"],
+                                   lambda count: events.add(("capture_drop", count)))
+
+    def on_drop(reason: str) -> None:
+        events.add(("drop", reason))
+
+    mirror = ShadowMirror(slot.predict, model.model_version, writer.record, sample_rate=1.0,
+                          max_queue=max(config.max_queue, 1), timeout_s=config.timeout_s,
+                          on_drop=on_drop, on_result=lambda outcome, seconds: events.add(("result", outcome, seconds)),
+                          batching=shadow_batching(spec, slot.metadata.flavors), max_batch_rows=config.max_batch_rows,
+                          model_name=model.model_name, batch_wait_s=BATCH_WAIT_S)
+    return mirror, writer, smoke
+
+
+if __name__ == "__main__":
+    sys.exit(main())

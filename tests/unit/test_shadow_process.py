@@ -1,0 +1,144 @@
+"""The local engine's shadow process: a real child process, real models, real capture files.
+
+The service is built as a local worker builds it (``shadow_starter=start_shadow_process``): the
+shadow version is loaded in a child, never in this process; its rows join the primary's exactly; a
+child killed or gone silent is replaced, the copies it took and never answered counted as dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from unit_helpers import TestClient, iris_data, split_body
+
+from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.engines.local.shadow_process import (
+    ShadowProcess,
+    ShadowStartError,
+    start_shadow_process,
+)
+from mlflow_deploy_plugin.serving.service import build_service
+from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+
+WAIT_S = 120.0  # a child loads MLflow and its model: seconds on a busy machine
+
+
+def _wait(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def no_multiprocess_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+def _spec(**config: object) -> DeploymentSpec:
+    return DeploymentSpec(name="unit", model=ModelRef("models:/iris/1", "iris", "1"),
+                          shadow=ModelRef("models:/iris_challenger/2", "iris_challenger", "2"),
+                          config=DeploymentConfig(shadow="models:/iris_challenger/2", **config))
+
+
+def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_replaced(
+        tmp_path: Path, classifier_path: Path, rotated_classifier_path: Path, no_multiprocess_metrics: None) -> None:
+    paths = {"1": classifier_path, "2": rotated_classifier_path}
+    drops: list[str] = []
+
+    def starter(spec, model_dir, capture_dir, capture_key, converter, hooks):  # noqa: ANN001, ANN202
+        def on_drop(reason: str) -> None:
+            drops.append(reason)
+            hooks.on_drop(reason)
+
+        # As start_shadow_process, with a short grace: a silent child is replaced 1 + 2 s after its last word.
+        return ShadowProcess(spec, model_dir, capture_dir, capture_key, converter, on_drop, hooks.on_result,
+                             hooks.on_capture_drop, hang_grace_s=2.0)
+
+    service = build_service(_spec(timeout_s=1.0), lambda model: paths[model.model_version],
+                            str(tmp_path / "capture"), tmp_path / "capture.key", shadow_starter=starter)
+    shadow = service.shadow
+    assert isinstance(shadow, ShadowProcess) and shadow.pid != os.getpid()
+    first_pid = shadow.pid
+    assert first_pid is not None
+    # Below the worker once loaded, in the worker's session (the same scheduler autogroup).
+    assert os.getpriority(os.PRIO_PROCESS, first_pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    assert os.getsid(first_pid) == os.getsid(0)
+    assert [slot.identity.model_version for slot, _ in service.slots] == ["1"]  # v2 is not loaded here
+    features, _ = iris_data()
+    try:
+        with TestClient(service.app) as client:
+            service.state.ready = True
+
+            def ask(request_id: str, i: int) -> None:
+                response = client.post("/invocations", json=split_body(features.iloc[[i, i + 1]]),
+                                       headers={"X-Request-Id": request_id})
+                assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+
+            for i in range(10):
+                ask(f"before-{i}", i * 12)
+            _wait(shadow.idle, "the shadow process to answer every copy")
+            service.capture.flush(timeout_s=30)  # reaches the child's writer too
+            assert set(read_capture(str(tmp_path / "capture"), shadow=True)["_role"]) == {"primary", "shadow"}
+
+            # Killed: replaced.
+            os.kill(first_pid, signal.SIGKILL)
+            _wait(lambda: shadow.restarts == 1 and shadow.ready, "a new shadow process")
+            assert shadow.pid != first_pid
+            for i in range(6):
+                ask(f"after-{i}", i * 20)
+            _wait(shadow.idle, "the new shadow process to answer every copy")
+
+            # Silent (stopped: not even its heartbeat, as when a call holds its GIL): replaced too.
+            stopped = shadow.pid
+            assert stopped is not None
+            os.kill(stopped, signal.SIGSTOP)
+            ask("held", 3)
+            _wait(lambda: shadow.restarts == 2 and shadow.ready, "the silent shadow process to be replaced")
+            assert not _alive(stopped) and shadow.pid != stopped
+            ask("next", 5)
+            _wait(shadow.idle, "the third shadow process to answer")
+            text = client.get("/metrics").text
+    finally:
+        last_pid = shadow.pid
+        service.capture.close(timeout_s=20)
+    assert last_pid is not None and not _alive(last_pid)  # closing the capture stops the child
+    both = read_capture(str(tmp_path / "capture"), shadow=True)
+    primary, mirrored = both[both["_role"] == "primary"], both[both["_role"] == "shadow"]
+    answered = {f"before-{i}" for i in range(10)} | {f"after-{i}" for i in range(6)} | {"next"}
+    assert set(primary["_request_id"]) == answered | {"held"}
+    assert set(mirrored["_model_version"]) == {"2"} and set(mirrored["_status"]) == {200}
+    # The kill lost nothing answered; the copy the silent child held was answered (if the child was
+    # replaced before the copy reached it) or counted as dropped (crashed): every copy accounted for.
+    assert drops.count("crashed") <= 1 and drops.count("crashed") + len(set(mirrored["_request_id"])) == 18
+    assert answered <= set(mirrored["_request_id"])
+    pairs = primary.merge(mirrored, on=["_request_id", "_row"], suffixes=("", "_shadow"))
+    assert len(pairs) == 2 * len(set(mirrored["_request_id"]))
+    assert shadow.submitted == 18 and shadow.outcomes == {"ok": 18 - drops.count("crashed")}
+    # The worker's metrics count the child's calls, under the names the in-process mirror used.
+    assert ('mlflow_deploy_shadow_calls_total{deployment="unit",model_version="2",outcome="ok"} '
+            f'{18.0 - drops.count("crashed")}') in text
+
+
+def test_a_shadow_version_that_cannot_load_fails_the_build(
+        tmp_path: Path, classifier_path: Path, no_multiprocess_metrics: None) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "MLmodel").write_text("flavors: {python_function: {loader_module: no_such_module_here}}\n")
+    paths = {"1": classifier_path, "2": broken}
+    with pytest.raises(ShadowStartError, match="iris_challenger v2"):
+        build_service(_spec(), lambda model: paths[model.model_version], str(tmp_path / "capture"),
+                      tmp_path / "capture.key", shadow_starter=start_shadow_process)
