@@ -4,8 +4,9 @@
 bytes of float frames and numeric predictions, a few microseconds) and appends it to the open
 segment file with one ``os.write`` (a copy into the page cache, which releases the GIL). So what a
 worker answered is on file the moment it answers: a ``kill -9`` of the worker loses none of it
-(the spool's converter converts the folder of a writer that is gone). Only until a segment's file
-is open (its first records) do records wait in memory for the writer thread. That thread opens
+(the spool's converter converts the folder of a writer that is gone). Records wait in memory for
+the writer thread only until it has opened a new segment's file (milliseconds after each roll:
+a kill in that window loses them) and while the disk is slow to take writes. That thread opens
 and rolls segments and, every ``flush_interval_s`` or ``flush_rows`` rows, hands a segment to
 the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet work. So
 encoding and writing Parquet never hold the GIL of the process that serves.
@@ -74,6 +75,9 @@ _RESTART_PAUSE_S = 1.0
 _ANSWER_POLL_S = 0.1
 # A converter of our own (converter="own") exits after this long with nothing to convert.
 OWN_CONVERTER_IDLE_EXIT_S = 60.0
+# A record() write slower than this pauses direct writes for _SLOW_PAUSE_S (see _write_direct).
+_SLOW_WRITE_S = 0.005
+_SLOW_PAUSE_S = 5.0
 # Writers to restart in a forked child (e.g. uvicorn workers forked after the app was built).
 _LIVE_WRITERS: weakref.WeakSet[CaptureWriter] = weakref.WeakSet()
 
@@ -318,6 +322,8 @@ class CaptureWriter:
         # how many such appends run now (outside the lock).
         self._direct_fd: int | None = None
         self._direct_writes = 0
+        self._direct_paused_until = -math.inf
+        self._roll_asked = False  # a direct write failed: the segment is rolled at once
         # Segments handed to the converter, not yet answered: name -> (requests, bytes).
         self._sent: dict[str, tuple[int, int]] = {}
         self._flush_asked = 0
@@ -421,23 +427,34 @@ class CaptureWriter:
         none of it (the deployment's converter converts the folder of a writer that is gone).
         Appends of several threads do not interleave (``O_APPEND``, one write each), and the lock
         is not held across the write, so threads recording at once never queue behind a syscall.
-        A short or failed write turns direct writes off; the writer thread writes the rest and
-        counts what it cannot write.
+
+        A write slower than ``_SLOW_WRITE_S`` (the kernel throttling a disk under writeback
+        pressure) turns direct writes off for ``_SLOW_PAUSE_S``: records wait in memory for the
+        writer thread meanwhile, so the request path does not wait on the disk. A short or failed
+        write loses that record (the converter then finds fewer than were spooled, and the
+        difference is counted as ``write_error``) and rolls the segment, so no later record lands
+        behind a torn one.
         """
+        written = 0
+        started = time.perf_counter()
         try:
             written = os.write(fd, blob)
         except OSError:
-            written = 0
-        with self._lock:
-            self._direct_writes -= 1
-            if written < len(blob):
-                if self._direct_fd == fd:
-                    self._direct_fd = None
-                rest = blob[written:]
-                self._chunks.append(rest)
-                self._chunk_bytes += len(rest)
-            if written < len(blob) or not self._direct_writes:
-                self._wakeup.notify_all()
+            pass
+        finally:
+            took = time.perf_counter() - started
+            with self._lock:
+                self._direct_writes -= 1
+                if written < len(blob) or took > _SLOW_WRITE_S:
+                    if self._direct_fd == fd:
+                        self._direct_fd = None
+                    if took > _SLOW_WRITE_S:
+                        self._direct_paused_until = time.monotonic() + _SLOW_PAUSE_S
+                    if written < len(blob):
+                        self._roll_asked = True
+                    self._wakeup.notify_all()
+                elif not self._direct_writes:
+                    self._wakeup.notify_all()
 
     # ---- control --------------------------------------------------------------------------------
 
@@ -521,7 +538,8 @@ class CaptureWriter:
                 with self._lock:
                     while True:
                         now = time.monotonic()
-                        if self._closed or self._flush_asked > self._flush_done or now >= next_prune:
+                        if (self._closed or self._flush_asked > self._flush_done or now >= next_prune
+                                or self._roll_asked):
                             break
                         if self._segment.rows >= self.flush_rows:
                             break
@@ -539,22 +557,24 @@ class CaptureWriter:
                     flush_target = self._flush_asked
                     chunks, self._chunks, self._chunk_bytes = self._chunks, [], 0
                     roll = (closing or flush_target > self._flush_done or self._segment.rows >= self.flush_rows
+                            or self._roll_asked
                             or (self._segment_started_at is not None
                                 and time.monotonic() >= self._segment_started_at + self.flush_interval_s))
                     segment = self._segment
                     if roll:
                         self._direct_fd = None  # before the thread closes that file
+                        self._roll_asked = False
                         self._segment, self._segment_started_at = _Segment(), None
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
                 if chunks:
                     self._append(segment, chunks)
-                if not roll and self._direct_fd is None:
-                    self._go_direct(segment)
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()
+                if not roll and self._direct_fd is None:
+                    self._go_direct(segment)
                 if roll:
                     self._roll(segment)
                 if self._sent and time.monotonic() >= next_answers:
@@ -621,7 +641,8 @@ class CaptureWriter:
     def _go_direct(self, segment: _Segment) -> None:
         """Once ``segment``'s file is open and nothing waits before them, record() appends to it."""
         with self._lock:
-            if segment is not self._segment or self._segment_fd is None or self._closed:
+            if (segment is not self._segment or self._segment_fd is None or self._closed
+                    or time.monotonic() < self._direct_paused_until or self._roll_asked):
                 return
             # Records that arrived while the thread wrote: a few, written here so order is kept.
             while self._chunks:

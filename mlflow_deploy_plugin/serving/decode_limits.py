@@ -35,8 +35,9 @@ LIMIT_ERROR = "REQUEST_LIMIT_EXCEEDED"
 
 # JSON strings, unrolled so the regex engine does not backtrack per character.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-# Literals that may not fit a float64: 300+ digits, or an exponent of three digits (what
-# rb"\d{300}|[eE]\+?\d{3}" finds). Bodies without any (nearly all) are decoded by json's C fast
+# Literals that may not fit a float64: 200+ digits in a row, or an exponent of three digits (what
+# rb"\d{200}|[eE]\+?\d{3}" finds): with an exponent of two digits at most, a literal overflows only
+# from 210 digits before its point on ("9" * 250 + "e99" is inf), so 200 leaves a margin. Bodies without any (nearly all) are decoded by json's C fast
 # path; the others with the checking hooks below. That regex on the body costs more than decoding
 # it (~1 ms for 100 rows of 20 floats: re tries a 300-digit match at every digit), so the body is
 # first mapped byte for byte to its shape (digit -> "0", e/E -> "e", "+" kept, anything else -> " ",
@@ -44,7 +45,7 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NUMBER_SHAPE = bytes.maketrans(bytes(range(256)), b"".join(
     b"0" if byte in b"0123456789" else b"e" if byte in b"eE" else b"+" if byte == ord("+") else b" "
     for byte in range(256)))
-_LONG_DIGITS = b"0" * 300
+_LONG_DIGITS = b"0" * 200
 _BIG_EXPONENT = re.compile(rb"e\+?000")
 _FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
@@ -133,7 +134,7 @@ def _parse_float(text: str) -> Any:
 
 
 def suspect_numbers(body: bytes) -> bool:
-    """Whether ``body`` may hold a number literal too big for a float64: 300 digits in a row, or an
+    """Whether ``body`` may hold a number literal too big for a float64: 200 digits in a row, or an
     exponent of three digits (``e308``, ``E+400``); strings that look so only cost the slow path."""
     shape = body.translate(_NUMBER_SHAPE)
     return _LONG_DIGITS in shape or _BIG_EXPONENT.search(shape) is not None

@@ -144,6 +144,7 @@ OUT_OF_RANGE = {
                       '"petal_width": [1]}}'.replace("VALUE", HUGE_INT),
     "instances": '{"instances": [RECORD]}'.replace("RECORD", RECORD).replace("VALUE", "2E+999"),
     "beyond_pythons_int_limit": SPLIT.replace("VALUE", "7" * 5000),
+    "two_digit_exponent": SPLIT.replace("VALUE", "9" * 250 + "e99"),  # no 300 digits, no e308: still inf
 }
 
 

@@ -21,7 +21,7 @@ from mlflow_deploy_plugin.serving.protocol import DecodeLimits, fast_path_column
 
 JSON = "application/json"
 # What suspect_numbers replaced: the same question asked of the raw bytes (~20x slower).
-REFERENCE = re.compile(rb"\d{300}|[eE]\+?\d{3}")
+REFERENCE = re.compile(rb"\d{200}|[eE]\+?\d{3}")
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,13 @@ def _mlflow(body: str | bytes, schema) -> pd.DataFrame:
 
 
 def _random_body(rng: random.Random) -> bytes:
-    """Text made of what the two patterns look for (digit runs around 300, exponents of 2-4
+    """Text made of what the two patterns look for (digit runs around 200, exponents of 2-4
     digits, signs, both cases) among other JSON bytes, so near misses are frequent."""
     parts = []
     for _ in range(rng.randint(1, 8)):
         kind = rng.random()
         if kind < 0.15:
-            parts.append("7" * rng.choice([1, 17, 298, 299, 300, 301, 420]))
+            parts.append("7" * rng.choice([1, 17, 198, 199, 200, 201, 420]))
         elif kind < 0.55:
             parts.append(f"{rng.randint(1, 9)}.{rng.randint(0, 999)}{rng.choice('eE')}"
                          f"{rng.choice(['', '+', '-', '++', ' '])}{rng.randint(0, 9999):0{rng.randint(1, 4)}d}")
@@ -57,7 +57,7 @@ def _random_body(rng: random.Random) -> bytes:
 def test_suspect_numbers_finds_what_the_regex_on_the_raw_bytes_found() -> None:
     rng = random.Random(7)
     bodies = [_random_body(rng) for _ in range(3000)]
-    bodies += [b"1e308", b"1E+400", b"1e+30", b"1e-400", b"2E99", "٣" .encode() * 300, b"5" * 300, b"5" * 299,
+    bodies += [b"1e308", b"1E+400", b"1e+30", b"1e-400", b"2E99", "٣" .encode() * 300, b"5" * 200, b"5" * 199,
                b"e" + b"0" * 3, b"e+" + b"1" * 2, bytes(range(256)) * 3]
     expected = [REFERENCE.search(body) is not None for body in bodies]
     assert [suspect_numbers(body) for body in bodies] == expected
