@@ -155,16 +155,24 @@ class CopyChannel:
                 os.close(fd)
         return sent
 
-    def send_control(self, message: Any) -> bool:
-        """Write one control message (flush, close) to the current pipe, after any message being written."""
+    def send_control(self, message: Any, timeout_s: float = 5.0) -> bool:
+        """Write one control message (flush, close) to the current pipe, after any message being written.
+
+        False if there is no pipe, or if the message being written has not gone within ``timeout_s``
+        (a child that stopped reading: the caller kills it, which ends that write).
+        """
         data = encode_frame(message)
-        with self._write_lock:
+        if not self._write_lock.acquire(timeout=max(0.0, timeout_s)):
+            return False
+        try:
             if self._fd is None:
                 return False
             try:
                 write_all(self._fd, data)
             except OSError:
                 return False
+        finally:
+            self._write_lock.release()
         return True
 
     def waiting(self) -> int:

@@ -67,6 +67,7 @@ EVENTS_EVERY_S = 0.05  # the child sends its events in batches this often
 BATCH_WAIT_S = 0.05
 START_DEADLINE_S = 600.0  # a child that has not loaded its version by then is a failed start
 RESTART_BACKOFF_S = (1.0, 30.0)
+STABLE_AFTER_S = 60.0  # a child that served this long is replaced at once when it dies (no backoff)
 
 
 class ShadowStartError(RuntimeError):
@@ -110,6 +111,8 @@ class ShadowProcess:
         self._ready = threading.Event()
         self._start_error: str | None = None
         self._last_heard = time.monotonic()
+        self._to_child: int | None = None  # the pipe to a child not yet attached to the channel
+        self._ready_at = -float("inf")
         self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
         self._spawn()
         self._supervisor: threading.Thread | None = None
@@ -145,6 +148,10 @@ class ShadowProcess:
                 [sys.executable, "-m", "mlflow_deploy_plugin.engines.local.shadow_process",
                  "--in-fd", str(to_child), "--out-fd", str(from_child)],
                 pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            raise
         finally:
             os.close(to_child)  # the child's ends: only the child may hold them, so its death ends both pipes
             os.close(from_child)
@@ -153,7 +160,12 @@ class ShadowProcess:
         self._start_error = None
         self._settled = 0
         self._last_heard = time.monotonic()
-        write_all(to_child_w, encode_frame(("start", self._settings)))
+        try:
+            write_all(to_child_w, encode_frame(("start", self._settings)))
+        except OSError:
+            os.close(from_child_r)
+            self._kill()
+            raise
         self._reader = threading.Thread(target=self._read, args=(from_child_r, self._proc), name="shadow-events",
                                         daemon=True)
         self._reader.start()
@@ -164,7 +176,7 @@ class ShadowProcess:
             error = self._start_error or f"the shadow process did not load within {timeout_s:g}s"
             self._kill()
             raise ShadowStartError(f"Shadow version {self.model_name} v{self.version}: {error}")
-        self.channel.attach(self._to_child)
+        self._attach()
         self._supervisor = threading.Thread(target=self._supervise, name="shadow-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -233,19 +245,26 @@ class ShadowProcess:
                 continue
             if self._closed:
                 return
+            # A child that served a while is replaced at once; one that dies soon after its start
+            # (a copy that crashes the model, memory) waits, longer each time: no restart storm,
+            # each restart being a model load beside the primary.
+            if time.monotonic() - self._ready_at > STABLE_AFTER_S:
+                backoff = RESTART_BACKOFF_S[0]
+                wait = 0.0
+            else:
+                wait = backoff
+                backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
             if proc.poll() is None:
-                _logger.error("Shadow process %d said nothing for %.0fs (timeout_s + %.0fs grace): replacing it.",
-                              proc.pid, silent_s, self._hang_after_s - self.timeout_s)
+                _logger.error("Shadow process %d said nothing for %.0fs (timeout_s + %.0fs grace): replacing it "
+                              "in %.0fs.", proc.pid, silent_s, self._hang_after_s - self.timeout_s, wait)
             else:
                 _logger.error("Shadow process %d exited with code %s: starting another in %.0fs.", proc.pid,
-                              proc.returncode, backoff)
+                              proc.returncode, wait)
             self._retire(proc, reason="crashed")
-            up_since = time.monotonic()
+            self._sleep(wait)
             while not self._closed and not self._respawn():
                 self._sleep(backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
-            if time.monotonic() - up_since > 60:
-                backoff = RESTART_BACKOFF_S[0]
             self.restarts += 1
 
     def _retire(self, proc: subprocess.Popen[bytes], reason: str) -> None:
@@ -256,6 +275,7 @@ class ShadowProcess:
         if self._reader is not None:
             self._reader.join(5.0)  # its last events count before what is lost is reckoned
         sent = self.channel.detach()
+        self._close_unattached()
         lost = sent - self._settled
         if lost > 0:
             self._drop(reason, lost)
@@ -271,7 +291,7 @@ class ShadowProcess:
             if self._closed or time.monotonic() > deadline:
                 break
         if self._ready.is_set() and self._start_error is None and not self._closed:
-            self.channel.attach(self._to_child)
+            self._attach()
             return True
         _logger.error("Shadow process could not start again: %s", self._start_error or "no answer")
         assert self._proc is not None
@@ -283,11 +303,26 @@ class ShadowProcess:
         while not self._closed and time.monotonic() < deadline:
             time.sleep(0.2)
 
+    def _attach(self) -> None:
+        """The channel writes to the ready child's pipe from now on (and owns that descriptor)."""
+        fd, self._to_child = self._to_child, None
+        assert fd is not None
+        self.channel.attach(fd)
+        self._ready_at = time.monotonic()
+
+    def _close_unattached(self) -> None:
+        """Close the pipe of a child that never became ready (the channel owns only attached ones)."""
+        fd, self._to_child = self._to_child, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
         self.channel.detach()
+        self._close_unattached()
 
     # ---- the mirror's other verbs ------------------------------------------------------------
 
@@ -312,7 +347,7 @@ class ShadowProcess:
             seq = self._next_flush
             done = self._flushes[seq] = threading.Event()
         try:
-            if self.channel.send_control(("flush", seq, timeout_s)):
+            if self.channel.send_control(("flush", seq, timeout_s), timeout_s=timeout_s):
                 done.wait(timeout_s)
         finally:
             self._flushes.pop(seq, None)
@@ -330,7 +365,8 @@ class ShadowProcess:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None and self.channel.send_control(("close", max(0.5, (deadline - time.monotonic()) / 2))):
+        left = max(0.5, (deadline - time.monotonic()) / 2)
+        if proc.poll() is None and self.channel.send_control(("close", left), timeout_s=left):
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -455,8 +491,17 @@ def _lower_priority(nice: int) -> None:
     machine, loading included. The load itself runs at normal priority: it is paid once, and the
     worker waits for it before it serves.
     """
+    # Linux keeps a nice value per thread and os.nice changes the caller's only: the threads the
+    # load started (the mirror's dispatcher, the capture writer, native pools) are lowered one by
+    # one; threads started later (the predict calls) inherit it from their creator.
     with contextlib.suppress(OSError):
         os.nice(nice)
+    target = os.getpriority(os.PRIO_PROCESS, 0)
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError):
+                if os.getpriority(os.PRIO_PROCESS, int(tid)) < target:
+                    os.setpriority(os.PRIO_PROCESS, int(tid), target)
 
 
 def _flush(mirror: Any, writer: Any, events: _Events, seq: int, timeout_s: float) -> None:
