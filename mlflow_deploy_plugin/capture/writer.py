@@ -1,15 +1,11 @@
 """The capture writer: the request path appends encoded records to a spool; another process writes Parquet.
 
 :meth:`CaptureWriter.record` encodes one answered request as a spool record (:mod:`.spool`: raw
-bytes of float frames and numeric predictions, a few microseconds) and appends it to the open
-segment file with one ``os.write`` (a copy into the page cache, which releases the GIL). So what a
-worker answered is on file the moment it answers: a ``kill -9`` of the worker loses none of it
-(the spool's converter converts the folder of a writer that is gone). Records wait in memory for
-the writer thread only until it has opened a new segment's file (milliseconds after each roll:
-a kill in that window loses them) and while the disk is slow to take writes. That thread opens
-and rolls segments and, every ``flush_interval_s`` or ``flush_rows`` rows, hands a segment to
-the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet work. So
-encoding and writing Parquet never hold the GIL of the process that serves.
+bytes of float frames and numeric predictions, a few microseconds) and appends it to an in-memory
+list. A background thread of the serving process only appends those bytes to a segment file
+(``os.write`` releases the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the
+segment to the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet
+work. So encoding and writing Parquet never hold the GIL of the process that serves.
 
 Writer and converter talk through files only: the writer renames a complete segment ``.seg``; the
 converter writes its Parquet and answers in ``.done``, which the writer reads to count. One
@@ -18,8 +14,7 @@ deployment (``converter="external"``: the workers' writers start none), elsewher
 process share one they start themselves (``converter="own"``), which exits when idle and is
 started again when a segment waits.
 
-What stays true, and is easy to check here: the request path never waits on a disk (a page-cache
-write; opening, closing and renaming files is the thread's) and never raises;
+What stays true, and is easy to check here: the request path never blocks on I/O or raises;
 what waits (in memory or in the spool, not yet in Parquet) is bounded in requests and bytes;
 every request accepted is either written or counted as dropped (with a reason); nothing accepted
 is lost on a graceful :meth:`~CaptureWriter.close`; after a crash, the converter of the next
@@ -69,15 +64,15 @@ from mlflow_deploy_plugin.capture.spool import (
 _log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 600.0
+# Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
+_WRITE_EVERY_S = 0.25
+_WRITE_BYTES = 1 << 20
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
 # How often the writer looks for the converter's answers while segments wait for one.
 _ANSWER_POLL_S = 0.1
 # A converter of our own (converter="own") exits after this long with nothing to convert.
 OWN_CONVERTER_IDLE_EXIT_S = 60.0
-# A record() write slower than this pauses direct writes for _SLOW_PAUSE_S (see _write_direct).
-_SLOW_WRITE_S = 0.005
-_SLOW_PAUSE_S = 5.0
 # Writers to restart in a forked child (e.g. uvicorn workers forked after the app was built).
 _LIVE_WRITERS: weakref.WeakSet[CaptureWriter] = weakref.WeakSet()
 
@@ -318,12 +313,6 @@ class CaptureWriter:
         self._segment = _Segment()
         self._segment_started_at: float | None = None
         self._segment_fd: int | None = None
-        # The segment file record() appends to itself (None while records wait in _chunks), and
-        # how many such appends run now (outside the lock).
-        self._direct_fd: int | None = None
-        self._direct_writes = 0
-        self._direct_paused_until = -math.inf
-        self._roll_asked = False  # a direct write failed: the segment is rolled at once
         # Segments handed to the converter, not yet answered: name -> (requests, bytes).
         self._sent: dict[str, tuple[int, int]] = {}
         self._flush_asked = 0
@@ -379,12 +368,8 @@ class CaptureWriter:
                       or self._waiting_bytes + size > self.max_buffer_bytes):
                     reason = DROP_BUFFER_FULL
                 else:
-                    fd = self._direct_fd
-                    if fd is None:
-                        self._chunks.append(blob)
-                        self._chunk_bytes += size
-                    else:
-                        self._direct_writes += 1  # the thread closes no file while this is > 0
+                    self._chunks.append(blob)
+                    self._chunk_bytes += size
                     self._waiting_requests += 1
                     self._waiting_bytes += size
                     self.accepted_requests += 1
@@ -394,21 +379,18 @@ class CaptureWriter:
                     segment.rows = before + rows
                     segment.bytes += size
                     if before == 0:
+                        # Wake the thread only on the first row (to start the interval clock) and
+                        # when a write or a conversion is due, so most calls do no signalling.
                         self._segment_started_at = time.monotonic()
-                    # Wake the thread on the first row (to start the interval clock), for records to
-                    # write (only until it has opened the segment file) and when a conversion is
-                    # due: once records go straight to the file, most calls do no signalling.
-                    if before == 0 or fd is None or before < self.flush_rows <= segment.rows:
                         self._wakeup.notify()
-                if reason is not None:
-                    self.dropped_requests += 1
-                    first_of_burst = reason not in self._warned
-                    if first_of_burst:
-                        self._warned.add(reason)
-            if reason is None:
-                if fd is not None:
-                    self._write_direct(fd, blob)
-                return True
+                    elif before < self.flush_rows <= segment.rows or self._chunk_bytes >= _WRITE_BYTES > (
+                            self._chunk_bytes - size):
+                        self._wakeup.notify()
+                    return True
+                self.dropped_requests += 1
+                first_of_burst = reason not in self._warned
+                if first_of_burst:
+                    self._warned.add(reason)
             if first_of_burst:
                 _log.warning("Capture for deployment %r: dropping requests (%s); further drops are counted "
                              "in dropped_requests until it recovers.", self.deployment, reason)
@@ -418,43 +400,6 @@ class CaptureWriter:
             with contextlib.suppress(Exception):
                 self._drop(1, DROP_INVALID, accepted=False)
             return False
-
-    def _write_direct(self, fd: int, blob: bytes) -> None:
-        """Append one accepted record to the open segment file, outside the lock.
-
-        One ``os.write`` to the page cache (it releases the GIL) rather than a list append: what a
-        worker answered is in the file the moment it answers, so a ``kill -9`` of the worker loses
-        none of it (the deployment's converter converts the folder of a writer that is gone).
-        Appends of several threads do not interleave (``O_APPEND``, one write each), and the lock
-        is not held across the write, so threads recording at once never queue behind a syscall.
-
-        A write slower than ``_SLOW_WRITE_S`` (the kernel throttling a disk under writeback
-        pressure) turns direct writes off for ``_SLOW_PAUSE_S``: records wait in memory for the
-        writer thread meanwhile, so the request path does not wait on the disk. A short or failed
-        write loses that record (the converter then finds fewer than were spooled, and the
-        difference is counted as ``write_error``) and rolls the segment, so no later record lands
-        behind a torn one.
-        """
-        written = 0
-        started = time.perf_counter()
-        try:
-            written = os.write(fd, blob)
-        except OSError:
-            pass
-        finally:
-            took = time.perf_counter() - started
-            with self._lock:
-                self._direct_writes -= 1
-                if written < len(blob) or took > _SLOW_WRITE_S:
-                    if self._direct_fd == fd:
-                        self._direct_fd = None
-                    if took > _SLOW_WRITE_S:
-                        self._direct_paused_until = time.monotonic() + _SLOW_PAUSE_S
-                    if written < len(blob):
-                        self._roll_asked = True
-                    self._wakeup.notify_all()
-                elif not self._direct_writes:
-                    self._wakeup.notify_all()
 
     # ---- control --------------------------------------------------------------------------------
 
@@ -502,12 +447,6 @@ class CaptureWriter:
         return self._closed
 
     @property
-    def writes_through(self) -> bool:
-        """True while :meth:`record` appends straight to the segment file (False before its file is
-        open, after a failed write, and once closed): then a recorded request survives a ``kill -9``."""
-        return self._direct_fd is not None
-
-    @property
     def buffered_requests(self) -> int:
         """Requests accepted and not yet written to Parquet (in memory or in the spool)."""
         return self._waiting_requests
@@ -532,18 +471,18 @@ class CaptureWriter:
 
     def _run(self) -> None:
         next_prune = time.monotonic() if self.retention_days else math.inf
+        next_write = 0.0  # the first records are written at once, then every _WRITE_EVERY_S
         next_answers = 0.0
         while True:
             try:
                 with self._lock:
                     while True:
                         now = time.monotonic()
-                        if (self._closed or self._flush_asked > self._flush_done or now >= next_prune
-                                or self._roll_asked):
+                        if self._closed or self._flush_asked > self._flush_done or now >= next_prune:
                             break
-                        if self._segment.rows >= self.flush_rows:
+                        if self._segment.rows >= self.flush_rows or self._chunk_bytes >= _WRITE_BYTES:
                             break
-                        due = now if self._chunks else math.inf
+                        due = next_write if self._chunks else math.inf
                         if self._segment_started_at is not None:
                             due = min(due, self._segment_started_at + self.flush_interval_s)
                         if self._sent:  # answers to pick up
@@ -557,13 +496,10 @@ class CaptureWriter:
                     flush_target = self._flush_asked
                     chunks, self._chunks, self._chunk_bytes = self._chunks, [], 0
                     roll = (closing or flush_target > self._flush_done or self._segment.rows >= self.flush_rows
-                            or self._roll_asked
                             or (self._segment_started_at is not None
                                 and time.monotonic() >= self._segment_started_at + self.flush_interval_s))
                     segment = self._segment
                     if roll:
-                        self._direct_fd = None  # before the thread closes that file
-                        self._roll_asked = False
                         self._segment, self._segment_started_at = _Segment(), None
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
@@ -573,8 +509,7 @@ class CaptureWriter:
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()
-                if not roll and self._direct_fd is None:
-                    self._go_direct(segment)
+                next_write = time.monotonic() + _WRITE_EVERY_S
                 if roll:
                     self._roll(segment)
                 if self._sent and time.monotonic() >= next_answers:
@@ -638,40 +573,7 @@ class CaptureWriter:
             if self._segment_fd is not None and segment.requests == 0:
                 self._close_segment_file(segment, keep=False)
 
-    def _go_direct(self, segment: _Segment) -> None:
-        """Once ``segment``'s file is open and nothing waits before them, record() appends to it."""
-        with self._lock:
-            if (segment is not self._segment or self._segment_fd is None or self._closed
-                    or time.monotonic() < self._direct_paused_until or self._roll_asked):
-                return
-            # Records that arrived while the thread wrote: a few, written here so order is kept.
-            while self._chunks:
-                written = 0
-                with contextlib.suppress(OSError):
-                    written = os.write(self._segment_fd, self._chunks[0])
-                if written < len(self._chunks[0]):
-                    # The thread writes the rest next time (and counts what fails for good).
-                    self._chunks[0] = self._chunks[0][written:]
-                    self._chunk_bytes -= written
-                    self._wakeup.notify()
-                    return
-                self._chunk_bytes -= written
-                self._chunks.pop(0)
-            self._direct_fd = self._segment_fd
-
     def _close_segment_file(self, segment: _Segment, keep: bool) -> str | None:
-        with self._lock:
-            if self._direct_fd == self._segment_fd:
-                self._direct_fd = None
-            # A record() that took this fd may still be writing: closing under it could hand its
-            # number to another file. Page-cache writes end in microseconds.
-            waited = time.monotonic()
-            while self._direct_writes:
-                self._wakeup.wait(1.0)
-                if time.monotonic() - waited > 10.0:
-                    _log.warning("Capture for deployment %r: a spool write has not returned for %.0fs.",
-                                 self.deployment, time.monotonic() - waited)
-                    waited = time.monotonic()
         fd, self._segment_fd = self._segment_fd, None
         if fd is None or self._folder is None:
             return None
