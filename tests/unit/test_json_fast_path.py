@@ -139,6 +139,13 @@ def test_frames_with_the_same_columns_do_not_share_their_columns_index(schema) -
         ["b", "a"]
 
 
+
+def test_a_model_writing_into_the_columns_in_place_renames_no_later_request(schema) -> None:
+    body = '{"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2]]}}'
+    with pytest.raises(ValueError, match="read-only"):
+        _parse(body, schema).data.columns.values[0] = "x"
+    assert list(_parse(body, schema).data.columns) == ["a", "b"]
+
 def _values(decoded: object) -> int:
     """How many values json.loads built: containers and scalars (object keys are not values)."""
     if isinstance(decoded, dict):
