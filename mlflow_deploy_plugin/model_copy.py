@@ -17,6 +17,22 @@ class ModelLoadError(RuntimeError):
     """The model version could not be fetched, loaded or smoke-tested."""
 
 
+class _NotAModel(Exception):
+    """The artifacts of a version hold no ``MLmodel``: no flavor can load them, however often fetched.
+
+    Said right after the download, not by a worker's load seconds later: an empty or wrong source
+    (a registered folder that holds no logged model) fails a switch at once, and nothing is cached
+    for the next attempt to trip on.
+    """
+
+    def __init__(self, model_uri: str, staging: Path) -> None:
+        found = sorted(p.name for p in staging.iterdir())
+        what = f"{len(found)} entries ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else \
+            "nothing"
+        super().__init__(f"{model_uri} is not an MLflow model: its artifacts hold no MLmodel file (fetched: {what}); "
+                         "register a version whose source is the folder of a logged model")
+
+
 def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
     """Download the model's artifacts once; later loads (restarts, workers) read the local copy.
 
@@ -32,12 +48,16 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}."))
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging))
+        if not (staging / "MLmodel").exists():
+            raise _NotAModel(model_uri, staging)
         _make_private(staging)
         try:
             os.rename(staging, cache_dir)
         except OSError:
             if not (cache_dir / "MLmodel").exists():
                 raise
+    except _NotAModel as exc:
+        raise ModelLoadError(str(exc)) from None
     except Exception as exc:
         raise ModelLoadError(f"Could not download {model_uri}: {type(exc).__name__}: {exc}") from exc
     finally:

@@ -258,7 +258,7 @@ def test_deployments_follow_alias_by_webhook_and_stage_by_polling(env: Env, serv
                 _rest(server, "api/2.0/mlflow/registered-models/alias",
                       {"name": "lc", "alias": "champion", "version": "3"})
                 wait_for(lambda: "lifecycle.load_error.by-alias" in client.get_model_version("lc", "3").tags,
-                         60, "the failing version to be tagged")  # a worker starts, then fails to load
+                         60, "the failing version to be tagged")  # its copy holds no MLmodel: no worker starts
                 served_after = len(alias_loop.versions)
                 wait_for(lambda: len(alias_loop.versions) > served_after + 20, 30, "traffic after the bad move")
                 wait_for(lambda: _version(stage_url) == "2", SWITCH_S, "the stage deployment to switch (polling)")

@@ -196,7 +196,11 @@ def test_stage_policy_promotes_rejects_a_partly_failing_challenger_and_undoes_a_
         assert len(rejected) == 1, rejected
         assert "canary failed" in rejected[0]["reason"] and "canary.error_rate" in rejected[0]["reason"]
         figures = rejected[0]["evidence"]["figures"]
-        assert figures["error_rate"] > 0.01 and figures["champion_error_rate"] == 0, figures
+        # The champion's rate over the canary's window: 0, or None when the verdict came before any
+        # champion answer was counted in that window (the challenger's errors alone exceeded the
+        # budget: a loaded machine answers few requests in the first seconds).
+        assert figures["error_rate"] > 0.01 and figures["champion_error_rate"] in (0, None), figures
+        assert figures["champion_errors"] == 0, figures
         assert _version(url) == "2"
 
         # v4 passes its gates and its canary but cannot serve alone: its local copy is damaged once

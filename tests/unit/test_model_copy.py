@@ -56,3 +56,16 @@ def test_the_local_switch_fails_on_a_damaged_copy_before_asking_the_supervisor(t
     with pytest.raises(EngineError, match="is damaged \\(NotADirectoryError"):
         LocalEngine(store).update(spec, "promotion", 30)
     assert not paths.requests.exists()  # no supervisor was asked, so no worker started
+
+
+def test_artifacts_without_mlmodel_fail_the_copy_at_once_and_leave_nothing_cached(tmp_path: Path) -> None:
+    source = tmp_path / "registered-folder"
+    source.mkdir()
+    (source / "notes.txt").write_text("no model here")
+    copy = tmp_path / "models/m/4"
+    with pytest.raises(ModelLoadError) as raised:
+        ensure_local_copy(str(source), copy)
+    message = str(raised.value)
+    assert f"{source} is not an MLflow model: its artifacts hold no MLmodel file (fetched: 1 entries" in message
+    assert message.endswith("register a version whose source is the folder of a logged model")
+    assert not copy.exists() and list(copy.parent.iterdir()) == []  # the next attempt fetches again
