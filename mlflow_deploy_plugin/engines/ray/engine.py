@@ -75,6 +75,7 @@ _logger = logging.getLogger(__name__)
 NAMESPACE = "mlflow-deploy"  # our own actors (agents); Serve keeps its own in "serve"
 DEFAULT_HTTP_PORT = 8000  # Serve's own default
 DEFAULT_NUM_CPUS = 1.0  # Serve's own default per replica
+DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Serve's own AutoscalingConfig default
 _CONSTRUCTOR_RETRIES = 2  # a version that cannot load fails fast instead of being retried 20 times
 NO_CLUSTER = (
     "No Ray cluster to deploy to: set RAY_ADDRESS or -C ray_address=<host:port>, or start one on this "
@@ -137,10 +138,8 @@ class RayEngine(Engine):
         if autoscaling and config.max_replicas is None:
             raise InvalidRequest("Autoscaling needs -C max_replicas (and optionally -C min_replicas, "
                                  "default 1, and -C target_ongoing_requests, default 2).")
-        if config.target_ongoing_requests is not None and config.target_ongoing_requests > max_ongoing_requests(config):
-            raise InvalidRequest(f"-C target_ongoing_requests={config.target_ongoing_requests:g} exceeds the "
-                                 f"{max_ongoing_requests(config)} requests Serve hands a replica at once "
-                                 "(-C max_ongoing_requests): the autoscaler could never reach it.")
+        if autoscaling:
+            check_autoscaling_target(config)
         if config.max_replicas is not None and (config.min_replicas or 1) > config.max_replicas:
             raise InvalidRequest(f"-C min_replicas={config.min_replicas} exceeds -C max_replicas="
                                  f"{config.max_replicas}.")
@@ -429,7 +428,7 @@ class RayEngine(Engine):
             options["autoscaling_config"] = {
                 "min_replicas": 1 if config.min_replicas is None else config.min_replicas,
                 "max_replicas": config.max_replicas,
-                "target_ongoing_requests": config.target_ongoing_requests or 2.0,
+                "target_ongoing_requests": target_ongoing_requests(config),
             }
         else:
             options["num_replicas"] = config.num_replicas or 1
@@ -553,6 +552,45 @@ def max_ongoing_requests(config: DeploymentConfig) -> int:
     32 concurrent clients, one replica (even of a trivial endpoint) answered ~13 req/s, p99 2.4 s.
     """
     return config.max_ongoing_requests or 2 * config.max_queue
+
+
+def target_ongoing_requests(config: DeploymentConfig) -> float:
+    """The autoscaler's target per replica: ``-C target_ongoing_requests``, else Serve's default."""
+    return DEFAULT_TARGET_ONGOING_REQUESTS if config.target_ongoing_requests is None \
+        else config.target_ongoing_requests
+
+
+def check_autoscaling_target(config: DeploymentConfig) -> None:
+    """Refuse an autoscaling target above ``max_ongoing_requests`` (InvalidRequest), the default
+    target included.
+
+    Serve keeps its default target (2) whatever ``max_ongoing_requests`` is (the fields not given
+    come from ``AutoscalingConfig.default()``, ``serve/_private/config.py:640-671``; the config
+    validates only the replica counts, ``serve/config.py:713-737``) and, where it compares the two
+    (applying a config file's overrides), only logs "Autoscaling will never happen, because
+    'max_ongoing_requests' is less than 'target_ongoing_requests'"
+    (``serve/_private/application_state.py:2054-2063``): a replica never
+    runs more than ``max_ongoing_requests`` requests, so the target is met only by requests queued
+    in Serve's routers, which already wait for a replica. Serve's semantics are the default target,
+    not one derived from ``max_ongoing_requests``; picking one silently would scale at a load the
+    user never chose, so the check says which key to change instead.
+    """
+    limit, target = max_ongoing_requests(config), target_ongoing_requests(config)
+    if target <= limit:
+        return
+    if config.target_ongoing_requests is None:
+        raise InvalidRequest(
+            f"-C max_ongoing_requests={limit} is below the autoscaling target (target_ongoing_requests="
+            f"{target:g}, Serve's default when -C target_ongoing_requests is not given): a replica never "
+            "runs more requests than max_ongoing_requests, so Serve would scale out only once requests "
+            f"queue in its router. Set -C target_ongoing_requests to at most {limit}, or raise "
+            f"-C max_ongoing_requests to at least {target:g}.")
+    given = "" if config.max_ongoing_requests else ", default 2 x max_queue"
+    raise InvalidRequest(
+        f"-C target_ongoing_requests={target:g} exceeds the {limit} requests Serve hands a replica at "
+        f"once (-C max_ongoing_requests{given}): a replica never runs that many, so Serve would scale out "
+        f"only once requests queue in its router. Lower -C target_ongoing_requests to at most {limit}, "
+        "or raise -C max_ongoing_requests.")
 
 
 def check_capture_location(config: DeploymentConfig, alive_nodes: int) -> None:
