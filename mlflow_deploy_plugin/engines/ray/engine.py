@@ -23,7 +23,8 @@
   replicas start beside the old ones and take over once all are up, so no request meets an empty
   deployment. A version that cannot load fails its replicas' constructor (Serve keeps the old
   replicas of a failed surge rollout); the engine then deploys the old spec again, which surges
-  fresh replicas of it beside the survivors, and reports the error.
+  fresh replicas of it beside the survivors, and reports the error. A retired replica answers
+  everything it holds, then flushes its capture, before Serve stops it (``shutdown.py``).
 - **State**: the spec of what runs is the Serve deployment's ``user_config``, so ``status`` reads
   everything (state, version, split, replicas) from the cluster itself: any machine connected to
   the cluster sees the same. The deployment folder (``$MLFLOW_DEPLOY_HOME``) keeps what the core
@@ -67,6 +68,7 @@ from mlflow_deploy_plugin.engines.base import (
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
 from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
+from mlflow_deploy_plugin.engines.ray.shutdown import DRAIN_POLL_S, graceful_shutdown_timeout_s
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError, is_loopback_host
 from mlflow_deploy_plugin.state import StateStore
@@ -422,7 +424,9 @@ class RayEngine(Engine):
             "ray_actor_options": actor_options, "max_surge_percent": 100,
             "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
             "max_ongoing_requests": max_ongoing_requests(config),
-            "graceful_shutdown_timeout_s": config.timeout_s + 5,
+            # A retiring replica answers all it holds, then flushes (shutdown.py says why this suffices).
+            "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s(config),
+            "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
         }
         if config.max_replicas is not None:
             options["autoscaling_config"] = {
@@ -455,10 +459,14 @@ class RayEngine(Engine):
                           "shows what is free; an update needs room for the new replicas beside the old).")
 
     def _delete(self, name: str, timeout_s: float) -> None:
-        if self._app(name) is None:
+        app = self._app(name)
+        if app is None:
             return
+        # Serve lets each replica drain and flush for its graceful_shutdown_timeout_s (the value its
+        # replicas were started with): wait for that, not only for the caller's timeout.
+        graceful = float((_ingress(app).get("deployment_config") or {}).get("graceful_shutdown_timeout_s") or 0.0)
         serve.delete(name, _blocking=False)
-        deadline = time.monotonic() + timeout_s + 30
+        deadline = time.monotonic() + max(timeout_s, graceful) + 30
         while self._app_or_deleting(name) and time.monotonic() < deadline:
             time.sleep(0.2)
 
