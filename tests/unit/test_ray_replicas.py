@@ -1,20 +1,86 @@
 """The Ray engine's view of its replicas' ends, in process (no cluster): how long Serve lets a retiring
-replica finish.
+replica finish, and which dead replicas count as restarts.
+
+The actor table entries are built by Ray's own parser (``GlobalState._gen_actor_info``) from the
+protobuf the GCS keeps, with the death causes the GCS records: ``ray.kill`` (how Serve ends every
+replica it stops), a worker process that died (``kill -9``), a node lost, the OOM killer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
 
+from ray._private.state import GlobalState  # noqa: E402
+from ray.core.generated import common_pb2, gcs_pb2  # noqa: E402
+
 from mlflow_deploy_plugin.config import parse_config  # noqa: E402
 from mlflow_deploy_plugin.engines.ray import ingress, shutdown  # noqa: E402
 from mlflow_deploy_plugin.engines.ray.engine import RayEngine  # noqa: E402
+from mlflow_deploy_plugin.engines.ray.replica_deaths import (  # noqa: E402
+    RETIRED,
+    UNKNOWN,
+    death_of,
+    replica_deaths,
+    unexpected,
+)
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef  # noqa: E402
 from mlflow_deploy_plugin.state import StateStore  # noqa: E402
+
+Died = common_pb2.ActorDiedErrorContext
+KILLED_BY_RAY_KILL = "The actor is dead because it was killed by `ray.kill`."
+
+
+def actor_entry(actor_id: str, state: str = "DEAD", **cause: Any) -> dict[str, Any]:
+    """An actor table entry as ``ray._private.state.actors(actor_id)`` returns it."""
+    data = gcs_pb2.ActorTableData(actor_id=bytes.fromhex(actor_id), state=gcs_pb2.ActorTableData.ActorState.Value(state),
+                                  death_cause=common_pb2.ActorDeathCause(**cause))
+    return GlobalState()._gen_actor_info(data)
+
+
+def killed(reason: int, message: str = "") -> dict[str, Any]:
+    return {"actor_died_error_context": Died(reason=reason, error_message=message)}
+
+
+def test_serve_retiring_a_replica_is_no_restart_a_crash_is() -> None:
+    """A rolling update of two replicas retires two (Serve's ray.kill): restarts stays 0. A replica
+    whose process was killed, whose node died, or that the OOM killer took, counts."""
+    assert death_of(actor_entry("01" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL))) == RETIRED
+    assert death_of(actor_entry("01" * 16, **killed(Died.UNSPECIFIED, KILLED_BY_RAY_KILL))) == RETIRED
+    assert death_of(actor_entry("02" * 16, **killed(Died.WORKER_DIED, "worker process exited"))) == "worker_died"
+    assert death_of(actor_entry("03" * 16, **killed(Died.NODE_DIED))) == "node_died"
+    assert death_of(actor_entry("04" * 16, oom_context=common_pb2.OomContext(error_message="OOM"))) == "out_of_memory"
+    # Serve lists a replica as dead as it sends the kill: until the GCS has it dead, nothing is known.
+    assert death_of(actor_entry("05" * 16, state="ALIVE")) == UNKNOWN
+    assert death_of(actor_entry("06" * 16)) == UNKNOWN  # dead, no cause recorded
+    assert death_of(None) == UNKNOWN and death_of({}) == UNKNOWN  # not in the actor table
+
+    # Serve's recent_dead_replicas after an update (two retired) and a kill -9 of one replica.
+    table = {"aa" * 16: actor_entry("aa" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL)),
+             "bb" * 16: actor_entry("bb" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL)),
+             "cc" * 16: actor_entry("cc" * 16, **killed(Died.WORKER_DIED))}
+    dead = [{"replica_id": "r1", "actor_id": "aa" * 16, "pid": 11, "state": "STOPPED"},
+            {"replica_id": "r2", "actor_id": "bb" * 16, "pid": 12, "state": "STOPPED"}]
+    after_update = replica_deaths(dead, table.get)
+    assert unexpected(after_update) == 0
+    assert [death["cause"] for death in after_update] == [RETIRED, RETIRED]
+    dead.append({"replica_id": "r3", "actor_id": "cc" * 16, "pid": 13, "state": "STOPPED"})
+    after_kill = replica_deaths(dead, table.get)
+    assert unexpected(after_kill) == 1
+    assert after_kill[-1] == {"replica_id": "r3", "pid": 13, "cause": "worker_died"}
+
+
+def test_a_death_the_cluster_cannot_explain_is_not_counted_and_never_fails_get() -> None:
+    def unreachable(actor_id: str) -> dict[str, Any] | None:
+        raise ConnectionError("GCS unavailable")
+
+    dead = [{"replica_id": "r1", "actor_id": "aa" * 16, "pid": 11}, {"replica_id": "r2", "pid": None}]
+    deaths = replica_deaths(dead, unreachable)
+    assert [death["cause"] for death in deaths] == [UNKNOWN, UNKNOWN] and unexpected(deaths) == 0
 
 
 def test_a_retiring_replica_has_until_every_request_it_holds_is_answered_and_its_capture_flushed() -> None:

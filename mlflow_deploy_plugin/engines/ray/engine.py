@@ -68,6 +68,7 @@ from mlflow_deploy_plugin.engines.base import (
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
 from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
+from mlflow_deploy_plugin.engines.ray.replica_deaths import actor_info, replica_deaths, unexpected
 from mlflow_deploy_plugin.engines.ray.shutdown import DRAIN_POLL_S, graceful_shutdown_timeout_s
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError, is_loopback_host
@@ -481,6 +482,8 @@ class RayEngine(Engine):
         replicas = [{"replica_id": r.get("replica_id"), "state": _plain(r.get("state")), "pid": r.get("pid"),
                      "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
         serving = [r for r in replicas if r["state"] == "RUNNING"]
+        # Serve lists every replica that stopped (retired by an update too); restarts counts crashes.
+        deaths = replica_deaths(list(deployment.get("recent_dead_replicas") or []), actor_info)
         serve_status = _plain(app.get("status"))
         if serve_status == "RUNNING":
             state = RUNNING
@@ -498,7 +501,7 @@ class RayEngine(Engine):
             state=state,
             url=url,
             model_version=spec.model.model_version if spec else None,
-            restarts=len(deployment.get("recent_dead_replicas") or []),
+            restarts=unexpected(deaths),
             last_error=_short(_app_message(app)) or None,
             traffic=tuple((share.model.model_version, share.percent) for share in spec.traffic) if spec else (),
             healthy=state == RUNNING and deployment.get("status") == "HEALTHY",
@@ -506,6 +509,7 @@ class RayEngine(Engine):
             details={"engine": "ray", "ray_address": self._address, "serve_status": serve_status,
                      "created_from": _owner_of(app),
                      "replicas": replicas, "worker_pids": [r["pid"] for r in serving],
+                     "dead_replicas": deaths,
                      "target_replicas": deployment.get("target_num_replicas"),
                      "max_ongoing_requests": (deployment.get("deployment_config") or {}).get("max_ongoing_requests"),
                      "host": http.get("host"), "port": http.get("port")},
