@@ -20,7 +20,8 @@ event loop blocked) goes through the same stop (``deployment_state.py:5336-5346`
 as retired; Serve marks the deployment UNHEALTHY meanwhile (``last_error``). Likewise a
 ``ray.kill`` by hand. Serve keeps only the last ``RAY_SERVE_RETAINED_DEAD_REPLICAS`` (10) dead
 replicas per deployment (``constants.py:735``), in its controller's memory: ``restarts`` counts
-crashes among those.
+crashes among those. A driver connected through Ray Client (``ray://``) cannot read the actor
+table: every cause then reads ``unknown`` and ``restarts`` 0 (``dead_replicas`` still lists them).
 """
 
 from __future__ import annotations
