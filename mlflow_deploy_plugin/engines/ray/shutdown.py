@@ -8,8 +8,10 @@ A replica leaves when a rolling update, a downscale or a delete retires it. Serv
    is killed as soon as it reports so (``:1598-1620``). So the value is a ceiling, not a wait: it
    costs nothing unless a replica is stuck.
 2. In the same control-loop step, after that call, tells the routers the new set of running
-   replicas (``deployment_state.py:7085-7099``: STEP 6 stops, STEP 7 broadcasts). Routers stop
-   sending to it as the long poll reaches them; what they sent meanwhile is admitted: the replica
+   replicas (``deployment_state.py:7065-7099``: our surge rollout stops the old replicas in STEP 4,
+   ``scale_deployment_replicas`` -> ``_stop_old_replicas``, ``:4454-4457`` and ``:4316-4329``,
+   gracefully as they are RUNNING; a downscale's are stopped in STEP 6; STEP 7 broadcasts). Routers
+   stop sending to it as the long poll reaches them; what they sent meanwhile is admitted: the replica
    refuses new requests only after its drain (``replica.py:1421-1426``, ``_quiescing`` is set at
    ``:2228``). So the last request arrives a routing lag (milliseconds) after the period starts.
 3. Drains: sleeps ``graceful_shutdown_wait_loop_s`` (default 2 s), then counts ongoing requests,
