@@ -217,8 +217,10 @@ class Deployments:
             "traffic": traffic_summary(spec),
             "shadow": shadow_summary(spec),
             "config": shown_config(spec.config),
-            # Engine-specific, when the engine says: replica health, the machine that created it.
-            **{key: details[key] for key in ("replicas", "created_from") if details.get(key) is not None},
+            # Engine-specific, when the engine says: replica health (and how recent dead ones died), the
+            # machine that created it.
+            **{key: details[key] for key in ("replicas", "dead_replicas", "created_from")
+               if details.get(key) is not None},
         }
 
     def _lifecycle_error(self, name: str) -> str | None:

@@ -191,8 +191,10 @@ def _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name: s
                                                           registry: Registry) -> None:
     """SIGKILL one of the two replicas under a request loop: Serve replaces it, the other answers."""
     view = deploy_client.get_deployment(name)
-    replicas, dead_before = view["replicas"], int(view["restarts"])  # the update retired two replicas
+    replicas = view["replicas"]
     assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"], replicas
+    # The update retired the two v1 replicas: Serve lists them as dead, but no replica crashed.
+    assert int(view["restarts"]) == 0, view.get("dead_replicas")
     outcomes, stop, clients = _load(url, split_payload(registry.features.iloc[:2]), 2, 240)
     try:
         wait_for(lambda: len(outcomes) > 10, 60, "traffic before the kill")
@@ -202,11 +204,15 @@ def _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name: s
 
         def replaced() -> bool:
             view = deploy_client.get_deployment(name)
-            now, dead = view["replicas"], int(view["restarts"])
-            return dead > dead_before and len(now) == 2 and all(r["state"] == "RUNNING" for r in now) \
+            now, crashed = view["replicas"], int(view["restarts"])
+            return crashed >= 1 and len(now) == 2 and all(r["state"] == "RUNNING" for r in now) \
                 and victim not in [r["pid"] for r in now]
 
-        wait_for(replaced, 180, "Serve to replace the killed replica", interval_s=1)
+        wait_for(replaced, 180, "Serve to replace the killed replica and count it in restarts", interval_s=1)
+        deaths = deploy_client.get_deployment(name)["dead_replicas"]
+        causes = [death["cause"] for death in deaths if death["pid"] == victim]
+        print(f"kill: the killed replica's cause {causes}; every recent death {deaths}")
+        assert len(causes) == 1 and causes[0] not in ("retired", "unknown"), deaths  # worker_died
         recovered_at = time.monotonic()
         count = len(outcomes)
         wait_for(lambda: len(outcomes) > count + 10, 60, "traffic after the replacement")

@@ -274,6 +274,44 @@ def test_a_ray_replica_takes_its_whole_queue_from_serve(tmp_path: Path) -> None:
         get_engine("lifecycle", StateStore(tmp_path)).check_config(parse_config({"max_ongoing_requests": "64"}))
     # Refused before any cluster is contacted (none runs for this test).
     ray_engine = RayEngine(StateStore(tmp_path))
-    with pytest.raises(InvalidRequest, match=r"target_ongoing_requests=100 exceeds the 64 requests"):
+    with pytest.raises(InvalidRequest, match=r"target_ongoing_requests=100 exceeds the 64 requests") as refused:
         ray_engine.check_config(parse_config({"max_replicas": "2", "target_ongoing_requests": "100",
                                               "max_ongoing_requests": "64"}))
+    assert "at most 64" in refused.value.message and refused.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+@pytest.mark.parametrize("keys", [{"max_replicas": "3"}, {"min_replicas": "1", "max_replicas": "3"}])
+def test_ray_autoscaling_refuses_a_default_target_above_max_ongoing_requests(keys: dict[str, str],
+                                                                             tmp_path: Path) -> None:
+    """Autoscaling without -C target_ongoing_requests gets Serve's default target (2); with
+    -C max_ongoing_requests=1 a replica never runs 2 requests, so it is refused like an explicit
+    target above the limit, naming both keys and what to set (before any cluster is contacted)."""
+    pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+    from ray.serve.config import AutoscalingConfig
+
+    from mlflow_deploy_plugin.config import parse_config
+    from mlflow_deploy_plugin.engines.ray.engine import (
+        DEFAULT_TARGET_ONGOING_REQUESTS,
+        RayEngine,
+        check_autoscaling_target,
+        target_ongoing_requests,
+    )
+    from mlflow_deploy_plugin.target import _as_mlflow_errors
+
+    assert AutoscalingConfig().target_ongoing_requests == DEFAULT_TARGET_ONGOING_REQUESTS  # Serve's own default
+    assert target_ongoing_requests(parse_config(keys)) == 2.0
+    engine = RayEngine(StateStore(tmp_path))
+    with pytest.raises(InvalidRequest) as refused:
+        engine.check_config(parse_config({**keys, "max_ongoing_requests": "1"}))
+    message = refused.value.message
+    assert "-C max_ongoing_requests=1 is below the autoscaling target" in message
+    assert "target_ongoing_requests=2" in message and "Serve's default" in message
+    assert "Set -C target_ongoing_requests to at most 1" in message
+    assert "raise -C max_ongoing_requests to at least 2" in message
+    # What MLflow's client gets: an MlflowException with INVALID_PARAMETER_VALUE and that message.
+    with pytest.raises(MlflowException, match="max_ongoing_requests=1 is below") as reported, _as_mlflow_errors():
+        engine.check_config(parse_config({**keys, "max_ongoing_requests": "1"}))
+    assert reported.value.error_code == "INVALID_PARAMETER_VALUE"
+    # A target that fits the limit passes (the check alone: check_config goes on to the cluster).
+    check_autoscaling_target(parse_config({**keys, "max_ongoing_requests": "1", "target_ongoing_requests": "1"}))
+    check_autoscaling_target(parse_config({**keys, "max_ongoing_requests": "2"}))

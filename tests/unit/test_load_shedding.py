@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from unit_helpers import (
@@ -73,6 +73,28 @@ def test_a_timed_out_request_frees_its_place_in_the_queue(serve: ServeFactory, c
     # `later` may itself time out on a busy machine before the gate opens; either way it was admitted.
     assert later.result().status_code in (200, 504), later.text
     assert [1] in model.calls and [2] not in model.calls, "the timed-out queued request was never predicted"
+
+
+def test_every_request_a_replica_holds_ends_within_timeout_s_even_if_the_model_never_answers(
+        serve: ServeFactory, controlled_slot: ModelSlot) -> None:
+    """What bounds a retiring Ray replica's drain (engines/ray/shutdown.py): a request's timeout_s
+    counts from joining the queue, so all max_ongoing_requests (2 x max_queue) requests Serve hands a
+    replica end (504 for the running call and the queue, 503 beyond it) while the model is still held:
+    none waits for the queue ahead of it to be predicted."""
+    model = controlled(controlled_slot)
+    served = serve(controlled_slot, max_queue=3, timeout_s=3.0)
+    with ThreadPoolExecutor(max_workers=6) as pool, gate_closed(model):
+        running = pool.submit(post, served.client, [1])
+        wait_started(model)
+        queued = [pool.submit(post, served.client, [i]) for i in (2, 3, 4)]
+        wait_queued(served.client, 3)
+        refused = [pool.submit(post, served.client, [i]) for i in (5, 6)]
+        done, pending = wait([running, *queued, *refused], timeout=WAIT_S)
+        assert not pending, f"{len(pending)} requests still wait for the held model"
+        assert model.calls == [[1]], "a queued request reached the model"
+    assert [f.result().status_code for f in (running, *queued)] == [504] * 4
+    for future in refused:
+        assert_error(future.result(), 503, "TEMPORARILY_UNAVAILABLE", "max_queue=3")
 
 
 def test_custom_pyfunc_models_are_not_batched_unless_asked(serve: ServeFactory, controlled_slot: ModelSlot) -> None:

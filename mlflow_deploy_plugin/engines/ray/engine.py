@@ -23,7 +23,8 @@
   replicas start beside the old ones and take over once all are up, so no request meets an empty
   deployment. A version that cannot load fails its replicas' constructor (Serve keeps the old
   replicas of a failed surge rollout); the engine then deploys the old spec again, which surges
-  fresh replicas of it beside the survivors, and reports the error.
+  fresh replicas of it beside the survivors, and reports the error. A retired replica answers
+  everything it holds, then flushes its capture, before Serve stops it (``shutdown.py``).
 - **State**: the spec of what runs is the Serve deployment's ``user_config``, so ``status`` reads
   everything (state, version, split, replicas) from the cluster itself: any machine connected to
   the cluster sees the same. The deployment folder (``$MLFLOW_DEPLOY_HOME``) keeps what the core
@@ -67,6 +68,8 @@ from mlflow_deploy_plugin.engines.base import (
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
 from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
+from mlflow_deploy_plugin.engines.ray.replica_deaths import actor_info, replica_deaths, unexpected
+from mlflow_deploy_plugin.engines.ray.shutdown import DRAIN_POLL_S, graceful_shutdown_timeout_s
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError, is_loopback_host
 from mlflow_deploy_plugin.state import StateStore
@@ -75,6 +78,7 @@ _logger = logging.getLogger(__name__)
 NAMESPACE = "mlflow-deploy"  # our own actors (agents); Serve keeps its own in "serve"
 DEFAULT_HTTP_PORT = 8000  # Serve's own default
 DEFAULT_NUM_CPUS = 1.0  # Serve's own default per replica
+DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Serve's own AutoscalingConfig default
 _CONSTRUCTOR_RETRIES = 2  # a version that cannot load fails fast instead of being retried 20 times
 NO_CLUSTER = (
     "No Ray cluster to deploy to: set RAY_ADDRESS or -C ray_address=<host:port>, or start one on this "
@@ -137,10 +141,8 @@ class RayEngine(Engine):
         if autoscaling and config.max_replicas is None:
             raise InvalidRequest("Autoscaling needs -C max_replicas (and optionally -C min_replicas, "
                                  "default 1, and -C target_ongoing_requests, default 2).")
-        if config.target_ongoing_requests is not None and config.target_ongoing_requests > max_ongoing_requests(config):
-            raise InvalidRequest(f"-C target_ongoing_requests={config.target_ongoing_requests:g} exceeds the "
-                                 f"{max_ongoing_requests(config)} requests Serve hands a replica at once "
-                                 "(-C max_ongoing_requests): the autoscaler could never reach it.")
+        if autoscaling:
+            check_autoscaling_target(config)
         if config.max_replicas is not None and (config.min_replicas or 1) > config.max_replicas:
             raise InvalidRequest(f"-C min_replicas={config.min_replicas} exceeds -C max_replicas="
                                  f"{config.max_replicas}.")
@@ -423,13 +425,15 @@ class RayEngine(Engine):
             "ray_actor_options": actor_options, "max_surge_percent": 100,
             "max_constructor_retry_count": _CONSTRUCTOR_RETRIES,
             "max_ongoing_requests": max_ongoing_requests(config),
-            "graceful_shutdown_timeout_s": config.timeout_s + 5,
+            # A retiring replica answers all it holds, then flushes (shutdown.py says why this suffices).
+            "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s(config),
+            "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
         }
         if config.max_replicas is not None:
             options["autoscaling_config"] = {
                 "min_replicas": 1 if config.min_replicas is None else config.min_replicas,
                 "max_replicas": config.max_replicas,
-                "target_ongoing_requests": config.target_ongoing_requests or 2.0,
+                "target_ongoing_requests": target_ongoing_requests(config),
             }
         else:
             options["num_replicas"] = config.num_replicas or 1
@@ -456,10 +460,14 @@ class RayEngine(Engine):
                           "shows what is free; an update needs room for the new replicas beside the old).")
 
     def _delete(self, name: str, timeout_s: float) -> None:
-        if self._app(name) is None:
+        app = self._app(name)
+        if app is None:
             return
+        # Serve lets each replica drain and flush for its graceful_shutdown_timeout_s (the value its
+        # replicas were started with): wait for that, not only for the caller's timeout.
+        graceful = float((_ingress(app).get("deployment_config") or {}).get("graceful_shutdown_timeout_s") or 0.0)
         serve.delete(name, _blocking=False)
-        deadline = time.monotonic() + timeout_s + 30
+        deadline = time.monotonic() + max(timeout_s, graceful) + 30
         while self._app_or_deleting(name) and time.monotonic() < deadline:
             time.sleep(0.2)
 
@@ -474,6 +482,8 @@ class RayEngine(Engine):
         replicas = [{"replica_id": r.get("replica_id"), "state": _plain(r.get("state")), "pid": r.get("pid"),
                      "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
         serving = [r for r in replicas if r["state"] == "RUNNING"]
+        # Serve lists every replica that stopped (retired by an update too); restarts counts crashes.
+        deaths = replica_deaths(list(deployment.get("recent_dead_replicas") or []), actor_info)
         serve_status = _plain(app.get("status"))
         if serve_status == "RUNNING":
             state = RUNNING
@@ -491,7 +501,7 @@ class RayEngine(Engine):
             state=state,
             url=url,
             model_version=spec.model.model_version if spec else None,
-            restarts=len(deployment.get("recent_dead_replicas") or []),
+            restarts=unexpected(deaths),
             last_error=_short(_app_message(app)) or None,
             traffic=tuple((share.model.model_version, share.percent) for share in spec.traffic) if spec else (),
             healthy=state == RUNNING and deployment.get("status") == "HEALTHY",
@@ -499,6 +509,7 @@ class RayEngine(Engine):
             details={"engine": "ray", "ray_address": self._address, "serve_status": serve_status,
                      "created_from": _owner_of(app),
                      "replicas": replicas, "worker_pids": [r["pid"] for r in serving],
+                     "dead_replicas": deaths,
                      "target_replicas": deployment.get("target_num_replicas"),
                      "max_ongoing_requests": (deployment.get("deployment_config") or {}).get("max_ongoing_requests"),
                      "host": http.get("host"), "port": http.get("port")},
@@ -553,6 +564,45 @@ def max_ongoing_requests(config: DeploymentConfig) -> int:
     32 concurrent clients, one replica (even of a trivial endpoint) answered ~13 req/s, p99 2.4 s.
     """
     return config.max_ongoing_requests or 2 * config.max_queue
+
+
+def target_ongoing_requests(config: DeploymentConfig) -> float:
+    """The autoscaler's target per replica: ``-C target_ongoing_requests``, else Serve's default."""
+    return DEFAULT_TARGET_ONGOING_REQUESTS if config.target_ongoing_requests is None \
+        else config.target_ongoing_requests
+
+
+def check_autoscaling_target(config: DeploymentConfig) -> None:
+    """Refuse an autoscaling target above ``max_ongoing_requests`` (InvalidRequest), the default
+    target included.
+
+    Serve keeps its default target (2) whatever ``max_ongoing_requests`` is (the fields not given
+    come from ``AutoscalingConfig.default()``, ``serve/_private/config.py:640-671``; the config
+    validates only the replica counts, ``serve/config.py:713-737``) and, where it compares the two
+    (applying a config file's overrides), only logs "Autoscaling will never happen, because
+    'max_ongoing_requests' is less than 'target_ongoing_requests'"
+    (``serve/_private/application_state.py:2054-2063``): a replica never
+    runs more than ``max_ongoing_requests`` requests, so the target is met only by requests queued
+    in Serve's routers, which already wait for a replica. Serve's semantics are the default target,
+    not one derived from ``max_ongoing_requests``; picking one silently would scale at a load the
+    user never chose, so the check says which key to change instead.
+    """
+    limit, target = max_ongoing_requests(config), target_ongoing_requests(config)
+    if target <= limit:
+        return
+    if config.target_ongoing_requests is None:
+        raise InvalidRequest(
+            f"-C max_ongoing_requests={limit} is below the autoscaling target (target_ongoing_requests="
+            f"{target:g}, Serve's default when -C target_ongoing_requests is not given): a replica never "
+            "runs more requests than max_ongoing_requests, so Serve would scale out only once requests "
+            f"queue in its router. Set -C target_ongoing_requests to at most {limit}, or raise "
+            f"-C max_ongoing_requests to at least {target:g}.")
+    given = "" if config.max_ongoing_requests else ", default 2 x max_queue"
+    raise InvalidRequest(
+        f"-C target_ongoing_requests={target:g} exceeds the {limit} requests Serve hands a replica at "
+        f"once (-C max_ongoing_requests{given}): a replica never runs that many, so Serve would scale out "
+        f"only once requests queue in its router. Lower -C target_ongoing_requests to at most {limit}, "
+        "or raise -C max_ongoing_requests.")
 
 
 def check_capture_location(config: DeploymentConfig, alive_nodes: int) -> None:

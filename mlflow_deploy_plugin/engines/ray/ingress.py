@@ -38,6 +38,12 @@ from mlflow_deploy_plugin.spec import DeploymentSpec
 _logger = logging.getLogger("mlflow_deploy_plugin.ray.replica")
 
 INGRESS_NAME = "LifecycleIngress"  # the Serve deployment's name inside each application
+# What the destructor (Serve's graceful shutdown, after the drain) may take: the capture writer's
+# close (it joins its thread for CAPTURE_CLOSE_S + 1 s) and the last metrics push. Serve counts it in
+# graceful_shutdown_timeout_s (``shutdown.py``), so the replica is not killed while flushing.
+CAPTURE_CLOSE_S = 30.0
+METRICS_CLOSE_S = 5.0
+DESTRUCTOR_S = CAPTURE_CLOSE_S + 1.0 + METRICS_CLOSE_S
 
 
 class StripRoutePrefix:
@@ -129,7 +135,7 @@ class LifecycleIngress:
         # hub gets this replica's last figures.
         capture = getattr(self, "_capture", None)
         if capture is not None:
-            capture.close(timeout_s=30.0)
+            capture.close(timeout_s=CAPTURE_CLOSE_S)
         pusher = getattr(self, "_pusher", None)
         if pusher is not None:
-            pusher.close()
+            pusher.close(timeout_s=METRICS_CLOSE_S)

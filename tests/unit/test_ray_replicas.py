@@ -1,0 +1,120 @@
+"""The Ray engine's view of its replicas' ends, in process (no cluster): how long Serve lets a retiring
+replica finish, and which dead replicas count as restarts.
+
+The actor table entries are built by Ray's own parser (``GlobalState._gen_actor_info``) from the
+protobuf the GCS keeps, with the death causes the GCS records: ``ray.kill`` (how Serve ends every
+replica it stops), a worker process that died (``kill -9``), a node lost, the OOM killer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
+
+from ray._private.state import GlobalState  # noqa: E402
+from ray.core.generated import common_pb2, gcs_pb2  # noqa: E402
+
+from mlflow_deploy_plugin.config import parse_config  # noqa: E402
+from mlflow_deploy_plugin.engines.ray import ingress, shutdown  # noqa: E402
+from mlflow_deploy_plugin.engines.ray.engine import RayEngine  # noqa: E402
+from mlflow_deploy_plugin.engines.ray.replica_deaths import (  # noqa: E402
+    RETIRED,
+    UNKNOWN,
+    death_of,
+    replica_deaths,
+    unexpected,
+)
+from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef  # noqa: E402
+from mlflow_deploy_plugin.state import StateStore  # noqa: E402
+
+Died = common_pb2.ActorDiedErrorContext
+KILLED_BY_RAY_KILL = "The actor is dead because it was killed by `ray.kill`."
+
+
+def actor_entry(actor_id: str, state: str = "DEAD", **cause: Any) -> dict[str, Any]:
+    """An actor table entry as ``ray._private.state.actors(actor_id)`` returns it."""
+    data = gcs_pb2.ActorTableData(actor_id=bytes.fromhex(actor_id), state=gcs_pb2.ActorTableData.ActorState.Value(state),
+                                  death_cause=common_pb2.ActorDeathCause(**cause))
+    return GlobalState()._gen_actor_info(data)
+
+
+def killed(reason: int, message: str = "") -> dict[str, Any]:
+    return {"actor_died_error_context": Died(reason=reason, error_message=message)}
+
+
+def test_serve_retiring_a_replica_is_no_restart_a_crash_is() -> None:
+    """A rolling update of two replicas retires two (Serve's ray.kill): restarts stays 0. A replica
+    whose process was killed, whose node died, or that the OOM killer took, counts."""
+    assert death_of(actor_entry("01" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL))) == RETIRED
+    assert death_of(actor_entry("01" * 16, **killed(Died.UNSPECIFIED, KILLED_BY_RAY_KILL))) == RETIRED
+    assert death_of(actor_entry("02" * 16, **killed(Died.WORKER_DIED, "worker process exited"))) == "worker_died"
+    assert death_of(actor_entry("03" * 16, **killed(Died.NODE_DIED))) == "node_died"
+    assert death_of(actor_entry("04" * 16, oom_context=common_pb2.OomContext(error_message="OOM"))) == "out_of_memory"
+    # Serve lists a replica as dead as it sends the kill: until the GCS has it dead, nothing is known.
+    assert death_of(actor_entry("05" * 16, state="ALIVE")) == UNKNOWN
+    assert death_of(actor_entry("06" * 16)) == UNKNOWN  # dead, no cause recorded
+    assert death_of(None) == UNKNOWN and death_of({}) == UNKNOWN  # not in the actor table
+
+    # Serve's recent_dead_replicas after an update (two retired) and a kill -9 of one replica.
+    table = {"aa" * 16: actor_entry("aa" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL)),
+             "bb" * 16: actor_entry("bb" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL)),
+             "cc" * 16: actor_entry("cc" * 16, **killed(Died.WORKER_DIED))}
+    dead = [{"replica_id": "r1", "actor_id": "aa" * 16, "pid": 11, "state": "STOPPED"},
+            {"replica_id": "r2", "actor_id": "bb" * 16, "pid": 12, "state": "STOPPED"}]
+    after_update = replica_deaths(dead, table.get)
+    assert unexpected(after_update) == 0
+    assert [death["cause"] for death in after_update] == [RETIRED, RETIRED]
+    dead.append({"replica_id": "r3", "actor_id": "cc" * 16, "pid": 13, "state": "STOPPED"})
+    after_kill = replica_deaths(dead, table.get)
+    assert unexpected(after_kill) == 1
+    assert after_kill[-1] == {"replica_id": "r3", "pid": 13, "cause": "worker_died"}
+
+
+def test_a_death_the_cluster_cannot_explain_is_not_counted_and_never_fails_get() -> None:
+    def unreachable(actor_id: str) -> dict[str, Any] | None:
+        raise ConnectionError("GCS unavailable")
+
+    dead = [{"replica_id": "r1", "actor_id": "aa" * 16, "pid": 11}, {"replica_id": "r2", "pid": None}]
+    deaths = replica_deaths(dead, unreachable)
+    assert [death["cause"] for death in deaths] == [UNKNOWN, UNKNOWN] and unexpected(deaths) == 0
+
+
+def test_a_retiring_replica_has_until_every_request_it_holds_is_answered_and_its_capture_flushed() -> None:
+    """graceful_shutdown_timeout_s covers: one drain poll, timeout_s (every request it holds is
+    answered by then, 504 at worst: test_load_shedding shows a held model cannot delay it), what
+    timeout_s does not cover, and the destructor's own bounds. Neither max_ongoing_requests nor the
+    batch size enters it: the queue's wait is inside timeout_s."""
+    config = parse_config({"timeout_s": "60"})
+    bound = shutdown.graceful_shutdown_timeout_s(config)
+    assert ingress.DESTRUCTOR_S >= ingress.CAPTURE_CLOSE_S + 1 + ingress.METRICS_CLOSE_S  # the writer joins 1 s longer
+    assert bound == shutdown.DRAIN_POLL_S + 60 + shutdown.HANDLING_MARGIN_S + ingress.DESTRUCTOR_S
+    for more in ({"max_ongoing_requests": "4096"}, {"max_queue": "2048"}, {"max_batch_rows": "1"}):
+        assert shutdown.graceful_shutdown_timeout_s(parse_config({"timeout_s": "60", **more})) == bound
+    assert shutdown.graceful_shutdown_timeout_s(parse_config({"timeout_s": "5"})) == bound - 55
+    # The drain poll counted is the one the engine sets (Serve's default, 2 s).
+    from ray.serve._private.constants import DEFAULT_GRACEFUL_SHUTDOWN_WAIT_LOOP_S
+
+    assert shutdown.DRAIN_POLL_S == DEFAULT_GRACEFUL_SHUTDOWN_WAIT_LOOP_S
+
+
+def test_the_serve_deployment_carries_the_shutdown_bound_and_the_autoscaling_target(tmp_path: Path) -> None:
+    """What the engine hands Serve (the bound application, built without a cluster)."""
+    engine = RayEngine(StateStore(tmp_path))
+    for keys in ({"timeout_s": "10"}, {"timeout_s": "10", "max_replicas": "3"},
+                 {"max_replicas": "3", "target_ongoing_requests": "8", "max_ongoing_requests": "16"}):
+        config = parse_config(keys)
+        spec = DeploymentSpec(name="d", model=ModelRef("models:/m/1", "m", "1"), engine="ray", created_at=1.0,
+                              updated_at=1.0, config=config)
+        serve_config = engine._application(spec, tmp_path / "models", str(tmp_path / "capture"),
+                                           None)._bound_deployment._deployment_config
+        assert serve_config.graceful_shutdown_timeout_s == shutdown.graceful_shutdown_timeout_s(config)
+        assert serve_config.graceful_shutdown_wait_loop_s == shutdown.DRAIN_POLL_S
+        autoscaling = serve_config.autoscaling_config
+        assert (autoscaling is None) == (config.max_replicas is None)
+        if autoscaling is not None:
+            assert autoscaling.target_ongoing_requests == float(keys.get("target_ongoing_requests", 2))
+            assert autoscaling.target_ongoing_requests <= serve_config.max_ongoing_requests
