@@ -129,3 +129,26 @@ def test_the_counter_the_supervisor_writes_is_the_one_the_workers_count_in() -> 
     counter = ServingMetrics().capture_dropped
     assert counter._name == DROPPED_METRIC and DROPPED_HELP == CAPTURE_DROPPED_HELP
     assert counter._labelnames == ("deployment",)
+
+
+def test_a_new_supervisor_counts_workers_that_died_while_none_watched(tmp_path: Path) -> None:
+    """After everything was killed (or a reboot), the next supervisor finds the dead workers' liveness
+    files: what each held is counted once, and the files go."""
+    from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
+
+    store = StateStore(tmp_path / "home")
+    paths = store.paths("dep")
+    paths.metrics.mkdir(parents=True)
+    live_dir = paths.root / "run" / "live"
+    no_such_pid = 4_194_304 + 17  # above Linux's largest pid_max: never a running process
+    for pid, (accepted, settled) in ((no_such_pid, (12, 5)), (no_such_pid + 1, (3, 3))):
+        tally = LivenessWriter(live_dir / str(pid)).capture_tally()
+        tally[0], tally[1] = accepted, settled
+    supervisor = Supervisor(paths)
+    supervisor._count_dead_workers()
+    assert supervisor._status()["capture_lost"] == 7 and dropped_total(str(paths.metrics), "dep") == 7.0
+    assert [(e["pid"], e["requests"]) for e in store.read_history("dep") if e["event"] == "capture_lost"] == [
+        (no_such_pid, 7)]
+    assert not list(live_dir.iterdir())
+    supervisor._count_dead_workers()  # counted once
+    assert dropped_total(str(paths.metrics), "dep") == 7.0
