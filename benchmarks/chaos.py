@@ -18,8 +18,11 @@ and ``--settle`` more seconds have passed. Printed per fault:
   the supervisor, until the old workers are gone too (a fresh generation has started and they
   drained), and, separately, until a new supervisor runs;
 - rows answered (200s) vs rows captured (those request ids found in the captured Parquet once the
-  writers have flushed, waited for up to 60 s): what a killed worker had buffered but not written
-  is the difference.
+  writers have flushed, waited for up to 60 s) vs rows counted as dropped from capture during the
+  fault (``mlflow_deploy_capture_dropped_requests_total``, read from the deployment's metric files):
+  what a killed worker had answered but not yet spooled is not captured, and the supervisor counts
+  it as dropped (``engines/local/capture_loss.py``), so answered = captured + dropped (the count is
+  "at most": a kill in the middle of a spool append counts that append whole).
 
 Faults: ``worker`` / ``standby`` / ``agent`` / ``supervisor`` / ``converter`` (``kill -9`` of one
 process; the converter is the deployment's capture converter, recovered once a new one runs),
@@ -188,6 +191,7 @@ class Bench:
         root = self.home / "deployments" / name
         started = time.monotonic()
         window_start = time.time()
+        dropped_before = self.dropped(name)
         replaced: set[int] = set()
         supervisor_back: float | None = None
         how: str | None = None
@@ -247,13 +251,19 @@ class Bench:
         self.until(lambda: not any(is_worker(pid, root) for pid in replaced), "replaced workers to exit")
         # Capture writers roll a segment every 2 s; the converter writes it soon after.
         deadline = time.monotonic() + 60
-        while (captured := self.captured(name, window_start - 120, answered)) < len(answered) \
-                and time.monotonic() < deadline:
+        while True:
+            captured = self.captured(name, window_start - 120, answered)
+            after = self.dropped(name)
+            # Counter files are removed when a deployment starts afresh (`up` after everything died).
+            dropped = int(after - dropped_before if after >= dropped_before else after)
+            if captured + dropped >= len(answered) or time.monotonic() >= deadline:
+                break
             time.sleep(1.0)
         failed = [outcome for _, outcome in loop.outcomes if outcome != "200"]
         return {"fault": fault, "sent": len(loop.outcomes), "failed": len(failed),
                 "failures": dict(sorted({o: failed.count(o) for o in set(failed)}.items())),
                 "recover_s": round(recovered, 2), "slowest_s": round(loop.slowest_s, 2), "answered": len(answered), "captured": captured,
+                "dropped": dropped,
                 "supervisor_back_s": None if supervisor_back is None else round(supervisor_back, 2),
                 "socket": how}
 
@@ -287,6 +297,13 @@ class Bench:
         events = [e for e in StateStore(self.home).read_history(name) if e["event"] == "supervisor_replaced"]
         # Before the handoff existed the record had no "socket": such a successor bound beside them.
         return str(events[-1].get("socket", "beside")) if events else "?"
+
+    def dropped(self, name: str) -> float:
+        """The deployment's capture drop counter (every worker's and the supervisor's metric files)."""
+        from mlflow_deploy_plugin.monitoring.capture_watch import dropped_total
+
+        folder = self.home / "deployments" / name / "run" / "prometheus"
+        return (dropped_total(str(folder), name) or 0.0) if folder.is_dir() else 0.0
 
     def captured(self, name: str, since: float, answered: set[str]) -> int:
         from datetime import UTC, datetime
@@ -347,12 +364,12 @@ def main() -> int:
         else:
             print(f"kept {root}", file=sys.stderr)
     print(f"{'fault':<11} {'sent':>6} {'failed':>6} {'recover_s':>9} {'slowest_s':>9} {'answered':>8} {'captured':>8}"
-          "  failures")
+          f" {'dropped':>7}  failures")
     for r in results:
         back = f" (a new supervisor after {r['supervisor_back_s']:.2f}s)" if r["supervisor_back_s"] is not None else ""
         back += f" (socket: {r['socket']})" if r["socket"] else ""
         print(f"{r['fault']:<11} {r['sent']:>6} {r['failed']:>6} {r['recover_s']:>9.2f} {r['slowest_s']:>9.2f} {r['answered']:>8} "
-              f"{r['captured']:>8}  {r['failures'] or ''}{back}")
+              f"{r['captured']:>8} {r['dropped']:>7}  {r['failures'] or ''}{back}")
     return 0
 
 

@@ -399,6 +399,56 @@ def test_a_crashed_writers_spool_is_converted_by_the_next_start(tmp_path: Path) 
     assert not list(spool.iterdir()), "the orphaned spool folder is removed once converted"
 
 
+KILLED_WITH_RECORDS_IN_MEMORY = """
+import sys, time
+import numpy as np, pandas as pd
+import mlflow_deploy_plugin.capture.writer as writer_module
+from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter
+from mlflow_deploy_plugin.engines.local.liveness import LivenessWriter
+root, spool, live = sys.argv[1], sys.argv[2], sys.argv[3]
+writer_module._WRITE_EVERY_S = 3600.0  # after the first append, what is recorded stays in memory
+writer = CaptureWriter(root, "dep", flush_interval_s=600, spool_dir=spool, converter="external")
+writer.tally_into(LivenessWriter(__import__("pathlib").Path(live)).capture_tally())
+def record(i):
+    frame = pd.DataFrame({"x": [float(i)]})
+    assert writer.record(CapturedRequest(f"answered-{i}", time.time(), "1", 200, 1.0, frame, np.array([i])))
+record(0)  # appended at once: the first append is not held
+deadline = time.monotonic() + 60
+while writer.settled_requests < 1:
+    assert time.monotonic() < deadline, "the first record never reached the spool file"
+    time.sleep(0.01)
+for i in range(1, 200):
+    record(i)
+print("recorded", flush=True)
+sys.stdin.read()  # killed by the test while waiting here
+"""
+
+
+def test_what_a_killed_writer_held_in_memory_is_left_counted_in_its_liveness_file(tmp_path: Path) -> None:
+    """``kill -9`` of a process whose writer holds records not yet appended to the spool: those are
+    lost, and the tally it kept in its liveness file (a shared memory map) says exactly how many, which
+    is what the local supervisor counts as dropped (engines/local/capture_loss.py)."""
+    from mlflow_deploy_plugin.engines.local.liveness import read_liveness
+
+    root, spool, live = tmp_path / "capture", tmp_path / "spool", tmp_path / "live" / "1"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WITH_RECORDS_IN_MEMORY, str(root), str(spool), str(live)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert killed.stdout is not None
+        assert killed.stdout.readline().strip() == b"recorded"
+    finally:
+        killed.kill()
+        killed.wait(30)
+    converter = subprocess.run([sys.executable, "-m", "mlflow_deploy_plugin.capture.converter", str(spool), "--drain"],
+                               env=env, timeout=120, capture_output=True, text=True)
+    assert converter.returncode == 0, converter.stderr[-3000:]
+    captured = set(read_capture(str(root))["_request_id"])
+    record = read_liveness(live)
+    assert record is not None and record.capture_accepted == 200
+    assert captured == {"answered-0"} and record.capture_unsettled == 199
+
+
 def test_float_frames_take_the_raw_path_and_read_back_like_any_frame(tmp_path: Path) -> None:
     """Frames marked float64 by the request parser travel as raw bytes: same columns and values as
     the pickled path, prediction dtypes kept (float32 stays float32)."""

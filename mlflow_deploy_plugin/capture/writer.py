@@ -19,6 +19,13 @@ what waits (in memory or in the spool, not yet in Parquet) is bounded in request
 every request accepted is either written or counted as dropped (with a reason); nothing accepted
 is lost on a graceful :meth:`~CaptureWriter.close`; after a crash, the converter of the next
 start converts what the spool kept (a torn last record is skipped).
+
+What a crash loses is what was still in memory: about ``_WRITE_EVERY_S`` of requests. A process
+killed outright cannot count that itself, so :meth:`~CaptureWriter.tally_into` keeps two counts
+in a buffer that outlives it (the local engine's worker passes a shared memory map of its
+liveness file, ``engines/local/liveness.py``): requests accepted into memory, and requests that
+left it (appended to the spool file, or counted as dropped). Plain stores to memory, no syscall on
+the request path; whoever sees the process die adds the difference to the drop count.
 """
 
 from __future__ import annotations
@@ -300,6 +307,11 @@ class CaptureWriter:
         """Fresh state and writer thread (at creation, and in a forked child)."""
         self.accepted_requests = 0
         self.dropped_requests = 0
+        # Accepted requests that left memory: in the segment file, or counted as dropped.
+        self.settled_requests = 0
+        # Where those two counts are mirrored for after a crash (tally_into); a forked child has
+        # none: the parent's tally describes the parent.
+        self._tally: Any = None
         self.written_requests = 0
         self.written_rows = 0
         self._lost_accepted = 0
@@ -373,6 +385,8 @@ class CaptureWriter:
                     self._waiting_requests += 1
                     self._waiting_bytes += size
                     self.accepted_requests += 1
+                    if self._tally is not None:  # a store into shared memory, no syscall
+                        self._tally[0] = self.accepted_requests
                     segment = self._segment
                     before = segment.rows
                     segment.requests += 1
@@ -441,6 +455,26 @@ class CaptureWriter:
                              timeout_s)
         atexit.unregister(self._atexit)
 
+    def tally_into(self, tally: Any) -> None:
+        """Keep ``tally[0]`` = requests accepted and ``tally[1]`` = requests settled (appended to
+        the spool file or counted as dropped) up to date from now on.
+
+        ``tally`` is a writable sequence of two ints, meant to be a ``memoryview`` of shared memory
+        that survives this process (see the module docstring): if the process is killed, ``tally[0]
+        - tally[1]`` is how many accepted requests its death lost, at most (a kill in the middle of
+        an append to the spool counts the whole append, though the records it completed are kept).
+        """
+        with self._lock:
+            tally[0], tally[1] = self.accepted_requests, self.settled_requests
+            self._tally = tally
+
+    def _settle(self, requests: int) -> None:
+        """``requests`` taken from memory are in the segment file or counted as dropped."""
+        with self._lock:
+            self.settled_requests += requests
+            if self._tally is not None:
+                self._tally[1] = self.settled_requests
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -506,6 +540,7 @@ class CaptureWriter:
                     self._prune()
                 if chunks:
                     self._append(segment, chunks)
+                    self._settle(len(chunks))  # after the write: a kill during it counts these as lost
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()

@@ -1,8 +1,10 @@
 """Turn "capture is dropping rows" into history events (and so into notifications).
 
 Workers count the requests they could not capture (buffer full, write error) in the Prometheus
-counter ``mlflow_deploy_capture_dropped_requests`` (multiprocess files under ``run/prometheus``);
-nothing else records it, and a worker must not write history on its request path. The agent reads
+counter ``mlflow_deploy_capture_dropped_requests`` (multiprocess files under ``run/prometheus``),
+and the local supervisor adds those a killed worker had answered but not yet spooled
+(``engines/local/capture_loss.py``, which also writes ``capture_lost`` to the history); a worker
+must not write history on its request path. The agent reads
 the counter's files every ``interval_s`` and writes ``capture_dropping`` (with the rows dropped
 since the last event) when it grew, at most once per ``quiet_s`` while it keeps growing, then
 ``capture_recovered`` once it stayed flat for ``quiet_s``. Engines without those files (Ray) are
@@ -61,8 +63,8 @@ class CaptureWatch:
             if self.dropping_since_event is None or now - self.dropping_since_event >= self.quiet_s:
                 self.store.append_history(self.name, "capture_dropping", actor="capture-watch",
                                           dropped=int(self.unreported), reason=(
-                                              f"{int(self.unreported)} request(s) not captured (buffer full or "
-                                              "write error): drift and quality reports miss them"))
+                                              f"{int(self.unreported)} request(s) not captured (buffer full, "
+                                              "write error or a worker killed): drift and quality reports miss them"))
                 self.unreported = 0.0
                 self.dropping_since_event = now
                 return "capture_dropping"

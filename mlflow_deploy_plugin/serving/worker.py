@@ -385,6 +385,9 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
         if capture is not None:
             writer = capture
             supervision.on_hung_exit = lambda: writer.close(timeout_s=5.0)
+            # Counts of the primary's writer in the liveness file: if this worker is killed, the
+            # supervisor counts what it answered but had not spooled yet (engines/local/capture_loss.py).
+            capture.tally_into(supervision.liveness.capture_tally())
     uv_config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on",
         timeout_graceful_shutdown=max(5, int(config.timeout_s)), timeout_keep_alive=5,

@@ -1,4 +1,4 @@
-"""A worker's liveness record: a 32-byte file its supervisor reads (standard library only).
+"""A worker's liveness record: a 48-byte file its supervisor reads (standard library only).
 
 Readiness (``/health``, the ``ready`` line on the pipe) says a worker *can* serve; liveness says it
 still *does*. Each worker keeps ``run/live/<pid>`` up to date with ``os.pwrite`` (microseconds, no
@@ -8,7 +8,13 @@ lock, no pipe that could fill and block the predict thread):
 - ``busy_since`` / ``busy_rows``: written by the predict thread around every model call; a call
   older than ``timeout_s + HUNG_GRACE_S`` is hung (no request may wait that long anyway);
 - ``predicts``: calls completed, so a crash can be told apart: before serving anything (the
-  version cannot stay up) or while predicting (a request killed it).
+  version cannot stay up) or while predicting (a request killed it);
+- ``capture_accepted`` / ``capture_settled``: requests the capture writer took into memory, and
+  those that left memory (appended to the spool file, or counted as dropped). Written through a
+  shared memory map, not a syscall: ``record()`` runs on the request path, where a write per
+  request costs throughput (each releases the GIL). Their difference when the worker died is
+  what ``kill -9`` took with it: the requests answered but in no spool file and counted nowhere.
+  The supervisor adds it to the capture drop counter (``capture_loss.py``).
 
 The file survives the worker's death (it is plain page cache), which is what lets the supervisor
 tell a poison request from a broken version after the fact. Times are ``time.monotonic()``:
@@ -18,6 +24,7 @@ CLOCK_MONOTONIC is the same clock in every process of the machine.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import time
@@ -26,7 +33,10 @@ from pathlib import Path
 
 HEARTBEAT_S = 0.5
 HUNG_GRACE_S = 2.0  # beyond timeout_s: every request waiting on the call has had its answer by then
-_LAYOUT = struct.Struct("<ddqq")  # heartbeat, busy_since, busy_rows, predicts
+# heartbeat, busy_since, busy_rows, predicts, capture_accepted, capture_settled
+_LAYOUT = struct.Struct("<ddqqqq")
+_OLD_LAYOUT_SIZE = 32  # a record without the capture counts (read as 0, 0)
+_CAPTURE_OFFSET = 32
 _BUSY = struct.Struct("<dq")
 
 
@@ -40,6 +50,14 @@ class Liveness:
     busy_since: float  # 0.0 when no predict runs
     busy_rows: int
     predicts: int
+    capture_accepted: int = 0
+    capture_settled: int = 0
+
+    @property
+    def capture_unsettled(self) -> int:
+        """Requests the capture writer held in memory (not yet in its spool file, not counted as
+        dropped) at the last update: after the worker died, what its death lost from capture."""
+        return max(0, self.capture_accepted - self.capture_settled)
 
     def busy_for(self, now: float | None = None) -> float:
         return ((now or time.monotonic()) - self.busy_since) if self.busy_since else 0.0
@@ -57,7 +75,16 @@ class LivenessWriter:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self._predicts = 0
         self._busy_since = 0.0
-        os.pwrite(self._fd, _LAYOUT.pack(time.monotonic(), 0.0, 0, 0), 0)
+        os.pwrite(self._fd, _LAYOUT.pack(time.monotonic(), 0.0, 0, 0, 0, 0), 0)
+        self._map: mmap.mmap | None = None
+
+    def capture_tally(self) -> memoryview:
+        """The two capture counts (accepted, settled) as a writable ``memoryview`` of int64 in this
+        file's page cache: the capture writer stores into it without a syscall, and what it stored
+        is there for the supervisor to read after the worker is gone, however it went."""
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, _LAYOUT.size)
+        return memoryview(self._map)[_CAPTURE_OFFSET:_LAYOUT.size].cast("q")
 
     def beat(self) -> None:
         """Event loop: still turning."""
@@ -88,6 +115,6 @@ def read_liveness(path: Path) -> Liveness | None:
             raw = handle.read(_LAYOUT.size)
     except OSError:
         return None
-    if len(raw) < _LAYOUT.size:
+    if len(raw) < _OLD_LAYOUT_SIZE:
         return None
-    return Liveness(*_LAYOUT.unpack(raw))
+    return Liveness(*_LAYOUT.unpack(raw.ljust(_LAYOUT.size, b"\0")))

@@ -18,6 +18,8 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
 - keeps the deployment's background agent running while the spec needs one, and one capture
   converter while the capture spool has work (``capture_keeper.py``);
 - rotates the logs of the deployment (size-bounded) and removes dead workers' live metrics;
+- counts, when a worker is gone, the answered requests its capture writer still held in memory as
+  dropped from capture (``capture_loss.py``): a ``kill -9`` loses them, but never silently;
 - is the only writer of ``status.json``.
 
 Losing the supervisor loses no request (gunicorn's re-exec pattern, without the exec): it holds
@@ -35,7 +37,7 @@ two deployments from ever sharing a port); the log says so, since connections st
 old socket are then reset when its last worker closes it.
 
 It imports only the standard library and the spec/state modules (and its own mailbox, worker
-protocol, liveness, socket handoff and process helpers): a test reads its import graph to keep it that way.
+protocol, liveness, capture loss, socket handoff and process helpers): a test reads its import graph to keep it that way.
 
 Run as ``python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR [--respawn] [--fd N]``.
 """
@@ -58,6 +60,7 @@ from typing import Any
 
 import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
 from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
+from mlflow_deploy_plugin.engines.local.capture_loss import CaptureLoss
 from mlflow_deploy_plugin.engines.local.handoff import (
     REQUEST_TIMEOUT_S,
     HandoffRefused,
@@ -335,6 +338,7 @@ class Supervisor:
         self.standby_sock: socket.socket | None = None
         # The workers' capture writers spool (capture/.spool, see serving/service.py); this converts.
         self.converter = ConverterKeeper(paths.capture / ".spool", paths.logs / "capture-converter.log")
+        self.capture_loss = CaptureLoss(self.store, paths.name, paths.metrics)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -477,6 +481,15 @@ class Supervisor:
     def _live_path(self, pid: int) -> Path:
         return liveness_dir(self.paths.root / "run") / str(pid)
 
+    def _worker_gone(self, pid: int, how: str) -> Liveness | None:
+        """A worker is gone: count the capture it held (``capture_loss.py``), remove its liveness
+        file, and return its last liveness record."""
+        live = read_liveness(self._live_path(pid))
+        self.capture_loss.worker_gone(pid, live, how)
+        with contextlib.suppress(OSError):
+            self._live_path(pid).unlink()
+        return live
+
     def _check_liveness(self) -> None:
         """Replace a serving worker whose model call or event loop is stuck (readiness is not
         enough: a hung worker still looks ready, and keeps accepting connections it cannot answer)."""
@@ -519,8 +532,7 @@ class Supervisor:
             if not is_worker(pid, self.paths.root):
                 del self.orphans[pid]
                 forget_worker_metrics(self.paths.metrics, pid)
-                with contextlib.suppress(OSError):
-                    self._live_path(pid).unlink()
+                self._worker_gone(pid, "(a previous supervisor's) is gone")
                 with contextlib.suppress(OSError):
                     handoff_path(self.paths.root / "run", pid).unlink()
         if not self.orphans or self.orphans_told or self.current is None:
@@ -570,6 +582,7 @@ class Supervisor:
         self.paths.metrics.mkdir(parents=True, exist_ok=True)
         self._forget_dead_metrics()
         self._forget_dead_handoffs()
+        self._count_dead_workers()
         number = max(spec.generation, int(previous.get("generation") or 0) + 1) if previous else spec.generation
         how = "bound"  # how we got the listening socket (told in the history on a takeover)
         try:
@@ -624,6 +637,7 @@ class Supervisor:
         self.restarts = int(previous.get("restarts") or 0)
         self.bad_requests = int(previous.get("bad_requests") or 0)
         self.hung_replaced = int(previous.get("hung_replaced") or 0)
+        self.capture_loss.lost = int(previous.get("capture_lost") or 0)
         if previous.get("state") not in (STATUS_STOPPED, STATUS_FAILED):
             self.takeovers = int(previous.get("takeovers") or 0) + 1
         if self.orphans:
@@ -659,6 +673,17 @@ class Supervisor:
                         "beside them with SO_REUSEPORT: connections still queued on their socket are reset "
                         "when the last of them closes it", "; ".join(refusals) or "none asked")
         return None
+
+    def _count_dead_workers(self) -> None:
+        """Liveness files of workers that died while no supervisor watched (everything killed, a
+        reboot): count the capture they held, once, and remove them."""
+        with contextlib.suppress(OSError):
+            for path in liveness_dir(self.paths.root / "run").iterdir():
+                if not path.name.isdigit() or int(path.name) in self.orphans:
+                    continue
+                if is_worker(int(path.name), self.paths.root):
+                    continue  # alive, just not ours to adopt (status.json did not name it)
+                self._worker_gone(int(path.name), "died while no supervisor watched")
 
     def _forget_dead_handoffs(self) -> None:
         """Control sockets of workers that are gone (killed before they could remove them)."""
@@ -728,9 +753,8 @@ class Supervisor:
             os.close(worker.ready_fd)
             del self.workers[pid]
             forget_worker_metrics(self.paths.metrics, pid)
-            live = read_liveness(self._live_path(pid))
-            with contextlib.suppress(OSError):
-                self._live_path(pid).unlink()
+            # Whatever way it went (crashed, killed while draining or hung): what it held is counted.
+            live = self._worker_gone(pid, _exit_description(code))
             with contextlib.suppress(OSError):
                 handoff_path(self.paths.root / "run", pid).unlink()
             if worker.draining or worker.generation == -1:
@@ -943,6 +967,7 @@ class Supervisor:
                                    | {pid for pid, told in self.orphans.items() if told is None}),
             "bad_requests": self.bad_requests,
             "hung_replaced": self.hung_replaced,
+            **self.capture_loss.status(),
             "takeovers": self.takeovers,
             "given_up_workers": sorted(self.given_up),
         }
@@ -982,10 +1007,13 @@ class Supervisor:
                 _logger.warning("Worker %d did not drain in %.0fs; killing it", worker.pid, grace)
                 worker.popen.kill()
                 worker.popen.wait()
+            # A drained worker closed its capture writer (nothing held); a killed one may not have.
+            self._worker_gone(worker.pid, _exit_description(worker.popen.returncode))
         for pid in self.orphans:
             if is_worker(pid, self.paths.root):
                 signal_pid(pid, signal.SIGKILL)
             forget_worker_metrics(self.paths.metrics, pid)
+            self._worker_gone(pid, "(a previous supervisor's) stopped")
         self.orphans.clear()
         self.workers.clear()
         # Nothing writes to the spool now: a last pass converts what every writer left.
