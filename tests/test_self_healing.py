@@ -37,7 +37,9 @@ from conftest import (
 )
 
 from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.deployments import Deployments
 from mlflow_deploy_plugin.engines.local.processes import is_supervisor, is_worker
+from mlflow_deploy_plugin.state import StateStore
 
 HANG, CRASH = -1.0, -2.0  # tests/assets/poison_model.py
 
@@ -223,8 +225,6 @@ def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry:
 
 
 def env_history(env: Env, name: str) -> list[dict]:
-    from mlflow_deploy_plugin.state import StateStore
-
     return StateStore(env.home).read_history(name)
 
 
@@ -283,8 +283,6 @@ def test_up_brings_back_a_deployment_whose_processes_were_all_killed(env: Env, r
 
 
 def _history(home: Path, name: str) -> list[dict]:
-    from mlflow_deploy_plugin.state import StateStore
-
     return StateStore(home).read_history(name)
 
 
@@ -368,6 +366,7 @@ def test_a_request_that_kills_its_worker_is_counted_and_never_fails_the_deployme
             loop.wait_answers(10, "answers after the poison")
             during = loop.since(mark)
         assert status["bad_requests"] == 3 and status["given_up_workers"] == [], status
+        assert Deployments(store=StateStore(env.home)).get(name)["bad_requests"] == 3  # what `get` shows
         # Only requests in flight on a dying worker fail (at most one per client per poison).
         assert during["200"] > 0 and sum(n for k, n in during.items() if k != "200") <= 3 * 2, during
         assert "SIGSEGV" in status["last_error"]
