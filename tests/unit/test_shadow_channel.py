@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import numpy as np
 import pandas as pd
+from conftest import wait_for
 from unit_helpers import id_frame
 
 from mlflow_deploy_plugin.serving.app import Answer
@@ -27,14 +27,6 @@ from mlflow_deploy_plugin.serving.shadow_channel import (
 )
 
 WAIT_S = 10.0
-
-
-def _wait(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def _copy(i: int) -> tuple:
@@ -103,7 +95,7 @@ def test_a_dead_reader_loses_only_the_message_being_written_and_a_new_pipe_takes
     channel.attach(write)
     os.close(read)  # the shadow process died
     assert channel.put(_copy(1))
-    _wait(lambda: lost == [1], "the copy to be counted as lost")
+    wait_for(lambda: lost == [1], WAIT_S, "the copy to be counted as lost")
     assert channel.detach() == 0
     read, write = os.pipe()
     channel.attach(write)
@@ -135,7 +127,7 @@ def test_the_mirror_waits_batch_wait_s_for_copies_to_join_a_batch(controlled_slo
     try:
         mirror.submit(ShadowAnswer("a", 1.7e9, "1", 200, 1.0, id_frame([1]), None))
         mirror.submit(ShadowAnswer("b", 1.7e9, "1", 200, 1.0, id_frame([2]), None))
-        _wait(lambda: len(recorded) == 2, "two shadow answers")
+        wait_for(lambda: len(recorded) == 2, WAIT_S, "two shadow answers")
     finally:
         mirror.close()
     assert model.calls == [[1, 2]]

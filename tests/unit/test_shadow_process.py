@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from unit_helpers import TestClient, iris_data, split_body
 
 from mlflow_deploy_plugin.capture import read_capture
@@ -25,14 +25,6 @@ from mlflow_deploy_plugin.serving.service import build_service
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 
 WAIT_S = 120.0  # a child loads MLflow and its model: seconds on a busy machine
-
-
-def _wait(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _alive(pid: int) -> bool:
@@ -95,27 +87,28 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
 
             for i in range(10):
                 ask(f"before-{i}", i * 12)
-            _wait(shadow.idle, "the shadow process to answer every copy")
+            wait_for(shadow.idle, WAIT_S, "the shadow process to answer every copy")
             service.capture.flush(timeout_s=30)  # reaches the child's writer too
             assert set(read_capture(str(tmp_path / "capture"), shadow=True)["_role"]) == {"primary", "shadow"}
 
             # Killed: replaced.
             os.kill(first_pid, signal.SIGKILL)
-            _wait(lambda: shadow.restarts == 1 and shadow.ready, "a new shadow process")
+            wait_for(lambda: shadow.restarts == 1 and shadow.ready, WAIT_S, "a new shadow process")
             assert shadow.pid != first_pid
             for i in range(6):
                 ask(f"after-{i}", i * 20)
-            _wait(shadow.idle, "the new shadow process to answer every copy")
+            wait_for(shadow.idle, WAIT_S, "the new shadow process to answer every copy")
 
             # Silent (stopped: not even its heartbeat, as when a call holds its GIL): replaced too.
             stopped = shadow.pid
             assert stopped is not None
             os.kill(stopped, signal.SIGSTOP)
             ask("held", 3)
-            _wait(lambda: shadow.restarts == 2 and shadow.ready, "the silent shadow process to be replaced")
+            wait_for(lambda: shadow.restarts == 2 and shadow.ready, WAIT_S,
+                     "the silent shadow process to be replaced")
             assert not _alive(stopped) and shadow.pid != stopped
             ask("next", 5)
-            _wait(shadow.idle, "the third shadow process to answer")
+            wait_for(shadow.idle, WAIT_S, "the third shadow process to answer")
             text = client.get("/metrics").text
     finally:
         last_pid = shadow.pid
