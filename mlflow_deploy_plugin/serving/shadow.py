@@ -84,7 +84,50 @@ class _Copy:
     raw_inputs: Any = None  # the request's (columns, float64 array), when its parser's fast path built one
 
 
-class ShadowMirror:
+class MirrorFront:
+    """The request path's side of a mirror, shared by :class:`ShadowMirror` and the local engine's
+    shadow process: which copies are taken, and that taking one never blocks and never raises.
+
+    A subclass sets ``sample_rate``, ``_rng``, ``_closed`` and ``submitted`` and provides
+    :meth:`_enqueue` (hand the copy over without blocking; False when dropped, counted) and
+    :meth:`_drop` (count a copy not predicted, by reason).
+    """
+
+    sample_rate: float
+    submitted: int
+    _closed: bool
+    _rng: random.Random
+
+    def submit(self, answer: Any) -> bool:
+        """Queue a copy of an answered request (anything with request_id, timestamp and inputs).
+
+        Never blocks and never raises: returns whether the copy was queued (False when it had no
+        decoded input, was sampled out, or was dropped: counted).
+        """
+        try:
+            if self._closed:
+                self._drop(DROP_CLOSED)
+                return False
+            if answer.inputs is None:
+                return False
+            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
+                return False
+            if not self._enqueue(answer):
+                return False
+            self.submitted += 1
+            return True
+        except Exception:  # the primary answers whatever happens here
+            _logger.exception("Shadow mirror could not queue a request copy")
+            return False
+
+    def _enqueue(self, answer: Any) -> bool:
+        raise NotImplementedError
+
+    def _drop(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class ShadowMirror(MirrorFront):
     """Owns the queue of request copies and the thread that predicts them with the shadow version."""
 
     def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
@@ -125,32 +168,15 @@ class ShadowMirror:
 
     # ---- request path ------------------------------------------------------------------------
 
-    def submit(self, answer: Any) -> bool:
-        """Queue a copy of an answered request (anything with request_id, timestamp and inputs).
-
-        Never blocks and never raises: returns whether the copy was queued (False when it had no
-        decoded input, was sampled out, or was dropped).
-        """
+    def _enqueue(self, answer: Any) -> bool:
         try:
-            inputs = answer.inputs
-            if inputs is None or self._closed:
-                if self._closed:
-                    self._drop(DROP_CLOSED)
-                return False
-            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
-                return False
-            try:
-                self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), inputs,
-                                             getattr(answer, "params", None) or None,
-                                             getattr(answer, "raw_inputs", None)))
-            except queue.Full:
-                self._drop(DROP_QUEUE_FULL)
-                return False
-            self.submitted += 1
-            return True
-        except Exception:  # the primary answers whatever happens here
-            _logger.exception("Shadow mirror could not queue a request copy")
+            self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), answer.inputs,
+                                         getattr(answer, "params", None) or None,
+                                         getattr(answer, "raw_inputs", None)))
+        except queue.Full:
+            self._drop(DROP_QUEUE_FULL)
             return False
+        return True
 
     # ---- the dispatcher thread ---------------------------------------------------------------
 

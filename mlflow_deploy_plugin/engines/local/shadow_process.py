@@ -46,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin.serving.shadow import MirrorFront
 from mlflow_deploy_plugin.serving.shadow_channel import (
     CopyChannel,
     FrameReader,
@@ -74,7 +75,7 @@ class ShadowStartError(RuntimeError):
     """The shadow process could not load or smoke-test its version."""
 
 
-class ShadowProcess:
+class ShadowProcess(MirrorFront):
     """The worker's handle on its shadow process: the mirror the service feeds (submit, idle, flush, close)."""
 
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
@@ -119,23 +120,10 @@ class ShadowProcess:
 
     # ---- request path ------------------------------------------------------------------------
 
-    def submit(self, answer: Any) -> bool:
-        """Hand a copy of an answered request to the shadow process; never blocks, never raises."""
-        try:
-            if self._closed:
-                self._drop("closed")
-                return False
-            if answer.inputs is None:
-                return False
-            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
-                return False
-            if not self.channel.put(copy_of(answer)):
-                return False
-            self.submitted += 1
-            return True
-        except Exception:  # the primary answers whatever happens here
-            _logger.exception("Shadow mirror could not queue a request copy")
-            return False
+    def _enqueue(self, answer: Any) -> bool:
+        """Hand a copy of an answered request to the channel (``submit``, shared with the in-process
+        mirror, decides which ones); never blocks."""
+        return self.channel.put(copy_of(answer))
 
     # ---- the child ---------------------------------------------------------------------------
 
