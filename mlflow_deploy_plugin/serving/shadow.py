@@ -133,12 +133,12 @@ class ShadowMirror(MirrorFront):
     def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
                  on_drop: Callable[[str], None] | None = None,
-                 on_result: Callable[[str, float], None] | None = None,
+                 on_result: Callable[[str, float, int], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
                  model_name: str | None = None, batch_wait_s: float = 0.0) -> None:
         """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`
-        (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds)``
-        feed the metrics (cheap, thread-safe). With ``batching``, ``batch_wait_s`` is how long the
+        (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds, copies)``
+        feed the metrics (cheap, thread-safe; a batch's copies are counted in one call). With ``batching``, ``batch_wait_s`` is how long the
         dispatcher waits for more copies to join a batch (0: only the ones already waiting; the
         shadow process, which answers nobody, waits a little to make fewer calls)."""
         if not 0.0 < sample_rate <= 1.0:
@@ -259,10 +259,10 @@ class ShadowMirror(MirrorFront):
         if outcome == OUTCOME_TIMEOUT:
             _logger.warning("Shadow v%s did not answer %d request copies within timeout_s=%gs; copies are "
                             "dropped until it returns.", self.version, len(batch), self.timeout_s)
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + len(batch)
+        if self._on_result is not None:
+            self._on_result(outcome, elapsed, len(batch))
         for copy, predictions in zip(batch, pieces, strict=True):
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-            if self._on_result is not None:
-                self._on_result(outcome, elapsed)
             self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
                                       copy.inputs, predictions, model_name=self.model_name,
                                       raw_inputs=copy.raw_inputs))
@@ -288,7 +288,7 @@ class ShadowMirror(MirrorFront):
         elapsed = time.perf_counter() - started
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if self._on_result is not None:
-            self._on_result(outcome, elapsed)
+            self._on_result(outcome, elapsed, 1)
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
                                   copy.inputs, predictions, model_name=self.model_name, raw_inputs=copy.raw_inputs))
 

@@ -19,9 +19,12 @@ from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.engines.local.shadow_process import (
     ShadowProcess,
     ShadowStartError,
+    _Events,
     start_shadow_process,
 )
+from mlflow_deploy_plugin.serving.metrics import observe_many
 from mlflow_deploy_plugin.serving.service import build_service
+from mlflow_deploy_plugin.serving.shadow_channel import FrameReader
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 
 WAIT_S = 120.0  # a child loads MLflow and its model: seconds on a busy machine
@@ -140,3 +143,41 @@ def test_a_shadow_version_that_cannot_load_fails_the_build(
     with pytest.raises(ShadowStartError, match="iris_challenger v2"):
         build_service(_spec(), lambda model: paths[model.model_version], str(tmp_path / "capture"),
                       tmp_path / "capture.key", shadow_starter=start_shadow_process)
+
+
+def test_the_child_sends_one_event_per_batch_and_the_worker_counts_it_as_its_copies() -> None:
+    read, write = os.pipe()
+    events = _Events(write)
+    try:
+        for _ in range(3):  # a batch of three copies: one call, one time
+            events.add(("result", "ok", 0.02))
+        events.add(("result", "ok", 0.03))
+        events.add(("drop", "busy"), 2)
+        events.add(("drop", "busy"))
+        events.add(("capture_drop",), 5)
+        events.flush()
+        assert FrameReader(read).read() == ("events", [("result", "ok", 0.02, 3), ("result", "ok", 0.03, 1),
+                                                       ("drop", "busy", 3), ("capture_drop", 5)])
+    finally:
+        os.close(write)
+        os.close(read)
+
+
+def test_observing_many_at_once_is_observing_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    bulk_registry, single_registry = CollectorRegistry(), CollectorRegistry()
+    bulk = Histogram("h", "h", ["v"], buckets=(0.01, 0.1, 1.0), registry=bulk_registry).labels("2")
+    single = Histogram("h", "h", ["v"], buckets=(0.01, 0.1, 1.0), registry=single_registry).labels("2")
+    for amount, count in ((0.05, 7), (0.005, 1), (3.0, 2), (0.1, 4), (0.2, 0)):
+        observe_many(bulk, amount, count)
+        for _ in range(count):
+            single.observe(amount)
+    def samples(registry: CollectorRegistry) -> dict[str, float]:  # but the time each was created
+        return {name: float(value) for name, _, value in (
+            line.decode().rpartition(" ") for line in generate_latest(registry).splitlines())
+            if name and not name.startswith("#") and "_created" not in name}
+
+    bulk_samples, single_samples = samples(bulk_registry), samples(single_registry)
+    assert bulk_samples == pytest.approx(single_samples)  # the sum: 0.05 * 7 may round unlike 7 additions
+    assert bulk_samples['h_bucket{le="0.1",v="2"}'] == 12 and bulk_samples['h_count{v="2"}'] == 14
