@@ -251,6 +251,8 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=1.0, help="each client's pause between requests (ms)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per cell; the minimum is shown")
     parser.add_argument("--split", action="store_true", help="also time the shadow's steps (a separate run)")
+    parser.add_argument("--modes", nargs="+", choices=("off", "on"), default=["off", "on"],
+                        help="the cells to run (default both: off, then on)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--cell", nargs=3, metavar=("FOLDER", "MODE", "CONCURRENCY"), help=argparse.SUPPRESS)
     parser.add_argument("--cell-split", action="store_true", help=argparse.SUPPRESS)
@@ -265,14 +267,14 @@ def main() -> int:
         save_models(folder)
         results = []
         for concurrency in args.concurrency:
-            for mode in ("off", "on"):
+            for mode in args.modes:
                 runs = [_cell(folder, mode, concurrency, args, split=False) for _ in range(args.repeat)]
                 best = min(runs, key=lambda r: r["worker_us"])
                 if args.split and mode == "on":
                     best["split"] = _cell(folder, mode, concurrency, args, split=True)
                 results.append(best)
                 _print(best)
-    for concurrency in args.concurrency:
+    for concurrency in args.concurrency if len(args.modes) == 2 else ():
         off, on = (next(r for r in results if r["concurrency"] == concurrency and r["mode"] == mode)
                    for mode in ("off", "on"))
         print(f"c={concurrency:<3} mirroring costs the worker {on['worker_us'] - off['worker_us']:6.1f} us CPU per "

@@ -2,9 +2,9 @@
 
 The worker's request path only appends a copy to a bounded in-memory queue (never blocks, never
 raises; a full queue drops the copy and counts it as ``queue_full``, as the in-process mirror does)
-and wakes the sender thread only when the queue was empty. The sender then lets copies gather for
-:data:`GATHER_S` and writes all that wait (up to ``max_copies``) to the shadow process's pipe as one
-length-prefixed pickle. Per copy, the serving process so pays a deque append; per message (at most
+and wakes the sender thread only when it is idle. The sender writes all that wait (up to
+``max_copies``) to the shadow process's pipe as one length-prefixed pickle, then lets the next
+copies gather for :data:`GATHER_S` before it writes again. Per copy, the serving process so pays a deque append; per message (at most
 ~50 a second), one wake of the sender, one pickle and one write. That is what keeps mirroring off
 the serving loop: each wake of a thread of the worker is a thread that wants the GIL the event loop
 holds, and one message per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy
@@ -302,13 +302,9 @@ class CopyChannel:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._gather_s and not self._hurry.is_set() and not self._stopping:
-                # Let the copies of the next moments join this message: one wake and one write for
-                # many copies, which is what keeps this thread off the serving loop's GIL.
-                self._hurry.wait(self._gather_s)
+            self._wake.wait()  # the first copy in an empty queue, a hurry, or the close
             while True:
+                self._wake.clear()  # a copy put from now on finds the queue empty and sets it again
                 with self._lock:
                     batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_copies))]
                     if not batch:
@@ -322,6 +318,12 @@ class CopyChannel:
                         self._unfinished -= len(batch)
                         self._finished += len(batch)
                         self._progress.notify_all()
+                if self._gather_s and not self._hurry.is_set() and not self._stopping:
+                    # Let the copies of the next moments gather, then write them in one message:
+                    # under load this thread wakes once per GATHER_S, not once per copy, which is
+                    # what keeps it off the serving loop's GIL. (The first copy after a quiet
+                    # spell goes at once: a wake per copy only when copies are rare.)
+                    self._hurry.wait(self._gather_s)
             if stop:
                 return
 

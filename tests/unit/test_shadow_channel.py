@@ -84,7 +84,8 @@ def test_without_a_reader_the_queue_fills_and_drops_then_everything_taken_arrive
         messages += 1
         got += [copy.request_id for copy in unpack_copies(items)]
     assert got == [f"r{i}" for i in accepted] and messages <= 2  # in order, gathered: what it held, what waited
-    assert channel.sent == len(accepted)
+    # Counted once its write returned (the reader may have its bytes a moment before).
+    wait_for(lambda: channel.sent == len(accepted), WAIT_S, "the channel to count what it wrote")
     channel.close(timeout_s=2)
     assert channel.detach() == len(accepted) and channel.detach() == 0  # handed over once
     os.close(read)
@@ -138,19 +139,22 @@ def test_copies_travel_in_runs_in_their_order_and_a_bad_run_counts_its_copies() 
 
 
 def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() -> None:
-    # The sender would gather for a minute: the flush hurries it, and comes after the copies queued before it.
+    # After a message the sender lets copies gather for a minute: the flush hurries it, and comes
+    # after the copies queued before it.
     channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0)
     read, write = os.pipe()
     channel.attach(write)
+    reader = FrameReader(read)
     try:
-        assert all(channel.put(_copy(i)) for i in range(5))
+        assert channel.put(_copy(0))  # after a quiet spell: written at once
+        assert [copy.request_id for copy in unpack_copies(reader.read()[1])] == ["r0"]
+        assert all(channel.put(_copy(i)) for i in range(1, 6))
         assert channel.waiting() == 5
         assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
-        reader = FrameReader(read)
         kind, items = reader.read()
-        assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(5)]
+        assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(1, 6)]
         assert reader.read() == ("flush", 1, WAIT_S)
-        assert channel.waiting() == 0 and channel.sent == 5 and channel.messages == 1
+        assert channel.waiting() == 0 and channel.sent == 6 and channel.messages == 2
     finally:
         channel.close(timeout_s=2)
         channel.detach()
