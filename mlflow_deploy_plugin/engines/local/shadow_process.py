@@ -65,7 +65,9 @@ _logger = logging.getLogger(__name__)
 NICE = 10  # the child's CPU priority below the worker's
 HANG_GRACE_S = 10.0  # beyond timeout_s, how long a silent child may take before it is replaced
 HEARTBEAT_S = 1.0  # the child says it is alive at least this often
-EVENTS_EVERY_S = 0.05  # the child sends its events in batches this often
+# The child sends its events in batches this often: each message wakes a thread of the worker,
+# which then wants the GIL the serving loop holds; the metrics may lag this much.
+EVENTS_EVERY_S = 0.2
 # The child's mirror waits this long for more copies to join a batch: nobody waits for a shadow's
 # answer, and each pyfunc.predict costs ~1 ms whatever its rows, so fewer, larger calls keep its CPU
 # small (at 300 req/s ~15 copies a call instead of one).
