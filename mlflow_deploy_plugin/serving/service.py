@@ -72,7 +72,7 @@ class ShadowHooks:
     """Where a shadow mirror's events go: the worker's Prometheus metrics (cheap, thread-safe)."""
 
     on_drop: Callable[[str], None]  # a copy not predicted, by reason
-    on_result: Callable[[str, float], None]  # one copy's outcome and the seconds its call took
+    on_result: Callable[[str, float, int], None]  # an outcome, the seconds its call took, and of how many copies
     on_capture_drop: Callable[[int], None]  # shadow rows capture could not keep
 
 
@@ -119,6 +119,8 @@ def shadow_batching(spec: DeploymentSpec, flavors: dict[str, Any]) -> bool:
 
 def shadow_hooks(spec: DeploymentSpec, metrics: Any) -> ShadowHooks:
     """The hooks that count a shadow mirror's calls, drops and lost rows in ``metrics``."""
+    from mlflow_deploy_plugin.serving.metrics import observe_many
+
     version = spec.shadow.model_version if spec.shadow is not None else ""
     latency = metrics.shadow_latency.labels(spec.name, version)
     outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
@@ -127,9 +129,9 @@ def shadow_hooks(spec: DeploymentSpec, metrics: Any) -> ShadowHooks:
              for reason in ("queue_full", "busy", "closed", "crashed")}
     dropped = metrics.capture_dropped.labels(spec.name)
 
-    def on_result(outcome: str, seconds: float) -> None:
-        outcomes[outcome].inc()
-        latency.observe(seconds)
+    def on_result(outcome: str, seconds: float, copies: int) -> None:
+        outcomes[outcome].inc(copies)
+        observe_many(latency, seconds, copies)
 
     return ShadowHooks(lambda reason: drops[reason].inc(), on_result, lambda count: dropped.inc(count))
 

@@ -84,18 +84,61 @@ class _Copy:
     raw_inputs: Any = None  # the request's (columns, float64 array), when its parser's fast path built one
 
 
-class ShadowMirror:
+class MirrorFront:
+    """The request path's side of a mirror, shared by :class:`ShadowMirror` and the local engine's
+    shadow process: which copies are taken, and that taking one never blocks and never raises.
+
+    A subclass sets ``sample_rate``, ``_rng``, ``_closed`` and ``submitted`` and provides
+    :meth:`_enqueue` (hand the copy over without blocking; False when dropped, counted) and
+    :meth:`_drop` (count a copy not predicted, by reason).
+    """
+
+    sample_rate: float
+    submitted: int
+    _closed: bool
+    _rng: random.Random
+
+    def submit(self, answer: Any) -> bool:
+        """Queue a copy of an answered request (anything with request_id, timestamp and inputs).
+
+        Never blocks and never raises: returns whether the copy was queued (False when it had no
+        decoded input, was sampled out, or was dropped: counted).
+        """
+        try:
+            if self._closed:
+                self._drop(DROP_CLOSED)
+                return False
+            if answer.inputs is None:
+                return False
+            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
+                return False
+            if not self._enqueue(answer):
+                return False
+            self.submitted += 1
+            return True
+        except Exception:  # the primary answers whatever happens here
+            _logger.exception("Shadow mirror could not queue a request copy")
+            return False
+
+    def _enqueue(self, answer: Any) -> bool:
+        raise NotImplementedError
+
+    def _drop(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class ShadowMirror(MirrorFront):
     """Owns the queue of request copies and the thread that predicts them with the shadow version."""
 
     def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
                  on_drop: Callable[[str], None] | None = None,
-                 on_result: Callable[[str, float], None] | None = None,
+                 on_result: Callable[[str, float, int], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
                  model_name: str | None = None, batch_wait_s: float = 0.0) -> None:
         """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`
-        (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds)``
-        feed the metrics (cheap, thread-safe). With ``batching``, ``batch_wait_s`` is how long the
+        (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds, copies)``
+        feed the metrics (cheap, thread-safe; a batch's copies are counted in one call). With ``batching``, ``batch_wait_s`` is how long the
         dispatcher waits for more copies to join a batch (0: only the ones already waiting; the
         shadow process, which answers nobody, waits a little to make fewer calls)."""
         if not 0.0 < sample_rate <= 1.0:
@@ -125,32 +168,15 @@ class ShadowMirror:
 
     # ---- request path ------------------------------------------------------------------------
 
-    def submit(self, answer: Any) -> bool:
-        """Queue a copy of an answered request (anything with request_id, timestamp and inputs).
-
-        Never blocks and never raises: returns whether the copy was queued (False when it had no
-        decoded input, was sampled out, or was dropped).
-        """
+    def _enqueue(self, answer: Any) -> bool:
         try:
-            inputs = answer.inputs
-            if inputs is None or self._closed:
-                if self._closed:
-                    self._drop(DROP_CLOSED)
-                return False
-            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
-                return False
-            try:
-                self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), inputs,
-                                             getattr(answer, "params", None) or None,
-                                             getattr(answer, "raw_inputs", None)))
-            except queue.Full:
-                self._drop(DROP_QUEUE_FULL)
-                return False
-            self.submitted += 1
-            return True
-        except Exception:  # the primary answers whatever happens here
-            _logger.exception("Shadow mirror could not queue a request copy")
+            self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), answer.inputs,
+                                         getattr(answer, "params", None) or None,
+                                         getattr(answer, "raw_inputs", None)))
+        except queue.Full:
+            self._drop(DROP_QUEUE_FULL)
             return False
+        return True
 
     # ---- the dispatcher thread ---------------------------------------------------------------
 
@@ -233,10 +259,10 @@ class ShadowMirror:
         if outcome == OUTCOME_TIMEOUT:
             _logger.warning("Shadow v%s did not answer %d request copies within timeout_s=%gs; copies are "
                             "dropped until it returns.", self.version, len(batch), self.timeout_s)
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + len(batch)
+        if self._on_result is not None:
+            self._on_result(outcome, elapsed, len(batch))
         for copy, predictions in zip(batch, pieces, strict=True):
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-            if self._on_result is not None:
-                self._on_result(outcome, elapsed)
             self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
                                       copy.inputs, predictions, model_name=self.model_name,
                                       raw_inputs=copy.raw_inputs))
@@ -262,7 +288,7 @@ class ShadowMirror:
         elapsed = time.perf_counter() - started
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if self._on_result is not None:
-            self._on_result(outcome, elapsed)
+            self._on_result(outcome, elapsed, 1)
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
                                   copy.inputs, predictions, model_name=self.model_name, raw_inputs=copy.raw_inputs))
 

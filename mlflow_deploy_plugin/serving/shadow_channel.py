@@ -1,13 +1,20 @@
 """The channel that carries request copies from a serving worker to its shadow process.
 
 The worker's request path only appends a copy to a bounded in-memory queue (never blocks, never
-raises; a full queue drops the copy and counts it as ``queue_full``, as the in-process mirror does).
-One sender thread takes what waits, gathered (up to ``max_copies`` per message), and writes it to
-the shadow process's pipe as one length-prefixed pickle. A copy is sent in its cheapest form: the
-``(columns, float64 array)`` the parser's fast path built the frame on when there is one (pickling
-an array is a memory copy; a DataFrame's pickle costs ~10x more), else the decoded inputs.
-``os.write`` releases the GIL, so a shadow process that reads slowly only fills the pipe, then the
-queue, then drops: it never makes the worker wait.
+raises; a full queue drops the copy and counts it as ``queue_full``, as the in-process mirror does)
+and wakes the sender thread only when it is idle. The sender writes all that wait (up to
+``max_copies``) to the shadow process's pipe as one length-prefixed pickle, then lets the next
+copies gather for :data:`GATHER_S` before it writes again. Per copy, the serving process so pays a deque append; per message (at most
+~50 a second), one wake of the sender, one pickle and one write. That is what keeps mirroring off
+the serving loop: each wake of a thread of the worker is a thread that wants the GIL the event loop
+holds, and one message per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy
+machine) cost the primary more than anything else mirroring did.
+
+A copy is sent in its cheapest form: the ``(columns, float64 array)`` the parser's fast path built
+the frame on when there is one, consecutive ones with the same columns as one run with one array
+(:func:`pack_copies`: an array's pickle costs microseconds whatever its size; a DataFrame's ~10x
+more), else the decoded inputs. ``os.write`` releases the GIL, so a shadow process that reads slowly
+only fills the pipe, then the queue, then drops: it never makes the worker wait.
 
 The pipe may break (the shadow process died): the copies of the message that could not be written
 are reported to ``on_lost`` and the channel waits, detached, for :meth:`CopyChannel.attach` (the
@@ -20,19 +27,26 @@ import contextlib
 import logging
 import os
 import pickle
-import queue
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 _logger = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<I")
 MAX_FRAME_BYTES = 1 << 30  # a message larger than this is not one this protocol wrote
+# After a message the sender lets the next copies gather this long before it writes them all in
+# one: at most ~1/GATHER_S wakes of the sender a second whatever the request rate (nobody waits for
+# a shadow's answer, and the shadow process gathers its batches for 50 ms anyway). A wake with its
+# GIL handoff costs ~100 us of CPU on a busy machine: at 20 ms it was still most of what a copy cost.
+GATHER_S = 0.05
+_FLOAT64 = np.dtype(np.float64)
 
 
 def encode_frame(message: Any) -> bytes:
@@ -84,6 +98,72 @@ def copy_of(answer: Any) -> tuple[str, float, Any, dict[str, Any] | None]:
     return str(answer.request_id), float(answer.timestamp), payload, getattr(answer, "params", None) or None
 
 
+def _raw_parts(copy: tuple) -> tuple[tuple, np.ndarray] | None:
+    """A copy's ``(columns, float64 rows x columns array)`` when it travels in a run (no params)."""
+    payload = copy[2]
+    if payload[0] != "raw" or copy[3] is not None:
+        return None
+    columns, values = payload[1], payload[2]
+    if (type(columns) is not tuple or type(values) is not np.ndarray or values.dtype != _FLOAT64
+            or values.ndim != 2 or values.shape[1] != len(columns)):
+        return None
+    return columns, values
+
+
+def pack_copies(copies: list[tuple]) -> list[tuple]:
+    """The items of one ``copies`` message (see :func:`unpack_copies`).
+
+    Consecutive copies with the parser's raw rows, the same columns and no params travel as one
+    *run*: ``("run", columns, request_ids, timestamps, row_counts, values)``, their arrays stacked
+    in one: the columns are pickled once and one array per message, not one per copy (an array's
+    pickle costs microseconds whatever its size). Any other copy travels as ``("one", *copy)``.
+    """
+    items: list[tuple] = []
+    run: list[tuple[tuple, tuple, np.ndarray]] = []
+
+    def close_run() -> None:
+        if run:
+            columns = run[0][1]
+            arrays = [values for _, _, values in run]
+            items.append(("run", columns, [copy[0] for copy, _, _ in run], [copy[1] for copy, _, _ in run],
+                          [len(values) for values in arrays], arrays[0] if len(arrays) == 1 else np.concatenate(arrays)))
+            run.clear()
+
+    for copy in copies:
+        parts = _raw_parts(copy)
+        if parts is None:
+            close_run()
+            items.append(("one", *copy))
+        else:
+            if run and run[0][1] != parts[0]:
+                close_run()
+            run.append((copy, *parts))
+    close_run()
+    return items
+
+
+def unpack_copies(items: list[tuple]) -> list[Copy | int]:
+    """The copies of a ``copies`` message in their order; an int stands for that many copies that
+    could not be read (counted as dropped by the caller: they are not ours)."""
+    out: list[Copy | int] = []
+    for item in items:
+        try:
+            if item[0] == "one":
+                out.append(Copy(*item[1:]))
+                continue
+            _, columns, request_ids, timestamps, counts, values = item
+            if len(request_ids) != len(timestamps) or len(counts) != len(request_ids) or sum(counts) != len(values):
+                raise ValueError("a run of copies whose lengths disagree")
+            start = 0
+            for request_id, timestamp, count in zip(request_ids, timestamps, counts, strict=True):
+                out.append(Copy(request_id, timestamp, ("raw", columns, values[start:start + count]), None))
+                start += count
+        except Exception:
+            _logger.exception("Request copies for the shadow could not be read")
+            out.append(len(item[2]) if item[0] == "run" and isinstance(item[2], list) else 1)
+    return out
+
+
 class Copy:
     """A request copy as the shadow process rebuilds it (what :meth:`ShadowMirror.submit` reads)."""
 
@@ -108,34 +188,54 @@ class CopyChannel:
     """A bounded queue of request copies and the thread that writes them, gathered, to a pipe."""
 
     def __init__(self, max_queue: int, on_drop: Callable[[str], None],
-                 on_lost: Callable[[int], None] | None = None, max_copies: int = 256) -> None:
+                 on_lost: Callable[[int], None] | None = None, max_copies: int = 256,
+                 gather_s: float = GATHER_S) -> None:
         """``on_drop(reason)`` counts a copy the queue could not take; ``on_lost(n)`` the copies of a
-        message the pipe did not take (its reader died)."""
+        message the pipe did not take (its reader died). ``gather_s``: how long the sender lets
+        copies gather once one waits (see the module's docstring)."""
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue
+        self._pending: deque[tuple] = deque()
+        # Guards _pending and the counts: held for a few bytecodes, by the request path and the sender.
+        self._lock = threading.Lock()
+        self._unfinished = 0  # copies queued or being written (neither written nor counted yet)
+        self._finished = 0  # copies written, lost or dropped since the start, in queue order (_drained)
+        self._wake = threading.Event()  # set when the first copy arrives in an empty queue, and to stop
+        self._hurry = threading.Event()  # set to write what waits now (close, a control message)
+        self._progress = threading.Condition(self._lock)  # notified when copies are written or counted
+        self._stopping = False  # the sender writes what waits, then ends
         self._on_drop = on_drop
         self._on_lost = on_lost
         self._max_copies = max_copies
+        self._gather_s = max(0.0, gather_s)
         self._fd: int | None = None
         # Held while a message is written, so a detach never splits a message and `sent` is exact.
         self._write_lock = threading.Lock()
         self._attached = threading.Condition(threading.Lock())
         self._closing = False
         self.sent = 0  # copies written to the current pipe since it was attached
+        self.messages = 0  # messages of copies written (each one a wake of the sender)
         self._thread = threading.Thread(target=self._run, name="shadow-channel", daemon=True)
         self._thread.start()
 
     def put(self, copy: tuple) -> bool:
         """Queue one copy (see :func:`copy_of`); never blocks: False (and counted) when the queue is full."""
-        if self._closing:
-            self._on_drop("closed")
+        with self._lock:
+            if self._closing:
+                reason = "closed"
+            elif len(self._pending) >= self._max_queue:
+                reason = "queue_full"
+            else:
+                self._pending.append(copy)
+                self._unfinished += 1
+                first = len(self._pending) == 1
+                reason = ""
+        if reason:
+            self._on_drop(reason)
             return False
-        try:
-            self._queue.put_nowait(copy)
-        except queue.Full:
-            self._on_drop("queue_full")
-            return False
+        if first:  # only then: the sender is waiting, or will take this one with those it is taking
+            self._wake.set()
         return True
 
     def attach(self, fd: int) -> None:
@@ -156,13 +256,18 @@ class CopyChannel:
         return sent
 
     def send_control(self, message: Any, timeout_s: float = 5.0) -> bool:
-        """Write one control message (flush, close) to the current pipe, after any message being written.
+        """Write one control message (flush, close) to the current pipe, after the copies queued before it.
 
-        False if there is no pipe, or if the message being written has not gone within ``timeout_s``
-        (a child that stopped reading: the caller kills it, which ends that write).
+        False if there is no pipe, or if those copies have not gone within ``timeout_s`` (a child that
+        stopped reading: the caller kills it, which ends that write).
         """
+        deadline = time.monotonic() + max(0.0, timeout_s)
         data = encode_frame(message)
-        if not self._write_lock.acquire(timeout=max(0.0, timeout_s)):
+        if self._fd is None:
+            return False
+        if not self._drained(deadline):
+            return False
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
         try:
             if self._fd is None:
@@ -175,38 +280,57 @@ class CopyChannel:
             self._write_lock.release()
         return True
 
+    def _drained(self, deadline: float) -> bool:
+        """Have the sender write what is queued now (no gathering) and wait for it until ``deadline``."""
+        with self._lock:
+            target = self._unfinished
+            if not target:
+                return True
+            base = self._finished
+        self._hurry.set()
+        self._wake.set()
+        with self._progress:
+            while self._finished - base < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._progress.wait(left)
+        return True
+
     def waiting(self) -> int:
         """Copies queued or being written (neither written nor counted as lost or dropped yet)."""
-        return self._queue.unfinished_tasks
+        return self._unfinished
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                self._queue.task_done()
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self._max_copies:
+            self._wake.wait()  # the first copy in an empty queue, a hurry, or the close
+            while True:
+                self._wake.clear()  # a copy put from now on finds the queue empty and sets it again
+                with self._lock:
+                    batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_copies))]
+                    if not batch:
+                        self._hurry.clear()
+                        stop = self._stopping
+                        break
                 try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            try:
-                self._send(batch)
-            finally:
-                for _ in range(len(batch) + stop):
-                    self._queue.task_done()
+                    self._send(batch)
+                finally:
+                    with self._progress:
+                        self._unfinished -= len(batch)
+                        self._finished += len(batch)
+                        self._progress.notify_all()
+                if self._gather_s and not self._hurry.is_set() and not self._stopping:
+                    # Let the copies of the next moments gather, then write them in one message:
+                    # under load this thread wakes once per GATHER_S, not once per copy, which is
+                    # what keeps it off the serving loop's GIL. (The first copy after a quiet
+                    # spell goes at once: a wake per copy only when copies are rare.)
+                    self._hurry.wait(self._gather_s)
             if stop:
                 return
 
     def _send(self, batch: list[tuple]) -> None:
         try:
-            data = encode_frame(("copies", batch))
+            data = encode_frame(("copies", pack_copies(batch)))
         except Exception:  # an input that does not pickle: those copies cannot reach the shadow
             _logger.exception("Request copies for the shadow could not be encoded")
             self._lost(len(batch))
@@ -228,6 +352,7 @@ class CopyChannel:
                     self._lost(len(batch))
                     return
                 self.sent += len(batch)
+                self.messages += 1
                 return
 
     def _lost(self, count: int) -> None:
@@ -239,17 +364,19 @@ class CopyChannel:
         deadline = time.monotonic() + timeout_s
         if self._fd is None:  # no shadow process to write to (it is being replaced): do not wait for one
             self._closing = True
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=max(0.0, timeout_s))
+            with self._attached:
+                self._attached.notify_all()
+        self._stopping = True
+        self._hurry.set()
+        self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        self._closing = True
+        with self._lock:
+            self._closing = True  # from now on put() drops: nothing is left behind in the queue
+            left = list(self._pending)
+            self._pending.clear()
+            self._unfinished -= len(left)
+            self._finished += len(left)
         with self._attached:
             self._attached.notify_all()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._queue.task_done()
-            if item is not None:
-                self._on_drop("closed")
+        for _ in left:
+            self._on_drop("closed")

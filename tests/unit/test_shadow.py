@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_for
 from unit_helpers import TestClient, controlled, gate_closed, id_frame, iris_data, split_body
 
 from mlflow_deploy_plugin.capture import read_capture
@@ -26,16 +27,6 @@ from mlflow_deploy_plugin.serving.shadow import ShadowAnswer, ShadowMirror
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 
 WAIT_S = 10.0
-
-
-def _wait(predicate, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -65,7 +56,7 @@ def test_service_mirrors_every_captured_request_and_pairs_join(
                 assert response.headers["x-model-version"] == "1"  # never the shadow
             info = client.get("/deployment").json()
         assert info["shadow"]["model_version"] == "2"
-        _wait(service.shadow.idle, "the shadow to predict every copy")
+        wait_for(service.shadow.idle, WAIT_S, "the shadow to predict every copy")
     finally:
         service.capture.close(timeout_s=10)
     both = read_capture(str(tmp_path / "capture"), shadow=True)
@@ -125,8 +116,9 @@ def test_hung_shadow_leaves_primary_answers_alone_and_is_counted(
                 response = client.post("/invocations", json=split_body(rows))
                 assert response.status_code == 200 and response.json()["predictions"] == expected
                 assert response.headers["x-model-version"] == "1"
-            _wait(lambda: any(answer.status == 504 for answer in recorded), "the hung shadow call to time out")
-            _wait(mirror.idle, "the mirror to get through its queue")
+            wait_for(lambda: any(answer.status == 504 for answer in recorded), WAIT_S,
+                     "the hung shadow call to time out")
+            wait_for(mirror.idle, WAIT_S, "the mirror to get through its queue")
     finally:
         mirror.close(timeout_s=2)
     assert recorded[0].status == 504 and recorded[0].predictions is None
@@ -144,7 +136,7 @@ def test_raising_shadow_is_captured_as_an_error(controlled_slot: ModelSlot) -> N
     try:
         for i, ids in enumerate(([1, 2], [3, 4], [5])):
             assert mirror.submit(ShadowAnswer(f"r{i}", 1.7e9, "1", 200, 1.0, id_frame(ids), None))
-        _wait(lambda: len(recorded) == 3, "three shadow answers")
+        wait_for(lambda: len(recorded) == 3, WAIT_S, "three shadow answers")
     finally:
         mirror.close()
     assert [a.status for a in recorded] == [200, 500, 200]
@@ -203,14 +195,14 @@ def test_copies_waiting_together_are_predicted_in_one_call_and_a_bad_one_fails_a
             wait_started(model)  # the first copy's call holds the mirror: the next ones wait together
             for request_id, ids in (("a", [2, 3]), ("b", [4]), ("c", [5, 6])):
                 mirror.submit(ShadowAnswer(request_id, 1.7e9, "1", 200, 1.0, id_frame(ids), None))
-        _wait(lambda: len(recorded) == 4, "four shadow answers")
+        wait_for(lambda: len(recorded) == 4, WAIT_S, "four shadow answers")
         assert model.calls[-1] == [2, 3, 4, 5, 6]  # one call for the three copies that waited
         with gate_closed(model):
             mirror.submit(ShadowAnswer("hold", 1.7e9, "1", 200, 1.0, id_frame([7]), None))
             wait_started(model)
             mirror.submit(ShadowAnswer("good", 1.7e9, "1", 200, 1.0, id_frame([8]), None))
             mirror.submit(ShadowAnswer("bad", 1.7e9, "1", 200, 1.0, id_frame([13]), None))
-        _wait(lambda: len(recorded) == 7, "seven shadow answers")
+        wait_for(lambda: len(recorded) == 7, WAIT_S, "seven shadow answers")
     finally:
         mirror.close()
     by_id = {answer.request_id: answer for answer in recorded}
@@ -233,7 +225,7 @@ def test_the_shadow_predicts_with_the_requests_params_and_never_batches_them(con
             wait_started(model)  # the next copies wait together behind this call
             mirror.submit(Answer("tripled", 1.7e9, "1", 200, 1.0, id_frame([2, 3]), None, params={"factor": 3}))
             mirror.submit(Answer("plain", 1.7e9, "1", 200, 1.0, id_frame([4]), None))
-        _wait(lambda: len(recorded) == 3, "three shadow answers")
+        wait_for(lambda: len(recorded) == 3, WAIT_S, "three shadow answers")
     finally:
         mirror.close()
     by_id = {answer.request_id: answer for answer in recorded}

@@ -7,11 +7,12 @@ loses only the message being written (counted), and copies arrive in order, gath
 from __future__ import annotations
 
 import os
+import pickle
 import threading
-import time
 
 import numpy as np
 import pandas as pd
+from conftest import wait_for
 from unit_helpers import id_frame
 
 from mlflow_deploy_plugin.serving.app import Answer
@@ -23,18 +24,12 @@ from mlflow_deploy_plugin.serving.shadow_channel import (
     FrameReader,
     copy_of,
     encode_frame,
+    pack_copies,
+    unpack_copies,
     write_all,
 )
 
 WAIT_S = 10.0
-
-
-def _wait(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def _copy(i: int) -> tuple:
@@ -84,12 +79,13 @@ def test_without_a_reader_the_queue_fills_and_drops_then_everything_taken_arrive
     got: list[str] = []
     messages = 0
     while len(got) < len(accepted):
-        kind, copies = reader.read()
+        kind, items = reader.read()
         assert kind == "copies"
         messages += 1
-        got += [copy[0] for copy in copies]
+        got += [copy.request_id for copy in unpack_copies(items)]
     assert got == [f"r{i}" for i in accepted] and messages <= 2  # in order, gathered: what it held, what waited
-    assert channel.sent == len(accepted)
+    # Counted once its write returned (the reader may have its bytes a moment before).
+    wait_for(lambda: channel.sent == len(accepted), WAIT_S, "the channel to count what it wrote")
     channel.close(timeout_s=2)
     assert channel.detach() == len(accepted) and channel.detach() == 0  # handed over once
     os.close(read)
@@ -103,16 +99,66 @@ def test_a_dead_reader_loses_only_the_message_being_written_and_a_new_pipe_takes
     channel.attach(write)
     os.close(read)  # the shadow process died
     assert channel.put(_copy(1))
-    _wait(lambda: lost == [1], "the copy to be counted as lost")
+    wait_for(lambda: lost == [1], WAIT_S, "the copy to be counted as lost")
     assert channel.detach() == 0
     read, write = os.pipe()
     channel.attach(write)
     assert channel.put(_copy(2))
-    assert FrameReader(read).read()[1][0][0] == "r2"
+    assert [copy.request_id for copy in unpack_copies(FrameReader(read).read()[1])] == ["r2"]
     channel.close(timeout_s=2)
     assert drops == []
     channel.detach()
     os.close(read)
+
+
+def test_copies_travel_in_runs_in_their_order_and_a_bad_run_counts_its_copies() -> None:
+    def raw(request_id: str, columns: tuple, rows: list[list[float]], params: dict | None = None) -> tuple:
+        values = np.array(rows, dtype=np.float64)
+        return copy_of(Answer(request_id, 1.5, "1", 200, 1.0, pd.DataFrame(values, columns=list(columns)), None,
+                              params=params, raw_inputs=(columns, values)))
+
+    copies = [raw("a", ("x", "y"), [[1, 2]]), raw("b", ("x", "y"), [[3, 4], [5, 6]]),
+              raw("c", ("x", "z"), [[7, 8]]), raw("p", ("x", "z"), [[9, 10]], params={"k": 1}),
+              _copy(11), raw("d", ("x", "z"), [[12, 13]])]
+    items = pack_copies(copies)
+    # a and b share their columns: one run, one array; c starts another; p (params) and the frame
+    # travel alone, and d starts a run of its own after them (the order is kept).
+    assert [item[0] for item in items] == ["run", "run", "one", "one", "run"]
+    assert items[0][2] == ["a", "b"] and items[0][4] == [1, 2] and items[0][5].shape == (3, 2)
+    rebuilt = unpack_copies(pickle.loads(pickle.dumps(items)))
+    assert [copy.request_id for copy in rebuilt] == ["a", "b", "c", "p", "r11", "d"]
+    b = rebuilt[1]
+    pd.testing.assert_frame_equal(b.inputs, pd.DataFrame([[3.0, 4.0], [5.0, 6.0]], columns=["x", "y"]))
+    assert is_float64(b.inputs) and b.raw_inputs[0] == ("x", "y") and b.raw_inputs[1].tolist() == [[3, 4], [5, 6]]
+    assert rebuilt[3].params == {"k": 1} and rebuilt[0].params is None
+    pd.testing.assert_frame_equal(rebuilt[4].inputs, id_frame([11]))
+    # A run whose lengths disagree is not ours: its copies are counted, the others still read.
+    broken = ("run", ("x",), ["e", "f"], [1.0, 2.0], [1, 1], np.zeros((3, 1)))
+    read_back = unpack_copies([broken, *items[:1]])
+    assert read_back[0] == 2 and [copy.request_id for copy in read_back[1:]] == ["a", "b"]
+
+
+def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() -> None:
+    # After a message the sender lets copies gather for a minute: the flush hurries it, and comes
+    # after the copies queued before it.
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0)
+    read, write = os.pipe()
+    channel.attach(write)
+    reader = FrameReader(read)
+    try:
+        assert channel.put(_copy(0))  # after a quiet spell: written at once
+        assert [copy.request_id for copy in unpack_copies(reader.read()[1])] == ["r0"]
+        assert all(channel.put(_copy(i)) for i in range(1, 6))
+        assert channel.waiting() == 5
+        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        kind, items = reader.read()
+        assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(1, 6)]
+        assert reader.read() == ("flush", 1, WAIT_S)
+        assert channel.waiting() == 0 and channel.sent == 6 and channel.messages == 2
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()
+        os.close(read)
 
 
 def test_closing_without_a_pipe_drops_what_waits_as_closed() -> None:
@@ -135,7 +181,7 @@ def test_the_mirror_waits_batch_wait_s_for_copies_to_join_a_batch(controlled_slo
     try:
         mirror.submit(ShadowAnswer("a", 1.7e9, "1", 200, 1.0, id_frame([1]), None))
         mirror.submit(ShadowAnswer("b", 1.7e9, "1", 200, 1.0, id_frame([2]), None))
-        _wait(lambda: len(recorded) == 2, "two shadow answers")
+        wait_for(lambda: len(recorded) == 2, WAIT_S, "two shadow answers")
     finally:
         mirror.close()
     assert model.calls == [[1, 2]]

@@ -9,9 +9,11 @@ only hands it copies:
 
 - worker side, :class:`ShadowProcess`: the request path appends a copy to a bounded queue
   (:class:`~mlflow_deploy_plugin.serving.shadow_channel.CopyChannel`; full: dropped as
-  ``queue_full``, counted); a thread writes what waits to the child's pipe; another reads the
-  child's events (calls, drops, lost capture rows) into the worker's Prometheus metrics, so the metric
-  names and labels are the in-process mirror's;
+  ``queue_full``, counted); a thread writes what gathered there to the child's pipe, many copies a
+  message; another reads the child's events (calls, drops, lost capture rows: one event per batch
+  of copies, not per copy) into the worker's Prometheus metrics, so the metric names and labels are
+  the in-process mirror's. The worker never encodes, predicts or captures the shadow's answers: the
+  child does;
 - child side, :func:`main`: loads the shadow version once, smoke-tests it, and runs the same
   :class:`~mlflow_deploy_plugin.serving.shadow.ShadowMirror` as in process (timeouts captured as
   504 rows, raising calls as 500, copies dropped as ``busy`` behind a hung call, batches of copies that
@@ -26,10 +28,11 @@ The child leaves when its pipe from the worker ends (the worker exited, even by 
 closing its mirror and writer, so it never outlives its worker by more than that.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
-worker -> child ``("start", settings)``, ``("copies", [copy, ...])``, ``("flush", seq, timeout_s)``,
-``("close", timeout_s)``; child -> worker ``("ready", smoke_test)``, ``("error", text)``,
-``("events", [("result", outcome, seconds) | ("drop", reason) | ("capture_drop", n), ...])`` (also
-empty: the heartbeat), ``("flushed", seq)``.
+worker -> child ``("start", settings)``, ``("copies", items)`` (see
+:func:`~mlflow_deploy_plugin.serving.shadow_channel.pack_copies`), ``("flush", seq, timeout_s)``
+(after the copies queued before it), ``("close", timeout_s)``; child -> worker ``("ready",
+smoke_test)``, ``("error", text)``, ``("events", [("result", outcome, seconds, copies) | ("drop",
+reason, copies) | ("capture_drop", rows), ...])`` (also empty: the heartbeat), ``("flushed", seq)``.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin.serving.shadow import MirrorFront
 from mlflow_deploy_plugin.serving.shadow_channel import (
     CopyChannel,
     FrameReader,
     copy_of,
     encode_frame,
+    unpack_copies,
     write_all,
 )
 from mlflow_deploy_plugin.spec import DeploymentSpec
@@ -60,7 +65,9 @@ _logger = logging.getLogger(__name__)
 NICE = 10  # the child's CPU priority below the worker's
 HANG_GRACE_S = 10.0  # beyond timeout_s, how long a silent child may take before it is replaced
 HEARTBEAT_S = 1.0  # the child says it is alive at least this often
-EVENTS_EVERY_S = 0.05  # the child sends its events in batches this often
+# The child sends its events in batches this often: each message wakes a thread of the worker,
+# which then wants the GIL the serving loop holds; the metrics may lag this much.
+EVENTS_EVERY_S = 0.2
 # The child's mirror waits this long for more copies to join a batch: nobody waits for a shadow's
 # answer, and each pyfunc.predict costs ~1 ms whatever its rows, so fewer, larger calls keep its CPU
 # small (at 300 req/s ~15 copies a call instead of one).
@@ -74,11 +81,11 @@ class ShadowStartError(RuntimeError):
     """The shadow process could not load or smoke-test its version."""
 
 
-class ShadowProcess:
+class ShadowProcess(MirrorFront):
     """The worker's handle on its shadow process: the mirror the service feeds (submit, idle, flush, close)."""
 
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
-                 converter: str, on_drop: Callable[[str], None], on_result: Callable[[str, float], None],
+                 converter: str, on_drop: Callable[[str], None], on_result: Callable[[str, float, int], None],
                  on_capture_drop: Callable[[int], None], *, nice: int = NICE,
                  hang_grace_s: float = HANG_GRACE_S, rng: Any = None) -> None:
         """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it."""
@@ -119,23 +126,10 @@ class ShadowProcess:
 
     # ---- request path ------------------------------------------------------------------------
 
-    def submit(self, answer: Any) -> bool:
-        """Hand a copy of an answered request to the shadow process; never blocks, never raises."""
-        try:
-            if self._closed:
-                self._drop("closed")
-                return False
-            if answer.inputs is None:
-                return False
-            if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
-                return False
-            if not self.channel.put(copy_of(answer)):
-                return False
-            self.submitted += 1
-            return True
-        except Exception:  # the primary answers whatever happens here
-            _logger.exception("Shadow mirror could not queue a request copy")
-            return False
+    def _enqueue(self, answer: Any) -> bool:
+        """Hand a copy of an answered request to the channel (``submit``, shared with the in-process
+        mirror, decides which ones); never blocks."""
+        return self.channel.put(copy_of(answer))
 
     # ---- the child ---------------------------------------------------------------------------
 
@@ -202,14 +196,15 @@ class ShadowProcess:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "events":
-            for event in message[1]:
+            for event in message[1]:  # each with how many copies (or rows) it stands for, last
                 if event[0] == "result":
-                    self._settled += 1
-                    self.outcomes[event[1]] = self.outcomes.get(event[1], 0) + 1
-                    self._on_result(event[1], event[2])
+                    _, outcome, seconds, count = event
+                    self.outcomes[outcome] = self.outcomes.get(outcome, 0) + count
+                    self._on_result(outcome, seconds, count)
+                    self._settled += count
                 elif event[0] == "drop":
-                    self._settled += 1
-                    self._drop(event[1])
+                    self._drop(event[1], event[2])
+                    self._settled += event[2]
                 elif event[0] == "capture_drop":
                     self._on_capture_drop(event[1])
         elif kind == "flushed":
@@ -389,16 +384,23 @@ class _Events:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._lock = threading.Lock()
-        self._pending: list[tuple] = []
+        self._pending: list[list[Any]] = []  # [event, count]
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-events", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, event: tuple) -> None:
+    def add(self, event: tuple, count: int = 1) -> None:
+        """Queue ``event`` standing for ``count`` copies (rows); sent as ``(*event, count)``, merged with
+        the one before when it is the same (a batch's copies share outcome and time): the worker
+        updates its metrics once per event, not once per copy."""
         with self._lock:
-            self._pending.append(event)
+            last = self._pending[-1] if self._pending else None
+            if last is not None and last[0] == event:
+                last[1] += count
+            else:
+                self._pending.append([event, count])
 
     def send(self, message: tuple) -> None:
         data = encode_frame(message)
@@ -408,7 +410,7 @@ class _Events:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-            write_all(self.fd, encode_frame(("events", pending)))
+            write_all(self.fd, encode_frame(("events", [(*event, count) for event, count in pending])))
 
     def _run(self) -> None:
         last = 0.0
@@ -458,16 +460,11 @@ def main(argv: list[str] | None = None) -> int:
                 break  # the worker is gone (or closed its end): finish what we have and leave
             kind = message[0]
             if kind == "copies":
-                from mlflow_deploy_plugin.serving.shadow_channel import Copy
-
-                for copy in message[1]:
-                    try:
-                        rebuilt = Copy(*copy)
-                    except Exception:  # not one of ours: counted, and the others still go through
-                        _logger.exception("A request copy could not be read")
-                        events.add(("drop", "crashed"))
-                        continue
-                    mirror.submit(rebuilt)  # a copy it cannot take it counts as dropped itself
+                for copy in unpack_copies(message[1]):
+                    if isinstance(copy, int):  # not ours: counted, and the others still go through
+                        events.add(("drop", "crashed"), copy)
+                    else:
+                        mirror.submit(copy)  # a copy it cannot take it counts as dropped itself
             elif kind == "flush":
                 threading.Thread(target=_flush, args=(mirror, writer, events, message[1], message[2]),
                                  daemon=True).start()
@@ -533,14 +530,15 @@ def _load(settings: dict[str, Any], events: _Events) -> tuple[Any, Any, str]:
     writer = shadow_capture_writer(spec, capture_root(spec.name, config.capture_uri, capture_dir),
                                    os.path.join(capture_dir, ".spool"),
                                    capture_redaction(spec, Path(settings["capture_key"])), settings["converter"],
-                                   lambda count: events.add(("capture_drop", count)))
+                                   lambda count: events.add(("capture_drop",), count))
 
     def on_drop(reason: str) -> None:
         events.add(("drop", reason))
 
     mirror = ShadowMirror(slot.predict, model.model_version, writer.record, sample_rate=1.0,
                           max_queue=max(config.max_queue, 1), timeout_s=config.timeout_s,
-                          on_drop=on_drop, on_result=lambda outcome, seconds: events.add(("result", outcome, seconds)),
+                          on_drop=on_drop,
+                          on_result=lambda outcome, seconds, count: events.add(("result", outcome, seconds), count),
                           batching=shadow_batching(spec, slot.metadata.flavors), max_batch_rows=config.max_batch_rows,
                           model_name=model.model_name, batch_wait_s=BATCH_WAIT_S)
     return mirror, writer, smoke
