@@ -238,8 +238,20 @@ def _numeric_values_owned(series: pd.Series) -> tuple[np.ndarray, int, bool]:
     return values[finite], int(len(values) - finite.sum()), True
 
 
-def _sorted_values(series: pd.Series) -> tuple[np.ndarray, int]:
-    """The finite values of ``series`` sorted, and the count of missing ones."""
+def _sorted_values(series: pd.Series, in_place: bool = False) -> tuple[np.ndarray, int]:
+    """The finite values of ``series`` sorted, and the count of missing ones.
+
+    ``in_place``: the Series is the caller's own copy (a column read from disk for this call), whose
+    values may be reordered: a float64 one is sorted in its own memory and its finite values are
+    returned as a view (NaN sort last, -inf first, +inf before NaN): no copy of a 10M-row column.
+    """
+    if in_place and isinstance(series.dtype, np.dtype) and series.dtype == np.float64:
+        values = series.to_numpy()
+        if values.flags.writeable:
+            values.sort()
+            low = int(np.searchsorted(values, -np.inf, side="right"))
+            high = int(np.searchsorted(values, np.inf, side="left"))
+            return values[low:high], len(values) - (high - low)
     values, missing, owned = _numeric_values_owned(series)
     if owned:
         values.sort()  # same result as np.sort, without a second copy
@@ -251,6 +263,22 @@ def _distinct_sorted(sorted_values: np.ndarray) -> int:
     if len(sorted_values) == 0:
         return 0
     return int(np.count_nonzero(sorted_values[1:] != sorted_values[:-1])) + 1
+
+
+def _levels_sorted(sorted_values: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted array, in order."""
+    if len(sorted_values) == 0:
+        return sorted_values[:0]
+    starts = np.empty(len(sorted_values), dtype=bool)
+    starts[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=starts[1:])
+    return sorted_values[starts]
+
+
+def _run_lengths(sorted_values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """How many values of a sorted array equal each of ``levels`` (sorted), as float64."""
+    return (np.searchsorted(sorted_values, levels, side="right")
+            - np.searchsorted(sorted_values, levels, side="left")).astype(np.float64)
 
 
 def column_kind(reference: pd.Series) -> ColumnKind | None:
@@ -531,11 +559,13 @@ def _value_figures(kind: ColumnKind, judgement: Judgement, ref_sorted: np.ndarra
 
 def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: int,
                   requested: ColumnMethod | None, num_method: ColumnMethod, cat_method: ColumnMethod,
-                  alpha: float, floors: Floors, kinds: dict[str, ColumnKind | None] | None = None) -> ColumnDrift:
+                  alpha: float, floors: Floors, kinds: dict[str, ColumnKind | None] | None = None,
+                  own: tuple[bool, bool] = (False, False)) -> ColumnDrift:
     """The verdict of one column: the one place where values, effect size and missing values are
     weighed (see :mod:`.drift_methods` for the rule). ``cur`` is None when the current data lacks
     the column (``rows_cur`` rows, none of them with a value). ``kinds`` receives
-    ``column_kind(ref)`` under ``name`` (found on the way, without sorting again)."""
+    ``column_kind(ref)`` under ``name`` (found on the way, without sorting again). ``own``: whether
+    ``ref``/``cur`` are the caller's own copies, whose numbers may be sorted in place."""
     categorical_dtype = _is_categorical_dtype(ref.dtype)
     numeric_dtype = not categorical_dtype and not pd.api.types.is_complex_dtype(ref.dtype) and (
         pd.api.types.is_numeric_dtype(ref.dtype) or pd.api.types.is_datetime64_any_dtype(ref.dtype)
@@ -557,7 +587,8 @@ def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: in
         # Sorting is the main cost and serves every numeric method and the kind rule at once; the
         # two sides sort on two threads when large.
         (ref_sorted, n_ref_missing), (cur_sorted, n_cur_missing) = _parallel(
-            partial(_sorted_values, ref), partial(_sorted_values, cur), big=len(ref) + len(cur) >= PARALLEL_MIN_ROWS)
+            partial(_sorted_values, ref, own[0]), partial(_sorted_values, cur, own[1] or absent),
+            big=len(ref) + len(cur) >= PARALLEL_MIN_ROWS)
         column_kind_hint = _numeric_kind(ref_sorted)
     # The kind column_kind(ref) gives (datetimes are numeric whatever their values), for data quality.
     quality_kind: ColumnKind = "numeric" if (
@@ -572,10 +603,10 @@ def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: in
     if numeric_dtype:
         assert ref_sorted is not None and cur_sorted is not None
         if kind == "categorical":
-            n_ref = len(ref_sorted)
-            levels, inverse = np.unique(np.concatenate([ref_sorted, cur_sorted]), return_inverse=True)
-            ref_counts = np.bincount(inverse[:n_ref], minlength=len(levels)).astype(np.float64)
-            cur_counts = np.bincount(inverse[n_ref:], minlength=len(levels)).astype(np.float64)
+            # Counts from the sorted arrays (each level is a run): no concatenation, no inverse
+            # index (np.unique of both sides would hold ~5 arrays of their length at once).
+            levels = np.union1d(_levels_sorted(ref_sorted), _levels_sorted(cur_sorted))
+            ref_counts, cur_counts = (_run_lengths(side, levels) for side in (ref_sorted, cur_sorted))
             keys = pd.Index(levels)
     else:
         ref_counts, cur_counts, keys, n_ref_missing, n_cur_missing = _category_counts(ref, cur)
@@ -689,7 +720,9 @@ def compute_drift(
             large column on two threads.
         on_column: Called with ``(name, reference values, current values or None, column_kind of
             the reference)`` after each column is judged, while its values are in memory (the
-            streamed job computes data quality there instead of reading every column again).
+            streamed job computes data quality there instead of reading every column again). The
+            numbers of a side read from disk come sorted (they were sorted in place): nothing
+            computed there may depend on row order.
 
     ``reference`` and ``current`` are DataFrames or anything with ``columns``, ``len()`` and
     ``[name] -> Series`` (a :class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`).
@@ -720,12 +753,15 @@ def compute_drift(
     if unknown:
         raise ValueError(f"drift methods given for unknown columns {unknown}; columns: {names}.")
 
+    # A column read from disk is this call's own copy: its numbers are sorted in their own memory.
+    own = (isinstance(reference, ParquetColumns), isinstance(current, ParquetColumns))
+
     def run(name: str) -> ColumnDrift:
         ref = reference[name]
         cur = current[name] if name in current.columns else None
         kinds: dict[str, ColumnKind | None] = {}
         verdict = _judge_column(name, ref, cur, len(current), per_column.get(name), num_default, cat_default,
-                                alpha, resolved_floors, kinds)
+                                alpha, resolved_floors, kinds, own)
         if on_column is not None:
             on_column(name, ref, cur, kinds[name])
         return verdict
