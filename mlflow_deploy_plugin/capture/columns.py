@@ -25,8 +25,9 @@ Memory: a column of a table restricted to some rows is read in record batches, e
 rows as it arrives (the column of all the files' rows and its selection are never both held), and
 what Arrow's allocator freed is handed back to the system after each read
 (:func:`release_unused_memory`): its allocator keeps freed pages for its next allocation, which
-numpy, where the column goes, never makes. With :meth:`integers_as_float`, integer columns come
-as float64 (what the statistics convert them to anyway), so the caller holds one array per column.
+numpy, where the column goes, never makes. With :meth:`numbers_as_float64`, integer and float64
+columns come as float64 (what the statistics convert them to anyway), each batch converted into
+one preallocated array as it arrives: the caller holds one array per column, the read no more.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ Transform = Callable[[pd.Series], pd.Series]
 
 def _is_text(type_: pa.DataType) -> bool:
     return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    """Integers and float64: read as float64 for the statistics (float32 stays float32, as pandas reads it)."""
+    return pa.types.is_integer(type_) or pa.types.is_float64(type_)
 
 
 @functools.cache
@@ -107,7 +113,7 @@ class ParquetColumns:
         self._transforms = dict(transforms or {})
         self._sample: tuple[int, int, np.ndarray | None] | None = None  # (size, seed, positions)
         self._sampled: dict[str, pd.Series] = {}
-        self._integers_as_float = False
+        self._numbers_as_float64 = False
 
     # ---- what the drift job uses of a DataFrame
 
@@ -130,10 +136,12 @@ class ParquetColumns:
 
     def column(self, name: str) -> pd.Series:
         """Read one column of the table's rows (text as a categorical), with its transform applied
-        (integers as float64 after :meth:`integers_as_float`). The Series is the caller's own: no
+        (numbers as float64 after :meth:`numbers_as_float64`). The Series is the caller's own: no
         other object holds its values."""
         if name not in self._names:
             raise KeyError(name)
+        if self._numbers_as_float64 and name not in self._transforms and _is_number(self._dataset.schema.field(name).type):
+            return self._read_float64(name)
         table = self._read(name)
         data = table.column(0)
         if _is_text(data.type):
@@ -155,16 +163,48 @@ class ParquetColumns:
             if isinstance(kept.dtype, pd.CategoricalDtype) and transform is None:
                 # Plotted as the text it was: an object column, None where missing, as read whole.
                 kept = kept.astype(object).where(kept.notna(), None)
-            self._sampled[name] = kept  # as read (integers as integers), before any conversion
-        if self._integers_as_float and pd.api.types.is_integer_dtype(series.dtype):
-            series = series.astype(np.float64)  # the integer array is freed on return: one array held
+            self._sampled[name] = kept
         return series
 
-    def integers_as_float(self) -> None:
-        """From now on, read integer columns as float64 (the kept sample stays as read). For the
-        drift statistics, which convert every number to float64 (the same conversion): the caller
-        then holds one array per column instead of the integers and their float copy."""
-        self._integers_as_float = True
+    def numbers_as_float64(self) -> None:
+        """From now on, read integer and float64 columns as float64, each batch converted into one
+        array as it arrives (the kept sample stays as read: integers as integers). For the drift
+        statistics, which convert every number to float64 (the same conversion): the caller holds
+        one array per column, and the read never holds the column twice (Arrow's and numpy's)."""
+        self._numbers_as_float64 = True
+
+    def _read_float64(self, name: str) -> pd.Series:
+        """:meth:`column` of a number column, as float64 (missing values NaN), filled batch by batch."""
+        values = np.empty(self._rows, dtype=np.float64)
+        positions = self._sample[2] if self._sample is not None else None
+        kept: list[pa.Array] = []
+        filled = nulls = 0
+        for array in self._arrays(self._dataset, name):
+            stop = filled + len(array)
+            if stop > self._rows:
+                raise RuntimeError(f"the files changed while being read: more than {self._rows} rows")
+            if self._sample is not None:  # the sample as read, before the conversion
+                if positions is None:
+                    kept.append(array)
+                else:
+                    lo, hi = np.searchsorted(positions, [filled, stop])
+                    kept.append(array.take(pa.array(positions[lo:hi] - filled)))
+            nulls += array.null_count
+            if not pa.types.is_float64(array.type):
+                array = array.cast(pa.float64(), safe=False)  # as numpy's astype: nearest float
+            values[filled:stop] = array.to_numpy(zero_copy_only=False)  # nulls come as NaN
+            filled = stop
+        if filled != self._rows:
+            raise RuntimeError(f"the files changed while being read: {filled} rows, expected {self._rows}")
+        release_unused_memory()
+        if self._sample is not None:
+            field = self._dataset.schema.field(name)
+            sample = pa.chunked_array(kept, type=field.type).to_pandas()
+            if nulls and pd.api.types.is_integer_dtype(sample.dtype):
+                sample = sample.astype(np.float64)  # as the whole column reads: with NaN, as floats
+            sample.name = name
+            self._sampled[name] = sample
+        return pd.Series(values, name=name, copy=False)
 
     def _read(self, name: str) -> pa.Table:
         """Column ``name`` of the table's rows. With a row mask, the scan's record batches are cut
@@ -185,19 +225,24 @@ class ParquetColumns:
             return self._read_masked(self._dataset, name)
 
     def _read_masked(self, dataset: ds.Dataset, name: str) -> pa.Table:
-        assert self._mask is not None
+        arrays = list(self._arrays(dataset, name))
+        if not arrays:
+            return dataset.schema.empty_table().select([name])
+        return pa.Table.from_arrays([pa.chunked_array(arrays)], names=[name])
+
+    def _arrays(self, dataset: ds.Dataset, name: str) -> Iterator[pa.Array]:
+        """Column ``name`` batch by batch (scan order), each cut to the table's rows."""
         mask = self._mask
-        batches, offset = [], 0
+        offset = 0
         for batch in dataset.to_batches(columns=[name]):
             stop = offset + batch.num_rows
-            if stop <= len(mask):
-                batches.append(batch.filter(pa.array(mask[offset:stop])))
+            if mask is None:
+                yield batch.column(0)
+            elif stop <= len(mask):
+                yield batch.column(0).filter(pa.array(mask[offset:stop]))
             offset = stop
-        if offset != len(mask):
+        if mask is not None and offset != len(mask):
             raise RuntimeError(f"the files changed while being read: {offset} rows, expected {len(mask)}")
-        if not batches:
-            return dataset.schema.empty_table().select([name])
-        return pa.Table.from_batches(batches)
 
     def _column_dataset(self, name: str) -> ds.Dataset:
         """The dataset to scan for column ``name``: text straight from Parquet's dictionary pages
@@ -243,7 +288,7 @@ class ParquetColumns:
         table._rows = int(mask.sum()) if mask is not None else self._rows
         table._transforms = dict(self._transforms)
         table._sample, table._sampled = None, {}
-        table._integers_as_float = self._integers_as_float
+        table._numbers_as_float64 = self._numbers_as_float64
         return table
 
     # ---- the sample for the Evidently page

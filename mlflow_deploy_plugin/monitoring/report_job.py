@@ -475,7 +475,7 @@ def run_drift_report(
                 for side, seed in ((current, settings.seed + 1), (reference, settings.seed)):
                     if isinstance(side, ParquetColumns):  # the Evidently sample is kept as columns stream by
                         side.keep_sample(settings.evidently_sample_rows, seed)
-                        side.integers_as_float()  # the statistics' own conversion: one array per side
+                        side.numbers_as_float64()  # the statistics' own conversion: one array per side
                 release_unused_memory()  # what selecting the rows freed, before the largest step
                 result, prediction, prediction_summary, data_quality = judge_window(
                     reference, current, settings, reference_predictions, reference_predictions_skipped)

@@ -92,18 +92,20 @@ def _judged(reference: object, captured: object, predictions: pd.Series, setting
     return counts, drift.to_dict(), prediction.to_dict(), prediction_summary, quality.to_dict()
 
 
-@pytest.mark.parametrize("integers_as_float", [False, True])
-def test_streamed_figures_equal_in_memory_figures(files: tuple[Path, Path, pd.Series], integers_as_float: bool) -> None:
+@pytest.mark.parametrize("numbers_as_float64", [False, True])
+def test_streamed_figures_equal_in_memory_figures(files: tuple[Path, Path, pd.Series], numbers_as_float64: bool) -> None:
     capture, reference_path, predictions = files
     settings = DriftSettings(methods={"income": "wasserstein:0.1", "visits": "ks+psi:0.2"})
     in_memory = _judged(read_table(reference_path), read_capture(str(capture), T0, T1), predictions, settings)
     lazy_capture = open_capture(str(capture), T0, T1)
     lazy_reference = open_table(reference_path)
     assert isinstance(lazy_capture, ParquetColumns) and isinstance(lazy_reference, ParquetColumns)
-    if integers_as_float:  # as the job reads them: "visits" and "plan" come as float64
-        lazy_capture.integers_as_float()
-        lazy_reference.integers_as_float()
-        assert lazy_reference["plan"].dtype == np.float64 and lazy_capture["visits"].dtype == np.float64
+    if numbers_as_float64:  # as the job reads them: "visits" and "plan" come as float64
+        lazy_capture.numbers_as_float64()
+        lazy_reference.numbers_as_float64()
+        plan, visits = lazy_reference["plan"], lazy_capture["visits"]
+        assert plan.dtype == np.float64 and visits.dtype == np.float64
+        assert np.array_equal(plan.to_numpy(), read_table(reference_path)["plan"].to_numpy(float))
     streamed = _judged(lazy_reference, lazy_capture, predictions, settings)
 
     counts, drift, prediction, _, quality = in_memory
@@ -119,12 +121,16 @@ def test_streamed_figures_equal_in_memory_figures(files: tuple[Path, Path, pd.Se
     assert streamed == in_memory  # equal, not close: every figure, verdict, reason and count
 
 
-def test_the_sample_is_the_in_memory_draw_kept_while_columns_stream(files: tuple[Path, Path, pd.Series]) -> None:
+@pytest.mark.parametrize("numbers_as_float64", [False, True])
+def test_the_sample_is_the_in_memory_draw_kept_while_columns_stream(files: tuple[Path, Path, pd.Series],
+                                                                    numbers_as_float64: bool) -> None:
     _, reference_path, _ = files
     frame = read_table(reference_path)
     table = open_table(reference_path)
     assert isinstance(table, ParquetColumns)
     table.keep_sample(1000, 3)
+    if numbers_as_float64:  # the columns come as float64 arrays, the sample as read
+        table.numbers_as_float64()
     for name in ["age", "city"]:
         table[name]  # the drift statistics read them
     expected, sampled = _sample(frame, ["age", "city", "plan"], 1000, 3)
@@ -140,7 +146,7 @@ def test_the_sample_keeps_integers_read_as_float_and_is_not_reordered_by_the_sta
     table = open_table(reference_path)
     assert isinstance(table, ParquetColumns)
     table.keep_sample(len(frame), 3)  # every row: the sample is the whole column, as read
-    table.integers_as_float()
+    table.numbers_as_float64()
     drift_stats.compute_drift(table, table, columns=["age", "plan"])  # sorts its own reads in place
     got, sampled = table.sample(["age", "plan"], len(frame), 3)
     assert not sampled
