@@ -219,6 +219,7 @@ def test_sliced_and_threaded_steps_equal_the_one_slice_ones(monkeypatch: pytest.
     b = np.sort(np.round(rng.normal(0.05, 1, m), 2))
     whole_ks, whole_w = drift_stats._ks(a, b), drift_stats.wasserstein_sorted(a, b)
     monkeypatch.setattr(drift_stats, "CHUNK", 4_096)
+    monkeypatch.setattr(drift_stats, "KS_CHUNK", 1_024)
     monkeypatch.setattr(drift_stats, "PARALLEL_MIN_ROWS", 0)
     assert drift_stats._ks(a, b) == whole_ks  # a max: exact whatever the slicing
     assert drift_stats.wasserstein_sorted(a, b) == pytest.approx(whole_w, rel=1e-12)
