@@ -529,11 +529,18 @@ def _category_counts(ref: pd.Series, cur: pd.Series) -> tuple[np.ndarray, np.nda
 def _value_counts(series: pd.Series) -> pd.Series:
     """Counts of the non-missing values, keyed by the values themselves: a categorical column (how
     the streamed path reads text) gives the same keys and counts as the same values as objects."""
-    counts = series.value_counts(dropna=True, sort=False)
-    if isinstance(counts.index, pd.CategoricalIndex):
-        counts = counts[counts.to_numpy() > 0]  # categories the rows do not use are not values
-        counts.index = counts.index.astype(object)
-    return counts
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        # Codes counted in slices: value_counts' bincount widens all of them to int64 at once (8
+        # bytes a row: 80 MB for a 10M-row column).
+        codes = series.cat.codes.to_numpy()
+        categories = series.cat.categories
+        tally = np.zeros(len(categories), dtype=np.int64)
+        for start in range(0, len(codes), CHUNK):
+            part = codes[start:start + CHUNK]
+            tally += np.bincount(part[part >= 0], minlength=len(categories))  # -1: missing
+        used = tally > 0  # categories the rows do not use are not values
+        return pd.Series(tally[used], index=categories[used].astype(object), name="count")
+    return series.value_counts(dropna=True, sort=False)
 
 
 def _canonical_order(keys: pd.Index) -> pd.Index:
