@@ -10,7 +10,7 @@ Two modes (``--mode``; ``auto``: ``disk`` from 1M rows on, ``memory`` below):
   ``-C reference_data``. Then the real job, ``run_deployment_drift`` (it opens the capture and the
   reference and reads them one column at a time), runs in a fresh subprocess: wall time of the job
   (Evidently's import included, as the job pays it), wall time of the whole subprocess (Python start,
-  imports, store setup) and its peak RSS (``ru_maxrss``). The model version has no loadable model, so
+  imports, store setup) and its peak RSS (``VmHWM``). The model version has no loadable model, so
   prediction drift is skipped (said in the output); the 25 input columns are what is judged.
   The verdicts are checked by an independent computation, in another subprocess, one column at a
   time: each column read with pyarrow (rows selected by a pyarrow filter, not by our code), then
@@ -32,7 +32,7 @@ drift verdicts; ``benchmarks/drift_quality.py`` measures verdict quality.
 (b) theirs: ``Report([DataDriftPreset()], include_tests=True)`` on all rows + ``save_html`` (Evidently's
     default methods). Skipped above 200k rows unless ``--with-evidently-full`` (it takes minutes).
 
-Each measurement runs in a fresh subprocess so peak RSS (``ru_maxrss``) belongs to it alone; the
+Each measurement runs in a fresh subprocess so peak RSS (``VmHWM``) belongs to it alone; the
 data is generated there too and Evidently is imported before the clock starts (its ~5 s import is
 reported apart). Finally our per-column verdicts are checked against an independent computation on
 all rows: ``scipy.stats.ks_2samp`` and ``scipy.stats.chi2_contingency`` (on ``pd.crosstab``).
@@ -113,6 +113,16 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """This process's own peak RSS: VmHWM, the high-water mark of its memory since its exec.
+    Not ``ru_maxrss``: Linux carries it across exec, so a child spawned by the parent that has just
+    written the files (~600 MB) would report at least the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -20,10 +20,21 @@ computed from a ParquetColumns may depend on row order.
 
 A random sample of rows (for the Evidently page) is kept on the way: with :meth:`keep_sample`, each
 column read leaves its sampled rows behind, so the sample costs no extra read.
+
+Memory: a column of a table restricted to some rows is read in record batches, each cut to its
+rows as it arrives (the column of all the files' rows and its selection are never both held), and
+what Arrow's allocator freed is handed back to the system after each read
+(:func:`release_unused_memory`): its allocator keeps freed pages for its next allocation, which
+numpy, where the column goes, never makes. With :meth:`numbers_as_float64`, integer and float64
+columns come as float64 (what the statistics convert them to anyway), each batch converted into
+one preallocated array as it arrives: the caller holds one array per column, the read no more.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +48,37 @@ Transform = Callable[[pd.Series], pd.Series]
 
 def _is_text(type_: pa.DataType) -> bool:
     return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    """Integers and float64: read as float64 for the statistics (float32 stays float32, as pandas reads it)."""
+    return pa.types.is_integer(type_) or pa.types.is_float64(type_)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS: nothing to call)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_unused_memory() -> None:
+    """Hand back to the system the memory the process freed but its allocators keep: Arrow's pool
+    (mimalloc/jemalloc keep freed pages for Arrow's next allocation) and glibc's heaps (arrays below
+    its mmap threshold, up to 32 MB, are freed into heaps that are not given back on their own).
+
+    Called between the large steps of a job that reads big columns one after the other: without it
+    the process keeps the largest size each allocator ever held, on top of what it holds now. It
+    costs page faults when the memory is needed again (~30 ms per 100 MB), never a copy.
+    """
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def sample_positions(rows: int, size: int, seed: int) -> np.ndarray | None:
@@ -71,6 +113,7 @@ class ParquetColumns:
         self._transforms = dict(transforms or {})
         self._sample: tuple[int, int, np.ndarray | None] | None = None  # (size, seed, positions)
         self._sampled: dict[str, pd.Series] = {}
+        self._numbers_as_float64 = False
 
     # ---- what the drift job uses of a DataFrame
 
@@ -92,15 +135,14 @@ class ParquetColumns:
         return self.select(list(key))
 
     def column(self, name: str) -> pd.Series:
-        """Read one column of the table's rows (text as a categorical), with its transform applied."""
+        """Read one column of the table's rows (text as a categorical), with its transform applied
+        (numbers as float64 after :meth:`numbers_as_float64`). The Series is the caller's own: no
+        other object holds its values."""
         if name not in self._names:
             raise KeyError(name)
+        if self._numbers_as_float64 and name not in self._transforms and _is_number(self._dataset.schema.field(name).type):
+            return self._read_float64(name)
         table = self._read(name)
-        if self._mask is not None and len(self._mask) != table.num_rows:
-            raise RuntimeError(f"the files changed while being read: {table.num_rows} rows, expected "
-                               f"{len(self._mask)}")
-        if self._mask is not None:
-            table = table.filter(pa.array(self._mask))
         data = table.column(0)
         if _is_text(data.type):
             table = table.set_column(0, table.field(0).with_type(pa.dictionary(pa.int32(), data.type)),
@@ -110,20 +152,100 @@ class ParquetColumns:
         series = table.to_pandas(split_blocks=True, self_destruct=True).iloc[:, 0]
         series.name = name  # not rename(): it copies the values
         del table
+        release_unused_memory()  # the Arrow buffers just freed: numpy holds the column now
         transform = self._transforms.get(name)
         if transform is not None:
             series = transform(series)
         if self._sample is not None:
             positions = self._sample[2]
-            kept = series if positions is None else series.iloc[positions].reset_index(drop=True)
+            # A copy either way: the caller may reorder the column's values in place (drift_stats).
+            kept = series.copy() if positions is None else series.iloc[positions].reset_index(drop=True)
             if isinstance(kept.dtype, pd.CategoricalDtype) and transform is None:
                 # Plotted as the text it was: an object column, None where missing, as read whole.
                 kept = kept.astype(object).where(kept.notna(), None)
             self._sampled[name] = kept
         return series
 
+    def numbers_as_float64(self) -> None:
+        """From now on, read integer and float64 columns as float64, each batch converted into one
+        array as it arrives (the kept sample stays as read: integers as integers). For the drift
+        statistics, which convert every number to float64 (the same conversion): the caller holds
+        one array per column, and the read never holds the column twice (Arrow's and numpy's)."""
+        self._numbers_as_float64 = True
+
+    def _read_float64(self, name: str) -> pd.Series:
+        """:meth:`column` of a number column, as float64 (missing values NaN), filled batch by batch."""
+        values = np.empty(self._rows, dtype=np.float64)
+        positions = self._sample[2] if self._sample is not None else None
+        kept: list[pa.Array] = []
+        filled = nulls = 0
+        for array in self._arrays(self._dataset, name):
+            stop = filled + len(array)
+            if stop > self._rows:
+                raise RuntimeError(f"the files changed while being read: more than {self._rows} rows")
+            if self._sample is not None:  # the sample as read, before the conversion
+                if positions is None:
+                    kept.append(array)
+                else:
+                    lo, hi = np.searchsorted(positions, [filled, stop])
+                    kept.append(array.take(pa.array(positions[lo:hi] - filled)))
+            nulls += array.null_count
+            if not pa.types.is_float64(array.type):
+                array = array.cast(pa.float64(), safe=False)  # as numpy's astype: nearest float
+            values[filled:stop] = array.to_numpy(zero_copy_only=False)  # nulls come as NaN
+            filled = stop
+        if filled != self._rows:
+            raise RuntimeError(f"the files changed while being read: {filled} rows, expected {self._rows}")
+        release_unused_memory()
+        if self._sample is not None:
+            field = self._dataset.schema.field(name)
+            sample = pa.chunked_array(kept, type=field.type).to_pandas()
+            if nulls and pd.api.types.is_integer_dtype(sample.dtype):
+                sample = sample.astype(np.float64)  # as the whole column reads: with NaN, as floats
+            sample.name = name
+            self._sampled[name] = sample
+        return pd.Series(values, name=name, copy=False)
+
     def _read(self, name: str) -> pa.Table:
-        """Column ``name`` of all the dataset's rows; text straight from Parquet's dictionary pages
+        """Column ``name`` of the table's rows. With a row mask, the scan's record batches are cut
+        to their rows as they arrive (scan order is fixed: file by file, batch by batch), so the
+        column of every row of the files is never held whole."""
+        dataset = self._column_dataset(name)
+        try:
+            if self._mask is None:
+                return dataset.to_table(columns=[name])
+            return self._read_masked(dataset, name)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            if dataset is self._dataset:
+                raise
+            # Text read from Parquet's dictionary pages failed (e.g. a file holds numbers in this
+            # column): read it as the schema says.
+            if self._mask is None:
+                return self._dataset.to_table(columns=[name])
+            return self._read_masked(self._dataset, name)
+
+    def _read_masked(self, dataset: ds.Dataset, name: str) -> pa.Table:
+        arrays = list(self._arrays(dataset, name))
+        if not arrays:
+            return dataset.schema.empty_table().select([name])
+        return pa.Table.from_arrays([pa.chunked_array(arrays)], names=[name])
+
+    def _arrays(self, dataset: ds.Dataset, name: str) -> Iterator[pa.Array]:
+        """Column ``name`` batch by batch (scan order), each cut to the table's rows."""
+        mask = self._mask
+        offset = 0
+        for batch in dataset.to_batches(columns=[name]):
+            stop = offset + batch.num_rows
+            if mask is None:
+                yield batch.column(0)
+            elif stop <= len(mask):
+                yield batch.column(0).filter(pa.array(mask[offset:stop]))
+            offset = stop
+        if mask is not None and offset != len(mask):
+            raise RuntimeError(f"the files changed while being read: {offset} rows, expected {len(mask)}")
+
+    def _column_dataset(self, name: str) -> ds.Dataset:
+        """The dataset to scan for column ``name``: text straight from Parquet's dictionary pages
         (no string is materialised: ~6x faster than reading text and encoding it again)."""
         field = self._dataset.schema.field(name)
         partitioning = getattr(self._dataset, "partitioning", None)
@@ -132,12 +254,9 @@ class ParquetColumns:
             schema = self._dataset.schema
             schema = schema.set(schema.get_field_index(name), field.with_type(pa.dictionary(pa.int32(), field.type)))
             options = ds.ParquetReadOptions(dictionary_columns=[name])
-            try:
-                return ds.dataset(self._dataset.files, schema=schema, filesystem=self._dataset.filesystem,
-                                  format=ds.ParquetFileFormat(read_options=options)).to_table(columns=[name])
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-                pass  # e.g. a file holds numbers in this column: read it as the schema says
-        return self._dataset.to_table(columns=[name])
+            return ds.dataset(self._dataset.files, schema=schema, filesystem=self._dataset.filesystem,
+                              format=ds.ParquetFileFormat(read_options=options))
+        return self._dataset
 
     def select(self, names: list[str]) -> ParquetColumns:
         """The same rows, only columns ``names`` (which must exist)."""
@@ -169,6 +288,7 @@ class ParquetColumns:
         table._rows = int(mask.sum()) if mask is not None else self._rows
         table._transforms = dict(self._transforms)
         table._sample, table._sampled = None, {}
+        table._numbers_as_float64 = self._numbers_as_float64
         return table
 
     # ---- the sample for the Evidently page

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from mlflow_deploy_plugin.capture.columns import ParquetColumns
+from mlflow_deploy_plugin.capture.columns import ParquetColumns, release_unused_memory
 from mlflow_deploy_plugin.capture.layout import (
     META_COLUMNS,
     META_SCHEMA,
@@ -139,7 +139,8 @@ def open_capture(root: str, since: datetime | None = None, until: datetime | Non
     frame (as ``read_capture``'s) when there is no file.
 
     Which rows belong to the window is decided once, by evaluating ``read_capture``'s own filter on
-    the columns it needs (``_timestamp``, ``_role``), and kept as a row mask.
+    the columns it needs (``_timestamp``, ``_role``), and kept as a row mask. They are read in record
+    batches, each judged as it arrives: a 10M-row window never holds those columns whole.
     """
     found = _window_dataset(root, since, until, shadow)
     if found is None:
@@ -149,17 +150,22 @@ def open_capture(root: str, since: datetime | None = None, until: datetime | Non
     if condition is None:
         return table
     needed = [c for c in ("_timestamp", ROLE_COLUMN) if c in dataset.schema.names]
-    meta = dataset.to_table(columns=needed)
-    rows = meta.num_rows
-    meta = meta.append_column("__position", pa.array(np.arange(rows, dtype=np.int64)))
-    inside = ds.dataset(meta).to_table(columns=["__position"], filter=condition).column(0).to_numpy()
-    del meta
-    if len(inside) == 0:
+    keep = np.zeros(len(table), dtype=bool)
+    offset = 0
+    for batch in dataset.to_batches(columns=needed):
+        stop = offset + batch.num_rows
+        if batch.num_rows and stop <= len(keep):
+            numbered = pa.Table.from_batches([batch]).append_column(
+                "__position", pa.array(np.arange(offset, stop, dtype=np.int64)))
+            keep[numbered.filter(condition).column("__position").to_numpy()] = True
+        offset = stop
+    release_unused_memory()
+    if offset != len(keep):
+        raise RuntimeError(f"the capture files changed while being read: {offset} rows, expected {len(keep)}")
+    if not keep.any():
         return _empty_frame(None)
-    if len(inside) == rows:
+    if keep.all():
         return table
-    keep = np.zeros(rows, dtype=bool)
-    keep[inside] = True
     return table.restrict(keep)
 
 

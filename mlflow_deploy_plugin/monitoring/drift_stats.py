@@ -27,8 +27,9 @@ No figure depends on the order of the rows (numbers are sorted, category counts 
 order) nor on text arriving as objects or as a pandas categorical: so a window read whole (time
 order, objects) and the same window read from disk one column at a time
 (:class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`: file order, categoricals) get the
-same figures, equal to the last bit. The large-array steps work in slices of :data:`CHUNK` values,
-which bounds their temporaries: 10M + 10M rows fit in one column's memory.
+same figures, equal to the last bit. The large-array steps work in slices (:data:`KS_CHUNK`,
+:data:`CHUNK` values), in place where the result allows, which bounds their temporaries: 10M + 10M
+rows fit in one column's memory; a column read from disk is sorted in its own memory.
 """
 
 from __future__ import annotations
@@ -238,8 +239,20 @@ def _numeric_values_owned(series: pd.Series) -> tuple[np.ndarray, int, bool]:
     return values[finite], int(len(values) - finite.sum()), True
 
 
-def _sorted_values(series: pd.Series) -> tuple[np.ndarray, int]:
-    """The finite values of ``series`` sorted, and the count of missing ones."""
+def _sorted_values(series: pd.Series, in_place: bool = False) -> tuple[np.ndarray, int]:
+    """The finite values of ``series`` sorted, and the count of missing ones.
+
+    ``in_place``: the Series is the caller's own copy (a column read from disk for this call), whose
+    values may be reordered: a float64 one is sorted in its own memory and its finite values are
+    returned as a view (NaN sort last, -inf first, +inf before NaN): no copy of a 10M-row column.
+    """
+    if in_place and isinstance(series.dtype, np.dtype) and series.dtype == np.float64:
+        values = series.to_numpy()
+        if values.flags.writeable:
+            values.sort()
+            low = int(np.searchsorted(values, -np.inf, side="right"))
+            high = int(np.searchsorted(values, np.inf, side="left"))
+            return values[low:high], len(values) - (high - low)
     values, missing, owned = _numeric_values_owned(series)
     if owned:
         values.sort()  # same result as np.sort, without a second copy
@@ -251,6 +264,22 @@ def _distinct_sorted(sorted_values: np.ndarray) -> int:
     if len(sorted_values) == 0:
         return 0
     return int(np.count_nonzero(sorted_values[1:] != sorted_values[:-1])) + 1
+
+
+def _levels_sorted(sorted_values: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted array, in order."""
+    if len(sorted_values) == 0:
+        return sorted_values[:0]
+    starts = np.empty(len(sorted_values), dtype=bool)
+    starts[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=starts[1:])
+    return sorted_values[starts]
+
+
+def _run_lengths(sorted_values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """How many values of a sorted array equal each of ``levels`` (sorted), as float64."""
+    return (np.searchsorted(sorted_values, levels, side="right")
+            - np.searchsorted(sorted_values, levels, side="left")).astype(np.float64)
 
 
 def column_kind(reference: pd.Series) -> ColumnKind | None:
@@ -289,7 +318,7 @@ def _ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
     evaluation of the two ECDFs at every observed value (``searchsorted`` on the sorted arrays,
     ties counted once at their last position) and scipy's asymptotic ``kstwo`` distribution, as
     ``ks_2samp(method="auto")`` does above 10,000 rows. The two sides are evaluated in slices of
-    :data:`CHUNK` values (a max is exact whatever the slicing; 10M rows would otherwise need ~1 GB
+    :data:`KS_CHUNK` values (a max is exact whatever the slicing; 10M rows would otherwise need ~1 GB
     of temporaries), on two threads for large inputs (searchsorted releases the GIL).
     """
     n, m = len(ref_sorted), len(cur_sorted)
@@ -304,8 +333,11 @@ def _ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
     return d, p
 
 
-#: Slice length of the large-array steps (KS gaps, Wasserstein grid): bounds their temporaries.
+#: Slice length of the Wasserstein grid: bounds its temporaries.
 CHUNK = 1 << 20
+#: Slice length of the KS gaps: shorter (a max does not depend on the slicing, unlike the ordered
+#: sum of the Wasserstein grid): ~3 temporaries of 2 MB per thread instead of 8 MB.
+KS_CHUNK = 1 << 18
 #: From this many values on both sides, the two sides' steps of one column run on two threads.
 PARALLEL_MIN_ROWS = 2_000_000
 
@@ -323,16 +355,25 @@ def _ecdf_gap(own: np.ndarray, other: np.ndarray) -> float:
     """max |F_own(x) - F_other(x)| over the distinct values x of ``own`` (both sorted, non-empty)."""
     n, m = len(own), len(other)
     gap = 0.0
-    for start in range(0, n, CHUNK):
-        stop = min(n, start + CHUNK)
+    for start in range(0, n, KS_CHUNK):
+        stop = min(n, start + KS_CHUNK)
         # A value's last position among its ties: where the next value differs (or the end).
         last = np.ones(stop - start, dtype=bool)
         k = min(stop + 1, n) - start - 1  # positions of the slice that have a next value
         np.not_equal(own[start + 1:start + 1 + k], own[start:start + k], out=last[:k])
-        idx = np.flatnonzero(last) + start
+        idx = np.flatnonzero(last)
         if len(idx):
-            gap = max(gap, float(np.abs((idx + 1) / n
-                                        - np.searchsorted(other, own[idx], side="right") / m).max()))
+            # |(idx + 1) / n - searchsorted(...) / m|, in place where the result allows (the same
+            # operations: the same bits), so a slice holds ~3 arrays of its length, not 6.
+            idx += start
+            found = np.searchsorted(other, own[idx], side="right")
+            idx += 1
+            gaps = np.true_divide(idx, n)
+            del idx
+            gaps -= np.true_divide(found, m)
+            del found
+            np.abs(gaps, out=gaps)
+            gap = max(gap, float(gaps.max()))
     return gap
 
 
@@ -428,9 +469,23 @@ def _wasserstein_slice(a: np.ndarray, b: np.ndarray, i0: int, i1: int) -> float:
     grid = np.concatenate([np.arange(i0 + 1, i1 + 1, dtype=np.int64) * m,
                            np.arange(j0 + 1, j1 + 1, dtype=np.int64) * n])
     grid.sort(kind="stable")
+    # The same operations as |a[ceil(g/m) - 1] - b[ceil(g/n) - 1]| * width, in place where the
+    # result allows: a slice's temporaries are 3-4 arrays of its length, not 8 (two threads at once).
+    index = grid + (m - 1)
+    index //= m
+    index -= 1
+    gaps = a[index]
+    np.add(grid, n - 1, out=index)
+    index //= n
+    index -= 1
+    gaps -= b[index]
+    del index
+    np.abs(gaps, out=gaps)
     width = np.diff(grid, prepend=i0 * m)
+    del grid
     # Multiply-and-sum, not np.dot: a BLAS call stalls on thread hand-offs on a busy machine (~15 ms).
-    return float((width * np.abs(a[(grid + m - 1) // m - 1] - b[(grid + n - 1) // n - 1])).sum())
+    gaps *= width
+    return float(gaps.sum())
 
 
 def _wasserstein_norm(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
@@ -474,11 +529,18 @@ def _category_counts(ref: pd.Series, cur: pd.Series) -> tuple[np.ndarray, np.nda
 def _value_counts(series: pd.Series) -> pd.Series:
     """Counts of the non-missing values, keyed by the values themselves: a categorical column (how
     the streamed path reads text) gives the same keys and counts as the same values as objects."""
-    counts = series.value_counts(dropna=True, sort=False)
-    if isinstance(counts.index, pd.CategoricalIndex):
-        counts = counts[counts.to_numpy() > 0]  # categories the rows do not use are not values
-        counts.index = counts.index.astype(object)
-    return counts
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        # Codes counted in slices: value_counts' bincount widens all of them to int64 at once (8
+        # bytes a row: 80 MB for a 10M-row column).
+        codes = series.cat.codes.to_numpy()
+        categories = series.cat.categories
+        tally = np.zeros(len(categories), dtype=np.int64)
+        for start in range(0, len(codes), CHUNK):
+            part = codes[start:start + CHUNK]
+            tally += np.bincount(part[part >= 0], minlength=len(categories))  # -1: missing
+        used = tally > 0  # categories the rows do not use are not values
+        return pd.Series(tally[used], index=categories[used].astype(object), name="count")
+    return series.value_counts(dropna=True, sort=False)
 
 
 def _canonical_order(keys: pd.Index) -> pd.Index:
@@ -531,11 +593,13 @@ def _value_figures(kind: ColumnKind, judgement: Judgement, ref_sorted: np.ndarra
 
 def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: int,
                   requested: ColumnMethod | None, num_method: ColumnMethod, cat_method: ColumnMethod,
-                  alpha: float, floors: Floors, kinds: dict[str, ColumnKind | None] | None = None) -> ColumnDrift:
+                  alpha: float, floors: Floors, kinds: dict[str, ColumnKind | None] | None = None,
+                  own: tuple[bool, bool] = (False, False)) -> ColumnDrift:
     """The verdict of one column: the one place where values, effect size and missing values are
     weighed (see :mod:`.drift_methods` for the rule). ``cur`` is None when the current data lacks
     the column (``rows_cur`` rows, none of them with a value). ``kinds`` receives
-    ``column_kind(ref)`` under ``name`` (found on the way, without sorting again)."""
+    ``column_kind(ref)`` under ``name`` (found on the way, without sorting again). ``own``: whether
+    ``ref``/``cur`` are the caller's own copies, whose numbers may be sorted in place."""
     categorical_dtype = _is_categorical_dtype(ref.dtype)
     numeric_dtype = not categorical_dtype and not pd.api.types.is_complex_dtype(ref.dtype) and (
         pd.api.types.is_numeric_dtype(ref.dtype) or pd.api.types.is_datetime64_any_dtype(ref.dtype)
@@ -557,7 +621,8 @@ def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: in
         # Sorting is the main cost and serves every numeric method and the kind rule at once; the
         # two sides sort on two threads when large.
         (ref_sorted, n_ref_missing), (cur_sorted, n_cur_missing) = _parallel(
-            partial(_sorted_values, ref), partial(_sorted_values, cur), big=len(ref) + len(cur) >= PARALLEL_MIN_ROWS)
+            partial(_sorted_values, ref, own[0]), partial(_sorted_values, cur, own[1] or absent),
+            big=len(ref) + len(cur) >= PARALLEL_MIN_ROWS)
         column_kind_hint = _numeric_kind(ref_sorted)
     # The kind column_kind(ref) gives (datetimes are numeric whatever their values), for data quality.
     quality_kind: ColumnKind = "numeric" if (
@@ -572,10 +637,10 @@ def _judge_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_cur: in
     if numeric_dtype:
         assert ref_sorted is not None and cur_sorted is not None
         if kind == "categorical":
-            n_ref = len(ref_sorted)
-            levels, inverse = np.unique(np.concatenate([ref_sorted, cur_sorted]), return_inverse=True)
-            ref_counts = np.bincount(inverse[:n_ref], minlength=len(levels)).astype(np.float64)
-            cur_counts = np.bincount(inverse[n_ref:], minlength=len(levels)).astype(np.float64)
+            # Counts from the sorted arrays (each level is a run): no concatenation, no inverse
+            # index (np.unique of both sides would hold ~5 arrays of their length at once).
+            levels = np.union1d(_levels_sorted(ref_sorted), _levels_sorted(cur_sorted))
+            ref_counts, cur_counts = (_run_lengths(side, levels) for side in (ref_sorted, cur_sorted))
             keys = pd.Index(levels)
     else:
         ref_counts, cur_counts, keys, n_ref_missing, n_cur_missing = _category_counts(ref, cur)
@@ -689,7 +754,9 @@ def compute_drift(
             large column on two threads.
         on_column: Called with ``(name, reference values, current values or None, column_kind of
             the reference)`` after each column is judged, while its values are in memory (the
-            streamed job computes data quality there instead of reading every column again).
+            streamed job computes data quality there instead of reading every column again). The
+            numbers of a side read from disk come sorted (they were sorted in place): nothing
+            computed there may depend on row order.
 
     ``reference`` and ``current`` are DataFrames or anything with ``columns``, ``len()`` and
     ``[name] -> Series`` (a :class:`~mlflow_deploy_plugin.capture.columns.ParquetColumns`).
@@ -720,12 +787,15 @@ def compute_drift(
     if unknown:
         raise ValueError(f"drift methods given for unknown columns {unknown}; columns: {names}.")
 
+    # A column read from disk is this call's own copy: its numbers are sorted in their own memory.
+    own = (isinstance(reference, ParquetColumns), isinstance(current, ParquetColumns))
+
     def run(name: str) -> ColumnDrift:
         ref = reference[name]
         cur = current[name] if name in current.columns else None
         kinds: dict[str, ColumnKind | None] = {}
         verdict = _judge_column(name, ref, cur, len(current), per_column.get(name), num_default, cat_default,
-                                alpha, resolved_floors, kinds)
+                                alpha, resolved_floors, kinds, own)
         if on_column is not None:
             on_column(name, ref, cur, kinds[name])
         return verdict

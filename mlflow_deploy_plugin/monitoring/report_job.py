@@ -58,7 +58,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from mlflow_deploy_plugin.capture.columns import ParquetColumns
+from mlflow_deploy_plugin.capture.columns import ParquetColumns, release_unused_memory
 
 from .data_quality import ColumnQuality, DataQualityResult, Limits, check_column, insert_into_page
 from .data_quality import html_table as data_quality_table
@@ -475,6 +475,8 @@ def run_drift_report(
                 for side, seed in ((current, settings.seed + 1), (reference, settings.seed)):
                     if isinstance(side, ParquetColumns):  # the Evidently sample is kept as columns stream by
                         side.keep_sample(settings.evidently_sample_rows, seed)
+                        side.numbers_as_float64()  # the statistics' own conversion: one array per side
+                release_unused_memory()  # what selecting the rows freed, before the largest step
                 result, prediction, prediction_summary, data_quality = judge_window(
                     reference, current, settings, reference_predictions, reference_predictions_skipped)
                 compute_s = time.perf_counter() - started
@@ -500,6 +502,7 @@ def run_drift_report(
                     render_fallback_html(result, html_path, "no column could be tested")
                     evidently_info: dict[str, Any] = {"skipped": "no column could be tested"}
                 else:
+                    release_unused_memory()  # the last column's pages, before Evidently's own peak
                     rows_seen = min(settings.evidently_sample_rows, max(rows_current, rows_reference))
                     say(f"rendering the Evidently report from up to {rows_seen:,} rows per dataset")
                     try:

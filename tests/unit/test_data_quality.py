@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlflow_deploy_plugin.monitoring.data_quality import Limits, check_data_quality, html_table, metrics
+from mlflow_deploy_plugin.monitoring.data_quality import (
+    Limits,
+    check_column,
+    check_data_quality,
+    html_table,
+    metrics,
+)
 
 
 def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -83,3 +89,14 @@ def test_the_html_table_shows_the_same_verdicts() -> None:
     assert 'id="mlflow-deploy-data-quality"' in page
     assert "3 of 4 columns with issues" in page
     assert page.count("ISSUE ") == 3 and page.count("<td>issue</td>") == 3 and page.count("<td>ok</td>") == 1
+
+
+def test_infinite_numbers_are_missing_not_out_of_range() -> None:
+    ref = pd.Series([-np.inf, 1.0, 2.0, np.nan, 3.0, np.inf])
+    cur = pd.Series([np.inf, -np.inf, 0.5, 2.0, 9.0, np.nan, 3.0])
+    quality = check_column("x", ref, cur, len(cur), Limits(max_missing_increase=1.0, max_out_of_range=1.0),
+                           kind="numeric")  # (by its values, three integer levels, it would be categorical)
+    missing, out_of_range = quality.check("missing"), quality.check("out_of_range")
+    assert missing is not None and missing.figures["missing_current"] == 3  # inf, -inf, NaN
+    assert out_of_range is not None and out_of_range.figures == {
+        "below": 1, "above": 1, "reference_min": 1.0, "reference_max": 3.0, "values": 4}

@@ -92,13 +92,20 @@ def _judged(reference: object, captured: object, predictions: pd.Series, setting
     return counts, drift.to_dict(), prediction.to_dict(), prediction_summary, quality.to_dict()
 
 
-def test_streamed_figures_equal_in_memory_figures(files: tuple[Path, Path, pd.Series]) -> None:
+@pytest.mark.parametrize("numbers_as_float64", [False, True])
+def test_streamed_figures_equal_in_memory_figures(files: tuple[Path, Path, pd.Series], numbers_as_float64: bool) -> None:
     capture, reference_path, predictions = files
     settings = DriftSettings(methods={"income": "wasserstein:0.1", "visits": "ks+psi:0.2"})
     in_memory = _judged(read_table(reference_path), read_capture(str(capture), T0, T1), predictions, settings)
     lazy_capture = open_capture(str(capture), T0, T1)
     lazy_reference = open_table(reference_path)
     assert isinstance(lazy_capture, ParquetColumns) and isinstance(lazy_reference, ParquetColumns)
+    if numbers_as_float64:  # as the job reads them: "visits" and "plan" come as float64
+        lazy_capture.numbers_as_float64()
+        lazy_reference.numbers_as_float64()
+        plan, visits = lazy_reference["plan"], lazy_capture["visits"]
+        assert plan.dtype == np.float64 and visits.dtype == np.float64
+        assert np.array_equal(plan.to_numpy(), read_table(reference_path)["plan"].to_numpy(float))
     streamed = _judged(lazy_reference, lazy_capture, predictions, settings)
 
     counts, drift, prediction, _, quality = in_memory
@@ -114,18 +121,62 @@ def test_streamed_figures_equal_in_memory_figures(files: tuple[Path, Path, pd.Se
     assert streamed == in_memory  # equal, not close: every figure, verdict, reason and count
 
 
-def test_the_sample_is_the_in_memory_draw_kept_while_columns_stream(files: tuple[Path, Path, pd.Series]) -> None:
+@pytest.mark.parametrize("numbers_as_float64", [False, True])
+def test_the_sample_is_the_in_memory_draw_kept_while_columns_stream(files: tuple[Path, Path, pd.Series],
+                                                                    numbers_as_float64: bool) -> None:
     _, reference_path, _ = files
     frame = read_table(reference_path)
     table = open_table(reference_path)
     assert isinstance(table, ParquetColumns)
     table.keep_sample(1000, 3)
+    if numbers_as_float64:  # the columns come as float64 arrays, the sample as read
+        table.numbers_as_float64()
     for name in ["age", "city"]:
         table[name]  # the drift statistics read them
     expected, sampled = _sample(frame, ["age", "city", "plan"], 1000, 3)
     got, got_sampled = _sample(table, ["age", "city", "plan"], 1000, 3)  # plan read now, for the sample
     assert sampled and got_sampled
     pd.testing.assert_frame_equal(got, expected)
+
+
+def test_the_sample_keeps_integers_read_as_float_and_is_not_reordered_by_the_statistics(
+        files: tuple[Path, Path, pd.Series]) -> None:
+    _, reference_path, _ = files
+    frame = read_table(reference_path)
+    table = open_table(reference_path)
+    assert isinstance(table, ParquetColumns)
+    table.keep_sample(len(frame), 3)  # every row: the sample is the whole column, as read
+    table.numbers_as_float64()
+    drift_stats.compute_drift(table, table, columns=["age", "plan"])  # sorts its own reads in place
+    got, sampled = table.sample(["age", "plan"], len(frame), 3)
+    assert not sampled
+    pd.testing.assert_frame_equal(got, frame[["age", "plan"]])  # row order and integer dtype as read
+
+
+def test_in_place_sort_gives_the_finite_values_of_the_copying_sort_without_a_copy() -> None:
+    rng = np.random.default_rng(5)
+    values = rng.normal(0, 1, 10_000)
+    values[rng.random(10_000) < 0.1] = np.nan
+    values[:5], values[5:8] = np.inf, -np.inf
+    series = pd.Series(values.copy())
+    expected, expected_missing = drift_stats._sorted_values(pd.Series(values))
+    got, missing = drift_stats._sorted_values(series, in_place=True)
+    assert missing == expected_missing and np.array_equal(got, expected)
+    assert np.shares_memory(got, series.to_numpy())  # sorted in the Series' own memory
+    integers = pd.Series(rng.integers(0, 5, 1_000))  # not float64: sorted in a copy, the Series untouched
+    got, _ = drift_stats._sorted_values(integers.copy(), in_place=True)
+    assert np.array_equal(got, np.sort(integers.to_numpy().astype(float)))
+
+
+def test_counts_of_integer_levels_from_sorted_runs_equal_np_unique() -> None:
+    rng = np.random.default_rng(6)
+    ref, cur = np.sort(rng.integers(0, 6, 5_000).astype(float)), np.sort(rng.integers(2, 9, 3_000).astype(float))
+    levels, inverse = np.unique(np.concatenate([ref, cur]), return_inverse=True)
+    got = np.union1d(drift_stats._levels_sorted(ref), drift_stats._levels_sorted(cur))
+    assert np.array_equal(got, levels)
+    assert np.array_equal(drift_stats._run_lengths(ref, got), np.bincount(inverse[:len(ref)], minlength=len(got)))
+    assert np.array_equal(drift_stats._run_lengths(cur, got), np.bincount(inverse[len(ref):], minlength=len(got)))
+    assert len(drift_stats._levels_sorted(ref[:0])) == 0
 
 
 def test_redaction_and_batches_of_a_streamed_reference(files: tuple[Path, Path, pd.Series]) -> None:
@@ -168,6 +219,7 @@ def test_sliced_and_threaded_steps_equal_the_one_slice_ones(monkeypatch: pytest.
     b = np.sort(np.round(rng.normal(0.05, 1, m), 2))
     whole_ks, whole_w = drift_stats._ks(a, b), drift_stats.wasserstein_sorted(a, b)
     monkeypatch.setattr(drift_stats, "CHUNK", 4_096)
+    monkeypatch.setattr(drift_stats, "KS_CHUNK", 1_024)
     monkeypatch.setattr(drift_stats, "PARALLEL_MIN_ROWS", 0)
     assert drift_stats._ks(a, b) == whole_ks  # a max: exact whatever the slicing
     assert drift_stats.wasserstein_sorted(a, b) == pytest.approx(whole_w, rel=1e-12)
