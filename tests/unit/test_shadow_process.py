@@ -74,7 +74,9 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
     # writer started during the load, and so the predict calls they start.
     threads = [int(tid) for tid in os.listdir(f"/proc/{first_pid}/task")]
     assert len(threads) > 1
-    assert all(os.getpriority(os.PRIO_PROCESS, tid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10 for tid in threads), \
+    # Nice values stop at 19: a test run under `nice -n 10` or more sees the child at 19.
+    lowered = min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
+    assert all(os.getpriority(os.PRIO_PROCESS, tid) >= lowered for tid in threads), \
         {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in threads}
     assert os.getsid(first_pid) == os.getsid(0)
     assert [slot.identity.model_version for slot, _ in service.slots] == ["1"]  # v2 is not loaded here
