@@ -180,7 +180,7 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
     assert run_env["MLFLOW_DEPLOY_HOME"] == str(env.home)
     proc = subprocess.Popen(
         [mlflow_bin, "deployments", "run-local", "-t", "lifecycle", "--name", "fg", "-m",
-         f"models:/{registry.model}/1", "-C", f"port={port}"],
+         f"models:/{registry.model}/1", "-C", f"port={port}", "-C", "warm_standby=false"],
         env=run_env, cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
@@ -212,7 +212,7 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
 def test_two_creates_of_one_name_at_once_give_one_deployment(env: Env, registry: Registry) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    args = ("create", "-t", "lifecycle", "--name", "twin", "-m", f"models:/{registry.model}/1")
+    args = ("create", "-t", "lifecycle", "--name", "twin", "-m", f"models:/{registry.model}/1", "-C", "warm_standby=false")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: env.cli(*args, check=False), range(2)))
     try:

@@ -47,7 +47,8 @@ def _mlflow_deploy(env: Env, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.mark.timeout(600)
 def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> None:
     name = "quality-e2e"
-    env.create(name, f"models:/{registry.model}/1", "quality_min_labelled_rows=50")
+    # No warm standby: nothing swaps or restarts here (a spare worker is a cold start for nothing).
+    env.create(name, f"models:/{registry.model}/1", "quality_min_labelled_rows=50", "warm_standby=false")
     client = mlflow.MlflowClient()
     try:
         url = env.status(name)["url"]
@@ -244,7 +245,7 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
 @pytest.mark.timeout(600)
 def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regressor) -> None:
     name = "quality-regression"
-    env.create(name, f"models:/{regressor.model}/1", "quality_min_labelled_rows=50")
+    env.create(name, f"models:/{regressor.model}/1", "quality_min_labelled_rows=50", "warm_standby=false")
     client = mlflow.MlflowClient()
     try:
         url = env.status(name)["url"]
