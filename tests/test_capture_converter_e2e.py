@@ -97,8 +97,8 @@ def _captured(root: Path) -> set[str]:
 def test_one_converter_per_deployment_healed_after_kill_and_delete_converts_the_spool(
         env: Env, registry: Registry) -> None:
     name = "cap-converter"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "workers=2", "-C", "warm_standby=false")  # no spare worker: nothing swaps here
+    # In process (the verb as a process: tests/test_cli_verbs.py); no spare worker: nothing swaps here.
+    env.create(name, f"models:/{registry.model}/1", "workers=2", "warm_standby=false")
     root = env.home / "deployments" / name
     capture, spool = root / "capture", root / "capture" / ".spool"
     payload = split_payload(registry.features.iloc[[3]])

@@ -33,7 +33,7 @@ def processes_of(folder: Path) -> list[str]:
 
 
 def _listed(env: Env, name: str) -> bool:
-    out = env.cli("list", "-t", "lifecycle").stdout
+    out = env.cli_here("list", "-t", "lifecycle").stdout  # the verb as a process: test_get_and_list_...
     assert out.startswith("List of all deployments"), out
     return f"'name': '{name}'" in out
 
@@ -99,29 +99,21 @@ def test_errors_are_clear(env: Env, shared_deployment: dict, registry: Registry)
     in_subprocess = {0, 3}
     with ThreadPoolExecutor(len(in_subprocess)) as pool:
         procs = {i: pool.submit(env.cli, *cases[i][0], check=False) for i in in_subprocess}
-        answers = {i: _cli_in_process(*args) for i, (args, _) in enumerate(cases) if i not in in_subprocess}
+        answers = {i: _shown(env.cli_here(*args, check=False)) for i, (args, _) in enumerate(cases)
+                   if i not in in_subprocess}
         answers.update({i: (proc.result().returncode, proc.result().stderr + proc.result().stdout)
                         for i, proc in procs.items()})
     for i, (args, message) in enumerate(cases):
         code, shown = answers[i]
         assert code != 0, f"{args} should fail"
         assert message in shown, f"{args}: expected {message!r} in:\n{shown[-2000:]}"
-    names = _cli_in_process("list", "-t", "lifecycle")[1]
+    names = env.cli_here("list", "-t", "lifecycle").stdout
     assert names.startswith("List of all deployments") and "x1" not in names and "x4" not in names
 
 
-def _cli_in_process(*args: str) -> tuple[int, str]:
-    """`mlflow deployments ARGS` in this process (click's CliRunner on MLflow's own CLI group, the
-    plugin loaded through its entry point as in a shell): the exit status, and what a terminal shows
-    (the output, and for an error raised through the CLI, its last traceback line)."""
-    from click.testing import CliRunner
-    from mlflow.cli import cli
-
-    result = CliRunner().invoke(cli, ["deployments", *args])
-    shown = result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        shown += f"\n{type(result.exception).__name__}: {result.exception}"
-    return result.exit_code, shown
+def _shown(proc: subprocess.CompletedProcess) -> tuple[int, str]:
+    """The exit status, and what a terminal shows (for an error raised through the CLI, its last line)."""
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_create_resolves_stage_alias_latest(env: Env, registry: Registry) -> None:
@@ -142,7 +134,7 @@ def test_broken_versions_fail_create_and_leave_nothing_running(env: Env, registr
         assert proc.returncode != 0
         assert message in proc.stderr, proc.stderr[-2000:]
         assert "INVALID_STATE" in proc.stderr
-        assert env.cli("get", "-t", "lifecycle", "--name", name, check=False).returncode != 0
+        assert env.cli_here("get", "-t", "lifecycle", "--name", name, check=False).returncode != 0
         # No supervisor, worker, standby or agent of the failed deployment is left running.
         folder = env.home / "deployments" / name
         wait_for(lambda folder=folder: not processes_of(folder), 30, f"every process of {name!r} to exit")
@@ -169,8 +161,9 @@ def test_create_alias_then_delete_is_graceful_and_idempotent(env: Env, registry:
     for pid in pids:  # supervisor, agent, standby and workers
         wait_for(lambda pid=pid: not pid_alive(pid), 10, f"process {pid} to exit after delete")
     assert processes_of(folder) == []
-    assert env.cli("get", "-t", "lifecycle", "--name", "lifecycle-verbs", check=False).returncode != 0
-    env.cli("delete", "-t", "lifecycle", "--name", "lifecycle-verbs")  # idempotent
+    # In process (MLflow's click group): the verbs as processes are the ones above and test_get_and_list_...
+    assert env.cli_here("get", "-t", "lifecycle", "--name", "lifecycle-verbs", check=False).returncode != 0
+    env.cli_here("delete", "-t", "lifecycle", "--name", "lifecycle-verbs")  # idempotent
     archived = list((env.home / "archive").glob("lifecycle-verbs-*"))
     assert archived and (archived[0] / "history.jsonl").exists()
     tags = mlflow.MlflowClient().get_model_version(registry.model, "1").tags
@@ -187,7 +180,7 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
     assert run_env["MLFLOW_DEPLOY_HOME"] == str(env.home)
     proc = subprocess.Popen(
         [mlflow_bin, "deployments", "run-local", "-t", "lifecycle", "--name", "fg", "-m",
-         f"models:/{registry.model}/1", "-C", f"port={port}"],
+         f"models:/{registry.model}/1", "-C", f"port={port}", "-C", "warm_standby=false"],
         env=run_env, cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
@@ -202,7 +195,7 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
                  "run-local's supervisor to report running")
         assert not (env.home / "deployments" / "fg").exists()
         assert not _listed(env, "fg")
-        assert env.cli("get", "-t", "lifecycle", "--name", "fg", check=False).returncode != 0
+        assert env.cli_here("get", "-t", "lifecycle", "--name", "fg", check=False).returncode != 0
         assert processes_of(home / "deployments" / "fg")  # what serves is run-local's own
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         output, _ = proc.communicate(timeout=60)
@@ -219,16 +212,16 @@ def test_run_local_serves_until_ctrl_c(env: Env, registry: Registry) -> None:
 def test_two_creates_of_one_name_at_once_give_one_deployment(env: Env, registry: Registry) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    args = ("create", "-t", "lifecycle", "--name", "twin", "-m", f"models:/{registry.model}/1")
+    args = ("create", "-t", "lifecycle", "--name", "twin", "-m", f"models:/{registry.model}/1", "-C", "warm_standby=false")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: env.cli(*args, check=False), range(2)))
     try:
         codes = sorted(proc.returncode for proc in results)
         assert codes[0] == 0 and codes[1] != 0, [p.stderr[-500:] for p in results]
         assert "already exists" in next(p for p in results if p.returncode).stderr
-        assert env.cli("get", "-t", "lifecycle", "--name", "twin").returncode == 0
+        assert env.cli_here("get", "-t", "lifecycle", "--name", "twin").returncode == 0
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", "twin", check=False)
+        env.delete("twin")
 
 
 def test_create_latest_serves_the_newest_version_and_follows_new_ones(env: Env, registry: Registry) -> None:
@@ -239,12 +232,12 @@ def test_create_latest_serves_the_newest_version_and_follows_new_ones(env: Env, 
     sources = [client.get_model_version(registry.model, version).source for version in ("1", "2")]
     mlflow.register_model(sources[0], name)
     mlflow.register_model(sources[1], name)
-    env.cli("create", "-t", "lifecycle", "--name", "newest", "-m", f"models:/{name}/latest",
-            "-C", "poll_interval_s=0.5")
+    # In process: the create verb as a process is test_create_alias_then_delete_is_graceful_and_idempotent's.
+    env.create("newest", f"models:/{name}/latest", "poll_interval_s=0.5")
     try:
         url = env.status("newest")["url"]
         assert requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "2"
-        assert "model_version: 2" in env.cli("get", "-t", "lifecycle", "--name", "newest").stdout
+        assert "model_version: 2" in env.cli_here("get", "-t", "lifecycle", "--name", "newest").stdout
         assert str(mlflow.register_model(sources[0], name).version) == "3"  # a newer version: followed
         wait_for(lambda: requests.get(f"{url}/deployment", timeout=5).json()["model_version"] == "3", 60,
                  "the deployment of models:/.../latest to serve the new version 3")
@@ -257,4 +250,4 @@ def test_create_latest_serves_the_newest_version_and_follows_new_ones(env: Env, 
         assert spec["model"]["requested_uri"] == f"models:/{name}/latest"
         assert spec["model"]["model_version"] == "3"
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", "newest", check=False)
+        env.delete("newest")

@@ -36,8 +36,8 @@ def test_a_tiny_shift_on_200k_captured_rows_is_no_alarm_while_a_real_shift_is(en
     reference_path = env.root / "volume-reference.parquet"
     features.iloc[rng.integers(0, len(features), ROWS)].to_parquet(reference_path, index=False)
     name = "volume"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", f"reference_data={reference_path}", "-C", "warm_standby=false", "-C", "capture_buffer_mb=256")
+    env.create(name, f"models:/{registry.model}/1", f"reference_data={reference_path}", "warm_standby=false",
+               "capture_buffer_mb=256")  # in process: the verb as a process is tests/test_cli_verbs.py's
     url = env.status(name)["url"]
     capture_dir = str(env.home / "deployments" / name / "capture")
     session = requests.Session()

@@ -96,8 +96,7 @@ def gated_model(env: Env, registry: Registry) -> str:
 @pytest.fixture
 def gated(env: Env, gated_model: str) -> Iterator[dict]:
     name = "gated"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{gated_model}/1", "-C", "max_queue=2",
-            "-C", "warm_standby=false", "-C", "timeout_s=60")
+    env.create(name, f"models:/{gated_model}/1", "max_queue=2", "warm_standby=false", "timeout_s=60")
     try:
         yield {"name": name, **env.status(name)}
     finally:
@@ -170,9 +169,8 @@ def test_tls_and_capture_privacy_on_a_real_deployment(env: Env, registry: Regist
     name = "private"
     columns = list(registry.features.columns)
     excluded, hashed = columns[0], columns[1]
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", f"tls_cert={cert}", "-C", f"tls_key={key}", "-C", "warm_standby=false",
-            "-C", f"capture_exclude={excluded}", "-C", f"capture_hash={hashed}")
+    env.create(name, f"models:/{registry.model}/1", f"tls_cert={cert}", f"tls_key={key}", "warm_standby=false",
+               f"capture_exclude={excluded}", f"capture_hash={hashed}")
     try:
         url = env.status(name)["url"]
         assert url.startswith("https://127.0.0.1:"), url
@@ -181,7 +179,8 @@ def test_tls_and_capture_privacy_on_a_real_deployment(env: Env, registry: Regist
         assert response.status_code == 200, response.text[:300]
         with pytest.raises(requests.exceptions.ConnectionError):  # nothing is served in clear
             requests.get(url.replace("https://", "http://") + "/health", timeout=10)
-        predicted = env.cli("predict", "-t", "lifecycle", "--name", name, "-I", str(_input_file(tmp_path, rows)))
+        # `predict` trusts the deployment's own certificate (in process: the verb as a process is test_cli_verbs').
+        predicted = env.cli_here("predict", "-t", "lifecycle", "--name", name, "-I", str(_input_file(tmp_path, rows)))
         assert "predictions" in predicted.stdout or predicted.stdout.strip().startswith("["), predicted.stdout[:300]
 
         root = env.home / "deployments" / name
@@ -208,8 +207,8 @@ def _input_file(folder: Path, rows: pd.DataFrame) -> Path:
 
 
 def test_a_name_with_a_trailing_newline_is_refused(env: Env, registry: Registry) -> None:
-    proc = env.cli("create", "-t", "lifecycle", "--name", "churn\n", "-m", f"models:/{registry.model}/1",
-                   check=False)
+    proc = env.cli_here("create", "-t", "lifecycle", "--name", "churn\n", "-m", f"models:/{registry.model}/1",
+                        check=False)  # through MLflow's click group in process, as the argument a shell passes
     assert proc.returncode != 0
     assert "Invalid deployment name 'churn\\n'" in proc.stderr, proc.stderr[-500:]
     assert not (env.home / "deployments" / "churn\n").exists()

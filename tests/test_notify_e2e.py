@@ -16,6 +16,7 @@ import pytest
 import requests
 from conftest import REPO, Env, Registry, split_payload, wait_for
 from notify_receiver import Receiver
+from test_capture_drift_e2e import _mlflow_deploy as _mlflow_deploy_here
 
 from mlflow_deploy_plugin.state import StateStore, read_history_file
 from mlflow_deploy_plugin.verdicts import record_verdict
@@ -33,6 +34,7 @@ def _free_port() -> int:
 
 
 def _mlflow_deploy(env: Env, *args: str) -> str:
+    """The real `mlflow-deploy` in a process of its own (once; its other calls run in process)."""
     proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-deploy"), *args], capture_output=True,
                           text=True, timeout=120, env=env.environ(), cwd=env.root)
     assert proc.returncode == 0, f"mlflow-deploy {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -55,9 +57,11 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
     environ = env.environ(**{SECRET_ENV: SECRET})
     store = StateStore(env.home)
     try:
-        env.cli("create", "-t", "lifecycle", "--name", NAME, "-m", f"models:/{registry.model}/1",
-                "-C", f"notify={base}/hook,slack+{base}/slack", "-C", f"notify_secret_env={SECRET_ENV}",
-                "-C", "drift_min_rows=20", "-C", "warm_standby=false", env=environ)
+        # The `mlflow deployments` verbs in process, with the secret in the environment a shell would
+        # give them (the verbs as processes: tests/test_cli_verbs.py).
+        env.create(NAME, f"models:/{registry.model}/1", f"notify={base}/hook,slack+{base}/slack",
+                   f"notify_secret_env={SECRET_ENV}", "drift_min_rows=20", "warm_standby=false",
+                   **{SECRET_ENV: SECRET})
         url = env.status(NAME)["url"]
         paths = store.paths(NAME)
         # The receiver is down: the agent's notifier retries, serving does not notice.
@@ -69,7 +73,7 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
                  and any("] created" in body["text"] for body in receiver.bodies("/slack")), 60,
                  "the created event after the outage")
 
-        env.cli("update", "-t", "lifecycle", "--name", NAME, "-m", f"models:/{registry.model}/2", env=environ)
+        env.cli_here("update", "-t", "lifecycle", "--name", NAME, "-m", f"models:/{registry.model}/2", env=environ)
         _predict_all_ok(url, registry, 40)
         from mlflow_deploy_plugin.capture import capture_root, read_capture
         from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
@@ -127,11 +131,11 @@ def test_events_arrive_signed_in_order_none_lost(env: Env, alerting: dict) -> No
     assert out.count("delivered") == len(receiver.received) and "retrying" in out
     assert f"environment variable {SECRET_ENV}" in out and SECRET not in out
     assert "/hook" not in out and "/slack" not in out  # receiver URLs shown without their paths
-    attempts = [json.loads(line) for line in _mlflow_deploy(env, "notifications", NAME, "--json", "--limit", "0")
-                .splitlines()]
+    attempts = [json.loads(line) for line in _mlflow_deploy_here(env, "notifications", NAME, "--json", "--limit", "0")
+                .stdout.splitlines()]
     retried = {a["delivery_id"] for a in attempts if a["outcome"] == "retrying"}
     assert retried <= {a["delivery_id"] for a in attempts if a["outcome"] == "delivered"}
-    shown = env.cli("get", "-t", "lifecycle", "--name", NAME).stdout
+    shown = env.cli_here("get", "-t", "lifecycle", "--name", NAME).stdout
     assert f"'notify': 'http://127.0.0.1:{receiver.port}/…#" in shown and "/hook" not in shown
 
 

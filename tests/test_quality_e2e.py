@@ -24,13 +24,17 @@ import pandas as pd
 import pytest
 import requests
 from conftest import Env, Registry, Regressor, split_payload, train, wait_for
+from test_capture_drift_e2e import _mlflow_deploy as _mlflow_deploy_here
 
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.quality.labels import labels_root, read_labels
 
 
 def _mlflow_deploy(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """The real `mlflow-deploy` CLI in its own process: labels and reports go in the way users send them."""
+    """The real `mlflow-deploy` CLI in its own process: labels and reports go in the way users send them.
+    Once per verb (the first `labels add` and `quality report` of the first test); the others run the
+    same commands in process (``_mlflow_deploy_here``): a process spends seconds of CPU importing
+    MLflow and Evidently and proves nothing more the second time."""
     proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-deploy"), *args], capture_output=True,
                           text=True, timeout=300, env=env.environ(), cwd=env.root)
     if check and proc.returncode != 0:
@@ -43,8 +47,8 @@ def _mlflow_deploy(env: Env, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.mark.timeout(600)
 def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> None:
     name = "quality-e2e"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "quality_min_labelled_rows=50")
+    # No warm standby: nothing swaps or restarts here (a spare worker is a cold start for nothing).
+    env.create(name, f"models:/{registry.model}/1", "quality_min_labelled_rows=50", "warm_standby=false")
     client = mlflow.MlflowClient()
     try:
         url = env.status(name)["url"]
@@ -74,8 +78,8 @@ def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> 
         # A bad file is refused whole: conflicting labels for one prediction, nothing written.
         bad = env.root / "bad-labels.csv"
         pd.DataFrame({"request_id": ["client-0", "client-0", "client-1"], "label": [0, 1, 1]}).to_csv(bad, index=False)
-        out = _mlflow_deploy(env, "labels", "add", name, str(bad), check=False)
-        assert out.returncode == 1 and "Conflicting labels for the same prediction (input rows 0, 1" in out.stderr
+        out = _mlflow_deploy_here(env, "labels", "add", name, str(bad), check=False)
+        assert out.exit_code == 1 and "Conflicting labels for the same prediction (input rows 0, 1" in out.stderr
         assert read_labels(labels_root(str(capture_dir))).empty
 
         # The first 100 labels through the CLI (the single-row ones by id alone, without `row`).
@@ -85,7 +89,7 @@ def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> 
         head[["request_id", "row", "label"]].to_csv(first, index=False)
         out = _mlflow_deploy(env, "labels", "add", name, str(first))
         assert "100 labels: 100 added, 0 changed, 0 unchanged, 0 matched no captured prediction" in out.stdout
-        again = _mlflow_deploy(env, "labels", "add", name, str(first), "--json")
+        again = _mlflow_deploy_here(env, "labels", "add", name, str(first), "--json")
         assert '"unchanged": 100' in again.stdout and '"added": 0' in again.stdout  # idempotent
 
         window = ["--since", since.isoformat(), "--until", (since + timedelta(hours=1)).isoformat()]
@@ -115,7 +119,7 @@ def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> 
         assert response.status_code == 200, response.text
         counts = response.json()
         assert (counts["added"], counts["changed"], counts["unmatched"]) == (len(rows) - 100, 1, 1), counts
-        rerun = _mlflow_deploy(env, "quality", "report", name, *window)
+        rerun = _mlflow_deploy_here(env, "quality", "report", name, *window)
         rerun_id = rerun.stdout.split("(run ")[1].split(")")[0]
         assert f"re-run of {run_id}" in rerun.stdout
         after = client.get_run(rerun_id)
@@ -126,7 +130,7 @@ def test_labels_in_and_quality_per_version_out(env: Env, registry: Registry) -> 
         assert tags["quality.report_run_id"] == rerun_id and tags["quality.status"] == "ok"
         assert tags["quality.accuracy"] == f"{after.data.metrics['accuracy']:.4f}"
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
     # The labels stay with the deployment's capture in its archive.
     archived = sorted((env.home / "archive").glob(f"{name}-*"))
     assert archived and len(read_labels(labels_root(str(archived[-1] / "capture")))) == len(rows)
@@ -149,8 +153,8 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
     policy = env.root / "quality-drop-policy.yaml"
     policy.write_text(f"model: {model}\npromotion:\n  enabled: false\n"
                       "quality:\n  max_drop: 0.05\n  consecutive_reports: 2\n  action: rollback\n")
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion",
-            "-C", f"policy={policy}", "-C", "poll_interval_s=0.5", "-C", "quality_min_labelled_rows=50")
+    env.create(name, f"models:/{model}@champion", f"policy={policy}", "poll_interval_s=0.5",
+               "quality_min_labelled_rows=50")
     client = mlflow.MlflowClient()
     try:
         client.set_registered_model_alias(model, "champion", "2")
@@ -178,9 +182,9 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
         labels["label"] = np.where(np.arange(len(labels)) % 2 == 0, labels["prediction"], 1 - labels["prediction"])
         path = env.root / "drop-labels.csv"
         labels[["request_id", "label"]].to_csv(path, index=False)
-        _mlflow_deploy(env, "labels", "add", name, str(path))
+        _mlflow_deploy_here(env, "labels", "add", name, str(path))
         for start, end in zip(windows[:-1], windows[1:], strict=True):
-            out = _mlflow_deploy(env, "quality", "report", name, "--since", start.isoformat(), "--until", end.isoformat())
+            out = _mlflow_deploy_here(env, "quality", "report", name, "--since", start.isoformat(), "--until", end.isoformat())
             assert "v2: quality.status=ok labelled=80" in out.stdout and "accuracy 0.5 " in out.stdout, out.stdout
         wait_for(lambda: _served_version(url) == "1", 120, "the quality policy to roll back to v1")
         history = env.home / "deployments" / name / "history.jsonl"
@@ -235,14 +239,13 @@ def test_a_quality_drop_rolls_back_with_the_evidence(env: Env, registry: Registr
                  and len(requests.get(f"{url}/deployment", timeout=5).json()["traffic"]) == 1, 60,
                  "v1 to serve alone again")
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)
 
 
 @pytest.mark.timeout(600)
 def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regressor) -> None:
     name = "quality-regression"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{regressor.model}/1",
-            "-C", "quality_min_labelled_rows=50")
+    env.create(name, f"models:/{regressor.model}/1", "quality_min_labelled_rows=50", "warm_standby=false")
     client = mlflow.MlflowClient()
     try:
         url = env.status(name)["url"]
@@ -269,9 +272,9 @@ def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regre
         rows["y"] = np.where(np.arange(len(rows)) % 5 == 0, rows["y"] + 40.0, rows["y"])
         path = env.root / "regression-labels.csv"
         rows[["request_id", "row", "y"]].to_csv(path, index=False)
-        out = _mlflow_deploy(env, "labels", "add", name, str(path), "--label-column", "y")
+        out = _mlflow_deploy_here(env, "labels", "add", name, str(path), "--label-column", "y")
         assert f"{len(rows)} labels: {len(rows)} added" in out.stdout, out.stdout
-        report = _mlflow_deploy(env, "quality", "report", name, "--since", since.isoformat(),
+        report = _mlflow_deploy_here(env, "quality", "report", name, "--since", since.isoformat(),
                                 "--until", (since + timedelta(hours=1)).isoformat())
         run = client.get_run(report.stdout.split("(run ")[1].split(")")[0])
         errors = rows["prediction"].to_numpy(dtype=float) - rows["y"].to_numpy(dtype=float)
@@ -282,4 +285,4 @@ def test_a_regressor_reports_the_mae_computed_by_hand(env: Env, regressor: Regre
         assert run.data.metrics["mae.ci_low"] < run.data.metrics["mae"] < run.data.metrics["mae.ci_high"]
         assert "training.mae" in run.data.metrics and "→ production mae" in report.stdout
     finally:
-        env.cli("delete", "-t", "lifecycle", "--name", name, check=False)
+        env.delete(name)

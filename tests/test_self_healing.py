@@ -3,7 +3,9 @@ everything was killed, a hung model, a poison request, an update over a hung wor
 
 Every fault runs under a steady request loop and the test counts what failed against the bound
 the README promises ("Failure behaviour"); how fast things recover is measured by
-``benchmarks/chaos.py``, not asserted here.
+``benchmarks/chaos.py``, not asserted here. The `mlflow deployments` verbs run in process (MLflow's
+deployment client or its click group: the verbs as processes are tests/test_cli_verbs.py's); `up`
+runs as the real `mlflow-deploy` process.
 """
 
 from __future__ import annotations
@@ -133,8 +135,7 @@ def _row(registry: Registry, radius: float | None = None) -> dict:
 @pytest.mark.timeout(900)
 def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry: Registry) -> None:
     name = "heal-kinds"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}@champion",
-            "-C", "workers=2", "-C", "poll_interval_s=60")
+    env.create(name, f"models:/{registry.model}@champion", "workers=2", "poll_interval_s=60")
     root = env.home / "deployments" / name
     try:
         first = wait_for(lambda: (s := env.status(name))["standby_pid"] and s["agent_pid"] and s, 120,
@@ -193,7 +194,7 @@ def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry:
             env.status(name)["standby_pid"]}
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         assert 'mlflow_deploy_in_flight_requests{deployment="heal-kinds"} 0.0' in metrics
-        info = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        info = env.cli_here("get", "-t", "lifecycle", "--name", name).stdout
         assert "status: running" in info, info
         events = [event["event"] for event in env_history(env, name)]
         assert "supervisor_replaced" in events and "taken_over" in events
@@ -241,7 +242,9 @@ def test_up_brings_back_a_deployment_whose_processes_were_all_killed(env: Env, r
     home = tmp_path / "home"
     name = "revive"
     cli_env = env.environ(MLFLOW_DEPLOY_HOME=str(home))
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1", env=cli_env)
+    # No warm standby: what `up` brings back is the supervisor and its workers; a spare worker would
+    # be two more cold starts (at create and at `up`) that nothing here looks at.
+    env.create(name, f"models:/{registry.model}/1", "warm_standby=false", MLFLOW_DEPLOY_HOME=str(home))
     root = home / "deployments" / name
     try:
         url = _status(home, name)["url"]
@@ -249,9 +252,9 @@ def test_up_brings_back_a_deployment_whose_processes_were_all_killed(env: Env, r
         while pids := processes_under(root):
             _freeze_and_kill(pids)
         wait_for(lambda: not processes_under(root), 30, "every process to be gone")
-        info = env.cli("get", "-t", "lifecycle", "--name", name, env=cli_env).stdout
+        info = env.cli_here("get", "-t", "lifecycle", "--name", name, env=cli_env).stdout
         assert "status: stopped" in info and "mlflow-deploy up" in info, info
-        listed = env.cli("list", "-t", "lifecycle", env=cli_env).stdout
+        listed = env.cli_here("list", "-t", "lifecycle", env=cli_env).stdout
         assert name in listed
 
         # Two `up` at once (cron and boot): one supervisor, never two.
@@ -273,13 +276,22 @@ def test_up_brings_back_a_deployment_whose_processes_were_all_killed(env: Env, r
         response = requests.post(f"{url}/invocations", json=_row(registry), timeout=30)
         assert response.status_code == 200, response.text
 
-        again = _mlflow_deploy(home, env, "up")
-        assert again.returncode == 0 and f"{name}: running" in again.stdout, again.stdout + again.stderr
+        again = _mlflow_deploy_here(home, "up")  # `up` as a process: the two above
+        assert again.exit_code == 0 and f"{name}: running" in again.stdout, again.stdout + again.stderr
         assert _status(home, name)["pid"] == status["pid"]
         assert "restarted" in [event["event"] for event in _history(home, name)]
     finally:
         env.delete(name, home)
         _kill_everything_under(home)
+
+
+def _mlflow_deploy_here(home: Path, *args: str):
+    """`mlflow-deploy --home HOME ARGS` in process (click's CliRunner): no interpreter importing MLflow."""
+    from click.testing import CliRunner
+
+    from mlflow_deploy_plugin.cli import cli
+
+    return CliRunner().invoke(cli, ["--home", str(home), *args], env={"MLFLOW_DEPLOY_HOME": str(home)})
 
 
 def _history(home: Path, name: str) -> list[dict]:
@@ -292,8 +304,7 @@ def test_a_hung_model_call_is_replaced_while_the_other_worker_serves(env: Env, r
                                                                      poison_model: str) -> None:
     name = "hung"
     timeout_s = 3.0
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/1",
-            "-C", "workers=2", "-C", f"timeout_s={timeout_s:g}")
+    env.create(name, f"models:/{poison_model}/1", "workers=2", f"timeout_s={timeout_s:g}")
     root = env.home / "deployments" / name
     try:
         first = wait_for(lambda: (s := env.status(name))["standby_pid"] and s, 120, "the warm standby")
@@ -330,14 +341,14 @@ def test_a_hung_model_call_is_replaced_while_the_other_worker_serves(env: Env, r
         hung_pids = set(first["worker_pids"]) - set(healthy["worker_pids"])
         wait_for(lambda: not any(is_worker(pid, root) for pid in hung_pids), 30, "the hung worker to exit")
         assert "worker_hung" in [event["event"] for event in env_history(env, name)]
-        assert "hung" in env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        assert "hung" in env.cli_here("get", "-t", "lifecycle", "--name", name).stdout
 
         # An update over a hung worker never leaves it behind.
         threading.Thread(target=lambda: requests.post(f"{url}/invocations", json=_row(registry, HANG), timeout=60),
                          daemon=True).start()
         wait_for(lambda: any((root / "run" / "live").glob("*")), 10, "liveness files")
         before = set(env.status(name)["worker_pids"])
-        env.cli("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/2")
+        env.cli_here("update", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/2")
         wait_for(lambda: not any(is_worker(pid, root) for pid in before), timeout_s + 30,
                  "every worker of the old generation to be gone")
     finally:
@@ -350,8 +361,7 @@ def test_a_hung_model_call_is_replaced_while_the_other_worker_serves(env: Env, r
 def test_a_request_that_kills_its_worker_is_counted_and_never_fails_the_deployment(
         env: Env, registry: Registry, poison_model: str) -> None:
     name = "poisoned"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{poison_model}/1",
-            "-C", "workers=2", "-C", "max_restarts=1")
+    env.create(name, f"models:/{poison_model}/1", "workers=2", "max_restarts=1")
     try:
         url = env.status(name)["url"]
         with SteadyLoop(url, _row(registry), clients=2) as loop:
@@ -412,8 +422,7 @@ def test_a_successor_started_by_up_takes_the_very_socket_over_and_resets_nothing
     home = tmp_path / "home"  # `up` acts on every deployment of its home: only this one here
     name = "handoff"
     cli_env = env.environ(MLFLOW_DEPLOY_HOME=str(home))
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "workers=2", "-C", "warm_standby=false", env=cli_env)
+    env.create(name, f"models:/{registry.model}/1", "workers=2", "warm_standby=false", MLFLOW_DEPLOY_HOME=str(home))
     root = home / "deployments" / name
     paths = DeploymentPaths(root)
     frozen: list[int] = []

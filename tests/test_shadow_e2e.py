@@ -46,8 +46,10 @@ def test_shadow_stage_rejects_a_differing_challenger_and_a_hung_shadow_changes_n
     name = f"shd{suffix}"
     gate = tmp_path / "wake-the-sleepy-shadow"
     cli_env = env.environ(SLEEPY_MODEL_GATE=str(gate))
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{model}@champion", "-C", f"policy={policy}",
-            "-C", "poll_interval_s=0.5", "-C", "timeout_s=5", env=cli_env)
+    # The verbs in process, with the gate in the environment a shell would give them (the verbs as
+    # processes: tests/test_cli_verbs.py).
+    env.create(name, f"models:/{model}@champion", f"policy={policy}", "poll_interval_s=0.5", "timeout_s=5",
+               SLEEPY_MODEL_GATE=str(gate))
     root = env.home / "deployments" / name
     url = env.status(name)["url"]
     features = env_features()
@@ -73,8 +75,8 @@ def _shadow_stage_and_hang(env: Env, name: str, root: Path, url: str, rows: list
             assert f"lifecycle.deployment.{name}" not in client.get_model_version(model, "2").tags
             mirrored = traffic.count
             # A shadow that hangs on every live request, set by hand.
-            env.cli("update", "-t", "lifecycle", "--name", name, "-C", f"shadow=models:/{sleepy(suffix)}/1",
-                    env=cli_env)
+            env.cli_here("update", "-t", "lifecycle", "--name", name, "-C", f"shadow=models:/{sleepy(suffix)}/1",
+                         env=cli_env)
             after_update = traffic.count
             # The registry says where the shadow version runs, as it does for served versions.
             tag = client.get_model_version(f"sleepy_{suffix}", "1").tags.get(f"lifecycle.deployment.{name}", "")

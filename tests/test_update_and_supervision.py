@@ -70,7 +70,8 @@ def env_history(env: Env, name: str) -> list[dict]:
 
 def test_crashed_worker_is_restarted_then_marked_failed(env: Env, registry: Registry) -> None:
     name = "crashy"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1", "-C", "max_restarts=1")
+    # `create`, `get` and `predict` in process (the verbs as processes: tests/test_cli_verbs.py).
+    env.create(name, f"models:/{registry.model}/1", "max_restarts=1")
     try:
         first = env.status(name)
         os.kill(first["worker_pids"][0], signal.SIGKILL)
@@ -79,15 +80,15 @@ def test_crashed_worker_is_restarted_then_marked_failed(env: Env, registry: Regi
         assert restarted["worker_pids"] != first["worker_pids"]
         assert "SIGKILL" in restarted["last_error"]
         assert requests.get(f"{first['url']}/health", timeout=5).status_code == 200
-        out = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        out = env.cli_here("get", "-t", "lifecycle", "--name", name).stdout
         assert "restarts: 1" in out and "status: running" in out
 
         os.kill(restarted["worker_pids"][0], signal.SIGKILL)  # a second crash in a row: give up
         wait_for(lambda: env.status(name)["state"] == "failed", 60, "the deployment to be marked failed")
-        out = env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        out = env.cli_here("get", "-t", "lifecycle", "--name", name).stdout
         assert "status: failed" in out and "SIGKILL" in out
-        proc = env.cli("predict", "-t", "lifecycle", "--name", name, "-I", str(_records_file(env, registry)),
-                       check=False)
+        proc = env.cli_here("predict", "-t", "lifecycle", "--name", name, "-I", str(_records_file(env, registry)),
+                            check=False)
         assert proc.returncode != 0 and "is failed" in proc.stderr
     finally:
         env.delete(name)
@@ -103,8 +104,10 @@ def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry
     name = "secured"
     token = "t0ken-for-tests"
     cli_env = env.environ(SERVE_TOKEN=token)
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "auth_token_env=SERVE_TOKEN", "-C", "warm_standby=false", env=cli_env)
+    # The verbs in process, with the token in the environment as a shell would have it (the verbs as
+    # processes: tests/test_cli_verbs.py).
+    env.create(name, f"models:/{registry.model}/1", "auth_token_env=SERVE_TOKEN", "warm_standby=false",
+               SERVE_TOKEN=token)
     try:
         url = env.status(name)["url"]
         payload = split_payload(registry.features.head(1))
@@ -116,13 +119,13 @@ def test_auth_token_protects_the_api_but_not_probes(env: Env, registry: Registry
         assert requests.get(f"{url}/metrics", timeout=5).status_code == 401
         assert post_json(url, payload, Authorization=f"Bearer {token}").status_code == 200
         output = env.root / "secured-out.json"
-        env.cli("predict", "-t", "lifecycle", "--name", name, "-I", str(_records_file(env, registry)),
-                "-O", str(output), env=cli_env)
+        env.cli_here("predict", "-t", "lifecycle", "--name", name, "-I", str(_records_file(env, registry)),
+                     "-O", str(output), env=cli_env)
         assert "predictions" in output.read_text()
         logs = "".join(p.read_text() for p in (env.home / "deployments" / name / "logs").iterdir())
         assert token not in logs
-        proc = env.cli("create", "-t", "lifecycle", "--name", "nosecret", "-m", f"models:/{registry.model}/1",
-                       "-C", "auth_token_env=UNSET_TOKEN_VAR", check=False)
+        proc = env.cli_here("create", "-t", "lifecycle", "--name", "nosecret", "-m", f"models:/{registry.model}/1",
+                            "-C", "auth_token_env=UNSET_TOKEN_VAR", check=False)
         assert proc.returncode != 0 and "UNSET_TOKEN_VAR" in proc.stderr
     finally:
         env.delete(name)
@@ -135,7 +138,7 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
 
     name = "split"
     tag = f"lifecycle.deployment.{name}"
-    env.cli("create", "-t", "lifecycle", "--name", name, "-m", f"models:/{registry.model}/1", "-C", "warm_standby=false")
+    env.create(name, f"models:/{registry.model}/1", "warm_standby=false")  # the verbs as processes: test_cli_verbs
     try:
         url = env.status(name)["url"]
         Deployments("lifecycle").transition(
@@ -143,7 +146,7 @@ def test_traffic_split_is_honoured(env: Env, registry: Registry) -> None:
             reason="canary test", actor="test")
         info = requests.get(f"{url}/deployment", timeout=5).json()
         assert [(t["model_version"], t["percent"]) for t in info["traffic"]] == [("1", 70.0), ("2", 30.0)]
-        assert "traffic: v1 70%, v2 30%" in env.cli("get", "-t", "lifecycle", "--name", name).stdout
+        assert "traffic: v1 70%, v2 30%" in env.cli_here("get", "-t", "lifecycle", "--name", name).stdout
         session = requests.Session()
         payload = split_payload(registry.features.iloc[[1]])
         served = [session.post(f"{url}/invocations", json=payload, timeout=30).headers["x-model-version"]
