@@ -149,7 +149,9 @@ def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() 
         assert channel.put(_copy(0))  # after a quiet spell: written at once
         assert [copy.request_id for copy in unpack_copies(reader.read()[1])] == ["r0"]
         assert all(channel.put(_copy(i)) for i in range(1, 6))
-        assert channel.waiting() == 5
+        # r0 left the queue when the reader got it, but the sender counts it finished only after
+        # its write returns: wait for that, then exactly the 5 gathering copies wait.
+        wait_for(lambda: channel.waiting() == 5, WAIT_S, "r0 to be counted as written")
         assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
         kind, items = reader.read()
         assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(1, 6)]
