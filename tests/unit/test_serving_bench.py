@@ -157,3 +157,16 @@ def test_a_cell_that_completed_nothing_leaves_its_goals_unjudged() -> None:
     assert verdicts["p99 at c>=8 <= 1/2 of MLServer's"] is None
     assert verdicts["1-row c=32 throughput >= 10x mlflow models serve"] is True
     assert serving_goals.empty_cells(results) == ["mlserver-batch 1r c=32"]
+
+
+def test_shadow_ratio_takes_each_on_cell_against_its_neighbours_and_the_median() -> None:
+    def cell(p99: float, rps: float) -> dict[str, Any]:
+        return {"rows": 1, "concurrency": 8, "p99_ms": p99, "rps": rps}
+
+    # off 10, on 12, off 14, on 11, off 8, on 30, off 10: ratios 12/12, 11/11, 30/9
+    point = [cell(10, 100), cell(12, 90), cell(14, 100), cell(11, 100), cell(8, 100), cell(30, 50), cell(10, 100)]
+    ratio = serving.shadow_ratio(point)
+    assert ratio["p99_on_over_off_each"] == pytest.approx([1.0, 1.0, 30 / 9])
+    assert ratio["p99_on_over_off"] == pytest.approx(1.0)  # one bad on cell does not decide
+    assert ratio["rps_on_over_off"] == pytest.approx(0.9)
+    assert (ratio["p99_on_ms"], ratio["p99_off_ms"]) == (12, 11)
