@@ -760,9 +760,10 @@ class Supervisor:
             del self.workers[pid]
             forget_worker_metrics(self.paths.metrics, pid)
             how, cause = _exit_description(code), None
-            if code == -signal.SIGKILL and not worker.draining and worker.generation != -1:
+            if code == -signal.SIGKILL and not worker.draining:
                 # Not killed by us (we kill only draining or hung workers, marked draining): a
-                # person, or the OOM killer. Say which when the cgroup tells.
+                # person, or the OOM killer. Say which when the cgroup tells (a standby's too, so
+                # its OOM kill is not read as a later kill -9's).
                 cause = self.oom.cause_of_sigkill()
                 how = describe_sigkill(cause)
                 if cause == OOM:
