@@ -20,6 +20,7 @@ import click
 from mlflow_deploy_plugin.cli_progress import progress_printer
 from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
 from mlflow_deploy_plugin.state import StateStore, read_history_file, validate_name
+from mlflow_deploy_plugin.systemd_units import systemd_units
 
 pass_store = click.make_pass_decorator(StateStore)
 # Commands that load MLflow skip ~1 s of CPU in the interpreter's last collections at exit (see target.py).
@@ -348,55 +349,14 @@ def watch(store: StateStore, host: str, port: int, secret_env: str, policies: tu
         worker.join(timeout=30)
 
 
-_SYSTEMD_UNIT = """\
-# {unit}.service - bring every mlflow-deploy deployment back to running (at boot, and every 5 min).
-# Install (as the user that owns the deployments):
-#   mlflow-deploy up --print-systemd-unit --write-to ~/.config/systemd/user
-#   systemctl --user daemon-reload && systemctl --user enable --now {unit}.timer
-#   loginctl enable-linger "$USER"    # start at boot, before anyone logs in
-# Tokens (-C auth_token_env=...) go in the EnvironmentFile, readable by that user only (chmod 600).
-# ---- {unit}.service ----
-[Unit]
-Description=Bring mlflow-deploy deployments back to running
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=oneshot
-Environment=MLFLOW_DEPLOY_HOME={home}
-EnvironmentFile=-%h/.config/mlflow-deploy/env
-ExecStart={executable} up
-# The deployments' processes are detached from this one-shot unit: keep them when it ends.
-KillMode=process
-
-# ---- {unit}.timer ----
-[Unit]
-Description=Run {unit}.service at boot and every 5 minutes
-
-[Timer]
-OnBootSec=15s
-OnUnitActiveSec=5min
-Unit={unit}.service
-
-[Install]
-WantedBy=timers.target
-"""
-
-
-def systemd_units(home: Path, executable: str, unit: str = "mlflow-deploy-up") -> dict[str, str]:
-    """The service and timer that run `mlflow-deploy up` at boot and periodically, by file name."""
-    text = _SYSTEMD_UNIT.format(home=home, executable=executable, unit=unit)
-    service, _, timer = text.partition(f"# ---- {unit}.timer ----\n")
-    return {f"{unit}.service": service, f"{unit}.timer": timer}
-
-
 @cli.command("up")
 @click.option("--retry-failed", is_flag=True,
               help="Also start deployments marked failed (their version could not stay up).")
 @click.option("--print-systemd-unit", is_flag=True,
-              help="Print a systemd service + timer that run `mlflow-deploy up` at boot and every 5 minutes.")
+              help="Print the systemd user units that run `mlflow-deploy up` at boot and every 5 minutes "
+                   "(a service that owns the deployments' processes, its reload helper, a timer).")
 @click.option("--write-to", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With --print-systemd-unit: write the two unit files into this folder instead.")
+              help="With --print-systemd-unit: write the three unit files into this folder instead.")
 @pass_store
 def up(store: StateStore, retry_failed: bool, print_systemd_unit: bool, write_to: Path | None) -> None:
     """Bring every deployment back to running: after a reboot, after its processes were killed.
@@ -409,7 +369,7 @@ def up(store: StateStore, retry_failed: bool, print_systemd_unit: bool, write_to
             else f"{sys.executable} -m mlflow_deploy_plugin.cli"
         units = systemd_units(store.home, executable)
         if write_to is None:
-            click.echo("".join(units.values()), nl=False)
+            click.echo("\n".join(units.values()), nl=False)
             return
         write_to.mkdir(parents=True, exist_ok=True)
         for file_name, text in units.items():

@@ -271,8 +271,12 @@ CONFIG_KEYS: tuple[_Key, ...] = (
          "Most cells (rows x columns; JSON values) one request may decode to (413 above).",
          _to_int(1, 10_000_000_000)),
     _Key("max_queue", "int", 256,
-         "Requests that may wait for the model per worker and version; when full, requests get 503 "
-         "with Retry-After at once (load shedding).", _to_int(1, 1_000_000)),
+         "Requests that may wait for the model, per worker (per replica on Ray) and per served version; "
+         "when full, requests get 503 with Retry-After at once (load shedding). Each version also has "
+         "the batch it took from its queue in predict, so a local deployment holds at most workers x "
+         "versions served (2 during a canary) x 2 x max_queue requests (an update adds the new workers' "
+         "until the old ones drain; on Ray, Serve hands a replica max_ongoing_requests at most).",
+         _to_int(1, 1_000_000)),
     _Key("startup_timeout_s", "float", 180.0,
          "How long create/update wait for the model to load and answer /health.",
          _to_float(1, 3600)),

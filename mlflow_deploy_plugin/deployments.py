@@ -218,9 +218,10 @@ class Deployments:
             "shadow": shadow_summary(spec),
             "config": shown_config(spec.config),
             # Engine-specific, when the engine says: replica health (and how recent dead ones died), the
-            # machine that created it, requests that killed their worker, capture a killed worker lost.
+            # machine that created it, requests that killed their worker, workers the OOM killer
+            # killed, capture a killed worker lost.
             **{key: details[key] for key in ("replicas", "dead_replicas", "created_from", "bad_requests",
-                                             "capture_lost")
+                                             "oom_kills", "capture_lost")
                if details.get(key) is not None},
         }
 

@@ -159,6 +159,10 @@ def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry:
             # Killed mid-predict it counts as a (suspected) bad request, else as a crash: never against
             # the crash budget either way.
             assert after["restarts"] == 1 and after["given_up_workers"] == [], after
+            # A person's kill -9 is told apart from the OOM killer's by the cgroup counter (oom.py).
+            deaths = [e for e in env_history(env, name) if e["event"] in ("bad_request", "crashed")]
+            assert [e.get("cause") for e in deaths] in (["killed"], ["killed (cause unknown)"]), deaths
+            assert after["oom_kills"] == 0, after
 
             # The warm standby and the agent: nothing the clients can notice.
             for kind in ("standby_pid", "agent_pid"):

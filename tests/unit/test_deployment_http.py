@@ -42,7 +42,9 @@ def _pem(*certs: x509.Certificate) -> bytes:
 @pytest.fixture(scope="module")
 def served_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """An HTTPS server on 127.0.0.1 presenting leaf (``churn.example.com``) + intermediate, the way a
-    CA-issued certificate is served; the file holds exactly that chain, without its root."""
+    CA-issued certificate is served; the file holds exactly that chain, without its root. Beside it:
+    ``root.pem`` (the private CA, as a user's CA bundle) and ``renewed.pem`` (a new leaf from the same
+    intermediate, alone: the file after a renewal, before the server restarted)."""
     folder = tmp_path_factory.mktemp("tls")
     root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     root = _cert("Test Root CA", root_key, None, None, ca=True)
@@ -50,6 +52,10 @@ def served_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int
     leaf = _cert("churn.example.com", leaf_key, intermediate, mid_key, ca=False, dns="churn.example.com")
     chain = folder / "chain.pem"
     chain.write_bytes(_pem(leaf, intermediate))
+    (folder / "root.pem").write_bytes(_pem(root))
+    renewed = _cert("churn.example.com", ec.generate_private_key(ec.SECP256R1()), intermediate, mid_key, ca=False,
+                    dns="churn.example.com")
+    (folder / "renewed.pem").write_bytes(_pem(renewed))
     key = folder / "key.pem"
     key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
@@ -109,3 +115,38 @@ def test_host_names_are_checked_off_loopback(served_chain: tuple[int, Path]) -> 
     # Plain http, or https without a certificate file: requests' own defaults.
     assert type(deployment_session("http://127.0.0.1:1", str(chain)).get_adapter("http://127.0.0.1:1")) is \
         requests.adapters.HTTPAdapter
+
+
+def test_a_ca_bundle_the_user_trusts_is_honoured(served_chain: tuple[int, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CA-issued certificate is trusted through the user's CAs too (as requests chooses them), not
+    only pinned: the file renewed on disk no longer holds what the server still sends."""
+    port, chain = served_chain
+    url = f"https://127.0.0.1:{port}"
+    renewed = str(chain.parent / "renewed.pem")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with deployment_session(url, renewed) as session, pytest.raises(requests.exceptions.SSLError):
+        session.get(url, timeout=10)  # pinned only: the served leaf is not in the file, no CA knows it
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(variable, str(chain.parent / "root.pem"))
+        with deployment_session(url, renewed) as session:
+            assert session.get(url, timeout=10).text == "ok", variable
+        monkeypatch.delenv(variable)
+
+
+def test_a_ca_bundle_does_not_trust_what_it_does_not_sign(served_chain: tuple[int, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    port, chain = served_chain
+    url = f"https://127.0.0.1:{port}"
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(_pem(_cert("Another CA", stranger_key, None, None, ca=True)))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other_ca))
+    with deployment_session(url, str(chain.parent / "renewed.pem")) as session, \
+            pytest.raises(requests.exceptions.SSLError):
+        session.get(url, timeout=10)
+    # A bundle that cannot be read is an error naming it, not a silent fallback.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(requests.exceptions.SSLError, match="missing.pem"):
+        deployment_session(url, str(chain))

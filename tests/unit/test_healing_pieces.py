@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -177,20 +178,51 @@ def test_mailbox_drops_requests_whose_client_died(tmp_path: Path) -> None:
     assert not (tmp_path / "1-a.request.json").exists()
 
 
-def test_up_prints_a_systemd_service_and_timer(tmp_path: Path) -> None:
+def _unit_settings(text: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file (comments and sections aside), values by key."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_up_prints_systemd_units_that_own_the_deployments_processes(tmp_path: Path) -> None:
+    """The supervisors `up` starts stay in the cgroup of the unit that ran it: that unit stays active
+    (RemainAfterExit) and the periodic runs are reloads of it, so systemd never finds them left over
+    from an ended unit; stopping the unit never stops the deployments (KillMode=process)."""
     from mlflow_deploy_plugin.cli import cli
 
     result = CliRunner().invoke(cli, ["--home", str(tmp_path), "up", "--print-systemd-unit"])
     assert result.exit_code == 0, result.output
-    assert "[Service]" in result.output and "[Timer]" in result.output and "OnBootSec=" in result.output
-    assert f"MLFLOW_DEPLOY_HOME={tmp_path}" in result.output and " up\n" in result.output
+    assert result.output.count("[Service]") == 2 and "[Timer]" in result.output
     written = CliRunner().invoke(cli, ["--home", str(tmp_path), "up", "--print-systemd-unit",
                                        "--write-to", str(tmp_path / "units")])
     assert written.exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "units").iterdir()) == ["mlflow-deploy-up.service",
-                                                                     "mlflow-deploy-up.timer"]
-    assert "WantedBy=timers.target" in (tmp_path / "units" / "mlflow-deploy-up.timer").read_text()
-    assert "KillMode=process" in (tmp_path / "units" / "mlflow-deploy-up.service").read_text()
+    units = tmp_path / "units"
+    assert sorted(p.name for p in units.iterdir()) == ["mlflow-deploy-up-heal.service", "mlflow-deploy-up.service",
+                                                       "mlflow-deploy-up.timer"]
+    service = _unit_settings((units / "mlflow-deploy-up.service").read_text())
+    heal = _unit_settings((units / "mlflow-deploy-up-heal.service").read_text())
+    timer = _unit_settings((units / "mlflow-deploy-up.timer").read_text())
+    assert service["Type"] == ["oneshot"] and service["RemainAfterExit"] == ["yes"]
+    assert service["KillMode"] == ["process"] and service["WantedBy"] == ["default.target"]
+    assert service["Environment"] == [f"MLFLOW_DEPLOY_HOME={tmp_path}"]
+    assert service["ExecStart"] == service["ExecReload"] and service["ExecStart"][0].endswith(" up")
+    # The timer never starts `up` in a unit of its own: it asks the service for a reload.
+    assert timer["Unit"] == ["mlflow-deploy-up-heal.service"] and timer["OnUnitActiveSec"] == ["5min"]
+    assert timer["WantedBy"] == ["timers.target"] and "OnActiveSec" in timer
+    assert heal["Type"] == ["oneshot"] and "RemainAfterExit" not in heal
+    assert heal["ExecStart"][0].endswith(" --user try-reload-or-restart mlflow-deploy-up.service")
+    if shutil.which("systemd-analyze") is None:
+        return
+    runtime = tmp_path / "xdg-runtime"  # `verify --user` needs a runtime folder, not a running manager
+    runtime.mkdir(mode=0o700)
+    verified = subprocess.run(["systemd-analyze", "verify", "--user", *sorted(str(p) for p in units.iterdir())],
+                              capture_output=True, text=True, timeout=120, cwd=units,
+                              env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)))
+    assert verified.returncode == 0 and "mlflow-deploy-up" not in verified.stderr, verified.stderr
 
 
 def test_up_with_nothing_deployed_says_so(tmp_path: Path) -> None:

@@ -112,3 +112,37 @@ def test_custom_pyfunc_models_are_not_batched_unless_asked(serve: ServeFactory, 
         assert sorted(sorted(call) for call in model.calls) == expected, (batching, model.calls)
         while model.started.acquire(blocking=False):
             pass
+
+
+
+def test_max_queue_is_per_served_version(serve: ServeFactory, controlled_slot: ModelSlot,
+                                         controlled_path: Any) -> None:
+    """What the README and the help text say of -C max_queue: per worker and per served version.
+    With two versions served (a canary), one version's full queue sheds its own requests only: the
+    other version's requests still join theirs (so one worker holds up to 2 x max_queue waiting)."""
+    from unit_helpers import load_slot
+
+    canary_slot = load_slot(controlled_path, "8", name="controlled")
+    served = serve([(controlled_slot, 50.0), (canary_slot, 50.0)], max_queue=1)
+    model = controlled(controlled_slot)
+
+    def post_to(version: str, ids: list[int]) -> Any:
+        return served.client.post("/invocations", content=json.dumps(split_body(id_frame(ids))),
+                                  headers={"content-type": "application/json", "x-model-version": version})
+
+    with ThreadPoolExecutor(max_workers=3) as pool, gate_closed(model):
+        first = pool.submit(post_to, "7", [1])
+        wait_started(model)  # version 7 holds the worker's one predict thread
+        queued = [pool.submit(post_to, "7", [2])]
+        wait_queued(served.client, 1)
+        assert_error(post_to("7", [3]), 503, "TEMPORARILY_UNAVAILABLE", "max_queue=1")  # 7's queue is full
+        queued.append(pool.submit(post_to, "8", [4]))  # 8's queue is its own: not refused
+        deadline = time.monotonic() + WAIT_S
+        while metric(served.client.get("/metrics").text, "mlflow_deploy_in_flight_requests") != 3:
+            assert time.monotonic() < deadline, "the canary's request never arrived"
+            time.sleep(0.01)
+        assert not queued[-1].done()  # waiting for the predict thread version 7 holds, not refused
+        assert_error(post_to("7", [5]), 503, "TEMPORARILY_UNAVAILABLE", "max_queue=1")  # 7 still full
+    answers = [future.result() for future in (first, *queued)]
+    assert [(a.status_code, a.headers["x-model-version"]) for a in answers] == [(200, "7"), (200, "7"), (200, "8")]
+    assert metric(served.client.get("/metrics").text, "mlflow_deploy_requests_total", status="503") == 2

@@ -156,6 +156,30 @@ def test_a_supervisor_of_the_deployment_gets_it_one_of_another_does_not(tmp_path
         server.close()
 
 
+@pytest.mark.parametrize("spelled_by", ["successor", "worker"])
+def test_a_supervisor_reaching_the_home_through_a_symlink_still_gets_it(
+        tmp_path: Path, listening: socket.socket, spelled_by: str) -> None:
+    """``$MLFLOW_DEPLOY_HOME`` through a symlink (``up`` from cron, the plugin from a shell): one
+    folder, two spellings. Either side may hold the link; the socket is handed over all the same."""
+    real = _root(tmp_path / "real")
+    link_home = tmp_path / "linked-home"
+    link_home.symlink_to(tmp_path / "real")
+    linked = link_home / "deployments" / "dep"
+    assert str(linked) != str(real) and linked.resolve() == real.resolve()
+    worker_root, successor_root = (real, linked) if spelled_by == "successor" else (linked, real)
+    server = _offer(worker_root, listening, anyone=False)
+    try:
+        ours = _ask_as_supervisor_of(successor_root, server.path)
+        assert ours.stdout.split() == ["inode", str(os.fstat(listening.fileno()).st_ino)], ours
+        # A folder of the same name elsewhere is still another deployment.
+        elsewhere = _root(tmp_path / "elsewhere")
+        theirs = _ask_as_supervisor_of(elsewhere, server.path)
+        assert theirs.stdout.startswith("refused"), theirs
+        assert len(server.handed_to) == 1
+    finally:
+        server.close()
+
+
 def test_peer_credentials_name_the_process_at_the_other_end() -> None:
     left, right = socket.socketpair(socket.AF_UNIX)
     with left, right:

@@ -78,3 +78,48 @@ def test_a_supervisor_is_recognised_by_its_command_line(tmp_path: Path, module: 
     finally:
         proc.communicate(timeout=10)
     assert is_supervisor(proc.pid, root) is False  # gone
+
+
+def test_a_deployments_processes_are_recognised_through_a_symlinked_home(tmp_path: Path) -> None:
+    """Supervisor, agent and worker command lines spelled through a symlink (or relative to their
+    working directory) name the same folder; another folder of the same name does not."""
+    import subprocess
+    import sys
+
+    from mlflow_deploy_plugin.engines.local.processes import (
+        AGENT_MODULE,
+        SUPERVISOR_MODULE,
+        WORKER_MODULE,
+        is_agent,
+        is_supervisor,
+        is_worker,
+    )
+
+    real = tmp_path / "home" / "deployments" / "churn"
+    (real / "run").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "home")
+    linked = tmp_path / "linked" / "deployments" / "churn"
+    other = tmp_path / "other" / "deployments" / "churn"
+    (other / "run").mkdir(parents=True)
+    code = "import sys; print('up', flush=True); sys.stdin.read()"
+    argvs = {
+        "supervisor": [SUPERVISOR_MODULE, str(linked)],
+        "agent": [AGENT_MODULE, "deployments/churn"],  # relative to its working directory
+        "worker": [WORKER_MODULE, "--generation", str(linked / "run" / "gen-1.json")],
+    }
+    procs = {kind: subprocess.Popen([sys.executable, "-c", code, *argv], cwd=tmp_path / "linked",
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for kind, argv in argvs.items()}
+    try:
+        for proc in procs.values():
+            assert proc.stdout is not None and proc.stdout.readline() == "up\n"  # exec'd: cmdline final
+        checks = {"supervisor": is_supervisor, "agent": is_agent, "worker": is_worker}
+        for kind, check in checks.items():
+            assert check(procs[kind].pid, real), kind
+            assert check(procs[kind].pid, linked), kind
+            assert not check(procs[kind].pid, other), kind
+            others = [check(procs[k].pid, real) for k in checks if k != kind]
+            assert others == [False, False], kind  # each check knows its own kind only
+    finally:
+        for proc in procs.values():
+            proc.communicate(timeout=10)

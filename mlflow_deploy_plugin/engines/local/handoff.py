@@ -9,7 +9,8 @@ accept queue. Instead it asks one of those workers for the socket itself:
   ``run/handoff/<pid>.sock`` (folder 0700, socket 0600: the deployment's owner only);
 - the successor connects and asks ``handoff <deployment folder>``; the worker checks the peer
   (``SO_PEERCRED``: same uid, and the pid is a supervisor of this very deployment by its command
-  line) and the folder named, then sends a duplicate of its listening fd with ``SCM_RIGHTS``;
+  line) and the folder named, both compared as folders, not strings (a home reached through a
+  symlink is still this deployment), then sends a duplicate of its listening fd with ``SCM_RIGHTS``;
 - the successor serves on it exactly as on a socket inherited with ``--fd``: one socket, so the
   old workers drain and nothing queued is lost.
 

@@ -48,10 +48,64 @@ def _cmdline(pid: int | None) -> list[bytes]:
         return []
 
 
+def _path_args(pid: int | None, argv: list[bytes]) -> list[Path]:
+    """The command-line arguments of ``pid`` that may be paths, as the process itself resolves them
+    (a relative one against its working directory)."""
+    if pid is None:
+        return []
+    cwd = Path(f"/proc/{pid}/cwd")
+    return [cwd / os.fsdecode(arg) for arg in argv if arg and not arg.startswith(b"-")]
+
+
+def _names_folder(pid: int | None, argv: list[bytes], root: Path) -> bool:
+    """Whether one of ``argv``'s arguments is the folder ``root`` itself.
+
+    The same folder is not always spelled the same: ``$MLFLOW_DEPLOY_HOME`` reached through a
+    symlink (``up`` from cron, the plugin from a shell) gives two spellings of one folder, and a
+    supervisor that refused its own deployment's socket would bind beside its workers (resetting
+    what waits in their queue). So after the plain string match, compare the folders themselves
+    (device and inode).
+    """
+    if str(root).encode() in argv:
+        return True
+    try:
+        wanted = os.stat(root)
+    except OSError:
+        return False
+    for arg in _path_args(pid, argv):
+        try:
+            found = os.stat(arg)
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+    return False
+
+
+def _names_file_under(pid: int | None, argv: list[bytes], root: Path) -> bool:
+    """Whether one of ``argv``'s arguments is a path inside the folder ``root`` (symlinks resolved,
+    as in :func:`_names_folder`)."""
+    prefix = str(root).encode() + b"/"
+    if any(arg.startswith(prefix) for arg in argv):
+        return True
+    try:
+        real_root = root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    for arg in _path_args(pid, argv):
+        try:
+            if arg.resolve().is_relative_to(real_root):
+                return True
+        except (OSError, RuntimeError):
+            continue
+    return False
+
+
 def is_supervisor(pid: int | None, root: Path) -> bool:
-    """Whether ``pid`` is alive AND is the supervisor of the deployment at ``root``."""
+    """Whether ``pid`` is alive AND is the supervisor of the deployment at ``root`` (however either
+    spells the folder's path)."""
     argv = _cmdline(pid)
-    return any(module in argv for module in _SUPERVISOR_MODULES) and str(root).encode() in argv
+    return any(module in argv for module in _SUPERVISOR_MODULES) and _names_folder(pid, argv, root)
 
 
 def is_worker(pid: int | None, root: Path) -> bool:
@@ -60,14 +114,13 @@ def is_worker(pid: int | None, root: Path) -> bool:
     A worker's command line names its generation file, which lives under the deployment's folder.
     """
     argv = _cmdline(pid)
-    prefix = str(root).encode() + b"/"
-    return WORKER_MODULE.encode() in argv and any(arg.startswith(prefix) for arg in argv)
+    return WORKER_MODULE.encode() in argv and _names_file_under(pid, argv, root)
 
 
 def is_agent(pid: int | None, root: Path) -> bool:
     """Whether ``pid`` is alive AND is the background agent of the deployment at ``root``."""
     argv = _cmdline(pid)
-    return AGENT_MODULE.encode() in argv and str(root).encode() in argv
+    return AGENT_MODULE.encode() in argv and _names_folder(pid, argv, root)
 
 
 def status_pids(status: dict[str, Any], *keys: str) -> list[int]:

@@ -7,7 +7,8 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
   connection: new workers accept beside the old ones, then the old ones drain;
 - restarts crashed workers. A crash is judged by what the worker was doing (its liveness file,
   ``liveness.py``): dying inside a model call means a request killed it (recorded as a bad request,
-  restarted at once, never held against the version); dying after it has served is restarted at
+  restarted at once, never held against the version; a SIGKILL is told apart as the kernel's OOM
+  killer or not by the cgroup's OOM counter, ``oom.py``); dying after it has served is restarted at
   once; dying before it served anything is the version failing to stay up, restarted with
   exponential backoff, and after ``max_restarts`` such crashes in a row that worker is given up.
   The deployment is ``failed`` only when no worker is left: healthy workers are never stopped;
@@ -37,7 +38,7 @@ two deployments from ever sharing a port); the log says so, since connections st
 old socket are then reset when its last worker closes it.
 
 It imports only the standard library and the spec/state modules (and its own mailbox, worker
-protocol, liveness, capture loss, socket handoff and process helpers): a test reads its import graph to keep it that way.
+protocol, liveness, capture loss, OOM counter, socket handoff and process helpers): a test reads its import graph to keep it that way.
 
 Run as ``python -m mlflow_deploy_plugin.engines.local.supervisor DEPLOYMENT_DIR [--respawn] [--fd N]``.
 """
@@ -70,6 +71,7 @@ from mlflow_deploy_plugin.engines.local.handoff import (
 )
 from mlflow_deploy_plugin.engines.local.liveness import HUNG_GRACE_S, Liveness, liveness_dir, read_liveness
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
+from mlflow_deploy_plugin.engines.local.oom import OOM, OomKills, describe_sigkill, own_oom_counter
 from mlflow_deploy_plugin.engines.local.processes import (
     is_agent,
     is_supervisor,
@@ -310,6 +312,8 @@ class Supervisor:
         self.orphans: dict[int, float | None] = {}
         self.orphans_told = False
         self.bad_requests = 0
+        self.oom_kills = 0  # workers the kernel's OOM killer killed (``oom.py``)
+        self.oom = OomKills(own_oom_counter())  # workers stay in our cgroup: its counter is theirs
         self.hung_replaced = 0
         self.takeovers = 0
         self.given_up: set[int] = set()  # worker indexes no longer restarted (crash budget spent)
@@ -636,6 +640,7 @@ class Supervisor:
             return
         self.restarts = int(previous.get("restarts") or 0)
         self.bad_requests = int(previous.get("bad_requests") or 0)
+        self.oom_kills = int(previous.get("oom_kills") or 0)
         self.hung_replaced = int(previous.get("hung_replaced") or 0)
         self.capture_loss.lost = int(previous.get("capture_lost") or 0)
         if previous.get("state") not in (STATUS_STOPPED, STATUS_FAILED):
@@ -745,6 +750,7 @@ class Supervisor:
                         worker.release()
 
     def _reap(self) -> None:
+        self.oom.poll()
         for pid, worker in list(self.workers.items()):
             code = worker.popen.poll()
             if code is None:
@@ -753,22 +759,35 @@ class Supervisor:
             os.close(worker.ready_fd)
             del self.workers[pid]
             forget_worker_metrics(self.paths.metrics, pid)
+            how, cause = _exit_description(code), None
+            if code == -signal.SIGKILL and not worker.draining:
+                # Not killed by us (we kill only draining or hung workers, marked draining): a
+                # person, or the OOM killer. Say which when the cgroup tells (a standby's too, so
+                # its OOM kill is not read as a later kill -9's).
+                cause = self.oom.cause_of_sigkill()
+                how = describe_sigkill(cause)
+                if cause == OOM:
+                    self.oom_kills += 1
             # Whatever way it went (crashed, killed while draining or hung): what it held is counted.
-            live = self._worker_gone(pid, _exit_description(code))
+            live = self._worker_gone(pid, how)
             with contextlib.suppress(OSError):
                 handoff_path(self.paths.root / "run", pid).unlink()
             if worker.draining or worker.generation == -1:
                 if worker is self.standby:
                     self.standby = None
                 continue
-            reason = worker.error or f"worker {_exit_description(code)}: {_log_tail(worker.log_path)}"
+            reason = worker.error or f"worker {how}: {_log_tail(worker.log_path)}"
             if self.pending and worker.generation == self.pending.generation.number:
                 self._fail_update(reason)
             elif self.current and worker.generation == self.current.number:
-                self._on_crash(worker, self.current, reason, live)
+                self._on_crash(worker, self.current, reason, live, cause)
 
-    def _on_crash(self, worker: Worker, current: Generation, reason: str, live: Liveness | None = None) -> None:
-        """``worker`` of the serving generation ``current`` died: restart it, or give up on it."""
+    def _on_crash(self, worker: Worker, current: Generation, reason: str, live: Liveness | None = None,
+                  cause: str | None = None) -> None:
+        """``worker`` of the serving generation ``current`` died: restart it, or give up on it.
+        ``cause``: for a SIGKILL, ``oom``, ``killed`` or ``killed (cause unknown)`` (``oom.py``),
+        recorded in the history entry."""
+        why = {"cause": cause} if cause is not None else {}
         self.last_error = reason
         if not self.ever_ready:
             # A model that never came up will not come up on retry: fail create with the reason.
@@ -784,7 +803,7 @@ class Supervisor:
                                f"predicting ({self.bad_requests} such request(s) so far): {reason}")
             _logger.warning("%s", self.last_error)
             self.store.append_history(self.paths.name, "bad_request", error=reason, rows=live.busy_rows,
-                                      model_version=current.spec.model.model_version)
+                                      model_version=current.spec.model.model_version, **why)
             self.respawn_at[worker.index] = time.monotonic()
             return
         served = live is not None and live.predicts > 0
@@ -793,14 +812,14 @@ class Supervisor:
             self.crashes_in_row = 0
             self.restarts += 1
             _logger.warning("Worker %d died after serving (%s); restarting it", worker.index, reason)
-            self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
+            self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts, **why)
             self.respawn_at[worker.index] = time.monotonic()
             return
         # It died before serving anything: the version may not be able to stay up. That is what
         # the crash budget is for.
         self.crashes_in_row += 1
         max_restarts = current.spec.config.max_restarts
-        self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts)
+        self.store.append_history(self.paths.name, "crashed", error=reason, restarts=self.restarts, **why)
         if self.crashes_in_row > max_restarts:
             others = [w for w in self._workers_of(current) if w.ready_at and w is not worker]
             message = f"worker {worker.index} crashed {self.crashes_in_row} times in a row before serving"
@@ -966,6 +985,7 @@ class Supervisor:
             "serving_pids": sorted({w.pid for w in current_workers if w.ready_at}
                                    | {pid for pid, told in self.orphans.items() if told is None}),
             "bad_requests": self.bad_requests,
+            "oom_kills": self.oom_kills,
             "hung_replaced": self.hung_replaced,
             **self.capture_loss.status(),
             "takeovers": self.takeovers,
