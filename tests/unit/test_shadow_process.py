@@ -15,15 +15,19 @@ import pytest
 from conftest import wait_for
 from unit_helpers import TestClient, iris_data, split_body
 
-from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.capture import CaptureWriter, read_capture
 from mlflow_deploy_plugin.engines.local.shadow_process import (
     ShadowProcess,
     ShadowStartError,
     _Events,
+    _flush,
     start_shadow_process,
 )
+from mlflow_deploy_plugin.serving.app import Answer
 from mlflow_deploy_plugin.serving.metrics import observe_many
+from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.service import build_service
+from mlflow_deploy_plugin.serving.shadow import ShadowMirror
 from mlflow_deploy_plugin.serving.shadow_channel import FrameReader
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 
@@ -167,6 +171,36 @@ def test_the_child_sends_one_event_per_batch_and_the_worker_counts_it_as_its_cop
     finally:
         os.close(write)
         os.close(read)
+
+
+def test_the_childs_flush_sends_the_flushed_copies_events_before_it_says_flushed(
+        tmp_path: Path, rotated_slot: ModelSlot) -> None:
+    # The child's own pieces, in process: its mirror predicts with a real model into a real capture
+    # writer, its events go to a real pipe. The event thread is not started, so the only way the
+    # outcomes reach the pipe is the flush itself: they must come before "flushed" (the worker's
+    # flush() returns on "flushed", and its outcomes and metrics must then include these copies).
+    read, write = os.pipe()
+    events = _Events(write)
+    writer = CaptureWriter(str(tmp_path / "capture"), "unit", spool_dir=str(tmp_path / "spool"))
+    mirror = ShadowMirror(rotated_slot.predict, "2", writer.record,
+                          on_result=lambda outcome, seconds, count: events.add(("result", outcome, seconds), count))
+    features, _ = iris_data()
+    try:
+        for i in range(3):
+            assert mirror.submit(Answer(f"r{i}", 1.7e9, "1", 200, 1.0, features.iloc[[i]], None))
+        _flush(mirror, writer, events, 7, 30.0)
+        os.close(write)  # what the flush wrote is all there is to read
+        write = -1
+        reader = FrameReader(read)
+        first, second = reader.read(), reader.read()
+    finally:
+        mirror.close(timeout_s=5)
+        writer.close(timeout_s=10)
+        if write >= 0:
+            os.close(write)
+        os.close(read)
+    assert first[0] == "events" and sum(event[-1] for event in first[1] if event[:2] == ("result", "ok")) == 3, first
+    assert second == ("flushed", 7)
 
 
 def test_observing_many_at_once_is_observing_one_by_one() -> None:

@@ -407,10 +407,16 @@ class _Events:
         with self._lock:
             write_all(self.fd, data)
 
-    def flush(self) -> None:
+    def flush(self, then: tuple | None = None) -> None:
+        """Send the pending events (none: a heartbeat), then ``then`` if given, in one write: the
+        worker handles what a message says after the events sent before it (a ``flushed`` must
+        find the flushed copies' outcomes counted)."""
         with self._lock:
             pending, self._pending = self._pending, []
-            write_all(self.fd, encode_frame(("events", [(*event, count) for event, count in pending])))
+            data = encode_frame(("events", [(*event, count) for event, count in pending]))
+            if then is not None:
+                data += encode_frame(then)
+            write_all(self.fd, data)
 
     def _run(self) -> None:
         last = 0.0
@@ -508,8 +514,11 @@ def _flush(mirror: Any, writer: Any, events: _Events, seq: int, timeout_s: float
     try:
         writer.flush(timeout_s=max(0.1, deadline - time.monotonic()))
     finally:
+        # The events of the flushed copies (results, drops, capture drops) go first, or the worker's
+        # flush() could return before its outcomes and metrics include them (events wait up to
+        # EVENTS_EVERY_S otherwise).
         with contextlib.suppress(OSError):
-            events.send(("flushed", seq))
+            events.flush(then=("flushed", seq))
 
 
 def _load(settings: dict[str, Any], events: _Events) -> tuple[Any, Any, str]:
