@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,9 @@ from mlflow_deploy_plugin.serving.shadow_channel import FrameReader
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 
 WAIT_S = 120.0  # a child loads MLflow and its model: seconds on a busy machine
+# How much later than its timeout a call that must keep to it may return (threads scheduled late on a
+# busy machine): far below what a second wait with the same budget, or an unbounded one, would add.
+LATE_S = 3.0
 
 
 def _alive(pid: int) -> bool:
@@ -142,6 +147,37 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
     # The worker's metrics count the child's calls, under the names the in-process mirror used.
     assert ('mlflow_deploy_shadow_calls_total{deployment="unit",model_version="2",outcome="ok"} '
             f'{18.0 - drops.count("crashed")}') in text
+
+
+def _shadow_process(tmp_path: Path, model_dir: Path, drops: list[str] | None = None,
+                    capture_drops: list[int] | None = None, **config: object) -> ShadowProcess:
+    """A ShadowProcess as the worker starts one (the child loads ``model_dir``), not yet waited for."""
+    drop_list = drops if drops is not None else []
+    capture_list = capture_drops if capture_drops is not None else []
+    return ShadowProcess(_spec(**config), model_dir, str(tmp_path / "capture"), tmp_path / "capture.key", "own",
+                         drop_list.append, lambda outcome, seconds, count: None, capture_list.append)
+
+
+def _returns_within(call: Callable[[], object], bound_s: float, what: str) -> None:
+    thread = threading.Thread(target=call, name="bounded-call", daemon=True)
+    thread.start()
+    wait_for(lambda: not thread.is_alive(), bound_s, what)
+
+
+def test_flush_and_close_keep_to_their_timeout_when_the_child_answers_nothing(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    shadow = _shadow_process(tmp_path, rotated_classifier_path)
+    try:
+        shadow.wait_ready(WAIT_S)
+        pid = shadow.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # reads nothing, answers nothing, exits on nothing but a kill
+        _returns_within(lambda: shadow.flush(timeout_s=2.0), 2.0 + LATE_S, "flush(timeout_s=2) to return")
+        _returns_within(lambda: shadow.close(timeout_s=3.0), 3.0 + LATE_S, "close(timeout_s=3) to return")
+        # Within that budget the child that did not exit was killed and reaped.
+        assert not _alive(pid)
+    finally:
+        shadow.close(timeout_s=10)
 
 
 def test_a_shadow_version_that_cannot_load_fails_the_build(

@@ -262,13 +262,18 @@ class ShadowProcess(MirrorFront):
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
             self.restarts += 1
 
-    def _retire(self, proc: subprocess.Popen[bytes], reason: str) -> None:
-        """Make sure ``proc`` is gone and count the copies it took and never answered."""
+    def _retire(self, proc: subprocess.Popen[bytes], reason: str, timeout_s: float = 5.0) -> None:
+        """Make sure ``proc`` is gone and count the copies it took and never answered (waiting up
+        to ``timeout_s`` in all for it to be reaped and for its last events)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
         if proc.poll() is None:
             proc.kill()
-        proc.wait()
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # killed but not reaped yet (a process in the kernel's hands)
+            _logger.warning("Shadow process %d was killed and has not exited yet.", proc.pid)
         if self._reader is not None:
-            self._reader.join(5.0)  # its last events count before what is lost is reckoned
+            self._reader.join(max(0.0, deadline - time.monotonic()))  # its last events count first
         sent = self.channel.detach()
         self._close_unattached()
         lost = sent - self._settled
@@ -336,37 +341,49 @@ class ShadowProcess(MirrorFront):
         return self.channel.waiting() == 0 and self.channel.sent == self._settled
 
     def flush(self, timeout_s: float = 60.0) -> int:
-        """Have the child write the shadow rows it holds (waiting up to ``timeout_s``)."""
+        """Have the child write the shadow rows it holds (waiting up to ``timeout_s`` in all)."""
+        deadline = time.monotonic() + timeout_s  # one budget: the copies ahead of it, then the answer
         with self._lock:
             self._next_flush += 1
             seq = self._next_flush
             done = self._flushes[seq] = threading.Event()
         try:
             if self.channel.send_control(("flush", seq, timeout_s), timeout_s=timeout_s):
-                done.wait(timeout_s)
+                done.wait(max(0.0, deadline - time.monotonic()))
         finally:
             self._flushes.pop(seq, None)
         return 0
 
     def close(self, timeout_s: float = 15.0) -> None:
-        """Stop taking copies; the child predicts what it has, writes its rows and exits (killed at the deadline)."""
+        """Stop taking copies; the child predicts what it has, writes its rows and exits (killed at the deadline).
+
+        Returns within ``timeout_s`` (and the time to reap a killed child, at most a tenth of it):
+        the child's share ends early enough for the kill and its last events to fit.
+        """
         if self._closed:
             return
         deadline = time.monotonic() + timeout_s
+        # Kept for killing a child that did not exit and reading its last events.
+        kill_by = deadline - min(1.0, timeout_s / 10)
+
+        def left(until: float = deadline) -> float:
+            return max(0.0, until - time.monotonic())
+
         self._closed = True
         if self._supervisor is not None:
-            self._supervisor.join(2.0)  # it stops replacing children (a restart under way is retired)
-        self.channel.close(timeout_s=min(2.0, timeout_s / 4))
+            # It stops replacing children (a restart under way is retired).
+            self._supervisor.join(min(2.0, left(kill_by)))
+        self.channel.close(timeout_s=min(2.0, timeout_s / 4, left(kill_by)))
         proc = self._proc
         if proc is None:
             return
-        left = max(0.5, (deadline - time.monotonic()) / 2)
-        if proc.poll() is None and self.channel.send_control(("close", left), timeout_s=left):
+        share = left(kill_by) / 2  # the child's own budget: it is asked to be done well before the kill
+        if proc.poll() is None and self.channel.send_control(("close", share), timeout_s=share):
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(left(kill_by))
             except subprocess.TimeoutExpired:
-                _logger.warning("Shadow process %d did not stop within %.0fs: killing it.", proc.pid, timeout_s)
-        self._retire(proc, reason="closed")
+                _logger.warning("Shadow process %d did not stop within %.1fs: killing it.", proc.pid, timeout_s)
+        self._retire(proc, reason="closed", timeout_s=left())
 
 
 def start_shadow_process(spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
