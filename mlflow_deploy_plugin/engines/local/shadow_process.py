@@ -9,7 +9,7 @@ only hands it copies:
 
 - worker side, :class:`ShadowProcess`: the request path appends a copy to a bounded queue
   (:class:`~mlflow_deploy_plugin.serving.shadow_channel.CopyChannel`; full: dropped as
-  ``queue_full``, counted); a thread writes what gathered there to the child's pipe, many copies a
+  ``queue_full``, or ``no_shadow`` while no child is there to take them, counted); a thread writes what gathered there to the child's pipe, many copies a
   message; another reads the child's events (calls, drops, lost capture rows: one event per batch
   of copies, not per copy) into the worker's Prometheus metrics, so the metric names and labels are
   the in-process mirror's. The worker never encodes, predicts or captures the shadow's answers: the
