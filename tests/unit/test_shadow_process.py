@@ -7,8 +7,11 @@ child killed or gone silent is replaced, the copies it took and never answered c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -178,6 +181,56 @@ def test_flush_and_close_keep_to_their_timeout_when_the_child_answers_nothing(
         assert not _alive(pid)
     finally:
         shadow.close(timeout_s=10)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: nothing runs; its reaper may be slow to collect it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_child_that_reads_nothing_does_not_outlive_its_killed_worker(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(_spec().to_dict()))
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "assets" / "shadow_parent.py"),
+                               str(spec_file), str(rotated_classifier_path), str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()  # the worker's child is ready (or the worker died: "")
+        assert line.strip().isdigit(), f"the stand-in worker said {line!r} (exit {worker.poll()})"
+        child = int(line)
+        # It outlived the thread that built its ShadowProcess (a Linux parent-death signal follows
+        # the thread that forked, not the process).
+        assert not _gone(child)
+        # Its command line names no folder of the deployment's (its settings came on the pipe)...
+        assert str(tmp_path) not in Path(f"/proc/{child}/cmdline").read_text()
+        # ... and every pipe it holds but its stdio is closed on exec: nothing it starts keeps the
+        # worker's pipes open (the end of which is how either side learns the other is gone).
+        pipes = [fd for fd in os.listdir(f"/proc/{child}/fd")
+                 if int(fd) > 2 and os.readlink(f"/proc/{child}/fd/{fd}").startswith("pipe:")]
+        assert pipes
+        for fd in pipes:
+            flags = int(Path(f"/proc/{child}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+            assert flags & os.O_CLOEXEC, f"the child's pipe fd {fd} is inheritable"
+        os.kill(child, signal.SIGSTOP)  # as hung in a call holding its GIL: it reads no pipe's end
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(WAIT_S)
+        wait_for(lambda: _gone(child), 30.0, f"the shadow child {child} to die with its worker")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(WAIT_S)
+        if child and not _gone(child):
+            os.kill(child, signal.SIGKILL)
+        for stream in (worker.stdin, worker.stdout):
+            if stream is not None:
+                stream.close()
 
 
 def test_a_shadow_version_that_cannot_load_fails_the_build(

@@ -25,7 +25,14 @@ that sends nothing, not even its heartbeat, for ``timeout_s`` + :data:`HANG_GRAC
 holds its GIL: its mirror's own timeout cannot fire) is killed and started again. The copies it had
 taken and not answered are counted as dropped (``crashed``). None of this touches the request path.
 The child leaves when its pipe from the worker ends (the worker exited, even by ``kill -9``) after
-closing its mirror and writer, so it never outlives its worker by more than that.
+closing its mirror and writer, so it never outlives its worker by more than that. A child that
+cannot read (hung in a call that holds its GIL, or stopped) would never see that end: on Linux it
+asks the kernel to kill it when its parent goes (``PR_SET_PDEATHSIG``, :func:`_die_with_parent`).
+The kernel means the *thread* that started it, so every child is started by one thread that lives
+as long as the :class:`ShadowProcess` (:class:`_Spawner`), not by whichever thread loads or
+supervises. The child holds no descriptor of the worker's but its two pipe ends, and makes those
+non-inheritable at once (nothing it starts keeps a pipe open after it is gone); its settings,
+paths included, travel on the pipe, not on its command line.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
@@ -39,13 +46,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
+import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +88,49 @@ RESTART_BACKOFF_S = (1.0, 30.0)
 STABLE_AFTER_S = 60.0  # a child that served this long is replaced at once when it dies (no backoff)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 class ShadowStartError(RuntimeError):
     """The shadow process could not load or smoke-test its version."""
+
+
+class _Spawner:
+    """Starts the shadow children from one thread of its own, which ends only after the last one.
+
+    A child asks Linux to kill it when its parent dies (``PR_SET_PDEATHSIG``), and for Linux the
+    parent is the *thread* that forked it: a child started by the thread that built the service,
+    or by the supervisor (which ends at close, before the child has written its rows), would be
+    killed when that thread ends.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="shadow-spawner", daemon=True)
+        self._thread.start()
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen(args, **kwargs)``, run by the spawner's thread."""
+        if self._stopped:
+            raise OSError("the shadow process was closed: no child is started any more")
+        done: Future[Any] = Future()
+        self._jobs.put((args, kwargs, done))
+        proc: subprocess.Popen[bytes] = done.result()
+        return proc
+
+    def stop(self) -> None:
+        """End the thread (once no child of it runs: a child it started is killed with it)."""
+        self._stopped = True
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            args, kwargs, done = job
+            try:
+                done.set_result(subprocess.Popen(args, **kwargs))
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
 
 
 class ShadowProcess(MirrorFront):
@@ -121,6 +173,7 @@ class ShadowProcess(MirrorFront):
         self._to_child: int | None = None  # the pipe to a child not yet attached to the channel
         self._ready_at = -float("inf")
         self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
+        self._spawner = _Spawner()
         self._spawn()
         self._supervisor: threading.Thread | None = None
 
@@ -138,9 +191,9 @@ class ShadowProcess(MirrorFront):
         to_child, to_child_w = os.pipe()
         from_child_r, from_child = os.pipe()
         try:
-            self._proc = subprocess.Popen(
+            self._proc = self._spawner.popen(
                 [sys.executable, "-m", "mlflow_deploy_plugin.engines.local.shadow_process",
-                 "--in-fd", str(to_child), "--out-fd", str(from_child)],
+                 "--in-fd", str(to_child), "--out-fd", str(from_child), "--parent-pid", str(os.getpid())],
                 pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, close_fds=True)
         except BaseException:
             os.close(to_child_w)
@@ -169,6 +222,7 @@ class ShadowProcess(MirrorFront):
         if not self._ready.wait(timeout_s) or self._start_error is not None:
             error = self._start_error or f"the shadow process did not load within {timeout_s:g}s"
             self._kill()
+            self._spawner.stop()
             raise ShadowStartError(f"Shadow version {self.model_name} v{self.version}: {error}")
         self._attach()
         self._supervisor = threading.Thread(target=self._supervise, name="shadow-supervisor", daemon=True)
@@ -376,6 +430,7 @@ class ShadowProcess(MirrorFront):
         self.channel.close(timeout_s=min(2.0, timeout_s / 4, left(kill_by)))
         proc = self._proc
         if proc is None:
+            self._spawner.stop()
             return
         share = left(kill_by) / 2  # the child's own budget: it is asked to be done well before the kill
         if proc.poll() is None and self.channel.send_control(("close", share), timeout_s=share):
@@ -384,6 +439,7 @@ class ShadowProcess(MirrorFront):
             except subprocess.TimeoutExpired:
                 _logger.warning("Shadow process %d did not stop within %.1fs: killing it.", proc.pid, timeout_s)
         self._retire(proc, reason="closed", timeout_s=left())
+        self._spawner.stop()  # after the child is gone: its end would kill the child (see _Spawner)
 
 
 def start_shadow_process(spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
@@ -456,10 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlflow_deploy_plugin.engines.local.shadow_process")
     parser.add_argument("--in-fd", type=int, required=True, help="pipe the worker writes copies to")
     parser.add_argument("--out-fd", type=int, required=True, help="pipe this process writes events to")
+    parser.add_argument("--parent-pid", type=int, default=0, help="the worker's pid: leave if it is gone")
     args = parser.parse_args(argv)
     os.umask(0o077)  # captured inputs are user data (see state.py)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [shadow %(process)d] %(name)s: %(message)s")
+    for fd in (args.in_fd, args.out_fd):  # nothing this process starts may hold the worker's pipes open
+        os.set_inheritable(fd, False)
+    if not _die_with_parent(args.parent_pid):
+        return 4
     reader = FrameReader(args.in_fd)
     events = _Events(args.out_fd)
     start = reader.read()
@@ -499,6 +560,25 @@ def main(argv: list[str] | None = None) -> int:
         writer.close(timeout_s=max(1.0, closing / 2))
         events.stop()
     return 0
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel kill this process when the worker's thread that started it ends (the worker
+    exited, even by ``kill -9``); False if the worker is already gone.
+
+    The end of the worker's pipe says the same, but only to a process that reads it: one hung in a
+    call that holds its GIL, or stopped, never would. Linux only (``prctl``); elsewhere the pipe's
+    end is all there is.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                _logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as exc:
+            _logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+    # The worker died before the prctl: no signal will come (this process has another parent now).
+    return not parent_pid or os.getppid() == parent_pid
 
 
 def _lower_priority(nice: int) -> None:
