@@ -233,6 +233,48 @@ def test_a_child_that_reads_nothing_does_not_outlive_its_killed_worker(
                 stream.close()
 
 
+def test_shadow_rows_a_killed_child_held_in_memory_are_counted_as_capture_drops(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    capture_drops: list[int] = []
+    shadow = _shadow_process(tmp_path, rotated_classifier_path, capture_drops=capture_drops)
+    features, _ = iris_data()
+    try:
+        shadow.wait_ready(WAIT_S)
+        pid = shadow.pid
+        assert pid is not None
+
+        def unsettled() -> int:
+            accepted, settled = shadow.capture_tally()
+            return accepted - settled
+
+        # Catch the child with answers its writer has not spooled yet (it appends every 0.25 s), and
+        # stop it there: what it holds then is what its kill loses.
+        held, sent = 0, 0
+        while not held:
+            assert sent < 20_000, "the child's writer never held an answer when looked at"
+            for _ in range(5):
+                assert shadow.submit(Answer(f"r{sent}", 1.7e9, "1", 200, 1.0, features.iloc[[sent % 150]], None))
+                sent += 1
+            if wait_for(lambda: unsettled() > 0 or shadow.idle(), WAIT_S, "the copies to be answered") is True \
+                    and unsettled() > 0:
+                os.kill(pid, signal.SIGSTOP)
+                held = unsettled()
+                if not held:
+                    os.kill(pid, signal.SIGCONT)
+        accepted, settled = shadow.capture_tally()
+        os.kill(pid, signal.SIGKILL)
+        # The supervisor sees it dead and counts what it held (before it starts another).
+        wait_for(lambda: capture_drops, WAIT_S, "the rows the dead child held to be counted")
+    finally:
+        shadow.close(timeout_s=20)
+    # Counted once, where the shadow's other capture drops go (the capture dropped counter).
+    assert capture_drops == [held] and shadow.capture_lost == held
+    # What it had spooled is captured: answered = captured + counted as dropped.
+    rows = wait_for(lambda: len(set(read_capture(str(tmp_path / "capture"), shadow=True)["_request_id"])) == settled
+                    and settled, 60.0, "the spooled shadow rows to be converted")
+    assert rows == settled == accepted - held
+
+
 def test_a_shadow_version_that_cannot_load_fails_the_build(
         tmp_path: Path, classifier_path: Path, no_multiprocess_metrics: None) -> None:
     broken = tmp_path / "broken"

@@ -34,6 +34,13 @@ supervises. The child holds no descriptor of the worker's but its two pipe ends,
 non-inheritable at once (nothing it starts keeps a pipe open after it is gone); its settings,
 paths included, travel on the pipe, not on its command line.
 
+Shadow rows a child answered but had not yet appended to its spool when it died (its writer appends
+every 0.25 s) are counted, as a worker's are (``engines/local/capture_loss.py``): the child's
+capture writer keeps its two counts, requests accepted and settled, in a 16-byte file the worker
+made and shares with it (:class:`_CaptureTally`, ``CaptureWriter.tally_into``); once the child is
+gone the worker adds the difference to ``mlflow_deploy_capture_dropped_requests_total``, where the
+child's own capture drops go, and logs it.
+
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
 :func:`~mlflow_deploy_plugin.serving.shadow_channel.pack_copies`), ``("flush", seq, timeout_s)``
@@ -48,11 +55,14 @@ import argparse
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +103,29 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 class ShadowStartError(RuntimeError):
     """The shadow process could not load or smoke-test its version."""
+
+
+class _CaptureTally:
+    """The worker's side of a child's capture counts: an unlinked 16-byte file (two int64, requests
+    accepted and settled) the child's capture writer stores into through a shared memory map and
+    the worker reads after the child is gone, however it went (``kill -9`` included)."""
+
+    LAYOUT = struct.Struct("<qq")
+
+    def __init__(self) -> None:
+        with tempfile.TemporaryFile() as handle:  # unlinked: nothing is left behind, whatever happens
+            self.fd = os.dup(handle.fileno())
+        os.ftruncate(self.fd, self.LAYOUT.size)
+
+    def read(self) -> tuple[int, int]:
+        """(accepted, settled) as the child last stored them."""
+        raw = os.pread(self.fd, self.LAYOUT.size, 0)
+        accepted, settled = self.LAYOUT.unpack(raw.ljust(self.LAYOUT.size, b"\0"))
+        return int(accepted), int(settled)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class _Spawner:
@@ -172,6 +205,8 @@ class ShadowProcess(MirrorFront):
         self._last_heard = time.monotonic()
         self._to_child: int | None = None  # the pipe to a child not yet attached to the channel
         self._ready_at = -float("inf")
+        self._tally: _CaptureTally | None = None  # the current child's capture counts
+        self.capture_lost = 0  # shadow rows children died holding (counted as capture drops)
         self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
         self._spawner = _Spawner()
         self._spawn()
@@ -188,21 +223,25 @@ class ShadowProcess(MirrorFront):
 
     def _spawn(self) -> None:
         """Start a child and the thread reading its events; its pipe is attached once it is ready."""
+        tally = _CaptureTally()
         to_child, to_child_w = os.pipe()
         from_child_r, from_child = os.pipe()
         try:
             self._proc = self._spawner.popen(
                 [sys.executable, "-m", "mlflow_deploy_plugin.engines.local.shadow_process",
-                 "--in-fd", str(to_child), "--out-fd", str(from_child), "--parent-pid", str(os.getpid())],
-                pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, close_fds=True)
+                 "--in-fd", str(to_child), "--out-fd", str(from_child), "--parent-pid", str(os.getpid()),
+                 "--tally-fd", str(tally.fd)],
+                pass_fds=(to_child, from_child, tally.fd), stdin=subprocess.DEVNULL, close_fds=True)
         except BaseException:
             os.close(to_child_w)
             os.close(from_child_r)
+            tally.close()
             raise
         finally:
             os.close(to_child)  # the child's ends: only the child may hold them, so its death ends both pipes
             os.close(from_child)
         self._to_child = to_child_w
+        self._tally = tally
         self._ready.clear()
         self._start_error = None
         self._settled = 0
@@ -333,6 +372,41 @@ class ShadowProcess(MirrorFront):
         lost = sent - self._settled
         if lost > 0:
             self._drop(reason, lost)
+        self._count_lost_capture(proc)
+
+    def _count_lost_capture(self, proc: subprocess.Popen[bytes]) -> None:
+        """Count the shadow rows the gone child had accepted and neither spooled nor counted."""
+        with self._lock:
+            tally, self._tally = self._tally, None
+        if tally is None:
+            return
+        try:
+            accepted, settled = tally.read()
+        except OSError as exc:
+            _logger.warning("Could not read the capture counts of shadow process %d: %s", proc.pid, exc)
+            return
+        finally:
+            tally.close()
+        lost = accepted - settled
+        if lost <= 0:
+            return
+        self.capture_lost += lost
+        _logger.warning("Shadow process %d exited (code %s) holding %d shadow answer(s) not yet in its capture "
+                        "spool: counted as dropped from capture.", proc.pid, proc.returncode, lost)
+        try:
+            self._on_capture_drop(lost)
+        except Exception:
+            _logger.exception("Shadow capture drop counter failed")
+
+    def capture_tally(self) -> tuple[int, int]:
+        """The current child's capture counts: shadow answers its writer accepted, and settled
+        (spooled or counted as dropped); (0, 0) when no child runs."""
+        tally = self._tally
+        if tally is None:
+            return 0, 0
+        with contextlib.suppress(OSError):
+            return tally.read()
+        return 0, 0
 
     def _respawn(self) -> bool:
         try:
@@ -377,6 +451,8 @@ class ShadowProcess(MirrorFront):
             self._proc.wait()
         self.channel.detach()
         self._close_unattached()
+        if self._proc is not None:
+            self._count_lost_capture(self._proc)
 
     # ---- the mirror's other verbs ------------------------------------------------------------
 
@@ -513,12 +589,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-fd", type=int, required=True, help="pipe the worker writes copies to")
     parser.add_argument("--out-fd", type=int, required=True, help="pipe this process writes events to")
     parser.add_argument("--parent-pid", type=int, default=0, help="the worker's pid: leave if it is gone")
+    parser.add_argument("--tally-fd", type=int, default=-1, help="file the capture writer keeps its counts in")
     args = parser.parse_args(argv)
     os.umask(0o077)  # captured inputs are user data (see state.py)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [shadow %(process)d] %(name)s: %(message)s")
-    for fd in (args.in_fd, args.out_fd):  # nothing this process starts may hold the worker's pipes open
-        os.set_inheritable(fd, False)
+    for fd in (args.in_fd, args.out_fd, args.tally_fd):  # nothing this process starts may hold them open
+        if fd >= 0:
+            os.set_inheritable(fd, False)
     if not _die_with_parent(args.parent_pid):
         return 4
     reader = FrameReader(args.in_fd)
@@ -533,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         _logger.error("Shadow process could not start: %s", exc)
         events.send(("error", f"{type(exc).__name__}: {exc}"[:2000]))
         return 3
+    _keep_tally(writer, args.tally_fd)
     _lower_priority(int(settings.get("nice", NICE)))
     events.send(("ready", smoke))
     events.start()
@@ -579,6 +658,18 @@ def _die_with_parent(parent_pid: int) -> bool:
             _logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
     # The worker died before the prctl: no signal will come (this process has another parent now).
     return not parent_pid or os.getppid() == parent_pid
+
+
+def _keep_tally(writer: Any, fd: int) -> None:
+    """Have the capture writer keep its counts in the worker's tally file (see :class:`_CaptureTally`)."""
+    if fd < 0:
+        return
+    try:
+        shared = mmap.mmap(fd, _CaptureTally.LAYOUT.size)
+    except (OSError, ValueError) as exc:  # rows this process dies holding go uncounted, nothing else
+        _logger.warning("Could not map the capture tally file: %s", exc)
+        return
+    writer.tally_into(memoryview(shared).cast("q"))
 
 
 def _lower_priority(nice: int) -> None:
