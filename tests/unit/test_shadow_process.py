@@ -116,8 +116,9 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
                 ask(f"after-{i}", i * 20)
             wait_for(shadow.idle, WAIT_S, "the new shadow process to answer every copy")
             # Answered is not yet spooled: the child's writer appends its rows every 0.25 s, and rows
-            # still in its memory when it is killed are neither captured nor counted. Spool them
-            # first, so what follows checks the copy the silent child holds, not that race.
+            # still in its memory when it is killed are counted as capture drops, not captured (see
+            # the test of that below). Spool them first, so what follows checks the copy the silent
+            # child holds, not that race.
             service.capture.flush(timeout_s=30)
 
             # Silent (stopped: not even its heartbeat, as when a call holds its GIL): replaced too.
