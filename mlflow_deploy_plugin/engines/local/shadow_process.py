@@ -9,8 +9,8 @@ only hands it copies:
 
 - worker side, :class:`ShadowProcess`: the request path appends a copy to a bounded queue
   (:class:`~mlflow_deploy_plugin.serving.shadow_channel.CopyChannel`; full: dropped as
-  ``queue_full``, or ``no_shadow`` while no child is there to take them, counted); a thread writes what gathered there to the child's pipe, many copies a
-  message; another reads the child's events (calls, drops, lost capture rows: one event per batch
+  ``queue_full``, or ``no_shadow`` while no child is there to take them, counted); a thread writes
+  what gathered there to the child's pipe, many copies a message; another reads the child's events (calls, drops, lost capture rows: one event per batch
   of copies, not per copy) into the worker's Prometheus metrics, so the metric names and labels are
   the in-process mirror's. The worker never encodes, predicts or captures the shadow's answers: the
   child does;
@@ -24,10 +24,13 @@ Supervision, by the worker: a child that dies is started again (backoff 1 s doub
 that sends nothing, not even its heartbeat, for ``timeout_s`` + :data:`HANG_GRACE_S` (a call that
 holds its GIL: its mirror's own timeout cannot fire) is killed and started again. The copies it had
 taken and not answered are counted as dropped (``crashed``). None of this touches the request path.
-The child leaves when its pipe from the worker ends (the worker exited, even by ``kill -9``) after
-closing its mirror and writer, so it never outlives its worker by more than that. A child that
-cannot read (hung in a call that holds its GIL, or stopped) would never see that end: on Linux it
-asks the kernel to kill it when its parent goes (``PR_SET_PDEATHSIG``, :func:`_die_with_parent`).
+A worker that stops closes its child (:meth:`ShadowProcess.close`: it predicts what it holds,
+writes its rows, exits). The child also leaves when its pipe from the worker ends, after closing
+its mirror and writer. But a child that cannot read (hung in a call that holds its GIL, or
+stopped) would never see that end and outlive a worker killed outright: on Linux it asks the
+kernel to kill it when its parent goes (``PR_SET_PDEATHSIG``, :func:`_die_with_parent`), so a
+``kill -9`` of the worker ends it at once, as it ends the worker's own capture (the shadow rows it
+held then are lost with the worker's, uncounted: the worker that would count them is gone).
 The kernel means the *thread* that started it, so every child is started by one thread that lives
 as long as the :class:`ShadowProcess` (:class:`_Spawner`), not by whichever thread loads or
 supervises. The child holds no descriptor of the worker's but its two pipe ends, and makes those
@@ -487,8 +490,8 @@ class ShadowProcess(MirrorFront):
     def close(self, timeout_s: float = 15.0) -> None:
         """Stop taking copies; the child predicts what it has, writes its rows and exits (killed at the deadline).
 
-        Returns within ``timeout_s`` (and the time to reap a killed child, at most a tenth of it):
-        the child's share ends early enough for the kill and its last events to fit.
+        Returns within ``timeout_s``, killing the child if need be: its own share ends early enough
+        (a tenth of the budget, at most 1 s, is kept) for the kill, the reaping and its last events.
         """
         if self._closed:
             return
