@@ -88,7 +88,8 @@ class ServingMetrics:
         self.shadow_dropped = Counter(
             "mlflow_deploy_shadow_dropped_requests", "Request copies not sent to the shadow version "
             "(queue_full: under pressure; busy: a shadow call still hangs; closed: worker stopping; "
-            "crashed: the shadow process died or was replaced holding them).",
+            "crashed: the shadow process died or was replaced holding them; no_shadow: the queue filled while "
+            "no shadow process was there to take them, starting or being replaced).",
             ["deployment", "reason"], registry=registry)
 
         if self.verdicts is not None and not self.multiprocess:

@@ -126,7 +126,7 @@ def shadow_hooks(spec: DeploymentSpec, metrics: Any) -> ShadowHooks:
     outcomes = {outcome: metrics.shadow_requests.labels(spec.name, version, outcome)
                 for outcome in ("ok", "error", "timeout")}
     drops = {reason: metrics.shadow_dropped.labels(spec.name, reason)
-             for reason in ("queue_full", "busy", "closed", "crashed")}
+             for reason in ("queue_full", "busy", "closed", "crashed", "no_shadow")}
     dropped = metrics.capture_dropped.labels(spec.name)
 
     def on_result(outcome: str, seconds: float, copies: int) -> None:

@@ -18,7 +18,8 @@ only fills the pipe, then the queue, then drops: it never makes the worker wait.
 
 The pipe may break (the shadow process died): the copies of the message that could not be written
 are reported to ``on_lost`` and the channel waits, detached, for :meth:`CopyChannel.attach` (the
-supervisor's restart) while new copies queue and, once the queue is full, are dropped.
+supervisor's restart) while new copies queue and, once the queue is full, are dropped (as
+``no_shadow``: not pressure, there is no shadow process to take them).
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ class CopyChannel:
             if self._closing:
                 reason = "closed"
             elif len(self._pending) >= self._max_queue:
-                reason = "queue_full"
+                # Full for want of a shadow process (starting, or being replaced), or under pressure.
+                reason = "no_shadow" if self._fd is None else "queue_full"
             else:
                 self._pending.append(copy)
                 self._unfinished += 1

@@ -7,27 +7,39 @@ child killed or gone silent is replaced, the copies it took and never answered c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import wait_for
 from unit_helpers import TestClient, iris_data, split_body
 
-from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.capture import CaptureWriter, read_capture
 from mlflow_deploy_plugin.engines.local.shadow_process import (
     ShadowProcess,
     ShadowStartError,
     _Events,
+    _flush,
     start_shadow_process,
 )
+from mlflow_deploy_plugin.serving.app import Answer
 from mlflow_deploy_plugin.serving.metrics import observe_many
+from mlflow_deploy_plugin.serving.model_slot import ModelSlot
 from mlflow_deploy_plugin.serving.service import build_service
+from mlflow_deploy_plugin.serving.shadow import ShadowMirror
 from mlflow_deploy_plugin.serving.shadow_channel import FrameReader
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 
 WAIT_S = 120.0  # a child loads MLflow and its model: seconds on a busy machine
+# How much later than its timeout a call that must keep to it may return (threads scheduled late on a
+# busy machine): far below what a second wait with the same budget, or an unbounded one, would add.
+LATE_S = 3.0
 
 
 def _alive(pid: int) -> bool:
@@ -104,8 +116,9 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
                 ask(f"after-{i}", i * 20)
             wait_for(shadow.idle, WAIT_S, "the new shadow process to answer every copy")
             # Answered is not yet spooled: the child's writer appends its rows every 0.25 s, and rows
-            # still in its memory when it is killed are neither captured nor counted. Spool them
-            # first, so what follows checks the copy the silent child holds, not that race.
+            # still in its memory when it is killed are counted as capture drops, not captured (see
+            # the test of that below). Spool them first, so what follows checks the copy the silent
+            # child holds, not that race.
             service.capture.flush(timeout_s=30)
 
             # Silent (stopped: not even its heartbeat, as when a call holds its GIL): replaced too.
@@ -140,6 +153,129 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
             f'{18.0 - drops.count("crashed")}') in text
 
 
+def _shadow_process(tmp_path: Path, model_dir: Path, drops: list[str] | None = None,
+                    capture_drops: list[int] | None = None, **config: object) -> ShadowProcess:
+    """A ShadowProcess as the worker starts one (the child loads ``model_dir``), not yet waited for."""
+    drop_list = drops if drops is not None else []
+    capture_list = capture_drops if capture_drops is not None else []
+    return ShadowProcess(_spec(**config), model_dir, str(tmp_path / "capture"), tmp_path / "capture.key", "own",
+                         drop_list.append, lambda outcome, seconds, count: None, capture_list.append)
+
+
+def _returns_within(call: Callable[[], object], bound_s: float, what: str) -> None:
+    thread = threading.Thread(target=call, name="bounded-call", daemon=True)
+    thread.start()
+    wait_for(lambda: not thread.is_alive(), bound_s, what)
+
+
+def test_flush_and_close_keep_to_their_timeout_when_the_child_answers_nothing(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    shadow = _shadow_process(tmp_path, rotated_classifier_path)
+    try:
+        shadow.wait_ready(WAIT_S)
+        pid = shadow.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # reads nothing, answers nothing, exits on nothing but a kill
+        _returns_within(lambda: shadow.flush(timeout_s=2.0), 2.0 + LATE_S, "flush(timeout_s=2) to return")
+        _returns_within(lambda: shadow.close(timeout_s=3.0), 3.0 + LATE_S, "close(timeout_s=3) to return")
+        # Within that budget the child that did not exit was killed and reaped.
+        assert not _alive(pid)
+    finally:
+        shadow.close(timeout_s=10)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: nothing runs; its reaper may be slow to collect it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_child_that_reads_nothing_does_not_outlive_its_killed_worker(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(_spec().to_dict()))
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "assets" / "shadow_parent.py"),
+                               str(spec_file), str(rotated_classifier_path), str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()  # the worker's child is ready (or the worker died: "")
+        assert line.strip().isdigit(), f"the stand-in worker said {line!r} (exit {worker.poll()})"
+        child = int(line)
+        # It outlived the thread that built its ShadowProcess (a Linux parent-death signal follows
+        # the thread that forked, not the process).
+        assert not _gone(child)
+        # Its command line names no folder of the deployment's (its settings came on the pipe)...
+        assert str(tmp_path) not in Path(f"/proc/{child}/cmdline").read_text()
+        # ... and every pipe it holds but its stdio is closed on exec: nothing it starts keeps the
+        # worker's pipes open (the end of which is how either side learns the other is gone).
+        pipes = [fd for fd in os.listdir(f"/proc/{child}/fd")
+                 if int(fd) > 2 and os.readlink(f"/proc/{child}/fd/{fd}").startswith("pipe:")]
+        assert pipes
+        for fd in pipes:
+            flags = int(Path(f"/proc/{child}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+            assert flags & os.O_CLOEXEC, f"the child's pipe fd {fd} is inheritable"
+        os.kill(child, signal.SIGSTOP)  # as hung in a call holding its GIL: it reads no pipe's end
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(WAIT_S)
+        wait_for(lambda: _gone(child), 30.0, f"the shadow child {child} to die with its worker")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(WAIT_S)
+        if child and not _gone(child):
+            os.kill(child, signal.SIGKILL)
+        for stream in (worker.stdin, worker.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_shadow_rows_a_killed_child_held_in_memory_are_counted_as_capture_drops(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    capture_drops: list[int] = []
+    shadow = _shadow_process(tmp_path, rotated_classifier_path, capture_drops=capture_drops)
+    features, _ = iris_data()
+    try:
+        shadow.wait_ready(WAIT_S)
+        pid = shadow.pid
+        assert pid is not None
+
+        def unsettled() -> int:
+            accepted, settled = shadow.capture_tally()
+            return accepted - settled
+
+        # Catch the child with answers its writer has not spooled yet (it appends every 0.25 s), and
+        # stop it there: what it holds then is what its kill loses.
+        held, sent = 0, 0
+        while not held:
+            assert sent < 20_000, "the child's writer never held an answer when looked at"
+            for _ in range(5):
+                assert shadow.submit(Answer(f"r{sent}", 1.7e9, "1", 200, 1.0, features.iloc[[sent % 150]], None))
+                sent += 1
+            if wait_for(lambda: unsettled() > 0 or shadow.idle(), WAIT_S, "the copies to be answered") is True \
+                    and unsettled() > 0:
+                os.kill(pid, signal.SIGSTOP)
+                held = unsettled()
+                if not held:
+                    os.kill(pid, signal.SIGCONT)
+        accepted, settled = shadow.capture_tally()
+        os.kill(pid, signal.SIGKILL)
+        # The supervisor sees it dead and counts what it held (before it starts another).
+        wait_for(lambda: capture_drops, WAIT_S, "the rows the dead child held to be counted")
+    finally:
+        shadow.close(timeout_s=20)
+    # Counted once, where the shadow's other capture drops go (the capture dropped counter).
+    assert capture_drops == [held] and shadow.capture_lost == held
+    # What it had spooled is captured: answered = captured + counted as dropped.
+    rows = wait_for(lambda: len(set(read_capture(str(tmp_path / "capture"), shadow=True)["_request_id"])) == settled
+                    and settled, 60.0, "the spooled shadow rows to be converted")
+    assert rows == settled == accepted - held
+
+
 def test_a_shadow_version_that_cannot_load_fails_the_build(
         tmp_path: Path, classifier_path: Path, no_multiprocess_metrics: None) -> None:
     broken = tmp_path / "broken"
@@ -167,6 +303,36 @@ def test_the_child_sends_one_event_per_batch_and_the_worker_counts_it_as_its_cop
     finally:
         os.close(write)
         os.close(read)
+
+
+def test_the_childs_flush_sends_the_flushed_copies_events_before_it_says_flushed(
+        tmp_path: Path, rotated_slot: ModelSlot) -> None:
+    # The child's own pieces, in process: its mirror predicts with a real model into a real capture
+    # writer, its events go to a real pipe. The event thread is not started, so the only way the
+    # outcomes reach the pipe is the flush itself: they must come before "flushed" (the worker's
+    # flush() returns on "flushed", and its outcomes and metrics must then include these copies).
+    read, write = os.pipe()
+    events = _Events(write)
+    writer = CaptureWriter(str(tmp_path / "capture"), "unit", spool_dir=str(tmp_path / "spool"))
+    mirror = ShadowMirror(rotated_slot.predict, "2", writer.record,
+                          on_result=lambda outcome, seconds, count: events.add(("result", outcome, seconds), count))
+    features, _ = iris_data()
+    try:
+        for i in range(3):
+            assert mirror.submit(Answer(f"r{i}", 1.7e9, "1", 200, 1.0, features.iloc[[i]], None))
+        _flush(mirror, writer, events, 7, 30.0)
+        os.close(write)  # what the flush wrote is all there is to read
+        write = -1
+        reader = FrameReader(read)
+        first, second = reader.read(), reader.read()
+    finally:
+        mirror.close(timeout_s=5)
+        writer.close(timeout_s=10)
+        if write >= 0:
+            os.close(write)
+        os.close(read)
+    assert first[0] == "events" and sum(event[-1] for event in first[1] if event[:2] == ("result", "ok")) == 3, first
+    assert second == ("flushed", 7)
 
 
 def test_observing_many_at_once_is_observing_one_by_one() -> None:

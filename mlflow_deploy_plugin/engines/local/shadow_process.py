@@ -9,8 +9,8 @@ only hands it copies:
 
 - worker side, :class:`ShadowProcess`: the request path appends a copy to a bounded queue
   (:class:`~mlflow_deploy_plugin.serving.shadow_channel.CopyChannel`; full: dropped as
-  ``queue_full``, counted); a thread writes what gathered there to the child's pipe, many copies a
-  message; another reads the child's events (calls, drops, lost capture rows: one event per batch
+  ``queue_full``, or ``no_shadow`` while no child is there to take them, counted); a thread writes
+  what gathered there to the child's pipe, many copies a message; another reads the child's events (calls, drops, lost capture rows: one event per batch
   of copies, not per copy) into the worker's Prometheus metrics, so the metric names and labels are
   the in-process mirror's. The worker never encodes, predicts or captures the shadow's answers: the
   child does;
@@ -24,8 +24,25 @@ Supervision, by the worker: a child that dies is started again (backoff 1 s doub
 that sends nothing, not even its heartbeat, for ``timeout_s`` + :data:`HANG_GRACE_S` (a call that
 holds its GIL: its mirror's own timeout cannot fire) is killed and started again. The copies it had
 taken and not answered are counted as dropped (``crashed``). None of this touches the request path.
-The child leaves when its pipe from the worker ends (the worker exited, even by ``kill -9``) after
-closing its mirror and writer, so it never outlives its worker by more than that.
+A worker that stops closes its child (:meth:`ShadowProcess.close`: it predicts what it holds,
+writes its rows, exits). The child also leaves when its pipe from the worker ends, after closing
+its mirror and writer. But a child that cannot read (hung in a call that holds its GIL, or
+stopped) would never see that end and outlive a worker killed outright: on Linux it asks the
+kernel to kill it when its parent goes (``PR_SET_PDEATHSIG``, :func:`_die_with_parent`), so a
+``kill -9`` of the worker ends it at once, as it ends the worker's own capture (the shadow rows it
+held then are lost with the worker's, uncounted: the worker that would count them is gone).
+The kernel means the *thread* that started it, so every child is started by one thread that lives
+as long as the :class:`ShadowProcess` (:class:`_Spawner`), not by whichever thread loads or
+supervises. The child holds no descriptor of the worker's but its two pipe ends, and makes those
+non-inheritable at once (nothing it starts keeps a pipe open after it is gone); its settings,
+paths included, travel on the pipe, not on its command line.
+
+Shadow rows a child answered but had not yet appended to its spool when it died (its writer appends
+every 0.25 s) are counted, as a worker's are (``engines/local/capture_loss.py``): the child's
+capture writer keeps its two counts, requests accepted and settled, in a 16-byte file the worker
+made and shares with it (:class:`_CaptureTally`, ``CaptureWriter.tally_into``); once the child is
+gone the worker adds the difference to ``mlflow_deploy_capture_dropped_requests_total``, where the
+child's own capture drops go, and logs it.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
@@ -39,13 +56,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
+import mmap
 import os
+import queue
+import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +101,72 @@ RESTART_BACKOFF_S = (1.0, 30.0)
 STABLE_AFTER_S = 60.0  # a child that served this long is replaced at once when it dies (no backoff)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 class ShadowStartError(RuntimeError):
     """The shadow process could not load or smoke-test its version."""
+
+
+class _CaptureTally:
+    """The worker's side of a child's capture counts: an unlinked 16-byte file (two int64, requests
+    accepted and settled) the child's capture writer stores into through a shared memory map and
+    the worker reads after the child is gone, however it went (``kill -9`` included)."""
+
+    LAYOUT = struct.Struct("<qq")
+
+    def __init__(self) -> None:
+        with tempfile.TemporaryFile() as handle:  # unlinked: nothing is left behind, whatever happens
+            self.fd = os.dup(handle.fileno())
+        os.ftruncate(self.fd, self.LAYOUT.size)
+
+    def read(self) -> tuple[int, int]:
+        """(accepted, settled) as the child last stored them."""
+        raw = os.pread(self.fd, self.LAYOUT.size, 0)
+        accepted, settled = self.LAYOUT.unpack(raw.ljust(self.LAYOUT.size, b"\0"))
+        return int(accepted), int(settled)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Spawner:
+    """Starts the shadow children from one thread of its own, which ends only after the last one.
+
+    A child asks Linux to kill it when its parent dies (``PR_SET_PDEATHSIG``), and for Linux the
+    parent is the *thread* that forked it: a child started by the thread that built the service,
+    or by the supervisor (which ends at close, before the child has written its rows), would be
+    killed when that thread ends.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="shadow-spawner", daemon=True)
+        self._thread.start()
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen(args, **kwargs)``, run by the spawner's thread."""
+        if self._stopped:
+            raise OSError("the shadow process was closed: no child is started any more")
+        done: Future[Any] = Future()
+        self._jobs.put((args, kwargs, done))
+        proc: subprocess.Popen[bytes] = done.result()
+        return proc
+
+    def stop(self) -> None:
+        """End the thread (once no child of it runs: a child it started is killed with it)."""
+        self._stopped = True
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            args, kwargs, done = job
+            try:
+                done.set_result(subprocess.Popen(args, **kwargs))
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
 
 
 class ShadowProcess(MirrorFront):
@@ -120,7 +208,10 @@ class ShadowProcess(MirrorFront):
         self._last_heard = time.monotonic()
         self._to_child: int | None = None  # the pipe to a child not yet attached to the channel
         self._ready_at = -float("inf")
+        self._tally: _CaptureTally | None = None  # the current child's capture counts
+        self.capture_lost = 0  # shadow rows children died holding (counted as capture drops)
         self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
+        self._spawner = _Spawner()
         self._spawn()
         self._supervisor: threading.Thread | None = None
 
@@ -135,21 +226,25 @@ class ShadowProcess(MirrorFront):
 
     def _spawn(self) -> None:
         """Start a child and the thread reading its events; its pipe is attached once it is ready."""
+        tally = _CaptureTally()
         to_child, to_child_w = os.pipe()
         from_child_r, from_child = os.pipe()
         try:
-            self._proc = subprocess.Popen(
+            self._proc = self._spawner.popen(
                 [sys.executable, "-m", "mlflow_deploy_plugin.engines.local.shadow_process",
-                 "--in-fd", str(to_child), "--out-fd", str(from_child)],
-                pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, close_fds=True)
+                 "--in-fd", str(to_child), "--out-fd", str(from_child), "--parent-pid", str(os.getpid()),
+                 "--tally-fd", str(tally.fd)],
+                pass_fds=(to_child, from_child, tally.fd), stdin=subprocess.DEVNULL, close_fds=True)
         except BaseException:
             os.close(to_child_w)
             os.close(from_child_r)
+            tally.close()
             raise
         finally:
             os.close(to_child)  # the child's ends: only the child may hold them, so its death ends both pipes
             os.close(from_child)
         self._to_child = to_child_w
+        self._tally = tally
         self._ready.clear()
         self._start_error = None
         self._settled = 0
@@ -169,6 +264,7 @@ class ShadowProcess(MirrorFront):
         if not self._ready.wait(timeout_s) or self._start_error is not None:
             error = self._start_error or f"the shadow process did not load within {timeout_s:g}s"
             self._kill()
+            self._spawner.stop()
             raise ShadowStartError(f"Shadow version {self.model_name} v{self.version}: {error}")
         self._attach()
         self._supervisor = threading.Thread(target=self._supervise, name="shadow-supervisor", daemon=True)
@@ -262,18 +358,58 @@ class ShadowProcess(MirrorFront):
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
             self.restarts += 1
 
-    def _retire(self, proc: subprocess.Popen[bytes], reason: str) -> None:
-        """Make sure ``proc`` is gone and count the copies it took and never answered."""
+    def _retire(self, proc: subprocess.Popen[bytes], reason: str, timeout_s: float = 5.0) -> None:
+        """Make sure ``proc`` is gone and count the copies it took and never answered (waiting up
+        to ``timeout_s`` in all for it to be reaped and for its last events)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
         if proc.poll() is None:
             proc.kill()
-        proc.wait()
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # killed but not reaped yet (a process in the kernel's hands)
+            _logger.warning("Shadow process %d was killed and has not exited yet.", proc.pid)
         if self._reader is not None:
-            self._reader.join(5.0)  # its last events count before what is lost is reckoned
+            self._reader.join(max(0.0, deadline - time.monotonic()))  # its last events count first
         sent = self.channel.detach()
         self._close_unattached()
         lost = sent - self._settled
         if lost > 0:
             self._drop(reason, lost)
+        self._count_lost_capture(proc)
+
+    def _count_lost_capture(self, proc: subprocess.Popen[bytes]) -> None:
+        """Count the shadow rows the gone child had accepted and neither spooled nor counted."""
+        with self._lock:
+            tally, self._tally = self._tally, None
+        if tally is None:
+            return
+        try:
+            accepted, settled = tally.read()
+        except OSError as exc:
+            _logger.warning("Could not read the capture counts of shadow process %d: %s", proc.pid, exc)
+            return
+        finally:
+            tally.close()
+        lost = accepted - settled
+        if lost <= 0:
+            return
+        self.capture_lost += lost
+        _logger.warning("Shadow process %d exited (code %s) holding %d shadow answer(s) not yet in its capture "
+                        "spool: counted as dropped from capture.", proc.pid, proc.returncode, lost)
+        try:
+            self._on_capture_drop(lost)
+        except Exception:
+            _logger.exception("Shadow capture drop counter failed")
+
+    def capture_tally(self) -> tuple[int, int]:
+        """The current child's capture counts: shadow answers its writer accepted, and settled
+        (spooled or counted as dropped); (0, 0) when no child runs."""
+        tally = self._tally
+        if tally is None:
+            return 0, 0
+        with contextlib.suppress(OSError):
+            return tally.read()
+        return 0, 0
 
     def _respawn(self) -> bool:
         try:
@@ -318,6 +454,8 @@ class ShadowProcess(MirrorFront):
             self._proc.wait()
         self.channel.detach()
         self._close_unattached()
+        if self._proc is not None:
+            self._count_lost_capture(self._proc)
 
     # ---- the mirror's other verbs ------------------------------------------------------------
 
@@ -336,37 +474,51 @@ class ShadowProcess(MirrorFront):
         return self.channel.waiting() == 0 and self.channel.sent == self._settled
 
     def flush(self, timeout_s: float = 60.0) -> int:
-        """Have the child write the shadow rows it holds (waiting up to ``timeout_s``)."""
+        """Have the child write the shadow rows it holds (waiting up to ``timeout_s`` in all)."""
+        deadline = time.monotonic() + timeout_s  # one budget: the copies ahead of it, then the answer
         with self._lock:
             self._next_flush += 1
             seq = self._next_flush
             done = self._flushes[seq] = threading.Event()
         try:
             if self.channel.send_control(("flush", seq, timeout_s), timeout_s=timeout_s):
-                done.wait(timeout_s)
+                done.wait(max(0.0, deadline - time.monotonic()))
         finally:
             self._flushes.pop(seq, None)
         return 0
 
     def close(self, timeout_s: float = 15.0) -> None:
-        """Stop taking copies; the child predicts what it has, writes its rows and exits (killed at the deadline)."""
+        """Stop taking copies; the child predicts what it has, writes its rows and exits (killed at the deadline).
+
+        Returns within ``timeout_s``, killing the child if need be: its own share ends early enough
+        (a tenth of the budget, at most 1 s, is kept) for the kill, the reaping and its last events.
+        """
         if self._closed:
             return
         deadline = time.monotonic() + timeout_s
+        # Kept for killing a child that did not exit and reading its last events.
+        kill_by = deadline - min(1.0, timeout_s / 10)
+
+        def left(until: float = deadline) -> float:
+            return max(0.0, until - time.monotonic())
+
         self._closed = True
         if self._supervisor is not None:
-            self._supervisor.join(2.0)  # it stops replacing children (a restart under way is retired)
-        self.channel.close(timeout_s=min(2.0, timeout_s / 4))
+            # It stops replacing children (a restart under way is retired).
+            self._supervisor.join(min(2.0, left(kill_by)))
+        self.channel.close(timeout_s=min(2.0, timeout_s / 4, left(kill_by)))
         proc = self._proc
         if proc is None:
+            self._spawner.stop()
             return
-        left = max(0.5, (deadline - time.monotonic()) / 2)
-        if proc.poll() is None and self.channel.send_control(("close", left), timeout_s=left):
+        share = left(kill_by) / 2  # the child's own budget: it is asked to be done well before the kill
+        if proc.poll() is None and self.channel.send_control(("close", share), timeout_s=share):
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(left(kill_by))
             except subprocess.TimeoutExpired:
-                _logger.warning("Shadow process %d did not stop within %.0fs: killing it.", proc.pid, timeout_s)
-        self._retire(proc, reason="closed")
+                _logger.warning("Shadow process %d did not stop within %.1fs: killing it.", proc.pid, timeout_s)
+        self._retire(proc, reason="closed", timeout_s=left())
+        self._spawner.stop()  # after the child is gone: its end would kill the child (see _Spawner)
 
 
 def start_shadow_process(spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
@@ -407,10 +559,16 @@ class _Events:
         with self._lock:
             write_all(self.fd, data)
 
-    def flush(self) -> None:
+    def flush(self, then: tuple | None = None) -> None:
+        """Send the pending events (none: a heartbeat), then ``then`` if given, in one write: the
+        worker handles what a message says after the events sent before it (a ``flushed`` must
+        find the flushed copies' outcomes counted)."""
         with self._lock:
             pending, self._pending = self._pending, []
-            write_all(self.fd, encode_frame(("events", [(*event, count) for event, count in pending])))
+            data = encode_frame(("events", [(*event, count) for event, count in pending]))
+            if then is not None:
+                data += encode_frame(then)
+            write_all(self.fd, data)
 
     def _run(self) -> None:
         last = 0.0
@@ -433,10 +591,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlflow_deploy_plugin.engines.local.shadow_process")
     parser.add_argument("--in-fd", type=int, required=True, help="pipe the worker writes copies to")
     parser.add_argument("--out-fd", type=int, required=True, help="pipe this process writes events to")
+    parser.add_argument("--parent-pid", type=int, default=0, help="the worker's pid: leave if it is gone")
+    parser.add_argument("--tally-fd", type=int, default=-1, help="file the capture writer keeps its counts in")
     args = parser.parse_args(argv)
     os.umask(0o077)  # captured inputs are user data (see state.py)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [shadow %(process)d] %(name)s: %(message)s")
+    for fd in (args.in_fd, args.out_fd, args.tally_fd):  # nothing this process starts may hold them open
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+    if not _die_with_parent(args.parent_pid):
+        return 4
     reader = FrameReader(args.in_fd)
     events = _Events(args.out_fd)
     start = reader.read()
@@ -449,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         _logger.error("Shadow process could not start: %s", exc)
         events.send(("error", f"{type(exc).__name__}: {exc}"[:2000]))
         return 3
+    _keep_tally(writer, args.tally_fd)
     _lower_priority(int(settings.get("nice", NICE)))
     events.send(("ready", smoke))
     events.start()
@@ -476,6 +642,37 @@ def main(argv: list[str] | None = None) -> int:
         writer.close(timeout_s=max(1.0, closing / 2))
         events.stop()
     return 0
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel kill this process when the worker's thread that started it ends (the worker
+    exited, even by ``kill -9``); False if the worker is already gone.
+
+    The end of the worker's pipe says the same, but only to a process that reads it: one hung in a
+    call that holds its GIL, or stopped, never would. Linux only (``prctl``); elsewhere the pipe's
+    end is all there is.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                _logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as exc:
+            _logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+    # The worker died before the prctl: no signal will come (this process has another parent now).
+    return not parent_pid or os.getppid() == parent_pid
+
+
+def _keep_tally(writer: Any, fd: int) -> None:
+    """Have the capture writer keep its counts in the worker's tally file (see :class:`_CaptureTally`)."""
+    if fd < 0:
+        return
+    try:
+        shared = mmap.mmap(fd, _CaptureTally.LAYOUT.size)
+    except (OSError, ValueError) as exc:  # rows this process dies holding go uncounted, nothing else
+        _logger.warning("Could not map the capture tally file: %s", exc)
+        return
+    writer.tally_into(memoryview(shared).cast("q"))
 
 
 def _lower_priority(nice: int) -> None:
@@ -508,8 +705,11 @@ def _flush(mirror: Any, writer: Any, events: _Events, seq: int, timeout_s: float
     try:
         writer.flush(timeout_s=max(0.1, deadline - time.monotonic()))
     finally:
+        # The events of the flushed copies (results, drops, capture drops) go first, or the worker's
+        # flush() could return before its outcomes and metrics include them (events wait up to
+        # EVENTS_EVERY_S otherwise).
         with contextlib.suppress(OSError):
-            events.send(("flushed", seq))
+            events.flush(then=("flushed", seq))
 
 
 def _load(settings: dict[str, Any], events: _Events) -> tuple[Any, Any, str]:
