@@ -318,7 +318,7 @@ def _warm_up(hint_spec: Path) -> None:
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    import mlflow_deploy_plugin.capture  # noqa: F401
+    import mlflow_deploy_plugin.capture.writer  # noqa: F401
     import mlflow_deploy_plugin.serving.app  # noqa: F401
 
     try:
