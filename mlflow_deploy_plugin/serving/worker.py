@@ -332,7 +332,7 @@ def _warm_up(hint_spec: Path) -> None:
             if size <= _WARM_LOAD_MAX_BYTES:
                 # Loading the live model once pulls in exactly what its flavor needs (sklearn, skops,
                 # ...: seconds of imports), so the next version of it loads in a fraction of that.
-                mlflow.pyfunc.load_model(str(path))
+                mlflow.pyfunc.load_model(str(path), suppress_warnings=True)  # checked at the copy
                 continue
             flavors = Model.load(str(path)).flavors
         except Exception as exc:
