@@ -3,14 +3,21 @@
 Kept apart from :mod:`.serving.model_slot` (which loads models, importing MLflow's pyfunc) so the
 CLI can fetch a copy while the deployment's first worker is still importing (see
 ``engines/local/engine.py``): the worker then finds it and never opens the registry itself.
+
+The process that makes a copy also runs MLflow's environment checks on it (the model's requirements
+and Python version against this environment, logged as warnings): see :func:`warn_environment_mismatches`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+_logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -33,11 +40,14 @@ class _NotAModel(Exception):
                          "register a version whose source is the folder of a logged model")
 
 
-def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
+def ensure_local_copy(model_uri: str, cache_dir: Path,
+                      on_made: Callable[[str, Path], None] | None = None) -> Path:
     """Download the model's artifacts once; later loads (restarts, workers) read the local copy.
 
     Several processes may race here (the CLI's prefetch, workers): each downloads into its own temp
-    folder and the first rename wins, so a half-written copy is never visible.
+    folder and the first rename wins, so a half-written copy is never visible. ``on_made(model_uri,
+    path)`` is called when this call made the copy; by default MLflow's environment checks run on it
+    here (:func:`warn_environment_mismatches`).
     """
     if (cache_dir / "MLmodel").exists():
         return cache_dir
@@ -62,7 +72,35 @@ def ensure_local_copy(model_uri: str, cache_dir: Path) -> Path:
         raise ModelLoadError(f"Could not download {model_uri}: {type(exc).__name__}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    (on_made or warn_environment_mismatches)(model_uri, cache_dir)
     return cache_dir
+
+
+def warn_environment_mismatches(model_uri: str, path: Path) -> None:
+    """Log, as MLflow's ``pyfunc.load_model`` would, where this Python environment differs from the
+    one the model was logged in: its pip requirements not installed or of other versions, another
+    Python version.
+
+    Run once per copy, by the process that made it (the CLI or the agent, beside a start or a switch
+    on a core the workers do not need; a worker only when it had to fetch the copy itself), on the
+    interpreter and packages the workers run: workers load with ``suppress_warnings=True`` instead,
+    because the requirements check lists the files of every installed distribution (~0.4 s of CPU),
+    which sat on every worker's path to its first answer. A warning never fails a copy.
+    """
+    try:
+        from mlflow.models import Model
+        from mlflow.pyfunc import (
+            _get_pip_requirements_from_model_path,
+            _warn_potentially_incompatible_py_version_if_necessary,
+        )
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+        warn_dependency_requirement_mismatches(_get_pip_requirements_from_model_path(str(path)))
+        pyfunc_conf = Model.load(str(path / "MLmodel")).flavors.get("python_function")
+        if pyfunc_conf is not None:
+            _warn_potentially_incompatible_py_version_if_necessary(pyfunc_conf.get("python_version"))
+    except Exception as exc:  # MLflow's private helpers moved, or an unreadable MLmodel: the load says
+        _logger.debug("Environment checks of %s skipped: %s: %s", model_uri, type(exc).__name__, exc)
 
 
 def _refuse_damaged_copy(model_uri: str, cache_dir: Path) -> None:

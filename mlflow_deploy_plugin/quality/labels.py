@@ -37,9 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from mlflow_deploy_plugin.capture.layout import (
     PREDICTION_PREFIX,
@@ -52,6 +50,9 @@ from mlflow_deploy_plugin.capture.layout import (
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.state import file_lock
 
+# pyarrow.parquet and pyarrow.dataset are imported in the functions that read or write files: every
+# serving worker imports this module as it starts (the served versions' task and classes, the /labels
+# route), and its cold start should not wait for them.
 LABELS_DIR = "_labels"
 LABEL_FILE = "labels.parquet"
 UNMATCHED_FILE = "unmatched.parquet"
@@ -187,6 +188,8 @@ def read_label_file(path: str | Path, key: str | None = None) -> pd.DataFrame:
 
 def parse_label_body(body: bytes, content_type: str | None) -> pd.DataFrame:
     """The body of ``POST /labels``: JSON records (a list, or ``{"labels": [...]}``) or Parquet."""
+    import pyarrow.parquet as pq
+
     kind = (content_type or "application/json").split(";")[0].strip().lower()
     if kind in {"application/x-parquet", "application/vnd.apache.parquet", "application/parquet",
                 "application/octet-stream"}:
@@ -215,6 +218,8 @@ def parse_label_body(body: bytes, content_type: str | None) -> pd.DataFrame:
 
 
 def _read_file(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         return schema.empty_table().to_pandas()
@@ -254,6 +259,8 @@ def read_unmatched(root: str) -> pd.DataFrame:
 
 
 def _write_atomic(fs: pafs.FileSystem, folder: str, name: str, table: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
     fs.create_dir(folder, recursive=True)
     final = join_path(folder, name)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -361,6 +368,8 @@ def _captured(capture_root: str, since: datetime, key_column: str, wanted: set[s
               ) -> tuple[pd.DataFrame, set[str], set[str]]:
     """Captured answered rows (id, row, time, version, key text, prediction text) whose key is wanted;
     also every input column name seen and the classes the model answered with (as text)."""
+    import pyarrow.dataset as ds
+
     fs, files = _capture_files(capture_root, since)
     columns = ["_request_id", "_row", "_timestamp", "_model_version", "_status"]
     empty = pd.DataFrame(columns=[*columns, "_key", "_pred"])

@@ -46,7 +46,9 @@ class ModelSlot:
         """Fetch (once) and load the model version; raise ModelLoadError saying what failed."""
         path = ensure_local_copy(identity.model_uri, cache_dir)
         try:
-            model = mlflow.pyfunc.load_model(str(path))
+            # MLflow's environment checks ran where the copy was made (model_copy.py): not again on
+            # every worker's way to its first answer.
+            model = mlflow.pyfunc.load_model(str(path), suppress_warnings=True)
         except Exception as exc:
             raise ModelLoadError(
                 f"Could not load {identity.model_uri} as a pyfunc model: {type(exc).__name__}: {exc}"

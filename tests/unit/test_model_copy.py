@@ -4,6 +4,9 @@ worker, saying how to recover."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from mlflow_deploy_plugin.engines.base import EngineError
 from mlflow_deploy_plugin.engines.local.engine import LocalEngine
 from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy
+from mlflow_deploy_plugin.serving.model_slot import ModelIdentity, ModelSlot
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
 from mlflow_deploy_plugin.state import StateStore
 
@@ -69,3 +73,51 @@ def test_artifacts_without_mlmodel_fail_the_copy_at_once_and_leave_nothing_cache
     assert f"{source} is not an MLflow model: its artifacts hold no MLmodel file (fetched: 1 entries" in message
     assert message.endswith("register a version whose source is the folder of a logged model")
     assert not copy.exists() and list(copy.parent.iterdir()) == []  # the next attempt fetches again
+
+
+@pytest.fixture
+def mlflow_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Warnings of MLflow's own loggers (which do not propagate to the root logger caplog watches)."""
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlflow"):
+            yield caplog
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
+
+
+def _model_needing_what_is_not_here(tmp_path: Path, classifier_path: Path) -> str:
+    """The URI of the iris classifier as if logged where another scikit-learn and one more package
+    were installed (the trailing slash: the folder's content is downloaded, not the folder)."""
+    source = tmp_path / "logged-elsewhere"
+    shutil.copytree(classifier_path, source)
+    (source / "requirements.txt").write_text("mlflow\nscikit-learn==0.20.4\nno-such-package-anywhere==1.0\n")
+    return f"{source}/"
+
+
+def test_the_process_that_makes_a_copy_warns_of_what_this_environment_lacks(
+        tmp_path: Path, classifier_path: Path, mlflow_warnings: pytest.LogCaptureFixture) -> None:
+    copy = ensure_local_copy(_model_needing_what_is_not_here(tmp_path, classifier_path), tmp_path / "models/m/4")
+    mismatch = [r.getMessage() for r in mlflow_warnings.records if "mismatches between the model's dependencies" in
+                r.getMessage()]
+    assert len(mismatch) == 1, [r.getMessage() for r in mlflow_warnings.records]
+    assert "scikit-learn (current: " in mismatch[0] and "required: scikit-learn==0.20.4" in mismatch[0]
+    assert "no-such-package-anywhere (current: uninstalled" in mismatch[0]
+
+    mlflow_warnings.clear()
+    ensure_local_copy("models:/never-asked/4", copy)  # found: not fetched, not checked again
+    assert not mlflow_warnings.records
+
+
+def test_a_copy_made_for_a_switch_is_checked_by_whom_the_caller_says_and_a_worker_load_checks_nothing(
+        tmp_path: Path, classifier_path: Path, mlflow_warnings: pytest.LogCaptureFixture) -> None:
+    made: list[tuple[str, Path]] = []
+    source = _model_needing_what_is_not_here(tmp_path, classifier_path)
+    copy = ensure_local_copy(source, tmp_path / "models/m/4", lambda uri, path: made.append((uri, path)))
+    assert made == [(source, copy)] and not mlflow_warnings.records  # the local engine checks beside the switch
+
+    slot = ModelSlot.load(ModelIdentity("m", "4", "models:/m/4", "models:/m/4", None), copy)
+    assert slot.smoke_test() == "input example predicted"
+    # The worker's load leaves MLflow's checks to the process that made the copy.
+    assert not [r for r in mlflow_warnings.records if "mismatches" in r.getMessage()]

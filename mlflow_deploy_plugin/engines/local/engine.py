@@ -37,7 +37,7 @@ from mlflow_deploy_plugin.engines.local.processes import (
     spawn_supervisor,
     take_supervisor_lock,
 )
-from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy
+from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy, warn_environment_mismatches
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 from mlflow_deploy_plugin.state import StateStore, make_private_dirs, pid_alive, read_json, write_json_atomic
 
@@ -46,14 +46,31 @@ UP_HINT = "`mlflow-deploy up` starts it again"
 # A supervisor lost to kill -9 is replaced by its own workers within seconds: commands wait that long.
 TAKEOVER_WAIT_S = 15.0
 PREFETCH_JOIN_S = 2.0  # how long a returning start waits for a model fetch still running
+CHECK_JOIN_S = 5.0  # how long a returning switch waits for the environment checks of its new copies
 
 
-def _fetch_copy(model: ModelRef, models_dir: Path) -> None:
-    """The local copy of ``model`` under ``models_dir`` (made if missing); ModelLoadError if it cannot be."""
+def _fetch_copy(model: ModelRef, models_dir: Path, on_made: Callable[[str, Path], None] | None = None) -> None:
+    """The local copy of ``model`` under ``models_dir`` (made if missing); ModelLoadError if it cannot be.
+
+    ``on_made``: what to do with a copy this call made, instead of MLflow's environment checks at once
+    (``model_copy.warn_environment_mismatches``)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in the CLI's output
     folder = models_dir / model.model_name
     make_private_dirs(folder)  # model copies are user data, whatever the CLI's umask
-    ensure_local_copy(model.version_uri, folder / model.model_version)
+    ensure_local_copy(model.version_uri, folder / model.model_version, on_made)
+
+
+def _check_in_background(made: list[tuple[str, Path]]) -> threading.Thread:
+    """MLflow's environment checks of the copies ``made``, on a thread: beside the supervisor's switch
+    (which loads the version in a worker meanwhile), not before it starts."""
+
+    def check() -> None:
+        for model_uri, path in made:
+            warn_environment_mismatches(model_uri, path)
+
+    thread = threading.Thread(target=check, name="check-copies", daemon=True)
+    thread.start()
+    return thread
 
 
 def _served_models(spec: DeploymentSpec) -> list[ModelRef]:
@@ -67,7 +84,8 @@ def _prefetch_models(spec: DeploymentSpec, models_dir: Path) -> threading.Thread
     On the cold start's critical path a worker spends seconds importing MLflow, then would open the
     registry itself (SQL store, schema check) to download the model; the CLI has the registry open
     already and a core to spare meanwhile. The worker finds the copy and loads it at once; if this
-    fails, the worker fetches it itself and reports why it cannot.
+    fails, the worker fetches it itself and reports why it cannot. MLflow's environment checks of
+    each copy made run here too (warnings in the CLI's output), not in the worker.
     """
     models = _served_models(spec)
 
@@ -155,12 +173,18 @@ class LocalEngine(Engine):
         before any worker spends seconds of CPU importing MLflow only to fail on it; a lifecycle step
         that retries such a switch would pay that at every attempt.
         """
+        made: list[tuple[str, Path]] = []
         try:
             for model in _served_models(spec):
-                _fetch_copy(model, self.store.paths(spec.name).models)
+                _fetch_copy(model, self.store.paths(spec.name).models, lambda uri, path: made.append((uri, path)))
         except (ModelLoadError, OSError) as exc:  # OSError: the models folder itself cannot be made
             raise EngineError(str(exc)) from exc
-        answer = self._ask(spec.name, {"op": "update", "spec": spec.to_dict(), "reason": reason}, timeout_s + 30)
+        checks = _check_in_background(made)
+        try:
+            answer = self._ask(spec.name, {"op": "update", "spec": spec.to_dict(), "reason": reason},
+                               timeout_s + 30)
+        finally:
+            checks.join(CHECK_JOIN_S)  # its warnings belong to this command's output
         if not answer.get("ok"):
             raise EngineError(answer.get("error") or "update failed")
         return _to_status(answer["status"])
