@@ -19,18 +19,46 @@ This package may use :mod:`mlflow_deploy_plugin.serving.frames` (a small pure he
 else of serving, and nothing of lifecycle or monitoring: those depend on capture, not the reverse.
 """
 
-from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, CapturedRequest, prediction_columns
-from mlflow_deploy_plugin.capture.layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
-from mlflow_deploy_plugin.capture.reader import open_capture, parse_since, read_capture
-from mlflow_deploy_plugin.capture.retention import prune_capture
-from mlflow_deploy_plugin.capture.writer import (
-    DROP_BUFFER_FULL,
-    DROP_CLOSED,
-    DROP_CONVERT_ERROR,
-    DROP_INVALID,
-    DROP_WRITE_ERROR,
-    CaptureWriter,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, CapturedRequest, prediction_columns
+    from mlflow_deploy_plugin.capture.layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
+    from mlflow_deploy_plugin.capture.reader import open_capture, parse_since, read_capture
+    from mlflow_deploy_plugin.capture.retention import prune_capture
+    from mlflow_deploy_plugin.capture.writer import (
+        DROP_BUFFER_FULL,
+        DROP_CLOSED,
+        DROP_CONVERT_ERROR,
+        DROP_INVALID,
+        DROP_WRITE_ERROR,
+        CaptureWriter,
+    )
+
+# Loaded on first use, not with the package: the converter process (``python -m
+# mlflow_deploy_plugin.capture.converter``) imports this package first and needs none of the
+# writer's, the readers' or pandas' modules (see :mod:`.meta`).
+_WHERE = {
+    "AnsweredRequest": "arrow", "CapturedRequest": "arrow", "prediction_columns": "arrow",
+    "META_COLUMNS": "layout", "META_SCHEMA": "layout", "PREDICTION_PREFIX": "layout", "capture_root": "layout",
+    "open_capture": "reader", "parse_since": "reader", "read_capture": "reader",
+    "prune_capture": "retention",
+    "DROP_BUFFER_FULL": "writer", "DROP_CLOSED": "writer", "DROP_CONVERT_ERROR": "writer",
+    "DROP_INVALID": "writer", "DROP_WRITE_ERROR": "writer", "CaptureWriter": "writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
 
 __all__ = [
     "DROP_BUFFER_FULL",

@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mlflow_deploy_plugin.capture.arrow import merge_tables
 from mlflow_deploy_plugin.capture.layout import join_path, partition_path, resolve_root
+from mlflow_deploy_plugin.capture.meta import merge_tables
 from mlflow_deploy_plugin.capture.spool import (
     CONFIG_NAME,
     DONE_SUFFIX,
