@@ -314,6 +314,7 @@ def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = N
         converter.sweep(wait=True)
         return 0
     last_work = time.monotonic()
+    worked = False
     while True:
         orphaned = parent is not None and os.getppid() != parent
         if stopping or orphaned:
@@ -321,8 +322,15 @@ def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = N
             return 0
         if converter.sweep():
             last_work = time.monotonic()
-        elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
-            return 0
+            worked = True
+        else:
+            if worked:
+                # A burst is over: give back what its tables took (Arrow's allocator keeps freed
+                # memory for reuse), so a converter waiting for the next one stays small.
+                pa.default_memory_pool().release_unused()
+                worked = False
+            if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
+                return 0
         time.sleep(poll_s)
 
 
