@@ -1,8 +1,9 @@
 """The capture converter: a process that turns the spool's segments into Parquet files of the capture layout.
 
 One converter serves a whole spool folder (``{spool}/{writer}/``: one sub-folder per writer,
-see :mod:`.writer`), so a deployment pays for its pandas/Arrow imports once, not once per
-worker. The local engine's supervisor starts it by module path (it imports none of this) while
+see :mod:`.writer`), so a deployment pays for its Arrow imports once, not once per worker.
+Compact records (float inputs, numeric predictions) become Arrow from their raw bytes, without
+pandas (:mod:`.meta`): it is imported only for other records or a redaction. The local engine's supervisor starts it by module path (it imports none of this) while
 the spool has work; a writer outside a supervisor (a Ray replica, a test) starts one for its own
 process. Run as::
 

@@ -4,8 +4,7 @@
 bytes of float frames and numeric predictions, a few microseconds) and appends it to an in-memory
 list. A background thread of the serving process only appends those bytes to a segment file
 (``os.write`` releases the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the
-segment to the converter process (:mod:`.converter`), which does all the pandas/Arrow/Parquet
-work. So encoding and writing Parquet never hold the GIL of the process that serves.
+segment to the converter process (:mod:`.converter`), which does all the Arrow/Parquet work. So encoding and writing Parquet never hold the GIL of the process that serves.
 
 Writer and converter talk through files only: the writer renames a complete segment ``.seg``; the
 converter writes its Parquet and answers in ``.done``, which the writer reads to count. One
