@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -297,6 +298,15 @@ def _writer_lock_if_free(folder: Path) -> int | None:
     return fd
 
 
+def _release_memory() -> None:
+    """Give back what a burst's tables took: Arrow's allocator and the C heap keep freed memory for
+    reuse (3,000 requests of 100 rows left 150 MiB resident; 110 once Arrow's is given back, 80 once
+    the heap is trimmed too; 62 after start), so a converter waiting for the next burst stays small."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = None, drain: bool = False,
         poll_s: float = POLL_S) -> int:
     """The converter's loop (see the module docstring)."""
@@ -328,7 +338,7 @@ def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = N
             if worked:
                 # A burst is over: give back what its tables took (Arrow's allocator keeps freed
                 # memory for reuse), so a converter waiting for the next one stays small.
-                pa.default_memory_pool().release_unused()
+                _release_memory()
                 worked = False
             if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
                 return 0
