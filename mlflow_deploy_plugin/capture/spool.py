@@ -120,16 +120,20 @@ def _dumps(value: Any, portable: bool) -> bytes:
     return buffer.getvalue()
 
 
-def _is_frame(value: Any) -> bool:
-    """Whether ``value`` is a DataFrame (none can be unless pandas is loaded: no import for it)."""
+# pandas' DataFrame and serving.frames.is_float64, bound by _frame_type once pandas is loaded (no
+# value can be a DataFrame before): the request path then reads two globals, no import statement.
+_DataFrame: Any = None
+_is_float64: Any = None
+
+
+def _frame_type() -> Any:
+    global _DataFrame, _is_float64
     pandas = sys.modules.get("pandas")
-    return pandas is not None and isinstance(value, pandas.DataFrame)
+    if pandas is not None:
+        from mlflow_deploy_plugin.serving.frames import is_float64
 
-
-def _is_float64(frame: pd.DataFrame) -> bool:
-    from mlflow_deploy_plugin.serving.frames import is_float64  # loaded with pandas, by the caller's process
-
-    return is_float64(frame)
+        _DataFrame, _is_float64 = pandas.DataFrame, is_float64
+    return _DataFrame
 
 
 def encode_record(request: Any) -> bytes:
@@ -143,7 +147,8 @@ def encode_record(request: Any) -> bytes:
         body = _raw_body(request, raw, predictions)
         if body is not None:
             return _HEAD.pack(len(body), zlib.crc32(body)) + body
-    is_frame = _is_frame(inputs)
+    frame_type = _DataFrame if _DataFrame is not None else _frame_type()
+    is_frame = frame_type is not None and isinstance(inputs, frame_type)
     if is_frame:
         body = _compact_body(request, inputs, predictions)
         if body is not None:
