@@ -8,10 +8,13 @@ the real :func:`parse_request` and predicted by a real LogisticRegression on 20 
 - ``encode``: :func:`capture.spool.encode_record` (the request path's share);
 - ``record``: :meth:`CaptureWriter.record` plus the writer thread appending to the spool (all the
   serving process pays);
-- ``convert``: the converter process's work per request (:class:`capture.converter.Converter` on a
-  segment of that many requests: decode, Arrow, Parquet with zstd).
+- ``convert``: the converter process's work per request (:class:`capture.converter.Converter` on
+  segments as the writer makes them: ``--flush-rows`` input rows each, the writer's default, or all
+  the requests when fewer: decode, Arrow, Parquet with zstd, the answer file);
+- ``sweep``: what the converter's poll of a spool with nothing complete costs (two live writers),
+  per pass (it passes every ``converter.POLL_S``).
 
-    .venv/bin/python benchmarks/capture_cost.py [--requests 4000] [--repeat 3]
+    .venv/bin/python benchmarks/capture_cost.py [--requests 4000] [--repeat 3] [--flush-rows N]
 
 Run it with PYTHONPATH pointing at two checkouts to compare them (figures are minima over repeats).
 """
@@ -19,6 +22,7 @@ Run it with PYTHONPATH pointing at two checkouts to compare them (figures are mi
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import logging
@@ -32,7 +36,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
 from mlflow_deploy_plugin.capture import CaptureWriter
-from mlflow_deploy_plugin.capture.converter import Converter
+from mlflow_deploy_plugin.capture.converter import POLL_S, Converter, SpoolConverter
 from mlflow_deploy_plugin.capture.spool import encode_record
 from mlflow_deploy_plugin.serving.app import Answer
 from mlflow_deploy_plugin.serving.protocol import parse_request
@@ -67,7 +71,8 @@ def cpu_us(fn: Any, n: int, repeat: int) -> float:
     return best / n * 1e6
 
 
-def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repeat: int) -> dict[str, Any]:
+def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repeat: int,
+            flush_rows: int) -> dict[str, Any]:
     batch = answers(kind, rows, model, frame)
 
     def encode(count: int) -> None:
@@ -83,39 +88,62 @@ def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repea
             time.sleep(0.4)  # the writer thread appends what waits every 0.25 s: its CPU counts too
             writer.close(timeout_s=0.05)  # nobody converts (external): only what the serving process pays
 
-    segment = b"".join(encode_record(batch[i % VARIANTS]) for i in range(n))
+    per_segment = max(1, min(n, flush_rows // rows))
+    segment = b"".join(encode_record(batch[i % VARIANTS]) for i in range(per_segment))
 
-    def convert(count: int) -> None:  # a segment of `count` (= n) requests
+    def convert(count: int) -> None:  # segments of `per_segment` requests, `count` requests in all
         with tempfile.TemporaryDirectory(prefix="capture-cost-") as tmp:
-            path = Path(tmp) / "seg-bench.seg"
-            path.write_bytes(segment)
-            result = Converter(str(Path(tmp) / "root"), "bench").convert(str(path))
-            assert result["written"] == count, result
+            converter = Converter(str(Path(tmp) / "root"), "bench")
+            for k in range(max(1, count // per_segment)):
+                path = Path(tmp) / f"seg-bench-{k}.seg"
+                path.write_bytes(segment)
+                result = converter.convert(str(path))
+                assert result["written"] == per_segment, result
 
     return {"body": kind, "rows": rows, "encode_us": cpu_us(encode, n, repeat),
             "record_us": cpu_us(record, n, repeat), "convert_us": cpu_us(convert, n, repeat),
-            "spool_bytes": len(segment) // n}
+            "segment_requests": per_segment, "spool_bytes": len(segment) // per_segment}
+
+
+def sweep_us(passes: int, repeat: int) -> float:
+    """CPU of one converter pass over a spool whose two live writers have nothing complete."""
+    with tempfile.TemporaryDirectory(prefix="capture-cost-") as tmp:
+        writers = [CaptureWriter(str(Path(tmp) / "root"), "bench", flush_interval_s=3600,
+                                 spool_dir=str(Path(tmp) / "spool"), converter="external") for _ in range(2)]
+        try:
+            for writer in writers:
+                writer._ensure_folder()  # what a writer that has spooled records has
+            converter = SpoolConverter(Path(tmp) / "spool")
+            return cpu_us(lambda count: [converter.sweep() for _ in range(count)], passes, repeat)
+        finally:
+            for writer in writers:
+                writer.close(timeout_s=0.05)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=4000, help="requests per measurement (default 4000)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats; the minimum is shown (default 3)")
+    parser.add_argument("--flush-rows", type=int, default=None,
+                        help="input rows per segment (default: CaptureWriter's flush_rows)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the closing writer's "not converted" warning is expected
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.normal(size=(5000, len(COLUMNS))), columns=COLUMNS)
     model = LogisticRegression(max_iter=500).fit(frame, (frame["f0"] + frame["f1"] > 0).astype(int))
+    flush_rows = args.flush_rows or inspect.signature(CaptureWriter).parameters["flush_rows"].default
     results = [measure(kind, rows, model, frame, args.requests if rows == 1 else max(args.requests // 10, 100),
-                       args.repeat) for rows in (1, 100) for kind in ("json", "parquet")]
+                       args.repeat, flush_rows) for rows in (1, 100) for kind in ("json", "parquet")]
     print(f"{'body':<8} {'rows':>4} {'encode us':>10} {'record us':>10} {'convert us':>11} {'total us':>9} "
-          f"{'spool B':>8}   (CPU per request)")
+          f"{'seg req':>8} {'spool B':>8}   (CPU per request; segments of {flush_rows} rows at most)")
     for r in results:
         total = r["record_us"] + r["convert_us"]
         print(f"{r['body']:<8} {r['rows']:>4} {r['encode_us']:>10.1f} {r['record_us']:>10.1f} "
-              f"{r['convert_us']:>11.1f} {total:>9.1f} {r['spool_bytes']:>8}")
+              f"{r['convert_us']:>11.1f} {total:>9.1f} {r['segment_requests']:>8} {r['spool_bytes']:>8}")
     print("record = encode + the writer's bookkeeping + its thread's appends (the serving process); "
           "convert = the converter process.")
+    print(f"converter pass over a spool with nothing complete: {sweep_us(200, args.repeat):.0f} us CPU "
+          f"(one every {POLL_S:g} s while it runs)")
     return 0
 
 

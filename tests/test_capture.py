@@ -513,3 +513,37 @@ def test_one_external_converter_serves_every_writer_of_a_spool_and_its_last_pass
     assert keeper.pid is None
     assert sorted(read_capture(str(root))["_request_id"]) == ["w0-a", "w0-b", "w0-c", "w1-a", "w1-b", "w1-c"]
     assert not [p for p in spool.iterdir()], "the spool is empty after the last pass"
+
+
+def test_the_keepers_converter_leaves_when_idle_and_is_back_with_the_next_records(tmp_path: Path) -> None:
+    """An idle deployment holds no converter: it exits after ``idle_exit_s`` with nothing to do; the
+    keeper starts one again as soon as a writer spools records (before their segment is complete,
+    so a start delays no row), and nothing recorded is lost."""
+    from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
+
+    root, spool = tmp_path / "capture", tmp_path / "spool"
+    keeper = ConverterKeeper(spool, tmp_path / "converter.log", idle_exit_s=0.5)
+    # Segments complete only when flushed: whatever starts the converter, it is not a complete one.
+    writer = CaptureWriter(str(root), "dep", flush_interval_s=3600, spool_dir=str(spool), converter="external")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def tended() -> ConverterKeeper:
+        keeper.tend(lambda: env)
+        return keeper
+
+    try:
+        pids = []
+        for i in range(2):
+            assert writer.record(request(f"r{i}", 1))
+            pid = wait_until(lambda: tended().pid, 60, "a converter started for the records being spooled")
+            assert writer.written_requests == i, "their segment is not complete yet"
+            assert pid not in pids
+            pids.append(pid)
+            writer.flush(timeout_s=0)  # complete it: the running converter converts it
+            wait_until(lambda n=i + 1: tended() and writer.written_requests == n, 60, f"r{i} converted")
+            wait_until(lambda: tended().popen is None, 60, "the converter to exit, idle")
+            assert keeper.restarts == 0, "an idle exit is no failure"
+    finally:
+        writer.close(timeout_s=5)
+        keeper.stop(lambda: env, 60)
+    assert sorted(read_capture(str(root))["_request_id"]) == ["r0", "r1"]

@@ -24,24 +24,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Each name is imported from its module on first use (PEP 562): a serving worker needs the writer and
-# the layout only, and reading capture back (``reader``, ``columns``) pulls in ``pyarrow.dataset`` and
-# Parquet, which would otherwise sit on every cold start's critical path.
-_MODULE_OF = {
-    "AnsweredRequest": "arrow", "CapturedRequest": "arrow", "prediction_columns": "arrow",
-    "META_COLUMNS": "layout", "META_SCHEMA": "layout", "PREDICTION_PREFIX": "layout", "capture_root": "layout",
-    "open_capture": "reader", "parse_since": "reader", "read_capture": "reader",
-    "prune_capture": "retention",
-    "DROP_BUFFER_FULL": "writer", "DROP_CLOSED": "writer", "DROP_CONVERT_ERROR": "writer",
-    "DROP_INVALID": "writer", "DROP_WRITE_ERROR": "writer", "CaptureWriter": "writer",
-}
-
 if TYPE_CHECKING:
-    from .arrow import AnsweredRequest, CapturedRequest, prediction_columns
-    from .layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
-    from .reader import open_capture, parse_since, read_capture
-    from .retention import prune_capture
-    from .writer import (
+    from mlflow_deploy_plugin.capture.arrow import AnsweredRequest, CapturedRequest, prediction_columns
+    from mlflow_deploy_plugin.capture.layout import META_COLUMNS, META_SCHEMA, PREDICTION_PREFIX, capture_root
+    from mlflow_deploy_plugin.capture.reader import open_capture, parse_since, read_capture
+    from mlflow_deploy_plugin.capture.retention import prune_capture
+    from mlflow_deploy_plugin.capture.writer import (
         DROP_BUFFER_FULL,
         DROP_CLOSED,
         DROP_CONVERT_ERROR,
@@ -50,13 +38,27 @@ if TYPE_CHECKING:
         CaptureWriter,
     )
 
+# Loaded on first use (PEP 562), not with the package: the converter process (``python -m
+# mlflow_deploy_plugin.capture.converter``) imports this package first and needs none of the
+# writer's, the readers' or pandas' modules (see :mod:`.meta`), and a starting serving worker needs
+# the writer and the layout only (reading capture back pulls in ``pyarrow.dataset`` and Parquet,
+# which would sit on every cold start's critical path).
+_WHERE = {
+    "AnsweredRequest": "arrow", "CapturedRequest": "arrow", "prediction_columns": "arrow",
+    "META_COLUMNS": "layout", "META_SCHEMA": "layout", "PREDICTION_PREFIX": "layout", "capture_root": "layout",
+    "open_capture": "reader", "parse_since": "reader", "read_capture": "reader",
+    "prune_capture": "retention",
+    "DROP_BUFFER_FULL": "writer", "DROP_CLOSED": "writer", "DROP_CONVERT_ERROR": "writer",
+    "DROP_INVALID": "writer", "DROP_WRITE_ERROR": "writer", "CaptureWriter": "writer",
+}
+
 
 def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
+    module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # once
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # looked up once
     return value
 
 

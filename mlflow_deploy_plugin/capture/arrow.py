@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,16 +20,14 @@ import pandas as pd
 import pyarrow as pa
 
 from mlflow_deploy_plugin.capture.layout import META_COLUMNS, PREDICTION_PREFIX
+
+# Re-exported: the request attributes, days and merging are part of this module's interface.
+from mlflow_deploy_plugin.capture.meta import REQUEST_ATTRS as REQUEST_ATTRS
+from mlflow_deploy_plugin.capture.meta import RequestMeta as RequestMeta
+from mlflow_deploy_plugin.capture.meta import day_of as day_of
+from mlflow_deploy_plugin.capture.meta import input_names, meta_arrays
+from mlflow_deploy_plugin.capture.meta import merge_tables as merge_tables
 from mlflow_deploy_plugin.serving.frames import is_float64, stack_frames
-
-_EPOCH = date(1970, 1, 1)
-
-# What capture reads of an answered request besides ``inputs`` and ``predictions``: the spool
-# (:mod:`.spool`) carries exactly these attributes to the converter process (None for one a
-# request lacks), so a new meta column is one more name here (and in ``_group_table``), not a
-# change of the record format.
-REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role",
-                                   "model_name")
 
 
 class AnsweredRequest(Protocol):
@@ -74,31 +72,6 @@ class CapturedRequest:
     predictions: Any | None
     role: str = "primary"  # or "shadow" (layout: ``_role``)
     model_name: str | None = None  # the registered model answering (layout: ``_model_name``)
-
-
-@dataclass(slots=True)
-class RequestMeta:
-    """The :data:`REQUEST_ATTRS` of a table's requests, one list per attribute, request by request.
-
-    Built from request objects (:meth:`add`), or directly by a decoder that has the values at hand
-    (:mod:`.spool`'s compact records), so no object per request is needed.
-    """
-
-    request_id: list[Any] = field(default_factory=list)
-    timestamp: list[Any] = field(default_factory=list)
-    model_version: list[Any] = field(default_factory=list)
-    status: list[Any] = field(default_factory=list)
-    latency_ms: list[Any] = field(default_factory=list)
-    role: list[Any] = field(default_factory=list)
-    model_name: list[Any] = field(default_factory=list)
-
-    def add(self, request: Any) -> None:
-        """Append one request's attributes (None for one it lacks)."""
-        for name in REQUEST_ATTRS:
-            getattr(self, name).append(getattr(request, name, None))
-
-    def __len__(self) -> int:
-        return len(self.request_id)
 
 
 @dataclass(slots=True)
@@ -155,7 +128,7 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
         except Exception:
             unconverted += len(group.requests)
             continue
-        by_day.setdefault(_EPOCH + timedelta(days=day_number), []).append((table, len(group.requests)))
+        by_day.setdefault(day_of(day_number * 86400), []).append((table, len(group.requests)))
     return by_day, unconverted
 
 
@@ -171,23 +144,6 @@ def stacked_table(requests: list[Any] | RequestMeta, counts: list[int], inputs: 
     return _group_table(_Group([inputs], [predictions], requests, counts), deployment, redact)
 
 
-def day_of(timestamp: float) -> date:
-    """The UTC day of an epoch timestamp (the ``date=`` partition its rows go to)."""
-    return _EPOCH + timedelta(days=int(float(timestamp) // 86400))
-
-
-def merge_tables(tables: list[tuple[pa.Table, int]]) -> list[tuple[pa.Table, int]]:
-    """Tables of one day as one table (one file), or unchanged when their columns cannot unify."""
-    if len(tables) == 1:
-        return tables
-    try:
-        merged = pa.concat_tables([t for t, _ in tables], promote_options="permissive")
-        return [(merged, sum(n for _, n in tables))]
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # Same column name, incompatible types (e.g. two model versions): one file each.
-        return tables
-
-
 def _group_table(group: _Group, deployment: str,
                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
     meta = group.meta
@@ -195,30 +151,7 @@ def _group_table(group: _Group, deployment: str,
         meta = RequestMeta()
         for request in group.requests:
             meta.add(request)
-    counts = np.array(group.counts, dtype=np.int64)
-    total = int(counts.sum())
-    micros = np.fromiter((round(float(t) * 1e6) for t in meta.timestamp), dtype=np.int64, count=len(meta))
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    # Row -> its request: a request's text is converted once and repeated by Arrow, not per row in Python.
-    of_row = None if total == len(meta) else pa.array(np.repeat(np.arange(len(meta), dtype=np.int64), counts))
-
-    def text(values: list[Any]) -> pa.Array:
-        array = pa.array(values, pa.string())
-        return array if of_row is None else array.take(of_row)
-
-    arrays: list[pa.Array] = [
-        text([str(x) for x in meta.request_id]),
-        pa.array(np.repeat(micros, counts), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-        pa.repeat(pa.scalar(deployment, pa.string()), total),
-        text([str(x) for x in meta.model_version]),
-        pa.array(np.repeat(np.array([int(x) for x in meta.status], dtype=np.int16), counts), pa.int16()),
-        pa.array(np.repeat(np.array([float(x) for x in meta.latency_ms], dtype=np.float32), counts), pa.float32()),
-        pa.array((np.arange(total, dtype=np.int64) - starts).astype(np.int32), pa.int32()),
-        # primary unless the answer says otherwise (serving/shadow.py's say shadow)
-        text([str(x or "primary") for x in meta.role]),
-        # null when the answer does not say (requests recorded by other callers, older spools)
-        text([str(x) if x else None for x in meta.model_name]),
-    ]
+    arrays = meta_arrays(meta, group.counts, deployment)
     names = list(META_COLUMNS)
     frames = [f for f in group.frames if f is not None]
     if frames:
@@ -254,18 +187,7 @@ def as_frame(inputs: Any) -> pd.DataFrame | None:
         frame = pd.DataFrame({"_input": [str(inputs)]})
     if len(frame) == 0:
         return None
-    names = [str(c) for c in frame.columns]
-    fixed: list[str] = []
-    seen: set[str] = set()
-    for name in names:
-        if name in META_COLUMNS or name.startswith(PREDICTION_PREFIX):
-            name = f"_input{name}"
-        base, k = name, 1
-        while name in seen:
-            name = f"{base}.{k}"
-            k += 1
-        seen.add(name)
-        fixed.append(name)
+    fixed = input_names(frame.columns)
     if fixed != list(frame.columns):
         frame = frame.set_axis(fixed, axis=1)
     return frame

@@ -1,8 +1,9 @@
 """The capture converter: a process that turns the spool's segments into Parquet files of the capture layout.
 
 One converter serves a whole spool folder (``{spool}/{writer}/``: one sub-folder per writer,
-see :mod:`.writer`), so a deployment pays for its pandas/Arrow imports once, not once per
-worker. The local engine's supervisor starts it by module path (it imports none of this) while
+see :mod:`.writer`), so a deployment pays for its Arrow imports once, not once per worker.
+Compact records (float inputs, numeric predictions) become Arrow from their raw bytes, without
+pandas (:mod:`.meta`): it is imported only for other records or a redaction. The local engine's supervisor starts it by module path (it imports none of this) while
 the spool has work; a writer outside a supervisor (a Ray replica, a test) starts one for its own
 process. Run as::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -47,8 +49,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mlflow_deploy_plugin.capture.arrow import merge_tables
 from mlflow_deploy_plugin.capture.layout import join_path, partition_path, resolve_root
+from mlflow_deploy_plugin.capture.meta import merge_tables
 from mlflow_deploy_plugin.capture.spool import (
     CONFIG_NAME,
     DONE_SUFFIX,
@@ -296,6 +298,15 @@ def _writer_lock_if_free(folder: Path) -> int | None:
     return fd
 
 
+def _release_memory() -> None:
+    """Give back what a burst's tables took: Arrow's allocator and the C heap keep freed memory for
+    reuse (3,000 requests of 100 rows left 150 MiB resident; 110 once Arrow's is given back, 80 once
+    the heap is trimmed too; 62 after start), so a converter waiting for the next burst stays small."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = None, drain: bool = False,
         poll_s: float = POLL_S) -> int:
     """The converter's loop (see the module docstring)."""
@@ -314,6 +325,7 @@ def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = N
         converter.sweep(wait=True)
         return 0
     last_work = time.monotonic()
+    worked = False
     while True:
         orphaned = parent is not None and os.getppid() != parent
         if stopping or orphaned:
@@ -321,8 +333,15 @@ def run(spool: Path, *, parent: int | None = None, idle_exit_s: float | None = N
             return 0
         if converter.sweep():
             last_work = time.monotonic()
-        elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
-            return 0
+            worked = True
+        else:
+            if worked:
+                # A burst is over: give back what its tables took (Arrow's allocator keeps freed
+                # memory for reuse), so a converter waiting for the next one stays small.
+                _release_memory()
+                worked = False
+            if idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
+                return 0
         time.sleep(poll_s)
 
 

@@ -20,27 +20,34 @@ import io
 import os
 import pickle
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
-from mlflow_deploy_plugin.capture.arrow import (
+from mlflow_deploy_plugin.capture.layout import META_COLUMNS
+from mlflow_deploy_plugin.capture.meta import (
     REQUEST_ATTRS,
     RequestMeta,
-    as_frame,
     day_of,
-    prediction_columns,
-    stacked_table,
-    tables_by_day,
+    input_names,
+    meta_arrays,
+    numeric_array,
+    prediction_arrays,
 )
-from mlflow_deploy_plugin.serving.frames import is_float64
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas is not imported here: the converter process decodes compact records (nearly all traffic)
+# with numpy and Arrow alone and loads pandas (~40 MiB resident) only for a record that needs it
+# (pickled inputs, a redaction). The request path's frames come from a process that has it loaded.
 
 _HEAD = struct.Struct("<II")
 # A compact body: kind, timestamp, latency_ms, status, rows, then the byte lengths of request_id,
@@ -113,6 +120,22 @@ def _dumps(value: Any, portable: bool) -> bytes:
     return buffer.getvalue()
 
 
+# pandas' DataFrame and serving.frames.is_float64, bound by _frame_type once pandas is loaded (no
+# value can be a DataFrame before): the request path then reads two globals, no import statement.
+_DataFrame: Any = None
+_is_float64: Any = None
+
+
+def _frame_type() -> Any:
+    global _DataFrame, _is_float64
+    pandas = sys.modules.get("pandas")
+    if pandas is not None:
+        from mlflow_deploy_plugin.serving.frames import is_float64
+
+        _DataFrame, _is_float64 = pandas.DataFrame, is_float64
+    return _DataFrame
+
+
 def encode_record(request: Any) -> bytes:
     """One answered request as a spool record (runs on the request path: keep it cheap).
 
@@ -124,7 +147,9 @@ def encode_record(request: Any) -> bytes:
         body = _raw_body(request, raw, predictions)
         if body is not None:
             return _HEAD.pack(len(body), zlib.crc32(body)) + body
-    if isinstance(inputs, pd.DataFrame):
+    frame_type = _DataFrame if _DataFrame is not None else _frame_type()
+    is_frame = frame_type is not None and isinstance(inputs, frame_type)
+    if is_frame:
         body = _compact_body(request, inputs, predictions)
         if body is not None:
             return _HEAD.pack(len(body), zlib.crc32(body)) + body
@@ -132,7 +157,7 @@ def encode_record(request: Any) -> bytes:
     n_rows = None
     if inputs is None:
         in_part: tuple = (_NONE,)
-    elif isinstance(inputs, pd.DataFrame) and is_float64(inputs) and len(inputs) and len(inputs.columns):
+    elif is_frame and _is_float64(inputs) and len(inputs) and len(inputs.columns):
         n_rows = len(inputs)
         in_part = (_RAW_FRAME, inputs.columns.tolist(), n_rows, inputs.to_numpy().tobytes())
     else:
@@ -152,7 +177,7 @@ def _compact_body(request: Any, inputs: pd.DataFrame, predictions: Any) -> bytes
     """The compact body of a float64 frame with numeric predictions (or none); None when the
     request is anything else (it is pickled then)."""
     n_rows = len(inputs)
-    if not n_rows or not len(inputs.columns) or not is_float64(inputs):
+    if not n_rows or not len(inputs.columns) or not _is_float64(inputs):
         return None
     return _compact(request, tuple(inputs.columns.tolist()), n_rows, inputs.to_numpy(), predictions)
 
@@ -346,8 +371,12 @@ def records_to_tables(records: list[SpoolRecord | CompactRecord | None], deploym
                 others.append(req)
         except Exception:
             unconverted += 1
-    by_day, unconverted_others = tables_by_day(others, deployment, redact)
-    unconverted += unconverted_others
+    by_day: dict[date, list[tuple[pa.Table, int]]] = {}
+    if others:
+        from mlflow_deploy_plugin.capture.arrow import tables_by_day  # pandas: only for such records
+
+        by_day, unconverted_others = tables_by_day(others, deployment, redact)
+        unconverted += unconverted_others
     stacked = [(day, pred_key, stack) for (day, _, pred_key), stack in stacks.items()]
     stacked += [(day_of(day * 86400), layouts[layout][1], stack) for (day, layout), stack in compact.items()]
     for day, pred_key, stack in stacked:
@@ -404,13 +433,28 @@ def _stack_table(stack: _Stack, pred_key: tuple | None, deployment: str,
     # Column by column in memory (one transposing copy): each column then becomes Arrow without
     # a strided gather of its own (~2x faster for 20 columns).
     matrix = np.ascontiguousarray(values.reshape(total, ncols).T).T if ncols else np.empty((total, 0))
-    frame = as_frame(pd.DataFrame(matrix, columns=list(stack.columns), copy=False))
     predictions: dict[str, np.ndarray] = {}
     if pred_key is not None:
         dtype, tail = pred_key
         stacked = np.frombuffer(b"".join(stack.predictions), dtype=np.dtype(dtype)).reshape((total, *tail))
-        predictions = prediction_columns(stacked, total)
-    return stacked_table(stack.requests, stack.counts, frame, predictions, deployment, redact)
+        predictions = prediction_arrays(stacked)
+    meta = stack.requests
+    if redact is not None:
+        # The redaction works on a DataFrame: the pandas way (arrow.py), the same table otherwise.
+        import pandas as pd
+
+        from mlflow_deploy_plugin.capture.arrow import as_frame, stacked_table
+
+        frame = as_frame(pd.DataFrame(matrix, columns=list(stack.columns), copy=False))
+        return stacked_table(meta, stack.counts, frame, predictions, deployment, redact)
+    if not isinstance(meta, RequestMeta):
+        requests, meta = meta, RequestMeta()
+        for request in requests:
+            meta.add(request)
+    names = [*META_COLUMNS, *input_names(stack.columns), *predictions]
+    arrays = [*meta_arrays(meta, stack.counts, deployment), *(numeric_array(matrix[:, i]) for i in range(ncols)),
+              *map(numeric_array, predictions.values())]
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def _unpart(part: tuple) -> Any:
@@ -419,6 +463,8 @@ def _unpart(part: tuple) -> Any:
     if part[0] == _PICKLED:
         return part[1]
     if part[0] == _RAW_FRAME:
+        import pandas as pd
+
         _, columns, n_rows, raw = part
         return pd.DataFrame(np.frombuffer(raw, dtype=np.float64).reshape(n_rows, len(columns)),
                             columns=list(columns))

@@ -13,6 +13,7 @@ from mlflow_deploy_plugin.engines.local import capture_keeper
 def test_the_keeper_spells_the_spool_layout_as_the_writer_does() -> None:
     assert capture_keeper.LOCK_NAME == spool.LOCK_NAME
     assert capture_keeper.SEGMENT_SUFFIX == spool.SEGMENT_SUFFIX
+    assert capture_keeper.OPEN_SUFFIX == spool.OPEN_SUFFIX
 
 
 def _writer_folder(root: Path, name: str, *files: str) -> int:
@@ -42,3 +43,20 @@ def test_work_is_a_complete_segment_or_the_folder_of_a_writer_that_is_gone(tmp_p
     finally:
         os.close(live)
         os.close(making)
+
+
+def test_a_writer_appending_to_a_segment_wants_the_converter_before_it_completes(tmp_path: Path) -> None:
+    """The converter starts with a segment's first records (its imports are done by the time the
+    segment completes), so one that exits after a few idle seconds delays no captured row."""
+    root = tmp_path / ".spool"
+    idle = _writer_folder(root, "1-a", spool.CONFIG_NAME)
+    try:
+        assert not capture_keeper.spool_wants_converter(root), "an idle writer: no converter"
+        assert not capture_keeper.spool_has_work(root)
+        (root / "1-a" / "seg-1.open").write_bytes(b"x")
+        assert capture_keeper.spool_wants_converter(root), "records are being spooled: start it now"
+        assert not capture_keeper.spool_has_work(root), "nothing to convert yet"
+        (root / "1-a" / "seg-1.open").rename(root / "1-a" / "seg-1.seg")
+        assert capture_keeper.spool_wants_converter(root) and capture_keeper.spool_has_work(root)
+    finally:
+        os.close(idle)

@@ -7,6 +7,9 @@ In process, no converter: records are encoded with :func:`encode_record` and dec
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -131,3 +134,42 @@ def test_is_float64_without_the_mark(make: object) -> None:
     assert not is_float64(built.assign(d=1))
     assert not is_float64(built.astype("float32"))
     assert not is_float64(built.astype("Float64"))
+
+
+def test_missing_values_and_a_redaction_give_the_same_table_both_ways() -> None:
+    """Compact records become Arrow without pandas (NaN stored as null, as the DataFrame way does);
+    with a redaction they take the DataFrame way, and either gives the requests' own table."""
+    from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
+
+    holes = frame(3)
+    holes.iloc[1, 0] = np.nan
+    requests = [CapturedRequest("holes", T0, "1", 200, 1.0, mark_float64(holes), np.array([np.nan, 1.0, 2.0])),
+                CapturedRequest("whole", T0 + 1, "1", 200, 1.0, frame(1), np.array([3.0]))]
+    spooled = tables(requests, via_spool=True)
+    same(tables(requests, via_spool=False), spooled)
+    assert spooled[0].column("a").null_count == 1 and spooled[0].column("_prediction").null_count == 1
+    redact = CaptureRedaction(("b",), (), None).apply
+    records, _ = read_records(b"".join(encode_record(r) for r in requests))
+    by_day, unconverted = records_to_tables(records, "dep", redact)
+    direct, direct_unconverted = tables_by_day(requests, "dep", redact)
+    assert unconverted == direct_unconverted == 0
+    [(table, _)] = next(iter(by_day.values()))
+    [(expected, _)] = next(iter(direct.values()))
+    assert "b" not in table.column_names and table.equals(expected)
+
+
+def test_the_converter_process_converts_compact_records_without_loading_pandas(tmp_path: Path) -> None:
+    """pandas costs the converter ~40 MiB resident and ~0.25 s of CPU at each start: compact records
+    (float inputs, numeric predictions) never need it."""
+    import subprocess
+    import sys
+
+    segment = tmp_path / "seg-1.seg"
+    segment.write_bytes(b"".join(encode_record(CapturedRequest(f"r{i}", T0, "1", 200, 1.0, frame(2, start=i),
+                                                               np.array([1, 0]))) for i in range(5)))
+    code = ("import sys, json; from mlflow_deploy_plugin.capture.converter import Converter; "
+            f"result = Converter({str(tmp_path / 'root')!r}, 'dep').convert({str(segment)!r}); "
+            "print(json.dumps([result['written'], result['rows'], 'pandas' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout) == [5, 10, False]
+    assert len(list((tmp_path / "root").glob("date=*/part-*.parquet"))) == 1
