@@ -154,10 +154,13 @@ def unpack_copies(items: list[tuple]) -> list[Copy | int]:
             _, columns, request_ids, timestamps, counts, values = item
             if len(request_ids) != len(timestamps) or len(counts) != len(request_ids) or sum(counts) != len(values):
                 raise ValueError("a run of copies whose lengths disagree")
-            start = 0
+            # Built aside first: a run that fails partway is counted as dropped in full, so none of
+            # its copies may have been handed on (they would be predicted and counted as dropped).
+            run, start = [], 0
             for request_id, timestamp, count in zip(request_ids, timestamps, counts, strict=True):
-                out.append(Copy(request_id, timestamp, ("raw", columns, values[start:start + count]), None))
+                run.append(Copy(request_id, timestamp, ("raw", columns, values[start:start + count]), None))
                 start += count
+            out.extend(run)
         except Exception:
             _logger.exception("Request copies for the shadow could not be read")
             out.append(len(item[2]) if item[0] == "run" and isinstance(item[2], list) else 1)

@@ -136,6 +136,11 @@ def test_copies_travel_in_runs_in_their_order_and_a_bad_run_counts_its_copies() 
     broken = ("run", ("x",), ["e", "f"], [1.0, 2.0], [1, 1], np.zeros((3, 1)))
     read_back = unpack_copies([broken, *items[:1]])
     assert read_back[0] == 2 and [copy.request_id for copy in read_back[1:]] == ["a", "b"]
+    # One that fails partway (its second count is no row count) is counted once, in full: none of
+    # its copies goes on, or the first would be both predicted and counted as dropped.
+    partway = ("run", ("x",), ["g", "h", "i"], [1.0, 2.0, 3.0], [1, 1.5, 0.5], np.zeros((3, 1)))
+    assert unpack_copies([partway, *items[:1]])[0] == 3
+    assert [getattr(copy, "request_id", copy) for copy in unpack_copies([partway])] == [3]
 
 
 def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() -> None:
