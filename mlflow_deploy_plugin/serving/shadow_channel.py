@@ -35,7 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pandas as pd
+
+from mlflow_deploy_plugin.serving.shadow import CopyRun, frame_of_raw
 
 _logger = logging.getLogger(__name__)
 
@@ -142,25 +143,29 @@ def pack_copies(copies: list[tuple]) -> list[tuple]:
     return items
 
 
-def unpack_copies(items: list[tuple]) -> list[Copy | int]:
-    """The copies of a ``copies`` message in their order; an int stands for that many copies that
-    could not be read (counted as dropped by the caller: they are not ours)."""
-    out: list[Copy | int] = []
+def unpack_copies(items: list[tuple]) -> list[Copy | CopyRun | int]:
+    """The copies of a ``copies`` message in their order: a run as one :class:`CopyRun` (for
+    :meth:`ShadowMirror.submit_run`: its copies get no DataFrame each), any other copy as a
+    :class:`Copy`; an int stands for that many copies that could not be read (counted as dropped by
+    the caller: they are not ours)."""
+    out: list[Copy | CopyRun | int] = []
     for item in items:
         try:
             if item[0] == "one":
                 out.append(Copy(*item[1:]))
                 continue
             _, columns, request_ids, timestamps, counts, values = item
-            if len(request_ids) != len(timestamps) or len(counts) != len(request_ids) or sum(counts) != len(values):
+            # Checked whole before it goes on: a run that fails is counted as dropped in full, so
+            # none of its copies may have been handed on (predicted and counted as dropped).
+            if (type(columns) is not tuple or type(values) is not np.ndarray or values.dtype != _FLOAT64
+                    or values.ndim != 2 or values.shape[1] != len(columns)):
+                raise ValueError("a run of copies whose rows are not a float64 array of its columns")
+            if (len(request_ids) != len(timestamps) or len(counts) != len(request_ids)
+                    or not all(type(count) is int and count >= 0 for count in counts)
+                    or sum(counts) != len(values)
+                    or not all(type(request_id) is str for request_id in request_ids)):
                 raise ValueError("a run of copies whose lengths disagree")
-            # Built aside first: a run that fails partway is counted as dropped in full, so none of
-            # its copies may have been handed on (they would be predicted and counted as dropped).
-            run, start = [], 0
-            for request_id, timestamp, count in zip(request_ids, timestamps, counts, strict=True):
-                run.append(Copy(request_id, timestamp, ("raw", columns, values[start:start + count]), None))
-                start += count
-            out.extend(run)
+            out.append(CopyRun(columns, list(request_ids), [float(t) for t in timestamps], list(counts), values))
         except Exception:
             _logger.exception("Request copies for the shadow could not be read")
             out.append(len(item[2]) if item[0] == "run" and isinstance(item[2], list) else 1)
@@ -173,8 +178,6 @@ class Copy:
     __slots__ = ("request_id", "timestamp", "inputs", "params", "raw_inputs")
 
     def __init__(self, request_id: str, timestamp: float, payload: Any, params: dict[str, Any] | None) -> None:
-        from mlflow_deploy_plugin.serving.frames import mark_float64
-
         self.request_id = request_id
         self.timestamp = timestamp
         self.params = params
@@ -182,7 +185,7 @@ class Copy:
         if payload[0] == "raw":  # rebuilt exactly as the parser's fast path built the primary's frame
             columns, values = payload[1], payload[2]
             self.raw_inputs = (tuple(columns), values)
-            self.inputs: Any = mark_float64(pd.DataFrame(values, columns=list(columns)))
+            self.inputs: Any = frame_of_raw(columns, values)
         else:
             self.inputs = payload[1]
 

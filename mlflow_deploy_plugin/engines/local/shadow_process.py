@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.serving.shadow import MirrorFront
+from mlflow_deploy_plugin.serving.shadow import CopyRun, MirrorFront
 from mlflow_deploy_plugin.serving.shadow_channel import (
     CopyChannel,
     FrameReader,
@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                 for copy in unpack_copies(message[1]):
                     if isinstance(copy, int):  # not ours: counted, and the others still go through
                         events.add(("drop", "crashed"), copy)
+                    elif isinstance(copy, CopyRun):  # one item, one DataFrame per batch, not per copy
+                        mirror.submit_run(copy)
                     else:
                         mirror.submit(copy)  # a copy it cannot take it counts as dropped itself
             elif kind == "flush":
