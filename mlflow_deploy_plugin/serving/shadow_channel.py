@@ -4,8 +4,10 @@ The worker's request path only appends a copy to a bounded in-memory queue (neve
 raises; a full queue drops the copy and counts it as ``queue_full``, as the in-process mirror does)
 and wakes the sender thread only when it is idle. The sender writes all that wait (up to
 ``max_copies``) to the shadow process's pipe as one length-prefixed pickle, then lets the next
-copies gather for :data:`GATHER_S` before it writes again. Per copy, the serving process so pays a deque append; per message (at most
-~50 a second), one wake of the sender, one pickle and one write. That is what keeps mirroring off
+copies gather for :data:`GATHER_S` before it writes again (not after a full message, nor when a
+full one waits: that would only cap the copies a second). Per copy, the serving process so pays a
+deque append; per message (~50 a second unless they are full), one wake of the sender, one pickle
+and one write. That is what keeps mirroring off
 the serving loop: each wake of a thread of the worker is a thread that wants the GIL the event loop
 holds, and one message per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy
 machine) cost the primary more than anything else mirroring did.
@@ -318,6 +320,9 @@ class CopyChannel:
                         self._hurry.clear()
                         stop = self._stopping
                         break
+                # A full message leaves a backlog behind: gathering cannot make the next one larger,
+                # only cap the copies a second (at max_copies / GATHER_S, ~5,100 a second), then drop.
+                full = len(batch) == self._max_copies
                 try:
                     self._send(batch)
                 finally:
@@ -325,11 +330,13 @@ class CopyChannel:
                         self._unfinished -= len(batch)
                         self._finished += len(batch)
                         self._progress.notify_all()
-                if self._gather_s and not self._hurry.is_set() and not self._stopping:
+                if (self._gather_s and not full and len(self._pending) < self._max_copies
+                        and not self._hurry.is_set() and not self._stopping):
                     # Let the copies of the next moments gather, then write them in one message:
                     # under load this thread wakes once per GATHER_S, not once per copy, which is
                     # what keeps it off the serving loop's GIL. (The first copy after a quiet
-                    # spell goes at once: a wake per copy only when copies are rare.)
+                    # spell goes at once: a wake per copy only when copies are rare. Not after a
+                    # full message, nor while a full one waits, e.g. behind a slow write.)
                     self._hurry.wait(self._gather_s)
             if stop:
                 return

@@ -351,3 +351,33 @@ def test_a_run_is_cut_between_copies() -> None:
     assert [part.counts for part in parts] == [[2, 2], [2], [5], [1]]
     assert np.array_equal(np.concatenate([part.values for part in parts]), run.values)
     assert run.split(100) == [run] and run.head(2).values.tolist() == run.values[:4].tolist()
+
+
+def test_after_a_full_message_the_sender_writes_the_next_without_gathering() -> None:
+    # Gathering for a minute, 4 copies a message: a backlog must still go out message after message
+    # (gathering after a full one would only cap the copies a second, then drop them as queue_full).
+    channel = CopyChannel(max_queue=64, on_drop=lambda reason: None, max_copies=4, gather_s=60.0)
+    read, write = os.pipe()
+    channel.attach(write)
+    messages: list[list[str]] = []
+
+    def read_all() -> None:
+        reader = FrameReader(read)
+        while (message := reader.read()) is not None:
+            messages.append([copy.request_id for copy in unpack_copies(message[1])])
+
+    # The first copy is larger than the pipe holds: its write waits for the reader, while the
+    # others queue behind it.
+    assert channel.put(("r0", 1.7e9, ("inputs", id_frame(range(40_000))), None))
+    assert all(channel.put(_copy(i)) for i in range(1, 10))
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        wait_for(lambda: sum(map(len, messages)) == 10, WAIT_S, "the backlog to be written")
+        assert [request_id for message in messages for request_id in message] == [f"r{i}" for i in range(10)]
+        assert all(len(message) <= 4 for message in messages) and len(messages) >= 3
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()  # the end of the pipe: the reader stops
+        reader.join(WAIT_S)
+        os.close(read)
