@@ -3,14 +3,15 @@
 The worker's request path only appends a copy to a bounded in-memory queue (never blocks, never
 raises; a full queue drops the copy and counts it as ``queue_full``, as the in-process mirror does)
 and wakes the sender thread only when it is idle. The sender writes all that wait (up to
-``max_copies``) to the shadow process's pipe as one length-prefixed pickle, then lets the next
-copies gather for :data:`GATHER_S` before it writes again (not after a full message, nor when a
-full one waits: that would only cap the copies a second). Per copy, the serving process so pays a
-deque append; per message (~50 a second unless they are full), one wake of the sender, one pickle
-and one write. That is what keeps mirroring off
-the serving loop: each wake of a thread of the worker is a thread that wants the GIL the event loop
-holds, and one message per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy
-machine) cost the primary more than anything else mirroring did.
+``max_copies``, and about ``max_bytes`` of inputs, so 100-row or wide bodies make no huge message;
+a copy larger than that goes alone) to the shadow process's pipe as one length-prefixed pickle,
+then lets the next copies gather for :data:`GATHER_S` before it writes again (not after a full
+message, nor when a full one waits: that would only cap the copies a second). Per copy, the
+serving process so pays a deque append; per message (~50 a second unless they are full), one wake
+of the sender, one pickle and one write. That is what keeps mirroring off the serving loop: each
+wake of a thread of the worker is a thread that wants the GIL the event loop holds, and one message
+per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy machine) cost the
+primary more than anything else mirroring did.
 
 A copy is sent in its cheapest form: the ``(columns, float64 array)`` the parser's fast path built
 the frame on when there is one, consecutive ones with the same columns as one run with one array
@@ -49,6 +50,9 @@ MAX_FRAME_BYTES = 1 << 30  # a message larger than this is not one this protocol
 # a shadow's answer, and the shadow process gathers its batches for 50 ms anyway). A wake with its
 # GIL handoff costs ~100 us of CPU on a busy machine: at 20 ms it was still most of what a copy cost.
 GATHER_S = 0.05
+# About this many bytes of inputs a message at most (a copy larger than that goes alone): the message
+# is built, pickled and read whole, by both processes, and its run of rows stacked in one array.
+MAX_MESSAGE_BYTES = 4 << 20
 _FLOAT64 = np.dtype(np.float64)
 
 
@@ -99,6 +103,28 @@ def copy_of(answer: Any) -> tuple[str, float, Any, dict[str, Any] | None]:
     raw = getattr(answer, "raw_inputs", None)
     payload: Any = ("raw", raw[0], raw[1]) if isinstance(raw, tuple) and len(raw) == 2 else ("inputs", answer.inputs)
     return str(answer.request_id), float(answer.timestamp), payload, getattr(answer, "params", None) or None
+
+
+def payload_bytes(copy: tuple) -> int:
+    """About how many bytes a copy's inputs take in a message (an estimate: cheap, not a pickle)."""
+    payload = copy[2]
+    data = payload[2] if payload[0] == "raw" else payload[1]
+    if isinstance(data, np.ndarray):
+        return int(data.nbytes)
+    shape = getattr(data, "shape", None)  # a DataFrame: its cells, 8 bytes each
+    if isinstance(shape, tuple) and len(shape) == 2:
+        return int(shape[0]) * int(shape[1]) * 8
+    if isinstance(data, dict):  # named tensors
+        return sum(int(value.nbytes) if isinstance(value, np.ndarray) else 8 * _length(value)
+                   for value in data.values())
+    return 8 * _length(data)
+
+
+def _length(value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:
+        return 1
 
 
 def _raw_parts(copy: tuple) -> tuple[tuple, np.ndarray] | None:
@@ -197,7 +223,7 @@ class CopyChannel:
 
     def __init__(self, max_queue: int, on_drop: Callable[[str], None],
                  on_lost: Callable[[int], None] | None = None, max_copies: int = 256,
-                 gather_s: float = GATHER_S) -> None:
+                 gather_s: float = GATHER_S, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         """``on_drop(reason)`` counts a copy the queue could not take; ``on_lost(n)`` the copies of a
         message the pipe did not take (its reader died). ``gather_s``: how long the sender lets
         copies gather once one waits (see the module's docstring)."""
@@ -216,6 +242,7 @@ class CopyChannel:
         self._on_drop = on_drop
         self._on_lost = on_lost
         self._max_copies = max_copies
+        self._max_bytes = max_bytes
         self._gather_s = max(0.0, gather_s)
         self._fd: int | None = None
         # Held while a message is written, so a detach never splits a message and `sent` is exact.
@@ -315,14 +342,15 @@ class CopyChannel:
             while True:
                 self._wake.clear()  # a copy put from now on finds the queue empty and sets it again
                 with self._lock:
-                    batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_copies))]
+                    batch = self._take()
                     if not batch:
                         self._hurry.clear()
                         stop = self._stopping
                         break
-                # A full message leaves a backlog behind: gathering cannot make the next one larger,
-                # only cap the copies a second (at max_copies / GATHER_S, ~5,100 a second), then drop.
-                full = len(batch) == self._max_copies
+                    # A full message leaves a backlog behind: gathering cannot make the next one
+                    # larger, only cap the copies a second (at max_copies / GATHER_S, ~5,100 a
+                    # second), then drop them.
+                    full = len(batch) == self._max_copies or bool(self._pending)
                 try:
                     self._send(batch)
                 finally:
@@ -340,6 +368,18 @@ class CopyChannel:
                     self._hurry.wait(self._gather_s)
             if stop:
                 return
+
+    def _take(self) -> list[tuple]:
+        """The next message's copies, out of the queue (the lock held): up to ``max_copies`` and
+        about ``max_bytes`` of inputs, at least one."""
+        pending, size = self._pending, 0
+        batch: list[tuple] = []
+        while pending and len(batch) < self._max_copies:
+            size += payload_bytes(pending[0])
+            if batch and size > self._max_bytes:
+                break
+            batch.append(pending.popleft())
+        return batch
 
     def _send(self, batch: list[tuple]) -> None:
         try:

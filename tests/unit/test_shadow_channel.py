@@ -381,3 +381,28 @@ def test_after_a_full_message_the_sender_writes_the_next_without_gathering() -> 
         channel.detach()  # the end of the pipe: the reader stops
         reader.join(WAIT_S)
         os.close(read)
+
+
+def test_a_message_holds_about_max_bytes_of_inputs_and_a_larger_copy_goes_alone() -> None:
+    def raw(request_id: str, rows: int) -> tuple:  # rows x 2 float64: 16 bytes a row
+        values = np.zeros((rows, 2))
+        return copy_of(Answer(request_id, 1.5, "1", 200, 1.0, None, None, raw_inputs=(("x", "y"), values)))
+
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0, max_bytes=1000)
+    read, write = os.pipe()
+    try:
+        # Queued before there is a pipe; a flush then has them all written, as many messages as it takes.
+        for copy in (raw("big", 125), raw("a", 40), raw("b", 40), raw("c", 5), raw("d", 5), _copy(1)):
+            assert channel.put(copy)
+        channel.attach(write)
+        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        reader = FrameReader(read)
+        messages = []
+        while (message := reader.read())[0] == "copies":
+            messages.append(_ids(unpack_copies(message[1])))
+        # 2,000 bytes: alone; 640 and 640: one each; then 640 + 80 + 80 + one id_frame row (2 cells).
+        assert messages == [["big"], ["a"], ["b", "c", "d", "r1"]]
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()
+        os.close(read)
