@@ -75,6 +75,8 @@ class ShadowAnswer:
     model_version: str
     status: int  # 200, 500 (the shadow raised) or 504 (it did not answer within timeout_s)
     latency_ms: float
+    # None for a copy of a run whose raw_inputs capture encodes as they are (numeric answers): its
+    # DataFrame is never built (see ShadowMirror._finish).
     inputs: Any
     predictions: Any
     role: str = ROLE_SHADOW
