@@ -46,8 +46,8 @@ _logger = logging.getLogger(__name__)
 _HEAD = struct.Struct("<I")
 MAX_FRAME_BYTES = 1 << 30  # a message larger than this is not one this protocol wrote
 # After a message the sender lets the next copies gather this long before it writes them all in
-# one: at most ~1/GATHER_S wakes of the sender a second whatever the request rate (nobody waits for
-# a shadow's answer, and the shadow process gathers its batches for 50 ms anyway). A wake with its
+# one: ~1/GATHER_S wakes of the sender a second whatever the request rate, until messages are full (nobody waits for
+# a shadow's answer, and the shadow process gathers its batches for 200 ms anyway). A wake with its
 # GIL handoff costs ~100 us of CPU on a busy machine: at 20 ms it was still most of what a copy cost.
 GATHER_S = 0.05
 # About this many bytes of inputs a message at most (a copy larger than that goes alone): the message
