@@ -19,7 +19,11 @@ What a shadow may never do is touch the primary:
 Copies that wait together are predicted in one call (``batching``, for row-wise models as the
 primary's batching decides: ``pyfunc.predict`` costs ~1 ms per call whatever the rows, so this is
 what keeps a shadow's CPU, and the GIL it holds, small beside the primary's); a batch that fails is
-predicted again copy by copy, so one bad request never fails the others.
+predicted again copy by copy, so one bad request never fails the others. The shadow process hands
+its copies over as they travelled, in runs (:class:`CopyRun`: the raw rows of many copies in one
+array, :meth:`ShadowMirror.submit_run`): a batch of runs is one DataFrame built from their arrays,
+and no copy of them gets a DataFrame of its own unless a retry or capture needs one (a DataFrame
+per copy was most of the shadow process's CPU per copy).
 
 Only requests whose primary answer capture accepted are mirrored (so every shadow row has its pair),
 and of those ``-C shadow_sample_rate``.
@@ -33,6 +37,7 @@ On the Ray engine, in the replica's process as described above.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -43,6 +48,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 _logger = logging.getLogger(__name__)
 
@@ -68,6 +75,8 @@ class ShadowAnswer:
     model_version: str
     status: int  # 200, 500 (the shadow raised) or 504 (it did not answer within timeout_s)
     latency_ms: float
+    # None for a copy of a run whose raw_inputs capture encodes as they are (numeric answers): its
+    # DataFrame is never built (see ShadowMirror._finish).
     inputs: Any
     predictions: Any
     role: str = ROLE_SHADOW
@@ -79,9 +88,73 @@ class ShadowAnswer:
 class _Copy:
     request_id: str
     timestamp: float
-    inputs: Any
+    inputs: Any  # None for a copy of a run: built from raw_inputs when something needs it (see _frame_of)
     params: dict[str, Any] | None = None  # the primary's params, so both versions answer the same question
     raw_inputs: Any = None  # the request's (columns, float64 array), when its parser's fast path built one
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRun:
+    """Consecutive request copies with the same columns and no params, their rows in one array.
+
+    What the shadow process's channel delivers (``serving.shadow_channel.pack_copies``) and
+    :meth:`ShadowMirror.submit_run` takes as it is: copy ``i`` is ``request_ids[i]``, answered at
+    ``timestamps[i]``, its rows the next ``counts[i]`` rows of ``values`` (float64, rows x
+    ``columns``), exactly as its parser's fast path read them.
+    """
+
+    columns: tuple
+    request_ids: list[str]
+    timestamps: list[float]
+    counts: list[int]
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def split(self, max_rows: int) -> list[CopyRun]:
+        """This run cut, between copies, into runs of at most ``max_rows`` rows (a copy larger than
+        that alone); the arrays are views, nothing is copied."""
+        if len(self.values) <= max_rows:
+            return [self]
+        pieces: list[CopyRun] = []
+        first = row = start = 0
+        for index, count in enumerate(self.counts):
+            if index > first and row + count - start > max_rows:
+                pieces.append(self._part(first, index, start, row))
+                first, start = index, row
+            row += count
+        pieces.append(self._part(first, len(self.counts), start, row))
+        return pieces
+
+    def _part(self, first: int, end: int, start: int, stop: int) -> CopyRun:
+        return CopyRun(self.columns, self.request_ids[first:end], self.timestamps[first:end], self.counts[first:end],
+                       self.values[start:stop])
+
+    def head(self, copies: int) -> CopyRun:
+        """The run of its first ``copies`` copies."""
+        return self._part(0, copies, 0, sum(self.counts[:copies]))
+
+    def copies(self) -> list[_Copy]:
+        """Its copies, one by one (their inputs left to be built from their rows when needed)."""
+        out, start = [], 0
+        for request_id, timestamp, count in zip(self.request_ids, self.timestamps, self.counts, strict=True):
+            out.append(_Copy(request_id, timestamp, None, None, (self.columns, self.values[start:start + count])))
+            start += count
+        return out
+
+
+def frame_of_raw(columns: tuple, values: np.ndarray) -> Any:
+    """The DataFrame a parser's fast path builds on ``(columns, float64 rows x columns array)``."""
+    import pandas as pd
+
+    from mlflow_deploy_plugin.serving.frames import mark_float64
+
+    return mark_float64(pd.DataFrame(values, columns=list(columns)))
+
+
+def _frame_of(copy: _Copy) -> Any:
+    return copy.inputs if copy.inputs is not None else frame_of_raw(*copy.raw_inputs)
 
 
 class MirrorFront:
@@ -157,7 +230,11 @@ class ShadowMirror(MirrorFront):
         self._on_drop = on_drop
         self._on_result = on_result
         self._rng = rng or random.Random()
-        self._queue: queue.Queue[_Copy | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        # Copies or runs of copies; bounded in copies by _waiting (a run counts as its copies).
+        self._queue: queue.Queue[_Copy | CopyRun | None] = queue.Queue()
+        self._space = threading.Lock()
+        self._waiting = 0  # copies queued, not yet taken by the dispatcher
         self._running: Future[Any] | None = None  # the last call: while it runs, copies are dropped
         self._closed = False
         self.submitted = 0
@@ -169,22 +246,58 @@ class ShadowMirror(MirrorFront):
     # ---- request path ------------------------------------------------------------------------
 
     def _enqueue(self, answer: Any) -> bool:
-        try:
-            self._queue.put_nowait(_Copy(str(answer.request_id), float(answer.timestamp), answer.inputs,
-                                         getattr(answer, "params", None) or None,
-                                         getattr(answer, "raw_inputs", None)))
-        except queue.Full:
+        copy = _Copy(str(answer.request_id), float(answer.timestamp), answer.inputs,
+                     getattr(answer, "params", None) or None, getattr(answer, "raw_inputs", None))
+        with self._space:
+            full = self._waiting >= self.max_queue
+            if not full:
+                self._waiting += 1
+        if full:
             self._drop(DROP_QUEUE_FULL)
             return False
+        self._queue.put_nowait(copy)
         return True
+
+    def submit_run(self, run: CopyRun) -> int:
+        """Queue a run of copies as it is (one item, not one per copy); returns how many were queued.
+
+        As :meth:`submit`, never blocks and never raises; the copies the queue has no room for (the
+        last ones) are dropped as ``queue_full``, counted. Not sampled: the shadow process's mirror
+        gets the copies the worker's side already sampled.
+        """
+        try:
+            if self._closed:
+                self._drop(DROP_CLOSED, len(run))
+                return 0
+            with self._space:
+                taken = min(len(run), max(0, self.max_queue - self._waiting))
+                self._waiting += taken
+            if taken < len(run):
+                self._drop(DROP_QUEUE_FULL, len(run) - taken)
+            if taken:
+                kept = run if taken == len(run) else run.head(taken)
+                # A run larger than a batch goes as several (a batch is at most max_batch_rows rows).
+                for part in kept.split(self.max_batch_rows) if self.batching else (kept,):
+                    self._queue.put_nowait(part)
+            self.submitted += taken
+            return taken
+        except Exception:  # the shadow process goes on with the next copies whatever happens here
+            _logger.exception("Shadow mirror could not queue a run of request copies")
+            return 0
+
+    def _taken(self, item: _Copy | CopyRun) -> None:
+        """``item`` left the queue: its copies free their room."""
+        with self._space:
+            self._waiting -= len(item) if isinstance(item, CopyRun) else 1
 
     # ---- the dispatcher thread ---------------------------------------------------------------
 
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
         if self._on_drop is not None:
             try:
-                self._on_drop(reason)
+                for _ in range(count):
+                    self._on_drop(reason)
             except Exception:
                 _logger.exception("Shadow drop counter failed")
 
@@ -194,6 +307,7 @@ class ShadowMirror(MirrorFront):
             if copy is None:
                 self._queue.task_done()
                 return
+            self._taken(copy)
             batch, stop = self._gather(copy)
             try:
                 self._many(batch)
@@ -206,10 +320,10 @@ class ShadowMirror(MirrorFront):
                 self._queue.task_done()
                 return
 
-    def _gather(self, first: _Copy) -> tuple[list[_Copy], bool]:
+    def _gather(self, first: _Copy | CopyRun) -> tuple[list[_Copy | CopyRun], bool]:
         """``first`` and the copies waiting behind it (up to ``max_batch_rows`` rows), and whether the
         stop sentinel was among them."""
-        batch, rows = [first], _rows(first.inputs)
+        batch, rows = [first], _rows(first)
         deadline = time.monotonic() + self.batch_wait_s
         while self.batching and rows < self.max_batch_rows:
             try:
@@ -219,24 +333,60 @@ class ShadowMirror(MirrorFront):
                 break
             if copy is None:
                 return batch, True
+            self._taken(copy)
             batch.append(copy)
-            rows += _rows(copy.inputs)
+            rows += _rows(copy)
         return batch, False
 
-    def _many(self, batch: list[_Copy]) -> None:
+    def _many(self, batch: list[_Copy | CopyRun]) -> None:
+        """Predict a batch: runs in one call per set of columns, other copies as they stack."""
+        if not self.batching:  # one item at a time (see _gather): a run's copies each on its own
+            for item in batch:
+                for copy in item.copies() if isinstance(item, CopyRun) else (item,):
+                    self._one(copy)
+            return
+        runs: dict[tuple, list[CopyRun]] = {}
+        copies: list[_Copy] = []
+        for item in batch:
+            if isinstance(item, CopyRun):
+                runs.setdefault(item.columns, []).append(item)
+            else:
+                copies.append(item)
+        for group in runs.values():
+            self._runs(group)
+        if copies:
+            self._copies(copies)
+
+    def _runs(self, group: list[CopyRun]) -> None:
+        """Predict runs with the same columns in one call, on one DataFrame built from their arrays."""
+        copies = [copy for run in group for copy in run.copies()]
+        if self._busy():
+            self._drop(DROP_BUSY, len(copies))
+            return
+        values = group[0].values if len(group) == 1 else np.concatenate([run.values for run in group])
+        self._stacked(copies, frame_of_raw(group[0].columns, values), [count for run in group for count in run.counts])
+
+    def _copies(self, batch: list[_Copy]) -> None:
+        """Predict copies handed over one by one: stacked in one call when they can be."""
         if len(batch) == 1 or not _stackable(batch):
             for copy in batch:
                 self._one(copy)
             return
-        if self._running is not None and not self._running.done():
-            for _ in batch:
-                self._drop(DROP_BUSY)
+        if self._busy():
+            self._drop(DROP_BUSY, len(batch))
             return
         from mlflow_deploy_plugin.serving.frames import stack_frames
 
-        sizes = [len(copy.inputs) for copy in batch]
+        self._stacked(batch, stack_frames([copy.inputs for copy in batch]), [len(copy.inputs) for copy in batch])
+
+    def _busy(self) -> bool:
+        """Whether the last call still hangs: queueing behind it would only pile up."""
+        return self._running is not None and not self._running.done()
+
+    def _stacked(self, batch: list[_Copy], inputs: Any, sizes: list[int]) -> None:
+        """One call for the copies whose rows ``inputs`` stacks (``sizes`` rows each), its output cut back."""
         started = time.perf_counter()
-        self._running = self._call(stack_frames([copy.inputs for copy in batch]), None)
+        self._running = self._call(inputs, None)
         try:
             output = self._running.result(timeout=self.timeout_s)
         except FutureTimeout:
@@ -262,18 +412,22 @@ class ShadowMirror(MirrorFront):
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + len(batch)
         if self._on_result is not None:
             self._on_result(outcome, elapsed, len(batch))
+        latency_ms = elapsed * 1000.0
         for copy, predictions in zip(batch, pieces, strict=True):
-            self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
-                                      copy.inputs, predictions, model_name=self.model_name,
-                                      raw_inputs=copy.raw_inputs))
+            inputs = copy.inputs
+            if inputs is None and not _captured_raw(copy.raw_inputs, predictions):
+                inputs = frame_of_raw(*copy.raw_inputs)
+            self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, latency_ms,
+                                      inputs, predictions, model_name=self.model_name, raw_inputs=copy.raw_inputs))
 
     def _one(self, copy: _Copy) -> None:
         """Predict one copy on its own (a batch of one, or a copy of a batch that failed)."""
-        if self._running is not None and not self._running.done():
-            self._drop(DROP_BUSY)  # the last call still hangs: queueing behind it would only pile up
+        if self._busy():
+            self._drop(DROP_BUSY)
             return
+        inputs = _frame_of(copy)
         started = time.perf_counter()
-        self._running = self._call(copy.inputs, copy.params)
+        self._running = self._call(inputs, copy.params)
         status, outcome, predictions = 200, OUTCOME_OK, None
         try:
             predictions = self._running.result(timeout=self.timeout_s)
@@ -290,7 +444,7 @@ class ShadowMirror(MirrorFront):
         if self._on_result is not None:
             self._on_result(outcome, elapsed, 1)
         self._record(ShadowAnswer(copy.request_id, copy.timestamp, self.version, status, elapsed * 1000.0,
-                                  copy.inputs, predictions, model_name=self.model_name, raw_inputs=copy.raw_inputs))
+                                  inputs, predictions, model_name=self.model_name, raw_inputs=copy.raw_inputs))
 
     def _call(self, inputs: Any, params: dict[str, Any] | None) -> Future[Any]:
         """One shadow call on a daemon thread of its own: a call that never returns must not keep the
@@ -327,17 +481,43 @@ class ShadowMirror(MirrorFront):
         self._thread.join(max(0.0, deadline - time.monotonic()))
         while True:  # what the thread did not reach in time
             try:
-                if self._queue.get_nowait() is not None:
-                    self._drop(DROP_CLOSED)
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if item is not None:
+                self._taken(item)
+                self._drop(DROP_CLOSED, len(item) if isinstance(item, CopyRun) else 1)
 
 
-def _rows(inputs: Any) -> int:
+def _rows(item: _Copy | CopyRun) -> int:
+    if isinstance(item, CopyRun):
+        return max(len(item.values), 1)
     try:
-        return max(len(inputs), 1)
+        return max(len(item.inputs), 1)
     except TypeError:
         return 1
+
+
+# Capture's compact spool record holds at most 64 KiB of column names (capture.spool): below this
+# bound (counting 4 bytes a character and 8 a name, more than their pickle takes) it surely fits.
+_COMPACT_NAME_BYTES = 60_000
+
+
+@functools.lru_cache(maxsize=64)
+def _fits_compact(columns: tuple) -> bool:
+    return bool(columns) and sum(4 * len(str(name)) + 8 for name in columns) <= _COMPACT_NAME_BYTES
+
+
+def _captured_raw(raw: tuple, predictions: Any) -> bool:
+    """Whether capture records a copy of a run from its raw rows alone (its compact record: numeric
+    predictions, one per row, or none), so its DataFrame need not be built; else capture needs it."""
+    columns, values = raw
+    rows = len(values)
+    if not rows or not _fits_compact(columns):
+        return False
+    return predictions is None or (
+        isinstance(predictions, np.ndarray) and predictions.dtype.kind in "biuf" and predictions.ndim in (1, 2)
+        and len(predictions) == rows)
 
 
 def _stackable(batch: list[_Copy]) -> bool:

@@ -3,12 +3,15 @@
 The worker's request path only appends a copy to a bounded in-memory queue (never blocks, never
 raises; a full queue drops the copy and counts it as ``queue_full``, as the in-process mirror does)
 and wakes the sender thread only when it is idle. The sender writes all that wait (up to
-``max_copies``) to the shadow process's pipe as one length-prefixed pickle, then lets the next
-copies gather for :data:`GATHER_S` before it writes again. Per copy, the serving process so pays a deque append; per message (at most
-~50 a second), one wake of the sender, one pickle and one write. That is what keeps mirroring off
-the serving loop: each wake of a thread of the worker is a thread that wants the GIL the event loop
-holds, and one message per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy
-machine) cost the primary more than anything else mirroring did.
+``max_copies``, and about ``max_bytes`` of inputs, so 100-row or wide bodies make no huge message;
+a copy larger than that goes alone) to the shadow process's pipe as one length-prefixed pickle,
+then lets the next copies gather for :data:`GATHER_S` before it writes again (not after a full
+message, nor when a full one waits: that would only cap the copies a second). Per copy, the
+serving process so pays a deque append; per message (~50 a second unless they are full), one wake
+of the sender, one pickle and one write. That is what keeps mirroring off the serving loop: each
+wake of a thread of the worker is a thread that wants the GIL the event loop holds, and one message
+per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy machine) cost the
+primary more than anything else mirroring did.
 
 A copy is sent in its cheapest form: the ``(columns, float64 array)`` the parser's fast path built
 the frame on when there is one, consecutive ones with the same columns as one run with one array
@@ -36,17 +39,21 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pandas as pd
+
+from mlflow_deploy_plugin.serving.shadow import CopyRun, frame_of_raw
 
 _logger = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<I")
 MAX_FRAME_BYTES = 1 << 30  # a message larger than this is not one this protocol wrote
 # After a message the sender lets the next copies gather this long before it writes them all in
-# one: at most ~1/GATHER_S wakes of the sender a second whatever the request rate (nobody waits for
-# a shadow's answer, and the shadow process gathers its batches for 50 ms anyway). A wake with its
+# one: ~1/GATHER_S wakes of the sender a second whatever the request rate, until messages are full (nobody waits for
+# a shadow's answer, and the shadow process gathers its batches for 200 ms anyway). A wake with its
 # GIL handoff costs ~100 us of CPU on a busy machine: at 20 ms it was still most of what a copy cost.
 GATHER_S = 0.05
+# About this many bytes of inputs a message at most (a copy larger than that goes alone): the message
+# is built, pickled and read whole, by both processes, and its run of rows stacked in one array.
+MAX_MESSAGE_BYTES = 4 << 20
 _FLOAT64 = np.dtype(np.float64)
 
 
@@ -99,6 +106,28 @@ def copy_of(answer: Any) -> tuple[str, float, Any, dict[str, Any] | None]:
     return str(answer.request_id), float(answer.timestamp), payload, getattr(answer, "params", None) or None
 
 
+def payload_bytes(copy: tuple) -> int:
+    """About how many bytes a copy's inputs take in a message (an estimate: cheap, not a pickle)."""
+    payload = copy[2]
+    data = payload[2] if payload[0] == "raw" else payload[1]
+    if isinstance(data, np.ndarray):
+        return int(data.nbytes)
+    shape = getattr(data, "shape", None)  # a DataFrame: its cells, 8 bytes each
+    if isinstance(shape, tuple) and len(shape) == 2:
+        return int(shape[0]) * int(shape[1]) * 8
+    if isinstance(data, dict):  # named tensors
+        return sum(int(value.nbytes) if isinstance(value, np.ndarray) else 8 * _length(value)
+                   for value in data.values())
+    return 8 * _length(data)
+
+
+def _length(value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:
+        return 1
+
+
 def _raw_parts(copy: tuple) -> tuple[tuple, np.ndarray] | None:
     """A copy's ``(columns, float64 rows x columns array)`` when it travels in a run (no params)."""
     payload = copy[2]
@@ -143,22 +172,29 @@ def pack_copies(copies: list[tuple]) -> list[tuple]:
     return items
 
 
-def unpack_copies(items: list[tuple]) -> list[Copy | int]:
-    """The copies of a ``copies`` message in their order; an int stands for that many copies that
-    could not be read (counted as dropped by the caller: they are not ours)."""
-    out: list[Copy | int] = []
+def unpack_copies(items: list[tuple]) -> list[Copy | CopyRun | int]:
+    """The copies of a ``copies`` message in their order: a run as one :class:`CopyRun` (for
+    :meth:`ShadowMirror.submit_run`: its copies get no DataFrame each), any other copy as a
+    :class:`Copy`; an int stands for that many copies that could not be read (counted as dropped by
+    the caller: they are not ours)."""
+    out: list[Copy | CopyRun | int] = []
     for item in items:
         try:
             if item[0] == "one":
                 out.append(Copy(*item[1:]))
                 continue
             _, columns, request_ids, timestamps, counts, values = item
-            if len(request_ids) != len(timestamps) or len(counts) != len(request_ids) or sum(counts) != len(values):
+            # Checked whole before it goes on: a run that fails is counted as dropped in full, so
+            # none of its copies may have been handed on (predicted and counted as dropped).
+            if (type(columns) is not tuple or type(values) is not np.ndarray or values.dtype != _FLOAT64
+                    or values.ndim != 2 or values.shape[1] != len(columns)):
+                raise ValueError("a run of copies whose rows are not a float64 array of its columns")
+            if (len(request_ids) != len(timestamps) or len(counts) != len(request_ids)
+                    or not all(type(count) is int and count >= 0 for count in counts)
+                    or sum(counts) != len(values)
+                    or not all(type(request_id) is str for request_id in request_ids)):
                 raise ValueError("a run of copies whose lengths disagree")
-            start = 0
-            for request_id, timestamp, count in zip(request_ids, timestamps, counts, strict=True):
-                out.append(Copy(request_id, timestamp, ("raw", columns, values[start:start + count]), None))
-                start += count
+            out.append(CopyRun(columns, list(request_ids), [float(t) for t in timestamps], list(counts), values))
         except Exception:
             _logger.exception("Request copies for the shadow could not be read")
             out.append(len(item[2]) if item[0] == "run" and isinstance(item[2], list) else 1)
@@ -171,8 +207,6 @@ class Copy:
     __slots__ = ("request_id", "timestamp", "inputs", "params", "raw_inputs")
 
     def __init__(self, request_id: str, timestamp: float, payload: Any, params: dict[str, Any] | None) -> None:
-        from mlflow_deploy_plugin.serving.frames import mark_float64
-
         self.request_id = request_id
         self.timestamp = timestamp
         self.params = params
@@ -180,7 +214,7 @@ class Copy:
         if payload[0] == "raw":  # rebuilt exactly as the parser's fast path built the primary's frame
             columns, values = payload[1], payload[2]
             self.raw_inputs = (tuple(columns), values)
-            self.inputs: Any = mark_float64(pd.DataFrame(values, columns=list(columns)))
+            self.inputs: Any = frame_of_raw(columns, values)
         else:
             self.inputs = payload[1]
 
@@ -190,7 +224,7 @@ class CopyChannel:
 
     def __init__(self, max_queue: int, on_drop: Callable[[str], None],
                  on_lost: Callable[[int], None] | None = None, max_copies: int = 256,
-                 gather_s: float = GATHER_S) -> None:
+                 gather_s: float = GATHER_S, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         """``on_drop(reason)`` counts a copy the queue could not take; ``on_lost(n)`` the copies of a
         message the pipe did not take (its reader died). ``gather_s``: how long the sender lets
         copies gather once one waits (see the module's docstring)."""
@@ -209,6 +243,7 @@ class CopyChannel:
         self._on_drop = on_drop
         self._on_lost = on_lost
         self._max_copies = max_copies
+        self._max_bytes = max_bytes
         self._gather_s = max(0.0, gather_s)
         self._fd: int | None = None
         # Held while a message is written, so a detach never splits a message and `sent` is exact.
@@ -309,11 +344,15 @@ class CopyChannel:
             while True:
                 self._wake.clear()  # a copy put from now on finds the queue empty and sets it again
                 with self._lock:
-                    batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_copies))]
+                    batch = self._take()
                     if not batch:
                         self._hurry.clear()
                         stop = self._stopping
                         break
+                    # A full message leaves a backlog behind: gathering cannot make the next one
+                    # larger, only cap the copies a second (at max_copies / GATHER_S, ~5,100 a
+                    # second), then drop them.
+                    full = len(batch) == self._max_copies or bool(self._pending)
                 try:
                     self._send(batch)
                 finally:
@@ -321,14 +360,28 @@ class CopyChannel:
                         self._unfinished -= len(batch)
                         self._finished += len(batch)
                         self._progress.notify_all()
-                if self._gather_s and not self._hurry.is_set() and not self._stopping:
+                if (self._gather_s and not full and len(self._pending) < self._max_copies
+                        and not self._hurry.is_set() and not self._stopping):
                     # Let the copies of the next moments gather, then write them in one message:
                     # under load this thread wakes once per GATHER_S, not once per copy, which is
                     # what keeps it off the serving loop's GIL. (The first copy after a quiet
-                    # spell goes at once: a wake per copy only when copies are rare.)
+                    # spell goes at once: a wake per copy only when copies are rare. Not after a
+                    # full message, nor while a full one waits, e.g. behind a slow write.)
                     self._hurry.wait(self._gather_s)
             if stop:
                 return
+
+    def _take(self) -> list[tuple]:
+        """The next message's copies, out of the queue (the lock held): up to ``max_copies`` and
+        about ``max_bytes`` of inputs, at least one."""
+        pending, size = self._pending, 0
+        batch: list[tuple] = []
+        while pending and len(batch) < self._max_copies:
+            size += payload_bytes(pending[0])
+            if batch and size > self._max_bytes:
+                break
+            batch.append(pending.popleft())
+        return batch
 
     def _send(self, batch: list[tuple]) -> None:
         try:

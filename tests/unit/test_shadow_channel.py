@@ -17,7 +17,7 @@ from unit_helpers import id_frame
 
 from mlflow_deploy_plugin.serving.app import Answer
 from mlflow_deploy_plugin.serving.frames import is_float64
-from mlflow_deploy_plugin.serving.shadow import ShadowAnswer, ShadowMirror
+from mlflow_deploy_plugin.serving.shadow import CopyRun, ShadowAnswer, ShadowMirror, frame_of_raw
 from mlflow_deploy_plugin.serving.shadow_channel import (
     Copy,
     CopyChannel,
@@ -34,6 +34,12 @@ WAIT_S = 10.0
 
 def _copy(i: int) -> tuple:
     return (f"r{i}", 1.7e9 + i, ("inputs", id_frame([i])), None)
+
+
+def _ids(items: list) -> list[str]:
+    """The request ids of what unpack_copies read, runs expanded."""
+    return [request_id for item in items
+            for request_id in (item.request_ids if isinstance(item, CopyRun) else [item.request_id])]
 
 
 def test_frames_round_trip_and_the_end_of_the_pipe_reads_as_none() -> None:
@@ -143,16 +149,27 @@ def test_copies_travel_in_runs_in_their_order_and_a_bad_run_counts_its_copies() 
     assert [item[0] for item in items] == ["run", "run", "one", "one", "run"]
     assert items[0][2] == ["a", "b"] and items[0][4] == [1, 2] and items[0][5].shape == (3, 2)
     rebuilt = unpack_copies(pickle.loads(pickle.dumps(items)))
-    assert [copy.request_id for copy in rebuilt] == ["a", "b", "c", "p", "r11", "d"]
-    b = rebuilt[1]
-    pd.testing.assert_frame_equal(b.inputs, pd.DataFrame([[3.0, 4.0], [5.0, 6.0]], columns=["x", "y"]))
-    assert is_float64(b.inputs) and b.raw_inputs[0] == ("x", "y") and b.raw_inputs[1].tolist() == [[3, 4], [5, 6]]
-    assert rebuilt[3].params == {"k": 1} and rebuilt[0].params is None
-    pd.testing.assert_frame_equal(rebuilt[4].inputs, id_frame([11]))
+    # A run is read as one CopyRun (one item for the mirror: no DataFrame per copy), any other copy as a Copy.
+    assert [type(item) for item in rebuilt] == [CopyRun, CopyRun, Copy, Copy, CopyRun]
+    assert _ids(rebuilt) == ["a", "b", "c", "p", "r11", "d"]
+    ab = rebuilt[0]
+    assert ab.columns == ("x", "y") and ab.counts == [1, 2] and ab.values.tolist() == [[1, 2], [3, 4], [5, 6]]
+    b = ab.copies()[1]
+    assert b.inputs is None and b.raw_inputs[0] == ("x", "y") and b.raw_inputs[1].tolist() == [[3, 4], [5, 6]]
+    frame = frame_of_raw(*b.raw_inputs)  # as the parser's fast path built the primary's frame
+    pd.testing.assert_frame_equal(frame, pd.DataFrame([[3.0, 4.0], [5.0, 6.0]], columns=["x", "y"]))
+    assert is_float64(frame)
+    assert rebuilt[2].params == {"k": 1} and rebuilt[3].params is None
+    pd.testing.assert_frame_equal(rebuilt[3].inputs, id_frame([11]))
     # A run whose lengths disagree is not ours: its copies are counted, the others still read.
     broken = ("run", ("x",), ["e", "f"], [1.0, 2.0], [1, 1], np.zeros((3, 1)))
     read_back = unpack_copies([broken, *items[:1]])
-    assert read_back[0] == 2 and [copy.request_id for copy in read_back[1:]] == ["a", "b"]
+    assert read_back[0] == 2 and _ids(read_back[1:]) == ["a", "b"]
+    # One that fails partway (its second count is no row count) is counted once, in full: none of
+    # its copies goes on, or the first would be both predicted and counted as dropped.
+    partway = ("run", ("x",), ["g", "h", "i"], [1.0, 2.0, 3.0], [1, 1.5, 0.5], np.zeros((3, 1)))
+    assert unpack_copies([partway, *items[:1]])[0] == 3
+    assert [getattr(copy, "request_id", copy) for copy in unpack_copies([partway])] == [3]
 
 
 def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() -> None:
@@ -205,3 +222,204 @@ def test_the_mirror_waits_batch_wait_s_for_copies_to_join_a_batch(controlled_slo
         mirror.close()
     assert model.calls == [[1, 2]]
     assert [answer.predictions.tolist() for answer in recorded] == [[2], [4]]
+
+
+class _Predictor:
+    """A shadow's predict (a real function) that tests can hold: ``x * 2 + y`` per row, or its text
+    with ``as_text``; raises on a row whose x is in ``poison``; records the frame of every call."""
+
+    def __init__(self, as_text: bool = False) -> None:
+        self.frames: list[pd.DataFrame] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Semaphore(0)
+        self.poison: set[float] = set()
+        self.as_text = as_text
+
+    def __call__(self, frame: pd.DataFrame, params: dict | None) -> np.ndarray:
+        self.frames.append(frame)
+        self.started.release()
+        assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        if self.poison.intersection(frame["x"]):
+            raise ValueError("poisoned row")
+        answer = frame["x"].to_numpy() * 2 + (frame["y"].to_numpy() if "y" in frame else 0)
+        return answer.astype(str) if self.as_text else answer
+
+
+def _run_of(first: int, counts: list[int], columns: tuple = ("x", "y")) -> CopyRun:
+    """Copies r{first}, r{first+1}... of ``counts`` rows each, as the channel delivers them: row j of
+    the run is (j + first * 100, -j)."""
+    copies = []
+    row = first * 100
+    for index, count in enumerate(counts):
+        values = np.array([[row + j, -(row + j)] for j in range(count)], dtype=np.float64)[:, :len(columns)]
+        copies.append(copy_of(Answer(f"r{first + index}", 1.7e9 + index, "1", 200, 1.0, None, None,
+                                     raw_inputs=(columns, values))))
+        row += count
+    [item] = unpack_copies(pickle.loads(pickle.dumps(pack_copies(copies))))
+    assert isinstance(item, CopyRun)
+    return item
+
+
+def test_runs_are_predicted_in_one_call_on_one_frame_and_captured_copy_by_copy_exactly(tmp_path) -> None:
+    from mlflow_deploy_plugin.capture import CaptureWriter, read_capture
+
+    predict = _Predictor()
+    writer = CaptureWriter(str(tmp_path / "capture"), "unit", spool_dir=str(tmp_path / "spool"))
+    mirror = ShadowMirror(predict, "2", writer.record, batching=True, model_name="challenger", batch_wait_s=0.0)
+    try:
+        predict.gate.clear()
+        assert mirror.submit_run(_run_of(0, [1])) == 1
+        assert predict.started.acquire(timeout=WAIT_S)  # that call holds the mirror: the next runs wait together
+        assert mirror.submit_run(_run_of(1, [2, 1])) == 2 and mirror.submit_run(_run_of(3, [3])) == 1
+        assert mirror.submit_run(_run_of(4, [1], columns=("x",))) == 1  # other columns: a call of its own
+        predict.gate.set()
+        wait_for(lambda: mirror.idle() and len(predict.frames) == 3, WAIT_S, "the shadow to predict every run")
+        writer.flush(timeout_s=WAIT_S)
+    finally:
+        predict.gate.set()
+        mirror.close()
+        writer.close(timeout_s=WAIT_S)
+    # The two runs with the same columns: one call, one frame of their rows in their order.
+    both = predict.frames[1]
+    assert both["x"].tolist() == [100, 101, 102, 300, 301, 302] and is_float64(both)
+    assert predict.frames[2].columns.tolist() == ["x"]
+    rows = read_capture(str(tmp_path / "capture"), shadow=True).sort_values(["_request_id", "_row"])
+    assert set(rows["_role"]) == {"shadow"} and set(rows["_model_name"]) == {"challenger"}
+    # Every copy's rows under its own request id, in its row order, with its own answers.
+    got = [(rid, row, x, y, pred) for rid, row, x, y, pred in rows[["_request_id", "_row", "x", "y", "_prediction"]]
+           .itertuples(index=False) if rid != "r4"]
+    assert got == [("r0", 0, 0.0, -0.0, 0.0),
+                   ("r1", 0, 100.0, -100.0, 100.0), ("r1", 1, 101.0, -101.0, 101.0),
+                   ("r2", 0, 102.0, -102.0, 102.0),
+                   ("r3", 0, 300.0, -300.0, 300.0), ("r3", 1, 301.0, -301.0, 301.0), ("r3", 2, 302.0, -302.0, 302.0)]
+    assert mirror.outcomes == {"ok": 5} and mirror.submitted == 5
+
+
+def test_a_copy_whose_answers_capture_cannot_take_raw_gets_its_frame_and_a_failed_run_is_retried_copy_by_copy(
+        tmp_path) -> None:
+    from mlflow_deploy_plugin.capture import CaptureWriter, read_capture
+
+    predict = _Predictor(as_text=True)  # text answers: capture pickles the record, with the copy's frame
+    predict.poison = {101.0}
+    writer = CaptureWriter(str(tmp_path / "capture"), "unit", spool_dir=str(tmp_path / "spool"))
+    mirror = ShadowMirror(predict, "2", writer.record, batching=True)
+    try:
+        assert mirror.submit_run(_run_of(1, [2, 1])) == 2
+        wait_for(mirror.idle, WAIT_S, "the shadow to answer the run")
+        writer.flush(timeout_s=WAIT_S)
+    finally:
+        mirror.close()
+        writer.close(timeout_s=WAIT_S)
+    # The run's call failed (r1 holds a poisoned row), then each copy alone: only r1 fails.
+    assert [frame["x"].tolist() for frame in predict.frames] == [[100, 101, 102], [100, 101], [102]]
+    rows = read_capture(str(tmp_path / "capture"), shadow=True).sort_values(["_request_id", "_row"])
+    assert rows[["_request_id", "_row", "x", "_status"]].values.tolist() == [
+        ["r1", 0, 100.0, 500], ["r1", 1, 101.0, 500], ["r2", 0, 102.0, 200]]
+    assert rows["_prediction"].tolist()[-1] == "102.0"
+    assert mirror.outcomes == {"error": 1, "ok": 1}
+
+
+def test_a_run_takes_the_room_the_queue_has_and_a_large_one_is_cut_into_batches() -> None:
+    recorded: list[ShadowAnswer] = []
+    drops: list[str] = []
+    predict = _Predictor()
+    mirror = ShadowMirror(predict, "2", recorded.append, batching=True, max_queue=3, max_batch_rows=4,
+                          on_drop=drops.append)
+    try:
+        predict.gate.clear()
+        mirror.submit_run(_run_of(0, [1]))
+        assert predict.started.acquire(timeout=WAIT_S)
+        # Room for 3 copies: the last two of five are dropped, counted; the three kept are 6 rows,
+        # more than a batch: cut between copies (r1 r2, then r3).
+        assert mirror.submit_run(_run_of(1, [2, 2, 2, 1, 1])) == 3
+        assert drops == ["queue_full"] * 2
+        predict.gate.set()
+        wait_for(lambda: len(recorded) == 4, WAIT_S, "four shadow answers")
+    finally:
+        predict.gate.set()
+        mirror.close()
+    assert [frame["x"].tolist() for frame in predict.frames] == [[0], [100, 101, 102, 103], [104, 105]]
+    assert [answer.request_id for answer in recorded] == ["r0", "r1", "r2", "r3"]
+    assert recorded[3].predictions.tolist() == [104 * 2 - 104, 105 * 2 - 105]
+    assert mirror.submitted == 4 and mirror.dropped == {"queue_full": 2}
+    assert mirror.submit_run(_run_of(9, [1, 1])) == 0 and drops[-2:] == ["closed", "closed"]  # closed: counted
+
+
+def test_without_batching_each_copy_of_a_run_is_predicted_alone() -> None:
+    recorded: list[ShadowAnswer] = []
+    predict = _Predictor()
+    mirror = ShadowMirror(predict, "2", recorded.append, batching=False)
+    try:
+        mirror.submit_run(_run_of(1, [2, 1]))
+        wait_for(lambda: len(recorded) == 2, WAIT_S, "two shadow answers")
+    finally:
+        mirror.close()
+    assert [frame["x"].tolist() for frame in predict.frames] == [[100, 101], [102]]
+    assert all(is_float64(frame) for frame in predict.frames)
+    assert [(a.request_id, a.inputs["x"].tolist(), a.predictions.tolist()) for a in recorded] == [
+        ("r1", [100, 101], [100, 101]), ("r2", [102], [102])]
+
+
+def test_a_run_is_cut_between_copies() -> None:
+    run = _run_of(0, [2, 2, 2, 5, 1])
+    parts = run.split(4)
+    assert [part.request_ids for part in parts] == [["r0", "r1"], ["r2"], ["r3"], ["r4"]]
+    assert [part.counts for part in parts] == [[2, 2], [2], [5], [1]]
+    assert np.array_equal(np.concatenate([part.values for part in parts]), run.values)
+    assert run.split(100) == [run] and run.head(2).values.tolist() == run.values[:4].tolist()
+
+
+def test_after_a_full_message_the_sender_writes_the_next_without_gathering() -> None:
+    # Gathering for a minute, 4 copies a message: a backlog must still go out message after message
+    # (gathering after a full one would only cap the copies a second, then drop them as queue_full).
+    channel = CopyChannel(max_queue=64, on_drop=lambda reason: None, max_copies=4, gather_s=60.0)
+    read, write = os.pipe()
+    channel.attach(write)
+    messages: list[list[str]] = []
+
+    def read_all() -> None:
+        reader = FrameReader(read)
+        while (message := reader.read()) is not None:
+            messages.append([copy.request_id for copy in unpack_copies(message[1])])
+
+    # The first copy is larger than the pipe holds: its write waits for the reader, while the
+    # others queue behind it.
+    assert channel.put(("r0", 1.7e9, ("inputs", id_frame(range(40_000))), None))
+    assert all(channel.put(_copy(i)) for i in range(1, 10))
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        wait_for(lambda: sum(map(len, messages)) == 10, WAIT_S, "the backlog to be written")
+        assert [request_id for message in messages for request_id in message] == [f"r{i}" for i in range(10)]
+        assert all(len(message) <= 4 for message in messages) and len(messages) >= 3
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()  # the end of the pipe: the reader stops
+        reader.join(WAIT_S)
+        os.close(read)
+
+
+def test_a_message_holds_about_max_bytes_of_inputs_and_a_larger_copy_goes_alone() -> None:
+    def raw(request_id: str, rows: int) -> tuple:  # rows x 2 float64: 16 bytes a row
+        values = np.zeros((rows, 2))
+        return copy_of(Answer(request_id, 1.5, "1", 200, 1.0, None, None, raw_inputs=(("x", "y"), values)))
+
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0, max_bytes=1000)
+    read, write = os.pipe()
+    try:
+        # Queued before there is a pipe; a flush then has them all written, as many messages as it takes.
+        for copy in (raw("big", 125), raw("a", 40), raw("b", 40), raw("c", 5), raw("d", 5), _copy(1)):
+            assert channel.put(copy)
+        channel.attach(write)
+        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        reader = FrameReader(read)
+        messages = []
+        while (message := reader.read())[0] == "copies":
+            messages.append(_ids(unpack_copies(message[1])))
+        # 2,000 bytes: alone; 640 and 640: one each; then 640 + 80 + 80 + one id_frame row (2 cells).
+        assert messages == [["big"], ["a"], ["b", "c", "d", "r1"]]
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()
+        os.close(read)

@@ -73,7 +73,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from mlflow_deploy_plugin.serving.shadow import MirrorFront
+from mlflow_deploy_plugin.serving.shadow import CopyRun, MirrorFront
 from mlflow_deploy_plugin.serving.shadow_channel import (
     CopyChannel,
     FrameReader,
@@ -94,8 +94,9 @@ HEARTBEAT_S = 1.0  # the child says it is alive at least this often
 EVENTS_EVERY_S = 0.2
 # The child's mirror waits this long for more copies to join a batch: nobody waits for a shadow's
 # answer, and each pyfunc.predict costs ~1 ms whatever its rows, so fewer, larger calls keep its CPU
-# small (at 300 req/s ~15 copies a call instead of one).
-BATCH_WAIT_S = 0.05
+# small (at 300 req/s ~60 copies a call instead of one; at 50 ms the calls were still most of the
+# child's CPU per copy: 150 us at c=1 in benchmarks/shadow_cost.py, 67 us at 200 ms).
+BATCH_WAIT_S = 0.2
 START_DEADLINE_S = 600.0  # a child that has not loaded its version by then is a failed start
 RESTART_BACKOFF_S = (1.0, 30.0)
 STABLE_AFTER_S = 60.0  # a child that served this long is replaced at once when it dies (no backoff)
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                 for copy in unpack_copies(message[1]):
                     if isinstance(copy, int):  # not ours: counted, and the others still go through
                         events.add(("drop", "crashed"), copy)
+                    elif isinstance(copy, CopyRun):  # one item, one DataFrame per batch, not per copy
+                        mirror.submit_run(copy)
                     else:
                         mirror.submit(copy)  # a copy it cannot take it counts as dropped itself
             elif kind == "flush":
