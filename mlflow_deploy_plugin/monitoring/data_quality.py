@@ -138,9 +138,14 @@ def _finite_numbers(series: pd.Series) -> tuple[np.ndarray, np.ndarray | None, i
 
 
 def _categories(ref: pd.Series, cur: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Both sides' non-missing values, as text when their kinds differ (bool vs "true" in JSON)."""
+    """Both sides' non-missing values: as float64 when both are numbers of different dtypes (an
+    integer column with a missing value comes as float64), else as text when their kinds differ
+    (bool vs "true" in JSON)."""
     ref, cur = ref.dropna(), cur.dropna()
-    if getattr(ref.dtype, "kind", "O") != getattr(cur.dtype, "kind", "O"):
+    ref_kind, cur_kind = getattr(ref.dtype, "kind", "O"), getattr(cur.dtype, "kind", "O")
+    if ref_kind != cur_kind and {ref_kind, cur_kind} <= set("iuf"):
+        ref, cur = ref.astype(np.float64), cur.astype(np.float64)  # 6 and 6.0 are one category
+    elif ref_kind != cur_kind:
         ref, cur = ref.astype(str), cur.astype(str)
     return ref, cur
 

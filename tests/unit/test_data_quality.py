@@ -130,3 +130,13 @@ def test_integer_categories_are_listed_alike_whether_read_whole_or_streamed(tmp_
     fractional = check_column("x", pd.Series([0.5, 1.0] * 50), pd.Series([0.5, 2.5, 3.0] * 10), 30, Limits(),
                               kind="categorical")
     assert fractional.check("new_categories").figures["top"] == {"2.5": 10, "3": 10}  # type: ignore[union-attr]
+
+
+def test_an_integer_column_with_a_missing_value_has_the_categories_of_the_integers() -> None:
+    """A captured integer column with one missing value comes as float64 (read whole): its 0.0-3.0
+    are the reference's 0-3, not new categories; a 6.0 is new and listed as the 6 it is."""
+    rng = np.random.default_rng(5)
+    reference = pd.Series(rng.integers(0, 4, 1000))
+    current = pd.Series(np.r_[np.nan, np.full(20, 6.0), rng.integers(0, 4, 979).astype(np.float64)])
+    check = check_column("plan", reference, current, len(current), Limits()).check("new_categories")
+    assert check is not None and check.figures["unseen_values"] == 20 and check.figures["top"] == {"6": 20}
