@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import procfs  # benchmarks/procfs.py
 
 REPO = Path(__file__).resolve().parents[1]
 SHIFTED = ["num_03", "num_11", "cat_2"]
@@ -113,17 +113,9 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    """This process's own peak RSS: VmHWM, the high-water mark of its memory since its exec.
-    Not ``ru_maxrss``: Linux carries it across exec, so a child spawned by the parent that has just
-    written the files (~600 MB) would report at least the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak RSS (VmHWM: ``procfs.peak_rss_bytes``): the child spawned by the parent
+    that has just written the files (~600 MB) reports its own, not at least the parent's."""
+    return procfs.peak_rss_bytes() / 2**20
 
 
 def _import_evidently() -> float:

@@ -1,5 +1,5 @@
-"""What the benchmarks read of /proc: one place that parses ``/proc/<pid>/stat``, ``statm`` and
-``smaps_rollup`` (Linux only)."""
+"""What the benchmarks read of /proc: one place that parses ``/proc/<pid>/stat``, ``statm``,
+``status`` and ``smaps_rollup`` (Linux only)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def pss_bytes(pid: int | str) -> int:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size of a process since its exec (``VmHWM`` of ``/proc/<pid>/status``), 0 if
+    it is gone. Not ``ru_maxrss``: Linux carries that across exec, so a benchmark's child spawned by a
+    parent that has just generated its data would report at least the parent's peak."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
         pass

@@ -4,8 +4,9 @@
 classifier (two versions, five inputs, the predicted class and both class probabilities), spread
 over ten UTC days in the capture layout (Parquet, ``date=`` partitions, 250,000-row files), every
 one of them labelled in the label store's layout; then, in a fresh process (so its peak RSS is its
-own, measured with ``ru_maxrss``), what ``mlflow-deploy quality report`` runs on them: the labels
-joined to the predictions one day partition at a time (:func:`..quality.join.join_window`) and
+own: ``VmHWM``, read by ``procfs.peak_rss_bytes`` as the other benchmarks do), what
+``mlflow-deploy quality report`` runs on them: the labels joined to the predictions one day
+partition at a time (:func:`..quality.join.join_window`) and
 the report (:func:`..quality.report.run_quality_report`: accuracy, precision / recall / F1, ROC
 AUC and log loss with their intervals, per version, logged to a SQLite MLflow store with the
 Evidently page). Goal: <= 60 s and <= 1 GB peak RSS. Checked: the reported accuracy equals the one
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import procfs  # benchmarks/procfs.py
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.naive_bayes import GaussianNB
@@ -184,7 +185,7 @@ def child_join(root: str) -> dict:
                                   window_start=since, window_end=until, experiment_name="quality-bench")
     total_s = time.perf_counter() - started
     return {"rows": window.rows, "labels": window.labels, "join_s": joined_s, "total_s": total_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": procfs.peak_rss_bytes() / 2**20,
             "versions": {o.model_version: {"labelled": o.rows_labelled, "accuracy": o.figures["accuracy"].value,
                                            "n": o.figures["accuracy"].n} for o in outcomes}}
 

@@ -23,11 +23,14 @@ column read leaves its sampled rows behind, so the sample costs no extra read.
 
 Memory: a column of a table restricted to some rows is read in record batches, each cut to its
 rows as it arrives (the column of all the files' rows and its selection are never both held), and
-what Arrow's allocator freed is handed back to the system after each read
-(:func:`release_unused_memory`): its allocator keeps freed pages for its next allocation, which
-numpy, where the column goes, never makes. With :meth:`numbers_as_float64`, integer and float64
-columns come as float64 (what the statistics convert them to anyway), each batch converted into
-one preallocated array as it arrives: the caller holds one array per column, the read no more.
+what Arrow's allocator freed is handed back to the system once reads of :data:`RELEASE_AFTER_BYTES`
+have been freed since the last time (:func:`release_unused_memory`): its allocator keeps freed pages
+for its next allocation, which numpy, where the column goes, never makes. At 10M rows that is after
+every column (one is 40-80 MB), as the 1 GB bound of the drift job needs; a window of few rows
+and many columns does not pay a ``malloc_trim`` per column for a few kB each. With
+:meth:`numbers_as_float64`, integer and float64 columns come as float64 (what the statistics
+convert them to anyway), each batch converted into one preallocated array as it arrives: the
+caller holds one array per column, the read no more.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 Transform = Callable[[pd.Series], pd.Series]
+# Arrow memory freed by reads before it is handed back: below glibc's largest mmap threshold (32 MB,
+# above which a free returns the pages by itself), well below any 10M-row column (40-80 MB).
+RELEASE_AFTER_BYTES = 16 * 2**20
 
 
 def _is_text(type_: pa.DataType) -> bool:
@@ -114,6 +120,8 @@ class ParquetColumns:
         self._sample: tuple[int, int, np.ndarray | None] | None = None  # (size, seed, positions)
         self._sampled: dict[str, pd.Series] = {}
         self._numbers_as_float64 = False
+        self._unreleased = 0  # bytes of Arrow data read and freed since memory was last handed back
+        self.releases = 0  # how often it was (release_unused_memory)
 
     # ---- what the drift job uses of a DataFrame
 
@@ -152,7 +160,7 @@ class ParquetColumns:
         series = table.to_pandas(split_blocks=True, self_destruct=True).iloc[:, 0]
         series.name = name  # not rename(): it copies the values
         del table
-        release_unused_memory()  # the Arrow buffers just freed: numpy holds the column now
+        self._release_if_due()  # the Arrow buffers just freed: numpy holds the column now
         transform = self._transforms.get(name)
         if transform is not None:
             series = transform(series)
@@ -196,7 +204,7 @@ class ParquetColumns:
             filled = stop
         if filled != self._rows:
             raise RuntimeError(f"the files changed while being read: {filled} rows, expected {self._rows}")
-        release_unused_memory()
+        self._release_if_due()
         if self._sample is not None:
             field = self._dataset.schema.field(name)
             sample = pa.chunked_array(kept, type=field.type).to_pandas()
@@ -206,6 +214,15 @@ class ParquetColumns:
             self._sampled[name] = sample
         return pd.Series(values, name=name, copy=False)
 
+    def _release_if_due(self) -> None:
+        """Hand memory back to the system once the reads since the last time freed enough Arrow data
+        (:data:`RELEASE_AFTER_BYTES`), not after every small column: ``malloc_trim`` walks the whole
+        heap each time."""
+        if self._unreleased >= RELEASE_AFTER_BYTES:
+            release_unused_memory()
+            self._unreleased = 0
+            self.releases += 1
+
     def _read(self, name: str) -> pa.Table:
         """Column ``name`` of the table's rows. With a row mask, the scan's record batches are cut
         to their rows as they arrive (scan order is fixed: file by file, batch by batch), so the
@@ -213,7 +230,7 @@ class ParquetColumns:
         dataset = self._column_dataset(name)
         try:
             if self._mask is None:
-                return dataset.to_table(columns=[name])
+                return self._scanned(dataset.to_table(columns=[name]))
             return self._read_masked(dataset, name)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             if dataset is self._dataset:
@@ -221,8 +238,12 @@ class ParquetColumns:
             # Text read from Parquet's dictionary pages failed (e.g. a file holds numbers in this
             # column): read it as the schema says.
             if self._mask is None:
-                return self._dataset.to_table(columns=[name])
+                return self._scanned(self._dataset.to_table(columns=[name]))
             return self._read_masked(self._dataset, name)
+
+    def _scanned(self, table: pa.Table) -> pa.Table:
+        self._unreleased += table.nbytes  # freed once converted
+        return table
 
     def _read_masked(self, dataset: ds.Dataset, name: str) -> pa.Table:
         arrays = list(self._arrays(dataset, name))
@@ -235,6 +256,7 @@ class ParquetColumns:
         mask = self._mask
         offset = 0
         for batch in dataset.to_batches(columns=[name]):
+            self._unreleased += batch.nbytes  # freed once cut and converted, whatever rows it keeps
             stop = offset + batch.num_rows
             if mask is None:
                 yield batch.column(0)
@@ -289,6 +311,7 @@ class ParquetColumns:
         table._transforms = dict(self._transforms)
         table._sample, table._sampled = None, {}
         table._numbers_as_float64 = self._numbers_as_float64
+        table._unreleased, table.releases = 0, 0
         return table
 
     # ---- the sample for the Evidently page

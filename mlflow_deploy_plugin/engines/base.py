@@ -98,6 +98,11 @@ class Engine(abc.ABC):
     def status(self, name: str) -> EngineStatus:
         """What runs now (``stopped`` for a deployment the engine knows nothing of)."""
 
+    def url(self, name: str) -> str | None:
+        """Where ``name`` answers (None when it does not run), for callers that need nothing else of
+        :meth:`status`; an engine whose status costs more than its URL answers it cheaper."""
+        return self.status(name).url
+
     @abc.abstractmethod
     def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
         """Serve ``spec`` in this process's foreground until interrupted (``run-local``), calling

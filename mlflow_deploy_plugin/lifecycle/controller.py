@@ -705,7 +705,7 @@ class LifecycleController:
         return traffic_stats.scrape(self._status_url(), self._token(spec), tls_cert=spec.config.tls_cert)
 
     def _status_url(self) -> str:
-        return self.deployments.engine.status(self.name).url or ""
+        return self.deployments.engine.url(self.name) or ""
 
     @staticmethod
     def _token(spec: DeploymentSpec) -> str | None:

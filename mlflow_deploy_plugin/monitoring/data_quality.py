@@ -138,9 +138,14 @@ def _finite_numbers(series: pd.Series) -> tuple[np.ndarray, np.ndarray | None, i
 
 
 def _categories(ref: pd.Series, cur: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Both sides' non-missing values, as text when their kinds differ (bool vs "true" in JSON)."""
+    """Both sides' non-missing values: as float64 when both are numbers of different dtypes (an
+    integer column with a missing value comes as float64), else as text when their kinds differ
+    (bool vs "true" in JSON)."""
     ref, cur = ref.dropna(), cur.dropna()
-    if getattr(ref.dtype, "kind", "O") != getattr(cur.dtype, "kind", "O"):
+    ref_kind, cur_kind = getattr(ref.dtype, "kind", "O"), getattr(cur.dtype, "kind", "O")
+    if ref_kind != cur_kind and {ref_kind, cur_kind} <= set("iuf"):
+        ref, cur = ref.astype(np.float64), cur.astype(np.float64)  # 6 and 6.0 are one category
+    elif ref_kind != cur_kind:
         ref, cur = ref.astype(str), cur.astype(str)
     return ref, cur
 
@@ -160,7 +165,19 @@ def _unseen(ref: pd.Series, cur: pd.Series) -> tuple[int, pd.Series, int]:
         return int(cur_counts.sum()), unseen_counts, len(unseen_counts)
     ref_values, cur_values = _categories(ref, cur)
     unseen = cur_values[~cur_values.isin(pd.unique(ref_values))]
+    if unseen.dtype.kind == "f":
+        # Integer levels the streamed read gave as float64 (numbers_as_float64) are listed as the
+        # whole-frame read lists them: '6', not '6.0'. Counted first: one text per distinct value.
+        counts = unseen.value_counts()
+        counts.index = pd.Index([_number_text(value) for value in counts.index], dtype=object)
+        return len(cur_values), counts, len(counts)
     return len(cur_values), unseen.astype(str).value_counts(), int(unseen.nunique())
+
+
+def _number_text(value: float) -> str:
+    """A float category as listed: an integral one as the integer it is (``6``), others as Python
+    writes them (``6.5``)."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**63 else str(value)
 
 
 def check_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_current: int, limits: Limits,

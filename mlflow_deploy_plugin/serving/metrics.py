@@ -28,9 +28,9 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# engines/local/capture_loss.py writes the same counter (requests a dead worker held) with this help.
-CAPTURE_DROPPED_HELP = ("Requests not captured (buffer full, write error, or answered by a worker that died "
-                        "before spooling them).")
+# The supervisor (engines/local/capture_loss.py) writes the same counter: one name and help for both.
+from mlflow_deploy_plugin.engines.local.capture_drop_metric import DROPPED_HELP, DROPPED_METRIC
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -75,7 +75,7 @@ class ServingMetrics:
             "the number of calls); a batch that failed and was retried request by request counts each retry.",
             ["deployment"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=registry)
         self.capture_dropped = Counter(
-            "mlflow_deploy_capture_dropped_requests", CAPTURE_DROPPED_HELP,
+            DROPPED_METRIC, DROPPED_HELP,
             ["deployment"], registry=registry)
         # The shadow mirror (serving/shadow.py): its calls and the copies it could not predict.
         self.shadow_requests = Counter(

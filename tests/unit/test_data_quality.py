@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from mlflow_deploy_plugin.capture.columns import open_parquet
 from mlflow_deploy_plugin.monitoring.data_quality import (
     Limits,
     check_column,
@@ -100,3 +103,40 @@ def test_infinite_numbers_are_missing_not_out_of_range() -> None:
     assert missing is not None and missing.figures["missing_current"] == 3  # inf, -inf, NaN
     assert out_of_range is not None and out_of_range.figures == {
         "below": 1, "above": 1, "reference_min": 1.0, "reference_max": 3.0, "values": 4}
+
+
+def test_integer_categories_are_listed_alike_whether_read_whole_or_streamed(tmp_path: Path) -> None:
+    """The drift job reads integer columns streamed as float64 (numbers_as_float64): the categories
+    it lists as never seen are the integers the whole-frame read lists ('6', not '6.0')."""
+    rng = np.random.default_rng(3)
+    reference = pd.DataFrame({"plan": rng.integers(0, 4, 2000),
+                              "rating": pd.array(rng.integers(1, 4, 2000), dtype="Int64")})
+    current = pd.DataFrame({"plan": np.r_[np.full(60, 6), np.full(15, 7), rng.integers(0, 4, 1925)],
+                            "rating": pd.array([*[5] * 40, None, *rng.integers(1, 4, 1959)], dtype="Int64")})
+    reference.to_parquet(tmp_path / "reference.parquet", index=False)
+    current.to_parquet(tmp_path / "current.parquet", index=False)
+    whole_ref, whole_cur = pd.read_parquet(tmp_path / "reference.parquet"), pd.read_parquet(tmp_path / "current.parquet")
+    streamed_ref, streamed_cur = open_parquet(str(tmp_path / "reference.parquet")), open_parquet(str(tmp_path / "current.parquet"))
+    streamed_ref.numbers_as_float64()
+    streamed_cur.numbers_as_float64()
+    for name, listed in (("plan", "'6' (60), '7' (15)"), ("rating", "'5' (40)")):
+        whole = check_column(name, whole_ref[name], whole_cur[name], len(current), Limits())
+        streamed = check_column(name, streamed_ref[name], streamed_cur[name], len(current), Limits())
+        assert streamed_cur[name].dtype == np.float64 and whole.kind == "categorical"
+        assert streamed == whole
+        check = whole.check("new_categories")
+        assert check is not None and check.issue and check.detail.endswith(f"reference: {listed} > 1% allowed")
+    # A category that is no integer keeps its decimals.
+    fractional = check_column("x", pd.Series([0.5, 1.0] * 50), pd.Series([0.5, 2.5, 3.0] * 10), 30, Limits(),
+                              kind="categorical")
+    assert fractional.check("new_categories").figures["top"] == {"2.5": 10, "3": 10}  # type: ignore[union-attr]
+
+
+def test_an_integer_column_with_a_missing_value_has_the_categories_of_the_integers() -> None:
+    """A captured integer column with one missing value comes as float64 (read whole): its 0.0-3.0
+    are the reference's 0-3, not new categories; a 6.0 is new and listed as the 6 it is."""
+    rng = np.random.default_rng(5)
+    reference = pd.Series(rng.integers(0, 4, 1000))
+    current = pd.Series(np.r_[np.nan, np.full(20, 6.0), rng.integers(0, 4, 979).astype(np.float64)])
+    check = check_column("plan", reference, current, len(current), Limits()).check("new_categories")
+    assert check is not None and check.figures["unseen_values"] == 20 and check.figures["top"] == {"6": 20}

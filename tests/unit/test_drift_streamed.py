@@ -22,7 +22,7 @@ import pytest
 from scipy import stats
 
 from mlflow_deploy_plugin.capture import open_capture, read_capture
-from mlflow_deploy_plugin.capture.columns import ParquetColumns, open_parquet
+from mlflow_deploy_plugin.capture.columns import RELEASE_AFTER_BYTES, ParquetColumns, open_parquet
 from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
 from mlflow_deploy_plugin.monitoring import drift_stats
 from mlflow_deploy_plugin.monitoring.evidently_report import _sample
@@ -151,6 +151,31 @@ def test_the_sample_keeps_integers_read_as_float_and_is_not_reordered_by_the_sta
     got, sampled = table.sample(["age", "plan"], len(frame), 3)
     assert not sampled
     pd.testing.assert_frame_equal(got, frame[["age", "plan"]])  # row order and integer dtype as read
+
+
+@pytest.mark.parametrize("numbers_as_float64", [False, True])
+def test_memory_is_handed_back_after_large_reads_not_after_each_small_column(tmp_path: Path,
+                                                                             numbers_as_float64: bool) -> None:
+    """malloc_trim walks the whole heap: a short, wide window (kB per column) must not pay it per
+    column; a column of RELEASE_AFTER_BYTES or more (any column at 10M rows) still hands its memory
+    back at once, as the drift job's 1 GB bound needs."""
+    rows = 200
+    wide = pd.DataFrame({f"n{i}": np.arange(rows, dtype=np.int64) for i in range(40)}
+                        | {f"t{i}": [f"v{r % 7}" for r in range(rows)] for i in range(10)})
+    wide.to_parquet(tmp_path / "wide.parquet", index=False)
+    table = open_parquet(str(tmp_path / "wide.parquet"))
+    masked = table[np.arange(rows) % 3 == 0]  # the window's rows, read batch by batch
+    for side in (table, masked):
+        if numbers_as_float64:
+            side.numbers_as_float64()
+        assert all(len(side[name]) == len(side) for name in side.columns)
+        assert side.releases == 0
+    big = RELEASE_AFTER_BYTES // 8 + 1
+    pd.DataFrame({"x": np.arange(big, dtype=np.float64)}).to_parquet(tmp_path / "long.parquet", index=False)
+    long = open_parquet(str(tmp_path / "long.parquet"))
+    if numbers_as_float64:
+        long.numbers_as_float64()
+    assert len(long["x"]) == big and long.releases == 1
 
 
 def test_in_place_sort_gives_the_finite_values_of_the_copying_sort_without_a_copy() -> None:

@@ -22,6 +22,7 @@ from mlflow_deploy_plugin.config import parse_config  # noqa: E402
 from mlflow_deploy_plugin.engines.ray import ingress, shutdown  # noqa: E402
 from mlflow_deploy_plugin.engines.ray.engine import RayEngine  # noqa: E402
 from mlflow_deploy_plugin.engines.ray.replica_deaths import (  # noqa: E402
+    KNOWN_LIMIT,
     RETIRED,
     UNKNOWN,
     death_of,
@@ -81,6 +82,44 @@ def test_a_death_the_cluster_cannot_explain_is_not_counted_and_never_fails_get()
     dead = [{"replica_id": "r1", "actor_id": "aa" * 16, "pid": 11}, {"replica_id": "r2", "pid": None}]
     deaths = replica_deaths(dead, unreachable)
     assert [death["cause"] for death in deaths] == [UNKNOWN, UNKNOWN] and unexpected(deaths) == 0
+
+
+def test_a_dead_actors_cause_is_read_from_the_cluster_once() -> None:
+    """Every status (each `get`, each of the agent's passes) lists Serve's dead replicas: a cause the
+    actor table gave is remembered by actor id (it never changes); one not known yet is asked again."""
+    table = {"aa" * 16: actor_entry("aa" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL)),
+             "bb" * 16: actor_entry("bb" * 16, **killed(Died.WORKER_DIED)),
+             "cc" * 16: actor_entry("cc" * 16, state="ALIVE")}  # Serve's kill not landed yet
+    asked: list[str] = []
+
+    def actor_table(actor_id: str) -> dict[str, Any] | None:
+        asked.append(actor_id)
+        return table.get(actor_id)
+
+    dead = [{"replica_id": f"r{i}", "actor_id": actor_id, "pid": i} for i, actor_id in enumerate(table)]
+    known: dict[str, str] = {}
+    first = replica_deaths(dead, actor_table, known)
+    assert [death["cause"] for death in first] == [RETIRED, "worker_died", UNKNOWN] and len(asked) == 3
+    asked.clear()
+    table["cc" * 16] = actor_entry("cc" * 16, **killed(Died.RAY_KILL, KILLED_BY_RAY_KILL))
+    again = replica_deaths(dead, actor_table, known)
+    assert asked == ["cc" * 16], "only the replica whose end was not known yet is read again"
+    assert [death["cause"] for death in again] == [RETIRED, "worker_died", RETIRED] and unexpected(again) == 1
+    asked.clear()
+    assert replica_deaths(dead, actor_table, known) == again and asked == []
+    # Bounded: the oldest causes go first (their replicas left Serve's list of 10 long before).
+    many = [{"replica_id": "r", "actor_id": f"{i:032x}"} for i in range(KNOWN_LIMIT + 5)]
+    replica_deaths(many, lambda actor_id: actor_entry(actor_id, **killed(Died.WORKER_DIED)), known)
+    assert len(known) == KNOWN_LIMIT and f"{KNOWN_LIMIT + 4:032x}" in known and "aa" * 16 not in known
+
+
+def test_the_url_is_the_proxys_address_and_the_route(tmp_path: Path) -> None:
+    """What `status().url` and the cheaper `url()` both give (no replica deaths read for it)."""
+    app = {"route_prefix": "/dep", "deployments": {ingress.INGRESS_NAME: {"replicas": [
+        {"state": "STARTING", "node_ip": "10.0.0.9"}, {"state": "RUNNING", "node_ip": "10.0.0.7"}]}}}
+    assert RayEngine._url("dep", app, {"host": "127.0.0.1", "port": 8123}) == "http://127.0.0.1:8123/dep"
+    assert RayEngine._url("dep", app, {"host": "0.0.0.0"}) == "http://10.0.0.7:8000/dep"  # a serving replica's node
+    assert RayEngine._url("dep", {}, {}) == "http://127.0.0.1:8000/dep"
 
 
 def test_a_retiring_replica_has_until_every_request_it_holds_is_answered_and_its_capture_flushed() -> None:

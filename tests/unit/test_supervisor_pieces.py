@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -122,4 +123,32 @@ def test_a_deployments_processes_are_recognised_through_a_symlinked_home(tmp_pat
             assert others == [False, False], kind  # each check knows its own kind only
     finally:
         for proc in procs.values():
+            proc.communicate(timeout=10)
+
+
+def test_orphans_killed_at_shutdown_are_waited_for_until_gone_within_a_bound(tmp_path: Path) -> None:
+    """The supervisor reads a killed orphan's capture tally once the orphan is gone (kill returns
+    before the SIGKILL has stopped it); one that outlives the bound is named, never waited on forever."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow_deploy_plugin.engines.local.processes import WORKER_MODULE, is_worker, wait_workers_gone
+
+    root = tmp_path / "deployments" / "churn"
+    # Stand-ins whose command lines are a worker's of `root` (they only wait for stdin to close).
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()",
+                               WORKER_MODULE, str(root / "run" / "generation-1.json")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "up\n"  # exec'd: its cmdline is final
+        killed, spared = procs
+        assert all(is_worker(proc.pid, root) for proc in procs)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert wait_workers_gone([killed.pid], root, 30.0) == []
+        assert not is_worker(killed.pid, root)  # a zombie until reaped: gone all the same
+        assert wait_workers_gone([killed.pid, spared.pid], root, 0.2) == [spared.pid]  # bounded
+    finally:
+        for proc in procs:
             proc.communicate(timeout=10)

@@ -31,15 +31,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin.engines.local.capture_drop_metric import DROPPED_HELP, DROPPED_METRIC
 from mlflow_deploy_plugin.engines.local.liveness import Liveness
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger("mlflow_deploy_plugin.supervisor")
 
-# serving/metrics.py's counter (a unit test keeps the two the same).
-DROPPED_METRIC = "mlflow_deploy_capture_dropped_requests"
-DROPPED_HELP = ("Requests not captured (buffer full, write error, or answered by a worker that died "
-                "before spooling them).")
 COUNTER_FILE = "counter_supervisor.db"  # "counter_" is how prometheus_client knows the type
 REASON = "worker_died"
 _INT = struct.Struct("<i")

@@ -199,6 +199,22 @@ def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = 
                                 pass_fds=(fd,) if fd is not None else (), umask=0o077)
 
 
+def wait_workers_gone(pids: list[int], root: Path, timeout_s: float) -> list[int]:
+    """Wait until none of ``pids`` is a worker of the deployment at ``root`` any more (a zombie
+    counts as gone), for at most ``timeout_s``; returns those still running then.
+
+    ``kill`` returns before a SIGKILL has stopped its target (at once, unless it is in an
+    uninterruptible wait such as a write to a slow disk): what the process leaves behind, e.g. the
+    capture tally in its liveness file, is final only once it is gone.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = [pid for pid in pids if is_worker(pid, root)]
+        if not pids or time.monotonic() >= deadline:
+            return pids
+        time.sleep(0.01)
+
+
 def signal_pid(pid: int, signum: int) -> bool:
     """Send ``signum`` to ``pid``; False if it is gone."""
     try:

@@ -80,6 +80,7 @@ from mlflow_deploy_plugin.engines.local.processes import (
     signal_pid,
     status_pids,
     take_supervisor_lock,
+    wait_workers_gone,
 )
 from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError, load_spec, spec_to_json
 from mlflow_deploy_plugin.state import (
@@ -100,6 +101,7 @@ HEALTHY_RESET_S = 60.0  # uptime after which a worker's crash no longer counts a
 MAX_BACKOFF_S = 30.0
 DRAIN_MARGIN_S = 5.0  # a draining worker gets timeout_s plus this to exit before it is killed
 HUNG_KILL_S = 5.0  # a hung worker has answered 503 to what waited on it by then
+ORPHAN_KILL_WAIT_S = 5.0  # an orphan killed at shutdown is gone by then unless stuck in the kernel
 LIVENESS_CHECK_S = 0.25
 LOG_MAX_BYTES = int(os.environ.get("MLFLOW_DEPLOY_LOG_MAX_BYTES") or 10 * 1024 * 1024)
 LOG_BACKUPS = 2
@@ -1029,9 +1031,13 @@ class Supervisor:
                 worker.popen.wait()
             # A drained worker closed its capture writer (nothing held); a killed one may not have.
             self._worker_gone(worker.pid, _exit_description(worker.popen.returncode))
+        killed = [pid for pid in self.orphans if is_worker(pid, self.paths.root) and signal_pid(pid, signal.SIGKILL)]
+        # Not our children (no wait()): their capture tallies are read once they are gone, not while
+        # the SIGKILL may still be on its way.
+        if stuck := wait_workers_gone(killed, self.paths.root, ORPHAN_KILL_WAIT_S):
+            _logger.warning("Orphaned workers %s still run %.0fs after SIGKILL; counting their capture as it "
+                            "stands", stuck, ORPHAN_KILL_WAIT_S)
         for pid in self.orphans:
-            if is_worker(pid, self.paths.root):
-                signal_pid(pid, signal.SIGKILL)
             forget_worker_metrics(self.paths.metrics, pid)
             self._worker_gone(pid, "(a previous supervisor's) stopped")
         self.orphans.clear()

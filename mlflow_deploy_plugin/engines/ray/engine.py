@@ -126,6 +126,7 @@ class RayEngine(Engine):
     def __init__(self, store: StateStore) -> None:
         super().__init__(store)
         self._address: str | None = None
+        self._death_causes: dict[str, str] = {}  # actor id -> cause (replica_deaths.py): never changes
 
     # -- the contract --------------------------------------------------------------------------
 
@@ -241,6 +242,22 @@ class RayEngine(Engine):
         if app is None:
             return EngineStatus(STOPPED)
         return self._to_status(name, app)
+
+    def url(self, name: str) -> str | None:
+        """The application's URL, without the rest of :meth:`status` (the replicas' deaths cost an
+        actor-table request each): what the agent's controller asks for on each of its passes."""
+        address = self._known_address(name)
+        if address is None:
+            return None
+        try:
+            self._connect(address)
+        except InvalidRequest:
+            return None
+        details = self._details()
+        app = (details.get("applications") or {}).get(name)
+        if not app or app.get("status") == "DELETING":
+            return None
+        return self._url(name, app, details.get("http_options") or {})
 
     def discover(self) -> dict[str, DeploymentSpec]:
         """Every lifecycle deployment on the cluster (the Serve applications deployed with a spec as
@@ -483,7 +500,7 @@ class RayEngine(Engine):
                      "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
         serving = [r for r in replicas if r["state"] == "RUNNING"]
         # Serve lists every replica that stopped (retired by an update too); restarts counts crashes.
-        deaths = replica_deaths(list(deployment.get("recent_dead_replicas") or []), actor_info)
+        deaths = replica_deaths(list(deployment.get("recent_dead_replicas") or []), actor_info, self._death_causes)
         serve_status = _plain(app.get("status"))
         if serve_status == "RUNNING":
             state = RUNNING
@@ -493,13 +510,9 @@ class RayEngine(Engine):
         else:
             state = STOPPED
         http = self._details().get("http_options") or {}
-        host = http.get("host") or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = serving[0]["node_ip"] if serving and serving[0]["node_ip"] else "127.0.0.1"
-        url = f"http://{host}:{http.get('port', DEFAULT_HTTP_PORT)}{app.get('route_prefix') or '/' + name}"
         return EngineStatus(
             state=state,
-            url=url,
+            url=self._url(name, app, http),
             model_version=spec.model.model_version if spec else None,
             restarts=unexpected(deaths),
             last_error=_short(_app_message(app)) or None,
@@ -514,6 +527,15 @@ class RayEngine(Engine):
                      "max_ongoing_requests": (deployment.get("deployment_config") or {}).get("max_ongoing_requests"),
                      "host": http.get("host"), "port": http.get("port")},
         )
+
+    @staticmethod
+    def _url(name: str, app: dict[str, Any], http: dict[str, Any]) -> str:
+        """Where the application answers: Serve's proxy (``http``: its http_options) and route."""
+        host = http.get("host") or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):  # listening everywhere: a running replica's node answers
+            serving = [r for r in _ingress(app).get("replicas") or [] if _plain(r.get("state")) == "RUNNING"]
+            host = serving[0].get("node_ip") if serving and serving[0].get("node_ip") else "127.0.0.1"
+        return f"http://{host}:{http.get('port', DEFAULT_HTTP_PORT)}{app.get('route_prefix') or '/' + name}"
 
     # -- the agent actor -----------------------------------------------------------------------
 

@@ -22,6 +22,11 @@ as retired; Serve marks the deployment UNHEALTHY meanwhile (``last_error``). Lik
 replicas per deployment (``constants.py:735``), in its controller's memory: ``restarts`` counts
 crashes among those. A driver connected through Ray Client (``ray://``) cannot read the actor
 table: every cause then reads ``unknown`` and ``restarts`` 0 (``dead_replicas`` still lists them).
+
+A dead actor's cause never changes and actor ids are never reused, so the engine remembers each
+cause it has read (``known``): the actor table is asked once per dead replica, not on every status
+(up to 10 requests per deployment each time). ``unknown`` is not remembered: the kill may not have
+landed yet.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ _logger = logging.getLogger(__name__)
 RETIRED = "retired"  # stopped by Serve (update, downscale, delete, failed health checks) or ray.kill
 UNKNOWN = "unknown"  # the cluster does not say (yet): Serve records a replica before the kill lands
 EXPECTED = frozenset({RETIRED, UNKNOWN})
+KNOWN_LIMIT = 1024  # causes remembered per engine: Serve lists at most 10 dead replicas per deployment
 
 
 def death_of(actor: dict[str, Any] | None) -> str:
@@ -61,19 +67,27 @@ def death_of(actor: dict[str, Any] | None) -> str:
 
 
 def replica_deaths(dead_replicas: list[dict[str, Any]],
-                   actor_info: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+                   actor_info: Callable[[str], dict[str, Any] | None],
+                   known: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Each of Serve's ``recent_dead_replicas`` with how it died (``cause``); ``actor_info`` reads
-    an actor's table entry by hex id (None when it cannot)."""
+    an actor's table entry by hex id (None when it cannot). ``known`` (actor id -> cause), when
+    given, is read before the actor table and keeps every cause found other than ``unknown``."""
     deaths = []
     for replica in dead_replicas:
         actor_id = replica.get("actor_id")
-        try:
-            info = actor_info(actor_id) if actor_id else None
-        except Exception as exc:  # the GCS unreachable for a moment: say unknown, never fail `get`
-            _logger.debug("reading actor %s failed: %s", actor_id, exc)
-            info = None
-        deaths.append({"replica_id": replica.get("replica_id"), "pid": replica.get("pid"),
-                       "cause": death_of(info)})
+        cause = known.get(actor_id) if known is not None and actor_id else None
+        if cause is None:
+            try:
+                info = actor_info(actor_id) if actor_id else None
+            except Exception as exc:  # the GCS unreachable for a moment: say unknown, never fail `get`
+                _logger.debug("reading actor %s failed: %s", actor_id, exc)
+                info = None
+            cause = death_of(info)
+            if known is not None and actor_id and cause != UNKNOWN:
+                if len(known) >= KNOWN_LIMIT:
+                    del known[next(iter(known))]  # the oldest: its replica left Serve's list long ago
+                known[actor_id] = cause
+        deaths.append({"replica_id": replica.get("replica_id"), "pid": replica.get("pid"), "cause": cause})
     return deaths
 
 
