@@ -627,7 +627,8 @@ def shadow_cells(ours: dict[str, Any], frame: Any, args: argparse.Namespace, spe
         mlflow.sklearn.log_model(model, name="model", signature=infer_signature(frame, model.predict(frame)),
                                  input_example=frame.head(5), registered_model_name=MODEL_NAME,
                                  pip_requirements=["scikit-learn"])
-    cells = []
+    cells: list[dict[str, Any]] = []
+    point_ratios: list[dict[str, Any]] = []
     for rows, conc in args.cells:
         bodies = make_bodies(frame, rows)
         states = [("off", "none"), ("on", f"models:/{MODEL_NAME}/2")] * max(1, args.passes) + [("off", "none")]
@@ -649,14 +650,14 @@ def shadow_cells(ours: dict[str, Any], frame: Any, args: argparse.Namespace, spe
                   f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
                   file=sys.stderr)
         cells.extend(point)
-        ratios.append(shadow_ratio(point))
-    for r in ratios:
+        point_ratios.append(shadow_ratio(point))
+    for r in point_ratios:
         each = ", ".join(f"{x:.2f}" for x in r["p99_on_over_off_each"])
         print(f"  shadow cost rows={r['rows']:<4} conc={r['concurrency']:<3} p99 on/off "
               f"{r['p99_on_over_off']:.2f}x (median of {each}; {r['p99_on_ms']:.2f} vs {r['p99_off_ms']:.2f} ms), "
               f"req/s on/off {r['rps_on_over_off']:.2f}x, goal <= 1.1x: "
               f"{'met' if r['p99_on_over_off'] <= 1.1 else 'NOT met'}", file=sys.stderr)
-    return {"cells": cells, "ratios": ratios}
+    return {"cells": cells, "ratios": point_ratios}
 
 
 def shadow_ratio(point: list[dict[str, Any]]) -> dict[str, Any]:
