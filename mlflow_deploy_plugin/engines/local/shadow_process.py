@@ -30,7 +30,7 @@ its mirror and writer. But a child that cannot read (hung in a call that holds i
 stopped) would never see that end and outlive a worker killed outright: on Linux it asks the
 kernel to kill it when its parent goes (``PR_SET_PDEATHSIG``, :func:`_die_with_parent`), so a
 ``kill -9`` of the worker ends it at once, as it ends the worker's own capture (the shadow rows it
-held then are lost with the worker's, uncounted: the worker that would count them is gone).
+held then are lost with the worker's, and counted with them by the supervisor: see below).
 The kernel means the *thread* that started it, so every child is started by one thread that lives
 as long as the :class:`ShadowProcess` (:class:`_Spawner`), not by whichever thread loads or
 supervises. The child holds no descriptor of the worker's but its two pipe ends, and makes those
@@ -39,10 +39,15 @@ paths included, travel on the pipe, not on its command line.
 
 Shadow rows a child answered but had not yet appended to its spool when it died (its writer appends
 every 0.25 s) are counted, as a worker's are (``engines/local/capture_loss.py``): the child's
-capture writer keeps its two counts, requests accepted and settled, in a 16-byte file the worker
-made and shares with it (:class:`_CaptureTally`, ``CaptureWriter.tally_into``); once the child is
-gone the worker adds the difference to ``mlflow_deploy_capture_dropped_requests_total``, where the
-child's own capture drops go, and logs it.
+capture writer keeps its two counts, requests accepted and settled, in a file the worker made and
+shares with it (``liveness.ShadowTallyFile``, ``CaptureWriter.tally_into``). A child that dies while
+the worker lives: the worker adds the difference to ``mlflow_deploy_capture_dropped_requests_total``,
+where the child's own capture drops go, logs it and removes the file (so nobody counts it again). A
+child that dies with its killed worker: the file is ``run/live/<worker pid>.shadow``, beside the
+worker's liveness file, with the child's pid, and the supervisor counts it as it counts the worker's
+own (``engines/local/capture_loss.py``: once the child is gone, event reason
+``shadow_died_with_worker``), then removes it. Without a supervisor (no liveness folder: in-process
+tests) the file is unlinked and only the worker counts.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
