@@ -145,9 +145,10 @@ class CaptureLoss:
             tally = read_shadow_tally(path) or tally
         lost = tally.capture_unsettled
         if lost > 0:
-            self._count(lost, f"Shadow process {child} died with worker pid {pid} ({how}) holding {lost} shadow "
-                              f"answer(s) not yet in its capture spool: counted as dropped from capture "
-                              f"({SHADOW_REASON})", reason=SHADOW_REASON, pid=pid, shadow_pid=child, exit=how)
+            self._count(lost, f"Shadow process {child or '(pid not recorded)'} died with worker pid {pid} ({how}) "
+                              f"holding {lost} shadow answer(s) not yet in its capture spool: counted as dropped "
+                              f"from capture ({SHADOW_REASON})", reason=SHADOW_REASON, pid=pid, shadow_pid=child,
+                        exit=how)
         with contextlib.suppress(OSError):  # after counting: a crash in between counts twice, never not at all
             path.unlink()
         return lost
