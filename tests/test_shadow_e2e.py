@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_capture_drift_e2e import _mlflow_deploy
 
 from mlflow_deploy_plugin.capture import read_capture
+from mlflow_deploy_plugin.engines.local.liveness import read_shadow_tally, shadow_tally_path
+from mlflow_deploy_plugin.engines.local.processes import is_shadow_child
 from mlflow_deploy_plugin.state import read_history_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +85,12 @@ def _shadow_stage_and_hang(env: Env, name: str, root: Path, url: str, rows: list
             assert tag.startswith(url) and tag.endswith("(shadow)"), tag
             wait_for(lambda: _metric(url, "mlflow_deploy_shadow_calls_total", outcome="timeout") >= 1, 60,
                      "a shadow call to time out")
+            # Each worker keeps its shadow process's capture counts beside its liveness file, naming
+            # that process: the supervisor counts them if the worker is killed (capture_loss.py).
+            wait_for(lambda: (pids := env.status(name)["worker_pids"]) and all(
+                (tally := read_shadow_tally(shadow_tally_path(root / "run" / "live", pid)))
+                and is_shadow_child(tally.child_pid, pid) for pid in pids),
+                30, "each worker's shadow counts file naming its running shadow process")
             wait_for(lambda: traffic.count > after_update + 50, 60, "traffic beside the hung shadow")
             dropped = _metric(url, "mlflow_deploy_shadow_dropped_requests_total", reason="busy")
     finally:

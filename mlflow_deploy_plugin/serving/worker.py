@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -392,8 +393,12 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
 
     # The supervisor runs the deployment's one capture converter (engines/local/capture_keeper.py). A
     # shadow version runs in a process of its own (engines/local/shadow_process.py): never on our GIL.
+    # Its capture counts are kept beside our liveness file: if this worker is killed (its shadow child
+    # dies with it), the supervisor counts what the child held (engines/local/capture_loss.py).
+    live = supervision.liveness if supervision is not None else None
+    shadow_starter = functools.partial(start_shadow_process, tally_dir=live.path.parent if live is not None else None)
     service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key,
-                            capture_converter="external", shadow_starter=start_shadow_process)
+                            capture_converter="external", shadow_starter=shadow_starter)
     _phase(phases, "model fetch+load+smoke test, app")
     app, state, slots, capture = service.app, service.state, service.slots, service.capture
     supervision = supervision or Supervision()

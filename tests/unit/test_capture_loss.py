@@ -3,11 +3,17 @@
 The pieces: the writer's tally (accepted / settled requests) stored through the liveness file's
 memory map, the liveness record that carries it past the worker's death, and the supervisor's
 :class:`CaptureLoss`, which adds the difference to the drop counter ``/metrics`` and the agent read.
-The end-to-end check (a worker killed under traffic) is in ``tests/test_self_healing.py``.
+The end-to-end check (a worker killed under traffic) is in ``tests/test_self_healing.py``. A worker's
+shadow child's counts (``<pid>.shadow``) are counted by the supervisor when both die together: here
+with a real stand-in worker and a real shadow process (``assets/shadow_tally_worker.py``).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +33,16 @@ from mlflow_deploy_plugin.engines.local.capture_loss import (
     CaptureLoss,
     read_counter_file,
 )
-from mlflow_deploy_plugin.engines.local.liveness import Liveness, LivenessWriter, read_liveness
+from mlflow_deploy_plugin.engines.local.liveness import (
+    Liveness,
+    LivenessWriter,
+    ShadowTally,
+    ShadowTallyFile,
+    read_liveness,
+    read_shadow_tally,
+    shadow_tally_path,
+)
+from mlflow_deploy_plugin.engines.local.processes import is_shadow_child
 from mlflow_deploy_plugin.monitoring.capture_watch import dropped_total
 from mlflow_deploy_plugin.serving.metrics import ServingMetrics
 from mlflow_deploy_plugin.state import StateStore
@@ -152,3 +167,76 @@ def test_a_new_supervisor_counts_workers_that_died_while_none_watched(tmp_path: 
     assert not list(live_dir.iterdir())
     supervisor._count_dead_workers()  # counted once
     assert dropped_total(str(paths.metrics), "dep") == 7.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+def test_a_killed_workers_shadow_child_is_counted_once_with_it_and_its_files_go(tmp_path: Path) -> None:
+    """A worker killed with its shadow child: the supervisor counts what each held (the worker's 3 - 1,
+    the child's 9 - 4), once, and removes the liveness and ``.shadow`` files."""
+    from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
+
+    store = StateStore(tmp_path / "home")
+    paths = store.paths("dep")
+    paths.metrics.mkdir(parents=True)
+    live_dir = paths.root / "run" / "live"
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "assets" / "shadow_tally_worker.py"),
+                               str(live_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        assert line.strip().isdigit(), f"the stand-in worker said {line!r} (exit {worker.poll()})"
+        child = int(line)
+        path = shadow_tally_path(live_dir, worker.pid)
+        assert read_shadow_tally(path) == ShadowTally(9, 4, child)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert is_shadow_child(child, worker.pid) and not is_shadow_child(child, worker.pid + 1)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(60)
+        supervisor = Supervisor(paths)
+        supervisor._worker_gone(worker.pid, "killed by signal SIGKILL")
+        assert not is_shadow_child(child, worker.pid), "counted before the child was gone"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(60)
+        if child and is_shadow_child(child, worker.pid):
+            os.kill(child, signal.SIGKILL)
+        for stream in (worker.stdin, worker.stdout):
+            if stream is not None:
+                stream.close()
+    assert dropped_total(str(paths.metrics), "dep") == 2 + 5 and supervisor._status()["capture_lost"] == 7
+    events = [e for e in store.read_history("dep") if e["event"] == "capture_lost"]
+    assert [(e["reason"], e["pid"], e["requests"], e.get("shadow_pid")) for e in events] == [
+        ("worker_died", worker.pid, 2, None), ("shadow_died_with_worker", worker.pid, 5, child)]
+    assert not list(live_dir.iterdir())
+    supervisor._worker_gone(worker.pid, "killed by signal SIGKILL")  # counted once
+    supervisor._count_dead_workers()
+    assert dropped_total(str(paths.metrics), "dep") == 7.0
+
+
+def test_a_shadow_tally_the_worker_counted_is_not_counted_again(tmp_path: Path) -> None:
+    """The worker counts a child that died while it lived and closes its file; a lone ``.shadow`` file
+    (its liveness file gone) of a dead worker is still counted by the next supervisor."""
+    from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
+
+    store = StateStore(tmp_path / "home")
+    paths = store.paths("dep")
+    paths.metrics.mkdir(parents=True)
+    live_dir = paths.root / "run" / "live"
+    no_such_pid = 4_194_304 + 23  # above Linux's largest pid_max: never a running process
+    counted = ShadowTallyFile(shadow_tally_path(live_dir, no_such_pid))
+    os.pwrite(counted.fd, (6).to_bytes(8, "little"), 0)
+    assert read_shadow_tally(shadow_tally_path(live_dir, no_such_pid)).capture_unsettled == 6
+    counted.close()  # what ShadowProcess does once it has counted the 6
+    lone = ShadowTallyFile(shadow_tally_path(live_dir, no_such_pid + 1))
+    os.pwrite(lone.fd, (4).to_bytes(8, "little") + (1).to_bytes(8, "little"), 0)
+    os.close(lone.fd)  # killed: the file stays
+    unlinked = ShadowTallyFile(None)  # no supervisor: nothing on disk
+    assert unlinked.read().capture_unsettled == 0
+    unlinked.close()
+    supervisor = Supervisor(paths)
+    supervisor._count_dead_workers()
+    assert dropped_total(str(paths.metrics), "dep") == 3.0 and not list(live_dir.iterdir())
+    assert [(e["pid"], e["requests"], e["reason"]) for e in store.read_history("dep")
+            if e["event"] == "capture_lost"] == [(no_such_pid + 1, 3, "shadow_died_with_worker")]

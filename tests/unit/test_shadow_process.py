@@ -21,6 +21,8 @@ from conftest import wait_for
 from unit_helpers import TestClient, iris_data, split_body
 
 from mlflow_deploy_plugin.capture import CaptureWriter, read_capture
+from mlflow_deploy_plugin.engines.local.capture_loss import CaptureLoss
+from mlflow_deploy_plugin.engines.local.liveness import ShadowTally, read_shadow_tally, shadow_tally_path
 from mlflow_deploy_plugin.engines.local.shadow_process import (
     ShadowProcess,
     ShadowStartError,
@@ -35,6 +37,7 @@ from mlflow_deploy_plugin.serving.service import build_service
 from mlflow_deploy_plugin.serving.shadow import ShadowMirror
 from mlflow_deploy_plugin.serving.shadow_channel import FrameReader
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, ModelRef
+from mlflow_deploy_plugin.state import StateStore
 
 WAIT_S = 120.0  # a child loads MLflow and its model: seconds on a busy machine
 # How much later than its timeout a call that must keep to it may return (threads scheduled late on a
@@ -154,12 +157,14 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
 
 
 def _shadow_process(tmp_path: Path, model_dir: Path, drops: list[str] | None = None,
-                    capture_drops: list[int] | None = None, **config: object) -> ShadowProcess:
+                    capture_drops: list[int] | None = None, tally_dir: Path | None = None,
+                    **config: object) -> ShadowProcess:
     """A ShadowProcess as the worker starts one (the child loads ``model_dir``), not yet waited for."""
     drop_list = drops if drops is not None else []
     capture_list = capture_drops if capture_drops is not None else []
     return ShadowProcess(_spec(**config), model_dir, str(tmp_path / "capture"), tmp_path / "capture.key", "own",
-                         drop_list.append, lambda outcome, seconds, count: None, capture_list.append)
+                         drop_list.append, lambda outcome, seconds, count: None, capture_list.append,
+                         tally_dir=tally_dir)
 
 
 def _returns_within(call: Callable[[], object], bound_s: float, what: str) -> None:
@@ -197,8 +202,9 @@ def test_a_child_that_reads_nothing_does_not_outlive_its_killed_worker(
         tmp_path: Path, rotated_classifier_path: Path) -> None:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(_spec().to_dict()))
+    live_dir = tmp_path / "run" / "live"
     worker = subprocess.Popen([sys.executable, str(Path(__file__).parent / "assets" / "shadow_parent.py"),
-                               str(spec_file), str(rotated_classifier_path), str(tmp_path)],
+                               str(spec_file), str(rotated_classifier_path), str(tmp_path), str(live_dir)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = 0
     try:
@@ -219,10 +225,20 @@ def test_a_child_that_reads_nothing_does_not_outlive_its_killed_worker(
         for fd in pipes:
             flags = int(Path(f"/proc/{child}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
             assert flags & os.O_CLOEXEC, f"the child's pipe fd {fd} is inheritable"
+        # Its capture counts are beside its worker's liveness file, with its pid, for the supervisor.
+        tally_path = shadow_tally_path(live_dir, worker.pid)
+        assert tally_path.stat().st_mode & 0o777 == 0o600 and read_shadow_tally(tally_path).child_pid == child
         os.kill(child, signal.SIGSTOP)  # as hung in a call holding its GIL: it reads no pipe's end
+        held = read_shadow_tally(tally_path)  # final: a stopped child stores nothing more
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(WAIT_S)
         wait_for(lambda: _gone(child), 30.0, f"the shadow child {child} to die with its worker")
+        # The supervisor counts what the child held when both died (what the worker could not), once.
+        store = StateStore(tmp_path / "home")
+        loss = CaptureLoss(store, "unit", tmp_path)
+        assert loss.shadow_gone(worker.pid, tally_path, "killed by signal SIGKILL") == held.capture_unsettled
+        assert not tally_path.exists() and loss.shadow_gone(worker.pid, tally_path, "again") == 0
+        assert loss.lost == held.capture_unsettled
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -237,7 +253,9 @@ def test_a_child_that_reads_nothing_does_not_outlive_its_killed_worker(
 def test_shadow_rows_a_killed_child_held_in_memory_are_counted_as_capture_drops(
         tmp_path: Path, rotated_classifier_path: Path) -> None:
     capture_drops: list[int] = []
-    shadow = _shadow_process(tmp_path, rotated_classifier_path, capture_drops=capture_drops)
+    live_dir = tmp_path / "run" / "live"  # as a supervised worker's: the child's counts are a file there
+    tally_path = shadow_tally_path(live_dir, os.getpid())
+    shadow = _shadow_process(tmp_path, rotated_classifier_path, capture_drops=capture_drops, tally_dir=live_dir)
     features, _ = iris_data()
     try:
         shadow.wait_ready(WAIT_S)
@@ -266,8 +284,19 @@ def test_shadow_rows_a_killed_child_held_in_memory_are_counted_as_capture_drops(
         os.kill(pid, signal.SIGKILL)
         # The supervisor sees it dead and counts what it held (before it starts another).
         wait_for(lambda: capture_drops, WAIT_S, "the rows the dead child held to be counted")
+        # Counted here, so gone from the file a supervisor would read if this worker died now: the
+        # file goes (or is already the next child's, which holds nothing yet).
+        def the_dead_childs_file() -> ShadowTally | None:
+            return tally if (tally := read_shadow_tally(tally_path)) is not None and tally.child_pid == pid else None
+
+        wait_for(lambda: the_dead_childs_file() is None, 30.0, "the worker to remove the counted child's file")
+        after = read_shadow_tally(tally_path)
+        assert after is None or (after.capture_accepted, after.capture_settled) == (0, 0)
+        wait_for(lambda: shadow.restarts == 1 and shadow.ready, WAIT_S, "the next shadow process")
+        assert read_shadow_tally(tally_path) == ShadowTally(0, 0, shadow.pid) and shadow.pid != pid
     finally:
         shadow.close(timeout_s=20)
+    assert not tally_path.exists()  # a closed shadow process leaves nothing to count
     # Counted once, where the shadow's other capture drops go (the capture dropped counter).
     assert capture_drops == [held] and shadow.capture_lost == held
     # What it had spooled is captured: answered = captured + counted as dropped.

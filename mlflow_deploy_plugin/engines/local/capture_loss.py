@@ -10,6 +10,15 @@ what capture lost; :class:`CaptureLoss` adds it to the drop counter every dashbo
 already reads (``mlflow_deploy_capture_dropped_requests_total``), logs one line and records a
 ``capture_lost`` event (reason ``worker_died``) in the history.
 
+A worker with a shadow version has a child predicting it (``shadow_process.py``), whose own capture
+writer holds the shadow's answers the same way. The child dies with its worker (``PR_SET_PDEATHSIG``),
+so the worker cannot count what the child held then; the child's counts are in
+``run/live/<worker pid>.shadow`` (``liveness.ShadowTallyFile``) with its pid. :meth:`CaptureLoss.shadow_gone`
+waits (bounded, :data:`SHADOW_EXIT_WAIT_S`) for that child to be gone, so the counts are final, adds
+the difference the same way (event reason ``shadow_died_with_worker``) and removes the file. A
+child the worker counted itself (it died while the worker lived) left no file, or one reset by its
+successor: never counted twice.
+
 The count is exact but for one case: a worker killed in the middle of an append counts that whole
 append as lost, though the records it completed reach Parquet. So it is "at most" by the records
 of one append, never fewer than were lost.
@@ -24,21 +33,29 @@ and is removed when a deployment starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 from mlflow_deploy_plugin.engines.local.capture_drop_metric import DROPPED_HELP, DROPPED_METRIC
-from mlflow_deploy_plugin.engines.local.liveness import Liveness
+from mlflow_deploy_plugin.engines.local.liveness import Liveness, read_shadow_tally
+from mlflow_deploy_plugin.engines.local.processes import is_shadow_child
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger("mlflow_deploy_plugin.supervisor")
 
 COUNTER_FILE = "counter_supervisor.db"  # "counter_" is how prometheus_client knows the type
 REASON = "worker_died"
+SHADOW_REASON = "shadow_died_with_worker"
+# A killed worker's shadow child got its SIGKILL before the worker could be reaped: gone within
+# milliseconds. Only a child without the parent-death signal (not Linux) finishes on its own, after
+# its pipe ends; its counts are taken as they stand then (over what it will still spool, never under).
+SHADOW_EXIT_WAIT_S = 2.0
 _INT = struct.Struct("<i")
 _VALUE = struct.Struct("<dd")  # value, timestamp (unused for counters)
 
@@ -106,6 +123,38 @@ class CaptureLoss:
         lost = live.capture_unsettled if live is not None else 0
         if lost <= 0:
             return 0
+        self._count(lost, f"Worker pid {pid} {how} holding {lost} answered request(s) not yet in its capture "
+                          f"spool: counted as dropped from capture ({REASON})", reason=REASON, pid=pid, exit=how)
+        return lost
+
+    def shadow_gone(self, pid: int, path: Path, how: str) -> int:
+        """Worker ``pid`` is gone, and its shadow child with it: count the shadow answers the child
+        held (its counts in ``path``, ``run/live/<pid>.shadow``) and remove the file. Returns the
+        rows counted as dropped (0 when there is no file or it held none)."""
+        tally = read_shadow_tally(path)
+        if tally is None:
+            return 0
+        child = tally.child_pid
+        if child and is_shadow_child(child, pid):  # its counts are final once it is gone
+            deadline = time.monotonic() + SHADOW_EXIT_WAIT_S
+            while is_shadow_child(child, pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if is_shadow_child(child, pid):
+                _logger.warning("Shadow process %d of worker %d still runs %.0fs after its worker died: counting "
+                                "what its capture holds as it stands", child, pid, SHADOW_EXIT_WAIT_S)
+            tally = read_shadow_tally(path) or tally
+        lost = tally.capture_unsettled
+        if lost > 0:
+            self._count(lost, f"Shadow process {child or '(pid not recorded)'} died with worker pid {pid} ({how}) "
+                              f"holding {lost} shadow answer(s) not yet in its capture spool: counted as dropped "
+                              f"from capture ({SHADOW_REASON})", reason=SHADOW_REASON, pid=pid, shadow_pid=child,
+                        exit=how)
+        with contextlib.suppress(OSError):  # after counting: a crash in between counts twice, never not at all
+            path.unlink()
+        return lost
+
+    def _count(self, lost: int, message: str, **event: Any) -> None:
+        """Add ``lost`` to the drop counter, log ``message`` and record a ``capture_lost`` event."""
         self.lost += lost
         try:
             path = self.metrics_dir / COUNTER_FILE
@@ -115,11 +164,8 @@ class CaptureLoss:
             write_counter_file(path, values)
         except OSError as exc:  # the log line and the history still say it
             _logger.warning("Could not add to the capture drop counter in %s: %s", self.metrics_dir, exc)
-        _logger.warning("Worker pid %d %s holding %d answered request(s) not yet in its capture spool: counted "
-                        "as dropped from capture (%s)", pid, how, lost, REASON)
-        self.store.append_history(self.name, "capture_lost", reason=REASON, pid=pid, requests=lost,
-                                  exit=how)
-        return lost
+        _logger.warning("%s", message)
+        self.store.append_history(self.name, "capture_lost", requests=lost, **event)
 
     def status(self) -> dict[str, Any]:
         """What ``status.json`` says about it."""

@@ -16,7 +16,12 @@ lock, no pipe that could fill and block the predict thread):
   what ``kill -9`` took with it: the requests answered but in no spool file and counted nowhere.
   The supervisor adds it to the capture drop counter (``capture_loss.py``).
 
-The file survives the worker's death (it is plain page cache), which is what lets the supervisor
+A worker with a shadow version also keeps ``run/live/<pid>.shadow`` (:class:`ShadowTallyFile`): the
+same two capture counts of its shadow child's writer (``engines/local/shadow_process.py``), and the
+child's pid. The child dies with its worker, so when the worker is killed the supervisor counts the
+shadow rows the child held as well, once the child is gone.
+
+The files survive the worker's death (they are plain page cache), which is what lets the supervisor
 tell a poison request from a broken version after the fact. Times are ``time.monotonic()``:
 CLOCK_MONOTONIC is the same clock in every process of the machine.
 """
@@ -27,6 +32,7 @@ import contextlib
 import mmap
 import os
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +44,19 @@ _LAYOUT = struct.Struct("<ddqqqq")
 _OLD_LAYOUT_SIZE = 32  # a record without the capture counts (read as 0, 0)
 _CAPTURE_OFFSET = 32
 _BUSY = struct.Struct("<dq")
+# A shadow child's capture_accepted, capture_settled (stored by the child), then its pid (by the worker).
+_SHADOW_LAYOUT = struct.Struct("<qqq")
+SHADOW_COUNTS_SIZE = 16  # what the child maps: the two counts, not the pid
+SHADOW_SUFFIX = ".shadow"
 
 
 def liveness_dir(run_dir: Path) -> Path:
     return run_dir / "live"
+
+
+def shadow_tally_path(live_dir: Path, worker_pid: int) -> Path:
+    """Where worker ``worker_pid`` keeps its shadow child's capture counts."""
+    return live_dir / f"{worker_pid}{SHADOW_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -118,3 +133,70 @@ def read_liveness(path: Path) -> Liveness | None:
     if len(raw) < _OLD_LAYOUT_SIZE:
         return None
     return Liveness(*_LAYOUT.unpack(raw.ljust(_LAYOUT.size, b"\0")))
+
+
+@dataclass(frozen=True)
+class ShadowTally:
+    """A shadow child's capture counts as its writer last stored them, and the child's pid (0: not known)."""
+
+    capture_accepted: int
+    capture_settled: int
+    child_pid: int
+
+    @property
+    def capture_unsettled(self) -> int:
+        """Shadow answers the child's writer held in memory (neither spooled nor counted as dropped)."""
+        return max(0, self.capture_accepted - self.capture_settled)
+
+
+class ShadowTallyFile:
+    """The worker's side of one shadow child's capture counts: a 24-byte file the child's capture
+    writer stores into through a shared memory map (its first :data:`SHADOW_COUNTS_SIZE` bytes), read
+    after the child is gone, however it went.
+
+    ``path``: ``run/live/<worker pid>.shadow`` (:func:`shadow_tally_path`), so that the supervisor
+    finds it when the worker is killed and its child dies with it; ``None`` (no supervisor: tests,
+    Ray replicas) makes it an unlinked file only the worker reads. One child at a time per worker:
+    the worker counts a dead child and :meth:`close` s its file before it starts the next.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is None:
+            with tempfile.TemporaryFile() as handle:  # unlinked: nothing is left behind, whatever happens
+                self.fd = os.dup(handle.fileno())
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_TRUNC: a file left by a dead process that had this pid holds nothing of ours.
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, _SHADOW_LAYOUT.size)
+
+    def started(self, child_pid: int) -> None:
+        """The child now running is ``child_pid``: the supervisor waits for it before it reads the counts."""
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, struct.pack("<q", child_pid), SHADOW_COUNTS_SIZE)
+
+    def read(self) -> ShadowTally:
+        """The counts as the child last stored them."""
+        return _unpack_shadow(os.pread(self.fd, _SHADOW_LAYOUT.size, 0))
+
+    def close(self) -> None:
+        """Remove the file and close it: the child's counts were read (and counted) or never mattered."""
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _unpack_shadow(raw: bytes) -> ShadowTally:
+    return ShadowTally(*_SHADOW_LAYOUT.unpack(raw[:_SHADOW_LAYOUT.size].ljust(_SHADOW_LAYOUT.size, b"\0")))
+
+
+def read_shadow_tally(path: Path) -> ShadowTally | None:
+    """The supervisor's side: a worker's shadow child's last counts, or None when there is no file."""
+    try:
+        with open(path, "rb") as handle:
+            return _unpack_shadow(handle.read(_SHADOW_LAYOUT.size))
+    except OSError:
+        return None

@@ -29,6 +29,7 @@ from mlflow_deploy_plugin.state import PRIVATE_FILE_MODE, DeploymentPaths, pid_a
 SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
 WORKER_MODULE = "mlflow_deploy_plugin.serving.worker"
 AGENT_MODULE = "mlflow_deploy_plugin.agent"
+SHADOW_MODULE = "mlflow_deploy_plugin.engines.local.shadow_process"
 # Supervisors started before the engines/local/ layout run under their old module name; they speak
 # the same mailbox and status files, so they must still be recognised after an upgrade.
 _SUPERVISOR_MODULES = (SUPERVISOR_MODULE.encode(), b"mlflow_deploy_plugin.engines.supervisor")
@@ -121,6 +122,16 @@ def is_agent(pid: int | None, root: Path) -> bool:
     """Whether ``pid`` is alive AND is the background agent of the deployment at ``root``."""
     argv = _cmdline(pid)
     return AGENT_MODULE.encode() in argv and _names_folder(pid, argv, root)
+
+
+def is_shadow_child(pid: int | None, worker_pid: int) -> bool:
+    """Whether ``pid`` is alive AND is the shadow process worker ``worker_pid`` started (its command
+    line names its worker: ``--parent-pid``)."""
+    argv = _cmdline(pid)
+    if SHADOW_MODULE.encode() not in argv or b"--parent-pid" not in argv:
+        return False
+    at = argv.index(b"--parent-pid") + 1
+    return at < len(argv) and argv[at] == str(worker_pid).encode()
 
 
 def status_pids(status: dict[str, Any], *keys: str) -> list[int]:

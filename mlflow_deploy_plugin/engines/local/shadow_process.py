@@ -30,7 +30,7 @@ its mirror and writer. But a child that cannot read (hung in a call that holds i
 stopped) would never see that end and outlive a worker killed outright: on Linux it asks the
 kernel to kill it when its parent goes (``PR_SET_PDEATHSIG``, :func:`_die_with_parent`), so a
 ``kill -9`` of the worker ends it at once, as it ends the worker's own capture (the shadow rows it
-held then are lost with the worker's, uncounted: the worker that would count them is gone).
+held then are lost with the worker's, and counted with them by the supervisor: see below).
 The kernel means the *thread* that started it, so every child is started by one thread that lives
 as long as the :class:`ShadowProcess` (:class:`_Spawner`), not by whichever thread loads or
 supervises. The child holds no descriptor of the worker's but its two pipe ends, and makes those
@@ -39,10 +39,15 @@ paths included, travel on the pipe, not on its command line.
 
 Shadow rows a child answered but had not yet appended to its spool when it died (its writer appends
 every 0.25 s) are counted, as a worker's are (``engines/local/capture_loss.py``): the child's
-capture writer keeps its two counts, requests accepted and settled, in a 16-byte file the worker
-made and shares with it (:class:`_CaptureTally`, ``CaptureWriter.tally_into``); once the child is
-gone the worker adds the difference to ``mlflow_deploy_capture_dropped_requests_total``, where the
-child's own capture drops go, and logs it.
+capture writer keeps its two counts, requests accepted and settled, in a file the worker made and
+shares with it (``liveness.ShadowTallyFile``, ``CaptureWriter.tally_into``). A child that dies while
+the worker lives: the worker adds the difference to ``mlflow_deploy_capture_dropped_requests_total``,
+where the child's own capture drops go, logs it and removes the file (so nobody counts it again). A
+child that dies with its killed worker: the file is ``run/live/<worker pid>.shadow``, beside the
+worker's liveness file, with the child's pid, and the supervisor counts it as it counts the worker's
+own (``engines/local/capture_loss.py``: once the child is gone, event reason
+``shadow_died_with_worker``), then removes it. Without a supervisor (no liveness folder: in-process
+tests) the file is unlinked and only the worker counts.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
@@ -62,10 +67,8 @@ import mmap
 import os
 import queue
 import signal
-import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +76,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin.engines.local.liveness import SHADOW_COUNTS_SIZE, ShadowTallyFile, shadow_tally_path
 from mlflow_deploy_plugin.serving.shadow import CopyRun, MirrorFront
 from mlflow_deploy_plugin.serving.shadow_channel import (
     CopyChannel,
@@ -107,29 +111,6 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 class ShadowStartError(RuntimeError):
     """The shadow process could not load or smoke-test its version."""
-
-
-class _CaptureTally:
-    """The worker's side of a child's capture counts: an unlinked 16-byte file (two int64, requests
-    accepted and settled) the child's capture writer stores into through a shared memory map and
-    the worker reads after the child is gone, however it went (``kill -9`` included)."""
-
-    LAYOUT = struct.Struct("<qq")
-
-    def __init__(self) -> None:
-        with tempfile.TemporaryFile() as handle:  # unlinked: nothing is left behind, whatever happens
-            self.fd = os.dup(handle.fileno())
-        os.ftruncate(self.fd, self.LAYOUT.size)
-
-    def read(self) -> tuple[int, int]:
-        """(accepted, settled) as the child last stored them."""
-        raw = os.pread(self.fd, self.LAYOUT.size, 0)
-        accepted, settled = self.LAYOUT.unpack(raw.ljust(self.LAYOUT.size, b"\0"))
-        return int(accepted), int(settled)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 class _Spawner:
@@ -176,8 +157,13 @@ class ShadowProcess(MirrorFront):
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
                  converter: str, on_drop: Callable[[str], None], on_result: Callable[[str, float, int], None],
                  on_capture_drop: Callable[[int], None], *, nice: int = NICE,
-                 hang_grace_s: float = HANG_GRACE_S, rng: Any = None) -> None:
-        """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it."""
+                 hang_grace_s: float = HANG_GRACE_S, rng: Any = None, tally_dir: Path | None = None) -> None:
+        """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it.
+
+        ``tally_dir``: the worker's liveness folder (``run/live``), where the child's capture counts
+        are kept as ``<worker pid>.shadow`` for the supervisor to count if this worker is killed;
+        ``None`` without a supervisor (an unlinked file the worker alone reads).
+        """
         import random
 
         config = spec.config
@@ -209,7 +195,8 @@ class ShadowProcess(MirrorFront):
         self._last_heard = time.monotonic()
         self._to_child: int | None = None  # the pipe to a child not yet attached to the channel
         self._ready_at = -float("inf")
-        self._tally: _CaptureTally | None = None  # the current child's capture counts
+        self._tally_path = shadow_tally_path(tally_dir, os.getpid()) if tally_dir is not None else None
+        self._tally: ShadowTallyFile | None = None  # the current child's capture counts
         self.capture_lost = 0  # shadow rows children died holding (counted as capture drops)
         self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
         self._spawner = _Spawner()
@@ -227,7 +214,7 @@ class ShadowProcess(MirrorFront):
 
     def _spawn(self) -> None:
         """Start a child and the thread reading its events; its pipe is attached once it is ready."""
-        tally = _CaptureTally()
+        tally = ShadowTallyFile(self._tally_path)
         to_child, to_child_w = os.pipe()
         from_child_r, from_child = os.pipe()
         try:
@@ -244,6 +231,7 @@ class ShadowProcess(MirrorFront):
         finally:
             os.close(to_child)  # the child's ends: only the child may hold them, so its death ends both pipes
             os.close(from_child)
+        tally.started(self._proc.pid)
         self._to_child = to_child_w
         self._tally = tally
         self._ready.clear()
@@ -385,14 +373,13 @@ class ShadowProcess(MirrorFront):
         if tally is None:
             return
         try:
-            accepted, settled = tally.read()
+            lost = tally.read().capture_unsettled
         except OSError as exc:
             _logger.warning("Could not read the capture counts of shadow process %d: %s", proc.pid, exc)
-            return
-        finally:
             tally.close()
-        lost = accepted - settled
+            return
         if lost <= 0:
+            tally.close()
             return
         self.capture_lost += lost
         _logger.warning("Shadow process %d exited (code %s) holding %d shadow answer(s) not yet in its capture "
@@ -401,6 +388,9 @@ class ShadowProcess(MirrorFront):
             self._on_capture_drop(lost)
         except Exception:
             _logger.exception("Shadow capture drop counter failed")
+        # Counted: the file goes, so the supervisor does not count these rows again if this worker
+        # is killed next (killed before this line, they are counted twice: over, never under).
+        tally.close()
 
     def capture_tally(self) -> tuple[int, int]:
         """The current child's capture counts: shadow answers its writer accepted, and settled
@@ -409,7 +399,8 @@ class ShadowProcess(MirrorFront):
         if tally is None:
             return 0, 0
         with contextlib.suppress(OSError):
-            return tally.read()
+            counts = tally.read()
+            return counts.capture_accepted, counts.capture_settled
         return 0, 0
 
     def _respawn(self) -> bool:
@@ -523,10 +514,11 @@ class ShadowProcess(MirrorFront):
 
 
 def start_shadow_process(spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
-                         converter: str, hooks: Any) -> ShadowProcess:
-    """The local worker's ``shadow_starter`` for ``serving.service.build_service``."""
+                         converter: str, hooks: Any, tally_dir: Path | None = None) -> ShadowProcess:
+    """The local worker's ``shadow_starter`` for ``serving.service.build_service`` (``tally_dir``:
+    see :class:`ShadowProcess`)."""
     return ShadowProcess(spec, model_dir, capture_dir, capture_key, converter, hooks.on_drop, hooks.on_result,
-                         hooks.on_capture_drop)
+                         hooks.on_capture_drop, tally_dir=tally_dir)
 
 
 # ---- the child ---------------------------------------------------------------------------------
@@ -667,11 +659,11 @@ def _die_with_parent(parent_pid: int) -> bool:
 
 
 def _keep_tally(writer: Any, fd: int) -> None:
-    """Have the capture writer keep its counts in the worker's tally file (see :class:`_CaptureTally`)."""
+    """Have the capture writer keep its counts in the worker's tally file (``liveness.ShadowTallyFile``)."""
     if fd < 0:
         return
     try:
-        shared = mmap.mmap(fd, _CaptureTally.LAYOUT.size)
+        shared = mmap.mmap(fd, SHADOW_COUNTS_SIZE)
     except (OSError, ValueError) as exc:  # rows this process dies holding go uncounted, nothing else
         _logger.warning("Could not map the capture tally file: %s", exc)
         return

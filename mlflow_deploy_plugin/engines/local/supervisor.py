@@ -20,7 +20,8 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
   converter while the capture spool has work (``capture_keeper.py``);
 - rotates the logs of the deployment (size-bounded) and removes dead workers' live metrics;
 - counts, when a worker is gone, the answered requests its capture writer still held in memory as
-  dropped from capture (``capture_loss.py``): a ``kill -9`` loses them, but never silently;
+  dropped from capture (``capture_loss.py``), and the shadow answers its shadow child's writer
+  held (the child dies with it): a ``kill -9`` loses them, but never silently;
 - is the only writer of ``status.json``.
 
 Losing the supervisor loses no request (gunicorn's re-exec pattern, without the exec): it holds
@@ -69,7 +70,14 @@ from mlflow_deploy_plugin.engines.local.handoff import (
     handoff_path,
     request_socket,
 )
-from mlflow_deploy_plugin.engines.local.liveness import HUNG_GRACE_S, Liveness, liveness_dir, read_liveness
+from mlflow_deploy_plugin.engines.local.liveness import (
+    HUNG_GRACE_S,
+    SHADOW_SUFFIX,
+    Liveness,
+    liveness_dir,
+    read_liveness,
+    shadow_tally_path,
+)
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
 from mlflow_deploy_plugin.engines.local.oom import OOM, OomKills, describe_sigkill, own_oom_counter
 from mlflow_deploy_plugin.engines.local.processes import (
@@ -488,10 +496,11 @@ class Supervisor:
         return liveness_dir(self.paths.root / "run") / str(pid)
 
     def _worker_gone(self, pid: int, how: str) -> Liveness | None:
-        """A worker is gone: count the capture it held (``capture_loss.py``), remove its liveness
-        file, and return its last liveness record."""
+        """A worker is gone: count the capture it held and its shadow child held (``capture_loss.py``),
+        remove its liveness and shadow tally files, and return its last liveness record."""
         live = read_liveness(self._live_path(pid))
         self.capture_loss.worker_gone(pid, live, how)
+        self.capture_loss.shadow_gone(pid, shadow_tally_path(self._live_path(pid).parent, pid), how)
         with contextlib.suppress(OSError):
             self._live_path(pid).unlink()
         return live
@@ -685,12 +694,12 @@ class Supervisor:
         """Liveness files of workers that died while no supervisor watched (everything killed, a
         reboot): count the capture they held, once, and remove them."""
         with contextlib.suppress(OSError):
-            for path in liveness_dir(self.paths.root / "run").iterdir():
-                if not path.name.isdigit() or int(path.name) in self.orphans:
-                    continue
-                if is_worker(int(path.name), self.paths.root):
+            # <pid> and <pid>.shadow: a shadow tally without its liveness file is counted too.
+            names = {path.name.removesuffix(SHADOW_SUFFIX) for path in liveness_dir(self.paths.root / "run").iterdir()}
+            for pid in sorted(int(name) for name in names if name.isdigit()):
+                if pid in self.orphans or is_worker(pid, self.paths.root):
                     continue  # alive, just not ours to adopt (status.json did not name it)
-                self._worker_gone(int(path.name), "died while no supervisor watched")
+                self._worker_gone(pid, "died while no supervisor watched")
 
     def _forget_dead_handoffs(self) -> None:
         """Control sockets of workers that are gone (killed before they could remove them)."""
