@@ -396,12 +396,14 @@ class CaptureWriter:
                     segment.rows = before + rows
                     segment.bytes += size
                     if before == 0:
-                        # Wake the thread only on the first row (to start the interval clock) and
-                        # when a write or a conversion is due, so most calls do no signalling.
+                        # Wake the thread only on the first row (to start the interval clock), on the
+                        # first record since its last append (it may be asleep until the segment's end:
+                        # it then sleeps until its next append, _WRITE_EVERY_S after the last) and
+                        # when a write or a conversion is due: a few signals a second, not one a call.
                         self._segment_started_at = time.monotonic()
                         self._wakeup.notify()
-                    elif before < self.flush_rows <= segment.rows or self._chunk_bytes >= _WRITE_BYTES > (
-                            self._chunk_bytes - size):
+                    elif len(self._chunks) == 1 or before < self.flush_rows <= segment.rows or (
+                            self._chunk_bytes >= _WRITE_BYTES > self._chunk_bytes - size):
                         self._wakeup.notify()
                     return True
                 self.dropped_requests += 1

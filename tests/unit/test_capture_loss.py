@@ -102,6 +102,24 @@ def test_the_writer_tally_counts_what_memory_holds_until_it_is_spooled(tmp_path:
     assert (closed.capture_accepted, closed.capture_unsettled) == (10, 0), "close spools what memory held"
 
 
+def test_records_after_the_first_reach_the_spool_file_without_waiting_for_the_segment_to_end(
+        tmp_path: Path) -> None:
+    # The segment ends only after 600 s: records must still leave memory every _WRITE_EVERY_S (what
+    # a kill -9 loses), not sit there until the segment ends (the writer thread used to sleep until then).
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", flush_interval_s=600, spool_dir=str(tmp_path / "spool"),
+                           converter="external")
+    try:
+        assert writer.record(_request(0))
+        _wait(lambda: writer.settled_requests == 1, "the first record to reach the spool file")
+        for i in range(1, 10):
+            assert writer.record(_request(i))
+        _wait(lambda: writer.settled_requests == 10, "the later records to reach the spool file before the "
+              "segment ends", timeout_s=60.0)
+        assert writer.written_requests == 0, "appended to the open segment, not converted"
+    finally:
+        writer.close(timeout_s=0.5)
+
+
 def _worker_counter_file(folder: Path, pid: int, deployment: str, value: float) -> None:
     """A counter file as a worker's prometheus_client writes it (multiprocess mode)."""
     values = MmapedDict(str(folder / f"counter_{pid}.db"))
