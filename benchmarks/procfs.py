@@ -41,22 +41,21 @@ def rss_bytes(pid: int | str) -> int:
 def pss_bytes(pid: int | str) -> int:
     """Proportional set size of a process (``/proc/<pid>/smaps_rollup``): pages shared with other
     processes count their share only, so a worker forked after imports costs what it adds. 0 if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return 0
+    return _kib_field(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def peak_rss_bytes(pid: int | str = "self") -> int:
     """Peak resident set size of a process since its exec (``VmHWM`` of ``/proc/<pid>/status``), 0 if
     it is gone. Not ``ru_maxrss``: Linux carries that across exec, so a benchmark's child spawned by a
     parent that has just generated its data would report at least the parent's peak."""
+    return _kib_field(f"/proc/{pid}/status", "VmHWM:")
+
+
+def _kib_field(path: str, key: str) -> int:
+    """The ``key  <n> kB`` line of a /proc file, in bytes; 0 if the process is gone or has none."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
         pass

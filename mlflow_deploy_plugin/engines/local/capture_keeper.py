@@ -58,35 +58,31 @@ def _writer_gone(folder: Path) -> bool:
     return True
 
 
-def spool_has_work(spool: Path) -> bool:
-    """A complete segment waits, or a writer's folder was left by a writer that is gone."""
+def _writer_folders(spool: Path) -> list[tuple[Path, list[str]]]:
+    """Each writer's folder in ``spool`` with the names it holds (unreadable ones left out)."""
     try:
         folders = [entry for entry in os.scandir(spool) if entry.is_dir() and not entry.name.startswith(".")]
     except OSError:
-        return False
+        return []
+    found = []
     for entry in folders:
         try:
-            names = os.listdir(entry.path)
+            found.append((Path(entry.path), os.listdir(entry.path)))
         except OSError:
             continue
-        if any(name.endswith(SEGMENT_SUFFIX) for name in names) or _writer_gone(Path(entry.path)):
-            return True
-    return False
+    return found
+
+
+def spool_has_work(spool: Path) -> bool:
+    """A complete segment waits, or a writer's folder was left by a writer that is gone."""
+    return any(any(name.endswith(SEGMENT_SUFFIX) for name in names) or _writer_gone(folder)
+               for folder, names in _writer_folders(spool))
 
 
 def spool_wants_converter(spool: Path) -> bool:
     """:func:`spool_has_work`, or a live writer is appending to a segment (the converter's head start)."""
-    try:
-        folders = [entry for entry in os.scandir(spool) if entry.is_dir() and not entry.name.startswith(".")]
-    except OSError:
-        return False
-    for entry in folders:
-        try:
-            names = os.listdir(entry.path)
-        except OSError:
-            continue
-        if any(name.endswith(OPEN_SUFFIX) for name in names):
-            return True
+    if any(any(name.endswith(OPEN_SUFFIX) for name in names) for _, names in _writer_folders(spool)):
+        return True
     return spool_has_work(spool)
 
 

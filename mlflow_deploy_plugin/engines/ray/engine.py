@@ -217,13 +217,8 @@ class RayEngine(Engine):
         return status
 
     def stop(self, name: str, timeout_s: float) -> None:
-        address = self._known_address(name)
-        if address is None:
-            return  # no cluster named anywhere: nothing of ours can run
-        try:
-            self._connect(address)
-        except InvalidRequest:
-            return  # the cluster is gone, and its applications with it
+        if not self._joined(self._known_address(name)):
+            return  # no cluster named anywhere, or it is gone with its applications: nothing of ours runs
         self._stop_agent(name)
         self._delete(name, timeout_s)
         self._forget_metrics(name)
@@ -246,12 +241,7 @@ class RayEngine(Engine):
     def url(self, name: str) -> str | None:
         """The application's URL, without the rest of :meth:`status` (the replicas' deaths cost an
         actor-table request each): what the agent's controller asks for on each of its passes."""
-        address = self._known_address(name)
-        if address is None:
-            return None
-        try:
-            self._connect(address)
-        except InvalidRequest:
+        if not self._joined(self._known_address(name)):
             return None
         details = self._details()
         app = (details.get("applications") or {}).get(name)
@@ -349,6 +339,17 @@ class RayEngine(Engine):
         except Exception:
             return None
 
+    def _joined(self, address: str | None) -> bool:
+        """Whether this process is joined to the cluster at ``address``: False when none is named or
+        it cannot be reached (see :meth:`_connect`)."""
+        if address is None:
+            return False
+        try:
+            self._connect(address)
+        except InvalidRequest:
+            return False
+        return True
+
     def _connect(self, configured: str | None) -> None:
         """Join the cluster as a driver (once per process; a process talks to one cluster)."""
         if ray.is_initialized():
@@ -410,12 +411,7 @@ class RayEngine(Engine):
         enough for every pass of the agent. A rollout still running counts as failed once it has
         run longer than ``startup_timeout_s`` (what :meth:`update` would have waited).
         """
-        address = stored.config.ray_address or self._known_address(name)
-        if address is None:
-            return None
-        try:
-            self._connect(address)
-        except InvalidRequest:
+        if not self._joined(stored.config.ray_address or self._known_address(name)):
             return None
         return divergence(self._app(name), stored)
 
