@@ -72,7 +72,7 @@ def _when(text: str | None, default: datetime | None, option: str) -> datetime |
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:
     """Serve, watch and promote MLflow registry models deployed with `-t lifecycle`."""
-    ctx.obj = StateStore(home.expanduser().resolve() if home else None)
+    ctx.obj = StateStore(home)
 
 
 @cli.group()

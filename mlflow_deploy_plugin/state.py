@@ -294,7 +294,9 @@ class StateStore:
     """Reads and writes deployment state under one home folder."""
 
     def __init__(self, home: Path | None = None) -> None:
-        self.home = Path(home) if home else deploy_home()
+        # Resolved, as deploy_home() is: every process of a deployment names its folder by this path
+        # (command lines, the handoff's peer check), so one folder must have one spelling.
+        self.home = Path(home).expanduser().resolve() if home else deploy_home()
 
     @property
     def deployments_dir(self) -> Path:

@@ -244,3 +244,17 @@ def test_only_workers_that_outlive_their_supervisor_offer_their_socket(tmp_path:
         assert offered.path == handoff_path(root / "run", os.getpid()) and offered.path.exists()
     finally:
         offered.close()
+
+
+def test_a_state_store_spells_a_symlinked_or_relative_home_one_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever opens the store (CLI option, plugin, agent, tests), one folder has one path: the one
+    its processes are started with and recognised by."""
+    from mlflow_deploy_plugin.state import StateStore
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    real = (tmp_path / "real").resolve()
+    assert StateStore(tmp_path / "link").home == real
+    assert StateStore(Path("link")).home == real
+    assert StateStore(tmp_path / "real").paths("churn").root == real / "deployments" / "churn"
