@@ -292,14 +292,15 @@ class CopyChannel:
                 os.close(fd)
         return sent
 
-    def send_control(self, message: Any, timeout_s: float = 5.0) -> bool:
+    def send_control(self, message: Callable[[], Any], timeout_s: float = 5.0) -> bool:
         """Write one control message (flush, close) to the current pipe, after the copies queued before it.
 
+        ``message()`` makes the message at the moment it is written, once those copies have gone:
+        a budget it carries is then what the caller has left, not what it had before the wait.
         False if there is no pipe, or if those copies have not gone within ``timeout_s`` (a child that
         stopped reading: the caller kills it, which ends that write).
         """
         deadline = time.monotonic() + max(0.0, timeout_s)
-        data = encode_frame(message)
         if self._fd is None:
             return False
         if not self._drained(deadline):
@@ -309,6 +310,7 @@ class CopyChannel:
         try:
             if self._fd is None:
                 return False
+            data = encode_frame(message())
             try:
                 write_all(self._fd, data)
             except OSError:

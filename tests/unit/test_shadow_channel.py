@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -186,11 +187,42 @@ def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() 
         # r0 left the queue when the reader got it, but the sender counts it finished only after
         # its write returns: wait for that, then exactly the 5 gathering copies wait.
         wait_for(lambda: channel.waiting() == 5, WAIT_S, "r0 to be counted as written")
-        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        assert channel.send_control(lambda: ("flush", 1, WAIT_S), timeout_s=WAIT_S)
         kind, items = reader.read()
         assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(1, 6)]
         assert reader.read() == ("flush", 1, WAIT_S)
         assert channel.waiting() == 0 and channel.sent == 6 and channel.messages == 2
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()
+        os.close(read)
+
+
+def test_a_control_message_is_made_when_it_is_written_after_the_copies_ahead_of_it() -> None:
+    """A flush tells the shadow process the time its caller has left once the copies queued before
+    it have gone (a child that reads slowly can take most of the budget with them), not the budget
+    the caller had before that wait: the child then gives up when its caller does."""
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0)
+    read, write = os.pipe()
+    channel.attach(write)
+    reader = FrameReader(read)
+    sent: list[bool] = []
+    try:
+        # Larger than the pipe's buffer (64 KiB): its write waits until the reader takes it.
+        assert channel.put(("big", 1.7e9, ("inputs", pd.DataFrame(np.zeros((20_000, 2)))), None))
+        asked = time.monotonic()
+        deadline = asked + WAIT_S
+        control = threading.Thread(target=lambda: sent.append(channel.send_control(
+            lambda: ("flush", 1, deadline - time.monotonic()), timeout_s=WAIT_S)))
+        control.start()
+        held_s = time.monotonic() - asked  # nothing is read before this: the flush waits at least that long
+        kind, items = reader.read()
+        assert kind == "copies" and _ids(unpack_copies(items)) == ["big"]
+        control.join(WAIT_S)
+        assert sent == [True]  # written: the read below has it
+        flush = reader.read()
+        assert flush[:2] == ("flush", 1)
+        assert flush[2] < WAIT_S - held_s  # the time left when it was written, not the whole budget
     finally:
         channel.close(timeout_s=2)
         channel.detach()
@@ -412,7 +444,7 @@ def test_a_message_holds_about_max_bytes_of_inputs_and_a_larger_copy_goes_alone(
         for copy in (raw("big", 125), raw("a", 40), raw("b", 40), raw("c", 5), raw("d", 5), _copy(1)):
             assert channel.put(copy)
         channel.attach(write)
-        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        assert channel.send_control(lambda: ("flush", 1, WAIT_S), timeout_s=WAIT_S)
         reader = FrameReader(read)
         messages = []
         while (message := reader.read())[0] == "copies":

@@ -468,13 +468,19 @@ class ShadowProcess(MirrorFront):
     def flush(self, timeout_s: float = 60.0) -> int:
         """Have the child write the shadow rows it holds (waiting up to ``timeout_s`` in all)."""
         deadline = time.monotonic() + timeout_s  # one budget: the copies ahead of it, then the answer
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         with self._lock:
             self._next_flush += 1
             seq = self._next_flush
             done = self._flushes[seq] = threading.Event()
         try:
-            if self.channel.send_control(("flush", seq, timeout_s), timeout_s=timeout_s):
-                done.wait(max(0.0, deadline - time.monotonic()))
+            # The child is told the time left once the copies ahead have gone (not timeout_s): it
+            # gives up when this call does, instead of writing on for a caller that stopped waiting.
+            if self.channel.send_control(lambda: ("flush", seq, left()), timeout_s=timeout_s):
+                done.wait(left())
         finally:
             self._flushes.pop(seq, None)
         return 0
@@ -503,8 +509,10 @@ class ShadowProcess(MirrorFront):
         if proc is None:
             self._spawner.stop()
             return
-        share = left(kill_by) / 2  # the child's own budget: it is asked to be done well before the kill
-        if proc.poll() is None and self.channel.send_control(("close", share), timeout_s=share):
+        # The child's own budget, half of what is left before the kill when it is told: it is asked
+        # to be done well before the kill.
+        share = left(kill_by) / 2
+        if proc.poll() is None and self.channel.send_control(lambda: ("close", left(kill_by) / 2), timeout_s=share):
             try:
                 proc.wait(left(kill_by))
             except subprocess.TimeoutExpired:
