@@ -222,12 +222,12 @@ class Copy:
 class CopyChannel:
     """A bounded queue of request copies and the thread that writes them, gathered, to a pipe."""
 
-    def __init__(self, max_queue: int, on_drop: Callable[[str], None],
+    def __init__(self, max_queue: int, on_drop: Callable[[str, int], None],
                  on_lost: Callable[[int], None] | None = None, max_copies: int = 256,
                  gather_s: float = GATHER_S, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        """``on_drop(reason)`` counts a copy the queue could not take; ``on_lost(n)`` the copies of a
-        message the pipe did not take (its reader died). ``gather_s``: how long the sender lets
-        copies gather once one waits (see the module's docstring)."""
+        """``on_drop(reason, copies)`` counts copies the queue could not take (or held at close);
+        ``on_lost(n)`` the copies of a message the pipe did not take (its reader died). ``gather_s``:
+        how long the sender lets copies gather once one waits (see the module's docstring)."""
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         self._max_queue = max_queue
@@ -269,7 +269,7 @@ class CopyChannel:
                 first = len(self._pending) == 1
                 reason = ""
         if reason:
-            self._on_drop(reason)
+            self._on_drop(reason, 1)
             return False
         if first:  # only then: the sender is waiting, or will take this one with those it is taking
             self._wake.set()
@@ -399,8 +399,7 @@ class CopyChannel:
             with self._write_lock:
                 if self._fd is None:
                     if self._closing:
-                        for _ in batch:
-                            self._on_drop("closed")
+                        self._on_drop("closed", len(batch))
                         return
                     continue  # detached between the wait and the lock: wait for the next pipe
                 try:
@@ -435,5 +434,5 @@ class CopyChannel:
             self._finished += len(left)
         with self._attached:
             self._attached.notify_all()
-        for _ in left:
-            self._on_drop("closed")
+        if left:
+            self._on_drop("closed", len(left))

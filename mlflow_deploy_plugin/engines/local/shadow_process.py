@@ -155,7 +155,7 @@ class ShadowProcess(MirrorFront):
     """The worker's handle on its shadow process: the mirror the service feeds (submit, idle, flush, close)."""
 
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
-                 converter: str, on_drop: Callable[[str], None], on_result: Callable[[str, float, int], None],
+                 converter: str, on_drop: Callable[[str, int], None], on_result: Callable[[str, float, int], None],
                  on_capture_drop: Callable[[int], None], *, nice: int = NICE,
                  hang_grace_s: float = HANG_GRACE_S, rng: Any = None, tally_dir: Path | None = None) -> None:
         """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it.
@@ -307,11 +307,10 @@ class ShadowProcess(MirrorFront):
     def _drop(self, reason: str, count: int = 1) -> None:
         with self._lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
-        for _ in range(count):
-            try:
-                self._on_drop(reason)
-            except Exception:
-                _logger.exception("Shadow drop counter failed")
+        try:
+            self._on_drop(reason, count)  # a run of copies in one call, as ShadowMirror does
+        except Exception:
+            _logger.exception("Shadow drop counter failed")
 
     def _supervise(self) -> None:
         """Replace a child that died or went silent; never returns while the mirror is open."""
@@ -735,8 +734,8 @@ def _load(settings: dict[str, Any], events: _Events) -> tuple[Any, Any, str]:
                                    capture_redaction(spec, Path(settings["capture_key"])), settings["converter"],
                                    lambda count: events.add(("capture_drop",), count))
 
-    def on_drop(reason: str) -> None:
-        events.add(("drop", reason))
+    def on_drop(reason: str, count: int) -> None:
+        events.add(("drop", reason), count)
 
     mirror = ShadowMirror(slot.predict, model.model_version, writer.record, sample_rate=1.0,
                           max_queue=max(config.max_queue, 1), timeout_s=config.timeout_s,
