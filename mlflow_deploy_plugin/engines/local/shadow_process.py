@@ -125,22 +125,27 @@ class _Spawner:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[Any]] | None] = queue.SimpleQueue()
         self._stopped = False
+        # Taken by popen (check, then queue its job) and stop (mark, then queue the end): a job is
+        # never queued behind the end, where the thread would never run it and popen wait forever.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="shadow-spawner", daemon=True)
         self._thread.start()
 
     def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """``subprocess.Popen(args, **kwargs)``, run by the spawner's thread."""
-        if self._stopped:
-            raise OSError("the shadow process was closed: no child is started any more")
         done: Future[Any] = Future()
-        self._jobs.put((args, kwargs, done))
-        proc: subprocess.Popen[bytes] = done.result()
+        with self._lock:
+            if self._stopped:
+                raise OSError("the shadow process was closed: no child is started any more")
+            self._jobs.put((args, kwargs, done))
+        proc: subprocess.Popen[bytes] = done.result()  # queued before the end: the thread runs it
         return proc
 
     def stop(self) -> None:
         """End the thread (once no child of it runs: a child it started is killed with it)."""
-        self._stopped = True
-        self._jobs.put(None)
+        with self._lock:
+            self._stopped = True
+            self._jobs.put(None)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
