@@ -51,8 +51,9 @@ tests) the file is unlinked and only the worker counts.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
-:func:`~mlflow_deploy_plugin.serving.shadow_channel.pack_copies`), ``("flush", seq, timeout_s)``
-(after the copies queued before it), ``("close", timeout_s)``; child -> worker ``("ready",
+:func:`~mlflow_deploy_plugin.serving.shadow_channel.pack_copies`), ``("flush", seq, seconds_left)``
+(after the copies queued before it; the seconds the worker's caller still waits, counted when it is
+written), ``("close", seconds)``; child -> worker ``("ready",
 smoke_test)``, ``("error", text)``, ``("events", [("result", outcome, seconds, copies) | ("drop",
 reason, copies) | ("capture_drop", rows), ...])`` (also empty: the heartbeat), ``("flushed", seq)``.
 """
