@@ -384,7 +384,8 @@ class Deployments:
             except EngineError as exc:
                 if record_failure:
                     self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
-                                              actor=actor, error=str(exc), traffic=split)
+                                              actor=actor, error=str(exc), traffic=split,
+                                              **({"cause": exc.cause} if exc.cause is not None else {}))
                 raise InvalidState(
                     f"Update of {name!r} to {split or model.version_uri} failed; version "
                     f"{old.model.model_version} keeps serving. Reason: {exc}") from None

@@ -32,7 +32,16 @@ SERVING_STATES = (RUNNING, UNHEALTHY)  # the service answers requests (maybe wit
 
 
 class EngineError(RuntimeError):
-    """The engine could not do what was asked; the message says why."""
+    """The engine could not do what was asked; the message says why.
+
+    ``cause``: when a process of the deployment was killed by SIGKILL on the way, what killed it
+    (the local engine's ``oom``, ``killed`` or ``killed (cause unknown)``, see ``engines/local/oom.py``),
+    recorded as the history entry's ``cause`` like a ``crashed`` entry's.
+    """
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class ShadowedCapture:
 class ShadowHooks:
     """Where a shadow mirror's events go: the worker's Prometheus metrics (cheap, thread-safe)."""
 
-    on_drop: Callable[[str], None]  # a copy not predicted, by reason
+    on_drop: Callable[[str, int], None]  # copies not predicted, by reason, and how many
     on_result: Callable[[str, float, int], None]  # an outcome, the seconds its call took, and of how many copies
     on_capture_drop: Callable[[int], None]  # shadow rows capture could not keep
 
@@ -133,7 +133,7 @@ def shadow_hooks(spec: DeploymentSpec, metrics: Any) -> ShadowHooks:
         outcomes[outcome].inc(copies)
         observe_many(latency, seconds, copies)
 
-    return ShadowHooks(lambda reason: drops[reason].inc(), on_result, lambda count: dropped.inc(count))
+    return ShadowHooks(lambda reason, count: drops[reason].inc(count), on_result, lambda count: dropped.inc(count))
 
 
 def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture: Any,

@@ -186,7 +186,8 @@ class LocalEngine(Engine):
         finally:
             checks.join(CHECK_JOIN_S)  # its warnings belong to this command's output
         if not answer.get("ok"):
-            raise EngineError(answer.get("error") or "update failed")
+            # A new worker killed by SIGKILL while it loaded: the supervisor says what killed it.
+            raise EngineError(answer.get("error") or "update failed", cause=answer.get("cause"))
         return _to_status(answer["status"])
 
     def stop(self, name: str, timeout_s: float) -> None:

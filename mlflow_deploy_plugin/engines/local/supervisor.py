@@ -789,7 +789,7 @@ class Supervisor:
                 continue
             reason = worker.error or f"worker {how}: {_log_tail(worker.log_path)}"
             if self.pending and worker.generation == self.pending.generation.number:
-                self._fail_update(reason)
+                self._fail_update(reason, cause)
             elif self.current and worker.generation == self.current.number:
                 self._on_crash(worker, self.current, reason, live, cause)
 
@@ -925,7 +925,10 @@ class Supervisor:
             self._fail_update(f"new version not ready within startup_timeout_s "
                               f"({pending.generation.spec.config.startup_timeout_s:g}s)")
 
-    def _fail_update(self, reason: str) -> None:
+    def _fail_update(self, reason: str, cause: str | None = None) -> None:
+        """Abandon the pending update; its requester is answered with ``reason`` and, when a new
+        worker died of SIGKILL, ``cause`` (``oom``, ``killed`` or ``killed (cause unknown)``), which
+        its ``update_failed`` history entry carries as ``bad_request`` / ``crashed`` entries do."""
         pending = self.pending
         if pending is None:
             return
@@ -940,10 +943,10 @@ class Supervisor:
         if self.current is None or pending.generation.sock is not self.current.sock:
             pending.generation.sock.close()
         _logger.warning("Update failed, the current version keeps serving: %s", reason)
-        self._answer(pending.request_id, ok=False, error=reason)
+        self._answer(pending.request_id, ok=False, error=reason, **({"cause": cause} if cause is not None else {}))
 
-    def _answer(self, request_id: str, ok: bool, error: str | None = None) -> None:
-        self.mailbox.answer(request_id, {"ok": ok, "error": error, "status": self._status()})
+    def _answer(self, request_id: str, ok: bool, error: str | None = None, **more: Any) -> None:
+        self.mailbox.answer(request_id, {"ok": ok, "error": error, "status": self._status(), **more})
 
     # -- status --------------------------------------------------------------------------------
 
