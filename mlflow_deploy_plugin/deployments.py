@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.config import parse_config
 from mlflow_deploy_plugin.engines.base import (
     CHANGE_DONE,
@@ -270,6 +271,7 @@ class Deployments:
         self.engine.check_config(parsed)
         token_for(parsed)
         check_notify_secret(parsed)
+        timeline.mark("cli: config checked, resolving")
         model = _resolve(model_uri)
         if parsed.policy:
             _check_policy_fits(parsed.policy, model_uri, model)
@@ -283,6 +285,7 @@ class Deployments:
                flavor: str | None = None) -> dict[str, Any]:
         """Resolve ``model_uri`` to a version, start its service and wait until it is healthy."""
         spec = self.new_spec(name, model_uri, config, flavor)
+        timeline.mark("cli: model resolved, spec made")
         with contextlib.ExitStack() as held:
             try:
                 with self.store.global_lock():
@@ -295,6 +298,7 @@ class Deployments:
                     # second one of a deployment being created.
                     held.enter_context(self._locked(name, UP_LOCK_TIMEOUT_S))
                     self.store.write_spec(spec)
+                    timeline.mark("cli: spec written")
             except TimeoutError:
                 raise Busy("Deployments are being created or deleted by another command (the global lock was "
                            "held too long); retry when it has finished.") from None
@@ -306,9 +310,11 @@ class Deployments:
                 with self.store.global_lock():
                     self.store.archive(name)
                 raise InvalidState(str(exc)) from None
+        timeline.mark("cli: engine says running")
         self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url,
                                   **({"shadow": spec.shadow.to_dict()} if spec.shadow else {}))
         self._tag_served(spec, None, status)
+        timeline.mark("cli: history and serving tag written")
         return self.describe(spec, status)
 
     def update(self, name: str, model_uri: str | None = None, config: Mapping[str, Any] | None = None,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.engines.base import (
     FAILED,
     RUNNING,
@@ -89,10 +90,15 @@ def _prefetch_models(spec: DeploymentSpec, models_dir: Path) -> threading.Thread
     """
     models = _served_models(spec)
 
+    def made(model_uri: str, path: Path) -> None:
+        timeline.mark("cli: model copy made")
+        warn_environment_mismatches(model_uri, path)
+        timeline.mark("cli: environment checks of the copy done")
+
     def fetch() -> None:
         for model in models:
             with contextlib.suppress(Exception):
-                _fetch_copy(model, models_dir)
+                _fetch_copy(model, models_dir, made)
 
     thread = threading.Thread(target=fetch, name="prefetch-models", daemon=True)
     thread.start()
@@ -129,6 +135,7 @@ class LocalEngine(Engine):
         paths = self.store.paths(spec.name)
         make_private_dirs(paths.logs)
         process = spawn_supervisor(paths, respawn=False)
+        timeline.mark("cli: supervisor spawned")
         prefetch = _prefetch_models(spec, paths.models)
         try:
             return self._wait_started(spec, paths, process, timeout_s)

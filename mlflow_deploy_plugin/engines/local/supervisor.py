@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
+import mlflow_deploy_plugin.timeline as timeline
 from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
 from mlflow_deploy_plugin.engines.local.capture_loss import CaptureLoss
 from mlflow_deploy_plugin.engines.local.handoff import (
@@ -154,6 +155,7 @@ class Worker:
         self.released = True
         with contextlib.suppress(OSError):  # it died meanwhile: reaped as a crash or a failed update
             self.tell(protocol.GO)
+            timeline.mark(f"supervisor: go sent to worker {self.pid}")
 
     def read_pipe(self) -> None:
         """Pick up what the worker said on its ready pipe (non-blocking)."""
@@ -167,10 +169,12 @@ class Worker:
             event, detail = protocol.parse(line.decode(errors="replace"))
             if event == protocol.READY and self.ready_at is None:
                 self.ready_at = time.time()
+                timeline.mark(f"supervisor: worker {self.pid} said ready")
             elif event == protocol.STANDBY:
                 self.standby_ready = True
             elif event == protocol.LOADED and self.loaded_at is None:
                 self.loaded_at = time.time()
+                timeline.mark(f"supervisor: worker {self.pid} said loaded")
             elif event == protocol.DRAINING:
                 self.stopped_accepting = True
             elif event == protocol.ERROR:
@@ -416,6 +420,7 @@ class Supervisor:
             )
         os.close(write_fd)
         worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path)
+        timeline.mark(f"supervisor: {'standby' if standby else 'worker'} {popen.pid} spawned")
         self.workers[popen.pid] = worker
         _logger.info("Started %s (pid %d)", "warm standby" if standby else
                      f"worker {index} of generation {generation.number}", popen.pid)
@@ -568,6 +573,7 @@ class Supervisor:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
+        timeline.mark("supervisor: running")
         try:
             spec = load_spec(self.paths.spec)
         except SpecError as exc:
@@ -954,6 +960,8 @@ class Supervisor:
         wanted = self.current.spec.config.workers if self.current else 1
         ready = [w for w in workers if w.ready_at]
         if len(ready) == wanted:
+            if not self.ever_ready:
+                timeline.mark("supervisor: all workers ready, status running")
             self.ever_ready = True
             self.state = STATUS_RUNNING
         elif self.orphans and not self.orphans_told:
@@ -1074,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="started by an orphaned worker or agent: do nothing for a stopped deployment")
     parser.add_argument("--fd", type=int, default=None, help="inherited listening socket to serve on")
     args = parser.parse_args(argv)
+    timeline.mark_process_start("supervisor")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor %(process)d] %(message)s")
     return Supervisor(DeploymentPaths(args.deployment_dir.resolve()), respawn=args.respawn,
