@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -136,6 +137,7 @@ class Worker:
     stopped_accepting: bool = False  # draining: answers what it has, takes no new connection
     kill_at: float | None = None  # monotonic time after which a draining worker is killed
     hung: str | None = None  # why it was declared hung (its own word, or the supervisor's)
+    pipe_closed: bool = False  # its ready pipe is at end of file: the worker is gone, nothing to wait on
     _buffer: bytes = b""
 
     @property
@@ -160,7 +162,11 @@ class Worker:
     def read_pipe(self) -> None:
         """Pick up what the worker said on its ready pipe (non-blocking)."""
         try:
-            while chunk := os.read(self.ready_fd, 4096):
+            while True:
+                chunk = os.read(self.ready_fd, 4096)
+                if not chunk:
+                    self.pipe_closed = True  # else select() would find it readable at every wait
+                    break
                 self._buffer += chunk
         except (BlockingIOError, OSError):
             pass
@@ -642,8 +648,23 @@ class Supervisor:
             self._tick()
             if self.stop_requested is not None or self.state == STATUS_FAILED:
                 break
-            time.sleep(TICK_S)
+            self._wait_tick()
         return self._shutdown()
+
+    def _wait_tick(self) -> None:
+        """Wait for the next tick, or less: until a worker says something on its ready pipe.
+
+        A worker's ``loaded`` then gets its ``go`` at once (and its ``ready`` is in status.json at
+        once), not at the end of a tick: on a cold start that waited ~25 ms on average each time.
+        """
+        fds = [w.ready_fd for w in self.workers.values() if not w.pipe_closed]
+        if not fds:
+            time.sleep(TICK_S)
+            return
+        try:
+            select.select(fds, [], [], TICK_S)
+        except (OSError, ValueError):  # a pipe closed under us: the next tick reaps its worker
+            time.sleep(TICK_S)
 
     def _adopt(self, previous: dict[str, Any]) -> None:
         """Take over from a previous supervisor that died: its serving workers become orphans we
