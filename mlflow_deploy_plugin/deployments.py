@@ -265,12 +265,19 @@ class Deployments:
     def new_spec(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
                  flavor: str | None = None) -> DeploymentSpec:
         """Validate and resolve what ``create`` or ``run-local`` would run (changes nothing)."""
+        return self._resolved_spec(name, model_uri, self._checked_config(name, config, flavor))
+
+    def _checked_config(self, name: str, config: Mapping[str, Any] | None, flavor: str | None) -> DeploymentConfig:
+        """What a new deployment is checked for before its model is resolved (no registry asked)."""
         check_name(name)
         check_flavor(flavor)
         parsed = parse_config(config)
         self.engine.check_config(parsed)
         token_for(parsed)
         check_notify_secret(parsed)
+        return parsed
+
+    def _resolved_spec(self, name: str, model_uri: str, parsed: DeploymentConfig) -> DeploymentSpec:
         timeline.mark("cli: config checked, resolving")
         model = _resolve(model_uri)
         if parsed.policy:
@@ -284,7 +291,16 @@ class Deployments:
     def create(self, name: str, model_uri: str, config: Mapping[str, Any] | None = None,
                flavor: str | None = None) -> dict[str, Any]:
         """Resolve ``model_uri`` to a version, start its service and wait until it is healthy."""
-        spec = self.new_spec(name, model_uri, config, flavor)
+        parsed = self._checked_config(name, config, flavor)
+        # The engine gets ready while the registry is asked (the local one starts the supervisor's
+        # interpreter: ~0.1 s of the cold start, now beside the resolve instead of after it).
+        self.engine.prepare_start(name)
+        try:
+            return self._create(name, self._resolved_spec(name, model_uri, parsed))
+        finally:
+            self.engine.cancel_start(name)  # nothing left to undo once started
+
+    def _create(self, name: str, spec: DeploymentSpec) -> dict[str, Any]:
         timeline.mark("cli: model resolved, spec made")
         with contextlib.ExitStack() as held:
             try:

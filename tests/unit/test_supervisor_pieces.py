@@ -205,3 +205,26 @@ def test_a_workers_word_wakes_the_supervisor_before_its_tick_ends(tmp_path: Path
         supervisor._wait_tick()
         assert slept == [3600.0]
     os.close(read_end)
+
+
+def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of_file(tmp_path: Path) -> None:
+    """``create`` starts the supervisor's interpreter while it resolves the model: a create that
+    then fails (unknown version, already exists) closes its stdin, and it exits having made nothing,
+    not even the deployment's folder or its log."""
+    from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, tell_supervisor_go
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("not-yet")
+    early = spawn_supervisor(paths, respawn=False, wait_for_go=True)
+    assert early.stdin is not None
+    early.stdin.close()
+    assert early.wait(timeout=60) == 0
+    assert not paths.root.exists()
+    assert not tell_supervisor_go(early)  # gone: the caller spawns another instead
+    # Told to go, it logs to the deployment's own log (here it finds no spec there, says so, exits 2).
+    paths.logs.mkdir(parents=True)
+    told = spawn_supervisor(paths, respawn=False, wait_for_go=True)
+    assert tell_supervisor_go(told)
+    assert told.wait(timeout=60) == 2
+    assert "No deployment spec" in (paths.logs / "supervisor.log").read_text()
+    assert (paths.logs / "supervisor.log").stat().st_mode & 0o777 == 0o600

@@ -94,6 +94,7 @@ from mlflow_deploy_plugin.engines.local.processes import (
 )
 from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError, load_spec, spec_to_json
 from mlflow_deploy_plugin.state import (
+    PRIVATE_FILE_MODE,
     STATUS_FAILED,
     STATUS_RUNNING,
     STATUS_STARTING,
@@ -1096,14 +1097,34 @@ class Supervisor:
         return 1 if failed else 0
 
 
+def _wait_for_go(log_path: Path) -> bool:
+    """Wait for ``go`` on stdin (see ``processes.spawn_supervisor``), then log to ``log_path`` as a
+    supervisor spawned with its log does; False on anything else (the create failed: exit)."""
+    if sys.stdin.readline().strip() != "go":
+        return False
+    timeline.mark("supervisor: told to go")
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    for source, target in ((null_fd, 0), (log_fd, 1), (log_fd, 2)):
+        os.dup2(source, target)
+    os.close(log_fd)
+    os.close(null_fd)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlflow_deploy_plugin.engines.local.supervisor")
     parser.add_argument("deployment_dir", type=Path)
     parser.add_argument("--respawn", action="store_true",
                         help="started by an orphaned worker or agent: do nothing for a stopped deployment")
     parser.add_argument("--fd", type=int, default=None, help="inherited listening socket to serve on")
+    parser.add_argument("--wait-for-go", action="store_true",
+                        help="started before the deployment's folder is ready: wait for 'go' on stdin "
+                             "(end of file: exit) before touching it, then log to its logs/supervisor.log")
     args = parser.parse_args(argv)
     timeline.mark_process_start("supervisor")
+    if args.wait_for_go and not _wait_for_go(args.deployment_dir / "logs" / "supervisor.log"):
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor %(process)d] %(message)s")
     return Supervisor(DeploymentPaths(args.deployment_dir.resolve()), respawn=args.respawn,
