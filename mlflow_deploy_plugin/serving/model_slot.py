@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-from mlflow.models import Model
 from mlflow.pyfunc import PyFuncModel  # by name: to mypy, `mlflow.pyfunc.X` is mlflow's lazy loader
 
 from mlflow_deploy_plugin import timeline
@@ -65,8 +64,8 @@ class ModelSlot:
 
     def input_example(self) -> Any | None:
         """The input example logged with the model, if any."""
-        try:
-            return Model.load(str(self.path)).load_input_example(str(self.path))
+        try:  # the MLmodel the load read already: not parsed again on the way to the first answer
+            return self.metadata.load_input_example(str(self.path))
         except Exception as exc:
             _logger.warning("Input example of %s could not be read: %s", self.identity.model_uri, exc)
             return None

@@ -404,14 +404,17 @@ def _prepare(worker_spec: WorkerSpec, fd: int, ready_fd: int,
     timeline.mark("worker: serving app imported")
     spec = worker_spec.spec
     config = spec.config
-    from mlflow_deploy_plugin.engines.local.shadow_process import start_shadow_process
-
     # The supervisor runs the deployment's one capture converter (engines/local/capture_keeper.py). A
     # shadow version runs in a process of its own (engines/local/shadow_process.py): never on our GIL.
     # Its capture counts are kept beside our liveness file: if this worker is killed (its shadow child
     # dies with it), the supervisor counts what the child held (engines/local/capture_loss.py).
     live = supervision.liveness if supervision is not None else None
-    shadow_starter = functools.partial(start_shadow_process, tally_dir=live.path.parent if live is not None else None)
+    shadow_starter = None
+    if spec.shadow is not None:  # imported only then: not on every worker's way to its first answer
+        from mlflow_deploy_plugin.engines.local.shadow_process import start_shadow_process
+
+        shadow_starter = functools.partial(start_shadow_process,
+                                           tally_dir=live.path.parent if live is not None else None)
     service = build_service(spec, worker_spec.model_dir, worker_spec.capture_dir, worker_spec.capture_key,
                             capture_converter="external", shadow_starter=shadow_starter)
     _phase(phases, "model fetch+load+smoke test, app")

@@ -4,7 +4,8 @@ A real worker start (``serving.worker._prepare``: imports, model load, smoke tes
 app) in a fresh interpreter, on the iris classifier with capture on (the default):
 
 - the modules it holds: reading capture back (``pyarrow.dataset``) and Parquet files are jobs of
-  other processes, the worker must not pay for their imports before it can answer;
+  other processes, and the shadow process's modules are for deployments with a shadow version: the
+  worker must not pay for their imports before it can answer;
 - its cyclic GC: off while it imports (as the worker module run as a program starts), then on again
   with what the imports made frozen out of later collections, and never a full pass over them (one
   costs ~0.25 s of CPU on the way to the first answer).
@@ -60,7 +61,10 @@ def test_a_started_worker_holds_no_capture_reader_nor_parquet(tmp_path: Path, cl
     loaded = set(_start(tmp_path, classifier_path, "gc-on")["modules"])
     assert "mlflow.pyfunc" in loaded and "mlflow_deploy_plugin.capture.writer" in loaded  # it did start
     held = sorted(loaded & {"pyarrow.dataset", "pyarrow.parquet", "mlflow_deploy_plugin.capture.reader",
-                            "mlflow_deploy_plugin.capture.columns"})
+                            "mlflow_deploy_plugin.capture.columns",
+                            # a deployment without a shadow version starts no shadow process
+                            "mlflow_deploy_plugin.engines.local.shadow_process",
+                            "mlflow_deploy_plugin.serving.shadow", "mlflow_deploy_plugin.serving.shadow_channel"})
     assert held == [], f"a starting worker imports {held}"
 
 
