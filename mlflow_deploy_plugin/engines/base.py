@@ -91,6 +91,16 @@ class Engine(abc.ABC):
     def __init__(self, store: StateStore) -> None:
         self.store = store
 
+    def prepare_start(self, name: str) -> None:
+        """Get ready to :meth:`start` deployment ``name`` while the caller still resolves its model
+        (nothing of the deployment is touched yet). Followed by ``start`` or :meth:`cancel_start`.
+        Default: nothing to prepare."""
+        return None
+
+    def cancel_start(self, name: str) -> None:
+        """Undo :meth:`prepare_start` when no ``start`` follows (the create failed); idempotent."""
+        return None
+
     @abc.abstractmethod
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
         """Start ``spec`` (already written to the store) and wait until it serves; EngineError if not."""

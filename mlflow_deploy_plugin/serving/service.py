@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 
 _logger = logging.getLogger(__name__)
@@ -203,8 +204,10 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
                                      model.run_id)
             slot = ModelSlot.load(identity, model_dir(model))
+            timeline.mark(f"replica: {identity.model_uri} loaded")
             _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
                          slot.smoke_test())
+            timeline.mark(f"replica: {identity.model_uri} smoke-tested")
             slots.append((slot, share.percent))
     except BaseException:
         if started_shadow is not None:
