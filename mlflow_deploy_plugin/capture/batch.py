@@ -26,6 +26,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,16 +36,30 @@ _HEAD = struct.Struct("<BxxxIII")
 _RECORD_HEAD = struct.Struct("<II")  # spool.py's record head: length, crc32 of the body
 _FLOAT64 = np.dtype(np.float64)
 # What a request adds to a batch record besides its texts and raw bytes (two float64, a u32 row
-# count, four u32 text lengths and an i16 status): the writer's buffer bound counts this for it.
+# count, four u32 text lengths and an i16 status): the writer's buffer bound counts this and those
+# for it (exact for ASCII texts); a record's head and layout (a few hundred bytes a write) come on top.
 PER_REQUEST_BYTES = 8 + 8 + 4 + 16 + 2
 _TEXT_FIELDS = 4
+# Requests whose rows take fewer bytes than this are stacked into one array per record (a buffer of
+# its own per request costs ~1 us of Python; for large ones the copy costs more than that).
+_STACK_BELOW = 2048
+# Rows (inputs and predictions) of one batch record at most, unless one request has more: records
+# stay far below the 4 GiB their length field holds, and the converter decodes them a few at a time.
+_MAX_RECORD_BYTES = 16 * 1024 * 1024
+# The request attributes an item (:func:`batch_item`) starts with, in order.
+ITEM_ATTRS = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role", "model_name")
 
 
-def batch_size(request: Any) -> tuple[int, int] | None:
-    """``(bytes, rows)`` this request will take in a batch record, or None if the form does not take
-    it: its parser's raw rows (``raw_inputs``: columns, float64 rows x columns), numeric predictions
-    of one row each (or none), and the attributes of the types the converter gives them (as a
-    compact record's). Runs on the request path: a few attribute reads and type checks."""
+def batch_item(request: Any) -> tuple[tuple, int, int] | None:
+    """What a batch record needs of ``request`` (its ``item``), the bytes it will take there and its
+    row count, or None if the form does not take it. The form takes the parser's raw rows
+    (``raw_inputs``: columns, float64 rows x columns), numeric predictions of one row each (or
+    none), and attributes of the types the converter gives them (as a compact record's).
+
+    Runs on the request path: a few attribute reads and type checks. The item is a plain tuple of
+    the request's attributes and arrays: the request object itself (its DataFrame, its Python
+    objects) is not kept while the item waits for the writer thread.
+    """
     raw = getattr(request, "raw_inputs", None)
     if type(raw) is not tuple or len(raw) != 2:
         return None
@@ -61,19 +76,27 @@ def batch_size(request: Any) -> tuple[int, int] | None:
         size = predictions.nbytes
     else:
         return None
-    request_id, version, status, role, name = (request.request_id, request.model_version, request.status,
-                                               request.role, request.model_name)
+    item = (request.request_id, request.timestamp, request.model_version, request.status, request.latency_ms,
+            request.role, request.model_name, columns, values, predictions)
+    request_id, timestamp, version, status, latency, role, name = item[:7]
     if (type(request_id) is not str or type(version) is not str or type(status) is not int
-            or not 0 <= status <= 0x7FFF or type(request.timestamp) not in (float, int)
-            or type(request.latency_ms) not in (float, int) or not (role is None or type(role) is str)
-            or not (name is None or type(name) is str)):
+            or not 0 <= status <= 0x7FFF or type(timestamp) not in (float, int) or type(latency) not in (float, int)
+            or not (role is None or type(role) is str) or not (name is None or type(name) is str)):
         return None
-    return size + values.nbytes + PER_REQUEST_BYTES + len(request_id), rows
+    texts = len(request_id) + len(version) + (len(role) if role else 0) + (len(name) if name else 0)
+    return item, size + values.nbytes + PER_REQUEST_BYTES + texts, rows
+
+
+def item_request(item: tuple) -> SimpleNamespace:
+    """An item (:func:`batch_item`) as a request again, for a record of its own."""
+    *attrs, columns, values, predictions = item
+    return SimpleNamespace(**dict(zip(ITEM_ATTRS, attrs, strict=True)), inputs=None, predictions=predictions,
+                           raw_inputs=(columns, values))
 
 
 @dataclass(slots=True)
 class _Group:
-    """The requests of one layout, field by field, as a batch record holds them."""
+    """The items of one layout, field by field, as a batch record holds them."""
 
     columns: tuple
     pred_layout: tuple | None
@@ -86,28 +109,20 @@ class _Group:
     model_name: list[str] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
     predictions: list[np.ndarray] = field(default_factory=list)
-    requests: list[Any] = field(default_factory=list)  # should the group have to be encoded one by one
+    items: list[tuple] = field(default_factory=list)  # should the group have to be encoded one by one
 
 
-def encode_batches(requests: Sequence[Any], layout_bytes: Any) -> tuple[list[bytes], list[Any]]:
-    """Batch records (head included) for ``requests``, one per layout, and the requests the form
-    does not take (for the caller to encode one by one). ``layout_bytes(columns, pred_layout)`` is
-    the pickled layout (:mod:`.spool` keeps them cached)."""
+def encode_batches(items: Sequence[tuple], layout_bytes: Any) -> tuple[list[list[Any]], list[tuple]]:
+    """Batch records for ``items`` (from :func:`batch_item`), one per layout (each as the buffers
+    that make it up, head first: see :func:`_record`), and
+    the items of a layout that could not be (a lone surrogate in a text, unhashable column labels),
+    for the caller to encode one by one. ``layout_bytes(columns, pred_layout)`` is the pickled
+    layout (:mod:`.spool` keeps them cached)."""
     groups: dict[tuple, _Group] = {}
-    rest: list[Any] = []
     last_key: tuple | None = None
     group: _Group | None = None
-    for request in requests:
-        try:
-            if batch_size(request) is None:
-                rest.append(request)
-                continue
-        except AttributeError:  # not a request: encode_record says what it makes of it
-            rest.append(request)
-            continue
-        request_id, timestamp, version, status, latency, role, name, (columns, values), predictions = (
-            request.request_id, request.timestamp, request.model_version, request.status, request.latency_ms,
-            request.role, request.model_name, request.raw_inputs, request.predictions)
+    for item in items:
+        request_id, timestamp, version, status, latency, role, name, columns, values, predictions = item
         if predictions is None:
             key: tuple = (columns, None)
         else:
@@ -129,14 +144,29 @@ def encode_batches(requests: Sequence[Any], layout_bytes: Any) -> tuple[list[byt
         group.values.append(values)
         if predictions is not None:
             group.predictions.append(predictions)
-        group.requests.append(request)
-    records = []
+        group.items.append(item)
+    records, rest = [], []
     for group in groups.values():
         try:
-            records.append(_record(group, layout_bytes(group.columns, group.pred_layout)))
-        except (UnicodeEncodeError, TypeError, ValueError):  # a lone surrogate, unhashable labels: one by one
-            rest.extend(group.requests)
+            layout = layout_bytes(group.columns, group.pred_layout)
+            records += [_record(group, layout, start, stop) for start, stop in _spans(group)]
+        except (UnicodeEncodeError, TypeError, ValueError):
+            rest.extend(group.items)
     return records, rest
+
+
+def _spans(group: _Group) -> list[tuple[int, int]]:
+    """The group's requests cut, between requests, into runs of at most ``_MAX_RECORD_BYTES`` of rows
+    (a larger request alone)."""
+    spans, start, size = [], 0, 0
+    for index, values in enumerate(group.values):
+        more = values.nbytes + (group.predictions[index].nbytes if group.predictions else 0)
+        if index > start and size + more > _MAX_RECORD_BYTES:
+            spans.append((start, index))
+            start, size = index, 0
+        size += more
+    spans.append((start, len(group.values)))
+    return spans
 
 
 def _texts(values: list[str]) -> tuple[bytes, list[int]]:
@@ -149,35 +179,46 @@ def _texts(values: list[str]) -> tuple[bytes, list[int]]:
     return b"".join(parts), [len(part) for part in parts]
 
 
-def _record(group: _Group, layout: bytes) -> bytes:
-    n = len(group.request_id)
-    values = group.values[0] if n == 1 else np.concatenate(group.values)
-    values = np.ascontiguousarray(values)
-    rows = np.fromiter((len(v) for v in group.values), dtype=np.uint32, count=n)
+def _record(group: _Group, layout: bytes, start: int, stop: int) -> list[Any]:
+    """The batch record of the group's requests ``start`` to ``stop``, as the buffers that make it up
+    (its head first; each one's ``len`` is its size in bytes). A large request's rows and
+    predictions are buffers of their own, the arrays the request came with: no copy of them is made
+    here (the kernel copies them into the segment file, ``os.writev``). Copies into new objects were
+    what 100-row requests cost most: fresh memory, faulted in page by page, for every write."""
+    n = stop - start
+    rows = np.fromiter((len(v) for v in group.values[start:stop]), dtype=np.uint32, count=n)
     pieces: list[Any] = [
-        _HEAD.pack(BATCH, n, len(values), len(layout)),
-        np.array(group.timestamp, dtype=np.float64),
-        np.array(group.latency_ms, dtype=np.float64),
+        _HEAD.pack(BATCH, n, int(rows.sum()), len(layout)),
+        np.array(group.timestamp[start:stop], dtype=np.float64),
+        np.array(group.latency_ms[start:stop], dtype=np.float64),
         rows,
     ]
     texts, lengths = [], []
     for column in (group.request_id, group.model_version, group.role, group.model_name):
-        data, sizes = _texts(column)
+        data, sizes = _texts(column[start:stop])
         texts.append(data)
         lengths += sizes
-    pieces += [np.array(lengths, dtype=np.uint32), np.array(group.status, dtype=np.int16), *texts, layout, values]
-    if group.predictions:
-        predictions = group.predictions[0] if n == 1 else np.concatenate(group.predictions)
-        pieces.append(np.ascontiguousarray(predictions))
+    pieces += [np.array(lengths, dtype=np.uint32), np.array(group.status[start:stop], dtype=np.int16), *texts, layout]
+    values, predictions = group.values[start:stop], group.predictions[start:stop]
+    if n > 1 and values[0].nbytes < _STACK_BELOW:  # small ones: one copy costs less than a buffer each
+        values = [np.concatenate(values)]
+        predictions = [np.concatenate(predictions)] if predictions else []
+    pieces += values
+    pieces += predictions
+    buffers: list[Any] = [b""]
     length, crc = 0, 0
     for piece in pieces:
         if isinstance(piece, np.ndarray):
             if not piece.nbytes:  # a view of no bytes cannot be cast (predictions of 0 columns)
                 continue
-            piece = piece.data.cast("B")
+            piece = np.ascontiguousarray(piece).data.cast("B")
+        elif not piece:
+            continue
         length += len(piece)
         crc = zlib.crc32(piece, crc)
-    return b"".join((_RECORD_HEAD.pack(length, crc), *pieces))
+        buffers.append(piece)
+    buffers[0] = _RECORD_HEAD.pack(length, crc)
+    return buffers
 
 
 @dataclass(slots=True)

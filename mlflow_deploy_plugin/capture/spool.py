@@ -24,7 +24,7 @@ import pickle
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from types import SimpleNamespace
@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from mlflow_deploy_plugin.capture.batch import BATCH, BatchRecord, batch_requests, encode_batches, read_batch
+from mlflow_deploy_plugin.capture.batch import (
+    BATCH,
+    BatchRecord,
+    batch_item,
+    batch_requests,
+    encode_batches,
+    item_request,
+    read_batch,
+)
 from mlflow_deploy_plugin.capture.layout import META_COLUMNS
 from mlflow_deploy_plugin.capture.meta import (
     REQUEST_ATTRS,
@@ -157,9 +165,12 @@ def encode_record(request: Any) -> bytes:
         if body is not None:
             return _HEAD.pack(len(body), zlib.crc32(body)) + body
     meta = tuple(getattr(request, name, None) for name in REQUEST_ATTRS)
-    n_rows = None
-    if inputs is None:
-        in_part: tuple = (_NONE,)
+    n_rows = rows_of_raw(raw) if inputs is None else None
+    if n_rows is not None and raw is not None:  # no frame, its rows only (a shadow copy, an item of a batch): kept as rows
+        columns, values = raw
+        in_part: tuple = (_RAW_FRAME, list(columns), n_rows, values.astype(np.float64).tobytes())
+    elif inputs is None:
+        in_part = (_NONE,)
     elif is_frame and _is_float64(inputs) and len(inputs) and len(inputs.columns):
         n_rows = len(inputs)
         in_part = (_RAW_FRAME, inputs.columns.tolist(), n_rows, inputs.to_numpy().tobytes())
@@ -251,18 +262,44 @@ def layout_bytes(columns: tuple, pred_layout: tuple | None) -> bytes:
     return layout
 
 
-def encode_records(requests: list[Any]) -> tuple[list[bytes], int]:
+def encode_records(requests: Iterable[Any]) -> tuple[list[bytes], int]:
     """Records for answered requests, as few as their layouts allow: one batch record (:mod:`.batch`)
-    per layout for those :func:`.batch.batch_size` takes, a record each for the others; and how many
+    per layout for those :func:`.batch.batch_item` takes, a record each for the others; and how many
     requests could not be encoded at all (e.g. inputs that cannot be pickled)."""
-    try:
-        records, rest = encode_batches(requests, layout_bytes)
-    except Exception:  # a flaw of the batch form must not lose the requests: a record each
-        records, rest = [], list(requests)
-    failed = 0
-    for request in rest:
+    items, records, failed = [], [], 0
+    for request in requests:
+        taken = batch_item(request)
+        if taken is not None:
+            items.append(taken[0])
+            continue
         try:
             records.append(encode_record(request))
+        except Exception:
+            failed += 1
+    batched, failed_items = _encode_items(items)
+    return records + [b"".join(record) for record in batched], failed + failed_items
+
+
+def encode_items(items: list[tuple]) -> tuple[list[Any], int, int]:
+    """The spool bytes of items of :func:`.batch.batch_item` (what the writer thread encodes): the
+    buffers to write one after the other (``os.writev``: the requests' own arrays among them), their
+    size in bytes, and how many items could not be encoded at all."""
+    records, failed = _encode_items(items)
+    buffers = [buffer for record in records for buffer in record]
+    return buffers, sum(map(len, buffers)), failed
+
+
+def _encode_items(items: list[tuple]) -> tuple[list[list[Any]], int]:
+    if not items:
+        return [], 0
+    try:
+        records, rest = encode_batches(items, layout_bytes)
+    except Exception:  # a flaw of the batch form must not lose the requests: a record each
+        records, rest = [], list(items)
+    failed = 0
+    for item in rest:
+        try:
+            records.append([encode_record(item_request(item))])
         except Exception:
             failed += 1
     return records, failed

