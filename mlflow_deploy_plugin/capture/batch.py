@@ -25,11 +25,13 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from mlflow_deploy_plugin.capture.meta import REQUEST_ATTRS
 
 BATCH = 2  # a batch body's first byte (compact: 1, a pickle: 0x80)
 _HEAD = struct.Struct("<BxxxIII")
@@ -44,10 +46,8 @@ _TEXT_FIELDS = 4
 # its own per request costs ~1 us of Python; for large ones the copy costs more than that).
 _STACK_BELOW = 2048
 # Rows (inputs and predictions) of one batch record at most, unless one request has more: records
-# stay far below the 4 GiB their length field holds, and the converter decodes them a few at a time.
+# stay far below the 4 GiB their length field can say.
 _MAX_RECORD_BYTES = 16 * 1024 * 1024
-# The request attributes an item (:func:`batch_item`) starts with, in order.
-ITEM_ATTRS = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role", "model_name")
 
 
 def batch_item(request: Any) -> tuple[tuple, int, int] | None:
@@ -76,6 +76,7 @@ def batch_item(request: Any) -> tuple[tuple, int, int] | None:
         size = predictions.nbytes
     else:
         return None
+    # REQUEST_ATTRS in their order, then the rows and predictions (item_request reads it so).
     item = (request.request_id, request.timestamp, request.model_version, request.status, request.latency_ms,
             request.role, request.model_name, columns, values, predictions)
     request_id, timestamp, version, status, latency, role, name = item[:7]
@@ -90,121 +91,95 @@ def batch_item(request: Any) -> tuple[tuple, int, int] | None:
 def item_request(item: tuple) -> SimpleNamespace:
     """An item (:func:`batch_item`) as a request again, for a record of its own."""
     *attrs, columns, values, predictions = item
-    return SimpleNamespace(**dict(zip(ITEM_ATTRS, attrs, strict=True)), inputs=None, predictions=predictions,
+    return SimpleNamespace(**dict(zip(REQUEST_ATTRS, attrs, strict=True)), inputs=None, predictions=predictions,
                            raw_inputs=(columns, values))
-
-
-@dataclass(slots=True)
-class _Group:
-    """The items of one layout, field by field, as a batch record holds them."""
-
-    columns: tuple
-    pred_layout: tuple | None
-    request_id: list[str] = field(default_factory=list)
-    timestamp: list[float] = field(default_factory=list)
-    model_version: list[str] = field(default_factory=list)
-    status: list[int] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    role: list[str] = field(default_factory=list)
-    model_name: list[str] = field(default_factory=list)
-    values: list[np.ndarray] = field(default_factory=list)
-    predictions: list[np.ndarray] = field(default_factory=list)
-    items: list[tuple] = field(default_factory=list)  # should the group have to be encoded one by one
 
 
 def encode_batches(items: Sequence[tuple], layout_bytes: Any) -> tuple[list[list[Any]], list[tuple]]:
     """Batch records for ``items`` (from :func:`batch_item`), one per layout (each as the buffers
-    that make it up, head first: see :func:`_record`), and
-    the items of a layout that could not be (a lone surrogate in a text, unhashable column labels),
-    for the caller to encode one by one. ``layout_bytes(columns, pred_layout)`` is the pickled
-    layout (:mod:`.spool` keeps them cached)."""
-    groups: dict[tuple, _Group] = {}
+    that make it up, head first: see :func:`_record`), and the items of a layout that could not be
+    (a lone surrogate in a text, unhashable column labels), for the caller to encode one by one.
+    ``layout_bytes(columns, pred_layout)`` is the pickled layout (:mod:`.spool` keeps them cached)."""
+    groups: dict[tuple, list[tuple]] = {}
     last_key: tuple | None = None
-    group: _Group | None = None
-    for item in items:
-        request_id, timestamp, version, status, latency, role, name, columns, values, predictions = item
+    group: list[tuple] = []
+    for item in items:  # a key and an append per request: the fields are taken apart in C (zip)
+        columns, predictions = item[7], item[9]
         if predictions is None:
-            key: tuple = (columns, None)
+            key: tuple = (columns,)
+        elif predictions.ndim == 1:
+            key = (columns, predictions.dtype)
         else:
-            key = (columns, predictions.dtype.str, predictions.shape[1:])
+            key = (columns, predictions.dtype, predictions.shape[1])
         if key != last_key:  # consecutive requests nearly always share one: one tuple compare
-            group = groups.get(key)
-            if group is None:
-                pred_layout = None if predictions is None else (predictions.dtype.str, predictions.shape[1:])
-                group = groups[key] = _Group(columns, pred_layout)
+            group = groups.setdefault(key, [])
             last_key = key
-        assert group is not None
-        group.request_id.append(request_id)
-        group.timestamp.append(timestamp)
-        group.model_version.append(version)
-        group.status.append(status)
-        group.latency_ms.append(latency)
-        group.role.append(role or "")
-        group.model_name.append(name or "")
-        group.values.append(values)
-        if predictions is not None:
-            group.predictions.append(predictions)
-        group.items.append(item)
+        group.append(item)
     records, rest = [], []
-    for group in groups.values():
+    for members in groups.values():
+        predictions = members[0][9]
+        pred_layout = None if predictions is None else (predictions.dtype.str, predictions.shape[1:])
         try:
-            layout = layout_bytes(group.columns, group.pred_layout)
-            records += [_record(group, layout, start, stop) for start, stop in _spans(group)]
+            layout = layout_bytes(members[0][7], pred_layout)
+            records += [_record(members[start:stop], layout) for start, stop in _spans(members)]
         except (UnicodeEncodeError, TypeError, ValueError):
-            rest.extend(group.items)
+            rest.extend(members)
     return records, rest
 
 
-def _spans(group: _Group) -> list[tuple[int, int]]:
-    """The group's requests cut, between requests, into runs of at most ``_MAX_RECORD_BYTES`` of rows
+def _spans(members: list[tuple]) -> list[tuple[int, int]]:
+    """The requests cut, between requests, into runs of at most ``_MAX_RECORD_BYTES`` of input rows
     (a larger request alone)."""
+    sizes = [item[8].nbytes for item in members]
+    if sum(sizes) <= _MAX_RECORD_BYTES:
+        return [(0, len(members))]
     spans, start, size = [], 0, 0
-    for index, values in enumerate(group.values):
-        more = values.nbytes + (group.predictions[index].nbytes if group.predictions else 0)
+    for index, more in enumerate(sizes):
         if index > start and size + more > _MAX_RECORD_BYTES:
             spans.append((start, index))
             start, size = index, 0
         size += more
-    spans.append((start, len(group.values)))
+    spans.append((start, len(members)))
     return spans
 
 
-def _texts(values: list[str]) -> tuple[bytes, list[int]]:
+def _texts(values: Sequence[str]) -> tuple[bytes, list[int]]:
     """The UTF-8 bytes of ``values`` one after the other, and each one's byte length."""
     joined = "".join(values)
     data = joined.encode()
     if len(data) == len(joined):  # ASCII (request ids, versions: nearly always): lengths are len()
-        return data, [len(value) for value in values]
+        return data, list(map(len, values))
     parts = [value.encode() for value in values]
-    return b"".join(parts), [len(part) for part in parts]
+    return b"".join(parts), list(map(len, parts))
 
 
-def _record(group: _Group, layout: bytes, start: int, stop: int) -> list[Any]:
-    """The batch record of the group's requests ``start`` to ``stop``, as the buffers that make it up
-    (its head first; each one's ``len`` is its size in bytes). A large request's rows and
-    predictions are buffers of their own, the arrays the request came with: no copy of them is made
-    here (the kernel copies them into the segment file, ``os.writev``). Copies into new objects were
-    what 100-row requests cost most: fresh memory, faulted in page by page, for every write."""
-    n = stop - start
-    rows = np.fromiter((len(v) for v in group.values[start:stop]), dtype=np.uint32, count=n)
+def _record(members: list[tuple], layout: bytes) -> list[Any]:
+    """The batch record of items of one layout, as the buffers that make it up (its head first; each
+    one's ``len`` is its size in bytes). A large request's rows and predictions are buffers of their
+    own, the arrays the request came with: no copy of them is made here (the kernel copies them into
+    the segment file, ``os.writev``). Copies into new objects were what 100-row requests cost most:
+    fresh memory, faulted in page by page, for every write."""
+    request_id, timestamp, version, status, latency, role, name, _, values, predictions = zip(*members, strict=True)
+    n = len(members)
+    rows = np.fromiter(map(len, values), dtype=np.uint32, count=n)
     pieces: list[Any] = [
         _HEAD.pack(BATCH, n, int(rows.sum()), len(layout)),
-        np.array(group.timestamp[start:stop], dtype=np.float64),
-        np.array(group.latency_ms[start:stop], dtype=np.float64),
+        np.array(timestamp, dtype=np.float64),
+        np.array(latency, dtype=np.float64),
         rows,
     ]
     texts, lengths = [], []
-    for column in (group.request_id, group.model_version, group.role, group.model_name):
-        data, sizes = _texts(column[start:stop])
+    for column in (request_id, version, role, name):
+        if None in column:
+            column = tuple(text or "" for text in column)
+        data, sizes = _texts(column)
         texts.append(data)
         lengths += sizes
-    pieces += [np.array(lengths, dtype=np.uint32), np.array(group.status[start:stop], dtype=np.int16), *texts, layout]
-    values, predictions = group.values[start:stop], group.predictions[start:stop]
-    if n > 1 and values[0].nbytes < _STACK_BELOW:  # small ones: one copy costs less than a buffer each
-        values = [np.concatenate(values)]
-        predictions = [np.concatenate(predictions)] if predictions else []
-    pieces += values
-    pieces += predictions
+    pieces += [np.array(lengths, dtype=np.uint32), np.array(status, dtype=np.int16), *texts, layout]
+    stacked = n > 1 and values[0].nbytes < _STACK_BELOW  # small ones: one copy costs less than a buffer each
+    pieces += [np.concatenate(values)] if stacked else values
+    if predictions[0] is not None:
+        pieces += [np.concatenate(predictions)] if stacked else predictions
     buffers: list[Any] = [b""]
     length, crc = 0, 0
     for piece in pieces:

@@ -9,6 +9,7 @@ In process: records are encoded with :func:`encode_records` (what the writer thr
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 import zlib
@@ -252,3 +253,17 @@ def test_a_shadow_copy_without_a_frame_is_batched_from_its_raw_rows(rows: int) -
     [record], _ = read_records(batched([copy]))
     assert isinstance(record, BatchRecord) and record.role == ["shadow"]
     same(converted(encode_record(copy)), converted(batched([copy])))
+
+
+def test_the_writer_writes_more_buffers_than_one_writev_takes_in_order(tmp_path: Path) -> None:
+    from mlflow_deploy_plugin.capture.writer import _IOV_MAX, _write_all
+
+    rows = [np.full((1 + i % 3, 2), float(i)) for i in range(2 * _IOV_MAX + 5)]
+    buffers = [b"", *(row.data.cast("B") for row in rows), b"end"]
+    path = tmp_path / "out.seg"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        _write_all(fd, buffers)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(buffers)
