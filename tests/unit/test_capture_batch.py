@@ -267,3 +267,26 @@ def test_the_writer_writes_more_buffers_than_one_writev_takes_in_order(tmp_path:
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(buffers)
+
+
+def test_a_graceful_close_writes_the_batched_requests_memory_held(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What waits in memory for its batch record (as in the quarter second before a stop) is
+    encoded, spooled and converted by close(); the tally says so meanwhile and after."""
+    import mlflow_deploy_plugin.capture.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_WRITE_EVERY_S", 3600.0)  # appends wait an hour after the first
+    tally = memoryview(bytearray(16)).cast("q")
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", spool_dir=str(tmp_path / "spool"), flush_interval_s=600)
+    writer.tally_into(tally)
+    try:
+        assert writer.record(answer("r0", 2, np.array([1, 0]), timestamp=time.time()))
+        _wait(lambda: tally[1] == 1, "the first record to reach the spool file")
+        assert all(writer.record(answer(f"r{i}", 1 + i % 2, np.ones(1 + i % 2), timestamp=time.time()))
+                   for i in range(1, 10))
+        assert (tally[0], tally[1]) == (10, 1), "nine held in memory, not yet encoded"
+    finally:
+        writer.close(timeout_s=30)
+    assert (tally[0], tally[1]) == (10, 10) and writer.written_requests == 10 and writer.dropped_requests == 0
+    captured = read_capture(str(tmp_path / "capture"))
+    assert sorted(set(captured["_request_id"])) == sorted(f"r{i}" for i in range(10)) and len(captured) == 16
