@@ -7,8 +7,9 @@ the real :func:`parse_request` and predicted by a real LogisticRegression on 20 
 
 - ``encode``: :func:`capture.spool.encode_record`, a record per request (what the request path
   paid before batch records, and still pays for requests the batch form does not take);
-- ``batch``: :func:`capture.spool.encode_records`, the writer thread's batch records of
-  ``WRITE_BATCH`` requests at a time (what a write takes at ~1,000 req/s);
+- ``batch``: :func:`capture.spool.encode_items`, the writer thread's batch records of
+  ``WRITE_BATCH`` requests at a time (what a write takes at ~1,000 req/s), as the buffers it
+  writes (not joined); a record each for requests the batch form does not take;
 - ``record``: :meth:`CaptureWriter.record` plus the writer thread appending to the spool (all the
   serving process pays);
 - ``convert``: the converter process's work per request (:class:`capture.converter.Converter` on
@@ -44,7 +45,8 @@ from mlflow_deploy_plugin.capture.converter import POLL_S, Converter, SpoolConve
 from mlflow_deploy_plugin.capture.spool import encode_record
 
 try:
-    from mlflow_deploy_plugin.capture.spool import encode_records
+    from mlflow_deploy_plugin.capture.batch import batch_item
+    from mlflow_deploy_plugin.capture.spool import encode_items, encode_records
 except ImportError:  # a checkout from before batch records, measured for comparison
     encode_records = None
 from mlflow_deploy_plugin.serving.app import Answer
@@ -108,8 +110,17 @@ def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repea
         return b"".join(b"".join(encode_records(requests[i:i + WRITE_BATCH])[0])
                         for i in range(0, count, WRITE_BATCH))
 
-    def batched(count: int) -> None:
-        spooled(count)
+    items = [taken[0] for answer in batch if (taken := batch_item(answer)) is not None] \
+        if encode_records is not None else []
+
+    def batched(count: int) -> None:  # as the writer thread does: buffers for os.writev, not joined
+        for start in range(0, count, WRITE_BATCH):
+            chunk = [items[i % len(items)] for i in range(start, min(count, start + WRITE_BATCH))] if items else []
+            if chunk:
+                encode_items(chunk)
+            else:  # requests the batch form does not take (Parquet bodies): a record each
+                for i in range(start, min(count, start + WRITE_BATCH)):
+                    encode_record(batch[i % VARIANTS])
 
     per_segment = max(1, min(n, flush_rows // rows))
     segment = spooled(per_segment)
