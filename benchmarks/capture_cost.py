@@ -5,7 +5,11 @@ over the real functions, not wall-clock throughput. For 1-row and 100-row reques
 (``dataframe_split``, the parser's fast path) and Parquet bodies (MLflow's parser), each parsed by
 the real :func:`parse_request` and predicted by a real LogisticRegression on 20 features:
 
-- ``encode``: :func:`capture.spool.encode_record` (the request path's share);
+- ``encode``: :func:`capture.spool.encode_record`, a record per request (what the request path
+  paid before batch records, and still pays for requests the batch form does not take);
+- ``batch``: :func:`capture.spool.encode_items`, the writer thread's batch records of
+  ``WRITE_BATCH`` requests at a time (what a write takes at ~1,000 req/s), as the buffers it
+  writes (not joined); a record each for requests the batch form does not take;
 - ``record``: :meth:`CaptureWriter.record` plus the writer thread appending to the spool (all the
   serving process pays);
 - ``convert``: the converter process's work per request (:class:`capture.converter.Converter` on
@@ -16,7 +20,8 @@ the real :func:`parse_request` and predicted by a real LogisticRegression on 20 
 
     .venv/bin/python benchmarks/capture_cost.py [--requests 4000] [--repeat 3] [--flush-rows N]
 
-Run it with PYTHONPATH pointing at two checkouts to compare them (figures are minima over repeats).
+Run it with PYTHONPATH pointing at two checkouts to compare them (figures are minima over repeats;
+a checkout without batch records shows ``-`` for ``batch`` and converts records made one by one).
 """
 
 from __future__ import annotations
@@ -38,11 +43,18 @@ from sklearn.linear_model import LogisticRegression
 from mlflow_deploy_plugin.capture import CaptureWriter
 from mlflow_deploy_plugin.capture.converter import POLL_S, Converter, SpoolConverter
 from mlflow_deploy_plugin.capture.spool import encode_record
+
+try:
+    from mlflow_deploy_plugin.capture.batch import batch_item
+    from mlflow_deploy_plugin.capture.spool import encode_items, encode_records
+except ImportError:  # a checkout from before batch records, measured for comparison
+    encode_records = None
 from mlflow_deploy_plugin.serving.app import Answer
 from mlflow_deploy_plugin.serving.protocol import parse_request
 
 COLUMNS = [f"f{i}" for i in range(20)]
 VARIANTS = 64  # distinct bodies per shape, cycled
+WRITE_BATCH = 250  # requests one write of the writer thread takes: 0.25 s at 1,000 req/s
 
 
 def answers(kind: str, rows: int, model: Any, frame: pd.DataFrame) -> list[Any]:
@@ -57,8 +69,10 @@ def answers(kind: str, rows: int, model: Any, frame: pd.DataFrame) -> list[Any]:
             buffer = io.BytesIO()
             part.reset_index(drop=True).to_parquet(buffer)
             body, content_type = buffer.getvalue(), "application/vnd.apache.parquet"
-        data = parse_request(body, content_type, None, None, frozenset(COLUMNS)).data
-        out.append(Answer(f"{i:032x}", time.time(), "1", 200, 1.25, data, model.predict(data)))
+        parsed = parse_request(body, content_type, None, None, frozenset(COLUMNS))
+        # raw_inputs: the JSON fast path's rows, as the app hands them over (None for Parquet bodies).
+        out.append(Answer(f"{i:032x}", time.time(), "1", 200, 1.25, parsed.data, model.predict(parsed.data),
+                          model_name="bench", raw_inputs=parsed.raw))
     return out
 
 
@@ -88,8 +102,28 @@ def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repea
             time.sleep(0.4)  # the writer thread appends what waits every 0.25 s: its CPU counts too
             writer.close(timeout_s=0.05)  # nobody converts (external): only what the serving process pays
 
+    def spooled(count: int) -> bytes:
+        """What the writer spools for ``count`` requests: batch records of WRITE_BATCH requests."""
+        requests = [batch[i % VARIANTS] for i in range(count)]
+        if encode_records is None:
+            return b"".join(map(encode_record, requests))
+        return b"".join(b"".join(encode_records(requests[i:i + WRITE_BATCH])[0])
+                        for i in range(0, count, WRITE_BATCH))
+
+    items = [taken[0] for answer in batch if (taken := batch_item(answer)) is not None] \
+        if encode_records is not None else []
+
+    def batched(count: int) -> None:  # as the writer thread does: buffers for os.writev, not joined
+        for start in range(0, count, WRITE_BATCH):
+            chunk = [items[i % len(items)] for i in range(start, min(count, start + WRITE_BATCH))] if items else []
+            if chunk:
+                encode_items(chunk)
+            else:  # requests the batch form does not take (Parquet bodies): a record each
+                for i in range(start, min(count, start + WRITE_BATCH)):
+                    encode_record(batch[i % VARIANTS])
+
     per_segment = max(1, min(n, flush_rows // rows))
-    segment = b"".join(encode_record(batch[i % VARIANTS]) for i in range(per_segment))
+    segment = spooled(per_segment)
 
     def convert(count: int) -> None:  # segments of `per_segment` requests, `count` requests in all
         with tempfile.TemporaryDirectory(prefix="capture-cost-") as tmp:
@@ -101,6 +135,7 @@ def measure(kind: str, rows: int, model: Any, frame: pd.DataFrame, n: int, repea
                 assert result["written"] == per_segment, result
 
     return {"body": kind, "rows": rows, "encode_us": cpu_us(encode, n, repeat),
+            "batch_us": cpu_us(batched, n, repeat) if encode_records is not None else None,
             "record_us": cpu_us(record, n, repeat), "convert_us": cpu_us(convert, n, repeat),
             "segment_requests": per_segment, "spool_bytes": len(segment) // per_segment}
 
@@ -134,11 +169,12 @@ def main() -> int:
     flush_rows = args.flush_rows or inspect.signature(CaptureWriter).parameters["flush_rows"].default
     results = [measure(kind, rows, model, frame, args.requests if rows == 1 else max(args.requests // 10, 100),
                        args.repeat, flush_rows) for rows in (1, 100) for kind in ("json", "parquet")]
-    print(f"{'body':<8} {'rows':>4} {'encode us':>10} {'record us':>10} {'convert us':>11} {'total us':>9} "
+    print(f"{'body':<8} {'rows':>4} {'encode us':>10} {'batch us':>9} {'record us':>10} {'convert us':>11} {'total us':>9} "
           f"{'seg req':>8} {'spool B':>8}   (CPU per request; segments of {flush_rows} rows at most)")
     for r in results:
         total = r["record_us"] + r["convert_us"]
-        print(f"{r['body']:<8} {r['rows']:>4} {r['encode_us']:>10.1f} {r['record_us']:>10.1f} "
+        batch_us = "-" if r["batch_us"] is None else f"{r['batch_us']:.1f}"
+        print(f"{r['body']:<8} {r['rows']:>4} {r['encode_us']:>10.1f} {batch_us:>9} {r['record_us']:>10.1f} "
               f"{r['convert_us']:>11.1f} {total:>9.1f} {r['segment_requests']:>8} {r['spool_bytes']:>8}")
     print("record = encode + the writer's bookkeeping + its thread's appends (the serving process); "
           "convert = the converter process.")

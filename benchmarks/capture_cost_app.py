@@ -5,11 +5,12 @@ ASGI app exactly as a local worker builds it (:func:`serving.service.build_servi
 converter external, batching on by default, ``gc.freeze()`` and a 1 ms switch interval as in
 ``serving/worker.py``) on a uvloop event loop, with ``--concurrency`` closed-loop clients calling
 the app's ASGI interface directly (no sockets: uvicorn's HTTP parsing costs the same either way),
-1-row JSON ``dataframe_split`` bodies on ``/invocations`` for a 20-feature LogisticRegression.
+JSON ``dataframe_split`` bodies of ``--rows`` rows (default 1) on ``/invocations`` for a
+20-feature LogisticRegression.
 It prints the CPU per request of the process and of each of its threads, capture on and off, in
 interleaved rounds (medians), so the difference is what capture costs per request::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/capture_cost_app.py [--concurrency 32] [--requests 6000] [--rounds 3]
+    PYTHONPATH=. .venv/bin/python benchmarks/capture_cost_app.py [--concurrency 32] [--rows 1] [--requests 6000] [--rounds 3]
 
 Nothing converts the spool in this process (as in a worker, whose supervisor runs the converter),
 so a run keeps its requests under the writer's buffer bound.
@@ -145,13 +146,14 @@ def measure(service: Any, bodies: list[bytes], requests: int, concurrency: int) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=1, help="rows per request body (default 1)")
     parser.add_argument("--requests", type=int, default=6000, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians shown")
     parser.add_argument("--only", choices=("on", "off"), help="measure one side only (e.g. under a profiler)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(1)
-    bodies = [json.dumps({"dataframe_split": {"columns": COLUMNS, "data": rng.normal(size=(1, 20)).tolist()}}).encode()
+    bodies = [json.dumps({"dataframe_split": {"columns": COLUMNS, "data": rng.normal(size=(args.rows, 20)).tolist()}}).encode()
               for _ in range(64)]
     with tempfile.TemporaryDirectory(prefix="capture-cost-app-") as tmp:
         folder = Path(tmp)
@@ -172,7 +174,7 @@ def main() -> int:
                     service.capture.close(timeout_s=0.2)
     keys = sorted({key for runs in results.values() for run in runs for key in run},
                   key=lambda k: (k != "rps", k != "cpu_us", k))
-    print(f"c={args.concurrency}, {args.requests} 1-row JSON requests x {args.rounds} rounds, medians "
+    print(f"c={args.concurrency}, {args.requests} {args.rows}-row JSON requests x {args.rounds} rounds, medians "
           "(CPU us per request; rps: in-process, client included)")
     print(f"{'':<22}" + "".join(f"{side:>12}" for side in sides))
     for key in keys:

@@ -8,7 +8,8 @@ layout. One module per job:
 - :mod:`.writer`: :class:`CaptureWriter`: the request path encodes a record and appends it to a
   spool, bounded and counted, so serving never waits for (nor shares its GIL with) pandas, Arrow
   or Parquet;
-- :mod:`.spool`: the spool's record format, and records back into Arrow tables;
+- :mod:`.spool`: the spool's record format, and records back into Arrow tables; :mod:`.batch`:
+  its batch record (the requests of one layout that a write takes, encoded once);
 - :mod:`.converter`: the process that turns spool segments into Parquet files;
 - :mod:`.arrow`: how requests and predictions become Arrow tables (converter process only);
 - :mod:`.reader`: :func:`read_capture` of a time window, :func:`open_capture` of the same rows read

@@ -79,15 +79,13 @@ class _Group:
     """Requests of one day whose columns and dtypes match, so they concatenate cheaply.
 
     ``requests`` are read for their :data:`REQUEST_ATTRS` only (their inputs and predictions are
-    in ``frames`` and ``predictions``); ``counts`` is how many rows each request has. ``frames``
-    and ``predictions`` may also hold the rows of many requests stacked in one (see :mod:`.spool`).
+    in ``frames`` and ``predictions``); ``counts`` is how many rows each request has.
     """
 
     frames: list[pd.DataFrame | None] = field(default_factory=list)
     predictions: list[dict[str, np.ndarray]] = field(default_factory=list)
     requests: list[AnsweredRequest] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
-    meta: RequestMeta | None = None  # the requests' attributes, when given as lists instead of ``requests``
 
 
 def tables_by_day(batch: list[AnsweredRequest], deployment: str,
@@ -132,25 +130,11 @@ def tables_by_day(batch: list[AnsweredRequest], deployment: str,
     return by_day, unconverted
 
 
-def stacked_table(requests: list[Any] | RequestMeta, counts: list[int], inputs: pd.DataFrame | None,
-                  predictions: dict[str, np.ndarray], deployment: str,
-                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
-    """The table of requests whose rows are already stacked: ``inputs`` (from :func:`as_frame`)
-    and ``predictions`` (from :func:`prediction_columns`) hold ``sum(counts)`` rows, request by
-    request (``requests``: the request objects, or their attributes as a :class:`RequestMeta`).
-    What :func:`tables_by_day` builds for the same requests one by one."""
-    if isinstance(requests, RequestMeta):
-        return _group_table(_Group([inputs], [predictions], [], counts, requests), deployment, redact)
-    return _group_table(_Group([inputs], [predictions], requests, counts), deployment, redact)
-
-
 def _group_table(group: _Group, deployment: str,
                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pa.Table:
-    meta = group.meta
-    if meta is None:
-        meta = RequestMeta()
-        for request in group.requests:
-            meta.add(request)
+    meta = RequestMeta()
+    for request in group.requests:
+        meta.add(request)
     arrays = meta_arrays(meta, group.counts, deployment)
     names = list(META_COLUMNS)
     frames = [f for f in group.frames if f is not None]
@@ -160,11 +144,11 @@ def _group_table(group: _Group, deployment: str,
             inputs = redact(inputs)
         for i, name in enumerate(inputs.columns):
             names.append(name)
-            arrays.append(_to_arrow(inputs.iloc[:, i]))
+            arrays.append(to_arrow(inputs.iloc[:, i]))
     for name in group.predictions[0]:
         column = np.concatenate([p[name] for p in group.predictions])
         names.append(name)
-        arrays.append(_to_arrow(column))
+        arrays.append(to_arrow(column))
     return pa.Table.from_arrays(arrays, names=names)
 
 
@@ -287,8 +271,9 @@ def _nesting(arrow_type: pa.DataType) -> int:
     return depth
 
 
-def _to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
-    """One column as Arrow, falling back to text for objects Arrow cannot represent."""
+def to_arrow(values: pd.Series | np.ndarray) -> pa.Array:
+    """One column as Arrow, falling back to text for objects Arrow cannot represent (NaN and None
+    as null)."""
     try:
         arr = pa.array(values, from_pandas=True)
         if pa.types.is_dictionary(arr.type):

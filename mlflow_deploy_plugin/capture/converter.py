@@ -59,6 +59,7 @@ from mlflow_deploy_plugin.capture.spool import (
     SEGMENT_SUFFIX,
     read_records,
     records_to_tables,
+    request_count,
 )
 
 _log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Converter:
         records, torn = read_records(data)
         if torn:
             _log.warning("Capture spool %s: skipped %d bytes of a torn last record.", path, torn)
-        result["requests"] = len(records)
+        result["requests"] = request_count(records)
         by_day, unconverted = records_to_tables(records, self.deployment, self.redact)
         result["convert_error"] = unconverted
         if unconverted:

@@ -22,8 +22,9 @@ _EPOCH = date(1970, 1, 1)
 
 # What capture reads of an answered request besides ``inputs`` and ``predictions``: the spool
 # (:mod:`.spool`) carries exactly these attributes to the converter process (None for one a
-# request lacks), so a new meta column is one more name here (and in :func:`meta_arrays`), not a
-# change of the record format.
+# request lacks). A pickled record takes a new one as one more name here (and in
+# :func:`meta_arrays`); compact and batch records (:mod:`.batch`) hold these seven in their
+# formats, so a new one is a change of those too.
 REQUEST_ATTRS: tuple[str, ...] = ("request_id", "timestamp", "model_version", "status", "latency_ms", "role",
                                    "model_name")
 

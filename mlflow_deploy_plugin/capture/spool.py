@@ -1,17 +1,19 @@
 """The spool: answered requests as append-only records, cheap to write, turned into Arrow elsewhere.
 
-The serving process encodes each captured request as one record (a few microseconds: numbers as
-raw bytes, no pandas or Arrow) and appends records to a segment file; the converter process
-(:mod:`.converter`) decodes whole segments into tables of the capture layout. So encoding Parquet
-never holds the GIL of the process that serves.
+The serving process encodes captured requests as records (numbers as raw bytes, no pandas or
+Arrow) and appends records to a segment file; the converter process (:mod:`.converter`) decodes
+whole segments into tables of the capture layout. So encoding Parquet never holds the GIL of the
+process that serves.
 
-A record is ``<length u32><crc32 u32><body>``. The common case (a float64 frame, as the request
-parsers build them, and numeric predictions, or none) is a *compact* body: a fixed header of
-numbers, the request's strings, the columns and prediction layout (pickled once per layout and
-reused: the request path does not pickle), then the raw bytes of the inputs and predictions; the
-converter stacks the compact records of one layout in one go. Anything else is a pickle (its
-first byte is 0x80, which no compact body starts with) converted request by request. A segment
-cut short by a crash ends in a torn record: reading stops there (the records before it are kept).
+A record is ``<length u32><crc32 u32><body>``. The common case (the parser's float64 rows and
+numeric predictions, or none) is a *batch* body (:mod:`.batch`, first byte 2): every request of
+one column layout that a write of the writer thread takes, field by field. A float64 frame without
+the parser's rows is a *compact* body (first byte 1; what older writers wrote for the common case):
+a fixed header of numbers, the request's strings, the columns and prediction layout (pickled once
+per layout and reused: the request path does not pickle), then the raw bytes of the inputs and
+predictions. The converter stacks the batch and compact records of one day and layout in one go.
+Anything else is a pickle (its first byte is 0x80) converted request by request. A segment cut
+short by a crash ends in a torn record: reading stops there (the records before it are kept).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pickle
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from types import SimpleNamespace
@@ -31,6 +33,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from mlflow_deploy_plugin.capture.batch import (
+    BATCH,
+    BatchRecord,
+    batch_item,
+    batch_requests,
+    encode_batches,
+    item_request,
+    read_batch,
+)
 from mlflow_deploy_plugin.capture.layout import META_COLUMNS
 from mlflow_deploy_plugin.capture.meta import (
     REQUEST_ATTRS,
@@ -154,9 +165,12 @@ def encode_record(request: Any) -> bytes:
         if body is not None:
             return _HEAD.pack(len(body), zlib.crc32(body)) + body
     meta = tuple(getattr(request, name, None) for name in REQUEST_ATTRS)
-    n_rows = None
-    if inputs is None:
-        in_part: tuple = (_NONE,)
+    n_rows = rows_of_raw(raw) if inputs is None else None
+    if n_rows is not None and raw is not None:  # no frame, its rows only (a shadow copy, an item of a batch): kept as rows
+        columns, values = raw
+        in_part: tuple = (_RAW_FRAME, list(columns), n_rows, values.astype(np.float64).tobytes())
+    elif inputs is None:
+        in_part = (_NONE,)
     elif is_frame and _is_float64(inputs) and len(inputs) and len(inputs.columns):
         n_rows = len(inputs)
         in_part = (_RAW_FRAME, inputs.columns.tolist(), n_rows, inputs.to_numpy().tobytes())
@@ -226,19 +240,69 @@ def _compact(request: Any, columns: tuple, n_rows: int, values: np.ndarray, pred
     try:
         texts = (request_id.encode(), version.encode(), role.encode() if role else b"",
                  name.encode() if name else b"")
-        key = (columns, pred_layout)
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            layout = _dumps(key, True)
-            if len(_LAYOUTS) >= _MAX_LAYOUTS:
-                _LAYOUTS.clear()
-            _LAYOUTS[key] = layout
+        layout = layout_bytes(columns, pred_layout)
     except (UnicodeEncodeError, TypeError):  # a lone surrogate; unhashable column labels
         return None
     if max(len(layout), *map(len, texts)) > _MAX_TEXT:
         return None
     head = _COMPACT_HEAD.pack(_COMPACT, timestamp, latency, status, n_rows, *map(len, texts), len(layout))
     return b"".join((head, *texts, layout, values.tobytes(), pred_bytes))
+
+
+def layout_bytes(columns: tuple, pred_layout: tuple | None) -> bytes:
+    """The pickled ``(columns, prediction layout)`` of a compact or batch record, cached (the
+    request path does not pickle). Raises TypeError for unhashable column labels."""
+    key = (columns, pred_layout)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _dumps(key, True)
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def encode_records(requests: Iterable[Any]) -> tuple[list[bytes], int]:
+    """Records for answered requests, as few as their layouts allow: one batch record (:mod:`.batch`)
+    per layout for those :func:`.batch.batch_item` takes, a record each for the others; and how many
+    requests could not be encoded at all (e.g. inputs that cannot be pickled)."""
+    items, records, failed = [], [], 0
+    for request in requests:
+        taken = batch_item(request)
+        if taken is not None:
+            items.append(taken[0])
+            continue
+        try:
+            records.append(encode_record(request))
+        except Exception:
+            failed += 1
+    batched, failed_items = _encode_items(items)
+    return records + [b"".join(record) for record in batched], failed + failed_items
+
+
+def encode_items(items: list[tuple]) -> tuple[list[Any], int, int]:
+    """The spool bytes of items of :func:`.batch.batch_item` (what the writer thread encodes): the
+    buffers to write one after the other (``os.writev``: the requests' own arrays among them), their
+    size in bytes, and how many items could not be encoded at all."""
+    records, failed = _encode_items(items)
+    buffers = [buffer for record in records for buffer in record]
+    return buffers, sum(map(len, buffers)), failed
+
+
+def _encode_items(items: list[tuple]) -> tuple[list[list[Any]], int]:
+    if not items:
+        return [], 0
+    try:
+        records, rest = encode_batches(items, layout_bytes)
+    except Exception:  # a flaw of the batch form must not lose the requests: a record each
+        records, rest = [], list(items)
+    failed = 0
+    for item in rest:
+        try:
+            records.append([encode_record(item_request(item))])
+        except Exception:
+            failed += 1
+    return records, failed
 
 
 @dataclass(slots=True)
@@ -281,12 +345,16 @@ class SpoolRecord:
     predictions: tuple
 
 
-def read_records(data: bytes) -> tuple[list[SpoolRecord | CompactRecord | None], int]:
-    """Decode a segment's bytes; returns the records (None for one that is whole but cannot be
-    loaded) and how many bytes at the end were torn.
+Record = SpoolRecord | CompactRecord | BatchRecord | None
 
-    A compact record's inputs and predictions are views of ``data`` (split by its layout later)."""
-    records: list[SpoolRecord | CompactRecord | None] = []
+
+def read_records(data: bytes) -> tuple[list[Record], int]:
+    """Decode a segment's bytes; returns the records (None for each request of one that is whole but
+    cannot be loaded) and how many bytes at the end were torn.
+
+    A compact or batch record's inputs and predictions are views of ``data`` (split by its layout
+    later)."""
+    records: list[Record] = []
     view = memoryview(data)
     offset, end = 0, len(data)
     while offset + _HEAD.size <= end:
@@ -303,6 +371,12 @@ def read_records(data: bytes) -> tuple[list[SpoolRecord | CompactRecord | None],
                 records.append(_read_compact(body))
             except (ValueError, struct.error):
                 records.append(None)
+            continue
+        if body[0] == BATCH:
+            try:
+                records.append(read_batch(body))
+            except (ValueError, struct.error):
+                records.extend([None] * batch_requests(body))
             continue
         try:
             meta, in_part, pred_part = pickle.loads(body)
@@ -325,7 +399,12 @@ class _Stack:
     predictions: list[bytes | memoryview] = field(default_factory=list)
 
 
-def records_to_tables(records: list[SpoolRecord | CompactRecord | None], deployment: str,
+def request_count(records: list[Record]) -> int:
+    """How many requests ``records`` (from :func:`read_records`) hold."""
+    return sum(record.requests if isinstance(record, BatchRecord) else 1 for record in records)
+
+
+def records_to_tables(records: list[Record], deployment: str,
                       redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
                       ) -> tuple[dict[date, list[tuple[pa.Table, int]]], int]:
     """Tables of the capture layout by day, each with its request count, and how many requests failed.
@@ -346,6 +425,12 @@ def records_to_tables(records: list[SpoolRecord | CompactRecord | None], deploym
                 _stack_compact(record, compact, layouts)
             except Exception:
                 unconverted += 1
+            continue
+        if isinstance(record, BatchRecord):
+            try:
+                _stack_batch(record, compact, layouts)
+            except Exception:
+                unconverted += record.requests
             continue
         req, in_part, pred_part = record.request, record.inputs, record.predictions
         try:
@@ -389,29 +474,76 @@ def records_to_tables(records: list[SpoolRecord | CompactRecord | None], deploym
     return by_day, unconverted
 
 
-def _stack_compact(record: CompactRecord, stacks: dict[tuple[int, bytes], _Stack],
-                   layouts: dict[bytes, tuple[tuple, tuple | None, int, int]]) -> None:
-    """Add a compact record to the stack of its day and layout (raises if its sizes do not fit)."""
-    known = layouts.get(record.layout)
+def _layout(layout: bytes, layouts: dict[bytes, tuple[tuple, tuple | None, int, int]],
+            ) -> tuple[tuple, tuple | None, int, int]:
+    """A pickled layout's columns, prediction layout, and bytes per row of inputs and predictions."""
+    known = layouts.get(layout)
     if known is None:
-        columns, pred_layout = pickle.loads(record.layout)
+        columns, pred_layout = pickle.loads(layout)
         row_items = 1
         if pred_layout is not None:
             for size in pred_layout[1]:
                 row_items *= int(size)
         row_bytes = row_items * np.dtype(pred_layout[0]).itemsize if pred_layout is not None else 0
-        known = layouts[record.layout] = (tuple(columns), pred_layout, 8 * len(columns), row_bytes)
-    columns, _, in_row_bytes, pred_row_bytes = known
+        known = layouts[layout] = (tuple(columns), pred_layout, 8 * len(columns), row_bytes)
+    return known
+
+
+def _stack_of(stacks: dict[tuple[int, bytes], _Stack], day: int, layout: bytes, columns: tuple) -> tuple[_Stack, RequestMeta]:
+    stack = stacks.get((day, layout))
+    if stack is None:
+        stack = stacks[(day, layout)] = _Stack(columns, RequestMeta())
+    meta = stack.requests
+    assert isinstance(meta, RequestMeta)
+    return stack, meta
+
+
+def _stack_batch(record: BatchRecord, stacks: dict[tuple[int, bytes], _Stack],
+                 layouts: dict[bytes, tuple[tuple, tuple | None, int, int]]) -> None:
+    """Add a batch record's requests to the stacks of their day and layout, the ones its compact
+    records would join (raises if its sizes do not fit)."""
+    columns, _, in_row_bytes, pred_row_bytes = _layout(record.layout, layouts)
+    rows = record.rows.astype(np.int64)
+    total = int(rows.sum())
+    split = total * in_row_bytes
+    if not len(rows) or int(rows.min()) < 1 or len(record.raw) != split + total * pred_row_bytes:
+        raise ValueError("batch record's bytes do not fit its layout")
+    days = (record.timestamp // 86400).astype(np.int64)
+    parts: list[tuple[int, Any, list[tuple[int, int]]]]
+    if days[0] == days[-1] and (days == days[0]).all():
+        parts = [(int(days[0]), slice(None), [(0, total)])]
+    else:  # requests either side of midnight UTC: each day's, its rows request by request
+        ends = np.cumsum(rows)
+        parts = []
+        for day in np.unique(days).tolist():
+            chosen = np.flatnonzero(days == day)
+            spans = [(int(ends[i] - rows[i]), int(ends[i])) for i in chosen.tolist()]
+            parts.append((day, chosen, spans))
+    for day, chosen, spans in parts:
+        stack, meta = _stack_of(stacks, day, record.layout, columns)
+        every = isinstance(chosen, slice)
+        for name in ("request_id", "model_version", "role", "model_name"):
+            values = getattr(record, name)
+            getattr(meta, name).extend(values if every else [values[i] for i in chosen.tolist()])
+        meta.timestamp.extend(record.timestamp[chosen].tolist())
+        meta.status.extend(record.status[chosen].tolist())
+        meta.latency_ms.extend(record.latency_ms[chosen].tolist())
+        stack.counts.extend(rows[chosen].tolist())
+        for start, stop in spans:
+            stack.inputs.append(record.raw[start * in_row_bytes:stop * in_row_bytes])
+            if pred_row_bytes:
+                stack.predictions.append(record.raw[split + start * pred_row_bytes:split + stop * pred_row_bytes])
+
+
+def _stack_compact(record: CompactRecord, stacks: dict[tuple[int, bytes], _Stack],
+                   layouts: dict[bytes, tuple[tuple, tuple | None, int, int]]) -> None:
+    """Add a compact record to the stack of its day and layout (raises if its sizes do not fit)."""
+    columns, _, in_row_bytes, pred_row_bytes = _layout(record.layout, layouts)
     rows = record.rows
     split = rows * in_row_bytes
     if rows < 1 or len(record.raw) != split + rows * pred_row_bytes:
         raise ValueError("compact record's bytes do not fit its layout")
-    key = (int(record.timestamp // 86400), record.layout)
-    stack = stacks.get(key)
-    if stack is None:
-        stack = stacks[key] = _Stack(columns, RequestMeta())
-    meta = stack.requests
-    assert isinstance(meta, RequestMeta)
+    stack, meta = _stack_of(stacks, int(record.timestamp // 86400), record.layout, columns)
     meta.request_id.append(record.request_id)
     meta.timestamp.append(record.timestamp)
     meta.model_version.append(record.model_version)
@@ -427,6 +559,8 @@ def _stack_compact(record: CompactRecord, stacks: dict[tuple[int, bytes], _Stack
 
 def _stack_table(stack: _Stack, pred_key: tuple | None, deployment: str,
                  redact: Callable[[pd.DataFrame], pd.DataFrame] | None) -> pa.Table:
+    """The table of a stack's requests: the one place that builds capture tables from raw records,
+    with or without a redaction (what :func:`.arrow.tables_by_day` gives for the same requests)."""
     total = sum(stack.counts)
     ncols = len(stack.columns)
     values = np.frombuffer(b"".join(stack.inputs), dtype=np.float64)
@@ -439,22 +573,24 @@ def _stack_table(stack: _Stack, pred_key: tuple | None, deployment: str,
         stacked = np.frombuffer(b"".join(stack.predictions), dtype=np.dtype(dtype)).reshape((total, *tail))
         predictions = prediction_arrays(stacked)
     meta = stack.requests
-    if redact is not None:
-        # The redaction works on a DataFrame: the pandas way (arrow.py), the same table otherwise.
-        import pandas as pd
-
-        from mlflow_deploy_plugin.capture.arrow import as_frame, stacked_table
-
-        frame = as_frame(pd.DataFrame(matrix, columns=list(stack.columns), copy=False))
-        return stacked_table(meta, stack.counts, frame, predictions, deployment, redact)
     if not isinstance(meta, RequestMeta):
         requests, meta = meta, RequestMeta()
         for request in requests:
             meta.add(request)
-    names = [*META_COLUMNS, *input_names(stack.columns), *predictions]
-    arrays = [*meta_arrays(meta, stack.counts, deployment), *(numeric_array(matrix[:, i]) for i in range(ncols)),
-              *map(numeric_array, predictions.values())]
-    return pa.Table.from_arrays(arrays, names=names)
+    names = input_names(stack.columns)
+    if redact is None:
+        inputs = [numeric_array(matrix[:, i]) for i in range(ncols)]
+    else:
+        # The redaction works on a DataFrame (pandas is loaded for it only); hashed columns become text.
+        import pandas as pd
+
+        from mlflow_deploy_plugin.capture.arrow import to_arrow
+
+        frame = redact(pd.DataFrame(matrix, columns=names, copy=False))
+        names = list(frame.columns)
+        inputs = [to_arrow(frame.iloc[:, i]) for i in range(len(names))]
+    arrays = [*meta_arrays(meta, stack.counts, deployment), *inputs, *map(numeric_array, predictions.values())]
+    return pa.Table.from_arrays(arrays, names=[*META_COLUMNS, *names, *predictions])
 
 
 def _unpart(part: tuple) -> Any:

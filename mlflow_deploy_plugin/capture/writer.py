@@ -1,10 +1,14 @@
 """The capture writer: the request path appends encoded records to a spool; another process writes Parquet.
 
-:meth:`CaptureWriter.record` encodes one answered request as a spool record (:mod:`.spool`: raw
-bytes of float frames and numeric predictions, a few microseconds) and appends it to an in-memory
-list. A background thread of the serving process only appends those bytes to a segment file
-(``os.write`` releases the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the
-segment to the converter process (:mod:`.converter`), which does all the Arrow/Parquet work. So encoding and writing Parquet never hold the GIL of the process that serves.
+:meth:`CaptureWriter.record` checks that an answered request fits the spool's batch record
+(:mod:`.batch`: the parser's float rows and numeric predictions, nearly all traffic) and appends
+it to an in-memory list, a microsecond or two; anything else it encodes at once as a record of its
+own (:mod:`.spool`). A background thread of the serving process, every ``_WRITE_EVERY_S``, encodes
+the requests waiting as one batch record per column layout (the fixed cost of a record is paid
+once per write, not once per request), appends the bytes to a segment file (``os.write`` releases
+the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the segment to the converter
+process (:mod:`.converter`), which does all the Arrow/Parquet work. So writing Parquet never holds
+the GIL of the process that serves.
 
 Writer and converter talk through files only: the writer renames a complete segment ``.seg``; the
 converter writes its Parquet and answers in ``.done``, which the writer reads to count. One
@@ -14,7 +18,8 @@ process share one they start themselves (``converter="own"``), which exits when 
 started again when a segment waits.
 
 What stays true, and is easy to check here: the request path never blocks on I/O or raises;
-what waits (in memory or in the spool, not yet in Parquet) is bounded in requests and bytes;
+what waits (in memory or in the spool, not yet in Parquet) is bounded in requests and bytes (a
+request waiting in memory counts the bytes its share of a batch record will take);
 every request accepted is either written or counted as dropped (with a reason); nothing accepted
 is lost on a graceful :meth:`~CaptureWriter.close`; after a crash, the converter of the next
 start converts what the spool kept (a torn last record is skipped).
@@ -55,6 +60,7 @@ from typing import Any
 import pandas as pd
 
 from mlflow_deploy_plugin.capture.arrow import AnsweredRequest
+from mlflow_deploy_plugin.capture.batch import batch_item
 from mlflow_deploy_plugin.capture.retention import prune_capture
 from mlflow_deploy_plugin.capture.spool import (
     CONFIG_NAME,
@@ -62,6 +68,7 @@ from mlflow_deploy_plugin.capture.spool import (
     LOCK_NAME,
     OPEN_SUFFIX,
     SEGMENT_SUFFIX,
+    encode_items,
     encode_record,
     rows_of_raw,
     write_config,
@@ -73,6 +80,8 @@ _PRUNE_EVERY_S = 600.0
 # Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
 _WRITE_EVERY_S = 0.25
 _WRITE_BYTES = 1 << 20
+# Buffers one os.writev takes at most (IOV_MAX; 1024 on Linux).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
 # How often the writer looks for the converter's answers while segments wait for one.
@@ -187,6 +196,24 @@ def _rows_of(inputs: Any) -> int:
         return 1
 
 
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    """Write ``buffers`` (each ``len`` bytes long) one after the other: ``os.writev``, so the
+    kernel copies them from where they are (no joined copy in this process)."""
+    views = [memoryview(buffer) for buffer in buffers if len(buffer)]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first:first + _IOV_MAX])
+        if not written:
+            raise OSError(f"writing to the spool file made no progress ({sum(map(len, views[first:]))} bytes left)")
+        while written and first < len(views):  # skip what was written; a partial one goes on from there
+            if written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
+
+
 class _Segment:
     """The segment file being appended to, and what it holds."""
 
@@ -236,7 +263,9 @@ class CaptureWriter:
                 new ones are dropped. Waiting requests cost a few hundred bytes of spool each, no
                 Python objects: the bound is there for a converter that cannot keep up.
             max_buffer_bytes: Bytes (encoded records) waiting to be written before new requests are
-                dropped; a single request larger than this is dropped too.
+                dropped; a single request larger than this is dropped too. A request waiting in
+                memory for its batch record counts its share of it (the heads of a write's records,
+                a few hundred bytes, come on top once it is encoded).
             flush_rows: Spooled input rows that start a conversion. Each conversion writes a Parquet
                 file and costs ~3 ms of converter CPU besides its rows: with 100-row requests, 5,000
                 rows per segment cost 115 us of CPU per request against 65 us at 40,000
@@ -321,7 +350,8 @@ class CaptureWriter:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         # Encoded records not yet in the segment file, and what waits anywhere (memory + spool).
-        self._chunks: list[bytes] = []
+        # Encoded records (bytes) and items the writer thread encodes in batch records (tuples).
+        self._chunks: list[bytes | tuple] = []
         self._chunk_bytes = 0
         self._waiting_requests = 0
         self._waiting_bytes = 0
@@ -368,13 +398,18 @@ class CaptureWriter:
             if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
                 return False
             try:
-                blob = encode_record(request)
+                batched = batch_item(request)
+                if batched is None:  # encoded now, alone (errors are the caller's: not accepted)
+                    blob = encode_record(request)
+                    item: bytes | tuple = blob
+                    size = len(blob)
+                    # The parser's raw rows when the request has them: len() of a DataFrame is a pandas call.
+                    rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
+                else:  # encoded by the writer thread with the others of its write (.batch)
+                    item, size, rows = batched
             except Exception:
                 self._drop(1, DROP_CONVERT_ERROR, accepted=False)
                 return False
-            # The parser's raw rows when the request has them: len() of a DataFrame is a pandas call.
-            rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
-            size = len(blob)
             reason = None
             with self._lock:
                 if self._closed:
@@ -383,7 +418,7 @@ class CaptureWriter:
                       or self._waiting_bytes + size > self.max_buffer_bytes):
                     reason = DROP_BUFFER_FULL
                 else:
-                    self._chunks.append(blob)
+                    self._chunks.append(item)
                     self._chunk_bytes += size
                     self._waiting_requests += 1
                     self._waiting_bytes += size
@@ -533,7 +568,8 @@ class CaptureWriter:
                         self._wakeup.wait(None if wait == math.inf else wait)
                     closing = self._closed
                     flush_target = self._flush_asked
-                    chunks, self._chunks, self._chunk_bytes = self._chunks, [], 0
+                    chunks, chunk_bytes = self._chunks, self._chunk_bytes
+                    self._chunks, self._chunk_bytes = [], 0
                     roll = (closing or flush_target > self._flush_done or self._segment.rows >= self.flush_rows
                             or (self._segment_started_at is not None
                                 and time.monotonic() >= self._segment_started_at + self.flush_interval_s))
@@ -544,7 +580,7 @@ class CaptureWriter:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
                 if chunks:
-                    self._append(segment, chunks)
+                    self._append(segment, chunks, chunk_bytes)
                     self._settle(len(chunks))  # after the write: a kill during it counts these as lost
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
@@ -587,29 +623,44 @@ class CaptureWriter:
             self._lock_fd, self._folder = fd, folder
         return self._folder
 
-    def _append(self, segment: _Segment, chunks: list[bytes]) -> None:
-        """Append records to the segment's file; on failure they are dropped and counted."""
-        data = b"".join(chunks)
+    def _append(self, segment: _Segment, chunks: list[bytes | tuple], counted_bytes: int) -> None:
+        """Encode what waits (records already encoded, and requests to encode together: batch
+        records), and append it to the segment's file; requests that cannot be encoded or written
+        are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``."""
+        buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
+        size = sum(map(len, buffers))
+        pending = [chunk for chunk in chunks if type(chunk) is tuple]
+        failed = 0
+        if pending:
+            batched, batched_size, failed = encode_items(pending)
+            buffers += batched
+            size += batched_size
+        requests = len(chunks) - failed  # in ``buffers`` now
+        with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
+            segment.bytes += size - counted_bytes
+            self._waiting_bytes += size - counted_bytes
+            segment.requests -= failed
+            self._waiting_requests -= failed
+        if failed:
+            self._drop(failed, DROP_CONVERT_ERROR)
         try:
             if self._segment_fd is None:
                 path = self._ensure_folder() / f"{segment.name}{OPEN_SUFFIX}"
                 self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._segment_fd, view):]
+            _write_all(self._segment_fd, buffers)
         except OSError as exc:
             # The records of this append are lost (a partial one is skipped as torn by the reader).
             with self._lock:
-                segment.requests -= len(chunks)
-                segment.bytes -= len(data)
-                self._waiting_requests -= len(chunks)
-                self._waiting_bytes -= len(data)
+                segment.requests -= requests
+                segment.bytes -= size
+                self._waiting_requests -= requests
+                self._waiting_bytes -= size
                 first_of_burst = DROP_WRITE_ERROR not in self._warned
                 self._warned.add(DROP_WRITE_ERROR)
             if first_of_burst:
                 _log.warning("Capture for deployment %r: spooling to %s failed (%s: %s); requests are dropped "
                              "and counted.", self.deployment, self.spool_dir, type(exc).__name__, exc)
-            self._drop(len(chunks), DROP_WRITE_ERROR)
+            self._drop(requests, DROP_WRITE_ERROR)
             if self._segment_fd is not None and segment.requests == 0:
                 self._close_segment_file(segment, keep=False)
 
