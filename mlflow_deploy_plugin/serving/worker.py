@@ -17,7 +17,9 @@ Liveness (``serving/watchdog.py``, ``engines/local/liveness.py``): the event loo
 and every model call is timed; a call that does not return within ``timeout_s`` plus a grace makes
 the worker answer 503 to everything waiting on it, stop accepting and exit.
 
-Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``.
+Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``, or forked
+by the warm standby (``--standby HINT --fork-socket K``: imports done, it forks each worker the
+supervisor asks for, ``engines/local/forkserver.py``); a forked worker keeps the standby's command line.
 It reports on the ready pipe in the words of ``engines/local/worker_protocol.py``.
 """
 

@@ -5,6 +5,9 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
 
 - binds the listening socket once and hands it to every worker, so updates never refuse a
   connection: new workers accept beside the old ones, then the old ones drain;
+- starts the warm standby first and has it fork the workers (``forkserver.py``): they share its
+  imported pages, so the standby costs a few MiB, not a second interpreter. It adopts them as a
+  child subreaper, so they are its children (reaped, exit status read) as if it had started them;
 - restarts crashed workers. A crash is judged by what the worker was doing (its liveness file,
   ``liveness.py``): dying inside a model call means a request killed it (recorded as a bad request,
   restarted at once, never held against the version; a SIGKILL is told apart as the kernel's OOM
