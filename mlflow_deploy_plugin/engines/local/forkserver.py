@@ -151,9 +151,13 @@ def request_fork(sock: socket.socket, args: list[str], env: dict[str, str], fds:
         raise ForkError(f"cannot reach the warm standby: {exc}") from exc
     if not reply:
         raise ForkError("the warm standby is gone")
-    answer = json.loads(reply)
-    if "pid" not in answer:
-        raise ForkError(f"the warm standby could not fork a worker: {answer.get('error')}")
+    try:
+        answer = json.loads(reply)
+    except ValueError as exc:
+        raise ForkError(f"the warm standby answered something else than JSON: {reply[:80]!r}") from exc
+    if not isinstance(answer, dict) or "pid" not in answer:
+        detail = answer.get("error") if isinstance(answer, dict) else repr(answer)
+        raise ForkError(f"the warm standby could not fork a worker: {detail}")
     return int(answer["pid"])
 
 
