@@ -77,5 +77,21 @@ def test_the_standby_leaves_when_the_supervisor_closes_its_end_and_answers_a_bad
     assert not thread.is_alive()
 
 
-def test_reaping_adopted_orphans_leaves_known_children_alone() -> None:
-    assert forkserver.reap_adopted({os.getpid()}) == []  # no zombie child of ours here
+def test_reaping_adopted_orphans_reaps_exited_children_only_and_never_known_ones() -> None:
+    import subprocess
+    import sys
+    import time
+
+    known = subprocess.Popen([sys.executable, "-c", "pass"])
+    running = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    adopted = subprocess.Popen([sys.executable, "-c", "pass"])  # stands for an orphan we adopted
+    try:
+        deadline = time.monotonic() + 30
+        reaped: list[int] = []
+        while adopted.pid not in reaped and time.monotonic() < deadline:
+            reaped += forkserver.reap_adopted({known.pid})
+            time.sleep(0.01)
+        assert reaped == [adopted.pid]
+        assert known.wait(timeout=30) == 0  # its exit status was left for its own handle
+    finally:
+        running.communicate(timeout=30)

@@ -60,23 +60,24 @@ def become_subreaper() -> bool:
 
 
 def reap_adopted(known: set[int]) -> list[int]:
-    """Reap the zombies among our children that no handle of ours waits for (as a subreaper we
-    adopt orphaned descendants, e.g. a killed worker's shadow process); returns their pids."""
-    me = str(os.getpid())
+    """Reap the children that exited and that no handle of ours waits for (as a subreaper we adopt
+    orphaned descendants, e.g. a killed worker's shadow process); returns their pids."""
     reaped = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in known:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == me and fields[0] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
-                reaped.append(int(entry))
+    for pid in _children() - known:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                reaped.append(pid)
     return reaped
+
+
+def _children() -> set[int]:
+    """Our children's pids: one small read of ``/proc/<pid>/task/<tid>/children`` per thread (the
+    supervisor has one), not a walk over every process of the machine."""
+    pids: set[int] = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{os.getpid()}/task/{task}/children") as handle:
+            pids.update(int(pid) for pid in handle.read().split())
+    return pids
 
 
 class ForkedChild:
