@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-pg kserve-venv lint bench-serving bench-drift bench-drift-quality bench-quality bench-follow bench-chaos clean
+.PHONY: demo test test-fast test-pg kserve-venv lint bench-serving bench-drift bench-drift-quality bench-quality bench-follow bench-chaos bench-shadow clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ test-fast: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py
+
+# The shadow's cost on the primary's p99 (issue 16): off and on alternating, five on cells per point.
+bench-shadow: $(STAMP)
+	$(BIN)/python benchmarks/serving.py --shadow --no-peer --no-mlserver --no-nocap --cells 1x1,1x8,1x32 --passes 5
 
 bench-drift: $(STAMP)
 	$(BIN)/python benchmarks/drift.py

@@ -20,6 +20,7 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, ErrorCode
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.config import config_help
 from mlflow_deploy_plugin.deployments import Deployments
 from mlflow_deploy_plugin.errors import DeploymentError
@@ -29,6 +30,8 @@ from mlflow_deploy_plugin.errors import DeploymentError
 # the command returned. Frozen objects are skipped by those collections (the memory goes back to
 # the OS with the process anyway); atexit handlers and the flushing of open files still run.
 atexit.register(gc.freeze)
+timeline.mark_process_start("cli")
+timeline.mark("cli: plugin imported (MLflow's CLI before it)")
 
 
 def target_help() -> str:
@@ -94,8 +97,11 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
 
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         """Resolve ``model_uri`` to a version, start its service and wait until it is healthy."""
+        timeline.mark("cli: create entered")
         with _as_mlflow_errors():
-            return self.deployments.create(name, model_uri, config, flavor)
+            created = self.deployments.create(name, model_uri, config, flavor)
+        timeline.mark("cli: create returns to MLflow's CLI")
+        return created
 
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         """Swap to a new model URI and/or config with zero downtime; the old version keeps

@@ -109,6 +109,12 @@ def test_errors_are_clear(env: Env, shared_deployment: dict, registry: Registry)
         assert message in shown, f"{args}: expected {message!r} in:\n{shown[-2000:]}"
     names = env.cli_here("list", "-t", "lifecycle").stdout
     assert names.startswith("List of all deployments") and "x1" not in names and "x4" not in names
+    # These creates started their supervisor's interpreter before the registry (or the store) said no:
+    # it was sent away, having made nothing.
+    for name in ("x4", "x5"):
+        assert not processes_of(env.home / "deployments" / name) and not (env.home / "deployments" / name).exists()
+    supervisors = [p for p in processes_of(env.home / "deployments" / "shared") if "engines.local.supervisor" in p]
+    assert len(supervisors) == 1, supervisors  # its own; the one the second create started is gone
 
 
 def _shown(proc: subprocess.CompletedProcess) -> tuple[int, str]:

@@ -32,7 +32,16 @@ SERVING_STATES = (RUNNING, UNHEALTHY)  # the service answers requests (maybe wit
 
 
 class EngineError(RuntimeError):
-    """The engine could not do what was asked; the message says why."""
+    """The engine could not do what was asked; the message says why.
+
+    ``cause``: when a process of the deployment was killed by SIGKILL on the way, what killed it
+    (the local engine's ``oom``, ``killed`` or ``killed (cause unknown)``, see ``engines/local/oom.py``),
+    recorded as the history entry's ``cause`` like a ``crashed`` entry's.
+    """
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,16 @@ class Engine(abc.ABC):
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
+
+    def prepare_start(self, name: str) -> None:
+        """Get ready to :meth:`start` deployment ``name`` while the caller still resolves its model
+        (nothing of the deployment is touched yet). Followed by ``start`` or :meth:`cancel_start`.
+        Default: nothing to prepare."""
+        return None
+
+    def cancel_start(self, name: str) -> None:
+        """Undo :meth:`prepare_start` when no ``start`` follows (the create failed); idempotent."""
+        return None
 
     @abc.abstractmethod
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:

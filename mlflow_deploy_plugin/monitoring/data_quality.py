@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .drift_stats import _numeric_values, _value_counts, column_kind
+from mlflow_deploy_plugin.categories import category_text
+
+from .drift_stats import _counts_by_text, _numeric_values, _value_counts, column_kind
 
 #: How many never-seen categories a column's check lists (the share counts all of them).
 MAX_LISTED = 10
@@ -146,38 +148,36 @@ def _categories(ref: pd.Series, cur: pd.Series) -> tuple[pd.Series, pd.Series]:
     if ref_kind != cur_kind and {ref_kind, cur_kind} <= set("iuf"):
         ref, cur = ref.astype(np.float64), cur.astype(np.float64)  # 6 and 6.0 are one category
     elif ref_kind != cur_kind:
-        ref, cur = ref.astype(str), cur.astype(str)
+        ref, cur = _as_text(ref), _as_text(cur)  # category texts, as drift compares them
     return ref, cur
 
 
+def _as_text(series: pd.Series) -> pd.Series:
+    """Each value's :func:`.category_text` (made once per distinct value): an object column's 6
+    and a float column's 6.0 are both '6', where ``astype(str)`` made '6' and '6.0'."""
+    codes, uniques = pd.factorize(series)
+    texts = np.array([category_text(value) for value in uniques], dtype=object)
+    return pd.Series(texts[codes], index=series.index, dtype=object)
+
+
 def _unseen(ref: pd.Series, cur: pd.Series) -> tuple[int, pd.Series, int]:
-    """(current values, counts of the current values the reference never has, how many distinct
-    ones there are).
+    """(current values, counts of the current values the reference never has by their category
+    text, how many distinct texts there are).
 
     Two pandas categoricals (how a column read from disk comes) are counted, not listed: their
     rows are never copied (dropping missing values copies them with a new index, ~17 bytes a row
-    for each side: 340 MB at 10M rows). Other columns are compared row by row: in an object column,
-    equal values of different text (1 and 1.0) count apart, as their text is listed.
+    for each side: 340 MB at 10M rows). Other columns are compared row by row. Either way the
+    values are listed as :func:`.category_text` spells them, as drift lists them: an integer level
+    the streamed read gave as float64 (numbers_as_float64) is '6', as the whole-frame read has it.
     """
     if isinstance(ref.dtype, pd.CategoricalDtype) and isinstance(cur.dtype, pd.CategoricalDtype):
         ref_counts, cur_counts = _value_counts(ref), _value_counts(cur)  # categories are distinct values
-        unseen_counts = cur_counts[~cur_counts.index.isin(ref_counts.index)]
+        unseen_counts = _counts_by_text(cur_counts[~cur_counts.index.isin(ref_counts.index)])
         return int(cur_counts.sum()), unseen_counts, len(unseen_counts)
     ref_values, cur_values = _categories(ref, cur)
     unseen = cur_values[~cur_values.isin(pd.unique(ref_values))]
-    if unseen.dtype.kind == "f":
-        # Integer levels the streamed read gave as float64 (numbers_as_float64) are listed as the
-        # whole-frame read lists them: '6', not '6.0'. Counted first: one text per distinct value.
-        counts = unseen.value_counts()
-        counts.index = pd.Index([_number_text(value) for value in counts.index], dtype=object)
-        return len(cur_values), counts, len(counts)
-    return len(cur_values), unseen.astype(str).value_counts(), int(unseen.nunique())
-
-
-def _number_text(value: float) -> str:
-    """A float category as listed: an integral one as the integer it is (``6``), others as Python
-    writes them (``6.5``)."""
-    return str(int(value)) if value.is_integer() and abs(value) < 2**63 else str(value)
+    counts = _counts_by_text(unseen.value_counts())  # one text per distinct value, not per row
+    return len(cur_values), counts, len(counts)
 
 
 def check_column(name: str, ref: pd.Series, cur: pd.Series | None, rows_current: int, limits: Limits,

@@ -48,6 +48,7 @@ from scipy import stats
 from scipy.spatial import distance
 
 from mlflow_deploy_plugin.capture.columns import ParquetColumns
+from mlflow_deploy_plugin.categories import category_text
 
 from .drift_methods import (
     KIND_DEFAULTS,
@@ -510,14 +511,15 @@ def missing_rate_test(missing_ref: int, rows_ref: int, missing_cur: int, rows_cu
 def _category_counts(ref: pd.Series, cur: pd.Series) -> tuple[np.ndarray, np.ndarray, pd.Index, int, int]:
     """Aligned category counts of both sides (missing values dropped and counted)."""
     n_ref_rows, n_cur_rows = len(ref), len(cur)
+    ref_vc, cur_vc = _value_counts(ref), _value_counts(cur)
     if ref.dtype != cur.dtype and not (isinstance(ref.dtype, pd.CategoricalDtype)
                                        and isinstance(cur.dtype, pd.CategoricalDtype)):
-        # E.g. bool in the reference, strings in captured JSON: compare their text forms.
+        # E.g. bool in the reference, strings in captured JSON, or ints in an object reference and
+        # floats captured: compare their category texts (6 and 6.0 are both '6'; str() made them two).
         ref_kind = "b" if pd.api.types.is_bool_dtype(ref.dtype) else getattr(ref.dtype, "kind", "O")
         cur_kind = "b" if pd.api.types.is_bool_dtype(cur.dtype) else getattr(cur.dtype, "kind", "O")
         if ref_kind != cur_kind:
-            ref, cur = ref.dropna().astype(str), cur.dropna().astype(str)
-    ref_vc, cur_vc = _value_counts(ref), _value_counts(cur)
+            ref_vc, cur_vc = _counts_by_text(ref_vc), _counts_by_text(cur_vc)
     keys = _canonical_order(ref_vc.index.append(cur_vc.index).unique())
     ref_counts = ref_vc.reindex(keys, fill_value=0).to_numpy(dtype=np.float64)
     cur_counts = cur_vc.reindex(keys, fill_value=0).to_numpy(dtype=np.float64)
@@ -543,6 +545,13 @@ def _value_counts(series: pd.Series) -> pd.Series:
     return series.value_counts(dropna=True, sort=False)
 
 
+def _counts_by_text(counts: pd.Series) -> pd.Series:
+    """``counts`` (by value) summed by each value's :func:`.category_text`: one text per distinct
+    value, never per row."""
+    texts = pd.Index([category_text(value) for value in counts.index], dtype=object)
+    return counts.groupby(texts, sort=False).sum()
+
+
 def _canonical_order(keys: pd.Index) -> pd.Index:
     """``keys`` sorted, so the figures do not depend on the order of the rows (the streamed path
     reads them in file order, the in-memory one in time order); keys of mixed types that do not
@@ -559,8 +568,12 @@ def _new_categories(ref_counts: np.ndarray, cur_counts: np.ndarray, keys: pd.Ind
     if not len(new):
         return {}
     order = new[np.argsort(-cur_counts[new], kind="stable")][:MAX_LISTED_NEW_CATEGORIES]
-    return {"new_categories": int(len(new)),
-            "new_category_counts": {str(keys[i]): int(cur_counts[i]) for i in order}}
+    # Listed as data quality lists them: an integer level read as float64 is '6', not '6.0'.
+    listed: dict[str, int] = {}
+    for i in order:
+        text = category_text(keys[i])
+        listed[text] = listed.get(text, 0) + int(cur_counts[i])  # 1 and '1' in an object column: one text
+    return {"new_categories": int(len(new)), "new_category_counts": listed}
 
 
 def _fmt(value: float) -> str:

@@ -47,6 +47,7 @@ from mlflow_deploy_plugin.capture.layout import (
     partition_path,
     resolve_root,
 )
+from mlflow_deploy_plugin.categories import category_text
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.state import file_lock
 
@@ -154,15 +155,7 @@ def canonical(values: pd.Series) -> pd.Series:
     def one(value: Any) -> Any:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return None
-        if isinstance(value, bool | np.bool_):
-            return str(bool(value))
-        if isinstance(value, int | np.integer):
-            return str(int(value))
-        if isinstance(value, float | np.floating):
-            return str(int(value)) if float(value).is_integer() else repr(float(value))
-        if isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
-        return str(value)
+        return category_text(value)  # the spelling drift and data quality list categories in
 
     return pd.Series([one(v) for v in values.tolist()], index=values.index, dtype=object)
 

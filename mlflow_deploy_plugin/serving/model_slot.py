@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-from mlflow.models import Model
 from mlflow.pyfunc import PyFuncModel  # by name: to mypy, `mlflow.pyfunc.X` is mlflow's lazy loader
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy
 
 __all__ = ["ModelIdentity", "ModelLoadError", "ModelSlot", "ensure_local_copy"]
@@ -45,6 +45,7 @@ class ModelSlot:
     def load(cls, identity: ModelIdentity, cache_dir: Path) -> ModelSlot:
         """Fetch (once) and load the model version; raise ModelLoadError saying what failed."""
         path = ensure_local_copy(identity.model_uri, cache_dir)
+        timeline.mark(f"replica: local copy of {identity.model_uri} there")
         try:
             # MLflow's environment checks ran where the copy was made (model_copy.py): not again on
             # every worker's way to its first answer.
@@ -63,8 +64,8 @@ class ModelSlot:
 
     def input_example(self) -> Any | None:
         """The input example logged with the model, if any."""
-        try:
-            return Model.load(str(self.path)).load_input_example(str(self.path))
+        try:  # the MLmodel the load read already: not parsed again on the way to the first answer
+            return self.metadata.load_input_example(str(self.path))
         except Exception as exc:
             _logger.warning("Input example of %s could not be read: %s", self.identity.model_uri, exc)
             return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
 
 _logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class ShadowedCapture:
 class ShadowHooks:
     """Where a shadow mirror's events go: the worker's Prometheus metrics (cheap, thread-safe)."""
 
-    on_drop: Callable[[str], None]  # a copy not predicted, by reason
+    on_drop: Callable[[str, int], None]  # copies not predicted, by reason, and how many
     on_result: Callable[[str, float, int], None]  # an outcome, the seconds its call took, and of how many copies
     on_capture_drop: Callable[[int], None]  # shadow rows capture could not keep
 
@@ -133,7 +134,7 @@ def shadow_hooks(spec: DeploymentSpec, metrics: Any) -> ShadowHooks:
         outcomes[outcome].inc(copies)
         observe_many(latency, seconds, copies)
 
-    return ShadowHooks(lambda reason: drops[reason].inc(), on_result, lambda count: dropped.inc(count))
+    return ShadowHooks(lambda reason, count: drops[reason].inc(count), on_result, lambda count: dropped.inc(count))
 
 
 def _labels_routes(spec: DeploymentSpec, slots: list[tuple[Any, float]], capture: Any,
@@ -203,8 +204,10 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             identity = ModelIdentity(model.model_name, model.model_version, model.version_uri, model.requested_uri,
                                      model.run_id)
             slot = ModelSlot.load(identity, model_dir(model))
+            timeline.mark(f"replica: {identity.model_uri} loaded")
             _logger.info("Loaded %s (%s%% of traffic); smoke test: %s", identity.model_uri, share.percent,
                          slot.smoke_test())
+            timeline.mark(f"replica: {identity.model_uri} smoke-tested")
             slots.append((slot, share.percent))
     except BaseException:
         if started_shadow is not None:

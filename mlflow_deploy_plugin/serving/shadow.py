@@ -163,7 +163,7 @@ class MirrorFront:
 
     A subclass sets ``sample_rate``, ``_rng``, ``_closed`` and ``submitted`` and provides
     :meth:`_enqueue` (hand the copy over without blocking; False when dropped, counted) and
-    :meth:`_drop` (count a copy not predicted, by reason).
+    :meth:`_drop` (count copies not predicted, by reason: a run of them in one call).
     """
 
     sample_rate: float
@@ -196,7 +196,7 @@ class MirrorFront:
     def _enqueue(self, answer: Any) -> bool:
         raise NotImplementedError
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, count: int = 1) -> None:
         raise NotImplementedError
 
 
@@ -205,13 +205,14 @@ class ShadowMirror(MirrorFront):
 
     def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
-                 on_drop: Callable[[str], None] | None = None,
+                 on_drop: Callable[[str, int], None] | None = None,
                  on_result: Callable[[str, float, int], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
                  model_name: str | None = None, batch_wait_s: float = 0.0) -> None:
         """``predict(inputs, params)`` is the shadow slot's predict; ``record`` gets every :class:`ShadowAnswer`
-        (naming ``model_name`` and ``version``); ``on_drop(reason)`` and ``on_result(outcome, seconds, copies)``
-        feed the metrics (cheap, thread-safe; a batch's copies are counted in one call). With ``batching``, ``batch_wait_s`` is how long the
+        (naming ``model_name`` and ``version``); ``on_drop(reason, copies)`` and
+        ``on_result(outcome, seconds, copies)`` feed the metrics (cheap, thread-safe; a batch's or a
+        run's copies are counted in one call). With ``batching``, ``batch_wait_s`` is how long the
         dispatcher waits for more copies to join a batch (0: only the ones already waiting; the
         shadow process, which answers nobody, waits a little to make fewer calls)."""
         if not 0.0 < sample_rate <= 1.0:
@@ -296,8 +297,9 @@ class ShadowMirror(MirrorFront):
         self.dropped[reason] = self.dropped.get(reason, 0) + count
         if self._on_drop is not None:
             try:
-                for _ in range(count):
-                    self._on_drop(reason)
+                # One call for the whole run: a call per copy cost a run of N drops N metric updates,
+                # and a hook failing partway left the metric short of the tally.
+                self._on_drop(reason, count)
             except Exception:
                 _logger.exception("Shadow drop counter failed")
 

@@ -222,12 +222,12 @@ class Copy:
 class CopyChannel:
     """A bounded queue of request copies and the thread that writes them, gathered, to a pipe."""
 
-    def __init__(self, max_queue: int, on_drop: Callable[[str], None],
+    def __init__(self, max_queue: int, on_drop: Callable[[str, int], None],
                  on_lost: Callable[[int], None] | None = None, max_copies: int = 256,
                  gather_s: float = GATHER_S, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        """``on_drop(reason)`` counts a copy the queue could not take; ``on_lost(n)`` the copies of a
-        message the pipe did not take (its reader died). ``gather_s``: how long the sender lets
-        copies gather once one waits (see the module's docstring)."""
+        """``on_drop(reason, copies)`` counts copies the queue could not take (or held at close);
+        ``on_lost(n)`` the copies of a message the pipe did not take (its reader died). ``gather_s``:
+        how long the sender lets copies gather once one waits (see the module's docstring)."""
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         self._max_queue = max_queue
@@ -269,7 +269,7 @@ class CopyChannel:
                 first = len(self._pending) == 1
                 reason = ""
         if reason:
-            self._on_drop(reason)
+            self._on_drop(reason, 1)
             return False
         if first:  # only then: the sender is waiting, or will take this one with those it is taking
             self._wake.set()
@@ -292,14 +292,15 @@ class CopyChannel:
                 os.close(fd)
         return sent
 
-    def send_control(self, message: Any, timeout_s: float = 5.0) -> bool:
+    def send_control(self, message: Callable[[], Any], timeout_s: float = 5.0) -> bool:
         """Write one control message (flush, close) to the current pipe, after the copies queued before it.
 
+        ``message()`` makes the message at the moment it is written, once those copies have gone:
+        a budget it carries is then what the caller has left, not what it had before the wait.
         False if there is no pipe, or if those copies have not gone within ``timeout_s`` (a child that
         stopped reading: the caller kills it, which ends that write).
         """
         deadline = time.monotonic() + max(0.0, timeout_s)
-        data = encode_frame(message)
         if self._fd is None:
             return False
         if not self._drained(deadline):
@@ -309,6 +310,7 @@ class CopyChannel:
         try:
             if self._fd is None:
                 return False
+            data = encode_frame(message())
             try:
                 write_all(self._fd, data)
             except OSError:
@@ -397,8 +399,7 @@ class CopyChannel:
             with self._write_lock:
                 if self._fd is None:
                     if self._closing:
-                        for _ in batch:
-                            self._on_drop("closed")
+                        self._on_drop("closed", len(batch))
                         return
                     continue  # detached between the wait and the lock: wait for the next pipe
                 try:
@@ -433,5 +434,5 @@ class CopyChannel:
             self._finished += len(left)
         with self._attached:
             self._attached.notify_all()
-        for _ in left:
-            self._on_drop("closed")
+        if left:
+            self._on_drop("closed", len(left))

@@ -140,3 +140,27 @@ def test_an_integer_column_with_a_missing_value_has_the_categories_of_the_intege
     current = pd.Series(np.r_[np.nan, np.full(20, 6.0), rng.integers(0, 4, 979).astype(np.float64)])
     check = check_column("plan", reference, current, len(current), Limits()).check("new_categories")
     assert check is not None and check.figures["unseen_values"] == 20 and check.figures["top"] == {"6": 20}
+
+
+def test_drift_and_data_quality_spell_and_compare_a_category_alike() -> None:
+    """One category, one text (categories.category_text), in both reports: drift listed an integer
+    level as '6.0' (its levels are float64) where data quality listed '6'; and an object reference of
+    ints compared as text with captured floats ('6' vs '6.0') made every captured value new in drift."""
+    from mlflow_deploy_plugin.monitoring.drift_stats import compute_drift
+
+    rng = np.random.default_rng(8)
+    reference = pd.DataFrame({"plan": rng.integers(0, 4, 1000)})
+    current = pd.DataFrame({"plan": np.r_[np.full(40, 6), rng.integers(0, 4, 960)]})
+    for cur in (current, current.astype(np.float64)):  # as read whole, and as streamed (float64)
+        drift = compute_drift(reference, cur).column("plan")
+        quality = check_column("plan", reference["plan"], cur["plan"], len(cur), Limits()).check("new_categories")
+        assert drift.kind == "categorical" and drift.details["new_category_counts"] == {"6": 40}
+        assert quality is not None and quality.figures["top"] == {"6": 40}
+
+    # An object column of integers (mixed with text, so not numeric) beside captured float64 values.
+    mixed = pd.Series([0, 1, 2, "x"] * 250, dtype=object)
+    captured = pd.Series(np.r_[np.full(10, 6.0), rng.integers(0, 3, 990).astype(np.float64)])
+    drift = compute_drift(pd.DataFrame({"c": mixed}), pd.DataFrame({"c": captured})).column("c")
+    assert drift.details["new_categories"] == 1 and drift.details["new_category_counts"] == {"6": 10}
+    quality = check_column("c", mixed, captured, len(captured), Limits(), kind="categorical").check("new_categories")
+    assert quality is not None and quality.figures["top"] == {"6": 10} and quality.figures["unseen_values"] == 10

@@ -100,7 +100,8 @@ def test_supervisor_imports_only_stdlib_and_spec_state() -> None:
                    f"{PACKAGE}.engines.local.liveness", f"{PACKAGE}.engines.local.processes",
                    f"{PACKAGE}.engines.local.capture_keeper", f"{PACKAGE}.engines.local.handoff",
                    f"{PACKAGE}.engines.local.capture_loss", f"{PACKAGE}.engines.local.oom",
-                   f"{PACKAGE}.engines.local.capture_drop_metric", f"{PACKAGE}.engines.local.forkserver"}
+                   f"{PACKAGE}.engines.local.capture_drop_metric", f"{PACKAGE}.engines.local.forkserver",
+                   f"{PACKAGE}.timeline"}
     for own in sorted(allowed_own):  # the supervisor, and the modules it imports
         for target in _outside_imports(ROOT.parent / (own.replace(".", "/") + ".py")):
             if target.startswith(PACKAGE):
@@ -126,7 +127,8 @@ def test_supervisor_process_loads_no_third_party_module() -> None:
                    f"{PACKAGE}.engines.local.handoff",
                    f"{PACKAGE}.engines.local.liveness", f"{PACKAGE}.engines.local.mailbox",
                    f"{PACKAGE}.engines.local.oom", f"{PACKAGE}.engines.local.processes", f"{PACKAGE}.engines.local.supervisor",
-                   f"{PACKAGE}.engines.local.worker_protocol", f"{PACKAGE}.spec", f"{PACKAGE}.state"], own
+                   f"{PACKAGE}.engines.local.worker_protocol", f"{PACKAGE}.spec", f"{PACKAGE}.state",
+                   f"{PACKAGE}.timeline"], own
 
 
 def test_nothing_below_target_imports_it() -> None:

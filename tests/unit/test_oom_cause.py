@@ -147,3 +147,42 @@ def test_the_supervisor_records_the_cause_of_a_workers_sigkill(tmp_path: Path, o
     assert describe_sigkill(cause) in entries[0]["error"] and describe_sigkill(cause) in (supervisor.last_error or "")
     assert supervisor._status()["oom_kills"] == (1 if cause == OOM else 0)
     assert supervisor.bad_requests == 1
+
+
+@pytest.mark.parametrize(("oom_killed", "cause"), [(True, OOM), (False, KILLED), (None, UNKNOWN)])
+def test_an_update_whose_new_worker_was_killed_is_answered_with_the_cause(tmp_path: Path, oom_killed: bool | None,
+                                                                          cause: str) -> None:
+    """A worker of the pending generation (an update's, still loading) dies of SIGKILL: the update
+    fails, and the answer its requester gets carries ``cause`` in the words ``crashed`` entries use,
+    which the deployment core writes into the ``update_failed`` history entry (EngineError.cause)."""
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, PendingUpdate, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore, read_json
+
+    store = StateStore(tmp_path / "home")
+    paths = store.paths("dep")
+    paths.metrics.mkdir(parents=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    events = _write(tmp_path / "cgroup" / "memory.events", V2_EVENTS.format(n=0))
+    supervisor = Supervisor(paths)
+    supervisor.oom = OomKills(events if oom_killed is not None else None)
+    old, new = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2"))
+    with socket.socket() as old_sock, socket.socket() as new_sock:
+        supervisor.current = Generation(1, old, old_sock, paths.root / "spec-1.json")
+        supervisor.ever_ready = True
+        supervisor.pending = PendingUpdate("req-1", Generation(2, new, new_sock, paths.root / "spec-2.json"),
+                                           deadline=float("inf"), reason="update")
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+        supervisor.workers[proc.pid] = Worker(proc, 2, 0, read_end, paths.logs / "worker-0.log")  # loading
+        if oom_killed:
+            _write(events, V2_EVENTS.format(n=1))  # the kernel counts before it signals
+        proc.kill()
+        proc.wait(timeout=30)
+        supervisor._reap()
+    assert supervisor.pending is None and proc.pid not in supervisor.workers
+    answer = read_json(paths.requests / "req-1.result.json")
+    assert answer is not None and answer["ok"] is False
+    assert answer["cause"] == cause and describe_sigkill(cause) in answer["error"]
+    assert supervisor._status()["oom_kills"] == (1 if cause == OOM else 0)

@@ -122,6 +122,36 @@ def test_the_url_is_the_proxys_address_and_the_route(tmp_path: Path) -> None:
     assert RayEngine._url("dep", {}, {}) == "http://127.0.0.1:8000/dep"
 
 
+def test_status_is_built_from_one_read_of_serves_details(tmp_path: Path) -> None:
+    """`status` reads Serve's details once: the application and the proxy's http_options come from
+    that one read (they were read twice, a controller round trip each). Built here from a recorded
+    details object, in a process joined to no cluster, so nothing else can have been asked."""
+    import ray
+
+    spec = DeploymentSpec(name="dep", model=ModelRef("models:/m/3", "m", "3"), engine="ray", created_at=1.0,
+                          updated_at=2.0, config=parse_config({}))
+    details = {  # the shape of ServeController.get_serve_details() (Ray 2.60), trimmed
+        "http_options": {"host": "127.0.0.1", "port": 8123},
+        "applications": {"dep": {
+            "name": "dep", "route_prefix": "/dep", "status": "RUNNING", "message": "",
+            "last_deployed_time_s": 1700000000.0,
+            "deployments": {ingress.INGRESS_NAME: {
+                "status": "HEALTHY", "target_num_replicas": 2,
+                "deployment_config": {"max_ongoing_requests": 512, "user_config": {"spec": spec.to_dict()}},
+                "replicas": [{"replica_id": "r1", "state": "RUNNING", "pid": 101, "node_ip": "10.0.0.7"},
+                             {"replica_id": "r2", "state": "STARTING", "pid": 102, "node_ip": "10.0.0.7"}],
+                "recent_dead_replicas": [{"replica_id": "r0", "actor_id": "aa" * 16, "pid": 100}]}}}}}
+    engine = RayEngine(StateStore(tmp_path))
+    engine._death_causes["aa" * 16] = RETIRED  # known already: no actor-table read either
+    status = engine._to_status("dep", details["applications"]["dep"], details["http_options"])
+    assert not ray.is_initialized()
+    assert (status.state, status.healthy, status.model_version, status.restarts) == ("running", True, "3", 0)
+    assert status.url == "http://127.0.0.1:8123/dep"
+    assert (status.details["host"], status.details["port"]) == ("127.0.0.1", 8123)
+    assert status.details["worker_pids"] == [101] and status.details["target_replicas"] == 2
+    assert status.details["dead_replicas"] == [{"replica_id": "r0", "pid": 100, "cause": RETIRED}]
+
+
 def test_a_retiring_replica_has_until_every_request_it_holds_is_answered_and_its_capture_flushed() -> None:
     """graceful_shutdown_timeout_s covers: one drain poll, timeout_s (every request it holds is
     answered by then, 504 at worst: test_load_shedding shows a held model cannot delay it), what

@@ -106,7 +106,7 @@ def test_hung_shadow_leaves_primary_answers_alone_and_is_counted(
     model = controlled(controlled_slot)
     # The controlled model takes ids: it predicts one per row of the copy (and hangs on its gate).
     mirror = ShadowMirror(lambda data, _params: controlled_slot.predict(id_frame(range(len(data)))), "7", recorded.append,
-                          max_queue=2, timeout_s=0.2, on_drop=drops.append)
+                          max_queue=2, timeout_s=0.2, on_drop=lambda reason, count: drops.extend([reason] * count))
     features, _ = iris_data()
     rows = features.iloc[[0, 50, 100]]
     expected = classifier_slot.predict(rows).tolist()

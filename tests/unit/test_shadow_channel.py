@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -73,13 +74,13 @@ def test_a_copy_travels_in_its_cheapest_form_and_is_rebuilt_as_the_parser_built_
 
 
 def test_without_a_reader_the_queue_fills_and_drops_then_everything_taken_arrives_in_order() -> None:
-    drops: list[str] = []
-    channel = CopyChannel(max_queue=3, on_drop=drops.append)
+    drops: list[tuple[str, int]] = []
+    channel = CopyChannel(max_queue=3, on_drop=lambda reason, count: drops.append((reason, count)))
     accepted = [i for i in range(20) if channel.put(_copy(i))]
     # The queue holds 3 copies, the sender at most one message (what it gathered) while it waits
     # for a pipe: the rest were dropped, counted as what happened: no shadow process to take them
     # (it is starting or being replaced), not pressure.
-    assert 3 <= len(accepted) < 20 and drops == ["no_shadow"] * (20 - len(accepted))
+    assert 3 <= len(accepted) < 20 and drops == [("no_shadow", 1)] * (20 - len(accepted))
     read, write = os.pipe()
     channel.attach(write)
     reader = FrameReader(read)
@@ -99,8 +100,8 @@ def test_without_a_reader_the_queue_fills_and_drops_then_everything_taken_arrive
 
 
 def test_with_a_shadow_process_that_does_not_keep_up_a_full_queue_drops_as_queue_full() -> None:
-    drops: list[str] = []
-    channel = CopyChannel(max_queue=3, on_drop=drops.append)
+    drops: list[tuple[str, int]] = []
+    channel = CopyChannel(max_queue=3, on_drop=lambda reason, count: drops.append((reason, count)))
     read, write = os.pipe()
     channel.attach(write)  # a shadow process is there, reading nothing
     taken = 0
@@ -108,7 +109,7 @@ def test_with_a_shadow_process_that_does_not_keep_up_a_full_queue_drops_as_queue
         assert taken < 100_000, "copies to a pipe nobody reads were never dropped"
         channel.put(_copy(taken))
         taken += 1
-    assert drops == ["queue_full"]  # pressure, not a missing shadow process
+    assert drops == [("queue_full", 1)]  # pressure, not a missing shadow process
     channel.detach()  # as the supervisor does with a dead child's pipe: the blocked write ends
     os.close(read)
     channel.close(timeout_s=2)
@@ -116,8 +117,9 @@ def test_with_a_shadow_process_that_does_not_keep_up_a_full_queue_drops_as_queue
 
 def test_a_dead_reader_loses_only_the_message_being_written_and_a_new_pipe_takes_over() -> None:
     lost: list[int] = []
-    drops: list[str] = []
-    channel = CopyChannel(max_queue=8, on_drop=drops.append, on_lost=lost.append)
+    drops: list[tuple[str, int]] = []
+    channel = CopyChannel(max_queue=8, on_drop=lambda reason, count: drops.append((reason, count)),
+                          on_lost=lost.append)
     read, write = os.pipe()
     channel.attach(write)
     os.close(read)  # the shadow process died
@@ -175,7 +177,7 @@ def test_copies_travel_in_runs_in_their_order_and_a_bad_run_counts_its_copies() 
 def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() -> None:
     # After a message the sender lets copies gather for a minute: the flush hurries it, and comes
     # after the copies queued before it.
-    channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0)
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason, count: None, gather_s=60.0)
     read, write = os.pipe()
     channel.attach(write)
     reader = FrameReader(read)
@@ -186,7 +188,7 @@ def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() 
         # r0 left the queue when the reader got it, but the sender counts it finished only after
         # its write returns: wait for that, then exactly the 5 gathering copies wait.
         wait_for(lambda: channel.waiting() == 5, WAIT_S, "r0 to be counted as written")
-        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        assert channel.send_control(lambda: ("flush", 1, WAIT_S), timeout_s=WAIT_S)
         kind, items = reader.read()
         assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(1, 6)]
         assert reader.read() == ("flush", 1, WAIT_S)
@@ -197,13 +199,44 @@ def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() 
         os.close(read)
 
 
+def test_a_control_message_is_made_when_it_is_written_after_the_copies_ahead_of_it() -> None:
+    """A flush tells the shadow process the time its caller has left once the copies queued before
+    it have gone (a child that reads slowly can take most of the budget with them), not the budget
+    the caller had before that wait: the child then gives up when its caller does."""
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason, count: None, gather_s=60.0)
+    read, write = os.pipe()
+    channel.attach(write)
+    reader = FrameReader(read)
+    sent: list[bool] = []
+    try:
+        # Larger than the pipe's buffer (64 KiB): its write waits until the reader takes it.
+        assert channel.put(("big", 1.7e9, ("inputs", pd.DataFrame(np.zeros((20_000, 2)))), None))
+        asked = time.monotonic()
+        deadline = asked + WAIT_S
+        control = threading.Thread(target=lambda: sent.append(channel.send_control(
+            lambda: ("flush", 1, deadline - time.monotonic()), timeout_s=WAIT_S)))
+        control.start()
+        held_s = time.monotonic() - asked  # nothing is read before this: the flush waits at least that long
+        kind, items = reader.read()
+        assert kind == "copies" and _ids(unpack_copies(items)) == ["big"]
+        control.join(WAIT_S)
+        assert sent == [True]  # written: the read below has it
+        flush = reader.read()
+        assert flush[:2] == ("flush", 1)
+        assert flush[2] < WAIT_S - held_s  # the time left when it was written, not the whole budget
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()
+        os.close(read)
+
+
 def test_closing_without_a_pipe_drops_what_waits_as_closed() -> None:
-    drops: list[str] = []
-    channel = CopyChannel(max_queue=4, on_drop=drops.append)
+    drops: list[tuple[str, int]] = []
+    channel = CopyChannel(max_queue=4, on_drop=lambda reason, count: drops.append((reason, count)))
     taken = sum(channel.put(_copy(i)) for i in range(3))
     channel.close(timeout_s=1)
-    assert taken == 3 and drops == ["closed"] * 3
-    assert not channel.put(_copy(9)) and drops[-1] == "closed"
+    assert taken == 3 and drops == [("closed", 3)]  # what waited: one count of its copies
+    assert not channel.put(_copy(9)) and drops[-1] == ("closed", 1)
 
 
 def test_the_mirror_waits_batch_wait_s_for_copies_to_join_a_batch(controlled_slot) -> None:
@@ -322,10 +355,10 @@ def test_a_copy_whose_answers_capture_cannot_take_raw_gets_its_frame_and_a_faile
 
 def test_a_run_takes_the_room_the_queue_has_and_a_large_one_is_cut_into_batches() -> None:
     recorded: list[ShadowAnswer] = []
-    drops: list[str] = []
+    drops: list[tuple[str, int]] = []
     predict = _Predictor()
     mirror = ShadowMirror(predict, "2", recorded.append, batching=True, max_queue=3, max_batch_rows=4,
-                          on_drop=drops.append)
+                          on_drop=lambda reason, count: drops.append((reason, count)))
     try:
         predict.gate.clear()
         mirror.submit_run(_run_of(0, [1]))
@@ -333,7 +366,7 @@ def test_a_run_takes_the_room_the_queue_has_and_a_large_one_is_cut_into_batches(
         # Room for 3 copies: the last two of five are dropped, counted; the three kept are 6 rows,
         # more than a batch: cut between copies (r1 r2, then r3).
         assert mirror.submit_run(_run_of(1, [2, 2, 2, 1, 1])) == 3
-        assert drops == ["queue_full"] * 2
+        assert drops == [("queue_full", 2)]  # one call for the run's two copies: the metric adds 2 once
         predict.gate.set()
         wait_for(lambda: len(recorded) == 4, WAIT_S, "four shadow answers")
     finally:
@@ -343,7 +376,7 @@ def test_a_run_takes_the_room_the_queue_has_and_a_large_one_is_cut_into_batches(
     assert [answer.request_id for answer in recorded] == ["r0", "r1", "r2", "r3"]
     assert recorded[3].predictions.tolist() == [104 * 2 - 104, 105 * 2 - 105]
     assert mirror.submitted == 4 and mirror.dropped == {"queue_full": 2}
-    assert mirror.submit_run(_run_of(9, [1, 1])) == 0 and drops[-2:] == ["closed", "closed"]  # closed: counted
+    assert mirror.submit_run(_run_of(9, [1, 1])) == 0 and drops[-1] == ("closed", 2)  # closed: counted
 
 
 def test_without_batching_each_copy_of_a_run_is_predicted_alone() -> None:
@@ -373,7 +406,7 @@ def test_a_run_is_cut_between_copies() -> None:
 def test_after_a_full_message_the_sender_writes_the_next_without_gathering() -> None:
     # Gathering for a minute, 4 copies a message: a backlog must still go out message after message
     # (gathering after a full one would only cap the copies a second, then drop them as queue_full).
-    channel = CopyChannel(max_queue=64, on_drop=lambda reason: None, max_copies=4, gather_s=60.0)
+    channel = CopyChannel(max_queue=64, on_drop=lambda reason, count: None, max_copies=4, gather_s=60.0)
     read, write = os.pipe()
     channel.attach(write)
     messages: list[list[str]] = []
@@ -405,14 +438,14 @@ def test_a_message_holds_about_max_bytes_of_inputs_and_a_larger_copy_goes_alone(
         values = np.zeros((rows, 2))
         return copy_of(Answer(request_id, 1.5, "1", 200, 1.0, None, None, raw_inputs=(("x", "y"), values)))
 
-    channel = CopyChannel(max_queue=16, on_drop=lambda reason: None, gather_s=60.0, max_bytes=1000)
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason, count: None, gather_s=60.0, max_bytes=1000)
     read, write = os.pipe()
     try:
         # Queued before there is a pipe; a flush then has them all written, as many messages as it takes.
         for copy in (raw("big", 125), raw("a", 40), raw("b", 40), raw("c", 5), raw("d", 5), _copy(1)):
             assert channel.put(copy)
         channel.attach(write)
-        assert channel.send_control(("flush", 1, WAIT_S), timeout_s=WAIT_S)
+        assert channel.send_control(lambda: ("flush", 1, WAIT_S), timeout_s=WAIT_S)
         reader = FrameReader(read)
         messages = []
         while (message := reader.read())[0] == "copies":

@@ -70,9 +70,9 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
     drops: list[str] = []
 
     def starter(spec, model_dir, capture_dir, capture_key, converter, hooks):  # noqa: ANN001, ANN202
-        def on_drop(reason: str) -> None:
-            drops.append(reason)
-            hooks.on_drop(reason)
+        def on_drop(reason: str, count: int) -> None:
+            drops.extend([reason] * count)
+            hooks.on_drop(reason, count)
 
         # As start_shadow_process, with a short grace: a silent child is replaced 1 + 2 s after its last word.
         return ShadowProcess(spec, model_dir, capture_dir, capture_key, converter, on_drop, hooks.on_result,
@@ -163,7 +163,8 @@ def _shadow_process(tmp_path: Path, model_dir: Path, drops: list[str] | None = N
     drop_list = drops if drops is not None else []
     capture_list = capture_drops if capture_drops is not None else []
     return ShadowProcess(_spec(**config), model_dir, str(tmp_path / "capture"), tmp_path / "capture.key", "own",
-                         drop_list.append, lambda outcome, seconds, count: None, capture_list.append,
+                         lambda reason, count: drop_list.extend([reason] * count),
+                         lambda outcome, seconds, count: None, capture_list.append,
                          tally_dir=tally_dir)
 
 

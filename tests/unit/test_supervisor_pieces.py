@@ -152,3 +152,79 @@ def test_orphans_killed_at_shutdown_are_waited_for_until_gone_within_a_bound(tmp
     finally:
         for proc in procs:
             proc.communicate(timeout=10)
+
+
+def test_a_workers_word_wakes_the_supervisor_before_its_tick_ends(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in worker says ``loaded`` on its ready pipe: the supervisor's wait between ticks ends
+    then (the tick is an hour here), and the worker gets its ``go``; once the worker is gone and its
+    pipe at end of file, the supervisor sleeps its ticks instead of waking on that pipe forever."""
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow_deploy_plugin.engines.local.supervisor as supervisor_module
+    from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    monkeypatch.setattr(supervisor_module, "TICK_S", 3600.0)
+    paths = StateStore(tmp_path / "home").paths("dep")
+    paths.logs.mkdir(parents=True)
+    supervisor = Supervisor(paths)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    code = (f"import os, sys; os.write({write_end}, b'{protocol.LOADED}\\n'); "
+            f"sys.exit(0 if sys.stdin.readline().strip() == '{protocol.GO}' else 1)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_end,))
+    os.close(write_end)
+    with socket.socket() as sock:
+        spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
+        supervisor.current = Generation(1, spec, sock, paths.root / "generation-1.json")
+        worker = Worker(proc, 1, 0, read_end, paths.logs / "worker-1-0.log")
+        supervisor.workers[proc.pid] = worker
+        try:
+            waiting = threading.Thread(target=supervisor._wait_tick, daemon=True)
+            waiting.start()
+            waiting.join(60)  # a bound for a busy machine, far below the hour of the tick
+            assert not waiting.is_alive(), "the supervisor slept through the worker's 'loaded'"
+            worker.read_pipe()
+            supervisor._release_loaded()
+            assert worker.loaded_at is not None and worker.released
+            assert proc.wait(timeout=60) == 0  # it got its go
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        worker.read_pipe()
+        assert worker.pipe_closed
+        slept: list[float] = []
+        monkeypatch.setattr(supervisor_module.time, "sleep", slept.append)
+        monkeypatch.setattr(supervisor_module.select, "select", lambda *args: pytest.fail("waited on a closed pipe"))
+        supervisor._wait_tick()
+        assert slept == [3600.0]
+    os.close(read_end)
+
+
+def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of_file(tmp_path: Path) -> None:
+    """``create`` starts the supervisor's interpreter while it resolves the model: a create that
+    then fails (unknown version, already exists) closes its stdin, and it exits having made nothing,
+    not even the deployment's folder or its log."""
+    from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, tell_supervisor_go
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("not-yet")
+    early = spawn_supervisor(paths, respawn=False, wait_for_go=True)
+    assert early.stdin is not None
+    early.stdin.close()
+    assert early.wait(timeout=60) == 0
+    assert not paths.root.exists()
+    assert not tell_supervisor_go(early)  # gone: the caller spawns another instead
+    # Told to go, it logs to the deployment's own log (here it finds no spec there, says so, exits 2).
+    paths.logs.mkdir(parents=True)
+    told = spawn_supervisor(paths, respawn=False, wait_for_go=True)
+    assert tell_supervisor_go(told)
+    assert told.wait(timeout=60) == 2
+    assert "No deployment spec" in (paths.logs / "supervisor.log").read_text()
+    assert (paths.logs / "supervisor.log").stat().st_mode & 0o777 == 0o600

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.engines.base import (
     FAILED,
     RUNNING,
@@ -36,6 +38,7 @@ from mlflow_deploy_plugin.engines.local.processes import (
     signal_pid,
     spawn_supervisor,
     take_supervisor_lock,
+    tell_supervisor_go,
 )
 from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy, warn_environment_mismatches
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
@@ -89,10 +92,15 @@ def _prefetch_models(spec: DeploymentSpec, models_dir: Path) -> threading.Thread
     """
     models = _served_models(spec)
 
+    def made(model_uri: str, path: Path) -> None:
+        timeline.mark("cli: model copy made")
+        warn_environment_mismatches(model_uri, path)
+        timeline.mark("cli: environment checks of the copy done")
+
     def fetch() -> None:
         for model in models:
             with contextlib.suppress(Exception):
-                _fetch_copy(model, models_dir)
+                _fetch_copy(model, models_dir, made)
 
     thread = threading.Thread(target=fetch, name="prefetch-models", daemon=True)
     thread.start()
@@ -120,15 +128,52 @@ class LocalEngine(Engine):
 
     name = "local"
 
+    def __init__(self, store: StateStore) -> None:
+        super().__init__(store)
+        self._early: dict[str, subprocess.Popen[bytes]] = {}  # supervisors waiting for their go
+
+    def prepare_start(self, name: str) -> None:
+        """Start the supervisor's interpreter now, while the caller resolves the model: it imports,
+        then waits for its go from :meth:`start` before touching anything of the deployment."""
+        self.cancel_start(name)
+        try:
+            self._early[name] = spawn_supervisor(self.store.paths(name), respawn=False, wait_for_go=True)
+        except OSError:
+            return  # start spawns one as usual (and says what fails, if it does again)
+        timeline.mark("cli: supervisor spawned, waiting for its go")
+
+    def cancel_start(self, name: str) -> None:
+        """End a supervisor :meth:`prepare_start` started that got no go (end of file: it exits)."""
+        early = self._early.pop(name, None)
+        if early is None:
+            return
+        with contextlib.suppress(OSError):
+            if early.stdin is not None:
+                early.stdin.close()
+        try:
+            early.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            early.kill()
+            early.wait(timeout=30)
+
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
-        """Start a supervisor and wait until the deployment serves.
+        """Start a supervisor (or tell the one :meth:`prepare_start` started to go) and wait until the
+        deployment serves.
 
         If another supervisor wins the deployment's lock meanwhile (one that orphaned workers
         started), that one is the deployment's supervisor: wait for it instead.
         """
         paths = self.store.paths(spec.name)
         make_private_dirs(paths.logs)
-        process = spawn_supervisor(paths, respawn=False)
+        early = self._early.pop(spec.name, None)
+        if early is not None and tell_supervisor_go(early):
+            process = early
+            timeline.mark("cli: supervisor told to go")
+        else:
+            if early is not None:
+                early.wait(timeout=30)  # exited before its go: reaped, and started again below
+            process = spawn_supervisor(paths, respawn=False)
+            timeline.mark("cli: supervisor spawned")
         prefetch = _prefetch_models(spec, paths.models)
         try:
             return self._wait_started(spec, paths, process, timeout_s)
@@ -186,7 +231,8 @@ class LocalEngine(Engine):
         finally:
             checks.join(CHECK_JOIN_S)  # its warnings belong to this command's output
         if not answer.get("ok"):
-            raise EngineError(answer.get("error") or "update failed")
+            # A new worker killed by SIGKILL while it loaded: the supervisor says what killed it.
+            raise EngineError(answer.get("error") or "update failed", cause=answer.get("cause"))
         return _to_status(answer["status"])
 
     def stop(self, name: str, timeout_s: float) -> None:

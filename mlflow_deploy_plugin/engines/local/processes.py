@@ -190,24 +190,44 @@ def supervisor_lock_held(paths: DeploymentPaths) -> bool:
     return False
 
 
-def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = None) -> subprocess.Popen[bytes]:
+def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = None,
+                     wait_for_go: bool = False) -> subprocess.Popen[bytes]:
     """Start a detached supervisor for the deployment at ``paths`` (its own session, logs appended).
 
     ``respawn``: started by an orphaned worker or agent, not by a person: it does nothing if the
     deployment was stopped or deleted meanwhile. ``fd``: a listening socket to serve on (the one
     the orphaned workers serve on), so the port is never closed, not even for an instant.
+    ``wait_for_go``: started before the deployment's folder is ready (``create`` resolving the model
+    meanwhile): it imports, then waits for ``go`` on its stdin (:func:`tell_supervisor_go`) before
+    it touches anything of the deployment, its log included; end of file instead makes it exit.
     """
     argv = [sys.executable, "-m", SUPERVISOR_MODULE, str(paths.root)]
     if respawn:
         argv.append("--respawn")
     if fd is not None:
         argv += ["--fd", str(fd)]
+    if wait_for_go:
+        argv.append("--wait-for-go")
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, umask=0o077)
     log_fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     with open(log_fd, "ab") as log:
         # umask 077: everything the supervisor, its workers and its agent create (logs, captured
         # inputs, model copies, metrics files) is readable by the deployment's owner only.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                                 pass_fds=(fd,) if fd is not None else (), umask=0o077)
+
+
+def tell_supervisor_go(process: subprocess.Popen[bytes]) -> bool:
+    """Let a supervisor started ``wait_for_go`` run; False if it is gone (start another then)."""
+    if process.stdin is None or process.poll() is not None:
+        return False
+    try:
+        process.stdin.write(b"go\n")
+        process.stdin.close()
+    except OSError:  # it died meanwhile
+        return False
+    return True
 
 
 def wait_workers_gone(pids: list[int], root: Path, timeout_s: float) -> list[int]:

@@ -51,8 +51,9 @@ tests) the file is unlinked and only the worker counts.
 
 Messages (length-prefixed pickles, :mod:`~mlflow_deploy_plugin.serving.shadow_channel`):
 worker -> child ``("start", settings)``, ``("copies", items)`` (see
-:func:`~mlflow_deploy_plugin.serving.shadow_channel.pack_copies`), ``("flush", seq, timeout_s)``
-(after the copies queued before it), ``("close", timeout_s)``; child -> worker ``("ready",
+:func:`~mlflow_deploy_plugin.serving.shadow_channel.pack_copies`), ``("flush", seq, seconds_left)``
+(after the copies queued before it; the seconds the worker's caller still waits, counted when it is
+written), ``("close", seconds)``; child -> worker ``("ready",
 smoke_test)``, ``("error", text)``, ``("events", [("result", outcome, seconds, copies) | ("drop",
 reason, copies) | ("capture_drop", rows), ...])`` (also empty: the heartbeat), ``("flushed", seq)``.
 """
@@ -125,22 +126,27 @@ class _Spawner:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[Any]] | None] = queue.SimpleQueue()
         self._stopped = False
+        # Taken by popen (check, then queue its job) and stop (mark, then queue the end): a job is
+        # never queued behind the end, where the thread would never run it and popen wait forever.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="shadow-spawner", daemon=True)
         self._thread.start()
 
     def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """``subprocess.Popen(args, **kwargs)``, run by the spawner's thread."""
-        if self._stopped:
-            raise OSError("the shadow process was closed: no child is started any more")
         done: Future[Any] = Future()
-        self._jobs.put((args, kwargs, done))
-        proc: subprocess.Popen[bytes] = done.result()
+        with self._lock:
+            if self._stopped:
+                raise OSError("the shadow process was closed: no child is started any more")
+            self._jobs.put((args, kwargs, done))
+        proc: subprocess.Popen[bytes] = done.result()  # queued before the end: the thread runs it
         return proc
 
     def stop(self) -> None:
         """End the thread (once no child of it runs: a child it started is killed with it)."""
-        self._stopped = True
-        self._jobs.put(None)
+        with self._lock:
+            self._stopped = True
+            self._jobs.put(None)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -155,7 +161,7 @@ class ShadowProcess(MirrorFront):
     """The worker's handle on its shadow process: the mirror the service feeds (submit, idle, flush, close)."""
 
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
-                 converter: str, on_drop: Callable[[str], None], on_result: Callable[[str, float, int], None],
+                 converter: str, on_drop: Callable[[str, int], None], on_result: Callable[[str, float, int], None],
                  on_capture_drop: Callable[[int], None], *, nice: int = NICE,
                  hang_grace_s: float = HANG_GRACE_S, rng: Any = None, tally_dir: Path | None = None) -> None:
         """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it.
@@ -307,11 +313,10 @@ class ShadowProcess(MirrorFront):
     def _drop(self, reason: str, count: int = 1) -> None:
         with self._lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
-        for _ in range(count):
-            try:
-                self._on_drop(reason)
-            except Exception:
-                _logger.exception("Shadow drop counter failed")
+        try:
+            self._on_drop(reason, count)  # a run of copies in one call, as ShadowMirror does
+        except Exception:
+            _logger.exception("Shadow drop counter failed")
 
     def _supervise(self) -> None:
         """Replace a child that died or went silent; never returns while the mirror is open."""
@@ -468,13 +473,19 @@ class ShadowProcess(MirrorFront):
     def flush(self, timeout_s: float = 60.0) -> int:
         """Have the child write the shadow rows it holds (waiting up to ``timeout_s`` in all)."""
         deadline = time.monotonic() + timeout_s  # one budget: the copies ahead of it, then the answer
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         with self._lock:
             self._next_flush += 1
             seq = self._next_flush
             done = self._flushes[seq] = threading.Event()
         try:
-            if self.channel.send_control(("flush", seq, timeout_s), timeout_s=timeout_s):
-                done.wait(max(0.0, deadline - time.monotonic()))
+            # The child is told the time left once the copies ahead have gone (not timeout_s): it
+            # gives up when this call does, instead of writing on for a caller that stopped waiting.
+            if self.channel.send_control(lambda: ("flush", seq, left()), timeout_s=timeout_s):
+                done.wait(left())
         finally:
             self._flushes.pop(seq, None)
         return 0
@@ -503,8 +514,10 @@ class ShadowProcess(MirrorFront):
         if proc is None:
             self._spawner.stop()
             return
-        share = left(kill_by) / 2  # the child's own budget: it is asked to be done well before the kill
-        if proc.poll() is None and self.channel.send_control(("close", share), timeout_s=share):
+        # The child's own budget, half of what is left before the kill when it is told: it is asked
+        # to be done well before the kill.
+        share = left(kill_by) / 2
+        if proc.poll() is None and self.channel.send_control(lambda: ("close", left(kill_by) / 2), timeout_s=share):
             try:
                 proc.wait(left(kill_by))
             except subprocess.TimeoutExpired:
@@ -727,8 +740,8 @@ def _load(settings: dict[str, Any], events: _Events) -> tuple[Any, Any, str]:
                                    capture_redaction(spec, Path(settings["capture_key"])), settings["converter"],
                                    lambda count: events.add(("capture_drop",), count))
 
-    def on_drop(reason: str) -> None:
-        events.add(("drop", reason))
+    def on_drop(reason: str, count: int) -> None:
+        events.add(("drop", reason), count)
 
     mirror = ShadowMirror(slot.predict, model.model_version, writer.record, sample_rate=1.0,
                           max_queue=max(config.max_queue, 1), timeout_s=config.timeout_s,

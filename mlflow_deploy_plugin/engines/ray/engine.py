@@ -233,10 +233,11 @@ class RayEngine(Engine):
             if self._stored_spec(name) is None:
                 return EngineStatus(STOPPED)
             return EngineStatus(FAILED, last_error=f"the Ray cluster is unreachable: {exc.message}")
-        app = self._app(name)
+        details = self._details()  # one read of Serve's state serves the whole answer
+        app = _live_app(details, name)
         if app is None:
             return EngineStatus(STOPPED)
-        return self._to_status(name, app)
+        return self._to_status(name, app, details.get("http_options") or {})
 
     def url(self, name: str) -> str | None:
         """The application's URL, without the rest of :meth:`status` (the replicas' deaths cost an
@@ -244,8 +245,8 @@ class RayEngine(Engine):
         if not self._joined(self._known_address(name)):
             return None
         details = self._details()
-        app = (details.get("applications") or {}).get(name)
-        if not app or app.get("status") == "DELETING":
+        app = _live_app(details, name)
+        if app is None:
             return None
         return self._url(name, app, details.get("http_options") or {})
 
@@ -394,8 +395,7 @@ class RayEngine(Engine):
         return dict(self._client().get_serve_details())
 
     def _app(self, name: str) -> dict[str, Any] | None:
-        app = (self._details().get("applications") or {}).get(name)
-        return app if app and app.get("status") != "DELETING" else None
+        return _live_app(self._details(), name)
 
     def _cluster_spec(self, name: str) -> DeploymentSpec | None:
         app = self._app(name)
@@ -461,10 +461,11 @@ class RayEngine(Engine):
                    route_prefix=f"/{spec.name}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            app = self._app(spec.name)
+            details = self._details()
+            app = _live_app(details, spec.name)
             if app is not None and _spec_of(app) == spec:  # Serve marks it DEPLOYING as it takes it
                 if app.get("status") == "RUNNING":
-                    return self._to_status(spec.name, app)
+                    return self._to_status(spec.name, app, details.get("http_options") or {})
                 if app.get("status") == "DEPLOY_FAILED":
                     raise EngineError(_short(_app_message(app)))
             time.sleep(0.2)
@@ -487,7 +488,10 @@ class RayEngine(Engine):
     def _app_or_deleting(self, name: str) -> bool:
         return name in (self._details().get("applications") or {})
 
-    def _to_status(self, name: str, app: dict[str, Any]) -> EngineStatus:
+    def _to_status(self, name: str, app: dict[str, Any], http: dict[str, Any]) -> EngineStatus:
+        """The status of application ``app`` as Serve's details give it, ``http`` the proxy's
+        http_options from the same read (a second read of Serve's details cost a controller round
+        trip per status call, and could describe another moment than ``app``)."""
         spec = _spec_of(app)
         deployment = _ingress(app)
         # Serve's own view of each replica (RUNNING, STARTING, UPDATING, RECOVERING, STOPPING), as plain
@@ -505,7 +509,6 @@ class RayEngine(Engine):
                 STARTING if serve_status == "DEPLOYING" else FAILED)
         else:
             state = STOPPED
-        http = self._details().get("http_options") or {}
         return EngineStatus(
             state=state,
             url=self._url(name, app, http),
@@ -679,6 +682,12 @@ def divergence(app: dict[str, Any] | None, stored: DeploymentSpec,
 
 def _agent_name(name: str) -> str:
     return f"agent:{name}"
+
+
+def _live_app(details: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """Application ``name`` in Serve's ``details``, unless absent or being deleted."""
+    app = (details.get("applications") or {}).get(name)
+    return app if app and app.get("status") != "DELETING" else None
 
 
 def _ingress(app: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def main() -> int:
 
     def build() -> None:
         built.append(ShadowProcess(spec, model_dir, str(folder / "capture"), folder / "capture.key", "own",
-                                   lambda reason: None, lambda outcome, seconds, count: None, lambda rows: None, tally_dir=tally_dir))
+                                   lambda reason, count: None, lambda outcome, seconds, count: None, lambda rows: None,
+                                   tally_dir=tally_dir))
 
     thread = threading.Thread(target=build, name="loader")
     thread.start()
