@@ -44,6 +44,19 @@ def pss_bytes(pid: int | str) -> int:
     return _kib_field(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
+def process_name(pid: int | str) -> str:
+    """What a process runs, in a word: the module of ``python -m MODULE`` (its last part), else the
+    program's or script's file name; "" if it is gone."""
+    try:
+        argv = [arg.decode(errors="replace") for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if arg]
+    except OSError:
+        return ""
+    if len(argv) > 2 and argv[1] == "-m":
+        return argv[2].rsplit(".", 1)[-1]
+    scripts = [arg for arg in argv[1:2] if not arg.startswith("-")]
+    return Path(scripts[0] if scripts and "python" in Path(argv[0]).name else argv[0] if argv else "").name
+
+
 def peak_rss_bytes(pid: int | str = "self") -> int:
     """Peak resident set size of a process since its exec (``VmHWM`` of ``/proc/<pid>/status``), 0 if
     it is gone. Not ``ru_maxrss``: Linux carries that across exec, so a benchmark's child spawned by a

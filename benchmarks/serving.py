@@ -25,7 +25,8 @@ The servers of the default run (``make bench-serving``), one worker each:
 The default cells are the issue's: 1 row at c = 1, 8, 32, 64 and 100 rows at c = 32. Access logs
 are off for every server (ours never writes one; `mlflow models serve` gets
 ``UVICORN_ACCESS_LOG=false``, MLServer ``debug: false``). Memory is the PSS of each server's
-process group, idle before the load and after it. The report ends with the issue's table, the
+process group, idle before the load and after it, with each process's share (a CLI parent, a
+supervisor, a warm standby: what the total is made of). The report ends with the issue's table, the
 ratios against each peer and a met / NOT met line per goal the run can judge
 (``benchmarks/serving_goals.py``).
 
@@ -331,15 +332,30 @@ def group_rss_mb(pgid: int) -> float:
     return sum(procfs.rss_bytes(pid) for pid in group_pids(pgid)) / 2**20
 
 
-def group_pss_mb(pgid: int) -> float:
-    """Proportional set size of a process group (MiB): shared pages split among their users, so a
-    standby forked after imports, or libraries mapped by several processes, count what they cost."""
-    return sum(procfs.pss_bytes(pid) for pid in group_pids(pgid)) / 2**20
+def memory_of(pgid: int, roles: dict[int, str] | None = None) -> dict[str, Any]:
+    """RSS and PSS of a server's process group, how many processes it has, and each one's PSS
+    (named by ``roles`` where given, else by what it runs: a CLI parent shows as such). PSS splits
+    shared pages among their users, so workers forked by the warm standby, or libraries mapped by
+    several processes, count what they cost."""
+    pids = group_pids(pgid)
+    per_process = [{"pid": pid, "what": (roles or {}).get(pid) or procfs.process_name(pid),
+                    "pss_mb": round(procfs.pss_bytes(pid) / 2**20, 1)} for pid in pids]
+    return {"rss_mb": group_rss_mb(pgid), "pss_mb": sum(p["pss_mb"] for p in per_process), "processes": len(pids),
+            "per_process": per_process}
 
 
-def memory_of(pgid: int) -> dict[str, float]:
-    """RSS and PSS of a server's process group, and how many processes it has."""
-    return {"rss_mb": group_rss_mb(pgid), "pss_mb": group_pss_mb(pgid), "processes": len(group_pids(pgid))}
+def process_roles(server: dict[str, Any]) -> dict[int, str]:
+    """Our deployment's processes by role, from its status.json (a worker the warm standby forked
+    has the standby's command line); {} for the peers."""
+    if "deployment" not in server:
+        return {}
+    status = read_status(server["deployment"])
+    roles = {pid: "worker" for pid in status.get("worker_pids") or []}
+    roles.update({status[key]: key.removesuffix("_pid") for key in ("pid", "standby_pid", "agent_pid", "converter_pid")
+                  if status.get(key)})
+    if status.get("pid"):
+        roles[status["pid"]] = "supervisor"
+    return roles
 
 
 def free_port() -> int:
@@ -499,7 +515,7 @@ def start_ours(workers: int, extra_config: list[str], variant: str | None = None
     if url not in got:
         print(f"WARNING: `mlflow deployments get` does not show {url}:\n{got}", file=sys.stderr)
     return {"name": label, "url": url, "port": status["port"], "pgid": status["pid"], "cold_start_s": cold,
-            "create_cli_s": cli_done}
+            "create_cli_s": cli_done, "deployment": deployment}
 
 
 def compare_predictions(frame: Any, servers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -691,7 +707,8 @@ def print_report(report: dict[str, Any]) -> None:
               f"{server['cold_start_s']:.2f} s{extra}")
         for when, memory in server.get("memory", {}).items():
             print(f"        memory {when}: RSS {memory['rss_mb']:.0f} MB, PSS {memory['pss_mb']:.0f} MiB, "
-                  f"{memory['processes']:.0f} processes")
+                  f"{memory['processes']:.0f} processes ("
+                  + ", ".join(f"{p['what']} {p['pss_mb']:.0f}" for p in memory.get("per_process", [])) + ")")
     cmp = report["predictions"]
     print(f"  predictions equal on {cmp['rows']} rows: {cmp['equal']}")
     print()
@@ -946,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         predictions = compare_predictions(frame, [server for server in servers if not server.get("trivial")])
         for server in servers:
             if server.get("engine") != "ray":
-                server["memory"] = {"idle, before load": memory_of(server["pgid"])}
+                server["memory"] = {"idle, before load": memory_of(server["pgid"], process_roles(server))}
         results = []
         spec_dir = workdir / "client-specs"
         spec_dir.mkdir()
@@ -968,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             if server.get("engine") == "ray":
                 continue  # replicas are Ray's actors, not a process group of ours
-            server.setdefault("memory", {})["after load"] = memory_of(server["pgid"])
+            server.setdefault("memory", {})["after load"] = memory_of(server["pgid"], process_roles(server))
             server["rss_mb"] = server["memory"]["after load"]["rss_mb"]
         if args.idle_wait:
             # An idle deployment: its capture converter exits after a while with nothing to convert.
@@ -976,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.idle_wait)
             for server in servers:
                 if server.get("engine") != "ray":
-                    server["memory"][f"idle {args.idle_wait:g} s"] = memory_of(server["pgid"])
+                    server["memory"][f"idle {args.idle_wait:g} s"] = memory_of(server["pgid"], process_roles(server))
         report = {"shadow": shadow, "workers": args.workers, "duration_s": args.duration, "cpu_count": os.cpu_count(),
                   "passes": args.passes, "cells": args.cells,
                   "servers": servers, "predictions": predictions, "results": results,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -58,8 +59,25 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         assert f"lifecycle.deployment.{name}" not in registry_client.get_model_version(registry.model, "1").tags
         events = [event["event"] for event in env_history(env, name)]
         assert events == ["created", "updated", "update_failed", "update_failed"]
+        _assert_forked_by_the_standby(env.status(name))
     finally:
         env.delete(name)
+
+
+def _assert_forked_by_the_standby(status: dict) -> None:
+    """The serving workers were forked by the warm standby (engines/local/forkserver.py), were adopted
+    by the supervisor, and share the standby's pages: most of its anonymous memory (the Python
+    objects of its imports) is counted in PSS as shared, not as a private copy of each interpreter."""
+    standby, supervisor = status["standby_pid"], status["pid"]
+    assert standby and status["worker_pids"], status
+    for pid in status["worker_pids"]:
+        # A forked process keeps the command line of the process it was forked from.
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == Path(f"/proc/{standby}/cmdline").read_bytes(), pid
+        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == supervisor, pid
+    rollup = {line.split()[0].rstrip(":"): int(line.split()[1])
+              for line in Path(f"/proc/{standby}/smaps_rollup").read_text().splitlines()[1:]}
+    # A fresh interpreter shares none of its anonymous pages (Pss_Anon == Anonymous).
+    assert rollup["Pss_Anon"] < 0.75 * rollup["Anonymous"], rollup
 
 
 def env_history(env: Env, name: str) -> list[dict]:

@@ -17,7 +17,9 @@ Liveness (``serving/watchdog.py``, ``engines/local/liveness.py``): the event loo
 and every model call is timed; a call that does not return within ``timeout_s`` plus a grace makes
 the worker answer 503 to everything waiting on it, stop accepting and exit.
 
-Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``.
+Started as ``python -m mlflow_deploy_plugin.serving.worker --spec FILE --fd N --ready-fd M``, or forked
+by the warm standby (``--standby HINT --fork-socket K``: imports done, it forks each worker the
+supervisor asks for, ``engines/local/forkserver.py``); a forked worker keeps the standby's command line.
 It reports on the ready pipe in the words of ``engines/local/worker_protocol.py``.
 """
 
@@ -57,6 +59,7 @@ if __name__ == "__main__":
 
 import uvicorn  # noqa: E402
 
+from mlflow_deploy_plugin.engines.local import forkserver  # noqa: E402
 from mlflow_deploy_plugin.engines.local import worker_protocol as protocol  # noqa: E402
 from mlflow_deploy_plugin.engines.local.handoff import HandoffServer, handoff_path  # noqa: E402
 from mlflow_deploy_plugin.engines.local.liveness import (  # noqa: E402
@@ -75,6 +78,9 @@ if TYPE_CHECKING:  # imported where used, after argument parsing (see _prepare)
 _logger = logging.getLogger("mlflow_deploy_plugin.worker")
 # Warm standbys load the live model once to import what it needs, when it is at most this big.
 _WARM_LOAD_MAX_BYTES = 256 * 1024 * 1024
+# ... or this big, for a standby that forks the workers: it is started before the first of them
+# (on the cold start's path), where a second load of a big model would cost seconds.
+_FORK_WARM_LOAD_MAX_BYTES = 16 * 1024 * 1024
 # An orphaned worker looks for a supervisor this often (jittered, so orphans do not stampede).
 _ORPHAN_CHECK_S = 2.0
 EXIT_HUNG = 75  # the worker exited because its model call hung
@@ -228,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standby", metavar="HINT_SPEC",
                         help="warm standby: import everything (and the flavors HINT_SPEC's models use), "
                              "then read the spec path to serve from stdin")
-    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    parser.add_argument("--fork-socket", type=int, metavar="FD",
+                        help="warm standby: fork the workers the supervisor asks for on this socket "
+                             "(engines/local/forkserver.py) instead of becoming one")
+    parser.add_argument("--fd", type=int, help="inherited listening socket (every worker has one)")
     parser.add_argument("--ready-fd", type=int, required=True, help="pipe to report readiness on")
     parser.add_argument("--deployment", type=Path, help="the deployment's folder (liveness file, new supervisor)")
     parser.add_argument("--on-orphan", choices=("serve", "exit"), default="exit",
@@ -240,14 +249,29 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     spec_path = args.spec
     if args.standby:
-        _warm_up(Path(args.standby))
+        _warm_up(Path(args.standby),
+                 _FORK_WARM_LOAD_MAX_BYTES if args.fork_socket is not None else _WARM_LOAD_MAX_BYTES)
         gc.collect()  # what the warm-up left (its load of the live model) does not wait here with us
+        if args.fork_socket is not None:
+            # Out of every later collection: a collection writes to each object it walks, which would
+            # unshare the pages the forked workers share with us.
+            gc.freeze()
+            protocol.report(args.ready_fd, protocol.STANDBY)
+            work = forkserver.serve(socket.socket(fileno=args.fork_socket), close_in_child=(args.ready_fd,))
+            if work is None:
+                return 0  # released (the supervisor is stopping, or gone)
+            global _T0
+            _T0 = time.monotonic()  # a forked worker's start phases count from its fork
+            timeline.mark("worker: forked by the standby")
+            return main(work.argv)
         protocol.report(args.ready_fd, protocol.STANDBY)
         spec_path = sys.stdin.readline().strip()
         if not spec_path:
             return 0  # released without work (the supervisor is stopping)
     if not spec_path:
         parser.error("--spec or --standby is required")
+    if args.fd is None:
+        parser.error("--fd is required to serve")
     supervision = Supervision(on_orphan=args.on_orphan, listen_fd=args.fd)
     if args.deployment is not None:
         supervision.deployment = DeploymentPaths(args.deployment)
@@ -323,7 +347,7 @@ def _import_before_mlflow(model_dirs: list[Path]) -> None:
             return
 
 
-def _warm_up(hint_spec: Path) -> None:
+def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> None:
     """Import what serving needs before there is work, so a swap costs only the model load."""
     import importlib
 
@@ -346,7 +370,7 @@ def _warm_up(hint_spec: Path) -> None:
         path = hint.model_dir(share.model)
         try:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            if size <= _WARM_LOAD_MAX_BYTES:
+            if size <= load_max_bytes:
                 # Loading the live model once pulls in exactly what its flavor needs (sklearn, skops,
                 # ...: seconds of imports), so the next version of it loads in a fraction of that.
                 mlflow.pyfunc.load_model(str(path), suppress_warnings=True)  # checked at the copy

@@ -100,7 +100,8 @@ def test_supervisor_imports_only_stdlib_and_spec_state() -> None:
                    f"{PACKAGE}.engines.local.liveness", f"{PACKAGE}.engines.local.processes",
                    f"{PACKAGE}.engines.local.capture_keeper", f"{PACKAGE}.engines.local.handoff",
                    f"{PACKAGE}.engines.local.capture_loss", f"{PACKAGE}.engines.local.oom",
-                   f"{PACKAGE}.engines.local.capture_drop_metric", f"{PACKAGE}.timeline"}
+                   f"{PACKAGE}.engines.local.capture_drop_metric", f"{PACKAGE}.engines.local.forkserver",
+                   f"{PACKAGE}.timeline"}
     for own in sorted(allowed_own):  # the supervisor, and the modules it imports
         for target in _outside_imports(ROOT.parent / (own.replace(".", "/") + ".py")):
             if target.startswith(PACKAGE):
@@ -122,7 +123,7 @@ def test_supervisor_process_loads_no_third_party_module() -> None:
     assert third_party == [], f"the supervisor process imports {third_party}"
     own = sorted(m for m in loaded if m.startswith(PACKAGE + ".") and not _is_package_init(m))
     assert own == [f"{PACKAGE}.engines.local.capture_drop_metric", f"{PACKAGE}.engines.local.capture_keeper",
-                   f"{PACKAGE}.engines.local.capture_loss",
+                   f"{PACKAGE}.engines.local.capture_loss", f"{PACKAGE}.engines.local.forkserver",
                    f"{PACKAGE}.engines.local.handoff",
                    f"{PACKAGE}.engines.local.liveness", f"{PACKAGE}.engines.local.mailbox",
                    f"{PACKAGE}.engines.local.oom", f"{PACKAGE}.engines.local.processes", f"{PACKAGE}.engines.local.supervisor",

@@ -5,6 +5,9 @@ MLflow) started detached by ``create`` so the service outlives the CLI call. It:
 
 - binds the listening socket once and hands it to every worker, so updates never refuse a
   connection: new workers accept beside the old ones, then the old ones drain;
+- starts the warm standby first and has it fork the workers (``forkserver.py``): they share its
+  imported pages, so the standby costs a few MiB, not a second interpreter. It adopts them as a
+  child subreaper, so they are its children (reaped, exit status read) as if it had started them;
 - restarts crashed workers. A crash is judged by what the worker was doing (its liveness file,
   ``liveness.py``): dying inside a model call means a request killed it (recorded as a bad request,
   restarted at once, never held against the version; a SIGKILL is told apart as the kernel's OOM
@@ -65,6 +68,14 @@ import mlflow_deploy_plugin.engines.local.worker_protocol as protocol
 import mlflow_deploy_plugin.timeline as timeline
 from mlflow_deploy_plugin.engines.local.capture_keeper import ConverterKeeper
 from mlflow_deploy_plugin.engines.local.capture_loss import CaptureLoss
+from mlflow_deploy_plugin.engines.local.forkserver import (
+    ForkedChild,
+    ForkError,
+    become_subreaper,
+    channel,
+    reap_adopted,
+    request_fork,
+)
 from mlflow_deploy_plugin.engines.local.handoff import (
     REQUEST_TIMEOUT_S,
     HandoffRefused,
@@ -119,11 +130,13 @@ LOG_BACKUPS = 2
 LOG_CHECK_S = 10.0
 KEEP_WORKER_LOGS = 40  # logs of past workers kept (newest first)
 HANDOFF_TOTAL_S = 3 * REQUEST_TIMEOUT_S  # asking a predecessor's workers for their socket, all told
+STANDBY_FIRST_WAIT_S = 120.0  # the first workers wait this long for the standby to fork them
+REAP_ADOPTED_S = 1.0  # how often orphaned descendants we adopted are reaped
 
 
 @dataclass
 class Worker:
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | ForkedChild  # ForkedChild: forked by the warm standby
     generation: int
     index: int
     ready_fd: int
@@ -361,6 +374,10 @@ class Supervisor:
         self.answer_when_drained: tuple[str, list[Worker], float] | None = None
         self.standby: Worker | None = None
         self.standby_sock: socket.socket | None = None
+        # Workers are forked by the warm standby (``forkserver.py``) once we can adopt them.
+        self.forking = False
+        self.fork_channel: socket.socket | None = None  # our end of the standby's fork requests
+        self._next_reap_adopted = 0.0
         # The workers' capture writers spool (capture/.spool, see serving/service.py); this converts.
         self.converter = ConverterKeeper(paths.capture / ".spool", paths.logs / "capture-converter.log")
         self.capture_loss = CaptureLoss(self.store, paths.name, paths.metrics)
@@ -369,6 +386,15 @@ class Supervisor:
 
     def _spawn(self, generation: Generation, index: int) -> Worker:
         standby = self.standby
+        if self.forking:
+            if standby is not None and standby.standby_ready and standby.popen.poll() is None:
+                try:
+                    return self._fork_process(generation, index)
+                except ForkError as exc:
+                    _logger.warning("Warm standby pid %d could not fork worker %d (%s); starting a fresh "
+                                    "process, and another standby", standby.pid, index, exc)
+                    self._release_standby()
+            return self._start_process(generation, index)
         if (standby is not None and standby.standby_ready and self.standby_sock is generation.sock
                 and standby.popen.poll() is None):
             # A warm process (imports done) takes the work: the swap costs only the model load.
@@ -389,7 +415,10 @@ class Supervisor:
         current = self.current
         if current is None or not current.spec.config.warm_standby or self.pending is not None:
             return
-        if self.standby is not None and (self.standby.popen.poll() is not None or self.standby_sock is not current.sock):
+        # A forking standby hands each worker the socket it is given; one that becomes a worker
+        # serves on the socket it was started with.
+        if self.standby is not None and (self.standby.popen.poll() is not None or (
+                not self.forking and self.standby_sock is not current.sock)):
             self._release_standby()
         if self.standby is None and all(w.ready_at for w in self._workers_of(current)):
             self.standby_sock = current.sock
@@ -397,6 +426,9 @@ class Supervisor:
 
     def _release_standby(self) -> None:
         standby, self.standby = self.standby, None
+        if self.fork_channel is not None:
+            self.fork_channel.close()  # a forking standby leaves when this end closes
+            self.fork_channel = None
         if standby is None:
             return
         if standby.popen.stdin is not None:
@@ -409,29 +441,91 @@ class Supervisor:
     def _start_process(self, generation: Generation, index: int, standby: bool = False) -> Worker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        self._standby_count = getattr(self, "_standby_count", 0) + int(standby)
-        name = f"standby-{self._standby_count}" if standby else f"{generation.number}-{index}"
-        log_path = self.paths.logs / f"worker-{name}.log"
-        env = dict(self._child_env(generation.spec), PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics),
-                   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+        log_path = self._log_path(generation, index, standby)
         what = ["--standby", str(generation.spec_file)] if standby else ["--spec", str(generation.spec_file)]
-        with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker", *what,
-                 "--fd", str(generation.sock.fileno()), "--ready-fd", str(write_fd),
-                 "--deployment", str(self.paths.root), "--on-orphan", "serve" if self.heal else "exit"],
-                pass_fds=(generation.sock.fileno(), write_fd),
-                stdin=subprocess.PIPE,
-                stdout=log, stderr=log, env=env,
-            )
-        os.close(write_fd)
+        fds = [write_fd]
+        theirs = None
+        if standby and self.forking:
+            # It forks the workers: each gets its socket with the request, so it holds none itself
+            # (nor keeps an old generation's port open).
+            self.fork_channel, theirs = channel()
+            what += ["--fork-socket", str(theirs.fileno())]
+            fds.append(theirs.fileno())
+        else:
+            what += ["--fd", str(generation.sock.fileno())]
+            fds.append(generation.sock.fileno())
+        try:
+            with open(log_path, "ab") as log:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "mlflow_deploy_plugin.serving.worker", *what,
+                     "--ready-fd", str(write_fd), *self._worker_args()],
+                    pass_fds=fds, stdin=subprocess.PIPE, stdout=log, stderr=log, env=self._worker_env(generation),
+                )
+        finally:
+            os.close(write_fd)
+            if theirs is not None:
+                theirs.close()
         worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path)
         timeline.mark(f"supervisor: {'standby' if standby else 'worker'} {popen.pid} spawned")
         self.workers[popen.pid] = worker
-        _logger.info("Started %s (pid %d)", "warm standby" if standby else
-                     f"worker {index} of generation {generation.number}", popen.pid)
+        _logger.info("Started %s (pid %d)", ("warm standby (forks the workers)" if self.forking else "warm standby")
+                     if standby else f"worker {index} of generation {generation.number}", popen.pid)
         return worker
+
+    def _fork_process(self, generation: Generation, index: int) -> Worker:
+        """Worker ``index`` of ``generation``, forked by the warm standby (``forkserver.py``): it
+        shares the standby's imported pages. Raises ForkError if the standby does not fork it."""
+        assert self.standby is not None and self.fork_channel is not None
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        stdin_read, stdin_write = os.pipe()
+        log_path = self._log_path(generation, index, standby=False)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            pid = request_fork(self.fork_channel, ["--spec", str(generation.spec_file), *self._worker_args()],
+                               self._worker_env(generation),
+                               {"listen": generation.sock.fileno(), "ready": write_fd, "stdin": stdin_read,
+                                "log": log_fd})
+        except ForkError:
+            os.close(read_fd)
+            os.close(stdin_write)
+            raise
+        finally:
+            for fd in (write_fd, stdin_read, log_fd):
+                os.close(fd)
+        worker = Worker(ForkedChild(pid, stdin_write), generation.number, index, read_fd, log_path)
+        timeline.mark(f"supervisor: worker {pid} forked by the standby")
+        self.workers[pid] = worker
+        _logger.info("Warm standby pid %d forked worker %d of generation %d (pid %d)", self.standby.pid, index,
+                     generation.number, pid)
+        return worker
+
+    def _log_path(self, generation: Generation, index: int, standby: bool) -> Path:
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        self._standby_count = getattr(self, "_standby_count", 0) + int(standby)
+        name = f"standby-{self._standby_count}" if standby else f"{generation.number}-{index}"
+        return self.paths.logs / f"worker-{name}.log"
+
+    def _worker_args(self) -> list[str]:
+        return ["--deployment", str(self.paths.root), "--on-orphan", "serve" if self.heal else "exit"]
+
+    def _worker_env(self, generation: Generation) -> dict[str, str]:
+        return dict(self._child_env(generation.spec), PROMETHEUS_MULTIPROC_DIR=str(self.paths.metrics),
+                    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+
+    def _standby_first(self, generation: Generation) -> None:
+        """Start the warm standby before the first workers, so it forks them (they share its pages)
+        and their cold start is its imports, not theirs. Waits until it is ready (or gone, or
+        slower than STANDBY_FIRST_WAIT_S: the workers then start as fresh processes)."""
+        standby = self.standby = self._start_process(generation, -1, standby=True)
+        self.standby_sock = generation.sock
+        self._write_status()
+        deadline = time.monotonic() + STANDBY_FIRST_WAIT_S
+        while self.stop_requested is None and time.monotonic() < deadline:
+            standby.read_pipe()
+            if standby.standby_ready or standby.popen.poll() is not None:
+                break
+            select.select([standby.ready_fd], [], [], TICK_S)
 
     def _child_env(self, spec: DeploymentSpec | None) -> dict[str, str]:
         """The environment of workers and the agent: ours, plus the store the spec was created
@@ -639,6 +733,12 @@ class Supervisor:
             self.state = STATUS_FAILED
             self._write_status()
             return 1
+        self.forking = become_subreaper()
+        if not self.forking:
+            _logger.warning("Cannot adopt forked workers (prctl PR_SET_CHILD_SUBREAPER failed): the warm "
+                            "standby and the workers each run their own interpreter")
+        elif spec.config.warm_standby:
+            self._standby_first(self.current)
         for index in range(spec.config.workers):
             self._spawn(self.current, index)
         self._write_status()
@@ -790,6 +890,11 @@ class Supervisor:
 
     def _reap(self) -> None:
         self.oom.poll()
+        if self.forking and time.monotonic() >= self._next_reap_adopted:
+            # Orphans of our descendants (a killed worker's shadow process) are ours to reap now.
+            self._next_reap_adopted = time.monotonic() + REAP_ADOPTED_S
+            known = set(self.workers) | {p.pid for p in (self.agent, self.converter.popen) if p is not None}
+            reap_adopted(known)
         for pid, worker in list(self.workers.items()):
             code = worker.popen.poll()
             if code is None:
@@ -813,7 +918,7 @@ class Supervisor:
                 handoff_path(self.paths.root / "run", pid).unlink()
             if worker.draining or worker.generation == -1:
                 if worker is self.standby:
-                    self.standby = None
+                    self._release_standby()
                 continue
             reason = worker.error or f"worker {how}: {_log_tail(worker.log_path)}"
             if self.pending and worker.generation == self.pending.generation.number:

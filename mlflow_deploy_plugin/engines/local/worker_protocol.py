@@ -4,7 +4,9 @@ A worker reports on an inherited pipe, one line per event; the supervisor answer
 stdin. Kept in one module so the two sides cannot drift apart.
 
 Worker -> supervisor (ready pipe):
-  ``standby``      a warm standby finished its imports; it reads a spec path from stdin to serve
+  ``standby``      a warm standby finished its imports; it forks the workers asked for on its fork
+                   socket (``forkserver.py``), or, started without one, reads a spec path from
+                   stdin to serve
   ``loaded``       model loaded and smoke-tested; waiting for ``go`` before accepting connections
   ``ready``        accepting connections
   ``draining``     stopped accepting; finishing what it has
