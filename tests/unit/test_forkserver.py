@@ -77,6 +77,29 @@ def test_the_standby_leaves_when_the_supervisor_closes_its_end_and_answers_a_bad
     assert not thread.is_alive()
 
 
+def test_a_standby_with_another_thread_refuses_to_fork() -> None:
+    """A fork copies only the calling thread: the standby refuses while another one runs (the
+    supervisor falls back to a fresh interpreter) and never forks."""
+    ours, theirs = forkserver.channel()
+    fds, opened = _fds()
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, name="a-library-thread")
+    other.start()
+    try:
+        socket.send_fds(ours, [json.dumps({"args": [], "env": {}}).encode()], list(fds.values()))
+        ours.shutdown(socket.SHUT_WR)  # after this one request the standby is released
+        assert forkserver.serve(theirs) is None  # returned here, in the standby: no child
+        answer = json.loads(ours.recv(1 << 16))
+    finally:
+        release.set()
+        other.join(timeout=10)
+        theirs.close()
+        ours.close()
+        for fd in opened:
+            os.close(fd)
+    assert "other threads (a-library-thread)" in answer["error"]
+
+
 def test_reaping_adopted_orphans_reaps_exited_children_only_and_never_known_ones() -> None:
     import subprocess
     import sys

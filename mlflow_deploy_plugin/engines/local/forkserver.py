@@ -32,6 +32,7 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import IO
@@ -211,6 +212,12 @@ def serve(sock: socket.socket, close_in_child: tuple[int, ...] = ()) -> ChildWor
 def _fork(request: dict, fds: dict[str, int], sock: socket.socket,
           close_in_child: tuple[int, ...]) -> tuple[int, ChildWork | None]:
     """Fork twice: ``(worker pid, None)`` in the standby, ``(-1, work)`` in the worker."""
+    if threading.active_count() > 1:
+        # A fork copies only the calling thread: a lock another thread held (logging's, the import
+        # lock, a library's) stays held forever in the child. Refused: the supervisor then starts a
+        # fresh interpreter, as without a forking standby.
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        raise ForkError(f"the standby runs other threads ({names}); a forked worker could inherit their locks")
     pid_read, pid_write = os.pipe()
     middle = os.fork()
     if middle == 0:  # the middle process: fork the worker, tell its pid, exit so it is adopted
