@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,14 +109,10 @@ def test_an_unreadable_counter_says_cause_unknown(tmp_path: Path) -> None:
     assert "not the OOM killer" in describe_sigkill(KILLED)
 
 
-@pytest.mark.parametrize(("oom_killed", "cause"), [(True, OOM), (False, KILLED), (None, UNKNOWN)])
-def test_the_supervisor_records_the_cause_of_a_workers_sigkill(tmp_path: Path, oom_killed: bool | None,
-                                                               cause: str) -> None:
-    """A real process standing in for a worker dies of SIGKILL inside a model call: the history's
-    bad_request entry, ``last_error`` (what ``get`` shows) and ``oom_kills`` say why."""
-    from mlflow_deploy_plugin.engines.local.liveness import LivenessWriter
-    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
-    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+def _supervisor_reading_oom_kills(tmp_path: Path, oom_killed: bool | None) -> tuple[Any, Any, Path, Any]:
+    """(store, paths, memory.events file, Supervisor) of deployment "dep" under ``tmp_path``; the
+    supervisor reads OOM kills from that file, or has no counter when ``oom_killed`` is None."""
+    from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
     from mlflow_deploy_plugin.state import StateStore
 
     store = StateStore(tmp_path / "home")
@@ -125,6 +122,19 @@ def test_the_supervisor_records_the_cause_of_a_workers_sigkill(tmp_path: Path, o
     events = _write(tmp_path / "cgroup" / "memory.events", V2_EVENTS.format(n=0))
     supervisor = Supervisor(paths)
     supervisor.oom = OomKills(events if oom_killed is not None else None)
+    return store, paths, events, supervisor
+
+
+@pytest.mark.parametrize(("oom_killed", "cause"), [(True, OOM), (False, KILLED), (None, UNKNOWN)])
+def test_the_supervisor_records_the_cause_of_a_workers_sigkill(tmp_path: Path, oom_killed: bool | None,
+                                                               cause: str) -> None:
+    """A real process standing in for a worker dies of SIGKILL inside a model call: the history's
+    bad_request entry, ``last_error`` (what ``get`` shows) and ``oom_kills`` say why."""
+    from mlflow_deploy_plugin.engines.local.liveness import LivenessWriter
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+
+    store, paths, events, supervisor = _supervisor_reading_oom_kills(tmp_path, oom_killed)
     spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
     with socket.socket() as sock:
         supervisor.current = Generation(1, spec, sock, paths.root / "spec-1.json")
@@ -155,17 +165,11 @@ def test_an_update_whose_new_worker_was_killed_is_answered_with_the_cause(tmp_pa
     """A worker of the pending generation (an update's, still loading) dies of SIGKILL: the update
     fails, and the answer its requester gets carries ``cause`` in the words ``crashed`` entries use,
     which the deployment core writes into the ``update_failed`` history entry (EngineError.cause)."""
-    from mlflow_deploy_plugin.engines.local.supervisor import Generation, PendingUpdate, Supervisor, Worker
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, PendingUpdate, Worker
     from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
-    from mlflow_deploy_plugin.state import StateStore, read_json
+    from mlflow_deploy_plugin.state import read_json
 
-    store = StateStore(tmp_path / "home")
-    paths = store.paths("dep")
-    paths.metrics.mkdir(parents=True)
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    events = _write(tmp_path / "cgroup" / "memory.events", V2_EVENTS.format(n=0))
-    supervisor = Supervisor(paths)
-    supervisor.oom = OomKills(events if oom_killed is not None else None)
+    store, paths, events, supervisor = _supervisor_reading_oom_kills(tmp_path, oom_killed)
     old, new = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2"))
     with socket.socket() as old_sock, socket.socket() as new_sock:
         supervisor.current = Generation(1, old, old_sock, paths.root / "spec-1.json")
