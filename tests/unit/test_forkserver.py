@@ -200,3 +200,16 @@ def test_a_forked_worker_reseeds_numpys_global_generator() -> None:
     np.random.seed(0)
     _reseed_after_fork()
     assert not np.array_equal(np.random.rand(4), as_forked)
+
+
+def test_children_are_found_by_their_parent_without_the_kernels_children_files() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert child.pid in forkserver._children_by_parent()
+        assert child.pid in forkserver._children()
+    finally:
+        child.kill()
+        child.wait(timeout=30)

@@ -79,9 +79,23 @@ def _children() -> set[int]:
     """Our children's pids: one small read of ``/proc/<pid>/task/<tid>/children`` per thread (the
     supervisor has one), not a walk over every process of the machine."""
     pids: set[int] = set()
+    read_any = False
     for task in os.listdir(f"/proc/{os.getpid()}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{os.getpid()}/task/{task}/children") as handle:
             pids.update(int(pid) for pid in handle.read().split())
+            read_any = True
+    return pids if read_any else _children_by_parent()
+
+
+def _children_by_parent() -> set[int]:
+    """Our children from every process's ``stat`` (a kernel built without CONFIG_PROC_CHILDREN has no
+    ``children`` files): slower, but adopted orphans are still reaped."""
+    me, pids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as handle:
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == me:  # field 4, after "(comm)"
+                    pids.add(int(entry))
     return pids
 
 
