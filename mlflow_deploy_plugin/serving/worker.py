@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             global _T0
             _T0 = time.monotonic()  # a forked worker's start phases count from its fork
             timeline.mark("worker: forked by the standby")
+            _reseed_after_fork()
             return main(work.argv)
         protocol.report(args.ready_fd, protocol.STANDBY)
         spec_path = sys.stdin.readline().strip()
@@ -295,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdin.readline().strip() != protocol.GO:
         if capture is not None:
             capture.close(timeout_s=5.0)
+        if supervision.liveness is not None:
+            # Nothing is held any more (capture closed): a supervisor that no longer knows this worker
+            # (one forked after the supervisor gave up on the fork) must not count it as lost.
+            with contextlib.suppress(OSError):
+                supervision.liveness.path.unlink()
         return 0  # the update was abandoned
     # Background threads (capture writer, batched predict) hand the GIL back to the event loop
     # after 1 ms instead of 5 ms: shorter waits for the requests that arrive meanwhile.
@@ -347,6 +353,14 @@ def _import_before_mlflow(model_dirs: list[Path]) -> None:
             return
 
 
+def _reseed_after_fork() -> None:
+    """A forked worker draws other random numbers than its siblings: Python's ``random`` reseeds
+    itself at a fork, numpy's legacy global generator (which models may use) does not."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
 def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> None:
     """Import what serving needs before there is work, so a swap costs only the model load."""
     import importlib
@@ -360,6 +374,7 @@ def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> Non
 
     import mlflow_deploy_plugin.capture.writer  # noqa: F401
     import mlflow_deploy_plugin.serving.app  # noqa: F401
+    from mlflow_deploy_plugin.model_copy import ensure_local_copy
 
     _gc_on_after_imports()
     try:
@@ -369,6 +384,10 @@ def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> Non
     for share in hint.spec.shares():
         path = hint.model_dir(share.model)
         try:
+            # The copy the workers load (the CLI's prefetch may still be making it: this waits for
+            # nothing, it makes one too and the first complete copy wins). Without it the warm-up
+            # would import no flavor, and every worker would import its own.
+            ensure_local_copy(share.model.version_uri, path)
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             if size <= load_max_bytes:
                 # Loading the live model once pulls in exactly what its flavor needs (sklearn, skops,

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,97 @@ def test_reaping_adopted_orphans_reaps_exited_children_only_and_never_known_ones
         assert known.wait(timeout=30) == 0  # its exit status was left for its own handle
     finally:
         running.communicate(timeout=30)
+
+
+def test_an_answered_refusal_is_told_apart_from_a_malformed_answer() -> None:
+    """A refusal (the standby answered an error: it would again) stops the supervisor's forking; a
+    reply without a usable pid is only a failed fork, never a crash of the supervisor."""
+    fds, opened = _fds()
+    try:
+        ours, theirs = forkserver.channel()
+        theirs.send(json.dumps({"error": "ForkError: other threads"}).encode())
+        with pytest.raises(forkserver.ForkRefused):
+            forkserver.request_fork(ours, [], {}, fds)
+        for reply in ({"pid": "12"}, {"pid": 0}, {"pid": True}, [4242]):
+            ours, theirs = forkserver.channel()
+            theirs.send(json.dumps(reply).encode())
+            with pytest.raises(forkserver.ForkError) as raised:
+                forkserver.request_fork(ours, [], {}, fds)
+            assert not isinstance(raised.value, forkserver.ForkRefused)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def test_a_forked_worker_dead_before_loading_is_started_fresh_and_forking_stops_if_that_loads(
+        tmp_path: Path) -> None:
+    """Some models cannot load in a forked process (CUDA initialised by the standby's warm-up, a
+    native thread pool): the supervisor retries such a worker once as a fresh interpreter instead of
+    failing the create or update, and stops forking when the fresh one loads."""
+    import subprocess
+    import sys
+    import time
+
+    from mlflow_deploy_plugin.engines.local.supervisor import STATUS_FAILED, Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    paths.metrics.mkdir(parents=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(paths)
+    supervisor.forking = True
+    spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
+    forked = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # stands in for the forked one
+    stdin_read, stdin_write = os.pipe()
+    os.close(stdin_read)
+    ready_read, ready_write = os.pipe()
+    os.close(ready_write)
+    forked.wait(timeout=30)  # reaped here: its handle then reads an unknown status, still an exit
+    child = forkserver.ForkedChild(forked.pid, stdin_write)
+    fresh: list[Worker] = []
+    with socket.socket() as sock:
+        supervisor.current = Generation(1, spec, sock, paths.root / "spec-1.json")
+        supervisor.workers[forked.pid] = Worker(child, 1, 0, ready_read, paths.logs / "worker-1-0.log")
+        try:
+            supervisor._reap()
+            fresh = list(supervisor.workers.values())
+            assert [(w.generation, w.index, w.fork_retry, isinstance(w.popen, subprocess.Popen)) for w in fresh] == [
+                (1, 0, True, True)]
+            assert supervisor.state != STATUS_FAILED and supervisor.restarts == 0  # not judged as a crash
+            assert supervisor.forking
+            fresh[0].loaded_at = time.time()  # the fresh interpreter loaded where the forked one could not
+            supervisor._keep_standby()
+            assert not supervisor.forking
+        finally:
+            for worker in fresh:
+                worker.popen.kill()
+                worker.popen.wait(timeout=30)
+                os.close(worker.ready_fd)
+
+
+def test_a_forked_worker_reseeds_numpys_global_generator() -> None:
+    """Workers forked from one standby would otherwise draw the same numpy.random sequence (Python's
+    ``random`` reseeds itself at a fork, numpy's legacy generator does not)."""
+    import numpy as np
+
+    from mlflow_deploy_plugin.serving.worker import _reseed_after_fork
+
+    np.random.seed(0)
+    as_forked = np.random.rand(4)
+    np.random.seed(0)
+    _reseed_after_fork()
+    assert not np.array_equal(np.random.rand(4), as_forked)
+
+
+def test_children_are_found_by_their_parent_without_the_kernels_children_files() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert child.pid in forkserver._children_by_parent()
+        assert child.pid in forkserver._children()
+    finally:
+        child.kill()
+        child.wait(timeout=30)

@@ -123,6 +123,15 @@ def _to_status(raw: dict[str, Any]) -> EngineStatus:
     )
 
 
+def _reap_within(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """Wait ``grace_s`` for ``process`` to exit, then kill it; reaped either way."""
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
 class LocalEngine(Engine):
     """Each deployment is a detached supervisor (``supervisor.py``) owning its port and workers."""
 
@@ -150,11 +159,7 @@ class LocalEngine(Engine):
         with contextlib.suppress(OSError):
             if early.stdin is not None:
                 early.stdin.close()
-        try:
-            early.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            early.kill()
-            early.wait(timeout=30)
+        _reap_within(early, 10)
 
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
         """Start a supervisor (or tell the one :meth:`prepare_start` started to go) and wait until the
@@ -170,8 +175,8 @@ class LocalEngine(Engine):
             process = early
             timeline.mark("cli: supervisor told to go")
         else:
-            if early is not None:
-                early.wait(timeout=30)  # exited before its go: reaped, and started again below
+            if early is not None:  # exited (or is exiting) before its go: reaped, started again below
+                _reap_within(early, 30)
             process = spawn_supervisor(paths, respawn=False)
             timeline.mark("cli: supervisor spawned")
         prefetch = _prefetch_models(spec, paths.models)

@@ -51,6 +51,10 @@ class ForkError(OSError):
     """The standby did not fork the worker asked for (the supervisor starts a fresh one instead)."""
 
 
+class ForkRefused(ForkError):
+    """The standby answered that it cannot fork (it would again: the supervisor stops asking it)."""
+
+
 def become_subreaper() -> bool:
     """Make this process the reaper of its orphaned descendants (Linux >= 3.4); False if it cannot."""
     try:
@@ -75,9 +79,23 @@ def _children() -> set[int]:
     """Our children's pids: one small read of ``/proc/<pid>/task/<tid>/children`` per thread (the
     supervisor has one), not a walk over every process of the machine."""
     pids: set[int] = set()
+    read_any = False
     for task in os.listdir(f"/proc/{os.getpid()}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{os.getpid()}/task/{task}/children") as handle:
             pids.update(int(pid) for pid in handle.read().split())
+            read_any = True
+    return pids if read_any else _children_by_parent()
+
+
+def _children_by_parent() -> set[int]:
+    """Our children from every process's ``stat`` (a kernel built without CONFIG_PROC_CHILDREN has no
+    ``children`` files): slower, but adopted orphans are still reaped."""
+    me, pids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as handle:
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == me:  # field 4, after "(comm)"
+                    pids.add(int(entry))
     return pids
 
 
@@ -157,10 +175,12 @@ def request_fork(sock: socket.socket, args: list[str], env: dict[str, str], fds:
         answer = json.loads(reply)
     except ValueError as exc:
         raise ForkError(f"the warm standby answered something else than JSON: {reply[:80]!r}") from exc
-    if not isinstance(answer, dict) or "pid" not in answer:
-        detail = answer.get("error") if isinstance(answer, dict) else repr(answer)
-        raise ForkError(f"the warm standby could not fork a worker: {detail}")
-    return int(answer["pid"])
+    if isinstance(answer, dict) and "error" in answer:
+        raise ForkRefused(f"the warm standby could not fork a worker: {answer['error']}")
+    pid = answer.get("pid") if isinstance(answer, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise ForkError(f"the warm standby answered no worker pid: {reply[:80]!r}")
+    return pid
 
 
 @dataclass(frozen=True)
@@ -222,6 +242,7 @@ def _fork(request: dict, fds: dict[str, int], sock: socket.socket,
     middle = os.fork()
     if middle == 0:  # the middle process: fork the worker, tell its pid, exit so it is adopted
         worker = -1
+        middle_pid = os.getpid()  # read here: the worker may first look after this process is gone
         try:
             os.close(pid_read)
             worker = os.fork()
@@ -231,7 +252,7 @@ def _fork(request: dict, fds: dict[str, int], sock: socket.socket,
             if worker != 0:
                 os._exit(0)  # never unwind the standby's stack in the middle process
         os.close(pid_write)
-        return -1, _become_worker(request, fds, sock, close_in_child)
+        return -1, _become_worker(request, fds, sock, close_in_child, middle_pid)
     os.close(pid_write)
     try:
         with os.fdopen(pid_read, "rb") as pipe:
@@ -244,12 +265,14 @@ def _fork(request: dict, fds: dict[str, int], sock: socket.socket,
 
 
 def _become_worker(request: dict, fds: dict[str, int], sock: socket.socket,
-                   close_in_child: tuple[int, ...]) -> ChildWork:
+                   close_in_child: tuple[int, ...], middle: int) -> ChildWork:
     """In the worker: wait until the supervisor adopted us (our parent, the middle process, exits at
     once; the worker's orphan check compares its parent with the one it started under), then put its
     descriptors in place."""
     try:
-        middle = os.getppid()
+        # ``middle`` is the pid the middle process had, not our first getppid(): it may have exited
+        # (and we been adopted) before this line, and waiting for the adopter to change would then
+        # cost the whole ADOPT_TIMEOUT_S.
         deadline = time.monotonic() + ADOPT_TIMEOUT_S
         while os.getppid() == middle and time.monotonic() < deadline:
             time.sleep(0.001)

@@ -71,6 +71,7 @@ from mlflow_deploy_plugin.engines.local.capture_loss import CaptureLoss
 from mlflow_deploy_plugin.engines.local.forkserver import (
     ForkedChild,
     ForkError,
+    ForkRefused,
     become_subreaper,
     channel,
     reap_adopted,
@@ -152,6 +153,9 @@ class Worker:
     kill_at: float | None = None  # monotonic time after which a draining worker is killed
     hung: str | None = None  # why it was declared hung (its own word, or the supervisor's)
     pipe_closed: bool = False  # its ready pipe is at end of file: the worker is gone, nothing to wait on
+    # Started as a fresh interpreter because the one the standby forked for it died before loading:
+    # if this one loads, forking is what failed (a model that cannot load in a forked process).
+    fork_retry: bool = False
     _buffer: bytes = b""
 
     @property
@@ -390,6 +394,8 @@ class Supervisor:
             if standby is not None and standby.standby_ready and standby.popen.poll() is None:
                 try:
                     return self._fork_process(generation, index)
+                except ForkRefused as exc:  # it would refuse again: no more forking here
+                    self._stop_forking(f"warm standby pid {standby.pid} refused to fork worker {index}: {exc}")
                 except ForkError as exc:
                     _logger.warning("Warm standby pid %d could not fork worker %d (%s); starting a fresh "
                                     "process, and another standby", standby.pid, index, exc)
@@ -410,8 +416,23 @@ class Supervisor:
                 return standby
         return self._start_process(generation, index)
 
+    def _stop_forking(self, reason: str) -> None:
+        """Start every later worker (and standby) as a fresh interpreter, as without a forking
+        standby: forking failed in a way that would repeat."""
+        if not self.forking:
+            return
+        _logger.warning("Workers of this deployment start as fresh interpreters from now on (they no longer "
+                        "share the warm standby's pages): %s", reason)
+        self.forking = False
+        self._release_standby()
+
     def _keep_standby(self) -> None:
         """Keep one warm process ready for the next swap or restart (``-C warm_standby``)."""
+        if self.forking:
+            retried = next((w for w in self.workers.values() if w.fork_retry and w.loaded_at), None)
+            if retried is not None:
+                self._stop_forking(f"worker pid {retried.pid} loaded as a fresh interpreter where the one the "
+                                   "standby forked for it died before loading")
         current = self.current
         if current is None or not current.spec.config.warm_standby or self.pending is not None:
             return
@@ -523,7 +544,7 @@ class Supervisor:
         deadline = time.monotonic() + STANDBY_FIRST_WAIT_S
         while self.stop_requested is None and time.monotonic() < deadline:
             standby.read_pipe()
-            if standby.standby_ready or standby.popen.poll() is not None:
+            if standby.standby_ready or standby.pipe_closed or standby.popen.poll() is not None:
                 break
             select.select([standby.ready_fd], [], [], TICK_S)
 
@@ -920,11 +941,31 @@ class Supervisor:
                 if worker is self.standby:
                     self._release_standby()
                 continue
+            if self._retry_unforked(worker, how):
+                continue
             reason = worker.error or f"worker {how}: {_log_tail(worker.log_path)}"
             if self.pending and worker.generation == self.pending.generation.number:
                 self._fail_update(reason, cause)
             elif self.current and worker.generation == self.current.number:
                 self._on_crash(worker, self.current, reason, live, cause)
+
+    def _retry_unforked(self, worker: Worker, how: str) -> bool:
+        """A worker the standby forked died before its model loaded: start it once more as a fresh
+        interpreter (True) instead of counting the failure. Some models cannot load in a forked
+        process (CUDA initialised in the standby by its warm-up load, a native thread pool it
+        started); if the fresh one loads, :meth:`_keep_standby` stops forking. A version that cannot
+        load at all fails the fresh one too, which is then judged as any worker."""
+        if not self.forking or not isinstance(worker.popen, ForkedChild) or worker.loaded_at:
+            return False
+        generation = next((g for g in (self.pending.generation if self.pending else None, self.current)
+                           if g is not None and g.number == worker.generation), None)
+        if generation is None:
+            return False
+        _logger.warning("Worker pid %d, forked by the warm standby, %s before its model loaded; starting worker "
+                        "%d of generation %d again as a fresh interpreter", worker.pid, how, worker.index,
+                        generation.number)
+        self._start_process(generation, worker.index).fork_retry = True
+        return True
 
     def _on_crash(self, worker: Worker, current: Generation, reason: str, live: Liveness | None = None,
                   cause: str | None = None) -> None:
