@@ -80,8 +80,23 @@ _PRUNE_EVERY_S = 600.0
 # Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
 _WRITE_EVERY_S = 0.25
 _WRITE_BYTES = 1 << 20
-# Buffers one os.writev takes at most (IOV_MAX; 1024 on Linux).
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def _iov_max(sysconf: Callable[[str], int] | None) -> int:
+    """Buffers one ``os.writev`` takes at most: the system's IOV_MAX (1024 on Linux), capped at
+    1024 and at least 16 (POSIX's minimum). ``sysconf`` may be missing, may not know the name
+    (ValueError, OSError) or may answer -1 ("indeterminate"): a slice of -1 buffers is empty, so
+    every append would fail with "no progress" and capture would drop everything; those get 16."""
+    if sysconf is None:
+        return 16
+    try:
+        value = int(sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError, TypeError):
+        return 16
+    return max(min(value, 1024), 16)
+
+
+_IOV_MAX = _iov_max(getattr(os, "sysconf", None))
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
 # How often the writer looks for the converter's answers while segments wait for one.
