@@ -595,8 +595,10 @@ class CaptureWriter:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
                 if chunks:
-                    self._append(segment, chunks, chunk_bytes)
-                    self._settle(len(chunks))  # after the write: a kill during it counts these as lost
+                    try:
+                        self._append(segment, chunks, chunk_bytes)
+                    finally:  # after the write: a kill during it counts these as lost
+                        self._settle(len(chunks))
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()
@@ -641,29 +643,34 @@ class CaptureWriter:
     def _append(self, segment: _Segment, chunks: list[bytes | tuple], counted_bytes: int) -> None:
         """Encode what waits (records already encoded, and requests to encode together: batch
         records), and append it to the segment's file; requests that cannot be encoded or written
-        are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``."""
-        buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
-        size = sum(map(len, buffers))
-        pending = [chunk for chunk in chunks if type(chunk) is tuple]
-        failed = 0
-        if pending:
-            batched, batched_size, failed = encode_items(pending)
-            buffers += batched
-            size += batched_size
-        requests = len(chunks) - failed  # in ``buffers`` now
-        with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
-            segment.bytes += size - counted_bytes
-            self._waiting_bytes += size - counted_bytes
-            segment.requests -= failed
-            self._waiting_requests -= failed
-        if failed:
-            self._drop(failed, DROP_CONVERT_ERROR)
+        are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``.
+
+        Never raises: whatever fails, every request of ``chunks`` ends up in the file or counted as
+        dropped (an unexpected error, not an OSError, as a write error), so the buffer bound gets
+        their room back and the counts add up."""
+        requests, size = len(chunks), counted_bytes  # what the counts hold for ``chunks`` until encoded
         try:
+            buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
+            encoded_size = sum(map(len, buffers))
+            pending = [chunk for chunk in chunks if type(chunk) is tuple]
+            failed = 0
+            if pending:
+                batched, batched_size, failed = encode_items(pending)
+                buffers += batched
+                encoded_size += batched_size
+            with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
+                segment.bytes += encoded_size - counted_bytes
+                self._waiting_bytes += encoded_size - counted_bytes
+                segment.requests -= failed
+                self._waiting_requests -= failed
+                requests, size = len(chunks) - failed, encoded_size  # in ``buffers`` now
+            if failed:
+                self._drop(failed, DROP_CONVERT_ERROR)
             if self._segment_fd is None:
                 path = self._ensure_folder() / f"{segment.name}{OPEN_SUFFIX}"
                 self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             _write_all(self._segment_fd, buffers)
-        except OSError as exc:
+        except Exception as exc:
             # The records of this append are lost (a partial one is skipped as torn by the reader).
             with self._lock:
                 segment.requests -= requests
@@ -673,8 +680,10 @@ class CaptureWriter:
                 first_of_burst = DROP_WRITE_ERROR not in self._warned
                 self._warned.add(DROP_WRITE_ERROR)
             if first_of_burst:
+                # An OSError is the disk's (full, gone); anything else is a flaw here: its traceback.
                 _log.warning("Capture for deployment %r: spooling to %s failed (%s: %s); requests are dropped "
-                             "and counted.", self.deployment, self.spool_dir, type(exc).__name__, exc)
+                             "and counted.", self.deployment, self.spool_dir, type(exc).__name__, exc,
+                             exc_info=not isinstance(exc, OSError))
             self._drop(requests, DROP_WRITE_ERROR)
             if self._segment_fd is not None and segment.requests == 0:
                 self._close_segment_file(segment, keep=False)
