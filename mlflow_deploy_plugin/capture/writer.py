@@ -55,7 +55,7 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -229,6 +229,17 @@ def _write_all(fd: int, buffers: list[Any]) -> None:
                 written = 0
 
 
+class CaptureDropHook(Protocol):
+    """Counts requests capture refused or lost: ``on_drop(n=..., reason=...)``.
+
+    Always called with keywords, and its parameters must be named so (mypy checks it): the shadow's
+    drop hook (:class:`..serving.shadow.CopyDropHook`) takes a reason and a count, in the other
+    order, and a hook passed to the wrong one failed silently (the call is inside a suppress)."""
+
+    def __call__(self, *, n: int, reason: str) -> None:
+        """Count ``n`` requests dropped for ``reason`` (cheap, thread-safe)."""
+
+
 class _Segment:
     """The segment file being appended to, and what it holds."""
 
@@ -260,7 +271,7 @@ class CaptureWriter:
         flush_rows: int = 50_000,
         flush_interval_s: float = 2.0,
         retention_days: int | None = None,
-        on_drop: Callable[[int, str], None] | None = None,
+        on_drop: CaptureDropHook | None = None,
         rng_seed: int | None = None,
         redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
         spool_dir: str | None = None,
@@ -288,7 +299,7 @@ class CaptureWriter:
                 does not take. Under 1-row traffic ``flush_interval_s`` completes a segment first.
             flush_interval_s: Longest time a recorded request waits before its conversion starts.
             retention_days: If set, delete ``date=`` partitions older than this many days.
-            on_drop: Called as ``on_drop(n_requests, reason)`` for requests accepted-then-lost or
+            on_drop: Called as ``on_drop(n=requests, reason=reason)`` (:class:`CaptureDropHook`) for requests accepted-then-lost or
                 refused; reason is one of ``buffer_full``, ``write_error``, ``convert_error``,
                 ``closed``, ``invalid`` (not a request object). It may run on the caller's thread
                 or a writer thread, so it must be cheap and thread-safe (a Prometheus ``inc`` is).
@@ -815,4 +826,4 @@ class CaptureWriter:
             return
         # A broken metrics hook must not break serving or capture.
         with contextlib.suppress(Exception):
-            self.on_drop(n, reason)
+            self.on_drop(n=n, reason=reason)

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,6 +64,18 @@ DROP_CRASHED = "crashed"  # the shadow process died (or was replaced, silent) ho
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"
 OUTCOME_TIMEOUT = "timeout"
+
+
+
+class CopyDropHook(Protocol):
+    """Counts request copies the shadow did not predict: ``on_drop(reason=..., count=...)``.
+
+    Always called with keywords, and its parameters must be named so (mypy checks it): the capture
+    writer's drop hook (:class:`..capture.writer.CaptureDropHook`) takes a count and a reason too,
+    in the other order, and a hook passed to the wrong one failed silently (inside a suppress)."""
+
+    def __call__(self, *, reason: str, count: int) -> None:
+        """Count ``count`` copies not predicted for ``reason`` (cheap, thread-safe)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +217,7 @@ class ShadowMirror(MirrorFront):
 
     def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
-                 on_drop: Callable[[str, int], None] | None = None,
+                 on_drop: CopyDropHook | None = None,
                  on_result: Callable[[str, float, int], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
                  model_name: str | None = None, batch_wait_s: float = 0.0) -> None:
@@ -299,7 +311,7 @@ class ShadowMirror(MirrorFront):
             try:
                 # One call for the whole run: a call per copy cost a run of N drops N metric updates,
                 # and a hook failing partway left the metric short of the tally.
-                self._on_drop(reason, count)
+                self._on_drop(reason=reason, count=count)
             except Exception:
                 _logger.exception("Shadow drop counter failed")
 
