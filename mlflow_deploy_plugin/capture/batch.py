@@ -59,6 +59,14 @@ def batch_item(request: Any) -> tuple[tuple, int, int] | None:
     Runs on the request path: a few attribute reads and type checks. The item is a plain tuple of
     the request's attributes and arrays: the request object itself (its DataFrame, its Python
     objects) is not kept while the item waits for the writer thread.
+
+    The rule that comes with it: the item holds the request's own arrays, not copies, until the
+    writer thread encodes them (up to ``_WRITE_EVERY_S`` later), so nothing may write into the raw
+    rows or the predictions once the request is recorded. The parser's rows and the DataFrame built
+    on them are the request's alone; the batcher's per-request predictions are views of one stacked
+    output, only read; a shadow model gets rows of its own (:func:`..serving.shadow._frame_of`) and
+    its output is copied once a call. A primary model that hands back one output buffer it reuses
+    call after call would break this rule (and its own answers under concurrency).
     """
     raw = getattr(request, "raw_inputs", None)
     if type(raw) is not tuple or len(raw) != 2:

@@ -55,7 +55,7 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -80,8 +80,23 @@ _PRUNE_EVERY_S = 600.0
 # Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
 _WRITE_EVERY_S = 0.25
 _WRITE_BYTES = 1 << 20
-# Buffers one os.writev takes at most (IOV_MAX; 1024 on Linux).
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def _iov_max(sysconf: Callable[[str], int] | None) -> int:
+    """Buffers one ``os.writev`` takes at most: the system's IOV_MAX (1024 on Linux), capped at
+    1024 and at least 16 (POSIX's minimum). ``sysconf`` may be missing, may not know the name
+    (ValueError, OSError) or may answer -1 ("indeterminate"): a slice of -1 buffers is empty, so
+    every append would fail with "no progress" and capture would drop everything; those get 16."""
+    if sysconf is None:
+        return 16
+    try:
+        value = int(sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError, TypeError):
+        return 16
+    return max(min(value, 1024), 16)
+
+
+_IOV_MAX = _iov_max(getattr(os, "sysconf", None))
 # A converter that exits with segments still to convert is started again, at most this often.
 _RESTART_PAUSE_S = 1.0
 # How often the writer looks for the converter's answers while segments wait for one.
@@ -214,6 +229,17 @@ def _write_all(fd: int, buffers: list[Any]) -> None:
                 written = 0
 
 
+class CaptureDropHook(Protocol):
+    """Counts requests capture refused or lost: ``on_drop(n=..., reason=...)``.
+
+    Always called with keywords, and its parameters must be named so (mypy checks it): the shadow's
+    drop hook (:class:`..serving.shadow.CopyDropHook`) takes a reason and a count, in the other
+    order, and a hook passed to the wrong one failed silently (the call is inside a suppress)."""
+
+    def __call__(self, *, n: int, reason: str) -> None:
+        """Count ``n`` requests dropped for ``reason`` (cheap, thread-safe)."""
+
+
 class _Segment:
     """The segment file being appended to, and what it holds."""
 
@@ -245,7 +271,7 @@ class CaptureWriter:
         flush_rows: int = 50_000,
         flush_interval_s: float = 2.0,
         retention_days: int | None = None,
-        on_drop: Callable[[int, str], None] | None = None,
+        on_drop: CaptureDropHook | None = None,
         rng_seed: int | None = None,
         redact: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
         spool_dir: str | None = None,
@@ -273,7 +299,7 @@ class CaptureWriter:
                 does not take. Under 1-row traffic ``flush_interval_s`` completes a segment first.
             flush_interval_s: Longest time a recorded request waits before its conversion starts.
             retention_days: If set, delete ``date=`` partitions older than this many days.
-            on_drop: Called as ``on_drop(n_requests, reason)`` for requests accepted-then-lost or
+            on_drop: Called as ``on_drop(n=requests, reason=reason)`` (:class:`CaptureDropHook`) for requests accepted-then-lost or
                 refused; reason is one of ``buffer_full``, ``write_error``, ``convert_error``,
                 ``closed``, ``invalid`` (not a request object). It may run on the caller's thread
                 or a writer thread, so it must be cheap and thread-safe (a Prometheus ``inc`` is).
@@ -580,8 +606,10 @@ class CaptureWriter:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
                 if chunks:
-                    self._append(segment, chunks, chunk_bytes)
-                    self._settle(len(chunks))  # after the write: a kill during it counts these as lost
+                    try:
+                        self._append(segment, chunks, chunk_bytes)
+                    finally:  # after the write: a kill during it counts these as lost
+                        self._settle(len(chunks))
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()
@@ -626,29 +654,34 @@ class CaptureWriter:
     def _append(self, segment: _Segment, chunks: list[bytes | tuple], counted_bytes: int) -> None:
         """Encode what waits (records already encoded, and requests to encode together: batch
         records), and append it to the segment's file; requests that cannot be encoded or written
-        are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``."""
-        buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
-        size = sum(map(len, buffers))
-        pending = [chunk for chunk in chunks if type(chunk) is tuple]
-        failed = 0
-        if pending:
-            batched, batched_size, failed = encode_items(pending)
-            buffers += batched
-            size += batched_size
-        requests = len(chunks) - failed  # in ``buffers`` now
-        with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
-            segment.bytes += size - counted_bytes
-            self._waiting_bytes += size - counted_bytes
-            segment.requests -= failed
-            self._waiting_requests -= failed
-        if failed:
-            self._drop(failed, DROP_CONVERT_ERROR)
+        are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``.
+
+        Never raises: whatever fails, every request of ``chunks`` ends up in the file or counted as
+        dropped (an unexpected error, not an OSError, as a write error), so the buffer bound gets
+        their room back and the counts add up."""
+        requests, size = len(chunks), counted_bytes  # what the counts hold for ``chunks`` until encoded
         try:
+            buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
+            encoded_size = sum(map(len, buffers))
+            pending = [chunk for chunk in chunks if type(chunk) is tuple]
+            failed = 0
+            if pending:
+                batched, batched_size, failed = encode_items(pending)
+                buffers += batched
+                encoded_size += batched_size
+            with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
+                segment.bytes += encoded_size - counted_bytes
+                self._waiting_bytes += encoded_size - counted_bytes
+                segment.requests -= failed
+                self._waiting_requests -= failed
+                requests, size = len(chunks) - failed, encoded_size  # in ``buffers`` now
+            if failed:
+                self._drop(failed, DROP_CONVERT_ERROR)
             if self._segment_fd is None:
                 path = self._ensure_folder() / f"{segment.name}{OPEN_SUFFIX}"
                 self._segment_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             _write_all(self._segment_fd, buffers)
-        except OSError as exc:
+        except Exception as exc:
             # The records of this append are lost (a partial one is skipped as torn by the reader).
             with self._lock:
                 segment.requests -= requests
@@ -658,8 +691,10 @@ class CaptureWriter:
                 first_of_burst = DROP_WRITE_ERROR not in self._warned
                 self._warned.add(DROP_WRITE_ERROR)
             if first_of_burst:
+                # An OSError is the disk's (full, gone); anything else is a flaw here: its traceback.
                 _log.warning("Capture for deployment %r: spooling to %s failed (%s: %s); requests are dropped "
-                             "and counted.", self.deployment, self.spool_dir, type(exc).__name__, exc)
+                             "and counted.", self.deployment, self.spool_dir, type(exc).__name__, exc,
+                             exc_info=not isinstance(exc, OSError))
             self._drop(requests, DROP_WRITE_ERROR)
             if self._segment_fd is not None and segment.requests == 0:
                 self._close_segment_file(segment, keep=False)
@@ -791,4 +826,4 @@ class CaptureWriter:
             return
         # A broken metrics hook must not break serving or capture.
         with contextlib.suppress(Exception):
-            self.on_drop(n, reason)
+            self.on_drop(n=n, reason=reason)

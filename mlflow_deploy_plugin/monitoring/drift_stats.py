@@ -564,16 +564,18 @@ def _canonical_order(keys: pd.Index) -> pd.Index:
 
 
 def _new_categories(ref_counts: np.ndarray, cur_counts: np.ndarray, keys: pd.Index) -> dict[str, Any]:
+    """The current categories the reference never has, counted and listed by their text (as data
+    quality lists them: an integer level read as float64 is '6', not '6.0'): keys with one text (1
+    and '1' in an object column) are one category in both the count and the list."""
     new = np.flatnonzero((ref_counts == 0) & (cur_counts > 0))
     if not len(new):
         return {}
-    order = new[np.argsort(-cur_counts[new], kind="stable")][:MAX_LISTED_NEW_CATEGORIES]
-    # Listed as data quality lists them: an integer level read as float64 is '6', not '6.0'.
-    listed: dict[str, int] = {}
-    for i in order:
+    by_text: dict[str, int] = {}
+    for i in new.tolist():  # in key order (canonical), so ties are listed alike on every path
         text = category_text(keys[i])
-        listed[text] = listed.get(text, 0) + int(cur_counts[i])  # 1 and '1' in an object column: one text
-    return {"new_categories": int(len(new)), "new_category_counts": listed}
+        by_text[text] = by_text.get(text, 0) + int(cur_counts[i])
+    ordered = sorted(by_text.items(), key=lambda item: -item[1])  # most frequent first; stable
+    return {"new_categories": len(by_text), "new_category_counts": dict(ordered[:MAX_LISTED_NEW_CATEGORIES])}
 
 
 def _fmt(value: float) -> str:

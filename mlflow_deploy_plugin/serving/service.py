@@ -13,10 +13,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow_deploy_plugin import timeline
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+
+if TYPE_CHECKING:
+    from mlflow_deploy_plugin.serving.shadow import CopyDropHook
 
 _logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class ShadowedCapture:
 class ShadowHooks:
     """Where a shadow mirror's events go: the worker's Prometheus metrics (cheap, thread-safe)."""
 
-    on_drop: Callable[[str, int], None]  # copies not predicted, by reason, and how many
+    on_drop: CopyDropHook  # copies not predicted: on_drop(reason=..., count=...)
     on_result: Callable[[str, float, int], None]  # an outcome, the seconds its call took, and of how many copies
     on_capture_drop: Callable[[int], None]  # shadow rows capture could not keep
 
@@ -103,7 +106,7 @@ def shadow_capture_writer(spec: DeploymentSpec, root: str, spool_dir: str, redac
     config = spec.config
     return CaptureWriter(root, spec.name, retention_days=config.capture_retention_days,
                          max_buffer_bytes=config.capture_buffer_bytes,
-                         on_drop=lambda count, _reason: on_capture_drop(count),
+                         on_drop=lambda n, reason: on_capture_drop(n),
                          redact=redaction.apply if redaction else None,
                          # The primary's spool folder (in the deployment's private folder, local even
                          # with a remote capture_uri), not the default under the temp dir.
@@ -246,7 +249,7 @@ def build_service(spec: DeploymentSpec, model_dir: Callable[[ModelRef], Path], c
             capture_root(spec.name, config.capture_uri, capture_dir), spec.name,
             sample_rate=config.capture_sample_rate, retention_days=config.capture_retention_days,
             max_buffer_bytes=config.capture_buffer_bytes,
-            on_drop=lambda count, _reason: dropped.inc(count),
+            on_drop=lambda n, reason: dropped.inc(n),
             redact=redaction.apply if redaction else None,
             # Local even when capture_uri is remote: the request path appends to it.
             spool_dir=os.path.join(capture_dir, ".spool"),

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,6 +64,18 @@ DROP_CRASHED = "crashed"  # the shadow process died (or was replaced, silent) ho
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"
 OUTCOME_TIMEOUT = "timeout"
+
+
+
+class CopyDropHook(Protocol):
+    """Counts request copies the shadow did not predict: ``on_drop(reason=..., count=...)``.
+
+    Always called with keywords, and its parameters must be named so (mypy checks it): the capture
+    writer's drop hook (:class:`..capture.writer.CaptureDropHook`) takes a count and a reason too,
+    in the other order, and a hook passed to the wrong one failed silently (inside a suppress)."""
+
+    def __call__(self, *, reason: str, count: int) -> None:
+        """Count ``count`` copies not predicted for ``reason`` (cheap, thread-safe)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,17 +156,33 @@ class CopyRun:
         return out
 
 
-def frame_of_raw(columns: tuple, values: np.ndarray) -> Any:
-    """The DataFrame a parser's fast path builds on ``(columns, float64 rows x columns array)``."""
+def frame_of_raw(columns: tuple, values: np.ndarray, copy: bool = False) -> Any:
+    """The DataFrame a parser's fast path builds on ``(columns, float64 rows x columns array)``:
+    on ``values`` itself (pandas does not copy a 2-D array), or on a copy of them with ``copy``."""
     import pandas as pd
 
     from mlflow_deploy_plugin.serving.frames import mark_float64
 
-    return mark_float64(pd.DataFrame(values, columns=list(columns)))
+    return mark_float64(pd.DataFrame(values, columns=list(columns), copy=copy))
 
 
 def _frame_of(copy: _Copy) -> Any:
-    return copy.inputs if copy.inputs is not None else frame_of_raw(*copy.raw_inputs)
+    """The inputs the shadow model is given for ``copy``: rows of its own when the copy has raw rows.
+
+    Capture holds a request's raw rows (the primary's, and the shadow's answer's) until its writer
+    thread encodes them, up to a quarter second later (:func:`..capture.batch.batch_item`), and the
+    copy's DataFrame is built on them: a shadow model that changed its input in place would rewrite
+    what capture keeps of the primary's request. One copy per call, on the dispatcher thread."""
+    if copy.raw_inputs is not None:
+        columns, values = copy.raw_inputs
+        return frame_of_raw(columns, values, copy=True)
+    return copy.inputs
+
+
+def _own_output(output: Any) -> Any:
+    """``output`` as an array of its own: a model may hand back one buffer it reuses call after call,
+    and capture holds the predictions until its writer thread encodes them."""
+    return output.copy() if isinstance(output, np.ndarray) else output
 
 
 class MirrorFront:
@@ -205,7 +233,7 @@ class ShadowMirror(MirrorFront):
 
     def __init__(self, predict: Callable[[Any, dict[str, Any] | None], Any], version: str, record: Callable[[ShadowAnswer], object], *,
                  sample_rate: float = 1.0, max_queue: int = 256, timeout_s: float = 60.0,
-                 on_drop: Callable[[str, int], None] | None = None,
+                 on_drop: CopyDropHook | None = None,
                  on_result: Callable[[str, float, int], None] | None = None,
                  rng: random.Random | None = None, batching: bool = False, max_batch_rows: int = 4096,
                  model_name: str | None = None, batch_wait_s: float = 0.0) -> None:
@@ -299,7 +327,7 @@ class ShadowMirror(MirrorFront):
             try:
                 # One call for the whole run: a call per copy cost a run of N drops N metric updates,
                 # and a hook failing partway left the metric short of the tally.
-                self._on_drop(reason, count)
+                self._on_drop(reason=reason, count=count)
             except Exception:
                 _logger.exception("Shadow drop counter failed")
 
@@ -365,7 +393,9 @@ class ShadowMirror(MirrorFront):
         if self._busy():
             self._drop(DROP_BUSY, len(copies))
             return
-        values = group[0].values if len(group) == 1 else np.concatenate([run.values for run in group])
+        # Rows of the call's own (concatenate makes them; one run's are copied): the copies' raw rows,
+        # views of the runs', wait in capture until its writer encodes them (see _frame_of).
+        values = group[0].values.copy() if len(group) == 1 else np.concatenate([run.values for run in group])
         self._stacked(copies, frame_of_raw(group[0].columns, values), [count for run in group for count in run.counts])
 
     def _copies(self, batch: list[_Copy]) -> None:
@@ -399,7 +429,7 @@ class ShadowMirror(MirrorFront):
         else:
             from mlflow_deploy_plugin.serving.batching import _split_output
 
-            pieces = _split_output(output, sizes)
+            pieces = _split_output(_own_output(output), sizes)
         if pieces is None:  # failed or not row-aligned: each copy on its own, so only a bad one fails
             for copy in batch:
                 self._one(copy)
@@ -432,7 +462,7 @@ class ShadowMirror(MirrorFront):
         self._running = self._call(inputs, copy.params)
         status, outcome, predictions = 200, OUTCOME_OK, None
         try:
-            predictions = self._running.result(timeout=self.timeout_s)
+            predictions = _own_output(self._running.result(timeout=self.timeout_s))
         except FutureTimeout:
             status, outcome = 504, OUTCOME_TIMEOUT
             _logger.warning("Shadow v%s did not answer request %s within timeout_s=%gs; copies are dropped "

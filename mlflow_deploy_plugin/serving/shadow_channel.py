@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mlflow_deploy_plugin.serving.shadow import CopyRun, frame_of_raw
+from mlflow_deploy_plugin.serving.shadow import CopyDropHook, CopyRun, frame_of_raw
 
 _logger = logging.getLogger(__name__)
 
@@ -222,10 +222,10 @@ class Copy:
 class CopyChannel:
     """A bounded queue of request copies and the thread that writes them, gathered, to a pipe."""
 
-    def __init__(self, max_queue: int, on_drop: Callable[[str, int], None],
+    def __init__(self, max_queue: int, on_drop: CopyDropHook,
                  on_lost: Callable[[int], None] | None = None, max_copies: int = 256,
                  gather_s: float = GATHER_S, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        """``on_drop(reason, copies)`` counts copies the queue could not take (or held at close);
+        """``on_drop(reason=, count=)`` counts copies the queue could not take (or held at close);
         ``on_lost(n)`` the copies of a message the pipe did not take (its reader died). ``gather_s``:
         how long the sender lets copies gather once one waits (see the module's docstring)."""
         if max_queue < 1:
@@ -269,7 +269,7 @@ class CopyChannel:
                 first = len(self._pending) == 1
                 reason = ""
         if reason:
-            self._on_drop(reason, 1)
+            self._on_drop(reason=reason, count=1)
             return False
         if first:  # only then: the sender is waiting, or will take this one with those it is taking
             self._wake.set()
@@ -399,7 +399,7 @@ class CopyChannel:
             with self._write_lock:
                 if self._fd is None:
                     if self._closing:
-                        self._on_drop("closed", len(batch))
+                        self._on_drop(reason="closed", count=len(batch))
                         return
                     continue  # detached between the wait and the lock: wait for the next pipe
                 try:
@@ -435,4 +435,4 @@ class CopyChannel:
         with self._attached:
             self._attached.notify_all()
         if left:
-            self._on_drop("closed", len(left))
+            self._on_drop(reason="closed", count=len(left))

@@ -269,6 +269,22 @@ def test_the_writer_writes_more_buffers_than_one_writev_takes_in_order(tmp_path:
     assert path.read_bytes() == b"".join(buffers)
 
 
+def test_writev_takes_at_least_posix_minimum_buffers_whatever_sysconf_says() -> None:
+    """sysconf may answer -1 (indeterminate) or not know SC_IOV_MAX: a bound below 1 made every
+    spool append fail (an empty writev makes no progress)."""
+    from mlflow_deploy_plugin.capture.writer import _iov_max
+
+    def unknown(name: str) -> int:
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    assert _iov_max(lambda _name: -1) == 16
+    assert _iov_max(unknown) == 16
+    assert _iov_max(None) == 16
+    assert _iov_max(lambda _name: 4) == 16
+    assert _iov_max(lambda _name: 1 << 20) == 1024
+    assert _iov_max(lambda _name: 512) == 512
+
+
 def test_a_graceful_close_writes_the_batched_requests_memory_held(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """What waits in memory for its batch record (as in the quarter second before a stop) is

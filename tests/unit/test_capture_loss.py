@@ -120,6 +120,26 @@ def test_records_after_the_first_reach_the_spool_file_without_waiting_for_the_se
         writer.close(timeout_s=0.5)
 
 
+def test_an_unexpected_error_while_spooling_counts_the_requests_as_dropped_and_settled(tmp_path: Path) -> None:
+    # A redaction that no longer pickles (set after the constructor checked it) fails the spool
+    # folder's config with a pickling error, not an OSError. The requests the write took used to
+    # vanish from every count: neither settled nor dropped, and held against the buffer bound forever.
+    drops: list[tuple[int, str]] = []
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", flush_interval_s=600, spool_dir=str(tmp_path / "spool"),
+                           converter="external", on_drop=lambda n, reason: drops.append((n, reason)))
+    try:
+        writer.redact = lambda frame: frame  # a lambda does not pickle
+        for i in range(5):
+            assert writer.record(_request(i))
+        _wait(lambda: writer.settled_requests == 5, "the failed write's requests to be settled")
+        _wait(lambda: writer.buffered_requests == 0, "the failed write's requests to leave the buffer bound")
+        assert writer.dropped_requests == 5
+        assert sum(n for n, reason in drops if reason == "write_error") == 5, drops
+        assert writer.buffered_bytes == 0
+    finally:
+        writer.close(timeout_s=0.5)
+
+
 def _worker_counter_file(folder: Path, pid: int, deployment: str, value: float) -> None:
     """A counter file as a worker's prometheus_client writes it (multiprocess mode)."""
     values = MmapedDict(str(folder / f"counter_{pid}.db"))

@@ -164,3 +164,15 @@ def test_drift_and_data_quality_spell_and_compare_a_category_alike() -> None:
     assert drift.details["new_categories"] == 1 and drift.details["new_category_counts"] == {"6": 10}
     quality = check_column("c", mixed, captured, len(captured), Limits(), kind="categorical").check("new_categories")
     assert quality is not None and quality.figures["top"] == {"6": 10} and quality.figures["unseen_values"] == 10
+
+
+def test_drift_counts_new_categories_by_their_text_as_it_lists_them() -> None:
+    """1 and '1' in an object column are two keys with one text: drift counted two new categories
+    but listed one entry; the count and the list must say the same."""
+    from mlflow_deploy_plugin.monitoring.drift_stats import compute_drift
+
+    reference = pd.DataFrame({"c": pd.Series(["a", "b"] * 500, dtype=object)})
+    current = pd.DataFrame({"c": pd.Series(["a", "b"] * 450 + [1] * 30 + ["1"] * 20 + ["zz"] * 50, dtype=object)})
+    drift = compute_drift(reference, current).column("c")
+    assert drift.details["new_category_counts"] == {"1": 50, "zz": 50}
+    assert drift.details["new_categories"] == 2

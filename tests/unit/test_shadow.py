@@ -232,3 +232,38 @@ def test_the_shadow_predicts_with_the_requests_params_and_never_batches_them(con
     assert by_id["tripled"].predictions.tolist() == [6, 9]  # the primary's params, not the default factor 2
     assert by_id["plain"].predictions.tolist() == [8]
     assert [2, 3, 4] not in model.calls  # params apply to a whole call: never stacked with another copy
+
+
+def test_a_shadow_model_writing_into_its_input_or_reusing_its_output_leaves_captured_rows_alone() -> None:
+    """Capture holds a request's raw rows and predictions until its writer thread encodes them (a
+    quarter second later), and the copy's DataFrame was built on those rows without copying: a
+    shadow model that changed its input in place rewrote the primary's captured inputs, and one
+    that hands back one output buffer call after call rewrote the shadow's earlier predictions."""
+    from types import SimpleNamespace
+
+    from mlflow_deploy_plugin.serving.shadow import frame_of_raw
+
+    columns = ("a", "b")
+    buffer = np.zeros(2)
+
+    def scribbler(data, _params):  # noqa: ANN001, ANN202
+        buffer[:] = data["a"].to_numpy()  # its one output buffer, reused
+        data.iloc[:, 0] = -1.0  # and its input, rewritten in place
+        return buffer
+
+    recorded: list[ShadowAnswer] = []
+    mirror = ShadowMirror(scribbler, "7", recorded.append)
+    primaries = [np.array([[1.0, 2.0], [3.0, 4.0]]) + 10 * i for i in range(3)]
+    try:
+        for i, values in enumerate(primaries):  # as the parser's fast path hands them over
+            answer = SimpleNamespace(request_id=f"r{i}", timestamp=float(i), inputs=frame_of_raw(columns, values),
+                                     params=None, raw_inputs=(columns, values))
+            assert mirror.submit(answer)
+            wait_for(lambda i=i: len(recorded) == i + 1, WAIT_S, "the shadow to answer the copy")
+    finally:
+        mirror.close(timeout_s=2)
+    for i, values in enumerate(primaries):
+        original = np.array([[1.0, 2.0], [3.0, 4.0]]) + 10 * i
+        assert np.array_equal(values, original), "the primary's captured rows were rewritten"
+        assert np.array_equal(recorded[i].raw_inputs[1], original)
+        assert recorded[i].status == 200 and recorded[i].predictions.tolist() == original[:, 0].tolist()

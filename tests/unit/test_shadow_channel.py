@@ -10,6 +10,7 @@ import os
 import pickle
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +72,36 @@ def test_a_copy_travels_in_its_cheapest_form_and_is_rebuilt_as_the_parser_built_
     slow = Copy(*copy_of(Answer("s", 1.5, "1", 200, 1.0, id_frame([3]), None)))
     pd.testing.assert_frame_equal(slow.inputs, id_frame([3]))
     assert slow.raw_inputs is None and slow.params is None
+
+
+def test_drop_hooks_are_called_with_keywords_so_an_order_cannot_be_swapped(tmp_path: Path) -> None:
+    """The shadow's drop hook takes (reason, count), the capture writer's (n, reason): both are
+    called with keywords (their protocols name them), so a hook written for the other order, or
+    passed to the wrong one, fails instead of counting a reason as a number. Keyword-only hooks
+    here: the positional calls raised TypeError (the writer's suppressed it: nothing counted)."""
+    from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter
+
+    copy_drops: list[tuple[str, int]] = []
+
+    def on_copy_drop(*, reason: str, count: int) -> None:
+        copy_drops.append((reason, count))
+
+    channel = CopyChannel(max_queue=1, on_drop=on_copy_drop)
+    accepted = sum(channel.put(_copy(i)) for i in range(10))
+    channel.close(timeout_s=2)
+    assert accepted < 10 and sum(count for _, count in copy_drops) >= 10 - accepted
+    assert {reason for reason, _ in copy_drops} <= {"no_shadow", "closed"}
+
+    capture_drops: list[tuple[int, str]] = []
+
+    def on_capture_drop(*, n: int, reason: str) -> None:
+        capture_drops.append((n, reason))
+
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", spool_dir=str(tmp_path / "spool"), converter="external",
+                           on_drop=on_capture_drop)
+    writer.close(timeout_s=2)
+    assert not writer.record(CapturedRequest("r", time.time(), "1", 200, 1.0, pd.DataFrame({"x": [1.0]}), np.array([1])))
+    assert capture_drops == [(1, "closed")]
 
 
 def test_without_a_reader_the_queue_fills_and_drops_then_everything_taken_arrives_in_order() -> None:

@@ -72,7 +72,7 @@ def test_shadow_runs_in_its_own_process_pairs_join_and_a_dead_or_silent_one_is_r
     def starter(spec, model_dir, capture_dir, capture_key, converter, hooks):  # noqa: ANN001, ANN202
         def on_drop(reason: str, count: int) -> None:
             drops.extend([reason] * count)
-            hooks.on_drop(reason, count)
+            hooks.on_drop(reason=reason, count=count)
 
         # As start_shadow_process, with a short grace: a silent child is replaced 1 + 2 s after its last word.
         return ShadowProcess(spec, model_dir, capture_dir, capture_key, converter, on_drop, hooks.on_result,

@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_deploy_plugin.engines.local.liveness import SHADOW_COUNTS_SIZE, ShadowTallyFile, shadow_tally_path
-from mlflow_deploy_plugin.serving.shadow import CopyRun, MirrorFront
+from mlflow_deploy_plugin.serving.shadow import CopyDropHook, CopyRun, MirrorFront
 from mlflow_deploy_plugin.serving.shadow_channel import (
     CopyChannel,
     FrameReader,
@@ -161,7 +161,7 @@ class ShadowProcess(MirrorFront):
     """The worker's handle on its shadow process: the mirror the service feeds (submit, idle, flush, close)."""
 
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
-                 converter: str, on_drop: Callable[[str, int], None], on_result: Callable[[str, float, int], None],
+                 converter: str, on_drop: CopyDropHook, on_result: Callable[[str, float, int], None],
                  on_capture_drop: Callable[[int], None], *, nice: int = NICE,
                  hang_grace_s: float = HANG_GRACE_S, rng: Any = None, tally_dir: Path | None = None) -> None:
         """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it.
@@ -314,7 +314,7 @@ class ShadowProcess(MirrorFront):
         with self._lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
         try:
-            self._on_drop(reason, count)  # a run of copies in one call, as ShadowMirror does
+            self._on_drop(reason=reason, count=count)  # a run of copies in one call, as ShadowMirror does
         except Exception:
             _logger.exception("Shadow drop counter failed")
 
