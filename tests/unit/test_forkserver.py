@@ -98,7 +98,7 @@ def test_a_standby_with_another_thread_refuses_to_fork() -> None:
         ours.close()
         for fd in opened:
             os.close(fd)
-    assert "other threads (a-library-thread)" in answer["error"]
+    assert "other threads (" in answer["error"] and "a-library-thread" in answer["error"]
 
 
 def test_reaping_adopted_orphans_reaps_exited_children_only_and_never_known_ones() -> None:
