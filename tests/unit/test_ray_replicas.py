@@ -125,9 +125,8 @@ def test_the_url_is_the_proxys_address_and_the_route(tmp_path: Path) -> None:
 def test_status_is_built_from_one_read_of_serves_details(tmp_path: Path) -> None:
     """`status` reads Serve's details once: the application and the proxy's http_options come from
     that one read (they were read twice, a controller round trip each). Built here from a recorded
-    details object, in a process joined to no cluster, so nothing else can have been asked."""
-    import ray
-
+    details object; a second read of them fails the test (whatever cluster this process joined
+    before: the test runs in any order)."""
     spec = DeploymentSpec(name="dep", model=ModelRef("models:/m/3", "m", "3"), engine="ray", created_at=1.0,
                           updated_at=2.0, config=parse_config({}))
     details = {  # the shape of ServeController.get_serve_details() (Ray 2.60), trimmed
@@ -143,8 +142,12 @@ def test_status_is_built_from_one_read_of_serves_details(tmp_path: Path) -> None
                 "recent_dead_replicas": [{"replica_id": "r0", "actor_id": "aa" * 16, "pid": 100}]}}}}}
     engine = RayEngine(StateStore(tmp_path))
     engine._death_causes["aa" * 16] = RETIRED  # known already: no actor-table read either
+
+    def read_again() -> dict:
+        raise AssertionError("Serve's details were read again")
+
+    engine._details = read_again  # type: ignore[method-assign]
     status = engine._to_status("dep", details["applications"]["dep"], details["http_options"])
-    assert not ray.is_initialized()
     assert (status.state, status.healthy, status.model_version, status.restarts) == ("running", True, "3", 0)
     assert status.url == "http://127.0.0.1:8123/dep"
     assert (status.details["host"], status.details["port"]) == ("127.0.0.1", 8123)
