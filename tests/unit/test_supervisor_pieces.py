@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,55 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     assert told.wait(timeout=60) == 2
     assert "No deployment spec" in (paths.logs / "supervisor.log").read_text()
     assert (paths.logs / "supervisor.log").stat().st_mode & 0o777 == 0o600
+
+
+
+def test_a_stop_is_answered_while_the_first_workers_wait_for_a_slow_standby(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first workers wait for the warm standby that forks them (up to STANDBY_FIRST_WAIT_S) in
+    the supervisor's loop: meanwhile a stop (``deployments delete``) is taken at the first tick and
+    answered, before any worker starts. The supervisor runs here, in the test's main thread; its
+    standby (and any worker) is a stand-in program that never says it is ready."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    import mlflow_deploy_plugin.engines.local.supervisor as supervisor_module
+    from mlflow_deploy_plugin.engines.local.forkserver import PR_SET_CHILD_SUBREAPER
+    from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
+    from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore, read_json
+
+    store = StateStore(tmp_path / "home")
+    store.write_spec(DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")))
+    paths = store.paths("dep")
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    silent = tmp_path / "silent-interpreter"
+    silent.write_text("#!/bin/sh\nexec cat >/dev/null\n")  # reads its stdin until it is closed, says nothing
+    silent.chmod(0o700)
+    monkeypatch.setattr(sys, "executable", str(silent))
+    # Short enough that a supervisor blocking on the standby for it fails this test (it starts the
+    # workers then, before the stop), long enough never to end on the way to the first tick.
+    monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_WAIT_S", 20.0)
+    answers: list[dict] = []
+    asking = threading.Thread(target=lambda: answers.append(
+        Mailbox(paths.requests).ask({"op": "stop"}, 120, alive=lambda: True)), daemon=True)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        asking.start()
+        deadline = time.monotonic() + 60
+        while not list(paths.requests.glob("*.request.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Supervisor(paths).run() == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)  # the supervisor made the test's process one
+    asking.join(60)
+    assert answers and answers[0]["ok"], answers
+    logs = sorted(path.name for path in paths.logs.glob("worker-*.log"))
+    assert logs == ["worker-standby-1.log"], logs  # the standby was started, no worker ever was
+    status = read_json(paths.status)
+    assert status and status["state"] == "stopped" and status["standby_pid"] is None, status

@@ -131,7 +131,7 @@ LOG_BACKUPS = 2
 LOG_CHECK_S = 10.0
 KEEP_WORKER_LOGS = 40  # logs of past workers kept (newest first)
 HANDOFF_TOTAL_S = 3 * REQUEST_TIMEOUT_S  # asking a predecessor's workers for their socket, all told
-STANDBY_FIRST_WAIT_S = 120.0  # the first workers wait this long for the standby to fork them
+STANDBY_FIRST_WAIT_S = 120.0  # the first workers wait this long for the standby to fork them (in the loop)
 REAP_ADOPTED_S = 1.0  # how often orphaned descendants we adopted are reaped
 
 
@@ -381,6 +381,8 @@ class Supervisor:
         # Workers are forked by the warm standby (``forkserver.py``) once we can adopt them.
         self.forking = False
         self.fork_channel: socket.socket | None = None  # our end of the standby's fork requests
+        # The first generation and when its workers stop waiting for the warm standby that forks them.
+        self.first_workers: tuple[Generation, float] | None = None
         self._next_reap_adopted = 0.0
         # The workers' capture writers spool (capture/.spool, see serving/service.py); this converts.
         self.converter = ConverterKeeper(paths.capture / ".spool", paths.logs / "capture-converter.log")
@@ -536,17 +538,30 @@ class Supervisor:
 
     def _standby_first(self, generation: Generation) -> None:
         """Start the warm standby before the first workers, so it forks them (they share its pages)
-        and their cold start is its imports, not theirs. Waits until it is ready (or gone, or
-        slower than STANDBY_FIRST_WAIT_S: the workers then start as fresh processes)."""
-        standby = self.standby = self._start_process(generation, -1, standby=True)
+        and their cold start is its imports, not theirs. The workers wait for it in the loop
+        (:meth:`_start_first_workers`), which meanwhile answers stops, signals and status."""
+        self.standby = self._start_process(generation, -1, standby=True)
         self.standby_sock = generation.sock
-        self._write_status()
-        deadline = time.monotonic() + STANDBY_FIRST_WAIT_S
-        while self.stop_requested is None and time.monotonic() < deadline:
-            standby.read_pipe()
-            if standby.standby_ready or standby.pipe_closed or standby.popen.poll() is not None:
-                break
-            select.select([standby.ready_fd], [], [], TICK_S)
+
+    def _start_first_workers(self) -> None:
+        """Start the first generation's workers once the warm standby that forks them is ready, or
+        gone, or slower than STANDBY_FIRST_WAIT_S (they then start as fresh interpreters); at once
+        without a standby."""
+        if self.first_workers is None:
+            return
+        generation, deadline = self.first_workers
+        standby = self.standby
+        if (standby is not None and not standby.standby_ready and not standby.pipe_closed
+                and standby.popen.poll() is None and time.monotonic() < deadline):
+            return
+        self.first_workers = None
+        if generation is not self.current:
+            return  # an update that came meanwhile serves instead
+        if standby is not None and not standby.standby_ready and standby.popen.poll() is None:
+            _logger.warning("Warm standby pid %d not ready after %.0fs; the first workers start as fresh "
+                            "interpreters", standby.pid, STANDBY_FIRST_WAIT_S)
+        for index in range(generation.spec.config.workers):
+            self._spawn(generation, index)
 
     def _child_env(self, spec: DeploymentSpec | None) -> dict[str, str]:
         """The environment of workers and the agent: ours, plus the store the spec was created
@@ -760,8 +775,8 @@ class Supervisor:
                             "standby and the workers each run their own interpreter")
         elif spec.config.warm_standby:
             self._standby_first(self.current)
-        for index in range(spec.config.workers):
-            self._spawn(self.current, index)
+        self.first_workers = (self.current, time.monotonic() + STANDBY_FIRST_WAIT_S)
+        self._start_first_workers()
         self._write_status()
         if self.orphans:
             self.store.append_history(self.paths.name, "supervisor_replaced", serving_pids=sorted(self.orphans),
@@ -876,6 +891,7 @@ class Supervisor:
     def _tick(self) -> None:
         for worker in list(self.workers.values()):
             worker.read_pipe()
+        self._start_first_workers()
         self._release_loaded()
         self._reap()
         self._check_liveness()
