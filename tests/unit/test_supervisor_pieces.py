@@ -282,3 +282,66 @@ def test_a_stop_is_answered_while_the_first_workers_wait_for_a_slow_standby(
     assert logs == ["worker-standby-1.log"], logs  # the standby was started, no worker ever was
     status = read_json(paths.status)
     assert status and status["state"] == "stopped" and status["standby_pid"] is None, status
+
+
+def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_backoff(tmp_path: Path) -> None:
+    """A standby that cannot start (a broken environment, OOM) is not started again at every tick:
+    the next one waits 0.5 s, 1 s, 2 s ... and status.json says why there is none; one that gets
+    ready clears both."""
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    for folder in (paths.logs, paths.metrics):
+        folder.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(paths)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def standby(code: str) -> Worker:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        log_path = paths.logs / f"worker-standby-{len(started) + 1}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-c", code.format(fd=write_end)], stdin=subprocess.PIPE,
+                                    stdout=log, stderr=log, pass_fds=(write_end,))
+        os.close(write_end)
+        started.append(proc)
+        worker = supervisor.standby = supervisor.workers[proc.pid] = Worker(proc, -1, -1, read_end, log_path)
+        return worker
+
+    broken = "import sys; sys.exit('ImportError: this environment is broken on purpose')"
+    with socket.socket() as sock:
+        supervisor.current = Generation(1, DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), sock,
+                                        paths.root / "generation-1.json")
+        supervisor.standby_sock = sock
+        try:
+            for failures, delay in ((1, "0.5s"), (2, "1s"), (3, "2s")):
+                started_standby = standby(broken)
+                started_standby.popen.wait(timeout=60)
+                supervisor._reap()
+                assert supervisor.standby is None and supervisor.standby_failures == failures
+                error = supervisor._status()["standby_error"]
+                assert f"pid {started_standby.pid} exited with code 1 before it was ready" in error, error
+                assert f"({failures} in a row; the next one starts in {delay})" in error, error
+                assert "broken on purpose" in error, error
+                supervisor._keep_standby()
+                assert supervisor.standby is None  # not started again at once
+            ready = standby("import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()")
+            deadline = time.monotonic() + 60
+            while not ready.standby_ready and time.monotonic() < deadline:
+                supervisor._wait_tick()
+                ready.read_pipe()
+            supervisor._keep_standby()
+            assert supervisor.standby is ready and supervisor.standby_failures == 0
+            assert supervisor._status()["standby_error"] is None
+        finally:
+            for proc in started:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=30)
+            for worker in supervisor.workers.values():
+                os.close(worker.ready_fd)

@@ -133,6 +133,10 @@ KEEP_WORKER_LOGS = 40  # logs of past workers kept (newest first)
 HANDOFF_TOTAL_S = 3 * REQUEST_TIMEOUT_S  # asking a predecessor's workers for their socket, all told
 STANDBY_FIRST_WAIT_S = 120.0  # the first workers wait this long for the standby to fork them (in the loop)
 REAP_ADOPTED_S = 1.0  # how often orphaned descendants we adopted are reaped
+# A standby that dies before it is ready is started again after 0.5 s, 1 s, 2 s ... up to this: it
+# is only a speed-up, and one that cannot start (a broken environment, OOM) would otherwise cost an
+# interpreter's imports at every tick.
+STANDBY_MAX_BACKOFF_S = 300.0
 
 
 @dataclass
@@ -381,6 +385,9 @@ class Supervisor:
         # Workers are forked by the warm standby (``forkserver.py``) once we can adopt them.
         self.forking = False
         self.fork_channel: socket.socket | None = None  # our end of the standby's fork requests
+        self.standby_failures = 0  # standbys in a row that died before they were ready
+        self.standby_restart_at = 0.0  # no standby is started before then (monotonic)
+        self.standby_error: str | None = None  # why there is no standby now (status.json says it)
         # The first generation and when its workers stop waiting for the warm standby that forks them.
         self.first_workers: tuple[Generation, float] | None = None
         self._next_reap_adopted = 0.0
@@ -443,7 +450,10 @@ class Supervisor:
         if self.standby is not None and (self.standby.popen.poll() is not None or (
                 not self.forking and self.standby_sock is not current.sock)):
             self._release_standby()
-        if self.standby is None and all(w.ready_at for w in self._workers_of(current)):
+        if self.standby is not None and self.standby.standby_ready and self.standby_failures:
+            self.standby_failures, self.standby_error = 0, None
+        if (self.standby is None and all(w.ready_at for w in self._workers_of(current))
+                and time.monotonic() >= self.standby_restart_at):
             self.standby_sock = current.sock
             self.standby = self._start_process(current, -1, standby=True)
 
@@ -954,8 +964,8 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 handoff_path(self.paths.root / "run", pid).unlink()
             if worker.draining or worker.generation == -1:
-                if worker is self.standby:
-                    self._release_standby()
+                if worker is self.standby:  # it died on its own (a released one is no longer self.standby)
+                    self._standby_died(worker, how)
                 continue
             if self._retry_unforked(worker, how):
                 continue
@@ -964,6 +974,20 @@ class Supervisor:
                 self._fail_update(reason, cause)
             elif self.current and worker.generation == self.current.number:
                 self._on_crash(worker, self.current, reason, live, cause)
+
+    def _standby_died(self, standby: Worker, how: str) -> None:
+        """The warm standby died on its own: the next one starts at once if this one had been ready,
+        else after a backoff (one that cannot start would fail again: a broken environment, OOM)."""
+        self._release_standby()
+        if standby.standby_ready:
+            _logger.warning("Warm standby pid %d %s; starting another", standby.pid, how)
+            return
+        self.standby_failures += 1
+        delay = min(STANDBY_MAX_BACKOFF_S, 0.5 * 2 ** (self.standby_failures - 1))
+        self.standby_restart_at = time.monotonic() + delay
+        self.standby_error = (f"warm standby pid {standby.pid} {how} before it was ready ({self.standby_failures} "
+                              f"in a row; the next one starts in {delay:g}s): {_log_tail(standby.log_path)}")
+        _logger.warning("%s", self.standby_error)
 
     def _retry_unforked(self, worker: Worker, how: str) -> bool:
         """A worker the standby forked died before its model loaded: start it once more as a fresh
@@ -1183,6 +1207,7 @@ class Supervisor:
             "last_error": self.last_error,
             "updating": self.pending is not None,
             "standby_pid": self.standby.pid if self.standby is not None else None,
+            "standby_error": self.standby_error,
             "agent_pid": self.agent.pid if self.agent is not None and self.agent.poll() is None else None,
             "converter_pid": self.converter.pid,
             # Pending, draining and hung workers, and a previous supervisor's: every process a
