@@ -160,6 +160,9 @@ class Worker:
     # Started as a fresh interpreter because the one the standby forked for it died before loading:
     # if this one loads, forking is what failed (a model that cannot load in a forked process).
     fork_retry: bool = False
+    # The flavors' modules (``mlflow.sklearn`` ...) a worker's models need, or a standby imported.
+    modules: frozenset[str] = frozenset()
+    warmed_for: int | None = None  # a standby: the generation whose models it warmed up for
     _buffer: bytes = b""
 
     @property
@@ -200,8 +203,10 @@ class Worker:
                 timeline.mark(f"supervisor: worker {self.pid} said ready")
             elif event == protocol.STANDBY:
                 self.standby_ready = True
+                self.modules = protocol.parse_modules(detail)
             elif event == protocol.LOADED and self.loaded_at is None:
                 self.loaded_at = time.time()
+                self.modules = protocol.parse_modules(detail)
                 timeline.mark(f"supervisor: worker {self.pid} said loaded")
             elif event == protocol.DRAINING:
                 self.stopped_accepting = True
@@ -452,10 +457,30 @@ class Supervisor:
             self._release_standby()
         if self.standby is not None and self.standby.standby_ready and self.standby_failures:
             self.standby_failures, self.standby_error = 0, None
+        if self.forking and (stale := self._stale_standby(current)):
+            # Replaced now that the update is done (never on its way): the new one imports what
+            # the served models need, so the workers forked from it on restarts and updates do not.
+            _logger.info("Replacing the warm standby pid %d: %s", self.standby.pid if self.standby else 0, stale)
+            self._release_standby()
         if (self.standby is None and all(w.ready_at for w in self._workers_of(current))
                 and time.monotonic() >= self.standby_restart_at):
             self.standby_sock = current.sock
             self.standby = self._start_process(current, -1, standby=True)
+
+    def _stale_standby(self, current: Generation) -> str | None:
+        """Why the forking standby should be replaced (None: it should not): the serving generation's
+        models need flavors' modules it did not import. Never for the generation it warmed up for, so
+        a standby that could not import them (the workers import them themselves) is replaced once."""
+        standby = self.standby
+        if standby is None or not standby.standby_ready or standby.warmed_for == current.number:
+            return None
+        needed = frozenset().union(*(w.modules for w in self._workers_of(current) if w.loaded_at))
+        missing = needed - standby.modules
+        if not missing:
+            return None
+        return (f"it warmed up for generation {standby.warmed_for} ({', '.join(sorted(standby.modules)) or 'no flavor'}"
+                f"); generation {current.number}'s models need {', '.join(sorted(missing))}, which every worker "
+                "forked from it would import itself")
 
     def _release_standby(self) -> None:
         standby, self.standby = self.standby, None
@@ -498,7 +523,8 @@ class Supervisor:
             os.close(write_fd)
             if theirs is not None:
                 theirs.close()
-        worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path)
+        worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path,
+                        warmed_for=generation.number if standby else None)
         timeline.mark(f"supervisor: {'standby' if standby else 'worker'} {popen.pid} spawned")
         self.workers[popen.pid] = worker
         _logger.info("Started %s (pid %d)", ("warm standby (forks the workers)" if self.forking else "warm standby")
