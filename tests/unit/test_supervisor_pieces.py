@@ -345,3 +345,42 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
                 proc.wait(timeout=30)
             for worker in supervisor.workers.values():
                 os.close(worker.ready_fd)
+
+
+def test_a_warm_standby_that_does_not_fork_takes_the_work_of_a_worker_on_its_socket(tmp_path: Path) -> None:
+    """Without forking (no subreaper), a ready standby started on the generation's socket becomes
+    its worker: it is told the generation's spec file and counted as that worker, not a standby."""
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    supervisor = Supervisor(paths)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    spec_file = paths.root / "run" / "generation-2.json"
+    code = (f"import os, sys; os.write({write_end}, b'{protocol.STANDBY}\\n'); "
+            f"sys.exit(0 if sys.stdin.readline().strip() == {str(spec_file)!r} else 1)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        with socket.socket() as sock:
+            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
+            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
+            deadline = time.monotonic() + 60
+            while not standby.standby_ready and time.monotonic() < deadline:
+                supervisor._wait_tick()
+                standby.read_pipe()
+            generation = Generation(2, DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2")), sock, spec_file)
+            assert supervisor._spawn(generation, 0) is standby
+            assert supervisor.standby is None and (standby.generation, standby.index) == (2, 0)
+            assert proc.wait(timeout=60) == 0  # it was told the generation's spec file
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        os.close(read_end)

@@ -403,9 +403,13 @@ class Supervisor:
     # -- workers -------------------------------------------------------------------------------
 
     def _spawn(self, generation: Generation, index: int) -> Worker:
+        """Start worker ``index`` of ``generation``: forked by the warm standby if it forks the workers,
+        else the standby itself if it was started on this generation's socket (a warm process takes
+        the work: the swap costs only the model load); a fresh interpreter without a ready standby,
+        or if the standby fails to give one."""
         standby = self.standby
-        if self.forking:
-            if standby is not None and standby.standby_ready and standby.popen.poll() is None:
+        if standby is not None and standby.standby_ready and standby.popen.poll() is None:
+            if self.forking:
                 try:
                     return self._fork_process(generation, index)
                 except ForkRefused as exc:  # it would refuse again: no more forking here
@@ -414,20 +418,14 @@ class Supervisor:
                     _logger.warning("Warm standby pid %d could not fork worker %d (%s); starting a fresh "
                                     "process, and another standby", standby.pid, index, exc)
                     self._release_standby()
-            return self._start_process(generation, index)
-        if (standby is not None and standby.standby_ready and self.standby_sock is generation.sock
-                and standby.popen.poll() is None):
-            # A warm process (imports done) takes the work: the swap costs only the model load.
-            self.standby = None
-            try:
-                standby.tell(str(generation.spec_file))
-            except OSError:
-                pass
-            else:
-                standby.generation, standby.index, standby.started_at = generation.number, index, time.time()
-                _logger.info("Standby pid %d takes worker %d of generation %d", standby.pid, index,
-                             generation.number)
-                return standby
+            elif self.standby_sock is generation.sock:
+                self.standby = None
+                with contextlib.suppress(OSError):  # it died meanwhile (reaped as a standby): a fresh one starts
+                    standby.tell(str(generation.spec_file))
+                    standby.generation, standby.index, standby.started_at = generation.number, index, time.time()
+                    _logger.info("Standby pid %d takes worker %d of generation %d", standby.pid, index,
+                                 generation.number)
+                    return standby
         return self._start_process(generation, index)
 
     def _stop_forking(self, reason: str) -> None:
