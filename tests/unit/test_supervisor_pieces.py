@@ -213,7 +213,11 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     """``create`` starts the supervisor's interpreter while it resolves the model: a create that
     then fails (unknown version, already exists) closes its stdin, and it exits having made nothing,
     not even the deployment's folder or its log."""
-    from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, tell_supervisor_go
+    from mlflow_deploy_plugin.engines.local.processes import (
+        early_output,
+        spawn_supervisor,
+        tell_supervisor_go,
+    )
     from mlflow_deploy_plugin.state import StateStore
 
     paths = StateStore(tmp_path / "home").paths("not-yet")
@@ -221,6 +225,7 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     assert early.stdin is not None
     early.stdin.close()
     assert early.wait(timeout=60) == 0
+    assert early_output(early) == ""  # nothing to say
     assert not paths.root.exists()
     assert not tell_supervisor_go(early)  # gone: the caller spawns another instead
     # Told to go, it logs to the deployment's own log (here it finds no spec there, says so, exits 2).
@@ -228,6 +233,7 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     told = spawn_supervisor(paths, respawn=False, wait_for_go=True)
     assert tell_supervisor_go(told)
     assert told.wait(timeout=60) == 2
+    assert early_output(told) == ""  # it said it in its log
     assert "No deployment spec" in (paths.logs / "supervisor.log").read_text()
     assert (paths.logs / "supervisor.log").stat().st_mode & 0o777 == 0o600
 
@@ -384,3 +390,34 @@ def test_a_warm_standby_that_does_not_fork_takes_the_work_of_a_worker_on_its_soc
             proc.kill()
             proc.wait(timeout=30)
         os.close(read_end)
+
+
+def test_what_a_supervisor_started_ahead_of_the_create_writes_before_its_go_reaches_the_log_and_the_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``create`` starts the supervisor's interpreter before the deployment's folder is ready, with no
+    log yet: what it writes until its go (here a broken environment: its package fails to import
+    once it has read its go) is put in the deployment's supervisor log and in the create's error."""
+    from mlflow_deploy_plugin.engines.base import EngineError
+    from mlflow_deploy_plugin.engines.local.engine import LocalEngine
+    from mlflow_deploy_plugin.engines.local.processes import tell_supervisor_go
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    broken = tmp_path / "broken" / "mlflow_deploy_plugin"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "import sys\nsys.stdin.readline()\nraise ImportError('this environment is broken on purpose')\n")
+    monkeypatch.chdir(broken.parent)  # first on its path (`python -m` puts its working directory there)
+    store = StateStore(tmp_path / "home")
+    engine = LocalEngine(store)
+    engine.prepare_start("dep")
+    early = engine._early["dep"]
+    paths = store.paths("dep")
+    paths.logs.mkdir(parents=True)
+    assert tell_supervisor_go(engine._early.pop("dep"))
+    with pytest.raises(EngineError) as failed:
+        engine._wait_started(DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), paths, early, 60)
+    assert "supervisor exited with code 1: " in str(failed.value) and "broken on purpose" in str(failed.value)
+    log = (paths.logs / "supervisor.log").read_text()
+    assert f"[supervisor {early.pid}] what it wrote before its go (exit code 1)" in log, log
+    assert "ImportError: this environment is broken on purpose" in log, log
