@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, registry: Registry) -> None:
     name = "upd"
     env.create(name, f"models:/{registry.model}@champion")  # in process; `update` below is the real CLI
-    url = env.status(name)["url"]
+    url, standby = env.status(name)["url"], env.status(name)["standby_pid"]
     payload = split_payload(registry.features.iloc[[5]])
     deploy_client = get_deploy_client("lifecycle")
     try:
@@ -60,6 +60,39 @@ def test_update_swaps_with_zero_downtime_and_bad_versions_never_serve(env: Env, 
         events = [event["event"] for event in env_history(env, name)]
         assert events == ["created", "updated", "update_failed", "update_failed"]
         _assert_forked_by_the_standby(env.status(name))
+        # Versions 1 and 2 are of one flavor: the standby that warmed up for 1 is kept (it would be
+        # replaced in the tick that ended the update, before `update` returned).
+        assert env.status(name)["standby_pid"] == standby
+    finally:
+        env.delete(name)
+
+
+def test_an_update_to_another_flavor_replaces_the_forking_standby(env: Env, registry: Registry) -> None:
+    """The standby warmed up (imported the flavor of) the scikit-learn model it started with; after an
+    update to a pyfunc model from code, every worker forked from it would import that flavor itself.
+    It is replaced once the update is done, by one that warmed up for the new generation: still one."""
+    pyfunc_model = f"pyfunc_{registry.model}"
+    mlflow.set_experiment(f"tests-{pyfunc_model}")
+    with mlflow.start_run():
+        # Any pyfunc model from code serves here (no single-row call is sent: this one never sleeps).
+        mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).parent / "assets/sleepy_model.py"),
+                                input_example=registry.features.head(3), registered_model_name=pyfunc_model,
+                                pip_requirements=["pandas"])
+    name = "flavors"
+    env.create(name, f"models:/{registry.model}/1")
+    try:
+        first = env.status(name)["standby_pid"]
+        assert first and b"generation-1.json" in Path(f"/proc/{first}/cmdline").read_bytes()
+        get_deploy_client("lifecycle").update_deployment(name, model_uri=f"models:/{pyfunc_model}/1")
+        # Replaced in the tick that ended the update (before it was answered): no wait on the update's way.
+        replaced = env.status(name)
+        assert replaced["standby_pid"] not in (None, first) and replaced["generation"] == 2, replaced
+        assert b"generation-2.json" in Path(f"/proc/{replaced['standby_pid']}/cmdline").read_bytes()
+        log = (env.home / "deployments" / name / "logs" / "supervisor.log").read_text()
+        assert f"Replacing the warm standby pid {first}: it warmed up for generation 1 (mlflow.sklearn)" in log
+        assert "need mlflow.pyfunc.loaders.code_model" in log
+        wait_for(lambda: not Path(f"/proc/{first}").exists(), 60, "the replaced standby to leave")
+        assert env.status(name)["standby_pid"] == replaced["standby_pid"]  # not replaced again
     finally:
         env.delete(name)
 

@@ -249,14 +249,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     spec_path = args.spec
     if args.standby:
-        _warm_up(Path(args.standby),
-                 _FORK_WARM_LOAD_MAX_BYTES if args.fork_socket is not None else _WARM_LOAD_MAX_BYTES)
+        # What it warmed up for is told with "standby": a forking standby is replaced once the served
+        # models need flavors it has not imported (each worker forked from it would import them).
+        warmed = protocol.modules_detail(_warm_up(
+            Path(args.standby), _FORK_WARM_LOAD_MAX_BYTES if args.fork_socket is not None else _WARM_LOAD_MAX_BYTES))
         gc.collect()  # what the warm-up left (its load of the live model) does not wait here with us
         if args.fork_socket is not None:
             # Out of every later collection: a collection writes to each object it walks, which would
             # unshare the pages the forked workers share with us.
             gc.freeze()
-            protocol.report(args.ready_fd, protocol.STANDBY)
+            protocol.report(args.ready_fd, protocol.STANDBY, warmed)
             work = forkserver.serve(socket.socket(fileno=args.fork_socket), close_in_child=(args.ready_fd,))
             if work is None:
                 return 0  # released (the supervisor is stopping, or gone)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             timeline.mark("worker: forked by the standby")
             _reseed_after_fork()
             return main(work.argv)
-        protocol.report(args.ready_fd, protocol.STANDBY)
+        protocol.report(args.ready_fd, protocol.STANDBY, warmed)
         spec_path = sys.stdin.readline().strip()
         if not spec_path:
             return 0  # released without work (the supervisor is stopping)
@@ -278,14 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         supervision.deployment = DeploymentPaths(args.deployment)
         supervision.liveness = LivenessWriter(liveness_dir(args.deployment / "run") / str(os.getpid()))
     try:
-        server, capture = _prepare(WorkerSpec.read(Path(spec_path)), args.fd, args.ready_fd, supervision)
+        worker_spec = WorkerSpec.read(Path(spec_path))
+        server, capture = _prepare(worker_spec, args.fd, args.ready_fd, supervision)
     except Exception as exc:  # anything that stops the model from serving is reported, not raised
         _logger.error("Worker could not start: %s", exc)
         protocol.report(args.ready_fd, protocol.ERROR, str(exc))
         return 3
     # Loaded and smoke-tested: wait for the supervisor's "go" (sent once every worker of this
-    # generation has loaded) before accepting, so versions never mix during a swap.
-    protocol.report(args.ready_fd, protocol.LOADED)
+    # generation has loaded) before accepting, so versions never mix during a swap. The flavors'
+    # modules its models needed are told with it (the supervisor compares them with its standby's).
+    needed: set[str] = set()
+    for share in worker_spec.spec.shares():
+        with contextlib.suppress(Exception):  # only a hint: never a reason not to serve
+            needed |= _flavor_modules(worker_spec.model_dir(share.model))
+    protocol.report(args.ready_fd, protocol.LOADED, protocol.modules_detail(needed))
     timeline.mark("worker: said loaded")
     # Everything imported and loaded so far lives as long as the worker: keep it out of the
     # cyclic GC, whose full passes over MLflow/sklearn/pandas objects otherwise stall requests.
@@ -361,8 +369,19 @@ def _reseed_after_fork() -> None:
         numpy.random.seed()
 
 
-def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> None:
-    """Import what serving needs before there is work, so a swap costs only the model load."""
+def _flavor_modules(model_dir: Path) -> set[str]:
+    """The modules loading the model at ``model_dir`` imports for its flavors (``mlflow.<flavor>``
+    and the pyfunc loader module), read from its MLmodel file."""
+    from mlflow.models import Model
+
+    flavors = Model.load(str(model_dir)).flavors
+    loader = flavors.get("python_function", {}).get("loader_module")
+    return {f"mlflow.{name}" for name in flavors if name != "python_function"} | ({loader} if loader else set())
+
+
+def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> set[str]:
+    """Import what serving needs before there is work, so a swap costs only the model load.
+    Returns the flavors' modules (:func:`_flavor_modules`) of the hinted models it imported."""
     import importlib
 
     with contextlib.suppress(OSError, ValueError, KeyError):
@@ -370,7 +389,6 @@ def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> Non
         _import_before_mlflow([hinted.model_dir(share.model) for share in hinted.spec.shares()])
 
     import mlflow.pyfunc
-    from mlflow.models import Model
 
     import mlflow_deploy_plugin.capture.writer  # noqa: F401
     import mlflow_deploy_plugin.serving.app  # noqa: F401
@@ -380,7 +398,8 @@ def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> Non
     try:
         hint = WorkerSpec.read(hint_spec)
     except (OSError, ValueError, KeyError):
-        return
+        return set()
+    wanted: set[str] = set()
     for share in hint.spec.shares():
         path = hint.model_dir(share.model)
         try:
@@ -388,22 +407,23 @@ def _warm_up(hint_spec: Path, load_max_bytes: int = _WARM_LOAD_MAX_BYTES) -> Non
             # nothing, it makes one too and the first complete copy wins). Without it the warm-up
             # would import no flavor, and every worker would import its own.
             ensure_local_copy(share.model.version_uri, path)
+            modules = _flavor_modules(path)
+            wanted |= modules
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             if size <= load_max_bytes:
                 # Loading the live model once pulls in exactly what its flavor needs (sklearn, skops,
                 # ...: seconds of imports), so the next version of it loads in a fraction of that.
                 mlflow.pyfunc.load_model(str(path), suppress_warnings=True)  # checked at the copy
                 continue
-            flavors = Model.load(str(path)).flavors
         except Exception as exc:
             _logger.debug("Warm-up of %s failed: %s", path, exc)
             continue
-        loader = flavors.get("python_function", {}).get("loader_module")
-        for module in {f"mlflow.{name}" for name in flavors if name != "python_function"} | {loader} - {None}:
+        for module in modules:
             try:
                 importlib.import_module(module)
             except Exception as exc:
                 _logger.debug("Warm-up import of %s failed: %s", module, exc)
+    return {module for module in wanted if module in sys.modules}
 
 
 def _gc_on_after_imports() -> None:

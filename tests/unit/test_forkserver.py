@@ -213,3 +213,61 @@ def test_children_are_found_by_their_parent_without_the_kernels_children_files()
     finally:
         child.kill()
         child.wait(timeout=30)
+
+
+def test_a_forking_standby_is_replaced_once_the_served_models_need_flavors_it_did_not_import(
+        tmp_path: Path, classifier_path: Path, controlled_path: Path) -> None:
+    """The standby warms up for the models that serve when it starts; after an update to models of
+    another flavor, every worker forked from it would import that flavor itself. Standby and workers
+    tell the flavors' modules they imported / need on their ready pipes; the supervisor replaces the
+    standby when the serving generation needs some it lacks, never for the generation it warmed up
+    for (one that could not import them is replaced once, not at every tick)."""
+    import subprocess
+    import sys
+
+    from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.serving.worker import _flavor_modules
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    sklearn, pyfunc = _flavor_modules(classifier_path), _flavor_modules(controlled_path)
+    assert sklearn == {"mlflow.sklearn"} and pyfunc == {"mlflow.pyfunc.loaders.code_model"}  # a model from code
+    paths = StateStore(tmp_path / "home").paths("dep")
+    supervisor = Supervisor(paths)
+    supervisor.forking = True
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    pipes: list[int] = []
+
+    def told(generation: int, event: str, modules: set[str]) -> Worker:
+        """A worker (generation -1: the standby warmed up for ``generation``) that said ``event``."""
+        read_end, write_end = os.pipe()
+        pipes.append(read_end)
+        os.set_blocking(read_end, False)
+        protocol.report(write_end, event, protocol.modules_detail(modules))
+        os.close(write_end)
+        worker = Worker(process, -1 if event == protocol.STANDBY else generation, 0, read_end, tmp_path / "log",
+                        warmed_for=generation if event == protocol.STANDBY else None)
+        worker.read_pipe()
+        return worker
+
+    try:
+        with socket.socket() as sock:
+            spec = DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2"))
+            current = supervisor.current = Generation(2, spec, sock, paths.root / "generation-2.json")
+            supervisor.workers = {1: told(2, protocol.LOADED, pyfunc)}
+            supervisor.standby = told(1, protocol.STANDBY, sklearn)
+            reason = supervisor._stale_standby(current)
+            assert reason and "generation 1 (mlflow.sklearn)" in reason and "need mlflow.pyfunc.loaders.code_model" in reason
+            supervisor.standby = told(2, protocol.STANDBY, set())  # warmed up for this one, and failed to
+            assert supervisor._stale_standby(current) is None
+            supervisor.standby = told(1, protocol.STANDBY, sklearn | pyfunc)  # has them all
+            assert supervisor._stale_standby(current) is None
+            supervisor.workers = {1: told(2, protocol.LOADED, sklearn)}  # an update to the same flavor
+            supervisor.standby = told(1, protocol.STANDBY, sklearn)
+            assert supervisor._stale_standby(current) is None
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        for fd in pipes:
+            os.close(fd)

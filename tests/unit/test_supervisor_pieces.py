@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -211,7 +213,11 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     """``create`` starts the supervisor's interpreter while it resolves the model: a create that
     then fails (unknown version, already exists) closes its stdin, and it exits having made nothing,
     not even the deployment's folder or its log."""
-    from mlflow_deploy_plugin.engines.local.processes import spawn_supervisor, tell_supervisor_go
+    from mlflow_deploy_plugin.engines.local.processes import (
+        early_output,
+        spawn_supervisor,
+        tell_supervisor_go,
+    )
     from mlflow_deploy_plugin.state import StateStore
 
     paths = StateStore(tmp_path / "home").paths("not-yet")
@@ -219,6 +225,7 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     assert early.stdin is not None
     early.stdin.close()
     assert early.wait(timeout=60) == 0
+    assert early_output(early) == ""  # nothing to say
     assert not paths.root.exists()
     assert not tell_supervisor_go(early)  # gone: the caller spawns another instead
     # Told to go, it logs to the deployment's own log (here it finds no spec there, says so, exits 2).
@@ -226,5 +233,191 @@ def test_a_supervisor_started_before_its_go_touches_nothing_and_leaves_at_end_of
     told = spawn_supervisor(paths, respawn=False, wait_for_go=True)
     assert tell_supervisor_go(told)
     assert told.wait(timeout=60) == 2
+    assert early_output(told) == ""  # it said it in its log
     assert "No deployment spec" in (paths.logs / "supervisor.log").read_text()
     assert (paths.logs / "supervisor.log").stat().st_mode & 0o777 == 0o600
+
+
+
+def test_a_stop_is_answered_while_the_first_workers_wait_for_a_slow_standby(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first workers wait for the warm standby that forks them (up to STANDBY_FIRST_WAIT_S) in
+    the supervisor's loop: meanwhile a stop (``deployments delete``) is taken at the first tick and
+    answered, before any worker starts. The supervisor runs here, in the test's main thread; its
+    standby (and any worker) is a stand-in program that never says it is ready."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    import mlflow_deploy_plugin.engines.local.supervisor as supervisor_module
+    from mlflow_deploy_plugin.engines.local.forkserver import PR_SET_CHILD_SUBREAPER
+    from mlflow_deploy_plugin.engines.local.mailbox import Mailbox
+    from mlflow_deploy_plugin.engines.local.supervisor import Supervisor
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore, read_json
+
+    store = StateStore(tmp_path / "home")
+    store.write_spec(DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")))
+    paths = store.paths("dep")
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    silent = tmp_path / "silent-interpreter"
+    silent.write_text("#!/bin/sh\nexec cat >/dev/null\n")  # reads its stdin until it is closed, says nothing
+    silent.chmod(0o700)
+    monkeypatch.setattr(sys, "executable", str(silent))
+    # Short enough that a supervisor blocking on the standby for it fails this test (it starts the
+    # workers then, before the stop), long enough never to end on the way to the first tick.
+    monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_WAIT_S", 20.0)
+    answers: list[dict] = []
+    asking = threading.Thread(target=lambda: answers.append(
+        Mailbox(paths.requests).ask({"op": "stop"}, 120, alive=lambda: True)), daemon=True)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        asking.start()
+        deadline = time.monotonic() + 60
+        while not list(paths.requests.glob("*.request.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Supervisor(paths).run() == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)  # the supervisor made the test's process one
+    asking.join(60)
+    assert answers and answers[0]["ok"], answers
+    logs = sorted(path.name for path in paths.logs.glob("worker-*.log"))
+    assert logs == ["worker-standby-1.log"], logs  # the standby was started, no worker ever was
+    status = read_json(paths.status)
+    assert status and status["state"] == "stopped" and status["standby_pid"] is None, status
+
+
+def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_backoff(tmp_path: Path) -> None:
+    """A standby that cannot start (a broken environment, OOM) is not started again at every tick:
+    the next one waits 0.5 s, 1 s, 2 s ... and status.json says why there is none; one that gets
+    ready clears both."""
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    for folder in (paths.logs, paths.metrics):
+        folder.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(paths)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def standby(code: str) -> Worker:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        log_path = paths.logs / f"worker-standby-{len(started) + 1}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-c", code.format(fd=write_end)], stdin=subprocess.PIPE,
+                                    stdout=log, stderr=log, pass_fds=(write_end,))
+        os.close(write_end)
+        started.append(proc)
+        worker = supervisor.standby = supervisor.workers[proc.pid] = Worker(proc, -1, -1, read_end, log_path)
+        return worker
+
+    broken = "import sys; sys.exit('ImportError: this environment is broken on purpose')"
+    with socket.socket() as sock:
+        supervisor.current = Generation(1, DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), sock,
+                                        paths.root / "generation-1.json")
+        supervisor.standby_sock = sock
+        try:
+            for failures, delay in ((1, "0.5s"), (2, "1s"), (3, "2s")):
+                started_standby = standby(broken)
+                started_standby.popen.wait(timeout=60)
+                supervisor._reap()
+                assert supervisor.standby is None and supervisor.standby_failures == failures
+                error = supervisor._status()["standby_error"]
+                assert f"pid {started_standby.pid} exited with code 1 before it was ready" in error, error
+                assert f"({failures} in a row; the next one starts in {delay})" in error, error
+                assert "broken on purpose" in error, error
+                supervisor._keep_standby()
+                assert supervisor.standby is None  # not started again at once
+            ready = standby("import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()")
+            deadline = time.monotonic() + 60
+            while not ready.standby_ready and time.monotonic() < deadline:
+                supervisor._wait_tick()
+                ready.read_pipe()
+            supervisor._keep_standby()
+            assert supervisor.standby is ready and supervisor.standby_failures == 0
+            assert supervisor._status()["standby_error"] is None
+        finally:
+            for proc in started:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=30)
+            for worker in supervisor.workers.values():
+                os.close(worker.ready_fd)
+
+
+def test_a_warm_standby_that_does_not_fork_takes_the_work_of_a_worker_on_its_socket(tmp_path: Path) -> None:
+    """Without forking (no subreaper), a ready standby started on the generation's socket becomes
+    its worker: it is told the generation's spec file and counted as that worker, not a standby."""
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    supervisor = Supervisor(paths)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    spec_file = paths.root / "run" / "generation-2.json"
+    code = (f"import os, sys; os.write({write_end}, b'{protocol.STANDBY}\\n'); "
+            f"sys.exit(0 if sys.stdin.readline().strip() == {str(spec_file)!r} else 1)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        with socket.socket() as sock:
+            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
+            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
+            deadline = time.monotonic() + 60
+            while not standby.standby_ready and time.monotonic() < deadline:
+                supervisor._wait_tick()
+                standby.read_pipe()
+            generation = Generation(2, DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2")), sock, spec_file)
+            assert supervisor._spawn(generation, 0) is standby
+            assert supervisor.standby is None and (standby.generation, standby.index) == (2, 0)
+            assert proc.wait(timeout=60) == 0  # it was told the generation's spec file
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        os.close(read_end)
+
+
+def test_what_a_supervisor_started_ahead_of_the_create_writes_before_its_go_reaches_the_log_and_the_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``create`` starts the supervisor's interpreter before the deployment's folder is ready, with no
+    log yet: what it writes until its go (here a broken environment: its package fails to import
+    once it has read its go) is put in the deployment's supervisor log and in the create's error."""
+    from mlflow_deploy_plugin.engines.base import EngineError
+    from mlflow_deploy_plugin.engines.local.engine import LocalEngine
+    from mlflow_deploy_plugin.engines.local.processes import tell_supervisor_go
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    broken = tmp_path / "broken" / "mlflow_deploy_plugin"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "import sys\nsys.stdin.readline()\nraise ImportError('this environment is broken on purpose')\n")
+    monkeypatch.chdir(broken.parent)  # first on its path (`python -m` puts its working directory there)
+    store = StateStore(tmp_path / "home")
+    engine = LocalEngine(store)
+    engine.prepare_start("dep")
+    early = engine._early["dep"]
+    paths = store.paths("dep")
+    paths.logs.mkdir(parents=True)
+    assert tell_supervisor_go(engine._early.pop("dep"))
+    with pytest.raises(EngineError) as failed:
+        engine._wait_started(DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), paths, early, 60)
+    assert "supervisor exited with code 1: " in str(failed.value) and "broken on purpose" in str(failed.value)
+    log = (paths.logs / "supervisor.log").read_text()
+    assert f"[supervisor {early.pid}] what it wrote before its go (exit code 1)" in log, log
+    assert "ImportError: this environment is broken on purpose" in log, log

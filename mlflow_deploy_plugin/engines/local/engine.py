@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from mlflow_deploy_plugin.engines.base import (
 from mlflow_deploy_plugin.engines.local.mailbox import Mailbox, MailboxTimeout, SupervisorGone
 from mlflow_deploy_plugin.engines.local.processes import (
     SUPERVISOR_MODULE,
+    early_output,
     is_supervisor,
     is_worker,
     live_workers,
@@ -42,9 +44,17 @@ from mlflow_deploy_plugin.engines.local.processes import (
 )
 from mlflow_deploy_plugin.model_copy import ModelLoadError, ensure_local_copy, warn_environment_mismatches
 from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
-from mlflow_deploy_plugin.state import StateStore, make_private_dirs, pid_alive, read_json, write_json_atomic
+from mlflow_deploy_plugin.state import (
+    PRIVATE_FILE_MODE,
+    StateStore,
+    make_private_dirs,
+    pid_alive,
+    read_json,
+    write_json_atomic,
+)
 
 __all__ = ["SUPERVISOR_MODULE", "LocalEngine", "is_supervisor"]
+_logger = logging.getLogger(__name__)
 UP_HINT = "`mlflow-deploy up` starts it again"
 # A supervisor lost to kill -9 is replaced by its own workers within seconds: commands wait that long.
 TAKEOVER_WAIT_S = 15.0
@@ -123,6 +133,27 @@ def _to_status(raw: dict[str, Any]) -> EngineStatus:
     )
 
 
+def _keep_early_output(paths: Any, process: subprocess.Popen[bytes]) -> str:
+    """Append what a supervisor started ahead of the create wrote before its go (it logs to
+    ``logs/supervisor.log`` only from then on: an error of a broken environment would be lost) to
+    that log; returns it ("" if nothing, or for a supervisor started with its log)."""
+    output = early_output(process)
+    if output.strip():
+        how = "still running" if process.poll() is None else f"exit code {process.returncode}"
+        header = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR [supervisor {process.pid}] what it wrote before "
+                  f"its go ({how}):\n")
+        with contextlib.suppress(OSError):
+            fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+            with open(fd, "a") as log:
+                log.write(header + output + ("" if output.endswith("\n") else "\n"))
+    return output
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    """The last non-empty ``lines`` of ``text`` on one line (an error's traceback ends with its message)."""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+
 def _reap_within(process: subprocess.Popen[bytes], grace_s: float) -> None:
     """Wait ``grace_s`` for ``process`` to exit, then kill it; reaped either way."""
     try:
@@ -160,6 +191,12 @@ class LocalEngine(Engine):
             if early.stdin is not None:
                 early.stdin.close()
         _reap_within(early, 10)
+        # End of file makes it exit 0; anything else is an error of its own (a broken environment, which
+        # the next create would meet too): said here, since it never got a log.
+        output = early_output(early)
+        if early.returncode != 0:
+            _logger.warning("The supervisor started ahead of the create (pid %d) exited with code %s before its "
+                            "go: %s", early.pid, early.returncode, _tail(output) or "(it wrote nothing)")
 
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
         """Start a supervisor (or tell the one :meth:`prepare_start` started to go) and wait until the
@@ -177,12 +214,14 @@ class LocalEngine(Engine):
         else:
             if early is not None:  # exited (or is exiting) before its go: reaped, started again below
                 _reap_within(early, 30)
+                _keep_early_output(paths, early)
             process = spawn_supervisor(paths, respawn=False)
             timeline.mark("cli: supervisor spawned")
         prefetch = _prefetch_models(spec, paths.models)
         try:
             return self._wait_started(spec, paths, process, timeout_s)
         finally:
+            _keep_early_output(paths, process)  # written before its go (it logs to the log since)
             # Done long before the worker is ready, unless it raced the worker's own fetch: not
             # left copying into a folder a failed create is about to archive.
             prefetch.join(PREFETCH_JOIN_S)
@@ -205,12 +244,15 @@ class LocalEngine(Engine):
             if process.poll() is None:  # once reaped, its pid may already be another process's
                 self._terminate(process.pid, 10.0)
                 process.wait(timeout=30)
+            _keep_early_output(paths, process)
             raise EngineError(f"Deployment {spec.name!r} did not become ready within "
                               f"startup_timeout_s={timeout_s:g}s; see {paths.logs}.")
         raw = read_json(paths.status) or {}
         if raw.get("state") != RUNNING:
             process.wait(timeout=30)
-            error = raw.get("last_error") or f"supervisor exited with code {process.returncode}"
+            early = _keep_early_output(paths, process)
+            error = raw.get("last_error") or (f"supervisor exited with code {process.returncode}"
+                                              + (f": {_tail(early)}" if early.strip() else ""))
             raise EngineError(f"Deployment {spec.name!r} failed to start: {error}")
         return _to_status(raw)
 

@@ -200,6 +200,8 @@ def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = 
     ``wait_for_go``: started before the deployment's folder is ready (``create`` resolving the model
     meanwhile): it imports, then waits for ``go`` on its stdin (:func:`tell_supervisor_go`) before
     it touches anything of the deployment, its log included; end of file instead makes it exit.
+    Until then what it writes (an import error of a broken environment) goes to a pipe whose end is
+    its ``stdout``: :func:`early_output` reads it, to put it in the deployment's log.
     """
     argv = [sys.executable, "-m", SUPERVISOR_MODULE, str(paths.root)]
     if respawn:
@@ -208,7 +210,7 @@ def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = 
         argv += ["--fd", str(fd)]
     if wait_for_go:
         argv.append("--wait-for-go")
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, umask=0o077)
     log_fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     with open(log_fd, "ab") as log:
@@ -228,6 +230,28 @@ def tell_supervisor_go(process: subprocess.Popen[bytes]) -> bool:
     except OSError:  # it died meanwhile
         return False
     return True
+
+
+def early_output(process: subprocess.Popen[bytes], max_bytes: int = 64 * 1024) -> str:
+    """What a supervisor started ``wait_for_go`` wrote before it logged to its deployment's log (all
+    of it once it has exited or logs there: the pipe is then at end of file; what is there so far
+    otherwise), and close our end of that pipe; "" for a supervisor started with its log."""
+    pipe, process.stdout = process.stdout, None
+    if pipe is None:
+        return ""
+    chunks: list[bytes] = []
+    try:
+        os.set_blocking(pipe.fileno(), False)
+        while (size := sum(map(len, chunks))) < max_bytes:
+            chunk = os.read(pipe.fileno(), max_bytes - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:  # BlockingIOError: nothing more yet
+        pass
+    finally:
+        pipe.close()
+    return b"".join(chunks).decode(errors="replace")
 
 
 def wait_workers_gone(pids: list[int], root: Path, timeout_s: float) -> list[int]:

@@ -131,8 +131,12 @@ LOG_BACKUPS = 2
 LOG_CHECK_S = 10.0
 KEEP_WORKER_LOGS = 40  # logs of past workers kept (newest first)
 HANDOFF_TOTAL_S = 3 * REQUEST_TIMEOUT_S  # asking a predecessor's workers for their socket, all told
-STANDBY_FIRST_WAIT_S = 120.0  # the first workers wait this long for the standby to fork them
+STANDBY_FIRST_WAIT_S = 120.0  # the first workers wait this long for the standby to fork them (in the loop)
 REAP_ADOPTED_S = 1.0  # how often orphaned descendants we adopted are reaped
+# A standby that dies before it is ready is started again after 0.5 s, 1 s, 2 s ... up to this: it
+# is only a speed-up, and one that cannot start (a broken environment, OOM) would otherwise cost an
+# interpreter's imports at every tick.
+STANDBY_MAX_BACKOFF_S = 300.0
 
 
 @dataclass
@@ -156,6 +160,9 @@ class Worker:
     # Started as a fresh interpreter because the one the standby forked for it died before loading:
     # if this one loads, forking is what failed (a model that cannot load in a forked process).
     fork_retry: bool = False
+    # The flavors' modules (``mlflow.sklearn`` ...) a worker's models need, or a standby imported.
+    modules: frozenset[str] = frozenset()
+    warmed_for: int | None = None  # a standby: the generation whose models it warmed up for
     _buffer: bytes = b""
 
     @property
@@ -196,8 +203,10 @@ class Worker:
                 timeline.mark(f"supervisor: worker {self.pid} said ready")
             elif event == protocol.STANDBY:
                 self.standby_ready = True
+                self.modules = protocol.parse_modules(detail)
             elif event == protocol.LOADED and self.loaded_at is None:
                 self.loaded_at = time.time()
+                self.modules = protocol.parse_modules(detail)
                 timeline.mark(f"supervisor: worker {self.pid} said loaded")
             elif event == protocol.DRAINING:
                 self.stopped_accepting = True
@@ -381,6 +390,11 @@ class Supervisor:
         # Workers are forked by the warm standby (``forkserver.py``) once we can adopt them.
         self.forking = False
         self.fork_channel: socket.socket | None = None  # our end of the standby's fork requests
+        self.standby_failures = 0  # standbys in a row that died before they were ready
+        self.standby_restart_at = 0.0  # no standby is started before then (monotonic)
+        self.standby_error: str | None = None  # why there is no standby now (status.json says it)
+        # The first generation and when its workers stop waiting for the warm standby that forks them.
+        self.first_workers: tuple[Generation, float] | None = None
         self._next_reap_adopted = 0.0
         # The workers' capture writers spool (capture/.spool, see serving/service.py); this converts.
         self.converter = ConverterKeeper(paths.capture / ".spool", paths.logs / "capture-converter.log")
@@ -389,9 +403,13 @@ class Supervisor:
     # -- workers -------------------------------------------------------------------------------
 
     def _spawn(self, generation: Generation, index: int) -> Worker:
+        """Start worker ``index`` of ``generation``: forked by the warm standby if it forks the workers,
+        else the standby itself if it was started on this generation's socket (a warm process takes
+        the work: the swap costs only the model load); a fresh interpreter without a ready standby,
+        or if the standby fails to give one."""
         standby = self.standby
-        if self.forking:
-            if standby is not None and standby.standby_ready and standby.popen.poll() is None:
+        if standby is not None and standby.standby_ready and standby.popen.poll() is None:
+            if self.forking:
                 try:
                     return self._fork_process(generation, index)
                 except ForkRefused as exc:  # it would refuse again: no more forking here
@@ -400,20 +418,14 @@ class Supervisor:
                     _logger.warning("Warm standby pid %d could not fork worker %d (%s); starting a fresh "
                                     "process, and another standby", standby.pid, index, exc)
                     self._release_standby()
-            return self._start_process(generation, index)
-        if (standby is not None and standby.standby_ready and self.standby_sock is generation.sock
-                and standby.popen.poll() is None):
-            # A warm process (imports done) takes the work: the swap costs only the model load.
-            self.standby = None
-            try:
-                standby.tell(str(generation.spec_file))
-            except OSError:
-                pass
-            else:
-                standby.generation, standby.index, standby.started_at = generation.number, index, time.time()
-                _logger.info("Standby pid %d takes worker %d of generation %d", standby.pid, index,
-                             generation.number)
-                return standby
+            elif self.standby_sock is generation.sock:
+                self.standby = None
+                with contextlib.suppress(OSError):  # it died meanwhile (reaped as a standby): a fresh one starts
+                    standby.tell(str(generation.spec_file))
+                    standby.generation, standby.index, standby.started_at = generation.number, index, time.time()
+                    _logger.info("Standby pid %d takes worker %d of generation %d", standby.pid, index,
+                                 generation.number)
+                    return standby
         return self._start_process(generation, index)
 
     def _stop_forking(self, reason: str) -> None:
@@ -441,9 +453,32 @@ class Supervisor:
         if self.standby is not None and (self.standby.popen.poll() is not None or (
                 not self.forking and self.standby_sock is not current.sock)):
             self._release_standby()
-        if self.standby is None and all(w.ready_at for w in self._workers_of(current)):
+        if self.standby is not None and self.standby.standby_ready and self.standby_failures:
+            self.standby_failures, self.standby_error = 0, None
+        if self.forking and (stale := self._stale_standby(current)):
+            # Replaced now that the update is done (never on its way): the new one imports what
+            # the served models need, so the workers forked from it on restarts and updates do not.
+            _logger.info("Replacing the warm standby pid %d: %s", self.standby.pid if self.standby else 0, stale)
+            self._release_standby()
+        if (self.standby is None and all(w.ready_at for w in self._workers_of(current))
+                and time.monotonic() >= self.standby_restart_at):
             self.standby_sock = current.sock
             self.standby = self._start_process(current, -1, standby=True)
+
+    def _stale_standby(self, current: Generation) -> str | None:
+        """Why the forking standby should be replaced (None: it should not): the serving generation's
+        models need flavors' modules it did not import. Never for the generation it warmed up for, so
+        a standby that could not import them (the workers import them themselves) is replaced once."""
+        standby = self.standby
+        if standby is None or not standby.standby_ready or standby.warmed_for == current.number:
+            return None
+        needed = frozenset().union(*(w.modules for w in self._workers_of(current) if w.loaded_at))
+        missing = needed - standby.modules
+        if not missing:
+            return None
+        return (f"it warmed up for generation {standby.warmed_for} ({', '.join(sorted(standby.modules)) or 'no flavor'}"
+                f"); generation {current.number}'s models need {', '.join(sorted(missing))}, which every worker "
+                "forked from it would import itself")
 
     def _release_standby(self) -> None:
         standby, self.standby = self.standby, None
@@ -486,7 +521,8 @@ class Supervisor:
             os.close(write_fd)
             if theirs is not None:
                 theirs.close()
-        worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path)
+        worker = Worker(popen, -1 if standby else generation.number, index, read_fd, log_path,
+                        warmed_for=generation.number if standby else None)
         timeline.mark(f"supervisor: {'standby' if standby else 'worker'} {popen.pid} spawned")
         self.workers[popen.pid] = worker
         _logger.info("Started %s (pid %d)", ("warm standby (forks the workers)" if self.forking else "warm standby")
@@ -536,17 +572,30 @@ class Supervisor:
 
     def _standby_first(self, generation: Generation) -> None:
         """Start the warm standby before the first workers, so it forks them (they share its pages)
-        and their cold start is its imports, not theirs. Waits until it is ready (or gone, or
-        slower than STANDBY_FIRST_WAIT_S: the workers then start as fresh processes)."""
-        standby = self.standby = self._start_process(generation, -1, standby=True)
+        and their cold start is its imports, not theirs. The workers wait for it in the loop
+        (:meth:`_start_first_workers`), which meanwhile answers stops, signals and status."""
+        self.standby = self._start_process(generation, -1, standby=True)
         self.standby_sock = generation.sock
-        self._write_status()
-        deadline = time.monotonic() + STANDBY_FIRST_WAIT_S
-        while self.stop_requested is None and time.monotonic() < deadline:
-            standby.read_pipe()
-            if standby.standby_ready or standby.pipe_closed or standby.popen.poll() is not None:
-                break
-            select.select([standby.ready_fd], [], [], TICK_S)
+
+    def _start_first_workers(self) -> None:
+        """Start the first generation's workers once the warm standby that forks them is ready, or
+        gone, or slower than STANDBY_FIRST_WAIT_S (they then start as fresh interpreters); at once
+        without a standby."""
+        if self.first_workers is None:
+            return
+        generation, deadline = self.first_workers
+        standby = self.standby
+        if (standby is not None and not standby.standby_ready and not standby.pipe_closed
+                and standby.popen.poll() is None and time.monotonic() < deadline):
+            return
+        self.first_workers = None
+        if generation is not self.current:
+            return  # an update that came meanwhile serves instead
+        if standby is not None and not standby.standby_ready and standby.popen.poll() is None:
+            _logger.warning("Warm standby pid %d not ready after %.0fs; the first workers start as fresh "
+                            "interpreters", standby.pid, STANDBY_FIRST_WAIT_S)
+        for index in range(generation.spec.config.workers):
+            self._spawn(generation, index)
 
     def _child_env(self, spec: DeploymentSpec | None) -> dict[str, str]:
         """The environment of workers and the agent: ours, plus the store the spec was created
@@ -760,8 +809,8 @@ class Supervisor:
                             "standby and the workers each run their own interpreter")
         elif spec.config.warm_standby:
             self._standby_first(self.current)
-        for index in range(spec.config.workers):
-            self._spawn(self.current, index)
+        self.first_workers = (self.current, time.monotonic() + STANDBY_FIRST_WAIT_S)
+        self._start_first_workers()
         self._write_status()
         if self.orphans:
             self.store.append_history(self.paths.name, "supervisor_replaced", serving_pids=sorted(self.orphans),
@@ -876,6 +925,7 @@ class Supervisor:
     def _tick(self) -> None:
         for worker in list(self.workers.values()):
             worker.read_pipe()
+        self._start_first_workers()
         self._release_loaded()
         self._reap()
         self._check_liveness()
@@ -938,8 +988,8 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 handoff_path(self.paths.root / "run", pid).unlink()
             if worker.draining or worker.generation == -1:
-                if worker is self.standby:
-                    self._release_standby()
+                if worker is self.standby:  # it died on its own (a released one is no longer self.standby)
+                    self._standby_died(worker, how)
                 continue
             if self._retry_unforked(worker, how):
                 continue
@@ -948,6 +998,20 @@ class Supervisor:
                 self._fail_update(reason, cause)
             elif self.current and worker.generation == self.current.number:
                 self._on_crash(worker, self.current, reason, live, cause)
+
+    def _standby_died(self, standby: Worker, how: str) -> None:
+        """The warm standby died on its own: the next one starts at once if this one had been ready,
+        else after a backoff (one that cannot start would fail again: a broken environment, OOM)."""
+        self._release_standby()
+        if standby.standby_ready:
+            _logger.warning("Warm standby pid %d %s; starting another", standby.pid, how)
+            return
+        self.standby_failures += 1
+        delay = min(STANDBY_MAX_BACKOFF_S, 0.5 * 2 ** (self.standby_failures - 1))
+        self.standby_restart_at = time.monotonic() + delay
+        self.standby_error = (f"warm standby pid {standby.pid} {how} before it was ready ({self.standby_failures} "
+                              f"in a row; the next one starts in {delay:g}s): {_log_tail(standby.log_path)}")
+        _logger.warning("%s", self.standby_error)
 
     def _retry_unforked(self, worker: Worker, how: str) -> bool:
         """A worker the standby forked died before its model loaded: start it once more as a fresh
@@ -1167,6 +1231,7 @@ class Supervisor:
             "last_error": self.last_error,
             "updating": self.pending is not None,
             "standby_pid": self.standby.pid if self.standby is not None else None,
+            "standby_error": self.standby_error,
             "agent_pid": self.agent.pid if self.agent is not None and self.agent.poll() is None else None,
             "converter_pid": self.converter.pid,
             # Pending, draining and hung workers, and a previous supervisor's: every process a
