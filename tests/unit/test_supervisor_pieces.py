@@ -421,3 +421,41 @@ def test_what_a_supervisor_started_ahead_of_the_create_writes_before_its_go_reac
     log = (paths.logs / "supervisor.log").read_text()
     assert f"[supervisor {early.pid}] what it wrote before its go (exit code 1)" in log, log
     assert "ImportError: this environment is broken on purpose" in log, log
+
+
+def test_a_standby_is_released_once_an_update_turns_warm_standby_off(tmp_path: Path) -> None:
+    """`deployments update -C warm_standby=false`: the standby running (a forking one would go on
+    forking the workers) is released, and none is started again."""
+    import dataclasses
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    supervisor = Supervisor(paths)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    # A stand-in standby: ready, then waits until its stdin closes (as a released standby is told).
+    proc = subprocess.Popen([sys.executable, "-c", f"import os, sys; os.write({write_end}, b'standby\\n'); "
+                             "sys.stdin.read()"], stdin=subprocess.PIPE, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        with socket.socket() as sock:
+            spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
+            off = dataclasses.replace(spec, config=dataclasses.replace(spec.config, warm_standby=False))
+            supervisor.current = Generation(2, off, sock, paths.root / "generation-2.json")
+            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
+            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
+            supervisor._keep_standby()
+            assert supervisor.standby is None and standby.draining
+            assert proc.wait(timeout=60) is not None  # told to go (stdin closed, SIGTERM)
+            supervisor._keep_standby()
+            assert supervisor.standby is None  # and none started again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        os.close(read_end)

@@ -446,7 +446,14 @@ class Supervisor:
                 self._stop_forking(f"worker pid {retried.pid} loaded as a fresh interpreter where the one the "
                                    "standby forked for it died before loading")
         current = self.current
-        if current is None or not current.spec.config.warm_standby or self.pending is not None:
+        if current is None or self.pending is not None:
+            return
+        if not current.spec.config.warm_standby:
+            # Turned off by an update: the standby goes, and the workers start as fresh interpreters.
+            if self.standby is not None:
+                _logger.info("Warm standby pid %d released: warm_standby is off", self.standby.pid)
+                self._release_standby()
+            self.standby_error = None
             return
         # A forking standby hands each worker the socket it is given; one that becomes a worker
         # serves on the socket it was started with.
