@@ -59,3 +59,15 @@ def graceful_shutdown_timeout_s(config: DeploymentConfig) -> float:
     take to answer everything it holds (``timeout_s`` after the last request joins the model's
     queue, plus what ``timeout_s`` does not cover) and then flush its capture and metrics."""
     return DRAIN_POLL_S + config.timeout_s + HANDLING_MARGIN_S + DESTRUCTOR_S
+
+
+# Past the replicas' own budget: Serve's controller killing a replica that overran it, removing the
+# application in its next steps, and our reads of its details seeing it gone.
+FOREGROUND_EXIT_MARGIN_S = 30.0
+
+
+def foreground_exit_budget_s(config: DeploymentConfig) -> float:
+    """How long ``run-local -t lifecycle:/ray`` waits, after Ctrl-C, for Serve to delete its
+    application (and for the rest of its way out) before it says what may be left and exits: the
+    replicas' drain and flush (:func:`graceful_shutdown_timeout_s`) plus what Serve takes after it."""
+    return graceful_shutdown_timeout_s(config) + FOREGROUND_EXIT_MARGIN_S
