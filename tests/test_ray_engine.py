@@ -656,6 +656,12 @@ def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
             wait_for(lambda: any(line.startswith("Stopping: deleting") for line in lines) or proc.poll() is not None,
                      120, "run-local to start deleting", interval_s=0.2)
             assert proc.poll() is None, "".join(lines[-30:])  # it cannot be done: the controller never answered
+            # Where it waits, as a test whose run-local hangs asks it (_exit_code): in the bounded delete.
+            before = len(lines)
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: any(line.rstrip().endswith(" in _leave_foreground") for line in lines[before:]), 60,
+                     "run-local's stack dump on SIGUSR1", interval_s=0.2)
+            assert proc.poll() is None, "".join(lines[before:])  # a dump, not an end
             proc.send_signal(signal.SIGINT)  # the second Ctrl-C
             # At once: the exit watchdog's grace is the longest the process may take after it.
             code = _exit_code(proc, lines, EXIT_GRACE_S + BACKSTOP_S + 30, "the second Ctrl-C")
