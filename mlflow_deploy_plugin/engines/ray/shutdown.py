@@ -39,6 +39,9 @@ it mid-flush.
 Serve applies the value a replica was started with (``deployment_state.py:951-958``: the replica's
 own version's config), so replicas started before a change of this value retire with the old one;
 the next update starts replicas with the new one.
+
+The same figure bounds how long ``run-local -t lifecycle:/ray`` waits after Ctrl-C for Serve to
+delete its application (:func:`foreground_exit_budget_s`: the drain, plus what Serve takes after it).
 """
 
 from __future__ import annotations
