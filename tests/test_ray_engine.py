@@ -682,3 +682,34 @@ def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
     hub = find_hub(name)  # the delete leaves it when the application was gone already: not the test's subject
     if hub is not None:
         ray.kill(hub, no_restart=True)
+
+
+def test_run_locals_way_out_says_what_is_left_once_its_budget_passes(
+        ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine's way out of a foreground run, in this process, with Serve's controller stopped
+    (SIGSTOP): past its budget it gives up waiting, says on stderr what may be left on the cluster
+    and the command that removes it, and returns that (run-local then exits non-zero)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from mlflow_deploy_plugin.engines.ray.engine import RayEngine
+
+    engine = RayEngine(StateStore(tmp_path / "home"))
+    engine._connect(ray_cluster)
+    controller_pid = ray.get(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE).get_pid.remote(),
+                             timeout=60)
+    name = "never-deployed"  # nothing to delete: the controller never answers whether it is gone
+    os.kill(controller_pid, signal.SIGSTOP)
+    try:
+        left = engine._leave_foreground(name, 2.0)
+    finally:
+        os.kill(controller_pid, signal.SIGCONT)
+    assert left is not None
+    # Which step was waiting depends on whether this process had Serve's client yet (making one asks
+    # the controller): either way, the budget ended it.
+    assert left.startswith("run-local: ") and "did not finish within 2s" in left, left
+    assert f"remove them with: RAY_ADDRESS={ray_cluster} mlflow deployments delete -t lifecycle:/ray --name {name}" \
+           in left, left
+    assert left in capsys.readouterr().err
+    # The controller answers again once resumed (the calls left waiting on it were answered too).
+    assert name not in [view["name"] for view in _client().list_deployments()]

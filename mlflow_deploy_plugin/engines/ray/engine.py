@@ -322,22 +322,20 @@ class RayEngine(Engine):
             except KeyboardInterrupt:
                 pass  # Ctrl-C while serving, or while the replicas still start: deleted all the same
             finally:
-                left = self._leave_foreground(spec)
+                left = self._leave_foreground(spec.name, foreground_exit_budget_s(spec.config))
         if left is not None:
             return EngineStatus(FAILED, last_error=left)
         return EngineStatus(FAILED, last_error=failure) if failure else EngineStatus(STOPPED)
 
-    def _leave_foreground(self, spec: DeploymentSpec) -> str | None:
-        """Delete a foreground run's application and metrics hub within
-        :func:`~mlflow_deploy_plugin.engines.ray.shutdown.foreground_exit_budget_s` in all: None once
-        both are gone, else what may be left and the command that removes it (also on stderr). A
-        second Ctrl-C stops waiting at once: KeyboardInterrupt, after saying the same.
+    def _leave_foreground(self, name: str, budget: float) -> str | None:
+        """Delete a foreground run's application ``name`` and its metrics hub within ``budget``
+        seconds in all (:func:`~mlflow_deploy_plugin.engines.ray.shutdown.foreground_exit_budget_s`):
+        None once both are gone, else what may be left and the command that removes it (also on
+        stderr). A second Ctrl-C stops waiting at once: KeyboardInterrupt, after saying the same.
 
         Each Ray call runs bounded (:func:`call_within`): Serve's controller answers its details and
         the delete request when its control loop gets to them, and a GCS request waits for the GCS;
         on two loaded cores either took longer than any wait this process can promise."""
-        name = spec.name
-        budget = foreground_exit_budget_s(spec.config)
         deadline = time.monotonic() + budget
 
         def left() -> float:
