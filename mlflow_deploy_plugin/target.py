@@ -15,12 +15,14 @@ import gc
 import inspect
 import json
 from collections.abc import Iterator
+from types import FrameType
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, ErrorCode
 
 from mlflow_deploy_plugin import timeline
+from mlflow_deploy_plugin.bounded_exit import EXIT_GRACE_S, arm_exit_watchdog, dump_stacks_on_sigusr1
 from mlflow_deploy_plugin.config import config_help
 from mlflow_deploy_plugin.deployments import Deployments
 from mlflow_deploy_plugin.errors import DeploymentError
@@ -148,10 +150,32 @@ class LifecycleDeploymentClient(BaseDeploymentClient):
 
 def run_local(name, model_uri, flavor=None, config=None):
     """Serve ``model_uri`` in the foreground (supervised like a deployment) until Ctrl-C, with the
-    engine the target URI names (``-t lifecycle:/ray``: on the Ray cluster, deleted on Ctrl-C)."""
-    with _as_mlflow_errors():
-        Deployments(_run_local_target()).run_local(name, model_uri, config, flavor,
-                                           say=lambda message: print(message, flush=True))
+    engine the target URI names (``-t lifecycle:/ray``: on the Ray cluster, deleted on Ctrl-C).
+
+    Run by MLflow's CLI, the process says where each thread is on SIGUSR1, and once serving has
+    stopped it ends within ``EXIT_GRACE_S`` whatever its exit does (``bounded_exit.py``)."""
+    from_cli = _caller_frame("mlflow.deployments.cli", "run_local") is not None
+    if from_cli:
+        dump_stacks_on_sigusr1()
+    stopped = False
+    try:
+        with _as_mlflow_errors():
+            Deployments(_run_local_target()).run_local(name, model_uri, config, flavor,
+                                               say=lambda message: print(message, flush=True))
+        stopped = True
+    finally:
+        if from_cli:
+            arm_exit_watchdog(EXIT_GRACE_S, 0 if stopped else 1, "run-local has stopped serving")
+
+
+def _caller_frame(module: str, function: str) -> FrameType | None:
+    """The nearest frame up the stack running ``function`` of ``module``, if any."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == function and frame.f_globals.get("__name__") == module:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _run_local_target(default: str = "lifecycle") -> str:
@@ -163,13 +187,9 @@ def _run_local_target(default: str = "lifecycle") -> str:
     ``-t lifecycle:/ray`` would silently serve on this machine; so it is read from that caller's
     frame, and without such a caller (called directly) the default engine serves.
     """
-    frame = inspect.currentframe()
+    frame = _caller_frame("mlflow.deployments.interface", "run_local")
     try:
-        while frame is not None:
-            if frame.f_code.co_name == "run_local" and frame.f_globals.get("__name__") == "mlflow.deployments.interface":
-                target = frame.f_locals.get("target")
-                return target if isinstance(target, str) and target else default
-            frame = frame.f_back
+        target = frame.f_locals.get("target") if frame is not None else None
+        return target if isinstance(target, str) and target else default
     finally:
         del frame
-    return default

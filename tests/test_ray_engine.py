@@ -7,7 +7,8 @@ cluster, a V2 client, and the agent on the cluster (drift reports on its schedul
 alias when a webhook pokes it, its actor killed and restarted by Ray, a switch interrupted between
 Serve's change and the spec write finished); a shadow version whose rows pair with the primary's;
 list/get/delete from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own
-state; run-local on the cluster; a replica killed with SIGKILL replaced while the deployment keeps
+state; run-local on the cluster, ended by Ctrl-C, and by a second Ctrl-C while Serve's controller
+is stuck (SIGSTOP); a replica killed with SIGKILL replaced while the deployment keeps
 answering.
 
 A Ray deployment costs a minute of replica start-up on two busy cores, and every rolling update
@@ -41,6 +42,7 @@ from conftest import Env, Registry, free_port, split_payload, wait_for
 from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
 
+from mlflow_deploy_plugin.bounded_exit import BACKSTOP_S, EXIT_GRACE_S
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.engines.base import get_engine
 from mlflow_deploy_plugin.lifecycle import traffic_stats
@@ -554,11 +556,20 @@ def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(
     assert name not in [view["name"] for view in _client().list_deployments()]
 
 
-def test_run_local_on_ray_serves_on_the_cluster_until_interrupted(
-        env: Env, registry: Registry, ray_cluster: str) -> None:
-    """`mlflow deployments run-local -t lifecycle:/ray` serves on the cluster (Serve's proxy) in the
-    foreground, and Ctrl-C deletes the application: nothing is left on the cluster or in the state home."""
-    name = "ray-run-local"
+def _run_local_exit_s() -> float:
+    """How long a run-local may take to exit after Ctrl-C: its own bounds (the wait for Serve to
+    delete the application, then the exit watchdog and its backstop) and a margin for two busy
+    cores. Past it, the bounds failed: the process is asked where each thread is (SIGUSR1)."""
+    from mlflow_deploy_plugin.engines.ray.shutdown import foreground_exit_budget_s
+    from mlflow_deploy_plugin.spec import DeploymentConfig
+
+    return foreground_exit_budget_s(DeploymentConfig()) + EXIT_GRACE_S + BACKSTOP_S + 30
+
+
+@contextlib.contextmanager
+def _run_local(env: Env, registry: Registry, name: str) -> Iterator[tuple[subprocess.Popen[str], list[str], str]]:
+    """`mlflow deployments run-local -t lifecycle:/ray` serving model version 1 as ``name``: the
+    process, its output lines (stdout and stderr, as they come) and the URL it serves at."""
     # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell (a CI
     # script, `pytest ... &`) inherits SIGINT ignored, so the child puts its default handler back.
     ctrl_c_works = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
@@ -575,21 +586,130 @@ def test_run_local_on_ray_serves_on_the_cluster_until_interrupted(
                          300, "run-local to serve", interval_s=0.5)
         assert ready is not True and proc.poll() is None, "".join(lines[-30:])
         url = ready[0].split(" at ", 1)[1].split(" - ", 1)[0]
-        assert url.endswith(f"/{name}"), url  # Serve's route for it (a local run serves at a port's root)
-        answer = requests.post(f"{url}/invocations", json=split_payload(registry.features.iloc[:2]), timeout=30)
-        assert answer.status_code == 200 and answer.headers["x-model-version"] == "1", answer.text
-        assert name in [view["name"] for view in _client().list_deployments()]  # on the cluster, like any other
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the application is deleted (its replicas drain), then it exits
-        try:
-            code = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("run-local still runs 300 s after Ctrl-C:\n" + "".join(lines[-30:])) from None
-        assert code == 0, "".join(lines[-30:])
+        yield proc, lines, url
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         reader.join(timeout=10)
+
+
+def _exit_code(proc: subprocess.Popen[str], lines: list[str], timeout_s: float, what: str) -> int:
+    """``proc``'s exit code once it exits within ``timeout_s``; else an AssertionError with its output
+    since it started serving and where each of its threads was (SIGUSR1: run-local dumps its stacks)."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    before = len(lines)
+    proc.send_signal(signal.SIGUSR1)
+    counted = [before]
+
+    def dumped() -> bool:  # the dump began and stopped growing (it arrives in pieces)
+        grew, counted[0] = len(lines) != counted[0], len(lines)
+        return not grew and any("most recent call first" in line for line in lines[before:])
+
+    with contextlib.suppress(AssertionError):  # whatever arrived is shown, dump or not
+        wait_for(dumped, 30, "the stack dump", interval_s=1.0)
+    served = next((i for i, line in enumerate(lines) if line.startswith("Serving ")), 0)
+    raise AssertionError(f"run-local still runs {timeout_s:.0f} s after {what}; its output since it served, then "
+                         f"its threads' stacks (SIGUSR1):\n" + "".join(lines[served:]))
+
+
+def test_run_local_on_ray_serves_on_the_cluster_until_interrupted(
+        env: Env, registry: Registry, ray_cluster: str) -> None:
+    """`mlflow deployments run-local -t lifecycle:/ray` serves on the cluster (Serve's proxy) in the
+    foreground, and Ctrl-C deletes the application: nothing is left on the cluster or in the state home."""
+    name = "ray-run-local"
+    with _run_local(env, registry, name) as (proc, lines, url):
+        assert url.endswith(f"/{name}"), url  # Serve's route for it (a local run serves at a port's root)
+        answer = requests.post(f"{url}/invocations", json=split_payload(registry.features.iloc[:2]), timeout=30)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == "1", answer.text
+        assert name in [view["name"] for view in _client().list_deployments()]  # on the cluster, like any other
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the application is deleted (its replicas drain), then it exits
+        code = _exit_code(proc, lines, _run_local_exit_s(), "Ctrl-C")
+        assert code == 0, "".join(lines[-30:])
+        assert any(line.startswith("Stopping: deleting the Serve application") for line in lines), lines[-30:]
     assert requests.get(f"{url}/ping", timeout=10).status_code == 404  # the route is gone with the app
     assert name not in [view["name"] for view in _client().list_deployments()]
     assert not (env.home / "deployments" / name).exists()
+
+
+def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
+        env: Env, registry: Registry, ray_cluster: str) -> None:
+    """With Serve's controller stopped (SIGSTOP: a controller that never answers), the first Ctrl-C's
+    delete waits on it; a second Ctrl-C ends run-local at once, non-zero, naming what may be left on
+    the cluster and the command that removes it, which does."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
+
+    name = "ray-run-local-stuck"
+    with _run_local(env, registry, name) as (proc, lines, url):
+        assert name in [view["name"] for view in _client().list_deployments()]  # joins this process to the cluster
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        controller_pid = ray.get(controller.get_pid.remote(), timeout=60)
+        os.kill(controller_pid, signal.SIGSTOP)
+        try:
+            proc.send_signal(signal.SIGINT)
+            wait_for(lambda: any(line.startswith("Stopping: deleting") for line in lines) or proc.poll() is not None,
+                     120, "run-local to start deleting", interval_s=0.2)
+            assert proc.poll() is None, "".join(lines[-30:])  # it cannot be done: the controller never answered
+            # Where it waits, as a test whose run-local hangs asks it (_exit_code): in the bounded delete.
+            before = len(lines)
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: any(line.rstrip().endswith(" in _leave_foreground") for line in lines[before:]), 60,
+                     "run-local's stack dump on SIGUSR1", interval_s=0.2)
+            assert proc.poll() is None, "".join(lines[before:])  # a dump, not an end
+            proc.send_signal(signal.SIGINT)  # the second Ctrl-C
+            # At once: the exit watchdog's grace is the longest the process may take after it.
+            code = _exit_code(proc, lines, EXIT_GRACE_S + BACKSTOP_S + 30, "the second Ctrl-C")
+        finally:
+            os.kill(controller_pid, signal.SIGCONT)
+        output = "".join(lines)
+        assert code == 1, output[-3000:]
+        address = ray_cluster
+        assert "run-local: interrupted while" in output and "may still be on the Ray cluster" in output, output[-3000:]
+        assert f"remove them with: RAY_ADDRESS={address} mlflow deployments delete -t lifecycle:/ray --name {name}" \
+               in output, output[-3000:]
+    # The command it named removes what is left (Serve's controller, going on, may have deleted the
+    # application it was asked to delete meanwhile: the command then has nothing to stop).
+    env.cli("delete", "-t", RAY, "--name", name, env=env.environ(RAY_ADDRESS=address))
+    wait_for(lambda: name not in [view["name"] for view in _client().list_deployments()], 120,
+             "the application to be gone")
+    wait_for(lambda: requests.get(f"{url}/ping", timeout=10).status_code == 404, 60, "its route to be gone")
+    hub = find_hub(name)  # the delete leaves it when the application was gone already: not the test's subject
+    if hub is not None:
+        ray.kill(hub, no_restart=True)
+
+
+def test_run_locals_way_out_says_what_is_left_once_its_budget_passes(
+        ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine's way out of a foreground run, in this process, with Serve's controller stopped
+    (SIGSTOP): past its budget it gives up waiting, says on stderr what may be left on the cluster
+    and the command that removes it, and returns that (run-local then exits non-zero)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from mlflow_deploy_plugin.engines.ray.engine import RayEngine
+
+    engine = RayEngine(StateStore(tmp_path / "home"))
+    engine._connect(ray_cluster)
+    controller_pid = ray.get(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE).get_pid.remote(),
+                             timeout=60)
+    name = "never-deployed"  # nothing to delete: the controller never answers whether it is gone
+    os.kill(controller_pid, signal.SIGSTOP)
+    try:
+        left = engine._leave_foreground(name, 2.0)
+    finally:
+        os.kill(controller_pid, signal.SIGCONT)
+    assert left is not None
+    # Which step was waiting depends on whether this process had Serve's client yet (making one asks
+    # the controller): either way, the budget ended it.
+    assert left.startswith("run-local: ") and "did not finish within 2s" in left, left
+    assert f"remove them with: RAY_ADDRESS={ray_cluster} mlflow deployments delete -t lifecycle:/ray --name {name}" \
+           in left, left
+    assert left in capsys.readouterr().err
+    # The controller answers again once resumed (the calls left waiting on it were answered too).
+    assert name not in [view["name"] for view in _client().list_deployments()]

@@ -42,8 +42,8 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +52,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from mlflow_deploy_plugin.bounded_exit import Overran, call_within, wait_until_interrupted
 from mlflow_deploy_plugin.engines.base import (
     CHANGE_DONE,
     CHANGE_FAILED,
@@ -67,9 +68,13 @@ from mlflow_deploy_plugin.engines.base import (
     InterruptedChange,
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
-from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
+from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub, hub_name
 from mlflow_deploy_plugin.engines.ray.replica_deaths import actor_info, replica_deaths, unexpected
-from mlflow_deploy_plugin.engines.ray.shutdown import DRAIN_POLL_S, graceful_shutdown_timeout_s
+from mlflow_deploy_plugin.engines.ray.shutdown import (
+    DRAIN_POLL_S,
+    foreground_exit_budget_s,
+    graceful_shutdown_timeout_s,
+)
 from mlflow_deploy_plugin.errors import InvalidRequest
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecError, is_loopback_host
 from mlflow_deploy_plugin.state import StateStore
@@ -296,28 +301,75 @@ class RayEngine(Engine):
             ray.kill(hub, no_restart=True)
 
     def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
-        """Run ``spec`` on the cluster until Ctrl-C, then delete it: ``run-local`` leaves no state."""
+        """Run ``spec`` on the cluster until Ctrl-C, then delete it: ``run-local`` leaves no state.
+
+        The way out is bounded as a whole (:meth:`_leave_foreground`): FAILED, saying what may be
+        left on the cluster and how to remove it, when Serve did not confirm the delete in time."""
         self._connect(spec.config.ray_address)
         self._ensure_serve(spec.config)
         if self._app(spec.name) is not None:
             return EngineStatus(FAILED, last_error=f"the Ray cluster already runs an application named "
                                                    f"{spec.name!r}; choose another --name")
+        failure: str | None = None
         with tempfile.TemporaryDirectory(prefix="mlflow-deploy-run-local-") as scratch:
             try:
                 status = self._deploy(spec, Path(scratch) / "models", str(Path(scratch) / "capture"),
                                       token_sha256(spec.config), spec.config.startup_timeout_s)
-            except EngineError as exc:
-                self._delete(spec.name, 60)
-                return EngineStatus(FAILED, last_error=str(exc))
-            try:
                 on_ready(status)
-                threading.Event().wait()  # until KeyboardInterrupt
+                wait_until_interrupted()
+            except EngineError as exc:
+                failure = str(exc)
             except KeyboardInterrupt:
-                pass
+                pass  # Ctrl-C while serving, or while the replicas still start: deleted all the same
             finally:
-                self._delete(spec.name, spec.config.timeout_s + 15)
-                self._forget_metrics(spec.name)
-        return EngineStatus(STOPPED)
+                left = self._leave_foreground(spec.name, foreground_exit_budget_s(spec.config))
+        if left is not None:
+            return EngineStatus(FAILED, last_error=left)
+        return EngineStatus(FAILED, last_error=failure) if failure else EngineStatus(STOPPED)
+
+    def _leave_foreground(self, name: str, budget: float) -> str | None:
+        """Delete a foreground run's application ``name`` and its metrics hub within ``budget``
+        seconds in all (:func:`~mlflow_deploy_plugin.engines.ray.shutdown.foreground_exit_budget_s`):
+        None once both are gone, else what may be left and the command that removes it (also on
+        stderr). A second Ctrl-C stops waiting at once: KeyboardInterrupt, after saying the same.
+
+        Each Ray call runs bounded (:func:`call_within`): Serve's controller answers its details and
+        the delete request when its control loop gets to them, and a GCS request waits for the GCS;
+        on two loaded cores either took longer than any wait this process can promise."""
+        deadline = time.monotonic() + budget
+
+        def left() -> float:
+            return deadline - time.monotonic()
+
+        step = "asking Serve's controller to delete the application"
+        try:  # the announcement too: a Ctrl-C right after it still says what may be left
+            print(f"Stopping: deleting the Serve application {name!r} (its replicas answer what they hold; at "
+                  f"most {budget:g}s; Ctrl-C stops waiting).", file=sys.stderr, flush=True)
+            call_within(lambda: serve.delete(name, _blocking=False), left(), step)
+            step = "waiting for Serve to delete the application (its replicas draining)"
+            while call_within(lambda: self._app_or_deleting(name), left(), step):
+                if left() <= 0:
+                    raise Overran(step, budget)
+                time.sleep(0.2)
+            step = "removing the application's metrics actor"
+            call_within(lambda: self._forget_metrics(name), left(), step)
+            return None
+        except Overran:
+            reason = f"{step} did not finish within {budget:g}s"
+        except KeyboardInterrupt:
+            print(self._leftover(name, f"interrupted while {step}"), file=sys.stderr, flush=True)
+            raise
+        except Exception as exc:  # the cluster or Serve's controller gone, a Ray error: say what may remain
+            reason = f"{step} failed: {type(exc).__name__}: {_short(str(exc))}"
+        message = self._leftover(name, reason)
+        print(message, file=sys.stderr, flush=True)
+        return message
+
+    def _leftover(self, name: str, reason: str) -> str:
+        address = self._address or os.environ.get("RAY_ADDRESS") or "<the cluster's address>"
+        return (f"run-local: {reason}. The Serve application {name!r} (and its metrics actor "
+                f"{hub_name(name)!r}) may still be on the Ray cluster at {address}; remove them with: "
+                f"RAY_ADDRESS={address} mlflow deployments delete -t lifecycle:/ray --name {name}")
 
     # -- cluster plumbing ----------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ it mid-flush.
 Serve applies the value a replica was started with (``deployment_state.py:951-958``: the replica's
 own version's config), so replicas started before a change of this value retire with the old one;
 the next update starts replicas with the new one.
+
+The same figure bounds how long ``run-local -t lifecycle:/ray`` waits after Ctrl-C for Serve to
+delete its application (:func:`foreground_exit_budget_s`: the drain, plus what Serve takes after it).
 """
 
 from __future__ import annotations
@@ -59,3 +62,15 @@ def graceful_shutdown_timeout_s(config: DeploymentConfig) -> float:
     take to answer everything it holds (``timeout_s`` after the last request joins the model's
     queue, plus what ``timeout_s`` does not cover) and then flush its capture and metrics."""
     return DRAIN_POLL_S + config.timeout_s + HANDLING_MARGIN_S + DESTRUCTOR_S
+
+
+# Past the replicas' own budget: Serve's controller killing a replica that overran it, removing the
+# application in its next steps, and our reads of its details seeing it gone.
+FOREGROUND_EXIT_MARGIN_S = 30.0
+
+
+def foreground_exit_budget_s(config: DeploymentConfig) -> float:
+    """How long ``run-local -t lifecycle:/ray`` waits, after Ctrl-C, for Serve to delete its
+    application (and for the rest of its way out) before it says what may be left and exits: the
+    replicas' drain and flush (:func:`graceful_shutdown_timeout_s`) plus what Serve takes after it."""
+    return graceful_shutdown_timeout_s(config) + FOREGROUND_EXIT_MARGIN_S
