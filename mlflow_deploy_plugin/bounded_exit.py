@@ -16,15 +16,19 @@ their own. Three pieces keep the exit bounded:
 - :func:`arm_exit_watchdog` bounds what is left once the command's work is done (``atexit``
   handlers such as ``ray.shutdown()``, Ray's ``sys.excepthook``, which reports an uncaught error
   to the GCS): if the process still runs ``grace_s`` later it writes every thread's stack to
-  stderr and ends with the code it was going to end with. Only the CLI arms it: a program calling
-  ``run_local`` through the Python API keeps its process.
+  stderr and ends with the code it was going to end with. Only a process that *is* MLflow's CLI
+  running ``mlflow deployments run-local`` arms it (``sys.argv`` says so): a program calling
+  ``run_local`` through the Python API, or MLflow's command object in process (its MCP server,
+  click's CliRunner), keeps its process.
 
 :func:`dump_stacks_on_sigusr1` makes a stuck process say where it is (``kill -USR1 <pid>``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import io
 import os
 import signal
 import sys
@@ -86,22 +90,42 @@ def call_within(call: Callable[[], T], timeout_s: float, what: str) -> T:
     return outcome[0]
 
 
+# faulthandler needs a real file descriptor: sys.stderr may be None, or a StringIO (a caller that
+# redirects output). These are diagnostics: they never fail the run.
+_NO_FD = (AttributeError, ValueError, io.UnsupportedOperation, RuntimeError, OSError)
+
+
+def is_cli_run_local(argv: list[str] | None = None) -> bool:
+    """Whether this process is MLflow's CLI running ``mlflow deployments run-local`` (``sys.argv``:
+    a program calling the command in process, or through the Python API, leaves it alone)."""
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return False
+    program = argv[0]
+    is_mlflow = (os.path.basename(program) in ("mlflow", "mlflow.exe")
+                 or program.endswith(os.path.join("mlflow", "__main__.py")))
+    return is_mlflow and "deployments" in argv[1:] and "run-local" in argv[1:]
+
+
 def dump_stacks_on_sigusr1() -> None:
     """Write every thread's stack to stderr on SIGUSR1 (``kill -USR1 <pid>``), the process going on."""
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    with contextlib.suppress(*_NO_FD):
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 def arm_exit_watchdog(grace_s: float, code: int, what: str) -> None:
     """End this process with ``code`` if it still runs ``grace_s`` from now, after writing to stderr
     that ``what`` is done but the process did not exit, and every thread's stack (where it hangs)."""
-    faulthandler.dump_traceback_later(grace_s + BACKSTOP_S, exit=True, file=sys.stderr)
+    with contextlib.suppress(*_NO_FD):
+        faulthandler.dump_traceback_later(grace_s + BACKSTOP_S, exit=True, file=sys.__stderr__)
 
     def end() -> None:
         threading.Event().wait(grace_s)
         # os.write, not print: sys.stderr's lock may be held by the thread that hangs.
         os.write(2, (f"\n{what}, but the process had not exited {grace_s:g}s later (where each thread is, "
                      f"below); exiting with code {code}.\n").encode())
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        with contextlib.suppress(*_NO_FD):
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
         os._exit(code)
 
     threading.Thread(target=end, name="exit-watchdog", daemon=True).start()

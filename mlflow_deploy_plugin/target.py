@@ -22,7 +22,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, ErrorCode
 
 from mlflow_deploy_plugin import timeline
-from mlflow_deploy_plugin.bounded_exit import EXIT_GRACE_S, arm_exit_watchdog, dump_stacks_on_sigusr1
+from mlflow_deploy_plugin.bounded_exit import (
+    EXIT_GRACE_S,
+    arm_exit_watchdog,
+    dump_stacks_on_sigusr1,
+    is_cli_run_local,
+)
 from mlflow_deploy_plugin.config import config_help
 from mlflow_deploy_plugin.deployments import Deployments
 from mlflow_deploy_plugin.errors import DeploymentError
@@ -152,9 +157,10 @@ def run_local(name, model_uri, flavor=None, config=None):
     """Serve ``model_uri`` in the foreground (supervised like a deployment) until Ctrl-C, with the
     engine the target URI names (``-t lifecycle:/ray``: on the Ray cluster, deleted on Ctrl-C).
 
-    Run by MLflow's CLI, the process says where each thread is on SIGUSR1, and once serving has
-    stopped it ends within ``EXIT_GRACE_S`` whatever its exit does (``bounded_exit.py``)."""
-    from_cli = _caller_frame("mlflow.deployments.cli", "run_local") is not None
+    In a process that is MLflow's CLI (``mlflow deployments run-local``), the process says where each
+    thread is on SIGUSR1, and once serving has stopped it ends within ``EXIT_GRACE_S`` whatever its
+    exit does (``bounded_exit.py``); a program calling this in process keeps its process."""
+    from_cli = is_cli_run_local() and _caller_frame("mlflow.deployments.cli", "run_local") is not None
     if from_cli:
         dump_stacks_on_sigusr1()
     stopped = False

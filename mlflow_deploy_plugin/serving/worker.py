@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     for share in worker_spec.spec.shares():
         with contextlib.suppress(Exception):  # only a hint: never a reason not to serve
             needed |= _flavor_modules(worker_spec.model_dir(share.model))
+    # Only what the load really imported: a flavor of the MLmodel whose module the load never needs
+    # (a leftover `mleap` flavor) would make the supervisor replace its standby after every update.
+    needed = {module for module in needed if module in sys.modules}
     protocol.report(args.ready_fd, protocol.LOADED, protocol.modules_detail(needed))
     timeline.mark("worker: said loaded")
     # Everything imported and loaded so far lives as long as the worker: keep it out of the

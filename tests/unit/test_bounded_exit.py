@@ -102,3 +102,42 @@ def test_the_exit_watchdogs_backstop_ends_a_process_stuck_holding_the_gil() -> N
     assert ended.returncode == 1, ended  # faulthandler's exit: the watchdog thread never got the GIL
     assert "Timeout (0:00:05.500000)!" in ended.stderr, ended.stderr
     assert 'File "<string>", line 6' in ended.stderr, ended.stderr  # where it was: in pause()
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["/venv/bin/mlflow", "deployments", "run-local", "-t", "lifecycle", "--name", "x"], True),
+    (["/venv/lib/python3.11/site-packages/mlflow/__main__.py", "deployments", "run-local"], True),
+    (["/venv/bin/mlflow", "mcp", "run"], False),  # MLflow's MCP server calls the command in process
+    (["/venv/bin/jupyter-lab"], False),
+    (["/venv/bin/pytest", "tests/test_cli_verbs.py"], False),  # click's CliRunner
+    ([], False),
+])
+def test_only_the_mlflow_cli_running_run_local_counts_as_the_cli(argv: list[str], expected: bool) -> None:
+    from mlflow_deploy_plugin.bounded_exit import is_cli_run_local
+
+    assert is_cli_run_local(argv) is expected
+
+
+def test_a_run_local_called_in_process_with_its_output_redirected_arms_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's MCP server runs the CLI command's callback in process with stdout/stderr redirected to
+    StringIO: the stack dump and exit watchdog are for the CLI process only, and never fail a run
+    (faulthandler needs a real descriptor). The run fails here on its own (an unknown model), as
+    MLflow's error; the process (this test's) is not ended 30 s later by a watchdog."""
+    import contextlib
+    import faulthandler
+    import io
+
+    from mlflow.deployments import cli as deployments_cli
+    from mlflow.exceptions import MlflowException
+
+    armed: list[str] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda *a, **k: armed.append("watchdog"))
+    monkeypatch.setattr(faulthandler, "register", lambda *a, **k: armed.append("sigusr1"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_DEPLOY_HOME", str(tmp_path / "home"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), pytest.raises(MlflowException):
+        deployments_cli.run_local.callback(target="lifecycle", name="in-process", model_uri="models:/nope/1",
+                                           flavor=None, config=())
+    assert armed == []

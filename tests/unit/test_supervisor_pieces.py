@@ -290,14 +290,20 @@ def test_a_stop_is_answered_while_the_first_workers_wait_for_a_slow_standby(
     assert status and status["state"] == "stopped" and status["standby_pid"] is None, status
 
 
-def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_backoff(tmp_path: Path) -> None:
+def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_backoff(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A standby that cannot start (a broken environment, OOM) is not started again at every tick:
-    the next one waits 0.5 s, 1 s, 2 s ... and status.json says why there is none; one that gets
-    ready clears both."""
+    the next one waits, the wait doubling (0.5 s, 1 s, 2 s ... by default; 60 s here, so no tick of
+    a loaded machine reaches it), and status.json says why there is none; one that gets ready clears
+    the error, and the count once it has lived STANDBY_HEALTHY_S (0 here); one that stays alive but
+    never gets ready is released and counted; one killed soon after it got ready counts too."""
     import socket
     import subprocess
 
+    from mlflow_deploy_plugin.engines.local import supervisor as supervisor_module
     from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+
+    monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_BACKOFF_S", 60.0)
     from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
     from mlflow_deploy_plugin.state import StateStore
 
@@ -325,7 +331,7 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
                                         paths.root / "generation-1.json")
         supervisor.standby_sock = sock
         try:
-            for failures, delay in ((1, "0.5s"), (2, "1s"), (3, "2s")):
+            for failures, delay in ((1, "60s"), (2, "120s"), (3, "240s")):
                 started_standby = standby(broken)
                 started_standby.popen.wait(timeout=60)
                 supervisor._reap()
@@ -342,8 +348,31 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
                 supervisor._wait_tick()
                 ready.read_pipe()
             supervisor._keep_standby()
-            assert supervisor.standby is ready and supervisor.standby_failures == 0
+            assert supervisor.standby is ready and supervisor.standby_failures == 3  # not yet proven
+            assert supervisor._status()["standby_error"] is None  # but there is one
+            # Killed soon after it got ready (within STANDBY_HEALTHY_S): a failure like the others.
+            ready.popen.kill()
+            ready.popen.wait(timeout=60)
+            supervisor._reap()
+            assert supervisor.standby is None and supervisor.standby_failures == 4
+            assert "got ready (4 in a row; the next one starts in 300s)" in supervisor._status()["standby_error"]
+            # One that lived long enough as a standby clears the count.
+            monkeypatch.setattr(supervisor_module, "STANDBY_HEALTHY_S", 0.0)
+            healthy = standby("import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()")
+            deadline = time.monotonic() + 60
+            while not healthy.standby_ready and time.monotonic() < deadline:
+                supervisor._wait_tick()
+                healthy.read_pipe()
+            supervisor._keep_standby()
+            assert supervisor.standby is healthy and supervisor.standby_failures == 0
             assert supervisor._status()["standby_error"] is None
+            # Alive but never ready, past its deadline: released and counted.
+            monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_WAIT_S", 0.0)
+            supervisor._release_standby()
+            stuck = standby("import sys; sys.stdin.read()")
+            supervisor._keep_standby()
+            assert supervisor.standby is None and stuck.draining and supervisor.standby_failures == 1
+            assert "was not ready 0s after it started (1 in a row" in supervisor._status()["standby_error"]
         finally:
             for proc in started:
                 if proc.poll() is None:
@@ -395,8 +424,9 @@ def test_a_warm_standby_that_does_not_fork_takes_the_work_of_a_worker_on_its_soc
 def test_what_a_supervisor_started_ahead_of_the_create_writes_before_its_go_reaches_the_log_and_the_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``create`` starts the supervisor's interpreter before the deployment's folder is ready, with no
-    log yet: what it writes until its go (here a broken environment: its package fails to import
-    once it has read its go) is put in the deployment's supervisor log and in the create's error."""
+    log yet: what it writes until its go (here a broken environment: its package writes 200 kB of
+    warnings, more than a pipe holds, then fails to import once it has read its go) is put in the
+    deployment's supervisor log and in the create's error, its end (the error) included."""
     from mlflow_deploy_plugin.engines.base import EngineError
     from mlflow_deploy_plugin.engines.local.engine import LocalEngine
     from mlflow_deploy_plugin.engines.local.processes import tell_supervisor_go
@@ -406,7 +436,8 @@ def test_what_a_supervisor_started_ahead_of_the_create_writes_before_its_go_reac
     broken = tmp_path / "broken" / "mlflow_deploy_plugin"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text(
-        "import sys\nsys.stdin.readline()\nraise ImportError('this environment is broken on purpose')\n")
+        "import sys\nsys.stderr.write('warning: noise\\n' * 14000)\nsys.stderr.flush()\nsys.stdin.readline()\n"
+        "raise ImportError('this environment is broken on purpose')\n")
     monkeypatch.chdir(broken.parent)  # first on its path (`python -m` puts its working directory there)
     store = StateStore(tmp_path / "home")
     engine = LocalEngine(store)

@@ -144,8 +144,10 @@ def _keep_early_output(paths: Any, process: subprocess.Popen[bytes]) -> str:
                   f"its go ({how}):\n")
         with contextlib.suppress(OSError):
             fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
-            with open(fd, "a") as log:
-                log.write(header + output + ("" if output.endswith("\n") else "\n"))
+            try:  # one write: not interleaved with the supervisor's own lines
+                os.write(fd, (header + output + ("" if output.endswith("\n") else "\n")).encode())
+            finally:
+                os.close(fd)
     return output
 
 

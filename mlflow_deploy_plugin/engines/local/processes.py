@@ -20,11 +20,15 @@ import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mlflow_deploy_plugin.state import PRIVATE_FILE_MODE, DeploymentPaths, pid_alive
+
+# What each early supervisor (``spawn_supervisor(wait_for_go=True)``) wrote before its go, by pid.
+_EARLY_OUTPUT: dict[int, IO[bytes]] = {}
 
 SUPERVISOR_MODULE = "mlflow_deploy_plugin.engines.local.supervisor"
 WORKER_MODULE = "mlflow_deploy_plugin.serving.worker"
@@ -200,8 +204,9 @@ def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = 
     ``wait_for_go``: started before the deployment's folder is ready (``create`` resolving the model
     meanwhile): it imports, then waits for ``go`` on its stdin (:func:`tell_supervisor_go`) before
     it touches anything of the deployment, its log included; end of file instead makes it exit.
-    Until then what it writes (an import error of a broken environment) goes to a pipe whose end is
-    its ``stdout``: :func:`early_output` reads it, to put it in the deployment's log.
+    Until then what it writes (an import error of a broken environment) goes to an unlinked
+    temporary file (not a pipe: nobody reads before "go", and a full pipe would block its writes, so
+    it would never read its go): :func:`early_output` reads its end, for the deployment's log.
     """
     argv = [sys.executable, "-m", SUPERVISOR_MODULE, str(paths.root)]
     if respawn:
@@ -210,8 +215,15 @@ def spawn_supervisor(paths: DeploymentPaths, *, respawn: bool, fd: int | None = 
         argv += ["--fd", str(fd)]
     if wait_for_go:
         argv.append("--wait-for-go")
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, umask=0o077)
+        early = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for early_output, closed there
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=early, stderr=subprocess.STDOUT,
+                                       start_new_session=True, umask=0o077)
+        except BaseException:
+            early.close()
+            raise
+        _EARLY_OUTPUT[process.pid] = early
+        return process
     log_fd = os.open(paths.logs / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     with open(log_fd, "ab") as log:
         # umask 077: everything the supervisor, its workers and its agent create (logs, captured
@@ -233,25 +245,19 @@ def tell_supervisor_go(process: subprocess.Popen[bytes]) -> bool:
 
 
 def early_output(process: subprocess.Popen[bytes], max_bytes: int = 64 * 1024) -> str:
-    """What a supervisor started ``wait_for_go`` wrote before it logged to its deployment's log (all
-    of it once it has exited or logs there: the pipe is then at end of file; what is there so far
-    otherwise), and close our end of that pipe; "" for a supervisor started with its log."""
-    pipe, process.stdout = process.stdout, None
-    if pipe is None:
+    """The end (last ``max_bytes``) of what a supervisor started ``wait_for_go`` wrote before it
+    logged to its deployment's log (an error's last lines are what says it), and close our copy of
+    that file; "" for a supervisor started with its log, or asked a second time."""
+    early = _EARLY_OUTPUT.pop(process.pid, None)
+    if early is None:
         return ""
-    chunks: list[bytes] = []
-    try:
-        os.set_blocking(pipe.fileno(), False)
-        while (size := sum(map(len, chunks))) < max_bytes:
-            chunk = os.read(pipe.fileno(), max_bytes - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except OSError:  # BlockingIOError: nothing more yet
-        pass
-    finally:
-        pipe.close()
-    return b"".join(chunks).decode(errors="replace")
+    with early:
+        try:
+            size = early.seek(0, os.SEEK_END)
+            early.seek(max(0, size - max_bytes))
+            return early.read().decode(errors="replace")
+        except OSError:
+            return ""
 
 
 def wait_workers_gone(pids: list[int], root: Path, timeout_s: float) -> list[int]:

@@ -136,7 +136,11 @@ REAP_ADOPTED_S = 1.0  # how often orphaned descendants we adopted are reaped
 # A standby that dies before it is ready is started again after 0.5 s, 1 s, 2 s ... up to this: it
 # is only a speed-up, and one that cannot start (a broken environment, OOM) would otherwise cost an
 # interpreter's imports at every tick.
+STANDBY_FIRST_BACKOFF_S = 0.5
 STANDBY_MAX_BACKOFF_S = 300.0
+# A standby that dies sooner than this after it got ready counts as failing too (OOM-killed once
+# ready, say): the backoff grows until one has lived this long.
+STANDBY_HEALTHY_S = 60.0
 
 
 @dataclass
@@ -151,6 +155,7 @@ class Worker:
     error: str | None = None
     draining: bool = False
     standby_ready: bool = False  # a warm standby that finished its imports
+    standby_ready_at: float | None = None  # when it said so (monotonic)
     loaded_at: float | None = None  # model loaded and smoke-tested; waiting for "go" to accept
     released: bool = False
     stopped_accepting: bool = False  # draining: answers what it has, takes no new connection
@@ -203,6 +208,7 @@ class Worker:
                 timeline.mark(f"supervisor: worker {self.pid} said ready")
             elif event == protocol.STANDBY:
                 self.standby_ready = True
+                self.standby_ready_at = time.monotonic()
                 self.modules = protocol.parse_modules(detail)
             elif event == protocol.LOADED and self.loaded_at is None:
                 self.loaded_at = time.time()
@@ -408,7 +414,8 @@ class Supervisor:
         the work: the swap costs only the model load); a fresh interpreter without a ready standby,
         or if the standby fails to give one."""
         standby = self.standby
-        if standby is not None and standby.standby_ready and standby.popen.poll() is None:
+        if (standby is not None and standby.standby_ready and standby.popen.poll() is None
+                and generation.spec.config.warm_standby):  # not when the update turns it off
             if self.forking:
                 try:
                     return self._fork_process(generation, index)
@@ -460,8 +467,15 @@ class Supervisor:
         if self.standby is not None and (self.standby.popen.poll() is not None or (
                 not self.forking and self.standby_sock is not current.sock)):
             self._release_standby()
-        if self.standby is not None and self.standby.standby_ready and self.standby_failures:
-            self.standby_failures, self.standby_error = 0, None
+        standby = self.standby
+        if standby is not None and standby.standby_ready:
+            self.standby_error = None  # there is one again
+            if standby.standby_ready_at is not None and time.monotonic() - standby.standby_ready_at >= STANDBY_HEALTHY_S:
+                self.standby_failures = 0
+        elif standby is not None and time.time() - standby.started_at > STANDBY_FIRST_WAIT_S:
+            # Alive but never ready (stuck in an import, say): not kept for ever in place of a working one.
+            self._release_standby()
+            self._standby_failed(standby, f"was not ready {STANDBY_FIRST_WAIT_S:g}s after it started")
         if self.forking and (stale := self._stale_standby(current)):
             # Replaced now that the update is done (never on its way): the new one imports what
             # the served models need, so the workers forked from it on restarts and updates do not.
@@ -1007,17 +1021,25 @@ class Supervisor:
                 self._on_crash(worker, self.current, reason, live, cause)
 
     def _standby_died(self, standby: Worker, how: str) -> None:
-        """The warm standby died on its own: the next one starts at once if this one had been ready,
-        else after a backoff (one that cannot start would fail again: a broken environment, OOM)."""
+        """The warm standby died on its own: the next one starts at once if this one had served as a
+        standby for STANDBY_HEALTHY_S, else after a backoff (one that cannot start, or that is killed
+        soon after it gets ready, would fail again: a broken environment, OOM)."""
         self._release_standby()
-        if standby.standby_ready:
+        ready_for = None if standby.standby_ready_at is None else time.monotonic() - standby.standby_ready_at
+        if ready_for is not None and ready_for >= STANDBY_HEALTHY_S:
+            self.standby_failures, self.standby_error = 0, None
             _logger.warning("Warm standby pid %d %s; starting another", standby.pid, how)
             return
+        self._standby_failed(standby, how + (" before it was ready" if ready_for is None
+                                             else f" {ready_for:.0f}s after it got ready"))
+
+    def _standby_failed(self, standby: Worker, what: str) -> None:
+        """Count a failed standby and put the next one off (doubling from STANDBY_FIRST_BACKOFF_S)."""
         self.standby_failures += 1
-        delay = min(STANDBY_MAX_BACKOFF_S, 0.5 * 2 ** (self.standby_failures - 1))
+        delay = min(STANDBY_MAX_BACKOFF_S, STANDBY_FIRST_BACKOFF_S * 2 ** (self.standby_failures - 1))
         self.standby_restart_at = time.monotonic() + delay
-        self.standby_error = (f"warm standby pid {standby.pid} {how} before it was ready ({self.standby_failures} "
-                              f"in a row; the next one starts in {delay:g}s): {_log_tail(standby.log_path)}")
+        self.standby_error = (f"warm standby pid {standby.pid} {what} ({self.standby_failures} in a row; the next "
+                              f"one starts in {delay:g}s): {_log_tail(standby.log_path)}")
         _logger.warning("%s", self.standby_error)
 
     def _retry_unforked(self, worker: Worker, how: str) -> bool:
