@@ -90,8 +90,8 @@ def call_within(call: Callable[[], T], timeout_s: float, what: str) -> T:
     return outcome[0]
 
 
-# faulthandler needs a real file descriptor: sys.stderr may be None, or a StringIO (a caller that
-# redirects output). These are diagnostics: they never fail the run.
+# faulthandler writes to descriptor 2, not sys.stderr (which may be None, or a StringIO of a caller
+# that redirects output); a closed descriptor is tolerated: these are diagnostics, never a failure.
 _NO_FD = (AttributeError, ValueError, io.UnsupportedOperation, RuntimeError, OSError)
 
 
@@ -110,14 +110,14 @@ def is_cli_run_local(argv: list[str] | None = None) -> bool:
 def dump_stacks_on_sigusr1() -> None:
     """Write every thread's stack to stderr on SIGUSR1 (``kill -USR1 <pid>``), the process going on."""
     with contextlib.suppress(*_NO_FD):
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
 
 
 def arm_exit_watchdog(grace_s: float, code: int, what: str) -> None:
     """End this process with ``code`` if it still runs ``grace_s`` from now, after writing to stderr
     that ``what`` is done but the process did not exit, and every thread's stack (where it hangs)."""
     with contextlib.suppress(*_NO_FD):
-        faulthandler.dump_traceback_later(grace_s + BACKSTOP_S, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(grace_s + BACKSTOP_S, exit=True, file=2)
 
     def end() -> None:
         threading.Event().wait(grace_s)
@@ -125,7 +125,7 @@ def arm_exit_watchdog(grace_s: float, code: int, what: str) -> None:
         os.write(2, (f"\n{what}, but the process had not exited {grace_s:g}s later (where each thread is, "
                      f"below); exiting with code {code}.\n").encode())
         with contextlib.suppress(*_NO_FD):
-            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            faulthandler.dump_traceback(file=2, all_threads=True)
         os._exit(code)
 
     threading.Thread(target=end, name="exit-watchdog", daemon=True).start()
