@@ -409,6 +409,8 @@ class RayEngine(Engine):
             return None
         except Overran:
             reason = f"{step} did not finish within {budget:g}s"
+        except EngineUnavailable:  # one request inside the step overran its own bound (RAY_CALL_S)
+            reason = f"{step} did not finish: the cluster did not answer one request within {RAY_CALL_S:g}s"
         except KeyboardInterrupt:
             print(self._leftover(name, f"interrupted while {step}"), file=sys.stderr, flush=True)
             raise
