@@ -121,6 +121,13 @@ def shadow_summary(spec: DeploymentSpec) -> str | None:
             f"{spec.config.shadow_sample_rate * 100:g}% of captured requests mirrored")
 
 
+def _engine_failed(message: str, exc: EngineError) -> InvalidState:
+    """The change failed (``message``) on ``exc``: INVALID_STATE, unless the engine said it was a
+    temporary condition (:class:`~mlflow_deploy_plugin.engines.base.EngineUnavailable`, a cluster
+    that did not answer in time), whose code is kept so a caller knows to retry."""
+    return InvalidState(message, error_code=getattr(exc, "error_code", None))
+
+
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -325,7 +332,7 @@ class Deployments:
                 held.close()
                 with self.store.global_lock():
                     self.store.archive(name)
-                raise InvalidState(str(exc)) from None
+                raise _engine_failed(str(exc), exc) from None
         timeline.mark("cli: engine says running")
         self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url,
                                   **({"shadow": spec.shadow.to_dict()} if spec.shadow else {}))
@@ -408,9 +415,9 @@ class Deployments:
                     self.store.append_history(name, "update_failed", model=model.to_dict(), reason=reason,
                                               actor=actor, error=str(exc), traffic=split,
                                               **({"cause": exc.cause} if exc.cause is not None else {}))
-                raise InvalidState(
+                raise _engine_failed(
                     f"Update of {name!r} to {split or model.version_uri} failed; version "
-                    f"{old.model.model_version} keeps serving. Reason: {exc}") from None
+                    f"{old.model.model_version} keeps serving. Reason: {exc}", exc) from None
         self.store.append_history(name, "updated", model=model.to_dict(), reason=reason, actor=actor,
                                   from_version=old.model.model_version, url=status.url, traffic=split,
                                   evidence=evidence, **({"shadow": new.shadow.to_dict()} if new.shadow else {}))
@@ -514,7 +521,13 @@ class Deployments:
             return True
         with self.store.global_lock(), self._locked(name):
             if not self.store.exists(name):
-                return False
+                # Nothing here or in the engine's shared state; what a clean-up that gave up left
+                # (a run-local on Ray: its metrics actor) goes all the same, and is said.
+                removed = self.engine.remove_leftovers(name)
+                if removed:
+                    _logger.warning("No deployment %r here or on the %s engine; removed what was left of it: %s",
+                                    name, self.engine.name, "; ".join(removed))
+                return bool(removed)
             try:
                 spec = self.store.read_spec(name)
             except SpecError:
@@ -595,7 +608,7 @@ class Deployments:
             except EngineError as exc:
                 self.store.append_history(name, "restart_failed", model=spec.model.to_dict(), reason="up",
                                           error=str(exc))
-                raise InvalidState(str(exc)) from None
+                raise _engine_failed(str(exc), exc) from None
             self.store.append_history(name, "restarted", model=spec.model.to_dict(), reason="up", url=started.url,
                                       was=status.state)
             return {"action": "started", "detail": f"{started.state} at {started.url}"}

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -639,10 +640,16 @@ def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
         env: Env, registry: Registry, ray_cluster: str) -> None:
     """With Serve's controller stopped (SIGSTOP: a controller that never answers), the first Ctrl-C's
     delete waits on it; a second Ctrl-C ends run-local at once, non-zero, naming what may be left on
-    the cluster and the command that removes it, which does."""
+    the cluster and the command that removes it. That command, the controller still stopped, fails
+    within its bound (TEMPORARILY_UNAVAILABLE, saying what did not answer) instead of hanging; once
+    the controller goes on, the same command removes the application and its metrics actor.
+
+    Here rather than in a test of its own: this is the state a user meets the stuck controller in,
+    and a second run-local on the cluster would cost another minute of replica start-up."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
+    from mlflow_deploy_plugin.engines.ray.engine import RAY_CALL_S
     from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
 
     name = "ray-run-local-stuck"
@@ -665,6 +672,8 @@ def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
             proc.send_signal(signal.SIGINT)  # the second Ctrl-C
             # At once: the exit watchdog's grace is the longest the process may take after it.
             code = _exit_code(proc, lines, EXIT_GRACE_S + BACKSTOP_S + 30, "the second Ctrl-C")
+            # The command it names, run at once: its read of Serve's state waits at most its bound.
+            stuck = env.cli("delete", "-t", RAY, "--name", name, check=False, env=env.environ(RAY_ADDRESS=ray_cluster))
         finally:
             os.kill(controller_pid, signal.SIGCONT)
         output = "".join(lines)
@@ -673,26 +682,34 @@ def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
         assert "run-local: interrupted while" in output and "may still be on the Ray cluster" in output, output[-3000:]
         assert f"remove them with: RAY_ADDRESS={address} mlflow deployments delete -t lifecycle:/ray --name {name}" \
                in output, output[-3000:]
-    # The command it named removes what is left (Serve's controller, going on, may have deleted the
-    # application it was asked to delete meanwhile: the command then has nothing to stop).
+    assert stuck.returncode != 0, stuck.stdout + stuck.stderr
+    assert "TEMPORARILY_UNAVAILABLE: The Ray cluster at " in stuck.stderr, stuck.stderr[-3000:]
+    assert f"did not answer within {RAY_CALL_S:g}s while reading Serve's applications from its controller" \
+           in stuck.stderr, stuck.stderr[-3000:]
+    assert "retry the command once they answer" in stuck.stderr, stuck.stderr[-3000:]
+    # The controller going on, the same command removes what is left: the application (not deleted
+    # two minutes after SIGCONT when this was written: run-local's request, from a driver that has
+    # exited, was not carried out), or, had Serve deleted it meanwhile, what its replicas left as they
+    # shut down (their last metrics push).
     env.cli("delete", "-t", RAY, "--name", name, env=env.environ(RAY_ADDRESS=address))
     wait_for(lambda: name not in [view["name"] for view in _client().list_deployments()], 120,
              "the application to be gone")
     wait_for(lambda: requests.get(f"{url}/ping", timeout=10).status_code == 404, 60, "its route to be gone")
-    hub = find_hub(name)  # the delete leaves it when the application was gone already: not the test's subject
-    if hub is not None:
-        ray.kill(hub, no_restart=True)
+    assert find_hub(name) is None  # removed after the application was gone (no replica pushes again)
 
 
 def test_run_locals_way_out_says_what_is_left_once_its_budget_passes(
-        ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """The engine's way out of a foreground run, in this process, with Serve's controller stopped
     (SIGSTOP): past its budget it gives up waiting, says on stderr what may be left on the cluster
-    and the command that removes it, and returns that (run-local then exits non-zero)."""
+    and the command that removes it, and returns that (run-local then exits non-zero). When Serve
+    finishes that delete itself later, the metrics actor is all that is left: the command it names
+    finds no deployment of that name, here or on the cluster, and removes the actor, saying so."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     from mlflow_deploy_plugin.engines.ray.engine import RayEngine
+    from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub, get_hub
 
     engine = RayEngine(StateStore(tmp_path / "home"))
     engine._connect(ray_cluster)
@@ -713,3 +730,10 @@ def test_run_locals_way_out_says_what_is_left_once_its_budget_passes(
     assert left in capsys.readouterr().err
     # The controller answers again once resumed (the calls left waiting on it were answered too).
     assert name not in [view["name"] for view in _client().list_deployments()]
+
+    get_hub(name)  # what the replicas' last push leaves when Serve has deleted their application
+    wait_for(lambda: find_hub(name) is not None, 60, "the metrics actor to exist")
+    with caplog.at_level(logging.WARNING, logger="mlflow_deploy_plugin.deployments"):
+        _client().delete_deployment(name)  # the delete the message names (its CLI runs this, in process here)
+    assert find_hub(name) is None
+    assert f"removed what was left of it: the metrics actor 'metrics:{name}'" in caplog.text, caplog.text

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow_deploy_plugin.errors import InvalidRequest
+from mlflow_deploy_plugin.errors import InvalidRequest, Unavailable
 from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec
 from mlflow_deploy_plugin.state import STATUS_FAILED as FAILED
 from mlflow_deploy_plugin.state import STATUS_RUNNING as RUNNING
@@ -42,6 +42,12 @@ class EngineError(RuntimeError):
     def __init__(self, message: str, cause: str | None = None) -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class EngineUnavailable(EngineError, Unavailable):
+    """What runs the deployments (a Ray cluster's GCS, Serve's controller) did not answer in time:
+    a temporary condition, reported as ``TEMPORARILY_UNAVAILABLE`` (an :class:`Unavailable`), and as
+    an :class:`EngineError` to the core's handling of a failed change."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,13 @@ class Engine(abc.ABC):
     def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
         """Serve ``spec`` in this process's foreground until interrupted (``run-local``), calling
         ``on_ready`` once it serves; the final status (``failed`` with ``last_error`` if it could not)."""
+
+    def remove_leftovers(self, name: str) -> list[str]:
+        """Remove what the engine may hold of a deployment ``name`` that neither this machine's
+        state home nor the engine's shared state knows any more (a ``run-local`` that gave up before
+        its clean-up finished), saying what was removed. Default: nothing (the local engine's
+        processes all belong to a deployment folder)."""
+        return []
 
     @abc.abstractmethod
     def agent_handle(self, name: str) -> str | None:

@@ -8,6 +8,7 @@ replica it stops), a worker process that died (``kill -9``), a node lost, the OO
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,36 @@ def test_the_serve_deployment_carries_the_shutdown_bound_and_the_autoscaling_tar
         if autoscaling is not None:
             assert autoscaling.target_ongoing_requests == float(keys.get("target_ongoing_requests", 2))
             assert autoscaling.target_ongoing_requests <= serve_config.max_ongoing_requests
+
+
+def test_a_ray_call_that_never_returns_ends_the_verb_as_temporarily_unavailable() -> None:
+    """Every Ray call of the engine runs through ``bounded_ray_call``: its result or its own exception
+    (a missing actor's ValueError is how a lookup says "none"), and past its budget an EngineUnavailable
+    naming the cluster and what did not answer, which the target reports as TEMPORARILY_UNAVAILABLE
+    (retry later) and the core's failed changes keep (not INVALID_STATE)."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_deploy_plugin.deployments import _engine_failed
+    from mlflow_deploy_plugin.engines.base import EngineError
+    from mlflow_deploy_plugin.engines.ray.engine import bounded_ray_call
+    from mlflow_deploy_plugin.target import _as_mlflow_errors
+
+    assert bounded_ray_call(lambda: {"applications": {}}, "reading", 30, "127.0.0.1:6379") == {"applications": {}}
+    with pytest.raises(ValueError, match="no actor"):
+        bounded_ray_call(lambda: (_ for _ in ()).throw(ValueError("no actor")), "looking up", 30, None)
+    never = threading.Event()
+    try:
+        with pytest.raises(MlflowException) as caught, _as_mlflow_errors():
+            bounded_ray_call(never.wait, "reading Serve's applications from its controller", 0.3, "127.0.0.1:6379")
+        assert caught.value.error_code == "TEMPORARILY_UNAVAILABLE"
+        message = caught.value.message
+        assert message.startswith("TEMPORARILY_UNAVAILABLE: The Ray cluster at 127.0.0.1:6379 did not answer within "
+                                  "0.3s while reading Serve's applications from its controller"), message
+        assert "`serve status`" in message and "retry the command" in message, message
+        with pytest.raises(EngineError) as failed:  # the core's handling of a failed change still applies
+            bounded_ray_call(never.wait, "handing Serve's controller the application 'dep'", 0.1, None)
+        assert "The Ray cluster this process is connected to did not answer" in str(failed.value)
+        assert _engine_failed(f"Update failed: {failed.value}", failed.value).error_code == "TEMPORARILY_UNAVAILABLE"
+        assert _engine_failed("Update failed", EngineError("a replica crashed")).error_code == "INVALID_STATE"
+    finally:
+        never.set()  # the threads left behind return

@@ -33,6 +33,13 @@
 - **Per-version figures**: every replica pushes its Prometheus exposition to a named actor
   (``metrics_hub.py``); :meth:`RayEngine.metrics_texts` hands the agent all of them, so a canary is
   judged on every replica's requests, with no token (the agent holds only its hash).
+- **Bounded**: no Ray call has a deadline of its own (``ray.get_actor`` and ``ray.kill`` wait for
+  the GCS; Serve's client waits for its controller's control loop, which a stuck or swamped
+  controller never runs). Each one the engine makes runs through :func:`bounded_ray_call`, so every
+  verb (``get``, ``list``, ``delete``, ``update``, the agent's passes) ends: past its budget with
+  :class:`~mlflow_deploy_plugin.engines.base.EngineUnavailable` (``TEMPORARILY_UNAVAILABLE``),
+  naming what did not answer and what to do. Only ``ray.init`` runs unbounded (it times out by
+  itself; :func:`resolve_address` first checks that the address answers at all).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray import serve
@@ -65,6 +72,7 @@ from mlflow_deploy_plugin.engines.base import (
     Engine,
     EngineError,
     EngineStatus,
+    EngineUnavailable,
     InterruptedChange,
 )
 from mlflow_deploy_plugin.engines.ray.ingress import INGRESS_NAME, LifecycleIngress
@@ -72,6 +80,7 @@ from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub, hub_name
 from mlflow_deploy_plugin.engines.ray.replica_deaths import actor_info, replica_deaths, unexpected
 from mlflow_deploy_plugin.engines.ray.shutdown import (
     DRAIN_POLL_S,
+    FOREGROUND_EXIT_MARGIN_S,
     foreground_exit_budget_s,
     graceful_shutdown_timeout_s,
 )
@@ -80,11 +89,18 @@ from mlflow_deploy_plugin.spec import DeploymentConfig, DeploymentSpec, SpecErro
 from mlflow_deploy_plugin.state import StateStore
 
 _logger = logging.getLogger(__name__)
+T = TypeVar("T")
 NAMESPACE = "mlflow-deploy"  # our own actors (agents); Serve keeps its own in "serve"
 DEFAULT_HTTP_PORT = 8000  # Serve's own default
 DEFAULT_NUM_CPUS = 1.0  # Serve's own default per replica
 DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Serve's own AutoscalingConfig default
 _CONSTRUCTOR_RETRIES = 2  # a version that cannot load fails fast instead of being retried 20 times
+# One request to Serve's controller (its details; a deploy or delete request, which it only queues
+# for its control loop) or to the GCS (an actor lookup or kill, the node list): milliseconds while
+# they run, seconds when two busy cores hold them up. Past this, one of them is stuck or swamped:
+# the command says so instead of hanging.
+RAY_CALL_S = 30.0
+AGENT_STOP_S = 40.0  # the agent finishes its cycle (AgentHost.stop waits 30 s, then kills it)
 NO_CLUSTER = (
     "No Ray cluster to deploy to: set RAY_ADDRESS or -C ray_address=<host:port>, or start one on this "
     "machine with `ray start --head` (add --num-cpus N to cap what it uses). The lifecycle:/ray target "
@@ -112,6 +128,21 @@ def resolve_address(configured: str | None) -> str:
         except (OSError, ValueError) as exc:
             raise InvalidRequest(f"No Ray cluster answers at {address} ({exc}). {NO_CLUSTER}") from None
     return address
+
+
+def bounded_ray_call(call: Callable[[], T], what: str, budget_s: float, address: str | None) -> T:
+    """``call()``'s result (or its exception) within ``budget_s`` (:func:`call_within`: the call runs
+    on a daemon thread, left behind if it overruns); past it, :class:`EngineUnavailable` saying that
+    the Ray cluster at ``address`` did not answer ``what`` (what the call was doing) and what to do."""
+    try:
+        return call_within(call, budget_s, what)
+    except Overran:
+        where = f"at {address}" if address else "this process is connected to"
+        raise EngineUnavailable(
+            f"The Ray cluster {where} did not answer within {budget_s:g}s while {what}: Serve's controller or "
+            "the cluster's GCS is stuck or overloaded (`serve status` and `ray status` on the cluster show "
+            "which; the controller's log is under the cluster's session logs, `/tmp/ray/session_latest/logs/serve`): "
+            "retry the command once they answer.") from None
 
 
 def _short(message: str, limit: int = 600) -> str:
@@ -159,7 +190,8 @@ class RayEngine(Engine):
                                      "plain HTTP; terminate TLS in front of it (a load balancer or ingress), "
                                      "or use the local engine (`-t lifecycle`) for HTTPS.")
         self._connect(config.ray_address)
-        check_capture_location(config, sum(1 for node in ray.nodes() if node.get("Alive")))
+        nodes = self._call(ray.nodes, "listing the cluster's nodes (GCS)")
+        check_capture_location(config, sum(1 for node in nodes if node.get("Alive")))
         http = self._http_options()
         if http is not None:
             serve_host = str(http.get("host") or "127.0.0.1")
@@ -280,7 +312,7 @@ class RayEngine(Engine):
         if actor is None:
             return None
         try:
-            pid = ray.get(actor.pid.remote(), timeout=30)
+            pid = ray.get(actor.pid.remote(), timeout=30)  # bounded by Ray itself
         except Exception:  # restarting (Ray brings it back) or gone
             return None
         return f"ray actor {_agent_name(name)} (agent pid {pid})" if pid else None
@@ -290,15 +322,36 @@ class RayEngine(Engine):
         (``metrics_hub.py``): what the proxy's ``/metrics`` (one replica's, whichever it picks)
         cannot give. Read inside the cluster, so no token is needed."""
         self._connect(self._known_address(name))
-        hub = find_hub(name)
+        hub = self._find_hub(name)
         if hub is None:
             return []
-        return list(ray.get(hub.collect.remote(), timeout=30))
+        return list(ray.get(hub.collect.remote(), timeout=30))  # bounded by Ray itself
 
-    def _forget_metrics(self, name: str) -> None:
-        hub = find_hub(name)
+    def _find_hub(self, name: str) -> Any | None:
+        return self._call(lambda: find_hub(name), f"looking up the metrics actor {hub_name(name)!r} (GCS)")
+
+    def _forget_metrics(self, name: str) -> bool:
+        """Kill the deployment's metrics actor; whether there was one."""
+        hub = self._find_hub(name)
         if hub is not None:
-            ray.kill(hub, no_restart=True)
+            self._call(lambda: ray.kill(hub, no_restart=True), f"killing the metrics actor {hub_name(name)!r} (GCS)")
+        return hub is not None
+
+    def remove_leftovers(self, name: str) -> list[str]:
+        """The metrics actor of a deployment gone from the state home and from Serve: what a
+        ``run-local`` that gave up waiting leaves once Serve's controller finished the delete it was
+        asked for (the command it printed then finds nothing else to remove). An application still
+        being deleted is waited for first (its replicas' last push would create the actor again)."""
+        if not self._joined(self._known_address(name)):
+            return []
+        app = (self._details().get("applications") or {}).get(name)
+        if app is not None and _plain(app.get("status")) == "DELETING":
+            self._wait_deleted(name, _graceful_s(app) + FOREGROUND_EXIT_MARGIN_S)
+        elif app is not None:
+            return []  # an application of that name that is not a lifecycle deployment: not ours to touch
+        if not self._forget_metrics(name):
+            return []
+        return [f"the metrics actor {hub_name(name)!r} on the Ray cluster at {self._address}"]
 
     def run_foreground(self, spec: DeploymentSpec, on_ready: Callable[[EngineStatus], None]) -> EngineStatus:
         """Run ``spec`` on the cluster until Ctrl-C, then delete it: ``run-local`` leaves no state.
@@ -356,6 +409,8 @@ class RayEngine(Engine):
             return None
         except Overran:
             reason = f"{step} did not finish within {budget:g}s"
+        except EngineUnavailable:  # one request inside the step overran its own bound (RAY_CALL_S)
+            reason = f"{step} did not finish: the cluster did not answer one request within {RAY_CALL_S:g}s"
         except KeyboardInterrupt:
             print(self._leftover(name, f"interrupted while {step}"), file=sys.stderr, flush=True)
             raise
@@ -427,24 +482,37 @@ class RayEngine(Engine):
         from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
         try:
-            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            self._call(lambda: ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE),
+                       "looking up Serve's controller (GCS)")
         except ValueError:
             return False
         return True
 
+    def _call(self, call: Callable[[], T], what: str, budget_s: float = RAY_CALL_S) -> T:
+        """``call()`` bounded (:func:`bounded_ray_call`), on the cluster this process joined."""
+        return bounded_ray_call(call, what, budget_s, self._address or os.environ.get("RAY_ADDRESS"))
+
     def _http_options(self) -> dict[str, Any] | None:
         if not self._serve_running():
             return None
-        return dict(self._client().get_serve_details().get("http_options") or {})
+        return dict(self._read_details().get("http_options") or {})
 
     def _ensure_serve(self, config: DeploymentConfig) -> None:
         if not self._serve_running():
-            serve.start(http_options={"host": config.host, "port": config.port or DEFAULT_HTTP_PORT})
+            # Starts the controller and the proxies: the deployment's start-up budget, not one request's.
+            self._call(lambda: serve.start(http_options={"host": config.host,
+                                                         "port": config.port or DEFAULT_HTTP_PORT}),
+                       "starting Serve (its controller and HTTP proxy)", config.startup_timeout_s)
 
     def _details(self) -> dict[str, Any]:
         if not self._serve_running():
             return {}
-        return dict(self._client().get_serve_details())
+        return self._read_details()
+
+    def _read_details(self) -> dict[str, Any]:
+        # Serve's client is made on first use, which asks the controller too: bounded with the read.
+        return dict(self._call(lambda: self._client().get_serve_details(),
+                               "reading Serve's applications from its controller"))
 
     def _app(self, name: str) -> dict[str, Any] | None:
         return _live_app(self._details(), name)
@@ -509,8 +577,9 @@ class RayEngine(Engine):
                 timeout_s: float) -> EngineStatus:
         """Make ``spec`` the application's target (replicas checking the token hash ``token``) and
         wait until every replica runs it."""
-        serve._run(self._application(spec, models_dir, capture_dir, token), _blocking=False, name=spec.name,
-                   route_prefix=f"/{spec.name}")
+        application = self._application(spec, models_dir, capture_dir, token)
+        self._call(lambda: serve._run(application, _blocking=False, name=spec.name, route_prefix=f"/{spec.name}"),
+                   f"handing Serve's controller the application {spec.name!r}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             details = self._details()
@@ -531,9 +600,14 @@ class RayEngine(Engine):
             return
         # Serve lets each replica drain and flush for its graceful_shutdown_timeout_s (the value its
         # replicas were started with): wait for that, not only for the caller's timeout.
-        graceful = float((_ingress(app).get("deployment_config") or {}).get("graceful_shutdown_timeout_s") or 0.0)
-        serve.delete(name, _blocking=False)
-        deadline = time.monotonic() + max(timeout_s, graceful) + 30
+        self._call(lambda: serve.delete(name, _blocking=False),
+                   f"asking Serve's controller to delete the application {name!r}")
+        self._wait_deleted(name, max(timeout_s, _graceful_s(app)) + FOREGROUND_EXIT_MARGIN_S)
+
+    def _wait_deleted(self, name: str, budget_s: float) -> None:
+        """Wait until Serve no longer lists application ``name`` (asked to delete it), at most
+        ``budget_s`` plus one read's own bound: past it, Serve finishes the delete by itself."""
+        deadline = time.monotonic() + budget_s
         while self._app_or_deleting(name) and time.monotonic() < deadline:
             time.sleep(0.2)
 
@@ -552,7 +626,8 @@ class RayEngine(Engine):
                      "node_ip": r.get("node_ip")} for r in deployment.get("replicas") or []]
         serving = [r for r in replicas if r["state"] == "RUNNING"]
         # Serve lists every replica that stopped (retired by an update too); restarts counts crashes.
-        deaths = replica_deaths(list(deployment.get("recent_dead_replicas") or []), actor_info, self._death_causes)
+        deaths = replica_deaths(list(deployment.get("recent_dead_replicas") or []), self._actor_info,
+                                self._death_causes)
         serve_status = _plain(app.get("status"))
         if serve_status == "RUNNING":
             state = RUNNING
@@ -579,6 +654,9 @@ class RayEngine(Engine):
                      "host": http.get("host"), "port": http.get("port")},
         )
 
+    def _actor_info(self, actor_id: str) -> dict[str, Any] | None:
+        return self._call(lambda: actor_info(actor_id), f"reading replica actor {actor_id}'s end (GCS)")
+
     @staticmethod
     def _url(name: str, app: dict[str, Any], http: dict[str, Any]) -> str:
         """Where the application answers: Serve's proxy (``http``: its http_options) and route."""
@@ -592,7 +670,8 @@ class RayEngine(Engine):
 
     def _agent_actor(self, name: str) -> Any | None:
         try:
-            return ray.get_actor(_agent_name(name), namespace=NAMESPACE)
+            return self._call(lambda: ray.get_actor(_agent_name(name), namespace=NAMESPACE),
+                              f"looking up the agent actor {_agent_name(name)!r} (GCS)")
         except ValueError:
             return None
 
@@ -621,8 +700,8 @@ class RayEngine(Engine):
         if actor is None:
             return
         with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
-            ray.get(actor.stop.remote(), timeout=40)
-        ray.kill(actor, no_restart=True)
+            ray.get(actor.stop.remote(), timeout=AGENT_STOP_S)  # bounded by Ray itself
+        self._call(lambda: ray.kill(actor, no_restart=True), f"killing the agent actor {_agent_name(name)!r} (GCS)")
 
 
 def max_ongoing_requests(config: DeploymentConfig) -> int:
@@ -740,6 +819,11 @@ def _live_app(details: dict[str, Any], name: str) -> dict[str, Any] | None:
     """Application ``name`` in Serve's ``details``, unless absent or being deleted."""
     app = (details.get("applications") or {}).get(name)
     return app if app and app.get("status") != "DELETING" else None
+
+
+def _graceful_s(app: dict[str, Any]) -> float:
+    """The drain Serve grants the application's replicas (their graceful_shutdown_timeout_s)."""
+    return float((_ingress(app).get("deployment_config") or {}).get("graceful_shutdown_timeout_s") or 0.0)
 
 
 def _ingress(app: dict[str, Any]) -> dict[str, Any]:
