@@ -653,49 +653,53 @@ def test_a_second_ctrl_c_ends_run_local_while_serves_controller_is_stuck(
     from mlflow_deploy_plugin.engines.ray.metrics_hub import find_hub
 
     name = "ray-run-local-stuck"
-    with _run_local(env, registry, name) as (proc, lines, url):
-        assert name in [view["name"] for view in _client().list_deployments()]  # joins this process to the cluster
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        controller_pid = ray.get(controller.get_pid.remote(), timeout=60)
-        os.kill(controller_pid, signal.SIGSTOP)
-        try:
-            proc.send_signal(signal.SIGINT)
-            wait_for(lambda: any(line.startswith("Stopping: deleting") for line in lines) or proc.poll() is not None,
-                     120, "run-local to start deleting", interval_s=0.2)
-            assert proc.poll() is None, "".join(lines[-30:])  # it cannot be done: the controller never answered
-            # Where it waits, as a test whose run-local hangs asks it (_exit_code): in the bounded delete.
-            before = len(lines)
-            proc.send_signal(signal.SIGUSR1)
-            wait_for(lambda: any(line.rstrip().endswith(" in _leave_foreground") for line in lines[before:]), 60,
-                     "run-local's stack dump on SIGUSR1", interval_s=0.2)
-            assert proc.poll() is None, "".join(lines[before:])  # a dump, not an end
-            proc.send_signal(signal.SIGINT)  # the second Ctrl-C
-            # At once: the exit watchdog's grace is the longest the process may take after it.
-            code = _exit_code(proc, lines, EXIT_GRACE_S + BACKSTOP_S + 30, "the second Ctrl-C")
-            # The command it names, run at once: its read of Serve's state waits at most its bound.
-            stuck = env.cli("delete", "-t", RAY, "--name", name, check=False, env=env.environ(RAY_ADDRESS=ray_cluster))
-        finally:
-            os.kill(controller_pid, signal.SIGCONT)
-        output = "".join(lines)
-        assert code == 1, output[-3000:]
-        address = ray_cluster
-        assert "run-local: interrupted while" in output and "may still be on the Ray cluster" in output, output[-3000:]
-        assert f"remove them with: RAY_ADDRESS={address} mlflow deployments delete -t lifecycle:/ray --name {name}" \
-               in output, output[-3000:]
-    assert stuck.returncode != 0, stuck.stdout + stuck.stderr
-    assert "TEMPORARILY_UNAVAILABLE: The Ray cluster at " in stuck.stderr, stuck.stderr[-3000:]
-    assert f"did not answer within {RAY_CALL_S:g}s while reading Serve's applications from its controller" \
-           in stuck.stderr, stuck.stderr[-3000:]
-    assert "retry the command once they answer" in stuck.stderr, stuck.stderr[-3000:]
-    # The controller going on, the same command removes what is left: the application (not deleted
-    # two minutes after SIGCONT when this was written: run-local's request, from a driver that has
-    # exited, was not carried out), or, had Serve deleted it meanwhile, what its replicas left as they
-    # shut down (their last metrics push).
-    env.cli("delete", "-t", RAY, "--name", name, env=env.environ(RAY_ADDRESS=address))
-    wait_for(lambda: name not in [view["name"] for view in _client().list_deployments()], 120,
-             "the application to be gone")
-    wait_for(lambda: requests.get(f"{url}/ping", timeout=10).status_code == 404, 60, "its route to be gone")
-    assert find_hub(name) is None  # removed after the application was gone (no replica pushes again)
+    try:
+        with _run_local(env, registry, name) as (proc, lines, url):
+            assert name in [view["name"] for view in _client().list_deployments()]  # joins this process to the cluster
+            controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            controller_pid = ray.get(controller.get_pid.remote(), timeout=60)
+            os.kill(controller_pid, signal.SIGSTOP)
+            try:
+                proc.send_signal(signal.SIGINT)
+                wait_for(lambda: any(line.startswith("Stopping: deleting") for line in lines) or proc.poll() is not None,
+                         120, "run-local to start deleting", interval_s=0.2)
+                assert proc.poll() is None, "".join(lines[-30:])  # it cannot be done: the controller never answered
+                # Where it waits, as a test whose run-local hangs asks it (_exit_code): in the bounded delete.
+                before = len(lines)
+                proc.send_signal(signal.SIGUSR1)
+                wait_for(lambda: any(line.rstrip().endswith(" in _leave_foreground") for line in lines[before:]), 60,
+                         "run-local's stack dump on SIGUSR1", interval_s=0.2)
+                assert proc.poll() is None, "".join(lines[before:])  # a dump, not an end
+                proc.send_signal(signal.SIGINT)  # the second Ctrl-C
+                # At once: the exit watchdog's grace is the longest the process may take after it.
+                code = _exit_code(proc, lines, EXIT_GRACE_S + BACKSTOP_S + 30, "the second Ctrl-C")
+                # The command it names, run at once: its read of Serve's state waits at most its bound.
+                stuck = env.cli("delete", "-t", RAY, "--name", name, check=False, env=env.environ(RAY_ADDRESS=ray_cluster))
+            finally:
+                os.kill(controller_pid, signal.SIGCONT)
+            output = "".join(lines)
+            assert code == 1, output[-3000:]
+            address = ray_cluster
+            assert "run-local: interrupted while" in output and "may still be on the Ray cluster" in output, output[-3000:]
+            assert f"remove them with: RAY_ADDRESS={address} mlflow deployments delete -t lifecycle:/ray --name {name}" \
+                   in output, output[-3000:]
+        assert stuck.returncode != 0, stuck.stdout + stuck.stderr
+        assert "TEMPORARILY_UNAVAILABLE: The Ray cluster at " in stuck.stderr, stuck.stderr[-3000:]
+        assert f"did not answer within {RAY_CALL_S:g}s while reading Serve's applications from its controller" \
+               in stuck.stderr, stuck.stderr[-3000:]
+        assert "retry the command once they answer" in stuck.stderr, stuck.stderr[-3000:]
+        # The controller going on, the same command removes what is left: the application (not deleted
+        # two minutes after SIGCONT when this was written: run-local's request, from a driver that has
+        # exited, was not carried out), or, had Serve deleted it meanwhile, what its replicas left as they
+        # shut down (their last metrics push).
+        env.cli("delete", "-t", RAY, "--name", name, env=env.environ(RAY_ADDRESS=address))
+        wait_for(lambda: name not in [view["name"] for view in _client().list_deployments()], 120,
+                 "the application to be gone")
+        wait_for(lambda: requests.get(f"{url}/ping", timeout=10).status_code == 404, 60, "its route to be gone")
+        assert find_hub(name) is None  # removed after the application was gone (no replica pushes again)
+    finally:  # a failed assertion leaves no application on the session's cluster for the next tests
+        if name in [view["name"] for view in _client().list_deployments()]:
+            env.cli("delete", "-t", RAY, "--name", name, check=False, env=env.environ(RAY_ADDRESS=ray_cluster))
 
 
 def test_run_locals_way_out_says_what_is_left_once_its_budget_passes(

@@ -377,7 +377,7 @@ class RayEngine(Engine):
             finally:
                 left = self._leave_foreground(spec.name, foreground_exit_budget_s(spec.config))
         if left is not None:
-            return EngineStatus(FAILED, last_error=left)
+            return EngineStatus(FAILED, last_error=f"{failure}; {left}" if failure else left)
         return EngineStatus(FAILED, last_error=failure) if failure else EngineStatus(STOPPED)
 
     def _leave_foreground(self, name: str, budget: float) -> str | None:
