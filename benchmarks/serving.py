@@ -43,6 +43,11 @@ The load generator is a minimal HTTP/1.1 client on raw asyncio streams (persiste
 connections, request bytes prepared in advance) running in separate processes (this script
 re-run with ``--_client``), so it is cheap enough not to be the bottleneck on a small machine
 that also runs the servers; the CPU it uses is measured and printed next to the servers' own.
+Each cell also accounts, per kind of process (our worker, converter, supervisor, standby, agent;
+the load generator as ``client``), CPU and run-queue wait per request, the CPU of threads other than
+the main one, context switches per 1,000 requests, and our worker's rows per predict call (its CPU
+per request follows that closely: each call costs ~1 ms): where capture's cost goes, on a machine
+too busy for throughput to say.
 
 Traffic goes to 127.0.0.1 only and every step is bounded in time. Everything started is stopped
 on exit, Ctrl-C or error (peer and MLServer: their process groups; ours: `mlflow deployments delete`).
