@@ -73,3 +73,40 @@ def _kib_field(path: str, key: str) -> int:
     except (OSError, IndexError, ValueError):
         pass
     return 0
+
+
+def thread_counters(pid: int | str) -> dict[str, float] | None:
+    """A process's scheduling counters summed over its live threads (``/proc/<pid>/task/*``):
+    ``voluntary`` / ``involuntary`` context switches (from each thread's ``status``: the process's
+    own ``status`` counts its main thread only), ``run_s`` (CPU time) and ``runq_s`` (time spent
+    runnable but waiting for a CPU) from each thread's ``schedstat``. None if the process is gone.
+    ``main_run_s`` / ``main_runq_s`` / ``main_voluntary``: the main thread's alone (the rest is other
+    threads', e.g. a writer thread's). A thread that exited takes its counts with it (its CPU still
+    shows in :func:`cpu_s`)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    out = {"voluntary": 0.0, "involuntary": 0.0, "run_s": 0.0, "runq_s": 0.0, "threads": 0.0,
+           "main_run_s": 0.0, "main_runq_s": 0.0, "main_voluntary": 0.0}
+    for tid in tids:
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            run_ns, wait_ns = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue  # the thread exited meanwhile
+        main = tid == str(pid)
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                out["voluntary"] += int(line.split()[1])
+                if main:
+                    out["main_voluntary"] += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                out["involuntary"] += int(line.split()[1])
+        out["run_s"] += int(run_ns) / 1e9
+        out["runq_s"] += int(wait_ns) / 1e9
+        out["threads"] += 1
+        if main:
+            out["main_run_s"] += int(run_ns) / 1e9
+            out["main_runq_s"] += int(wait_ns) / 1e9
+    return out

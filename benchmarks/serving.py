@@ -43,6 +43,11 @@ The load generator is a minimal HTTP/1.1 client on raw asyncio streams (persiste
 connections, request bytes prepared in advance) running in separate processes (this script
 re-run with ``--_client``), so it is cheap enough not to be the bottleneck on a small machine
 that also runs the servers; the CPU it uses is measured and printed next to the servers' own.
+Each cell also accounts, per kind of process (our worker, converter, supervisor, standby, agent;
+the load generator as ``client``), CPU and run-queue wait per request, the CPU of threads other than
+the main one, context switches per 1,000 requests, and our worker's rows per predict call (its CPU
+per request follows that closely: each call costs ~1 ms): where capture's cost goes, on a machine
+too busy for throughput to say.
 
 Traffic goes to 127.0.0.1 only and every step is bounded in time. Everything started is stopped
 on exit, Ctrl-C or error (peer and MLServer: their process groups; ours: `mlflow deployments delete`).
@@ -321,6 +326,68 @@ def pids_cpu_s(pids: list[int]) -> dict[int, float]:
     return {pid: procfs.cpu_s(fields) for pid in pids if (fields := procfs.stat_fields(pid)) is not None}
 
 
+def accounting_snapshot(pids: list[int]) -> dict[int, dict[str, float]]:
+    """CPU seconds (utime+stime) and scheduling counters (:func:`procfs.thread_counters`) of each
+    live process of ``pids``."""
+    out = {}
+    for pid in pids:
+        fields, counters = procfs.stat_fields(pid), procfs.thread_counters(pid)
+        if fields is not None and counters is not None:
+            out[pid] = {"cpu_s": procfs.cpu_s(fields), **counters}
+    return out
+
+
+ROLE_FIGURES = ("cpu_s", "voluntary", "involuntary", "run_s", "runq_s", "main_run_s", "main_runq_s", "main_voluntary")
+
+
+def per_role(before: dict[int, dict[str, float]], after: dict[int, dict[str, float]], roles: dict[int, str],
+             requests: int, duration: float) -> dict[str, dict[str, float]]:
+    """What each kind of process (worker, converter, supervisor, standby, agent, client ...) used in
+    the window, per request: CPU µs and run-queue wait µs per request, context switches per 1,000
+    requests, and % of one core. A process started in the window counts from zero (a converter
+    started again pays its start here); one that exited in it is left out (counted in ``exited``)."""
+    sums: dict[str, dict[str, float]] = {}
+    for pid, end in after.items():
+        start = before.get(pid, dict.fromkeys(ROLE_FIGURES, 0.0))
+        role = roles.get(pid) or procfs.process_name(pid) or str(pid)
+        acc = sums.setdefault(role, {**dict.fromkeys(ROLE_FIGURES, 0.0), "processes": 0, "exited": 0})
+        for key in ROLE_FIGURES:
+            acc[key] += end[key] - start[key]
+        acc["processes"] += 1
+    for pid in before.keys() - after.keys():
+        role = roles.get(pid) or "exited"
+        sums.setdefault(role, {**dict.fromkeys(ROLE_FIGURES, 0.0), "processes": 0, "exited": 0})["exited"] += 1
+    per_1k = 1000 / requests if requests else float("nan")
+    return {role: {"cpu_us_per_req": acc["cpu_s"] * 1e3 * per_1k, "cpu_pct": 100 * acc["cpu_s"] / duration,
+                   "run_us_per_req": acc["run_s"] * 1e3 * per_1k, "runq_us_per_req": acc["runq_s"] * 1e3 * per_1k,
+                   "vol_per_1k": acc["voluntary"] * per_1k, "invol_per_1k": acc["involuntary"] * per_1k,
+                   # Other threads than the main one (a worker's capture writer thread, Arrow's pools ...).
+                   "threads_us_per_req": (acc["run_s"] - acc["main_run_s"]) * 1e3 * per_1k,
+                   "main_runq_us_per_req": acc["main_runq_s"] * 1e3 * per_1k,
+                   "main_vol_per_1k": acc["main_voluntary"] * per_1k,
+                   "processes": acc["processes"], "exited": acc["exited"]}
+            for role, acc in sorted(sums.items())}
+
+
+def predict_batches(server: dict[str, Any]) -> tuple[float, float] | None:
+    """Our deployment's predict calls and the rows they took so far (its ``/metrics`` batch-size
+    histogram), None for other servers or when unreadable. Requests per predict call is what a
+    worker's CPU per request depends on most (each call costs ~1 ms whatever its size)."""
+    if "deployment" not in server:
+        return None
+    try:
+        status, text = http("GET", f"{server['url']}/metrics", timeout=5.0)
+    except (OSError, urllib.error.URLError):
+        return None
+    count = total = 0.0
+    for line in text.decode(errors="replace").splitlines():
+        if line.startswith("mlflow_deploy_predict_batch_rows_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mlflow_deploy_predict_batch_rows_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return (count, total) if status == 200 else None
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent not idle (all cores) since boot."""
     values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -570,10 +637,20 @@ def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duratio
                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         clients.append(client)
         CLEANUP.clients.append(client)
+    accounted = server.get("engine") != "ray"  # a Ray server's processes are the cluster's
+    client_pids = {client.pid: "client" for client in clients}
     time.sleep(max(0.0, t_window - time.monotonic()))
     server_cpu0, busy0 = server_cpu_s(server), machine_busy_s()
+    snap0 = accounting_snapshot([*server_cpu0, *client_pids]) if accounted else {}
+    batches0 = predict_batches(server)  # one /metrics request each side of the window: noise enough
     time.sleep(max(0.0, t_end - time.monotonic()))
     server_cpu1, busy1 = server_cpu_s(server), machine_busy_s()
+    snap1 = accounting_snapshot([*server_cpu1, *client_pids]) if accounted else {}
+    batches1 = predict_batches(server)
+    # Calls and rows of the window (the two /metrics reads land a few ms inside it: near enough).
+    batch_calls, batch_rows = ((batches1[0] - batches0[0], batches1[1] - batches0[1])
+                               if batches0 is not None and batches1 is not None else (float("nan"), float("nan")))
+    roles = {**process_roles(server), **client_pids} if accounted else {}
     # Per process (CLI parent, supervisor, each worker): shows how evenly workers share the load.
     per_process = sorted((100 * (t - server_cpu0.get(pid, 0.0)) / duration for pid, t in server_cpu1.items()),
                          reverse=True)
@@ -617,6 +694,9 @@ def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duratio
         # Requests per CPU-second of the server: robust to other jobs stealing the CPU.
         "req_per_server_cpu_s": len(latencies) / (server_cpu1 - server_cpu0) if server_cpu1 > server_cpu0
         else float("nan"),
+        "rows_per_predict_call": batch_rows / batch_calls if batch_calls else float("nan"),
+        # Per kind of process, per request: what capture on vs off costs where (see per_role).
+        "per_role": per_role(snap0, snap1, roles, len(latencies), duration) if accounted else {},
         "machine_busy_pct": 100 * busy / duration / (os.cpu_count() or 1),
         "client_share_of_busy_pct": 100 * client_cpu / busy if busy > 0 else float("nan"),
         # CPU used by neither the server nor the load generator (other jobs on the machine).
@@ -745,10 +825,49 @@ def print_report(report: dict[str, Any]) -> None:
         origin = f"private, started in {info['start_s']:.1f} s" if info["private"] else "given"
         print(f"Ray: cluster {info['address']} ({origin}); a Ray server's cpu% is the whole cluster's (GCS, "
               f"raylet, controller, proxy, replicas); cluster RSS after run {info['rss_mb']:.0f} MB")
+    print_accounting(report["results"])
     print("req/cpu-s = requests per CPU-second of the server's processes (robust to CPU stolen by other jobs).")
     print("cpu% columns are % of ONE core during the measured window; cli/busy = load generator's share of "
           "all CPU the machine used then; oth = CPU of other jobs on the machine (noise).")
     print_issue_report(report)
+
+
+def print_accounting(results: list[dict[str, Any]]) -> None:
+    """Each server's processes by kind, per request (medians over passes): CPU, run-queue wait and
+    context switches; then, for each ``ours-<variant>``, ours minus it per kind (capture's cost where)."""
+    if not any(cell.get("per_role") for cell in results):
+        return
+    print()
+    print("Per kind of process (medians over passes): cpu% of one core; CPU and run-queue wait in µs per request;")
+    print("voluntary / involuntary context switches per 1,000 requests (all threads); thr = CPU of threads other")
+    print("than the main one; main runq / main vol = the main thread's alone.")
+    header = (f"{'rows':>4} {'conc':>4} {'server':<14} {'process':<12} {'cpu%':>6} {'cpu µs/req':>10} "
+              f"{'thr µs/req':>10} {'runq µs/req':>11} {'main runq':>9} {'vol/1k':>8} {'main vol':>8} {'invol/1k':>8}")
+    print(header)
+    print("-" * len(header))
+    for cell in results:
+        if cell.get("rows_per_predict_call") == cell.get("rows_per_predict_call"):  # not NaN
+            print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<14} rows per predict call "
+                  f"{cell['rows_per_predict_call']:.1f}")
+        for role, f in cell.get("per_role", {}).items():
+            print(f"{cell['rows']:>4} {cell['concurrency']:>4} {cell['server']:<14} {role:<12} {f['cpu_pct']:>6.1f} "
+                  f"{f['cpu_us_per_req']:>10.1f} {f['threads_us_per_req']:>10.1f} {f['runq_us_per_req']:>11.1f} "
+                  f"{f['main_runq_us_per_req']:>9.1f} {f['vol_per_1k']:>8.0f} {f['main_vol_per_1k']:>8.0f} "
+                  f"{f['invol_per_1k']:>8.0f}")
+    cells: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for cell in results:
+        cells.setdefault((cell["rows"], cell["concurrency"]), {})[cell["server"]] = cell
+    for (rows, conc), group in cells.items():
+        ours = group.get("ours")
+        for name, other in group.items():
+            if ours is None or not name.startswith("ours-") or not other.get("per_role"):
+                continue
+            diffs = []
+            for role in sorted(set(ours["per_role"]) | set(other["per_role"])):
+                a, b = ours["per_role"].get(role), other["per_role"].get(role)
+                cpu = (a["cpu_us_per_req"] if a else 0.0) - (b["cpu_us_per_req"] if b else 0.0)
+                diffs.append(f"{role} {cpu:+.1f}")
+            print(f"  rows={rows:>3} conc={conc:>2}: ours minus {name}, cpu µs/req: {', '.join(diffs)}")
 
 
 def print_issue_report(report: dict[str, Any]) -> None:
@@ -778,7 +897,11 @@ def median_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in cells[0].items():
         if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("rows", "concurrency"):
             out[key] = statistics.median(c[key] for c in cells)
-    out["passes"] = [{k: c[k] for k in ("rps", "p99_ms", "max_ms")} for c in cells]
+    out["passes"] = [{k: c[k] for k in ("rps", "p99_ms", "max_ms", "requests", "per_role") if k in c} for c in cells]
+    roles = {role for c in cells for role in c.get("per_role", {})}
+    out["per_role"] = {role: {key: statistics.median(c["per_role"][role][key] for c in cells if role in c["per_role"])
+                              for key in next(c["per_role"][role] for c in cells if role in c["per_role"])}
+                       for role in sorted(roles)}
     return out
 
 

@@ -170,3 +170,61 @@ def test_shadow_ratio_takes_each_on_cell_against_its_neighbours_and_the_median()
     assert ratio["p99_on_over_off"] == pytest.approx(1.0)  # one bad on cell does not decide
     assert ratio["rps_on_over_off"] == pytest.approx(0.9)
     assert (ratio["p99_on_ms"], ratio["p99_off_ms"]) == (12, 11)
+
+
+def _figures(cpu_s: float, voluntary: float, involuntary: float, runq_s: float, main_share: float) -> dict[str, float]:
+    return {"cpu_s": cpu_s, "voluntary": voluntary, "involuntary": involuntary, "run_s": cpu_s, "runq_s": runq_s,
+            "main_run_s": cpu_s * main_share, "main_runq_s": runq_s * main_share, "main_voluntary": voluntary * main_share}
+
+
+def test_per_role_charges_each_kind_of_process_per_request() -> None:
+    before = {10: _figures(1.0, 100, 10, 0.5, 0.5), 11: _figures(2.0, 0, 0, 0, 1.0), 12: _figures(5.0, 0, 0, 0, 1.0),
+              13: _figures(0.1, 0, 0, 0, 1.0)}
+    # 10 and 11 are two workers; 12 exited in the window; 14 (a converter started again) is new.
+    after = {10: _figures(1.3, 300, 20, 0.6, 0.5), 11: _figures(2.1, 100, 0, 0.1, 1.0),
+             13: _figures(0.1, 0, 0, 0, 1.0), 14: _figures(0.02, 4, 2, 0.001, 1.0)}
+    roles = {10: "worker", 11: "worker", 12: "worker", 13: "supervisor", 14: "converter"}
+    out = serving.per_role(before, after, roles, requests=2000, duration=2.0)
+    worker = out["worker"]
+    assert worker["processes"] == 2 and worker["exited"] == 1
+    assert worker["cpu_us_per_req"] == pytest.approx(0.4 / 2000 * 1e6)  # 200 µs per request
+    assert worker["cpu_pct"] == pytest.approx(20.0)
+    assert worker["vol_per_1k"] == pytest.approx(300 / 2)
+    assert worker["invol_per_1k"] == pytest.approx(10 / 2)
+    assert worker["runq_us_per_req"] == pytest.approx(0.2 / 2000 * 1e6)
+    # pid 10's other threads ran half its 0.3 s; pid 11 ran on its main thread only.
+    assert worker["threads_us_per_req"] == pytest.approx(0.15 / 2000 * 1e6)
+    assert out["converter"]["cpu_us_per_req"] == pytest.approx(10.0)  # counted from zero
+    assert out["supervisor"]["cpu_us_per_req"] == 0
+
+
+def test_thread_counters_add_up_every_thread_of_a_live_process() -> None:
+    import os
+    import threading
+
+    import procfs  # benchmarks/procfs.py
+
+    stop = threading.Event()
+    waiting = threading.Thread(target=lambda: stop.wait(5.0))
+    waiting.start()
+    try:
+        counters = procfs.thread_counters(os.getpid())
+    finally:
+        stop.set()
+        waiting.join()
+    assert counters is not None
+    assert counters["threads"] >= 2
+    assert counters["run_s"] >= counters["main_run_s"] > 0
+    assert counters["voluntary"] >= counters["main_voluntary"]
+    assert procfs.thread_counters(2**22 + 12345) is None  # no such process
+
+
+def test_median_cell_takes_each_kind_of_process_s_median_over_passes() -> None:
+    def cell(rps: float, worker_us: float) -> dict[str, Any]:
+        return {"rows": 1, "concurrency": 32, "rps": rps, "p99_ms": 10.0, "max_ms": 20.0, "requests": int(rps),
+                "per_role": {"worker": {"cpu_us_per_req": worker_us, "vol_per_1k": 1.0}}}
+
+    merged = serving.median_cell([cell(100, 300), cell(120, 500), cell(110, 310)])
+    assert merged["rps"] == 110
+    assert merged["per_role"]["worker"] == {"cpu_us_per_req": 310, "vol_per_1k": 1.0}
+    assert [p["per_role"]["worker"]["cpu_us_per_req"] for p in merged["passes"]] == [300, 500, 310]
