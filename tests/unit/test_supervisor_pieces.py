@@ -325,6 +325,14 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
         worker = supervisor.standby = supervisor.workers[proc.pid] = Worker(proc, -1, -1, read_end, log_path)
         return worker
 
+    def ready_standby() -> Worker:
+        worker = standby("import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()")
+        deadline = time.monotonic() + 60
+        while not worker.standby_ready and time.monotonic() < deadline:
+            supervisor._wait_tick()
+            worker.read_pipe()
+        return worker
+
     broken = "import sys; sys.exit('ImportError: this environment is broken on purpose')"
     with socket.socket() as sock:
         supervisor.current = Generation(1, DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), sock,
@@ -342,11 +350,7 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
                 assert "broken on purpose" in error, error
                 supervisor._keep_standby()
                 assert supervisor.standby is None  # not started again at once
-            ready = standby("import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()")
-            deadline = time.monotonic() + 60
-            while not ready.standby_ready and time.monotonic() < deadline:
-                supervisor._wait_tick()
-                ready.read_pipe()
+            ready = ready_standby()
             supervisor._keep_standby()
             assert supervisor.standby is ready and supervisor.standby_failures == 3  # not yet proven
             assert supervisor._status()["standby_error"] is None  # but there is one
@@ -358,11 +362,7 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
             assert "got ready (4 in a row; the next one starts in 300s)" in supervisor._status()["standby_error"]
             # One that lived long enough as a standby clears the count.
             monkeypatch.setattr(supervisor_module, "STANDBY_HEALTHY_S", 0.0)
-            healthy = standby("import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()")
-            deadline = time.monotonic() + 60
-            while not healthy.standby_ready and time.monotonic() < deadline:
-                supervisor._wait_tick()
-                healthy.read_pipe()
+            healthy = ready_standby()
             supervisor._keep_standby()
             assert supervisor.standby is healthy and supervisor.standby_failures == 0
             assert supervisor._status()["standby_error"] is None
