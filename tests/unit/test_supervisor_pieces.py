@@ -490,3 +490,42 @@ def test_a_standby_is_released_once_an_update_turns_warm_standby_off(tmp_path: P
             proc.kill()
             proc.wait(timeout=30)
         os.close(read_end)
+
+
+def test_a_standby_that_died_since_the_reaping_is_counted_when_the_next_is_due(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standby that dies between the tick's reaping and the decision to keep one is counted as a
+    failure (backoff included) there, not released as if it were healthy."""
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local import supervisor as supervisor_module
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+
+    monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_BACKOFF_S", 60.0)  # no new one within the test
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    paths.logs.mkdir(parents=True)
+    supervisor = Supervisor(paths)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        with socket.socket() as sock:
+            supervisor.current = Generation(1, DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), sock,
+                                            paths.root / "generation-1.json")
+            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
+            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
+            proc.wait(timeout=60)
+            supervisor._keep_standby()  # no _reap() in between
+            assert supervisor.standby is None and supervisor.standby_failures == 1
+            assert f"pid {proc.pid} exited with code 3 before it was ready (1 in a row; the next one starts in 60s)" in \
+                supervisor._status()["standby_error"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(read_end)

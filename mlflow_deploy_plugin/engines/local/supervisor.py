@@ -464,8 +464,10 @@ class Supervisor:
             return
         # A forking standby hands each worker the socket it is given; one that becomes a worker
         # serves on the socket it was started with.
-        if self.standby is not None and (self.standby.popen.poll() is not None or (
-                not self.forking and self.standby_sock is not current.sock)):
+        if self.standby is not None and (code := self.standby.popen.poll()) is not None:
+            # It died since this tick's reaping: counted as _reap would have (backoff included).
+            self._standby_died(self.standby, _exit_description(code))
+        elif self.standby is not None and not self.forking and self.standby_sock is not current.sock:
             self._release_standby()
         standby = self.standby
         if standby is not None and standby.standby_ready:
