@@ -307,7 +307,8 @@ def _stamps_today(now: float, n: int) -> list[float]:
     from datetime import UTC, datetime
 
     midnight = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-    return [midnight + (now - 1 - midnight) * (i + 0.5) / n for i in range(n)]
+    span = max(now - 1 - midnight, (now - midnight) / 2)  # a test run in the first second of the day too
+    return [midnight + span * (i + 0.5) / n for i in range(n)]
 
 
 def test_scheduled_run_estimates_the_day_without_labels_apart_from_measured_figures(tmp_path, client) -> None:
@@ -339,7 +340,10 @@ def test_scheduled_run_estimates_the_day_without_labels_apart_from_measured_figu
     now = time.time()
     writer = CaptureWriter(str(paths.capture), "sched", flush_interval_s=60)
     rows = []
-    stamps = [now - 2 * 86400 + i for i in range(600)] + _stamps_today(now, 500)
+    # Two days ago at noon, so the 600 seconds stay in that one day whenever the test runs (from
+    # `now - 2 days` they crossed midnight in a run at 23:55 UTC: two measured days, not one).
+    noon_two_days_ago = now // 86400 * 86400 - 2 * 86400 + 12 * 3600  # epoch days are UTC days
+    stamps = [noon_two_days_ago + i for i in range(600)] + _stamps_today(now, 500)
     for i, stamp in enumerate(stamps):
         p = float(rng.random())
         answer = pd.DataFrame({"label": [int(p >= 0.5)], "proba_0": [1 - p], "proba_1": [p]})
