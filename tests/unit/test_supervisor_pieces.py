@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -382,43 +385,54 @@ def test_a_standby_that_dies_before_it_is_ready_is_started_again_only_after_a_ba
                 os.close(worker.ready_fd)
 
 
+@contextlib.contextmanager
+def _stand_in_standby(supervisor: Any, sock: Any, code: str) -> Iterator[Any]:
+    """A process running ``code`` (``{fd}``: its ready pipe's end) as ``supervisor``'s warm standby on
+    ``sock``; killed and its pipe closed afterwards."""
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local.supervisor import Worker
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    proc = subprocess.Popen([sys.executable, "-c", code.format(fd=write_end)], stdin=subprocess.PIPE,
+                            pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        standby = supervisor.standby = Worker(proc, -1, -1, read_end, supervisor.paths.logs / "worker-standby-1.log")
+        supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
+        yield standby
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(read_end)
+
+
 def test_a_warm_standby_that_does_not_fork_takes_the_work_of_a_worker_on_its_socket(tmp_path: Path) -> None:
     """Without forking (no subreaper), a ready standby started on the generation's socket becomes
     its worker: it is told the generation's spec file and counted as that worker, not a standby."""
     import socket
-    import subprocess
 
     from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
-    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor
     from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
     from mlflow_deploy_plugin.state import StateStore
 
     paths = StateStore(tmp_path / "home").paths("dep")
     supervisor = Supervisor(paths)
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
     spec_file = paths.root / "run" / "generation-2.json"
-    code = (f"import os, sys; os.write({write_end}, b'{protocol.STANDBY}\\n'); "
+    code = (f"import os, sys; os.write({{fd}}, b'{protocol.STANDBY}\\n'); "
             f"sys.exit(0 if sys.stdin.readline().strip() == {str(spec_file)!r} else 1)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_end,))
-    os.close(write_end)
-    try:
-        with socket.socket() as sock:
-            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
-            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
-            deadline = time.monotonic() + 60
-            while not standby.standby_ready and time.monotonic() < deadline:
-                supervisor._wait_tick()
-                standby.read_pipe()
-            generation = Generation(2, DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2")), sock, spec_file)
-            assert supervisor._spawn(generation, 0) is standby
-            assert supervisor.standby is None and (standby.generation, standby.index) == (2, 0)
-            assert proc.wait(timeout=60) == 0  # it was told the generation's spec file
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        os.close(read_end)
+    with socket.socket() as sock, _stand_in_standby(supervisor, sock, code) as standby:
+        deadline = time.monotonic() + 60
+        while not standby.standby_ready and time.monotonic() < deadline:
+            supervisor._wait_tick()
+            standby.read_pipe()
+        generation = Generation(2, DeploymentSpec("dep", ModelRef("models:/m/2", "m", "2")), sock, spec_file)
+        assert supervisor._spawn(generation, 0) is standby
+        assert supervisor.standby is None and (standby.generation, standby.index) == (2, 0)
+        assert standby.popen.wait(timeout=60) == 0  # it was told the generation's spec file
 
 
 def test_what_a_supervisor_started_ahead_of_the_create_writes_before_its_go_reaches_the_log_and_the_error(
@@ -459,37 +473,24 @@ def test_a_standby_is_released_once_an_update_turns_warm_standby_off(tmp_path: P
     forking the workers) is released, and none is started again."""
     import dataclasses
     import socket
-    import subprocess
 
-    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor
     from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
     from mlflow_deploy_plugin.state import StateStore
 
     paths = StateStore(tmp_path / "home").paths("dep")
     supervisor = Supervisor(paths)
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
+    spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
+    off = dataclasses.replace(spec, config=dataclasses.replace(spec.config, warm_standby=False))
     # A stand-in standby: ready, then waits until its stdin closes (as a released standby is told).
-    proc = subprocess.Popen([sys.executable, "-c", f"import os, sys; os.write({write_end}, b'standby\\n'); "
-                             "sys.stdin.read()"], stdin=subprocess.PIPE, pass_fds=(write_end,))
-    os.close(write_end)
-    try:
-        with socket.socket() as sock:
-            spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
-            off = dataclasses.replace(spec, config=dataclasses.replace(spec.config, warm_standby=False))
-            supervisor.current = Generation(2, off, sock, paths.root / "generation-2.json")
-            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
-            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
-            supervisor._keep_standby()
-            assert supervisor.standby is None and standby.draining
-            assert proc.wait(timeout=60) is not None  # told to go (stdin closed, SIGTERM)
-            supervisor._keep_standby()
-            assert supervisor.standby is None  # and none started again
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        os.close(read_end)
+    ready = "import os, sys; os.write({fd}, b'standby\\n'); sys.stdin.read()"
+    with socket.socket() as sock, _stand_in_standby(supervisor, sock, ready) as standby:
+        supervisor.current = Generation(2, off, sock, paths.root / "generation-2.json")
+        supervisor._keep_standby()
+        assert supervisor.standby is None and standby.draining
+        assert standby.popen.wait(timeout=60) is not None  # told to go (stdin closed, SIGTERM)
+        supervisor._keep_standby()
+        assert supervisor.standby is None  # and none started again
 
 
 def test_a_standby_that_died_since_the_reaping_is_counted_when_the_next_is_due(
@@ -497,35 +498,21 @@ def test_a_standby_that_died_since_the_reaping_is_counted_when_the_next_is_due(
     """A standby that dies between the tick's reaping and the decision to keep one is counted as a
     failure (backoff included) there, not released as if it were healthy."""
     import socket
-    import subprocess
 
     from mlflow_deploy_plugin.engines.local import supervisor as supervisor_module
-    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
-
-    monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_BACKOFF_S", 60.0)  # no new one within the test
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor
     from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
     from mlflow_deploy_plugin.state import StateStore
 
+    monkeypatch.setattr(supervisor_module, "STANDBY_FIRST_BACKOFF_S", 60.0)  # no new one within the test
     paths = StateStore(tmp_path / "home").paths("dep")
     paths.logs.mkdir(parents=True)
     supervisor = Supervisor(paths)
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], pass_fds=(write_end,))
-    os.close(write_end)
-    try:
-        with socket.socket() as sock:
-            supervisor.current = Generation(1, DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), sock,
-                                            paths.root / "generation-1.json")
-            standby = supervisor.standby = Worker(proc, -1, -1, read_end, paths.logs / "worker-standby-1.log")
-            supervisor.workers[proc.pid], supervisor.standby_sock = standby, sock
-            proc.wait(timeout=60)
-            supervisor._keep_standby()  # no _reap() in between
-            assert supervisor.standby is None and supervisor.standby_failures == 1
-            assert f"pid {proc.pid} exited with code 3 before it was ready (1 in a row; the next one starts in 60s)" in \
-                supervisor._status()["standby_error"]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        os.close(read_end)
+    with socket.socket() as sock, _stand_in_standby(supervisor, sock, "import sys; sys.exit(3)") as standby:
+        supervisor.current = Generation(1, DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1")), sock,
+                                        paths.root / "generation-1.json")
+        standby.popen.wait(timeout=60)
+        supervisor._keep_standby()  # no _reap() in between
+        assert supervisor.standby is None and supervisor.standby_failures == 1
+        assert (f"pid {standby.pid} exited with code 3 before it was ready (1 in a row; the next one starts in 60s)"
+                in supervisor._status()["standby_error"])
