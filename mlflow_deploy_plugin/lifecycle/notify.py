@@ -154,7 +154,33 @@ def summary(deployment: str, event: dict[str, Any]) -> str:
     for key in ("status", "reason", "error"):
         if event.get(key):
             parts.append(f"{key}: {event[key]}" if key != "reason" else str(event[key]))
+    parts.extend(_verdict_words(event))
     return " · ".join(str(part) for part in parts)[:3000]
+
+
+def _verdict_words(event: dict[str, Any]) -> list[str]:
+    """What a ``*_verdict`` event found, for people: a Slack channel gets only the text, and
+    "shadow_verdict · churn v5" alone did not say whether the shadow passed or how it answered."""
+    if not str(event.get("event") or "").endswith("_verdict"):
+        return []
+    words: list[str] = []
+    verdict = event.get("verdict")  # the policy's judgement of a shadow stage
+    if isinstance(verdict, dict) and verdict.get("status") and not event.get("status"):
+        words.append(f"verdict: {verdict['status']}")
+    told = event.get("summary") or event.get("text")  # shadow figures; a quality estimate's line
+    if isinstance(told, str) and told.strip():
+        return [*words, told.strip()]
+    if isinstance(event.get("share"), int | float):  # drift
+        drifted = event.get("drifted_columns")
+        words.append(f"drift share {event['share']:.3g}" + (f" ({drifted} columns)" if drifted is not None else ""))
+    figures = event.get("figures")
+    if isinstance(figures, dict):  # quality: the labelled figures
+        shown = [f"{name} {value:.4g}" for name, value in list(figures.items())[:4]
+                 if isinstance(value, int | float)]
+        rows = event.get("labelled_rows")
+        if shown:
+            words.append(", ".join(shown) + (f" on {rows} labelled rows" if rows is not None else ""))
+    return words
 
 
 def payload(deployment: str, event: dict[str, Any], fmt: str = "json") -> bytes:

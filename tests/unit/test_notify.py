@@ -286,3 +286,36 @@ def test_receivers_of_the_policy_file_get_their_own_events(deployment, tmp_path:
     finally:
         stop.set()
         thread.join(timeout=20)
+
+
+def test_verdict_texts_say_what_was_found(tmp_path: Path) -> None:
+    """Slack gets only the text: a verdict's text says the verdict and its figures, as the history
+    event the report jobs really write has them (the shadow's used to read "shadow_verdict · m v2")."""
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+
+    from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs
+    from mlflow_deploy_plugin.monitoring.shadow_report import report_comparison
+    from mlflow_deploy_plugin.verdicts import record_verdict
+
+    store = StateStore(tmp_path)
+    store.paths("svc").root.mkdir(parents=True)
+    store.write_spec(DeploymentSpec("svc", ModelRef("models:/m/1", "m", "1"), parse_config({})))
+    ids = [f"r{i}" for i in range(4)]
+    captured = pd.concat([pd.DataFrame({"_request_id": ids, "_row": 0, "_status": 200, "_latency_ms": 1.0,
+                                        "_model_version": version, "_role": role, "_prediction": answers})
+                          for version, role, answers in (("1", "primary", [0, 1, 1, 0]), ("2", "shadow", [0, 1, 0, 0]))])
+    until = datetime.now(UTC)
+    report_comparison(store, "svc", compare_pairs(captured), until - timedelta(hours=1), until, actor="policy",
+                      log_to_mlflow=False, verdict={"status": "fail", "summary": "shadow fail; FAIL shadow.agreement"})
+    record_verdict(store.paths("svc"), "drift", "1", model_name="m", status="drifted", share=0.4, drifted_columns=2)
+    record_verdict(store.paths("svc"), "quality", "1", model_name="m", status="ok", figures={"accuracy": 0.93125},
+                   labelled_rows=120)
+    texts = {event["event"]: json.loads(notify.payload("svc", event, "slack"))["text"]
+             for event in store.read_history("svc")}
+    assert texts["shadow_verdict"] == ("[svc] shadow_verdict · m v2 · verdict: fail · 4 paired requests, agreement "
+                                       "0.750; errors primary 0.000 / shadow 0.000; p99 latency primary 1.0 ms / "
+                                       "shadow 1.0 ms")
+    assert texts["drift_verdict"] == "[svc] drift_verdict · m v1 · status: drifted · drift share 0.4 (2 columns)"
+    assert texts["quality_verdict"] == "[svc] quality_verdict · m v1 · status: ok · accuracy 0.9313 on 120 labelled rows"
