@@ -44,15 +44,17 @@ SLACK_PREFIX = "slack+"
 # Answers that say "try again later"; any other 4xx is the receiver refusing this payload for good.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 USER_AGENT = "mlflow-deploy-notifier/1"
-# Events the issue asks to be announced, by kind: the README lists them, `notify_events` can pick.
+# Every history event, by kind: the README lists them, `notify_events` can pick. A test checks that each
+# event name the package writes is in one (a kind that missed one silently never sent it).
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "deploy": ("created", "updated", "deleted", "create_failed", "update_failed"),
     "lifecycle": ("challenger", "promoted", "rejected", "rolled_back", "rolled_forward", "rollback_failed", "canary_ended",
-                  "gates_failed", "follow_failed", "op_abandoned", "step_failed", "policy_invalid"),
+                  "shadow_ended", "rollback_impossible", "gates_failed", "follow_failed", "op_abandoned", "step_failed",
+                  "policy_invalid"),
     "verdicts": ("drift_verdict", "drift_alert", "quality_verdict", "quality_alert", "shadow_verdict",
                  "drift_report_failed", "drift_window_skipped", "quality_estimate_verdict"),
-    "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "capture_dropping",
-               "registry_unavailable", "lifecycle_error"),
+    "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "bad_request",
+               "capture_dropping", "capture_lost", "registry_unavailable", "lifecycle_error"),
     "healed": ("restarted", "taken_over", "supervisor_replaced", "step_recovered", "lifecycle_resumed",
                "policy_valid", "capture_recovered"),
 }

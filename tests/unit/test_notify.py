@@ -319,3 +319,49 @@ def test_verdict_texts_say_what_was_found(tmp_path: Path) -> None:
                                        "shadow 1.0 ms")
     assert texts["drift_verdict"] == "[svc] drift_verdict · m v1 · status: drifted · drift share 0.4 (2 columns)"
     assert texts["quality_verdict"] == "[svc] quality_verdict · m v1 · status: ok · accuracy 0.9313 on 120 labelled rows"
+
+
+# Written after the deployment's agent stopped (into the archived history of a deleted deployment):
+# never delivered, so in no kind.
+_NEVER_DELIVERED = {"untag_failed"}
+# Where the package names the event it writes: the function and the position of the name.
+_WRITERS = {"append_history": 1, "append_history_file": 1, "record": 3, "_history": 0, "audit": 0,
+            "record_verdict": 1}
+
+
+def _history_events_written() -> set[str]:
+    """Every event name the package writes to a history, found in its source (record_verdict's kind
+    becomes ``<kind>_verdict``)."""
+    import ast
+
+    import mlflow_deploy_plugin
+
+    names: set[str] = set()
+    for path in Path(mlflow_deploy_plugin.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            position = _WRITERS.get(function)
+            if position is None or len(node.args) <= position:
+                continue
+            argument = node.args[position]
+            choices = [argument.body, argument.orelse] if isinstance(argument, ast.IfExp) else [argument]
+            for choice in choices:
+                if isinstance(choice, ast.Constant) and isinstance(choice.value, str):
+                    names.add(choice.value + ("_verdict" if function == "record_verdict" else ""))
+    return names
+
+
+def test_every_event_the_package_writes_is_in_a_kind() -> None:
+    """`notify_events=lifecycle,faults` must not silently leave out an event of those kinds (it left out
+    shadow_ended, rollback_impossible, capture_lost and bad_request)."""
+    written = _history_events_written()
+    # The scan finds the writers of every kind (it would pass vacuously if it found nothing).
+    assert {"created", "promoted", "registry_unavailable", "lifecycle_error", "shadow_verdict", "crashed",
+            "capture_dropping", "restarted"} <= written, sorted(written)
+    in_kinds = {event for events in notify.EVENT_KINDS.values() for event in events}
+    assert written - in_kinds - _NEVER_DELIVERED == set()
+    for kind in ("lifecycle", "faults"):
+        assert notify.selected("shadow_ended" if kind == "lifecycle" else "capture_lost",
+                               notify.parse_event_filter(kind))
