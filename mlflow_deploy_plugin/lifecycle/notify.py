@@ -4,7 +4,8 @@ Pure functions and one HTTP call, no threads or files (those are :mod:`.notifier
 payload, the signature, the event filter and the backoff are tested in process.
 
 * Targets: ``-C notify=URL[,URL]``; a URL written ``slack+https://...`` is sent in Slack's
-  incoming-webhook shape ``{"text": ...}``, any other in the JSON shape below; ``-C notify_format=slack``
+  incoming-webhook shape ``{"text": ...}`` (``&``, ``<``, ``>`` escaped as Slack asks), any other in
+  the JSON shape below; ``-C notify_format=slack``
   makes Slack the default of every URL.
 * JSON payload: ``{"deployment", "event", "time" (ISO 8601 UTC), "timestamp" (unix seconds),
   "text" (one line for humans), "details" (every other field of the history event)}``.
@@ -188,7 +189,7 @@ def _verdict_words(event: dict[str, Any]) -> list[str]:
 def payload(deployment: str, event: dict[str, Any], fmt: str = "json") -> bytes:
     """The body POSTed for one history event, in ``fmt`` (``json`` or ``slack``)."""
     if fmt == "slack":
-        return json.dumps({"text": summary(deployment, event)}).encode()
+        return json.dumps({"text": slack_escape(summary(deployment, event))}).encode()
     stamp = float(event.get("time") or 0.0)
     details = {k: v for k, v in event.items() if k not in ("time", "event")}
     return json.dumps({
@@ -196,6 +197,13 @@ def payload(deployment: str, event: dict[str, Any], fmt: str = "json") -> bytes:
         "time": datetime.fromtimestamp(stamp, tz=UTC).isoformat().replace("+00:00", "Z"),
         "timestamp": stamp, "text": summary(deployment, event), "details": details,
     }, default=str, sort_keys=True).encode()
+
+
+def slack_escape(text: str) -> str:
+    """Slack reads ``<...>`` as links and mentions (``<!channel>``) and ``&`` as an entity: a reason such
+    as "agreement 0.91 < 0.95 required" must reach the channel as written, and never ping anyone.
+    These three are all Slack asks to escape (api.slack.com, "Formatting text for app surfaces")."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def signed_headers(secret: str, delivery: str, body: bytes, now: float | None = None) -> dict[str, str]:

@@ -58,6 +58,13 @@ def test_slack_shape_is_text_only() -> None:
     assert body == {"text": "[svc] crashed · error: exit 9"}
 
 
+def test_slack_text_escapes_what_slack_reads_as_markup_and_json_text_does_not() -> None:
+    event = {"time": 1.0, "event": "rejected", "reason": "agreement 0.91 < 0.95 & <!channel> >= nothing"}
+    slack = json.loads(notify.payload("svc", event, "slack"))
+    assert slack == {"text": "[svc] rejected · agreement 0.91 &lt; 0.95 &amp; &lt;!channel&gt; &gt;= nothing"}
+    assert json.loads(notify.payload("svc", event))["text"] == "[svc] rejected · " + event["reason"]
+
+
 def test_targets_urls_are_checked_and_redacted() -> None:
     targets = notify.parse_targets("http://127.0.0.1:9/a, slack+https://hooks.slack.com/services/T1/B2/XYZ",
                                    "json")
