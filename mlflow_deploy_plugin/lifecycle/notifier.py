@@ -10,8 +10,9 @@ loses nothing; a receiver that is down delays only its own channel, in order.
 
 Every attempt is appended to ``notify/deliveries.jsonl`` (``mlflow-deploy notifications NAME``).
 Transient failures (no answer, 5xx, 408/425/429) are retried with exponential backoff (1 s doubling,
-capped at 5 min) without end: alerts matter most when things are broken for a while. Any other 4xx
-is the receiver refusing the payload: recorded as ``refused`` and the channel moves on.
+capped at 5 min; longer when the receiver's Retry-After asks for it, up to that cap) without end:
+alerts matter most when things are broken for a while. Any other 4xx is the receiver refusing the
+payload: recorded as ``refused`` and the channel moves on.
 
 When a receiver is first configured the channel starts at the first event since the spec changed
 (so adding ``notify`` to an old deployment does not replay its whole past; a receiver added to the
@@ -210,7 +211,7 @@ class Channel:
             except SecretUnavailable as exc:
                 result = notify.Attempt(None, str(exc), True)
             outcome = "delivered" if result.delivered else "retrying" if result.retry else "refused"
-            wait = notify.backoff_s(attempt, base_s=self.base_backoff_s, cap_s=self.max_backoff_s) \
+            wait = notify.next_wait_s(attempt, result, base_s=self.base_backoff_s, cap_s=self.max_backoff_s) \
                 if outcome == "retrying" else None
             self.record(event, delivery, attempt, result, outcome, wait)
             if outcome != "retrying":
@@ -231,6 +232,8 @@ class Channel:
                                    "event_time": event.get("time")}
         if result.error:
             details["error"] = result.error
+        if result.retry_after_s is not None:
+            details["retry_after_s"] = round(result.retry_after_s, 2)
         if next_try_s is not None:
             details["next_try_s"] = round(next_try_s, 2)
         with contextlib.suppress(OSError):  # a full disk must not stop delivering

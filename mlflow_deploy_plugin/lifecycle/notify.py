@@ -20,6 +20,7 @@ payload, the signature, the event filter and the backoff are tested in process.
 
 from __future__ import annotations
 
+import email.utils
 import fnmatch
 import hashlib
 import json
@@ -223,6 +224,7 @@ class Attempt:
     status: int | None
     error: str | None
     retry: bool
+    retry_after_s: float | None = None  # what the receiver's Retry-After asked for (429, 503)
 
     @property
     def delivered(self) -> bool:
@@ -239,10 +241,39 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float = 10.0
     except urllib.error.HTTPError as exc:
         status = exc.code
         retry = status >= 500 or status in RETRYABLE_STATUS
-        return Attempt(status, f"HTTP {status} {exc.reason}", retry)
+        asked = retry_after_s(exc.headers.get("Retry-After")) if retry and exc.headers is not None else None
+        return Attempt(status, f"HTTP {status} {exc.reason}", retry, asked)
     except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, bad redirects
         reason = getattr(exc, "reason", None) or exc
         return Attempt(None, f"{type(exc).__name__}: {reason}"[:300], True)
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date; a date in the past
+    is 0), or None when there is none or it cannot be read."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def next_wait_s(attempt: int, result: Attempt, *, base_s: float = 1.0, cap_s: float = 300.0,
+                rng: random.Random | None = None) -> float:
+    """Seconds before trying again after failed attempt ``attempt``: the backoff, or longer when the
+    receiver asked for it with Retry-After (Slack and most APIs send it with 429 and 503; trying
+    sooner only meets another 429), never beyond ``cap_s`` (alerts keep flowing once it is back)."""
+    wait = backoff_s(attempt, base_s=base_s, cap_s=cap_s, rng=rng)
+    if result.retry_after_s is not None:
+        wait = min(cap_s, max(wait, result.retry_after_s))
+    return wait
 
 
 def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 300.0,

@@ -372,3 +372,36 @@ def test_every_event_the_package_writes_is_in_a_kind() -> None:
     for kind in ("lifecycle", "faults"):
         assert notify.selected("shadow_ended" if kind == "lifecycle" else "capture_lost",
                                notify.parse_event_filter(kind))
+
+
+def test_retry_after_is_read_as_seconds_or_a_date_and_stretches_the_backoff_up_to_its_cap() -> None:
+    assert notify.retry_after_s("7") == 7.0 and notify.retry_after_s(None) is None
+    assert notify.retry_after_s("soon") is None
+    assert notify.retry_after_s("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
+    assert notify.retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 + 60) == 0.0
+    asked = notify.Attempt(429, "HTTP 429", True, retry_after_s=40.0)
+    rng = random.Random(1)
+    assert notify.next_wait_s(1, asked, base_s=1.0, cap_s=300.0, rng=rng) == 40.0
+    assert notify.next_wait_s(1, notify.Attempt(429, "HTTP 429", True, 3600.0), cap_s=300.0, rng=rng) == 300.0
+    plain = notify.next_wait_s(9, notify.Attempt(429, "HTTP 429", True, 1.0), base_s=1.0, cap_s=300.0, rng=rng)
+    assert 230 < plain <= 300  # the backoff when it is already longer than asked
+
+
+def test_a_receiver_asking_to_wait_with_retry_after_is_waited_for(deployment) -> None:
+    """Slack answers 429 with Retry-After: trying again after the plain 1-2-4 s backoff only meets more
+    429s (MLflow's own webhook sender honours the header too)."""
+    store, receiver, url = deployment
+    receiver.fail_first, receiver.fail_status, receiver.retry_after = 1, 429, "2"
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "promoted", model={"model_name": "m", "model_version": "2"}, reason="gates")
+    stop, thread = _run(Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05))
+    try:
+        wait_for(lambda: receiver.events("/hook") == ["promoted"], 20, "the delivery after the asked wait")
+        wait_for(lambda: [a["outcome"] for a in read_deliveries(store.paths("svc"))] == ["retrying", "delivered"], 20,
+                 "both attempts recorded")
+        first = read_deliveries(store.paths("svc"))[0]
+        assert (first["status"], first["retry_after_s"], first["next_try_s"]) == (429, 2.0, 2.0)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
