@@ -68,6 +68,11 @@ class ShadowReport:
                 + (f" (run {self.run_id})" if self.run_id else ""))
 
 
+def _no_deployment(name: str) -> NotFound:
+    return NotFound(f"No deployment named {name!r}. `mlflow deployments list -t lifecycle` shows the "
+                    "deployments there are.")
+
+
 def _iso(moment: datetime) -> str:
     return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -83,7 +88,7 @@ def compare_window(name: str, since: datetime, until: datetime, *, store: StateS
 
     spec = store.read_spec(name)
     if spec is None:
-        raise NotFound(f"No deployment named {name!r}.")
+        raise _no_deployment(name)
     root = capture_root(name, spec.config.capture_uri, str(store.paths(name).capture))
     captured = read_capture(root, since=since, until=until, shadow=True)
     if "_role" in captured:
@@ -108,15 +113,22 @@ def run_shadow_report(name: str, since: datetime | None = None, until: datetime 
     store = store or StateStore()
     spec = store.read_spec(name)
     if spec is None:
-        raise NotFound(f"No deployment named {name!r}.")
+        raise _no_deployment(name)
     until = as_utc(until) if until is not None else datetime.now(UTC)
     since = as_utc(since) if since is not None else until - timedelta(hours=24)
     say = progress or (lambda _m: None)
     comparison = compare_window(name, since, until, store=store, shadow_version=shadow_version)
     if comparison.requests == 0:
-        raise InvalidRequest(
-            f"Deployment {name!r} has no paired primary/shadow requests from {_iso(since)} to {_iso(until)}"
-            + ("" if spec.shadow else " (it has no shadow: -C shadow=models:/NAME/VERSION)") + ".")
+        if shadow_version is not None:
+            why = (f" of shadow v{shadow_version} (leave out --shadow-version for the shadow that answered last; "
+                   f"the current shadow is {f'v{spec.shadow.model_version}' if spec.shadow else 'none'})")
+        elif spec.shadow is None:
+            why = " (it has no shadow now: -C shadow=models:/NAME/VERSION; a past shadow's pairs: a window it ran in)"
+        else:
+            why = (f" (shadow v{spec.shadow.model_version} is set: a request is paired once the primary's row was "
+                   "captured and the shadow answered; send requests, or widen --since)")
+        raise InvalidRequest(f"Deployment {name!r} has no paired primary/shadow requests{why} from {_iso(since)} "
+                             f"to {_iso(until)}.")
     say(comparison.summary())
     return report_comparison(store, name, comparison, since, until, actor=actor, log_to_mlflow=log_to_mlflow)
 
@@ -128,7 +140,7 @@ def report_comparison(store: StateStore, name: str, comparison: ShadowComparison
     ``verdict`` (the policy's judgement) goes into the record beside the figures."""
     spec = store.read_spec(name)
     if spec is None:
-        raise NotFound(f"No deployment named {name!r}.")
+        raise _no_deployment(name)
     # Captured rows name the shadow's version, not its model: the current shadow's model when it is that
     # version, else the served model (a past shadow stage tried a challenger of it).
     current = spec.shadow is not None and spec.shadow.model_version == comparison.shadow_version
