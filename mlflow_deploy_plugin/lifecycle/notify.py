@@ -56,9 +56,9 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "verdicts": ("drift_verdict", "drift_alert", "quality_verdict", "quality_alert", "shadow_verdict",
                  "drift_report_failed", "drift_window_skipped", "quality_estimate_verdict"),
     "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "bad_request",
-               "capture_dropping", "capture_lost", "registry_unavailable", "lifecycle_error"),
-    "healed": ("worker_recovered", "restarted", "taken_over", "supervisor_replaced", "step_recovered",
-               "lifecycle_resumed", "policy_valid", "capture_recovered"),
+               "shadow_crashed", "capture_dropping", "capture_lost", "registry_unavailable", "lifecycle_error"),
+    "healed": ("worker_recovered", "shadow_recovered", "restarted", "taken_over", "supervisor_replaced",
+               "step_recovered", "lifecycle_resumed", "policy_valid", "capture_recovered"),
 }
 
 
