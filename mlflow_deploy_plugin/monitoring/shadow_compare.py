@@ -5,7 +5,12 @@ shadow, see ``serving/shadow.py``), so the comparison is an exact merge on (requ
 a comparison of two populations. From the pairs:
 
 - every task: how many requests were paired, each side's error rate (non-2xx) and latency
-  (p50/p95/p99 of the per-request ``_latency_ms``);
+  (p50/p95/p99 of the per-request ``_latency_ms``). They measure different things, and the summary
+  says so: the primary's is the time to answer the request; the shadow's is the call that predicted
+  its copy, a batch of copies gathered up to 200 ms, in a process at low CPU priority (local engine)
+  or a thread beside the replica's work (Ray). Two versions of equal cost show a far higher shadow
+  p99 under load (a busy machine gives the primary the CPU first): a regression shows as a change
+  between shadow reports, not as the gap to the primary;
 - classification: the **agreement** (share of answered rows where both predicted the same class,
   compared as text like labels are: 1, 1.0 and "1" agree) and the confusion table primary × shadow;
 - regression: the distribution of the differences shadow − primary (mean, sd, quantiles of the
@@ -93,8 +98,8 @@ class ShadowComparison:
         if self.difference:
             head += f", mean |difference| {self.difference.get('mean_abs', float('nan')):.4g}"
         head += (f"; errors primary {self.primary_error_rate:.3f} / shadow {self.shadow_error_rate:.3f}; "
-                 f"p99 latency primary {self.primary_latency_ms.get('p99', float('nan')):.1f} ms / shadow "
-                 f"{self.shadow_latency_ms.get('p99', float('nan')):.1f} ms")
+                 f"p99 latency primary {self.primary_latency_ms.get('p99', float('nan')):.1f} ms (answer) / shadow "
+                 f"{self.shadow_latency_ms.get('p99', float('nan')):.1f} ms (batched call off the request path)")
         if self.labelled is not None:
             lab = self.labelled
             head += (f"; on {lab.rows:,} labelled rows {lab.metric} primary {lab.primary:.3f} / shadow "

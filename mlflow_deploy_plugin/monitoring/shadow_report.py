@@ -49,6 +49,9 @@ from mlflow_deploy_plugin.verdicts import record_verdict
 _log = logging.getLogger(__name__)
 
 HTML_ARTIFACT = "shadow_report.html"
+LATENCY_NOTE = ("Latency: the primary's is the time to answer each request; the shadow's is the call that "
+                "predicted its copy, a batch of copies gathered off the request path (at low CPU priority on "
+                "the local engine). Compare the shadow's latency between reports, not with the primary's.")
 SUMMARY_ARTIFACT = "shadow_summary.json"
 
 
@@ -216,7 +219,8 @@ def render_html(name: str, comparison: ShadowComparison, since: datetime, until:
              f"v{html.escape(', v'.join(comparison.primary_versions))}, predictions made {_iso(since)} – "
              f"{_iso(until)}, paired on request id and row.</p>",
              f"<p><b>{html.escape(comparison.summary())}</b></p>",
-             "<h2>Figures</h2>", table(sorted(comparison.figures().items()))]
+             "<h2>Figures</h2>", table(sorted(comparison.figures().items())),
+             f"<p>{html.escape(LATENCY_NOTE)}</p>"]
     if comparison.confusion:
         classes = sorted({c for row in comparison.confusion.values() for c in row})
         head = "".join(f"<th>shadow {html.escape(c)}</th>" for c in classes)

@@ -322,8 +322,8 @@ def test_verdict_texts_say_what_was_found(tmp_path: Path) -> None:
     texts = {event["event"]: json.loads(notify.payload("svc", event, "slack"))["text"]
              for event in store.read_history("svc")}
     assert texts["shadow_verdict"] == ("[svc] shadow_verdict · m v2 · verdict: fail · 4 paired requests, agreement "
-                                       "0.750; errors primary 0.000 / shadow 0.000; p99 latency primary 1.0 ms / "
-                                       "shadow 1.0 ms")
+                                       "0.750; errors primary 0.000 / shadow 0.000; p99 latency primary 1.0 ms (answer) "
+                                       "/ shadow 1.0 ms (batched call off the request path)")
     assert texts["drift_verdict"] == "[svc] drift_verdict · m v1 · status: drifted · drift share 0.4 (2 columns)"
     assert texts["quality_verdict"] == "[svc] quality_verdict · m v1 · status: ok · accuracy 0.9313 on 120 labelled rows"
 

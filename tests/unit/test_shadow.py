@@ -267,3 +267,25 @@ def test_a_shadow_model_writing_into_its_input_or_reusing_its_output_leaves_capt
         assert np.array_equal(values, original), "the primary's captured rows were rewritten"
         assert np.array_equal(recorded[i].raw_inputs[1], original)
         assert recorded[i].status == 200 and recorded[i].predictions.tolist() == original[:, 0].tolist()
+
+
+def test_the_report_says_the_two_latencies_time_different_things() -> None:
+    """The shadow's latency is its batched call off the request path, the primary's the answer: a user
+    read 'p99 latency primary 2.1 ms / shadow 65.9 ms' of two versions of equal cost as a 30x slower
+    challenger. The summary (CLI, history, Slack) and the HTML say which is which."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs
+    from mlflow_deploy_plugin.monitoring.shadow_report import LATENCY_NOTE, render_html
+
+    ids = ["a", "b"]
+    captured = pd.concat([pd.DataFrame({"_request_id": ids, "_row": 0, "_status": 200, "_latency_ms": latency,
+                                        "_model_version": version, "_role": role, "_prediction": [1, 0]})
+                          for version, role, latency in (("1", "primary", 2.0), ("2", "shadow", 60.0))])
+    comparison = compare_pairs(captured)
+    assert "p99 latency primary 2.0 ms (answer) / shadow 60.0 ms (batched call off the request path)" \
+        in comparison.summary()
+    now = datetime.now(UTC)
+    assert LATENCY_NOTE in render_html("svc", comparison, now, now).replace("&#x27;", "'")
