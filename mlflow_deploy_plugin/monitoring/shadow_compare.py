@@ -71,6 +71,9 @@ class ShadowComparison:
     confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # primary class -> shadow class -> rows
     difference: dict[str, float] = field(default_factory=dict)  # regression: shadow - primary
     labelled: LabelledComparison | None = None
+    # Requests the primary answered in the window, mirrored or not: beside ``requests`` it shows the copies
+    # the shadow never answered (dropped: busy behind a hung call, crashed, queue_full; or not sampled).
+    primary_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +81,7 @@ class ShadowComparison:
     def figures(self) -> dict[str, float]:
         """Flat numeric figures (MLflow metrics, verdict gauges)."""
         out: dict[str, float] = {"requests": self.requests, "rows": self.rows, "answered_rows": self.answered_rows,
+                                 "primary_requests": self.primary_requests,
                                  "primary_error_rate": self.primary_error_rate,
                                  "shadow_error_rate": self.shadow_error_rate}
         for side, latency in (("primary", self.primary_latency_ms), ("shadow", self.shadow_latency_ms)):
@@ -93,6 +97,8 @@ class ShadowComparison:
     def summary(self) -> str:
         """One line for people: the CLI, the history, the MLflow tag."""
         head = f"{self.requests:,} paired requests"
+        if self.primary_requests > self.requests:
+            head += f" (of {self.primary_requests:,} the primary answered)"
         if self.agreement is not None:
             head += f", agreement {self.agreement:.3f}"
         if self.difference:
@@ -168,7 +174,8 @@ def compare_pairs(captured: pd.DataFrame, *, task: str | None = None, labels: pd
         primary_error_rate=_error_rate(per_request["_status"]),
         shadow_error_rate=_error_rate(per_request["_status_shadow"]),
         primary_latency_ms=_latency(per_request["_latency_ms"]),
-        shadow_latency_ms=_latency(per_request["_latency_ms_shadow"]))
+        shadow_latency_ms=_latency(per_request["_latency_ms_shadow"]),
+        primary_requests=int(primary_all["_request_id"].nunique()))
     if task == "classification":
         from mlflow_deploy_plugin.quality.labels import canonical
 

@@ -289,3 +289,20 @@ def test_the_report_says_the_two_latencies_time_different_things() -> None:
         in comparison.summary()
     now = datetime.now(UTC)
     assert LATENCY_NOTE in render_html("svc", comparison, now, now).replace("&#x27;", "'")
+
+
+def test_the_report_counts_the_requests_the_shadow_never_answered() -> None:
+    """A hung or crashing shadow drops copies (busy, crashed): they make no pair, so beside the pairs the
+    report gives the requests the primary answered, and the summary says it when they differ."""
+    import pandas as pd
+
+    from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs
+
+    primary = pd.DataFrame({"_request_id": [f"r{i}" for i in range(10)], "_row": 0, "_status": 200,
+                            "_latency_ms": 1.0, "_model_version": "1", "_role": "primary", "_prediction": 1})
+    shadow = primary.head(4).assign(_model_version="2", _role="shadow")
+    comparison = compare_pairs(pd.concat([primary, shadow]))
+    assert (comparison.requests, comparison.primary_requests) == (4, 10)
+    assert comparison.summary().startswith("4 paired requests (of 10 the primary answered), agreement 1.000")
+    assert comparison.figures()["primary_requests"] == 10
+    assert compare_pairs(pd.concat([primary.head(4), shadow])).summary().startswith("4 paired requests, agreement")
