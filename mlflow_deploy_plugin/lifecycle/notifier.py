@@ -46,6 +46,10 @@ from mlflow_deploy_plugin.state import (
 _logger = logging.getLogger(__name__)
 DELIVERIES = "deliveries.jsonl"
 _START_SLACK_S = 5.0  # events this much older than the spec change that configured a receiver still go
+# On the agent's way out, what is written and not yet delivered gets this long more (see
+# Notifier.run_forever): within the 20 s the agent waits for its notifier and the 30 s the
+# supervisor waits for the agent.
+LAST_WORD_S = 10.0
 
 
 class SecretUnavailable(RuntimeError):
@@ -152,7 +156,7 @@ class Channel:
 
     def __init__(self, paths: DeploymentPaths, target: notify.Target, settings: Callable[[], Settings], *,
                  poll_s: float = 0.5, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0,
-                 since: float | None = None) -> None:
+                 since: float | None = None, until_caught_up: bool = False) -> None:
         self.since = since  # without a cursor, start at the first event this recent (default: the spec change)
         self.paths = paths
         self.target = target
@@ -160,6 +164,7 @@ class Channel:
         self.poll_s = poll_s
         self.base_backoff_s = base_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.until_caught_up = until_caught_up  # return once every written event is handled (last word)
         self.cursor_path = paths.notify / f"cursor-{target.key}.json"
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"notify-{target.key}", daemon=True)
@@ -190,6 +195,8 @@ class Channel:
                     offset = end
                     self.save_cursor(offset)
                 if not batch:
+                    if self.until_caught_up:
+                        return
                     self.stop.wait(self.poll_s)
         except Exception:  # the agent goes on following and judging; the next agent resumes here
             _logger.exception("Notifications to %s stopped", self.target.shown)
@@ -314,14 +321,39 @@ class Notifier:
                 channel.thread.start()
         self._first_refresh = False
 
-    def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Keep the channels in step with the spec until ``stop``; then stop them (cursors are kept)."""
+    def run_forever(self, stop: threading.Event, interval_s: float = 1.0, last_word_s: float = LAST_WORD_S) -> None:
+        """Keep the channels in step with the spec until ``stop``; then stop them (cursors are kept)
+        and give what is still undelivered ``last_word_s`` more (:meth:`last_word`)."""
         while not stop.is_set():
             self.refresh()
             stop.wait(interval_s)
         for channel in self.channels.values():
             channel.stop.set()
         for channel in self.channels.values():
+            channel.thread.join(timeout=15)
+        self.last_word(last_word_s)
+
+    def last_word(self, budget_s: float) -> None:
+        """Deliver what was written and not yet delivered, for at most ``budget_s``, then stop.
+
+        The agent is stopped right after the events that matter most: a crash-looping deployment's
+        ``failed`` is written by the supervisor just before it stops the agent (and nothing starts it
+        again until someone acts), a stop's or a takeover's last events likewise. Without this, the
+        channel's next poll never came and a receiver heard nothing. What is still undelivered at the
+        end stays behind the cursor, for the next agent.
+        """
+        if budget_s <= 0 or self._settings is None:
+            return
+        options = {**self.channel_options, "until_caught_up": True}
+        channels = [Channel(self.paths, target, self.current, **options) for target in self._settings.filters]
+        deadline = time.monotonic() + budget_s
+        for channel in channels:
+            channel.thread.start()
+        for channel in channels:
+            channel.thread.join(max(0.0, deadline - time.monotonic()))
+        for channel in channels:
+            channel.stop.set()  # past the budget: a receiver still down keeps its cursor before the event
+        for channel in channels:
             channel.thread.join(timeout=15)
 
 

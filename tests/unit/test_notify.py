@@ -405,3 +405,44 @@ def test_a_receiver_asking_to_wait_with_retry_after_is_waited_for(deployment) ->
     finally:
         stop.set()
         thread.join(timeout=20)
+
+
+def test_what_is_written_just_before_the_agent_stops_is_still_delivered(deployment) -> None:
+    """A crash-looping deployment's `failed` is written by the supervisor just before it stops the agent
+    (nothing starts it again until someone acts): the notifier's way out delivers it, within its budget."""
+    store, receiver, url = deployment
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "created", reason="create")
+    stop = threading.Event()
+    notifier = Notifier(store, "svc", base_backoff_s=0.05, poll_s=30.0)  # a poll far longer than the test
+    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"interval_s": 0.1}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: receiver.events("/hook") == ["created"], 20, "the first event")
+        store.append_history("svc", "failed", error="worker crashed 6 times in a row before serving")
+        stop.set()  # at once, as the supervisor's shutdown terminates the agent
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert receiver.events("/hook") == ["created", "failed"]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def test_the_last_word_keeps_to_its_budget_and_leaves_the_undelivered_for_the_next_agent(deployment) -> None:
+    from mlflow_deploy_plugin.lifecycle.notifier import pending
+
+    store, receiver, url = deployment  # the receiver is never started: down
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "failed", error="crash loop")
+    stop = threading.Event()
+    stop.set()
+    notifier = Notifier(store, "svc", base_backoff_s=0.05, max_backoff_s=0.1)
+    notifier.refresh()  # the receivers as the agent knew them (their channels stop at once)
+    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"last_word_s": 0.5}, daemon=True)
+    thread.start()
+    thread.join(timeout=30)  # 0.5 s of budget, then each channel's current attempt
+    assert not thread.is_alive()
+    assert list(pending(store.paths("svc")).values()) == [1]
+    assert {a["outcome"] for a in read_deliveries(store.paths("svc"))} == {"retrying"}
