@@ -191,3 +191,21 @@ def test_examples_use_metric_names_a_live_deployment_serves(alerting: dict) -> N
                    "mlflow_deploy_shadow_calls_total", "mlflow_deploy_shadow_dropped_requests_total",
                    'up{job="mlflow-deploy"}'):
         assert needed in everything, needed
+
+
+def test_a_deleted_deployment_says_so_to_its_receivers(env: Env, registry: Registry,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`deleted` is written once the deployment's processes, its agent with them, are gone: the delete
+    itself sends it (it never reached a receiver before)."""
+    receiver = Receiver(_free_port(), SECRET).start()
+    name = "alerts-deleted"
+    try:
+        env.create(name, f"models:/{registry.model}/1", f"notify=http://127.0.0.1:{receiver.port}/hook",
+                   f"notify_secret_env={SECRET_ENV}", "warm_standby=false", "capture=false", **{SECRET_ENV: SECRET})
+        wait_for(lambda: receiver.events("/hook") == ["created"], 60, "the created event")
+        monkeypatch.setenv(SECRET_ENV, SECRET)  # the shell that created it deletes it
+        env.delete(name)
+        assert receiver.events("/hook") == ["created", "deleted"] and receiver.rejected == []
+    finally:
+        env.delete(name)
+        receiver.stop()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_deploy_plugin.lifecycle import notify
-from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
+from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError, load_spec
 from mlflow_deploy_plugin.state import (
     DeploymentPaths,
     StateStore,
@@ -50,6 +50,7 @@ _START_SLACK_S = 5.0  # events this much older than the spec change that configu
 # Notifier.run_forever): within the 20 s the agent waits for its notifier and the 30 s the
 # supervisor waits for the agent.
 LAST_WORD_S = 10.0
+CLI_LAST_WORD_S = 5.0  # the same for `deleted` / `create_failed`, sent by the CLI (deliver_pending)
 
 
 class SecretUnavailable(RuntimeError):
@@ -251,10 +252,12 @@ class Channel:
 class Notifier:
     """One deployment's channels, kept in step with its spec (receivers added, removed, refiltered)."""
 
-    def __init__(self, store: StateStore, name: str, **channel_options: Any) -> None:
+    def __init__(self, store: StateStore, name: str, *, paths: DeploymentPaths | None = None,
+                 **channel_options: Any) -> None:
+        """``paths``: the deployment's folder when it is not ``store``'s (an archived one)."""
         self.store = store
         self.name = name
-        self.paths = store.paths(name)
+        self.paths = paths or store.paths(name)
         self.channel_options = channel_options
         self.channels: dict[notify.Target, Channel] = {}
         self._settings: Settings | None = None
@@ -286,23 +289,29 @@ class Notifier:
         assert self._settings is not None
         return self._settings
 
-    def refresh(self) -> None:
-        """Re-read the spec; start channels of new receivers, stop (and forget) removed ones."""
+    def read_settings(self) -> Settings | None:
+        """The spec and every receiver's filter as they are now; None (warned) when unusable."""
         try:
-            spec = self.store.read_spec(self.name)
+            spec = load_spec(self.paths.spec)
         except SpecError as exc:
             _logger.warning("Notifications: unreadable spec (%s); keeping the last one", exc)
-            return
+            return None
         if spec is None:
-            return
+            return None
         try:
             wanted = receivers(spec, self._policy_notify(spec))
-            filters = {target: notify.parse_event_filter(events) for target, events in wanted.items()}
+            return Settings(spec, {target: notify.parse_event_filter(events) for target, events in wanted.items()})
         except ValueError as exc:  # validated at create/update; a hand-edited spec may still be wrong
             _logger.warning("Notifications: %s", exc)
+            return None
+
+    def refresh(self) -> None:
+        """Re-read the spec; start channels of new receivers, stop (and forget) removed ones."""
+        settings = self.read_settings()
+        if settings is None:
             return
-        targets = list(wanted)
-        self._settings = Settings(spec, filters)
+        targets = list(settings.filters)
+        self._settings = settings
         for target in list(self.channels):
             if target not in targets:
                 channel = self.channels.pop(target)
@@ -355,6 +364,30 @@ class Notifier:
             channel.stop.set()  # past the budget: a receiver still down keeps its cursor before the event
         for channel in channels:
             channel.thread.join(timeout=15)
+
+
+def deliver_pending(store: StateStore, name: str, budget_s: float = CLI_LAST_WORD_S, *,
+                    paths: DeploymentPaths | None = None) -> None:
+    """Deliver ``name``'s undelivered events from this process, for at most ``budget_s``.
+
+    For what the CLI writes when no agent will: ``deleted`` (after the deployment's processes, its
+    agent with them, are stopped) and ``create_failed`` (before any agent ran); ``paths``: the
+    folder it was archived to (cursors and deliveries are recorded there). Never raises: the
+    verb that wrote the event has done its work; a receiver that does not answer in time is
+    recorded as retrying, and the event stays in the (archived) history.
+    """
+    try:
+        notifier = Notifier(store, name, paths=paths)
+        settings = notifier.read_settings()
+        if settings is None or not settings.filters:
+            return
+        notify_secret(settings.spec, notifier.paths)  # not in this environment: nothing can be signed
+        notifier._settings = settings
+        notifier.last_word(budget_s)
+    except SecretUnavailable as exc:
+        _logger.warning("Notifications of %s not sent from here: %s", name, exc)
+    except Exception:  # never fail the verb for a notification
+        _logger.exception("Notifications of %s could not be sent", name)
 
 
 def read_deliveries(paths: DeploymentPaths) -> list[dict[str, Any]]:

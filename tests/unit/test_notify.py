@@ -446,3 +446,35 @@ def test_the_last_word_keeps_to_its_budget_and_leaves_the_undelivered_for_the_ne
     assert not thread.is_alive()
     assert list(pending(store.paths("svc")).values()) == [1]
     assert {a["outcome"] for a in read_deliveries(store.paths("svc"))} == {"retrying"}
+
+
+def test_events_written_when_no_agent_runs_are_sent_from_the_cli_out_of_the_archive(deployment) -> None:
+    """`deleted` is written after the deployment's agent stopped, `create_failed` before one ever ran:
+    the CLI sends them itself (a few seconds at most), from the archived folder, where the attempts
+    are recorded too."""
+    from mlflow_deploy_plugin.lifecycle.notifier import deliver_pending
+    from mlflow_deploy_plugin.state import DeploymentPaths
+
+    store, receiver, url = deployment
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "create_failed", error="worker exited with code 1")
+    archived = DeploymentPaths(store.archive("svc"))
+    deliver_pending(store, "svc", paths=archived)
+    assert receiver.events("/hook") == ["create_failed"] and receiver.rejected == []
+    assert receiver.bodies("/hook")[0]["deployment"] == "svc"  # the deployment's name, not the archive's
+    assert [a["outcome"] for a in read_deliveries(archived)] == ["delivered"]
+    deliver_pending(store, "svc", paths=archived)  # again: nothing new to send
+    assert receiver.events("/hook") == ["create_failed"]
+
+
+def test_the_cli_sends_nothing_and_fails_nothing_without_the_secret(deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow_deploy_plugin.lifecycle.notifier import deliver_pending
+
+    store, receiver, url = deployment
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "deleted", reason="delete")
+    monkeypatch.delenv(SECRET_ENV)  # a shell other than the one that created it
+    deliver_pending(store, "svc", budget_s=30.0)  # returns at once: nothing can be signed here
+    assert receiver.received == [] and read_deliveries(store.paths("svc")) == []
