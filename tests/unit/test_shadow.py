@@ -306,3 +306,22 @@ def test_the_report_counts_the_requests_the_shadow_never_answered() -> None:
     assert comparison.summary().startswith("4 paired requests (of 10 the primary answered), agreement 1.000")
     assert comparison.figures()["primary_requests"] == 10
     assert compare_pairs(pd.concat([primary.head(4), shadow])).summary().startswith("4 paired requests, agreement")
+
+
+def test_a_regression_shadow_stage_without_a_difference_bound_says_its_answers_were_not_judged() -> None:
+    """max_mean_abs_difference has no default (target units): the verdict used to pass a regression
+    challenger with no line at all on its answers; now a SKIP line with the figure says so."""
+    from mlflow_deploy_plugin.lifecycle.policy import parse_policy
+    from mlflow_deploy_plugin.lifecycle.shadow_stage import evaluate_shadow
+    from mlflow_deploy_plugin.monitoring.shadow_compare import ShadowComparison
+
+    policy = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50}\n").promotion.shadow
+    assert policy is not None and policy.max_mean_abs_difference is None
+    far = ShadowComparison(["1"], "2", "regression", 60, 60, 60, 0.0, 0.0, {}, {},
+                           difference={"mean": 40.0, "mean_abs": 40.0})
+    verdict = evaluate_shadow(policy, far, elapsed_s=60)
+    line = next(r for r in verdict.results if r.gate == "shadow.difference")
+    assert verdict.passed and line.skipped and "mean |difference| 40: not judged" in line.detail
+    bounded = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50, max_mean_abs_difference: 1.0}\n")
+    assert bounded.promotion.shadow is not None
+    assert evaluate_shadow(bounded.promotion.shadow, far, elapsed_s=60).status == "fail"
