@@ -179,6 +179,10 @@ def test_examples_use_metric_names_a_live_deployment_serves(alerting: dict) -> N
             for rule in rules:
                 assert len(re.findall(r"\band\b", rule["expr"])) == len(re.findall(r"\band on \(", rule["expr"])), \
                     f"{rule['alert']}: every `and` needs `on (deployment, model_version)`"
+                # A shadow verdict outlives its shadow (a rejected challenger's stays in verdicts.json):
+                # a rule on it must be bounded in time, or it fires for ever after one bad trial.
+                if "mlflow_deploy_shadow_agreement" in rule["expr"]:
+                    assert "mlflow_deploy_shadow_checked_timestamp_seconds" in rule["expr"], rule["alert"]
         used = set(re.findall(r"\bmlflow_deploy_[a-z0-9_]+", text))
         assert used, path
         assert used <= served, f"{path.name} uses names /metrics does not serve: {sorted(used - served)}"
