@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mlflow_deploy_plugin import timeline
@@ -51,7 +52,14 @@ from mlflow_deploy_plugin.spec import (
     SpecError,
     TrafficShare,
 )
-from mlflow_deploy_plugin.state import StateStore, append_history_file, file_lock, read_json, validate_name
+from mlflow_deploy_plugin.state import (
+    DeploymentPaths,
+    StateStore,
+    append_history_file,
+    file_lock,
+    read_json,
+    validate_name,
+)
 
 _logger = logging.getLogger(__name__)
 _ACCEPTED_FLAVORS = {None, "", FLAVOR, "pyfunc"}
@@ -119,6 +127,16 @@ def shadow_summary(spec: DeploymentSpec) -> str | None:
         return None
     return (f"v{spec.shadow.model_version} ({spec.shadow.requested_uri}), "
             f"{spec.config.shadow_sample_rate * 100:g}% of captured requests mirrored")
+
+
+def _notify_from_here(store: StateStore, spec: DeploymentSpec, archived: Path) -> None:
+    """Send the last events of a deployment that has no agent any more (``deleted``, ``create_failed``)
+    to its ``-C notify`` / policy receivers from this process: at most a few seconds, never raising."""
+    if not (spec.config.notify or spec.config.policy):
+        return
+    from mlflow_deploy_plugin.lifecycle.notifier import deliver_pending
+
+    deliver_pending(store, spec.name, paths=DeploymentPaths(archived))
 
 
 def _engine_failed(message: str, exc: EngineError) -> InvalidState:
@@ -331,7 +349,8 @@ class Deployments:
                 self.store.append_history(name, "create_failed", model=spec.model.to_dict(), error=str(exc))
                 held.close()
                 with self.store.global_lock():
-                    self.store.archive(name)
+                    archived = self.store.archive(name)
+                _notify_from_here(self.store, spec, archived)  # no agent ever ran to send it
                 raise _engine_failed(str(exc), exc) from None
         timeline.mark("cli: engine says running")
         self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url,
@@ -546,6 +565,7 @@ class Deployments:
             if untagged:
                 # Said where a user looks later: the archived history (`mlflow-deploy history`).
                 append_history_file(archive / "history.jsonl", "untag_failed", reason=untagged)
+            _notify_from_here(self.store, spec, archive)  # its agent stopped before `deleted` was written
         return True
 
     def _convert_spool(self, name: str) -> str | None:

@@ -1,8 +1,9 @@
 """A real HTTP receiver of `-C notify` deliveries for tests: 127.0.0.1, a chosen port, stdlib server.
 
 It verifies every delivery with the project's own verifier (``lifecycle/webhooks/verify.py``, the
-same one the incoming-webhook receiver uses), can answer 503 for its first N deliveries (a receiver
-in trouble), and can be stopped and started again on the same port (a receiver that is down).
+same one the incoming-webhook receiver uses), can answer 503 (or 429, with Retry-After) for its first
+N deliveries (a receiver in trouble), and can be stopped and started again on the same port (a
+receiver that is down).
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Collects verified deliveries; ``fail_first`` answers 503 to that many deliveries first."""
+    """Collects verified deliveries; ``fail_first`` answers ``fail_status`` (503; with a ``Retry-After``
+    header when ``retry_after`` is set) to that many deliveries first."""
 
     port: int
     secret: str
     fail_first: int = 0
+    fail_status: int = 503
+    retry_after: str | None = None
     received: list[Received] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     answered_503: int = 0
@@ -59,14 +63,16 @@ class Receiver:
                 with receiver._lock:
                     if receiver.answered_503 < receiver.fail_first:
                         receiver.answered_503 += 1
-                        self._answer(503)
+                        self._answer(receiver.fail_status, receiver.retry_after)
                         return
                     receiver.received.append(Received(self.path, str(self.headers.get(DELIVERY_ID_HEADER)), json.loads(body),
                                                       headers))
                 self._answer(200)
 
-            def _answer(self, status: int) -> None:
+            def _answer(self, status: int, retry_after: str | None = None) -> None:
                 self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("Retry-After", retry_after)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

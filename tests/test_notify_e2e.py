@@ -73,7 +73,9 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
                  and any("] created" in body["text"] for body in receiver.bodies("/slack")), 60,
                  "the created event after the outage")
 
-        env.cli_here("update", "-t", "lifecycle", "--name", NAME, "-m", f"models:/{registry.model}/2", env=environ)
+        # With v1 as a shadow from here: its calls and drops are metrics the examples use.
+        env.cli_here("update", "-t", "lifecycle", "--name", NAME, "-m", f"models:/{registry.model}/2",
+                     "-C", f"shadow=models:/{registry.model}/1", env=environ)
         _predict_all_ok(url, registry, 40)
         from mlflow_deploy_plugin.capture import capture_root, read_capture
         from mlflow_deploy_plugin.monitoring.deployment_drift import run_deployment_drift
@@ -101,6 +103,8 @@ def alerting(env: Env, registry: Registry) -> Iterator[dict]:
         # The receiver has a body before the notifier has its answer and records the delivery.
         wait_for(lambda: sum(a["outcome"] == "delivered" for a in read_history_file(paths.notify / "deliveries.jsonl"))
                  == len(receiver.received), 30, "every delivery recorded")
+        wait_for(lambda: "mlflow_deploy_shadow_calls_total{" in requests.get(f"{url}/metrics", timeout=30).text, 60,
+                 "the shadow's calls counted")
         metrics = requests.get(f"{url}/metrics", timeout=30).text
         yield {"receiver": receiver, "paths": paths, "drift": outcome, "metrics": metrics, "url": url,
                "registry": registry}
@@ -175,13 +179,37 @@ def test_examples_use_metric_names_a_live_deployment_serves(alerting: dict) -> N
             for rule in rules:
                 assert len(re.findall(r"\band\b", rule["expr"])) == len(re.findall(r"\band on \(", rule["expr"])), \
                     f"{rule['alert']}: every `and` needs `on (deployment, model_version)`"
+                # A shadow verdict outlives its shadow (a rejected challenger's stays in verdicts.json):
+                # a rule on it must be bounded in time, or it fires for ever after one bad trial.
+                if "mlflow_deploy_shadow_agreement" in rule["expr"]:
+                    assert "mlflow_deploy_shadow_checked_timestamp_seconds" in rule["expr"], rule["alert"]
         used = set(re.findall(r"\bmlflow_deploy_[a-z0-9_]+", text))
         assert used, path
         assert used <= served, f"{path.name} uses names /metrics does not serve: {sorted(used - served)}"
-    # The issue's list: requests, latency, errors by version, drift, quality, shadow, capture dropping.
+    # The issue's list: requests, latency, errors by version, drift, quality, shadow (its agreement, and
+    # its own failures: its answers reach nobody), capture dropping.
     everything = "".join(path.read_text() for path in EXAMPLES)
     for needed in ("mlflow_deploy_requests_total", "mlflow_deploy_request_latency_seconds_bucket",
                    "mlflow_deploy_drift_share", "mlflow_deploy_quality", "mlflow_deploy_shadow_agreement",
                    "mlflow_deploy_quality_estimated", "mlflow_deploy_capture_dropped_requests_total",
+                   "mlflow_deploy_shadow_calls_total", "mlflow_deploy_shadow_dropped_requests_total",
                    'up{job="mlflow-deploy"}'):
         assert needed in everything, needed
+
+
+def test_a_deleted_deployment_says_so_to_its_receivers(env: Env, registry: Registry,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`deleted` is written once the deployment's processes, its agent with them, are gone: the delete
+    itself sends it (it never reached a receiver before)."""
+    receiver = Receiver(_free_port(), SECRET).start()
+    name = "alerts-deleted"
+    try:
+        env.create(name, f"models:/{registry.model}/1", f"notify=http://127.0.0.1:{receiver.port}/hook",
+                   f"notify_secret_env={SECRET_ENV}", "warm_standby=false", "capture=false", **{SECRET_ENV: SECRET})
+        wait_for(lambda: receiver.events("/hook") == ["created"], 60, "the created event")
+        monkeypatch.setenv(SECRET_ENV, SECRET)  # the shell that created it deletes it
+        env.delete(name)
+        assert receiver.events("/hook") == ["created", "deleted"] and receiver.rejected == []
+    finally:
+        env.delete(name)
+        receiver.stop()

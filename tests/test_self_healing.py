@@ -163,6 +163,12 @@ def test_kill_9_of_each_process_kind_is_healed_under_traffic(env: Env, registry:
             deaths = [e for e in env_history(env, name) if e["event"] in ("bad_request", "crashed")]
             assert [e.get("cause") for e in deaths] in (["killed"], ["killed (cause unknown)"]), deaths
             assert after["oom_kills"] == 0, after
+            # The fault's "healed" (what a notify receiver closes its alert on): the worker started in
+            # its place serves.
+            recovered = wait_for(lambda: [e for e in env_history(env, name) if e["event"] == "worker_recovered"], 60,
+                                 "worker_recovered in the history")
+            assert len(recovered) == 1 and recovered[0]["fault"] == deaths[0]["event"], recovered
+            assert recovered[0]["pid"] in after["worker_pids"] and recovered[0]["pid"] != victim, (recovered, after)
 
             # The warm standby and the agent: nothing the clients can notice.
             for kind in ("standby_pid", "agent_pid"):

@@ -10,8 +10,9 @@ loses nothing; a receiver that is down delays only its own channel, in order.
 
 Every attempt is appended to ``notify/deliveries.jsonl`` (``mlflow-deploy notifications NAME``).
 Transient failures (no answer, 5xx, 408/425/429) are retried with exponential backoff (1 s doubling,
-capped at 5 min) without end: alerts matter most when things are broken for a while. Any other 4xx
-is the receiver refusing the payload: recorded as ``refused`` and the channel moves on.
+capped at 5 min; longer when the receiver's Retry-After asks for it, up to that cap) without end:
+alerts matter most when things are broken for a while. Any other 4xx is the receiver refusing the
+payload: recorded as ``refused`` and the channel moves on.
 
 When a receiver is first configured the channel starts at the first event since the spec changed
 (so adding ``notify`` to an old deployment does not replay its whole past; a receiver added to the
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_deploy_plugin.lifecycle import notify
-from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError
+from mlflow_deploy_plugin.spec import DeploymentSpec, SpecError, load_spec
 from mlflow_deploy_plugin.state import (
     DeploymentPaths,
     StateStore,
@@ -45,6 +46,11 @@ from mlflow_deploy_plugin.state import (
 _logger = logging.getLogger(__name__)
 DELIVERIES = "deliveries.jsonl"
 _START_SLACK_S = 5.0  # events this much older than the spec change that configured a receiver still go
+# On the agent's way out, what is written and not yet delivered gets this long more (see
+# Notifier.run_forever): within the 20 s the agent waits for its notifier and the 30 s the
+# supervisor waits for the agent.
+LAST_WORD_S = 10.0
+CLI_LAST_WORD_S = 5.0  # the same for `deleted` / `create_failed`, sent by the CLI (deliver_pending)
 
 
 class SecretUnavailable(RuntimeError):
@@ -151,7 +157,7 @@ class Channel:
 
     def __init__(self, paths: DeploymentPaths, target: notify.Target, settings: Callable[[], Settings], *,
                  poll_s: float = 0.5, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0,
-                 since: float | None = None) -> None:
+                 since: float | None = None, until_caught_up: bool = False) -> None:
         self.since = since  # without a cursor, start at the first event this recent (default: the spec change)
         self.paths = paths
         self.target = target
@@ -159,6 +165,7 @@ class Channel:
         self.poll_s = poll_s
         self.base_backoff_s = base_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.until_caught_up = until_caught_up  # return once every written event is handled (last word)
         self.cursor_path = paths.notify / f"cursor-{target.key}.json"
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"notify-{target.key}", daemon=True)
@@ -189,6 +196,8 @@ class Channel:
                     offset = end
                     self.save_cursor(offset)
                 if not batch:
+                    if self.until_caught_up:
+                        return
                     self.stop.wait(self.poll_s)
         except Exception:  # the agent goes on following and judging; the next agent resumes here
             _logger.exception("Notifications to %s stopped", self.target.shown)
@@ -210,7 +219,7 @@ class Channel:
             except SecretUnavailable as exc:
                 result = notify.Attempt(None, str(exc), True)
             outcome = "delivered" if result.delivered else "retrying" if result.retry else "refused"
-            wait = notify.backoff_s(attempt, base_s=self.base_backoff_s, cap_s=self.max_backoff_s) \
+            wait = notify.next_wait_s(attempt, result, base_s=self.base_backoff_s, cap_s=self.max_backoff_s) \
                 if outcome == "retrying" else None
             self.record(event, delivery, attempt, result, outcome, wait)
             if outcome != "retrying":
@@ -231,6 +240,8 @@ class Channel:
                                    "event_time": event.get("time")}
         if result.error:
             details["error"] = result.error
+        if result.retry_after_s is not None:
+            details["retry_after_s"] = round(result.retry_after_s, 2)
         if next_try_s is not None:
             details["next_try_s"] = round(next_try_s, 2)
         with contextlib.suppress(OSError):  # a full disk must not stop delivering
@@ -241,10 +252,12 @@ class Channel:
 class Notifier:
     """One deployment's channels, kept in step with its spec (receivers added, removed, refiltered)."""
 
-    def __init__(self, store: StateStore, name: str, **channel_options: Any) -> None:
+    def __init__(self, store: StateStore, name: str, *, paths: DeploymentPaths | None = None,
+                 **channel_options: Any) -> None:
+        """``paths``: the deployment's folder when it is not ``store``'s (an archived one)."""
         self.store = store
         self.name = name
-        self.paths = store.paths(name)
+        self.paths = paths or store.paths(name)
         self.channel_options = channel_options
         self.channels: dict[notify.Target, Channel] = {}
         self._settings: Settings | None = None
@@ -276,23 +289,29 @@ class Notifier:
         assert self._settings is not None
         return self._settings
 
-    def refresh(self) -> None:
-        """Re-read the spec; start channels of new receivers, stop (and forget) removed ones."""
+    def read_settings(self) -> Settings | None:
+        """The spec and every receiver's filter as they are now; None (warned) when unusable."""
         try:
-            spec = self.store.read_spec(self.name)
+            spec = load_spec(self.paths.spec)
         except SpecError as exc:
             _logger.warning("Notifications: unreadable spec (%s); keeping the last one", exc)
-            return
+            return None
         if spec is None:
-            return
+            return None
         try:
             wanted = receivers(spec, self._policy_notify(spec))
-            filters = {target: notify.parse_event_filter(events) for target, events in wanted.items()}
+            return Settings(spec, {target: notify.parse_event_filter(events) for target, events in wanted.items()})
         except ValueError as exc:  # validated at create/update; a hand-edited spec may still be wrong
             _logger.warning("Notifications: %s", exc)
+            return None
+
+    def refresh(self) -> None:
+        """Re-read the spec; start channels of new receivers, stop (and forget) removed ones."""
+        settings = self.read_settings()
+        if settings is None:
             return
-        targets = list(wanted)
-        self._settings = Settings(spec, filters)
+        targets = list(settings.filters)
+        self._settings = settings
         for target in list(self.channels):
             if target not in targets:
                 channel = self.channels.pop(target)
@@ -311,8 +330,9 @@ class Notifier:
                 channel.thread.start()
         self._first_refresh = False
 
-    def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Keep the channels in step with the spec until ``stop``; then stop them (cursors are kept)."""
+    def run_forever(self, stop: threading.Event, interval_s: float = 1.0, last_word_s: float = LAST_WORD_S) -> None:
+        """Keep the channels in step with the spec until ``stop``; then stop them (cursors are kept)
+        and give what is still undelivered ``last_word_s`` more (:meth:`last_word`)."""
         while not stop.is_set():
             self.refresh()
             stop.wait(interval_s)
@@ -320,6 +340,54 @@ class Notifier:
             channel.stop.set()
         for channel in self.channels.values():
             channel.thread.join(timeout=15)
+        self.last_word(last_word_s)
+
+    def last_word(self, budget_s: float) -> None:
+        """Deliver what was written and not yet delivered, for at most ``budget_s``, then stop.
+
+        The agent is stopped right after the events that matter most: a crash-looping deployment's
+        ``failed`` is written by the supervisor just before it stops the agent (and nothing starts it
+        again until someone acts), a stop's or a takeover's last events likewise. Without this, the
+        channel's next poll never came and a receiver heard nothing. What is still undelivered at the
+        end stays behind the cursor, for the next agent.
+        """
+        if budget_s <= 0 or self._settings is None:
+            return
+        options = {**self.channel_options, "until_caught_up": True}
+        channels = [Channel(self.paths, target, self.current, **options) for target in self._settings.filters]
+        deadline = time.monotonic() + budget_s
+        for channel in channels:
+            channel.thread.start()
+        for channel in channels:
+            channel.thread.join(max(0.0, deadline - time.monotonic()))
+        for channel in channels:
+            channel.stop.set()  # past the budget: a receiver still down keeps its cursor before the event
+        for channel in channels:
+            channel.thread.join(timeout=15)
+
+
+def deliver_pending(store: StateStore, name: str, budget_s: float = CLI_LAST_WORD_S, *,
+                    paths: DeploymentPaths | None = None) -> None:
+    """Deliver ``name``'s undelivered events from this process, for at most ``budget_s``.
+
+    For what the CLI writes when no agent will: ``deleted`` (after the deployment's processes, its
+    agent with them, are stopped) and ``create_failed`` (before any agent ran); ``paths``: the
+    folder it was archived to (cursors and deliveries are recorded there). Never raises: the
+    verb that wrote the event has done its work; a receiver that does not answer in time is
+    recorded as retrying, and the event stays in the (archived) history.
+    """
+    try:
+        notifier = Notifier(store, name, paths=paths)
+        settings = notifier.read_settings()
+        if settings is None or not settings.filters:
+            return
+        notify_secret(settings.spec, notifier.paths)  # not in this environment: nothing can be signed
+        notifier._settings = settings
+        notifier.last_word(budget_s)
+    except SecretUnavailable as exc:
+        _logger.warning("Notifications of %s not sent from here: %s", name, exc)
+    except Exception:  # never fail the verb for a notification
+        _logger.exception("Notifications of %s could not be sent", name)
 
 
 def read_deliveries(paths: DeploymentPaths) -> list[dict[str, Any]]:

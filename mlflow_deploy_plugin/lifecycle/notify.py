@@ -4,7 +4,8 @@ Pure functions and one HTTP call, no threads or files (those are :mod:`.notifier
 payload, the signature, the event filter and the backoff are tested in process.
 
 * Targets: ``-C notify=URL[,URL]``; a URL written ``slack+https://...`` is sent in Slack's
-  incoming-webhook shape ``{"text": ...}``, any other in the JSON shape below; ``-C notify_format=slack``
+  incoming-webhook shape ``{"text": ...}`` (``&``, ``<``, ``>`` escaped as Slack asks), any other in
+  the JSON shape below; ``-C notify_format=slack``
   makes Slack the default of every URL.
 * JSON payload: ``{"deployment", "event", "time" (ISO 8601 UTC), "timestamp" (unix seconds),
   "text" (one line for humans), "details" (every other field of the history event)}``.
@@ -19,6 +20,7 @@ payload, the signature, the event filter and the backoff are tested in process.
 
 from __future__ import annotations
 
+import email.utils
 import fnmatch
 import hashlib
 import json
@@ -44,17 +46,19 @@ SLACK_PREFIX = "slack+"
 # Answers that say "try again later"; any other 4xx is the receiver refusing this payload for good.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 USER_AGENT = "mlflow-deploy-notifier/1"
-# Events the issue asks to be announced, by kind: the README lists them, `notify_events` can pick.
+# Every history event, by kind: the README lists them, `notify_events` can pick. A test checks that each
+# event name the package writes is in one (a kind that missed one silently never sent it).
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "deploy": ("created", "updated", "deleted", "create_failed", "update_failed"),
     "lifecycle": ("challenger", "promoted", "rejected", "rolled_back", "rolled_forward", "rollback_failed", "canary_ended",
-                  "gates_failed", "follow_failed", "op_abandoned", "step_failed", "policy_invalid"),
+                  "shadow_ended", "rollback_impossible", "gates_failed", "follow_failed", "op_abandoned", "step_failed",
+                  "policy_invalid"),
     "verdicts": ("drift_verdict", "drift_alert", "quality_verdict", "quality_alert", "shadow_verdict",
                  "drift_report_failed", "drift_window_skipped", "quality_estimate_verdict"),
-    "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "capture_dropping",
-               "registry_unavailable", "lifecycle_error"),
-    "healed": ("restarted", "taken_over", "supervisor_replaced", "step_recovered", "lifecycle_resumed",
-               "policy_valid", "capture_recovered"),
+    "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "bad_request",
+               "shadow_crashed", "capture_dropping", "capture_lost", "registry_unavailable", "lifecycle_error"),
+    "healed": ("worker_recovered", "shadow_recovered", "restarted", "taken_over", "supervisor_replaced",
+               "step_recovered", "lifecycle_resumed", "policy_valid", "capture_recovered"),
 }
 
 
@@ -154,13 +158,39 @@ def summary(deployment: str, event: dict[str, Any]) -> str:
     for key in ("status", "reason", "error"):
         if event.get(key):
             parts.append(f"{key}: {event[key]}" if key != "reason" else str(event[key]))
+    parts.extend(_verdict_words(event))
     return " · ".join(str(part) for part in parts)[:3000]
+
+
+def _verdict_words(event: dict[str, Any]) -> list[str]:
+    """What a ``*_verdict`` event found, for people: a Slack channel gets only the text, and
+    "shadow_verdict · churn v5" alone did not say whether the shadow passed or how it answered."""
+    if not str(event.get("event") or "").endswith("_verdict"):
+        return []
+    words: list[str] = []
+    verdict = event.get("verdict")  # the policy's judgement of a shadow stage
+    if isinstance(verdict, dict) and verdict.get("status") and not event.get("status"):
+        words.append(f"verdict: {verdict['status']}")
+    told = event.get("summary") or event.get("text")  # shadow figures; a quality estimate's line
+    if isinstance(told, str) and told.strip():
+        return [*words, told.strip()]
+    if isinstance(event.get("share"), int | float):  # drift
+        drifted = event.get("drifted_columns")
+        words.append(f"drift share {event['share']:.3g}" + (f" ({drifted} columns)" if drifted is not None else ""))
+    figures = event.get("figures")
+    if isinstance(figures, dict):  # quality: the labelled figures
+        shown = [f"{name} {value:.4g}" for name, value in list(figures.items())[:4]
+                 if isinstance(value, int | float)]
+        rows = event.get("labelled_rows")
+        if shown:
+            words.append(", ".join(shown) + (f" on {rows} labelled rows" if rows is not None else ""))
+    return words
 
 
 def payload(deployment: str, event: dict[str, Any], fmt: str = "json") -> bytes:
     """The body POSTed for one history event, in ``fmt`` (``json`` or ``slack``)."""
     if fmt == "slack":
-        return json.dumps({"text": summary(deployment, event)}).encode()
+        return json.dumps({"text": slack_escape(summary(deployment, event))}).encode()
     stamp = float(event.get("time") or 0.0)
     details = {k: v for k, v in event.items() if k not in ("time", "event")}
     return json.dumps({
@@ -168,6 +198,13 @@ def payload(deployment: str, event: dict[str, Any], fmt: str = "json") -> bytes:
         "time": datetime.fromtimestamp(stamp, tz=UTC).isoformat().replace("+00:00", "Z"),
         "timestamp": stamp, "text": summary(deployment, event), "details": details,
     }, default=str, sort_keys=True).encode()
+
+
+def slack_escape(text: str) -> str:
+    """Slack reads ``<...>`` as links and mentions (``<!channel>``) and ``&`` as an entity: a reason such
+    as "agreement 0.91 < 0.95 required" must reach the channel as written, and never ping anyone.
+    These three are all Slack asks to escape (api.slack.com, "Formatting text for app surfaces")."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def signed_headers(secret: str, delivery: str, body: bytes, now: float | None = None) -> dict[str, str]:
@@ -187,6 +224,7 @@ class Attempt:
     status: int | None
     error: str | None
     retry: bool
+    retry_after_s: float | None = None  # what the receiver's Retry-After asked for (429, 503)
 
     @property
     def delivered(self) -> bool:
@@ -203,10 +241,39 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float = 10.0
     except urllib.error.HTTPError as exc:
         status = exc.code
         retry = status >= 500 or status in RETRYABLE_STATUS
-        return Attempt(status, f"HTTP {status} {exc.reason}", retry)
+        asked = retry_after_s(exc.headers.get("Retry-After")) if retry and exc.headers is not None else None
+        return Attempt(status, f"HTTP {status} {exc.reason}", retry, asked)
     except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, bad redirects
         reason = getattr(exc, "reason", None) or exc
         return Attempt(None, f"{type(exc).__name__}: {reason}"[:300], True)
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date; a date in the past
+    is 0), or None when there is none or it cannot be read."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def next_wait_s(attempt: int, result: Attempt, *, base_s: float = 1.0, cap_s: float = 300.0,
+                rng: random.Random | None = None) -> float:
+    """Seconds before trying again after failed attempt ``attempt``: the backoff, or longer when the
+    receiver asked for it with Retry-After (Slack and most APIs send it with 429 and 503; trying
+    sooner only meets another 429), never beyond ``cap_s`` (alerts keep flowing once it is back)."""
+    wait = backoff_s(attempt, base_s=base_s, cap_s=cap_s, rng=rng)
+    if result.retry_after_s is not None:
+        wait = min(cap_s, max(wait, result.retry_after_s))
+    return wait
 
 
 def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 300.0,

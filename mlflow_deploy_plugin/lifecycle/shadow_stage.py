@@ -12,7 +12,9 @@ Checks (``shadow.*`` lines, :class:`.gates.GateResult` like the gates and the ca
   the stage goes on.
 - ``shadow.agreement`` (classification, ``min_agreement``): the share of rows where both predicted
   the same class.
-- ``shadow.difference`` (regression, ``max_mean_abs_difference``): mean |shadow − primary|.
+- ``shadow.difference`` (regression, ``max_mean_abs_difference``): mean |shadow − primary|. It has no
+  default (it is in the target's units): unset, the line is a SKIP that gives the figure, so the
+  record says the answers were not judged.
 - ``shadow.error_rate`` (``max_error_rate``): the shadow's share of failed answers (it raised or
   timed out) beyond the primary's on the same requests.
 - ``shadow.labels`` (``not_worse_on_labels``): with at least ``min_labelled_rows`` labelled pairs,
@@ -66,6 +68,9 @@ def evaluate_shadow(policy: ShadowPolicy, comparison: ShadowComparison, elapsed_
                 f"differently on {_fmt((1 - agreement) * 100)}% of {comparison.answered_rows} rows)" if short > _EPS
                 else f"agreement {_fmt(agreement)} >= {_fmt(policy.min_agreement)} required",
                 {"agreement": agreement, "min_agreement": policy.min_agreement, "confusion": comparison.confusion}))
+    unjudged = _unjudged_answers(policy, comparison)
+    if unjudged is not None:
+        results.append(unjudged)
     if comparison.task == "regression" and policy.max_mean_abs_difference is not None:
         mean_abs = comparison.difference.get("mean_abs")
         if mean_abs is None:
@@ -104,3 +109,20 @@ def evaluate_shadow(policy: ShadowPolicy, comparison: ShadowComparison, elapsed_
                    else f"not significantly worse ({lab.test} p={lab.p_value:.3g})"), asdict(lab)))
     status: Literal["pass", "fail"] = "pass" if all(r.passed for r in results) else "fail"
     return ShadowVerdict(status, results, figures)
+
+
+def _unjudged_answers(policy: ShadowPolicy, comparison: ShadowComparison) -> GateResult | None:
+    """A SKIP line when the task's answer check is not set (``max_mean_abs_difference`` has no default:
+    it is in the target's units): the record then says the answers were not judged, and how they
+    differed, instead of passing a regression challenger without a word on its answers."""
+    if comparison.task == "regression" and policy.max_mean_abs_difference is None:
+        mean_abs = comparison.difference.get("mean_abs")
+        shown = f"mean |difference| {_fmt(mean_abs)}" if mean_abs is not None else "no row answered by both"
+        return GateResult("shadow.difference", True, f"{shown}: not judged (set promotion.shadow."
+                                                     "max_mean_abs_difference, in the target's units, to gate on it)",
+                          dict(comparison.difference), skipped=True)
+    if comparison.task == "classification" and policy.min_agreement is None:
+        shown = f"agreement {_fmt(comparison.agreement)}" if comparison.agreement is not None else "no row answered by both"
+        return GateResult("shadow.agreement", True, f"{shown}: not judged (promotion.shadow.min_agreement is null)",
+                          {"agreement": comparison.agreement}, skipped=True)
+    return None

@@ -5,7 +5,12 @@ shadow, see ``serving/shadow.py``), so the comparison is an exact merge on (requ
 a comparison of two populations. From the pairs:
 
 - every task: how many requests were paired, each side's error rate (non-2xx) and latency
-  (p50/p95/p99 of the per-request ``_latency_ms``);
+  (p50/p95/p99 of the per-request ``_latency_ms``). They measure different things, and the summary
+  says so: the primary's is the time to answer the request; the shadow's is the call that predicted
+  its copy, a batch of copies gathered up to 200 ms, in a process at low CPU priority (local engine)
+  or a thread beside the replica's work (Ray). Two versions of equal cost show a far higher shadow
+  p99 under load (a busy machine gives the primary the CPU first): a regression shows as a change
+  between shadow reports, not as the gap to the primary;
 - classification: the **agreement** (share of answered rows where both predicted the same class,
   compared as text like labels are: 1, 1.0 and "1" agree) and the confusion table primary × shadow;
 - regression: the distribution of the differences shadow − primary (mean, sd, quantiles of the
@@ -66,6 +71,9 @@ class ShadowComparison:
     confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # primary class -> shadow class -> rows
     difference: dict[str, float] = field(default_factory=dict)  # regression: shadow - primary
     labelled: LabelledComparison | None = None
+    # Requests the primary answered in the window, mirrored or not: beside ``requests`` it shows the copies
+    # the shadow never answered (dropped: busy behind a hung call, crashed, queue_full; or not sampled).
+    primary_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +81,7 @@ class ShadowComparison:
     def figures(self) -> dict[str, float]:
         """Flat numeric figures (MLflow metrics, verdict gauges)."""
         out: dict[str, float] = {"requests": self.requests, "rows": self.rows, "answered_rows": self.answered_rows,
+                                 "primary_requests": self.primary_requests,
                                  "primary_error_rate": self.primary_error_rate,
                                  "shadow_error_rate": self.shadow_error_rate}
         for side, latency in (("primary", self.primary_latency_ms), ("shadow", self.shadow_latency_ms)):
@@ -88,13 +97,15 @@ class ShadowComparison:
     def summary(self) -> str:
         """One line for people: the CLI, the history, the MLflow tag."""
         head = f"{self.requests:,} paired requests"
+        if self.primary_requests > self.requests:
+            head += f" (of {self.primary_requests:,} the primary answered)"
         if self.agreement is not None:
             head += f", agreement {self.agreement:.3f}"
         if self.difference:
             head += f", mean |difference| {self.difference.get('mean_abs', float('nan')):.4g}"
         head += (f"; errors primary {self.primary_error_rate:.3f} / shadow {self.shadow_error_rate:.3f}; "
-                 f"p99 latency primary {self.primary_latency_ms.get('p99', float('nan')):.1f} ms / shadow "
-                 f"{self.shadow_latency_ms.get('p99', float('nan')):.1f} ms")
+                 f"p99 latency primary {self.primary_latency_ms.get('p99', float('nan')):.1f} ms (answer) / shadow "
+                 f"{self.shadow_latency_ms.get('p99', float('nan')):.1f} ms (batched call off the request path)")
         if self.labelled is not None:
             lab = self.labelled
             head += (f"; on {lab.rows:,} labelled rows {lab.metric} primary {lab.primary:.3f} / shadow "
@@ -163,7 +174,8 @@ def compare_pairs(captured: pd.DataFrame, *, task: str | None = None, labels: pd
         primary_error_rate=_error_rate(per_request["_status"]),
         shadow_error_rate=_error_rate(per_request["_status_shadow"]),
         primary_latency_ms=_latency(per_request["_latency_ms"]),
-        shadow_latency_ms=_latency(per_request["_latency_ms_shadow"]))
+        shadow_latency_ms=_latency(per_request["_latency_ms_shadow"]),
+        primary_requests=int(primary_all["_request_id"].nunique()))
     if task == "classification":
         from mlflow_deploy_plugin.quality.labels import canonical
 

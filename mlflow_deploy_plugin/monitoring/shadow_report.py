@@ -49,6 +49,9 @@ from mlflow_deploy_plugin.verdicts import record_verdict
 _log = logging.getLogger(__name__)
 
 HTML_ARTIFACT = "shadow_report.html"
+LATENCY_NOTE = ("Latency: the primary's is the time to answer each request; the shadow's is the call that "
+                "predicted its copy, a batch of copies gathered off the request path (at low CPU priority on "
+                "the local engine). Compare the shadow's latency between reports, not with the primary's.")
 SUMMARY_ARTIFACT = "shadow_summary.json"
 
 
@@ -68,6 +71,11 @@ class ShadowReport:
                 + (f" (run {self.run_id})" if self.run_id else ""))
 
 
+def _no_deployment(name: str) -> NotFound:
+    return NotFound(f"No deployment named {name!r}. `mlflow deployments list -t lifecycle` shows the "
+                    "deployments there are.")
+
+
 def _iso(moment: datetime) -> str:
     return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -83,7 +91,7 @@ def compare_window(name: str, since: datetime, until: datetime, *, store: StateS
 
     spec = store.read_spec(name)
     if spec is None:
-        raise NotFound(f"No deployment named {name!r}.")
+        raise _no_deployment(name)
     root = capture_root(name, spec.config.capture_uri, str(store.paths(name).capture))
     captured = read_capture(root, since=since, until=until, shadow=True)
     if "_role" in captured:
@@ -108,15 +116,22 @@ def run_shadow_report(name: str, since: datetime | None = None, until: datetime 
     store = store or StateStore()
     spec = store.read_spec(name)
     if spec is None:
-        raise NotFound(f"No deployment named {name!r}.")
+        raise _no_deployment(name)
     until = as_utc(until) if until is not None else datetime.now(UTC)
     since = as_utc(since) if since is not None else until - timedelta(hours=24)
     say = progress or (lambda _m: None)
     comparison = compare_window(name, since, until, store=store, shadow_version=shadow_version)
     if comparison.requests == 0:
-        raise InvalidRequest(
-            f"Deployment {name!r} has no paired primary/shadow requests from {_iso(since)} to {_iso(until)}"
-            + ("" if spec.shadow else " (it has no shadow: -C shadow=models:/NAME/VERSION)") + ".")
+        if shadow_version is not None:
+            why = (f" of shadow v{shadow_version} (leave out --shadow-version for the shadow that answered last; "
+                   f"the current shadow is {f'v{spec.shadow.model_version}' if spec.shadow else 'none'})")
+        elif spec.shadow is None:
+            why = " (it has no shadow now: -C shadow=models:/NAME/VERSION; a past shadow's pairs: a window it ran in)"
+        else:
+            why = (f" (shadow v{spec.shadow.model_version} is set: a request is paired once the primary's row was "
+                   "captured and the shadow answered; send requests, or widen --since)")
+        raise InvalidRequest(f"Deployment {name!r} has no paired primary/shadow requests{why} from {_iso(since)} "
+                             f"to {_iso(until)}.")
     say(comparison.summary())
     return report_comparison(store, name, comparison, since, until, actor=actor, log_to_mlflow=log_to_mlflow)
 
@@ -128,7 +143,7 @@ def report_comparison(store: StateStore, name: str, comparison: ShadowComparison
     ``verdict`` (the policy's judgement) goes into the record beside the figures."""
     spec = store.read_spec(name)
     if spec is None:
-        raise NotFound(f"No deployment named {name!r}.")
+        raise _no_deployment(name)
     # Captured rows name the shadow's version, not its model: the current shadow's model when it is that
     # version, else the served model (a past shadow stage tried a challenger of it).
     current = spec.shadow is not None and spec.shadow.model_version == comparison.shadow_version
@@ -204,7 +219,8 @@ def render_html(name: str, comparison: ShadowComparison, since: datetime, until:
              f"v{html.escape(', v'.join(comparison.primary_versions))}, predictions made {_iso(since)} – "
              f"{_iso(until)}, paired on request id and row.</p>",
              f"<p><b>{html.escape(comparison.summary())}</b></p>",
-             "<h2>Figures</h2>", table(sorted(comparison.figures().items()))]
+             "<h2>Figures</h2>", table(sorted(comparison.figures().items())),
+             f"<p>{html.escape(LATENCY_NOTE)}</p>"]
     if comparison.confusion:
         classes = sorted({c for row in comparison.confusion.values() for c in row})
         head = "".join(f"<th>shadow {html.escape(c)}</th>" for c in classes)

@@ -87,3 +87,23 @@ def test_webhook_register_requires_the_secret_in_the_environment(store: StateSto
     result = run(store, "webhook", "register", "--url", "http://127.0.0.1:1/webhooks/mlflow",
                  "--secret-env", "SURELY_UNSET_SECRET_VAR")
     assert result.exit_code == 1 and "Set SURELY_UNSET_SECRET_VAR" in result.output
+
+
+def test_shadow_report_errors_say_what_is_missing_and_what_to_do(store: StateStore) -> None:
+    """An unknown name says where to look; a window without pairs says why for the case at hand (with
+    a shadow set it used to say "it has no shadow"); a bad name or window is a usage error."""
+    result = run(store, "shadow", "report", "nope", "--no-mlflow")
+    assert result.exit_code == 1 and "No deployment named 'nope'. `mlflow deployments list -t lifecycle`" \
+        in result.output and "Traceback" not in result.output
+    assert run(store, "shadow", "report", "../etc").exit_code == 2
+    assert run(store, "shadow", "report", "churn", "--since", "yesterday-ish").exit_code == 2
+    result = run(store, "shadow", "report", "churn", "--no-mlflow")
+    assert result.exit_code == 1 and "has no paired primary/shadow requests (it has no shadow now" in result.output
+    spec = store.read_spec("churn")
+    assert spec is not None
+    store.write_spec(spec.replace(shadow=ModelRef("models:/churn/5", "churn", "5")))
+    result = run(store, "shadow", "report", "churn", "--no-mlflow")
+    assert result.exit_code == 1 and "(shadow v5 is set: a request is paired once" in result.output
+    result = run(store, "shadow", "report", "churn", "--no-mlflow", "--shadow-version", "7")
+    assert result.exit_code == 1 and "of shadow v7 (leave out --shadow-version" in result.output \
+        and "the current shadow is v5" in result.output

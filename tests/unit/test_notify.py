@@ -58,6 +58,13 @@ def test_slack_shape_is_text_only() -> None:
     assert body == {"text": "[svc] crashed · error: exit 9"}
 
 
+def test_slack_text_escapes_what_slack_reads_as_markup_and_json_text_does_not() -> None:
+    event = {"time": 1.0, "event": "rejected", "reason": "agreement 0.91 < 0.95 & <!channel> >= nothing"}
+    slack = json.loads(notify.payload("svc", event, "slack"))
+    assert slack == {"text": "[svc] rejected · agreement 0.91 &lt; 0.95 &amp; &lt;!channel&gt; &gt;= nothing"}
+    assert json.loads(notify.payload("svc", event))["text"] == "[svc] rejected · " + event["reason"]
+
+
 def test_targets_urls_are_checked_and_redacted() -> None:
     targets = notify.parse_targets("http://127.0.0.1:9/a, slack+https://hooks.slack.com/services/T1/B2/XYZ",
                                    "json")
@@ -286,3 +293,188 @@ def test_receivers_of_the_policy_file_get_their_own_events(deployment, tmp_path:
     finally:
         stop.set()
         thread.join(timeout=20)
+
+
+def test_verdict_texts_say_what_was_found(tmp_path: Path) -> None:
+    """Slack gets only the text: a verdict's text says the verdict and its figures, as the history
+    event the report jobs really write has them (the shadow's used to read "shadow_verdict · m v2")."""
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+
+    from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs
+    from mlflow_deploy_plugin.monitoring.shadow_report import report_comparison
+    from mlflow_deploy_plugin.verdicts import record_verdict
+
+    store = StateStore(tmp_path)
+    store.paths("svc").root.mkdir(parents=True)
+    store.write_spec(DeploymentSpec("svc", ModelRef("models:/m/1", "m", "1"), parse_config({})))
+    ids = [f"r{i}" for i in range(4)]
+    captured = pd.concat([pd.DataFrame({"_request_id": ids, "_row": 0, "_status": 200, "_latency_ms": 1.0,
+                                        "_model_version": version, "_role": role, "_prediction": answers})
+                          for version, role, answers in (("1", "primary", [0, 1, 1, 0]), ("2", "shadow", [0, 1, 0, 0]))])
+    until = datetime.now(UTC)
+    report_comparison(store, "svc", compare_pairs(captured), until - timedelta(hours=1), until, actor="policy",
+                      log_to_mlflow=False, verdict={"status": "fail", "summary": "shadow fail; FAIL shadow.agreement"})
+    record_verdict(store.paths("svc"), "drift", "1", model_name="m", status="drifted", share=0.4, drifted_columns=2)
+    record_verdict(store.paths("svc"), "quality", "1", model_name="m", status="ok", figures={"accuracy": 0.93125},
+                   labelled_rows=120)
+    texts = {event["event"]: json.loads(notify.payload("svc", event, "slack"))["text"]
+             for event in store.read_history("svc")}
+    assert texts["shadow_verdict"] == ("[svc] shadow_verdict · m v2 · verdict: fail · 4 paired requests, agreement "
+                                       "0.750; errors primary 0.000 / shadow 0.000; p99 latency primary 1.0 ms (answer) "
+                                       "/ shadow 1.0 ms (batched call off the request path)")
+    assert texts["drift_verdict"] == "[svc] drift_verdict · m v1 · status: drifted · drift share 0.4 (2 columns)"
+    assert texts["quality_verdict"] == "[svc] quality_verdict · m v1 · status: ok · accuracy 0.9313 on 120 labelled rows"
+
+
+# Written after the deployment's agent stopped (into the archived history of a deleted deployment):
+# never delivered, so in no kind.
+_NEVER_DELIVERED = {"untag_failed"}
+# Where the package names the event it writes: the function and the position of the name.
+_WRITERS = {"append_history": 1, "append_history_file": 1, "record": 3, "_history": 0, "audit": 0,
+            "record_verdict": 1}
+
+
+def _history_events_written() -> set[str]:
+    """Every event name the package writes to a history, found in its source (record_verdict's kind
+    becomes ``<kind>_verdict``)."""
+    import ast
+
+    import mlflow_deploy_plugin
+
+    names: set[str] = set()
+    for path in Path(mlflow_deploy_plugin.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            position = _WRITERS.get(function)
+            if position is None or len(node.args) <= position:
+                continue
+            argument = node.args[position]
+            choices = [argument.body, argument.orelse] if isinstance(argument, ast.IfExp) else [argument]
+            for choice in choices:
+                if isinstance(choice, ast.Constant) and isinstance(choice.value, str):
+                    names.add(choice.value + ("_verdict" if function == "record_verdict" else ""))
+    return names
+
+
+def test_every_event_the_package_writes_is_in_a_kind() -> None:
+    """`notify_events=lifecycle,faults` must not silently leave out an event of those kinds (it left out
+    shadow_ended, rollback_impossible, capture_lost and bad_request)."""
+    written = _history_events_written()
+    # The scan finds the writers of every kind (it would pass vacuously if it found nothing).
+    assert {"created", "promoted", "registry_unavailable", "lifecycle_error", "shadow_verdict", "crashed",
+            "capture_dropping", "restarted"} <= written, sorted(written)
+    in_kinds = {event for events in notify.EVENT_KINDS.values() for event in events}
+    assert written - in_kinds - _NEVER_DELIVERED == set()
+    for kind in ("lifecycle", "faults"):
+        assert notify.selected("shadow_ended" if kind == "lifecycle" else "capture_lost",
+                               notify.parse_event_filter(kind))
+
+
+def test_retry_after_is_read_as_seconds_or_a_date_and_stretches_the_backoff_up_to_its_cap() -> None:
+    assert notify.retry_after_s("7") == 7.0 and notify.retry_after_s(None) is None
+    assert notify.retry_after_s("soon") is None
+    assert notify.retry_after_s("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
+    assert notify.retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 + 60) == 0.0
+    asked = notify.Attempt(429, "HTTP 429", True, retry_after_s=40.0)
+    rng = random.Random(1)
+    assert notify.next_wait_s(1, asked, base_s=1.0, cap_s=300.0, rng=rng) == 40.0
+    assert notify.next_wait_s(1, notify.Attempt(429, "HTTP 429", True, 3600.0), cap_s=300.0, rng=rng) == 300.0
+    plain = notify.next_wait_s(9, notify.Attempt(429, "HTTP 429", True, 1.0), base_s=1.0, cap_s=300.0, rng=rng)
+    assert 230 < plain <= 300  # the backoff when it is already longer than asked
+
+
+def test_a_receiver_asking_to_wait_with_retry_after_is_waited_for(deployment) -> None:
+    """Slack answers 429 with Retry-After: trying again after the plain 1-2-4 s backoff only meets more
+    429s (MLflow's own webhook sender honours the header too)."""
+    store, receiver, url = deployment
+    receiver.fail_first, receiver.fail_status, receiver.retry_after = 1, 429, "2"
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "promoted", model={"model_name": "m", "model_version": "2"}, reason="gates")
+    stop, thread = _run(Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05))
+    try:
+        wait_for(lambda: receiver.events("/hook") == ["promoted"], 20, "the delivery after the asked wait")
+        wait_for(lambda: [a["outcome"] for a in read_deliveries(store.paths("svc"))] == ["retrying", "delivered"], 20,
+                 "both attempts recorded")
+        first = read_deliveries(store.paths("svc"))[0]
+        assert (first["status"], first["retry_after_s"], first["next_try_s"]) == (429, 2.0, 2.0)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+
+
+def test_what_is_written_just_before_the_agent_stops_is_still_delivered(deployment) -> None:
+    """A crash-looping deployment's `failed` is written by the supervisor just before it stops the agent
+    (nothing starts it again until someone acts): the notifier's way out delivers it, within its budget."""
+    store, receiver, url = deployment
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "created", reason="create")
+    stop = threading.Event()
+    notifier = Notifier(store, "svc", base_backoff_s=0.05, poll_s=30.0)  # a poll far longer than the test
+    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"interval_s": 0.1}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: receiver.events("/hook") == ["created"], 20, "the first event")
+        store.append_history("svc", "failed", error="worker crashed 6 times in a row before serving")
+        stop.set()  # at once, as the supervisor's shutdown terminates the agent
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert receiver.events("/hook") == ["created", "failed"]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def test_the_last_word_keeps_to_its_budget_and_leaves_the_undelivered_for_the_next_agent(deployment) -> None:
+    from mlflow_deploy_plugin.lifecycle.notifier import pending
+
+    store, receiver, url = deployment  # the receiver is never started: down
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "failed", error="crash loop")
+    stop = threading.Event()
+    stop.set()
+    notifier = Notifier(store, "svc", base_backoff_s=0.05, max_backoff_s=0.1)
+    notifier.refresh()  # the receivers as the agent knew them (their channels stop at once)
+    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"last_word_s": 0.5}, daemon=True)
+    thread.start()
+    thread.join(timeout=30)  # 0.5 s of budget, then each channel's current attempt
+    assert not thread.is_alive()
+    assert list(pending(store.paths("svc")).values()) == [1]
+    assert {a["outcome"] for a in read_deliveries(store.paths("svc"))} == {"retrying"}
+
+
+def test_events_written_when_no_agent_runs_are_sent_from_the_cli_out_of_the_archive(deployment) -> None:
+    """`deleted` is written after the deployment's agent stopped, `create_failed` before one ever ran:
+    the CLI sends them itself (a few seconds at most), from the archived folder, where the attempts
+    are recorded too."""
+    from mlflow_deploy_plugin.lifecycle.notifier import deliver_pending
+    from mlflow_deploy_plugin.state import DeploymentPaths
+
+    store, receiver, url = deployment
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "create_failed", error="worker exited with code 1")
+    archived = DeploymentPaths(store.archive("svc"))
+    deliver_pending(store, "svc", paths=archived)
+    assert receiver.events("/hook") == ["create_failed"] and receiver.rejected == []
+    assert receiver.bodies("/hook")[0]["deployment"] == "svc"  # the deployment's name, not the archive's
+    assert [a["outcome"] for a in read_deliveries(archived)] == ["delivered"]
+    deliver_pending(store, "svc", paths=archived)  # again: nothing new to send
+    assert receiver.events("/hook") == ["create_failed"]
+
+
+def test_the_cli_sends_nothing_and_fails_nothing_without_the_secret(deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow_deploy_plugin.lifecycle.notifier import deliver_pending
+
+    store, receiver, url = deployment
+    receiver.start()
+    _write_spec(store, f"{url}/hook")
+    store.append_history("svc", "deleted", reason="delete")
+    monkeypatch.delenv(SECRET_ENV)  # a shell other than the one that created it
+    deliver_pending(store, "svc", budget_s=30.0)  # returns at once: nothing can be signed here
+    assert receiver.received == [] and read_deliveries(store.paths("svc")) == []

@@ -267,3 +267,61 @@ def test_a_shadow_model_writing_into_its_input_or_reusing_its_output_leaves_capt
         assert np.array_equal(values, original), "the primary's captured rows were rewritten"
         assert np.array_equal(recorded[i].raw_inputs[1], original)
         assert recorded[i].status == 200 and recorded[i].predictions.tolist() == original[:, 0].tolist()
+
+
+def test_the_report_says_the_two_latencies_time_different_things() -> None:
+    """The shadow's latency is its batched call off the request path, the primary's the answer: a user
+    read 'p99 latency primary 2.1 ms / shadow 65.9 ms' of two versions of equal cost as a 30x slower
+    challenger. The summary (CLI, history, Slack) and the HTML say which is which."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs
+    from mlflow_deploy_plugin.monitoring.shadow_report import LATENCY_NOTE, render_html
+
+    ids = ["a", "b"]
+    captured = pd.concat([pd.DataFrame({"_request_id": ids, "_row": 0, "_status": 200, "_latency_ms": latency,
+                                        "_model_version": version, "_role": role, "_prediction": [1, 0]})
+                          for version, role, latency in (("1", "primary", 2.0), ("2", "shadow", 60.0))])
+    comparison = compare_pairs(captured)
+    assert "p99 latency primary 2.0 ms (answer) / shadow 60.0 ms (batched call off the request path)" \
+        in comparison.summary()
+    now = datetime.now(UTC)
+    assert LATENCY_NOTE in render_html("svc", comparison, now, now).replace("&#x27;", "'")
+
+
+def test_the_report_counts_the_requests_the_shadow_never_answered() -> None:
+    """A hung or crashing shadow drops copies (busy, crashed): they make no pair, so beside the pairs the
+    report gives the requests the primary answered, and the summary says it when they differ."""
+    import pandas as pd
+
+    from mlflow_deploy_plugin.monitoring.shadow_compare import compare_pairs
+
+    primary = pd.DataFrame({"_request_id": [f"r{i}" for i in range(10)], "_row": 0, "_status": 200,
+                            "_latency_ms": 1.0, "_model_version": "1", "_role": "primary", "_prediction": 1})
+    shadow = primary.head(4).assign(_model_version="2", _role="shadow")
+    comparison = compare_pairs(pd.concat([primary, shadow]))
+    assert (comparison.requests, comparison.primary_requests) == (4, 10)
+    assert comparison.summary().startswith("4 paired requests (of 10 the primary answered), agreement 1.000")
+    assert comparison.figures()["primary_requests"] == 10
+    assert compare_pairs(pd.concat([primary.head(4), shadow])).summary().startswith("4 paired requests, agreement")
+
+
+def test_a_regression_shadow_stage_without_a_difference_bound_says_its_answers_were_not_judged() -> None:
+    """max_mean_abs_difference has no default (target units): the verdict used to pass a regression
+    challenger with no line at all on its answers; now a SKIP line with the figure says so."""
+    from mlflow_deploy_plugin.lifecycle.policy import parse_policy
+    from mlflow_deploy_plugin.lifecycle.shadow_stage import evaluate_shadow
+    from mlflow_deploy_plugin.monitoring.shadow_compare import ShadowComparison
+
+    policy = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50}\n").promotion.shadow
+    assert policy is not None and policy.max_mean_abs_difference is None
+    far = ShadowComparison(["1"], "2", "regression", 60, 60, 60, 0.0, 0.0, {}, {},
+                           difference={"mean": 40.0, "mean_abs": 40.0})
+    verdict = evaluate_shadow(policy, far, elapsed_s=60)
+    line = next(r for r in verdict.results if r.gate == "shadow.difference")
+    assert verdict.passed and line.skipped and "mean |difference| 40: not judged" in line.detail
+    bounded = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50, max_mean_abs_difference: 1.0}\n")
+    assert bounded.promotion.shadow is not None
+    assert evaluate_shadow(bounded.promotion.shadow, far, elapsed_s=60).status == "fail"

@@ -322,6 +322,36 @@ def test_shadow_rows_a_killed_child_held_in_memory_are_counted_as_capture_drops(
     assert captured() == settled == accepted - held
 
 
+def test_a_replaced_shadow_process_is_written_to_the_history_at_most_once_per_interval(
+        tmp_path: Path, rotated_classifier_path: Path) -> None:
+    """A shadow process that crashes is a fault `-C notify` receivers hear of (`shadow_crashed`, then
+    `shadow_recovered` once the next one is ready); one that crashes again soon is replaced and
+    counted, not written again (a version crashing at every start must not flood the history)."""
+    from mlflow_deploy_plugin.state import read_history_file
+
+    history = tmp_path / "history.jsonl"  # the deployment's, beside run/live
+    shadow = _shadow_process(tmp_path, rotated_classifier_path, tally_dir=tmp_path / "run" / "live")
+    try:
+        shadow.wait_ready(WAIT_S)
+        first = shadow.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: [e["event"] for e in read_history_file(history)] == ["shadow_crashed", "shadow_recovered"],
+                 WAIT_S, "the crash and the recovery in the history")
+        crashed, recovered = read_history_file(history)
+        assert crashed["shadow_pid"] == first and f"{first} exited with code -9" in crashed["error"]
+        assert crashed["model"] == recovered["model"] == {"model_name": "iris_challenger", "model_version": "2"}
+        assert recovered["shadow_pid"] == shadow.pid != first and crashed["worker_pid"] == os.getpid()
+        second = shadow.pid
+        assert second is not None
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: shadow.restarts == 2 and shadow.ready and shadow.pid != second, WAIT_S,
+                 "the second replacement")
+        assert len(read_history_file(history)) == 2  # within ANNOUNCE_EVERY_S: counted for the next one
+    finally:
+        shadow.close(timeout_s=20)
+
+
 def test_a_shadow_version_that_cannot_load_fails_the_build(
         tmp_path: Path, classifier_path: Path, no_multiprocess_metrics: None) -> None:
     broken = tmp_path / "broken"

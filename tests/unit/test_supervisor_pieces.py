@@ -516,3 +516,67 @@ def test_a_standby_that_died_since_the_reaping_is_counted_when_the_next_is_due(
         assert supervisor.standby is None and supervisor.standby_failures == 1
         assert (f"pid {standby.pid} exited with code 3 before it was ready (1 in a row; the next one starts in 60s)"
                 in supervisor._status()["standby_error"])
+
+
+def test_a_worker_started_in_place_of_a_killed_one_is_announced_once_it_serves(tmp_path: Path) -> None:
+    """kill -9 of a serving worker writes `crashed`; once the worker started in its place says ready,
+    `worker_recovered` (the fault's "healed" for alert receivers), once. Real stand-in processes on
+    real pipes; the supervisor's own reaping."""
+    import socket
+    import subprocess
+
+    from conftest import wait_for
+
+    from mlflow_deploy_plugin.engines.local import worker_protocol as protocol
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    paths.logs.mkdir(parents=True)
+    supervisor = Supervisor(paths)
+    started: list[tuple[subprocess.Popen, int]] = []
+
+    def stand_in() -> Worker:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        word = f"os.write({write_end}, b'{protocol.READY}\\n')"
+        proc = subprocess.Popen([sys.executable, "-c", f"import os, sys; {word}; sys.stdin.readline()"],
+                                stdin=subprocess.PIPE, pass_fds=(write_end,))
+        os.close(write_end)
+        started.append((proc, read_end))
+        worker = supervisor.workers[proc.pid] = Worker(proc, 1, 0, read_end, paths.logs / f"worker-{proc.pid}.log")
+        return worker
+
+    def events() -> list[str]:
+        return [event["event"] for event in supervisor.store.read_history("dep")]
+
+    try:
+        with socket.socket() as sock:
+            spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
+            supervisor.current = Generation(1, spec, sock, paths.root / "generation-1.json")
+            supervisor.ever_ready = True
+            first = stand_in()
+            wait_for(lambda: first.read_pipe() or first.ready_at, 60, "the first worker to say ready")
+            first.popen.kill()
+            first.popen.wait(timeout=30)
+            supervisor._reap()
+            assert events() == ["crashed"] and 0 in supervisor.respawn_at
+            supervisor.respawn_at.clear()  # started here by hand: a stand-in, not a real worker
+            second = stand_in()
+            supervisor._announce_recovered()
+            assert events() == ["crashed"]  # its `ready` not read yet: not serving
+            wait_for(lambda: second.read_pipe() or second.ready_at, 60, "the second worker to say ready")
+            supervisor._announce_recovered()
+            supervisor._announce_recovered()
+            recovered = supervisor.store.read_history("dep")[-1]
+            assert events() == ["crashed", "worker_recovered"]
+            assert (recovered["fault"], recovered["pid"], recovered["index"]) == ("crashed", second.pid, 0)
+            assert recovered["down_s"] >= 0 and "worker" in recovered["error"]
+    finally:
+        for proc, read_end in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+            with contextlib.suppress(OSError):  # the supervisor closed the reaped one's
+                os.close(read_end)

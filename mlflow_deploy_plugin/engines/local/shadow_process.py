@@ -23,7 +23,10 @@ only hands it copies:
 Supervision, by the worker: a child that dies is started again (backoff 1 s doubling to 30 s); one
 that sends nothing, not even its heartbeat, for ``timeout_s`` + :data:`HANG_GRACE_S` (a call that
 holds its GIL: its mirror's own timeout cannot fire) is killed and started again. The copies it had
-taken and not answered are counted as dropped (``crashed``). None of this touches the request path.
+taken and not answered are counted as dropped (``crashed``), and the replacement is written to the
+deployment's history (``shadow_crashed``, then ``shadow_recovered`` once the next child is ready; at
+most one such pair per worker every :data:`ANNOUNCE_EVERY_S`), which ``-C notify`` receivers get.
+None of this touches the request path.
 A worker that stops closes its child (:meth:`ShadowProcess.close`: it predicts what it holds,
 writes its rows, exits). The child also leaves when its pipe from the worker ends, after closing
 its mirror and writer. But a child that cannot read (hung in a call that holds its GIL, or
@@ -88,6 +91,7 @@ from mlflow_deploy_plugin.serving.shadow_channel import (
     write_all,
 )
 from mlflow_deploy_plugin.spec import DeploymentSpec
+from mlflow_deploy_plugin.state import append_history_file
 
 _logger = logging.getLogger(__name__)
 
@@ -105,6 +109,10 @@ BATCH_WAIT_S = 0.2
 START_DEADLINE_S = 600.0  # a child that has not loaded its version by then is a failed start
 RESTART_BACKOFF_S = (1.0, 30.0)
 STABLE_AFTER_S = 60.0  # a child that served this long is replaced at once when it dies (no backoff)
+# A replaced child is written to the deployment's history (`shadow_crashed`, then `shadow_recovered`
+# once the next one serves) at most once per this, per worker: a shadow version that crashes at every
+# start (restarted every 30 s at most) must not flood the history and the notify receivers.
+ANNOUNCE_EVERY_S = 300.0
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -203,6 +211,12 @@ class ShadowProcess(MirrorFront):
         self._ready_at = -float("inf")
         self._tally_path = shadow_tally_path(tally_dir, os.getpid()) if tally_dir is not None else None
         self._tally: ShadowTallyFile | None = None  # the current child's capture counts
+        # The deployment's history, beside the liveness folder (<deployment>/run/live); None without a
+        # supervisor. A child replaced (died, or silent) is written there so `-C notify` hears of it.
+        self._history = tally_dir.parent.parent / "history.jsonl" if tally_dir is not None else None
+        self._announced_at = -float("inf")
+        self._crash_announced = False  # `shadow_crashed` written, its `shadow_recovered` not yet
+        self._replaced_unannounced = 0
         self.capture_lost = 0  # shadow rows children died holding (counted as capture drops)
         self.channel = CopyChannel(config.max_queue, self._drop, on_lost=lambda n: self._drop("crashed", n))
         self._spawner = _Spawner()
@@ -340,21 +354,48 @@ class ShadowProcess(MirrorFront):
                 wait = backoff
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
             if proc.poll() is None:
-                _logger.error("Shadow process %d said nothing for %.0fs (timeout_s + %.0fs grace): replacing it "
-                              "in %.0fs.", proc.pid, silent_s, self._hang_after_s - self.timeout_s, wait)
+                why = f"said nothing for {silent_s:.0f}s (timeout_s + {self._hang_after_s - self.timeout_s:.0f}s grace)"
             else:
-                _logger.error("Shadow process %d exited with code %s: starting another in %.0fs.", proc.pid,
-                              proc.returncode, wait)
-            self._retire(proc, reason="crashed")
+                why = f"exited with code {proc.returncode}"
+            _logger.error("Shadow process %d %s: starting another in %.0fs.", proc.pid, why, wait)
+            lost = self._retire(proc, reason="crashed")
+            self._announce_crash(proc.pid, why, lost)
             self._sleep(wait)
             while not self._closed and not self._respawn():
                 self._sleep(backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
             self.restarts += 1
+            if not self._closed:
+                self._announce_recovered()
 
-    def _retire(self, proc: subprocess.Popen[bytes], reason: str, timeout_s: float = 5.0) -> None:
+    def _announce_crash(self, pid: int, why: str, lost: int) -> None:
+        """``shadow_crashed`` in the history, unless one was written less than ANNOUNCE_EVERY_S ago
+        (the replacements since are counted in the next one's ``replaced``)."""
+        self._replaced_unannounced += 1
+        now = time.monotonic()
+        if self._history is None or now - self._announced_at < ANNOUNCE_EVERY_S:
+            return
+        self._announced_at, self._crash_announced = now, True
+        replaced, self._replaced_unannounced = self._replaced_unannounced, 0
+        with contextlib.suppress(OSError):  # the log line says it too
+            append_history_file(self._history, "shadow_crashed", actor=f"worker {os.getpid()}",
+                                model={"model_name": self.model_name, "model_version": self.version},
+                                error=f"shadow process {pid} {why}; replaced", shadow_pid=pid,
+                                copies_dropped=lost, replaced=replaced, worker_pid=os.getpid())
+
+    def _announce_recovered(self) -> None:
+        """``shadow_recovered`` once the child started after an announced crash is ready."""
+        if not self._crash_announced or self._history is None:
+            return
+        self._crash_announced = False
+        with contextlib.suppress(OSError):
+            append_history_file(self._history, "shadow_recovered", actor=f"worker {os.getpid()}",
+                                model={"model_name": self.model_name, "model_version": self.version},
+                                shadow_pid=self.pid, restarts=self.restarts, worker_pid=os.getpid())
+
+    def _retire(self, proc: subprocess.Popen[bytes], reason: str, timeout_s: float = 5.0) -> int:
         """Make sure ``proc`` is gone and count the copies it took and never answered (waiting up
-        to ``timeout_s`` in all for it to be reaped and for its last events)."""
+        to ``timeout_s`` in all for it to be reaped and for its last events); returns that count."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         if proc.poll() is None:
             proc.kill()
@@ -370,6 +411,7 @@ class ShadowProcess(MirrorFront):
         if lost > 0:
             self._drop(reason, lost)
         self._count_lost_capture(proc)
+        return max(0, lost)
 
     def _count_lost_capture(self, proc: subprocess.Popen[bytes]) -> None:
         """Count the shadow rows the gone child had accepted and neither spooled nor counted."""

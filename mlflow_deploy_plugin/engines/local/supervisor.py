@@ -379,6 +379,9 @@ class Supervisor:
         self.restarts = 0
         self.crashes_in_row = 0
         self.respawn_at: dict[int, float] = {}  # worker index -> when to start it again
+        # Worker index -> (the fault's history event, its error, when): once the replacement serves,
+        # `worker_recovered` says so (a `crashed` alert needs its "healed" for receivers to close it).
+        self.healing: dict[int, tuple[str, str, float]] = {}
         self.state = STATUS_STARTING
         self.last_error: str | None = None
         self.started_at = time.time()
@@ -731,6 +734,7 @@ class Supervisor:
         _logger.error("%s", reason)
         self.last_error = reason
         self.store.append_history(self.paths.name, "worker_hung", error=reason)
+        self.healing[worker.index] = ("worker_hung", reason, time.time())
         worker.draining = True
         worker.kill_at = time.monotonic() + HUNG_KILL_S
         with contextlib.suppress(ProcessLookupError):
@@ -953,6 +957,7 @@ class Supervisor:
         self._reap()
         self._check_liveness()
         self._respawn_due()
+        self._announce_recovered()
         self._advance_update()
         self._answer_drained()
         self._handle_requests()
@@ -1074,6 +1079,9 @@ class Supervisor:
             _logger.error("Worker failed before becoming ready: %s", reason)
             self.state = STATUS_FAILED
             return
+        # The event the fault is written as (bad_request or crashed, below); forgotten where it is not restarted.
+        busy = worker.ready_at and live is not None and live.busy_since
+        self.healing[worker.index] = ("bad_request" if busy else "crashed", reason, time.time())
         if worker.ready_at and live is not None and live.busy_since:
             # It died inside a model call: a request killed it (a segfaulting native model, memory
             # blown by one input). The client's fault, not the version's: count it, restart at once.
@@ -1107,17 +1115,33 @@ class Supervisor:
                 # Healthy workers are never stopped for it: serve with fewer until the next update.
                 _logger.error("%s; no longer restarting it: %s", message, reason)
                 self.given_up.add(worker.index)
+                self.healing.pop(worker.index, None)
                 self.last_error = f"{message}; no longer restarted (an update starts it again): {reason}"
                 self.store.append_history(self.paths.name, "worker_given_up", error=reason, index=worker.index)
                 return
             _logger.error("%s; giving up: %s", message, reason)
             self.state = STATUS_FAILED
+            self.healing.pop(worker.index, None)
             self.store.append_history(self.paths.name, "failed", error=reason)
             return
         delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (self.crashes_in_row - 1))
         self.restarts += 1
         _logger.warning("Worker %d crashed (%s); restart %d in %.1fs", worker.index, reason, self.restarts, delay)
         self.respawn_at[worker.index] = time.monotonic() + delay
+
+    def _announce_recovered(self) -> None:
+        """Write ``worker_recovered`` once the worker started in place of a crashed, killed or hung one
+        serves (said ready after the fault): the fault's "healed", for alert receivers."""
+        if not self.healing or self.current is None:
+            return
+        for worker in self._workers_of(self.current):
+            fault = self.healing.get(worker.index)
+            if fault is None or worker.draining or worker.ready_at is None or worker.ready_at < fault[2]:
+                continue
+            del self.healing[worker.index]
+            self.store.append_history(self.paths.name, "worker_recovered", index=worker.index, pid=worker.pid,
+                                      fault=fault[0], error=fault[1][:500],
+                                      down_s=round(worker.ready_at - fault[2], 2))
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
@@ -1178,6 +1202,7 @@ class Supervisor:
             self.current = pending.generation
             self.pending = None
             self.respawn_at.clear()
+            self.healing.clear()  # a new generation serves: `updated` says so
             self.given_up.clear()
             self.crashes_in_row = 0
             self.ever_ready = True
