@@ -314,8 +314,10 @@ def build_app(
             del body  # the decoded data is what waits in the queue, not the bytes as well
             data, params, raw = parsed.data, parsed.params, parsed.raw
             try:
-                predictions = await asyncio.wait_for(route.predictor.predict(data, parsed.params),
-                                                     settings.timeout_s)
+                # asyncio.timeout, not wait_for (which runs predict in a task of its own, a turn of
+                # the loop later): the request joins the batcher's queue in this very step.
+                async with asyncio.timeout(settings.timeout_s):
+                    predictions = await route.predictor.predict(data, parsed.params)
             except TimeoutError:
                 raise ServingError(504, "DEADLINE_EXCEEDED",
                                    f"Prediction took longer than timeout_s={settings.timeout_s:g}s.") from None

@@ -111,6 +111,36 @@ def test_requests_arriving_during_a_prediction_share_one_call(controlled_slot: M
     assert harness.predictor.last_batch_sizes == [1, 2, 3, 4, 5]
 
 
+def test_requests_sent_when_a_batch_is_answered_join_the_next_batch(controlled_slot: ModelSlot,
+                                                                    executor: ThreadPoolExecutor) -> None:
+    """A closed-loop client sends its next requests as soon as it is answered: the batcher lets the
+    event loop queue them before it takes the next batch, instead of predicting what happened to be
+    queued alone and the newcomers in a call of their own (issue 10: batch sizes that collapse)."""
+    harness = Harness(controlled_slot, executor)
+    behind_ids = harness.ids(1)
+    follow_ids = [harness.ids(1), harness.ids(2)]
+
+    async def scenario() -> list[list[int]]:
+        async def first_then_more() -> list[list[int]]:
+            answers = [await first]
+            # Answered: send the next two at once, in this step (as a client's next requests
+            # arrive together on a socket the loop reads after answering).
+            more = [asyncio.ensure_future(harness.submit(ids)) for ids in follow_ids]
+            return answers + list(await asyncio.gather(*more))
+
+        with gate_closed(harness.model):
+            first_ids, first = await harness.blocked_first()
+            [behind] = await harness.behind([(behind_ids, None)])
+            client = asyncio.create_task(first_then_more())
+        return [*await client, await behind]
+
+    answers = run(scenario())
+    assert answers[1:] == [doubled(ids) for ids in [*follow_ids, behind_ids]]
+    assert harness.batches == [1, 4], (
+        f"the request queued behind the first and the two sent when it was answered must share one "
+        f"call; rows per call were {harness.batches}")
+
+
 def test_many_concurrent_requests_take_fewer_calls_and_each_gets_its_own_rows(
         controlled_slot: ModelSlot, executor: ThreadPoolExecutor) -> None:
     harness = Harness(controlled_slot, executor)
