@@ -382,7 +382,8 @@ def test_a_crashed_writers_spool_is_converted_by_the_next_start(tmp_path: Path) 
     try:
         assert crashed.stdout is not None
         assert crashed.stdout.readline().strip() == b"recorded"
-        segment = wait_until(lambda: [p for p in spool.glob("*/*.open") if p.stat().st_size > 0], 30,
+        # Not the writer's dot-named folder: it is renamed once locked, maybe while glob lists it.
+        segment = wait_until(lambda: [p for p in spool.glob("[!.]*/*.open") if p.stat().st_size > 0], 30,
                              "the records to reach the spool file")[0]
         wait_until(lambda: segment.read_bytes().count(b"crashed-") == 3, 30, "all three records spooled")
     finally:

@@ -60,13 +60,9 @@ def batch_item(request: Any) -> tuple[tuple, int, int] | None:
     the request's attributes and arrays: the request object itself (its DataFrame, its Python
     objects) is not kept while the item waits for the writer thread.
 
-    The rule that comes with it: the item holds the request's own arrays, not copies, until the
-    writer thread encodes them (up to ``_WRITE_EVERY_S`` later), so nothing may write into the raw
-    rows or the predictions once the request is recorded. The parser's rows and the DataFrame built
-    on them are the request's alone; the batcher's per-request predictions are views of one stacked
-    output, only read; a shadow model gets rows of its own (:func:`..serving.shadow._frame_of`) and
-    its output is copied once a call. A primary model that hands back one output buffer it reuses
-    call after call would break this rule (and its own answers under concurrency).
+    The item holds the request's own arrays, not copies: the writer copies it into a
+    :class:`LayoutBuffer` at once (``record()``), so nothing of the request is kept after it;
+    :func:`.spool.encode_records` encodes items on the spot.
     """
     raw = getattr(request, "raw_inputs", None)
     if type(raw) is not tuple or len(raw) != 2:
@@ -168,26 +164,35 @@ def _record(members: list[tuple], layout: bytes) -> list[Any]:
     the segment file, ``os.writev``). Copies into new objects were what 100-row requests cost most:
     fresh memory, faulted in page by page, for every write."""
     request_id, timestamp, version, status, latency, role, name, _, values, predictions = zip(*members, strict=True)
-    n = len(members)
-    rows = np.fromiter(map(len, values), dtype=np.uint32, count=n)
+    rows = np.fromiter(map(len, values), dtype=np.uint32, count=len(members))
+    stacked = len(members) > 1 and values[0].nbytes < _STACK_BELOW  # small ones: one copy costs less than a buffer each
+    value_pieces: list[Any] = [np.concatenate(values)] if stacked else list(values)
+    pred_pieces: list[Any] = [] if predictions[0] is None else (
+        [np.concatenate(predictions)] if stacked else list(predictions))
+    return _record_of(request_id, timestamp, version, status, latency, role, name, rows, value_pieces, pred_pieces,
+                      layout)
+
+
+def _record_of(request_id: Sequence[str], timestamp: Sequence[float], version: Sequence[str], status: Sequence[int],
+               latency: Sequence[float], role: Sequence[str | None], name: Sequence[str | None], rows: np.ndarray,
+               value_pieces: list[Any], pred_pieces: list[Any], layout: bytes) -> list[Any]:
+    """A batch record from its requests' fields, rows (u32 per request) and the arrays that hold
+    their input rows and predictions, one after the other (as buffers: see :func:`_record`)."""
     pieces: list[Any] = [
-        _HEAD.pack(BATCH, n, int(rows.sum()), len(layout)),
+        _HEAD.pack(BATCH, len(request_id), int(rows.sum()), len(layout)),
         np.array(timestamp, dtype=np.float64),
         np.array(latency, dtype=np.float64),
         rows,
     ]
     texts, lengths = [], []
-    for column in (request_id, version, role, name):
-        if None in column:
-            column = tuple(text or "" for text in column)
-        data, sizes = _texts(column)
+    columns: tuple[Sequence[str | None], ...] = (request_id, version, role, name)
+    for column in columns:
+        texts_of = tuple(text or "" for text in column) if None in column else column
+        data, sizes = _texts(texts_of)  # type: ignore[arg-type]  # no None left
         texts.append(data)
         lengths += sizes
-    pieces += [np.array(lengths, dtype=np.uint32), np.array(status, dtype=np.int16), *texts, layout]
-    stacked = n > 1 and values[0].nbytes < _STACK_BELOW  # small ones: one copy costs less than a buffer each
-    pieces += [np.concatenate(values)] if stacked else values
-    if predictions[0] is not None:
-        pieces += [np.concatenate(predictions)] if stacked else predictions
+    pieces += [np.array(lengths, dtype=np.uint32), np.array(status, dtype=np.int16), *texts, layout,
+               *value_pieces, *pred_pieces]
     buffers: list[Any] = [b""]
     length, crc = 0, 0
     for piece in pieces:
@@ -202,6 +207,139 @@ def _record(members: list[tuple], layout: bytes) -> list[Any]:
         buffers.append(piece)
     buffers[0] = _RECORD_HEAD.pack(length, crc)
     return buffers
+
+
+# A layout's buffer starts with room for this many rows, or for as many as its last write took.
+_FIRST_ROWS = 256
+
+
+class LayoutBuffer:
+    """The requests of one column layout waiting for the writer thread, copied out of them.
+
+    :meth:`add` copies a request's item (:func:`batch_item`) into growing arrays (its input rows and
+    predictions) and lists (its scalars and texts: no container per request), so nothing of the
+    request outlives it: the objects a request made die with it, and the memory they took is reused
+    by the next one while it is hot, instead of ~a quarter second of requests (their rows, their
+    predictions and the batch output those are views of) staying alive until the writer thread
+    takes them. The writer thread then encodes each buffer's requests as batch records
+    (:meth:`records`) from a few contiguous arrays: one checksum call and one ``writev`` buffer each
+    (buffers of their own per request made ~900 GIL hand-overs a write at 100 rows: ``zlib.crc32``
+    releases the GIL for every piece of more than 5 KiB). Its arrays are reused write after write
+    (:meth:`clear`, the writer keeps a few: ``writer._KEEP_BYTES``): no fresh memory faulted in for
+    every write. They grow by doubling: at most twice what the writer's buffer bound lets wait.
+    """
+
+    __slots__ = ("columns", "latency", "model_name", "model_version", "pred_dtype", "pred_tail", "predictions",
+                 "request_id", "role", "row_counts", "rows", "status", "timestamp", "values")
+
+    def __init__(self, columns: tuple, values: np.ndarray, predictions: np.ndarray | None,
+                 rows_hint: int = _FIRST_ROWS) -> None:
+        self.columns = columns
+        self.pred_dtype = None if predictions is None else predictions.dtype
+        self.pred_tail: tuple = () if predictions is None else predictions.shape[1:]
+        capacity = max(rows_hint, _FIRST_ROWS)
+        self.values = np.empty((capacity, values.shape[1]), dtype=_FLOAT64)
+        self.predictions = None if predictions is None else np.empty((capacity, *self.pred_tail), self.pred_dtype)
+        self.rows = 0
+        self.request_id: list[str] = []
+        self.timestamp: list[float] = []
+        self.model_version: list[str] = []
+        self.status: list[int] = []
+        self.latency: list[float] = []
+        self.role: list[str | None] = []
+        self.model_name: list[str | None] = []
+        self.row_counts: list[int] = []
+
+    def takes(self, columns: tuple, predictions: np.ndarray | None) -> bool:
+        """True if a request of these columns and predictions belongs here."""
+        if self.columns is not columns and self.columns != columns:
+            return False
+        if predictions is None:
+            return self.pred_dtype is None
+        return self.pred_dtype == predictions.dtype and self.pred_tail == predictions.shape[1:]
+
+    def add(self, item: tuple) -> None:
+        """Copy ``item`` (of :func:`batch_item`, one :meth:`takes` accepts) in."""
+        request_id, timestamp, version, status, latency, role, name, _, values, predictions = item
+        start = self.rows
+        stop = start + len(values)
+        if stop > len(self.values):
+            self._grow(stop)
+        self.values[start:stop] = values
+        if predictions is not None:
+            self.predictions[start:stop] = predictions  # type: ignore[index]
+        self.rows = stop
+        self.row_counts.append(stop - start)
+        self.request_id.append(request_id)
+        self.timestamp.append(timestamp)
+        self.model_version.append(version)
+        self.status.append(status)
+        self.latency.append(latency)
+        self.role.append(role)
+        self.model_name.append(name)
+
+    def _grow(self, rows: int) -> None:
+        capacity = max(rows, 2 * len(self.values))
+        values = np.empty((capacity, self.values.shape[1]), dtype=_FLOAT64)
+        values[:self.rows] = self.values[:self.rows]
+        self.values = values
+        if self.predictions is not None:
+            predictions = np.empty((capacity, *self.pred_tail), self.pred_dtype)
+            predictions[:self.rows] = self.predictions[:self.rows]
+            self.predictions = predictions
+
+    @property
+    def requests(self) -> int:
+        """How many requests it holds."""
+        return len(self.request_id)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its arrays take (its capacity, not what it holds)."""
+        return self.values.nbytes + (self.predictions.nbytes if self.predictions is not None else 0)
+
+    def clear(self) -> None:
+        """Empty, keeping its arrays (their pages stay faulted in) for the next write's requests."""
+        self.rows = 0
+        for field in (self.request_id, self.timestamp, self.model_version, self.status, self.latency, self.role,
+                      self.model_name, self.row_counts):
+            field.clear()
+
+    def records(self, layout_bytes: Any) -> list[list[Any]]:
+        """Its requests as batch records (each as its buffers: :func:`_record`), cut between requests
+        into records of at most ``_MAX_RECORD_BYTES`` of input rows. Raises what encoding raises (a
+        lone surrogate in a text: UnicodeEncodeError; unhashable column labels: TypeError): the
+        caller then encodes :meth:`items` one by one."""
+        pred_layout = None if self.pred_dtype is None else (self.pred_dtype.str, self.pred_tail)
+        layout = layout_bytes(self.columns, pred_layout)
+        counts = np.array(self.row_counts, dtype=np.uint32)
+        ends = np.cumsum(counts, dtype=np.int64)
+        row_bytes = self.values.shape[1] * _FLOAT64.itemsize
+        records, first, first_row = [], 0, 0
+        while first < self.requests:
+            # The requests whose rows end within _MAX_RECORD_BYTES of this record's first row (at least one).
+            last = max(int(np.searchsorted(ends, first_row + _MAX_RECORD_BYTES // max(row_bytes, 1), "right")),
+                       first + 1)
+            end_row = int(ends[last - 1])
+            span = slice(first, last)
+            preds = [] if self.predictions is None else [self.predictions[first_row:end_row]]
+            records.append(_record_of(self.request_id[span], self.timestamp[span], self.model_version[span],
+                                      self.status[span], self.latency[span], self.role[span], self.model_name[span],
+                                      counts[span], [self.values[first_row:end_row]], preds, layout))
+            first, first_row = last, end_row
+        return records
+
+    def items(self) -> list[tuple]:
+        """Its requests as items again (their arrays: copies), for records of their own."""
+        out, start = [], 0
+        for index, rows in enumerate(self.row_counts):
+            stop = start + rows
+            predictions = None if self.predictions is None else self.predictions[start:stop].copy()
+            out.append((self.request_id[index], self.timestamp[index], self.model_version[index], self.status[index],
+                        self.latency[index], self.role[index], self.model_name[index], self.columns,
+                        self.values[start:stop].copy(), predictions))
+            start = stop
+        return out
 
 
 @dataclass(slots=True)

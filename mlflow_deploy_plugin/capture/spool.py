@@ -36,6 +36,7 @@ import pyarrow as pa
 from mlflow_deploy_plugin.capture.batch import (
     BATCH,
     BatchRecord,
+    LayoutBuffer,
     batch_item,
     batch_requests,
     encode_batches,
@@ -285,6 +286,25 @@ def encode_items(items: list[tuple]) -> tuple[list[Any], int, int]:
     buffers to write one after the other (``os.writev``: the requests' own arrays among them), their
     size in bytes, and how many items could not be encoded at all."""
     records, failed = _encode_items(items)
+    buffers = [buffer for record in records for buffer in record]
+    return buffers, sum(map(len, buffers)), failed
+
+
+def encode_layouts(layouts: Iterable[LayoutBuffer]) -> tuple[list[Any], int, int]:
+    """The spool bytes of the requests in ``layouts`` (what the writer thread encodes): batch
+    records (the buffers to write one after the other, views of the layouts' arrays: write them
+    before the layouts are reused), their size in bytes, and how many requests could not be
+    encoded at all. A layout whose batch records cannot be made (a lone surrogate in a text,
+    unhashable column labels) has its requests encoded one by one, as :func:`encode_items` does."""
+    records: list[list[Any]] = []
+    failed = 0
+    for layout in layouts:
+        try:
+            records += layout.records(layout_bytes)
+        except Exception:
+            more, failed_items = _encode_items(layout.items())
+            records += more
+            failed += failed_items
     buffers = [buffer for record in records for buffer in record]
     return buffers, sum(map(len, buffers)), failed
 

@@ -1,12 +1,13 @@
 """The capture writer: the request path appends encoded records to a spool; another process writes Parquet.
 
 :meth:`CaptureWriter.record` checks that an answered request fits the spool's batch record
-(:mod:`.batch`: the parser's float rows and numeric predictions, nearly all traffic) and appends
-it to an in-memory list, a microsecond or two; anything else it encodes at once as a record of its
-own (:mod:`.spool`). A background thread of the serving process, every ``_WRITE_EVERY_S``, encodes
+(:mod:`.batch`: the parser's float rows and numeric predictions, nearly all traffic) and copies
+it into its column layout's growing buffer (:class:`.batch.LayoutBuffer`: nothing of the request
+outlives it), a few microseconds; anything else it encodes at once as a record of its own
+(:mod:`.spool`). A background thread of the serving process, every ``_WRITE_EVERY_S``, encodes
 the requests waiting as one batch record per column layout (the fixed cost of a record is paid
-once per write, not once per request), appends the bytes to a segment file (``os.write`` releases
-the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the segment to the converter
+once per write, not once per request; the rows are a few contiguous arrays), appends the bytes to
+a segment file (``os.writev`` releases the GIL) and, every ``flush_interval_s`` or ``flush_rows`` rows, hands the segment to the converter
 process (:mod:`.converter`), which does all the Arrow/Parquet work. So writing Parquet never holds
 the GIL of the process that serves.
 
@@ -55,12 +56,12 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pandas as pd
 
 from mlflow_deploy_plugin.capture.arrow import AnsweredRequest
-from mlflow_deploy_plugin.capture.batch import batch_item
+from mlflow_deploy_plugin.capture.batch import LayoutBuffer, batch_item
 from mlflow_deploy_plugin.capture.retention import prune_capture
 from mlflow_deploy_plugin.capture.spool import (
     CONFIG_NAME,
@@ -68,7 +69,7 @@ from mlflow_deploy_plugin.capture.spool import (
     LOCK_NAME,
     OPEN_SUFFIX,
     SEGMENT_SUFFIX,
-    encode_items,
+    encode_layouts,
     encode_record,
     rows_of_raw,
     write_config,
@@ -80,6 +81,10 @@ _PRUNE_EVERY_S = 600.0
 # Encoded records reach the segment file at least this often (and at once past _WRITE_BYTES).
 _WRITE_EVERY_S = 0.25
 _WRITE_BYTES = 1 << 20
+# Column layouts whose buffers are kept for reuse between writes, at most (.batch.LayoutBuffer),
+# and their bytes at most: the memory of a burst, or of many layouts, is given back.
+_KEEP_LAYOUTS = 8
+_KEEP_BYTES = 32 * 1024 * 1024
 
 
 def _iov_max(sysconf: Callable[[str], int] | None) -> int:
@@ -376,8 +381,16 @@ class CaptureWriter:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         # Encoded records not yet in the segment file, and what waits anywhere (memory + spool).
-        # Encoded records (bytes) and items the writer thread encodes in batch records (tuples).
-        self._chunks: list[bytes | tuple] = []
+        # Encoded records of their own (requests the batch form does not take).
+        self._chunks: list[bytes] = []
+        # Requests of the batch form, copied into a buffer per column layout (.batch.LayoutBuffer),
+        # the last one used (consecutive requests nearly always share it), and the buffers the writer
+        # thread wrote last time, kept for reuse (their memory stays faulted in).
+        self._layouts: dict[tuple, LayoutBuffer] = {}
+        self._last_layout: LayoutBuffer | None = None
+        self._spare_layouts: dict[tuple, LayoutBuffer] = {}
+        # Requests in memory (in _chunks or _layouts), and the bytes the buffer bound counts for them.
+        self._in_memory = 0
         self._chunk_bytes = 0
         self._waiting_requests = 0
         self._waiting_bytes = 0
@@ -431,8 +444,17 @@ class CaptureWriter:
                     size = len(blob)
                     # The parser's raw rows when the request has them: len() of a DataFrame is a pandas call.
                     rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
-                else:  # encoded by the writer thread with the others of its write (.batch)
+                else:  # copied into its layout's buffer; the writer thread encodes them together (.batch)
                     item, size, rows = batched
+                    hash(item[7])  # unhashable column labels (TypeError): encoded alone, below
+            except TypeError:
+                try:
+                    blob = encode_record(request)
+                except Exception:
+                    self._drop(1, DROP_CONVERT_ERROR, accepted=False)
+                    return False
+                item, size = blob, len(blob)
+                rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
             except Exception:
                 self._drop(1, DROP_CONVERT_ERROR, accepted=False)
                 return False
@@ -444,7 +466,15 @@ class CaptureWriter:
                       or self._waiting_bytes + size > self.max_buffer_bytes):
                     reason = DROP_BUFFER_FULL
                 else:
-                    self._chunks.append(item)
+                    if type(item) is bytes:
+                        self._chunks.append(item)
+                    else:
+                        fields = cast(tuple, item)
+                        layout = self._last_layout
+                        if layout is None or not layout.takes(fields[7], fields[9]):
+                            layout = self._layout_for(fields)
+                        layout.add(fields)
+                    self._in_memory += 1
                     self._chunk_bytes += size
                     self._waiting_requests += 1
                     self._waiting_bytes += size
@@ -463,7 +493,7 @@ class CaptureWriter:
                         # when a write or a conversion is due: a few signals a second, not one a call.
                         self._segment_started_at = time.monotonic()
                         self._wakeup.notify()
-                    elif len(self._chunks) == 1 or before < self.flush_rows <= segment.rows or (
+                    elif self._in_memory == 1 or before < self.flush_rows <= segment.rows or (
                             self._chunk_bytes >= _WRITE_BYTES > self._chunk_bytes - size):
                         self._wakeup.notify()
                     return True
@@ -582,7 +612,7 @@ class CaptureWriter:
                             break
                         if self._segment.rows >= self.flush_rows or self._chunk_bytes >= _WRITE_BYTES:
                             break
-                        due = next_write if self._chunks else math.inf
+                        due = next_write if self._in_memory else math.inf
                         if self._segment_started_at is not None:
                             due = min(due, self._segment_started_at + self.flush_interval_s)
                         if self._sent:  # answers to pick up
@@ -594,8 +624,10 @@ class CaptureWriter:
                         self._wakeup.wait(None if wait == math.inf else wait)
                     closing = self._closed
                     flush_target = self._flush_asked
-                    chunks, chunk_bytes = self._chunks, self._chunk_bytes
-                    self._chunks, self._chunk_bytes = [], 0
+                    chunks, chunk_bytes, in_memory = self._chunks, self._chunk_bytes, self._in_memory
+                    layouts = self._layouts
+                    self._chunks, self._chunk_bytes, self._in_memory = [], 0, 0
+                    self._layouts, self._last_layout = {}, None
                     roll = (closing or flush_target > self._flush_done or self._segment.rows >= self.flush_rows
                             or (self._segment_started_at is not None
                                 and time.monotonic() >= self._segment_started_at + self.flush_interval_s))
@@ -605,11 +637,12 @@ class CaptureWriter:
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + _PRUNE_EVERY_S
                     self._prune()
-                if chunks:
+                if in_memory:
                     try:
-                        self._append(segment, chunks, chunk_bytes)
+                        self._append(segment, chunks, list(layouts.values()), in_memory, chunk_bytes)
                     finally:  # after the write: a kill during it counts these as lost
-                        self._settle(len(chunks))
+                        self._settle(in_memory)
+                        self._keep_layouts(layouts)
                     # Started with the first records rather than with the writer: not during the
                     # worker's own start, but with a head start on the first segment.
                     self._ensure_converter()
@@ -651,22 +684,47 @@ class CaptureWriter:
             self._lock_fd, self._folder = fd, folder
         return self._folder
 
-    def _append(self, segment: _Segment, chunks: list[bytes | tuple], counted_bytes: int) -> None:
-        """Encode what waits (records already encoded, and requests to encode together: batch
-        records), and append it to the segment's file; requests that cannot be encoded or written
-        are dropped and counted. ``counted_bytes``: what the buffer bound counted for ``chunks``.
+    def _layout_for(self, item: tuple) -> LayoutBuffer:
+        """The buffer of ``item``'s column layout (under the lock): a new one, or last write's kept one."""
+        predictions = item[9]
+        key = (item[7],) if predictions is None else (item[7], predictions.dtype, predictions.shape[1:])
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._spare_layouts.pop(key, None) or LayoutBuffer(item[7], item[8], predictions)
+            self._layouts[key] = layout
+        self._last_layout = layout
+        return layout
 
-        Never raises: whatever fails, every request of ``chunks`` ends up in the file or counted as
-        dropped (an unexpected error, not an OSError, as a write error), so the buffer bound gets
-        their room back and the counts add up."""
-        requests, size = len(chunks), counted_bytes  # what the counts hold for ``chunks`` until encoded
+    def _keep_layouts(self, layouts: dict[tuple, LayoutBuffer]) -> None:
+        """Written (or given up): emptied and kept for the next write, unless a burst made them big."""
+        with self._lock:
+            if len(self._spare_layouts) + len(layouts) > _KEEP_LAYOUTS:
+                self._spare_layouts.clear()
+            kept = sum(layout.nbytes for layout in self._spare_layouts.values())
+            for key, layout in layouts.items():
+                if kept + layout.nbytes <= _KEEP_BYTES and key not in self._layouts:
+                    layout.clear()
+                    self._spare_layouts[key] = layout
+                    kept += layout.nbytes
+
+    def _append(self, segment: _Segment, chunks: list[bytes], layouts: list[LayoutBuffer], requests: int,
+                counted_bytes: int) -> None:
+        """Encode what waits (records already encoded, and requests to encode together: batch
+        records, from ``layouts``), and append it to the segment's file; requests that cannot be
+        encoded or written are dropped and counted. ``requests``: how many ``chunks`` and ``layouts``
+        hold; ``counted_bytes``: what the buffer bound counted for them.
+
+        Never raises: whatever fails, every request of ``chunks`` and ``layouts`` ends up in the file
+        or counted as dropped (an unexpected error, not an OSError, as a write error), so the buffer
+        bound gets their room back and the counts add up."""
+        size = counted_bytes  # what the counts hold for these requests until encoded
+        total = requests
         try:
-            buffers: list[Any] = [chunk for chunk in chunks if type(chunk) is bytes]
+            buffers: list[Any] = list(chunks)
             encoded_size = sum(map(len, buffers))
-            pending = [chunk for chunk in chunks if type(chunk) is tuple]
             failed = 0
-            if pending:
-                batched, batched_size, failed = encode_items(pending)
+            if layouts:
+                batched, batched_size, failed = encode_layouts(layouts)
                 buffers += batched
                 encoded_size += batched_size
             with self._lock:  # what waits is counted in the bytes it takes in the spool from now on
@@ -674,7 +732,7 @@ class CaptureWriter:
                 self._waiting_bytes += encoded_size - counted_bytes
                 segment.requests -= failed
                 self._waiting_requests -= failed
-                requests, size = len(chunks) - failed, encoded_size  # in ``buffers`` now
+                requests, size = total - failed, encoded_size  # in ``buffers`` now
             if failed:
                 self._drop(failed, DROP_CONVERT_ERROR)
             if self._segment_fd is None:

@@ -169,10 +169,10 @@ def frame_of_raw(columns: tuple, values: np.ndarray, copy: bool = False) -> Any:
 def _frame_of(copy: _Copy) -> Any:
     """The inputs the shadow model is given for ``copy``: rows of its own when the copy has raw rows.
 
-    Capture holds a request's raw rows (the primary's, and the shadow's answer's) until its writer
-    thread encodes them, up to a quarter second later (:func:`..capture.batch.batch_item`), and the
-    copy's DataFrame is built on them: a shadow model that changed its input in place would rewrite
-    what capture keeps of the primary's request. One copy per call, on the dispatcher thread."""
+    The copy's DataFrame would otherwise be built on the primary's request rows: a shadow model that
+    changed its input in place would rewrite them under whoever still reads them (capture copies
+    them when it records: :class:`..capture.batch.LayoutBuffer`). One copy per call, on the
+    dispatcher thread."""
     if copy.raw_inputs is not None:
         columns, values = copy.raw_inputs
         return frame_of_raw(columns, values, copy=True)

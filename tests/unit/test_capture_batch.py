@@ -22,11 +22,12 @@ import pytest
 
 from mlflow_deploy_plugin.capture import CapturedRequest, CaptureWriter, read_capture
 from mlflow_deploy_plugin.capture.arrow import tables_by_day
-from mlflow_deploy_plugin.capture.batch import BatchRecord
+from mlflow_deploy_plugin.capture.batch import BatchRecord, LayoutBuffer, batch_item
 from mlflow_deploy_plugin.capture.redaction import CaptureRedaction
 from mlflow_deploy_plugin.capture.spool import (
     CompactRecord,
     SpoolRecord,
+    encode_layouts,
     encode_record,
     encode_records,
     read_records,
@@ -306,3 +307,93 @@ def test_a_graceful_close_writes_the_batched_requests_memory_held(tmp_path: Path
     assert (tally[0], tally[1]) == (10, 10) and writer.written_requests == 10 and writer.dropped_requests == 0
     captured = read_capture(str(tmp_path / "capture"))
     assert sorted(set(captured["_request_id"])) == sorted(f"r{i}" for i in range(10)) and len(captured) == 16
+
+
+def layout_of(requests: list[Answer]) -> LayoutBuffer:
+    """The requests copied into one layout buffer, as record() does."""
+    items = [batch_item(r)[0] for r in requests]  # type: ignore[index]
+    layout = LayoutBuffer(items[0][7], items[0][8], items[0][9])
+    for item in items:
+        assert layout.takes(item[7], item[9])
+        layout.add(item)
+    return layout
+
+
+def test_a_layout_buffer_gives_the_rows_a_record_per_request_gives_cut_into_records_of_bounded_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests copied into a layout's buffer (grown past its first size) become the rows their
+    records one by one give; past _MAX_RECORD_BYTES of input rows the buffer is cut between
+    requests into several records (a request larger than that alone)."""
+    import mlflow_deploy_plugin.capture.batch as batch_module
+
+    requests = [answer(f"r{i:03d}", 1 + i % 5, np.arange(1 + i % 5, dtype=np.int64), start=float(i),
+                       model_name="churn") for i in range(150)]  # 450 rows: more than the first 256
+    requests.append(answer("big", 40, np.zeros(40, dtype=np.int64), model_name="churn"))
+    one_by_one = converted(b"".join(encode_record(r) for r in requests))
+    buffers, size, failed = encode_layouts([layout_of(requests)])
+    assert failed == 0 and size == sum(map(len, buffers))
+    assert [type(r) for r in read_records(b"".join(buffers))[0]] == [BatchRecord]
+    same(one_by_one, converted(b"".join(buffers)))
+    monkeypatch.setattr(batch_module, "_MAX_RECORD_BYTES", 10 * len(COLUMNS) * 8)  # 10 rows a record
+    buffers, _, failed = encode_layouts([layout_of(requests)])
+    records, torn = read_records(b"".join(buffers))
+    assert failed == 0 and torn == 0 and len(records) > 40
+    assert all(sum(r.rows) <= 10 or len(r.rows) == 1 for r in records)  # type: ignore[union-attr]
+    same(one_by_one, converted(b"".join(buffers)))
+
+
+def test_a_layout_whose_batch_record_cannot_be_made_is_encoded_request_by_request() -> None:
+    """A lone surrogate in one request id (no UTF-8 for it): the batch record of its layout cannot be
+    made, so every request of it is spooled in a record of its own, as before the buffers, with its
+    own rows."""
+    requests = [answer("ok-1", 2, np.array([1, 0])), answer("bad-\ud800", 1, np.array([1]), start=7.0),
+                answer("ok-2", 1, np.array([0]), start=9.0)]
+    buffers, _, failed = encode_layouts([layout_of(requests)])
+    records, torn = read_records(b"".join(buffers))
+    assert failed == 0 and torn == 0 and len(records) == 3
+    assert not any(isinstance(r, BatchRecord) for r in records)
+    assert b"".join(buffers) == b"".join(encode_record(r) for r in requests)
+
+
+def test_the_writer_keeps_copies_of_a_requests_rows_not_the_request_objects(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once record() returns, nothing of the request is held while it waits for the writer thread
+    (its arrays die with it, and writing into them changes nothing captured); the buffers reused
+    write after write give every request's own rows."""
+    import gc
+    import weakref
+
+    import mlflow_deploy_plugin.capture.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_WRITE_EVERY_S", 3600.0)  # what is recorded waits in memory
+    tally = memoryview(bytearray(16)).cast("q")
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", spool_dir=str(tmp_path / "spool"), flush_interval_s=600)
+    writer.tally_into(tally)
+    expected: dict[str, list[float]] = {}
+    try:
+        assert writer.record(answer("first", 1, np.array([1]), timestamp=time.time()))
+        _wait(lambda: tally[1] == 1, "the first record to reach the spool file")  # later ones wait an hour
+        expected["first"] = [0.0, 1.0, 2.0]
+        for round_ in range(3):  # a flush writes them; the next round reuses the buffers
+            refs = []
+            for i in range(20):
+                request = answer(f"r{round_}-{i:02d}", 1 + i % 3, np.arange(1 + i % 3, dtype=np.int64),
+                                 start=100.0 * round_ + i, timestamp=time.time())
+                assert writer.record(request)
+                expected[request.request_id] = request.raw_inputs[1].ravel().tolist()
+                refs += [weakref.ref(request.raw_inputs[1]), weakref.ref(request.predictions)]
+                request.raw_inputs[1][:] = -1.0  # the caller's arrays are its own again
+                request.predictions[:] = -1  # type: ignore[index]
+                del request
+            gc.collect()
+            assert tally[1] < tally[0], "the round waits in memory"
+            assert all(ref() is None for ref in refs), "no array of a recorded request is kept"
+            writer.flush(timeout_s=60)
+    finally:
+        writer.close(timeout_s=30)
+    assert writer.written_requests == 61 and writer.dropped_requests == 0
+    captured = read_capture(str(tmp_path / "capture"))
+    got = {rid: group.sort_values("_row")[list(COLUMNS[:2]) + ["_input_status"]].to_numpy().ravel().tolist()
+           for rid, group in captured.groupby("_request_id")}
+    assert got == expected
+    assert set(captured["_prediction"].tolist()) <= {0, 1, 2}, "the predictions as they were when recorded"
