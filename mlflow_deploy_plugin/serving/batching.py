@@ -113,7 +113,8 @@ class BatchingPredictor:
 
     def __init__(self, slot: ModelSlot, executor: ThreadPoolExecutor, max_batch_rows: int,
                  on_batch: Callable[[int], None] | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 batching: bool = True, queue_gauge: Any = None) -> None:
+                 batching: bool = True, queue_gauge: Any = None, settle_max_s: float = SETTLE_MAX_S) -> None:
+        """``settle_max_s``: the longest :meth:`_settle` holds queued requests before a batch is taken."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
         self.slot = slot
@@ -126,6 +127,8 @@ class BatchingPredictor:
         self._gauge = queue_gauge  # a Prometheus gauge child (inc/dec) following len(self._queue)
         self._running = False
         self._enqueued = 0  # requests ever queued: settling watches it grow
+        self._queued_rows = 0  # rows of the queued requests that may share a call: settling stops at a full batch
+        self._settle_max_s = settle_max_s
         self.last_batch_sizes: list[int] = []
 
     @property
@@ -152,6 +155,8 @@ class BatchingPredictor:
         item = _Pending(data, params, solo, loop.create_future())
         self._queue.append(item)
         self._enqueued += 1
+        if not solo:
+            self._queued_rows += len(data)
         if self._gauge is not None:
             self._gauge.inc()
         if not self._running:
@@ -166,8 +171,7 @@ class BatchingPredictor:
                 # The caller gave up (timeout, disconnect): free its place and its data now.
                 with contextlib.suppress(ValueError):
                     self._queue.remove(item)
-                    if self._gauge is not None:
-                        self._gauge.dec()
+                    self._left_queue(item)
 
     def _predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
         """One ``predict`` call of the model, reported to ``on_batch`` with its row count."""
@@ -177,9 +181,14 @@ class BatchingPredictor:
 
     def _pop(self) -> _Pending:
         item = self._queue.popleft()
+        self._left_queue(item)
+        return item
+
+    def _left_queue(self, item: _Pending) -> None:
         if self._gauge is not None:
             self._gauge.dec()
-        return item
+        if not item.solo:
+            self._queued_rows -= len(item.data)
 
     def _take_batch(self) -> list[_Pending]:
         """The next requests to predict together: the first waiting one, and those that may join it."""
@@ -203,15 +212,15 @@ class BatchingPredictor:
         """Let the event loop queue the requests it has already received before a batch is taken.
 
         Yields to the loop until ``SETTLE_QUIET_TURNS`` turns in a row queued nothing (at most
-        ``SETTLE_MAX_S``, or until half of ``max_queue`` waits). Skipped when the next request will
-        be predicted alone anyway.
+        ``settle_max_s``, or until half of ``max_queue`` waits, or a full batch: the predict thread
+        must not idle beside one). Skipped when the next request will be predicted alone anyway.
         """
-        if not self.batching or not self._queue or self._queue[0].solo:
+        if not self.batching or not self._queue or self._queue[0].solo or self._queue[0].future.done():
             return
-        deadline = time.perf_counter() + SETTLE_MAX_S
+        deadline = time.perf_counter() + self._settle_max_s
         quiet, seen = 0, self._enqueued
         while (quiet < SETTLE_QUIET_TURNS and len(self._queue) < self.max_queue // 2
-               and time.perf_counter() < deadline):
+               and self._queued_rows < self._max_rows and time.perf_counter() < deadline):
             await asyncio.sleep(0)  # one turn of the loop: its ready callbacks, then its I/O poll
             quiet = 0 if self._enqueued != seen else quiet + 1
             seen = self._enqueued

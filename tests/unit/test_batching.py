@@ -116,7 +116,9 @@ def test_requests_sent_when_a_batch_is_answered_join_the_next_batch(controlled_s
     """A closed-loop client sends its next requests as soon as it is answered: the batcher lets the
     event loop queue them before it takes the next batch, instead of predicting what happened to be
     queued alone and the newcomers in a call of their own (issue 10: batch sizes that collapse)."""
-    harness = Harness(controlled_slot, executor)
+    # Settling's time cap far away: the test is about the quiet turns, not the machine's speed (on a
+    # loaded machine a 10 ms cap can pass between two turns).
+    harness = Harness(controlled_slot, executor, settle_max_s=60.0)
     behind_ids = harness.ids(1)
     follow_ids = [harness.ids(1), harness.ids(2)]
 
@@ -139,6 +141,33 @@ def test_requests_sent_when_a_batch_is_answered_join_the_next_batch(controlled_s
     assert harness.batches == [1, 4], (
         f"the request queued behind the first and the two sent when it was answered must share one "
         f"call; rows per call were {harness.batches}")
+
+
+def test_settling_stops_once_a_full_batch_is_queued(controlled_slot: ModelSlot,
+                                                    executor: ThreadPoolExecutor) -> None:
+    """Requests queued on every turn of the loop never let settling go quiet: once the queue holds a
+    full batch (``max_batch_rows``) it is taken, rather than the predict thread idling beside it until
+    the time cap or half of ``max_queue``."""
+    sent = 0
+    sent_at_calls: list[int] = []
+    predictor = BatchingPredictor(controlled_slot, executor, 4, on_batch=lambda rows: sent_at_calls.append(sent),
+                                  max_queue=1000, settle_max_s=60.0)
+
+    async def scenario() -> list[Any]:
+        nonlocal sent
+        tasks = []
+        for i in range(200):  # one request a turn, as a loop reading many connections queues them
+            tasks.append(asyncio.ensure_future(predictor.predict(id_frame([i]), None)))
+            sent += 1
+            await asyncio.sleep(0)
+        return list(await asyncio.gather(*tasks))
+
+    answers = run(scenario())
+    assert [np.asarray(answer).tolist() for answer in answers] == [doubled([i]) for i in range(200)]
+    assert sent_at_calls and sent_at_calls[0] < 200, (
+        f"the first batch must be taken while requests still arrive, once 4 rows wait; calls began "
+        f"when {sent_at_calls[:3]} requests had been sent")
+    assert predictor._queued_rows == 0, "every queued row is counted out again once answered"
 
 
 def test_many_concurrent_requests_take_fewer_calls_and_each_gets_its_own_rows(
@@ -246,7 +275,7 @@ def test_requests_with_params_are_never_batched(controlled_slot: ModelSlot, exec
 
 def test_a_cancelled_queued_request_is_never_predicted(controlled_slot: ModelSlot,
                                                        executor: ThreadPoolExecutor) -> None:
-    """What a timeout does to a queued request: the app's asyncio.wait_for cancels it."""
+    """What a timeout does to a queued request: the app's asyncio.timeout cancels it."""
     harness = Harness(controlled_slot, executor)
     kept_a, dropped, kept_b = harness.ids(1), harness.ids(2), harness.ids(1)
 
@@ -263,6 +292,7 @@ def test_a_cancelled_queued_request_is_never_predicted(controlled_slot: ModelSlo
     assert isinstance(cancelled, asyncio.CancelledError), repr(cancelled)
     assert (answer_a, answer_b) == (doubled(kept_a), doubled(kept_b))
     assert harness.model.calls[1:] == [kept_a + kept_b]
+    assert harness.predictor._queued_rows == 0, "the cancelled request's rows are counted out of the queue"
 
 
 def test_cancelling_the_request_being_predicted_leaves_the_queue_answered(
