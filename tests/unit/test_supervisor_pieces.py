@@ -580,3 +580,34 @@ def test_a_worker_started_in_place_of_a_killed_one_is_announced_once_it_serves(t
             proc.wait(timeout=30)
             with contextlib.suppress(OSError):  # the supervisor closed the reaped one's
                 os.close(read_end)
+
+
+def test_only_a_hung_worker_of_the_serving_generation_waits_for_its_recovery(tmp_path: Path) -> None:
+    """A hung worker of the serving generation is replaced, so its `worker_recovered` follows; one of a
+    pending update is not replaced (the update goes on or fails), so nothing may wait for its
+    recovery: the entry would never be written nor cleared. Real processes, SIGTERMed as hung."""
+    import socket
+    import subprocess
+
+    from mlflow_deploy_plugin.engines.local.supervisor import Generation, Supervisor, Worker
+    from mlflow_deploy_plugin.spec import DeploymentSpec, ModelRef
+    from mlflow_deploy_plugin.state import StateStore
+
+    paths = StateStore(tmp_path / "home").paths("dep")
+    paths.logs.mkdir(parents=True)
+    supervisor = Supervisor(paths)
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(2)]
+    try:
+        with socket.socket() as sock:
+            spec = DeploymentSpec("dep", ModelRef("models:/m/1", "m", "1"))
+            supervisor.current = Generation(1, spec, sock, paths.root / "generation-1.json")
+            serving = Worker(procs[0], 1, 0, -1, paths.logs / "worker-a.log")
+            pending = Worker(procs[1], 2, 1, -1, paths.logs / "worker-b.log")
+            supervisor._replace_hung(pending, "model call running for 99s")
+            supervisor._replace_hung(serving, "model call running for 99s")
+            assert set(supervisor.healing) == {0}, supervisor.healing
+            assert supervisor.healing[0][0] == "worker_hung" and 0 in supervisor.respawn_at
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -734,13 +734,15 @@ class Supervisor:
         _logger.error("%s", reason)
         self.last_error = reason
         self.store.append_history(self.paths.name, "worker_hung", error=reason)
-        self.healing[worker.index] = ("worker_hung", reason, time.time())
         worker.draining = True
         worker.kill_at = time.monotonic() + HUNG_KILL_S
         with contextlib.suppress(ProcessLookupError):
             worker.popen.send_signal(signal.SIGTERM)
         if self.current is not None and worker.generation == self.current.number:
             self.respawn_at[worker.index] = time.monotonic()
+            # Only a worker started in its place heals it: a pending update's hung worker is not
+            # replaced (the update goes on or fails), so no `worker_recovered` would ever follow.
+            self.healing[worker.index] = ("worker_hung", reason, time.time())
 
     # -- a predecessor's workers ---------------------------------------------------------------
 
