@@ -5,7 +5,8 @@ here: what a user sees from the CLI: no cluster, replicas, predict, an update un
 and per-version figures from every replica, delete; token auth with only the token's hash on the
 cluster, a V2 client, and the agent on the cluster (drift reports on its schedule, following an
 alias when a webhook pokes it, its actor killed and restarted by Ray, a switch interrupted between
-Serve's change and the spec write finished); a shadow version whose rows pair with the primary's;
+Serve's change and the spec write finished); a shadow version whose rows pair with the primary's,
+predicted in a process of its own that, killed, is replaced and written to the history;
 list/get/delete from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own
 state; run-local on the cluster, ended by Ctrl-C, and by a second Ctrl-C while Serve's controller
 is stuck (SIGSTOP); a replica killed with SIGKILL replaced while the deployment keeps
@@ -520,6 +521,47 @@ def test_a_shadow_on_ray_gets_a_copy_of_each_request_and_answers_nobody(
              "the primary's and the shadow's rows of the request in the capture", interval_s=0.5)
     served = read_capture(capture)  # what drift and quality read: the answers clients got
     assert set(served[served["_request_id"] == request_id]["_model_version"]) == {"1"}
+
+    # The shadow predicts in a process of its own beside the replica, as beside a local worker: in the
+    # replica's process it held the GIL the replica serves with, and a shadow that crashed its
+    # process took the primary's replica with it. Killed (kill -9), it is replaced and written to the
+    # history (so -C notify hears of it); the primary answers every request all along.
+    replica = get_engine(RAY, StateStore(env.home)).status(shared).details["worker_pids"][0]
+    children = _shadow_children(replica)
+    assert len(children) == 1, f"no shadow process beside replica {replica} (the shadow ran in the replica)"
+    history = env.home / "deployments" / shared / "history.jsonl"
+    os.kill(children[0], signal.SIGKILL)
+    answers = []
+    for index in range(20):
+        reply = requests.post(f"{view['url']}/invocations", json=split_payload(registry.features.iloc[index:index + 1]),
+                              timeout=30)
+        answers.append((reply.status_code, reply.headers.get("x-model-version")))
+    assert answers == [(200, "1")] * 20, answers
+    wait_for(lambda: {"shadow_crashed", "shadow_recovered"} <= {e["event"] for e in read_history_file(history)}, 120,
+             "shadow_crashed and shadow_recovered in the history", interval_s=1.0)
+    crashed = next(e for e in read_history_file(history) if e["event"] == "shadow_crashed")
+    assert crashed["shadow_pid"] == children[0] and crashed["model"]["model_version"] == "2", crashed
+    assert _shadow_children(replica) not in ([], children)
+    after = requests.post(f"{view['url']}/invocations", json=split_payload(rows), timeout=30)
+    request_id = after.headers["x-request-id"]
+    wait_for(lambda: captured() == [("primary", "1")] * 3 + [("shadow", "2")] * 3, 60,
+             "the pair of a request answered after the shadow was replaced", interval_s=0.5)
+
+
+def _shadow_children(pid: int) -> list[int]:
+    """The shadow processes whose parent is process ``pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"shadow_process" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(

@@ -97,11 +97,24 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
 
     The same build as a local worker's (``serving/service.py``), minus the socket handling: a
     version that cannot load or fails its smoke test raises, so Serve marks the replica failed.
+
+    A shadow version runs in a process of its own beside the replica, as beside a local worker
+    (``engines/local/shadow_process.py``): predicted on a thread of the replica, it held the GIL
+    the replica's event loop needs (~2x the primary's p99 on the local engine, where this was
+    measured), and a shadow that crashed its process (a segfault in native code, memory) took the
+    replica, and the primary's answers, with it. A replaced shadow child is written to the
+    deployment's history (``shadow_crashed`` / ``shadow_recovered``), so ``-C notify`` hears of it.
     """
+    import functools
+
+    from mlflow_deploy_plugin.engines.local.shadow_process import start_shadow_process
     from mlflow_deploy_plugin.serving.service import build_service as build
 
+    root = models_dir.parent  # the deployment's folder (a scratch folder for run-local)
+    # No liveness folder (tally_dir): no supervisor on Ray reads it; the child's counts file is unlinked.
+    starter = functools.partial(start_shadow_process, history=root / "history.jsonl")
     service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
-                    models_dir.parent / "capture.key", token_sha256=token_sha256)
+                    root / "capture.key", token_sha256=token_sha256, shadow_starter=starter)
     service.state.ready = True  # Serve routes to a replica only once its constructor has returned
     return StripRoutePrefix(LeaveRequestIdToServe(service.app)), service.capture, service.metrics
 
