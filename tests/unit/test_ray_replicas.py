@@ -266,3 +266,25 @@ def test_a_crashed_ray_replica_and_its_replacement_are_written_to_the_history(tm
     assert "Ray replica c (pid 102) died: worker_died" in crashed["error"]
     assert recovered["fault"] == "crashed" and recovered["down_s"] == 20.0 and recovered["replicas"] == 2
     assert "crashed" in EVENT_KINDS["faults"] and "worker_recovered" in EVENT_KINDS["healed"]
+
+
+def test_ray_replicas_crashing_again_and_again_are_written_once_per_five_minutes(tmp_path: Path) -> None:
+    """A version that crashes at every start (Serve starts it again and again) writes one crashed
+    event per 5 minutes, counting the crashes since the last one, not one per replica."""
+    from mlflow_deploy_plugin.engines.ray.replica_faults import ReplicaFaults
+
+    store = StateStore(tmp_path)
+    now = [0.0]
+    faults = ReplicaFaults(lambda event, **details: store.append_history("d", event, **details), lambda: now[0])
+    faults.observe(_ray_status([], ["a"], target=1))
+    dead: list[tuple[str, str]] = []
+    for index in range(8):  # a crash every 60 s
+        now[0] += 60.0
+        dead.append((f"r{index}", "worker_died"))
+        faults.observe(_ray_status(dead[-10:], [], target=1, healthy=False))
+    crashed = [e for e in store.read_history("d") if e["event"] == "crashed"]
+    assert [(e["replica_id"], e["replaced"], e["restarts"]) for e in crashed] == [("r0", 1, 1), ("r5", 5, 6)]
+    now[0] += 60.0
+    faults.observe(_ray_status(dead[-10:], ["new"], target=1))
+    recovered = [e for e in store.read_history("d") if e["event"] == "worker_recovered"]
+    assert [(e["replica_id"], e["crashes"], e["down_s"]) for e in recovered] == [("r0", 8, 480.0)]

@@ -10,11 +10,14 @@ with how it died, ``replica_deaths.py``; the replicas running and the target) an
 dead replica:
 
 - ``crashed`` for a replica that died on its own (killed, out of memory, its node gone): error,
-  cause, the replica's id and pid, ``restarts`` (crashes this watch has seen). A replica Serve
+  cause, the replica's id and pid, ``restarts`` (crashes this watch has seen), at most one every
+  :data:`ANNOUNCE_EVERY_S` (``replaced``: the crashes since the last one written): a version that
+  crashes at every start, which Serve starts again and again, must not flood the history and the
+  notify receivers. A replica Serve
   retired (update, downscale, failed health checks: these read the same, see ``replica_deaths.py``)
   is no fault. A death whose cause is not known yet is read again on the next pass.
-- ``worker_recovered`` (``fault="crashed"``, ``down_s``) once the deployment runs its target number
-  of replicas again, healthy, none of them a crashed one.
+- ``worker_recovered`` (``fault="crashed"``, ``down_s`` since the first crash it heals, ``crashes``)
+  once the deployment runs its target number of replicas again, healthy, none of them a crashed one.
 
 Deaths listed when the watch starts are not news (a restarted watch would write them again). The
 watch runs in the agent's host actor (``agent_host.py``), i.e. while the deployment has an agent
@@ -34,6 +37,7 @@ from mlflow_deploy_plugin.engines.ray.replica_deaths import EXPECTED, UNKNOWN
 _logger = logging.getLogger(__name__)
 WATCH_EVERY_S = 10.0  # one read of Serve's details (dead replicas' causes are cached by the engine)
 ACTOR = "ray-replica-watch"
+ANNOUNCE_EVERY_S = 300.0  # as the local engine's shadow process announces its replacements
 
 
 class ReplicaFaults:
@@ -46,6 +50,8 @@ class ReplicaFaults:
         self.seen: set[str] | None = None  # dead replicas already handled (None: no status read yet)
         self.healing: dict[str, tuple[str, float]] = {}  # crashed replica id -> (error, when seen)
         self.restarts = 0
+        self.announced_at = -float("inf")
+        self.unannounced = 0  # crashes since the last ``crashed`` written
 
     def observe(self, status: EngineStatus) -> list[str]:
         """Feed one status; returns the events written."""
@@ -66,20 +72,24 @@ class ReplicaFaults:
             if cause in EXPECTED:
                 continue
             self.restarts += 1
+            self.unannounced += 1
             error = (f"Ray replica {replica} (pid {death.get('pid')}) died: {cause}; Serve starts another "
                      "in its place")
             _logger.warning("%s", error)
-            self.append("crashed", actor=ACTOR, error=error, cause=cause, replica_id=replica, pid=death.get("pid"),
-                        restarts=self.restarts)
             self.healing[replica] = (error, now)
+            if now - self.announced_at < ANNOUNCE_EVERY_S:
+                continue
+            self.append("crashed", actor=ACTOR, error=error, cause=cause, replica_id=replica, pid=death.get("pid"),
+                        restarts=self.restarts, replaced=self.unannounced)
+            self.announced_at, self.unannounced = now, 0
             written.append("crashed")
         self.seen &= listed  # Serve lists at most 10; an id that left the list never comes back
         if self.healing and self._serving_in_full(status):
-            for replica, (error, since) in sorted(self.healing.items(), key=lambda item: item[1][1]):
-                self.append("worker_recovered", actor=ACTOR, fault="crashed", error=error[:500], replica_id=replica,
-                            down_s=round(now - since, 2),
-                            replicas=len(_running(status)))
-                written.append("worker_recovered")
+            # One event for every crash it heals (the first one's error, down since the first).
+            replica, (error, since) = min(self.healing.items(), key=lambda item: item[1][1])
+            self.append("worker_recovered", actor=ACTOR, fault="crashed", error=error[:500], replica_id=replica,
+                        down_s=round(now - since, 2), crashes=len(self.healing), replicas=len(_running(status)))
+            written.append("worker_recovered")
             self.healing.clear()
         return written
 
