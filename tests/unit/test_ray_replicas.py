@@ -163,7 +163,8 @@ def test_a_retiring_replica_has_until_every_request_it_holds_is_answered_and_its
     batch size enters it: the queue's wait is inside timeout_s."""
     config = parse_config({"timeout_s": "60"})
     bound = shutdown.graceful_shutdown_timeout_s(config)
-    assert ingress.DESTRUCTOR_S >= ingress.CAPTURE_CLOSE_S + 1 + ingress.METRICS_CLOSE_S  # the writer joins 1 s longer
+    # The writer joins 1 s longer; a shadow process closes first (ShadowedCapture.close: at most 15 s).
+    assert ingress.DESTRUCTOR_S >= ingress.SHADOW_CLOSE_S + ingress.CAPTURE_CLOSE_S + 1 + ingress.METRICS_CLOSE_S
     assert bound == shutdown.DRAIN_POLL_S + 60 + shutdown.HANDLING_MARGIN_S + ingress.DESTRUCTOR_S
     for more in ({"max_ongoing_requests": "4096"}, {"max_queue": "2048"}, {"max_batch_rows": "1"}):
         assert shutdown.graceful_shutdown_timeout_s(parse_config({"timeout_s": "60", **more})) == bound

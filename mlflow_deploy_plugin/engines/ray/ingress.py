@@ -38,12 +38,15 @@ from mlflow_deploy_plugin.spec import DeploymentSpec
 _logger = logging.getLogger("mlflow_deploy_plugin.ray.replica")
 
 INGRESS_NAME = "LifecycleIngress"  # the Serve deployment's name inside each application
-# What the destructor (Serve's graceful shutdown, after the drain) may take: the capture writer's
-# close (it joins its thread for CAPTURE_CLOSE_S + 1 s) and the last metrics push. Serve counts it in
-# graceful_shutdown_timeout_s (``shutdown.py``), so the replica is not killed while flushing.
+# What the destructor (Serve's graceful shutdown, after the drain) may take: with a shadow, its
+# process's close first (it predicts what it holds and writes its rows: at most SHADOW_CLOSE_S,
+# ``ShadowedCapture.close``), the capture writer's close (it joins its thread for CAPTURE_CLOSE_S
+# + 1 s) and the last metrics push. Serve counts it in graceful_shutdown_timeout_s (``shutdown.py``),
+# so the replica is not killed while flushing.
+SHADOW_CLOSE_S = 15.0
 CAPTURE_CLOSE_S = 30.0
 METRICS_CLOSE_S = 5.0
-DESTRUCTOR_S = CAPTURE_CLOSE_S + 1.0 + METRICS_CLOSE_S
+DESTRUCTOR_S = SHADOW_CLOSE_S + CAPTURE_CLOSE_S + 1.0 + METRICS_CLOSE_S
 
 
 class StripRoutePrefix:
