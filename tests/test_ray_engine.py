@@ -43,13 +43,14 @@ import requests
 from conftest import Env, Registry, free_port, split_payload, wait_for
 from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
+from notify_receiver import Receiver
 
 from mlflow_deploy_plugin.bounded_exit import BACKSTOP_S, EXIT_GRACE_S
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.engines.base import get_engine
 from mlflow_deploy_plugin.lifecycle import traffic_stats
 from mlflow_deploy_plugin.registry import resolve_model_uri
-from mlflow_deploy_plugin.state import StateStore, read_history_file
+from mlflow_deploy_plugin.state import StateStore, read_history_file, read_or_create_secret
 
 RAY = "lifecycle:/ray"
 # The first test to use the cluster pays for starting it (and Serve) in its set-up, which pytest-timeout
@@ -140,8 +141,19 @@ def _stop_load(stop: threading.Event, threads: list[threading.Thread]) -> None:
 @pytest.mark.timeout(900)
 def test_replicas_update_under_load_capture_kill_delete(env: Env, registry: Registry, ray_cluster: str) -> None:
     name = "ray-churn"
+    # The agent signing notifications runs on the cluster, which has not this shell's variables.
+    refused = env.cli("create", "-t", RAY, "--name", "ray-nosecret", "-m", f"models:/{registry.model}/1", "-C",
+                      "notify=http://127.0.0.1:9/hook", "-C", "notify_secret_env=SECRET_OF_THIS_SHELL", check=False,
+                      env=env.environ(SECRET_OF_THIS_SHELL="s3cret"))
+    assert refused.returncode != 0 and "SECRET_OF_THIS_SHELL is not set on the Ray cluster" in refused.stderr, \
+        refused.stderr
+    # Notified (the deployment's own secret signs): the replica killed below reaches the receiver.
+    receiver = Receiver(free_port(), "")
     env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "num_replicas=2", "-C", "num_cpus=0.5", "-C", "max_ongoing_requests=64")
+            "-C", "num_replicas=2", "-C", "num_cpus=0.5", "-C", "max_ongoing_requests=64",
+            "-C", f"notify=http://127.0.0.1:{receiver.port}/hook")
+    receiver.secret = read_or_create_secret(StateStore(env.home).paths(name).notify_key)
+    receiver.start()
     deploy_client = _client()
     try:
         view = deploy_client.get_deployment(name)
@@ -184,16 +196,18 @@ def test_replicas_update_under_load_capture_kill_delete(env: Env, registry: Regi
 
         wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}", interval_s=0.5)
 
-        _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name, url, registry)
+        _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name, url, registry, receiver)
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
+        receiver.stop()
     assert name not in [view["name"] for view in deploy_client.list_deployments()]
     assert requests.get(f"{url}/ping", timeout=10).status_code == 404  # the proxy stays; the route is gone
 
 
 def _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name: str, url: str,
-                                                          registry: Registry) -> None:
-    """SIGKILL one of the two replicas under a request loop: Serve replaces it, the other answers."""
+                                                          registry: Registry, receiver: Receiver) -> None:
+    """SIGKILL one of the two replicas under a request loop: Serve replaces it, the other answers;
+    the crash and the deployment serving in full again reach the -C notify receiver, signed."""
     view = deploy_client.get_deployment(name)
     replicas = view["replicas"]
     assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"], replicas
@@ -230,6 +244,15 @@ def _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name: s
     # replica answered meanwhile and the replacement serves.
     assert len(failed) <= len(clients), failed
     assert during.count(200) >= 1 and after and set(after) == {200}
+
+    def told() -> list[dict]:
+        return [body for body in receiver.bodies("/hook") if body["event"] in ("crashed", "worker_recovered")]
+
+    wait_for(lambda: [body["event"] for body in told()] == ["crashed", "worker_recovered"], 180,
+             "crashed and worker_recovered delivered to the receiver", interval_s=1)
+    crashed = told()[0]["details"]
+    assert crashed["pid"] == victim and crashed["cause"] not in ("retired", "unknown"), crashed
+    assert not receiver.rejected, receiver.rejected  # every delivery's signature verified
 
 
 def _input_file(env: Env, frame) -> str:
