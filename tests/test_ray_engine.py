@@ -570,6 +570,25 @@ def test_a_shadow_on_ray_gets_a_copy_of_each_request_and_answers_nobody(
     wait_for(lambda: captured() == [("primary", "1")] * 3 + [("shadow", "2")] * 3, 60,
              "the pair of a request answered after the shadow was replaced", interval_s=0.5)
 
+    # `mlflow-deploy shadow report` (in process, no MLflow run) pairs what Ray captured, and its
+    # verdict is a gauge on the replicas' /metrics.
+    from datetime import UTC, datetime, timedelta
+
+    from mlflow_deploy_plugin.monitoring.shadow_report import run_shadow_report
+
+    def pairs() -> int:
+        frame = read_capture(capture, shadow=True)
+        roles = frame.groupby("_role")["_request_id"].apply(set)
+        return len(roles["shadow"] & roles["primary"])
+
+    before = pairs()
+    report = run_shadow_report(shared, datetime.now(UTC) - timedelta(hours=1), store=StateStore(env.home),
+                               log_to_mlflow=False).comparison
+    assert before <= report.requests <= pairs() and report.shadow_version == "2", report
+    gauge = f'mlflow_deploy_shadow_agreement{{deployment="{shared}",model_version="2"}}'
+    wait_for(lambda: gauge in requests.get(f"{view['url']}/metrics", timeout=30).text, 30,
+             "the shadow verdict's gauge on /metrics")
+
 
 def _shadow_children(pid: int) -> list[int]:
     """The shadow processes whose parent is process ``pid`` (read from /proc)."""
