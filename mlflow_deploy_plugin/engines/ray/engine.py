@@ -45,6 +45,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -714,7 +715,7 @@ class RayEngine(Engine):
             env["MLFLOW_TRACKING_URI"] = spec.tracking_uri
         host: Any = AgentHost  # a Ray actor class (ray.remote), typed by Ray as the plain class
         actor = host.options(name=_agent_name(spec.name), namespace=NAMESPACE, lifetime="detached",
-                                  get_if_exists=True).remote(str(self.store.paths(spec.name).root), env)
+                                  get_if_exists=True).remote(str(self.store.paths(spec.name).root), env, read_status)
         ray.get(actor.pid.remote(), timeout=120)  # constructed: the agent process runs
 
     def _stop_agent(self, name: str) -> None:
@@ -724,6 +725,18 @@ class RayEngine(Engine):
         with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
             ray.get(actor.stop.remote(), timeout=AGENT_STOP_S)  # bounded by Ray itself
         self._call(lambda: ray.kill(actor, no_restart=True), f"killing the agent actor {_agent_name(name)!r} (GCS)")
+
+
+@functools.lru_cache(maxsize=8)
+def _engine_for(home: str) -> RayEngine:
+    return RayEngine(StateStore(Path(home)))
+
+
+def read_status(home: str, name: str) -> EngineStatus:
+    """Deployment ``name``'s status under state home ``home``, from a process of the cluster: the agent
+    host's replica watch (``agent_host.py``, ``replica_faults.py``), handed this function by
+    :meth:`RayEngine._keep_agent`. One engine per home, so the death causes it read are kept."""
+    return _engine_for(home).status(name)
 
 
 @ray.remote(num_cpus=0)
