@@ -5,7 +5,8 @@ here: what a user sees from the CLI: no cluster, replicas, predict, an update un
 and per-version figures from every replica, delete; token auth with only the token's hash on the
 cluster, a V2 client, and the agent on the cluster (drift reports on its schedule, following an
 alias when a webhook pokes it, its actor killed and restarted by Ray, a switch interrupted between
-Serve's change and the spec write finished); a shadow version whose rows pair with the primary's;
+Serve's change and the spec write finished); a shadow version whose rows pair with the primary's,
+predicted in a process of its own that, killed, is replaced and written to the history;
 list/get/delete from a second machine (another MLFLOW_DEPLOY_HOME) through the cluster's own
 state; run-local on the cluster, ended by Ctrl-C, and by a second Ctrl-C while Serve's controller
 is stuck (SIGSTOP); a replica killed with SIGKILL replaced while the deployment keeps
@@ -42,13 +43,14 @@ import requests
 from conftest import Env, Registry, free_port, split_payload, wait_for
 from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
+from notify_receiver import Receiver
 
 from mlflow_deploy_plugin.bounded_exit import BACKSTOP_S, EXIT_GRACE_S
 from mlflow_deploy_plugin.capture import read_capture
 from mlflow_deploy_plugin.engines.base import get_engine
 from mlflow_deploy_plugin.lifecycle import traffic_stats
 from mlflow_deploy_plugin.registry import resolve_model_uri
-from mlflow_deploy_plugin.state import StateStore, read_history_file
+from mlflow_deploy_plugin.state import StateStore, read_history_file, read_or_create_secret
 
 RAY = "lifecycle:/ray"
 # The first test to use the cluster pays for starting it (and Serve) in its set-up, which pytest-timeout
@@ -139,8 +141,19 @@ def _stop_load(stop: threading.Event, threads: list[threading.Thread]) -> None:
 @pytest.mark.timeout(900)
 def test_replicas_update_under_load_capture_kill_delete(env: Env, registry: Registry, ray_cluster: str) -> None:
     name = "ray-churn"
+    # The agent signing notifications runs on the cluster, which has not this shell's variables.
+    refused = env.cli("create", "-t", RAY, "--name", "ray-nosecret", "-m", f"models:/{registry.model}/1", "-C",
+                      "notify=http://127.0.0.1:9/hook", "-C", "notify_secret_env=SECRET_OF_THIS_SHELL", check=False,
+                      env=env.environ(SECRET_OF_THIS_SHELL="s3cret"))
+    assert refused.returncode != 0 and "SECRET_OF_THIS_SHELL is not set on the Ray cluster" in refused.stderr, \
+        refused.stderr
+    # Notified (the deployment's own secret signs): the replica killed below reaches the receiver.
+    receiver = Receiver(free_port(), "")
     env.cli("create", "-t", RAY, "--name", name, "-m", f"models:/{registry.model}/1",
-            "-C", "num_replicas=2", "-C", "num_cpus=0.5", "-C", "max_ongoing_requests=64")
+            "-C", "num_replicas=2", "-C", "num_cpus=0.5", "-C", "max_ongoing_requests=64",
+            "-C", f"notify=http://127.0.0.1:{receiver.port}/hook")
+    receiver.secret = read_or_create_secret(StateStore(env.home).paths(name).notify_key)
+    receiver.start()
     deploy_client = _client()
     try:
         view = deploy_client.get_deployment(name)
@@ -183,16 +196,18 @@ def test_replicas_update_under_load_capture_kill_delete(env: Env, registry: Regi
 
         wait_for(lambda: counted() == answered, 60, f"the replicas' figures to count {answered}", interval_s=0.5)
 
-        _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name, url, registry)
+        _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name, url, registry, receiver)
     finally:
         env.cli("delete", "-t", RAY, "--name", name)
+        receiver.stop()
     assert name not in [view["name"] for view in deploy_client.list_deployments()]
     assert requests.get(f"{url}/ping", timeout=10).status_code == 404  # the proxy stays; the route is gone
 
 
 def _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name: str, url: str,
-                                                          registry: Registry) -> None:
-    """SIGKILL one of the two replicas under a request loop: Serve replaces it, the other answers."""
+                                                          registry: Registry, receiver: Receiver) -> None:
+    """SIGKILL one of the two replicas under a request loop: Serve replaces it, the other answers;
+    the crash and the deployment serving in full again reach the -C notify receiver, signed."""
     view = deploy_client.get_deployment(name)
     replicas = view["replicas"]
     assert [r["state"] for r in replicas] == ["RUNNING", "RUNNING"], replicas
@@ -229,6 +244,15 @@ def _a_replica_killed_is_replaced_while_the_other_answers(deploy_client, name: s
     # replica answered meanwhile and the replacement serves.
     assert len(failed) <= len(clients), failed
     assert during.count(200) >= 1 and after and set(after) == {200}
+
+    def told() -> list[dict]:
+        return [body for body in receiver.bodies("/hook") if body["event"] in ("crashed", "worker_recovered")]
+
+    wait_for(lambda: [body["event"] for body in told()] == ["crashed", "worker_recovered"], 180,
+             "crashed and worker_recovered delivered to the receiver", interval_s=1)
+    crashed = told()[0]["details"]
+    assert crashed["pid"] == victim and crashed["cause"] not in ("retired", "unknown"), crashed
+    assert not receiver.rejected, receiver.rejected  # every delivery's signature verified
 
 
 def _input_file(env: Env, frame) -> str:
@@ -520,6 +544,66 @@ def test_a_shadow_on_ray_gets_a_copy_of_each_request_and_answers_nobody(
              "the primary's and the shadow's rows of the request in the capture", interval_s=0.5)
     served = read_capture(capture)  # what drift and quality read: the answers clients got
     assert set(served[served["_request_id"] == request_id]["_model_version"]) == {"1"}
+
+    # The shadow predicts in a process of its own beside the replica, as beside a local worker: in the
+    # replica's process it held the GIL the replica serves with, and a shadow that crashed its
+    # process took the primary's replica with it. Killed (kill -9), it is replaced and written to the
+    # history (so -C notify hears of it); the primary answers every request all along.
+    replica = get_engine(RAY, StateStore(env.home)).status(shared).details["worker_pids"][0]
+    children = _shadow_children(replica)
+    assert len(children) == 1, f"no shadow process beside replica {replica} (the shadow ran in the replica)"
+    history = env.home / "deployments" / shared / "history.jsonl"
+    os.kill(children[0], signal.SIGKILL)
+    answers = []
+    for index in range(20):
+        reply = requests.post(f"{view['url']}/invocations", json=split_payload(registry.features.iloc[index:index + 1]),
+                              timeout=30)
+        answers.append((reply.status_code, reply.headers.get("x-model-version")))
+    assert answers == [(200, "1")] * 20, answers
+    wait_for(lambda: {"shadow_crashed", "shadow_recovered"} <= {e["event"] for e in read_history_file(history)}, 120,
+             "shadow_crashed and shadow_recovered in the history", interval_s=1.0)
+    crashed = next(e for e in read_history_file(history) if e["event"] == "shadow_crashed")
+    assert crashed["shadow_pid"] == children[0] and crashed["model"]["model_version"] == "2", crashed
+    assert _shadow_children(replica) not in ([], children)
+    after = requests.post(f"{view['url']}/invocations", json=split_payload(rows), timeout=30)
+    request_id = after.headers["x-request-id"]
+    wait_for(lambda: captured() == [("primary", "1")] * 3 + [("shadow", "2")] * 3, 60,
+             "the pair of a request answered after the shadow was replaced", interval_s=0.5)
+
+    # `mlflow-deploy shadow report` (in process, no MLflow run) pairs what Ray captured, and its
+    # verdict is a gauge on the replicas' /metrics.
+    from datetime import UTC, datetime, timedelta
+
+    from mlflow_deploy_plugin.monitoring.shadow_report import run_shadow_report
+
+    def pairs() -> int:
+        frame = read_capture(capture, shadow=True)
+        roles = frame.groupby("_role")["_request_id"].apply(set)
+        return len(roles["shadow"] & roles["primary"])
+
+    before = pairs()
+    report = run_shadow_report(shared, datetime.now(UTC) - timedelta(hours=1), store=StateStore(env.home),
+                               log_to_mlflow=False).comparison
+    assert before <= report.requests <= pairs() and report.shadow_version == "2", report
+    gauge = f'mlflow_deploy_shadow_agreement{{deployment="{shared}",model_version="2"}}'
+    wait_for(lambda: gauge in requests.get(f"{view['url']}/metrics", timeout=30).text, 30,
+             "the shadow verdict's gauge on /metrics")
+
+
+def _shadow_children(pid: int) -> list[int]:
+    """The shadow processes whose parent is process ``pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"shadow_process" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def test_a_second_machine_sees_and_deletes_deployments_through_the_cluster(

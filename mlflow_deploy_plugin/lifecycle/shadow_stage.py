@@ -15,8 +15,11 @@ Checks (``shadow.*`` lines, :class:`.gates.GateResult` like the gates and the ca
 - ``shadow.difference`` (regression, ``max_mean_abs_difference``): mean |shadow − primary|. It has no
   default (it is in the target's units): unset, the line is a SKIP that gives the figure, so the
   record says the answers were not judged.
-- ``shadow.error_rate`` (``max_error_rate``): the shadow's share of failed answers (it raised or
-  timed out) beyond the primary's on the same requests.
+- ``shadow.error_rate`` (``max_error_rate``): the share of the copies sent to the shadow that it
+  failed (raised, timed out) *or dropped* (busy behind a hung call, crashed, queue_full, no_shadow:
+  ``ShadowComparison.shadow_failure_rate``) beyond the primary's error rate on the same requests.
+  Judged on the pairs alone, a shadow that hung or crashed on most copies and answered the few
+  others well passed: the dropped copies leave no pair.
 - ``shadow.labels`` (``not_worse_on_labels``): with at least ``min_labelled_rows`` labelled pairs,
   the challenger must not be significantly worse than the champion on them (paired test at
   alpha 0.05); with fewer, the line says so and does not hold the stage back (labels often come
@@ -84,15 +87,20 @@ def evaluate_shadow(policy: ShadowPolicy, comparison: ShadowComparison, elapsed_
                 f"{_fmt(policy.max_mean_abs_difference)} allowed",
                 {**comparison.difference, "max_mean_abs_difference": policy.max_mean_abs_difference}))
     if policy.max_error_rate is not None:
-        worse = comparison.shadow_error_rate - comparison.primary_error_rate
+        failed = comparison.shadow_failure_rate
+        worse = failed - comparison.primary_error_rate
         over = worse - policy.max_error_rate
+        dropped = comparison.shadow_dropped or 0
+        what = (f"failed or dropped {_fmt(failed * 100)}% of the {comparison.requests + dropped} copies sent to it "
+                f"(errors {_fmt(comparison.shadow_error_rate * 100)}% of the {comparison.requests} it predicted, "
+                f"{dropped} dropped)" if dropped else f"error rate {_fmt(failed * 100)}%")
         results.append(GateResult(
             "shadow.error_rate", over <= _EPS,
-            f"error rate {_fmt(comparison.shadow_error_rate * 100)}% vs the champion's "
-            f"{_fmt(comparison.primary_error_rate * 100)}% on the same requests: "
+            f"{what} vs the champion's {_fmt(comparison.primary_error_rate * 100)}% on the same requests: "
             + (f"worse by {_fmt(worse * 100)} points > {_fmt(policy.max_error_rate * 100)} allowed" if over > _EPS
                else f"within {_fmt(policy.max_error_rate * 100)} points"),
-            {"shadow_error_rate": comparison.shadow_error_rate, "primary_error_rate": comparison.primary_error_rate,
+            {"shadow_failure_rate": failed, "shadow_error_rate": comparison.shadow_error_rate,
+             "shadow_dropped": comparison.shadow_dropped, "primary_error_rate": comparison.primary_error_rate,
              "max_error_rate": policy.max_error_rate}))
     if policy.not_worse_on_labels:
         lab = comparison.labelled

@@ -4,11 +4,19 @@ Serving captures both answers of a mirrored request under one ``_request_id`` (`
 shadow, see ``serving/shadow.py``), so the comparison is an exact merge on (request id, row), never
 a comparison of two populations. From the pairs:
 
-- every task: how many requests were paired, each side's error rate (non-2xx) and latency
-  (p50/p95/p99 of the per-request ``_latency_ms``). They measure different things, and the summary
+- every task: how many requests were paired, each side's error rate (non-2xx: for the shadow, its
+  calls that raised or timed out, among the copies it predicted) and latency
+  (p50/p95/p99 of the per-request ``_latency_ms``). Beside them, the copies the shadow **dropped**
+  (busy behind a hung call, crashed, queue_full, no_shadow): they leave no row, so they are counted
+  as the copies mirrored (the primary's 2xx requests from the shadow's first row on, times the
+  sample rate) minus the copies it answered: exact at ``shadow_sample_rate`` 1, else a lower
+  bound (three standard deviations of the sampling below the estimate: sampling alone never shows
+  as drops). The policy's ``max_error_rate`` judges the shadow's failures *and* drops among the
+  copies sent to it (:attr:`ShadowComparison.shadow_failure_rate`): a shadow that dropped most
+  copies and answered the rest well does not pass on those few. They measure different things, and the summary
   says so: the primary's is the time to answer the request; the shadow's is the call that predicted
-  its copy, a batch of copies gathered up to 200 ms, in a process at low CPU priority (local engine)
-  or a thread beside the replica's work (Ray). Two versions of equal cost show a far higher shadow
+  its copy, a batch of copies gathered up to 200 ms, in a process at low CPU priority beside the
+  worker (local engine) or the replica (Ray). Two versions of equal cost show a far higher shadow
   p99 under load (a busy machine gives the primary the CPU first): a regression shows as a change
   between shadow reports, not as the gap to the primary;
 - classification: the **agreement** (share of answered rows where both predicted the same class,
@@ -74,16 +82,38 @@ class ShadowComparison:
     # Requests the primary answered in the window, mirrored or not: beside ``requests`` it shows the copies
     # the shadow never answered (dropped: busy behind a hung call, crashed, queue_full; or not sampled).
     primary_requests: int = 0
+    # Copies mirrored to the shadow it never answered (see the module docstring); None: not known (the
+    # sample rate of a past shadow).
+    shadow_dropped: int | None = None
+
+    @property
+    def shadow_dropped_rate(self) -> float | None:
+        """The share of the copies sent to the shadow (answered, failed or dropped) it dropped."""
+        if self.shadow_dropped is None:
+            return None
+        sent = self.requests + self.shadow_dropped
+        return self.shadow_dropped / sent if sent else 0.0
+
+    @property
+    def shadow_failure_rate(self) -> float:
+        """The share of the copies sent to the shadow that it failed (raised, timed out) or dropped:
+        what the policy's ``max_error_rate`` judges."""
+        dropped = self.shadow_dropped or 0
+        sent = self.requests + dropped
+        return (self.shadow_error_rate * self.requests + dropped) / sent if sent else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "shadow_dropped_rate": self.shadow_dropped_rate,
+                "shadow_failure_rate": self.shadow_failure_rate}
 
     def figures(self) -> dict[str, float]:
         """Flat numeric figures (MLflow metrics, verdict gauges)."""
-        out: dict[str, float] = {"requests": self.requests, "rows": self.rows, "answered_rows": self.answered_rows,
+        out: dict[str, float | None] = {"requests": self.requests, "rows": self.rows, "answered_rows": self.answered_rows,
                                  "primary_requests": self.primary_requests,
                                  "primary_error_rate": self.primary_error_rate,
-                                 "shadow_error_rate": self.shadow_error_rate}
+                                 "shadow_error_rate": self.shadow_error_rate,
+                                 "shadow_dropped": self.shadow_dropped, "shadow_dropped_rate": self.shadow_dropped_rate,
+                                 "shadow_failure_rate": self.shadow_failure_rate}
         for side, latency in (("primary", self.primary_latency_ms), ("shadow", self.shadow_latency_ms)):
             out.update({f"{side}_latency_{k}_ms": v for k, v in latency.items()})
         if self.agreement is not None:
@@ -103,7 +133,11 @@ class ShadowComparison:
             head += f", agreement {self.agreement:.3f}"
         if self.difference:
             head += f", mean |difference| {self.difference.get('mean_abs', float('nan')):.4g}"
-        head += (f"; errors primary {self.primary_error_rate:.3f} / shadow {self.shadow_error_rate:.3f}; "
+        head += f"; errors primary {self.primary_error_rate:.3f} / shadow {self.shadow_error_rate:.3f}"
+        if self.shadow_dropped:
+            head += (f", and the shadow dropped {self.shadow_dropped:,} of the {self.requests + self.shadow_dropped:,} "
+                     f"copies sent to it ({self.shadow_dropped_rate:.3f}: busy, crashed, queue_full or no_shadow)")
+        head += (f"; "
                  f"p99 latency primary {self.primary_latency_ms.get('p99', float('nan')):.1f} ms (answer) / shadow "
                  f"{self.shadow_latency_ms.get('p99', float('nan')):.1f} ms (batched call off the request path)")
         if self.labelled is not None:
@@ -141,9 +175,33 @@ def infer_task(configured: str | None, predictions: pd.Series) -> str:
     return infer(configured, None, predictions)
 
 
+def dropped_copies(primary: pd.DataFrame, shadow: pd.DataFrame, answered: int, sample_rate: float | None,
+                   open_end: bool = True) -> int | None:
+    """The copies mirrored to the shadow that it never answered (see the module docstring).
+
+    ``primary``/``shadow``: the window's rows of each role (the shadow's of one version); ``answered``:
+    the requests paired; ``sample_rate``: the shadow's ``shadow_sample_rate`` (None: unknown, so no
+    count); ``open_end``: the shadow is still set, so requests after its last row were mirrored too
+    (else only those up to its last row count: it was removed or replaced then).
+    """
+    if sample_rate is None or not len(shadow):
+        return None if sample_rate is None else 0
+    requests = primary.drop_duplicates("_request_id")
+    requests = requests[requests["_status"].fillna(200).astype(int).between(200, 299)]
+    if "_timestamp" in requests and "_timestamp" in shadow:
+        # Before the shadow's first row it may not have been set; a primary failure may not be mirrored.
+        requests = requests[requests["_timestamp"] >= shadow["_timestamp"].min()]
+        if not open_end:
+            requests = requests[requests["_timestamp"] <= shadow["_timestamp"].max()]
+    expected = len(requests) * sample_rate
+    spread = 3.0 * math.sqrt(len(requests) * sample_rate * (1.0 - sample_rate))
+    return max(0, int(math.floor(expected - spread + 1e-9)) - answered)
+
+
 def compare_pairs(captured: pd.DataFrame, *, task: str | None = None, labels: pd.DataFrame | None = None,
-                  alpha: float = 0.05) -> ShadowComparison:
-    """The comparison of the (request id, row) pairs in ``captured`` (read with ``shadow=True``)."""
+                  alpha: float = 0.05, sample_rate: float | None = 1.0, open_end: bool = True) -> ShadowComparison:
+    """The comparison of the (request id, row) pairs in ``captured`` (read with ``shadow=True``);
+    ``sample_rate`` and ``open_end``: how the copies the shadow dropped are counted (:func:`dropped_copies`)."""
     role = captured[ROLE_COLUMN].fillna("primary") if ROLE_COLUMN in captured else pd.Series(
         "primary", index=captured.index)
     primary_all = captured[role != SHADOW]
@@ -175,7 +233,8 @@ def compare_pairs(captured: pd.DataFrame, *, task: str | None = None, labels: pd
         shadow_error_rate=_error_rate(per_request["_status_shadow"]),
         primary_latency_ms=_latency(per_request["_latency_ms"]),
         shadow_latency_ms=_latency(per_request["_latency_ms_shadow"]),
-        primary_requests=int(primary_all["_request_id"].nunique()))
+        primary_requests=int(primary_all["_request_id"].nunique()),
+        shadow_dropped=dropped_copies(primary_all, shadow_all, len(per_request), sample_rate, open_end))
     if task == "classification":
         from mlflow_deploy_plugin.quality.labels import canonical
 

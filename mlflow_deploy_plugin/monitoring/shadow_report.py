@@ -50,8 +50,8 @@ _log = logging.getLogger(__name__)
 
 HTML_ARTIFACT = "shadow_report.html"
 LATENCY_NOTE = ("Latency: the primary's is the time to answer each request; the shadow's is the call that "
-                "predicted its copy, a batch of copies gathered off the request path (at low CPU priority on "
-                "the local engine). Compare the shadow's latency between reports, not with the primary's.")
+                "predicted its copy, a batch of copies gathered off the request path (at low CPU priority, in a "
+                "process of its own). Compare the shadow's latency between reports, not with the primary's.")
 SUMMARY_ARTIFACT = "shadow_summary.json"
 
 
@@ -103,7 +103,11 @@ def compare_window(name: str, since: datetime, until: datetime, *, store: StateS
             other = (captured["_role"] == "shadow") & (captured["_model_version"].astype(str) != shadow_version)
             captured = captured[~other]
     labels = read_labels(labels_root(root), since, until)
-    return compare_pairs(captured, task=spec.config.task, labels=labels)
+    # The copies it dropped are counted from the sample rate it runs with: known for the current
+    # shadow only (a past one's is not kept), which alone was mirrored to up to the window's end.
+    current = spec.shadow is not None and (shadow_version is None or spec.shadow.model_version == shadow_version)
+    return compare_pairs(captured, task=spec.config.task, labels=labels,
+                         sample_rate=spec.config.shadow_sample_rate if current else None, open_end=current)
 
 
 def run_shadow_report(name: str, since: datetime | None = None, until: datetime | None = None, *,

@@ -83,7 +83,11 @@ class ServingMetrics:
             "(ok, error: it raised, timeout: no answer within timeout_s).",
             ["deployment", "model_version", "outcome"], registry=registry)
         self.shadow_latency = Histogram(
-            "mlflow_deploy_shadow_latency_seconds", "Time the shadow version took per request copy.",
+            "mlflow_deploy_shadow_latency_seconds",
+            "Duration of the shadow version's predict call that answered each request copy, one observation "
+            "per copy: copies predicted together in one batched call each get that call's whole duration. "
+            "Off the request path (at low CPU priority where the shadow has a process of its own), so not "
+            "comparable with the primary's request latency; compare it between reports.",
             ["deployment", "model_version"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.shadow_dropped = Counter(
             "mlflow_deploy_shadow_dropped_requests", "Request copies not sent to the shadow version "

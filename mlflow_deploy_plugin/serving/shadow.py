@@ -32,7 +32,8 @@ Where it runs: on the local engine, in a process of its own beside each worker
 (:mod:`mlflow_deploy_plugin.engines.local.shadow_process`: the worker only hands copies over a
 bounded pipe, so the shadow's predict never holds the serving process's GIL; the same guarantees
 hold, plus ``crashed`` drops for copies a dead or silent shadow process took and never answered).
-On the Ray engine, in the replica's process as described above.
+On the Ray engine, the same process beside each replica (``engines/ray/ingress.py``). Without a
+``shadow_starter`` (in-process tests), in the serving process as described above.
 """
 
 from __future__ import annotations

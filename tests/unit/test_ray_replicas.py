@@ -163,7 +163,8 @@ def test_a_retiring_replica_has_until_every_request_it_holds_is_answered_and_its
     batch size enters it: the queue's wait is inside timeout_s."""
     config = parse_config({"timeout_s": "60"})
     bound = shutdown.graceful_shutdown_timeout_s(config)
-    assert ingress.DESTRUCTOR_S >= ingress.CAPTURE_CLOSE_S + 1 + ingress.METRICS_CLOSE_S  # the writer joins 1 s longer
+    # The writer joins 1 s longer; a shadow process closes first (ShadowedCapture.close: at most 15 s).
+    assert ingress.DESTRUCTOR_S >= ingress.SHADOW_CLOSE_S + ingress.CAPTURE_CLOSE_S + 1 + ingress.METRICS_CLOSE_S
     assert bound == shutdown.DRAIN_POLL_S + 60 + shutdown.HANDLING_MARGIN_S + ingress.DESTRUCTOR_S
     for more in ({"max_ongoing_requests": "4096"}, {"max_queue": "2048"}, {"max_batch_rows": "1"}):
         assert shutdown.graceful_shutdown_timeout_s(parse_config({"timeout_s": "60", **more})) == bound
@@ -224,3 +225,67 @@ def test_a_ray_call_that_never_returns_ends_the_verb_as_temporarily_unavailable(
         assert _engine_failed("Update failed", EngineError("a replica crashed")).error_code == "INVALID_STATE"
     finally:
         never.set()  # the threads left behind return
+
+
+def _ray_status(dead: list[tuple[str, str]], running: list[str], *, target: int = 2, healthy: bool = True) -> Any:
+    """An EngineStatus as RayEngine._to_status builds it: dead replicas (id, cause), running ids."""
+    from mlflow_deploy_plugin.engines.base import RUNNING, UNHEALTHY, EngineStatus
+
+    return EngineStatus(
+        state=RUNNING if healthy else UNHEALTHY, healthy=healthy,
+        details={"dead_replicas": [{"replica_id": rid, "pid": 100 + i, "cause": cause} for i, (rid, cause) in enumerate(dead)],
+                 "replicas": [{"replica_id": rid, "state": "RUNNING", "pid": 1} for rid in running],
+                 "target_replicas": target})
+
+
+def test_a_crashed_ray_replica_and_its_replacement_are_written_to_the_history(tmp_path: Path) -> None:
+    """Serve replaces a replica killed with kill -9 by itself: nothing wrote it to the history, so a
+    -C notify receiver never heard of a crash on Ray, nor of its end (the local engine writes
+    crashed / worker_recovered). Deaths before the watch, retirements and causes not known yet are
+    no events; one crash is written once, its recovery once the target count runs healthy again."""
+    from mlflow_deploy_plugin.engines.ray.replica_faults import ReplicaFaults
+    from mlflow_deploy_plugin.lifecycle.notify import EVENT_KINDS
+
+    store = StateStore(tmp_path)
+    clock = iter([1000.0, 1010.0, 1020.0, 1030.0, 1040.0])
+    faults = ReplicaFaults(lambda event, **details: store.append_history("d", event, **details), lambda: next(clock))
+    # Before the watch: an old crash is not news.
+    assert faults.observe(_ray_status([("old", "worker_died")], ["a", "b"])) == []
+    # An update retired two replicas (no fault); a kill -9 whose cause the GCS has not written yet.
+    assert faults.observe(_ray_status([("old", "worker_died"), ("a", RETIRED), ("b", "retired"), ("c", UNKNOWN)],
+                                      ["d", "e"])) == []
+    # Now its cause is known; Serve is starting the replacement (one of two running).
+    assert faults.observe(_ray_status([("a", RETIRED), ("b", RETIRED), ("c", "worker_died")], ["e"],
+                                      healthy=False)) == ["crashed"]
+    assert faults.observe(_ray_status([("a", RETIRED), ("b", RETIRED), ("c", "worker_died")], ["e"])) == []
+    assert faults.observe(_ray_status([("a", RETIRED), ("b", RETIRED), ("c", "worker_died")], ["e", "f"])) == [
+        "worker_recovered"]
+    events = [e for e in store.read_history("d")]
+    assert [e["event"] for e in events] == ["crashed", "worker_recovered"]
+    crashed, recovered = events
+    assert crashed["cause"] == "worker_died" and crashed["replica_id"] == "c" and crashed["restarts"] == 1
+    assert "Ray replica c (pid 102) died: worker_died" in crashed["error"]
+    assert recovered["fault"] == "crashed" and recovered["down_s"] == 20.0 and recovered["replicas"] == 2
+    assert "crashed" in EVENT_KINDS["faults"] and "worker_recovered" in EVENT_KINDS["healed"]
+
+
+def test_ray_replicas_crashing_again_and_again_are_written_once_per_five_minutes(tmp_path: Path) -> None:
+    """A version that crashes at every start (Serve starts it again and again) writes one crashed
+    event per 5 minutes, counting the crashes since the last one, not one per replica."""
+    from mlflow_deploy_plugin.engines.ray.replica_faults import ReplicaFaults
+
+    store = StateStore(tmp_path)
+    now = [0.0]
+    faults = ReplicaFaults(lambda event, **details: store.append_history("d", event, **details), lambda: now[0])
+    faults.observe(_ray_status([], ["a"], target=1))
+    dead: list[tuple[str, str]] = []
+    for index in range(8):  # a crash every 60 s
+        now[0] += 60.0
+        dead.append((f"r{index}", "worker_died"))
+        faults.observe(_ray_status(dead[-10:], [], target=1, healthy=False))
+    crashed = [e for e in store.read_history("d") if e["event"] == "crashed"]
+    assert [(e["replica_id"], e["replaced"], e["restarts"]) for e in crashed] == [("r0", 1, 1), ("r5", 5, 6)]
+    now[0] += 60.0
+    faults.observe(_ray_status(dead[-10:], ["new"], target=1))
+    recovered = [e for e in store.read_history("d") if e["event"] == "worker_recovered"]
+    assert [(e["replica_id"], e["crashes"], e["down_s"]) for e in recovered] == [("r0", 8, 480.0)]

@@ -325,3 +325,41 @@ def test_a_regression_shadow_stage_without_a_difference_bound_says_its_answers_w
     bounded = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 50, max_mean_abs_difference: 1.0}\n")
     assert bounded.promotion.shadow is not None
     assert evaluate_shadow(bounded.promotion.shadow, far, elapsed_s=60).status == "fail"
+
+
+def test_a_shadow_that_dropped_most_copies_fails_the_error_gate_and_the_report_says_so() -> None:
+    """Copies a hung or crashing shadow dropped (busy, crashed) leave no pair: judged on its pairs
+    alone, a shadow that answered 20 of the 90 copies sent to it, those well, passed max_error_rate
+    and the report's error rate said 0. Now the drops are counted beside the pairs (the primary's
+    requests from the shadow's first row on, times the sample rate: a lower bound when sampled) and
+    the gate judges failures and drops among the copies sent."""
+    import pandas as pd
+
+    from mlflow_deploy_plugin.lifecycle.policy import parse_policy
+    from mlflow_deploy_plugin.lifecycle.shadow_stage import evaluate_shadow
+
+    primary = pd.DataFrame({"_request_id": [f"r{i}" for i in range(100)], "_row": 0, "_status": 200,
+                            "_latency_ms": 1.0, "_model_version": "1", "_role": "primary", "_prediction": 1,
+                            "_timestamp": pd.to_datetime(list(range(100)), unit="s", utc=True)})
+    shadow = primary.iloc[10:30].assign(_model_version="2", _role="shadow")  # mirrored from r10 on
+    captured = pd.concat([primary, shadow])
+    comparison = compare_pairs(captured)
+    assert (comparison.requests, comparison.shadow_dropped, comparison.shadow_error_rate) == (20, 70, 0.0)
+    assert comparison.shadow_failure_rate == pytest.approx(70 / 90)
+    assert "the shadow dropped 70 of the 90 copies sent to it (0.778" in comparison.summary()
+    assert comparison.figures()["shadow_dropped"] == 70
+    policy = parse_policy("model: m\npromotion:\n  shadow: {min_requests: 20}\n").promotion.shadow
+    assert policy is not None and policy.max_error_rate == 0.01
+    verdict = evaluate_shadow(policy, comparison, 60.0)
+    gate = next(r for r in verdict.results if r.gate == "shadow.error_rate")
+    assert verdict.status == "fail" and not gate.passed, verdict
+    assert "failed or dropped 77.7778% of the 90 copies sent to it" in gate.detail and "70 dropped" in gate.detail
+    # Sampled at 0.5: only what sampling cannot explain counts (45 expected, 3 sd = 14.2: 30 surely sent).
+    assert compare_pairs(captured, sample_rate=0.5).shadow_dropped == 10
+    # The shadow removed after r29: later requests were never mirrored; a past shadow's rate is unknown.
+    assert compare_pairs(captured, open_end=False).shadow_dropped == 0
+    assert compare_pairs(captured, sample_rate=None).shadow_dropped is None
+    # A shadow that answered every copy it was sent passes the same gate.
+    whole = compare_pairs(pd.concat([primary, primary.assign(_model_version="2", _role="shadow")]))
+    assert whole.shadow_dropped == 0
+    assert next(r for r in evaluate_shadow(policy, whole, 60.0).results if r.gate == "shadow.error_rate").passed

@@ -171,12 +171,15 @@ class ShadowProcess(MirrorFront):
     def __init__(self, spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
                  converter: str, on_drop: CopyDropHook, on_result: Callable[[str, float, int], None],
                  on_capture_drop: Callable[[int], None], *, nice: int = NICE,
-                 hang_grace_s: float = HANG_GRACE_S, rng: Any = None, tally_dir: Path | None = None) -> None:
+                 hang_grace_s: float = HANG_GRACE_S, rng: Any = None, tally_dir: Path | None = None,
+                 history: Path | None = None) -> None:
         """Start the child (it loads while the caller goes on); :meth:`wait_ready` waits for it.
 
         ``tally_dir``: the worker's liveness folder (``run/live``), where the child's capture counts
         are kept as ``<worker pid>.shadow`` for the supervisor to count if this worker is killed;
-        ``None`` without a supervisor (an unlinked file the worker alone reads).
+        ``None`` without a supervisor (an unlinked file the worker alone reads). ``history``: the
+        deployment's history file, where a replaced child is announced; by default the one beside
+        ``tally_dir`` (a Ray replica, which has no liveness folder, names it).
         """
         import random
 
@@ -213,7 +216,9 @@ class ShadowProcess(MirrorFront):
         self._tally: ShadowTallyFile | None = None  # the current child's capture counts
         # The deployment's history, beside the liveness folder (<deployment>/run/live); None without a
         # supervisor. A child replaced (died, or silent) is written there so `-C notify` hears of it.
-        self._history = tally_dir.parent.parent / "history.jsonl" if tally_dir is not None else None
+        if history is None and tally_dir is not None:
+            history = tally_dir.parent.parent / "history.jsonl"
+        self._history = history
         self._announced_at = -float("inf")
         self._crash_announced = False  # `shadow_crashed` written, its `shadow_recovered` not yet
         self._replaced_unannounced = 0
@@ -569,11 +574,12 @@ class ShadowProcess(MirrorFront):
 
 
 def start_shadow_process(spec: DeploymentSpec, model_dir: Path, capture_dir: str, capture_key: Path,
-                         converter: str, hooks: Any, tally_dir: Path | None = None) -> ShadowProcess:
-    """The local worker's ``shadow_starter`` for ``serving.service.build_service`` (``tally_dir``:
-    see :class:`ShadowProcess`)."""
+                         converter: str, hooks: Any, tally_dir: Path | None = None,
+                         history: Path | None = None) -> ShadowProcess:
+    """The ``shadow_starter`` of a local worker or a Ray replica for ``serving.service.build_service``
+    (``tally_dir``, ``history``: see :class:`ShadowProcess`)."""
     return ShadowProcess(spec, model_dir, capture_dir, capture_key, converter, hooks.on_drop, hooks.on_result,
-                         hooks.on_capture_drop, tally_dir=tally_dir)
+                         hooks.on_capture_drop, tally_dir=tally_dir, history=history)
 
 
 # ---- the child ---------------------------------------------------------------------------------

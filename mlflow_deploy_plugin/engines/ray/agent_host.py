@@ -5,6 +5,9 @@ same program the local supervisor runs; here a small detached actor plays the su
 it starts the agent as a child process, restarts it if it exits, and Ray restarts the actor
 itself if it dies (``max_restarts=-1``), so nothing depends on the CLI call that ran ``create``.
 The agent watches its parent: when the actor goes (``ray.kill`` on delete), the agent stops.
+The actor also watches the deployment's replicas (``replica_faults.py``): a replica that crashed
+and the deployment serving in full again are written to the history, as the local supervisor
+writes a worker's (``crashed``, ``worker_recovered``), so ``-C notify`` receivers hear of them.
 
 The agent is a child process, not code imported here, for the same reason as under the local
 supervisor: it imports MLflow and Evidently and drives the deployment core, which sits above the
@@ -17,9 +20,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
+
+from mlflow_deploy_plugin.engines.base import EngineStatus
 
 AGENT_MODULE = "mlflow_deploy_plugin.agent"
 RESTART_DELAY_S = 5.0
@@ -29,7 +35,10 @@ RESTART_DELAY_S = 5.0
 class AgentHost:
     """Runs ``python -m mlflow_deploy_plugin.agent <deployment folder>`` and restarts it if it exits."""
 
-    def __init__(self, root: str, env: dict[str, str]) -> None:
+    def __init__(self, root: str, env: dict[str, str],
+                 read_status: Callable[[str, str], EngineStatus] | None = None) -> None:
+        """``read_status(home, name)``: the deployment's status (the engine's ``read_status``, handed
+        over by the engine that starts this actor: importing the engine here would be an import circle)."""
         self.root = Path(root)
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
@@ -37,6 +46,20 @@ class AgentHost:
         self.restarts = 0
         self._start()
         threading.Thread(target=self._watch, daemon=True).start()
+        if read_status is not None:
+            threading.Thread(target=self._watch_replicas, args=(env, read_status), name="replica-watch",
+                             daemon=True).start()
+
+    def _watch_replicas(self, env: dict[str, str], read_status: Callable[[str, str], EngineStatus]) -> None:
+        from mlflow_deploy_plugin.engines.ray.replica_faults import watch_replicas
+        from mlflow_deploy_plugin.state import StateStore
+
+        if env.get("RAY_ADDRESS"):  # the engine names the cluster this actor runs on (it is joined already)
+            os.environ.setdefault("RAY_ADDRESS", env["RAY_ADDRESS"])
+        home, name = self.root.parent.parent, self.root.name
+        store = StateStore(home)
+        watch_replicas(lambda: read_status(str(home), name),
+                       lambda event, **details: store.append_history(name, event, **details), self.stopping)
 
     def _start(self) -> None:
         logs = self.root / "logs"

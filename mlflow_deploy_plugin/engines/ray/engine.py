@@ -45,6 +45,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -192,6 +193,7 @@ class RayEngine(Engine):
         self._connect(config.ray_address)
         nodes = self._call(ray.nodes, "listing the cluster's nodes (GCS)")
         check_capture_location(config, sum(1 for node in nodes if node.get("Alive")))
+        self._check_notify_secret(config)
         http = self._http_options()
         if http is not None:
             serve_host = str(http.get("host") or "127.0.0.1")
@@ -207,6 +209,27 @@ class RayEngine(Engine):
             raise InvalidRequest(
                 f"Serve on this Ray cluster already listens on port {http['port']} (one HTTP proxy per "
                 f"cluster, shared by every application); drop -C port or use -C port={http['port']}.")
+
+    def _check_notify_secret(self, config: DeploymentConfig) -> None:
+        """Refuse ``-C notify_secret_env`` naming a variable the cluster's processes do not have.
+
+        The agent that signs the notifications runs on the cluster (``agent_host.py``), in the
+        environment the cluster's processes got from ``ray start``, not in this shell's: the local
+        engine's agent inherits the creating shell's, so the CLI's own check (set here) passed, and
+        on Ray every delivery then waited for a secret the agent never had. One zero-CPU task asks.
+        """
+        name = config.notify_secret_env
+        if not name:
+            return
+        probe: Any = _env_is_set  # a Ray remote function, typed by Ray as the plain function
+        present = self._call(lambda: ray.get(probe.remote(name), timeout=RAY_CALL_S),
+                             f"asking a process of the cluster whether {name} is set", RAY_CALL_S + 5.0)
+        if not present:
+            raise InvalidRequest(
+                f"notify_secret_env={name} is not set on the Ray cluster: the deployment's agent, which signs "
+                "the notifications, runs there with the environment `ray start` was given, not this shell's. "
+                f"Export {name} before `ray start` on the cluster's nodes, or leave out notify_secret_env: "
+                "the deployment's own secret (notify.key in its folder) signs them.")
 
     def start(self, spec: DeploymentSpec, timeout_s: float) -> EngineStatus:
         self._connect(spec.config.ray_address)
@@ -692,7 +715,7 @@ class RayEngine(Engine):
             env["MLFLOW_TRACKING_URI"] = spec.tracking_uri
         host: Any = AgentHost  # a Ray actor class (ray.remote), typed by Ray as the plain class
         actor = host.options(name=_agent_name(spec.name), namespace=NAMESPACE, lifetime="detached",
-                                  get_if_exists=True).remote(str(self.store.paths(spec.name).root), env)
+                                  get_if_exists=True).remote(str(self.store.paths(spec.name).root), env, read_status)
         ray.get(actor.pid.remote(), timeout=120)  # constructed: the agent process runs
 
     def _stop_agent(self, name: str) -> None:
@@ -702,6 +725,24 @@ class RayEngine(Engine):
         with contextlib.suppress(Exception):  # already dying: the kill below ends it either way
             ray.get(actor.stop.remote(), timeout=AGENT_STOP_S)  # bounded by Ray itself
         self._call(lambda: ray.kill(actor, no_restart=True), f"killing the agent actor {_agent_name(name)!r} (GCS)")
+
+
+@functools.lru_cache(maxsize=8)
+def _engine_for(home: str) -> RayEngine:
+    return RayEngine(StateStore(Path(home)))
+
+
+def read_status(home: str, name: str) -> EngineStatus:
+    """Deployment ``name``'s status under state home ``home``, from a process of the cluster: the agent
+    host's replica watch (``agent_host.py``, ``replica_faults.py``), handed this function by
+    :meth:`RayEngine._keep_agent`. One engine per home, so the death causes it read are kept."""
+    return _engine_for(home).status(name)
+
+
+@ray.remote(num_cpus=0)
+def _env_is_set(name: str) -> bool:
+    """Whether a process of the cluster (where the agent runs) has ``name`` set, non-empty."""
+    return bool(os.environ.get(name))
 
 
 def max_ongoing_requests(config: DeploymentConfig) -> int:

@@ -38,12 +38,15 @@ from mlflow_deploy_plugin.spec import DeploymentSpec
 _logger = logging.getLogger("mlflow_deploy_plugin.ray.replica")
 
 INGRESS_NAME = "LifecycleIngress"  # the Serve deployment's name inside each application
-# What the destructor (Serve's graceful shutdown, after the drain) may take: the capture writer's
-# close (it joins its thread for CAPTURE_CLOSE_S + 1 s) and the last metrics push. Serve counts it in
-# graceful_shutdown_timeout_s (``shutdown.py``), so the replica is not killed while flushing.
+# What the destructor (Serve's graceful shutdown, after the drain) may take: with a shadow, its
+# process's close first (it predicts what it holds and writes its rows: at most SHADOW_CLOSE_S,
+# ``ShadowedCapture.close``), the capture writer's close (it joins its thread for CAPTURE_CLOSE_S
+# + 1 s) and the last metrics push. Serve counts it in graceful_shutdown_timeout_s (``shutdown.py``),
+# so the replica is not killed while flushing.
+SHADOW_CLOSE_S = 15.0
 CAPTURE_CLOSE_S = 30.0
 METRICS_CLOSE_S = 5.0
-DESTRUCTOR_S = CAPTURE_CLOSE_S + 1.0 + METRICS_CLOSE_S
+DESTRUCTOR_S = SHADOW_CLOSE_S + CAPTURE_CLOSE_S + 1.0 + METRICS_CLOSE_S
 
 
 class StripRoutePrefix:
@@ -97,11 +100,24 @@ def build_service(spec: DeploymentSpec, models_dir: Path, capture_dir: str,
 
     The same build as a local worker's (``serving/service.py``), minus the socket handling: a
     version that cannot load or fails its smoke test raises, so Serve marks the replica failed.
+
+    A shadow version runs in a process of its own beside the replica, as beside a local worker
+    (``engines/local/shadow_process.py``): predicted on a thread of the replica, it held the GIL
+    the replica's event loop needs (~2x the primary's p99 on the local engine, where this was
+    measured), and a shadow that crashed its process (a segfault in native code, memory) took the
+    replica, and the primary's answers, with it. A replaced shadow child is written to the
+    deployment's history (``shadow_crashed`` / ``shadow_recovered``), so ``-C notify`` hears of it.
     """
+    import functools
+
+    from mlflow_deploy_plugin.engines.local.shadow_process import start_shadow_process
     from mlflow_deploy_plugin.serving.service import build_service as build
 
+    root = models_dir.parent  # the deployment's folder (a scratch folder for run-local)
+    # No liveness folder (tally_dir): no supervisor on Ray reads it; the child's counts file is unlinked.
+    starter = functools.partial(start_shadow_process, history=root / "history.jsonl")
     service = build(spec, lambda model: models_dir / model.model_name / model.model_version, capture_dir,
-                    models_dir.parent / "capture.key", token_sha256=token_sha256)
+                    root / "capture.key", token_sha256=token_sha256, shadow_starter=starter)
     service.state.ready = True  # Serve routes to a replica only once its constructor has returned
     return StripRoutePrefix(LeaveRequestIdToServe(service.app)), service.capture, service.metrics
 
