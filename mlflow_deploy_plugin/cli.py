@@ -447,7 +447,7 @@ def notifications(store: StateStore, name: str, limit: int, as_json: bool) -> No
         detail = attempt.get("error") or ""
         if attempt.get("next_try_s") is not None:
             detail = f"{detail}; next try in {attempt['next_try_s']:.0f}s"
-        click.echo(f"{when}  {attempt['outcome']:<9} {attempt['event']:<18} try {attempt.get('attempt')} "
+        click.echo(f"{when}  {attempt['outcome']:<11} {attempt['event']:<18} try {attempt.get('attempt')} "
                    f"HTTP {status}  {attempt.get('target')}  {attempt.get('delivery_id')}  {detail}".rstrip())
 
 

@@ -129,14 +129,15 @@ def shadow_summary(spec: DeploymentSpec) -> str | None:
             f"{spec.config.shadow_sample_rate * 100:g}% of captured requests mirrored")
 
 
-def _notify_from_here(store: StateStore, spec: DeploymentSpec, archived: Path) -> None:
-    """Send the last events of a deployment that has no agent any more (``deleted``, ``create_failed``)
-    to its ``-C notify`` / policy receivers from this process: at most a few seconds, never raising."""
+def _notify_from_here(store: StateStore, spec: DeploymentSpec, archived: Path, written_at: float) -> None:
+    """Send the last events of a deployment that has no agent any more (``deleted``, ``create_failed``,
+    written at ``written_at``) to its ``-C notify`` / policy receivers from this process: at most a few
+    seconds, never raising. A receiver no agent had a cursor for starts at that event."""
     if not (spec.config.notify or spec.config.policy):
         return
     from mlflow_deploy_plugin.lifecycle.notifier import deliver_pending
 
-    deliver_pending(store, spec.name, paths=DeploymentPaths(archived))
+    deliver_pending(store, spec.name, paths=DeploymentPaths(archived), since=written_at - 1.0)
 
 
 def _engine_failed(message: str, exc: EngineError) -> InvalidState:
@@ -346,11 +347,12 @@ class Deployments:
             try:
                 status = self.engine.start(spec, spec.config.startup_timeout_s)
             except EngineError as exc:
+                written_at = time.time()
                 self.store.append_history(name, "create_failed", model=spec.model.to_dict(), error=str(exc))
                 held.close()
                 with self.store.global_lock():
                     archived = self.store.archive(name)
-                _notify_from_here(self.store, spec, archived)  # no agent ever ran to send it
+                _notify_from_here(self.store, spec, archived, written_at)  # no agent ever ran to send it
                 raise _engine_failed(str(exc), exc) from None
         timeline.mark("cli: engine says running")
         self.store.append_history(name, "created", model=spec.model.to_dict(), reason="create", url=status.url,
@@ -557,6 +559,7 @@ class Deployments:
             timeout = (spec.config.timeout_s if spec else 60.0) + 15
             self.engine.stop(name, timeout)
             left = self._convert_spool(name)
+            written_at = time.time()
             self.store.append_history(name, "deleted", model=spec.model.to_dict() if spec else None,
                                       reason="delete", **({"capture_spool_kept": left} if left else {}))
             archive = self.store.archive(name)
@@ -565,7 +568,7 @@ class Deployments:
             if untagged:
                 # Said where a user looks later: the archived history (`mlflow-deploy history`).
                 append_history_file(archive / "history.jsonl", "untag_failed", reason=untagged)
-            _notify_from_here(self.store, spec, archive)  # its agent stopped before `deleted` was written
+            _notify_from_here(self.store, spec, archive, written_at)  # its agent stopped before `deleted` was written
         return True
 
     def _convert_spool(self, name: str) -> str | None:

@@ -46,11 +46,13 @@ from mlflow_deploy_plugin.state import (
 _logger = logging.getLogger(__name__)
 DELIVERIES = "deliveries.jsonl"
 _START_SLACK_S = 5.0  # events this much older than the spec change that configured a receiver still go
-# On the agent's way out, what is written and not yet delivered gets this long more (see
-# Notifier.run_forever): within the 20 s the agent waits for its notifier and the 30 s the
-# supervisor waits for the agent.
+# On the agent's way out, what is written and not yet delivered gets this long more, in all (see
+# Notifier.run_forever): a POST in flight when the agent is told to stop ends within notify.POST_TIMEOUT_S
+# (no longer than this), and none starts after it, so the whole stop stays within the 20 s the agent
+# waits for its notifier, the 30 s the supervisor waits for the agent, and delete's timeout_s + 15.
 LAST_WORD_S = 10.0
 CLI_LAST_WORD_S = 5.0  # the same for `deleted` / `create_failed`, sent by the CLI (deliver_pending)
+_JOIN_GRACE_S = 1.0  # past a deadline, what a channel may take to save its cursor and return
 
 
 class SecretUnavailable(RuntimeError):
@@ -157,8 +159,15 @@ class Channel:
 
     def __init__(self, paths: DeploymentPaths, target: notify.Target, settings: Callable[[], Settings], *,
                  poll_s: float = 0.5, base_backoff_s: float = 1.0, max_backoff_s: float = 300.0,
-                 since: float | None = None, until_caught_up: bool = False) -> None:
-        self.since = since  # without a cursor, start at the first event this recent (default: the spec change)
+                 since: float | None = None, until_caught_up: bool = False, deadline: float | None = None,
+                 final: bool = False) -> None:
+        # Without a cursor, start at the first event this recent (default: a little before the spec change).
+        self.since = since
+        # time.monotonic() after which no attempt starts and none lasts (the last word's budget); None: no end.
+        self.deadline = deadline
+        # Nobody retries after this channel (the CLI's, for a deployment that has no agent any more): an
+        # attempt cut short by the deadline is recorded `undelivered`, not `retrying`.
+        self.final = final
         self.paths = paths
         self.target = target
         self.settings = settings
@@ -168,20 +177,49 @@ class Channel:
         self.until_caught_up = until_caught_up  # return once every written event is handled (last word)
         self.cursor_path = paths.notify / f"cursor-{target.key}.json"
         self.stop = threading.Event()
+        self._wake = threading.Event()  # set by halt() and finish(): a wait ends at once
+        # When the next attempt at the event at the cursor may start (monotonic), and whether the
+        # receiver asked for it (Retry-After: kept in the cursor file, honoured by the next channel).
+        self._next_try = 0.0
+        self._asked = False
         self.thread = threading.Thread(target=self.run, name=f"notify-{target.key}", daemon=True)
+
+    def halt(self) -> None:
+        """Stop now: the current attempt ends, the cursor stays before its event."""
+        self.stop.set()
+        self._wake.set()
+
+    def finish(self, deadline: float) -> None:
+        """Deliver what is written by ``deadline`` (monotonic), then return: the last word of a running
+        channel, from its own cursor and with its pending Retry-After (no second channel on it)."""
+        self.deadline = deadline
+        self.until_caught_up = True
+        if not self._asked:
+            self._next_try = 0.0  # a plain backoff is cut short once: one more try before the agent goes
+        self._wake.set()
+
+    def _wait(self, seconds: float) -> None:
+        if self._wake.wait(max(0.0, seconds)):
+            self._wake.clear()  # the caller looks at stop / deadline again after this
 
     def load_cursor(self) -> int:
         stored = read_json(self.cursor_path)
         if isinstance(stored, dict) and isinstance(stored.get("offset"), int):
+            not_before = stored.get("not_before")
+            if isinstance(not_before, int | float) and not_before > time.time():
+                self._next_try, self._asked = time.monotonic() + (not_before - time.time()), True
             return int(stored["offset"])
-        since = self.since if self.since is not None else self.settings().spec.updated_at
-        offset = start_offset(self.paths.history, since - _START_SLACK_S)
+        since = self.since if self.since is not None else self.settings().spec.updated_at - _START_SLACK_S
+        offset = start_offset(self.paths.history, since)
         self.save_cursor(offset)
         return offset
 
-    def save_cursor(self, offset: int) -> None:
-        write_json_atomic(self.cursor_path, {"offset": offset, "target": self.target.shown,
-                                             "format": self.target.format})
+    def save_cursor(self, offset: int, not_before: float | None = None) -> None:
+        """Persist ``offset``; ``not_before``: the wall time a receiver's Retry-After asked to wait until."""
+        state: dict[str, Any] = {"offset": offset, "target": self.target.shown, "format": self.target.format}
+        if not_before is not None:
+            state["not_before"] = round(not_before, 3)
+        write_json_atomic(self.cursor_path, state)
 
     def run(self) -> None:
         """Deliver until :attr:`stop` is set; a delivery interrupted by it is sent again next time."""
@@ -194,43 +232,68 @@ class Channel:
                     if wanted and event is not None and not self.deliver(start, event):
                         return  # stopped mid-delivery: the cursor stays before this event
                     offset = end
+                    self._next_try, self._asked = 0.0, False
                     self.save_cursor(offset)
                 if not batch:
                     if self.until_caught_up:
                         return
-                    self.stop.wait(self.poll_s)
+                    self._wait(self.poll_s)
         except Exception:  # the agent goes on following and judging; the next agent resumes here
             _logger.exception("Notifications to %s stopped", self.target.shown)
 
     def _filter(self) -> EventFilter:
         return self.settings().filters.get(self.target) or notify.parse_event_filter("all")
 
+    def _may_start(self) -> float | None:
+        """The POST timeout of an attempt that may start now; None when none may (stopped, past the
+        deadline, or the receiver asked to wait beyond it). Waits out a pending backoff first."""
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if self.deadline is not None and (now >= self.deadline or self._next_try >= self.deadline):
+                return None
+            if self._next_try > now:
+                self._wait(self._next_try - now)
+                continue
+            left = notify.POST_TIMEOUT_S if self.deadline is None else self.deadline - now
+            return min(notify.POST_TIMEOUT_S, left)
+        return None
+
     def deliver(self, offset: int, event: dict[str, Any]) -> bool:
-        """Send one event until it is delivered or refused (True), or the channel is stopped (False)."""
+        """Send one event until it is delivered or refused (True), or the channel is stopped or past its
+        deadline (False): then the cursor stays before it."""
         spec = self.settings().spec
         delivery = notify.delivery_id(spec.name, self.target, offset, event)
         body = notify.payload(spec.name, event, self.target.format)
         attempt = 0
-        while not self.stop.is_set():
+        while (timeout_s := self._may_start()) is not None:
             attempt += 1
             try:
                 headers = notify.signed_headers(notify_secret(self.settings().spec, self.paths), delivery, body)
-                result = notify.post(self.target.url, body, headers)
+                result = notify.post(self.target.url, body, headers, timeout_s=timeout_s)
             except SecretUnavailable as exc:
                 result = notify.Attempt(None, str(exc), True)
             outcome = "delivered" if result.delivered else "retrying" if result.retry else "refused"
-            wait = notify.next_wait_s(attempt, result, base_s=self.base_backoff_s, cap_s=self.max_backoff_s) \
-                if outcome == "retrying" else None
-            self.record(event, delivery, attempt, result, outcome, wait)
             if outcome != "retrying":
+                self.record(event, delivery, attempt, result, outcome, None)
                 if outcome == "refused":
                     _logger.warning("%s refused %s (%s): moving on", self.target.shown, event["event"], result.error)
                 return True
-            assert wait is not None
+            wait = notify.next_wait_s(attempt, result, base_s=self.base_backoff_s, cap_s=self.max_backoff_s)
+            asked = result.retry_after_s is not None
+            self._next_try, self._asked = time.monotonic() + wait, asked
+            if asked:
+                self.save_cursor(offset, not_before=time.time() + wait)
+            if self.deadline is not None and self._next_try >= self.deadline:
+                # This channel tries no more: no next try is announced (the next agent's channel tries
+                # again, honouring a Retry-After kept above; after the CLI's, nobody does).
+                self.record(event, delivery, attempt, result, "undelivered" if self.final else outcome, None)
+                _logger.warning("Delivery of %s to %s failed (%s); out of time, not sent from here", event["event"],
+                                self.target.shown, result.error)
+                return False
+            self.record(event, delivery, attempt, result, outcome, wait)
             if attempt == 1 or attempt % 10 == 0:
                 _logger.warning("Delivery of %s to %s failed (%s); retrying in %.0fs", event["event"],
                                 self.target.shown, result.error, wait)
-            self.stop.wait(wait)
         return False
 
     def record(self, event: dict[str, Any], delivery: str, attempt: int, result: notify.Attempt,
@@ -315,7 +378,7 @@ class Notifier:
         for target in list(self.channels):
             if target not in targets:
                 channel = self.channels.pop(target)
-                channel.stop.set()
+                channel.halt()
                 channel.thread.join(timeout=15)
                 with contextlib.suppress(FileNotFoundError):
                     channel.cursor_path.unlink()
@@ -324,58 +387,75 @@ class Notifier:
             if running is None or not running.thread.is_alive():  # new, or died of an unexpected error
                 # A receiver there when the agent starts gets the events since the spec change (the
                 # agent starts after `created`); one added later (a policy edit) those from now on.
-                since = None if self._first_refresh else time.time()
+                since = None if self._first_refresh else time.time() - _START_SLACK_S
                 channel = Channel(self.paths, target, self.current, since=since, **self.channel_options)
                 self.channels[target] = channel
                 channel.thread.start()
         self._first_refresh = False
 
     def run_forever(self, stop: threading.Event, interval_s: float = 1.0, last_word_s: float = LAST_WORD_S) -> None:
-        """Keep the channels in step with the spec until ``stop``; then stop them (cursors are kept)
-        and give what is still undelivered ``last_word_s`` more (:meth:`last_word`)."""
+        """Keep the channels in step with the spec until ``stop``; then give what is still undelivered
+        ``last_word_s`` more, in all (:meth:`last_word`; cursors are kept)."""
         while not stop.is_set():
             self.refresh()
             stop.wait(interval_s)
-        for channel in self.channels.values():
-            channel.stop.set()
-        for channel in self.channels.values():
-            channel.thread.join(timeout=15)
-        self.last_word(last_word_s)
+        self.last_word(time.monotonic() + last_word_s)
 
-    def last_word(self, budget_s: float) -> None:
-        """Deliver what was written and not yet delivered, for at most ``budget_s``, then stop.
+    def last_word(self, deadline: float, *, final: bool = False, since: float | None = None) -> None:
+        """Deliver what was written and not yet delivered until ``deadline`` (monotonic), then stop.
 
         The agent is stopped right after the events that matter most: a crash-looping deployment's
         ``failed`` is written by the supervisor just before it stops the agent (and nothing starts it
         again until someone acts), a stop's or a takeover's last events likewise. Without this, the
-        channel's next poll never came and a receiver heard nothing. What is still undelivered at the
-        end stays behind the cursor, for the next agent.
+        channel's next poll never came and a receiver heard nothing. A running channel finishes from
+        where it is (its cursor, its pending Retry-After: never a second channel on one cursor); a
+        receiver without one gets a channel until the deadline. No attempt starts after the deadline
+        and none lasts beyond it, except one already in flight (at most notify.POST_TIMEOUT_S). What
+        is still undelivered stays behind the cursor, for the next agent. ``final``: no agent comes
+        after (the CLI's); ``since``: where a receiver without a cursor starts (see :class:`Channel`).
         """
-        if budget_s <= 0 or self._settings is None:
+        if self._settings is None:
             return
-        options = {**self.channel_options, "until_caught_up": True}
-        channels = [Channel(self.paths, target, self.current, **options) for target in self._settings.filters]
-        deadline = time.monotonic() + budget_s
-        for channel in channels:
-            channel.thread.start()
+        options = {**self.channel_options, "until_caught_up": True, "deadline": deadline, "final": final}
+        if since is not None:
+            options["since"] = since
+        channels = []
+        for target in self._settings.filters:
+            running = self.channels.get(target)
+            if running is not None and running.thread.is_alive():
+                running.finish(deadline)
+                channels.append(running)
+            elif time.monotonic() < deadline:
+                channel = Channel(self.paths, target, self.current, **options)
+                self.channels[target] = channel
+                channel.thread.start()
+                channels.append(channel)
+        for target, channel in self.channels.items():  # removed from the spec, still stopping
+            if target not in self._settings.filters:
+                channel.halt()
         for channel in channels:
             channel.thread.join(max(0.0, deadline - time.monotonic()))
         for channel in channels:
-            channel.stop.set()  # past the budget: a receiver still down keeps its cursor before the event
+            channel.halt()  # past the deadline: a receiver still down keeps its cursor before the event
+        # A thread still alive then is left (daemon): an attempt in flight since before a deadline
+        # shorter than notify.POST_TIMEOUT_S, or a hung DNS lookup, which no socket timeout bounds.
         for channel in channels:
-            channel.thread.join(timeout=15)
+            channel.thread.join(max(0.0, deadline + _JOIN_GRACE_S - time.monotonic()))
 
 
 def deliver_pending(store: StateStore, name: str, budget_s: float = CLI_LAST_WORD_S, *,
-                    paths: DeploymentPaths | None = None) -> None:
-    """Deliver ``name``'s undelivered events from this process, for at most ``budget_s``.
+                    paths: DeploymentPaths | None = None, since: float | None = None) -> None:
+    """Deliver ``name``'s undelivered events from this process, for at most ``budget_s`` in all.
 
     For what the CLI writes when no agent will: ``deleted`` (after the deployment's processes, its
     agent with them, are stopped) and ``create_failed`` (before any agent ran); ``paths``: the
-    folder it was archived to (cursors and deliveries are recorded there). Never raises: the
-    verb that wrote the event has done its work; a receiver that does not answer in time is
-    recorded as retrying, and the event stays in the (archived) history.
+    folder it was archived to (cursors and deliveries are recorded there); ``since``: the time of
+    the event the CLI just wrote, where a receiver no agent ever had a cursor for starts (not weeks
+    of history back at the last spec change). Never raises: the verb that wrote the event has done
+    its work; a receiver that does not answer in time is recorded as ``undelivered`` (nobody
+    retries), and the event stays in the (archived) history.
     """
+    deadline = time.monotonic() + budget_s
     try:
         notifier = Notifier(store, name, paths=paths)
         settings = notifier.read_settings()
@@ -383,7 +463,7 @@ def deliver_pending(store: StateStore, name: str, budget_s: float = CLI_LAST_WOR
             return
         notify_secret(settings.spec, notifier.paths)  # not in this environment: nothing can be signed
         notifier._settings = settings
-        notifier.last_word(budget_s)
+        notifier.last_word(deadline, final=True, since=since)
     except SecretUnavailable as exc:
         _logger.warning("Notifications of %s not sent from here: %s", name, exc)
     except Exception:  # never fail the verb for a notification

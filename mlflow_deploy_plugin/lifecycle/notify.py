@@ -46,6 +46,7 @@ SLACK_PREFIX = "slack+"
 # Answers that say "try again later"; any other 4xx is the receiver refusing this payload for good.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 USER_AGENT = "mlflow-deploy-notifier/1"
+POST_TIMEOUT_S = 10.0  # one attempt's longest wait for an answer (less near a deadline)
 # Every history event, by kind: the README lists them, `notify_events` can pick. A test checks that each
 # event name the package writes is in one (a kind that missed one silently never sent it).
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
@@ -56,7 +57,8 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "verdicts": ("drift_verdict", "drift_alert", "quality_verdict", "quality_alert", "shadow_verdict",
                  "drift_report_failed", "drift_window_skipped", "quality_estimate_verdict"),
     "faults": ("failed", "crashed", "worker_hung", "worker_given_up", "restart_failed", "bad_request",
-               "shadow_crashed", "capture_dropping", "capture_lost", "registry_unavailable", "lifecycle_error"),
+               "shadow_crashed", "capture_dropping", "capture_lost", "registry_unavailable", "lifecycle_error",
+               "untag_failed"),
     "healed": ("worker_recovered", "shadow_recovered", "restarted", "taken_over", "supervisor_replaced",
                "step_recovered", "lifecycle_resumed", "policy_valid", "capture_recovered"),
 }
@@ -231,8 +233,9 @@ class Attempt:
         return self.status is not None and 200 <= self.status < 300
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float = 10.0) -> Attempt:
-    """POST once. Network errors, timeouts, 5xx, 408/425/429 say retry; other 4xx say refused for good."""
+def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float = POST_TIMEOUT_S) -> Attempt:
+    """POST once, waiting at most ``timeout_s`` for each socket operation (connect, send, answer).
+    Network errors, timeouts, 5xx, 408/425/429 say retry; other 4xx say refused for good."""
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (http(s) checked)

@@ -352,6 +352,40 @@ def test_a_replaced_shadow_process_is_written_to_the_history_at_most_once_per_in
         shadow.close(timeout_s=20)
 
 
+def test_a_throttled_crash_whose_replacement_cannot_start_is_written_once_the_throttle_allows(
+        tmp_path: Path, rotated_classifier_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash within ANNOUNCE_EVERY_S of the last announced one was only counted for the next one, which
+    never came when its replacement could not start: the history (and every `-C notify` receiver) ended
+    on `shadow_recovered` while the shadow was down and every copy dropped."""
+    import shutil
+
+    from mlflow_deploy_plugin.engines.local import shadow_process
+    from mlflow_deploy_plugin.state import read_history_file
+
+    history = tmp_path / "history.jsonl"
+    model = shutil.copytree(rotated_classifier_path, tmp_path / "model")  # the session's own is shared
+    shadow = _shadow_process(tmp_path, model, tally_dir=tmp_path / "run" / "live")
+    try:
+        shadow.wait_ready(WAIT_S)
+        os.kill(shadow.pid or 0, signal.SIGKILL)
+        wait_for(lambda: [e["event"] for e in read_history_file(history)] == ["shadow_crashed", "shadow_recovered"],
+                 WAIT_S, "the first crash and its recovery")
+        second = shadow.pid
+        model.rename(tmp_path / "gone")  # the next child cannot load its version
+        os.kill(second or 0, signal.SIGKILL)
+        # The throttle holds the crash (the default 300 s) until a replacement has failed to start ...
+        wait_for(lambda: shadow._start_error is not None, WAIT_S, "a replacement to fail to start")
+        assert [e["event"] for e in read_history_file(history)] == ["shadow_crashed", "shadow_recovered"]
+        # ... and once it allows, the next failed start writes the held crash.
+        monkeypatch.setattr(shadow_process, "ANNOUNCE_EVERY_S", 0.0)
+        wait_for(lambda: len(read_history_file(history)) == 3, WAIT_S, "the held crash in the history")
+        last = read_history_file(history)[-1]
+        assert last["event"] == "shadow_crashed" and last["shadow_pid"] == second and last["replaced"] == 1
+        assert "replacement cannot start" in last["error"] and not shadow.ready
+    finally:
+        shadow.close(timeout_s=20)
+
+
 def test_a_shadow_version_that_cannot_load_fails_the_build(
         tmp_path: Path, classifier_path: Path, no_multiprocess_metrics: None) -> None:
     broken = tmp_path / "broken"

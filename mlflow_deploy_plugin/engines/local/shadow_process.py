@@ -367,25 +367,48 @@ class ShadowProcess(MirrorFront):
             self._announce_crash(proc.pid, why, lost)
             self._sleep(wait)
             while not self._closed and not self._respawn():
+                # Down, not replaced: a crash the throttle held back is written once it allows, or the
+                # history would end on the last `shadow_recovered` while every copy is dropped.
+                self._announce_held_crash()
                 self._sleep(backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+            self._held_crash = None  # replaced after all: counted in the next announcement's `replaced`
             self.restarts += 1
             if not self._closed:
                 self._announce_recovered()
 
+    # A crash the throttle did not write yet: (pid, why, copies lost); set only by the supervising thread.
+    _held_crash: tuple[int, str, int] | None = None
+
     def _announce_crash(self, pid: int, why: str, lost: int) -> None:
         """``shadow_crashed`` in the history, unless one was written less than ANNOUNCE_EVERY_S ago
-        (the replacements since are counted in the next one's ``replaced``)."""
+        (the replacements since are counted in the next one's ``replaced``; a held one is written by
+        :meth:`_announce_held_crash` if its replacement cannot start)."""
         self._replaced_unannounced += 1
         now = time.monotonic()
         if self._history is None or now - self._announced_at < ANNOUNCE_EVERY_S:
+            self._held_crash = (pid, why, lost)
             return
-        self._announced_at, self._crash_announced = now, True
+        self._write_crash(pid, why, lost)
+
+    def _announce_held_crash(self) -> None:
+        """Write the crash the throttle held back, once ANNOUNCE_EVERY_S since the last one has passed
+        and its replacement still cannot start (``replaced`` counts it and those before it)."""
+        held = self._held_crash
+        if held is None or self._history is None or time.monotonic() - self._announced_at < ANNOUNCE_EVERY_S:
+            return
+        self._held_crash = None
+        pid, why, lost = held
+        self._write_crash(pid, why, lost, then="its replacement cannot start (still trying)")
+
+    def _write_crash(self, pid: int, why: str, lost: int, then: str = "replaced") -> None:
+        assert self._history is not None
+        self._announced_at, self._crash_announced = time.monotonic(), True
         replaced, self._replaced_unannounced = self._replaced_unannounced, 0
         with contextlib.suppress(OSError):  # the log line says it too
             append_history_file(self._history, "shadow_crashed", actor=f"worker {os.getpid()}",
                                 model={"model_name": self.model_name, "model_version": self.version},
-                                error=f"shadow process {pid} {why}; replaced", shadow_pid=pid,
+                                error=f"shadow process {pid} {why}; {then}", shadow_pid=pid,
                                 copies_dropped=lost, replaced=replaced, worker_pid=os.getpid())
 
     def _announce_recovered(self) -> None:
