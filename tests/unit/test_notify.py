@@ -549,8 +549,9 @@ def test_the_cli_keeps_to_its_budget_with_a_receiver_that_never_answers_and_says
     _write_spec(store, silent.url)
     store.append_history("svc", "deleted", reason="delete")
     archived = DeploymentPaths(store.archive("svc"))
-    # The old code took the POST's whole 10 s; the slack over the budget is for a loaded machine.
-    _returns_within(lambda: deliver_pending(store, "svc", budget_s=2.0, paths=archived), 2.0 + 4.0,
+    # The old code took the POST's whole 10 s (or more); the bound sits below that, with all the slack
+    # below it for a loaded machine.
+    _returns_within(lambda: deliver_pending(store, "svc", budget_s=2.0, paths=archived), 2.0 + 6.5,
                     "deliver_pending(budget_s=2) to return")
     assert silent.connections == 1
     attempts = read_deliveries(archived)
@@ -571,7 +572,7 @@ def test_the_agents_stop_keeps_to_one_budget_with_a_post_in_flight(deployment, s
     try:
         wait_for(lambda: silent.connections == 1, 20, "the first POST to be in flight")
         stop.set()
-        wait_for(lambda: not thread.is_alive(), 2.0 + 5.0, "run_forever to return within its last word")  # was 12 s
+        wait_for(lambda: not thread.is_alive(), 2.0 + 7.0, "run_forever to return within its last word")  # was 12 s
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -594,7 +595,7 @@ def test_the_last_word_finishes_a_running_channel_and_never_starts_a_second_on_i
         thread.start()
         wait_for(lambda: slow.connections == 1, 20, "the first POST to be in flight")
         stop.set()
-        wait_for(lambda: not thread.is_alive(), 1.0 + 6.0, "run_forever to return within its last word")  # was 15 s+
+        wait_for(lambda: not thread.is_alive(), 1.0 + 8.0, "run_forever to return within its last word")  # was 15 s+
         assert slow.connections == 1
     finally:
         slow.close()
@@ -619,8 +620,8 @@ def test_the_last_word_and_the_cli_honour_a_pending_retry_after(deployment) -> N
         wait_for(lambda: [a["outcome"] for a in read_deliveries(store.paths("svc"))] == ["retrying"], 20,
                  "the 429 to be recorded")
         stop.set()
-        wait_for(lambda: not thread.is_alive(), 2.0 + 5.0, "run_forever to return")
-        _returns_within(lambda: deliver_pending(store, "svc", budget_s=2.0), 2.0 + 5.0, "deliver_pending to return")
+        wait_for(lambda: not thread.is_alive(), 2.0 + 7.0, "run_forever to return")
+        _returns_within(lambda: deliver_pending(store, "svc", budget_s=2.0), 2.0 + 6.5, "deliver_pending to return")
         assert (receiver.answered_503, receiver.events()) == (1, [])
         assert len(read_deliveries(store.paths("svc"))) == 1
     finally:
