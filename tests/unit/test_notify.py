@@ -3,6 +3,7 @@ against a real HTTP receiver on 127.0.0.1 (no deployment processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -558,24 +559,31 @@ def test_the_cli_keeps_to_its_budget_with_a_receiver_that_never_answers_and_says
     assert [a["outcome"] for a in attempts] == ["undelivered"] and "next_try_s" not in attempts[0], attempts
 
 
+@contextlib.contextmanager
+def _running_notifier(store: StateStore, last_word_s: float) -> Iterator[tuple[threading.Thread, threading.Event]]:
+    """The agent's notifier for ``svc`` on a thread (``run_forever``), fast backoffs; stopped and joined after."""
+    stop = threading.Event()
+    notifier = Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05)
+    thread = threading.Thread(target=notifier.run_forever, args=(stop,),
+                              kwargs={"interval_s": 0.1, "last_word_s": last_word_s}, daemon=True)
+    thread.start()
+    try:
+        yield thread, stop
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 def test_the_agents_stop_keeps_to_one_budget_with_a_post_in_flight(deployment, silent: _Silent) -> None:
     """The running channels' join (a POST in flight: 10 s) and then the last word (10 s more, plus its own
     POST) used to add up past the 20 s the agent waits for its notifier."""
     store, _receiver, _url = deployment
     _write_spec(store, silent.url)
     store.append_history("svc", "created", reason="create")
-    stop = threading.Event()
-    notifier = Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05)
-    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"interval_s": 0.1, "last_word_s": 2.0},
-                              daemon=True)
-    thread.start()
-    try:
+    with _running_notifier(store, last_word_s=2.0) as (thread, stop):
         wait_for(lambda: silent.connections == 1, 20, "the first POST to be in flight")
         stop.set()
         wait_for(lambda: not thread.is_alive(), 2.0 + 7.0, "run_forever to return within its last word")  # was 12 s
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def test_the_last_word_finishes_a_running_channel_and_never_starts_a_second_on_its_cursor(
@@ -588,15 +596,11 @@ def test_the_last_word_finishes_a_running_channel_and_never_starts_a_second_on_i
     try:
         _write_spec(store, slow.url)
         store.append_history("svc", "created", reason="create")
-        stop = threading.Event()
-        notifier = Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05)
-        thread = threading.Thread(target=notifier.run_forever, args=(stop,),
-                                  kwargs={"interval_s": 0.1, "last_word_s": 1.0}, daemon=True)
-        thread.start()
-        wait_for(lambda: slow.connections == 1, 20, "the first POST to be in flight")
-        stop.set()
-        wait_for(lambda: not thread.is_alive(), 1.0 + 8.0, "run_forever to return within its last word")  # was 15 s+
-        assert slow.connections == 1
+        with _running_notifier(store, last_word_s=1.0) as (thread, stop):
+            wait_for(lambda: slow.connections == 1, 20, "the first POST to be in flight")
+            stop.set()
+            wait_for(lambda: not thread.is_alive(), 1.0 + 8.0, "run_forever to return within its last word")  # was 15 s+
+            assert slow.connections == 1
     finally:
         slow.close()
 
@@ -611,12 +615,7 @@ def test_the_last_word_and_the_cli_honour_a_pending_retry_after(deployment) -> N
     receiver.start()
     _write_spec(store, f"{url}/hook")
     store.append_history("svc", "failed", error="crash loop")
-    stop = threading.Event()
-    notifier = Notifier(store, "svc", base_backoff_s=0.05, poll_s=0.05)
-    thread = threading.Thread(target=notifier.run_forever, args=(stop,), kwargs={"interval_s": 0.1, "last_word_s": 2.0},
-                              daemon=True)
-    thread.start()
-    try:
+    with _running_notifier(store, last_word_s=2.0) as (thread, stop):
         wait_for(lambda: [a["outcome"] for a in read_deliveries(store.paths("svc"))] == ["retrying"], 20,
                  "the 429 to be recorded")
         stop.set()
@@ -624,9 +623,6 @@ def test_the_last_word_and_the_cli_honour_a_pending_retry_after(deployment) -> N
         _returns_within(lambda: deliver_pending(store, "svc", budget_s=2.0), 2.0 + 6.5, "deliver_pending to return")
         assert (receiver.answered_503, receiver.events()) == (1, [])
         assert len(read_deliveries(store.paths("svc"))) == 1
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def test_the_cli_starts_a_receiver_without_a_cursor_at_the_event_it_wrote(deployment) -> None:
