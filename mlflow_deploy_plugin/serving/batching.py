@@ -228,8 +228,16 @@ class BatchingPredictor:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
+            # A request that finds the model idle and nobody queued behind it is predicted at once: a
+            # lone caller gains nothing from settling, and each turn of the loop releases the GIL to
+            # the worker's other threads (a shadow's copy sender, capture's writer) for up to a
+            # switch interval (p99 at c = 1 with a shadow 1.24x without it, measured). Settling is for
+            # what follows a batch: the requests its answers bring back.
+            first = len(self._queue) == 1
             while True:
-                await self._settle()
+                if not first:
+                    await self._settle()
+                first = False
                 batch = self._take_batch()
                 if not batch:
                     break

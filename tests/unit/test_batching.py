@@ -143,6 +143,29 @@ def test_requests_sent_when_a_batch_is_answered_join_the_next_batch(controlled_s
         f"call; rows per call were {harness.batches}")
 
 
+def test_a_lone_request_at_an_idle_model_is_predicted_without_settling(controlled_slot: ModelSlot,
+                                                                       executor: ThreadPoolExecutor) -> None:
+    """Settling is for the requests a batch's answers bring back; a lone caller at an idle model gains
+    nothing from it, and each turn of the loop hands the GIL to the worker's other threads (a shadow's
+    copy sender), which showed in p99 at c = 1."""
+    predictor = BatchingPredictor(controlled_slot, executor, 4096, settle_max_s=60.0)
+    settled_with: list[int] = []
+    settle = predictor._settle
+
+    async def counting_settle() -> None:
+        settled_with.append(predictor.queued)
+        await settle()
+
+    predictor._settle = counting_settle  # type: ignore[method-assign]
+
+    async def scenario() -> list[Any]:
+        return [await predictor.predict(id_frame([i]), None) for i in range(3)]
+
+    answers = run(scenario())
+    assert [np.asarray(answer).tolist() for answer in answers] == [doubled([i]) for i in range(3)]
+    assert not any(settled_with), f"a lone request waited for the loop to settle: queue lengths {settled_with}"
+
+
 def test_settling_stops_once_a_full_batch_is_queued(controlled_slot: ModelSlot,
                                                     executor: ThreadPoolExecutor) -> None:
     """Requests queued on every turn of the loop never let settling go quiet: once the queue holds a
