@@ -5,10 +5,11 @@ raises; a full queue drops the copy and counts it as ``queue_full``, as the in-p
 and wakes the sender thread only when it is idle. The sender writes all that wait (up to
 ``max_copies``, and about ``max_bytes`` of inputs, so 100-row or wide bodies make no huge message;
 a copy larger than that goes alone) to the shadow process's pipe as one length-prefixed pickle,
-then lets the next copies gather for :data:`GATHER_S` before it writes again (not after a full
-message, nor when a full one waits: that would only cap the copies a second). Per copy, the
-serving process so pays a deque append; per message (~50 a second unless they are full), one wake
-of the sender, one pickle and one write. That is what keeps mirroring off the serving loop: each
+then lets the next copies gather for :data:`GATHER_S` before it writes again, or until half the
+queue waits (not after a full message, nor when a full one waits: that would only cap the copies
+a second). Per copy, the serving process so pays a deque append; per message (~5 a second at up to
+~600 requests a second, one per ``max_queue / 2`` copies above), one wake of the sender, one pickle
+and one write. That is what keeps mirroring off the serving loop: each
 wake of a thread of the worker is a thread that wants the GIL the event loop holds, and one message
 per copy (a wake, a pickle of an array: tens of microseconds of CPU on a busy machine) cost the
 primary more than anything else mirroring did.
@@ -47,10 +48,13 @@ _logger = logging.getLogger(__name__)
 _HEAD = struct.Struct("<I")
 MAX_FRAME_BYTES = 1 << 30  # a message larger than this is not one this protocol wrote
 # After a message the sender lets the next copies gather this long before it writes them all in
-# one: ~1/GATHER_S wakes of the sender a second whatever the request rate, until messages are full (nobody waits for
-# a shadow's answer, and the shadow process gathers its batches for 200 ms anyway). A wake with its
-# GIL handoff costs ~100 us of CPU on a busy machine: at 20 ms it was still most of what a copy cost.
-GATHER_S = 0.05
+# one: ~1/GATHER_S wakes of the sender a second whatever the request rate, until half the queue
+# waits (nobody waits for a shadow's answer, and the shadow process gathers its batches for 200 ms
+# anyway). A wake with its GIL handoff costs ~100 us of CPU on a busy machine (at 20 ms it was still
+# most of what a copy cost), and at one request at a time each wake delays the request it lands on:
+# at 50 ms, 20 wakes a second (with the child's events and the supervisor's polls, 30) touched ~4 %
+# of ~700 requests a second, enough to move the primary's p99 (1.10-1.14x shadow off).
+GATHER_S = 0.2
 # About this many bytes of inputs a message at most (a copy larger than that goes alone): the message
 # is built, pickled and read whole, by both processes, and its run of rows stacked in one array.
 MAX_MESSAGE_BYTES = 4 << 20
@@ -238,6 +242,10 @@ class CopyChannel:
         self._finished = 0  # copies written, lost or dropped since the start, in queue order (_drained)
         self._wake = threading.Event()  # set when the first copy arrives in an empty queue, and to stop
         self._hurry = threading.Event()  # set to write what waits now (close, a control message)
+        # Ends the sender's gathering early: set with _hurry, and when half the queue waits (a gather
+        # that let the queue fill would drop copies as queue_full while the next message is written).
+        self._gathered = threading.Event()
+        self._send_at = max(1, min(max_copies, max_queue // 2))
         self._progress = threading.Condition(self._lock)  # notified when copies are written or counted
         self._stopping = False  # the sender writes what waits, then ends
         self._on_drop = on_drop
@@ -266,13 +274,15 @@ class CopyChannel:
             else:
                 self._pending.append(copy)
                 self._unfinished += 1
-                first = len(self._pending) == 1
+                queued = len(self._pending)
                 reason = ""
         if reason:
             self._on_drop(reason=reason, count=1)
             return False
-        if first:  # only then: the sender is waiting, or will take this one with those it is taking
+        if queued == 1:  # only then: the sender is waiting, or will take this one with those it is taking
             self._wake.set()
+        elif queued == self._send_at:  # enough for a message: gathering longer only risks a full queue
+            self._gathered.set()
         return True
 
     def attach(self, fd: int) -> None:
@@ -326,8 +336,7 @@ class CopyChannel:
             if not target:
                 return True
             base = self._finished
-        self._hurry.set()
-        self._wake.set()
+        self._hurry_now()
         with self._progress:
             while self._finished - base < target:
                 left = deadline - time.monotonic()
@@ -362,14 +371,17 @@ class CopyChannel:
                         self._unfinished -= len(batch)
                         self._finished += len(batch)
                         self._progress.notify_all()
-                if (self._gather_s and not full and len(self._pending) < self._max_copies
-                        and not self._hurry.is_set() and not self._stopping):
+                if self._gather_s and not full and not self._stopping:
                     # Let the copies of the next moments gather, then write them in one message:
-                    # under load this thread wakes once per GATHER_S, not once per copy, which is
-                    # what keeps it off the serving loop's GIL. (The first copy after a quiet
-                    # spell goes at once: a wake per copy only when copies are rare. Not after a
-                    # full message, nor while a full one waits, e.g. behind a slow write.)
-                    self._hurry.wait(self._gather_s)
+                    # under load this thread wakes once per GATHER_S (or per half a queue of
+                    # copies), not once per copy, which is what keeps it off the serving loop's
+                    # GIL. (The first copy after a quiet spell goes at once: a wake per copy only
+                    # when copies are rare. Not after a full message, nor while one waits, e.g.
+                    # behind a slow write.) Cleared before the queue is looked at: a put that
+                    # reaches _send_at after this sets it again and ends the wait.
+                    self._gathered.clear()
+                    if len(self._pending) < self._send_at and not self._hurry.is_set():
+                        self._gathered.wait(self._gather_s)
             if stop:
                 return
 
@@ -411,6 +423,12 @@ class CopyChannel:
                 self.messages += 1
                 return
 
+    def _hurry_now(self) -> None:
+        """Have the sender write what waits at once: no gathering until the queue is empty again."""
+        self._hurry.set()
+        self._gathered.set()
+        self._wake.set()
+
     def _lost(self, count: int) -> None:
         if self._on_lost is not None:
             self._on_lost(count)
@@ -423,8 +441,7 @@ class CopyChannel:
             with self._attached:
                 self._attached.notify_all()
         self._stopping = True
-        self._hurry.set()
-        self._wake.set()
+        self._hurry_now()
         self._thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._closing = True  # from now on put() drops: nothing is left behind in the queue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import threading
 import time
 from pathlib import Path
@@ -224,6 +225,31 @@ def test_copies_gather_into_one_message_and_a_control_message_goes_after_them() 
         assert kind == "copies" and [copy.request_id for copy in unpack_copies(items)] == [f"r{i}" for i in range(1, 6)]
         assert reader.read() == ("flush", 1, WAIT_S)
         assert channel.waiting() == 0 and channel.sent == 6 and channel.messages == 2
+    finally:
+        channel.close(timeout_s=2)
+        channel.detach()
+        os.close(read)
+
+
+def test_half_a_queue_of_copies_ends_the_gathering() -> None:
+    """The sender gathers copies for a long while (few wakes of a thread that wants the serving
+    loop's GIL), but not until the queue is full: copies put while a full queue waits for its
+    message would be dropped as queue_full. Half the queue goes at once."""
+    drops: list[tuple[str, int]] = []
+    channel = CopyChannel(max_queue=16, on_drop=lambda reason, count: drops.append((reason, count)), gather_s=60.0)
+    read, write = os.pipe()
+    channel.attach(write)
+    reader = FrameReader(read)
+    try:
+        assert channel.put(_copy(0))  # after a quiet spell: written at once, then a minute of gathering
+        assert _ids(unpack_copies(reader.read()[1])) == ["r0"]
+        wait_for(lambda: channel.waiting() == 0, WAIT_S, "r0 to be counted as written")
+        assert all(channel.put(_copy(i)) for i in range(1, 9))  # 8: half of max_queue
+        # Long before the minute is up (the old sender waited it out).
+        assert select.select([read], [], [], WAIT_S)[0], "half a queue of copies still waits for the gathering"
+        kind, items = reader.read()
+        assert kind == "copies" and _ids(unpack_copies(items)) == [f"r{i}" for i in range(1, 9)]
+        assert drops == []
     finally:
         channel.close(timeout_s=2)
         channel.detach()

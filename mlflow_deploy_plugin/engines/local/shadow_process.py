@@ -99,8 +99,12 @@ NICE = 10  # the child's CPU priority below the worker's
 HANG_GRACE_S = 10.0  # beyond timeout_s, how long a silent child may take before it is replaced
 HEARTBEAT_S = 1.0  # the child says it is alive at least this often
 # The child sends its events in batches this often: each message wakes a thread of the worker,
-# which then wants the GIL the serving loop holds; the metrics may lag this much.
-EVENTS_EVERY_S = 0.2
+# which then wants the GIL the serving loop holds (at one request at a time, each wake delays the
+# request it lands on: see serving/shadow_channel.GATHER_S); the metrics may lag this much.
+EVENTS_EVERY_S = HEARTBEAT_S
+# The worker's supervising thread is woken by a child's end (its pipe closes) and by close; this is
+# only its bound for a child that went silent, or died while something it started holds its pipe.
+SUPERVISE_EVERY_S = 5.0
 # The child's mirror waits this long for more copies to join a batch: nobody waits for a shadow's
 # answer, and each pyfunc.predict costs ~1 ms whatever its rows, so fewer, larger calls keep its CPU
 # small (at 300 req/s ~60 copies a call instead of one; at 50 ms the calls were still most of the
@@ -210,6 +214,10 @@ class ShadowProcess(MirrorFront):
         self._ready = threading.Event()
         self._start_error: str | None = None
         self._last_heard = time.monotonic()
+        # Set when a child's pipe ends (it died) and at close: what the supervising thread sleeps on,
+        # instead of polling (each wake of a worker thread wants the serving loop's GIL).
+        self._stirred = threading.Event()
+        self._ended: subprocess.Popen[bytes] | None = None  # the child whose pipe to us ended
         self._to_child: int | None = None  # the pipe to a child not yet attached to the channel
         self._ready_at = -float("inf")
         self._tally_path = shadow_tally_path(tally_dir, os.getpid()) if tally_dir is not None else None
@@ -302,6 +310,8 @@ class ShadowProcess(MirrorFront):
             if not self._ready.is_set():  # died while loading
                 self._start_error = self._start_error or f"the shadow process exited (code {proc.wait()})"
                 self._ready.set()
+            self._ended = proc
+            self._stirred.set()
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -343,12 +353,16 @@ class ShadowProcess(MirrorFront):
         while not self._closed:
             proc = self._proc
             assert proc is not None
+            self._stirred.clear()  # before looking: an end or a close from now on wakes the wait below
             silent_s = time.monotonic() - self._last_heard
-            if proc.poll() is None and silent_s <= self._hang_after_s:
-                time.sleep(0.2)
+            if proc.poll() is None and self._ended is not proc and silent_s <= self._hang_after_s:
+                self._stirred.wait(min(SUPERVISE_EVERY_S, self._hang_after_s - silent_s + 0.05))
                 continue
             if self._closed:
                 return
+            if proc.poll() is None and self._ended is proc:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(1.0)  # its pipe ends as it exits; its exit code comes a moment later
             # A child that served a while is replaced at once; one that dies soon after its start
             # (a copy that crashes the model, memory) waits, longer each time: no restart storm,
             # each restart being a model load beside the primary.
@@ -358,7 +372,9 @@ class ShadowProcess(MirrorFront):
             else:
                 wait = backoff
                 backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
-            if proc.poll() is None:
+            if proc.poll() is None and self._ended is proc:
+                why = "closed its pipe to the worker and did not exit"
+            elif proc.poll() is None:
                 why = f"said nothing for {silent_s:.0f}s (timeout_s + {self._hang_after_s - self.timeout_s:.0f}s grace)"
             else:
                 why = f"exited with code {proc.returncode}"
@@ -497,9 +513,11 @@ class ShadowProcess(MirrorFront):
         return False
 
     def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (a restart's backoff), or less if the mirror is closed meanwhile."""
         deadline = time.monotonic() + seconds
-        while not self._closed and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while not self._closed and (left := deadline - time.monotonic()) > 0:
+            self._stirred.wait(left)
+            self._stirred.clear()
 
     def _attach(self) -> None:
         """The channel writes to the ready child's pipe from now on (and owns that descriptor)."""
@@ -576,6 +594,7 @@ class ShadowProcess(MirrorFront):
             return max(0.0, until - time.monotonic())
 
         self._closed = True
+        self._stirred.set()
         if self._supervisor is not None:
             # It stops replacing children (a restart under way is retired).
             self._supervisor.join(min(2.0, left(kill_by)))
