@@ -195,6 +195,8 @@ DROP_CLOSED = "closed"
 DROP_INVALID = "invalid"
 DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
 _seq = iter(range(1, 1 << 62))
+# Keys the layout buffer of requests whose column labels cannot be hashed (with a number of its own).
+_UNHASHABLE = object()
 
 
 def default_spool_dir(root: str, deployment: str) -> str:
@@ -446,15 +448,6 @@ class CaptureWriter:
                     rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
                 else:  # copied into its layout's buffer; the writer thread encodes them together (.batch)
                     item, size, rows = batched
-                    hash(item[7])  # unhashable column labels (TypeError): encoded alone, below
-            except TypeError:
-                try:
-                    blob = encode_record(request)
-                except Exception:
-                    self._drop(1, DROP_CONVERT_ERROR, accepted=False)
-                    return False
-                item, size = blob, len(blob)
-                rows = rows_of_raw(getattr(request, "raw_inputs", None)) or _rows_of(request.inputs)
             except Exception:
                 self._drop(1, DROP_CONVERT_ERROR, accepted=False)
                 return False
@@ -685,10 +678,17 @@ class CaptureWriter:
         return self._folder
 
     def _layout_for(self, item: tuple) -> LayoutBuffer:
-        """The buffer of ``item``'s column layout (under the lock): a new one, or last write's kept one."""
+        """The buffer of ``item``'s column layout (under the lock): a new one, or last write's kept one.
+
+        Runs only when a request's layout is not the last one's (rarely): column labels that cannot
+        be hashed (TypeError here) get a buffer of their own, keyed by a number, never kept for reuse;
+        the writer thread encodes its requests one by one (:func:`.spool.encode_layouts`)."""
         predictions = item[9]
-        key = (item[7],) if predictions is None else (item[7], predictions.dtype, predictions.shape[1:])
-        layout = self._layouts.get(key)
+        key: tuple = (item[7],) if predictions is None else (item[7], predictions.dtype, predictions.shape[1:])
+        try:
+            layout = self._layouts.get(key)
+        except TypeError:  # unhashable column labels
+            key, layout = (_UNHASHABLE, next(_seq)), None
         if layout is None:
             layout = self._spare_layouts.pop(key, None) or LayoutBuffer(item[7], item[8], predictions)
             self._layouts[key] = layout
@@ -702,7 +702,7 @@ class CaptureWriter:
                 self._spare_layouts.clear()
             kept = sum(layout.nbytes for layout in self._spare_layouts.values())
             for key, layout in layouts.items():
-                if kept + layout.nbytes <= _KEEP_BYTES and key not in self._layouts:
+                if kept + layout.nbytes <= _KEEP_BYTES and key[0] is not _UNHASHABLE and key not in self._layouts:
                     layout.clear()
                     self._spare_layouts[key] = layout
                     kept += layout.nbytes

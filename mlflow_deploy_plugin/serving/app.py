@@ -76,9 +76,11 @@ class AppSettings:
     batching: str = "auto"  # "auto": on for row-wise flavors only; "true"; "false"
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer:
-    """What one `/invocations` request got, handed to the capture hook."""
+    """What one `/invocations` request got, handed to the capture hook.
+
+    Made for every request: slots (no ``__dict__`` to allocate and fill), and nothing adds attributes to it."""
 
     request_id: str
     timestamp: float

@@ -397,3 +397,30 @@ def test_the_writer_keeps_copies_of_a_requests_rows_not_the_request_objects(tmp_
            for rid, group in captured.groupby("_request_id")}
     assert got == expected
     assert set(captured["_prediction"].tolist()) <= {0, 1, 2}, "the predictions as they were when recorded"
+
+
+def test_requests_whose_column_labels_cannot_be_hashed_cost_only_themselves(tmp_path: Path) -> None:
+    """Column labels that cannot be hashed (a list among them) cannot key a layout buffer nor a
+    converter's stack: those requests are counted as not converted, the others around them are
+    written as always, write after write (nothing of the odd layout is kept for reuse)."""
+    odd = (("a",), ["b"])  # a tuple of labels (batch_item takes it) with an unhashable label
+
+    def unhashable(request_id: str) -> Answer:
+        return Answer(request_id, time.time(), "3", 200, 1.0, None, np.array([1]),
+                      raw_inputs=(tuple(odd), np.ones((1, 2))))
+
+    drops: list[tuple[int, str]] = []
+    writer = CaptureWriter(str(tmp_path / "capture"), "dep", spool_dir=str(tmp_path / "spool"), flush_interval_s=600,
+                           on_drop=lambda n, reason: drops.append((n, reason)))
+    try:
+        for round_ in range(2):
+            requests = [answer(f"r{round_}-0", 2, np.array([1, 0]), timestamp=time.time()), unhashable(f"u{round_}-0"),
+                        unhashable(f"u{round_}-1"), answer(f"r{round_}-1", 1, np.array([1]), timestamp=time.time())]
+            assert all(writer.record(r) for r in requests), "accepted: the writer thread encodes them"
+            writer.flush(timeout_s=60)
+    finally:
+        writer.close(timeout_s=30)
+    assert (writer.written_requests, writer.dropped_requests, writer.buffered_requests) == (4, 4, 0)
+    assert sum(n for n, _ in drops) == 4 and {reason for _, reason in drops} == {"convert_error"}
+    captured = read_capture(str(tmp_path / "capture"))
+    assert sorted(set(captured["_request_id"])) == ["r0-0", "r0-1", "r1-0", "r1-1"] and len(captured) == 6
