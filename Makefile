@@ -66,7 +66,7 @@ bench-serving: $(STAMP)
 
 # The shadow's cost on the primary's p99 (issue 16): off and on alternating, five on cells per point.
 bench-shadow: $(STAMP)
-	$(BIN)/python benchmarks/serving.py --shadow --no-peer --no-mlserver --no-nocap --cells 1x1,1x8,1x32 --passes 5
+	$(BIN)/python benchmarks/serving.py --shadow --no-peer --no-mlserver --no-nocap --cells 1x1,1x8,1x32 --passes 5 --duration 10
 
 bench-drift: $(STAMP)
 	$(BIN)/python benchmarks/drift.py

@@ -85,6 +85,13 @@ N_FEATURES = 20
 SEED = 42
 BODIES_PER_SHAPE = 64  # distinct request bodies per row count, cycled by the load generator
 WARMUP_S = 1.0
+# Shadow cells measure after a longer warm-up, off and on alike: a `deployments update` that turns the
+# shadow on pauses the traffic for longer than the capture converter's idle exit (5 s: it loads the
+# shadow version), so the converter starts again with the next cell's first requests and converts its
+# first segment 2 s later (its imports, ~0.15-0.3 s of CPU): with a 1 s warm-up that landed in every
+# shadow-on window and nearly no off one (converter CPU per request 33-59 us on vs 5-10 off, a process
+# exiting in each on window): a cost of the switch, not of mirroring, which is what shadow_cells measures.
+SHADOW_WARMUP_S = 4.0
 # Bound of a server start (and of `mlflow deployments get`): MLFLOW_BENCH_STARTUP_S on a crowded machine.
 STARTUP_DEADLINE_S = float(os.environ.get("MLFLOW_BENCH_STARTUP_S") or 180.0)
 REQUEST_GRACE_S = 15.0  # how long after the window an in-flight request may still take
@@ -620,10 +627,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(server: dict[str, Any], bodies: list[str], concurrency: int, duration: float,
-            client_procs: int, spec_dir: Path, rows: int) -> dict[str, Any]:
+            client_procs: int, spec_dir: Path, rows: int, warmup_s: float = WARMUP_S) -> dict[str, Any]:
     procs = max(1, min(client_procs, concurrency))
     t_start = time.monotonic() + 0.5  # time for the clients to start (they import only stdlib)
-    t_window = t_start + WARMUP_S
+    t_window = t_start + warmup_s
     t_end = t_window + duration
     clients = []
     for i in range(procs):
@@ -711,7 +718,8 @@ def shadow_cells(ours: dict[str, Any], frame: Any, args: argparse.Namespace, spe
     answer is sent (``-C shadow``); what it may cost the primary is what this shows: each shadow-on
     cell's p99 against the mean of the two shadow-off cells around it (the machine's load drifts),
     ``--passes`` on cells per load point (off, on, off, on, ..., off), the median of those ratios.
-    One pair of off cells can differ by half on a 2-core machine: one ratio decides nothing.
+    One pair of off cells can differ by half on a 2-core machine: one ratio decides nothing. Each
+    cell is measured after :data:`SHADOW_WARMUP_S` of load, so what a switch restarts is not in it.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -733,7 +741,7 @@ def shadow_cells(ours: dict[str, Any], frame: Any, args: argparse.Namespace, spe
             subprocess.run([mlflow_bin(), "deployments", "update", "-t", "lifecycle", "--name", DEPLOYMENT,
                             "-C", f"shadow={value}"], capture_output=True, text=True, timeout=STARTUP_DEADLINE_S,
                            check=True)
-            cell = measure(ours, bodies, conc, args.duration, args.client_procs, spec_dir, rows)
+            cell = measure(ours, bodies, conc, args.duration, args.client_procs, spec_dir, rows, SHADOW_WARMUP_S)
             cell["shadow"] = state
             if state == "on":
                 _, text = http("GET", f"{ours['url']}/metrics")
