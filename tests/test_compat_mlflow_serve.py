@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -202,15 +202,37 @@ def _wait_serve(proc: subprocess.Popen, urls: str | list[str], log_path: Path, d
         time.sleep(0.1)
 
 
+_PORT_ATTEMPTS = 3
+
+
+def _up(started: list, restart: Callable[[], tuple], deadline: float) -> None:
+    """Wait for the peer server in ``started`` (``[proc, urls, log_path]``, updated in place so the
+    caller's cleanup stops whichever runs last). ``free_port()`` finds a port free but cannot hold
+    it: on a busy machine another process may bind it first, and the peer exits with "address
+    already in use". Such a peer is started again on other ports (``restart()``), twice at most."""
+    for attempt in range(_PORT_ATTEMPTS):
+        proc, urls, log_path = started
+        try:
+            _wait_serve(proc, list(urls.values()) if isinstance(urls, dict) else urls, log_path, deadline)
+            return
+        except AssertionError:
+            taken = proc.poll() is not None and "address already in use" in log_path.read_text(errors="replace")
+            if not taken or attempt + 1 == _PORT_ATTEMPTS:
+                raise
+        _stop(proc)
+        started[:] = restart()
+
+
 @pytest.fixture(scope="module")
 def mlflow_serve(env: Env, registry: Registry) -> Iterator[str]:
     """The real `mlflow models serve` of the same model version, on its own port."""
-    proc, url, log_path = _start_serve(env, f"models:/{registry.model}/1")
+    model_uri = f"models:/{registry.model}/1"
+    started = list(_start_serve(env, model_uri))
     try:
-        _wait_serve(proc, url, log_path, time.monotonic() + START_S)
-        yield url
+        _up(started, lambda: _start_serve(env, model_uri), time.monotonic() + START_S)
+        yield started[1]
     finally:
-        _stop(proc)
+        _stop(started[0])
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -472,14 +494,15 @@ def kind_servers(env: Env) -> Iterator[dict[str, Pair]]:
         return deployments.create(f"compat-{kind}", uris[kind], {"warm_standby": "false",
                                                                    "startup_timeout_s": str(START_S)})["url"]
 
-    proc, theirs, log_path = _start_peers(env, uris)
+    started = list(_start_peers(env, uris))
     try:
         with ThreadPoolExecutor(len(uris)) as pool:  # all at once, as the peers start meanwhile
             ours = dict(zip(uris, pool.map(create, uris), strict=True))
-        _wait_serve(proc, list(theirs.values()), log_path, time.monotonic() + START_S)
+        _up(started, lambda: _start_peers(env, uris), time.monotonic() + START_S)
+        theirs = started[1]
         yield {kind: Pair(theirs[kind], ours[kind], uris[kind]) for kind in KINDS}
     finally:
-        _stop(proc)
+        _stop(started[0])
         with ThreadPoolExecutor(len(uris)) as pool:
             list(pool.map(env.delete, [f"compat-{kind}" for kind in uris]))
 
