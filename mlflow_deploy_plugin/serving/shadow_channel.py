@@ -53,7 +53,7 @@ MAX_FRAME_BYTES = 1 << 30  # a message larger than this is not one this protocol
 # anyway). A wake with its GIL handoff costs ~100 us of CPU on a busy machine (at 20 ms it was still
 # most of what a copy cost), and at one request at a time each wake delays the request it lands on:
 # at 50 ms, 20 wakes a second (with the child's events and the supervisor's polls, 30) touched ~4 %
-# of ~700 requests a second, enough to move the primary's p99 (1.10-1.14x shadow off).
+# of ~700 requests a second (~6 us of the worker's CPU per request at c=1, benchmarks/shadow_cost.py).
 GATHER_S = 0.2
 # About this many bytes of inputs a message at most (a copy larger than that goes alone): the message
 # is built, pickled and read whole, by both processes, and its run of rows stacked in one array.
